@@ -1,0 +1,50 @@
+# moshpit: make demo | make test | make test-matrix | make lint | make bench
+PYTHON ?= python3
+VENV   ?= .venv
+VPY     = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+PYENV_ROOT ?= /root/.pyenv
+MATRIX_VERSIONS = 3.9 3.10 3.11 3.12 3.13
+
+.PHONY: demo test lint test-matrix bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+
+test: lint
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# Every interpreter found under pyenv with the newest cryptography, plus 3.9 with the
+# oldest cryptography we support (3.4.8). Long scenarios run once, in `make test`.
+test-matrix:
+	@found=0; for v in $(MATRIX_VERSIONS); do \
+	  py=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python 2>/dev/null | tail -n 1); \
+	  [ -n "$$py" ] || { echo "test-matrix: no Python $$v, skipped"; continue; }; \
+	  found=1; \
+	  $(MAKE) --no-print-directory matrix-one PY=$$py VENV=.venv-$$v CRYPTO= || exit 1; \
+	  if [ $$v = 3.9 ]; then \
+	    $(MAKE) --no-print-directory matrix-one PY=$$py VENV=.venv-3.9-crypto34 CRYPTO='cryptography==3.4.8' || exit 1; \
+	  fi; \
+	done; [ $$found = 1 ] || echo "test-matrix: no interpreters found"
+
+matrix-one:
+	@echo "== test-matrix: $(PY) $(CRYPTO)"
+	@[ -x $(VENV)/bin/python ] || $(PY) -m venv $(VENV)
+	@$(VENV)/bin/python -m pip install -q --upgrade pip
+	@$(VENV)/bin/python -m pip install -q -r requirements-dev.txt $(CRYPTO)
+	$(VENV)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VPY) tests/demo.py
+
+bench: $(STAMP)
+	$(VPY) bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .venv-* .pytest_cache .ruff_cache .hypothesis
