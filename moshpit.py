@@ -12,6 +12,16 @@ moshpit is split by layer into flat sibling modules (copying stays trivial: ever
 
 from __future__ import annotations
 
+import difflib
+import fcntl
+import logging
+import os
+import re
+import struct
+import sys
+import termios
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
 __version__ = "0.1.0"
 
 # ---------------------------------------------------------------------------
@@ -29,3 +39,514 @@ class MoshpitError(Exception):
 
     CLIs print it as ``prog: message`` and exit non-zero; never a traceback.
     """
+
+
+class ConfigError(MoshpitError):
+    """A configuration problem: the message names the key (or file) and where it came from."""
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+# One table per kind maps dotted keys to (type, default, check). Every source (TOML file,
+# command line, environment) goes through the same coercion and checks, so a value means the
+# same thing wherever it comes from. Precedence, highest first: environment, command line,
+# file, defaults (the seed's order).
+
+try:  # Python 3.11+
+    import tomllib as _toml
+except ImportError:  # 3.9/3.10: the tomli backport if installed, else no config files
+    try:
+        import tomli as _toml
+    except ImportError:
+        _toml = None
+
+# Directory under ~/.config and stem of the config/log file names; env variable prefix.
+_APP_NAME = {"server": "moshpits", "client": "moshpit"}
+ENV_PREFIX = {"server": "MOSHPITS_", "client": "MOSHPIT_"}
+
+
+def mp_dir(home: Optional[str] = None) -> str:
+    """``~/.mp`` (keys, authorized_keys, known_hosts) of ``home`` if given, else of $HOME."""
+    return os.path.join(home if home is not None else os.path.expanduser("~"), ".mp")
+
+
+def _home(home: Optional[str], environ=None) -> str:
+    if home is not None:
+        return home
+    environ = os.environ if environ is None else environ
+    return environ.get("HOME") or os.path.expanduser("~")
+
+
+def default_config_path(kind: str, home: Optional[str] = None) -> str:
+    """``~/.config/moshpits/moshpits.toml`` (server) or ``~/.config/moshpit/moshpit.toml``."""
+    name = _APP_NAME[kind]
+    return os.path.join(_home(home), ".config", name, name + ".toml")
+
+
+def default_log_path(kind: str, home: Optional[str] = None) -> str:
+    """``~/.config/moshpits/logs/moshpits.log`` (server) or ``~/.config/moshpit/logs/...``."""
+    name = _APP_NAME[kind]
+    return os.path.join(_home(home), ".config", name, "logs", name + ".log")
+
+
+def parse_port_range(text: str) -> Tuple[int, int]:
+    """``"LO-HI"`` -> ``(LO, HI)`` with 1 <= LO <= HI <= 65535; ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", text)
+    lo, hi = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if not (m and 1 <= lo <= hi <= 65535):
+        raise ValueError('must be "LO-HI" with 1 <= LO <= HI <= 65535, e.g. "50000-59999"')
+    return lo, hi
+
+
+def parse_escape_key(text: str) -> Optional[int]:
+    """Escape key setting -> byte value, or None for ``"none"`` (escape disabled).
+
+    Accepts caret notation (``"^^"`` = 0x1e, ``"^]"``, ``"^a"`` = ``"^A"``, ``"^?"`` = DEL)
+    or a single ASCII character taken literally.
+    """
+    if text.lower() == "none":
+        return None
+    if len(text) == 2 and text[0] == "^":
+        c = text[1].upper()
+        if c == "?":
+            return 0x7F
+        if "@" <= c <= "_":
+            return ord(c) - 0x40
+    if len(text) == 1 and ord(text) < 0x80:
+        return ord(text)
+    raise ValueError('must be caret notation like "^^" or "^]", one ASCII character, or "none"')
+
+
+TRACE = 5  # below DEBUG: packet-level detail, enabled by -vv
+logging.addLevelName(TRACE, "TRACE")
+_LEVELS = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO,
+           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
+           "critical": logging.CRITICAL, "off": logging.CRITICAL + 10}
+
+
+def parse_directives(text: str) -> Tuple[Optional[int], Dict[str, int]]:
+    """``"info,moshpit=debug,moshpit.transport=trace"`` -> (layer level, {logger: level}).
+
+    Like tracing's EnvFilter: a bare level sets the layer's level, ``target=level`` sets it for
+    a logger and its children. Rust-style ``a::b`` targets are read as ``a.b``.
+    """
+    default, targets = None, {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        target, _, level = item.rpartition("=")
+        if level.strip().lower() not in _LEVELS:
+            raise ValueError(f"has an unknown level in {item!r} (use one of {', '.join(_LEVELS)})")
+        if target.strip():
+            targets[target.strip().replace("::", ".")] = _LEVELS[level.strip().lower()]
+        else:
+            default = _LEVELS[level.strip().lower()]
+    return default, targets
+
+
+def _between(lo: int, hi: int) -> Callable[[Any], Any]:
+    def check(value: int) -> int:
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+    return check
+
+
+def _at_least(lo: int) -> Callable[[Any], Any]:
+    def check(value: int) -> int:
+        if value < lo:
+            raise ValueError(f"must be at least {lo}")
+        return value
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], Any]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return value
+    return check
+
+
+def _returns_value(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """A check that validates with ``parse`` but keeps the setting's text."""
+    def check(value: str) -> str:
+        parse(value)
+        return value
+    return check
+
+
+class _Key(NamedTuple):
+    type: Any  # bool, int, str, or PATH (a str with ~ expanded; default is relative to ~/.mp)
+    default: Any
+    check: Optional[Callable[[Any], Any]] = None  # returns the value (maybe clamped) or raises
+
+
+PATH = "path"
+_PORT = _between(1, 65535)
+_TRACING_FLAGS = ("with_target", "with_thread_ids", "with_thread_names", "with_line_number",
+                  "with_level")
+
+
+def _common_keys() -> Dict[str, _Key]:
+    keys = {"verbose": _Key(int, 0), "quiet": _Key(int, 0),
+            "tracing.file.quiet": _Key(int, 0), "tracing.file.verbose": _Key(int, 0)}
+    for layer in ("tracing.stdout", "tracing.file.layer"):
+        for flag in _TRACING_FLAGS:
+            keys[f"{layer}.{flag}"] = _Key(bool, flag == "with_level")
+        keys[f"{layer}.directives"] = _Key(str, "", _returns_value(parse_directives))
+    return keys
+
+
+SCHEMAS: Dict[str, Dict[str, _Key]] = {
+    "server": {
+        "mps.ip": _Key(str, "0.0.0.0"),
+        "mps.port": _Key(int, DEFAULT_TCP_PORT, _PORT),
+        "mps.udp_port_range": _Key(str, "{}-{}".format(*DEFAULT_UDP_PORT_RANGE),
+                                   _returns_value(parse_port_range)),
+        "mps.private_key_path": _Key(PATH, "mps_host_ed25519_key"),
+        "mps.public_key_path": _Key(PATH, "mps_host_ed25519_key.pub"),
+        # "" = ~/.mp/authorized_keys of the *target* user: resolved per login by the server.
+        "mps.authorized_keys_file": _Key(str, ""),
+        "mps.max_sessions": _Key(int, 256, _at_least(1)),
+        "mps.max_handshakes": _Key(int, 64, _at_least(1)),
+        "mps.handshake_timeout_secs": _Key(int, 10, _at_least(1)),
+        "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
+        **_common_keys(),
+    },
+    "client": {
+        "server_port": _Key(int, DEFAULT_TCP_PORT, _PORT),
+        "server_destination": _Key(str, ""),
+        "max_reconnect_backoff_secs": _Key(int, 3600, lambda v: min(max(v, 2), 86400)),
+        "private_key_path": _Key(PATH, "id_ed25519"),
+        "public_key_path": _Key(PATH, "id_ed25519.pub"),
+        "known_hosts_file": _Key(PATH, "known_hosts"),
+        "strict_host_key_checking": _Key(str, "ask", _one_of("ask", "accept-new", "yes")),
+        "escape_key": _Key(str, "^^", _returns_value(parse_escape_key)),
+        **_common_keys(),
+    },
+}
+
+
+def env_names(kind: str) -> Dict[str, str]:
+    """Environment variable name -> dotted key, e.g. MOSHPITS_MPS_UDP_PORT_RANGE ->
+    mps.udp_port_range. Raises AssertionError if two keys would share a name."""
+    names = {ENV_PREFIX[kind] + key.upper().replace(".", "_"): key for key in SCHEMAS[kind]}
+    if len(names) != len(SCHEMAS[kind]):
+        raise AssertionError(f"two {kind} config keys map to the same environment variable")
+    return names
+
+
+for _kind in SCHEMAS:  # fail at import, not at a user's first typo, if the schema collides
+    env_names(_kind)
+
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+               "false": False, "0": False, "no": False, "off": False}
+
+
+def _coerce(key_type: Any, raw: Any) -> Any:
+    """``raw`` (from TOML, argv or the environment) as ``key_type``; ValueError if it is not."""
+    if key_type is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[raw.strip().lower()]
+        raise ValueError("must be true or false")
+    if key_type is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", raw):
+            return int(raw)
+        raise ValueError("must be an integer")
+    if isinstance(raw, str):
+        return raw
+    raise ValueError("must be a string")
+
+
+def _expand_path(value: str, home: str) -> str:
+    if value == "~" or value.startswith("~/"):
+        return home + value[1:]
+    return os.path.expanduser(value)
+
+
+class Config:
+    """The effective settings of one program run: ``config["mps.port"]``, where each came from
+    (``.source(key)``), and the warnings to show the user (unknown keys, clamped values)."""
+
+    def __init__(self, kind: str, values: Dict[str, Any], sources: Dict[str, str],
+                 warnings: List[str], path: Optional[str], home: str):
+        self.kind = kind
+        self.home = home  # whose ~ the defaults (and the default log path) refer to
+        self._values = values
+        self._sources = sources
+        self.warnings = warnings
+        self.path = path  # the config file that was read, or None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]  # KeyError for a key not in the schema: a programming error
+
+    def get(self, key: str) -> Any:
+        return self._values[key]
+
+    def source(self, key: str) -> str:
+        """"default", "file /p/x.toml", "command line" or "environment MOSHPIT_X"."""
+        return self._sources[key]
+
+    def items(self) -> List[Tuple[str, Any]]:
+        return list(self._values.items())
+
+    def describe(self) -> str:
+        """One ``key = value  (source)`` line per setting, values in TOML syntax
+        (what ``--print-config`` shows)."""
+        return "\n".join(f"{key} = {_toml_value(value)}  ({self._sources[key]})"
+                         for key, value in self._values.items())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _flatten(table: Dict[str, Any], schema: Dict[str, _Key], prefix: str = "") -> Dict[str, Any]:
+    """Nested TOML tables -> dotted keys; a known key keeps its value even if it is a table
+    (the type check then rejects it by name)."""
+    flat = {}
+    for name, value in table.items():
+        key = prefix + name
+        if isinstance(value, dict) and key not in schema:
+            flat.update(_flatten(value, schema, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[str, Any]]:
+    """The TOML table in ``path``; None if there is nothing to read (an absent default file,
+    or no TOML parser: warned). Unreadable or invalid files raise ConfigError."""
+    where = f"config file {path}"
+    if not explicit and not os.path.exists(path):
+        return None
+    if _toml is None:
+        why = ("needs Python 3.11+ or the tomli package "
+               "(pip install tomli, or run with Python 3.11+)")
+        if explicit:
+            raise ConfigError(f"cannot read {where}: reading TOML {why}")
+        warnings.append(f"{where} skipped: reading TOML {why}; using defaults, "
+                        "environment and command line only")
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where} not found (check the -c path)")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {where}: {getattr(e, 'strerror', None) or e}")
+    try:
+        return _toml.loads(text)
+    except _toml.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: invalid TOML: {e}")
+
+
+def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[str] = None,
+                environ=None, home: Optional[str] = None) -> Config:
+    """Effective configuration for ``kind`` ("server" or "client").
+
+    ``cli`` holds only the flags the user gave, as dotted keys (None values are ignored, so
+    argparse defaults of None never mask the file or environment). ``path`` is an explicit
+    ``-c`` file (must exist); otherwise the default file is read if present. ``environ``
+    defaults to os.environ; an empty variable counts as unset. ``home`` defaults to $HOME.
+    Raises ConfigError naming the key and its source for any invalid value.
+    """
+    schema = SCHEMAS[kind]
+    environ = os.environ if environ is None else environ
+    home = _home(home, environ)
+    warnings: List[str] = []
+    values, sources = {}, {}
+    for key, spec in schema.items():
+        values[key] = os.path.join(mp_dir(home), spec.default) if spec.type is PATH \
+            else spec.default
+        sources[key] = "default"
+
+    layers = []  # (source label, {key: raw value}), lowest precedence first
+    file_path = os.path.abspath(path) if path else default_config_path(kind, home)
+    table = _read_file(file_path, path is not None, warnings)
+    if table is not None:
+        flat = _flatten(table, schema)
+        unknown = [k for k in flat if k not in schema]
+        if unknown:
+            warnings.append(f"config file {file_path}: ignoring unknown "
+                            f"key{'s' if len(unknown) > 1 else ''} "
+                            + ", ".join(_with_hint(k, schema) for k in unknown))
+        layers.append((f"file {file_path}", {k: v for k, v in flat.items() if k in schema}))
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    bad = [k for k in cli if k not in schema]
+    if bad:
+        raise ValueError(f"not {kind} config keys: {', '.join(bad)}")  # a bug in the CLI
+    layers.append(("command line", cli))
+    for name, key in env_names(kind).items():
+        if environ.get(name):
+            layers.append((f"environment {name}", {key: environ[name]}))
+
+    for label, raw_values in layers:
+        where = "config " + label if label.startswith("file ") else label
+        for key, raw in raw_values.items():
+            spec = schema[key]
+            try:
+                value = _coerce(spec.type, raw)
+                checked = spec.check(value) if spec.check else value
+            except ValueError as e:
+                shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
+                raise ConfigError(f"{where}: {key} {e}, got {shown}")
+            if checked != value:
+                warnings.append(f"{where}: {key} = {value} is out of range, using {checked}")
+            values[key] = _expand_path(checked, home) if spec.type is PATH else checked
+            sources[key] = label
+    return Config(kind, values, sources, warnings, file_path if table is not None else None,
+                  home)
+
+
+def _with_hint(key: str, schema: Dict[str, _Key]) -> str:
+    close = difflib.get_close_matches(key, schema, n=1)
+    return f"{key} (did you mean {close[0]}?)" if close else key
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+# Two layers like the seed's tracing setup: a file (always) and stderr (mps -e). Each layer
+# has its own format ([tracing.stdout] / [tracing.file.layer]) and its own levels (verbosity
+# plus `directives`), so the level decision lives in a per-handler filter; the "moshpit"
+# logger's own level is only the lowest threshold, so disabled records are never built.
+
+ROOT_LOGGER = "moshpit"
+
+
+def verbosity_level(n: int) -> int:
+    """Net verbosity -> logging level: 0 INFO, 1 DEBUG, >=2 TRACE, -1 WARNING, -2 ERROR,
+    <=-3 CRITICAL."""
+    if n >= 2:
+        return TRACE
+    return {1: logging.DEBUG, 0: logging.INFO, -1: logging.WARNING,
+            -2: logging.ERROR}.get(n, logging.CRITICAL)
+
+
+class _LayerFilter(logging.Filter):
+    """Passes a record if it reaches the level of the most specific matching directive
+    target, else the layer's level."""
+
+    def __init__(self, level: int, targets: Dict[str, int]):
+        super().__init__()
+        self.level = level
+        self.targets = sorted(targets.items(), key=lambda t: -len(t[0]))  # longest first
+
+    def threshold(self, name: str) -> int:
+        for target, level in self.targets:
+            if name == target or name.startswith(target + "."):
+                return level
+        return self.level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.threshold(record.name)
+
+    def lowest(self) -> int:
+        return min([self.level] + [level for _, level in self.targets])
+
+
+def _layer(handler: logging.Handler, config: Config, section: str,
+           verbosity: int) -> logging.Handler:
+    """Format ``handler`` per ``[section]``'s with_* flags; filter it per its directives."""
+    def flag(name: str) -> bool:
+        return config[f"{section}.{name}"]
+    parts = ["%(asctime)s.%(msecs)03d"]
+    if flag("with_level"):
+        parts.append("%(levelname)-5s")
+    if flag("with_thread_names"):
+        parts.append("[%(threadName)s]")
+    if flag("with_thread_ids"):
+        parts.append("<%(thread)d>")
+    if flag("with_target") or flag("with_line_number"):
+        where = "%(name)s" if flag("with_target") else "%(filename)s"
+        parts.append(where + (":%(lineno)d" if flag("with_line_number") else "") + ":")
+    parts.append("%(message)s")
+    handler.setFormatter(logging.Formatter(" ".join(parts), "%Y-%m-%dT%H:%M:%S"))
+    default, targets = parse_directives(config[f"{section}.directives"])
+    handler.addFilter(_LayerFilter(
+        verbosity_level(verbosity) if default is None else default, targets))
+    handler._moshpit_layer = True  # marks handlers that reset_logging() owns
+    return handler
+
+
+def _make_private_dirs(directory: str) -> None:
+    """Create ``directory`` and any missing parents with mode 0700 (existing ones untouched)."""
+    if os.path.isdir(directory):
+        return
+    _make_private_dirs(os.path.dirname(directory))
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass  # created meanwhile by another process
+    else:
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def reset_logging() -> None:
+    """Remove and close the handlers setup_logging() installed (tests; re-configuration)."""
+    logger = logging.getLogger(ROOT_LOGGER)
+    for handler in [h for h in logger.handlers if getattr(h, "_moshpit_layer", False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.NOTSET)
+
+
+def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
+                  stderr: bool = False, verbosity: int = 0) -> logging.Logger:
+    """Send the "moshpit" loggers to the log file (always; ``-t`` gives ``log_path``) and, if
+    ``stderr``, to stderr. Returns the ``moshpit.<kind>`` logger.
+
+    Levels: net verbosity = ``verbosity`` (the -v/-q count) + verbose - quiet; the file layer
+    adds tracing.file.verbose - tracing.file.quiet. Directories are created 0700, the file
+    0600. Calling it again replaces the previous handlers. Raises ConfigError if the log file
+    cannot be written.
+    """
+    reset_logging()
+    path = log_path or default_log_path(kind, config.home)
+    try:
+        _make_private_dirs(os.path.dirname(os.path.abspath(path)))
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)  # logs name users and addresses: keep them private
+        file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+    except OSError as e:
+        raise ConfigError(f"cannot write log file {path}: {e.strerror or e}; "
+                          "choose another with -t PATH")
+    base = verbosity + config["verbose"] - config["quiet"]
+    handlers = [_layer(file_handler, config, "tracing.file.layer",
+                       base + config["tracing.file.verbose"] - config["tracing.file.quiet"])]
+    if stderr:
+        handlers.append(_layer(logging.StreamHandler(sys.stderr), config, "tracing.stdout",
+                               base))
+    logger = logging.getLogger(ROOT_LOGGER)
+    for handler in handlers:
+        logger.addHandler(handler)
+    logger.setLevel(min(f.lowest() for h in handlers for f in h.filters))
+    return logging.getLogger(f"{ROOT_LOGGER}.{kind}")
+
+
+# ---------------------------------------------------------------------------
+# Terminal helpers
+# ---------------------------------------------------------------------------
+
+
+def get_winsize(fd: int) -> Tuple[int, int]:
+    """(rows, cols) of the terminal on ``fd``; OSError if it is not a terminal."""
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+    return rows, cols
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    """Set the window size of the terminal (e.g. a PTY master) on ``fd``; values are clamped to
+    0..65535 so a peer's numbers can never raise here."""
+    rows, cols = (min(max(int(v), 0), 0xFFFF) for v in (rows, cols))
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
