@@ -1,0 +1,194 @@
+"""Unit tests of moshpit_keys: Ed25519 keys, public key lines, fingerprints, authorized_keys."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+
+import pytest
+
+import moshpit_keys as mk
+from moshpit_keys import PrivateKey, PublicKey
+
+# RFC 8032 section 7.1, test 1: a fixed key so expected strings are stable.
+RFC_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+RFC_PUB = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+RFC_SIG_EMPTY = bytes.fromhex(
+    "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+    "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+)
+
+
+def test_private_key_derives_rfc8032_public_key_and_signature():
+    key = PrivateKey(RFC_SEED, "alice@example")
+    assert key.public.raw == RFC_PUB
+    assert key.public.comment == "alice@example"
+    assert key.sign(b"") == RFC_SIG_EMPTY
+    assert key.seed == RFC_SEED
+
+
+def test_sign_and_verify():
+    key = PrivateKey.generate()
+    sig = key.sign(b"hello")
+    assert len(sig) == 64
+    assert key.public.verify(sig, b"hello")
+    assert not key.public.verify(sig, b"hellO")
+    assert not PrivateKey.generate().public.verify(sig, b"hello")
+
+
+@pytest.mark.parametrize("sig", [b"", b"x" * 63, b"x" * 65, b"\0" * 64, "not bytes", None])
+def test_verify_never_raises_on_bad_signatures(sig):
+    assert PrivateKey.generate().public.verify(sig, b"data") is False
+
+
+def test_blob_is_ssh_wire_encoding():
+    pub = PublicKey.from_raw(RFC_PUB)
+    assert pub.blob == b"\0\0\0\x0bssh-ed25519\0\0\0\x20" + RFC_PUB
+    assert PublicKey.from_blob(pub.blob) == pub
+
+
+def test_fingerprint_is_unpadded_base64_sha256_of_blob():
+    pub = PublicKey.from_raw(RFC_PUB)
+    digest = base64.b64encode(hashlib.sha256(pub.blob).digest()).decode().rstrip("=")
+    assert pub.fingerprint() == "SHA256:" + digest
+    assert "=" not in pub.fingerprint()
+
+
+@pytest.mark.parametrize("kind", ["moshpit", "ssh-ed25519"])
+@pytest.mark.parametrize("comment", ["", "bob@laptop", "with spaces in it"])
+def test_line_round_trip(kind, comment):
+    pub = PrivateKey.generate(comment).public
+    line = pub.to_line(kind)
+    assert line.startswith(kind + " ")
+    parsed = PublicKey.from_line(line)
+    assert parsed == pub
+    assert parsed.comment == comment
+    assert mk.parse_public_key_line("  " + line + "\r\n") == pub
+
+
+def test_to_line_rejects_unknown_kind():
+    with pytest.raises(ValueError):
+        PrivateKey.generate().public.to_line("ssh-rsa")
+
+
+def test_equality_and_hash_ignore_comment():
+    a = PublicKey.from_raw(RFC_PUB, "one")
+    b = PublicKey.from_raw(RFC_PUB, "two")
+    assert a == b and hash(a) == hash(b)
+    assert a != PrivateKey.generate().public
+    assert a != RFC_PUB
+
+
+def test_reprs_show_no_secret():
+    key = PrivateKey(RFC_SEED, "c")
+    assert RFC_SEED.hex() not in repr(key)
+    assert "SHA256:" in repr(key)
+
+
+@pytest.mark.parametrize("line", ["", "   ", "# a comment", "  # indented comment"])
+def test_blank_and_comment_lines_give_none(line):
+    assert mk.parse_public_key_line(line) is None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+RSA_BLOB = mk.ssh_string(b"ssh-rsa") + mk.ssh_string(b"\1\0\1") + mk.ssh_string(b"\0" * 64)
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("moshpit", "not followed by a base64 key"),
+        ("moshpit !!!notbase64!!!", "not valid base64"),
+        ("moshpit QUJ", "not valid base64"),
+        ("moshpit " + _b64(b"\0\0\0\x0bssh-ed25519\0\0"), "truncated"),
+        ("ssh-rsa " + _b64(RSA_BLOB) + " x", "ssh-rsa keys are not supported"),
+        ("moshpit " + _b64(RSA_BLOB), "ssh-rsa keys are not supported"),
+        ("ecdsa-sha2-nistp256 AAAA", "not supported"),
+        ("frobnicate AAAA", "unknown key type"),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----", "private key"),
+        ("moshpit " + _b64(mk.ssh_string(b"ssh-ed25519") + mk.ssh_string(b"\1" * 31)),
+         "wrong length"),
+        ("moshpit " + _b64(mk.ssh_string(b"ssh-ed25519") + mk.ssh_string(b"\1" * 32) + b"x"),
+         "trailing"),
+        ("moshpit " + "A" * 9000, "too long"),
+    ],
+)
+def test_bad_lines_raise_value_error_naming_the_problem(line, problem):
+    with pytest.raises(ValueError, match=problem):
+        mk.parse_public_key_line(line)
+    with pytest.raises(ValueError):
+        PublicKey.from_line(line)
+
+
+def test_from_line_rejects_blank():
+    with pytest.raises(ValueError):
+        PublicKey.from_line("# nothing")
+
+
+@pytest.mark.parametrize("raw", [b"", b"\0" * 31, b"\0" * 33])
+def test_from_raw_rejects_wrong_length(raw):
+    with pytest.raises(ValueError):
+        PublicKey.from_raw(raw)
+
+
+def test_read_authorized_keys_skips_bad_lines_with_warning(tmp_path, caplog):
+    a = PrivateKey.generate("a@x").public
+    b = PrivateKey.generate("b@y").public
+    path = tmp_path / "authorized_keys"
+    path.write_bytes(
+        (
+            "# my keys\n\n"
+            + a.to_line() + "\n"
+            + "moshpit garbage!!\n"
+            + "ssh-rsa " + _b64(RSA_BLOB) + "\n"
+            + b.to_line("ssh-ed25519") + "\n"
+        ).encode()
+        + b"\xff\xfe not utf8\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="moshpit.keys"):
+        keys = mk.read_authorized_keys(str(path))
+    assert keys == [a, b]
+    assert [k.comment for k in keys] == ["a@x", "b@y"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"{path}:4: skipped: the key is not valid base64" in m for m in messages)
+    assert any(":5: skipped: ssh-rsa" in m for m in messages)
+    assert any(":7: skipped: not UTF-8" in m for m in messages)
+
+
+def test_read_authorized_keys_missing_file(tmp_path):
+    path = tmp_path / "nope"
+    with pytest.raises(mk.KeyFileError, match=str(path)):
+        mk.read_authorized_keys(str(path))
+
+
+def test_read_authorized_keys_oversized(tmp_path, monkeypatch):
+    monkeypatch.setattr(mk, "MAX_AUTHORIZED_KEYS", 100)
+    path = tmp_path / "authorized_keys"
+    path.write_text("#" * 200)
+    with pytest.raises(mk.KeyFileError, match="too large"):
+        mk.read_authorized_keys(str(path))
+
+
+def test_default_paths(tmp_path):
+    home = str(tmp_path)
+    assert mk.default_identity_paths(home) == (
+        f"{home}/.mp/id_ed25519", f"{home}/.mp/id_ed25519.pub")
+    assert mk.default_host_key_paths(home) == (
+        f"{home}/.mp/mps_host_ed25519_key", f"{home}/.mp/mps_host_ed25519_key.pub")
+
+
+def test_default_paths_follow_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert mk.default_identity_paths()[0] == f"{tmp_path}/.mp/id_ed25519"
+
+
+def test_error_hierarchy():
+    from moshpit import MoshpitError
+
+    assert issubclass(mk.PassphraseRequired, mk.KeyFileError)
+    assert issubclass(mk.WrongPassphrase, mk.KeyFileError)
+    assert issubclass(mk.KeyFileError, MoshpitError)
