@@ -4,6 +4,8 @@ type and value checks, warnings, the TOML-less fallback. Never touches the real 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -386,6 +388,20 @@ def test_without_toml_parser_default_file_skipped_with_one_warning(tmp_path, mon
     assert path in w and "skipped" in w and "pip install tomli" in w and "3.11" in w
     assert c.path is None
     assert (c["mps.port"], c["mps.ip"]) == (9, "127.0.0.1")
+
+
+def test_import_falls_back_when_no_toml_parser_is_importable(tmp_path):
+    """The real import path: neither tomllib nor tomli importable (a None entry in
+    sys.modules makes the import fail), as on a bare Python 3.9/3.10."""
+    write_config(tmp_path, "client", "server_port = 1\n")
+    code = ("import sys; sys.modules['tomllib'] = sys.modules['tomli'] = None\n"
+            "import moshpit\n"
+            "c = moshpit.load_config('client', {}, environ={}, home=sys.argv[1])\n"
+            "print(moshpit._toml, c['server_port'], len(c.warnings))\n")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=here, timeout=20,
+                         capture_output=True, check=True, text=True).stdout
+    assert out.split() == ["None", "40404", "1"]
 
 
 def test_without_toml_parser_no_default_file_no_warning(tmp_path, monkeypatch):
