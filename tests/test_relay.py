@@ -1,0 +1,428 @@
+"""Tests of the impairment relay (tests/relay.py) with plain UDP/TCP echo sockets.
+
+Each impairment is shown to do what it says, with seeded randomness and generous bounds
+(the machine is shared: no tight timing assertions, only lower bounds on delays).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+import relay as relay_mod
+from relay import Impairment, Relay, RelayError, free_port, random_front_alias
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class UdpServer:
+    """A UDP server on 127.0.0.1:port that records what it gets and optionally echoes it."""
+
+    def __init__(self, port: int, echo: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(0.1)
+        self.echo = echo
+        self.received: list[tuple[bytes, tuple]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> UdpServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join(5)
+        self.sock.close()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            self.received.append((data, addr))
+            if self.echo:
+                self.sock.sendto(data, addr)
+
+
+def udp_client() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2.0)
+    return sock
+
+
+def recv_all(sock: socket.socket, quiet: float = 0.5) -> list[bytes]:
+    """Everything that arrives until ``quiet`` seconds pass without a datagram."""
+    sock.settimeout(quiet)
+    got = []
+    try:
+        while True:
+            got.append(sock.recv(65535))
+    except socket.timeout:
+        return got
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.fixture
+def setup():
+    """(front, udp port) with a fresh alias and a port free on both addresses."""
+    front = random_front_alias()
+    return front, free_port(("127.0.0.1", front), "udp")
+
+
+def send_numbered(sock, front, port, count, gap=0.0005):
+    for i in range(count):
+        sock.sendto(b"%06d" % i, (front, port))
+        time.sleep(gap)
+
+
+def test_refuses_non_loopback_addresses():
+    for bad in ("10.0.0.1", "192.168.1.1", "0.0.0.0", "8.8.8.8", "::", "localhost"):
+        with pytest.raises(RelayError):
+            Relay(front=bad, back="127.0.0.1")
+        with pytest.raises(RelayError):
+            Relay(front="127.0.0.5", back=bad)
+    with pytest.raises(RelayError):
+        free_port("10.1.2.3", "udp")
+    with pytest.raises(RelayError):
+        Relay(front="127.0.0.1", back="127.0.0.1")
+
+
+def test_free_port_and_alias():
+    alias = random_front_alias()
+    assert alias.startswith("127.0.0.") and 2 <= int(alias.rsplit(".", 1)[1]) <= 250
+    port = free_port(("127.0.0.1", alias), "both")
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.bind((alias, port))
+    with pytest.raises(RelayError):
+        free_port("127.0.0.1", "sctp")
+
+
+def test_settings_are_validated():
+    imp = Impairment()
+    with pytest.raises(RelayError):
+        imp.update(loss=1.5)
+    with pytest.raises(RelayError):
+        imp.update(delay=-1)
+    with pytest.raises(RelayError):
+        imp.update(bogus=1)
+    assert imp.update(loss=0.25, delay=0.01).loss == 0.25
+
+
+def test_clean_passthrough_and_stats(setup):
+    front, port = setup
+    with UdpServer(port) as server, Relay(front=front, udp_ports=[port]) as relay:
+        client = udp_client()
+        for i in range(100):
+            client.sendto(b"ping %d" % i, (front, port))
+            assert client.recvfrom(100) == (b"ping %d" % i, (front, port))
+        client.close()
+        assert wait_until(lambda: relay.stats["down"]["delivered"] == 100)
+        assert relay.stats["up"]["delivered"] == 100
+    # the server saw the relay's back socket, not the client
+    assert server.received[0][1][0] == "127.0.0.1"
+
+
+def test_delay_each_direction(setup):
+    front, port = setup
+    up, down = Impairment(delay=0.1), Impairment(delay=0.05)
+    with UdpServer(port), Relay(front=front, udp_ports=[port], up=up, down=down):
+        client = udp_client()
+        rtts = []
+        for _ in range(5):
+            start = time.monotonic()
+            client.sendto(b"x", (front, port))
+            client.recv(10)
+            rtts.append(time.monotonic() - start)
+        client.close()
+    assert min(rtts) >= 0.15
+    assert max(rtts) < 5.0
+
+
+def test_jitter_spreads_and_reorders(setup):
+    front, port = setup
+    with UdpServer(port, echo=False) as server, \
+            Relay(front=front, udp_ports=[port], seed=7) as relay:
+        relay.up.update(delay=0.01, jitter=0.1)
+        client = udp_client()
+        send_numbered(client, front, port, 200, gap=0.002)
+        assert wait_until(lambda: len(server.received) == 200)
+        client.close()
+    order = [int(data) for data, _ in server.received]
+    assert sorted(order) == list(range(200))
+    assert order != list(range(200))
+
+
+def test_random_loss_is_seeded_and_reproducible(setup):
+    front, port = setup
+
+    def run() -> set[int]:
+        with UdpServer(port, echo=False) as server, \
+                Relay(front=front, udp_ports=[port], seed=1234) as relay:
+            relay.up.loss = 0.3
+            client = udp_client()
+            send_numbered(client, front, port, 1000)
+            wait_until(lambda: relay.stats["up"]["received"] == 1000)
+            time.sleep(0.3)
+            client.close()
+            stats = relay.stats["up"]
+        assert stats["lost"] + stats["delivered"] == stats["received"] == 1000
+        return {int(data) for data, _ in server.received}
+
+    first = run()
+    assert 550 <= len(first) <= 850
+    assert run() == first
+
+
+def test_burst_loss_loses_runs(setup):
+    front, port = setup
+    with UdpServer(port, echo=False) as server, \
+            Relay(front=front, udp_ports=[port], seed=99) as relay:
+        relay.up.update(burst_loss=0.03, burst_length=6)
+        client = udp_client()
+        send_numbered(client, front, port, 2000)
+        assert wait_until(lambda: relay.stats["up"]["received"] == 2000)
+        time.sleep(0.3)
+        client.close()
+        stats = relay.stats["up"]
+    got = {int(data) for data, _ in server.received}
+    runs, current = [], 0
+    for i in range(2000):
+        if i in got:
+            if current:
+                runs.append(current)
+            current = 0
+        else:
+            current += 1
+    assert stats["burst_lost"] == 2000 - len(got) > 0
+    assert sum(runs) / len(runs) > 2.5  # independent loss at this rate averages ~1.1
+
+
+def test_reorder_holds_some_back(setup):
+    front, port = setup
+    with UdpServer(port, echo=False) as server, \
+            Relay(front=front, udp_ports=[port], seed=3) as relay:
+        relay.up.update(reorder=0.2, reorder_delay=0.05)
+        client = udp_client()
+        send_numbered(client, front, port, 300, gap=0.002)
+        assert wait_until(lambda: len(server.received) == 300)
+        client.close()
+        reordered = relay.stats["up"]["reordered"]
+    order = [int(data) for data, _ in server.received]
+    overtaken = sum(1 for a, b in zip(order, order[1:]) if b < a)
+    assert reordered > 20 and overtaken > 10
+    assert sorted(order) == list(range(300))
+
+
+def test_duplicate(setup):
+    front, port = setup
+    with UdpServer(port, echo=False) as server, \
+            Relay(front=front, udp_ports=[port], seed=5) as relay:
+        relay.up.duplicate = 0.25
+        client = udp_client()
+        send_numbered(client, front, port, 400)
+        assert wait_until(lambda: relay.stats["up"]["received"] == 400)
+        time.sleep(0.3)
+        client.close()
+        dups = relay.stats["up"]["duplicated"]
+    assert 50 <= dups <= 150
+    assert len(server.received) == 400 + dups
+
+
+def test_down_direction_impaired_independently(setup):
+    front, port = setup
+    with UdpServer(port) as server, Relay(front=front, udp_ports=[port], seed=11) as relay:
+        relay.down.loss = 1.0
+        client = udp_client()
+        send_numbered(client, front, port, 50)
+        assert wait_until(lambda: len(server.received) == 50)
+        assert recv_all(client, quiet=0.3) == []
+        relay.down.loss = 0.0
+        client.sendto(b"back", (front, port))
+        assert client.recv(10) == b"back"
+        client.close()
+
+
+def test_blackout_for_seconds_and_open_ended(setup):
+    front, port = setup
+    with UdpServer(port) as server, Relay(front=front, udp_ports=[port]) as relay:
+        client = udp_client()
+        relay.blackout(0.6)
+        assert relay.blacked_out
+        client.sendto(b"lost", (front, port))
+        assert recv_all(client, quiet=0.2) == []
+        assert wait_until(lambda: not relay.blacked_out, 5)
+        client.sendto(b"after", (front, port))
+        assert client.recv(10) == b"after"
+        relay.set_blackout(True)
+        client.sendto(b"lost2", (front, port))
+        assert recv_all(client, quiet=0.3) == []
+        relay.set_blackout(False)
+        client.sendto(b"again", (front, port))
+        assert client.recv(10) == b"again"
+        client.close()
+        assert relay.stats["up"]["blackout_dropped"] == 2
+    assert [d for d, _ in server.received] == [b"after", b"again"]
+
+
+def test_rebind_moves_the_client_as_seen_by_the_server(setup):
+    front, port = setup
+    with UdpServer(port) as server, Relay(front=front, udp_ports=[port]) as relay:
+        client = udp_client()
+        client.sendto(b"one", (front, port))
+        assert client.recv(10) == b"one"
+        first = server.received[-1][1]
+        new_addrs = relay.rebind()
+        client.sendto(b"two", (front, port))
+        assert client.recv(10) == b"two"
+        second = server.received[-1][1]
+        assert first != second and new_addrs == [second]
+        assert relay.client_addresses() == [client.getsockname()]
+        # the old mapping is gone: the server's packets to it are lost
+        server.sock.sendto(b"stale", first)
+        assert recv_all(client, quiet=0.3) == []
+        client.close()
+
+
+def test_each_client_address_gets_its_own_mapping(setup):
+    front, port = setup
+    with UdpServer(port) as server, Relay(front=front, udp_ports=[port]):
+        a, b = udp_client(), udp_client()
+        a.sendto(b"a", (front, port))
+        b.sendto(b"b", (front, port))
+        assert a.recv(10) == b"a" and b.recv(10) == b"b"
+        assert len({addr for _, addr in server.received}) == 2
+        a.close()
+        b.close()
+
+
+def test_queue_is_bounded(setup, monkeypatch):
+    front, port = setup
+    monkeypatch.setattr(relay_mod, "MAX_QUEUED_DATAGRAMS", 50)
+    with UdpServer(port, echo=False), Relay(front=front, udp_ports=[port]) as relay:
+        relay.up.delay = 30.0
+        client = udp_client()
+        send_numbered(client, front, port, 200)
+        assert wait_until(lambda: relay.stats["up"]["received"] == 200)
+        stats = relay.stats
+        client.close()
+    assert stats["queued"] == 50
+    assert stats["up"]["overflow_dropped"] == 150
+
+
+def tcp_echo_server(port: int) -> tuple[socket.socket, threading.Thread]:
+    """A one-connection TCP echo server on 127.0.0.1:port that closes after EOF."""
+    lsock = socket.create_server(("127.0.0.1", port))
+
+    def serve() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return lsock, thread
+
+
+def tcp_exchange(front: str, port: int, payload: bytes) -> bytes:
+    """Send payload, half-close, and read the echo until EOF."""
+    conn = socket.create_connection((front, port), timeout=10)
+    received = bytearray()
+    sender = threading.Thread(target=lambda: (conn.sendall(payload),
+                                              conn.shutdown(socket.SHUT_WR)))
+    sender.start()
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        received += data
+    sender.join(10)
+    conn.close()
+    return bytes(received)
+
+
+def test_tcp_passthrough_untouched_by_udp_impairments():
+    front = random_front_alias()
+    port = free_port(("127.0.0.1", front), "tcp")
+    payload = bytes(range(256)) * 8192  # 2 MiB
+    lsock, thread = tcp_echo_server(port)
+    with lsock, Relay(front=front, tcp_ports=[port]) as relay:
+        relay.set(delay=1.0, loss=1.0)
+        relay.set_blackout(True)  # TCP is not affected unless impair_tcp
+        assert tcp_exchange(front, port, payload) == payload
+        thread.join(5)
+        assert relay.stats["tcp"]["accepted"] == 1
+
+
+def test_tcp_refused_when_nothing_listens_behind():
+    front = random_front_alias()
+    port = free_port(("127.0.0.1", front), "tcp")
+    with Relay(front=front, tcp_ports=[port]) as relay:
+        conn = socket.create_connection((front, port), timeout=5)
+        conn.settimeout(5)
+        assert conn.recv(10) == b""
+        conn.close()
+        assert wait_until(lambda: relay.stats["tcp"]["refused"] == 1, 5)
+
+
+def test_impaired_tcp_gets_delay_and_freezes_during_blackout():
+    front = random_front_alias()
+    port = free_port(("127.0.0.1", front), "tcp")
+    payload = b"z" * 300000
+    lsock, thread = tcp_echo_server(port)
+    with lsock, Relay(front=front, tcp_ports=[port], impair_tcp=True) as relay:
+        relay.set(delay=0.1, loss=1.0)  # loss is for datagrams only
+        start = time.monotonic()
+        assert tcp_exchange(front, port, b"hello") == b"hello"
+        assert time.monotonic() - start >= 0.2
+    thread.join(5)
+    lsock, thread = tcp_echo_server(port)
+    with lsock, Relay(front=front, tcp_ports=[port], impair_tcp=True) as relay:
+        relay.blackout(1.0)
+        start = time.monotonic()
+        assert tcp_exchange(front, port, payload) == payload
+        assert time.monotonic() - start >= 0.9
+    thread.join(5)
+
+
+def test_close_is_clean_and_idempotent(setup):
+    front, port = setup
+    relay = Relay(front=front, udp_ports=[port], tcp_ports=[port]).start()
+    thread = relay._thread
+    relay.close()
+    relay.close()
+    assert not thread.is_alive()
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.bind((front, port))
+    with pytest.raises(RelayError):
+        relay.rebind()
+
+
+def test_bind_conflict_is_reported(setup):
+    front, port = setup
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blocker:
+        blocker.bind((front, port))
+        with pytest.raises(RelayError, match="cannot bind"):
+            Relay(front=front, udp_ports=[port]).start()
