@@ -159,6 +159,12 @@ def _at_least(lo: int) -> Callable[[Any], Any]:
     return check
 
 
+def _clamp(lo: int, hi: int) -> Callable[[Any], Any]:
+    def check(value: int) -> int:
+        return min(max(value, lo), hi)
+    return check
+
+
 def _one_of(*choices: str) -> Callable[[Any], Any]:
     def check(value: str) -> str:
         if value not in choices:
@@ -167,7 +173,7 @@ def _one_of(*choices: str) -> Callable[[Any], Any]:
     return check
 
 
-def _returns_value(parse: Callable[[str], Any]) -> Callable[[str], str]:
+def _parsed_by(parse: Callable[[str], Any]) -> Callable[[str], str]:
     """A check that validates with ``parse`` but keeps the setting's text."""
     def check(value: str) -> str:
         parse(value)
@@ -193,7 +199,7 @@ def _common_keys() -> Dict[str, _Key]:
     for layer in ("tracing.stdout", "tracing.file.layer"):
         for flag in _TRACING_FLAGS:
             keys[f"{layer}.{flag}"] = _Key(bool, flag == "with_level")
-        keys[f"{layer}.directives"] = _Key(str, "", _returns_value(parse_directives))
+        keys[f"{layer}.directives"] = _Key(str, "", _parsed_by(parse_directives))
     return keys
 
 
@@ -202,7 +208,7 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.ip": _Key(str, "0.0.0.0"),
         "mps.port": _Key(int, DEFAULT_TCP_PORT, _PORT),
         "mps.udp_port_range": _Key(str, "{}-{}".format(*DEFAULT_UDP_PORT_RANGE),
-                                   _returns_value(parse_port_range)),
+                                   _parsed_by(parse_port_range)),
         "mps.private_key_path": _Key(PATH, "mps_host_ed25519_key"),
         "mps.public_key_path": _Key(PATH, "mps_host_ed25519_key.pub"),
         # "" = ~/.mp/authorized_keys of the *target* user: resolved per login by the server.
@@ -216,12 +222,12 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
     "client": {
         "server_port": _Key(int, DEFAULT_TCP_PORT, _PORT),
         "server_destination": _Key(str, ""),
-        "max_reconnect_backoff_secs": _Key(int, 3600, lambda v: min(max(v, 2), 86400)),
+        "max_reconnect_backoff_secs": _Key(int, 3600, _clamp(2, 86400)),
         "private_key_path": _Key(PATH, "id_ed25519"),
         "public_key_path": _Key(PATH, "id_ed25519.pub"),
         "known_hosts_file": _Key(PATH, "known_hosts"),
         "strict_host_key_checking": _Key(str, "ask", _one_of("ask", "accept-new", "yes")),
-        "escape_key": _Key(str, "^^", _returns_value(parse_escape_key)),
+        "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
         **_common_keys(),
     },
 }
