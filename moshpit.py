@@ -511,10 +511,12 @@ def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
     """Send the "moshpit" loggers to the log file (always; ``-t`` gives ``log_path``) and, if
     ``stderr``, to stderr. Returns the ``moshpit.<kind>`` logger.
 
-    Levels: net verbosity = ``verbosity`` (the -v/-q count) + verbose - quiet; the file layer
-    adds tracing.file.verbose - tracing.file.quiet. Directories are created 0700, the file
-    0600. Calling it again replaces the previous handlers. Raises ConfigError if the log file
-    cannot be written.
+    Levels: net verbosity = ``verbosity`` + verbose - quiet; the file layer adds
+    tracing.file.verbose - tracing.file.quiet. A CLI may put its -v/-q counts in ``cli`` as
+    "verbose"/"quiet" (they then replace the file's values; env still wins) or pass
+    ``verbosity`` = count(-v) - count(-q) (added on top of them). Directories are created
+    0700, the file 0600. Calling it again replaces the previous handlers. Raises ConfigError
+    if the log file cannot be written.
     """
     reset_logging()
     path = log_path or default_log_path(kind, config.home)
