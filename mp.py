@@ -1,0 +1,1038 @@
+"""mp: the moshpit client. ``python3 mp.py [user@]host`` feels like ssh and keeps going like mosh.
+
+Layout, top to bottom (each part uses only the ones above it):
+
+    command line + config   build_parser, cli_overrides, parse_destination
+    terminal layer          TerminalGuard (raw mode, always restored), Waker (signals/threads
+                            -> select), EscapeFilter (Ctrl-^ .), OutputTracker, StatusBanner
+    connecting              load_identity (keygen offer, passphrase), HostKeyCheck, Resumer
+    session                 Session: one select loop over stdin, UDP, wake-up pipe, timers
+    main                    exit codes and messages like ssh (255 for our own failures)
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import codecs
+import fcntl
+import getpass
+import locale
+import logging
+import os
+import pwd
+import queue
+import select
+import signal
+import socket
+import sys
+import termios
+import threading
+import time
+import tty
+
+import moshpit
+import moshpit_handshake
+import moshpit_keys
+import moshpit_transport
+
+log = logging.getLogger("moshpit.client")
+
+EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) exit 255
+BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
+RESUME_AFTER_SECS = 10.0  # silence before a UDP port hop + TCP resume handshake
+FIRST_BACKOFF_SECS = 2.0
+QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye
+STDIN_CHUNK = 16384
+OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
+
+
+# ---------------------------------------------------------------------------
+# Command line and configuration
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The seed's ``mp`` flags. Every default is None so only flags the user gave reach
+    load_config (a default here would mask the config file and the environment)."""
+    p = argparse.ArgumentParser(
+        prog="mp",
+        description="moshpit client: encrypted remote terminal that survives roaming and outages.",
+        epilog="Escape key (default Ctrl-^): Ctrl-^ . quits; Ctrl-^ Ctrl-^ (or Ctrl-^ ^) sends "
+        "one Ctrl-^. Exit status: the remote shell's, or 255 if moshpit itself failed.",
+    )
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="count", default=None,
+                      help="turn up logging verbosity (repeatable)")
+    loud.add_argument("-q", "--quiet", action="count", default=None,
+                      help="turn down logging verbosity (repeatable)")
+    p.add_argument("-c", "--config-absolute-path", metavar="PATH", dest="config",
+                   help="absolute path to an alternate config file")
+    p.add_argument("-t", "--tracing-absolute-path", metavar="PATH", dest="tracing",
+                   help="absolute path to an alternate tracing (log) output file")
+    p.add_argument("-p", "--private-key-path", metavar="PATH",
+                   help="absolute path to the client private key")
+    p.add_argument("-k", "--public-key-path", metavar="PATH",
+                   help="absolute path to the client public key")
+    p.add_argument("-s", "--server-port", metavar="PORT", type=int,
+                   help=f"server TCP port (default: {moshpit.DEFAULT_TCP_PORT})")
+    p.add_argument("--strict-host-key-checking", choices=("ask", "accept-new", "yes"),
+                   help="unknown host keys: ask (default), accept-new (trust on first use), "
+                   "yes (refuse unless already in known_hosts)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every effective setting and where it came from, then exit")
+    p.add_argument("-V", "--version", action="version", version=f"mp {moshpit.__version__}")
+    p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
+                   help="host, user@host, IPv6 as ::1 or user@[::1]")
+    return p
+
+
+# argparse dest -> config key, for the flags that are config settings.
+_FLAG_KEYS = {
+    "verbose": "verbose",
+    "quiet": "quiet",
+    "private_key_path": "private_key_path",
+    "public_key_path": "public_key_path",
+    "server_port": "server_port",
+    "strict_host_key_checking": "strict_host_key_checking",
+    "server_destination": "server_destination",
+}
+
+
+def cli_overrides(args: argparse.Namespace) -> dict:
+    """Only the settings given on the command line, as dotted config keys."""
+    return {
+        key: getattr(args, dest)
+        for dest, key in _FLAG_KEYS.items()
+        if getattr(args, dest) is not None
+    }
+
+
+def parse_destination(dest: str, default_user: str) -> tuple:
+    """``[user@]host`` -> (user, host). Host may be a name, IPv4, bare IPv6 (``::1``) or
+    bracketed IPv6 (``[::1]``); brackets are dropped. The port comes from -s / server_port,
+    never from the destination (same as the seed)."""
+    user, at, host = dest.rpartition("@")
+    if not at:
+        user = default_user
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not user or not host or any(c in host for c in "[]/ ") or any(c in user for c in ":/ "):
+        raise moshpit.MoshpitError(
+            f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
+    return user, host
+
+
+def local_user() -> str:
+    """The local login name, which is the default remote user (like ssh)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return getpass.getuser()
+
+
+# ---------------------------------------------------------------------------
+# Terminal layer
+# ---------------------------------------------------------------------------
+
+
+class Terminated(Exception):
+    """SIGTERM/SIGHUP arrived while no select loop was there to notice (prompts, handshake):
+    raised from the signal handler so every ``finally`` runs and the terminal is restored."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"killed by signal {signum}")
+        self.signum = signum
+
+
+class Waker:
+    """A self-pipe that wakes the select loop: from signal handlers (SIGWINCH, SIGTERM,
+    SIGHUP) and from the reconnect thread. Handlers only set flags and write one byte;
+    the loop does the work, so nothing runs in the middle of a Connection update."""
+
+    def __init__(self):
+        self.rfd, self.wfd = os.pipe()
+        for fd in (self.rfd, self.wfd):
+            os.set_blocking(fd, False)
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self.rfd
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wfd, b"!")
+        except (BlockingIOError, OSError):
+            pass  # pipe full (a wake-up is already pending) or closed at exit
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.rfd, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self.rfd, self.wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class SignalRouter:
+    """Turns SIGWINCH/SIGTERM/SIGHUP into flags + a wake-up while the session loop runs, and
+    into a ``Terminated`` exception otherwise (a blocking prompt or handshake can only be
+    interrupted by raising). Either way the terminal guard's ``finally`` restores the tty."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH)
+
+    def __init__(self, waker: Waker):
+        self.waker = waker
+        self.in_loop = False
+        self.winch = False
+        self.terminate_signum = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for signum in self.HANDLED:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGWINCH:
+            self.winch = True
+            self.waker.wake()
+            return
+        self.terminate_signum = signum
+        if not self.in_loop:
+            raise Terminated(signum)
+        self.waker.wake()
+
+
+class TerminalGuard:
+    """Raw mode only while connected, and the terminal always put back exactly as it was.
+
+    Saves the termios attributes of stdin and the file status flags of stdin/stdout before
+    touching anything; ``restore()`` is idempotent and is called from ``finally`` (normal exit,
+    errors, exceptions, SIGTERM/SIGHUP via SignalRouter) and from atexit as a last resort.
+    Raw mode is entered with TCSANOW, not TCSAFLUSH, so keys typed during the handshake
+    are kept and sent. stdin/stdout go non-blocking so one slow side never stalls the loop.
+    """
+
+    def __init__(self, in_fd: int = 0, out_fd: int = 1):
+        self.in_fd, self.out_fd = in_fd, out_fd
+        self.is_tty = os.isatty(in_fd)
+        self.saved_attrs = termios.tcgetattr(in_fd) if self.is_tty else None
+        self.saved_flags = {}
+        self.active = False
+
+    def enter(self) -> None:
+        if self.active:
+            return
+        for fd in {self.in_fd, self.out_fd}:
+            self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+        self.active = True
+        atexit.register(self.restore)
+        if self.is_tty:
+            tty.setraw(self.in_fd, termios.TCSANOW)
+        for fd in self.saved_flags:
+            os.set_blocking(fd, False)
+
+    def restore(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        atexit.unregister(self.restore)
+        for fd, flags in self.saved_flags.items():
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            except OSError:
+                pass  # fd already gone (terminal hung up): nothing left to restore
+        if self.saved_attrs is not None:
+            try:
+                # TCSANOW: TCSADRAIN could hang forever on a terminal that stopped reading.
+                termios.tcsetattr(self.in_fd, termios.TCSANOW, self.saved_attrs)
+            except (termios.error, OSError):
+                pass
+
+    def __enter__(self):
+        self.enter()
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+class EscapeFilter:
+    """Splits keyboard input into bytes for the server and the local quit command.
+
+    ``ESC .`` quits; ``ESC ESC`` or ``ESC <its caret letter>`` (Ctrl-^ ^, mosh's spelling)
+    sends one ESC; ``ESC`` followed by anything else sends both bytes, so nothing typed is
+    swallowed. (ESC here is the configured escape key, Ctrl-^ by default.)
+
+    Decision: like mosh and unlike ssh's ``~.``, the escape key is recognised anywhere, not
+    only after a newline. Ctrl-^ is almost never typed on purpose, and a "start of line" rule
+    cannot be judged from the client inside full-screen programs (vim, less) where quitting a
+    dead session matters most. A lone escape key at the end of a read waits for the next byte.
+    """
+
+    QUIT = ord(".")
+
+    def __init__(self, escape):
+        self.escape = escape
+        self.literal = None if escape is None else {escape, (escape ^ 0x40) & 0x7F}
+        self.pending = False
+
+    def feed(self, data: bytes) -> tuple:
+        """-> (bytes for the server, quit requested). Bytes after a quit are dropped."""
+        if self.escape is None or (not self.pending and self.escape not in data):
+            return data, False
+        out = bytearray()
+        for byte in data:
+            if self.pending:
+                self.pending = False
+                if byte == self.QUIT:
+                    return bytes(out), True
+                if byte in self.literal:
+                    out.append(self.escape)
+                else:
+                    out += bytes((self.escape, byte))
+            elif byte == self.escape:
+                self.pending = True
+            else:
+                out.append(byte)
+        return bytes(out), False
+
+
+class OutputTracker:
+    """Knows whether the server's output stream currently sits between escape sequences and
+    characters, the only moments the banner may be drawn: bytes injected inside ``ESC [ 3``
+    or a half-written UTF-8 character would corrupt the screen for good.
+
+    Only the tail of each chunk matters: an ESC always starts a fresh sequence, so the state
+    after a chunk depends only on the bytes from its last ESC on (or, with no ESC, on the
+    previous state). That keeps the per-byte loop short even for ``cat bigfile``.
+    """
+
+    GROUND, ESC, CSI, STRING, STRING_ESC = range(5)
+    _STRING_STARTERS = frozenset(b"]PX^_")  # OSC, DCS, SOS, PM, APC: end at BEL or ESC \
+
+    def __init__(self):
+        self.state = self.GROUND
+        self.tail = b""  # last bytes, for a UTF-8 character cut at a chunk boundary
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        last_esc = data.rfind(b"\x1b")
+        if last_esc >= 0:
+            self.state = self.ESC
+            rest = memoryview(data)[last_esc + 1:]
+        else:
+            rest = memoryview(data)
+        i = 0
+        while self.state != self.GROUND and i < len(rest):
+            self._step(rest[i])
+            i += 1
+        self.tail = (self.tail + bytes(rest[max(i, len(rest) - 3):]))[-3:]
+
+    def _step(self, byte: int) -> None:
+        if byte in (0x18, 0x1A):  # CAN/SUB abort any sequence
+            self.state = self.GROUND
+        elif byte == 0x1B:
+            self.state = self.STRING_ESC if self.state == self.STRING else self.ESC
+        elif self.state == self.ESC:
+            if byte == ord("["):
+                self.state = self.CSI
+            elif byte in self._STRING_STARTERS:
+                self.state = self.STRING
+            elif not 0x20 <= byte <= 0x2F:  # intermediates (ESC ( B) keep us in ESC
+                self.state = self.GROUND
+        elif self.state == self.CSI:
+            if 0x40 <= byte <= 0x7E:
+                self.state = self.GROUND
+        elif self.state == self.STRING:
+            if byte == 0x07:
+                self.state = self.GROUND
+        elif self.state == self.STRING_ESC:
+            self.state = self.GROUND if byte == ord("\\") else self.STRING
+
+    def at_safe_point(self) -> bool:
+        return self.state == self.GROUND and not self._utf8_incomplete()
+
+    def _utf8_incomplete(self) -> bool:
+        for back, byte in enumerate(reversed(self.tail), start=1):
+            if byte & 0xC0 == 0x80:
+                continue  # continuation byte: look further back for the lead byte
+            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else \
+                4 if byte & 0xF8 == 0xF0 else 1
+            return need > back
+        return False
+
+
+class StatusBanner:
+    """The one-line "last contact N s ago" notice at the top of the screen.
+
+    Drawn with save cursor (ESC 7, which also saves colours/attributes), move to row 1,
+    erase the line, reverse video, the text, restore (ESC 8): the cursor and the remote
+    program's attributes come back untouched. Redrawn once a second while silence lasts.
+
+    Trade-off on removal: the client passes a byte stream and keeps no screen model, so it
+    cannot repaint what the banner covered. It erases the banner row and leaves it blank;
+    the next output that touches row 1 (a shell scrolling, a full-screen program redrawing,
+    or Ctrl-L) paints it again. That is better than leaving a stale banner, and cheaper than
+    faking a resize to force every program to redraw. Programs using origin mode with a
+    scroll region would see the banner inside their region; we accept that rare case.
+    """
+
+    def __init__(self, ellipsis: str = "..."):
+        self.ellipsis = ellipsis
+        self.shown = False
+        self.drawn_second = None
+
+    def text(self, silence: float, note: str = "") -> str:
+        line = f"moshpit: last contact {int(silence)} s ago, reconnecting{self.ellipsis}"
+        return f"{line} ({note})" if note else line
+
+    @staticmethod
+    def render(text: str, cols: int, encoding: str = "utf-8") -> bytes:
+        """Bytes that draw ``text`` on row 1, clipped to cols - 1 (no autowrap at the edge)."""
+        clipped = text[: max(cols - 1, 0)].encode(encoding, errors="replace")
+        return b"\x1b7\x1b[1;1H\x1b[2K\x1b[7m" + clipped + b"\x1b[m\x1b8"
+
+    @staticmethod
+    def erase() -> bytes:
+        return b"\x1b7\x1b[1;1H\x1b[2K\x1b8"
+
+    def update(self, silence: float, cols: int, note: str = "", encoding: str = "utf-8",
+               force: bool = False) -> bytes:
+        """Bytes to write now (possibly b""): draw when silence passes the threshold,
+        redraw when the whole-second count changes or ``force`` (resize)."""
+        if silence < BANNER_AFTER_SECS:
+            return self.hide()
+        second = int(silence)
+        if self.shown and second == self.drawn_second and not force:
+            return b""
+        self.shown, self.drawn_second = True, second
+        return self.render(self.text(silence, note), cols, encoding)
+
+    def hide(self) -> bytes:
+        if not self.shown:
+            return b""
+        self.shown, self.drawn_second = False, None
+        return self.erase()
+
+    def next_deadline(self, last_heard: float) -> float:
+        """When the banner next needs attention: its first appearance, then each second."""
+        appear = last_heard + BANNER_AFTER_SECS
+        if not self.shown:
+            return appear
+        return last_heard + self.drawn_second + 1
+
+
+# ---------------------------------------------------------------------------
+# Connecting: identity, host key, resume handshakes
+# ---------------------------------------------------------------------------
+
+
+class Prompter:
+    """Questions for the user, always in cooked mode before the terminal goes raw: prompts
+    go to stderr (stdout may be redirected), answers come from stdin."""
+
+    def __init__(self, stdin=None, stderr=None):
+        self.stdin = stdin or sys.stdin
+        self.stderr = stderr or sys.stderr
+        self.interactive = self.stdin.isatty()
+
+    def say(self, text: str) -> None:
+        self.stderr.write(text if text.endswith("\n") else text + "\n")
+        self.stderr.flush()
+
+    def ask(self, question: str) -> str:
+        self.stderr.write(question)
+        self.stderr.flush()
+        return self.stdin.readline().strip()
+
+    def yes_no(self, question: str, default: bool) -> bool:
+        answer = self.ask(question).lower()
+        return default if not answer else answer in ("y", "yes")
+
+    def secret(self, question: str) -> bytes:
+        return getpass.getpass(question, stream=self.stderr).encode("utf-8")
+
+
+def keygen_command(private_key_path: str) -> str:
+    """The exact command that creates the missing key, runnable from the current directory."""
+    keygen = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_keygen.py")
+    relative = os.path.relpath(keygen)
+    command = f"python3 {relative if not relative.startswith('..') else keygen} generate"
+    if private_key_path != moshpit_keys.default_identity_paths()[0]:
+        command += f" -f {private_key_path}"
+    return command
+
+
+def load_identity(config, prompter: Prompter):
+    """The client's private key: offered to be generated on first run (default yes on a
+    terminal, like the seed), its passphrase asked once if it is encrypted."""
+    path = config["private_key_path"]
+    if not os.path.exists(path):
+        return generate_identity(path, config["public_key_path"], prompter)
+    try:
+        return moshpit_keys.load_private_key(path)
+    except moshpit_keys.PassphraseRequired:
+        if not prompter.interactive:
+            raise moshpit.MoshpitError(
+                f"{path} is protected by a passphrase and there is no terminal to ask for it; "
+                "run mp from a terminal")
+    passphrase = prompter.secret(f"Enter passphrase for key '{path}': ")
+    try:
+        return moshpit_keys.load_private_key(path, passphrase)
+    except moshpit_keys.WrongPassphrase:
+        raise moshpit.MoshpitError(f"wrong passphrase for {path}")
+
+
+def generate_identity(path: str, public_path: str, prompter: Prompter):
+    """First run: make a key pair where the config says, then show the line for the server's
+    authorized_keys. Without a terminal only say how (never create keys unasked)."""
+    missing = f"no private key at {path}; create one with: {keygen_command(path)}"
+    if not prompter.interactive:
+        raise moshpit.MoshpitError(missing)
+    if not prompter.yes_no(f"No moshpit key at {path}. Generate one now? [Y/n] ", True):
+        raise moshpit.MoshpitError(missing)
+    for _ in range(3):
+        passphrase = prompter.secret("Enter passphrase (empty for no passphrase): ")
+        if passphrase == prompter.secret("Enter same passphrase again: "):
+            break
+        prompter.say("Passphrases do not match. Try again.")
+    else:
+        raise moshpit.MoshpitError("passphrases did not match; no key was created")
+    key = moshpit_keys.PrivateKey.generate(comment=f"{local_user()}@{socket.gethostname()}")
+    moshpit_keys.save_private_key(path, key, passphrase or None)
+    moshpit_keys.save_public_key(public_path, key.public)
+    prompter.say(
+        f"Your identification has been saved in {path}\n"
+        f"Your public key has been saved in {public_path}\n"
+        f"The key fingerprint is: {key.public.fingerprint()}\n"
+        "To log in, add this line to ~/.mp/authorized_keys of the remote user:\n"
+        f"  {key.public.to_line()}")
+    return key
+
+
+class _AskLater(moshpit_handshake.HostKeyError):
+    """Stops a first handshake whose host key needs a yes/no from the user: a person reading
+    a fingerprint takes longer than the server's handshake deadline, so we ask with the
+    connection closed and then connect again."""
+
+    def __init__(self, prompt: str):
+        super().__init__("host key needs confirmation")
+        self.prompt = prompt
+
+
+class HostKeyCheck:
+    """Host key verification. First connection: the known_hosts policy (ask | accept-new |
+    yes) from moshpit_handshake. Resumes: the key must be exactly the one the session began
+    with (no prompt can appear in the middle of a session; a change is final)."""
+
+    def __init__(self, known_hosts: str, host: str, port: int, policy: str, prompter: Prompter):
+        self.known_hosts, self.host, self.port = known_hosts, host, port
+        self.policy, self.prompter = policy, prompter
+        self.pinned = None
+        self.answer = None  # the user's yes/no, once asked
+
+    def first(self, key) -> None:
+        def ask(prompt: str) -> bool:
+            if self.answer is None:
+                raise _AskLater(prompt)
+            return self.answer
+
+        moshpit_handshake.verify_host_key_policy(
+            self.known_hosts, self.host, self.port, key, self.policy,
+            self.prompter.interactive, ask)
+        self.pinned = key
+
+    def confirm(self, pending: _AskLater) -> None:
+        """Show the question the policy asked (fingerprint, randomart) and keep the answer
+        for the next attempt. Like OpenSSH, only a full "yes" accepts."""
+        self.prompter.say(pending.prompt.rstrip("\n"))
+        while True:
+            answer = self.prompter.ask("Are you sure you want to continue connecting (yes/no)? ")
+            if answer.lower() in ("yes", "no"):
+                break
+            if not answer:
+                answer = "no"
+                break
+            self.prompter.say("Please type 'yes' or 'no'.")
+        self.answer = answer.lower() == "yes"
+
+    def resume(self, key) -> None:
+        if key != self.pinned:
+            raise moshpit_handshake.HostKeyError(
+                f"the host key of {self.host} changed during the session "
+                f"(now {key.fingerprint()}); refusing to resume. Someone may be intercepting "
+                "the connection")
+
+
+class Resumer:
+    """Resume handshakes (TCP) in a background thread, so the session loop keeps reading
+    stdin, drawing the banner and listening on UDP while the handshake waits on the network.
+
+    Schedule: the first attempt once the server has been silent RESUME_AFTER_SECS, then
+    FIRST_BACKOFF_SECS after each failed (or fruitless) attempt, doubling up to the
+    configured maximum; contact coming back resets it. The thread only runs the blocking
+    handshake with values copied at start; the loop thread applies the result (rekey), so
+    the Connection is never touched from two threads.
+    """
+
+    def __init__(self, handshake, waker: Waker, max_backoff: float):
+        self.handshake = handshake  # request -> ClientResult, raises MoshpitError
+        self.waker = waker
+        self.max_backoff = max_backoff
+        self.backoff = FIRST_BACKOFF_SECS
+        self.not_before = 0.0
+        self.running = False
+        self.attempts = 0
+        self.results = queue.Queue()
+
+    def next_attempt(self, last_heard: float) -> float:
+        return max(last_heard + RESUME_AFTER_SECS, self.not_before)
+
+    def due(self, now: float, last_heard: float) -> bool:
+        return not self.running and now >= self.next_attempt(last_heard)
+
+    def start(self, request) -> None:
+        self.running = True
+        self.attempts += 1
+        threading.Thread(target=self._run, args=(request,), name="resume", daemon=True).start()
+
+    def _run(self, request) -> None:
+        try:
+            outcome = self.handshake(request)
+        except moshpit.MoshpitError as err:
+            outcome = err
+        except Exception as err:  # a bug must not kill the session: report it as a failure
+            log.exception("resume handshake crashed")
+            outcome = moshpit_handshake.HandshakeError(f"resume failed: {err!r}")
+        self.results.put(outcome)
+        self.waker.wake()
+
+    def take(self, now: float):
+        """The finished attempt's ClientResult or MoshpitError, or None; schedules the next."""
+        try:
+            outcome = self.results.get_nowait()
+        except queue.Empty:
+            return None
+        self.running = False
+        self.not_before = now + self.backoff
+        self.backoff = min(self.backoff * 2, self.max_backoff)
+        return outcome
+
+    def contact(self) -> None:
+        """Packets flow again: the next outage starts the schedule from the beginning."""
+        self.backoff = FIRST_BACKOFF_SECS
+        self.not_before = 0.0
+
+
+def is_final(err: moshpit.MoshpitError) -> bool:
+    """Resume failures that retrying cannot fix: stop, restore, explain."""
+    return isinstance(err, (moshpit_handshake.AuthRefused, moshpit_handshake.HostKeyError)) \
+        or is_gone(err)
+
+
+def is_gone(err: moshpit.MoshpitError) -> bool:
+    return "no such session" in str(err)
+
+
+# ---------------------------------------------------------------------------
+# Session
+# ---------------------------------------------------------------------------
+
+
+class Outcome:
+    """How the session ended: the exit status and the one line to print after the
+    terminal is restored (None: print nothing)."""
+
+    def __init__(self, status: int, message=None):
+        self.status, self.message = status, message
+
+
+class Session:
+    """One select loop over stdin, the UDP link, the wake-up pipe and timers.
+
+    stdin -> EscapeFilter -> Connection stream (exact across resumes, so nothing typed
+    while disconnected is lost or sent twice); Connection events -> stdout buffer (written
+    as the terminal accepts it); silence -> banner, then port hop + resume handshakes.
+    """
+
+    def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
+                 router: SignalRouter, waker: Waker, in_fd: int = 0, out_fd: int = 1):
+        self.target = target
+        self.hostcheck = hostcheck
+        self.identity = identity
+        self.router, self.waker = router, waker
+        self.in_fd, self.out_fd = in_fd, out_fd
+        self.session_id = first.grant.session_id
+        self.resume_secret = first.grant.resume_secret
+        self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
+        encoding = locale.getpreferredencoding(False)
+        self.encoding = encoding if _is_known_codec(encoding) else "utf-8"
+        utf8 = codecs.lookup(self.encoding).name == "utf-8"
+        self.banner = StatusBanner("\u2026" if utf8 else "...")
+        self.banner_note = ""
+        self.tracker = OutputTracker()
+        self.out = bytearray()
+        self.stdin_open = True
+        self.winsize = target.winsize()
+        self.outcome = None
+        now = time.monotonic()
+        self.conn = moshpit_transport.Connection("client", first.keys, now,
+                                                 peer_addr=udp_peer(first))
+        self.link = moshpit_transport.UdpLink(self.conn, udp_peer(first))
+        self.resumer = Resumer(self._resume_handshake, waker,
+                               float(config["max_reconnect_backoff_secs"]))
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        self.router.in_loop = True
+        try:
+            while self.outcome is None:
+                self._step()
+            self._finish()
+        finally:
+            self.router.in_loop = False
+        return self.outcome
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        readers = [self.waker, self.link]
+        if self.stdin_open and self.conn.writable():
+            readers.append(self.in_fd)
+        if len(self.out) > OUTPUT_HIGH_WATER:
+            readers.remove(self.link)  # local terminal far behind: let the network wait
+        writers = [self.out_fd] if self.out else []
+        timeout = max(0.0, self._next_deadline(now) - now)
+        readable, writable, _ = select.select(readers, writers, [], timeout)
+        now = time.monotonic()
+        if self.waker in readable:
+            self.waker.drain()
+        self._signals()
+        if self.link in readable:
+            self.link.handle_readable(now)
+        self._contact(now)
+        self._events()
+        if self.in_fd in readable:
+            self._read_stdin()
+        self._resume_results(now)
+        self._maybe_resume(now)
+        self.link.flush(now)
+        if self.out:
+            self._write_out()
+
+    def _next_deadline(self, now: float) -> float:
+        last = self.conn.last_heard
+        deadlines = [now + 60.0, self.banner.next_deadline(last)]
+        link_deadline = self.link.timeout(now)
+        if link_deadline is not None:
+            deadlines.append(link_deadline)
+        if not self.resumer.running:
+            deadlines.append(self.resumer.next_attempt(last))
+        return min(deadlines)
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def _signals(self) -> None:
+        if self.router.terminate_signum is not None:
+            signum = self.router.terminate_signum
+            self._quit("client terminated")
+            message = None if signum == signal.SIGHUP else \
+                f"mp: killed by signal {signum}; session ended."
+            self.outcome = Outcome(EXIT_FAILURE, message)
+        if self.router.winch:
+            self.router.winch = False
+            size = self.target.winsize()
+            if size != self.winsize:
+                self.winsize = size
+                self.conn.send_resize(*size)
+                if self.banner.shown:
+                    self._redraw_banner(time.monotonic(), force=True)
+
+    def _read_stdin(self) -> None:
+        try:
+            data = os.read(self.in_fd, STDIN_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: our terminal is gone (window closed)
+            self._hangup()
+            return
+        if not data:
+            self.stdin_open = False  # stdin was a pipe/file: the session goes on
+            return
+        data, quit_requested = self.escape.feed(data)
+        if data:
+            self.conn.send(data)
+        if quit_requested:
+            self._quit("client quit")
+            self.outcome = Outcome(0, f"Connection to {self.target.host} closed.")
+
+    def _events(self) -> None:
+        while True:
+            event = self.conn.next_event()
+            if event is None:
+                return
+            kind = type(event).__name__
+            if kind == "DataReceived":
+                self.tracker.feed(event.data)
+                self.out += event.data
+            elif kind == "SessionClosed":
+                status = event.exit_status
+                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE,
+                                       f"Connection to {self.target.host} closed.")
+            elif kind == "ShutdownReceived":
+                self.outcome = Outcome(EXIT_FAILURE, shutdown_message(self.target.host,
+                                                                      event.reason))
+            else:
+                log.debug("event %s", kind)
+
+    # -- connection health ------------------------------------------------------------
+
+    def _contact(self, now: float) -> None:
+        """Banner on/off/update from the silence; packets flowing again resets the resume
+        back-off (immediate recovery: no handshake needed when the path just came back)."""
+        silence = now - self.conn.last_heard
+        if silence < BANNER_AFTER_SECS:
+            if self.banner.shown:
+                log.info("contact with %s is back", self.target.host)
+                self.out += self.banner.hide()
+                self.banner_note = ""
+            self.resumer.contact()
+        else:
+            self._redraw_banner(now)
+
+    def _redraw_banner(self, now: float, force: bool = False) -> None:
+        if not self.target.is_tty or not self.tracker.at_safe_point():
+            return  # never inject bytes into the middle of an escape sequence / character
+        silence = now - self.conn.last_heard
+        self.out += self.banner.update(silence, self.winsize[1], self.banner_note,
+                                       self.encoding, force)
+
+    def _maybe_resume(self, now: float) -> None:
+        if self.outcome is not None or not self.resumer.due(now, self.conn.last_heard):
+            return
+        log.info("no contact for %.0f s: new UDP port, resume handshake #%d",
+                 now - self.conn.last_heard, self.resumer.attempts + 1)
+        self.link.hop_port()
+        rows, cols = self.winsize
+        request = self.target.request(rows, cols, self.session_id, self.resume_secret,
+                                      self.conn.recv_offset)
+        self.resumer.start(request)
+
+    def _resume_handshake(self, request):
+        """Runs in the Resumer's thread: only immutable inputs, no Connection access."""
+        return self.target.connect(self.identity, request, self.hostcheck.resume)
+
+    def _resume_results(self, now: float) -> None:
+        outcome = self.resumer.take(now)
+        if outcome is None:
+            return
+        if isinstance(outcome, moshpit.MoshpitError):
+            if is_gone(outcome):
+                self.outcome = Outcome(EXIT_FAILURE, gone_message(self.target.host))
+            elif is_final(outcome):
+                self.outcome = Outcome(EXIT_FAILURE, f"mp: {outcome}")
+            else:
+                log.info("resume attempt failed: %s", outcome)
+                self.banner_note = str(outcome)
+            return
+        # Always apply a successful resume, even if packets came back meanwhile: the
+        # server has switched to the new keys.
+        log.info("session resumed (server had %d bytes of input)", outcome.grant.recv_offset)
+        self.resume_secret = outcome.grant.resume_secret
+        self.conn.rekey(outcome.keys, outcome.grant.recv_offset, now, peer_addr=udp_peer(outcome))
+        self.link.set_peer(udp_peer(outcome))
+        self.conn.send_resize(*self.winsize)
+        self.banner_note = ""
+
+    # -- output and endings -----------------------------------------------------------
+
+    def _write_out(self) -> None:
+        try:
+            written = os.write(self.out_fd, self.out)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO/EPIPE: nobody is reading our output any more
+            self._hangup()
+            return
+        del self.out[:written]
+
+    def _hangup(self) -> None:
+        self.stdin_open = False
+        self.out.clear()
+        if self.outcome is None:
+            self._quit("client terminal closed")
+            self.outcome = Outcome(EXIT_FAILURE, None)
+
+    def _quit(self, reason: str) -> None:
+        """Tell the server the session is over (it SIGHUPs the shell), best effort: wait
+        briefly for the ack, never long (the server may be unreachable)."""
+        self.conn.send_shutdown(reason)
+        deadline = time.monotonic() + QUIT_FLUSH_SECS
+        while True:
+            now = time.monotonic()
+            self.link.flush(now)
+            if self.conn.all_acked() or now >= deadline:
+                return
+            link_deadline = self.link.timeout(now) or deadline
+            wait = max(0.0, min(deadline, link_deadline) - now)
+            if select.select([self.link], [], [], wait)[0]:
+                self.link.handle_readable(time.monotonic())
+
+    def _finish(self) -> None:
+        """Send the last acks, write what is left of the output (a few seconds at most) and
+        erase the banner, so the final screen is the remote program's."""
+        now = time.monotonic()
+        self.link.flush(now)
+        self.out += self.banner.hide()
+        deadline = now + 3.0
+        while self.out and time.monotonic() < deadline:
+            select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
+            self._write_out()
+
+
+def _is_known_codec(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
+def udp_peer(result) -> tuple:
+    """Where UDP goes: the address we dialled for TCP (so a relay or NAT in front keeps
+    working) and the port the server granted."""
+    return (result.server_addr[0], result.grant.udp_port)
+
+
+def shutdown_message(host: str, reason: str) -> str:
+    if reason == "server shutting down":
+        return f"moshpit: server {host} is shutting down; session ended."
+    return f"moshpit: server {host} ended the session ({reason})."
+
+
+def gone_message(host: str) -> str:
+    return (f"moshpit: the session on {host} no longer exists "
+            "(server restarted or session expired).")
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+class Target:
+    """Where and as whom we connect, and what we tell the server about our terminal."""
+
+    def __init__(self, user: str, host: str, port: int, in_fd: int = 0):
+        self.user, self.host, self.port = user, host, port
+        self.in_fd = in_fd
+        self.is_tty = os.isatty(in_fd)
+
+    def winsize(self) -> tuple:
+        try:
+            rows, cols = moshpit.get_winsize(self.in_fd)
+        except OSError:
+            return 24, 80
+        return (rows or 24, cols or 80)
+
+    def request(self, rows: int, cols: int, session_id=None, resume_secret=None,
+                recv_offset: int = 0):
+        env = {k: v for k, v in os.environ.items() if k == "LANG" or k.startswith("LC_")}
+        return moshpit_handshake.ClientRequest(
+            user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
+            env=env, resume_session_id=session_id, resume_secret=resume_secret,
+            resume_recv_offset=recv_offset)
+
+    def connect(self, identity, request, verify_host_key):
+        return moshpit_handshake.client_handshake(
+            self.host, self.port, identity, request, verify_host_key)
+
+
+def connect_first(target: Target, identity, hostcheck: HostKeyCheck):
+    """The first handshake, asking about an unknown host key (if the policy says so) with
+    the connection closed, then connecting again."""
+    rows, cols = target.winsize()
+    try:
+        return target.connect(identity, target.request(rows, cols), hostcheck.first)
+    except _AskLater as pending:
+        hostcheck.confirm(pending)
+    return target.connect(identity, target.request(*target.winsize()), hostcheck.first)
+
+
+def run_client(config, args, prompter: Prompter) -> int:
+    destination = config["server_destination"]
+    if not destination:
+        raise moshpit.MoshpitError(
+            "no server destination: give [user@]host, or set server_destination in the config")
+    user, host = parse_destination(destination, local_user())
+    target = Target(user, host, config["server_port"])
+    moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
+    waker = Waker()
+    router = SignalRouter(waker)
+    guard = TerminalGuard(0, 1)
+    router.install()
+    try:
+        identity = load_identity(config, prompter)
+        hostcheck = HostKeyCheck(config["known_hosts_file"], host, target.port,
+                                 config["strict_host_key_checking"], prompter)
+        first = connect_first(target, identity, hostcheck)
+        log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
+        with guard:
+            outcome = Session(target, hostcheck, first, identity, config, router, waker).run()
+    except Terminated as err:
+        guard.restore()
+        if err.signum != signal.SIGHUP:
+            prompter.say(f"mp: killed by signal {err.signum}")
+        return EXIT_FAILURE
+    finally:
+        guard.restore()
+        router.uninstall()
+        waker.close()
+    if outcome.message:
+        try:
+            prompter.say(outcome.message)
+        except OSError:
+            pass  # terminal gone
+    return outcome.status
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    prompter = Prompter()
+    try:
+        config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)
+        if args.print_config:
+            print(f"# config file: {config.path or 'none'}")
+            print(f"# log file: {args.tracing or moshpit.default_log_path('client', config.home)}")
+            print(config.describe())
+            for warning in config.warnings:
+                print(f"# warning: {warning}")
+            return 0
+        for warning in config.warnings:
+            prompter.say(f"mp: warning: {warning}")
+        moshpit.setup_logging("client", config, log_path=args.tracing)
+        return run_client(config, args, prompter)
+    except moshpit.MoshpitError as err:
+        log.info("exiting: %s", err)
+        prompter.say(f"mp: {err}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        prompter.say("")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

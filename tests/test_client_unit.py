@@ -1,0 +1,313 @@
+"""Unit tests of mp.py's pure parts: escape filter, output tracker, banner, CLI parsing,
+terminal guard. No server needed."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+import termios
+
+import pytest
+
+# Until the handshake/transport modules land (removed once they do).
+pytest.importorskip("moshpit_handshake")
+pytest.importorskip("moshpit_transport")
+
+import mp  # noqa: E402
+import moshpit  # noqa: E402
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ESC = 0x1E  # Ctrl-^
+
+
+# --- EscapeFilter -----------------------------------------------------------------------
+
+
+def test_escape_filter_passes_plain_input_through():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"echo hi\r") == (b"echo hi\r", False)
+
+
+def test_escape_dot_quits_and_keeps_what_came_before():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"ab\x1e.cd") == (b"ab", True)
+
+
+def test_escape_escape_sends_one_escape():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"\x1e\x1e") == (b"\x1e", False)
+    assert f.feed(b"\x1e^x") == (b"\x1ex", False)  # mosh's spelling: Ctrl-^ ^
+
+
+def test_escape_then_other_key_sends_both():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"\x1ea") == (b"\x1ea", False)
+    assert f.feed(b"\x1e\r") == (b"\x1e\r", False)
+
+
+def test_escape_split_across_reads():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"x\x1e") == (b"x", False)  # held back until the next key
+    assert f.feed(b".") == (b"", True)
+    g = mp.EscapeFilter(ESC)
+    assert g.feed(b"\x1e") == (b"", False)
+    assert g.feed(b"q") == (b"\x1eq", False)
+
+
+def test_escape_recognised_anywhere_not_only_after_newline():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"vim file\x1e.") == (b"vim file", True)
+
+
+def test_escape_none_disables():
+    f = mp.EscapeFilter(None)
+    assert f.feed(b"\x1e.") == (b"\x1e.", False)
+
+
+def test_escape_custom_key():
+    f = mp.EscapeFilter(moshpit.parse_escape_key("^]"))
+    assert f.feed(b"\x1e.") == (b"\x1e.", False)
+    assert f.feed(b"\x1d]") == (b"\x1d", False)
+    assert f.feed(b"\x1d.") == (b"", True)
+
+
+# --- OutputTracker ----------------------------------------------------------------------
+
+
+def feed_all(*chunks):
+    t = mp.OutputTracker()
+    for chunk in chunks:
+        t.feed(chunk)
+    return t
+
+
+def test_tracker_plain_text_is_safe():
+    assert feed_all(b"hello\r\n").at_safe_point()
+    assert feed_all(b"").at_safe_point()
+
+
+@pytest.mark.parametrize("chunks", [
+    (b"abc\x1b",),
+    (b"\x1b[3",),
+    (b"\x1b[38;5;1",),
+    (b"\x1b]0;title",),  # OSC without terminator
+    (b"\x1b]0;title\x1b",),  # half of ST
+    (b"\x1bP1$r",),  # DCS
+    (b"\x1b(",),  # charset designation waiting for its final byte
+    (b"caf\xc3",),  # first byte of a 2-byte UTF-8 character
+    (b"\xe2\x80",),  # 2 of 3 bytes of "…"
+    (b"\xe2", b"\x80"),  # split over two chunks
+    (b"\xf0\x9f\x98",),  # 3 of 4 bytes of an emoji
+    (b"\x1b[1m", b"\x1b[", b"2"),
+])
+def test_tracker_unsafe_mid_sequence(chunks):
+    assert not feed_all(*chunks).at_safe_point()
+
+
+@pytest.mark.parametrize("chunks", [
+    (b"\x1b[3", b"1mred\x1b[m"),
+    (b"\x1b[?1049h\x1b[H\x1b[2J",),
+    (b"\x1b]0;title\x07",),
+    (b"\x1b]0;ti", b"tle\x1b\\"),
+    (b"\x1b(B",),
+    (b"\x1b7",),
+    (b"\x1b[12;3",  b"\x18"),  # CAN aborts the sequence
+    (b"caf\xc3", b"\xa9"),
+    (b"\xe2", b"\x80", b"\xa6"),
+    (b"\xf0\x9f\x98\x80 ok",),
+    (b"\x1b[1m" + b"x" * 10000,),
+])
+def test_tracker_safe_after_complete_sequences(chunks):
+    assert feed_all(*chunks).at_safe_point()
+
+
+# --- StatusBanner -----------------------------------------------------------------------
+
+
+def test_banner_render_saves_and_restores_cursor():
+    out = mp.StatusBanner.render("moshpit: last contact 12 s ago", 80)
+    assert out == (b"\x1b7\x1b[1;1H\x1b[2K\x1b[7mmoshpit: last contact 12 s ago\x1b[m\x1b8")
+
+
+def test_banner_clipped_to_width_minus_one():
+    out = mp.StatusBanner.render("x" * 100, 20)
+    assert b"x" * 19 + b"\x1b[m" in out and b"x" * 20 not in out
+
+
+def test_banner_text():
+    assert mp.StatusBanner("…").text(12.7) == "moshpit: last contact 12 s ago, reconnecting…"
+    assert mp.StatusBanner().text(40, "connection refused").endswith(
+        "reconnecting... (connection refused)")
+
+
+def test_banner_appears_after_six_seconds_and_updates_each_second():
+    b = mp.StatusBanner()
+    assert b.update(3.0, 80) == b""
+    assert not b.shown
+    first = b.update(6.1, 80)
+    assert b"last contact 6 s ago" in first and b.shown
+    assert b.update(6.9, 80) == b""  # same second: no redraw
+    assert b"last contact 7 s ago" in b.update(7.0, 80)
+    assert b.update(7.2, 40, force=True).startswith(b"\x1b7")  # resize redraws at once
+
+
+def test_banner_removed_when_contact_returns():
+    b = mp.StatusBanner()
+    b.update(8.0, 80)
+    assert b.update(0.1, 80) == mp.StatusBanner.erase() == b"\x1b7\x1b[1;1H\x1b[2K\x1b8"
+    assert b.update(0.2, 80) == b""  # erased once only
+    assert b.hide() == b""
+
+
+def test_banner_deadlines():
+    b = mp.StatusBanner()
+    assert b.next_deadline(100.0) == 106.0
+    b.update(8.4, 80)
+    assert b.next_deadline(100.0) == 109.0
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dest, expected", [
+    ("host", ("me", "host")),
+    ("alice@host.example.com", ("alice", "host.example.com")),
+    ("alice@192.168.1.10", ("alice", "192.168.1.10")),
+    ("::1", ("me", "::1")),
+    ("[::1]", ("me", "::1")),
+    ("alice@[::1]", ("alice", "::1")),
+    ("alice@fe80::1%eth0", ("alice", "fe80::1%eth0")),
+    ("a@b@host", ("a@b", "host")),
+])
+def test_parse_destination(dest, expected):
+    assert mp.parse_destination(dest, "me") == expected
+
+
+@pytest.mark.parametrize("dest", ["", "alice@", "@host", "alice@[::1", "al ice@host", "h/x"])
+def test_parse_destination_rejects_garbage(dest):
+    with pytest.raises(moshpit.MoshpitError):
+        mp.parse_destination(dest, "me")
+
+
+def test_only_given_flags_reach_config():
+    args = mp.build_parser().parse_args(["alice@h"])
+    assert mp.cli_overrides(args) == {"server_destination": "alice@h"}
+    args = mp.build_parser().parse_args(
+        ["-vv", "-s", "2222", "-p", "/k", "-k", "/k.pub",
+         "--strict-host-key-checking", "accept-new", "h"])
+    assert mp.cli_overrides(args) == {
+        "verbose": 2, "server_port": 2222, "private_key_path": "/k",
+        "public_key_path": "/k.pub", "strict_host_key_checking": "accept-new",
+        "server_destination": "h"}
+
+
+def run_mp(args, tmp_path, env=None, timeout=20):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MOSHPIT")}
+    full_env.update(HOME=str(tmp_path), **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(HERE, "mp.py"), *args],
+                          capture_output=True, text=True, env=full_env, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_version_flag(tmp_path):
+    res = run_mp(["-V"], tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == f"mp {moshpit.__version__}"
+
+
+def test_verbose_and_quiet_conflict(tmp_path):
+    res = run_mp(["-v", "-q", "host"], tmp_path)
+    assert res.returncode == 2 and "not allowed with" in res.stderr
+
+
+def test_print_config_shows_values_and_sources(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('max_reconnect_backoff_secs = 60\n')
+    res = run_mp(["--print-config", "-c", str(conf), "-s", "2222", "alice@[::1]"], tmp_path,
+                 env={"MOSHPIT_ESCAPE_KEY": "^]"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "server_port = 2222  (command line)" in lines
+    assert 'server_destination = "alice@[::1]"  (command line)' in lines
+    assert f"max_reconnect_backoff_secs = 60  (file {conf})" in lines
+    assert 'escape_key = "^]"  (environment MOSHPIT_ESCAPE_KEY)' in lines
+    assert f'private_key_path = "{tmp_path}/.mp/id_ed25519"  (default)' in lines
+
+
+def test_missing_explicit_config_is_an_error(tmp_path):
+    res = run_mp(["-c", str(tmp_path / "nope.toml"), "host"], tmp_path)
+    assert res.returncode == 255 and res.stderr.startswith("mp: ")
+    assert "nope.toml" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_no_destination_is_an_error(tmp_path):
+    res = run_mp([], tmp_path)
+    assert res.returncode == 255
+    assert "no server destination" in res.stderr
+
+
+def test_no_key_without_tty_says_how_to_make_one(tmp_path):
+    res = run_mp(["-s", "1", "alice@127.0.0.1"], tmp_path)
+    assert res.returncode == 255
+    assert "mp_keygen.py generate" in res.stderr
+    assert str(tmp_path / ".mp" / "id_ed25519") in res.stderr
+    assert not (tmp_path / ".mp" / "id_ed25519").exists()
+
+
+# --- TerminalGuard ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pty_pair():
+    master, slave = pty.openpty()
+    yield master, slave
+    os.close(master)
+    os.close(slave)
+
+
+def test_guard_raw_mode_and_exact_restore(pty_pair):
+    _, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    guard = mp.TerminalGuard(slave, slave)
+    guard.enter()
+    raw = termios.tcgetattr(slave)
+    assert not raw[3] & termios.ICANON and not raw[3] & termios.ECHO
+    assert not os.get_blocking(slave)
+    guard.restore()
+    assert termios.tcgetattr(slave) == before
+    assert os.get_blocking(slave)
+    guard.restore()  # idempotent
+    assert termios.tcgetattr(slave) == before
+
+
+def test_guard_keeps_typeahead(pty_pair):
+    master, slave = pty_pair
+    os.write(master, b"typed early")
+    with mp.TerminalGuard(slave, slave):
+        assert os.read(slave, 100) == b"typed early"
+
+
+def test_guard_not_a_tty_is_fine(tmp_path):
+    r, w = os.pipe()
+    try:
+        with mp.TerminalGuard(r, w) as guard:
+            assert not guard.is_tty
+        assert os.get_blocking(r) and os.get_blocking(w)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_waker_wakes_select():
+    import select
+    waker = mp.Waker()
+    try:
+        assert select.select([waker], [], [], 0)[0] == []
+        for _ in range(10000):  # a full pipe never blocks the waker
+            waker.wake()
+        assert select.select([waker], [], [], 0)[0] == [waker]
+        waker.drain()
+        assert select.select([waker], [], [], 0)[0] == []
+    finally:
+        waker.close()
