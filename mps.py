@@ -1,0 +1,852 @@
+#!/usr/bin/env python3
+"""mps: the moshpit server.
+
+Listens for TCP handshakes, then runs each login as a session: the target user's login shell
+on a real PTY, and a UDP socket carrying the encrypted terminal stream. Sessions outlive the
+network: a client that goes silent is re-attached by a resume handshake with exact stream
+continuation. Run as root it serves every user (switching to them before running anything);
+run as a plain user it serves only that user.
+
+Layout of this file (protocol logic lives in the moshpit* modules):
+    PTY shells  -> sessions (one thread + select loop each) -> server (listener, handshake
+    threads, registry, signals) -> CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import grp
+import logging
+import os
+import pwd
+import queue
+import random
+import re
+import resource
+import secrets
+import selectors
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import moshpit
+import moshpit_handshake as handshake
+import moshpit_keys as keys
+import moshpit_transport as transport
+from moshpit import MoshpitError
+
+log = logging.getLogger("moshpit.server")
+
+# ---------------------------------------------------------------------------
+# PTY shells
+# ---------------------------------------------------------------------------
+
+USER_PATH = "/usr/local/bin:/usr/bin:/bin"
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_CLIENT_ENV_NAME = re.compile(r"LANG|LC_[A-Z]+")
+_CLIENT_ENV_VALUE = re.compile(r"[\x21-\x7e]{1,128}")  # printable, no spaces: a name, not a script
+_TERM_VALUE = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+HANGUP_GRACE_SECS = 2.0  # how long a shell may take to exit after SIGHUP before SIGKILL
+
+
+class ShellError(MoshpitError):
+    """The login shell could not be started (bad home, shell missing, privilege drop failed)."""
+
+
+def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, str],
+                      connection: str) -> Dict[str, str]:
+    """The shell's environment, built from scratch (nothing of the server's leaks in): the
+    user's identity, a sane PATH, TERM and LANG/LC_* from the client, and MOSHPIT_CONNECTION
+    ("client_ip client_port server_ip server_port", like SSH_CONNECTION)."""
+    env = {
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "SHELL": pw.pw_shell or "/bin/sh",
+        "PATH": ROOT_PATH if pw.pw_uid == 0 else USER_PATH,
+        "TERM": term if _TERM_VALUE.fullmatch(term or "") else "dumb",
+        "MOSHPIT_CONNECTION": connection,
+    }
+    for name, value in client_env.items():
+        if _CLIENT_ENV_NAME.fullmatch(name) and _CLIENT_ENV_VALUE.fullmatch(value):
+            env[name] = value
+    return env
+
+
+def _take_controlling_tty() -> None:
+    """Runs in the child between fork and exec (after setsid): the PTY on fd 0 becomes the
+    session's controlling terminal, so job control, Ctrl-C and SIGWINCH work."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _tty_group(default_gid: int) -> int:
+    try:
+        return grp.getgrnam("tty").gr_gid
+    except KeyError:
+        return default_gid
+
+
+class PtyShell:
+    """The target user's login shell (``-bash`` style argv0) on a new PTY; we keep the master.
+
+    Spawned with subprocess.Popen instead of a hand-written fork/exec: in this multi-threaded
+    server, _posixsubprocess does setsid, setgroups (initgroups' list), setregid, setreuid,
+    chdir and execve in C in the child, and reports a failure of any of them to the parent as
+    an exception: a failed privilege drop can never go on to exec a shell as root. The only
+    Python code in the child is the TIOCSCTTY ioctl (Popen has no C-level option for it): no
+    locks, no allocation worth mentioning, so the usual fork-with-threads hazards don't apply.
+    """
+
+    def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
+                 client_env: Dict[str, str], connection: str):
+        self.user = pw.pw_name
+        shell = pw.pw_shell or "/bin/sh"
+        env = login_environment(pw, term, client_env, connection)
+        cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
+        identity = {}
+        master, slave = os.openpty()
+        try:
+            moshpit.set_winsize(master, rows, cols)
+            if os.geteuid() == 0:
+                # The user owns their terminal (mesg, write), like sshd does.
+                os.fchown(slave, pw.pw_uid, _tty_group(pw.pw_gid))
+                os.fchmod(slave, 0o620)
+                identity = {"user": pw.pw_uid, "group": pw.pw_gid,
+                            "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
+            self.proc = subprocess.Popen(
+                ["-" + os.path.basename(shell)], executable=shell,
+                stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                start_new_session=True, preexec_fn=_take_controlling_tty, **identity)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            os.close(master)
+            raise ShellError(f"cannot start login shell {shell} for {pw.pw_name}: {e}")
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        self.master_fd: Optional[int] = master
+        self.pid = self.proc.pid
+
+    def resize(self, rows: int, cols: int) -> None:
+        """New window size; the kernel sends SIGWINCH to the terminal's foreground group."""
+        if self.master_fd is not None and rows > 0 and cols > 0:
+            moshpit.set_winsize(self.master_fd, rows, cols)
+
+    def read(self, size: int) -> Optional[bytes]:
+        """Output of the shell: bytes; None if nothing is ready; b"" once every process has
+        closed the terminal (Linux reports that as EIO, only after the data is drained)."""
+        try:
+            return os.read(self.master_fd, size)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EIO:
+                return b""
+            raise
+
+    def write(self, data: bytes) -> int:
+        """Input for the shell, without blocking: how many bytes were taken (all of them once
+        the terminal is gone: nobody will read them)."""
+        try:
+            return os.write(self.master_fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno == errno.EIO:
+                return len(data)
+            raise
+
+    def poll(self) -> Optional[int]:
+        """The shell's exit status once it has exited (reaped), 128+N if killed by signal N."""
+        status = self.proc.poll()
+        if status is None:
+            return None
+        return 128 - status if status < 0 else status
+
+    def hangup(self) -> None:
+        """End the login: SIGHUP (+SIGCONT, as the kernel's hangup does) to the shell's process
+        group, close the master, reap the shell (SIGKILL if it ignores the hangup)."""
+        if self.proc.poll() is None:  # only while unreaped: the group id cannot be reused
+            for sig in (signal.SIGHUP, signal.SIGCONT):
+                try:
+                    os.killpg(self.pid, sig)
+                except ProcessLookupError:
+                    break
+        if self.master_fd is not None:
+            os.close(self.master_fd)
+            self.master_fd = None
+        try:
+            self.proc.wait(timeout=HANGUP_GRACE_SECS)
+        except subprocess.TimeoutExpired:
+            log.warning("shell %d of %s ignored SIGHUP: killing it", self.pid, self.user)
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# Sessions
+# ---------------------------------------------------------------------------
+
+PTY_READ_SIZE = 16384
+PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
+CLOSE_LINGER_SECS = 5.0  # exit status unacknowledged: give up after the client is gone this long
+SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
+CHILD_POLL_SECS = 1.0  # the shell is reaped by polling (no SIGCHLD handler across threads)
+RESUME_WAIT_SECS = 5.0
+
+
+class _Resume:
+    """A resume handed from a handshake thread to the session thread; answered with the
+    session's received-input offset (None: the session ended meanwhile)."""
+
+    def __init__(self, keys, peer_recv_offset: int):
+        self.keys = keys
+        self.peer_recv_offset = peer_recv_offset
+        self.recv_offset: Optional[int] = None
+        self.done = threading.Event()
+
+
+class Session:
+    """One login: the shell on its PTY, the session's UDP socket and Connection, and the
+    thread that runs them in one select loop.
+
+    Only the session thread touches the Connection and the PTY; other threads talk to it with
+    ``resume()`` / ``shutdown()``, which go through a queue and a wake-up pipe.
+    """
+
+    def __init__(self, server: Server, session_id: bytes, user: str, client_key,
+                 udp_sock: socket.socket, shell: PtyShell):
+        self.server = server
+        self.session_id = session_id
+        self.resume_secret = secrets.token_bytes(32)
+        self.name = session_id[:4].hex()  # enough to follow a session in the log
+        self.user = user
+        self.client_key = client_key
+        self.udp_sock = udp_sock
+        self.udp_port = udp_sock.getsockname()[1]
+        self.shell = shell
+        self.conn = None
+        self.link = None
+        self.thread: Optional[threading.Thread] = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._to_pty = bytearray()  # client input not yet taken by the PTY
+        self._pty_eof = False
+        self._exit_status: Optional[int] = None
+        self._drain_until = 0.0
+        self._ending: Optional[str] = None  # why the session is ending, once it is
+        self._end_by = 0.0
+        self._linger_while_heard = False
+
+    # -- other threads -------------------------------------------------------------------
+
+    def start(self, keys, peer) -> None:
+        """The handshake completed: create the Connection and run the session thread."""
+        self.conn = transport.Connection("server", keys, time.monotonic())
+        self.link = transport.UdpLink(self.udp_sock, self.conn)
+        self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
+                                       daemon=True)
+        self.thread.start()
+        log.info("session %s started for %s from %s (udp port %d, shell pid %d)",
+                 self.name, self.user, _fmt_addr(peer), self.udp_port, self.shell.pid)
+
+    def abandon(self) -> None:
+        """The handshake failed after the session was set up: undo it (never started)."""
+        self.shell.hangup()
+        self._close_fds()
+
+    def resume(self, keys, peer_recv_offset: int) -> Optional[int]:
+        """Re-attach a client (handshake thread): the session thread rekeys its Connection and
+        resends from ``peer_recv_offset``. Returns our received-input offset, or None if the
+        session ended meanwhile or did not answer in time."""
+        request = _Resume(keys, peer_recv_offset)
+        self._post(request)
+        request.done.wait(RESUME_WAIT_SECS)
+        return request.recv_offset
+
+    def shutdown(self) -> None:
+        """The server is stopping: tell the client, hang up the shell (main thread)."""
+        self._post("shutdown")
+
+    def _post(self, message) -> None:
+        self._inbox.put(message)
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:  # pipe full (already woken) or closed (session over)
+            pass
+
+    # -- session thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # a bug must end this session only, loudly
+            log.exception("session %s failed", self.name)
+        finally:
+            self.server.unregister(self)
+            self._answer_pending()
+            self.shell.hangup()
+            log.info("session %s of %s ended (%s)", self.name, self.user,
+                     self._ending or "error")
+            self._close_fds()
+
+    def _loop(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.link.fileno(), selectors.EVENT_READ, "udp")
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            pty_events = 0
+            while True:
+                now = time.monotonic()
+                if self._finished(now):
+                    return
+                wanted = self._pty_interest()
+                if wanted != pty_events:
+                    if not pty_events:
+                        sel.register(self.shell.master_fd, wanted, "pty")
+                    elif not wanted:
+                        sel.unregister(self.shell.master_fd)
+                    else:
+                        sel.modify(self.shell.master_fd, wanted, "pty")
+                    pty_events = wanted
+                ready = sel.select(self._timeout(now))
+                now = time.monotonic()
+                for key, events in ready:
+                    if key.data == "wake":
+                        self._handle_inbox(now)
+                    elif key.data == "udp":
+                        self.link.handle_readable(now)
+                    else:
+                        if events & selectors.EVENT_WRITE:
+                            self._write_pty()
+                        if events & selectors.EVENT_READ:
+                            self._read_pty(now)
+                self._handle_events(now)
+                self._check_shell(now)
+                self.link.flush(now)
+
+    def _pty_interest(self) -> int:
+        if self.shell.master_fd is None or self._ending:
+            return 0
+        events = 0
+        if not self._pty_eof and self.conn.writable():  # back-pressure: DESIGN 6
+            events |= selectors.EVENT_READ
+        if self._to_pty:
+            events |= selectors.EVENT_WRITE
+        return events
+
+    def _timeout(self, now: float) -> float:
+        deadlines = [self.link.timeout(now), self._deadline()]
+        if self._exit_status is None:
+            deadlines.append(now + CHILD_POLL_SECS)
+        elif not self._ending:
+            deadlines.append(self._drain_until)
+        return max(0.0, min(d for d in deadlines if d is not None) - now)
+
+    def _handle_inbox(self, now: float) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Resume):
+                self.conn.rekey(message.keys, message.peer_recv_offset, now)
+                message.recv_offset = self.conn.recv_offset
+                message.done.set()
+                log.info("session %s resumed (client had %d bytes, we had %d)", self.name,
+                         message.peer_recv_offset, message.recv_offset)
+            elif message == "shutdown":
+                self.conn.send_shutdown("server shutting down")
+                self._end("server shutting down", now, SHUTDOWN_FLUSH_SECS)
+
+    def _handle_events(self, now: float) -> None:
+        while True:
+            event = self.conn.next_event()
+            if event is None:
+                return
+            if isinstance(event, transport.DataReceived):
+                if not self._ending:
+                    self._to_pty += event.data
+                    self._write_pty()
+            elif isinstance(event, transport.ResizeRequested):
+                self.shell.resize(event.rows, event.cols)
+            elif isinstance(event, transport.ShutdownReceived):
+                self._end(f"client: {event.reason}", now, 0.0)
+            elif isinstance(event, transport.PeerAddressChanged):
+                log.info("session %s: client now at %s", self.name, _fmt_addr(event.addr))
+
+    def _write_pty(self) -> None:
+        if self._to_pty and self.shell.master_fd is not None:
+            del self._to_pty[:self.shell.write(bytes(self._to_pty[:65536]))]
+
+    def _read_pty(self, now: float) -> None:
+        data = self.shell.read(PTY_READ_SIZE)
+        if data:
+            self.conn.send(data)
+            self._drain_until = now + PTY_DRAIN_SECS
+        elif data == b"":
+            self._pty_eof = True
+
+    def _check_shell(self, now: float) -> None:
+        """Reap the shell; once it has exited and its output is read, send the exit status."""
+        if self._ending:
+            return
+        if self._exit_status is None:
+            self._exit_status = self.shell.poll()
+            if self._exit_status is None:
+                return
+            log.info("session %s: shell exited with status %d", self.name, self._exit_status)
+            self._drain_until = now + PTY_DRAIN_SECS
+        # Output still in the PTY goes first; a background job holding the terminal open
+        # only delays the close by PTY_DRAIN_SECS of silence.
+        if self._pty_eof or (self.conn.writable() and now >= self._drain_until):
+            self.conn.send_close(self._exit_status)
+            # Resent until acknowledged, or until the client has been gone a while.
+            self._end(f"shell exited with status {self._exit_status}", now, CLOSE_LINGER_SECS,
+                      while_heard=True)
+
+    def _end(self, why: str, now: float, linger: float, while_heard: bool = False) -> None:
+        """Start ending the session: done once everything sent is acknowledged, or after
+        ``linger`` seconds (counted from the client's last packet if ``while_heard``)."""
+        self._ending = why
+        self._end_by = now + linger
+        self._linger_while_heard = while_heard
+
+    def _deadline(self) -> Optional[float]:
+        """When the session ends if nothing else happens (None: never)."""
+        if self._ending:
+            if self._linger_while_heard:
+                return max(self._end_by, self.conn.last_heard + CLOSE_LINGER_SECS)
+            return self._end_by
+        detached = self.server.detached_timeout
+        return self.conn.last_heard + detached if detached else None
+
+    def _finished(self, now: float) -> bool:
+        deadline = self._deadline()
+        if self._ending is None:
+            if deadline is not None and now >= deadline:
+                self._ending = f"detached for more than {self.server.detached_timeout} s"
+                return True
+            return False
+        return self.conn.all_acked() or now >= deadline
+
+    def _answer_pending(self) -> None:
+        """Release handshake threads waiting on a resume that will never be served."""
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Resume):
+                message.done.set()
+
+    def _close_fds(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.udp_sock.close()
+
+
+def _fmt_addr(addr) -> str:
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---------------------------------------------------------------------------
+# Server: listener, handshake threads, session registry, signals
+# ---------------------------------------------------------------------------
+
+
+def _udp_bind_address(local: tuple) -> Tuple[int, tuple]:
+    """Family and bind address (port 0 for now) for a session UDP socket on the local address
+    of the accepted TCP connection (DESIGN 5); IPv4-mapped IPv6 becomes plain IPv4."""
+    host = local[0]
+    if host.startswith("::ffff:") and "." in host:
+        return socket.AF_INET, (host[len("::ffff:"):], 0)
+    if ":" in host:
+        return socket.AF_INET6, (host, 0, 0, local[3] if len(local) > 3 else 0)
+    return socket.AF_INET, (host, 0)
+
+
+def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
+    """A UDP socket bound on ``local``'s address to a free port in [lo, hi] (the bind is the
+    allocation, so concurrent handshakes cannot collide), or None if every port is taken.
+    Starts at a random port so a busy range is not scanned from its start every time."""
+    family, address = _udp_bind_address(local)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    first = random.randint(lo, hi)
+    for i in range(hi - lo + 1):
+        port = lo + (first - lo + i) % (hi - lo + 1)
+        try:
+            sock.bind((address[0], port) + address[2:])
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                continue
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+    sock.close()
+    return None
+
+
+class Server:
+    """Accepts TCP connections, runs each handshake in its own thread (bounded in number and
+    time), and keeps the registry of sessions for new logins, resumes and shutdown."""
+
+    def __init__(self, config: moshpit.Config, host_key):
+        self.config = config
+        self.host_key = host_key
+        self.port_range = moshpit.parse_port_range(config["mps.udp_port_range"])
+        self.max_sessions = config["mps.max_sessions"]
+        self.detached_timeout = config["mps.detached_session_timeout_secs"]
+        self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
+        self.authorized_keys_file = config["mps.authorized_keys_file"] or None
+        self.limiter = handshake.HandshakeLimiter(config["mps.max_handshakes"])
+        self.listeners: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self._sessions: Dict[bytes, Session] = {}
+        self._setting_up = 0  # new sessions inside a handshake, counted against max_sessions
+        self._signals: List[int] = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    # -- listening -------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Bind the TCP listener(s) on mps.ip:mps.port; "::" is dual-stack (IPv4 and IPv6)."""
+        host, port = self.config["mps.ip"], self.config["mps.port"]
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise MoshpitError(f"cannot listen on {host!r}: {e.strerror} (check mps.ip)")
+        errors = []
+        for family, type_, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    dual = address[0] == "::"
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
+                sock.bind(address)
+                sock.listen(128)
+            except OSError as e:
+                sock.close()
+                errors.append(f"{_fmt_addr(address)}: {e.strerror or e}")
+                continue
+            self.listeners.append(sock)
+            log.info("listening on %s (TCP), session UDP ports %d-%d", _fmt_addr(address),
+                     *self.port_range)
+        if errors and not self.listeners:
+            raise MoshpitError(f"cannot listen on {'; '.join(errors)} "
+                               "(another mps running? choose another mps.port / -c config)")
+        for error in errors:
+            log.warning("not listening on %s", error)
+
+    def serve_forever(self) -> int:
+        """Accept connections until SIGTERM/SIGINT, then end every session; returns 0."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        with selectors.DefaultSelector() as sel:
+            for sock in self.listeners:
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select():
+                    if key.fileobj == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                    else:
+                        self._accept(key.fileobj)
+                while self._signals:
+                    sig = self._signals.pop(0)
+                    if sig == signal.SIGHUP:
+                        log.info("SIGHUP received: ignored (mps does not reload its config; "
+                                 "restart it to apply changes)")
+                    else:
+                        return self._stop(signal.Signals(sig).name)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signals.append(signum)
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def _stop(self, why: str) -> int:
+        log.info("%s received: ending %d session(s) and stopping", why, len(self._sessions))
+        for sock in self.listeners:
+            sock.close()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.shutdown()
+        deadline = time.monotonic() + SHUTDOWN_FLUSH_SECS + HANGUP_GRACE_SECS + 1.0
+        for session in sessions:
+            session.thread.join(max(0.0, deadline - time.monotonic()))
+        log.info("mps stopped")
+        return 0
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
+            log.error("accept failed: %s", e)
+            time.sleep(0.1)
+            return
+        if not self.limiter.try_acquire(peer[0]):
+            log.warning("handshake from %s refused: too many handshakes in progress",
+                        _fmt_addr(peer))
+            sock.close()
+            return
+        sock.setblocking(True)
+        threading.Thread(target=self._handshake, args=(sock, peer), daemon=True,
+                         name=f"handshake-{_fmt_addr(peer)}").start()
+
+    # -- handshakes ------------------------------------------------------------------------
+
+    def _handshake(self, sock: socket.socket, peer: tuple) -> None:
+        """One handshake (own thread). A new session set up by ``decide`` starts only if the
+        handshake completes; otherwise it is undone."""
+        created: List[Session] = []
+
+        def decide(auth):
+            grant, session = self.decide(auth)
+            if session is not None:
+                created.append(session)
+            return grant
+
+        auth = None
+        try:
+            auth = handshake.server_handshake(sock, self.host_key, decide,
+                                              timeout=self.handshake_timeout)
+        except Exception:  # the driver should never raise; a bug must not kill the server
+            log.exception("handshake with %s failed", _fmt_addr(peer))
+        finally:
+            sock.close()
+            self.limiter.release(peer[0])
+            for session in created:
+                self._setup_done(session, auth)
+
+    def _setup_done(self, session: Session, auth) -> None:
+        with self._lock:
+            self._setting_up -= 1
+            if auth is not None:
+                self._sessions[session.session_id] = session
+        if auth is not None:
+            session.start(auth.keys, auth.peer)
+        else:
+            log.info("session %s abandoned: the handshake did not complete", session.name)
+            session.abandon()
+
+    def unregister(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.pop(session.session_id, None)
+
+    def decide(self, auth):
+        """Authorize one handshake (handshake thread): the target user, their authorized_keys,
+        then a new session or a resume. Returns (SessionGrant, new Session or None); raises
+        AuthRefused with a reason code for the client and a reason for the log."""
+        try:
+            pw = pwd.getpwnam(auth.user)
+        except (KeyError, ValueError):
+            raise handshake.AuthRefused("permission denied", f"no such user {auth.user!r}")
+        if os.geteuid() not in (0, pw.pw_uid):
+            me = pwd.getpwuid(os.geteuid()).pw_name
+            raise handshake.AuthRefused(
+                "permission denied",
+                f"this server runs as {me} and only serves user {me}, not {auth.user!r} "
+                "(run mps as root to serve every user)")
+        if auth.client_key not in handshake.authorized_keys_for(pw, self.authorized_keys_file):
+            raise handshake.AuthRefused(
+                "permission denied",
+                f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
+        request = auth.request
+        if request.resume_session_id is not None:
+            return self._resume(auth), None
+        return self._new_session(auth, pw)
+
+    def _resume(self, auth):
+        request = auth.request
+        with self._lock:
+            session = self._sessions.get(request.resume_session_id)
+        if session is None or session.user != auth.user or session.client_key != auth.client_key:
+            raise handshake.AuthRefused("no such session",
+                                        "resume of an unknown session (or another user's/key's)")
+        if not auth.resume_proof_valid(session.resume_secret):
+            raise handshake.AuthRefused("permission denied",
+                                        f"resume of session {session.name}: bad resume proof")
+        recv_offset = session.resume(auth.keys, request.resume_recv_offset)
+        if recv_offset is None:
+            raise handshake.AuthRefused("no such session",
+                                        f"session {session.name} ended during the resume")
+        return handshake.SessionGrant(session_id=session.session_id,
+                                      resume_secret=session.resume_secret,
+                                      udp_port=session.udp_port, recv_offset=recv_offset)
+
+    def _new_session(self, auth, pw):
+        with self._lock:
+            if len(self._sessions) + self._setting_up >= self.max_sessions:
+                raise handshake.AuthRefused(
+                    "server busy", f"max_sessions ({self.max_sessions}) reached")
+            self._setting_up += 1
+        try:
+            try:
+                udp = bind_udp_port(auth.local, *self.port_range)
+            except OSError as e:
+                raise handshake.AuthRefused("server busy", f"cannot bind a UDP port: {e}")
+            if udp is None:
+                raise handshake.AuthRefused(
+                    "server busy", "every UDP port in {}-{} is in use".format(*self.port_range))
+            request = auth.request
+            connection = " ".join(str(part) for part in (auth.peer[0], auth.peer[1],
+                                                         auth.local[0], auth.local[1]))
+            try:
+                shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
+                                 connection)
+            except ShellError as e:
+                udp.close()
+                raise handshake.AuthRefused("permission denied", str(e))
+        except BaseException:
+            with self._lock:
+                self._setting_up -= 1
+            raise
+        session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
+                          shell)
+        grant = handshake.SessionGrant(session_id=session.session_id,
+                                       resume_secret=session.resume_secret,
+                                       udp_port=session.udp_port, recv_offset=0)
+        return grant, session
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+KEYGEN_HINT = "python3 mp_keygen.py generate -f {path} -N ''"
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    """The seed's ``mps [OPTIONS]``, plus --udp-port-range and --generate-host-key. Defaults
+    are None so that only flags actually given reach load_config (never masking file/env)."""
+    parser = argparse.ArgumentParser(
+        prog="mps", description="moshpit server: resilient encrypted remote terminal sessions.")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="count", default=0,
+                      help="turn up logging verbosity (repeatable)")
+    loud.add_argument("-q", "--quiet", action="count", default=0,
+                      help="turn down logging verbosity (repeatable)")
+    parser.add_argument("-e", "--enable-std-output", action="store_true",
+                        help="also log to stderr (not recommended when running as a daemon)")
+    parser.add_argument("-c", "--config-absolute-path", metavar="PATH",
+                        help="alternate config file (default ~/.config/moshpits/moshpits.toml)")
+    parser.add_argument("-t", "--tracing-absolute-path", metavar="PATH",
+                        help="alternate log file (default "
+                             "~/.config/moshpits/logs/moshpits.log)")
+    parser.add_argument("-p", "--private-key-path", metavar="PATH",
+                        help="server private key (default ~/.mp/mps_host_ed25519_key)")
+    parser.add_argument("-k", "--public-key-path", metavar="PATH",
+                        help="server public key (default ~/.mp/mps_host_ed25519_key.pub)")
+    parser.add_argument("--udp-port-range", metavar="LO-HI",
+                        help="UDP ports for sessions (default 50000-59999)")
+    parser.add_argument("--generate-host-key", action="store_true",
+                        help="create the host key pair if it does not exist yet")
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"mps {moshpit.__version__}")
+    return parser.parse_args(argv)
+
+
+def cli_overrides(args: argparse.Namespace) -> Dict[str, object]:
+    """Config keys given on the command line (None = not given)."""
+    return {"mps.private_key_path": args.private_key_path,
+            "mps.public_key_path": args.public_key_path,
+            "mps.udp_port_range": args.udp_port_range}
+
+
+def load_host_key(config: moshpit.Config, generate: bool):
+    """The host private key; generated first if asked to and missing. Refuses a key file
+    readable by others (moshpit_keys does) and a public key file that does not match."""
+    path, pub_path = config["mps.private_key_path"], config["mps.public_key_path"]
+    if not os.path.exists(path):
+        if not generate:
+            raise MoshpitError(
+                f"host key {path} not found: create it with "
+                f"`{KEYGEN_HINT.format(path=shlex.quote(path))}` "
+                "(or start mps once with --generate-host-key)")
+        key = keys.PrivateKey.generate(comment=f"mps@{socket.gethostname()}")
+        try:
+            keys.save_private_key(path, key)
+            keys.save_public_key(pub_path, key.public)
+        except OSError as e:
+            raise MoshpitError(f"cannot write host key {e.filename or path}: "
+                               f"{e.strerror or e} (choose another path with -p/-k)")
+        log.info("generated host key %s (%s)", path, key.public.fingerprint())
+        return key
+    try:
+        key = keys.load_private_key(path)
+    except keys.PassphraseRequired:
+        raise MoshpitError(f"host key {path} is passphrase-protected: mps needs an "
+                           "unencrypted host key (mode 0600)")
+    if os.path.exists(pub_path) and keys.load_public_key(pub_path) != key.public:
+        raise MoshpitError(f"public key {pub_path} does not belong to host key {path}: "
+                           "fix -k / mps.public_key_path or regenerate the pair")
+    return key
+
+
+def _raise_fd_limit() -> None:
+    """Each session holds a few descriptors; lift the soft limit toward the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging_ready = False
+    try:
+        config = moshpit.load_config("server", cli=cli_overrides(args),
+                                     path=args.config_absolute_path)
+        logging_ready = moshpit.setup_logging("server", config, log_path=args.tracing_absolute_path,
+                              stderr=args.enable_std_output,
+                              verbosity=args.verbose - args.quiet)
+        for warning in config.warnings:
+            log.warning("%s", warning)
+            if not args.enable_std_output:
+                print(f"mps: warning: {warning}", file=sys.stderr)
+        host_key = load_host_key(config, args.generate_host_key)
+        _raise_fd_limit()
+        server = Server(config, host_key)
+        server.listen()
+    except MoshpitError as e:
+        if logging_ready:
+            log.error("%s", e)
+        print(f"mps: {e}", file=sys.stderr)
+        return 1
+    log.info("mps %s started (pid %d, host key %s)", moshpit.__version__, os.getpid(),
+             host_key.public.fingerprint())
+    return server.serve_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
