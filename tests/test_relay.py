@@ -6,6 +6,8 @@ Each impairment is shown to do what it says, with seeded randomness and generous
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import threading
 import time
@@ -13,6 +15,8 @@ import time
 import pytest
 
 import relay as relay_mod
+from proc_util import (ManagedProcess, PtyEOF, PtyProcess, PtyTimeout, pid_alive,
+                       proc_children, proc_usage, wait_for)
 from relay import Impairment, Relay, RelayError, free_port, random_front_alias
 
 pytestmark = pytest.mark.timeout(60)
@@ -426,3 +430,52 @@ def test_bind_conflict_is_reported(setup):
         blocker.bind((front, port))
         with pytest.raises(RelayError, match="cannot bind"):
             Relay(front=front, udp_ports=[port]).start()
+
+
+# ---------------------------------------------------------------------------------------
+# proc_util: the process/PTY helpers the integration tests drive programs with (through
+# the relay); tested here because they ship together with it.
+# ---------------------------------------------------------------------------------------
+
+
+def test_pty_process_read_until_send_winsize_and_exit(tmp_path):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PS1": "PROMPT> ",
+           "TERM": "xterm", "HOME": str(tmp_path)}
+    with PtyProcess(["sh", "-i"], env=env, rows=33, cols=101, cwd=str(tmp_path)) as term:
+        term.read_until(b"PROMPT> ", timeout=10)
+        term.send("stty size; pwd\r")
+        term.read_until(re.compile(rb"33 101\r\n"), timeout=10)
+        assert term.last_match is not None and term.match_time > 0
+        term.read_until(str(tmp_path), timeout=10)
+        term.set_winsize(40, 120)
+        term.send(b"stty size\r")
+        term.read_until(b"40 120", timeout=10)
+        term.send(b"exit 7\r")
+        term.read_to_eof(timeout=10)
+        assert term.wait(10) == 7
+
+
+def test_pty_process_timeout_eof_and_flood(tmp_path):
+    with PtyProcess(["sh", "-c", "head -c 9000000 /dev/zero | tr '\\0' y; echo END$((1+1))"],
+                    max_buffer=1 << 20) as term:
+        term.read_until(b"END2", timeout=60)
+        assert term.bytes_read > 9000000
+        with pytest.raises(PtyEOF):
+            term.read_until(b"never", timeout=10)
+    with PtyProcess(["sleep", "30"]) as term:
+        with pytest.raises(PtyTimeout):
+            term.read_until(b"x", timeout=0.3)
+        pid = term.pid
+    assert not pid_alive(pid)
+
+
+def test_managed_process_is_killed_with_its_group(tmp_path):
+    log = tmp_path / "out.log"
+    with ManagedProcess(["sh", "-c", "echo started; sleep 60 & wait"], log=log) as proc:
+        wait_for(lambda: "started" in proc.read_log(), 10, "output")
+        child = wait_for(lambda: proc_children(proc.pid), 10, "child")[0]
+        cpu, rss = proc_usage(proc.pid)
+        assert cpu >= 0 and rss > 0
+    assert not pid_alive(proc.pid) and not pid_alive(child)
+    with pytest.raises(TimeoutError, match="nothing"):
+        wait_for(lambda: False, 0.1, "nothing")
