@@ -156,7 +156,7 @@ def test_read_authorized_keys_skips_bad_lines_with_warning(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"{path}:4: skipped: the key is not valid base64" in m for m in messages)
     assert any(":5: skipped: ssh-rsa" in m for m in messages)
-    assert any(":7: skipped: not UTF-8" in m for m in messages)
+    assert any(":7: skipped: binary data" in m for m in messages)
 
 
 def test_read_authorized_keys_missing_file(tmp_path):
@@ -192,3 +192,57 @@ def test_error_hierarchy():
     assert issubclass(mk.PassphraseRequired, mk.KeyFileError)
     assert issubclass(mk.WrongPassphrase, mk.KeyFileError)
     assert issubclass(mk.KeyFileError, MoshpitError)
+
+
+# `ssh-keygen -lv` of the RFC 8032 key (OpenSSH 9.2), fixed so the test needs no ssh-keygen.
+RFC_FINGERPRINT = "SHA256:bbXpuKG6zhzdmnxq256TlqzFBzRl2f6OOg722cYNbU8"
+RFC_RANDOMART = """\
++--[ED25519 256]--+
+|            oo   |
+|           o. .  |
+|          o ..   |
+|         o o o.  |
+|        S + o  o |
+|       . + +  . E|
+|      . ..Ooo. B.|
+|     o o.BBB.o+ +|
+|     .*+OB=o=+.  |
++----[SHA256]-----+"""
+
+
+def test_fingerprint_and_randomart_match_recorded_ssh_keygen_output():
+    pub = PublicKey.from_raw(RFC_PUB)
+    assert pub.fingerprint() == RFC_FINGERPRINT
+    assert pub.randomart() == RFC_RANDOMART
+
+
+def test_matches_fingerprint():
+    pub = PublicKey.from_raw(RFC_PUB)
+    assert pub.matches_fingerprint(RFC_FINGERPRINT)
+    assert pub.matches_fingerprint("  " + RFC_FINGERPRINT + "\n")
+    assert pub.matches_fingerprint(RFC_FINGERPRINT[len("SHA256:"):])
+    assert not pub.matches_fingerprint(RFC_FINGERPRINT[:-1])
+    assert not pub.matches_fingerprint(PrivateKey.generate().public.fingerprint())
+    assert not pub.matches_fingerprint("")
+
+
+def test_matches_randomart_is_whitespace_tolerant_between_rows_only():
+    pub = PublicKey.from_raw(RFC_PUB)
+    assert pub.matches_randomart(RFC_RANDOMART)
+    assert pub.matches_randomart(" ".join(RFC_RANDOMART.splitlines()))  # pasted on one line
+    assert pub.matches_randomart("\n\t" + RFC_RANDOMART.replace("\n", "\n    ") + "\n\n")
+    # Inside a row, spaces are board cells: moving a symbol is a different picture.
+    assert not pub.matches_randomart(RFC_RANDOMART.replace("|            oo   |",
+                                                           "|           oo    |"))
+    assert not pub.matches_randomart(RFC_RANDOMART + " x")
+    assert not pub.matches_randomart(RFC_RANDOMART[:-1])
+    assert not pub.matches_randomart(PrivateKey.generate().public.randomart())
+
+
+def test_randomart_shape():
+    art = PrivateKey.generate().public.randomart().split("\n")
+    assert len(art) == 11
+    assert art[0] == "+--[ED25519 256]--+" and art[-1] == "+----[SHA256]-----+"
+    assert all(len(row) == 19 and row[0] == row[-1] == "|" for row in art[1:-1])
+    body = "".join(art[1:-1])
+    assert body.count("E") == 1 and body.count("S") <= 1  # the end may cover the start
