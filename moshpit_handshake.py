@@ -1,0 +1,1337 @@
+"""moshpit handshake: who gets a shell, decided over one TCP connection (default port 40404).
+
+A SIGMA-I style signed ephemeral Diffie-Hellman, modelled on TLS 1.3 and SSH. Every message
+is ``uint32 length || uint8 type || body`` with 1 <= length <= 64 KiB. ``{...}`` is sealed with
+ChaCha20-Poly1305 under the sender's handshake key (nonce = that direction's message counter,
+associated data = type byte || transcript hash before the message)::
+
+    ClientHello   version, client random(32), client X25519 key, offered ciphers     ->
+              <-  ServerHello   version, server random(32), server X25519 key, cipher
+              <-  ServerAuth    {host key blob, Ed25519 sig("moshpit-server" || TH_s)}
+          the client checks the signature, then the host key (known_hosts; may ask the user)
+    ClientAuth    {user, client key blob, TERM, rows, cols, LANG/LC_*, resume id + offset;
+                   SSHSIG("moshpit-client", sha512, TH_c); resume proof}                ->
+              <-  ServerFinish  {grant: session id, resume secret, UDP port, offset | refusal}
+    Refuse        plaintext reason code: "server busy" before anything is read, or a protocol
+                  error. Unauthenticated, so the client never takes it as a final answer.
+
+Transcript hash TH: SHA-256 over a label and every message's fields in order (each as an SSH
+string, so boundaries are unambiguous). TH_1 after ServerHello, TH_s after the host key blob,
+TH_c after the client's fields (the client signs its user, its own key and every request field),
+TH_f after ClientAuth. Every one covers both randoms, both ephemeral keys, version and cipher.
+
+Key schedule, HKDF-SHA256 with ikm = X25519 shared secret (an all-zero secret, i.e. a low-order
+peer key, is refused)::
+
+    handshake keys  c2s || s2c            = HKDF(salt=TH_1, info="moshpit handshake keys")
+    session keys    c2s || s2c || conn_id = HKDF(salt=TH_f, info="moshpit session keys")
+    resume proof                          = HMAC-SHA256(resume_secret, "moshpit-resume" || TH_c)
+
+ServerFinish is sealed with TH_f as associated data, so opening it is the client's key
+confirmation: the server saw exactly this ClientAuth, requested user included.
+
+Layout: wire helpers -> SSHSIG -> data types -> sans-IO state machines (h11 style:
+``receive_data`` / ``data_to_send`` / ``next_event``) -> blocking drivers and the handshake
+limiter -> server policy (authorized_keys strict modes) -> client policy (known_hosts).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import pwd
+import re
+import select
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from moshpit import DEFAULT_TCP_PORT, PROTOCOL_VERSION, MoshpitError
+from moshpit_keys import (
+    KEY_TYPE,
+    KeyFileError,
+    PrivateKey,
+    PublicKey,
+    WireReader,
+    parse_public_key_line,
+    read_authorized_keys,
+    ssh_string,
+)
+
+log = logging.getLogger("moshpit.handshake")
+
+MAX_MESSAGE = 64 * 1024  # largest message body either side accepts
+CIPHERS = ("chacha20-poly1305", "aes-256-gcm")  # session ciphers, server preference first
+SSHSIG_NAMESPACE = "moshpit-client"
+SERVER_CONTEXT = b"moshpit-server"
+_TRANSCRIPT_LABEL = b"moshpit handshake transcript"
+_RESUME_LABEL = b"moshpit-resume"
+_HANDSHAKE_INFO = b"moshpit handshake keys"
+_SESSION_INFO = b"moshpit session keys"
+_RECV_SIZE = 65536
+
+_CLIENT_HELLO, _SERVER_HELLO, _SERVER_AUTH, _CLIENT_AUTH, _SERVER_FINISH, _REFUSE = range(1, 7)
+_MESSAGE_NAMES = {
+    _CLIENT_HELLO: "ClientHello",
+    _SERVER_HELLO: "ServerHello",
+    _SERVER_AUTH: "ServerAuth",
+    _CLIENT_AUTH: "ClientAuth",
+    _SERVER_FINISH: "ServerFinish",
+    _REFUSE: "Refuse",
+}
+_ACCEPTED, _REFUSED = 0, 1  # ServerFinish outcome byte
+
+# Reason codes: all a client ever learns about a refusal (no oracle beyond "not authorized").
+PERMISSION_DENIED = "permission denied"
+SERVER_BUSY = "server busy"
+NO_SUCH_SESSION = "no such session"
+PROTOCOL_ERROR = "protocol error"
+SHUTTING_DOWN = "server shutting down"
+REFUSAL_CODES = (PERMISSION_DENIED, SERVER_BUSY, NO_SUCH_SESSION, PROTOCOL_ERROR, SHUTTING_DOWN)
+FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION)  # retrying cannot help: the client stops
+
+
+class HandshakeError(MoshpitError):
+    """The handshake failed. ``code`` is the short reason code (one of REFUSAL_CODES)."""
+
+    def __init__(self, message: str, code: str = PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AuthRefused(HandshakeError):
+    """The server refused to authorize the client (a final answer: the client stops).
+
+    ``code`` is all the peer is told; ``log_reason`` (also ``str()``) is the full one-line
+    reason: logged on the server, shown to the user on the client.
+    """
+
+    def __init__(self, code: str = PERMISSION_DENIED, log_reason: Optional[str] = None) -> None:
+        super().__init__(log_reason or code, code)
+        self.log_reason = log_reason or code
+
+
+class HostKeyError(HandshakeError):
+    """The server's host key is not trusted (unknown and refused, or changed): final."""
+
+
+# ---------------------------------------------------------------------------
+# Wire helpers
+# ---------------------------------------------------------------------------
+
+
+class _Reader(WireReader):
+    """WireReader plus the fixed-width integers of the handshake; malformations are ValueError."""
+
+    def uint8(self) -> int:
+        return self.take(1)[0]
+
+    def uint16(self) -> int:
+        return struct.unpack(">H", self.take(2))[0]
+
+    def uint64(self) -> int:
+        return struct.unpack(">Q", self.take(8))[0]
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def _refusal_frame(code: str) -> bytes:
+    return _frame(bytes([_REFUSE]) + ssh_string(code.encode("ascii")))
+
+
+# ---------------------------------------------------------------------------
+# SSHSIG (OpenSSH PROTOCOL.sshsig), so an ssh-agent could make the client signature
+# ---------------------------------------------------------------------------
+
+_SSHSIG_MAGIC = b"SSHSIG"
+_SSHSIG_VERSION = 1
+_SSHSIG_HASH = b"sha512"
+_ARMOR_BEGIN = "-----BEGIN SSH SIGNATURE-----"
+_ARMOR_END = "-----END SSH SIGNATURE-----"
+_ARMOR_WIDTH = 70  # what ssh-keygen writes
+
+
+def _sshsig_signed_data(namespace: str, message: bytes) -> bytes:
+    """What the key really signs: the magic and namespace keep it from passing as SSH login
+    data or as a signature for any other purpose. The reserved field is signed empty."""
+    return (
+        _SSHSIG_MAGIC
+        + ssh_string(namespace.encode())
+        + ssh_string(b"")
+        + ssh_string(_SSHSIG_HASH)
+        + ssh_string(hashlib.sha512(message).digest())
+    )
+
+
+def sshsig_sign(private_key: PrivateKey, namespace: str, message: bytes) -> bytes:
+    """The binary SSHSIG blob of ``ssh-keygen -Y sign -n NAMESPACE`` (sha512) for ``message``."""
+    if not namespace:
+        raise ValueError("an SSHSIG signature needs a namespace")
+    signature = private_key.sign(_sshsig_signed_data(namespace, message))
+    return (
+        _SSHSIG_MAGIC
+        + struct.pack(">I", _SSHSIG_VERSION)
+        + ssh_string(private_key.public.blob)
+        + ssh_string(namespace.encode())
+        + ssh_string(b"")
+        + ssh_string(_SSHSIG_HASH)
+        + ssh_string(ssh_string(KEY_TYPE.encode()) + ssh_string(signature))
+    )
+
+
+def sshsig_verify(public_key: PublicKey, namespace: str, message: bytes, signature: bytes) -> bool:
+    """True if the binary SSHSIG blob ``signature`` is ``public_key``'s signature of
+    ``message`` in ``namespace`` (sha512). Never raises."""
+    try:
+        reader = WireReader(signature, "SSHSIG signature")
+        if reader.take(6) != _SSHSIG_MAGIC or reader.uint32() != _SSHSIG_VERSION:
+            return False
+        signer, signed_namespace = reader.string(), reader.string()
+        reader.string()  # reserved: ignored by verifiers, as OpenSSH does
+        hash_name, inner = reader.string(), reader.string()
+        reader.expect_end()
+        inner_reader = WireReader(inner, "SSHSIG inner signature")
+        sig_type, raw = inner_reader.string(), inner_reader.string()
+        inner_reader.expect_end()
+    except ValueError:
+        return False
+    if (
+        signer != public_key.blob
+        or signed_namespace != namespace.encode()
+        or hash_name != _SSHSIG_HASH
+        or sig_type != KEY_TYPE.encode()
+    ):
+        return False
+    return public_key.verify(raw, _sshsig_signed_data(namespace, message))
+
+
+def sshsig_armor(blob: bytes) -> str:
+    """The armored text form ``ssh-keygen -Y`` reads and writes."""
+    text = base64.b64encode(blob).decode("ascii")
+    lines = [text[i:i + _ARMOR_WIDTH] for i in range(0, len(text), _ARMOR_WIDTH)]
+    return "\n".join([_ARMOR_BEGIN, *lines, _ARMOR_END]) + "\n"
+
+
+def sshsig_unarmor(text: str) -> bytes:
+    """The blob inside an armored SSH signature; ValueError if ``text`` is not one."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if len(lines) < 3 or lines[0] != _ARMOR_BEGIN or lines[-1] != _ARMOR_END:
+        raise ValueError("not an armored SSH signature")
+    try:
+        return base64.b64decode("".join(lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the SSH signature is not valid base64") from None
+
+
+# ---------------------------------------------------------------------------
+# Data types
+# ---------------------------------------------------------------------------
+
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\$?")
+_TERM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_LOCALE_NAME_RE = re.compile(r"LANG|LC_[A-Z]{1,32}")
+_LOCALE_VALUE_RE = re.compile(r"[\x21-\x7e]{0,128}")
+MAX_LOCALE_VARS = 32
+
+
+@dataclass
+class ClientRequest:
+    """What the client asks for. ``env`` holds LANG/LC_* only (see ``locale_env``).
+
+    ``resume_secret`` stays on the client: it keys the resume proof and is never sent.
+    """
+
+    user: str
+    term: str = "xterm"
+    rows: int = 24
+    cols: int = 80
+    env: Dict[str, str] = field(default_factory=dict)
+    resume_session_id: Optional[bytes] = None
+    resume_recv_offset: int = 0
+    resume_secret: Optional[bytes] = field(default=None, repr=False)
+
+
+@dataclass
+class SessionKeys:
+    """Keys for the UDP session: one per direction, a fresh connection id, the cipher."""
+
+    client_to_server: bytes = field(repr=False)
+    server_to_client: bytes = field(repr=False)
+    conn_id: bytes
+    cipher: str
+
+
+@dataclass
+class SessionGrant:
+    """What the server's ``decide`` hands the client (sealed): where and how to continue."""
+
+    session_id: bytes
+    resume_secret: bytes = field(repr=False)
+    udp_port: int
+    recv_offset: int = 0
+
+
+@dataclass
+class AuthInfo:
+    """An authenticated client request (its signature has been verified), given to ``decide``.
+
+    The client has proven possession of ``client_key``; whether that key may log in as
+    ``user`` (authorized_keys) or resume a session is the caller's decision.
+    """
+
+    user: str
+    client_key: PublicKey
+    request: ClientRequest
+    keys: SessionKeys
+    peer: tuple
+    local: tuple
+    resume_proof: bytes = field(default=b"", repr=False)
+    transcript_hash: bytes = field(default=b"", repr=False)
+
+    def resume_proof_valid(self, resume_secret: bytes) -> bool:
+        """True if the client proved, in this handshake, that it knows ``resume_secret``."""
+        if not self.request.resume_session_id or not self.resume_proof:
+            return False
+        return hmac.compare_digest(_resume_proof(resume_secret, self.transcript_hash),
+                                   self.resume_proof)
+
+
+@dataclass
+class ClientResult:
+    """A finished client handshake. UDP goes to ``(server_addr[0], grant.udp_port)``."""
+
+    grant: SessionGrant
+    keys: SessionKeys
+    server_addr: tuple
+    host_key: PublicKey
+
+
+@dataclass
+class HostKeyReceived:
+    """Client event: the server proved it holds ``host_key``; check it, then accept_host_key()."""
+
+    host_key: PublicKey
+
+
+@dataclass
+class AuthRequested:
+    """Server event: a verified client request; answer with accept(grant) or refuse(code)."""
+
+    auth: AuthInfo
+
+
+@dataclass
+class HandshakeComplete:
+    """Client event: the server granted the session."""
+
+    grant: SessionGrant
+    keys: SessionKeys
+    host_key: PublicKey
+
+
+def locale_env(environ: Dict[str, str]) -> Dict[str, str]:
+    """The LANG and LC_* variables of ``environ`` a ClientRequest may carry (others dropped)."""
+    chosen = (
+        (name, value) for name, value in sorted(environ.items())
+        if _LOCALE_NAME_RE.fullmatch(name) and _LOCALE_VALUE_RE.fullmatch(value)
+    )
+    return dict(itertools.islice(chosen, MAX_LOCALE_VARS))
+
+
+def _check_request(request: ClientRequest) -> None:
+    """ValueError unless every field is within the protocol's bounds."""
+    if not _USER_RE.fullmatch(request.user):
+        raise ValueError(f"user name {request.user[:80]!r} is not valid")
+    if not _TERM_RE.fullmatch(request.term):
+        raise ValueError(f"TERM {request.term[:80]!r} is not a valid terminal name")
+    if not (0 <= request.rows <= 0xFFFF and 0 <= request.cols <= 0xFFFF):
+        raise ValueError(f"window size {request.rows}x{request.cols} is out of range")
+    if len(request.env) > MAX_LOCALE_VARS:
+        raise ValueError(f"more than {MAX_LOCALE_VARS} locale variables")
+    for name, value in request.env.items():
+        if not (_LOCALE_NAME_RE.fullmatch(name) and _LOCALE_VALUE_RE.fullmatch(value)):
+            raise ValueError(f"environment variable {name[:40]!r} is not an allowed locale setting")
+    if request.resume_session_id is not None and len(request.resume_session_id) != 16:
+        raise ValueError("a resume session id is 16 bytes")
+    if not 0 <= request.resume_recv_offset < 1 << 64:
+        raise ValueError("resume offset out of range")
+
+
+def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
+    env = sorted(request.env.items())
+    return b"".join([
+        ssh_string(request.user.encode()),
+        ssh_string(key_blob),
+        ssh_string(request.term.encode()),
+        struct.pack(">HHI", request.rows, request.cols, len(env)),
+        *(ssh_string(name.encode()) + ssh_string(value.encode()) for name, value in env),
+        ssh_string(request.resume_session_id or b""),
+        struct.pack(">Q", request.resume_recv_offset),
+    ])
+
+
+def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
+    reader = _Reader(data, "ClientAuth")
+    user = reader.string().decode("utf-8")
+    client_key = PublicKey.from_blob(reader.string())
+    term = reader.string().decode("ascii")
+    rows, cols, count = reader.uint16(), reader.uint16(), reader.uint32()
+    if count > MAX_LOCALE_VARS:
+        raise ValueError(f"more than {MAX_LOCALE_VARS} locale variables")
+    env = {}
+    for _ in range(count):
+        name, value = reader.text(), reader.text()
+        if name in env:
+            raise ValueError(f"environment variable {name[:40]!r} sent twice")
+        env[name] = value
+    resume_id = reader.string() or None
+    request = ClientRequest(user, term, rows, cols, env, resume_id, reader.uint64())
+    reader.expect_end()
+    _check_request(request)
+    return request, client_key
+
+
+def _encode_grant(grant: SessionGrant) -> bytes:
+    if len(grant.session_id) != 16 or len(grant.resume_secret) != 32:
+        raise ValueError("a grant needs a 16-byte session id and a 32-byte resume secret")
+    if not (1 <= grant.udp_port <= 0xFFFF and 0 <= grant.recv_offset < 1 << 64):
+        raise ValueError("grant UDP port or offset out of range")
+    return (bytes([_ACCEPTED]) + ssh_string(grant.session_id) + ssh_string(grant.resume_secret)
+            + struct.pack(">HQ", grant.udp_port, grant.recv_offset))
+
+
+def _decode_grant(reader: _Reader) -> SessionGrant:
+    session_id, resume_secret = reader.string(), reader.string()
+    udp_port, recv_offset = reader.uint16(), reader.uint64()
+    reader.expect_end()
+    if len(session_id) != 16 or len(resume_secret) != 32 or udp_port == 0:
+        raise ValueError("malformed session grant")
+    return SessionGrant(session_id, resume_secret, udp_port, recv_offset)
+
+
+def _resume_proof(resume_secret: bytes, transcript_hash: bytes) -> bytes:
+    return hmac.new(resume_secret, _RESUME_LABEL + transcript_hash, hashlib.sha256).digest()
+
+
+# ---------------------------------------------------------------------------
+# Handshake cryptography
+# ---------------------------------------------------------------------------
+
+
+class _Transcript:
+    """Running SHA-256 over every handshake field in order; ``digest()`` snapshots it."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(ssh_string(_TRANSCRIPT_LABEL))
+
+    def add(self, *fields: bytes) -> None:
+        for data in fields:
+            self._hash.update(ssh_string(data))
+
+    def digest(self) -> bytes:
+        return self._hash.copy().digest()
+
+
+class _Ephemeral:
+    """A fresh X25519 key pair for one handshake (forward secrecy)."""
+
+    def __init__(self) -> None:
+        self._key = X25519PrivateKey.generate()
+        self.public = self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def exchange(self, peer_public: bytes) -> bytes:
+        """The shared secret; a low-order peer key (all-zero secret) is a HandshakeError."""
+        try:
+            secret = self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError:  # OpenSSL refuses low-order points itself
+            secret = bytes(32)
+        # Checked here too so the guarantee does not depend on the OpenSSL build.
+        if hmac.compare_digest(secret, bytes(32)):
+            raise HandshakeError("protocol error: the peer's X25519 key has small order")
+        return secret
+
+
+class _Sealer:
+    """One direction of handshake encryption. Each direction has its own key and the nonce is
+    its message counter, so a (key, nonce) pair never repeats."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._counter = 0
+
+    def _nonce(self) -> bytes:
+        self._counter += 1
+        return struct.pack(">IQ", 0, self._counter - 1)
+
+    def seal(self, plaintext: bytes, associated: bytes) -> bytes:
+        return self._aead.encrypt(self._nonce(), plaintext, associated)
+
+    def open(self, ciphertext: bytes, associated: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(self._nonce(), ciphertext, associated)
+        except InvalidTag:
+            raise HandshakeError(
+                "protocol error: a sealed message failed authentication"
+                " (tampered with, or not from the peer this handshake started with)"
+            ) from None
+
+
+def _hkdf(secret: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+
+
+# ---------------------------------------------------------------------------
+# Sans-IO state machines
+# ---------------------------------------------------------------------------
+
+
+class _Handshake:
+    """What both roles share: framing of the input, the output queue, the transcript,
+    handshake encryption and a failure latch (once failed, always failed)."""
+
+    _MAX_BUFFERED = 2 * (4 + MAX_MESSAGE)
+    _is_client = False
+
+    def __init__(self) -> None:
+        self._inbox = bytearray()
+        self._outbox = bytearray()
+        self._overflow = False
+        self._error: Optional[HandshakeError] = None
+        self._transcript = _Transcript()
+        self._handler: Optional[Callable[[bytes], object]] = None  # None: waiting for the caller
+        self._shared = b""  # X25519 secret, kept only until the session keys exist
+        self._cipher = ""
+        self._sealer: Optional[_Sealer] = None
+        self._opener: Optional[_Sealer] = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the peer, in any chunking. Never raises: a problem (such as
+        a peer flooding us) surfaces from the next ``next_event``. End of input is the
+        driver's business: it simply stops feeding."""
+        if len(self._inbox) + len(data) > self._MAX_BUFFERED:
+            self._overflow = True
+        elif self._error is None:
+            self._inbox += data
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the peer now (possibly empty)."""
+        out = bytes(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def next_event(self) -> object:
+        """The next event, or None if more input (or a decision by the caller) is needed.
+
+        Raises HandshakeError (AuthRefused for a refusal) when the handshake failed; it then
+        stays failed. A failing server queues its refusal in ``data_to_send`` first.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            if self._overflow:
+                raise HandshakeError("protocol error: the peer sent more than"
+                                     f" {self._MAX_BUFFERED} bytes without waiting for an answer")
+            return self._advance()
+        except ValueError as err:  # every malformed field, from the readers and validators
+            error = HandshakeError(f"protocol error: {err}")
+        except HandshakeError as err:
+            error = err
+        self._error = error
+        self._failed()
+        raise error
+
+    def _failed(self) -> None:
+        """Hook: what to send when the handshake fails."""
+
+    def _advance(self) -> object:
+        while self._handler is not None:
+            body = self._read_message()
+            if body is None:
+                return None
+            event = self._handler(body)
+            if event is not None:
+                return event
+        return None
+
+    def _read_message(self) -> Optional[bytes]:
+        """Pop the next complete message body (type byte first), or None if incomplete."""
+        if len(self._inbox) < 4:
+            return None
+        (length,) = struct.unpack_from(">I", self._inbox)
+        if not 1 <= length <= MAX_MESSAGE:
+            raise HandshakeError(
+                f"protocol error: message length {length} is outside 1..{MAX_MESSAGE}")
+        if len(self._inbox) < 4 + length:
+            return None
+        body = bytes(self._inbox[4:4 + length])
+        del self._inbox[:4 + length]
+        return body
+
+    @staticmethod
+    def _expect(body: bytes, kind: int) -> _Reader:
+        """A reader over the payload of ``body``, which must be a ``kind`` message."""
+        if body[0] == _REFUSE:
+            raise _plaintext_refusal(body)
+        if body[0] != kind:
+            got = _MESSAGE_NAMES.get(body[0], f"message type {body[0]}")
+            raise HandshakeError(f"protocol error: expected {_MESSAGE_NAMES[kind]}, got {got}")
+        return _Reader(body[1:], _MESSAGE_NAMES[kind])
+
+    def _send(self, body: bytes) -> None:
+        self._outbox += _frame(body)
+
+    def _start_encryption(self, shared: bytes, cipher: str) -> None:
+        """Derive the handshake keys once both hellos are in the transcript."""
+        self._shared, self._cipher = shared, cipher
+        keys = _hkdf(shared, self._transcript.digest(), _HANDSHAKE_INFO, 64)
+        client_to_server, server_to_client = _Sealer(keys[:32]), _Sealer(keys[32:])
+        if self._is_client:
+            self._sealer, self._opener = client_to_server, server_to_client
+        else:
+            self._sealer, self._opener = server_to_client, client_to_server
+
+    def _session_keys(self) -> SessionKeys:
+        """Derive the session keys from the final transcript; forget the shared secret."""
+        okm = _hkdf(self._shared, self._transcript.digest(), _SESSION_INFO, 72)
+        self._shared = b""
+        return SessionKeys(okm[:32], okm[32:64], okm[64:72], self._cipher)
+
+    def _associated(self, kind: int) -> bytes:
+        """AEAD associated data of the next ``kind`` message: type byte + transcript so far."""
+        return bytes([kind]) + self._transcript.digest()
+
+    def _send_sealed(self, kind: int, associated: bytes, fields: List[bytes]) -> None:
+        plaintext = b"".join(ssh_string(data) for data in fields)
+        self._send(bytes([kind]) + self._sealer.seal(plaintext, associated))
+
+    def _open_sealed(self, body: bytes, kind: int, count: int) -> List[bytes]:
+        """The ``count`` string fields of a sealed ``kind`` message."""
+        self._expect(body, kind)
+        plaintext = self._opener.open(body[1:], self._associated(kind))
+        reader = _Reader(plaintext, _MESSAGE_NAMES[kind])
+        fields = [reader.string() for _ in range(count)]
+        reader.expect_end()
+        return fields
+
+
+def _plaintext_refusal(body: bytes) -> HandshakeError:
+    """An unauthenticated Refuse: anyone on the path could have sent it, so it is never final."""
+    reader = _Reader(body[1:], "Refuse")
+    code = reader.text()
+    reader.expect_end()
+    if code in REFUSAL_CODES and code not in FINAL_CODES:
+        return HandshakeError(f"server refused: {code}", code)
+    return HandshakeError("protocol error: unexpected unauthenticated refusal")
+
+
+class ClientHandshake(_Handshake):
+    """The client side. ClientHello is queued at once. Events: HostKeyReceived (the caller
+    checks the key, then calls accept_host_key()), then HandshakeComplete. A refusal raises
+    AuthRefused (final) or HandshakeError with ``code`` from next_event."""
+
+    _is_client = True
+
+    def __init__(self, identity: PrivateKey, request: ClientRequest) -> None:
+        super().__init__()
+        try:
+            _check_request(request)
+        except ValueError as err:
+            raise HandshakeError(f"cannot send the request: {err}") from None
+        if request.resume_session_id and len(request.resume_secret or b"") != 32:
+            raise HandshakeError("cannot resume a session without its 32-byte resume secret")
+        self._identity, self._request = identity, request
+        self._ephemeral = _Ephemeral()
+        self._host_key: Optional[PublicKey] = None
+        self._keys: Optional[SessionKeys] = None
+        hello = (bytes([_CLIENT_HELLO]) + struct.pack(">H", PROTOCOL_VERSION) + os.urandom(32)
+                 + self._ephemeral.public + ssh_string(",".join(CIPHERS).encode()))
+        self._transcript.add(hello)
+        self._send(hello)
+        self._handler = self._on_server_hello
+
+    def accept_host_key(self) -> None:
+        """Send ClientAuth: call once, after HostKeyReceived, when the host key is trusted."""
+        if self._host_key is None or self._keys is not None or self._error is not None:
+            raise RuntimeError("accept_host_key() is only valid right after HostKeyReceived")
+        associated = self._associated(_CLIENT_AUTH)
+        fields = _encode_fields(self._request, self._identity.public.blob)
+        self._transcript.add(fields)
+        signed = self._transcript.digest()
+        signature = sshsig_sign(self._identity, SSHSIG_NAMESPACE, signed)
+        proof = b""
+        if self._request.resume_session_id:
+            proof = _resume_proof(self._request.resume_secret, signed)
+        self._transcript.add(signature, proof)
+        self._send_sealed(_CLIENT_AUTH, associated, [fields, signature, proof])
+        self._keys = self._session_keys()
+        self._handler = self._on_server_finish
+
+    def _on_server_hello(self, body: bytes) -> None:
+        reader = self._expect(body, _SERVER_HELLO)
+        version = reader.uint16()
+        reader.take(32)  # server random: used through the transcript
+        server_public, cipher = reader.take(32), reader.text()
+        reader.expect_end()
+        if version != PROTOCOL_VERSION:
+            raise HandshakeError(f"protocol error: the server speaks protocol version {version},"
+                                 f" this client {PROTOCOL_VERSION}")
+        if cipher not in CIPHERS:
+            raise HandshakeError("protocol error: the server chose a cipher that was not offered")
+        self._transcript.add(body)
+        self._start_encryption(self._ephemeral.exchange(server_public), cipher)
+        self._handler = self._on_server_auth
+
+    def _on_server_auth(self, body: bytes) -> HostKeyReceived:
+        host_blob, signature = self._open_sealed(body, _SERVER_AUTH, 2)
+        self._transcript.add(host_blob)
+        signed = SERVER_CONTEXT + self._transcript.digest()
+        self._transcript.add(signature)
+        host_key = PublicKey.from_blob(host_blob)
+        if not host_key.verify(signature, signed):
+            raise HandshakeError("protocol error: the server's signature does not verify"
+                                 " (tampering or a man-in-the-middle)")
+        self._host_key = host_key
+        self._handler = None
+        return HostKeyReceived(host_key)
+
+    def _on_server_finish(self, body: bytes) -> HandshakeComplete:
+        (outcome,) = self._open_sealed(body, _SERVER_FINISH, 1)
+        reader = _Reader(outcome, "ServerFinish")
+        status = reader.uint8()
+        if status == _ACCEPTED:
+            grant = _decode_grant(reader)
+            self._handler = None
+            return HandshakeComplete(grant, self._keys, self._host_key)
+        if status != _REFUSED:
+            raise ValueError("ServerFinish has an unknown outcome")
+        code = reader.text()
+        reader.expect_end()
+        if code in FINAL_CODES:
+            raise AuthRefused(code)
+        if code in REFUSAL_CODES:
+            raise HandshakeError(f"server refused: {code}", code)
+        raise ValueError("ServerFinish has an unknown refusal code")
+
+
+class ServerHandshake(_Handshake):
+    """The server side. Answers ClientHello with ServerHello + ServerAuth; after a valid
+    ClientAuth emits AuthRequested, and the caller answers with accept(grant) or refuse(code).
+    A client whose signature does not verify is refused here (AuthRefused)."""
+
+    def __init__(self, host_key: PrivateKey, peer: tuple = (), local: tuple = ()) -> None:
+        super().__init__()
+        self._host_key, self._peer, self._local = host_key, peer, local
+        self._auth: Optional[AuthInfo] = None
+        self._finished = False
+        self._handler = self._on_client_hello
+
+    def accept(self, grant: SessionGrant) -> None:
+        """Grant the session requested in the last AuthRequested."""
+        self._require_decision()
+        self._finish(_encode_grant(grant))
+
+    def refuse(self, code: str) -> None:
+        """Refuse with one of REFUSAL_CODES (anything else is sent as "permission denied")."""
+        self._require_decision()
+        self._finish(_refusal_outcome(code))
+
+    def _require_decision(self) -> None:
+        if self._auth is None or self._finished:
+            raise RuntimeError("accept()/refuse() are only valid right after AuthRequested")
+
+    def _finish(self, outcome: bytes) -> None:
+        self._send_sealed(_SERVER_FINISH, self._associated(_SERVER_FINISH), [outcome])
+        self._finished = True
+
+    def _failed(self) -> None:
+        if not self._finished:
+            self._send(bytes([_REFUSE]) + ssh_string(PROTOCOL_ERROR.encode()))
+            self._finished = True
+
+    def _on_client_hello(self, body: bytes) -> None:
+        reader = self._expect(body, _CLIENT_HELLO)
+        version = reader.uint16()
+        reader.take(32)  # client random: used through the transcript
+        client_public, offered = reader.take(32), reader.text().split(",")
+        reader.expect_end()
+        if version < PROTOCOL_VERSION:
+            raise HandshakeError(f"protocol error: the client speaks protocol version {version},"
+                                 f" this server needs {PROTOCOL_VERSION}")
+        cipher = next((name for name in CIPHERS if name in offered), None)
+        if cipher is None:
+            raise HandshakeError("protocol error: no session cipher in common")
+        ephemeral = _Ephemeral()
+        shared = ephemeral.exchange(client_public)
+        hello = (bytes([_SERVER_HELLO]) + struct.pack(">H", PROTOCOL_VERSION) + os.urandom(32)
+                 + ephemeral.public + ssh_string(cipher.encode()))
+        self._transcript.add(body, hello)
+        self._send(hello)
+        self._start_encryption(shared, cipher)
+        associated = self._associated(_SERVER_AUTH)
+        host_blob = self._host_key.public.blob
+        self._transcript.add(host_blob)
+        signature = self._host_key.sign(SERVER_CONTEXT + self._transcript.digest())
+        self._transcript.add(signature)
+        self._send_sealed(_SERVER_AUTH, associated, [host_blob, signature])
+        self._handler = self._on_client_auth
+
+    def _on_client_auth(self, body: bytes) -> AuthRequested:
+        fields, signature, proof = self._open_sealed(body, _CLIENT_AUTH, 3)
+        request, client_key = _decode_fields(fields)
+        self._transcript.add(fields)
+        signed = self._transcript.digest()
+        self._transcript.add(signature, proof)
+        if len(proof) != (32 if request.resume_session_id else 0):
+            raise ValueError("the resume proof has the wrong length")
+        keys = self._session_keys()
+        self._handler = None
+        if not sshsig_verify(client_key, SSHSIG_NAMESPACE, signed, signature):
+            self._finish(_refusal_outcome(PERMISSION_DENIED))
+            raise AuthRefused(PERMISSION_DENIED,
+                              f"user {request.user}: key {client_key.fingerprint()}: the signature"
+                              " does not verify (no proof of possession of the key)")
+        self._auth = AuthInfo(request.user, client_key, request, keys, self._peer, self._local,
+                              proof, signed)
+        return AuthRequested(self._auth)
+
+
+def _refusal_outcome(code: str) -> bytes:
+    if code not in REFUSAL_CODES:
+        code = PERMISSION_DENIED
+    return bytes([_REFUSED]) + ssh_string(code.encode())
+
+
+# ---------------------------------------------------------------------------
+# Blocking drivers
+# ---------------------------------------------------------------------------
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("handshake deadline passed")
+    return left
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    if data:
+        sock.settimeout(_remaining(deadline))
+        sock.sendall(data)
+
+
+def _send_quietly(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """Best effort (a refusal to a peer that may be gone or hostile)."""
+    try:
+        _send_all(sock, data, deadline)
+    except OSError:
+        pass
+
+
+def _exchange(sock: socket.socket, machine: _Handshake, deadline: float) -> object:
+    """Run ``machine`` over ``sock`` until it has an event: write what it queued, read what it
+    needs. EOFError when the peer closes, socket.timeout at the deadline."""
+    while True:
+        event = machine.next_event()
+        _send_all(sock, machine.data_to_send(), deadline)
+        if event is not None:
+            return event
+        sock.settimeout(_remaining(deadline))
+        data = sock.recv(_RECV_SIZE)
+        if not data:
+            raise EOFError("connection closed by the peer")
+        machine.receive_data(data)
+
+
+def _format_addr(addr: tuple) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _os_reason(err: OSError) -> str:
+    """An OSError as a short lower-case reason ("connection refused")."""
+    if isinstance(err, socket.timeout):
+        return "connection timed out"
+    text = err.strerror or str(err) or type(err).__name__
+    return text[:1].lower() + text[1:]
+
+
+def server_handshake(sock: socket.socket, host_key: PrivateKey,
+                     decide: Callable[[AuthInfo], SessionGrant],
+                     timeout: float = 10.0) -> Optional[AuthInfo]:
+    """Run one handshake on an accepted socket, within ``timeout`` seconds in all.
+
+    ``decide(auth)`` returns a SessionGrant or raises AuthRefused(code, log_reason). Returns
+    the AuthInfo once the grant has been sent, else None: bad or slow peers, tampering and
+    refusals are logged (with the key fingerprint, never key material), never raised. The
+    caller closes ``sock``.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        peer, local = sock.getpeername(), sock.getsockname()
+    except OSError:
+        return None
+    who = _format_addr(peer)
+    machine = ServerHandshake(host_key, peer, local)
+    try:
+        auth = _exchange(sock, machine, deadline).auth
+        try:
+            grant = decide(auth)
+        except AuthRefused as refusal:
+            machine.refuse(refusal.code)
+            _send_quietly(sock, machine.data_to_send(), deadline)
+            log.warning("refused %s@%s (key %s): %s", auth.user, who,
+                        auth.client_key.fingerprint(), refusal.log_reason)
+            return None
+        machine.accept(grant)
+        _send_all(sock, machine.data_to_send(), deadline)
+    except AuthRefused as refusal:
+        _send_quietly(sock, machine.data_to_send(), deadline)
+        log.warning("refused %s: %s", who, refusal.log_reason)
+        return None
+    except HandshakeError as err:
+        _send_quietly(sock, machine.data_to_send(), deadline)
+        log.info("handshake from %s failed: %s", who, err)
+        return None
+    except socket.timeout:
+        log.info("handshake from %s timed out after %g s", who, timeout)
+        return None
+    except EOFError:
+        log.info("handshake from %s: the client closed the connection", who)
+        return None
+    except OSError as err:
+        log.info("handshake from %s failed: %s", who, _os_reason(err))
+        return None
+    log.info("accepted %s@%s (key %s), %s", auth.user, who, auth.client_key.fingerprint(),
+             "resuming a session" if auth.request.resume_session_id else "new session")
+    return auth
+
+
+def send_refusal(sock: socket.socket, code: str) -> None:
+    """Answer a connection with a plaintext refusal (e.g. SERVER_BUSY) and close it; never
+    blocks. What the client already sent is read first, so the close is a FIN and not a
+    reset that could destroy the refusal before the client reads it."""
+    try:
+        sock.setblocking(False)
+        for _ in range(MAX_MESSAGE // _RECV_SIZE + 1):
+            if not sock.recv(_RECV_SIZE):
+                break
+    except OSError:  # BlockingIOError: nothing (more) to read
+        pass
+    try:
+        sock.send(_refusal_frame(code))
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class HandshakeLimiter:
+    """Caps concurrent handshakes: ``max_handshakes`` in all and ``max_per_peer`` from one
+    address (default a quarter of the total), so a flood of slow or silent peers costs a
+    bounded number of threads for at most the deadline each, and one source cannot take
+    every slot from everyone else. Over the cap: answer "server busy" (send_refusal)."""
+
+    def __init__(self, max_handshakes: int = 64, max_per_peer: Optional[int] = None) -> None:
+        self.max_handshakes = max_handshakes
+        self.max_per_peer = max_per_peer or max(1, max_handshakes // 4)
+        self._per_peer: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> int:
+        """Handshakes running now."""
+        with self._lock:
+            return sum(self._per_peer.values())
+
+    def try_acquire(self, peer: str) -> bool:
+        """Take a slot for a handshake from address ``peer``; False if over either cap."""
+        with self._lock:
+            if (sum(self._per_peer.values()) >= self.max_handshakes
+                    or self._per_peer.get(peer, 0) >= self.max_per_peer):
+                return False
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            return True
+
+    def release(self, peer: str) -> None:
+        """Give back a slot taken by ``try_acquire(peer)``."""
+        with self._lock:
+            left = self._per_peer.pop(peer) - 1
+            if left:
+                self._per_peer[peer] = left
+
+    def spawn(self, sock: socket.socket, handler: Callable[[socket.socket], object]) -> bool:
+        """Run ``handler(sock)`` in a new thread, or answer "server busy" when full. The
+        socket is closed and the slot released when the handler returns. True if started."""
+        try:
+            peer = sock.getpeername()[0]
+        except OSError:
+            sock.close()
+            return False
+        if not self.try_acquire(peer):
+            log.warning("refused a connection from %s: too many handshakes in progress", peer)
+            send_refusal(sock, SERVER_BUSY)
+            return False
+        threading.Thread(target=self._run, args=(sock, peer, handler), name="handshake",
+                         daemon=True).start()
+        return True
+
+    def _run(self, sock: socket.socket, peer: str,
+             handler: Callable[[socket.socket], object]) -> None:
+        try:
+            handler(sock)
+        except Exception:  # a bug in the handler must not leak the slot or kill the server
+            log.exception("handshake handler failed")
+        finally:
+            sock.close()
+            self.release(peer)
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to ``host`` (IPv4 or IPv6), trying each address it resolves to."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise HandshakeError(f"cannot connect to {host} port {port}: {reason}") from None
+    last_error: OSError = socket.timeout()
+    for index, (family, kind, proto, _, addr) in enumerate(infos):
+        sock = socket.socket(family, kind, proto)
+        try:
+            # Share what is left fairly, so one black-holed address cannot use up the deadline.
+            sock.settimeout(_remaining(deadline) / (len(infos) - index))
+            sock.connect(addr)
+            return sock
+        except OSError as err:
+            sock.close()
+            last_error = err
+    raise HandshakeError(f"cannot connect to {host} port {port}: {_os_reason(last_error)}")
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True if the peer has closed or reset the connection (without consuming input)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class _ClosedDuringPrompt(Exception):
+    """The server gave up while the user was deciding about its (accepted) host key."""
+
+    def __init__(self, host_key: PublicKey) -> None:
+        super().__init__("the server closed the connection during the host key prompt")
+        self.host_key = host_key
+
+
+def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeError:
+    """The one-line error a user sees for a failed client handshake."""
+    if err.code == PERMISSION_DENIED:
+        return AuthRefused(err.code, f"permission denied (publickey) for {user}@{host}")
+    if err.code == NO_SUCH_SESSION:
+        return AuthRefused(err.code, f"the session on {host} no longer exists"
+                                     " (server restarted or session expired)")
+    if err.code == SERVER_BUSY:
+        return HandshakeError(f"server busy: {host} port {port} has too many connections"
+                              " in progress; try again later", err.code)
+    if err.code == SHUTTING_DOWN:
+        return HandshakeError(f"server {host} is shutting down", err.code)
+    return HandshakeError(f"{err} (server {host} port {port})", err.code)
+
+
+def client_handshake(host: str, port: int, identity: PrivateKey, request: ClientRequest,
+                     verify_host_key: Callable[[PublicKey], None],
+                     timeout: float = 10.0) -> ClientResult:
+    """Connect to ``host`` ``port`` and run the client handshake.
+
+    ``verify_host_key(key)`` returns to trust the key or raises HostKeyError; it may ask the
+    user, and the time that takes does not count against ``timeout``. If the server gave up
+    while the user was deciding, the handshake is repeated once on a new connection (the same
+    host key is then trusted without asking again). Raises AuthRefused (final), HostKeyError
+    (final) or HandshakeError (with ``code``), each with a one-line message.
+    """
+    trusted: Optional[PublicKey] = None
+    for _attempt in range(2):
+        deadline = time.monotonic() + timeout
+        sock = _connect(host, port, deadline)
+        try:
+            return _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+        except _ClosedDuringPrompt as closed:
+            log.info("%s port %d closed the connection while the host key was being"
+                     " confirmed; reconnecting", host, port)
+            trusted = closed.host_key
+        except HostKeyError:
+            raise
+        except HandshakeError as err:
+            raise _explain(err, host, port, request.user) from None
+        except socket.timeout:
+            raise HandshakeError(f"handshake with {host} port {port} timed out after"
+                                 f" {timeout:g} s") from None
+        except EOFError:
+            raise HandshakeError(f"{host} port {port} closed the connection during the"
+                                 " handshake") from None
+        except OSError as err:
+            raise HandshakeError(f"connection to {host} port {port} failed during the"
+                                 f" handshake: {_os_reason(err)}") from None
+        finally:
+            sock.close()
+    raise HandshakeError(f"{host} port {port} closed the connection twice while the host key"
+                         " was being confirmed")
+
+
+def _client_attempt(sock: socket.socket, identity: PrivateKey, request: ClientRequest,
+                    verify_host_key: Callable[[PublicKey], None],
+                    trusted: Optional[PublicKey], timeout: float) -> ClientResult:
+    machine = ClientHandshake(identity, request)
+    deadline = time.monotonic() + timeout
+    host_key = _exchange(sock, machine, deadline).host_key
+    if host_key != trusted:
+        verify_host_key(host_key)
+        if _peer_closed(sock):
+            raise _ClosedDuringPrompt(host_key)
+        deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
+    machine.accept_host_key()
+    done = _exchange(sock, machine, deadline)
+    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)
+
+
+# ---------------------------------------------------------------------------
+# Server policy: authorized_keys with strict modes
+# ---------------------------------------------------------------------------
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_owner(path: str, st: os.stat_result, pw: pwd.struct_passwd) -> None:
+    if st.st_uid not in (pw.pw_uid, 0):
+        raise AuthRefused(PERMISSION_DENIED, f"{path} is owned by {_owner_name(st.st_uid)},"
+                                             f" must be owned by {pw.pw_name} or root")
+
+
+def _check_private(path: str, st: os.stat_result, pw: pwd.struct_passwd) -> None:
+    """Owned by the user or root, no access at all for group and others."""
+    _check_owner(path, st, pw)
+    if st.st_mode & 0o077:
+        raise AuthRefused(PERMISSION_DENIED, f"{path} is mode {stat.S_IMODE(st.st_mode):04o},"
+                                             " must not be group/world accessible")
+
+
+def _check_ancestor(path: str, pw: pwd.struct_passwd) -> None:
+    """Nobody but the user and root can replace what lies below ``path``. A root-owned
+    sticky directory (like /tmp) is safe: others cannot rename or delete our entries."""
+    st = os.stat(path)
+    _check_owner(path, st, pw)
+    sticky_root = st.st_uid == 0 and st.st_mode & stat.S_ISVTX
+    if st.st_mode & 0o022 and not sticky_root:
+        raise AuthRefused(PERMISSION_DENIED, f"{path} is mode {stat.S_IMODE(st.st_mode):04o},"
+                                             " must not be group/world writable")
+
+
+def authorized_keys_for(pw: pwd.struct_passwd, path: Optional[str] = None) -> List[PublicKey]:
+    """The keys that may log in as ``pw``'s user: ``path`` or ~user/.mp/authorized_keys.
+
+    Strict modes (as sshd's StrictModes): the file (0600) and its directory (0700) are owned
+    by the user or root and closed to group and others; every directory above, up to the home
+    directory (or up to / for a file outside it), is owned by the user or root and not
+    group/world writable. Any violation raises AuthRefused whose ``log_reason`` names the
+    path and the problem; the client only ever hears "permission denied".
+    """
+    path = os.path.realpath(path or os.path.join(pw.pw_dir, ".mp", "authorized_keys"))
+    home = os.path.realpath(pw.pw_dir)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise AuthRefused(PERMISSION_DENIED, f"{path} is not a regular file")
+        _check_private(path, st, pw)
+        directory = os.path.dirname(path)
+        _check_private(directory, os.stat(directory), pw)
+        stop = home if path.startswith(home.rstrip("/") + "/") else "/"
+        while directory != stop and directory != "/":
+            directory = os.path.dirname(directory)
+            _check_ancestor(directory, pw)
+        return read_authorized_keys(path)
+    except FileNotFoundError:
+        raise AuthRefused(PERMISSION_DENIED, f"{path} does not exist") from None
+    except (OSError, KeyFileError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise AuthRefused(PERMISSION_DENIED, f"{path}: {reason}") from None
+
+
+# ---------------------------------------------------------------------------
+# Client policy: known_hosts
+# ---------------------------------------------------------------------------
+
+HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
+_MAX_KNOWN_HOSTS = 4 << 20  # bytes
+_MAX_PROMPTS = 5
+
+
+class KnownHosts:
+    """The client's ``known_hosts``: lines ``HOST KEYTYPE BASE64`` (``[HOST]:PORT`` for a port
+    other than 40404; several hosts may share a line, comma-separated)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @staticmethod
+    def host_pattern(host: str, port: int) -> str:
+        host = host.lower()
+        return host if port == DEFAULT_TCP_PORT else f"[{host}]:{port}"
+
+    def _lines(self) -> List[str]:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(_MAX_KNOWN_HOSTS + 1)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise HostKeyError(f"cannot read {self.path}: {err.strerror or err}") from None
+        if len(data) > _MAX_KNOWN_HOSTS:
+            raise HostKeyError(f"{self.path} is too large (over {_MAX_KNOWN_HOSTS} bytes)")
+        return data.decode("utf-8", "replace").split("\n")
+
+    def lookup(self, host: str, port: int, key: PublicKey) -> Tuple[str, Optional[int]]:
+        """("ok", line) if the key is recorded for the host, ("changed", line of the first
+        other key recorded for it), or ("unknown", None)."""
+        pattern = self.host_pattern(host, port)
+        changed = None
+        for lineno, line in enumerate(self._lines(), 1):
+            fields = line.split(None, 1)
+            if len(fields) < 2 or pattern not in fields[0].lower().split(","):
+                continue
+            try:
+                recorded = parse_public_key_line(fields[1])
+            except ValueError:
+                log.debug("%s:%d: skipped: not a key moshpit understands", self.path, lineno)
+                continue
+            if recorded == key:
+                return "ok", lineno
+            if changed is None:
+                changed = lineno
+        return ("changed", changed) if changed is not None else ("unknown", None)
+
+    def add(self, host: str, port: int, key: PublicKey) -> None:
+        """Append the host's key: one O_APPEND write (atomic for a line this size, also with
+        several clients at once), file created 0600 in a directory created 0700."""
+        line = f"{self.host_pattern(host, port)} {PublicKey.from_raw(key.raw).to_line(KEY_TYPE)}\n"
+        directory = os.path.dirname(self.path)
+        try:
+            if directory:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = "\n" + line
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise HostKeyError(f"cannot record the host key in {self.path}:"
+                               f" {err.strerror or err}") from None
+
+
+def _ask_on_terminal(prompt: str) -> str:
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+def _confirm_new_host(pattern: str, key: PublicKey, ask: Callable[[str], str]) -> bool:
+    """OpenSSH's first-contact prompt: yes, no, or the fingerprint pasted back."""
+    fingerprint = key.fingerprint()
+    prompt = (f"The authenticity of host '{pattern}' can't be established.\n"
+              f"ED25519 key fingerprint is {fingerprint}.\n{key.randomart()}\n"
+              "Are you sure you want to continue connecting (yes/no/[fingerprint])? ")
+    for _ in range(_MAX_PROMPTS):
+        try:
+            answer = ask(prompt)
+        except EOFError:
+            return False
+        if isinstance(answer, bool):  # the caller asked the question its own way
+            return answer
+        answer = answer.strip()
+        if answer.lower() in ("", "no"):
+            return False
+        if answer.lower() == "yes" or answer == fingerprint:
+            return True
+        prompt = "Please type 'yes', 'no' or the fingerprint: "
+    return False
+
+
+def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: PublicKey,
+                           policy: str, tty: bool,
+                           ask: Optional[Callable[[str], str]] = None) -> None:
+    """Trust ``key`` for ``host`` ``port`` per ``policy`` or raise HostKeyError; never a
+    silent accept. ``policy`` (strict_host_key_checking): "ask" prompts on a TTY (``ask``
+    shows the prompt and returns the typed answer, "yes"/"no"/a fingerprint, or a bool if it
+    put the question itself; EOFError means no; default: stderr/stdin), "accept-new" records
+    unknown hosts, "yes" only trusts recorded keys. A changed key is always refused."""
+    if policy not in HOST_KEY_POLICIES:
+        raise HostKeyError(f"strict_host_key_checking must be one of"
+                           f" {', '.join(HOST_KEY_POLICIES)}, not {policy!r}")
+    known = KnownHosts(known_hosts_path)
+    pattern = known.host_pattern(host, port)
+    status, lineno = known.lookup(host, port, key)
+    if status == "ok":
+        return
+    fingerprint = key.fingerprint()
+    if status == "changed":
+        raise HostKeyError(
+            f"WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED for {pattern}!\n"
+            "Someone could be eavesdropping on you right now (man-in-the-middle attack),"
+            " or the host key has just been changed.\n"
+            f"The server now presents the ED25519 key {fingerprint}.\n"
+            f"Offending key in {known_hosts_path}:{lineno}: remove that line if you know"
+            " the change is legitimate.\nHost key verification failed.")
+    if policy == "yes":
+        raise HostKeyError(
+            f"host key verification failed: no key is recorded for {pattern} in"
+            f" {known_hosts_path} and strict host key checking is 'yes'; the server presents"
+            f" {fingerprint}: after checking it, add the server's key to that file")
+    if policy == "ask" and not tty:
+        raise HostKeyError(
+            f"host key verification failed: {pattern} is not a known host and there is no"
+            f" terminal to ask about its key {fingerprint}; after checking the fingerprint,"
+            " run once with --strict-host-key-checking accept-new, or add the server's key"
+            f" line ('{pattern} ssh-ed25519 ...') to {known_hosts_path}")
+    if policy == "ask" and not _confirm_new_host(pattern, key, ask or _ask_on_terminal):
+        raise HostKeyError(f"host key verification failed: the key of {pattern} was not"
+                           " accepted")
+    known.add(host, port, key)
+    log.warning("permanently added %s (%s) to %s", pattern, fingerprint, known_hosts_path)
+    sys.stderr.write(f"Warning: Permanently added '{pattern}' (ED25519) to the list of"
+                     " known hosts.\n")
