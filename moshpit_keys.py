@@ -323,7 +323,7 @@ def parse_public_key_line(line: str) -> PublicKey | None:
     kind = fields[0]
     if kind not in (LINE_KIND, KEY_TYPE):
         if kind.startswith("-----BEGIN"):
-            raise ValueError("this is a private key (PEM) file, not a public key line")
+            raise ValueError("this is a private key, not a public key (use the .pub file)")
         raise ValueError(_unsupported_type(kind))
     if len(fields) < 2:
         raise ValueError(f"'{kind}' is not followed by a base64 key")
@@ -659,7 +659,8 @@ def _read_bounded(path: str, limit: int, private: bool = False) -> bytes:
     key others could read is no longer a secret.
     """
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO planted at the path must not hang us.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise KeyFileError(f"{path}: not a regular file")
