@@ -13,7 +13,7 @@ import pytest
 
 import moshpit
 import moshpit_keys as mk
-from tests.proc_util import PtyProcess
+from proc_util import PtyProcess
 
 KEYGEN = str(Path(__file__).resolve().parent.parent / "mp_keygen.py")
 SSH_KEYGEN = shutil.which("ssh-keygen")
