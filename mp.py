@@ -523,57 +523,28 @@ def generate_identity(path: str, public_path: str, prompter: Prompter):
     return key
 
 
-class _AskLater(moshpit_handshake.HostKeyError):
-    """Stops a first handshake whose host key needs a yes/no from the user: a person reading
-    a fingerprint takes longer than the server's handshake deadline, so we ask with the
-    connection closed and then connect again."""
-
-    def __init__(self, prompt: str):
-        super().__init__("host key needs confirmation")
-        self.prompt = prompt
-
-
 class HostKeyCheck:
     """Host key verification. First connection: the known_hosts policy (ask | accept-new |
-    yes) from moshpit_handshake. Resumes: the key must be exactly the one the session began
-    with (no prompt can appear in the middle of a session; a change is final)."""
+    yes) of moshpit_handshake, prompting in cooked mode (the handshake does not count the
+    user's think time). Resumes: the key must be exactly the one the session began with; no
+    prompt can appear in the middle of a session, and a change is final."""
 
     def __init__(self, known_hosts: str, host: str, port: int, policy: str, prompter: Prompter):
         self.known_hosts, self.host, self.port = known_hosts, host, port
         self.policy, self.prompter = policy, prompter
         self.pinned = None
-        self.answer = None  # the user's yes/no, once asked
 
     def first(self, key) -> None:
-        def ask(prompt: str) -> bool:
-            if self.answer is None:
-                raise _AskLater(prompt)
-            return self.answer
-
         moshpit_handshake.verify_host_key_policy(
             self.known_hosts, self.host, self.port, key, self.policy,
-            self.prompter.interactive, ask)
+            self.prompter.interactive, self.prompter.ask)
         self.pinned = key
-
-    def confirm(self, pending: _AskLater) -> None:
-        """Show the question the policy asked (fingerprint, randomart) and keep the answer
-        for the next attempt. Like OpenSSH, only a full "yes" accepts."""
-        self.prompter.say(pending.prompt.rstrip("\n"))
-        while True:
-            answer = self.prompter.ask("Are you sure you want to continue connecting (yes/no)? ")
-            if answer.lower() in ("yes", "no"):
-                break
-            if not answer:
-                answer = "no"
-                break
-            self.prompter.say("Please type 'yes' or 'no'.")
-        self.answer = answer.lower() == "yes"
 
     def resume(self, key) -> None:
         if key != self.pinned:
             raise moshpit_handshake.HostKeyError(
                 f"the host key of {self.host} changed during the session "
-                f"(now {key.fingerprint()}); refusing to resume. Someone may be intercepting "
+                f"(now {key.fingerprint()}); refusing to resume: someone may be intercepting "
                 "the connection")
 
 
@@ -638,13 +609,13 @@ class Resumer:
 
 
 def is_final(err: moshpit.MoshpitError) -> bool:
-    """Resume failures that retrying cannot fix: stop, restore, explain."""
-    return isinstance(err, (moshpit_handshake.AuthRefused, moshpit_handshake.HostKeyError)) \
-        or is_gone(err)
+    """Resume failures that retrying cannot fix (refused key, changed host key, session
+    gone): stop, restore, explain. Anything else (unreachable, busy, timeout) is retried."""
+    return isinstance(err, (moshpit_handshake.AuthRefused, moshpit_handshake.HostKeyError))
 
 
 def is_gone(err: moshpit.MoshpitError) -> bool:
-    return "no such session" in str(err)
+    return getattr(err, "code", None) == moshpit_handshake.NO_SUCH_SESSION
 
 
 # ---------------------------------------------------------------------------
@@ -678,8 +649,7 @@ class Session:
         self.session_id = first.grant.session_id
         self.resume_secret = first.grant.resume_secret
         self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
-        encoding = locale.getpreferredencoding(False)
-        self.encoding = encoding if _is_known_codec(encoding) else "utf-8"
+        self.encoding = terminal_encoding()
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
         self.banner = StatusBanner("\u2026" if utf8 else "...")
         self.banner_note = ""
@@ -689,9 +659,13 @@ class Session:
         self.winsize = target.winsize()
         self.outcome = None
         now = time.monotonic()
+        # Our own "last heard": Connection.last_heard also counts a resume handshake as
+        # contact, but the banner and the resume schedule are about UDP packets arriving.
+        self.heard = now
         self.conn = moshpit_transport.Connection("client", first.keys, now,
                                                  peer_addr=udp_peer(first))
-        self.link = moshpit_transport.UdpLink(self.conn, udp_peer(first))
+        wildcard = "::" if ":" in first.server_addr[0] else "0.0.0.0"
+        self.link = moshpit_transport.UdpLink.bind(self.conn, wildcard)
         self.resumer = Resumer(self._resume_handshake, waker,
                                float(config["max_reconnect_backoff_secs"]))
 
@@ -705,24 +679,25 @@ class Session:
             self._finish()
         finally:
             self.router.in_loop = False
+            self.link.close()
         return self.outcome
 
     def _step(self) -> None:
         now = time.monotonic()
-        readers = [self.waker, self.link]
+        readers = [self.waker]
+        if len(self.out) < OUTPUT_HIGH_WATER:  # local terminal far behind: network waits
+            readers.append(self.link)
         if self.stdin_open and self.conn.writable():
             readers.append(self.in_fd)
-        if len(self.out) > OUTPUT_HIGH_WATER:
-            readers.remove(self.link)  # local terminal far behind: let the network wait
         writers = [self.out_fd] if self.out else []
         timeout = max(0.0, self._next_deadline(now) - now)
-        readable, writable, _ = select.select(readers, writers, [], timeout)
+        readable, _, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
         if self.waker in readable:
             self.waker.drain()
         self._signals()
         if self.link in readable:
-            self.link.handle_readable(now)
+            self._receive(now)
         self._contact(now)
         self._events()
         if self.in_fd in readable:
@@ -734,20 +709,25 @@ class Session:
             self._write_out()
 
     def _next_deadline(self, now: float) -> float:
-        last = self.conn.last_heard
-        deadlines = [now + 60.0, self.banner.next_deadline(last)]
-        link_deadline = self.link.timeout(now)
-        if link_deadline is not None:
-            deadlines.append(link_deadline)
+        deadlines = [now + 60.0, self.banner.next_deadline(self.heard)]
+        link_wait = self.link.timeout(now)
+        if link_wait is not None:
+            deadlines.append(now + link_wait)
         if not self.resumer.running:
-            deadlines.append(self.resumer.next_attempt(last))
+            deadlines.append(self.resumer.next_attempt(self.heard))
         return min(deadlines)
+
+    def _receive(self, now: float) -> None:
+        before = self.conn.last_heard
+        self.link.handle_readable(now)
+        if self.conn.last_heard != before:
+            self.heard = self.conn.last_heard
 
     # -- inputs -----------------------------------------------------------------------
 
     def _signals(self) -> None:
-        if self.router.terminate_signum is not None:
-            signum = self.router.terminate_signum
+        signum = self.router.terminate_signum
+        if signum is not None and self.outcome is None:
             self._quit("client terminated")
             message = None if signum == signal.SIGHUP else \
                 f"mp: killed by signal {signum}; session ended."
@@ -770,7 +750,7 @@ class Session:
             self._hangup()
             return
         if not data:
-            self.stdin_open = False  # stdin was a pipe/file: the session goes on
+            self.stdin_open = False  # stdin was a pipe or file: the session goes on
             return
         data, quit_requested = self.escape.feed(data)
         if data:
@@ -784,31 +764,28 @@ class Session:
             event = self.conn.next_event()
             if event is None:
                 return
-            kind = type(event).__name__
-            if kind == "DataReceived":
+            if isinstance(event, moshpit_transport.DataReceived):
                 self.tracker.feed(event.data)
                 self.out += event.data
-            elif kind == "SessionClosed":
+            elif isinstance(event, moshpit_transport.SessionClosed):
                 status = event.exit_status
                 self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE,
                                        f"Connection to {self.target.host} closed.")
-            elif kind == "ShutdownReceived":
-                self.outcome = Outcome(EXIT_FAILURE, shutdown_message(self.target.host,
-                                                                      event.reason))
-            else:
-                log.debug("event %s", kind)
+            elif isinstance(event, moshpit_transport.ShutdownReceived):
+                self.outcome = Outcome(EXIT_FAILURE,
+                                       shutdown_message(self.target.host, event.reason))
 
     # -- connection health ------------------------------------------------------------
 
     def _contact(self, now: float) -> None:
-        """Banner on/off/update from the silence; packets flowing again resets the resume
-        back-off (immediate recovery: no handshake needed when the path just came back)."""
-        silence = now - self.conn.last_heard
+        """Banner on/off/update from the silence. Packets flowing again is immediate
+        recovery: banner gone, resume back-off reset, no handshake needed."""
+        silence = now - self.heard
         if silence < BANNER_AFTER_SECS:
             if self.banner.shown:
                 log.info("contact with %s is back", self.target.host)
                 self.out += self.banner.hide()
-                self.banner_note = ""
+            self.banner_note = ""
             self.resumer.contact()
         else:
             self._redraw_banner(now)
@@ -816,19 +793,17 @@ class Session:
     def _redraw_banner(self, now: float, force: bool = False) -> None:
         if not self.target.is_tty or not self.tracker.at_safe_point():
             return  # never inject bytes into the middle of an escape sequence / character
-        silence = now - self.conn.last_heard
-        self.out += self.banner.update(silence, self.winsize[1], self.banner_note,
+        self.out += self.banner.update(now - self.heard, self.winsize[1], self.banner_note,
                                        self.encoding, force)
 
     def _maybe_resume(self, now: float) -> None:
-        if self.outcome is not None or not self.resumer.due(now, self.conn.last_heard):
+        if self.outcome is not None or not self.resumer.due(now, self.heard):
             return
-        log.info("no contact for %.0f s: new UDP port, resume handshake #%d",
-                 now - self.conn.last_heard, self.resumer.attempts + 1)
-        self.link.hop_port()
-        rows, cols = self.winsize
-        request = self.target.request(rows, cols, self.session_id, self.resume_secret,
-                                      self.conn.recv_offset)
+        log.info("no contact for %.0f s: new UDP port %s, resume handshake #%d",
+                 now - self.heard, self.link.hop_port(), self.resumer.attempts + 1)
+        request = self.target.request(*self.winsize, session_id=self.session_id,
+                                      resume_secret=self.resume_secret,
+                                      recv_offset=self.conn.recv_offset)
         self.resumer.start(request)
 
     def _resume_handshake(self, request):
@@ -848,14 +823,14 @@ class Session:
                 log.info("resume attempt failed: %s", outcome)
                 self.banner_note = str(outcome)
             return
-        # Always apply a successful resume, even if packets came back meanwhile: the
-        # server has switched to the new keys.
-        log.info("session resumed (server had %d bytes of input)", outcome.grant.recv_offset)
+        # Applied even if packets came back meanwhile: the server now uses the new keys.
+        log.info("session resumed (server had %d bytes of our input, we had %d of its output)",
+                 outcome.grant.recv_offset, self.conn.recv_offset)
         self.resume_secret = outcome.grant.resume_secret
-        self.conn.rekey(outcome.keys, outcome.grant.recv_offset, now, peer_addr=udp_peer(outcome))
-        self.link.set_peer(udp_peer(outcome))
+        self.conn.rekey(outcome.keys, outcome.grant.recv_offset, now,
+                        peer_addr=udp_peer(outcome))
         self.conn.send_resize(*self.winsize)
-        self.banner_note = ""
+        self.banner_note = "server answered, waiting for UDP"
 
     # -- output and endings -----------------------------------------------------------
 
@@ -877,38 +852,44 @@ class Session:
             self.outcome = Outcome(EXIT_FAILURE, None)
 
     def _quit(self, reason: str) -> None:
-        """Tell the server the session is over (it SIGHUPs the shell), best effort: wait
+        """Tell the server the session is over (it SIGHUPs the shell): best effort, waiting
         briefly for the ack, never long (the server may be unreachable)."""
         self.conn.send_shutdown(reason)
-        deadline = time.monotonic() + QUIT_FLUSH_SECS
-        while True:
-            now = time.monotonic()
-            self.link.flush(now)
-            if self.conn.all_acked() or now >= deadline:
-                return
-            link_deadline = self.link.timeout(now) or deadline
-            wait = max(0.0, min(deadline, link_deadline) - now)
-            if select.select([self.link], [], [], wait)[0]:
-                self.link.handle_readable(time.monotonic())
+        self._linger(QUIT_FLUSH_SECS, self.conn.all_acked)
 
     def _finish(self) -> None:
-        """Send the last acks, write what is left of the output (a few seconds at most) and
-        erase the banner, so the final screen is the remote program's."""
-        now = time.monotonic()
-        self.link.flush(now)
+        """Ack what the server sent last (it resends a close until acked), write what is
+        left of the output (a few seconds at most) and erase the banner, so the final
+        screen is the remote program's."""
+        self._linger(0.5, lambda: (self.link.timeout(time.monotonic()) or 1.0) > 0.1)
         self.out += self.banner.hide()
-        deadline = now + 3.0
+        deadline = time.monotonic() + 3.0
         while self.out and time.monotonic() < deadline:
             select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
             self._write_out()
 
+    def _linger(self, seconds: float, done) -> None:
+        """Run only the network for up to ``seconds`` or until ``done()``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            self.link.flush(now)
+            if done() or now >= deadline:
+                return
+            wait = self.link.timeout(now)
+            wait = deadline - now if wait is None else min(wait, deadline - now)
+            if select.select([self.link], [], [], max(0.0, wait))[0]:
+                self._receive(time.monotonic())
 
-def _is_known_codec(name: str) -> bool:
+
+def terminal_encoding() -> str:
+    """The local terminal's character encoding (for the banner text), per the locale."""
+    name = locale.getpreferredencoding(False)
     try:
         codecs.lookup(name)
     except LookupError:
-        return False
-    return True
+        return "utf-8"
+    return name
 
 
 def udp_peer(result) -> tuple:
@@ -950,26 +931,15 @@ class Target:
 
     def request(self, rows: int, cols: int, session_id=None, resume_secret=None,
                 recv_offset: int = 0):
-        env = {k: v for k, v in os.environ.items() if k == "LANG" or k.startswith("LC_")}
         return moshpit_handshake.ClientRequest(
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
-            env=env, resume_session_id=session_id, resume_secret=resume_secret,
+            env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
+            resume_secret=resume_secret,
             resume_recv_offset=recv_offset)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(
             self.host, self.port, identity, request, verify_host_key)
-
-
-def connect_first(target: Target, identity, hostcheck: HostKeyCheck):
-    """The first handshake, asking about an unknown host key (if the policy says so) with
-    the connection closed, then connecting again."""
-    rows, cols = target.winsize()
-    try:
-        return target.connect(identity, target.request(rows, cols), hostcheck.first)
-    except _AskLater as pending:
-        hostcheck.confirm(pending)
-    return target.connect(identity, target.request(*target.winsize()), hostcheck.first)
 
 
 def run_client(config, args, prompter: Prompter) -> int:
@@ -988,7 +958,8 @@ def run_client(config, args, prompter: Prompter) -> int:
         identity = load_identity(config, prompter)
         hostcheck = HostKeyCheck(config["known_hosts_file"], host, target.port,
                                  config["strict_host_key_checking"], prompter)
-        first = connect_first(target, identity, hostcheck)
+        first = target.connect(identity, target.request(*target.winsize()),
+                               hostcheck.first)
         log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
         with guard:
             outcome = Session(target, hostcheck, first, identity, config, router, waker).run()

@@ -11,8 +11,7 @@ import termios
 
 import pytest
 
-# Until the handshake/transport modules land (removed once they do).
-pytest.importorskip("moshpit_handshake")
+# Until the transport module lands (removed once it does).
 pytest.importorskip("moshpit_transport")
 
 import mp  # noqa: E402
