@@ -525,6 +525,7 @@ class Server:
         self._sessions: Dict[bytes, Session] = {}
         self._setting_up = 0  # new sessions inside a handshake, counted against max_sessions
         self._signals: List[int] = []
+        self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -593,6 +594,7 @@ class Server:
 
     def _stop(self, why: str) -> int:
         log.info("%s received: ending %d session(s) and stopping", why, len(self._sessions))
+        self._stopping = True
         for sock in self.listeners:
             sock.close()
         with self._lock:
@@ -607,27 +609,21 @@ class Server:
 
     def _accept(self, listener: socket.socket) -> None:
         try:
-            sock, peer = listener.accept()
+            sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
             log.error("accept failed: %s", e)
             time.sleep(0.1)
             return
-        if not self.limiter.try_acquire(peer[0]):
-            log.warning("handshake from %s refused: too many handshakes in progress",
-                        _fmt_addr(peer))
-            sock.close()
-            return
         sock.setblocking(True)
-        threading.Thread(target=self._handshake, args=(sock, peer), daemon=True,
-                         name=f"handshake-{_fmt_addr(peer)}").start()
+        self.limiter.spawn(sock, self._handshake)  # "server busy" when too many are running
 
     # -- handshakes ------------------------------------------------------------------------
 
-    def _handshake(self, sock: socket.socket, peer: tuple) -> None:
-        """One handshake (own thread). A new session set up by ``decide`` starts only if the
-        handshake completes; otherwise it is undone."""
+    def _handshake(self, sock: socket.socket) -> None:
+        """One handshake (own thread; the limiter closes ``sock``). A new session set up by
+        ``decide`` starts only if the handshake completes; otherwise it is undone."""
         created: List[Session] = []
 
         def decide(auth):
@@ -640,22 +636,18 @@ class Server:
         try:
             auth = handshake.server_handshake(sock, self.host_key, decide,
                                               timeout=self.handshake_timeout)
-        except Exception:  # the driver should never raise; a bug must not kill the server
-            log.exception("handshake with %s failed", _fmt_addr(peer))
         finally:
-            sock.close()
-            self.limiter.release(peer[0])
             for session in created:
                 self._setup_done(session, auth)
 
     def _setup_done(self, session: Session, auth) -> None:
         with self._lock:
             self._setting_up -= 1
-            if auth is not None:
+            started = auth is not None and not self._stopping
+            if started:  # registered and started together: shutdown sees only running ones
                 self._sessions[session.session_id] = session
-        if auth is not None:
-            session.start(auth.keys, auth.peer)
-        else:
+                session.start(auth.keys, auth.peer)
+        if not started:
             log.info("session %s abandoned: the handshake did not complete", session.name)
             session.abandon()
 
@@ -670,16 +662,19 @@ class Server:
         try:
             pw = pwd.getpwnam(auth.user)
         except (KeyError, ValueError):
-            raise handshake.AuthRefused("permission denied", f"no such user {auth.user!r}")
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
+                                        f"no such user {auth.user!r}")
+        if self._stopping:
+            raise handshake.AuthRefused(handshake.SHUTTING_DOWN, "the server is stopping")
         if os.geteuid() not in (0, pw.pw_uid):
             me = pwd.getpwuid(os.geteuid()).pw_name
             raise handshake.AuthRefused(
-                "permission denied",
+                handshake.PERMISSION_DENIED,
                 f"this server runs as {me} and only serves user {me}, not {auth.user!r} "
                 "(run mps as root to serve every user)")
         if auth.client_key not in handshake.authorized_keys_for(pw, self.authorized_keys_file):
             raise handshake.AuthRefused(
-                "permission denied",
+                handshake.PERMISSION_DENIED,
                 f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
         request = auth.request
         if request.resume_session_id is not None:
@@ -691,14 +686,14 @@ class Server:
         with self._lock:
             session = self._sessions.get(request.resume_session_id)
         if session is None or session.user != auth.user or session.client_key != auth.client_key:
-            raise handshake.AuthRefused("no such session",
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
                                         "resume of an unknown session (or another user's/key's)")
         if not auth.resume_proof_valid(session.resume_secret):
-            raise handshake.AuthRefused("permission denied",
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
                                         f"resume of session {session.name}: bad resume proof")
         recv_offset = session.resume(auth.keys, request.resume_recv_offset)
         if recv_offset is None:
-            raise handshake.AuthRefused("no such session",
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
                                         f"session {session.name} ended during the resume")
         return handshake.SessionGrant(session_id=session.session_id,
                                       resume_secret=session.resume_secret,
@@ -708,16 +703,17 @@ class Server:
         with self._lock:
             if len(self._sessions) + self._setting_up >= self.max_sessions:
                 raise handshake.AuthRefused(
-                    "server busy", f"max_sessions ({self.max_sessions}) reached")
+                    handshake.SERVER_BUSY, f"max_sessions ({self.max_sessions}) reached")
             self._setting_up += 1
         try:
             try:
                 udp = bind_udp_port(auth.local, *self.port_range)
             except OSError as e:
-                raise handshake.AuthRefused("server busy", f"cannot bind a UDP port: {e}")
+                raise handshake.AuthRefused(handshake.SERVER_BUSY, f"cannot bind a UDP port: {e}")
             if udp is None:
-                raise handshake.AuthRefused(
-                    "server busy", "every UDP port in {}-{} is in use".format(*self.port_range))
+                lo, hi = self.port_range
+                raise handshake.AuthRefused(handshake.SERVER_BUSY,
+                                            f"every UDP port in {lo}-{hi} is in use")
             request = auth.request
             connection = " ".join(str(part) for part in (auth.peer[0], auth.peer[1],
                                                          auth.local[0], auth.local[1]))
@@ -726,7 +722,7 @@ class Server:
                                  connection)
             except ShellError as e:
                 udp.close()
-                raise handshake.AuthRefused("permission denied", str(e))
+                raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))
         except BaseException:
             with self._lock:
                 self._setting_up -= 1
@@ -830,6 +826,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         logging_ready = moshpit.setup_logging("server", config, log_path=args.tracing_absolute_path,
                               stderr=args.enable_std_output,
                               verbosity=args.verbose - args.quiet)
+        for line in config.describe().splitlines():
+            log.debug("config: %s", line)
         for warning in config.warnings:
             log.warning("%s", warning)
             if not args.enable_std_output:

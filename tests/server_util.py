@@ -1,0 +1,223 @@
+"""A real ``mps.py`` on loopback for tests, with throwaway keys, config, HOME and ports.
+
+Why: the server, client and end-to-end tests all need the same setup -- a host key, a
+client identity in an authorized_keys file, a free TCP port, a small UDP port range, a config
+file naming them -- and a server process that is certainly stopped (by PID) afterwards::
+
+    with MpsServer(tmp_path) as server:           # started, listening
+        ...connect to 127.0.0.1:server.port with server.client_key,
+           trusting server.host_key.public...
+    # stopped here (SIGTERM, then SIGKILL)
+
+The server runs with ``HOME`` set to a fresh directory and its log at ``server.log_path``
+(``server.log()`` reads it, failures show it). ``run_as`` runs it as another user (for the
+non-root server tests; the directory must then be one that user can reach).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import random
+import signal
+import socket
+import subprocess
+import sys
+from typing import Dict, Optional, Sequence
+
+from proc_util import kill_pid, wait_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import moshpit_keys  # noqa: E402  (needs the repo on sys.path)
+
+MPS = os.path.join(REPO, "mps.py")
+READY_LINE = "listening on"
+
+
+def make_key(path: str, comment: str) -> moshpit_keys.PrivateKey:
+    """A new unencrypted Ed25519 key pair at ``path`` and ``path.pub``."""
+    key = moshpit_keys.PrivateKey.generate(comment=comment)
+    moshpit_keys.save_private_key(path, key)
+    moshpit_keys.save_public_key(path + ".pub", key.public)
+    return key
+
+
+def write_authorized_keys(path: str, *keys: moshpit_keys.PublicKey,
+                          owner: Optional[pwd.struct_passwd] = None) -> None:
+    """An authorized_keys file (0600, parent 0700) holding ``keys``, owned by ``owner``."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(key.to_line() + "\n" for key in keys)
+    os.chmod(path, 0o600)
+    if owner is not None:
+        os.chown(os.path.dirname(path), owner.pw_uid, owner.pw_gid)
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+def _port_free(port: int, kind: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_range(count: int, kind: int = socket.SOCK_DGRAM) -> tuple:
+    """``count`` consecutive ports free now on 127.0.0.1, below the ephemeral range and at a
+    random place (several test runs share the machine)."""
+    rng = random.SystemRandom()
+    for _ in range(500):
+        lo = rng.randrange(20000, 32768 - count)
+        if all(_port_free(p, kind) for p in range(lo, lo + count)):
+            return lo, lo + count - 1
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class MpsServer:
+    """One ``mps.py`` process with its own directory (keys, config, HOME, log).
+
+    ``settings`` are extra dotted config keys for the file (``{"mps.max_sessions": 2}``);
+    ``udp_ports`` is the size of the UDP range (one port: one session at a time).
+    ``authorized_keys_file=False`` leaves ``mps.authorized_keys_file`` unset, so each target
+    user's own ~/.mp/authorized_keys is consulted. ``env`` adds environment variables,
+    ``args`` command-line flags. ``start=False`` only prepares (call ``start()``).
+    """
+
+    def __init__(self, base_dir, *, ip: str = "127.0.0.1", udp_ports: int = 1,
+                 settings: Optional[Dict[str, object]] = None, args: Sequence[str] = (),
+                 env: Optional[Dict[str, str]] = None, authorized_keys_file: bool = True,
+                 run_as: Optional[pwd.struct_passwd] = None, python: str = sys.executable,
+                 start: bool = True, ready_timeout: float = 20.0):
+        self.dir = os.path.join(os.fspath(base_dir), "mps")
+        os.makedirs(self.dir, mode=0o700)
+        self.home = os.path.join(self.dir, "home")
+        os.makedirs(self.home, mode=0o700)
+        self.ip = ip
+        self.port = free_port_range(1, socket.SOCK_STREAM)[0]
+        self.udp_range = free_port_range(udp_ports)
+        self.host_key_path = os.path.join(self.dir, "host_key")
+        self.host_key = make_key(self.host_key_path, "test-host")
+        self.client_key_path = os.path.join(self.dir, "id_ed25519")
+        self.client_key = make_key(self.client_key_path, "test-client")
+        self.authorized_keys_path = os.path.join(self.dir, "ak", "authorized_keys")
+        write_authorized_keys(self.authorized_keys_path, self.client_key.public)
+        self.log_path = os.path.join(self.dir, "mps.log")
+        self.stderr_path = os.path.join(self.dir, "mps.stderr")
+        self.config_path = os.path.join(self.dir, "moshpits.toml")
+        config = {
+            "mps.ip": ip, "mps.port": self.port,
+            "mps.udp_port_range": "{}-{}".format(*self.udp_range),
+            "mps.private_key_path": self.host_key_path,
+            "mps.public_key_path": self.host_key_path + ".pub",
+            "verbose": 1,
+        }
+        if authorized_keys_file:
+            config["mps.authorized_keys_file"] = self.authorized_keys_path
+        config.update(settings or {})
+        with open(self.config_path, "w") as f:
+            f.writelines(f"{key} = {toml_value(value)}\n" for key, value in config.items())
+        self.args = list(args)
+        self.env = {"HOME": self.home, "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    **(env or {})}
+        self.run_as = run_as
+        self.python = python
+        self.ready_timeout = ready_timeout
+        self.proc: Optional[subprocess.Popen] = None
+        if run_as is not None:
+            for root, dirs, files in os.walk(self.dir):
+                for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+                    os.chown(name, run_as.pw_uid, run_as.pw_gid)
+        if start:
+            self.start()
+
+    @property
+    def udp_port(self) -> int:
+        return self.udp_range[0]
+
+    def command(self) -> list:
+        return [self.python, MPS, "-c", self.config_path, "-t", self.log_path, *self.args]
+
+    def start(self, wait: bool = True) -> MpsServer:
+        identity = {}
+        if self.run_as is not None:
+            identity = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid,
+                        "extra_groups": []}
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(self.command(), env=self.env, cwd=self.dir,
+                                         stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                         start_new_session=True, **identity)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mps.py exited with {self.proc.returncode} before "
+                                   f"listening: {self.stderr()}{self.log()}")
+            return READY_LINE in self.log()
+        wait_for(ready, self.ready_timeout, "mps.py to listen")
+
+    def log(self) -> str:
+        return _read(self.log_path)
+
+    def stderr(self) -> str:
+        return _read(self.stderr_path)
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """Wait until ``text`` appears in the server log; returns the log."""
+        wait_for(lambda: text in self.log(), timeout, f"{text!r} in the mps log")
+        return self.log()
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> Optional[int]:
+        """SIGTERM and wait (SIGKILL after ``timeout``); the exit status. Idempotent."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                kill_pid(self.proc.pid, 1.0)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything it left in its group
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.proc.wait(5)
+
+    def __enter__(self) -> MpsServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def run_mps(args: Sequence[str], env: Dict[str, str], timeout: float = 20.0,
+            cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Run mps.py to completion (for the CLI error paths): output as text."""
+    return subprocess.run([sys.executable, MPS, *args], env=env, cwd=cwd, timeout=timeout,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+
