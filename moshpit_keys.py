@@ -64,6 +64,7 @@ log = logging.getLogger("moshpit.keys")
 
 KEY_TYPE = "ssh-ed25519"
 LINE_KIND = "moshpit"
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LINE = 8192  # longest public key line we parse (an ed25519 line is ~100 bytes)
 MAX_AUTHORIZED_KEYS = 1 << 20  # bytes; bounds memory on a hostile authorized_keys
 MAX_KEY_FILE = 1 << 16  # bytes; an ed25519 key file is well under 1 KiB
@@ -147,7 +148,9 @@ class PublicKey:
         if not isinstance(raw, bytes) or len(raw) != 32:
             raise ValueError("an Ed25519 public key is exactly 32 bytes")
         self.raw = raw
-        self.comment = comment
+        # Comments come from files and peers and end up on terminals and in one-line files:
+        # control characters (escape codes, newlines) become "?".
+        self.comment = _CONTROL_CHARS.sub("?", comment)
 
     @classmethod
     def from_raw(cls, raw: bytes, comment: str = "") -> PublicKey:
@@ -298,12 +301,14 @@ class PrivateKey:
 # Public key lines and authorized_keys
 # ---------------------------------------------------------------------------
 
-_KNOWN_OTHER_TYPES = ("ssh-rsa", "ssh-dss", "ecdsa-sha2-", "sk-", "ssh-ed448", "rsa-sha2-")
+_KNOWN_OTHER_TYPES = ("ssh-rsa", "ssh-dss", "ecdsa-sha2-", "sk-", "ssh-ed448")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9@._-]{1,64}")
 
 
 def _unsupported_type(key_type: str) -> str:
-    """Error text for a key of a type moshpit does not use."""
-    if key_type.startswith(_KNOWN_OTHER_TYPES):
+    """Error text for a key of a type moshpit does not use. Untrusted names are shown with
+    repr() unless plainly safe, so a hostile file cannot put escape codes on a terminal."""
+    if key_type.startswith(_KNOWN_OTHER_TYPES) and _PLAIN_NAME.fullmatch(key_type):
         return f"{key_type} keys are not supported: moshpit uses Ed25519 keys only"
     return f"unknown key type {key_type[:40]!r}: expected 'moshpit' or 'ssh-ed25519'"
 
@@ -491,11 +496,15 @@ _OPENSSH_CIPHERS = {
 }
 
 
+def _unsupported_encryption(cipher: str, kdf: str) -> str:
+    return f"encrypted with an unsupported cipher/KDF ({cipher[:40]!r}, {kdf[:40]!r})"
+
+
 def _decrypt_openssh(cipher: str, kdf: str, kdf_options: bytes, section: bytes, tag: bytes,
                      passphrase: bytes | None) -> bytes:
     """Decrypt the private section of a passphrase-protected OpenSSH key (bcrypt KDF)."""
     if cipher not in _OPENSSH_CIPHERS or kdf != "bcrypt":
-        raise ValueError(f"encrypted with an unsupported cipher/KDF ({cipher[:40]}/{kdf[:40]})")
+        raise ValueError(_unsupported_encryption(cipher, kdf))
     key_len, iv_len, tag_len = _OPENSSH_CIPHERS[cipher]
     options = WireReader(kdf_options, "bcrypt KDF options")
     salt, rounds = options.string(), options.uint32()
@@ -577,7 +586,7 @@ def _open_envelope(data: bytes, passphrase: bytes | None) -> bytes:
     ciphertext = reader.string()
     reader.expect_end()
     if kdf != "scrypt" or cipher != "chacha20-poly1305":
-        raise ValueError(f"encrypted with an unsupported cipher/KDF ({cipher[:40]}/{kdf[:40]})")
+        raise ValueError(_unsupported_encryption(cipher, kdf))
     options = WireReader(kdf_options, "scrypt options")
     salt = options.string()
     log2_n, r, p = options.uint32(), options.uint32(), options.uint32()

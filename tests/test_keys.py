@@ -108,7 +108,7 @@ RSA_BLOB = mk.ssh_string(b"ssh-rsa") + mk.ssh_string(b"\1\0\1") + mk.ssh_string(
         ("ssh-rsa " + _b64(RSA_BLOB) + " x", "ssh-rsa keys are not supported"),
         ("moshpit " + _b64(RSA_BLOB), "ssh-rsa keys are not supported"),
         ("ecdsa-sha2-nistp256 AAAA", "not supported"),
-        ("frobnicate AAAA", "unknown key type"),
+        ("frobnicate AAAA", "unknown key type 'frobnicate'"),
         ("-----BEGIN OPENSSH PRIVATE KEY-----", "private key"),
         ("moshpit " + _b64(mk.ssh_string(b"ssh-ed25519") + mk.ssh_string(b"\1" * 31)),
          "wrong length"),
@@ -246,3 +246,17 @@ def test_randomart_shape():
     assert all(len(row) == 19 and row[0] == row[-1] == "|" for row in art[1:-1])
     body = "".join(art[1:-1])
     assert body.count("E") == 1 and body.count("S") <= 1  # the end may cover the start
+
+
+def test_comment_control_characters_are_neutralized():
+    pub = PrivateKey.generate("evil\x1b[2J\nmoshpit AAAA injected").public
+    assert pub.comment == "evil?[2J?moshpit AAAA injected"
+    assert "\n" not in pub.to_line()
+    line = PublicKey.from_raw(RFC_PUB).to_line() + " a\x07b\tc"
+    assert PublicKey.from_line(line).comment == "a?b?c"
+
+
+def test_hostile_key_type_is_shown_escaped():
+    with pytest.raises(ValueError) as info:
+        mk.parse_public_key_line("ssh-rsa\x1b[31m AAAA")
+    assert "\x1b" not in str(info.value) and "\\x1b" in str(info.value)
