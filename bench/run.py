@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""`make bench`: moshpit side by side with OpenSSH and Mosh, on loopback, through the relay.
+
+Usage: bench/run.py [--quick] [--only SCENARIO[,SCENARIO]] [--tools moshpit,ssh,mosh]
+                    [--seed N] [--json PATH] [--list]
+
+For every scenario and tool: a fresh relay (random 127.0.0.N front, fresh ports), the
+tool's server on 127.0.0.1, a client inside a real PTY, the measurement, then everything
+stopped by PID.  Each run is bounded in time (a failure is recorded, the bench goes on).
+Missing peers are skipped with a note (this script never installs anything:
+`apt-get install openssh-server mosh`).  Prints one table with moshpit/peer ratios and
+writes JSON to bench/results/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
+
+from report import Result, table, write_json  # noqa: E402
+from scenarios import SCENARIO_NAMES, Context, Scenario, selected  # noqa: E402
+from tools import TOOLS, Network, Tool, make_workdir  # noqa: E402
+
+
+class BudgetExceeded(Exception):
+    """A scenario ran past its time budget."""
+
+
+@contextmanager
+def time_budget(seconds: float):
+    """Raise BudgetExceeded in the main thread after ``seconds`` (SIGALRM)."""
+    def expired(_signum, _frame):
+        raise BudgetExceeded(f"exceeded its {seconds:.0f}s budget")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class Runner:
+    """Runs each selected scenario for each available tool and collects Results."""
+
+    def __init__(self, tools: list[type[Tool]], quick: bool, seed: int) -> None:
+        self.tools = tools
+        self.quick = quick
+        self.seed = seed
+        self.missing = {cls.name: cls(workdir="").missing() for cls in tools}
+
+    def run_all(self, scenarios: list[Scenario]) -> list[Result]:
+        results = []
+        for scenario in scenarios:
+            for cls in self.tools:
+                result = self.run_one(scenario, cls)
+                results.append(result)
+                self._progress(result)
+        return results
+
+    def run_one(self, scenario: Scenario, cls: type[Tool]) -> Result:
+        result = Result(scenario.name, cls.name)
+        if self.missing[cls.name]:
+            result.note = f"skipped: {self.missing[cls.name]}"
+            return result
+        if scenario.needs in cls.lacks:
+            result.note = cls.lacks[scenario.needs]
+            return result
+        workdir = make_workdir(cls.name)
+        tool = cls(workdir)
+        started = time.monotonic()
+        ctx = None
+        try:
+            with time_budget(scenario.budget), \
+                    Network(tool.uses_tcp, tool.uses_udp, self.seed) as net:
+                try:
+                    tool.start_server(net)
+                    ctx = Context(tool, net, self.quick)
+                    samples = scenario.run(ctx)
+                finally:
+                    result.relay_stats = net.relay.stats
+                    if ctx is not None:
+                        ctx.close()
+            result.samples = samples
+            result.metrics = {m.key: m.summarize(samples[m.key]) for m in scenario.metrics}
+        except Exception as err:  # recorded, and the bench carries on with the next run
+            result.error = f"{type(err).__name__}: {err}"[:500]
+            result.server_log_tail = tool.server_log()[-2000:]
+        finally:
+            tool.stop_server()
+            shutil.rmtree(workdir, ignore_errors=True)
+            result.seconds = round(time.monotonic() - started, 2)
+        return result
+
+    @staticmethod
+    def _progress(result: Result) -> None:
+        summary = result.note or result.error or ", ".join(
+            f"{k}={v:.4g}" for k, v in result.metrics.items())
+        print(f"  {result.scenario:<11} {result.tool:<8} {summary}", file=sys.stderr,
+              flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[1])
+    p.add_argument("--quick", action="store_true", help="reduced set, fewer samples")
+    p.add_argument("--only", action="append", default=[], metavar="SCENARIO",
+                   help=f"run only these (repeat or comma-separate; prefixes work): "
+                        f"{', '.join(SCENARIO_NAMES)}")
+    p.add_argument("--tools", default="moshpit,ssh,mosh",
+                   help="comma-separated subset of moshpit,ssh,mosh")
+    p.add_argument("--seed", type=int, default=1, help="relay randomness (loss pattern)")
+    p.add_argument("--json", metavar="PATH", help="JSON output (default bench/results/...)")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name in SCENARIO_NAMES:
+            print(name)
+        return 0
+    known = {cls.name: cls for cls in TOOLS}
+    wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if not wanted or any(t not in known for t in wanted):
+        print(f"bench: --tools takes a subset of {', '.join(known)}", file=sys.stderr)
+        return 2
+    try:
+        scenarios = selected([o for arg in args.only for o in arg.split(",") if o],
+                             args.quick)
+    except ValueError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
+    runner = Runner([known[t] for t in wanted], args.quick, args.seed)
+    for name, why in runner.missing.items():
+        if why:
+            print(f"bench: {name} skipped: {why}", file=sys.stderr)
+    print(f"bench: {len(scenarios)} scenarios x {len(wanted)} tools"
+          f"{' (quick)' if args.quick else ''}", file=sys.stderr)
+    results = runner.run_all(scenarios)
+    print(table(scenarios, results, wanted))
+    path = args.json or os.path.join(
+        HERE, "results", time.strftime("bench-%Y%m%d-%H%M%S.json"))
+    versions = {cls.name: ("" if runner.missing[cls.name] else cls(workdir="").version())
+                for cls in runner.tools}
+    write_json(path, results, {"quick": args.quick, "seed": args.seed, "versions": versions,
+                               "skipped": {k: v for k, v in runner.missing.items() if v}})
+    print(f"\nJSON: {os.path.relpath(path)}")
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Benchmark scenarios: what is measured, identically for every tool.
+
+Every measurement types into a real PTY and times what comes back on it, using markers the
+shell computes (``echo R:$((41+1)):Z`` prints ``R:42:Z``: the typed text never contains the
+expected output, so a terminal's local echo cannot fake it, and the colons keep base64 bulk
+output from ever matching it).  Times are monotonic clock
+readings taken when the matching output chunk was read.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+from proc_util import PtyTimeout
+from tools import Client, Network, Tool, client_usage, session_usage
+
+ECHO_CHARS = b"zxwvjk"  # letters no terminal escape sequence or status banner here uses
+READY_TIMEOUT = 30.0
+
+
+class ScenarioError(RuntimeError):
+    """A measurement could not be completed (the message says which step failed)."""
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (no interpolation: small samples stay honest)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(pct / 100.0 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One table row: ``key`` in the JSON, ``label`` in the table, how to summarize the
+    samples (``median``/``p95``/``value``), the display scale/unit, and which way is better."""
+
+    key: str
+    label: str
+    unit: str
+    scale: float = 1000.0
+    summary: str = "median"
+    better: str = "lower"
+
+    def summarize(self, samples: list[float]) -> float:
+        if self.summary == "p95":
+            return percentile(samples, 95) * self.scale
+        return statistics.median(samples) * self.scale
+
+
+class Session:
+    """A connected client, with the typing and timing primitives scenarios are made of."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.term = client.term
+        self._rng = random.Random()
+
+    def marker(self, tag: str) -> tuple[bytes, bytes]:
+        """(command to type, output it prints) for a fresh, unique marker."""
+        n = self._rng.randrange(10000, 99999)
+        return f"echo {tag}:$(({n}+1)):Z".encode(), f"{tag}:{n + 1}:Z".encode()
+
+    def wait_ready(self, started: float) -> float:
+        """Wait until the remote shell runs a command; return seconds since ``started``.
+
+        Typed ahead at once (every client keeps typed-ahead input); typed again every few
+        seconds in case a client discarded it while setting up its terminal.
+        """
+        deadline = started + READY_TIMEOUT
+        while True:
+            command, expect = self.marker("R")
+            self.term.send(b"unset HISTFILE; " + command + b"\r")
+            try:
+                self.term.read_until(expect, min(4.0, max(0.1, deadline - time.monotonic())))
+                return self.term.match_time - started
+            except PtyTimeout:
+                if time.monotonic() >= deadline:
+                    raise ScenarioError("the session never became ready") from None
+
+    def settle(self) -> None:
+        """Consume pending output so the next measurement starts from a quiet terminal."""
+        self.term.drain(quiet=0.3, limit=5.0)
+
+    def timed_command(self, tag: str, timeout: float, since: float | None = None,
+                      prefix: bytes = b"") -> float:
+        """Type ``prefix`` + a marker command; seconds from ``since`` (default: the moment
+        it was typed) until its output appears."""
+        command, expect = self.marker(tag)
+        typed = time.monotonic()
+        self.term.send(prefix + command + b"\r")
+        try:
+            self.term.read_until(expect, timeout)
+        except PtyTimeout:
+            raise ScenarioError(f"no {expect.decode()} within {timeout:.0f}s") from None
+        return self.term.match_time - (typed if since is None else since)
+
+    def echo_latencies(self, count: int, timeout: float) -> list[float]:
+        """Type ``count`` single letters at a typist's pace; seconds until each is echoed."""
+        self.settle()
+        latencies = []
+        for i in range(count):
+            char = ECHO_CHARS[i % len(ECHO_CHARS):][:1]
+            typed = time.monotonic()
+            self.term.send(char)
+            try:
+                self.term.read_until(char, timeout)
+            except PtyTimeout:
+                raise ScenarioError(f"keystroke {i} not echoed within {timeout:.0f}s") from None
+            latencies.append(self.term.match_time - typed)
+            if i % 25 == 24:
+                self.term.send(b"\x15")  # Ctrl-U: keep the line short
+                self.settle()
+            time.sleep(self._rng.uniform(0.02, 0.06))
+        self.term.send(b"\x15")
+        self.settle()
+        return latencies
+
+
+class Context:
+    """What a scenario gets: the tool, its network, the open session and the sample size."""
+
+    def __init__(self, tool: Tool, net: Network, quick: bool) -> None:
+        self.tool = tool
+        self.net = net
+        self.relay = net.relay
+        self.quick = quick
+        self.session: Session | None = None
+        self.connect_time = 0.0
+        self._clients: list[Client] = []
+
+    def open_session(self) -> Session:
+        """Connect a client and wait for its shell; remembers the connect time."""
+        started = time.monotonic()
+        client = self.tool.connect(self.net)
+        self._clients.append(client)
+        session = Session(client)
+        self.connect_time = session.wait_ready(started)
+        session.settle()
+        return session
+
+    def close_session(self, session: Session) -> None:
+        session.client.close()
+        self._clients.remove(session.client)
+
+    def close(self) -> None:
+        for client in list(self._clients):
+            client.close()
+        self._clients.clear()
+
+
+class Scenario:
+    """Base: ``name`` (for --only), ``title``, the capability it ``needs`` (tools that lack
+    it are reported n/a), relay conditions, sample counts, a time budget and the metrics."""
+
+    name = ""
+    title = ""
+    needs = ""
+    rtt = 0.0
+    loss = 0.0
+    samples_full = 1
+    samples_quick = 1
+    in_quick = True
+    budget = 120.0
+    metrics: tuple = ()
+
+    def samples(self, quick: bool) -> int:
+        return self.samples_quick if quick else self.samples_full
+
+    def condition(self, net: Network) -> None:
+        """Impair the relay for the measurement (after the session is up)."""
+        net.relay.set(delay=self.rtt / 2.0, loss=self.loss)
+
+    def measure(self, ctx: Context) -> dict:
+        """Return {metric key: [samples]} (seconds, or the metric's own unit)."""
+        raise NotImplementedError
+
+    def run(self, ctx: Context) -> dict:
+        """Open a session, apply the condition, measure."""
+        ctx.session = ctx.open_session()
+        self.condition(ctx.net)
+        return self.measure(ctx)
+
+
+class Connect(Scenario):
+    """Time from launching the client to the first command run by the remote shell
+    (mosh: including `mosh-server new`, which its ssh bootstrap would run)."""
+
+    name = "connect"
+    title = "connect"
+    samples_full, samples_quick = 5, 2
+    metrics = (Metric("connect", "connect", "ms"),)
+
+    def run(self, ctx: Context) -> dict:
+        times = []
+        for _ in range(self.samples(ctx.quick)):
+            session = ctx.open_session()
+            times.append(ctx.connect_time)
+            ctx.close_session(session)
+        return {"connect": times}
+
+
+class Echo(Scenario):
+    """Keystroke echo latency through the relay at a given RTT (and loss)."""
+
+    samples_full, samples_quick = 60, 20
+
+    def __init__(self, name: str, title: str, rtt: float, loss: float = 0.0,
+                 needs: str = "") -> None:
+        self.name, self.title, self.rtt, self.loss, self.needs = name, title, rtt, loss, needs
+        self.metrics = (Metric("median", f"{title} median", "ms"),
+                        Metric("p95", f"{title} p95", "ms", summary="p95"))
+        self.budget = 60.0 + self.samples_full * (1.0 + 20 * rtt)
+
+    def measure(self, ctx: Context) -> dict:
+        lat = ctx.session.echo_latencies(self.samples(ctx.quick), timeout=20.0)
+        return {"median": lat, "p95": lat}
+
+
+class CtrlC(Scenario):
+    """`yes` floods the terminal; time from Ctrl-C to the next command's output."""
+
+    name = "ctrl_c"
+    title = "Ctrl-C during flood"
+    samples_full, samples_quick = 3, 1
+    flood_seconds = 1.5
+    metrics = (Metric("ctrl_c", "Ctrl-C during yes flood", "ms"),)
+
+    def measure(self, ctx: Context) -> dict:
+        session, times = ctx.session, []
+        for _ in range(self.samples(ctx.quick)):
+            session.term.send(b"yes\r")
+            flood = session.term.drain(quiet=2.0, limit=self.flood_seconds)
+            if flood.count(b"y") < 10:  # mosh sends only screen states: few bytes
+                raise ScenarioError("the yes flood did not start")
+            pressed = time.monotonic()
+            session.term.send(b"\x03")
+            times.append(session.timed_command("C", 60.0, since=pressed))
+            session.settle()
+        return {"ctrl_c": times}
+
+
+class Bulk(Scenario):
+    """Output throughput: base64 of random bytes until a marker after it appears."""
+
+    name = "bulk"
+    title = "bulk output"
+    samples_full, samples_quick = 3, 1
+    metrics = (Metric("throughput", "bulk output", "MB/s", scale=1.0, better="higher"),)
+
+    def measure(self, ctx: Context) -> dict:
+        raw = (32 if not ctx.quick else 8) * 1000 * 1000
+        produced = raw * 4 / 3 * (1 + 1 / 100)  # base64 -w 100 output, newlines included
+        rates = []
+        for _ in range(self.samples(ctx.quick)):
+            elapsed = ctx.session.timed_command(
+                "B", 120.0, prefix=f"head -c {raw} /dev/urandom | base64 -w 100; ".encode())
+            rates.append(produced / elapsed / 1e6)
+            ctx.session.settle()
+        return {"throughput": rates}
+
+
+class Outage(Scenario):
+    """Blackout both ways; a command typed during it; time from the network's return
+    until the command's output shows."""
+
+    needs = "outage"
+    samples_full = samples_quick = 1
+
+    def __init__(self, seconds: float, in_quick: bool) -> None:
+        self.seconds = seconds
+        self.in_quick = in_quick
+        self.name = f"outage_{int(seconds)}s"
+        self.title = f"recovery after {int(seconds)} s outage"
+        self.metrics = (Metric("recovery", self.title, "s", scale=1.0),)
+        self.budget = 120.0 + seconds
+
+    def measure(self, ctx: Context) -> dict:
+        ctx.relay.blackout(self.seconds)
+        restored = time.monotonic() + self.seconds
+        time.sleep(min(1.0, self.seconds / 2))
+        return {"recovery": [ctx.session.timed_command("O", 90.0 + self.seconds,
+                                                       since=restored)]}
+
+
+class Roam(Scenario):
+    """The relay rebinds (the client's address as the server sees it changes); time from
+    the rebind until a command typed right after it has run."""
+
+    name = "roam"
+    title = "roaming recovery"
+    needs = "roam"
+    samples_full, samples_quick = 3, 1
+    metrics = (Metric("roam", "roaming recovery", "ms"),)
+
+    def measure(self, ctx: Context) -> dict:
+        times = []
+        for _ in range(self.samples(ctx.quick)):
+            moved = time.monotonic()
+            ctx.relay.rebind()
+            times.append(ctx.session.timed_command("M", 60.0, since=moved))
+            ctx.session.settle()
+        return {"roam": times}
+
+
+class Idle(Scenario):
+    """Server-side CPU and memory of one idle session (and the client's CPU)."""
+
+    name = "idle"
+    title = "idle session"
+    metrics = (Metric("server_cpu", "server idle CPU", "%", scale=1.0),
+               Metric("server_rss", "server RSS per session", "MB", scale=1.0),
+               Metric("client_cpu", "client idle CPU", "%", scale=1.0))
+
+    def measure(self, ctx: Context) -> dict:
+        seconds = 4.0 if ctx.quick else 10.0
+        client = ctx.session.client
+        time.sleep(1.0)
+        server0, _ = session_usage(ctx.tool, client)
+        client0, _ = client_usage(client)
+        time.sleep(seconds)
+        server1, rss = session_usage(ctx.tool, client)
+        client1, _ = client_usage(client)
+        if rss == 0:
+            raise ScenarioError("no server process found for the session")
+        return {"server_cpu": [(server1 - server0) / seconds * 100],
+                "server_rss": [rss / 1e6],
+                "client_cpu": [(client1 - client0) / seconds * 100]}
+
+
+SCENARIOS = (
+    Connect(),
+    Echo("echo_0ms", "echo 0 ms RTT", rtt=0.0),
+    Echo("echo_100ms", "echo 100 ms RTT", rtt=0.1),
+    CtrlC(),
+    Bulk(),
+    Outage(5.0, in_quick=True),
+    Outage(20.0, in_quick=False),
+    Roam(),
+    Echo("loss_10", "echo 10% loss 50 ms RTT", rtt=0.05, loss=0.10, needs="loss"),
+    Echo("loss_30", "echo 30% loss 50 ms RTT", rtt=0.05, loss=0.30, needs="loss"),
+    Idle(),
+)
+
+SCENARIO_NAMES = tuple(s.name for s in SCENARIOS)
+
+
+def selected(only: list[str], quick: bool) -> list[Scenario]:
+    """The scenarios to run: ``only`` (names or prefixes) if given, else all (or the
+    quick set)."""
+    if only:
+        picked = [s for s in SCENARIOS if any(s.name == o or s.name.startswith(o) for o in only)]
+        unknown = [o for o in only if not any(s.name.startswith(o) for s in SCENARIOS)]
+        if unknown:
+            raise ValueError(f"unknown scenario {', '.join(unknown)} "
+                             f"(known: {', '.join(SCENARIO_NAMES)})")
+        return picked
+    return [s for s in SCENARIOS if s.in_quick or not quick]
+

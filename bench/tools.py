@@ -1,0 +1,331 @@
+"""Per-tool adapters for the benchmark: how to start a server and open a session.
+
+Why adapters: one scenario runner measures moshpit, OpenSSH and Mosh the same way; all that
+differs between them is how a server is started, how a client is launched (always inside a
+real PTY) and which server processes belong to a session.  Every process is started with
+tests/proc_util.py and stopped by PID.  Only loopback addresses are used: servers listen on
+127.0.0.1 and clients reach them through the impairment relay's front alias.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, proc_usage, wait_for
+from relay import Relay, free_port, random_front_alias
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACK = "127.0.0.1"
+CLIENT_ENV = {"LANG": "C.UTF-8", "TERM": "xterm-256color"}
+
+
+def tcp_listening(host: str, port: int) -> bool:
+    """True if a socket listens on IPv4 ``host``:``port`` (or the wildcard), read from
+    /proc/net/tcp so the server under test never sees a probe connection (it would log a
+    failed handshake)."""
+    wanted = {f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}", f"00000000:{port:04X}"}
+    with open("/proc/net/tcp") as f:
+        rows = f.read().splitlines()[1:]
+    return any(cols[1] in wanted and cols[3] == "0A" for cols in (row.split() for row in rows))
+
+
+class Network:
+    """The relay between client and server for one measurement: a random front alias, fresh
+    ports (free on both addresses) and impairment applied to TCP too, so OpenSSH feels the
+    same delay and outages as the UDP tools."""
+
+    def __init__(self, tcp: bool, udp: bool, seed: int) -> None:
+        self.front = random_front_alias()
+        hosts = (BACK, self.front)
+        self.tcp_port = free_port(hosts, "tcp") if tcp else None
+        self.udp_port = free_port(hosts, "udp") if udp else None
+        self.relay = Relay(front=self.front, back=BACK,
+                           tcp_ports=[self.tcp_port] if tcp else [],
+                           udp_ports=[self.udp_port] if udp else [],
+                           seed=seed, impair_tcp=True)
+
+    def __enter__(self) -> Network:
+        self.relay.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.relay.close()
+
+
+class Client:
+    """A running client: its PTY plus whatever must be stopped with it."""
+
+    def __init__(self, term: PtyProcess, extra_pids: tuple = ()) -> None:
+        self.term = term
+        self.extra_pids = list(extra_pids)
+
+    def close(self) -> None:
+        """Ask the shell to exit (so servers end the session cleanly), then kill by PID."""
+        if self.term.poll() is None and not self.term.eof:
+            try:
+                self.term.send(b"\x03\x15exit\r")
+                self.term.read_to_eof(3.0)
+            except (OSError, TimeoutError, EOFError):
+                pass
+        self.term.close()
+        for pid in self.extra_pids:
+            kill_pid(pid)
+
+
+class Tool:
+    """Base adapter.  Subclasses set ``name``, ``uses_tcp``/``uses_udp`` and ``lacks`` (the
+    scenario capabilities they cannot take part in, with the reason)."""
+
+    name = ""
+    uses_tcp = False
+    uses_udp = False
+    lacks: dict = {}
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.server: ManagedProcess | None = None
+
+    def missing(self) -> str | None:
+        """Why this tool cannot run here (None when it can)."""
+        return None
+
+    def version(self) -> str:
+        return ""
+
+    def start_server(self, net: Network) -> None:
+        """Start the server side for ``net`` (no-op for tools whose server is per session)."""
+
+    def connect(self, net: Network) -> Client:
+        """Launch a client in a PTY toward ``net.front``; returns at once (not yet ready)."""
+        raise NotImplementedError
+
+    def session_pids(self, client: Client) -> list[int]:
+        """Server-side processes serving ``client``'s session, excluding the shell."""
+        raise NotImplementedError
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def server_log(self) -> str:
+        return self.server.read_log() if self.server else ""
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def _pty(self, argv: list, env_extra: dict | None = None) -> PtyProcess:
+        env = dict(os.environ, **CLIENT_ENV)
+        env.update(env_extra or {})
+        return PtyProcess(argv, env=env, rows=40, cols=120)
+
+
+def _run_version(argv: list) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (out.stdout + out.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def _sum_usage(pids: list[int]) -> tuple[float, int]:
+    cpu = rss = 0
+    for pid in pids:
+        try:
+            c, r = proc_usage(pid)
+        except (OSError, ValueError):
+            continue
+        cpu += c
+        rss += r
+    return cpu, rss
+
+
+class Moshpit(Tool):
+    """mps.py on 127.0.0.1 (TOML config in a temp dir, HOME pointing there) and mp.py."""
+
+    name = "moshpit"
+    uses_tcp = uses_udp = True
+
+    def missing(self) -> str | None:
+        for script in ("mps.py", "mp.py", "moshpit_keys.py"):
+            if not os.path.exists(os.path.join(REPO, script)):
+                return f"{script} is not in the repository yet"
+        return None
+
+    def version(self) -> str:
+        return _run_version([sys.executable, os.path.join(REPO, "mp.py"), "-V"])
+
+    def _make_keys(self) -> None:
+        """Host key, client identity and authorized_keys via the keys module (bench only)."""
+        sys.path.insert(0, REPO)
+        import moshpit_keys as keys  # noqa: PLC0415  (product code, only when benchmarked)
+
+        for stem in ("host_key", "id_ed25519"):
+            key = keys.PrivateKey.generate(comment=f"bench-{stem}")
+            keys.save_private_key(self._path(stem), key)
+            keys.save_public_key(self._path(stem + ".pub"), key.public)
+        with open(self._path("id_ed25519.pub")) as f:
+            line = f.read()
+        fd = os.open(self._path("authorized_keys"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(line)
+
+    def _env(self, home: str) -> dict:
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        return dict(os.environ, HOME=home, **CLIENT_ENV)
+
+    def start_server(self, net: Network) -> None:
+        if not os.path.exists(self._path("host_key")):
+            self._make_keys()
+        config = self._path("mps.toml")
+        with open(config, "w") as f:
+            f.write("[mps]\n"
+                    f'ip = "{BACK}"\n'
+                    f"port = {net.tcp_port}\n"
+                    f'udp_port_range = "{net.udp_port}-{net.udp_port}"\n'
+                    f'authorized_keys_file = "{self._path("authorized_keys")}"\n'
+                    f'private_key_path = "{self._path("host_key")}"\n'
+                    f'public_key_path = "{self._path("host_key.pub")}"\n')
+        self.server = ManagedProcess(
+            [sys.executable, os.path.join(REPO, "mps.py"), "-c", config],
+            env=self._env(self._path("server_home")), cwd=REPO, log=self._path("mps.log"))
+        wait_for(lambda: tcp_listening(BACK, net.tcp_port) or self.server.poll() is not None,
+                 15, "mps.py to listen")
+        if self.server.poll() is not None:
+            raise RuntimeError(f"mps.py exited: {self.server.read_log(800)}")
+
+    def connect(self, net: Network) -> Client:
+        argv = [sys.executable, os.path.join(REPO, "mp.py"), "-s", str(net.tcp_port),
+                "-p", self._path("id_ed25519"), "--strict-host-key-checking", "accept-new",
+                f"root@{net.front}"]
+        env = self._env(self._path("client_home"))
+        return Client(PtyProcess(argv, env=env, cwd=REPO, rows=40, cols=120))
+
+    def session_pids(self, client: Client) -> list[int]:
+        return [self.server.pid] if self.server else []
+
+
+class OpenSSH(Tool):
+    """sshd -D on 127.0.0.1 with throwaway host/user keys and a temp config; ssh client."""
+
+    name = "ssh"
+    uses_tcp = True
+    lacks = {"loss": "TCP through a userspace relay cannot model packet loss",
+             "outage": "a relay can only freeze TCP, not model a real outage",
+             "roam": "ssh cannot follow an address change"}
+    SSHD = "/usr/sbin/sshd"
+
+    def missing(self) -> str | None:
+        if not (os.path.exists(self.SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")):
+            return "openssh-server/openssh-client not installed (apt-get install openssh-server)"
+        if os.geteuid() != 0:
+            return "sshd needs root to log in as root on loopback"
+        return None
+
+    def version(self) -> str:
+        return _run_version(["ssh", "-V"])
+
+    def start_server(self, net: Network) -> None:
+        for stem in ("host", "id"):
+            if not os.path.exists(self._path(stem)):
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench",
+                                "-f", self._path(stem)], check=True, timeout=30)
+        shutil.copyfile(self._path("id.pub"), self._path("authorized_keys"))
+        os.chmod(self._path("authorized_keys"), 0o600)
+        config = self._path("sshd_config")
+        with open(config, "w") as f:
+            f.write(f"Port {net.tcp_port}\nListenAddress {BACK}\n"
+                    f"HostKey {self._path('host')}\nPidFile {self._path('sshd.pid')}\n"
+                    f"AuthorizedKeysFile {self._path('authorized_keys')}\n"
+                    "StrictModes no\nPasswordAuthentication no\n"
+                    "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+                    "UsePAM no\nPrintMotd no\nPrintLastLog no\nUseDNS no\n")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+        self.server = ManagedProcess([self.SSHD, "-D", "-e", "-f", config],
+                                     log=self._path("sshd.log"))
+        wait_for(lambda: tcp_listening(BACK, net.tcp_port) or self.server.poll() is not None,
+                 15, "sshd to listen")
+        if self.server.poll() is not None:
+            raise RuntimeError(f"sshd exited: {self.server.read_log(800)}")
+
+    def connect(self, net: Network) -> Client:
+        argv = ["ssh", "-F", "/dev/null", "-i", self._path("id"), "-o", "IdentitiesOnly=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-p", str(net.tcp_port),
+                f"root@{net.front}"]
+        return Client(self._pty(argv))
+
+    def session_pids(self, client: Client) -> list[int]:
+        """The per-connection sshd processes (privileged monitor + session), not the shell."""
+        if not self.server:
+            return []
+        pids = []
+        for pid in proc_children(self.server.pid):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip().startswith("sshd"):
+                        pids.append(pid)
+            except OSError:
+                continue
+        return pids
+
+
+class Mosh(Tool):
+    """mosh-server new -i 127.0.0.1 -p PORT per session (no ssh), mosh-client with MOSH_KEY.
+
+    Prediction is off (MOSH_PREDICTION_DISPLAY=never) so echo times measure the network
+    path, as the loss comparison requires."""
+
+    name = "mosh"
+    uses_udp = True
+    CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
+    DETACHED = re.compile(rb"detached, pid = (\d+)")
+
+    def missing(self) -> str | None:
+        if not (shutil.which("mosh-server") and shutil.which("mosh-client")):
+            return "mosh not installed (apt-get install mosh)"
+        return None
+
+    def version(self) -> str:
+        return _run_version(["mosh-client", "--version"])
+
+    def connect(self, net: Network) -> Client:
+        env = dict(os.environ, **CLIENT_ENV)
+        out = subprocess.run(["mosh-server", "new", "-i", BACK, "-p", str(net.udp_port),
+                              "-l", "LANG=C.UTF-8"], capture_output=True, env=env, timeout=15)
+        found, pid = self.CONNECT.search(out.stdout), self.DETACHED.search(out.stderr)
+        if pid and not found:
+            kill_pid(int(pid.group(1)))
+        if not (found and pid):
+            raise RuntimeError(f"mosh-server did not start: {out.stderr[-400:]!r}")
+        term = self._pty(["mosh-client", net.front, found.group(1).decode()],
+                         {"MOSH_KEY": found.group(2).decode(),
+                          "MOSH_PREDICTION_DISPLAY": "never"})
+        return Client(term, extra_pids=(int(pid.group(1)),))
+
+    def session_pids(self, client: Client) -> list[int]:
+        return list(client.extra_pids)
+
+
+TOOLS = (Moshpit, OpenSSH, Mosh)
+
+
+def session_usage(tool: Tool, client: Client) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) summed over the server processes of ``client``'s session."""
+    return _sum_usage(tool.session_pids(client))
+
+
+def client_usage(client: Client) -> tuple[float, int]:
+    return _sum_usage([client.term.pid])
+
+
+def make_workdir(tool_name: str) -> str:
+    """A private temp dir (0700, under root-owned sticky /tmp: safe for strict modes)."""
+    return tempfile.mkdtemp(prefix=f"bench-{tool_name}-")
