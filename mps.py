@@ -35,7 +35,7 @@ import sys
 import termios
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import moshpit
 import moshpit_handshake as handshake
@@ -240,6 +240,7 @@ class Session:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._to_pty = bytearray()  # client input not yet taken by the PTY
+        self._client_addr = None  # where the client's UDP packets come from
         self._pty_eof = False
         self._exit_status: Optional[int] = None
         self._drain_until = 0.0
@@ -252,7 +253,7 @@ class Session:
     def start(self, keys, peer) -> None:
         """The handshake completed: create the Connection and run the session thread."""
         self.conn = transport.Connection("server", keys, time.monotonic())
-        self.link = transport.UdpLink(self.udp_sock, self.conn)
+        self.link = transport.UdpLink(self.conn, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
         self.thread.start()
@@ -344,7 +345,8 @@ class Session:
         return events
 
     def _timeout(self, now: float) -> float:
-        deadlines = [self.link.timeout(now), self._deadline()]
+        link_timeout = self.link.timeout(now)
+        deadlines = [None if link_timeout is None else now + link_timeout, self._deadline()]
         if self._exit_status is None:
             deadlines.append(now + CHILD_POLL_SECS)
         elif not self._ending:
@@ -386,7 +388,9 @@ class Session:
             elif isinstance(event, transport.ShutdownReceived):
                 self._end(f"client: {event.reason}", now, 0.0)
             elif isinstance(event, transport.PeerAddressChanged):
-                log.info("session %s: client now at %s", self.name, _fmt_addr(event.addr))
+                if self._client_addr is not None:  # roamed (the first packet is no news)
+                    log.info("session %s: client now at %s", self.name, _fmt_addr(event.addr))
+                self._client_addr = event.addr
 
     def _write_pty(self) -> None:
         if self._to_pty and self.shell.master_fd is not None:
@@ -474,36 +478,27 @@ def _fmt_addr(addr) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _udp_bind_address(local: tuple) -> Tuple[int, tuple]:
-    """Family and bind address (port 0 for now) for a session UDP socket on the local address
-    of the accepted TCP connection (DESIGN 5); IPv4-mapped IPv6 becomes plain IPv4."""
+def _udp_host(local: tuple) -> str:
+    """The address to bind a session's UDP socket on: the local address of the accepted TCP
+    connection (DESIGN 5); IPv4-mapped IPv6 (dual-stack listener) becomes plain IPv4."""
     host = local[0]
     if host.startswith("::ffff:") and "." in host:
-        return socket.AF_INET, (host[len("::ffff:"):], 0)
-    if ":" in host:
-        return socket.AF_INET6, (host, 0, 0, local[3] if len(local) > 3 else 0)
-    return socket.AF_INET, (host, 0)
+        return host[len("::ffff:"):]
+    return host
 
 
 def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
     """A UDP socket bound on ``local``'s address to a free port in [lo, hi] (the bind is the
     allocation, so concurrent handshakes cannot collide), or None if every port is taken.
     Starts at a random port so a busy range is not scanned from its start every time."""
-    family, address = _udp_bind_address(local)
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    host = _udp_host(local)
     first = random.randint(lo, hi)
     for i in range(hi - lo + 1):
-        port = lo + (first - lo + i) % (hi - lo + 1)
         try:
-            sock.bind((address[0], port) + address[2:])
+            return transport.udp_socket(host, lo + (first - lo + i) % (hi - lo + 1))
         except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                continue
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
-    sock.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
     return None
 
 

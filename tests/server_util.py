@@ -9,6 +9,9 @@ file naming them -- and a server process that is certainly stopped (by PID) afte
            trusting server.host_key.public...
     # stopped here (SIGTERM, then SIGKILL)
 
+``TestClient`` is a minimal client built from the real handshake and transport (no terminal):
+``connect()``, ``send()``, ``resize()``, ``read_until()``, ``wait_closed()``, ``resume()``.
+
 The server runs with ``HOME`` set to a fresh directory and its log at ``server.log_path``
 (``server.log()`` reads it, failures show it). ``run_as`` runs it as another user (for the
 non-root server tests; the directory must then be one that user can reach).
@@ -19,18 +22,23 @@ from __future__ import annotations
 import os
 import pwd
 import random
+import re
+import select
 import signal
 import socket
 import subprocess
 import sys
-from typing import Dict, Optional, Sequence
+import time
+from typing import Dict, Optional, Sequence, Union
 
 from proc_util import kill_pid, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import moshpit_keys  # noqa: E402  (needs the repo on sys.path)
+import moshpit_handshake  # noqa: E402  (needs the repo on sys.path)
+import moshpit_keys  # noqa: E402
+import moshpit_transport  # noqa: E402
 
 MPS = os.path.join(REPO, "mps.py")
 READY_LINE = "listening on"
@@ -221,3 +229,171 @@ def run_mps(args: Sequence[str], env: Dict[str, str], timeout: float = 20.0,
     return subprocess.run([sys.executable, MPS, *args], env=env, cwd=cwd, timeout=timeout,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
 
+
+
+class TestClient:
+    """A minimal moshpit client for tests: moshpit_handshake.client_handshake plus a
+    moshpit_transport Connection/UdpLink, driven by ``pump()``; no terminal, no reconnect
+    logic of its own (``resume()`` does one resume handshake when a test asks for it).
+
+    Everything the server sent is in ``output``; ``read_until`` consumes it from ``pos``.
+    ``exit_status`` / ``shutdown_reason`` are set when the session ends.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, host: str, port: int, identity: moshpit_keys.PrivateKey,
+                 host_key: moshpit_keys.PublicKey, user: Optional[str] = None,
+                 term: str = "xterm", rows: int = 24, cols: int = 80,
+                 env: Optional[Dict[str, str]] = None):
+        self.host, self.port = host, port
+        self.identity = identity
+        self.host_key = host_key
+        self.user = user or pwd.getpwuid(os.geteuid()).pw_name
+        self.term, self.rows, self.cols = term, rows, cols
+        self.env = env or {}
+        self.output = bytearray()
+        self.pos = 0
+        self.exit_status: Optional[int] = None
+        self.shutdown_reason: Optional[str] = None
+        self.grant = None
+        self.conn: Optional[moshpit_transport.Connection] = None
+        self.link: Optional[moshpit_transport.UdpLink] = None
+
+    @classmethod
+    def for_server(cls, server: MpsServer, **kwargs) -> TestClient:
+        host = kwargs.pop("host", "::1" if server.ip == "::1" else "127.0.0.1")
+        return cls(host, server.port, kwargs.pop("identity", server.client_key),
+                   server.host_key.public, **kwargs)
+
+    def _verify(self, key: moshpit_keys.PublicKey) -> None:
+        if key != self.host_key:
+            raise moshpit_handshake.HostKeyError(f"unexpected host key {key.fingerprint()}")
+
+    def _handshake(self, resume: bool, timeout: float):
+        request = moshpit_handshake.ClientRequest(
+            user=self.user, term=self.term, rows=self.rows, cols=self.cols, env=self.env)
+        if resume:
+            request.resume_session_id = self.grant.session_id
+            request.resume_secret = self.grant.resume_secret
+            request.resume_recv_offset = self.conn.recv_offset
+        return moshpit_handshake.client_handshake(self.host, self.port, self.identity, request,
+                                                  self._verify, timeout=timeout)
+
+    def connect(self, timeout: float = 15.0) -> TestClient:
+        """New session (raises the handshake's AuthRefused/HandshakeError)."""
+        result = self._handshake(False, timeout)
+        self.grant = result.grant
+        peer = (result.server_addr[0], result.grant.udp_port)
+        self.conn = moshpit_transport.Connection("client", result.keys, time.monotonic(),
+                                                 peer_addr=peer)
+        local = "::1" if ":" in peer[0] else "127.0.0.1"
+        self.link = moshpit_transport.UdpLink.bind(self.conn, local)
+        self.link.flush(time.monotonic())
+        return self
+
+    def resume(self, timeout: float = 15.0) -> None:
+        """Re-attach from a new local UDP port (like a client after an outage)."""
+        self.link.hop_port()
+        result = self._handshake(True, timeout)
+        self.grant = result.grant
+        peer = (result.server_addr[0], result.grant.udp_port)
+        self.conn.rekey(result.keys, result.grant.recv_offset, time.monotonic(),
+                        peer_addr=peer)
+        self.link.flush(time.monotonic())
+
+    def send(self, data: Union[bytes, str]) -> None:
+        self.conn.send(data.encode() if isinstance(data, str) else data)
+        self.link.flush(time.monotonic())
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.conn.send_resize(rows, cols)
+        self.link.flush(time.monotonic())
+
+    def quit(self) -> None:
+        """What Ctrl-^ . does: tell the server, flush briefly."""
+        self.conn.send_shutdown("client quit")
+        deadline = time.monotonic() + 2.0
+        while not self.conn.all_acked() and time.monotonic() < deadline:
+            self.pump(0.05)
+
+    def pump(self, timeout: float) -> None:
+        """One round: wait up to ``timeout`` for datagrams or timers, handle, send."""
+        now = time.monotonic()
+        link_timeout = self.link.timeout(now)
+        wait = timeout if link_timeout is None else min(timeout, link_timeout)
+        ready, _, _ = select.select([self.link], [], [], max(0.0, wait))
+        now = time.monotonic()
+        if ready:
+            self.link.handle_readable(now)
+        while True:
+            event = self.conn.next_event()
+            if event is None:
+                break
+            if isinstance(event, moshpit_transport.DataReceived):
+                self.output += event.data
+            elif isinstance(event, moshpit_transport.SessionClosed):
+                self.exit_status = event.exit_status
+            elif isinstance(event, moshpit_transport.ShutdownReceived):
+                self.shutdown_reason = event.reason
+        self.link.flush(now)
+
+    def pump_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.pump(deadline - time.monotonic())
+
+    def read_until(self, pattern: Union[bytes, str, re.Pattern[bytes]],
+                   timeout: float = 15.0) -> bytes:
+        """Output from ``pos`` up to the end of the first match (consumed); TimeoutError
+        with the output tail otherwise."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.output, self.pos)
+            if match:
+                out = bytes(self.output[self.pos:match.end()])
+                self.pos = match.end()
+                return out
+            if time.monotonic() >= deadline or self.ended:
+                raise TimeoutError(f"no {pattern!r} within {timeout:g}s (ended: "
+                                   f"{self.exit_status}, {self.shutdown_reason}); output "
+                                   f"tail: {bytes(self.output[-600:])!r}")
+            self.pump(min(0.5, deadline - time.monotonic()))
+
+    def run(self, command: str, timeout: float = 15.0) -> str:
+        """Type ``command`` into the shell and return its output (text between markers that
+        only the command's output, not the echoed command line, contains)."""
+        tag = f"{random.randrange(10**8):08d}"
+        self.send(f"echo S{tag}$((1)); {command}; echo E{tag}$((1))\n")
+        self.read_until(f"S{tag}1", timeout)
+        body = self.read_until(f"E{tag}1", timeout)
+        return body[:-len(f"E{tag}1")].decode("utf-8", "replace").replace("\r\n", "\n").strip()
+
+    @property
+    def ended(self) -> bool:
+        return self.exit_status is not None or self.shutdown_reason is not None
+
+    def wait_closed(self, timeout: float = 15.0) -> int:
+        """The shell's exit status as the server reports it."""
+        deadline = time.monotonic() + timeout
+        while self.exit_status is None:
+            if time.monotonic() >= deadline or self.shutdown_reason is not None:
+                raise TimeoutError(f"session not closed within {timeout:g}s (shutdown: "
+                                   f"{self.shutdown_reason}); output tail: "
+                                   f"{bytes(self.output[-600:])!r}")
+            self.pump(min(0.5, deadline - time.monotonic()))
+        self.pump_for(0.1)  # let the final ack go out
+        return self.exit_status
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+    def __enter__(self) -> TestClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
