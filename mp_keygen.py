@@ -43,9 +43,9 @@ class Terminal:
     def ask(self, prompt: str, secret: bool = False) -> str:
         """One line of the user's answer, without its newline. End of input cancels."""
         fd = self._stream.fileno()
-        saved = termios.tcgetattr(fd)
         if secret:  # echo off before the prompt shows, so no typed-ahead key is echoed
-            quiet = termios.tcgetattr(fd)
+            saved = termios.tcgetattr(fd)
+            quiet = list(saved)
             quiet[3] &= ~termios.ECHO
             termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
         try:
@@ -107,8 +107,8 @@ def generate(args: argparse.Namespace, terminal: Terminal | None) -> int:
         path = terminal.ask(f"Enter file in which to save the key ({default_path}): ").strip()
     path = os.path.abspath(os.path.expanduser(path or default_path))
     pub_path = path + ".pub"
-    exists = os.path.lexists(path) or os.path.lexists(pub_path)
-    if exists and not args.force and not _confirm_overwrite(terminal, path):
+    existing = next((p for p in (path, pub_path) if os.path.lexists(p)), None)
+    if existing and not args.force and not _confirm_overwrite(terminal, existing):
         print("Not overwritten.")
         return 1
     passphrase = args.passphrase

@@ -104,6 +104,14 @@ def test_generate_refuses_to_overwrite_without_force(tmp_path, keypair):
     assert mk.load_public_key(path + ".pub") != pub
 
 
+def test_generate_counts_a_lone_public_key_as_existing(tmp_path):
+    pub = tmp_path / "id.pub"
+    pub.write_text("keep me\n")
+    result = run(tmp_path, "generate", "-f", str(tmp_path / "id"), "-N", "")
+    assert_clean_error(result, f"{pub} already exists: pass --force")
+    assert pub.read_text() == "keep me\n"
+
+
 def test_generate_needs_passphrase_option_without_terminal(tmp_path):
     path = tmp_path / "id"
     result = run(tmp_path, "generate", "-f", str(path))
