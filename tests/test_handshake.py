@@ -1,0 +1,354 @@
+"""Sans-IO handshake machines and SSHSIG: the protocol and its crypto without sockets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+from handshake_util import Flow, frame, grant, split_frames
+
+import moshpit_handshake as hs
+from moshpit import PROTOCOL_VERSION
+from moshpit_keys import PrivateKey, PublicKey, load_private_key, ssh_string
+
+pytestmark = pytest.mark.timeout(60)
+
+# Points of small order on Curve25519 (and non-canonical encodings of them), as listed by
+# libsodium and the X25519 test vectors: each must yield an all-zero secret and be refused.
+LOW_ORDER_POINTS = [bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+)]
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return PrivateKey.generate("alice@laptop"), PrivateKey.generate("root@server")
+
+
+def client_hello(version=PROTOCOL_VERSION, public=None, ciphers=b"chacha20-poly1305") -> bytes:
+    public = public if public is not None else PrivateKey.generate().public.raw
+    return frame(bytes([1]) + struct.pack(">H", version) + os.urandom(32) + public
+                 + ssh_string(ciphers))
+
+
+# ---------------------------------------------------------------------------
+# Happy paths and key schedule
+# ---------------------------------------------------------------------------
+
+
+def test_both_sides_agree_on_keys_and_grant(keys):
+    identity, host = keys
+    request = hs.ClientRequest("alice", term="xterm-256color", rows=50, cols=132,
+                               env={"LANG": "C.UTF-8", "LC_TIME": "de_DE.UTF-8"})
+    flow = Flow(identity, host, request)
+    offered = grant(recv_offset=7)
+    requested, done = flow.run(offered)
+    auth = requested.auth
+    assert auth.user == "alice" and auth.client_key == identity.public
+    assert auth.request == request
+    assert auth.peer == ("192.0.2.1", 1234) and auth.local == ("192.0.2.2", 40404)
+    assert done.grant == offered and done.host_key == host.public
+    assert done.keys == auth.keys
+    assert done.keys.cipher == "chacha20-poly1305"
+    assert len(done.keys.client_to_server) == len(done.keys.server_to_client) == 32
+    assert done.keys.client_to_server != done.keys.server_to_client
+    assert len(done.keys.conn_id) == 8
+    assert not auth.resume_proof_valid(os.urandom(32))  # no resume was asked for
+
+
+def test_every_handshake_has_fresh_keys(keys):
+    first = Flow(*keys).run()[1].keys
+    second = Flow(*keys).run()[1].keys
+    assert first.client_to_server != second.client_to_server
+    assert first.conn_id != second.conn_id
+
+
+def test_secrets_are_not_in_reprs(keys):
+    requested, done = Flow(*keys).run()
+    text = repr(requested) + repr(done)
+    for secret in (done.keys.client_to_server, done.keys.server_to_client,
+                   done.grant.resume_secret):
+        assert repr(secret)[2:-1] not in text
+
+
+def test_resume_proof_binds_secret_and_handshake(keys):
+    secret = os.urandom(32)
+    request = hs.ClientRequest("alice", resume_session_id=os.urandom(16),
+                               resume_recv_offset=99, resume_secret=secret)
+    auth = Flow(*keys, request).run()[0].auth
+    assert auth.request.resume_session_id == request.resume_session_id
+    assert auth.request.resume_recv_offset == 99
+    assert auth.request.resume_secret is None  # never sent
+    assert auth.resume_proof_valid(secret)
+    assert not auth.resume_proof_valid(os.urandom(32))
+    # The proof is bound to this transcript: it is worthless in another handshake.
+    other = Flow(*keys, request).run()[0].auth
+    assert other.resume_proof != auth.resume_proof
+
+
+def test_resume_needs_the_secret(keys):
+    with pytest.raises(hs.HandshakeError, match="resume secret"):
+        hs.ClientHandshake(keys[0], hs.ClientRequest("alice", resume_session_id=os.urandom(16)))
+
+
+def test_refusal_codes_reach_the_client(keys):
+    for code, final in ((hs.PERMISSION_DENIED, True), (hs.NO_SUCH_SESSION, True),
+                        (hs.SERVER_BUSY, False), (hs.SHUTTING_DOWN, False),
+                        ("anything else", True)):
+        flow = Flow(*keys)
+        flow.to_server()
+        flow.to_client()
+        flow.client.accept_host_key()
+        flow.to_server()
+        flow.server.refuse(code)
+        with pytest.raises(hs.HandshakeError) as raised:
+            flow.to_client()
+        assert isinstance(raised.value, hs.AuthRefused) == final
+        assert raised.value.code == (code if code in hs.REFUSAL_CODES else hs.PERMISSION_DENIED)
+
+
+def test_wrong_proof_of_possession_is_refused(keys):
+    """The client claims an identity whose private key it does not hold."""
+    identity, host = keys
+
+    class Impostor:
+        public = identity.public  # claims alice's key ...
+        sign = PrivateKey.generate().sign  # ... but signs with another one
+
+    flow = Flow(Impostor(), host)
+    flow.to_server()
+    flow.to_client()
+    flow.client.accept_host_key()
+    with pytest.raises(hs.AuthRefused, match="does not verify") as raised:
+        flow.to_server()
+    assert identity.public.fingerprint() in raised.value.log_reason
+    with pytest.raises(hs.AuthRefused) as told:
+        flow.to_client()  # the server's sealed refusal
+    assert told.value.code == hs.PERMISSION_DENIED
+
+
+def test_host_key_signature_is_checked(keys):
+    identity, host = keys
+
+    class ForgingHost:  # presents the real host key without holding it
+        public = host.public
+        sign = PrivateKey.generate().sign
+
+    flow = Flow(identity, ForgingHost())
+    flow.to_server()
+    with pytest.raises(hs.HandshakeError, match="signature does not verify"):
+        flow.to_client()
+
+
+# ---------------------------------------------------------------------------
+# Clean rejection of bad input
+# ---------------------------------------------------------------------------
+
+
+def server_after(data: bytes, host) -> hs.ServerHandshake:
+    server = hs.ServerHandshake(host)
+    server.receive_data(data)
+    return server
+
+
+def assert_refused_protocol_error(server: hs.ServerHandshake, match: str) -> None:
+    with pytest.raises(hs.HandshakeError, match=match) as raised:
+        server.next_event()
+    assert raised.value.code == hs.PROTOCOL_ERROR
+    assert split_frames(server.data_to_send())[-1] == frame(
+        bytes([6]) + ssh_string(b"protocol error"))
+
+
+@pytest.mark.parametrize("point", LOW_ORDER_POINTS, ids=range(len(LOW_ORDER_POINTS)))
+def test_low_order_x25519_keys_are_refused(keys, point):
+    assert_refused_protocol_error(server_after(client_hello(public=point), keys[1]),
+                                  "small order")
+    client = hs.ClientHandshake(*keys[:1], hs.ClientRequest("alice"))
+    client.receive_data(frame(bytes([2]) + struct.pack(">H", PROTOCOL_VERSION) + os.urandom(32)
+                              + point + ssh_string(b"chacha20-poly1305")))
+    with pytest.raises(hs.HandshakeError, match="small order"):
+        client.next_event()
+
+
+@pytest.mark.parametrize("data, match", [
+    (struct.pack(">I", hs.MAX_MESSAGE + 1), "outside 1..65536"),
+    (b"\xff\xff\xff\xff", "outside"),
+    (b"\x00\x00\x00\x00", "outside"),
+    (frame(b"\x07abc"), "expected ClientHello, got message type 7"),
+    (frame(b"\x04" + bytes(40)), "expected ClientHello, got ClientAuth"),
+    (frame(b"\x06" + ssh_string(b"server busy")), "server refused"),
+    (frame(b"\x01\x00"), "truncated"),
+    (client_hello(version=0), "protocol version 0"),
+    (client_hello(ciphers=b"rot13"), "no session cipher in common"),
+    (client_hello(ciphers=b"\xff"), "non-ASCII"),
+    (client_hello() + frame(b"\x04" + bytes(64)), "failed authentication"),
+    (client_hello() + frame(b"\x04"), "failed authentication"),
+])
+def test_malformed_input_is_rejected(keys, data, match):
+    server = server_after(data, keys[1])
+    with pytest.raises(hs.HandshakeError, match=match):
+        server.next_event()
+    assert split_frames(server.data_to_send())[-1] == frame(
+        bytes([6]) + ssh_string(b"protocol error"))
+    with pytest.raises(hs.HandshakeError, match=match):  # failed for good
+        server.next_event()
+
+
+def test_incomplete_message_waits(keys):
+    hello = client_hello()
+    server = server_after(hello[:-1], keys[1])
+    assert server.next_event() is None and server.data_to_send() == b""
+    server.receive_data(hello[-1:])
+    assert server.next_event() is None and server.data_to_send()  # ServerHello + ServerAuth
+
+
+def test_trailing_bytes_in_a_message_are_rejected(keys):
+    hello = client_hello()
+    padded = struct.pack(">I", len(hello) - 4 + 1) + hello[4:] + b"\x00"
+    assert_refused_protocol_error(server_after(padded, keys[1]), "trailing")
+
+
+def test_flooding_peer_is_cut_off(keys):
+    server = hs.ServerHandshake(keys[1])
+    for _ in range(40):
+        server.receive_data(bytes(4096))  # one 64 KiB frame would fit; this does not
+    assert_refused_protocol_error(server, "without waiting")
+
+
+def test_unauthenticated_refusals_are_never_final(keys):
+    for code, expected in ((b"permission denied", hs.PROTOCOL_ERROR),
+                           (b"no such session", hs.PROTOCOL_ERROR),
+                           (b"server busy", hs.SERVER_BUSY),
+                           (b"\xff\xfe", hs.PROTOCOL_ERROR)):
+        client = hs.ClientHandshake(keys[0], hs.ClientRequest("alice"))
+        client.receive_data(frame(b"\x06" + ssh_string(code)))
+        with pytest.raises(hs.HandshakeError) as raised:
+            client.next_event()
+        assert not isinstance(raised.value, hs.AuthRefused)
+        assert raised.value.code == expected
+
+
+def test_server_version_and_cipher_are_checked(keys):
+    for version, cipher, match in ((2, b"chacha20-poly1305", "protocol version 2"),
+                                   (1, b"des", "not offered")):
+        client = hs.ClientHandshake(keys[0], hs.ClientRequest("alice"))
+        client.receive_data(frame(bytes([2]) + struct.pack(">H", version) + os.urandom(32)
+                                  + PrivateKey.generate().public.raw + ssh_string(cipher)))
+        with pytest.raises(hs.HandshakeError, match=match):
+            client.next_event()
+
+
+def test_client_request_fields_are_validated_on_both_sides(keys):
+    identity, host = keys
+    bad = [hs.ClientRequest("-rf"), hs.ClientRequest("al ice"), hs.ClientRequest("a" * 70),
+           hs.ClientRequest("alice", term="xterm\x1b"), hs.ClientRequest("alice", rows=70000),
+           hs.ClientRequest("alice", env={"LD_PRELOAD": "/tmp/x.so"}),
+           hs.ClientRequest("alice", env={"LANG": "C UTF-8"}),
+           hs.ClientRequest("alice", resume_session_id=b"short", resume_secret=bytes(32))]
+    for request in bad:
+        with pytest.raises(hs.HandshakeError, match="cannot send the request"):
+            hs.ClientHandshake(identity, request)
+    encodable = [r for r in bad if r.rows <= 0xFFFF and r.resume_session_id is None]
+    for request in encodable:  # a modified client gets the same answer from the server
+        flow = Flow(identity, host)
+        flow.client._request = request
+        flow.to_server()
+        flow.to_client()
+        flow.client.accept_host_key()
+        with pytest.raises(hs.HandshakeError):
+            flow.to_server()
+
+
+def test_locale_env_keeps_only_locale_settings():
+    env = {"LANG": "en_US.UTF-8", "LC_ALL": "C", "LC_bad": "x", "LC_CTYPE": "a b",
+           "PATH": "/bin", "LANGUAGE": "en", "LD_PRELOAD": "x"}
+    assert hs.locale_env(env) == {"LANG": "en_US.UTF-8", "LC_ALL": "C"}
+    many = {f"LC_{'X' * n}": "C" for n in range(1, 40)}
+    assert len(hs.locale_env(many)) == hs.MAX_LOCALE_VARS
+
+
+def test_api_misuse_is_a_programming_error(keys):
+    flow = Flow(*keys)
+    with pytest.raises(RuntimeError):
+        flow.client.accept_host_key()
+    with pytest.raises(RuntimeError):
+        flow.server.accept(grant())
+    flow.run()
+    with pytest.raises(RuntimeError):
+        flow.server.refuse(hs.PERMISSION_DENIED)
+
+
+def test_malformed_grant_is_refused_locally(keys):
+    flow = Flow(*keys)
+    flow.to_server()
+    flow.to_client()
+    flow.client.accept_host_key()
+    flow.to_server()
+    for bad in (hs.SessionGrant(b"short", bytes(32), 1), hs.SessionGrant(bytes(16), bytes(32), 0)):
+        with pytest.raises(ValueError):
+            flow.server.accept(bad)
+
+
+# ---------------------------------------------------------------------------
+# SSHSIG
+# ---------------------------------------------------------------------------
+
+
+def test_sshsig_round_trip_and_binding(keys):
+    key = keys[0]
+    sig = hs.sshsig_sign(key, "moshpit-client", b"message")
+    assert sig.startswith(b"SSHSIG\x00\x00\x00\x01")
+    assert hs.sshsig_verify(key.public, "moshpit-client", b"message", sig)
+    assert not hs.sshsig_verify(key.public, "moshpit-client", b"messagE", sig)
+    assert not hs.sshsig_verify(key.public, "file", b"message", sig)
+    assert not hs.sshsig_verify(keys[1].public, "moshpit-client", b"message", sig)
+    for cut in range(len(sig)):
+        assert not hs.sshsig_verify(key.public, "moshpit-client", b"message", sig[:cut])
+    assert not hs.sshsig_verify(key.public, "moshpit-client", b"message", sig + b"\x00")
+    assert hs.sshsig_unarmor(hs.sshsig_armor(sig)) == sig
+    with pytest.raises(ValueError):
+        hs.sshsig_unarmor("-----BEGIN SSH SIGNATURE-----\n!!\n-----END SSH SIGNATURE-----\n")
+    with pytest.raises(ValueError):
+        hs.sshsig_sign(key, "", b"x")
+
+
+needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None,
+                                      reason="ssh-keygen is not installed")
+
+
+@needs_ssh_keygen
+def test_sshsig_interoperates_with_ssh_keygen(tmp_path):
+    key_path = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "t@x",
+                    "-f", str(key_path)], check=True, timeout=30)
+    key = load_private_key(str(key_path))
+    public = PublicKey.from_line((tmp_path / "id_ed25519.pub").read_text())
+    assert public == key.public
+    message = tmp_path / "message"
+    message.write_bytes(os.urandom(32))  # a transcript hash
+
+    # ssh-keygen signs, we verify.
+    subprocess.run(["ssh-keygen", "-Y", "sign", "-q", "-n", "moshpit-client", "-f", str(key_path),
+                    str(message)], check=True, timeout=30, capture_output=True)
+    theirs = hs.sshsig_unarmor((tmp_path / "message.sig").read_text())
+    assert hs.sshsig_verify(public, "moshpit-client", message.read_bytes(), theirs)
+    assert not hs.sshsig_verify(public, "file", message.read_bytes(), theirs)
+
+    # We sign, ssh-keygen verifies (and checks the namespace).
+    ours = tmp_path / "ours.sig"
+    ours.write_text(hs.sshsig_armor(hs.sshsig_sign(key, "moshpit-client", message.read_bytes())))
+    for namespace, accepted in (("moshpit-client", True), ("file", False)):
+        with open(message, "rb") as stdin:
+            check = subprocess.run(["ssh-keygen", "-Y", "check-novalidate", "-n", namespace,
+                                    "-s", str(ours)], stdin=stdin, capture_output=True,
+                                   timeout=30)
+        assert (check.returncode == 0) == accepted, check.stderr

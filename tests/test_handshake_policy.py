@@ -1,0 +1,282 @@
+"""Server and client trust policies: authorized_keys with strict modes, known_hosts."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from handshake_util import fake_user, write_authorized_keys
+
+import moshpit_handshake as hs
+from moshpit_keys import PrivateKey
+
+pytestmark = pytest.mark.timeout(60)
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing file owners needs root")
+OTHER_UID = 4343
+
+
+@pytest.fixture
+def key():
+    return PrivateKey.generate("alice@laptop").public
+
+
+@pytest.fixture
+def home(tmp_path, key):
+    """A home directory with a correct ~/.mp/authorized_keys holding ``key``."""
+    home = str(tmp_path / "home" / "alice")
+    write_authorized_keys(home, [key])
+    return home
+
+
+def refusal(pw, path=None) -> str:
+    with pytest.raises(hs.AuthRefused) as raised:
+        hs.authorized_keys_for(pw, path)
+    assert raised.value.code == hs.PERMISSION_DENIED
+    return raised.value.log_reason
+
+
+# ---------------------------------------------------------------------------
+# authorized_keys
+# ---------------------------------------------------------------------------
+
+
+def test_correct_setup_returns_the_keys(home, key):
+    assert hs.authorized_keys_for(fake_user(home)) == [key]
+
+
+@pytest.mark.parametrize("target, mode, reason", [
+    (".mp/authorized_keys", 0o644, "is mode 0644, must not be group/world accessible"),
+    (".mp/authorized_keys", 0o604, "is mode 0604, must not be group/world accessible"),
+    (".mp/authorized_keys", 0o620, "is mode 0620, must not be group/world accessible"),
+    (".mp", 0o755, "is mode 0755, must not be group/world accessible"),
+    (".mp", 0o710, "is mode 0710, must not be group/world accessible"),
+    ("", 0o775, "is mode 0775, must not be group/world writable"),
+    ("", 0o757, "is mode 0757, must not be group/world writable"),
+])
+def test_wrong_modes_are_refused_with_the_reason(home, target, mode, reason):
+    path = os.path.join(home, target) if target else home
+    os.chmod(path, mode)
+    assert refusal(fake_user(home)) == f"{path.rstrip('/')} {reason}"
+
+
+def test_readable_home_and_readonly_file_are_fine(home, key):
+    os.chmod(home, 0o711)
+    os.chmod(os.path.join(home, ".mp", "authorized_keys"), 0o400)
+    assert hs.authorized_keys_for(fake_user(home)) == [key]
+
+
+@needs_root
+@pytest.mark.parametrize("target", [".mp/authorized_keys", ".mp", ""])
+def test_wrong_owner_is_refused_with_the_reason(home, target):
+    path = os.path.join(home, target).rstrip("/")
+    os.chown(path, OTHER_UID, -1)
+    assert refusal(fake_user(home)) == (f"{path} is owned by uid {OTHER_UID},"
+                                        " must be owned by alice or root")
+
+
+@needs_root
+def test_files_owned_by_the_user_or_root_are_fine(home, key):
+    user_uid = 4242
+    for path in (home, os.path.join(home, ".mp"), os.path.join(home, ".mp", "authorized_keys")):
+        os.chown(path, user_uid, -1)
+    pw = fake_user(home, uid=user_uid)
+    assert hs.authorized_keys_for(pw) == [key]
+    os.chown(os.path.join(home, ".mp", "authorized_keys"), 0, -1)
+    assert hs.authorized_keys_for(pw) == [key]
+
+
+def test_writable_parent_above_home_is_not_checked(home, key, tmp_path):
+    """sshd's rule: ownership and modes matter up to the home directory."""
+    os.chmod(tmp_path / "home", 0o777)
+    assert hs.authorized_keys_for(fake_user(home)) == [key]
+
+
+def test_file_outside_home_is_checked_up_to_root(tmp_path, key):
+    shared = tmp_path / "shared"
+    keys_home = str(shared / "keys")
+    write_authorized_keys(keys_home, [key])
+    path = os.path.join(keys_home, ".mp", "authorized_keys")
+    pw = fake_user(str(tmp_path / "elsewhere"))
+    assert hs.authorized_keys_for(pw, path) == [key]
+    os.chmod(shared, 0o777)  # anyone could swap keys/ for their own
+    assert refusal(pw, path) == f"{shared} is mode 0777, must not be group/world writable"
+    if os.geteuid() == 0:  # root-owned and sticky, like /tmp: safe
+        os.chmod(shared, 0o1777)
+        assert hs.authorized_keys_for(pw, path) == [key]
+
+
+def test_symlinks_are_checked_where_they_lead(tmp_path, home, key):
+    target_dir = tmp_path / "real"
+    write_authorized_keys(str(target_dir), [key])
+    real = target_dir / ".mp" / "authorized_keys"
+    link = os.path.join(home, ".mp", "authorized_keys")
+    os.unlink(link)
+    os.symlink(real, link)
+    assert hs.authorized_keys_for(fake_user(home)) == [key]
+    os.chmod(real, 0o666)
+    assert refusal(fake_user(home)).startswith(f"{real} is mode 0666")
+
+
+def test_missing_or_odd_files_are_refused(home):
+    path = os.path.join(home, ".mp", "authorized_keys")
+    os.unlink(path)
+    assert refusal(fake_user(home)) == f"{path} does not exist"
+    os.mkdir(path, 0o700)
+    assert refusal(fake_user(home)) == f"{path} is not a regular file"
+
+
+def test_bad_lines_are_skipped(home, key):
+    path = os.path.join(home, ".mp", "authorized_keys")
+    with open(path, "a") as f:
+        f.write("ssh-rsa AAAAB3NzaC1yc2E= rsa\ngarbage\n\n")
+    assert hs.authorized_keys_for(fake_user(home)) == [key]
+
+
+# ---------------------------------------------------------------------------
+# known_hosts
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def host_key():
+    return PrivateKey.generate("root@server").public
+
+
+@pytest.fixture
+def known_hosts(tmp_path):
+    return str(tmp_path / "dot-mp" / "known_hosts")
+
+
+def test_known_hosts_lookup_and_add(known_hosts, host_key):
+    known = hs.KnownHosts(known_hosts)
+    assert known.lookup("server", 40404, host_key) == ("unknown", None)
+    known.add("Server", 40404, host_key)
+    known.add("server", 2222, host_key)
+    assert known.lookup("SERVER", 40404, host_key) == ("ok", 1)
+    assert known.lookup("server", 2222, host_key) == ("ok", 2)
+    assert known.lookup("server", 2223, host_key) == ("unknown", None)
+    lines = Path(known_hosts).read_text().splitlines()
+    assert lines[0] == "server " + host_key.to_line("ssh-ed25519").split(" root@")[0]
+    assert lines[1].startswith("[server]:2222 ssh-ed25519 ")
+    assert stat.S_IMODE(os.stat(known_hosts).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(known_hosts)).st_mode) == 0o700
+
+
+def test_known_hosts_reads_openssh_style_lines(known_hosts, host_key):
+    other = PrivateKey.generate().public
+    os.makedirs(os.path.dirname(known_hosts))
+    with open(known_hosts, "w") as f:
+        f.write("# comment\n\ngarbage line\nalias,server,10.0.0.1 "
+                + host_key.to_line("ssh-ed25519") + "\n"
+                + "[other]:2222 " + other.to_line() + "\nssh-rsa only-two")  # no final newline
+    known = hs.KnownHosts(known_hosts)
+    assert known.lookup("10.0.0.1", 40404, host_key) == ("ok", 4)
+    assert known.lookup("other", 2222, other) == ("ok", 5)
+    assert known.lookup("other", 2222, host_key) == ("changed", 5)
+    known.add("new", 40404, host_key)  # repairs the missing newline first
+    assert Path(known_hosts).read_text().splitlines()[-2:] == [
+        "ssh-rsa only-two", "new " + host_key.to_line("ssh-ed25519").split(" root@")[0]]
+
+
+def test_concurrent_adds_keep_every_line(known_hosts, host_key):
+    known = hs.KnownHosts(known_hosts)
+    threads = [threading.Thread(target=known.add, args=(f"host{i}", 40404, host_key))
+               for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(20):
+        assert known.lookup(f"host{i}", 40404, host_key)[0] == "ok"
+
+
+def test_accept_new_records_then_trusts(known_hosts, host_key, capsys):
+    hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "accept-new", tty=False)
+    assert "Permanently added 'server' (ED25519)" in capsys.readouterr().err
+    assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key) == ("ok", 1)
+    for policy in hs.HOST_KEY_POLICIES:  # known now: every policy accepts, silently
+        hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, policy, tty=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("policy", hs.HOST_KEY_POLICIES)
+def test_changed_key_is_refused_loudly(known_hosts, host_key, policy):
+    hs.KnownHosts(known_hosts).add("decoy", 40404, host_key)
+    hs.KnownHosts(known_hosts).add("server", 40404, host_key)
+    impostor = PrivateKey.generate().public
+    with pytest.raises(hs.HostKeyError) as raised:
+        hs.verify_host_key_policy(known_hosts, "server", 40404, impostor, policy, tty=True,
+                                  ask=lambda prompt: pytest.fail("must not ask"))
+    message = str(raised.value)
+    assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in message
+    assert f"{known_hosts}:2" in message and "remove that line" in message
+    assert impostor.fingerprint() in message
+
+
+def test_ask_without_tty_refuses_and_says_how_to_accept(known_hosts, host_key):
+    with pytest.raises(hs.HostKeyError) as raised:
+        hs.verify_host_key_policy(known_hosts, "server", 2222, host_key, "ask", tty=False)
+    message = str(raised.value)
+    assert "--strict-host-key-checking accept-new" in message
+    assert known_hosts in message and host_key.fingerprint() in message
+    assert "[server]:2222" in message
+    assert not os.path.exists(known_hosts)
+
+
+def test_strict_yes_refuses_unknown_hosts(known_hosts, host_key):
+    with pytest.raises(hs.HostKeyError, match="strict host key checking is 'yes'"):
+        hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "yes", tty=True)
+    with pytest.raises(hs.HostKeyError, match="must be one of"):
+        hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "maybe", tty=True)
+
+
+class Answers:
+    """A scripted user at the prompt."""
+
+    def __init__(self, *answers):
+        self.answers, self.prompts = list(answers), []
+
+    def __call__(self, prompt):
+        self.prompts.append(prompt)
+        if not self.answers:
+            raise EOFError
+        return self.answers.pop(0)
+
+
+@pytest.mark.parametrize("answers, accepted", [
+    (("yes",), True),
+    (("YES\n",), True),
+    (("no",), False),
+    (("",), False),
+    ((), False),  # EOF
+    (("maybe", "yes"), True),
+    (("SHA256:wrong", "no"), False),
+    (("what",) * 10, False),
+    ((True,), True),
+    ((False,), False),
+])
+def test_ask_on_a_tty(known_hosts, host_key, answers, accepted):
+    user = Answers(*answers)
+    if accepted:
+        hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
+        assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "ok"
+    else:
+        with pytest.raises(hs.HostKeyError, match="not accepted"):
+            hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
+        assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "unknown"
+    first = user.prompts[0]
+    assert "The authenticity of host 'server' can't be established." in first
+    assert f"ED25519 key fingerprint is {host_key.fingerprint()}." in first
+    assert host_key.randomart() in first
+    assert first.endswith("(yes/no/[fingerprint])? ")
+    assert all(p == "Please type 'yes', 'no' or the fingerprint: " for p in user.prompts[1:])
+
+
+def test_pasting_the_fingerprint_accepts(known_hosts, host_key):
+    user = Answers(host_key.fingerprint())
+    hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
+    assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "ok"
