@@ -148,7 +148,10 @@ def verify(args: argparse.Namespace, terminal: Terminal | None) -> int:
         print(f"OK: the {what} matches the key in {path}")
         return 0
     print(f"MISMATCH: the {what} does not match the key in {path}")
-    print(f"given:\n{given.strip()}\nkey {pub.fingerprint()}:\n{actual}")
+    if args.randomart:
+        print(f"given:\n{given.strip()}\nkey ({pub.fingerprint()}):\n{actual}")
+    else:
+        print(f"given: {given.strip()}\nkey:   {actual}")
     return 1
 
 
