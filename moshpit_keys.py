@@ -92,6 +92,17 @@ def ssh_string(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
+def _as_text(data: bytes, encoding: str) -> str:
+    """Decode a key file or line; binary data (undecodable or with NULs) is a ValueError."""
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise ValueError("binary data, not a key file")
+    return text
+
+
 class WireReader:
     """Bounds-checked reader of SSH wire data; every malformation is a ValueError."""
 
@@ -375,17 +386,6 @@ SCRYPT_LOG2_N = 16  # what we write: 2^16 * r * 128 bytes = 64 MiB, ~0.2 s
 SCRYPT_R, SCRYPT_P = 8, 1
 _SCRYPT_MIN_LOG2_N = 15  # DESIGN 3: never weaker than N = 2^15
 _SCRYPT_MAX_MEMORY = 1 << 30  # refuse files that would make us allocate more
-
-
-def _as_text(data: bytes, encoding: str) -> str:
-    """Decode a key file or line; binary data (undecodable or with NULs) is a ValueError."""
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError:
-        text = "\0"
-    if "\0" in text:
-        raise ValueError("binary data, not a key file")
-    return text
 
 
 def _armor(label: str, data: bytes) -> bytes:
