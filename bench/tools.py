@@ -69,7 +69,11 @@ class Client:
         """Ask the shell to exit (so servers end the session cleanly), then kill by PID."""
         if self.term.poll() is None and not self.term.eof:
             try:
-                self.term.send(b"\x03\x15exit\r")
+                # Ctrl-C first (a flood may still run), then exit separately: bash's
+                # readline can lose a key that arrives while it handles SIGINT.
+                self.term.send(b"\x03")
+                self.term.drain(quiet=0.3, limit=2.0)
+                self.term.send(b"\x15exit\r")
                 self.term.read_to_eof(3.0)
             except (OSError, TimeoutError, EOFError):
                 pass
@@ -194,7 +198,7 @@ class Moshpit(Tool):
                     f'private_key_path = "{self._path("host_key")}"\n'
                     f'public_key_path = "{self._path("host_key.pub")}"\n')
         self.server = ManagedProcess(
-            [sys.executable, os.path.join(REPO, "mps.py"), "-c", config],
+            [sys.executable, os.path.join(REPO, "mps.py"), "-e", "-c", config],
             env=self._env(self._path("server_home")), cwd=REPO, log=self._path("mps.log"))
         wait_for(lambda: tcp_listening(BACK, net.tcp_port) or self.server.poll() is not None,
                  15, "mps.py to listen")
