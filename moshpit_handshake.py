@@ -699,6 +699,7 @@ class ClientHandshake(_Handshake):
             raise HandshakeError("protocol error: the server chose a cipher that was not offered")
         self._transcript.add(body)
         self._start_encryption(self._ephemeral.exchange(server_public), cipher)
+        log.debug("ServerHello: protocol version %d, cipher %s", version, cipher)
         self._handler = self._on_server_auth
 
     def _on_server_auth(self, body: bytes) -> HostKeyReceived:
@@ -710,6 +711,7 @@ class ClientHandshake(_Handshake):
         if not host_key.verify(signature, signed):
             raise HandshakeError("protocol error: the server's signature does not verify"
                                  " (tampering or a man-in-the-middle)")
+        log.debug("ServerAuth: host key %s, signature verified", host_key.fingerprint())
         self._host_key = host_key
         self._handler = None
         return HostKeyReceived(host_key)
@@ -720,6 +722,7 @@ class ClientHandshake(_Handshake):
         status = reader.uint8()
         if status == _ACCEPTED:
             grant = _decode_grant(reader)
+            log.debug("ServerFinish: session granted, UDP port %d", grant.udp_port)
             self._handler = None
             return HandshakeComplete(grant, self._keys, self._host_key)
         if status != _REFUSED:
@@ -793,6 +796,7 @@ class ServerHandshake(_Handshake):
         signature = self._host_key.sign(SERVER_CONTEXT + self._transcript.digest())
         self._transcript.add(signature)
         self._send_sealed(_SERVER_AUTH, associated, [host_blob, signature])
+        log.debug("ClientHello: protocol version %d, cipher %s", version, cipher)
         self._handler = self._on_client_auth
 
     def _on_client_auth(self, body: bytes) -> AuthRequested:
@@ -804,6 +808,9 @@ class ServerHandshake(_Handshake):
         if len(proof) != (32 if request.resume_session_id else 0):
             raise ValueError("the resume proof has the wrong length")
         keys = self._session_keys()
+        log.debug("ClientAuth: user %s, key %s, %s, TERM %s, %dx%d", request.user,
+                  client_key.fingerprint(), "resume" if request.resume_session_id else "new",
+                  request.term, request.cols, request.rows)
         self._handler = None
         if not sshsig_verify(client_key, SSHSIG_NAMESPACE, signed, signature):
             self._finish(_refusal_outcome(PERMISSION_DENIED))
