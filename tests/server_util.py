@@ -257,6 +257,7 @@ class TestClient:
         self.exit_status: Optional[int] = None
         self.shutdown_reason: Optional[str] = None
         self.grant = None
+        self.keys = None
         self.conn: Optional[moshpit_transport.Connection] = None
         self.link: Optional[moshpit_transport.UdpLink] = None
 
@@ -283,21 +284,27 @@ class TestClient:
     def connect(self, timeout: float = 15.0) -> TestClient:
         """New session (raises the handshake's AuthRefused/HandshakeError)."""
         result = self._handshake(False, timeout)
-        self.grant = result.grant
+        self.grant, self.keys = result.grant, result.keys
         peer = (result.server_addr[0], result.grant.udp_port)
         self.conn = moshpit_transport.Connection("client", result.keys, time.monotonic(),
                                                  peer_addr=peer)
-        local = "::1" if ":" in peer[0] else "127.0.0.1"
-        self.link = moshpit_transport.UdpLink.bind(self.conn, local)
+        self._bind(peer)
         self.link.flush(time.monotonic())
         return self
 
+    def _bind(self, peer: tuple) -> None:
+        self.link = moshpit_transport.UdpLink.bind(
+            self.conn, "::1" if ":" in peer[0] else "127.0.0.1")
+
     def resume(self, timeout: float = 15.0) -> None:
         """Re-attach from a new local UDP port (like a client after an outage)."""
-        self.link.hop_port()
         result = self._handshake(True, timeout)
-        self.grant = result.grant
+        self.grant, self.keys = result.grant, result.keys
         peer = (result.server_addr[0], result.grant.udp_port)
+        if self.link is None:
+            self._bind(peer)
+        else:
+            self.link.hop_port()
         self.conn.rekey(result.keys, result.grant.recv_offset, time.monotonic(),
                         peer_addr=peer)
         self.link.flush(time.monotonic())
@@ -391,6 +398,7 @@ class TestClient:
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
+            self.link = None
 
     def __enter__(self) -> TestClient:
         return self

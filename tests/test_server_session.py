@@ -1,0 +1,267 @@
+"""mps.py sessions end to end on loopback: a real server process, a real shell on a real PTY,
+driven by server_util.TestClient (the real handshake and transport, no terminal)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import random
+import re
+import signal
+import socket
+import time
+
+import pytest
+from moshpit_handshake import NO_SUCH_SESSION, SERVER_BUSY, AuthRefused, HandshakeError
+from proc_util import pid_alive, proc_usage, wait_for
+from server_util import MpsServer, TestClient, make_key, write_authorized_keys
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with MpsServer(tmp_path, env={"LEAKY_SERVER_VAR": "leak"}) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server):
+    with TestClient.for_server(server).connect() as client:
+        yield client
+
+
+def shell_pid(client: TestClient) -> int:
+    return int(client.run("echo $$"))
+
+
+# -- the shell ---------------------------------------------------------------------------
+
+
+def test_login_shell_and_environment(server):
+    with TestClient.for_server(server, term="xterm-256color",
+                               env={"LANG": "C.UTF-8", "LC_TIME": "C"}).connect() as client:
+        env = dict(line.split("=", 1) for line in client.run("env").splitlines() if "=" in line)
+        pw = pwd.getpwuid(os.geteuid())
+        assert env["HOME"] == pw.pw_dir
+        assert env["USER"] == env["LOGNAME"] == pw.pw_name
+        assert env["SHELL"] == (pw.pw_shell or "/bin/sh")
+        assert env["TERM"] == "xterm-256color"
+        assert env["LANG"] == "C.UTF-8" and env["LC_TIME"] == "C"
+        assert "/usr/bin" in env["PATH"].split(":")
+        assert "LEAKY_SERVER_VAR" not in env  # built from scratch
+        client_ip, client_port, server_ip, server_port = env["MOSHPIT_CONNECTION"].split()
+        assert (client_ip, server_ip, int(server_port)) == \
+            ("127.0.0.1", "127.0.0.1", server.port)
+        assert int(client_port) > 0
+        assert client.run("echo $0").startswith("-")  # a login shell
+        assert client.run("pwd") == pw.pw_dir
+        assert re.fullmatch(r"/dev/pts/\d+", client.run("tty"))
+        # Controlling terminal + own session: the shell leads its session and its terminal's
+        # foreground group is a job (job control works).
+        pid = shell_pid(client)
+        assert client.run("ps -o sid= -p $$").strip() == str(pid)
+        assert client.run("ps -o tty= -p $$").strip().startswith("pts/")
+
+
+def test_commands_and_exit_status(client):
+    assert client.run("echo $((6*7))") == "42"
+    assert client.run("printf 'a\\tb\\n' | od -c | head -1").split()[1:4] == ["a", "\\t", "b"]
+    client.send("exit 7\n")
+    assert client.wait_closed() == 7
+
+
+def test_exit_by_signal_is_128_plus_n(client):
+    client.send("kill -9 $$\n")
+    assert client.wait_closed() == 128 + 9
+
+
+def test_resize_reaches_stty_size_and_sigwinch(server):
+    with TestClient.for_server(server, rows=30, cols=100).connect() as client:
+        assert client.run("stty size") == "30 100"
+        client.send("trap 'echo WIN''CH' WINCH\n")
+        client.run("true")
+        client.resize(40, 132)
+        client.read_until("WINCH")
+        assert client.run("stty size") == "40 132"
+        client.resize(25, 81)
+        client.read_until("WINCH")
+        assert client.run("stty size") == "25 81"
+
+
+def test_big_paste_reaches_the_shell(client):
+    """Input larger than the PTY's buffer is written as the shell reads it (no loss)."""
+    client.send("stty raw -echo; head -c 300000 | wc -c; stty sane\n")
+    time.sleep(0.3)
+    client.send(bytes(random.choice(b"abcdefgh") for _ in range(300000)))
+    assert client.read_until(re.compile(rb"\b300000\b"), timeout=30)
+
+
+def test_output_is_complete_and_in_order(client):
+    assert client.run("seq 1 100000", timeout=60).split() == \
+        [str(i) for i in range(1, 100001)]
+
+
+def test_ctrl_c_stops_a_flood(server):
+    """Back-pressure: a flood the client does not read stays in the shell (the server reads
+    the PTY only while the send window has room): its memory does not grow, and Ctrl-C gets
+    the prompt back."""
+    with TestClient.for_server(server).connect() as client:
+        client.run("true")
+        rss_before = proc_usage(server.proc.pid)[1]
+        client.send("yes flood-flood-flood-flood\n")
+        client.read_until("flood")
+        time.sleep(3)  # not reading: the window fills and stays full
+        rss_during = proc_usage(server.proc.pid)[1]
+        assert rss_during - rss_before < 30 * 1024 * 1024
+        client.send(b"\x03")
+        assert client.run("echo back", timeout=60) == "back"
+
+
+# -- ending sessions -----------------------------------------------------------------------
+
+
+def test_client_quit_hangs_up_the_shell(server, client):
+    pid = shell_pid(client)
+    client.quit()
+    wait_for(lambda: not pid_alive(pid), 10, "the shell to get SIGHUP")
+    server.wait_log("ended (client: client quit)")
+
+
+def test_server_sigterm_tells_every_client(tmp_path):
+    with MpsServer(tmp_path, udp_ports=2) as server:
+        clients = [TestClient.for_server(server).connect() for _ in range(2)]
+        pids = [shell_pid(c) for c in clients]
+        server.signal(signal.SIGTERM)
+        for client in clients:
+            wait_for(lambda c=client: c.pump(0.1) or c.shutdown_reason, 10, "shutdown notice")
+            assert client.shutdown_reason == "server shutting down"
+            client.close()
+        assert server.stop() == 0
+        for pid in pids:
+            wait_for(lambda p=pid: not pid_alive(p), 10, "the shells to get SIGHUP")
+
+
+def test_detached_session_expires(tmp_path):
+    with MpsServer(tmp_path, settings={"mps.detached_session_timeout_secs": 2}) as server:
+        client = TestClient.for_server(server).connect()
+        pid = shell_pid(client)
+        # Silent from now on (not pumped: no pings, no acks).
+        wait_for(lambda: not pid_alive(pid), 15, "the detached shell to get SIGHUP")
+        assert "ended (detached for more than 2 s)" in server.log()
+        with pytest.raises(AuthRefused) as refused:
+            client.resume()
+        assert refused.value.code == NO_SUCH_SESSION
+
+
+def test_zero_timeout_keeps_detached_sessions(tmp_path):
+    with MpsServer(tmp_path, settings={"mps.detached_session_timeout_secs": 0}) as server:
+        client = TestClient.for_server(server).connect()
+        pid = shell_pid(client)
+        time.sleep(4)  # silent: no pings, no acks
+        assert pid_alive(pid)
+        client.resume()
+        assert shell_pid(client) == pid
+
+
+# -- resume --------------------------------------------------------------------------------
+
+
+def test_resume_continues_the_stream_exactly(client):
+    pid = shell_pid(client)
+    client.send("for i in $(seq 1 200); do echo line$i; sleep 0.01; done; echo EN''D\n")
+    client.read_until("line20\r\n")
+    time.sleep(3)  # "outage": nothing read or acked; the shell keeps printing
+    client.resume()
+    out = client.read_until("END", timeout=30).decode()
+    assert re.findall(r"^line(\d+)\r$", out, re.M) == [str(i) for i in range(21, 201)]
+    assert shell_pid(client) == pid
+    client.send("exit 3\n")
+    assert client.wait_closed() == 3
+
+
+def test_resume_refused_for_another_key_and_unknown_session(server, client):
+    other_path = os.path.join(server.dir, "other_id")
+    other = make_key(other_path, "other")
+    write_authorized_keys(server.authorized_keys_path, server.client_key.public, other.public)
+    shell_pid(client)
+    thief = TestClient.for_server(server, identity=other)
+    thief.grant, thief.conn = client.grant, client.conn
+    with pytest.raises(AuthRefused) as refused:
+        thief.resume()
+    assert refused.value.code == NO_SUCH_SESSION
+    client.grant.session_id = bytes(16)
+    with pytest.raises(AuthRefused) as refused:
+        client.resume()
+    assert refused.value.code == NO_SUCH_SESSION
+
+
+# -- limits ----------------------------------------------------------------------------------
+
+
+def test_max_sessions(tmp_path):
+    with MpsServer(tmp_path, udp_ports=3, settings={"mps.max_sessions": 1}) as server:
+        first = TestClient.for_server(server).connect()
+        first.run("true")
+        with pytest.raises(HandshakeError) as busy:
+            TestClient.for_server(server).connect()
+        assert busy.value.code == SERVER_BUSY
+        assert "max_sessions (1) reached" in server.log()
+        first.send("exit\n")
+        first.wait_closed()
+        server.wait_log("ended (shell exited")
+        second = TestClient.for_server(server).connect()
+        assert second.run("echo ok") == "ok"
+
+
+def test_one_port_range_serves_one_session_at_a_time(tmp_path):
+    with MpsServer(tmp_path, udp_ports=1) as server:
+        first = TestClient.for_server(server).connect()
+        assert first.grant.udp_port == server.udp_port
+        first.run("true")
+        start = time.monotonic()
+        with pytest.raises(HandshakeError) as busy:
+            TestClient.for_server(server).connect()
+        assert busy.value.code == SERVER_BUSY and time.monotonic() - start < 10
+        assert f"every UDP port in {server.udp_port}-{server.udp_port} is in use" \
+            in server.log()
+        first.quit()
+        server.wait_log("ended (client: client quit)")
+        second = TestClient.for_server(server).connect()
+        assert second.run("echo again") == "again"
+
+
+def test_garbage_udp_costs_nothing(server, client):
+    pid = shell_pid(client)
+    cpu_before = proc_usage(server.proc.pid)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
+        for i in range(3000):
+            # Half look like our packets (flags, this session's conn id, a packet number).
+            header = b"\x01" + client.keys.conn_id + os.urandom(8) if i % 2 else b""
+            size = random.choice([0, 1, 17, 40, 1200, 1500])
+            junk.sendto(header + os.urandom(size), ("127.0.0.1", client.grant.udp_port))
+    assert shell_pid(client) == pid
+    cpu_used = proc_usage(server.proc.pid)[0] - cpu_before
+    assert cpu_used < 5.0  # generous: a shared 2-core machine
+    assert server.proc.poll() is None
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+
+def test_ipv6_loopback_session(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with MpsServer(tmp_path, ip="::1") as server, \
+            TestClient.for_server(server, host="::1").connect() as client:
+        assert client.run("echo $MOSHPIT_CONNECTION").startswith("::1 ")
+
+
+def test_dual_stack_listener_binds_udp_on_the_ipv4_address(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with MpsServer(tmp_path, ip="::") as server:
+        with TestClient.for_server(server, host="127.0.0.1").connect() as client:
+            assert client.run("echo v4") == "v4"
+        with TestClient.for_server(server, host="::1").connect() as client:
+            assert client.run("echo v6") == "v6"
