@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 
 from report import Result, table, write_json  # noqa: E402
-from scenarios import SCENARIO_NAMES, Context, Scenario, selected  # noqa: E402
+from scenarios import (  # noqa: E402
+    SCENARIO_NAMES, Context, Scenario, local_shell_startup, selected)
 from tools import TOOLS, Network, Tool, make_workdir  # noqa: E402
 
 
@@ -148,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (quick)' if args.quick else ''}", file=sys.stderr)
     results = runner.run_all(scenarios)
     print(table(scenarios, results, wanted))
+    meta = {"quick": args.quick, "seed": args.seed,
+            "skipped": {k: v for k, v in runner.missing.items() if v}}
+    if any(s.name == "connect" for s in scenarios):
+        meta["local_shell_startup_ms"] = round(local_shell_startup() * 1000, 1)
+        print(f"  (connect includes the login shell's own startup: "
+              f"{meta['local_shell_startup_ms']:.0f} ms run locally)")
     path = args.json or os.path.join(
         HERE, "results", time.strftime("bench-%Y%m%d-%H%M%S.json"))
     versions = {cls.name: ("" if runner.missing[cls.name] else cls(workdir="").version())
                 for cls in runner.tools}
-    write_json(path, results, {"quick": args.quick, "seed": args.seed, "versions": versions,
-                               "skipped": {k: v for k, v in runner.missing.items() if v}})
+    write_json(path, results, dict(meta, versions=versions))
     print(f"\nJSON: {os.path.relpath(path)}")
     return 1 if any(r.error for r in results) else 0
 

@@ -109,8 +109,9 @@ class Tool:
         """Launch a client in a PTY toward ``net.front``; returns at once (not yet ready)."""
         raise NotImplementedError
 
-    def session_pids(self, client: Client) -> list[int]:
-        """Server-side processes serving ``client``'s session, excluding the shell."""
+    def server_pids(self, client: Client | None) -> list[int]:
+        """Server-side processes (listener included) while ``client``'s session exists,
+        or before any session (``client`` None); never the shell or what it runs."""
         raise NotImplementedError
 
     def stop_server(self) -> None:
@@ -212,7 +213,7 @@ class Moshpit(Tool):
         env = self._env(self._path("client_home"))
         return Client(PtyProcess(argv, env=env, cwd=REPO, rows=40, cols=120))
 
-    def session_pids(self, client: Client) -> list[int]:
+    def server_pids(self, client: Client | None) -> list[int]:
         return [self.server.pid] if self.server else []
 
 
@@ -266,11 +267,11 @@ class OpenSSH(Tool):
                 f"root@{net.front}"]
         return Client(self._pty(argv))
 
-    def session_pids(self, client: Client) -> list[int]:
-        """The per-connection sshd processes (privileged monitor + session), not the shell."""
+    def server_pids(self, client: Client | None) -> list[int]:
+        """The listening sshd and its per-connection sshd processes, not the shell."""
         if not self.server:
             return []
-        pids = []
+        pids = [self.server.pid]
         for pid in proc_children(self.server.pid):
             try:
                 with open(f"/proc/{pid}/comm") as f:
@@ -314,16 +315,16 @@ class Mosh(Tool):
                           "MOSH_PREDICTION_DISPLAY": "never"})
         return Client(term, extra_pids=(int(pid.group(1)),))
 
-    def session_pids(self, client: Client) -> list[int]:
-        return list(client.extra_pids)
+    def server_pids(self, client: Client | None) -> list[int]:
+        return list(client.extra_pids) if client else []  # one mosh-server per session
 
 
 TOOLS = (Moshpit, OpenSSH, Mosh)
 
 
-def session_usage(tool: Tool, client: Client) -> tuple[float, int]:
-    """(CPU seconds, RSS bytes) summed over the server processes of ``client``'s session."""
-    return _sum_usage(tool.session_pids(client))
+def server_usage(tool: Tool, client: Client | None) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) summed over ``tool.server_pids(client)``."""
+    return _sum_usage(tool.server_pids(client))
 
 
 def client_usage(client: Client) -> tuple[float, int]:
