@@ -1,0 +1,178 @@
+"""mps.py serving other users: as root it logs each user in as themselves (their uid, groups,
+home, authorized_keys); as a plain user it serves only that user. Uses throwaway accounts
+(useradd/userdel), so these tests need root; they are skipped otherwise."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import sys
+
+import pytest
+from moshpit_handshake import PERMISSION_DENIED, AuthRefused
+from proc_util import kill_pid
+from server_util import MpsServer, TestClient, make_key, write_authorized_keys
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
+                       reason="needs root and useradd to create throwaway users"),
+]
+
+
+def _pids_of(uid: int) -> list:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    pids.append(int(name))
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+class Users:
+    """Creates throwaway users and groups; removes them (and stops their processes, by PID)
+    at teardown."""
+
+    def __init__(self):
+        self.users, self.groups = [], []
+
+    def group(self) -> str:
+        name = "mpg" + secrets.token_hex(3)
+        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        self.groups.append(name)
+        return name
+
+    def user(self, groups=()) -> pwd.struct_passwd:
+        name = "mpu" + secrets.token_hex(3)
+        argv = ["useradd", "-m", "-s", "/bin/bash"]
+        if groups:
+            argv += ["-G", ",".join(groups)]
+        subprocess.run(argv + [name], check=True, capture_output=True)
+        self.users.append(name)
+        return pwd.getpwnam(name)
+
+    def cleanup(self):
+        for name in self.users:
+            for pid in _pids_of(pwd.getpwnam(name).pw_uid):
+                kill_pid(pid, 2.0)
+            subprocess.run(["userdel", "-r", name], capture_output=True)
+        for name in self.groups:
+            subprocess.run(["groupdel", name], capture_output=True)
+
+
+@pytest.fixture
+def users():
+    made = Users()
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+def authorize(pw: pwd.struct_passwd, *keys) -> str:
+    """Put ``keys`` in the user's own ~/.mp/authorized_keys (strict modes satisfied)."""
+    path = os.path.join(pw.pw_dir, ".mp", "authorized_keys")
+    write_authorized_keys(path, *(key.public for key in keys), owner=pw)
+    return path
+
+
+def test_root_server_logs_in_as_the_target_user(tmp_path, users):
+    extra = users.group()
+    alice = users.user(groups=[extra])
+    with MpsServer(tmp_path, authorized_keys_file=False) as server:
+        authorize(alice, server.client_key)
+        with TestClient.for_server(server, user=alice.pw_name).connect() as client:
+            assert client.run("id -u") == str(alice.pw_uid)
+            assert client.run("id -g") == str(alice.pw_gid)
+            expected_groups = {str(g) for g in os.getgrouplist(alice.pw_name, alice.pw_gid)}
+            assert set(client.run("id -G").split()) == expected_groups
+            assert extra in client.run("id -Gn").split()
+            assert client.run("echo $HOME") == alice.pw_dir
+            assert client.run("pwd") == alice.pw_dir
+            assert client.run("echo $USER $LOGNAME") == f"{alice.pw_name} {alice.pw_name}"
+            assert client.run("stat -c %U $(tty)") == alice.pw_name  # owns their terminal
+            assert client.run("touch ~/made-here && echo ok") == "ok"
+            assert client.run("cat /root/.bashrc >/dev/null 2>&1 || echo denied") == "denied"
+        assert os.stat(os.path.join(alice.pw_dir, "made-here")).st_uid == alice.pw_uid
+
+
+def test_only_the_target_users_authorized_keys_count(tmp_path, users):
+    alice, bob = users.user(), users.user()
+    with MpsServer(tmp_path, authorized_keys_file=False) as server:
+        bob_key = make_key(os.path.join(server.dir, "bob_id"), "bob")
+        authorize(alice, server.client_key)
+        authorize(bob, bob_key)
+        # Bob's key is good for bob only.
+        with TestClient.for_server(server, user=bob.pw_name, identity=bob_key).connect() as c:
+            assert c.run("id -un") == bob.pw_name
+        with pytest.raises(AuthRefused) as refused:
+            TestClient.for_server(server, user=alice.pw_name, identity=bob_key).connect()
+        assert refused.value.code == PERMISSION_DENIED
+        server.wait_log(f"key {bob_key.public.fingerprint()} is not authorized for "
+                        f"{alice.pw_name}")
+        # The server's own (configured nowhere) file does not count: only ~alice/.mp's.
+        os.remove(os.path.join(alice.pw_dir, ".mp", "authorized_keys"))
+        with pytest.raises(AuthRefused):
+            TestClient.for_server(server, user=alice.pw_name).connect()
+        server.wait_log(f"{alice.pw_dir}/.mp/authorized_keys does not exist")
+
+
+def test_strict_modes_on_the_users_authorized_keys(tmp_path, users):
+    alice = users.user()
+    with MpsServer(tmp_path, authorized_keys_file=False) as server:
+        path = authorize(alice, server.client_key)
+        os.chmod(path, 0o644)
+        with pytest.raises(AuthRefused):
+            TestClient.for_server(server, user=alice.pw_name).connect()
+        server.wait_log(f"{path} is mode 0644")
+        os.chmod(path, 0o600)
+        with TestClient.for_server(server, user=alice.pw_name).connect() as client:
+            assert client.run("id -un") == alice.pw_name
+
+
+def test_unknown_user_is_refused(tmp_path):
+    with MpsServer(tmp_path) as server:
+        with pytest.raises(AuthRefused) as refused:
+            TestClient.for_server(server, user="nosuchuser" + secrets.token_hex(3)).connect()
+        assert refused.value.code == PERMISSION_DENIED
+        server.wait_log("no such user")
+
+
+def _python_for(pw: pwd.struct_passwd) -> str:
+    """An interpreter with `cryptography` that ``pw`` can run (ours may live under /root)."""
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            probe = subprocess.run([candidate, "-c", "import cryptography"], user=pw.pw_uid,
+                                   group=pw.pw_gid, extra_groups=[], capture_output=True,
+                                   cwd="/", timeout=30)
+        except OSError:  # e.g. under /root, which others cannot enter
+            continue
+        if probe.returncode == 0:
+            return candidate
+    pytest.skip(f"no Python with cryptography that {pw.pw_name} may run")
+
+
+def test_non_root_server_serves_only_its_own_user(users):
+    carol, dave = users.user(), users.user()
+    server = MpsServer(carol.pw_dir, run_as=carol, python=_python_for(carol),
+                       authorized_keys_file=False, start=False)
+    authorize(carol, server.client_key)
+    authorize(dave, server.client_key)
+    with server.start():
+        with TestClient.for_server(server, user=carol.pw_name).connect() as client:
+            assert client.run("id -un") == carol.pw_name
+            assert client.run("pwd") == carol.pw_dir
+        for other in (dave.pw_name, "root"):
+            with pytest.raises(AuthRefused) as refused:
+                TestClient.for_server(server, user=other).connect()
+            assert refused.value.code == PERMISSION_DENIED
+            server.wait_log(f"this server runs as {carol.pw_name} and only serves user "
+                            f"{carol.pw_name}, not {other!r}")
