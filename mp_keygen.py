@@ -249,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; no key was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Our reader went away (`... | head`): stop quietly like other Unix tools; point
+        # stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         if terminal is not None:
             terminal.close()

@@ -175,6 +175,20 @@ def test_fingerprint_binary_file(tmp_path):
     assert_clean_error(run(tmp_path, "fingerprint", str(path)), f"{path}: binary data")
 
 
+def test_closed_stdout_is_not_a_traceback(tmp_path, keypair):
+    path, _ = keypair
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `mp_keygen.py ... | head -1` after head exits
+    try:
+        result = subprocess.run([sys.executable, KEYGEN, "fingerprint", "--randomart",
+                                 path + ".pub"], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=60, start_new_session=True)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
 # --- verify ---------------------------------------------------------------------------------
 
 
