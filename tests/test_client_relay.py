@@ -1,0 +1,93 @@
+"""mp.py through the impairment relay (tests/relay.py): outages, roaming, loss.
+
+The relay's front is a random loopback alias with the server's port numbers; the client
+dials the front, so its UDP goes through the relay. Loopback only.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+pytest.importorskip("moshpit_transport")  # until the transport module lands
+
+from relay import Relay, random_front_alias  # noqa: E402
+from server_util import MpsServer  # noqa: E402
+from test_client_session import ERASE_BANNER, QUIT, start_client, wait_shell  # noqa: E402
+
+
+@pytest.fixture
+def relayed(tmp_path):
+    """(server, relay, front address) with the relay started."""
+    with MpsServer(tmp_path) as server:
+        front = random_front_alias()
+        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
+                   udp_ports=[server.udp_port]) as relay:
+            yield server, relay, front
+
+
+def type_slowly(term, text: str, gap: float = 0.05) -> None:
+    for ch in text:
+        term.send(ch)
+        time.sleep(gap)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_blackout_banner_then_typed_input_arrives_once(relayed, tmp_path):
+    server, relay, front = relayed
+    with start_client(server, tmp_path, host=front) as term:
+        wait_shell(term)
+        seen = bytearray()
+        relay.set_blackout(True)
+        start = time.monotonic()
+        # Typed in pieces while nothing gets through; the result only exists if every
+        # piece arrived once and in order.
+        for at, piece in ((1, "echo X"), (4, "Y$((6"), (9, "*7))"), (13, "Z\r")):
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            term.send(piece)
+        seen += term.read_until(b"last contact", 15)
+        assert b"reconnecting" in term.read_until(b"reconnecting", 5)
+        time.sleep(max(0.0, start + 20 - time.monotonic()))
+        relay.set_blackout(False)
+        seen += term.read_until(re.compile(rb"[\r\n]XY42Z\r\n"), 60)
+        seen += term.drain(quiet=2.0, limit=10)
+        assert seen.count(b"XY42Z") == 1
+        last_banner = seen.rfind(b"last contact")
+        assert seen.rfind(ERASE_BANNER) > last_banner, "banner not removed after recovery"
+        term.send("echo $((1000+234))\r")  # the session carries on normally
+        term.read_until(re.compile(rb"[\r\n]1234\r\n"), 30)
+        term.send(QUIT)
+        assert term.wait(20) == 0
+
+
+@pytest.mark.timeout(120)
+def test_rebind_mid_session_keeps_session(relayed, tmp_path):
+    server, relay, front = relayed
+    with start_client(server, tmp_path, host=front) as term:
+        wait_shell(term)
+        relay.rebind()  # the client now appears from another address (a NAT rebinding)
+        term.send("echo $((3000+21))\r")
+        term.read_until(re.compile(rb"[\r\n]3021\r\n"), 30)
+        server.wait_log("client now at", 20)  # the server saw the client move
+        term.send("exit 4\r")
+        assert b"closed." in term.read_to_eof(30)
+        assert term.wait(10) == 4
+
+
+@pytest.mark.timeout(150)
+def test_typing_through_30_percent_loss(relayed, tmp_path):
+    server, relay, front = relayed
+    relay.set(loss=0.3)
+    with start_client(server, tmp_path, host=front) as term:
+        wait_shell(term, timeout=60)
+        for a, b in ((7, 191), (12, 34), (99, 99)):
+            type_slowly(term, f"echo $(({a}*{b}))\r")
+            term.read_until(re.compile(rb"[\r\n]%d\r\n" % (a * b)), 60)
+        term.send("exit 5\r")
+        assert b"Connection to " in term.read_to_eof(60)
+        assert term.wait(10) == 5
+    stats = relay.stats
+    assert stats["up"]["lost"] > 0 and stats["down"]["lost"] > 0  # loss really happened
