@@ -53,6 +53,7 @@ import struct
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -653,6 +654,10 @@ class ClientHandshake(_Handshake):
 
     def __init__(self, identity: PrivateKey, request: ClientRequest) -> None:
         super().__init__()
+        env = locale_env(request.env)
+        if env != request.env:  # a locale setting the server would refuse is not worth failing
+            log.debug("not sending %s", ", ".join(sorted(set(request.env) - set(env))))
+            request = dataclasses.replace(request, env=env)
         try:
             _check_request(request)
         except ValueError as err:
@@ -939,10 +944,8 @@ def send_refusal(sock: socket.socket, code: str) -> None:
     reset that could destroy the refusal before the client reads it."""
     try:
         sock.setblocking(False)
-        for _ in range(MAX_MESSAGE // _RECV_SIZE + 1):
-            if not sock.recv(_RECV_SIZE):
-                break
-    except OSError:  # BlockingIOError: nothing (more) to read
+        sock.recv(MAX_MESSAGE + 4)  # a ClientHello, if it has arrived
+    except OSError:  # BlockingIOError: nothing to read
         pass
     try:
         sock.send(_refusal_frame(code))
@@ -1018,9 +1021,10 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
     """A TCP connection to ``host`` (IPv4 or IPv6), trying each address it resolves to."""
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as err:
-        reason = getattr(err, "strerror", None) or str(err)
-        raise HandshakeError(f"cannot connect to {host} port {port}: {reason}") from None
+    except socket.gaierror as err:
+        raise HandshakeError(f"cannot connect to {host} port {port}: {_os_reason(err)}") from None
+    except UnicodeError:  # IDNA encoding of an impossible name
+        raise HandshakeError(f"cannot connect to {host} port {port}: invalid host name") from None
     last_error: OSError = socket.timeout()
     for index, (family, kind, proto, _, addr) in enumerate(infos):
         sock = socket.socket(family, kind, proto)
@@ -1189,9 +1193,10 @@ def authorized_keys_for(pw: pwd.struct_passwd, path: Optional[str] = None) -> Li
         return read_authorized_keys(path)
     except FileNotFoundError:
         raise AuthRefused(PERMISSION_DENIED, f"{path} does not exist") from None
-    except (OSError, KeyFileError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise AuthRefused(PERMISSION_DENIED, f"{path}: {reason}") from None
+    except KeyFileError as err:  # its message names the file
+        raise AuthRefused(PERMISSION_DENIED, str(err)) from None
+    except OSError as err:
+        raise AuthRefused(PERMISSION_DENIED, f"{path}: {_os_reason(err)}") from None
 
 
 # ---------------------------------------------------------------------------
