@@ -200,6 +200,7 @@ CLOSE_LINGER_SECS = 5.0  # exit status unacknowledged: give up after the client 
 SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
 CHILD_POLL_SECS = 1.0  # the shell is reaped by polling (no SIGCHLD handler across threads)
 RESUME_WAIT_SECS = 5.0
+MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading it
 
 
 class _Resume:
@@ -302,22 +303,15 @@ class Session:
 
     def _loop(self) -> None:
         with selectors.DefaultSelector() as sel:
-            sel.register(self.link.fileno(), selectors.EVENT_READ, "udp")
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            pty_events = 0
+            watched: Dict[str, int] = {}  # what the selector waits for on "udp" and "pty"
             while True:
                 now = time.monotonic()
                 if self._finished(now):
                     return
-                wanted = self._pty_interest()
-                if wanted != pty_events:
-                    if not pty_events:
-                        sel.register(self.shell.master_fd, wanted, "pty")
-                    elif not wanted:
-                        sel.unregister(self.shell.master_fd)
-                    else:
-                        sel.modify(self.shell.master_fd, wanted, "pty")
-                    pty_events = wanted
+                for name, fd, events in (("udp", self.link.fileno(), self._udp_interest()),
+                                         ("pty", self.shell.master_fd, self._pty_interest())):
+                    _watch(sel, watched, name, fd, events)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
                 for key, events in ready:
@@ -333,6 +327,11 @@ class Session:
                 self._handle_events(now)
                 self._check_shell(now)
                 self.link.flush(now)
+
+    def _udp_interest(self) -> int:
+        # Input the shell is not reading stays unacknowledged in the network instead of
+        # piling up here: the client's send window then stops it.
+        return selectors.EVENT_READ if len(self._to_pty) < MAX_PENDING_INPUT else 0
 
     def _pty_interest(self) -> int:
         if self.shell.master_fd is None or self._ending:
@@ -464,6 +463,21 @@ class Session:
             except OSError:
                 pass
         self.udp_sock.close()
+
+
+def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: int,
+           events: int) -> None:
+    """Make ``sel`` wait for ``events`` (0: nothing) on ``fd``, registered as ``name``."""
+    old = watched.get(name, 0)
+    if events == old:
+        return
+    if not old:
+        sel.register(fd, events, name)
+    elif not events:
+        sel.unregister(fd)
+    else:
+        sel.modify(fd, events, name)
+    watched[name] = events
 
 
 def _fmt_addr(addr) -> str:
@@ -636,15 +650,19 @@ class Server:
                 self._setup_done(session, auth)
 
     def _setup_done(self, session: Session, auth) -> None:
+        why = "the handshake did not complete" if auth is None else "the server is stopping"
         with self._lock:
             self._setting_up -= 1
-            started = auth is not None and not self._stopping
-            if started:  # registered and started together: shutdown sees only running ones
-                self._sessions[session.session_id] = session
-                session.start(auth.keys, auth.peer)
-        if not started:
-            log.info("session %s abandoned: the handshake did not complete", session.name)
-            session.abandon()
+            if auth is not None and not self._stopping:
+                # Started and registered together: shutdown sees only running sessions.
+                try:
+                    session.start(auth.keys, auth.peer)
+                    self._sessions[session.session_id] = session
+                    return
+                except RuntimeError as e:  # "can't start new thread"
+                    why = f"cannot start its thread: {e}"
+        log.warning("session %s for %s abandoned: %s", session.name, session.user, why)
+        session.abandon()
 
     def unregister(self, session: Session) -> None:
         with self._lock:
