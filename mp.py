@@ -181,11 +181,12 @@ class Waker:
 
 
 class SignalRouter:
-    """Turns SIGWINCH/SIGTERM/SIGHUP into flags + a wake-up while the session loop runs, and
+    """Turns SIGWINCH/SIGTERM/SIGHUP/SIGINT into flags + a wake-up while the session loop runs, and
     into a ``Terminated`` exception otherwise (a blocking prompt or handshake can only be
     interrupted by raising). Either way the terminal guard's ``finally`` restores the tty."""
 
-    HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH)
+    HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGWINCH)
+    QUIET = (signal.SIGHUP, signal.SIGINT)  # terminal gone / user pressed Ctrl-C: no message
 
     def __init__(self, waker: Waker):
         self.waker = waker
@@ -427,12 +428,14 @@ class StatusBanner:
         self.shown, self.drawn_second = False, None
         return self.erase()
 
-    def next_deadline(self, last_heard: float) -> float:
-        """When the banner next needs attention: its first appearance, then each second."""
-        appear = last_heard + BANNER_AFTER_SECS
-        if not self.shown:
-            return appear
-        return last_heard + self.drawn_second + 1
+    @staticmethod
+    def next_deadline(last_heard: float, now: float) -> float:
+        """When the banner next needs attention: its first appearance, then each whole
+        second of silence (never in the past, even while drawing has to wait)."""
+        silence = now - last_heard
+        if silence < BANNER_AFTER_SECS:
+            return last_heard + BANNER_AFTER_SECS
+        return last_heard + int(silence) + 1
 
 
 # ---------------------------------------------------------------------------
@@ -646,6 +649,7 @@ class Session:
         self.identity = identity
         self.router, self.waker = router, waker
         self.in_fd, self.out_fd = in_fd, out_fd
+        self.out_is_tty = os.isatty(out_fd)  # no banner in a pipe or file
         self.session_id = first.grant.session_id
         self.resume_secret = first.grant.resume_secret
         self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
@@ -709,7 +713,7 @@ class Session:
             self._write_out()
 
     def _next_deadline(self, now: float) -> float:
-        deadlines = [now + 60.0, self.banner.next_deadline(self.heard)]
+        deadlines = [now + 60.0, self.banner.next_deadline(self.heard, now)]
         link_wait = self.link.timeout(now)
         if link_wait is not None:
             deadlines.append(now + link_wait)
@@ -729,9 +733,7 @@ class Session:
         signum = self.router.terminate_signum
         if signum is not None and self.outcome is None:
             self._quit("client terminated")
-            message = None if signum == signal.SIGHUP else \
-                f"mp: killed by signal {signum}; session ended."
-            self.outcome = Outcome(EXIT_FAILURE, message)
+            self.outcome = Outcome(EXIT_FAILURE, killed_message(signum))
         if self.router.winch:
             self.router.winch = False
             size = self.target.winsize()
@@ -750,7 +752,9 @@ class Session:
             self._hangup()
             return
         if not data:
-            self.stdin_open = False  # stdin was a pipe or file: the session goes on
+            if self.target.is_tty:  # a terminal only reads as EOF once it is hung up
+                self._hangup()
+            self.stdin_open = False  # a pipe or file: the session goes on
             return
         data, quit_requested = self.escape.feed(data)
         if data:
@@ -791,7 +795,7 @@ class Session:
             self._redraw_banner(now)
 
     def _redraw_banner(self, now: float, force: bool = False) -> None:
-        if not self.target.is_tty or not self.tracker.at_safe_point():
+        if not self.out_is_tty or not self.tracker.at_safe_point():
             return  # never inject bytes into the middle of an escape sequence / character
         self.out += self.banner.update(now - self.heard, self.winsize[1], self.banner_note,
                                        self.encoding, force)
@@ -861,12 +865,16 @@ class Session:
         """Ack what the server sent last (it resends a close until acked), write what is
         left of the output (a few seconds at most) and erase the banner, so the final
         screen is the remote program's."""
-        self._linger(0.5, lambda: (self.link.timeout(time.monotonic()) or 1.0) > 0.1)
+        self._linger(0.5, self._nothing_due)
         self.out += self.banner.hide()
         deadline = time.monotonic() + 3.0
         while self.out and time.monotonic() < deadline:
             select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
             self._write_out()
+
+    def _nothing_due(self) -> bool:
+        wait = self.link.timeout(time.monotonic())
+        return wait is None or wait > 0.1
 
     def _linger(self, seconds: float, done) -> None:
         """Run only the network for up to ``seconds`` or until ``done()``."""
@@ -890,6 +898,10 @@ def terminal_encoding() -> str:
     except LookupError:
         return "utf-8"
     return name
+
+
+def killed_message(signum: int):
+    return None if signum in SignalRouter.QUIET else f"mp: killed by signal {signum}"
 
 
 def udp_peer(result) -> tuple:
@@ -942,7 +954,7 @@ class Target:
             self.host, self.port, identity, request, verify_host_key)
 
 
-def run_client(config, args, prompter: Prompter) -> int:
+def run_client(config, prompter: Prompter) -> int:
     destination = config["server_destination"]
     if not destination:
         raise moshpit.MoshpitError(
@@ -964,10 +976,7 @@ def run_client(config, args, prompter: Prompter) -> int:
         with guard:
             outcome = Session(target, hostcheck, first, identity, config, router, waker).run()
     except Terminated as err:
-        guard.restore()
-        if err.signum != signal.SIGHUP:
-            prompter.say(f"mp: killed by signal {err.signum}")
-        return EXIT_FAILURE
+        outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
         guard.restore()
         router.uninstall()
@@ -995,13 +1004,12 @@ def main(argv=None) -> int:
         for warning in config.warnings:
             prompter.say(f"mp: warning: {warning}")
         moshpit.setup_logging("client", config, log_path=args.tracing)
-        return run_client(config, args, prompter)
+        return run_client(config, prompter)
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        prompter.say("")
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
         return EXIT_FAILURE
 
 

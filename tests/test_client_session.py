@@ -173,6 +173,33 @@ def test_typeahead_before_connect_is_kept(server, tmp_path):
         assert term.wait(20) == 0
 
 
+@pytest.mark.timeout(150)
+def test_bulk_output_arrives_exactly(server, tmp_path):
+    """3 MB through a PTY that accepts a few KB at a time: partial writes and EAGAIN on
+    stdout lose or repeat nothing."""
+    with start_client(server, tmp_path) as term:
+        wait_shell(term)
+        term.send("head -c 3000000 /dev/zero | tr '\\0' x; echo $((6000+6))\r")
+        out = term.read_until(b"6006\r\n", 120)  # plain bytes: a regex would rescan 3 MB
+        assert max(len(run) for run in re.findall(rb"x+", out)) == 3000000
+        term.send(QUIT)
+        assert term.wait(20) == 0
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_a_flood(server, tmp_path):
+    """Keys still get through while output pours in (stdin is read all the time)."""
+    with start_client(server, tmp_path) as term:
+        wait_shell(term)
+        term.send("yes flood\r")
+        term.read_until(b"flood\r\nflood\r\n", 30)
+        term.send(b"\x03")
+        term.send("echo $((7000+7))\r")
+        term.read_until(re.compile(rb"[\r\n]7007\r\n"), 60)
+        term.send(QUIT)
+        assert term.wait(20) == 0
+
+
 # --- ways out: terminal attributes restored ------------------------------------------------
 
 

@@ -160,11 +160,10 @@ def test_banner_removed_when_contact_returns():
     assert b.hide() == b""
 
 
-def test_banner_deadlines():
-    b = mp.StatusBanner()
-    assert b.next_deadline(100.0) == 106.0
-    b.update(8.4, 80)
-    assert b.next_deadline(100.0) == 109.0
+def test_banner_deadlines_never_in_the_past():
+    assert mp.StatusBanner.next_deadline(100.0, 101.0) == 106.0
+    assert mp.StatusBanner.next_deadline(100.0, 108.4) == 109.0
+    assert mp.StatusBanner.next_deadline(100.0, 109.0) == 110.0
 
 
 # --- command line -----------------------------------------------------------------------
