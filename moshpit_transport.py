@@ -175,6 +175,7 @@ INITIAL_RTT = 0.1
 MIN_RTO, MAX_RTO, MAX_BACKOFF_RTO = 0.05, 1.0, 2.0
 MSS = MAX_STREAM_CHUNK
 INITIAL_CWND, MIN_CWND, MAX_CWND = 32 * MSS, 16 * MSS, 1024 * 1024
+TIMEOUT_CWND = 2 * MSS  # after repeated timeouts (an outage): probe gently, then slow start
 LOSS_BETA = 0.7
 PACING_BURST = 10 * MAX_DATAGRAM  # what may leave back to back ...
 PACING_QUANTUM = 0.001  # ... or this much time's worth at the pacing rate, if more
@@ -248,9 +249,9 @@ class CongestionWindow:
     """How many bytes may be in flight, and the pacing rate that spreads them over an RTT.
 
     Slow start doubles the window per RTT; a loss round multiplies it by LOSS_BETA (once
-    per round: only losses of packets sent after the last cut count); a retransmission
-    timeout drops it to the minimum.  The minimum stays at 16 packets because random loss
-    on Wi-Fi or LTE is not congestion, and a terminal never needs more than a window.
+    per round: only losses of packets sent after the last cut count), but not below 16
+    packets: random loss on Wi-Fi or LTE is not congestion.  Repeated retransmission
+    timeouts (an outage) drop it to two packets, to probe gently, then slow start again.
     """
 
     def __init__(self) -> None:
@@ -273,7 +274,7 @@ class CongestionWindow:
     def on_timeout(self, now: float) -> None:
         self._recovery_start = now
         self.ssthresh = max(MIN_CWND, self.cwnd * LOSS_BETA)
-        self.cwnd = MIN_CWND
+        self.cwnd = TIMEOUT_CWND
 
     def pacing_rate(self, srtt: float) -> float:
         """Bytes per second: twice the window per RTT in slow start, 1.25 times after."""
@@ -351,16 +352,14 @@ class SendStream:
     def unacked(self) -> int:
         return len(self._buf)
 
-    def has_pending(self, allow_new: bool) -> bool:
-        """Anything to (re)transmit; new data only if ``allow_new`` (congestion room)."""
-        return bool(self._retx) or (allow_new and self.next_new < min(self.end,
-                                                                      self.base + self.window))
+    def has_pending(self) -> bool:
+        """Anything to retransmit, or new data within the window."""
+        return bool(self._retx) or self.next_new < min(self.end, self.base + self.window)
 
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
 
-    def take(self, pn: int, now: float, max_len: int, allow_new: bool
-             ) -> Optional[tuple[int, bytes]]:
+    def take(self, pn: int, now: float, max_len: int) -> Optional[tuple[int, bytes]]:
         """Up to ``max_len`` bytes to send in packet ``pn``: retransmissions first."""
         retx = self._retx
         while retx:
@@ -375,8 +374,6 @@ class SendStream:
             else:
                 retx[0][0] = stop
             return self._record(pn, now, start, stop)
-        if not allow_new:
-            return None
         start = self.next_new
         stop = min(self.end, self.base + self.window, start + max_len)
         if stop <= start:
@@ -431,7 +428,8 @@ class SendStream:
         return acked, resolved, lost, lost_sent
 
     def on_timeout(self, now: float, rto: float) -> tuple[int, float]:
-        """The retransmission timer fired: records sent ``rto`` or more before ``now`` are lost.
+        """The retransmission timer fired: records sent ``rto`` or more before ``now`` are lost
+        (all of them for ``rto`` = -inf).
 
         Returns (how many, send time of the newest of them).
         """
@@ -900,15 +898,13 @@ class Connection:
         return min(sent) + self._rto() if sent else None
 
     def _check_rto(self, now: float) -> None:
-        """Resend what the timer says is lost; back off, and after repeats shrink the window.
-
-        Only the expired records count as lost (the rest may still be acked normally),
-        so a spurious timeout costs a few packets, not the whole flight.
-        """
+        """Resend what the timer says is lost; back off, and after repeats shrink the window."""
         deadline = self._rto_deadline()
         if deadline is None or now < deadline:
             return
-        rto = self._rto()
+        # A first timeout only resends what expired (the rest may still be acked); a repeat
+        # means the path is down: everything in flight is lost, resent as the window allows.
+        rto = self._rto() if not self._backoff else float("-inf")
         lost, lost_sent = self._terminal.on_timeout(now, rto)
         control_lost, control_sent = self._control.out.on_timeout(now, rto)
         self._loss.on_tx(lost + control_lost, lost + control_lost)
@@ -921,8 +917,9 @@ class Connection:
 
     def _data_pending(self) -> bool:
         control = self._control
-        return (control.out.has_pending(True) or (self._resize is not None and control.idle())
-                or self._terminal.has_pending(self._terminal.in_flight < self._cc.cwnd))
+        terminal = self._terminal
+        return (control.out.has_pending() or (self._resize is not None and control.idle())
+                or (terminal.in_flight < self._cc.cwnd and terminal.has_pending()))
 
     def _ack_due(self, now: float) -> bool:
         return self._ack_now or (self._ack_deadline is not None and now >= self._ack_deadline)
@@ -996,10 +993,10 @@ class Connection:
                 self._resize = None
             pn = self._next_pn
             terminal = self._terminal
-            for stream in (control.out, terminal):
-                while space > DATA_OVERHEAD:
-                    allow_new = stream is control.out or terminal.in_flight < self._cc.cwnd
-                    chunk = stream.take(pn, now, space - DATA_OVERHEAD, allow_new)
+            for stream in (control.out, terminal):  # control is tiny: exempt from the window
+                while space > DATA_OVERHEAD and (stream is control.out
+                                                 or terminal.in_flight < self._cc.cwnd):
+                    chunk = stream.take(pn, now, space - DATA_OVERHEAD)
                     if chunk is None:
                         break
                     offset, data = chunk

@@ -1,0 +1,486 @@
+"""Transport tests on a simulated network: fake clock, seeded loss/reorder/duplication/delay.
+
+Nothing here sleeps or opens a socket: two sans-IO Connections exchange datagrams through
+``SimNet``, a priority queue of deliveries, and time jumps straight to the next event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+import types
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moshpit_transport as mt
+from moshpit import MAX_DATAGRAM
+
+CLIENT_ADDR = ("192.0.2.1", 40001)
+CLIENT_ADDR2 = ("198.51.100.7", 50123)
+SERVER_ADDR = ("203.0.113.5", 55555)
+MB = 1024 * 1024
+
+
+def make_keys(seed: int = 0, cipher: str = "chacha20-poly1305") -> types.SimpleNamespace:
+    """A stand-in for the handshake's SessionKeys (the transport only reads these fields)."""
+    rng = random.Random(seed)
+    return types.SimpleNamespace(
+        client_to_server=bytes(rng.getrandbits(8) for _ in range(32)),
+        server_to_client=bytes(rng.getrandbits(8) for _ in range(32)),
+        conn_id=bytes(rng.getrandbits(8) for _ in range(8)), cipher=cipher)
+
+
+def random_bytes(rng: random.Random, size: int) -> bytes:
+    return rng.getrandbits(8 * size).to_bytes(size, "big")
+
+
+class SimNet:
+    """Both directions of a path: seeded loss, delay + jitter (reordering), duplication,
+    blackouts.  Datagrams to an address nobody holds any more vanish, like after a move."""
+
+    def __init__(self, seed: int = 1, loss: float = 0.0, delay: float = 0.02,
+                 jitter: float = 0.0, duplicate: float = 0.0) -> None:
+        self.rng = random.Random(seed)
+        self.loss, self.delay, self.jitter, self.duplicate = loss, delay, jitter, duplicate
+        self.blackout_until = float("-inf")
+        self.queue: list = []
+        self.sent = 0
+        self._seq = 0
+
+    def send(self, now: float, datagram: bytes, src: tuple, dst: tuple) -> None:
+        assert len(datagram) <= MAX_DATAGRAM
+        self.sent += 1
+        if now < self.blackout_until or self.rng.random() < self.loss:
+            return
+        for _ in range(2 if self.rng.random() < self.duplicate else 1):
+            self._seq += 1
+            due = now + self.delay + self.rng.random() * self.jitter
+            heapq.heappush(self.queue, (due, self._seq, datagram, src, dst))
+
+    def next_time(self) -> float | None:
+        return self.queue[0][0] if self.queue else None
+
+    def pop_due(self, now: float) -> list:
+        due = []
+        while self.queue and self.queue[0][0] <= now:
+            due.append(heapq.heappop(self.queue)[2:])
+        return due
+
+
+class Peer:
+    """A Connection plus its application: writes ``source`` while writable, collects data
+    and events, and may sit at a changing address."""
+
+    def __init__(self, conn: mt.Connection, addr: tuple, source: bytes = b"") -> None:
+        self.conn, self.addr, self.source = conn, addr, source
+        self.written = 0
+        self.received = bytearray()
+        self.events: list = []
+
+    def pump_app(self) -> None:
+        conn = self.conn
+        while self.written < len(self.source) and conn.writable():
+            chunk = self.source[self.written:self.written + 16384]
+            conn.send(chunk)
+            self.written += len(chunk)
+        event = conn.next_event()
+        while event is not None:
+            if isinstance(event, mt.DataReceived):
+                assert event.data, "empty DataReceived"
+                self.received += event.data
+            else:
+                self.events.append(event)
+            event = conn.next_event()
+
+
+class Sim:
+    """Runs a client and a server Peer over a SimNet with a fake clock."""
+
+    def __init__(self, net: SimNet, up: bytes = b"", down: bytes = b"", keys=None,
+                 now: float = 0.0) -> None:
+        keys = keys or make_keys()
+        self.net, self.now = net, now
+        self.client = Peer(mt.Connection("client", keys, now, SERVER_ADDR), CLIENT_ADDR, up)
+        self.server = Peer(mt.Connection("server", keys, now), SERVER_ADDR, down)
+        self.steps = 0
+        self.log: list = []  # (time, src, dst) of every datagram, for pacing checks
+
+    def peers(self) -> tuple:
+        return self.client, self.server
+
+    def step(self, until: float = float("inf")) -> None:
+        """Let both sides send, then jump to the next event (but not past ``until``)."""
+        self.steps += 1
+        assert self.steps < 500_000, "simulation does not converge"
+        for peer in self.peers():
+            peer.pump_app()
+            for datagram, dst in peer.conn.datagrams_to_send(self.now):
+                self.log.append((self.now, peer.addr, dst))
+                self.net.send(self.now, datagram, peer.addr, dst)
+            peer.pump_app()
+        times = [t for t in (self.client.conn.next_timeout(), self.server.conn.next_timeout(),
+                             self.net.next_time()) if t is not None]
+        assert times, "nothing will ever happen again"
+        next_time = min(min(times), until)
+        assert next_time >= self.now - 1e-9, "a timer in the past"
+        self.now = max(self.now, next_time)
+        for datagram, src, dst in self.net.pop_due(self.now):
+            for peer in self.peers():
+                if peer.addr == dst:
+                    peer.conn.receive_datagram(datagram, src, self.now)
+
+    def run_until(self, done, limit: float) -> None:
+        while not done():
+            assert self.now < limit, f"not done by t={limit}"
+            self.step()
+
+    def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.step(until=end)
+
+    def transferred(self) -> bool:
+        return (len(self.server.received) >= len(self.client.source)
+                and len(self.client.received) >= len(self.server.source))
+
+    def assert_intact(self) -> None:
+        for sender, receiver in ((self.client, self.server), (self.server, self.client)):
+            assert len(receiver.received) == len(sender.source)
+            assert (hashlib.sha256(receiver.received).hexdigest()
+                    == hashlib.sha256(sender.source).hexdigest())
+
+
+def bulk_sim(seed: int = 1, size: int = MB, **net) -> Sim:
+    rng = random.Random(seed)
+    return Sim(SimNet(seed, **net), random_bytes(rng, size), random_bytes(rng, size),
+               keys=make_keys(seed))
+
+
+def finish(sim: Sim, limit: float) -> None:
+    """Run until both streams arrived and everything is acked, then check integrity."""
+    sim.run_until(lambda: sim.transferred() and sim.client.conn.all_acked()
+                  and sim.server.conn.all_acked(), limit)
+    sim.assert_intact()
+
+
+# ---------------------------------------------------------------------------
+# Packet crypto
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cipher", sorted(mt.CIPHERS))
+def test_cipher_round_trip_and_size(cipher):
+    keys = make_keys(cipher=cipher)
+    tx = mt.PacketCipher(keys.client_to_server, cipher, mt.CLIENT_TO_SERVER, keys.conn_id)
+    rx = mt.PacketCipher(keys.client_to_server, cipher, mt.CLIENT_TO_SERVER, keys.conn_id)
+    payload = b"x" * mt.MAX_PAYLOAD
+    datagram = tx.seal(7, payload)
+    assert len(datagram) == MAX_DATAGRAM
+    assert rx.open(datagram) == (7, payload)
+    assert rx.open(datagram) is None, "a replay must be dropped"
+
+
+def test_cipher_rejects_reflection_other_conn_and_unknown_cipher():
+    keys = make_keys()
+    client_tx = mt.PacketCipher(keys.client_to_server, keys.cipher, mt.CLIENT_TO_SERVER,
+                                keys.conn_id)
+    client_rx = mt.PacketCipher(keys.server_to_client, keys.cipher, mt.SERVER_TO_CLIENT,
+                                keys.conn_id)
+    datagram = client_tx.seal(1, b"hello")
+    assert client_rx.open(datagram) is None, "our own packet reflected back must fail"
+    # Same key, wrong direction in the nonce: still fails.
+    wrong_dir = mt.PacketCipher(keys.client_to_server, keys.cipher, mt.SERVER_TO_CLIENT,
+                                keys.conn_id)
+    assert wrong_dir.open(datagram) is None
+    other_conn = mt.PacketCipher(keys.client_to_server, keys.cipher, mt.CLIENT_TO_SERVER,
+                                 bytes(8))
+    assert other_conn.open(datagram) is None
+    with pytest.raises(ValueError, match="unknown cipher"):
+        mt.PacketCipher(keys.client_to_server, "rot13", 0, keys.conn_id)
+
+
+def test_replay_window_slides_and_stays_small():
+    window = mt.ReplayWindow()
+    for pn in (5, 3, 4, 1000):
+        assert window.fresh(pn)
+        window.mark(pn)
+    assert not window.fresh(3) and not window.fresh(1000)
+    assert window.fresh(999)
+    window.mark(1000 + mt.ReplayWindow.WIDTH - 1)
+    assert window.fresh(1000 + 1) and not window.fresh(1000), "1000 is still remembered"
+    window.mark(2 ** 64 - 1)  # a jump as far as it goes: no huge bitmap
+    assert window._bits.bit_length() <= mt.ReplayWindow.WIDTH
+    assert not window.fresh(5), "too old to tell: dropped"
+
+
+# ---------------------------------------------------------------------------
+# Whole transfers on the simulated path
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", [0.0, 0.1, 0.3, 0.5])
+def test_one_megabyte_each_way_under_loss(loss):
+    sim = bulk_sim(seed=int(loss * 100) + 3, loss=loss)
+    finish(sim, limit=120)
+
+
+def test_reordering_and_duplication():
+    sim = bulk_sim(seed=11, jitter=0.03, duplicate=0.2, loss=0.05)
+    finish(sim, limit=60)
+
+
+def test_aes_gcm_transfer():
+    rng = random.Random(5)
+    sim = Sim(SimNet(5, loss=0.1), random_bytes(rng, 200_000), random_bytes(rng, 200_000),
+              keys=make_keys(5, cipher="aes-256-gcm"))
+    finish(sim, limit=60)
+
+
+def test_sixty_second_blackout_mid_transfer():
+    sim = bulk_sim(seed=21)
+    sim.run_until(lambda: len(sim.client.received) > MB // 4, limit=10)
+    start = sim.now
+    sim.net.blackout_until = start + 60
+    sim.run_for(5)
+    sent_before = sim.net.sent
+    sim.run_for(55)
+    # Backed-off retransmissions (2 s) and 3 s pings: a trickle, not a storm.
+    assert sim.net.sent - sent_before < 150
+    finish(sim, limit=start + 90)
+    assert not sim.client.events
+    assert sim.server.events == [mt.PeerAddressChanged(CLIENT_ADDR)], "first contact only"
+
+
+def test_client_address_change_mid_transfer():
+    sim = bulk_sim(seed=31, loss=0.05)
+    sim.run_until(lambda: len(sim.server.received) > MB // 3, limit=10)
+    sim.client.addr = CLIENT_ADDR2  # e.g. Wi-Fi to LTE: the old address is gone
+    finish(sim, limit=60)
+    assert sim.server.conn.peer_addr == CLIENT_ADDR2
+    assert sim.server.events == [mt.PeerAddressChanged(CLIENT_ADDR),
+                                 mt.PeerAddressChanged(CLIENT_ADDR2)]
+    assert sim.client.events == [], "the server did not move"
+
+
+def test_rekey_mid_transfer_loses_and_doubles_nothing():
+    sim = bulk_sim(seed=41, loss=0.1)
+    sim.run_until(lambda: len(sim.client.received) > MB // 3, limit=30)
+    # The network goes away; the client hops to a new address and resumes over a new
+    # handshake: each side tells the other what it has received.
+    sim.net.blackout_until = sim.now + 15
+    sim.run_for(12)
+    client, server = sim.client.conn, sim.server.conn
+    new_keys = make_keys(99)
+    client_has, server_has = client.recv_offset, server.recv_offset
+    sim.client.addr = CLIENT_ADDR2
+    client.rekey(new_keys, server_has, sim.now, SERVER_ADDR)
+    sim.run_for(0.5)  # the server's session thread applies the re-key a little later
+    server.rekey(new_keys, client_has, sim.now)
+    finish(sim, limit=sim.now + 60)
+
+
+def test_stale_old_key_packets_after_rekey_change_nothing():
+    sim = bulk_sim(seed=43, size=50_000)
+    sim.run_until(lambda: len(sim.server.received) > 10_000, limit=10)
+    old = [d for d, _ in sim.client.conn.datagrams_to_send(sim.now)]
+    old += [d for d, _ in sim.client.conn.datagrams_to_send(sim.now + 0.2)]
+    assert old
+    keys = make_keys(77)
+    server = sim.server.conn
+    server.rekey(keys, sim.client.conn.recv_offset, sim.now)
+    sim.client.conn.rekey(keys, server.recv_offset, sim.now)
+    heard = server.last_heard
+    for datagram in old:
+        server.receive_datagram(datagram, CLIENT_ADDR2, sim.now + 1)
+    assert server.peer_addr == CLIENT_ADDR and server.last_heard == heard
+    finish(sim, limit=sim.now + 30)
+
+
+# ---------------------------------------------------------------------------
+# Control messages, keepalive, pacing, back-pressure
+# ---------------------------------------------------------------------------
+
+def test_control_overtakes_bulk_and_close_waits_for_output():
+    rng = random.Random(51)
+    paste, output = random_bytes(rng, 300_000), random_bytes(rng, 300_000)
+    sim = Sim(SimNet(51, loss=0.1), up=paste, down=output)
+    sim.run_until(lambda: sim.server.events, limit=5)
+    assert sim.server.events == [mt.PeerAddressChanged(CLIENT_ADDR)]
+    sim.server.events.clear()
+    sim.client.conn.send_resize(50, 132)
+    sim.run_until(lambda: sim.server.events, limit=5)
+    assert sim.server.events == [mt.ResizeRequested(50, 132)]
+    assert len(sim.server.received) < len(paste) // 2, "the resize waited behind the paste"
+    sim.server.conn.send_close(3)
+    sim.run_until(lambda: sim.client.events, limit=60)
+    assert sim.client.events == [mt.SessionClosed(3)]
+    assert sim.client.received == output, "SessionClosed came before all the output"
+    sim.run_until(lambda: sim.server.conn.all_acked(), limit=sim.now + 10)
+
+
+def test_resizes_coalesce_and_shutdown_is_reported_once():
+    sim = Sim(SimNet(61, loss=0.3))
+    for cols in range(80, 200):
+        sim.client.conn.send_resize(24, cols)
+    sim.client.conn.send_shutdown("client quit ✓" + "x" * 400)
+    sim.run_until(lambda: len(sim.server.events) >= 2 and sim.client.conn.all_acked(),
+                  limit=30)
+    resizes = [e for e in sim.server.events if isinstance(e, mt.ResizeRequested)]
+    assert resizes[-1] == mt.ResizeRequested(24, 199) and len(resizes) <= 3
+    shutdowns = [e for e in sim.server.events if isinstance(e, mt.ShutdownReceived)]
+    assert len(shutdowns) == 1 and shutdowns[0].reason.startswith("client quit ✓")
+    assert len(shutdowns[0].reason.encode()) <= mt.MAX_REASON
+
+
+def test_keepalive_only_client_pings_and_rtt_converges():
+    sim = Sim(SimNet(71, delay=0.05))
+    sim.run_for(30)
+    client_sent = sum(1 for _t, src, _d in sim.log if src == CLIENT_ADDR)
+    server_sent = sum(1 for _t, src, _d in sim.log if src == SERVER_ADDR)
+    assert 9 <= client_sent <= 12, "one ping per 3 s when idle"
+    assert server_sent == client_sent, "the server only answers"
+    for conn in (sim.client.conn, sim.server.conn):
+        assert sim.now - conn.last_heard < 3.2
+    assert sim.client.conn._rtt.srtt == pytest.approx(0.1, abs=0.005)
+
+
+def test_bursts_are_paced():
+    rng = random.Random(81)
+    sim = Sim(SimNet(81, delay=0.025))
+    sim.run_for(1)  # learn the RTT from pings
+    sim.server.source = random_bytes(rng, 60_000)  # a full-screen redraw or so
+    sim.run_until(lambda: len(sim.client.received) == 60_000, limit=5)
+    times = [t for t, src, _d in sim.log if src == SERVER_ADDR and t >= 1]
+    same_instant = max(times.count(t) for t in set(times))
+    assert len(times) >= 50 and same_instant <= mt.PACING_BURST // MAX_DATAGRAM + 1
+    assert max(times) - min(times) > 0.01, "spread out over time"
+
+
+def test_writable_reflects_the_send_window():
+    conn = mt.Connection("server", make_keys(), 0.0)
+    assert conn.writable()
+    conn.send(b"y" * (mt.SEND_WINDOW - 1))
+    assert conn.writable()
+    conn.send(b"y")
+    assert not conn.writable() and conn.unacked_bytes() == mt.SEND_WINDOW
+    assert conn.datagrams_to_send(0.0) == [] and conn.next_timeout() is None, "no peer yet"
+
+
+def test_tail_loss_is_recovered_by_the_retransmission_timer():
+    sim = Sim(SimNet(91, loss=0.0))
+    sim.run_for(1)
+    sim.net.loss = 1.0
+    sim.client.conn.send(b"ls\r")
+    sent_at = sim.now
+    sim.run_for(0.01)
+    sim.net.loss = 0.0
+    sim.run_until(lambda: sim.server.received == b"ls\r", limit=3)
+    assert sim.now - sent_at < 0.3, "resent after one RTO (~3 RTT here)"
+
+
+# ---------------------------------------------------------------------------
+# Hostile input
+# ---------------------------------------------------------------------------
+
+def snapshot(conn: mt.Connection) -> tuple:
+    return (conn.peer_addr, conn.last_heard, conn.recv_offset, conn.acked_offset,
+            conn._rx.replay.largest, len(conn._events))
+
+
+@pytest.fixture(scope="module")
+def live_pair():
+    """A server that has heard a client, plus datagrams the client legitimately sent."""
+    sim = Sim(SimNet(101), up=b"hello" * 100)
+    sim.run_until(lambda: len(sim.server.received) == 500, limit=5)
+    captured = [d for d, _ in sim.client.conn.datagrams_to_send(sim.now + 5)]
+    return sim, captured
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_garbage_is_dropped_without_effect(live_pair, data):
+    sim, captured = live_pair
+    server = sim.server.conn
+    before = snapshot(server)
+    kind = data.draw(st.sampled_from(["random", "truncated", "flipped", "replayed"]))
+    if kind == "random":
+        datagram = data.draw(st.binary(max_size=1500))
+    else:
+        real = data.draw(st.sampled_from(captured))
+        if kind == "truncated":
+            datagram = real[:data.draw(st.integers(0, len(real) - 1))]
+        elif kind == "flipped":
+            pos = data.draw(st.integers(0, len(real) - 1))
+            bit = 1 << data.draw(st.integers(0, 7))
+            datagram = real[:pos] + bytes([real[pos] ^ bit]) + real[pos + 1:]
+        else:
+            datagram = real
+            server.receive_datagram(real, CLIENT_ADDR, sim.now)  # the first copy may be new
+            before = snapshot(server)
+    server.receive_datagram(datagram, CLIENT_ADDR2, sim.now + 7)
+    assert snapshot(server) == before
+    assert server.next_event() is None
+
+
+def authentic(conn_keys, pn: int, frames: bytes) -> bytes:
+    """A datagram as the client would seal it: right key, so it authenticates."""
+    tx = mt.PacketCipher(conn_keys.client_to_server, conn_keys.cipher, mt.CLIENT_TO_SERVER,
+                         conn_keys.conn_id)
+    return tx.seal(pn, frames)
+
+
+def frame(ftype: int, body: bytes) -> bytes:
+    return mt.FRAME.pack(ftype, len(body)) + body
+
+
+def data_frame(stream: int, offset: int, payload: bytes) -> bytes:
+    return frame(mt.FRAME_DATA, mt.DATA_HEADER.pack(stream, offset) + payload)
+
+
+def test_authenticated_spray_cannot_grow_memory():
+    keys = make_keys(111)
+    server = mt.Connection("server", keys, 0.0)
+    server.send(b"z" * 100_000)
+    rng = random.Random(111)
+    for i in range(5000):
+        pn = i + 1
+        offset = rng.choice([rng.randrange(2 ** 64 - 2000), rng.randrange(1, 10 ** 6),
+                             2 * i + 1])
+        frames = data_frame(0, offset, b"a") + data_frame(1, offset, b"b")
+        frames += data_frame(rng.randrange(2, 256), 0, b"c" * 50)  # streams unknown to us
+        gaps = b"".join(mt.GAP.pack(g * 3, 1) for g in range(255))
+        frames += frame(mt.FRAME_ACK, mt.ACK_HEADER.pack(0, pn, 0, rng.randrange(2 ** 64),
+                                                         2 ** 32 - 1, 255) + gaps)
+        frames += frame(200, b"future frame type")
+        server.receive_datagram(authentic(keys, pn, frames[:mt.MAX_PAYLOAD]), CLIENT_ADDR,
+                                0.001 * i)
+        server.datagrams_to_send(0.001 * i)
+    terminal_in = server._terminal_in
+    assert terminal_in.buffered() <= mt.SEND_WINDOW
+    assert len(terminal_in._starts) <= mt.MAX_REORDER_SEGMENTS
+    assert server._control.inp.buffered() <= mt.CONTROL_WINDOW
+    assert server.acked_offset == 0, "impossible acks are ignored"
+    # Gap lists at the cap are accepted, and a huge packet number does not blow up.
+    server.receive_datagram(authentic(keys, 2 ** 64 - 1, frame(mt.FRAME_PING, b"")),
+                            CLIENT_ADDR, 10.0)
+    assert server._rx.replay._bits.bit_length() <= mt.ReplayWindow.WIDTH
+    assert len(server._events) <= 1 + 5000
+
+
+def test_acks_with_many_gaps_keep_retransmit_state_bounded():
+    keys = make_keys(121)
+    sim = Sim(SimNet(121), keys=keys, down=b"q" * 200_000)
+    sim.run_for(0.3)
+    server = sim.server.conn
+    sent = server._terminal.next_new
+    assert sent > 100_000
+    gaps = b"".join(mt.GAP.pack(g * 2000 + 1, 1000) for g in range(mt.MAX_ACK_RANGES))
+    for pn in range(10 ** 6, 10 ** 6 + 300):
+        ack = mt.ACK_HEADER.pack(0, server._next_pn - 1, 0, 0, 80_000, mt.MAX_ACK_RANGES)
+        server.receive_datagram(authentic(keys, pn, frame(mt.FRAME_ACK, ack + gaps)),
+                                CLIENT_ADDR, sim.now)
+        server.datagrams_to_send(sim.now)
+    assert len(server._terminal._retx) <= 2 * mt.MAX_ACK_RANGES + 2
+    assert len(server._terminal._flight) <= mt.SEND_WINDOW // 500
