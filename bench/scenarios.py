@@ -233,9 +233,12 @@ class CtrlC(Scenario):
     def measure(self, ctx: Context) -> dict:
         session, times = ctx.session, []
         for _ in range(self.samples(ctx.quick)):
-            session.term.send(b"yes\r")
+            # A word new to the screen each time: mosh sends only screen changes, so a
+            # repeat of the previous flood's identical screen would show nothing.
+            word = f"F{random.randrange(10000, 99999)}".encode()
+            session.term.send(b"yes " + word + b"\r")
             flood = session.term.drain(quiet=2.0, limit=self.flood_seconds)
-            if flood.count(b"y") < 10:  # mosh sends only screen states: few bytes
+            if flood.count(word) < 10:
                 raise ScenarioError("the yes flood did not start")
             pressed = time.monotonic()
             session.term.send(b"\x03")

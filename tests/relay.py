@@ -310,6 +310,7 @@ class Relay:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._thread: threading.Thread | None = None
+        self.errors: list[str] = []  # unexpected exceptions in the relay thread (should be [])
         self._stopping = False
         self._closed = False
 
@@ -466,12 +467,17 @@ class Relay:
                 timeout = min(timeout, max(0.0, self._heap[0][0] - now))
             if self.impair_tcp and now < self._blackout_until:
                 timeout = min(timeout, max(0.0, self._blackout_until - now))
-            for key, mask in self._sel.select(timeout):
-                key.data(mask)
-            self._run_due(time.monotonic())
-            if self.impair_tcp:
-                for pipe in list(self._pipes):
-                    self._update_interest(pipe)
+            try:
+                for key, mask in self._sel.select(timeout):
+                    key.data(mask)
+                self._run_due(time.monotonic())
+                if self.impair_tcp:
+                    for pipe in list(self._pipes):
+                        self._update_interest(pipe)
+            except Exception as err:  # a relay bug must not silently stop all traffic
+                self.errors.append(f"{type(err).__name__}: {err}")
+                if len(self.errors) > 100:
+                    raise
 
     def _schedule(self, due: float, action: Callable[[], None], size: int) -> bool:
         if (len(self._heap) >= MAX_QUEUED_DATAGRAMS

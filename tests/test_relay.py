@@ -140,6 +140,7 @@ def test_clean_passthrough_and_stats(setup):
         client.close()
         assert wait_until(lambda: relay.stats["down"]["delivered"] == 100)
         assert relay.stats["up"]["delivered"] == 100
+        assert relay.errors == []
     # the server saw the relay's back socket, not the client
     assert server.received[0][1][0] == "127.0.0.1"
 
