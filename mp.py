@@ -23,6 +23,7 @@ import os
 import pwd
 import queue
 import select
+import shlex
 import signal
 import socket
 import sys
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--private-key-path", metavar="PATH",
                    help="absolute path to the client private key")
     p.add_argument("-k", "--public-key-path", metavar="PATH",
-                   help="absolute path to the client public key")
+                   help="absolute path to the client public key (written when mp generates "
+                   "a key on first run)")
     p.add_argument("-s", "--server-port", metavar="PORT", type=int,
                    help=f"server TCP port (default: {moshpit.DEFAULT_TCP_PORT})")
     p.add_argument("--strict-host-key-checking", choices=("ask", "accept-new", "yes"),
@@ -87,25 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# argparse dest -> config key, for the flags that are config settings.
-_FLAG_KEYS = {
-    "verbose": "verbose",
-    "quiet": "quiet",
-    "private_key_path": "private_key_path",
-    "public_key_path": "public_key_path",
-    "server_port": "server_port",
-    "strict_host_key_checking": "strict_host_key_checking",
-    "server_destination": "server_destination",
-}
+# The flags that are config settings (argparse dest == config key).
+CONFIG_FLAGS = ("verbose", "quiet", "private_key_path", "public_key_path", "server_port",
+                "strict_host_key_checking", "server_destination")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
-    """Only the settings given on the command line, as dotted config keys."""
-    return {
-        key: getattr(args, dest)
-        for dest, key in _FLAG_KEYS.items()
-        if getattr(args, dest) is not None
-    }
+    """Only the settings given on the command line, as config keys."""
+    return {key: getattr(args, key) for key in CONFIG_FLAGS if getattr(args, key) is not None}
 
 
 def parse_destination(dest: str, default_user: str) -> tuple:
@@ -315,27 +306,24 @@ class OutputTracker:
     characters, the only moments the banner may be drawn: bytes injected inside ``ESC [ 3``
     or a half-written UTF-8 character would corrupt the screen for good.
 
-    Only the tail of each chunk matters: an ESC always starts a fresh sequence, so the state
-    after a chunk depends only on the bytes from its last ESC on (or, with no ESC, on the
-    previous state). That keeps the per-byte loop short even for ``cat bigfile``.
+    Only the tail of each chunk matters: as in the DEC/ECMA-48 parser model, an ESC always
+    starts a fresh sequence (it also ends an OSC/DCS string: ``ESC \\`` is the terminator), so
+    the state after a chunk depends only on the bytes from its last ESC on, or, without an
+    ESC, on the previous state. That keeps the per-byte loop short even for ``cat bigfile``.
     """
 
-    GROUND, ESC, CSI, STRING, STRING_ESC = range(5)
+    GROUND, ESC, CSI, STRING = range(4)
     _STRING_STARTERS = frozenset(b"]PX^_")  # OSC, DCS, SOS, PM, APC: end at BEL or ESC \
 
     def __init__(self):
         self.state = self.GROUND
-        self.tail = b""  # last bytes, for a UTF-8 character cut at a chunk boundary
+        self.tail = b""  # the last bytes since the last sequence: a cut UTF-8 character?
 
     def feed(self, data: bytes) -> None:
-        if not data:
-            return
         last_esc = data.rfind(b"\x1b")
         if last_esc >= 0:
-            self.state = self.ESC
-            rest = memoryview(data)[last_esc + 1:]
-        else:
-            rest = memoryview(data)
+            self.state, self.tail = self.ESC, b""
+        rest = memoryview(data)[last_esc + 1:]
         i = 0
         while self.state != self.GROUND and i < len(rest):
             self._step(rest[i])
@@ -345,8 +333,6 @@ class OutputTracker:
     def _step(self, byte: int) -> None:
         if byte in (0x18, 0x1A):  # CAN/SUB abort any sequence
             self.state = self.GROUND
-        elif byte == 0x1B:
-            self.state = self.STRING_ESC if self.state == self.STRING else self.ESC
         elif self.state == self.ESC:
             if byte == ord("["):
                 self.state = self.CSI
@@ -357,11 +343,8 @@ class OutputTracker:
         elif self.state == self.CSI:
             if 0x40 <= byte <= 0x7E:
                 self.state = self.GROUND
-        elif self.state == self.STRING:
-            if byte == 0x07:
-                self.state = self.GROUND
-        elif self.state == self.STRING_ESC:
-            self.state = self.GROUND if byte == ord("\\") else self.STRING
+        elif byte == 0x07:  # BEL ends an OSC string (xterm)
+            self.state = self.GROUND
 
     def at_safe_point(self) -> bool:
         return self.state == self.GROUND and not self._utf8_incomplete()
@@ -473,9 +456,10 @@ def keygen_command(private_key_path: str) -> str:
     """The exact command that creates the missing key, runnable from the current directory."""
     keygen = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_keygen.py")
     relative = os.path.relpath(keygen)
-    command = f"python3 {relative if not relative.startswith('..') else keygen} generate"
+    script = keygen if relative.startswith("..") else relative
+    command = f"python3 {shlex.quote(script)} generate"
     if private_key_path != moshpit_keys.default_identity_paths()[0]:
-        command += f" -f {private_key_path}"
+        command += f" -f {shlex.quote(private_key_path)}"
     return command
 
 

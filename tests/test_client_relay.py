@@ -11,11 +11,9 @@ import time
 
 import pytest
 
-pytest.importorskip("moshpit_transport")  # until the transport module lands
-
-from relay import Relay, random_front_alias  # noqa: E402
-from server_util import MpsServer  # noqa: E402
-from test_client_session import ERASE_BANNER, QUIT, start_client, wait_shell  # noqa: E402
+from relay import Relay, random_front_alias
+from server_util import MpsServer
+from test_client_session import ERASE_BANNER, QUIT, start_client, wait_shell
 
 
 @pytest.fixture

@@ -17,12 +17,10 @@ import time
 
 import pytest
 
-pytest.importorskip("moshpit_transport")  # until the transport module lands
+from proc_util import PtyProcess, proc_children, wait_for
+from server_util import READY_LINE, MpsServer, make_key
 
-from proc_util import PtyProcess, proc_children, wait_for  # noqa: E402
-from server_util import READY_LINE, MpsServer, make_key  # noqa: E402
-
-import moshpit_keys  # noqa: E402
+import moshpit_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MP = os.path.join(REPO, "mp.py")

@@ -11,11 +11,9 @@ import termios
 
 import pytest
 
-# Until the transport module lands (removed once it does).
-pytest.importorskip("moshpit_transport")
-
-import mp  # noqa: E402
-import moshpit  # noqa: E402
+import moshpit
+import moshpit_handshake as hs
+import mp
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ESC = 0x1E  # Ctrl-^
@@ -100,6 +98,7 @@ def test_tracker_plain_text_is_safe():
     (b"\xe2", b"\x80"),  # split over two chunks
     (b"\xf0\x9f\x98",),  # 3 of 4 bytes of an emoji
     (b"\x1b[1m", b"\x1b[", b"2"),
+    (b"\x1b]0;a\x1b]0;b",),  # ESC inside a string starts a new sequence
 ])
 def test_tracker_unsafe_mid_sequence(chunks):
     assert not feed_all(*chunks).at_safe_point()
@@ -117,6 +116,9 @@ def test_tracker_unsafe_mid_sequence(chunks):
     (b"\xe2", b"\x80", b"\xa6"),
     (b"\xf0\x9f\x98\x80 ok",),
     (b"\x1b[1m" + b"x" * 10000,),
+    (b"\x1b]0;a\x1bx",),  # ESC ends the string; ESC x is a complete sequence
+    (b"caf\xc3", b"\x1b[m"),  # a sequence abandons a cut character
+    (b"\xf0", b"\x9f", b"\x98", b"\x80"),
 ])
 def test_tracker_safe_after_complete_sequences(chunks):
     assert feed_all(*chunks).at_safe_point()
@@ -309,3 +311,73 @@ def test_waker_wakes_select():
         assert select.select([waker], [], [], 0)[0] == []
     finally:
         waker.close()
+
+
+# --- Resumer schedule and failure classification ------------------------------------------
+
+
+def finished_attempt(resumer, waker, now):
+    import select
+    assert select.select([waker], [], [], 10)[0], "the resume thread never reported"
+    waker.drain()
+    return resumer.take(now)
+
+
+def test_resumer_schedule_backs_off_and_resets():
+    waker = mp.Waker()
+    try:
+        failure = hs.HandshakeError("cannot connect to h port 1: connection refused")
+
+        def handshake(request):
+            raise failure
+
+        r = mp.Resumer(handshake, waker, max_backoff=5.0)
+        heard = 100.0
+        assert not r.due(109.9, heard) and r.due(110.0, heard)
+        starts = []
+        now = 110.0
+        for _ in range(5):
+            assert r.due(now, heard)
+            r.start(request=None)
+            assert not r.due(now + 1000, heard)  # one attempt at a time
+            assert finished_attempt(r, waker, now) is failure
+            starts.append(now)
+            now = r.next_attempt(heard)
+        assert [b - a for a, b in zip(starts, starts[1:])] == [2.0, 4.0, 5.0, 5.0]  # capped
+        r.contact()
+        assert r.next_attempt(200.0) == 210.0 and r.backoff == 2.0
+    finally:
+        waker.close()
+
+
+def test_resumer_reports_a_crash_as_a_failure():
+    waker = mp.Waker()
+    try:
+        r = mp.Resumer(lambda request: 1 / 0, waker, max_backoff=60.0)
+        r.start(request=None)
+        outcome = finished_attempt(r, waker, 0.0)
+        assert isinstance(outcome, moshpit.MoshpitError) and not mp.is_final(outcome)
+    finally:
+        waker.close()
+
+
+def test_resume_failures_final_or_retried():
+    gone = hs.AuthRefused(hs.NO_SUCH_SESSION, "the session on h no longer exists")
+    assert mp.is_gone(gone) and mp.is_final(gone)
+    assert mp.is_final(hs.AuthRefused(hs.PERMISSION_DENIED)) and not mp.is_gone(
+        hs.AuthRefused(hs.PERMISSION_DENIED))
+    assert mp.is_final(hs.HostKeyError("changed"))
+    for code in (hs.SERVER_BUSY, hs.SHUTTING_DOWN, hs.PROTOCOL_ERROR):
+        assert not mp.is_final(hs.HandshakeError("x", code))
+    assert not mp.is_final(hs.HandshakeError("cannot connect to h port 1: timed out"))
+
+
+def test_keygen_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(HERE)
+    assert mp.keygen_command(str(tmp_path / ".mp" / "id_ed25519")) == \
+        "python3 mp_keygen.py generate"
+    assert mp.keygen_command("/keys/my key") == "python3 mp_keygen.py generate -f '/keys/my key'"
+    monkeypatch.chdir("/")
+    assert mp.keygen_command(str(tmp_path / ".mp" / "id_ed25519")) == \
+        f"python3 {HERE[1:]}/mp_keygen.py generate"
