@@ -35,12 +35,14 @@ def test_version_and_help(tmp_path):
     assert re.fullmatch(r"mps \d+\.\d+\.\d+\n", result.stdout)
     result = run_mps(["--help"], base_env(tmp_path))
     assert result.returncode == 0
-    for flag in ("-v, --verbose", "-q, --quiet", "-e, --enable-std-output",
-                 "-c PATH, --config-absolute-path PATH", "-t PATH, --tracing-absolute-path PATH",
-                 "-p PATH, --private-key-path PATH", "-k PATH, --public-key-path PATH",
-                 "-h, --help", "-V, --version", "--udp-port-range LO-HI",
-                 "--generate-host-key"):
-        assert flag in result.stdout
+    flags = [("v", "verbose"), ("q", "quiet"), ("e", "enable-std-output"),
+             ("c", "config-absolute-path"), ("t", "tracing-absolute-path"),
+             ("p", "private-key-path"), ("k", "public-key-path"), ("h", "help"),
+             ("V", "version")]
+    for short, long in flags:  # "-c PATH, --config-absolute-path PATH" (3.13: "-c, --...")
+        assert re.search(rf"-{short}( [A-Z-]+)?, --{long}\b", result.stdout), long
+    assert "--udp-port-range LO-HI" in result.stdout
+    assert "--generate-host-key" in result.stdout
 
 
 def test_verbose_and_quiet_conflict(tmp_path):
