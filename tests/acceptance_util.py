@@ -240,6 +240,9 @@ class Sprayer:
     the client, each direction's packets reflected at the other side, captured packets
     bit-flipped or truncated, packets with the real connection id and a huge packet number
     but a bogus tag, and random garbage of random sizes.  ``sent`` counts them.
+
+    ``received`` collects whatever comes back to the attacker's socket: a server that took a
+    replayed packet as a roaming client would start sending the session there.
     """
 
     def __init__(self, relay: SniffingRelay, server_port_addr: tuple, client_addr: tuple,
@@ -251,6 +254,7 @@ class Sprayer:
         self.targets = {"server": server_port_addr, "client": client_addr, "front": front_addr}
         self.interval = 1.0 / rate
         self.sent = 0
+        self.received: list = []
         self._rng = random.Random(secrets.randbits(32))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sprayer", daemon=True)
@@ -306,3 +310,13 @@ class Sprayer:
                     except OSError:
                         pass  # ICMP errors from earlier sends, full buffers: keep spraying
                     self.sent += 1
+                self._collect(sock)
+
+    def _collect(self, sock: socket.socket) -> None:
+        while len(self.received) < 1000:
+            try:
+                self.received.append(sock.recvfrom(65535))
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # an ICMP error reported on the socket: not a datagram
