@@ -502,7 +502,8 @@ class RecvStream:
         if stop <= offset:
             return b"", self.DUPLICATE
         if start > offset:
-            self._store(start, data[:stop - start])
+            if stop > start:  # else wholly beyond the window: dropped
+                self._store(start, data[:stop - start])
             return b"", self.OUT_OF_ORDER
         chunks = [data[offset - start:stop - start]]
         self.offset = self._drain(chunks, stop)
@@ -828,7 +829,7 @@ class Connection:
                 self._on_control(kind, body)
             self._ack_now = True  # rare and urgent: ack at once
         else:
-            return  # a stream this version does not know: not acked, the peer gives up
+            return  # a stream this version does not know (no protocol version opens one)
         self._ack_streams.add(stream_id)
         if how != RecvStream.IN_ORDER:
             self._ack_now = True  # a gap (or a lost ack): tell the sender now

@@ -469,6 +469,20 @@ def test_authenticated_spray_cannot_grow_memory():
     assert len(server._events) <= 1 + 5000
 
 
+def test_reorder_buffer_keeps_only_the_window():
+    stream = mt.RecvStream(window=1000)
+    stream.receive(2000, b"x" * 5000)  # wholly beyond the window
+    stream.receive(500, b"y" * 5000)  # partly beyond
+    stream.receive(100, b"z" * 50)
+    stream.receive(120, b"w" * 100)  # overlaps what is held: only the new part is kept
+    assert stream.buffered() == 500 + 50 + 70
+    assert stream.ack_ranges() == (0, 1000, [(0, 100), (220, 500)])
+    data, how = stream.receive(0, b"a" * 600)
+    assert how == stream.IN_ORDER and data == b"a" * 600 + b"y" * 400
+    assert stream.offset == 1000 and stream.buffered() == 0
+    assert stream.receive(0, b"a")[1] == stream.DUPLICATE
+
+
 def test_acks_with_many_gaps_keep_retransmit_state_bounded():
     keys = make_keys(121)
     sim = Sim(SimNet(121), keys=keys, down=b"q" * 200_000)
