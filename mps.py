@@ -237,6 +237,8 @@ class Session:
         self.link = None
         self.thread: Optional[threading.Thread] = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_lock = threading.Lock()
+        self._wake_closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -263,8 +265,9 @@ class Session:
 
     def abandon(self) -> None:
         """The handshake failed after the session was set up: undo it (never started)."""
+        self._close_wake()
         self.shell.hangup()
-        self._close_fds()
+        self.udp_sock.close()
 
     def resume(self, keys, peer_recv_offset: int) -> Optional[int]:
         """Re-attach a client (handshake thread): the session thread rekeys its Connection and
@@ -280,11 +283,31 @@ class Session:
         self._post("shutdown")
 
     def _post(self, message) -> None:
-        self._inbox.put(message)
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:  # pipe full (already woken) or closed (session over)
-            pass
+        with self._wake_lock:
+            if self._wake_closed:  # the session is over
+                if isinstance(message, _Resume):
+                    message.done.set()
+                return
+            self._inbox.put(message)
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:  # pipe full: already woken
+                pass
+
+    def _close_wake(self) -> None:
+        """No more messages: close the wake-up pipe (under the lock: a closed fd number may be
+        reused at once) and release handshake threads waiting on a resume."""
+        with self._wake_lock:
+            self._wake_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Resume):
+                message.done.set()
 
     # -- session thread ------------------------------------------------------------------
 
@@ -295,11 +318,11 @@ class Session:
             log.exception("session %s failed", self.name)
         finally:
             self.server.unregister(self)
-            self._answer_pending()
+            self._close_wake()
             self.shell.hangup()
+            self.udp_sock.close()
             log.info("session %s of %s ended (%s)", self.name, self.user,
                      self._ending or "error")
-            self._close_fds()
 
     def _loop(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -445,24 +468,6 @@ class Session:
                 return True
             return False
         return self.conn.all_acked() or now >= deadline
-
-    def _answer_pending(self) -> None:
-        """Release handshake threads waiting on a resume that will never be served."""
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(message, _Resume):
-                message.done.set()
-
-    def _close_fds(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.udp_sock.close()
 
 
 def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: int,
