@@ -390,23 +390,30 @@ def snapshot(conn: mt.Connection) -> tuple:
 
 @pytest.fixture(scope="module")
 def live_pair():
-    """A server that has heard a client, plus datagrams the client legitimately sent."""
-    sim = Sim(SimNet(101), up=b"hello" * 100)
+    """A server that has heard a client, plus datagrams the client legitimately sent and
+    datagrams the server itself sent (to reflect back at it)."""
+    sim = Sim(SimNet(101), up=b"hello" * 100, down=b"world" * 100)
     sim.run_until(lambda: len(sim.server.received) == 500, limit=5)
+    sim.server.conn.send(b"more output")
+    reflected = [d for d, _ in sim.server.conn.datagrams_to_send(sim.now + 0.1)]
     captured = [d for d, _ in sim.client.conn.datagrams_to_send(sim.now + 5)]
-    return sim, captured
+    assert reflected and captured
+    return sim, captured, reflected
 
 
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_garbage_is_dropped_without_effect(live_pair, data):
-    sim, captured = live_pair
+    sim, captured, reflected = live_pair
     server = sim.server.conn
     before = snapshot(server)
-    kind = data.draw(st.sampled_from(["random", "truncated", "flipped", "replayed"]))
+    kind = data.draw(st.sampled_from(["random", "truncated", "flipped", "replayed",
+                                      "reflected"]))
     if kind == "random":
         datagram = data.draw(st.binary(max_size=1500))
+    elif kind == "reflected":
+        datagram = data.draw(st.sampled_from(reflected))
     else:
         real = data.draw(st.sampled_from(captured))
         if kind == "truncated":
@@ -448,7 +455,8 @@ def test_authenticated_spray_cannot_grow_memory():
         pn = i + 1
         offset = rng.choice([rng.randrange(2 ** 64 - 2000), rng.randrange(1, 10 ** 6),
                              2 * i + 1])
-        frames = data_frame(0, offset, b"a") + data_frame(1, offset, b"b")
+        frames = data_frame(0, offset, b"a" * rng.randrange(1, 500))
+        frames += data_frame(1, offset, b"b" * rng.randrange(1, 100))
         frames += data_frame(rng.randrange(2, 256), 0, b"c" * 50)  # streams unknown to us
         gaps = b"".join(mt.GAP.pack(g * 3, 1) for g in range(255))
         frames += frame(mt.FRAME_ACK, mt.ACK_HEADER.pack(0, pn, 0, rng.randrange(2 ** 64),
