@@ -12,8 +12,9 @@ import time
 import pytest
 
 from relay import Relay, random_front_alias
-from server_util import MpsServer
-from test_client_session import ERASE_BANNER, QUIT, start_client, wait_shell
+from server_util import MpsServer, make_key, write_authorized_keys
+from test_client_session import (ERASE_BANNER, QUIT, USER, client_log, start_client, wait_shell,
+                                 wrapper_result)
 
 
 @pytest.fixture
@@ -89,3 +90,18 @@ def test_typing_through_30_percent_loss(relayed, tmp_path):
         assert term.wait(10) == 5
     stats = relay.stats
     assert stats["up"]["lost"] > 0 and stats["down"]["lost"] > 0  # loss really happened
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_refused_key_on_resume_is_final(relayed, tmp_path):
+    server, relay, front = relayed
+    with start_client(server, tmp_path, host=front, wrapped=True) as term:
+        wait_shell(term)
+        stranger = make_key(str(tmp_path / "stranger"), "stranger")
+        write_authorized_keys(server.authorized_keys_path, stranger.public)  # access revoked
+        relay.set_blackout(True)  # UDP silence -> resume handshake over TCP -> refused
+        rc, attrs, out = wrapper_result(term, 60)
+        assert (rc, attrs) == (255, "same")
+        assert f"mp: permission denied (publickey) for {USER}@{front}".encode() in out
+    assert client_log(tmp_path).count("resume handshake #") == 1  # never retried

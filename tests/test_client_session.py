@@ -280,6 +280,21 @@ def test_server_shutdown_ends_session_with_message(server, tmp_path):
         assert b"moshpit: server 127.0.0.1 is shutting down; session ended." in out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_changed_host_key_on_resume_is_final(server, tmp_path):
+    with start_client(server, tmp_path, wrapped=True) as term:
+        wait_shell(term)
+        kill_server(server)
+        os.unlink(server.host_key_path)
+        make_key(server.host_key_path, "impostor")
+        restart_server(server)  # the resume after ~10 s of silence meets another host key
+        rc, attrs, out = wrapper_result(term, 60)
+        assert (rc, attrs) == (255, "same")
+        assert b"mp: the host key of 127.0.0.1 changed during the session" in out
+    assert client_log(tmp_path).count("resume handshake #") == 1  # never retried
+
+
 # --- host keys -----------------------------------------------------------------------------
 
 
@@ -401,6 +416,16 @@ def test_first_run_offers_to_generate_a_key(server, tmp_path):
     assert key_path.exists() and (key_path.stat().st_mode & 0o777) == 0o600
     assert moshpit_keys.load_public_key(str(key_path) + ".pub") == \
         moshpit_keys.load_private_key(str(key_path)).public
+
+
+@pytest.mark.timeout(60)
+def test_piped_stdin_runs_commands(server, tmp_path):
+    """Without a terminal (a script feeding mp): no raw mode, no banner, same exit status."""
+    res = run_mp(mp_args(server, tmp_path), client_env(tmp_path),
+                 input_text="echo piped $((2+3))\nexit 6\n")
+    assert res.returncode == 6
+    assert "piped 5" in res.stdout
+    assert res.stderr.strip().splitlines()[-1] == "Connection to 127.0.0.1 closed."
 
 
 @pytest.mark.timeout(90)
