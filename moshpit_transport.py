@@ -165,6 +165,7 @@ SEND_WINDOW = 256 * 1024  # per stream: unacked + queued bytes before writable()
 CONTROL_WINDOW = 4096
 MAX_REORDER_SEGMENTS = 1024  # out-of-order pieces a receiver buffers per stream
 MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum. offset)
+MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
 
 ACK_EVERY = 4  # ack-eliciting packets received before an ACK goes out at once
 ACK_DELAY = 0.010  # otherwise an ACK leaves at most this late
@@ -351,6 +352,10 @@ class SendStream:
 
     def unacked(self) -> int:
         return len(self._buf)
+
+    def has_room(self, cwnd: float) -> bool:
+        """Whether the congestion window (bytes, and records) allows another packet."""
+        return self.in_flight < cwnd and len(self._flight) < MAX_FLIGHT_RECORDS
 
     def has_pending(self) -> bool:
         """Anything to retransmit, or new data within the window."""
@@ -655,9 +660,10 @@ class Connection:
     Feed it ``receive_datagram(data, addr, now)``; send what ``datagrams_to_send(now)``
     returns; call again at ``next_timeout()``; read ``next_event()`` until None.  ``keys``
     is any object with ``client_to_server``, ``server_to_client``, ``conn_id`` and
-    ``cipher`` (the handshake's SessionKeys).  Only the client pings (every KEEPALIVE when
-    it has sent nothing else); the server answers every ping with an immediate ACK, so
-    both sides hear each other at least that often.
+    ``cipher`` (the handshake's SessionKeys).  Only the client pings: every KEEPALIVE when
+    it has sent nothing else, and every RTO until it first hears the server under the
+    current keys (the server learns the client's address from that ping).  The server
+    answers every ping with an immediate ACK, so both sides hear each other that often.
     """
 
     def __init__(self, role: str, keys: object, now: float, peer_addr: object = None) -> None:
@@ -767,6 +773,7 @@ class Connection:
         self._ack_deadline: Optional[float] = None
         self._eliciting_unacked = 0
         self._last_eliciting_sent = float("-inf")
+        self._heard = False  # any authentic packet under these keys yet
         self._more = False
 
     # -- receiving ---------------------------------------------------------------------
@@ -780,6 +787,7 @@ class Connection:
         if now - self.last_heard > self._rto():
             self._backoff = 0  # the peer is back after a silence: no more backed-off waiting
         self._now = self.last_heard = now
+        self._heard = True
         if pn > self._largest_rx:
             self._loss.on_rx(pn - self._largest_rx - 1 if self._largest_rx >= 0 else 0)
             self._largest_rx, self._largest_rx_time = pn, now
@@ -920,7 +928,10 @@ class Connection:
         control = self._control
         terminal = self._terminal
         return (control.out.has_pending() or (self._resize is not None and control.idle())
-                or (terminal.in_flight < self._cc.cwnd and terminal.has_pending()))
+                or (terminal.has_room(self._cc.cwnd) and terminal.has_pending()))
+
+    def _next_ping(self) -> float:
+        return self._last_eliciting_sent + (KEEPALIVE if self._heard else self._rtt.rto())
 
     def _ack_due(self, now: float) -> bool:
         return self._ack_now or (self._ack_deadline is not None and now >= self._ack_deadline)
@@ -933,7 +944,7 @@ class Connection:
             return self._now
         times = [self._ack_deadline, self._rto_deadline()]
         if self._is_client:
-            times.append(self._last_eliciting_sent + KEEPALIVE)
+            times.append(self._next_ping())
         if self._data_pending():
             times.append(self._pacer.next_send_time(self._cc.pacing_rate(self._rtt.srtt)))
         times = [t for t in times if t is not None]
@@ -956,7 +967,7 @@ class Connection:
                 self._more = True
                 break
             with_data = pacer.ready() and self._data_pending()
-            ping = self._is_client and now >= self._last_eliciting_sent + KEEPALIVE
+            ping = self._is_client and now >= self._next_ping()
             if not (with_data or ping or self._ack_due(now)):
                 break
             payload, data_bytes = self._build_payload(now, with_data, ping)
@@ -996,7 +1007,7 @@ class Connection:
             terminal = self._terminal
             for stream in (control.out, terminal):  # control is tiny: exempt from the window
                 while space > DATA_OVERHEAD and (stream is control.out
-                                                 or terminal.in_flight < self._cc.cwnd):
+                                                 or terminal.has_room(self._cc.cwnd)):
                     chunk = stream.take(pn, now, space - DATA_OVERHEAD)
                     if chunk is None:
                         break

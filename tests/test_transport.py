@@ -345,6 +345,29 @@ def test_keepalive_only_client_pings_and_rtt_converges():
     assert sim.client.conn._rtt.srtt == pytest.approx(0.1, abs=0.005)
 
 
+def test_client_pings_until_the_server_hears_it():
+    sim = Sim(SimNet(73, delay=0.05), down=b"$ ")
+    sim.net.loss = 1.0
+    sim.run_for(1.0)
+    client_pings = sum(1 for _t, src, _d in sim.log if src == CLIENT_ADDR)
+    assert client_pings >= 3, "first-contact pings are retried every RTO, not every 3 s"
+    sim.net.loss = 0.0
+    sim.run_until(lambda: sim.client.received == b"$ ", limit=2.5)
+
+
+def test_tiny_writes_cannot_pile_up_flight_records():
+    sim = Sim(SimNet(75, delay=0.05))
+    sim.run_for(0.5)
+    server, now = sim.server.conn, sim.now
+    most = 0
+    for _ in range(5000):  # one byte at a time into a black hole, 0.1 ms apart
+        now += 0.0001
+        server.send(b"x")
+        server.datagrams_to_send(now)
+        most = max(most, len(server._terminal._flight))
+    assert most == mt.MAX_FLIGHT_RECORDS
+
+
 def test_bursts_are_paced():
     rng = random.Random(81)
     sim = Sim(SimNet(81, delay=0.025))
