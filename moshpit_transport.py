@@ -743,6 +743,10 @@ class Connection:
         is kept (anything resent below ``recv_offset`` is ignored); control messages not
         yet acked are sent again.  ``last_heard`` becomes ``now``: the handshake was contact.
         """
+        if not self.acked_offset <= peer_recv_offset <= self.send_offset:
+            # The peer acked more, or claims bytes never sent: a bug or a lie; carry on.
+            log.warning("resume offset %d outside [%d, %d]: clamped", peer_recv_offset,
+                        self.acked_offset, self.send_offset)
         self._install_keys(keys, now)
         self._terminal.restart(peer_recv_offset)
         self._control.restart()

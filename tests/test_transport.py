@@ -529,3 +529,11 @@ def test_acks_with_many_gaps_keep_retransmit_state_bounded():
         server.datagrams_to_send(sim.now)
     assert len(server._terminal._retx) <= 2 * mt.MAX_ACK_RANGES + 2
     assert len(server._terminal._flight) <= mt.SEND_WINDOW // 500
+
+
+def test_rekey_with_an_impossible_offset_is_clamped(caplog):
+    conn = mt.Connection("server", make_keys(), 0.0)
+    conn.send(b"abc")
+    conn.rekey(make_keys(2), 10, 1.0)
+    assert conn.acked_offset == conn.send_offset == 3 and conn.all_acked()
+    assert "clamped" in caplog.text
