@@ -25,6 +25,7 @@ from contextlib import contextmanager
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 
+from display import pyte  # noqa: E402
 from report import Result, table, write_json  # noqa: E402
 from scenarios import (  # noqa: E402
     SCENARIO_NAMES, Context, Scenario, local_shell_startup, selected)
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {err}", file=sys.stderr)
         return 2
     runner = Runner([known[t] for t in wanted], args.quick, args.seed)
+    if pyte is None and any(known[t].redraws_screen for t in wanted):
+        print("bench: pyte is not installed: mosh markers are matched on raw output, where "
+              "a partial redraw can hide them (.venv/bin/pip install pyte)", file=sys.stderr)
     for name, why in runner.missing.items():
         if why:
             print(f"bench: {name} skipped: {why}", file=sys.stderr)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 
+from display import COLS, ROWS
 from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, proc_usage, wait_for
 from relay import Relay, free_port, random_front_alias
 
@@ -89,6 +90,7 @@ class Tool:
     name = ""
     uses_tcp = False
     uses_udp = False
+    redraws_screen = False  # sends screen states, not the byte stream (see display.py)
     lacks: dict = {}
 
     def __init__(self, workdir: str) -> None:
@@ -128,7 +130,7 @@ class Tool:
     def _pty(self, argv: list, env_extra: dict | None = None) -> PtyProcess:
         env = dict(os.environ, **CLIENT_ENV)
         env.update(env_extra or {})
-        return PtyProcess(argv, env=env, rows=40, cols=120)
+        return PtyProcess(argv, env=env, rows=ROWS, cols=COLS)
 
 
 def _run_version(argv: list) -> str:
@@ -211,7 +213,7 @@ class Moshpit(Tool):
                 "-p", self._path("id_ed25519"), "--strict-host-key-checking", "accept-new",
                 f"root@{net.front}"]
         env = self._env(self._path("client_home"))
-        return Client(PtyProcess(argv, env=env, cwd=REPO, rows=40, cols=120))
+        return Client(PtyProcess(argv, env=env, cwd=REPO, rows=ROWS, cols=COLS))
 
     def server_pids(self, client: Client | None) -> list[int]:
         return [self.server.pid] if self.server else []
@@ -290,6 +292,7 @@ class Mosh(Tool):
 
     name = "mosh"
     uses_udp = True
+    redraws_screen = True
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
     DETACHED = re.compile(rb"detached, pid = (\d+)")
 

@@ -37,6 +37,7 @@ __all__ = [
     "PtyTimeout",
     "kill_pid",
     "pid_alive",
+    "pids_with_cmdline",
     "port_open",
     "proc_children",
     "proc_usage",
@@ -151,6 +152,23 @@ def _all_processes() -> list[tuple[int, str, int, int]]:
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in process group ``pgid``."""
     return [pid for pid, state, _ppid, pgrp in _all_processes() if pgrp == pgid and state != "Z"]
+
+
+def pids_with_cmdline(fragment: bytes) -> list[int]:
+    """PIDs whose NUL-separated command line contains ``fragment`` (e.g. b"yes\\0X42"):
+    to check that a program a test started remotely is really running.  For looking only;
+    stop processes by the PID you started, never by what this finds."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if fragment in f.read():
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
 
 
 def proc_children(pid: int, recursive: bool = True) -> list[int]:
@@ -368,6 +386,17 @@ class PtyProcess:
         dropped = len(self.buffer) - self.OVERLAP
         del self.buffer[:dropped]
         return dropped
+
+    def read_chunk(self, timeout: float) -> bytes:
+        """Consume and return what is buffered, else wait up to ``timeout`` for output;
+        ``b""`` on timeout, PtyEOF once the program has closed the terminal."""
+        if not self.buffer:
+            self._fill(timeout)
+        if not self.buffer and self.eof:
+            raise PtyEOF(f"{self.argv[0]} closed the terminal")
+        out = bytes(self.buffer)
+        self.buffer.clear()
+        return out
 
     def drain(self, quiet: float = 0.2, limit: float = 10.0) -> bytes:
         """Read until no output arrives for ``quiet`` seconds (at most ``limit`` seconds);
