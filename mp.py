@@ -219,13 +219,15 @@ class TerminalGuard:
     def __init__(self, in_fd: int = 0, out_fd: int = 1):
         self.in_fd, self.out_fd = in_fd, out_fd
         self.is_tty = os.isatty(in_fd)
-        self.saved_attrs = termios.tcgetattr(in_fd) if self.is_tty else None
+        self.saved_attrs = None
         self.saved_flags = {}
         self.active = False
 
     def enter(self) -> None:
         if self.active:
             return
+        if self.is_tty:
+            self.saved_attrs = termios.tcgetattr(self.in_fd)
         for fd in {self.in_fd, self.out_fd}:
             self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
         self.active = True
@@ -371,7 +373,9 @@ class StatusBanner:
     the next output that touches row 1 (a shell scrolling, a full-screen program redrawing,
     or Ctrl-L) paints it again. That is better than leaving a stale banner, and cheaper than
     faking a resize to force every program to redraw. Programs using origin mode with a
-    scroll region would see the banner inside their region; we accept that rare case.
+    scroll region would see the banner inside their region, and a program that saved the
+    cursor with ESC 7 before the outage and restores it with ESC 8 after finds our position
+    in the terminal's single save slot; we accept those rare cases.
     """
 
     def __init__(self, ellipsis: str = "..."):
@@ -673,7 +677,8 @@ class Session:
     def _step(self) -> None:
         now = time.monotonic()
         readers = [self.waker]
-        if len(self.out) < OUTPUT_HIGH_WATER:  # local terminal far behind: network waits
+        stalled = len(self.out) >= OUTPUT_HIGH_WATER  # local terminal far behind
+        if not stalled:
             readers.append(self.link)
         if self.stdin_open and self.conn.writable():
             readers.append(self.in_fd)
@@ -681,6 +686,8 @@ class Session:
         timeout = max(0.0, self._next_deadline(now) - now)
         readable, _, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
+        if stalled:
+            self.heard = now  # we are not listening, so the server is not silent
         if self.waker in readable:
             self.waker.drain()
         self._signals()
@@ -939,6 +946,9 @@ class Target:
 
 
 def run_client(config, prompter: Prompter) -> int:
+    """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
+    status. The terminal is restored before the final message is printed, whatever
+    happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too."""
     destination = config["server_destination"]
     if not destination:
         raise moshpit.MoshpitError(
@@ -993,8 +1003,15 @@ def main(argv=None) -> int:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")
         return EXIT_FAILURE
+    except OSError as err:  # the local system refused something (socket, terminal, file)
+        log.exception("local error")
+        prompter.say(f"mp: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
+        return EXIT_FAILURE
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
         return EXIT_FAILURE
+    except Exception:
+        log.exception("mp crashed")  # the terminal is already restored by run_client
+        raise
 
 
 if __name__ == "__main__":
