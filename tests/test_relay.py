@@ -448,6 +448,12 @@ def test_pty_process_read_until_send_winsize_and_exit(tmp_path):
         term.read_until(re.compile(rb"33 101\r\n"), timeout=10)
         assert term.last_match is not None and term.match_time > 0
         term.read_until(str(tmp_path), timeout=10)
+        term.send(b"echo ab$((6*7))cd\r")
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"ab42cd" not in seen and time.monotonic() < deadline:
+            seen += term.read_chunk(0.5)
+        assert b"ab42cd" in seen
         term.set_winsize(40, 120)
         term.send(b"stty size\r")
         term.read_until(b"40 120", timeout=10)
