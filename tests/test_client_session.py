@@ -198,6 +198,18 @@ def test_ctrl_c_stops_a_flood(server, tmp_path):
         assert term.wait(20) == 0
 
 
+@pytest.mark.timeout(90)
+def test_escape_key_from_config(server, tmp_path):
+    env = client_env(tmp_path, MOSHPIT_ESCAPE_KEY="^]")
+    with start_client(server, tmp_path, env=env) as term:
+        wait_shell(term)
+        term.send(b"\x1e.\x15")  # Ctrl-^ . is just input now (Ctrl-U clears the line)
+        wait_shell(term)
+        term.send(b"\x1d.")  # Ctrl-] .
+        assert b"Connection to 127.0.0.1 closed." in term.read_to_eof(20)
+        assert term.wait(10) == 0
+
+
 # --- ways out: terminal attributes restored ------------------------------------------------
 
 
@@ -421,11 +433,15 @@ def test_first_run_offers_to_generate_a_key(server, tmp_path):
 @pytest.mark.timeout(60)
 def test_piped_stdin_runs_commands(server, tmp_path):
     """Without a terminal (a script feeding mp): no raw mode, no banner, same exit status."""
-    res = run_mp(mp_args(server, tmp_path), client_env(tmp_path),
+    res = run_mp(mp_args(server, tmp_path, "-vv"), client_env(tmp_path),
                  input_text="echo piped $((2+3))\nexit 6\n")
     assert res.returncode == 6
     assert "piped 5" in res.stdout
-    assert res.stderr.strip().splitlines()[-1] == "Connection to 127.0.0.1 closed."
+    # -vv makes the log file verbose, never the terminal: only the user-facing lines here.
+    assert res.stderr.splitlines() == [
+        f"Warning: Permanently added '[127.0.0.1]:{server.port}' (ED25519) to the list of "
+        "known hosts.", "Connection to 127.0.0.1 closed."]
+    assert "DEBUG" in client_log(tmp_path)
 
 
 @pytest.mark.timeout(90)
