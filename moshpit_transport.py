@@ -32,9 +32,12 @@ Timers, acks and losses, in short: the receiver acks every 4th ack-eliciting pac
 ping.  Every ACK names the largest packet number received and how long the ack was held, so
 each ack yields a clean RTT sample (Jacobson/Karels; no retransmission ambiguity).  A sender
 declares a packet's data lost when a packet sent 3 later, or 9/8 RTT later, was acked while
-that data is still in a reported gap, and resends it at once; whatever stays unacked past
-the RTO (clamped to 50 ms..1 s, doubled per timeout up to 2 s) is resent too.  A congestion
-window (slow start, x0.7 per loss round) sets a pacing rate, so bursts leave spread out.
+that data is still in a reported gap, and resends it at once.  Data unacked past the RTO
+(clamped to 50 ms..1 s, doubled per repeated timeout up to 2 s) is resent too: on a first
+timeout only what expired, on a repeat (an outage) everything, two packets at a time.
+A congestion window (slow start, x0.7 per loss round, >= 16 packets) sets a pacing rate,
+so bursts leave spread out; on a lossy path, small packets (keystrokes, echoes) are sent
+twice so that a round trip usually needs no retransmission.
 """
 
 from __future__ import annotations
@@ -702,6 +705,7 @@ class Connection:
         return self._terminal.base
 
     def unacked_bytes(self) -> int:
+        """Terminal bytes queued or in flight, not yet acknowledged."""
         return self._terminal.unacked()
 
     def all_acked(self) -> bool:
@@ -714,6 +718,7 @@ class Connection:
         return self._terminal.unacked() < SEND_WINDOW
 
     def next_event(self) -> object:
+        """The oldest pending event (DataReceived, ResizeRequested, ...), or None."""
         return self._events.popleft() if self._events else None
 
     # -- sending -----------------------------------------------------------------------
@@ -724,6 +729,7 @@ class Connection:
             self._terminal.write(data)
 
     def send_resize(self, rows: int, cols: int) -> None:
+        """Tell the server the terminal size; sizes not sent yet coalesce into the latest."""
         self._resize = (rows, cols)
 
     def send_close(self, exit_status: int) -> None:
@@ -731,6 +737,7 @@ class Connection:
         self._control.send(CTRL_CLOSE, CLOSE_BODY.pack(exit_status, self._terminal.end))
 
     def send_shutdown(self, reason: str) -> None:
+        """The session ends for ``reason`` (cut to MAX_REASON bytes of UTF-8)."""
         body = reason.encode("utf-8")[:MAX_REASON]
         self._control.send(CTRL_SHUTDOWN, body.decode("utf-8", "ignore").encode("utf-8"))
 
