@@ -131,6 +131,8 @@ class Sim:
             for peer in self.peers():
                 if peer.addr == dst:
                     peer.conn.receive_datagram(datagram, src, self.now)
+        for peer in self.peers():
+            peer.pump_app()  # the application sees events at the time they happen
 
     def run_until(self, done, limit: float) -> None:
         while not done():
@@ -537,3 +539,40 @@ def test_rekey_with_an_impossible_offset_is_clamped(caplog):
     conn.rekey(make_keys(2), 10, 1.0)
     assert conn.acked_offset == conn.send_offset == 3 and conn.all_acked()
     assert "clamped" in caplog.text
+
+
+class EchoPeer(Peer):
+    """A server application that sends back whatever it receives (like a shell echoing)."""
+
+    def pump_app(self) -> None:
+        before = len(self.received)
+        super().pump_app()
+        if len(self.received) > before:
+            self.conn.send(bytes(self.received[before:]))
+
+
+def keystroke_round_trips(sim: Sim, count: int) -> list:
+    times = []
+    for _ in range(count):
+        start, want = sim.now, len(sim.client.received) + 1
+        sim.client.conn.send(b"k")
+        sim.run_until(lambda want=want: len(sim.client.received) >= want, limit=start + 10)
+        times.append(sim.now - start)
+        sim.run_for(0.05)
+    return sorted(times)
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.3])
+def test_keystroke_round_trip_stays_near_one_rtt(loss):
+    sim = Sim(SimNet(131, delay=0.025, loss=loss))
+    sim.server = EchoPeer(sim.server.conn, SERVER_ADDR)
+    keystroke_round_trips(sim, 30)  # learn the RTT and the loss rate
+    sent_before = sim.net.sent
+    times = keystroke_round_trips(sim, 200)
+    median = times[len(times) // 2]
+    assert median < 0.1, "within 2 RTT at the median"
+    per_keystroke = (sim.net.sent - sent_before) / 200
+    if loss:
+        assert median < 0.06
+    else:
+        assert median == pytest.approx(0.05) and per_keystroke <= 3.5, "no redundancy needed"
