@@ -314,6 +314,7 @@ def test_control_overtakes_bulk_and_close_waits_for_output():
     sim.run_until(lambda: sim.server.events, limit=5)
     assert sim.server.events == [mt.ResizeRequested(50, 132)]
     assert len(sim.server.received) < len(paste) // 2, "the resize waited behind the paste"
+    sim.run_until(lambda: sim.server.written == len(output), limit=30)  # the shell's last words
     sim.server.conn.send_close(3)
     sim.run_until(lambda: sim.client.events, limit=60)
     assert sim.client.events == [mt.SessionClosed(3)]
