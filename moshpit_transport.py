@@ -1132,9 +1132,16 @@ class UdpLink:
         return None if deadline is None else max(0.0, deadline - now)
 
     def hop_port(self) -> tuple:
-        """Move to a fresh local port (a new NAT mapping); the Connection carries on."""
+        """Move to a fresh local port (a new NAT mapping); the Connection carries on.
+
+        Returns the local address now in use: the old one if no new socket can be had.
+        """
         host = self.local_addr[0]
-        new = udp_socket(host, 0)
+        try:
+            new = udp_socket(host, 0)
+        except OSError as err:
+            log.debug("cannot open a new UDP socket on %s: %s", host, err)
+            return self.local_addr
         self.sock.close()
         self.sock = new
         return self.local_addr
