@@ -153,3 +153,19 @@ def test_network_errors_never_escape():
         assert link.timeout(time.monotonic()) is not None
     finally:
         link.close()
+
+
+def test_hop_port_keeps_the_old_socket_when_none_can_be_opened(monkeypatch):
+    conn = mt.Connection("client", make_keys(4), time.monotonic(), ("127.0.0.1", 9))
+    link = mt.UdpLink.bind(conn, "127.0.0.1")
+    try:
+        old = link.local_addr
+
+        def no_socket(host, port=0):
+            raise OSError(101, "Network is unreachable")
+
+        monkeypatch.setattr(mt, "udp_socket", no_socket)
+        assert link.hop_port() == old
+        link.flush(time.monotonic())
+    finally:
+        link.close()
