@@ -72,13 +72,17 @@ class SniffingRelay(Relay):
 class Rig:
     """A server, a relay in front of it on a random 127.0.0.N, and a fresh client HOME.
 
-    ``server_settings`` are extra config keys for mps.py.  ``close()`` (or leaving the
+    ``server_settings`` are extra config keys for mps.py.  ``impair_tcp`` makes the relay's
+    blackouts freeze the handshake's TCP too (a real outage); by default only the session's
+    UDP is cut, so the client's resume handshakes get through.  ``close()`` (or leaving the
     ``with`` block) stops the relay and the server, then every process the server started
     (shells and their children) that is still alive, by PID.
     """
 
-    def __init__(self, tmp_path, server_settings: Optional[dict] = None) -> None:
+    def __init__(self, tmp_path, server_settings: Optional[dict] = None,
+                 impair_tcp: bool = False) -> None:
         self.tmp_path = tmp_path
+        self.impair_tcp = impair_tcp
         self.server_pids: set = set()
         self.server = MpsServer(tmp_path, settings=server_settings)
         self.relay: Optional[SniffingRelay] = None
@@ -99,7 +103,8 @@ class Rig:
         for _ in range(20):  # an alias whose (alias, port) pairs are taken: try another
             relay = SniffingRelay(front=random_front_alias(), back="127.0.0.1",
                                   tcp_ports=[self.server.port],
-                                  udp_ports=[self.server.udp_port])
+                                  udp_ports=[self.server.udp_port],
+                                  impair_tcp=self.impair_tcp)
             try:
                 return relay.start()
             except RelayError as err:
