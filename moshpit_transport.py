@@ -657,6 +657,65 @@ class LossEstimate:
             self.rate = max(self._rx_rate, self._tx_rate)
 
 
+class AckClock:
+    """The receiver's side of acknowledgements: what is owed to the sender, and by when.
+
+    Ack-eliciting packets (data, pings) are acked after ACK_EVERY of them or ACK_DELAY,
+    whichever comes first; urgent news (a gap, a duplicate, a ping, control data) at once.
+    The newest packet number received and when it came go into every ACK, so the sender
+    gets a clean RTT sample from each.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.largest_pn = -1
+        self._largest_time = now
+        self._streams: set = set()
+        self.urgent = False
+        self.deadline: Optional[float] = None
+        self._count = 0
+
+    def received(self, pn: int, now: float) -> Optional[int]:
+        """Note an authentic packet; if it is the newest yet, how many numbers it skipped."""
+        if pn <= self.largest_pn:
+            return None
+        skipped = pn - self.largest_pn - 1 if self.largest_pn >= 0 else 0
+        self.largest_pn, self._largest_time = pn, now
+        return skipped
+
+    def owe(self, stream_id: int, urgent: bool = False) -> None:
+        self._streams.add(stream_id)
+        self.urgent = self.urgent or urgent
+
+    def eliciting(self, now: float) -> None:
+        """An ack-eliciting packet arrived."""
+        self._count += 1
+        if self._count >= ACK_EVERY:
+            self.urgent = True
+        elif self.deadline is None:
+            self.deadline = now + ACK_DELAY
+
+    def owed(self) -> bool:
+        return bool(self._streams)
+
+    def due(self, now: float) -> bool:
+        return self.urgent or (self.deadline is not None and now >= self.deadline)
+
+    def frames(self, now: float, streams: dict) -> list:
+        """ACK frames for every stream owed one (``streams``: id -> RecvStream); resets."""
+        delay_us = min(int((now - self._largest_time) * 1e6), 0xFFFFFFFF)
+        frames = []
+        for stream_id in sorted(self._streams) or (STREAM_TERMINAL,):
+            cum, high, gaps = streams[stream_id].ack_ranges()
+            body = [ACK_HEADER.pack(stream_id, max(self.largest_pn, 0), delay_us, cum,
+                                    high - cum, len(gaps))]
+            body += [GAP.pack(start - cum, stop - start) for start, stop in gaps]
+            body = b"".join(body)
+            frames.append(FRAME.pack(FRAME_ACK, len(body)) + body)
+        self._streams.clear()
+        self.urgent, self.deadline, self._count = False, None, 0
+        return frames
+
+
 class Connection:
     """Sans-IO reliable session between one client and one server over datagrams.
 
@@ -773,16 +832,11 @@ class Connection:
         self._next_pn = 0
         self._sent_at = [0.0] * SENT_RING
         self._largest_acked = -1
-        self._largest_rx = -1
-        self._largest_rx_time = now
+        self._acks = AckClock(now)
         self._rtt = RttEstimator()
         self._cc = CongestionWindow()
         self._pacer = Pacer(now)
         self._backoff = 0
-        self._ack_streams: set = set()
-        self._ack_now = False
-        self._ack_deadline: Optional[float] = None
-        self._eliciting_unacked = 0
         self._last_eliciting_sent = float("-inf")
         self._heard = False  # any authentic packet under these keys yet
         self._more = False
@@ -799,18 +853,14 @@ class Connection:
             self._backoff = 0  # the peer is back after a silence: no more backed-off waiting
         self._now = self.last_heard = now
         self._heard = True
-        if pn > self._largest_rx:
-            self._loss.on_rx(pn - self._largest_rx - 1 if self._largest_rx >= 0 else 0)
-            self._largest_rx, self._largest_rx_time = pn, now
+        skipped = self._acks.received(pn, now)
+        if skipped is not None:
+            self._loss.on_rx(skipped)
             if addr != self.peer_addr:
                 self.peer_addr = addr
                 self._events.append(PeerAddressChanged(addr))
         if self._parse_frames(plaintext, now):
-            self._eliciting_unacked += 1
-            if self._eliciting_unacked >= ACK_EVERY:
-                self._ack_now = True
-            elif self._ack_deadline is None:
-                self._ack_deadline = now + ACK_DELAY
+            self._acks.eliciting(now)
 
     def _parse_frames(self, plaintext: bytes, now: float) -> bool:
         """Handle every frame; returns whether the packet asks for an ACK."""
@@ -830,8 +880,7 @@ class Connection:
                 self._on_ack(plaintext, pos, end, now)
             elif ftype == FRAME_PING:
                 eliciting = True
-                self._ack_streams.add(STREAM_TERMINAL)
-                self._ack_now = True
+                self._acks.owe(STREAM_TERMINAL, urgent=True)
             pos = end  # unknown frame types are skipped: newer peers may send more kinds
         return eliciting
 
@@ -846,12 +895,11 @@ class Connection:
             data, how = self._control.inp.receive(offset, payload)
             for kind, body in self._control.messages(data) if data else ():
                 self._on_control(kind, body)
-            self._ack_now = True  # rare and urgent: ack at once
+            self._acks.owe(stream_id, urgent=True)  # rare and urgent: ack at once
         else:
             return  # a stream this version does not know (no protocol version opens one)
-        self._ack_streams.add(stream_id)
-        if how != RecvStream.IN_ORDER:
-            self._ack_now = True  # a gap (or a lost ack): tell the sender now
+        # Out of order (a gap) or a duplicate (our ack was lost): tell the sender now.
+        self._acks.owe(stream_id, urgent=how != RecvStream.IN_ORDER)
 
     def _on_control(self, kind: int, body: bytes) -> None:
         if kind == CTRL_RESIZE and len(body) == RESIZE_BODY.size:
@@ -944,16 +992,13 @@ class Connection:
     def _next_ping(self) -> float:
         return self._last_eliciting_sent + (KEEPALIVE if self._heard else self._rtt.rto())
 
-    def _ack_due(self, now: float) -> bool:
-        return self._ack_now or (self._ack_deadline is not None and now >= self._ack_deadline)
-
     def next_timeout(self) -> Optional[float]:
         """Absolute time at which ``datagrams_to_send`` has something to do (None: never)."""
         if self.peer_addr is None:
             return None
-        if self._more or self._ack_now:
+        if self._more or self._acks.urgent:
             return self._now
-        times = [self._ack_deadline, self._rto_deadline()]
+        times = [self._acks.deadline, self._rto_deadline()]
         if self._is_client:
             times.append(self._next_ping())
         if self._data_pending():
@@ -979,7 +1024,7 @@ class Connection:
                 break
             with_data = pacer.ready() and self._data_pending()
             ping = self._is_client and now >= self._next_ping()
-            if not (with_data or ping or self._ack_due(now)):
+            if not (with_data or ping or self._acks.due(now)):
                 break
             payload, data_bytes = self._build_payload(now, with_data, ping)
             if not payload:
@@ -1000,11 +1045,9 @@ class Connection:
     def _build_payload(self, now: float, with_data: bool, ping: bool) -> tuple[bytes, int]:
         """Frames for the next packet: ACKs, a PING, then control and terminal data."""
         parts = []
-        if self._ack_streams or self._ack_due(now):
-            parts += [self._ack_frame(sid, now) for sid in sorted(self._ack_streams)
-                      or (STREAM_TERMINAL,)]
-            self._ack_streams.clear()
-            self._ack_now, self._ack_deadline, self._eliciting_unacked = False, None, 0
+        if self._acks.owed() or self._acks.due(now):  # due, or riding along for free
+            parts += self._acks.frames(now, {STREAM_TERMINAL: self._terminal_in,
+                                             STREAM_CONTROL: self._control.inp})
         if ping:
             parts.append(FRAME.pack(FRAME_PING, 0))
         space = MAX_PAYLOAD - sum(len(p) for p in parts)
@@ -1029,16 +1072,6 @@ class Connection:
                     space -= DATA_OVERHEAD + len(data)
                     data_bytes += len(data)
         return b"".join(parts), data_bytes
-
-    def _ack_frame(self, stream_id: int, now: float) -> bytes:
-        stream = self._terminal_in if stream_id == STREAM_TERMINAL else self._control.inp
-        cum, high, gaps = stream.ack_ranges()
-        delay_us = min(int((now - self._largest_rx_time) * 1e6), 0xFFFFFFFF)
-        body = [ACK_HEADER.pack(stream_id, max(self._largest_rx, 0), delay_us, cum,
-                                high - cum, len(gaps))]
-        body += [GAP.pack(start - cum, stop - start) for start, stop in gaps]
-        body = b"".join(body)
-        return FRAME.pack(FRAME_ACK, len(body)) + body
 
 
 # ---------------------------------------------------------------------------
