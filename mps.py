@@ -7,6 +7,9 @@ network: a client that goes silent is re-attached by a resume handshake with exa
 continuation. Run as root it serves every user (switching to them before running anything);
 run as a plain user it serves only that user.
 
+    python3 mps.py --generate-host-key -e   # first start: make ~/.mp/mps_host_ed25519_key
+    python3 mps.py -c /etc/moshpits/moshpits.toml -t /var/log/moshpits.log
+
 Layout of this file (protocol logic lives in the moshpit* modules):
     PTY shells  -> sessions (one thread + select loop each) -> server (listener, handshake
     threads, registry, signals) -> CLI.
@@ -523,7 +526,8 @@ def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
 
 class Server:
     """Accepts TCP connections, runs each handshake in its own thread (bounded in number and
-    time), and keeps the registry of sessions for new logins, resumes and shutdown."""
+    time), and keeps the registry of sessions for new logins, resumes and shutdown. Create it
+    in the main thread: it installs the SIGTERM/SIGINT/SIGHUP handlers."""
 
     def __init__(self, config: moshpit.Config, host_key):
         self.config = config
@@ -542,6 +546,9 @@ class Server:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # Before anything can announce that we listen, so a signal never hits the defaults.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
 
     # -- listening -------------------------------------------------------------------------
 
@@ -578,8 +585,6 @@ class Server:
 
     def serve_forever(self) -> int:
         """Accept connections until SIGTERM/SIGINT, then end every session; returns 0."""
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
         with selectors.DefaultSelector() as sel:
             for sock in self.listeners:
                 sock.setblocking(False)
