@@ -142,6 +142,7 @@ class MpsServer:
         self.python = python
         self.ready_timeout = ready_timeout
         self.proc: Optional[subprocess.Popen] = None
+        self._log_start = 0
         if run_as is not None:
             for root, dirs, files in os.walk(self.dir):
                 for name in [root] + [os.path.join(root, n) for n in dirs + files]:
@@ -161,6 +162,7 @@ class MpsServer:
         if self.run_as is not None:
             identity = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid,
                         "extra_groups": []}
+        self._log_start = len(self.log())  # a restart must not count the last run's lines
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(self.command(), env=self.env, cwd=self.dir,
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
@@ -174,7 +176,7 @@ class MpsServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mps.py exited with {self.proc.returncode} before "
                                    f"listening: {self.stderr()}{self.log()}")
-            return READY_LINE in self.log()
+            return READY_LINE in self.log()[self._log_start:]
         wait_for(ready, self.ready_timeout, "mps.py to listen")
 
     def log(self) -> str:

@@ -48,9 +48,9 @@ class Users:
         self.groups.append(name)
         return name
 
-    def user(self, groups=()) -> pwd.struct_passwd:
+    def user(self, groups=(), shell="/bin/bash") -> pwd.struct_passwd:
         name = "mpu" + secrets.token_hex(3)
-        argv = ["useradd", "-m", "-s", "/bin/bash"]
+        argv = ["useradd", "-m", "-s", shell]
         if groups:
             argv += ["-G", ",".join(groups)]
         subprocess.run(argv + [name], check=True, capture_output=True)
@@ -134,6 +134,30 @@ def test_strict_modes_on_the_users_authorized_keys(tmp_path, users):
         os.chmod(path, 0o600)
         with TestClient.for_server(server, user=alice.pw_name).connect() as client:
             assert client.run("id -un") == alice.pw_name
+
+
+def test_a_shell_that_cannot_start_is_a_clean_refusal(tmp_path, users):
+    erin = users.user(shell="/nonexistent/shell")
+    with MpsServer(tmp_path, authorized_keys_file=False) as server:
+        authorize(erin, server.client_key)
+        with pytest.raises(AuthRefused):
+            TestClient.for_server(server, user=erin.pw_name).connect()
+        server.wait_log(f"cannot start login shell /nonexistent/shell for {erin.pw_name}")
+        assert server.proc.poll() is None
+
+
+def test_missing_home_falls_back_to_root_dir(tmp_path, users):
+    frank = users.user()
+    keys = os.path.join(tmp_path, "frank_keys", "authorized_keys")
+    with MpsServer(tmp_path, settings={"mps.authorized_keys_file": keys}) as server:
+        write_authorized_keys(keys, server.client_key.public)
+        os.rename(frank.pw_dir, frank.pw_dir + ".away")
+        try:
+            with TestClient.for_server(server, user=frank.pw_name).connect() as client:
+                assert client.run("pwd") == "/"
+                assert client.run("echo $HOME") == frank.pw_dir
+        finally:
+            os.rename(frank.pw_dir + ".away", frank.pw_dir)
 
 
 def test_unknown_user_is_refused(tmp_path):
