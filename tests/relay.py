@@ -275,13 +275,16 @@ class Relay:
     """Impairing loopback relay; see the module docstring.  Use as a context manager.
 
     ``up`` is client -> server, ``down`` is server -> client.  ``stats`` returns a snapshot
-    of the counters.  All addresses must be loopback and ``front`` must differ from ``back``.
+    of the counters.  ``tap(direction, datagram)``, if given, sees every UDP datagram as it
+    arrives, before any impairment (e.g. to capture packets for replay attacks).  All
+    addresses must be loopback and ``front`` must differ from ``back``.
     """
 
     def __init__(self, front: str = "127.0.0.2", back: str = "127.0.0.1",
                  tcp_ports: Iterable[int] = (), udp_ports: Iterable[int] = (),
                  up: Impairment | None = None, down: Impairment | None = None,
-                 seed: int | None = None, impair_tcp: bool = False) -> None:
+                 seed: int | None = None, impair_tcp: bool = False,
+                 tap: Callable[[str, bytes], None] | None = None) -> None:
         self.front = require_loopback(front)
         self.back = require_loopback(back)
         if ipaddress.ip_address(front) == ipaddress.ip_address(back):
@@ -289,6 +292,7 @@ class Relay:
         self.tcp_ports = list(tcp_ports)
         self.udp_ports = list(udp_ports)
         self.impair_tcp = impair_tcp
+        self.tap = tap  # called (in the relay thread) with ("up"|"down", datagram) on arrival
         self.seed = random.SystemRandom().randrange(2**32) if seed is None else seed
         self.up = up or Impairment()
         self.down = down or Impairment()
@@ -559,6 +563,8 @@ class Relay:
                              entry.front_sock, d, f.client_addr, "down"))
 
     def _impair(self, direction: _Direction, data: bytes, deliver: Callable[[], None]) -> None:
+        if self.tap is not None:
+            self.tap(direction.name, data)
         now = time.monotonic()
         with self._lock:
             if now < self._blackout_until:

@@ -145,6 +145,19 @@ def test_clean_passthrough_and_stats(setup):
     assert server.received[0][1][0] == "127.0.0.1"
 
 
+def test_tap_sees_every_datagram_before_impairment(setup):
+    front, port = setup
+    seen = []
+    with UdpServer(port), Relay(front=front, udp_ports=[port],
+                                tap=lambda d, data: seen.append((d, data))) as relay:
+        relay.down.loss = 1.0
+        client = udp_client()
+        client.sendto(b"tapped", (front, port))
+        assert wait_until(lambda: len(seen) == 2)
+        client.close()
+    assert seen == [("up", b"tapped"), ("down", b"tapped")]
+
+
 def test_delay_each_direction(setup):
     front, port = setup
     up, down = Impairment(delay=0.1), Impairment(delay=0.05)
