@@ -76,7 +76,7 @@ def table(scenarios: list[Scenario], results: list[Result], tools: list[str]) ->
 def machine() -> dict:
     return {"host": platform.node(), "platform": platform.platform(),
             "python": platform.python_version(), "cpus": os.cpu_count(),
-            "loadavg_at_start": os.getloadavg()}
+            "loadavg_at_end": os.getloadavg()}
 
 
 def write_json(path: str, results: list[Result], meta: dict) -> None:

@@ -62,11 +62,14 @@ class Runner:
 
     def run_all(self, scenarios: list[Scenario]) -> list[Result]:
         results = []
-        for scenario in scenarios:
-            for cls in self.tools:
-                result = self.run_one(scenario, cls)
-                results.append(result)
-                self._progress(result)
+        try:
+            for scenario in scenarios:
+                for cls in self.tools:
+                    result = self.run_one(scenario, cls)
+                    results.append(result)
+                    self._progress(result)
+        except KeyboardInterrupt:  # everything started is already stopped: report so far
+            print("bench: interrupted; reporting what was measured", file=sys.stderr)
         return results
 
     def run_one(self, scenario: Scenario, cls: type[Tool]) -> Result:
@@ -80,24 +83,24 @@ class Runner:
         workdir = make_workdir(cls.name)
         tool = cls(workdir)
         started = time.monotonic()
-        ctx = None
+        net = ctx = None
         try:
-            with time_budget(scenario.budget), \
-                    Network(tool.uses_tcp, tool.uses_udp, self.seed) as net:
-                try:
-                    tool.start_server(net)
-                    ctx = Context(tool, net, self.quick)
-                    samples = scenario.run(ctx)
-                finally:
-                    result.relay_stats = net.relay.stats
-                    if ctx is not None:
-                        ctx.close()
+            net = Network(tool.uses_tcp, tool.uses_udp, self.seed).start()
+            ctx = Context(tool, net, self.quick)
+            with time_budget(scenario.budget):  # cleanup below runs outside the budget
+                tool.start_server(net)
+                samples = scenario.run(ctx)
             result.samples = samples
             result.metrics = {m.key: m.summarize(samples[m.key]) for m in scenario.metrics}
         except Exception as err:  # recorded, and the bench carries on with the next run
             result.error = f"{type(err).__name__}: {err}"[:500]
             result.server_log_tail = tool.server_log()[-2000:]
         finally:
+            if ctx is not None:
+                ctx.close()
+            if net is not None:
+                result.relay_stats = net.relay.stats
+                net.close()
             tool.stop_server()
             shutil.rmtree(workdir, ignore_errors=True)
             result.seconds = round(time.monotonic() - started, 2)
@@ -151,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {name} skipped: {why}", file=sys.stderr)
     print(f"bench: {len(scenarios)} scenarios x {len(wanted)} tools"
           f"{' (quick)' if args.quick else ''}", file=sys.stderr)
+    meta = {"quick": args.quick, "seed": args.seed, "loadavg_at_start": os.getloadavg(),
+            "skipped": {k: v for k, v in runner.missing.items() if v}}
     results = runner.run_all(scenarios)
     print(table(scenarios, results, wanted))
-    meta = {"quick": args.quick, "seed": args.seed,
-            "skipped": {k: v for k, v in runner.missing.items() if v}}
     if any(s.name == "connect" for s in scenarios):
         meta["local_shell_startup_ms"] = round(local_shell_startup() * 1000, 1)
         print(f"  (connect includes the login shell's own startup: "

@@ -51,12 +51,18 @@ class Network:
                            udp_ports=[self.udp_port] if udp else [],
                            seed=seed, impair_tcp=True)
 
-    def __enter__(self) -> Network:
+    def start(self) -> Network:
         self.relay.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self.relay.close()
+
+    def __enter__(self) -> Network:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Client:
