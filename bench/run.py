@@ -115,7 +115,7 @@ class Runner:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced set, fewer samples")
     p.add_argument("--only", action="append", default=[], metavar="SCENARIO",
                    help=f"run only these (repeat or comma-separate; prefixes work): "

@@ -167,7 +167,7 @@ class Moshpit(Tool):
     uses_tcp = uses_udp = True
 
     def missing(self) -> str | None:
-        for script in ("mps.py", "mp.py", "moshpit_keys.py"):
+        for script in ("mps.py", "mp.py", "mp_keygen.py"):
             if not os.path.exists(os.path.join(REPO, script)):
                 return f"{script} is not in the repository yet"
         return None
@@ -176,14 +176,12 @@ class Moshpit(Tool):
         return _run_version([sys.executable, os.path.join(REPO, "mp.py"), "-V"])
 
     def _make_keys(self) -> None:
-        """Host key, client identity and authorized_keys via the keys module (bench only)."""
-        sys.path.insert(0, REPO)
-        import moshpit_keys as keys  # noqa: PLC0415  (product code, only when benchmarked)
-
+        """Host key, client identity (``mp_keygen.py generate``) and authorized_keys."""
         for stem in ("host_key", "id_ed25519"):
-            key = keys.PrivateKey.generate(comment=f"bench-{stem}")
-            keys.save_private_key(self._path(stem), key)
-            keys.save_public_key(self._path(stem + ".pub"), key.public)
+            subprocess.run([sys.executable, os.path.join(REPO, "mp_keygen.py"), "generate",
+                            "-f", self._path(stem), "-N", "", "-C", f"bench-{stem}"],
+                           check=True, capture_output=True, timeout=60,
+                           env=self._env(self._path("client_home")))
         with open(self._path("id_ed25519.pub")) as f:
             line = f.read()
         fd = os.open(self._path("authorized_keys"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
