@@ -3,8 +3,8 @@
 Every measurement types into a real PTY and times what comes back on it, using markers the
 shell computes (``echo R:$((41+1)):Z`` prints ``R:42:Z``: the typed text never contains the
 expected output, so a terminal's local echo cannot fake it, and the colons keep base64 bulk
-output from ever matching it).  Times are monotonic clock
-readings taken when the matching output chunk was read.
+output from ever matching it).  Times are monotonic clock readings taken when the output
+chunk that completed the match was read (see display.py for clients that redraw a screen).
 """
 
 from __future__ import annotations
