@@ -199,7 +199,6 @@ class PtyShell:
 
 PTY_READ_SIZE = 16384
 PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
-CLOSE_LINGER_SECS = 5.0  # exit status unacknowledged: give up after the client is gone this long
 SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
 CHILD_POLL_SECS = 1.0  # the shell is reaped by polling (no SIGCHLD handler across threads)
 RESUME_WAIT_SECS = 5.0
@@ -251,8 +250,7 @@ class Session:
         self._exit_status: Optional[int] = None
         self._drain_until = 0.0
         self._ending: Optional[str] = None  # why the session is ending, once it is
-        self._end_by = 0.0
-        self._linger_while_heard = False
+        self._end_by: Optional[float] = None  # None: live on as a detached session would
 
     # -- other threads -------------------------------------------------------------------
 
@@ -443,22 +441,20 @@ class Session:
         # only delays the close by PTY_DRAIN_SECS of silence.
         if self._pty_eof or (self.conn.writable() and now >= self._drain_until):
             self.conn.send_close(self._exit_status)
-            # Resent until acknowledged, or until the client has been gone a while.
-            self._end(f"shell exited with status {self._exit_status}", now, CLOSE_LINGER_SECS,
-                      while_heard=True)
+            # Resent until acknowledged. A client that is away (outage, laptop asleep) gets
+            # the last output and the exit status when it resumes, as long as a detached
+            # session would have been kept for it.
+            self._end(f"shell exited with status {self._exit_status}", now, None)
 
-    def _end(self, why: str, now: float, linger: float, while_heard: bool = False) -> None:
+    def _end(self, why: str, now: float, linger: Optional[float]) -> None:
         """Start ending the session: done once everything sent is acknowledged, or after
-        ``linger`` seconds (counted from the client's last packet if ``while_heard``)."""
+        ``linger`` seconds (None: when a detached session would expire)."""
         self._ending = why
-        self._end_by = now + linger
-        self._linger_while_heard = while_heard
+        self._end_by = None if linger is None else now + linger
 
     def _deadline(self) -> Optional[float]:
         """When the session ends if nothing else happens (None: never)."""
-        if self._ending:
-            if self._linger_while_heard:
-                return max(self._end_by, self.conn.last_heard + CLOSE_LINGER_SECS)
+        if self._end_by is not None:
             return self._end_by
         detached = self.server.detached_timeout
         return self.conn.last_heard + detached if detached else None
@@ -470,7 +466,7 @@ class Session:
                 self._ending = f"detached for more than {self.server.detached_timeout} s"
                 return True
             return False
-        return self.conn.all_acked() or now >= deadline
+        return self.conn.all_acked() or (deadline is not None and now >= deadline)
 
 
 def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: int,

@@ -180,6 +180,17 @@ def test_resume_continues_the_stream_exactly(client):
     assert client.wait_closed() == 3
 
 
+def test_shell_exit_while_client_away_is_reported_on_resume(client):
+    """A shell that ends during an outage (laptop asleep) keeps its last output and exit
+    status for the client, as long as a detached session would be kept."""
+    shell_pid(client)
+    client.send("sleep 1; echo BY''E; exit 5\n")
+    time.sleep(8)  # away well past the shell's exit: nothing read, nothing acknowledged
+    client.resume()
+    client.read_until("BYE")
+    assert client.wait_closed() == 5
+
+
 def test_resume_refused_for_another_key_and_unknown_session(server, client):
     other_path = os.path.join(server.dir, "other_id")
     other = make_key(other_path, "other")
