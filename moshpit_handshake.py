@@ -104,8 +104,11 @@ SERVER_BUSY = "server busy"
 NO_SUCH_SESSION = "no such session"
 PROTOCOL_ERROR = "protocol error"
 SHUTTING_DOWN = "server shutting down"
-REFUSAL_CODES = (PERMISSION_DENIED, SERVER_BUSY, NO_SUCH_SESSION, PROTOCOL_ERROR, SHUTTING_DOWN)
-FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION)  # retrying cannot help: the client stops
+USER_NOT_SERVED = "user not served"  # a server without root serves only its own user
+REFUSAL_CODES = (PERMISSION_DENIED, SERVER_BUSY, NO_SUCH_SESSION, PROTOCOL_ERROR, SHUTTING_DOWN,
+                 USER_NOT_SERVED)
+# Retrying cannot help: the client stops.
+FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION, USER_NOT_SERVED)
 
 
 class HandshakeError(MoshpitError):
@@ -1067,6 +1070,10 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
     if err.code == NO_SUCH_SESSION:
         return AuthRefused(err.code, f"the session on {host} no longer exists"
                                      " (server restarted or session expired)")
+    if err.code == USER_NOT_SERVED:
+        return AuthRefused(err.code, f"the moshpit server on {host} runs without root and serves"
+                                     f" only the user it runs as, not {user}; connect as that"
+                                     " user, or run mps.py as root to serve every user")
     if err.code == SERVER_BUSY:
         return HandshakeError(f"server busy: {host} port {port} has too many connections"
                               " in progress; try again later", err.code)

@@ -678,19 +678,20 @@ class Server:
         """Authorize one handshake (handshake thread): the target user, their authorized_keys,
         then a new session or a resume. Returns (SessionGrant, new Session or None); raises
         AuthRefused with a reason code for the client and a reason for the log."""
+        if self._stopping:
+            raise handshake.AuthRefused(handshake.SHUTTING_DOWN, "the server is stopping")
+        # Checked before the user lookup, so the answer says nothing about which users exist.
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        if os.geteuid() != 0 and auth.user != me:
+            raise handshake.AuthRefused(
+                handshake.USER_NOT_SERVED,
+                f"this server runs as {me} and only serves user {me}, not {auth.user!r} "
+                "(run mps as root to serve every user)")
         try:
             pw = pwd.getpwnam(auth.user)
         except (KeyError, ValueError):
             raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
                                         f"no such user {auth.user!r}")
-        if self._stopping:
-            raise handshake.AuthRefused(handshake.SHUTTING_DOWN, "the server is stopping")
-        if os.geteuid() not in (0, pw.pw_uid):
-            me = pwd.getpwuid(os.geteuid()).pw_name
-            raise handshake.AuthRefused(
-                handshake.PERMISSION_DENIED,
-                f"this server runs as {me} and only serves user {me}, not {auth.user!r} "
-                "(run mps as root to serve every user)")
         if auth.client_key not in handshake.authorized_keys_for(pw, self.authorized_keys_file):
             raise handshake.AuthRefused(
                 handshake.PERMISSION_DENIED,

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from moshpit_handshake import PERMISSION_DENIED, AuthRefused
+from moshpit_handshake import PERMISSION_DENIED, USER_NOT_SERVED, AuthRefused
 from proc_util import kill_pid
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
 
@@ -194,9 +194,11 @@ def test_non_root_server_serves_only_its_own_user(users):
         with TestClient.for_server(server, user=carol.pw_name).connect() as client:
             assert client.run("id -un") == carol.pw_name
             assert client.run("pwd") == carol.pw_dir
-        for other in (dave.pw_name, "root"):
+        # The same answer for a user that does not exist: no oracle for user names.
+        for other in (dave.pw_name, "root", "no-such-user-here"):
             with pytest.raises(AuthRefused) as refused:
                 TestClient.for_server(server, user=other).connect()
-            assert refused.value.code == PERMISSION_DENIED
+            assert refused.value.code == USER_NOT_SERVED
+            assert "serves only the user it runs as" in str(refused.value)
             server.wait_log(f"this server runs as {carol.pw_name} and only serves user "
                             f"{carol.pw_name}, not {other!r}")
