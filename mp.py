@@ -128,7 +128,7 @@ def local_user() -> str:
 
 
 class Terminated(Exception):
-    """SIGTERM/SIGHUP arrived while no select loop was there to notice (prompts, handshake):
+    """SIGTERM/SIGHUP/SIGINT arrived while no select loop was there to notice (prompts, handshake):
     raised from the signal handler so every ``finally`` runs and the terminal is restored."""
 
     def __init__(self, signum: int):
@@ -138,7 +138,7 @@ class Terminated(Exception):
 
 class Waker:
     """A self-pipe that wakes the select loop: from signal handlers (SIGWINCH, SIGTERM,
-    SIGHUP) and from the reconnect thread. Handlers only set flags and write one byte;
+    SIGHUP, SIGINT) and from the reconnect thread. Handlers only set flags and write one byte;
     the loop does the work, so nothing runs in the middle of a Connection update."""
 
     def __init__(self):
@@ -892,6 +892,7 @@ def terminal_encoding() -> str:
 
 
 def killed_message(signum: int):
+    """What to say after a terminating signal (None: nothing; nobody is there to read it)."""
     return None if signum in SignalRouter.QUIET else f"mp: killed by signal {signum}"
 
 
@@ -902,12 +903,14 @@ def udp_peer(result) -> tuple:
 
 
 def shutdown_message(host: str, reason: str) -> str:
-    if reason == "server shutting down":
+    """The server ended the session on its own (a ShutdownReceived, not a shell exit)."""
+    if reason == moshpit_handshake.SHUTTING_DOWN:
         return f"moshpit: server {host} is shutting down; session ended."
     return f"moshpit: server {host} ended the session ({reason})."
 
 
 def gone_message(host: str) -> str:
+    """A resume was answered "no such session" (the wording agreed in contracts.md)."""
     return (f"moshpit: the session on {host} no longer exists "
             "(server restarted or session expired).")
 
