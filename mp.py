@@ -3,9 +3,12 @@
 Layout, top to bottom (each part uses only the ones above it):
 
     command line + config   build_parser, cli_overrides, parse_destination
-    terminal layer          TerminalGuard (raw mode, always restored), Waker (signals/threads
-                            -> select), EscapeFilter (Ctrl-^ .), OutputTracker, StatusBanner
-    connecting              load_identity (keygen offer, passphrase), HostKeyCheck, Resumer
+    terminal layer          TerminalGuard (raw mode, always restored), Waker + SignalRouter
+                            (signals/threads -> select), EscapeFilter (Ctrl-^ .),
+                            OutputTracker (safe points in the output), StatusBanner
+    connecting              Prompter (cooked-mode questions), load_identity (keygen offer,
+                            passphrase), HostKeyCheck (known_hosts, pinned on resume),
+                            Resumer (resume handshakes in a thread, back-off)
     session                 Session: one select loop over stdin, UDP, wake-up pipe, timers
     main                    exit codes and messages like ssh (255 for our own failures)
 """
