@@ -173,6 +173,12 @@ MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their d
 ACK_EVERY = 4  # ack-eliciting packets received before an ACK goes out at once
 ACK_DELAY = 0.010  # otherwise an ACK leaves at most this late
 KEEPALIVE = 3.0  # the client pings after this long without sending anything ack-eliciting
+# Outage probing: once a packet the client sent has gone unanswered for longer than an RTO,
+# it pings every OUTAGE_PROBE for the first OUTAGE_FAST_SECS of the silence, then every
+# OUTAGE_PROBE_SLOW. The session recovers within one probe interval (plus a round trip) of
+# the path coming back, instead of waiting out backed-off retransmission timers; mosh probes
+# about as often. Each probe is one ~50-byte datagram.
+OUTAGE_PROBE, OUTAGE_FAST_SECS, OUTAGE_PROBE_SLOW = 0.02, 10.0, 0.25
 PACKET_THRESHOLD = 3  # a packet is lost once one sent this many later was acked ...
 TIME_THRESHOLD = 9 / 8  # ... or one sent this many RTTs later
 INITIAL_RTT = 0.1
@@ -838,6 +844,7 @@ class Connection:
         self._pacer = Pacer(now)
         self._backoff = 0
         self._last_eliciting_sent = float("-inf")
+        self._unanswered_since: Optional[float] = None  # first ack-eliciting send since heard
         self._heard = False  # any authentic packet under these keys yet
         self._more = False
 
@@ -853,6 +860,7 @@ class Connection:
             self._backoff = 0  # the peer is back after a silence: no more backed-off waiting
         self._now = self.last_heard = now
         self._heard = True
+        self._unanswered_since = None
         skipped = self._acks.received(pn, now)
         if skipped is not None:
             self._loss.on_rx(skipped)
@@ -990,7 +998,16 @@ class Connection:
                 or (terminal.has_room(self._cc.cwnd) and terminal.has_pending()))
 
     def _next_ping(self) -> float:
-        return self._last_eliciting_sent + (KEEPALIVE if self._heard else self._rtt.rto())
+        """When the client pings next: every RTO until it first hears the server under these
+        keys, every OUTAGE_PROBE(_SLOW) while the path seems down, else every KEEPALIVE."""
+        last, rto = self._last_eliciting_sent, self._rtt.rto()
+        if not self._heard:
+            return last + rto
+        silent_since = self._unanswered_since
+        if silent_since is None:
+            return last + KEEPALIVE
+        fast = last - silent_since < OUTAGE_FAST_SECS
+        return max(silent_since + rto, last + (OUTAGE_PROBE if fast else OUTAGE_PROBE_SLOW))
 
     def next_timeout(self) -> Optional[float]:
         """Absolute time at which ``datagrams_to_send`` has something to do (None: never)."""
@@ -1040,6 +1057,8 @@ class Connection:
                 out.append((datagram, addr))
             if data_bytes or ping:
                 self._last_eliciting_sent = now
+                if self._unanswered_since is None:
+                    self._unanswered_since = now
         return out
 
     def _build_payload(self, now: float, with_data: bool, ping: bool) -> tuple[bytes, int]:

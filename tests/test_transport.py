@@ -247,8 +247,9 @@ def test_sixty_second_blackout_mid_transfer():
     sim.run_for(5)
     sent_before = sim.net.sent
     sim.run_for(55)
-    # Backed-off retransmissions (2 s) and 3 s pings: a trickle, not a storm.
-    assert sim.net.sent - sent_before < 150
+    # Backed-off retransmissions (2 s) and outage probes (50/s for 10 s, then 4/s): a trickle
+    # of small datagrams (~30 KB in all), not a storm.
+    assert sim.net.sent - sent_before < 600
     finish(sim, limit=start + 90)
     assert not sim.client.events
     assert sim.server.events == [mt.PeerAddressChanged(CLIENT_ADDR)], "first contact only"
@@ -334,6 +335,23 @@ def test_resizes_coalesce_and_shutdown_is_reported_once():
     shutdowns = [e for e in sim.server.events if isinstance(e, mt.ShutdownReceived)]
     assert len(shutdowns) == 1 and shutdowns[0].reason.startswith("client quit ✓")
     assert len(shutdowns[0].reason.encode()) <= mt.MAX_REASON
+
+
+@pytest.mark.parametrize("outage", [5, 20, 60])
+def test_recovery_after_an_outage_takes_one_probe_interval(outage):
+    """A key typed during an outage arrives within one outage probe interval plus a couple
+    of round trips of the path coming back, however long it was down."""
+    sim = Sim(SimNet(77, delay=0.01))
+    sim.run_for(2)
+    back = sim.now + outage
+    sim.net.blackout_until = back
+    sim.client.conn.send(b"x")
+    sim.run_until(lambda: sim.server.received == b"x" and sim.client.conn.all_acked(),
+                  limit=back + 1)
+    interval = mt.OUTAGE_PROBE if outage < mt.OUTAGE_FAST_SECS else mt.OUTAGE_PROBE_SLOW
+    assert sim.now - back <= interval + 4 * 0.01 + 1e-6
+    client_sent = sum(1 for t, src, _d in sim.log if src == CLIENT_ADDR and t < back)
+    assert client_sent <= mt.OUTAGE_FAST_SECS / mt.OUTAGE_PROBE + outage / mt.OUTAGE_PROBE_SLOW + 40
 
 
 def test_keepalive_only_client_pings_and_rtt_converges():
