@@ -5,6 +5,10 @@ VPY     = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 PYENV_ROOT ?= /root/.pyenv
 MATRIX_VERSIONS = 3.9 3.10 3.11 3.12 3.13
+# Tests mostly wait on real processes, sockets and timers, so they run several at a time even
+# on two cores; tests that add system users share one worker (xdist_group "users").
+PYTEST_WORKERS ?= 4
+PYTEST = -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 .PHONY: demo test lint test-matrix bench clean
 
@@ -18,7 +22,7 @@ lint: $(STAMP)
 	$(VPY) -m ruff check .
 
 test: lint
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(VPY) $(PYTEST) $(PYTEST_ARGS)
 
 # Every interpreter found under pyenv with the newest cryptography, plus 3.9 with the
 # oldest cryptography we support (3.4.8). Long scenarios run once, in `make test`.
@@ -38,7 +42,7 @@ matrix-one:
 	@[ -x $(VENV)/bin/python ] || $(PY) -m venv $(VENV)
 	@$(VENV)/bin/python -m pip install -q --upgrade pip
 	@$(VENV)/bin/python -m pip install -q -r requirements-dev.txt $(CRYPTO)
-	$(VENV)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/python $(PYTEST) -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VPY) tests/demo.py
