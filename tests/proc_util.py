@@ -364,9 +364,11 @@ class PtyProcess:
                 match = None
             if end >= 0:
                 self.match_time = time.monotonic()
-                self.last_match = match
                 out = bytes(self.buffer[:end])
                 del self.buffer[:end]
+                # Matched again on the returned bytes: a match on the buffer would read the
+                # bytes that move into its place once the buffer is consumed.
+                self.last_match = regex.search(out) if regex is not None else None
                 return out
             scanned = max(0, scanned - self._trim())
             remaining = deadline - time.monotonic()
