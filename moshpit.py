@@ -12,6 +12,7 @@ moshpit is split by layer into flat sibling modules (copying stays trivial: ever
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import fcntl
 import logging
@@ -411,6 +412,41 @@ def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[
             sources[key] = label
     return Config(kind, values, sources, warnings, file_path if table is not None else None,
                   home)
+
+
+# The flags mps and mp share, as the seed names them. Their values are config settings, so
+# they go through load_config like any other source (the environment still wins).
+_KEY_FILE_FLAGS = {"server": ("mps.", "host", "mps_host_ed25519_key"),
+                   "client": ("", "client", "id_ed25519")}
+
+
+def add_common_flags(parser: argparse.ArgumentParser, kind: str) -> None:
+    """Add ``-v -q -c -t -p -k``. Every default is None so that only flags the user gave
+    reach load_config: an argparse default would mask the config file and the environment."""
+    _, role, stem = _KEY_FILE_FLAGS[kind]
+    app = _APP_NAME[kind]
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="count",
+                      help="turn up logging verbosity (repeatable)")
+    loud.add_argument("-q", "--quiet", action="count",
+                      help="turn down logging verbosity (repeatable)")
+    parser.add_argument("-c", "--config-absolute-path", metavar="PATH", dest="config",
+                        help=f"alternate config file (default ~/.config/{app}/{app}.toml)")
+    parser.add_argument("-t", "--tracing-absolute-path", metavar="PATH", dest="tracing",
+                        help=f"alternate log file (default ~/.config/{app}/logs/{app}.log)")
+    parser.add_argument("-p", "--private-key-path", metavar="PATH",
+                        help=f"{role} private key (default ~/.mp/{stem})")
+    parser.add_argument("-k", "--public-key-path", metavar="PATH",
+                        help=f"{role} public key (default ~/.mp/{stem}.pub)")
+
+
+def common_flag_settings(args: argparse.Namespace, kind: str) -> Dict[str, Any]:
+    """The config settings given with add_common_flags' flags (only those given)."""
+    prefix = _KEY_FILE_FLAGS[kind][0]
+    given = {"verbose": args.verbose, "quiet": args.quiet,
+             prefix + "private_key_path": args.private_key_path,
+             prefix + "public_key_path": args.public_key_path}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _with_hint(key: str, schema: Dict[str, _Key]) -> str:

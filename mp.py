@@ -65,20 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Escape key (default Ctrl-^): Ctrl-^ . quits; Ctrl-^ Ctrl-^ (or Ctrl-^ ^) sends "
         "one Ctrl-^. Exit status: the remote shell's, or 255 if moshpit itself failed.",
     )
-    loud = p.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", action="count", default=None,
-                      help="turn up logging verbosity (repeatable)")
-    loud.add_argument("-q", "--quiet", action="count", default=None,
-                      help="turn down logging verbosity (repeatable)")
-    p.add_argument("-c", "--config-absolute-path", metavar="PATH", dest="config",
-                   help="absolute path to an alternate config file")
-    p.add_argument("-t", "--tracing-absolute-path", metavar="PATH", dest="tracing",
-                   help="absolute path to an alternate tracing (log) output file")
-    p.add_argument("-p", "--private-key-path", metavar="PATH",
-                   help="absolute path to the client private key")
-    p.add_argument("-k", "--public-key-path", metavar="PATH",
-                   help="absolute path to the client public key (written when mp generates "
-                   "a key on first run)")
+    moshpit.add_common_flags(p, "client")
     p.add_argument("-s", "--server-port", metavar="PORT", type=int,
                    help=f"server TCP port (default: {moshpit.DEFAULT_TCP_PORT})")
     p.add_argument("--strict-host-key-checking", choices=("ask", "accept-new", "yes"),
@@ -92,14 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The flags that are config settings (argparse dest == config key).
-CONFIG_FLAGS = ("verbose", "quiet", "private_key_path", "public_key_path", "server_port",
-                "strict_host_key_checking", "server_destination")
+# The client's own flags that are config settings (argparse dest == config key).
+CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
     """Only the settings given on the command line, as config keys."""
-    return {key: getattr(args, key) for key in CONFIG_FLAGS if getattr(args, key) is not None}
+    settings = moshpit.common_flag_settings(args, "client")
+    settings.update((key, getattr(args, key)) for key in CONFIG_FLAGS
+                    if getattr(args, key) is not None)
+    return settings
 
 
 def parse_destination(dest: str, default_user: str) -> tuple:

@@ -767,22 +767,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     are None so that only flags actually given reach load_config (never masking file/env)."""
     parser = argparse.ArgumentParser(
         prog="mps", description="moshpit server: resilient encrypted remote terminal sessions.")
-    loud = parser.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", action="count", default=0,
-                      help="turn up logging verbosity (repeatable)")
-    loud.add_argument("-q", "--quiet", action="count", default=0,
-                      help="turn down logging verbosity (repeatable)")
+    moshpit.add_common_flags(parser, "server")
     parser.add_argument("-e", "--enable-std-output", action="store_true",
                         help="also log to stderr (not recommended when running as a daemon)")
-    parser.add_argument("-c", "--config-absolute-path", metavar="PATH",
-                        help="alternate config file (default ~/.config/moshpits/moshpits.toml)")
-    parser.add_argument("-t", "--tracing-absolute-path", metavar="PATH",
-                        help="alternate log file (default "
-                             "~/.config/moshpits/logs/moshpits.log)")
-    parser.add_argument("-p", "--private-key-path", metavar="PATH",
-                        help="server private key (default ~/.mp/mps_host_ed25519_key)")
-    parser.add_argument("-k", "--public-key-path", metavar="PATH",
-                        help="server public key (default ~/.mp/mps_host_ed25519_key.pub)")
     parser.add_argument("--udp-port-range", metavar="LO-HI",
                         help="UDP ports for sessions (default 50000-59999)")
     parser.add_argument("--generate-host-key", action="store_true",
@@ -793,10 +780,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def cli_overrides(args: argparse.Namespace) -> Dict[str, object]:
-    """Config keys given on the command line (None = not given)."""
-    return {"mps.private_key_path": args.private_key_path,
-            "mps.public_key_path": args.public_key_path,
-            "mps.udp_port_range": args.udp_port_range}
+    """Config keys given on the command line (only those given)."""
+    settings = moshpit.common_flag_settings(args, "server")
+    if args.udp_port_range is not None:
+        settings["mps.udp_port_range"] = args.udp_port_range
+    return settings
 
 
 def load_host_key(config: moshpit.Config, generate: bool):
@@ -841,11 +829,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging_ready = False
     try:
-        config = moshpit.load_config("server", cli=cli_overrides(args),
-                                     path=args.config_absolute_path)
-        logging_ready = moshpit.setup_logging("server", config, log_path=args.tracing_absolute_path,
-                              stderr=args.enable_std_output,
-                              verbosity=args.verbose - args.quiet)
+        config = moshpit.load_config("server", cli=cli_overrides(args), path=args.config)
+        moshpit.setup_logging("server", config, log_path=args.tracing,
+                              stderr=args.enable_std_output)
+        logging_ready = True
         for line in config.describe().splitlines():
             log.debug("config: %s", line)
         for warning in config.warnings:

@@ -27,7 +27,7 @@ import sys
 import threading
 from typing import Optional
 
-from proc_util import PtyProcess, kill_pid, pid_alive, proc_children
+from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, kill_pid, pid_alive, proc_children
 from relay import Relay, RelayError, random_front_alias
 from server_util import REPO, MpsServer
 
@@ -36,17 +36,6 @@ KEYGEN = os.path.join(REPO, "mp_keygen.py")
 USER = pwd.getpwuid(os.geteuid()).pw_name
 CTRL_C = b"\x03"
 
-# Runs mp.py as a child in the same terminal, then reports its exit status and whether the
-# terminal attributes (termios of the PTY) after it exited equal those before it started.
-WRAPPER = r"""
-import subprocess, sys, termios
-before = termios.tcgetattr(0)
-rc = subprocess.call(sys.argv[1:])
-after = termios.tcgetattr(0)
-sys.stdout.write("\r\nWRAPPER rc=%d attrs=%s\r\n"
-                 % (rc, "same" if after == before else "DIFF %r -> %r" % (before, after)))
-"""
-WRAPPER_RE = re.compile(rb"WRAPPER rc=(-?\d+) attrs=(same|DIFF[^\r\n]*)")
 
 # The client's "last contact" banner: drawn and erased between ESC 7 (save cursor) and
 # ESC 8 (restore), always at a safe point of the output stream (see mp.StatusBanner).

@@ -256,6 +256,21 @@ class PtyEOF(EOFError):
     """The program closed the terminal (exited) before the pattern appeared."""
 
 
+# A program for PtyProcess: runs its arguments as a child in the same terminal, then reports
+# their exit status and whether the terminal attributes (termios of the PTY) after it exited
+# equal those before it started, as a line WRAPPER_RE matches. Proves a client restored the
+# terminal on every way out.
+WRAPPER = r"""
+import subprocess, sys, termios
+before = termios.tcgetattr(0)
+rc = subprocess.call(sys.argv[1:])
+after = termios.tcgetattr(0)
+sys.stdout.write("\r\nWRAPPER rc=%d attrs=%s\r\n"
+                 % (rc, "same" if after == before else "DIFF %r -> %r" % (before, after)))
+"""
+WRAPPER_RE = re.compile(rb"WRAPPER rc=(-?\d+) attrs=(same|DIFF[^\r\n]*)")
+
+
 class PtyProcess:
     """A program running in a real pseudo-terminal, driven like ``expect``.
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from proc_util import PtyProcess, proc_children, wait_for
+from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, proc_children, wait_for
 from server_util import READY_LINE, MpsServer, make_key
 
 import moshpit_keys
@@ -28,17 +28,6 @@ USER = getpass.getuser()
 QUIT = b"\x1e."  # Ctrl-^ .
 ERASE_BANNER = b"\x1b7\x1b[1;1H\x1b[2K\x1b8"
 
-# Runs mp.py as a child in the same terminal and reports whether the terminal attributes
-# (termios.tcgetattr of the PTY slave) after it exited equal those before it started.
-WRAPPER = r"""
-import subprocess, sys, termios
-before = termios.tcgetattr(0)
-rc = subprocess.call(sys.argv[1:])
-after = termios.tcgetattr(0)
-sys.stdout.write("\r\nWRAPPER rc=%d attrs=%s\r\n"
-                 % (rc, "same" if after == before else "DIFF %r -> %r" % (before, after)))
-"""
-WRAPPER_RE = re.compile(rb"WRAPPER rc=(-?\d+) attrs=(same|DIFF[^\r\n]*)")
 
 
 def client_env(tmp_path, **extra) -> dict:
