@@ -298,17 +298,20 @@ class PtyProcess:
         self.last_match: Optional[re.Match] = None
         self._status: Optional[int] = None
         env = dict(os.environ if env is None else env)
-        pid, fd = os.forkpty()
-        if pid == 0:  # child: only exec-safe work here
-            try:
-                _set_winsize(0, rows, cols)
-                if cwd:
-                    os.chdir(cwd)
-                os.execvpe(self.argv[0], self.argv, env)
-            except BaseException as err:  # report through the terminal, never return
-                os.write(2, f"PtyProcess: cannot run {self.argv[0]}: {err}\r\n".encode())
-            os._exit(127)
-        self.pid = pid
+        fd, slave = os.openpty()
+        try:
+            _set_winsize(slave, rows, cols)
+            # util-linux's `setsid --ctty` makes the program a session leader with this
+            # terminal as its controlling tty, all in C: no Python runs between fork and
+            # exec, which forkpty() cannot promise in a test process with relay threads.
+            self._proc = subprocess.Popen(["setsid", "--ctty", *self.argv], env=env, cwd=cwd,
+                                          stdin=slave, stdout=slave, stderr=slave)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            os.close(slave)
+        self.pid = self._proc.pid
         self.fd = fd
         os.set_blocking(fd, False)
 
@@ -443,12 +446,7 @@ class PtyProcess:
     def poll(self) -> Optional[int]:
         """Exit status (negative signal number if killed) or None while running."""
         if self._status is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return self._status
-            if pid:
-                self._status = os.waitstatus_to_exitcode(status)
+            self._status = self._proc.poll()
         return self._status
 
     def wait(self, timeout: float) -> int:
