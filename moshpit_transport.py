@@ -37,7 +37,9 @@ that data is still in a reported gap, and resends it at once.  Data unacked past
 timeout only what expired, on a repeat (an outage) everything, two packets at a time.
 A congestion window (slow start, x0.7 per loss round, >= 16 packets) sets a pacing rate,
 so bursts leave spread out; on a lossy path, small packets (keystrokes, echoes) are sent
-twice so that a round trip usually needs no retransmission.
+twice so that a round trip usually needs no retransmission.  While the server is silent,
+the client probes with pings every 20 ms (every 250 ms after 10 s), so a session recovers
+within one probe interval of an outage ending, whatever the backed-off timers say.
 """
 
 from __future__ import annotations
@@ -729,8 +731,9 @@ class Connection:
     returns; call again at ``next_timeout()``; read ``next_event()`` until None.  ``keys``
     is any object with ``client_to_server``, ``server_to_client``, ``conn_id`` and
     ``cipher`` (the handshake's SessionKeys).  Only the client pings: every KEEPALIVE when
-    it has sent nothing else, and every RTO until it first hears the server under the
-    current keys (the server learns the client's address from that ping).  The server
+    it has sent nothing else, every RTO until it first hears the server under the current
+    keys (the server learns the client's address from that ping), and every OUTAGE_PROBE
+    while what it sent goes unanswered (so it notices the path is back at once).  The server
     answers every ping with an immediate ACK, so both sides hear each other that often.
     """
 
