@@ -47,7 +47,10 @@ matrix-one:
 demo: $(STAMP)
 	$(VPY) tests/demo.py
 
+# The transport alone (issue targets: throughput, added round trip, loss), then whole sessions
+# side by side with OpenSSH and Mosh where they are installed.
 bench: $(STAMP)
+	$(VPY) bench/bench_transport.py
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
 clean:
