@@ -39,10 +39,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import getpass
 import hashlib
 import logging
 import os
 import re
+import socket
 import stat
 import struct
 import tempfile
@@ -721,6 +723,27 @@ def save_private_key(path: str, key: PrivateKey, passphrase: bytes | None = None
 def save_public_key(path: str, pub: PublicKey) -> None:
     """Write the ``moshpit <b64> comment`` line atomically with mode 0644."""
     _write_atomic(path, (pub.to_line() + "\n").encode("utf-8"), 0o644)
+
+
+def default_comment() -> str:
+    """``user@host``, what the seed's public key lines carry."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no $USER/$LOGNAME
+        user = "moshpit"
+    return f"{user}@{socket.gethostname()}"
+
+
+def create_key_pair(path: str, public_path: str, comment: str,
+                    passphrase: bytes | None = None) -> PrivateKey:
+    """Generate a new key and write it: ``path`` (0600, encrypted if ``passphrase``), then
+    ``public_path`` (0644). Each file is written atomically."""
+    key = PrivateKey.generate(comment)
+    save_private_key(path, key, passphrase)
+    log.info("wrote %s (mode 0600, %s)", path, "encrypted" if passphrase else "unencrypted")
+    save_public_key(public_path, key.public)
+    log.info("wrote %s (mode 0644)", public_path)
+    return key
 
 
 def load_public_key(path: str) -> PublicKey:

@@ -28,7 +28,6 @@ import queue
 import select
 import shlex
 import signal
-import socket
 import sys
 import termios
 import threading
@@ -494,9 +493,8 @@ def generate_identity(path: str, public_path: str, prompter: Prompter):
         prompter.say("Passphrases do not match. Try again.")
     else:
         raise moshpit.MoshpitError("passphrases did not match; no key was created")
-    key = moshpit_keys.PrivateKey.generate(comment=f"{local_user()}@{socket.gethostname()}")
-    moshpit_keys.save_private_key(path, key, passphrase or None)
-    moshpit_keys.save_public_key(public_path, key.public)
+    key = moshpit_keys.create_key_pair(path, public_path, moshpit_keys.default_comment(),
+                                       passphrase or None)
     prompter.say(
         f"Your identification has been saved in {path}\n"
         f"Your public key has been saved in {public_path}\n"

@@ -9,11 +9,9 @@ without a terminal, everything the prompts would ask must come from the command 
 from __future__ import annotations
 
 import argparse
-import getpass
 import io
 import logging
 import os
-import socket
 import sys
 import termios
 
@@ -65,15 +63,6 @@ class Terminal:
         self._stream.close()
 
 
-def default_comment() -> str:
-    """``user@host``, what the seed's public key lines carry."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry and no $USER/$LOGNAME
-        user = "moshpit"
-    return f"{user}@{socket.gethostname()}"
-
-
 def _need(terminal: Terminal | None, problem: str) -> Terminal:
     """The terminal, or MoshpitError(problem) when a question cannot be asked."""
     if terminal is None:
@@ -114,11 +103,9 @@ def generate(args: argparse.Namespace, terminal: Terminal | None) -> int:
     passphrase = args.passphrase
     if passphrase is None:
         passphrase = _ask_passphrase(terminal)
-    key = keys.PrivateKey.generate(default_comment() if args.comment is None else args.comment)
-    keys.save_private_key(path, key, passphrase.encode("utf-8", "surrogateescape"))
-    log.info("wrote %s (mode 0600, %s)", path, "encrypted" if passphrase else "unencrypted")
-    keys.save_public_key(pub_path, key.public)
-    log.info("wrote %s (mode 0644)", pub_path)
+    comment = keys.default_comment() if args.comment is None else args.comment
+    key = keys.create_key_pair(path, pub_path, comment,
+                               passphrase.encode("utf-8", "surrogateescape"))
     print(f"Your private key has been saved in {path}")
     print(f"Your public key has been saved in {pub_path}")
     print("The key fingerprint is:")
@@ -206,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-N", "--passphrase", metavar="PASSPHRASE",
                      help="passphrase for the private key ('' for none)")
     gen.add_argument("-C", "--comment", metavar="COMMENT",
-                     help=f"comment on the public key line (default {default_comment()})")
+                     help=f"comment on the public key line (default {keys.default_comment()})")
     gen.add_argument("--force", action="store_true", help="overwrite existing key files")
 
     fp = command("fingerprint", fingerprint, "Show the SHA256 fingerprint of a public key.")

@@ -797,13 +797,7 @@ def load_host_key(config: moshpit.Config, generate: bool):
                 f"host key {path} not found: create it with "
                 f"`{KEYGEN_HINT.format(path=shlex.quote(path))}` "
                 "(or start mps once with --generate-host-key)")
-        key = keys.PrivateKey.generate(comment=f"mps@{socket.gethostname()}")
-        try:
-            keys.save_private_key(path, key)
-            keys.save_public_key(pub_path, key.public)
-        except OSError as e:
-            raise MoshpitError(f"cannot write host key {e.filename or path}: "
-                               f"{e.strerror or e} (choose another path with -p/-k)")
+        key = keys.create_key_pair(path, pub_path, f"mps@{socket.gethostname()}")
         log.info("generated host key %s (%s)", path, key.public.fingerprint())
         return key
     try:
