@@ -302,13 +302,17 @@ class Session:
             self._wake_closed = True
             os.close(self._wake_r)
             os.close(self._wake_w)
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for message in self._posted():
             if isinstance(message, _Resume):
                 message.done.set()
+
+    def _posted(self):
+        """Take the messages posted so far, oldest first."""
+        while True:
+            try:
+                yield self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
     # -- session thread ------------------------------------------------------------------
 
@@ -382,11 +386,7 @@ class Session:
                 pass
         except BlockingIOError:
             pass
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for message in self._posted():
             if isinstance(message, _Resume):
                 self.conn.rekey(message.keys, message.peer_recv_offset, now)
                 message.recv_offset = self.conn.recv_offset
