@@ -1175,8 +1175,21 @@ def _check_ancestor(path: str, pw: pwd.struct_passwd) -> None:
                                              " must not be group/world writable")
 
 
+def authorized_keys_path(pw: pwd.struct_passwd, template: Optional[str] = None) -> str:
+    """Where ``pw``'s user's authorized keys are: ``template`` as sshd's AuthorizedKeysFile
+    reads it (``%h`` the user's home, ``%u`` the user name, ``%%`` a percent sign; a
+    relative path or ``~/`` starts at the user's home), or ~user/.mp/authorized_keys."""
+    if not template:
+        return os.path.join(pw.pw_dir, ".mp", "authorized_keys")
+    tokens = {"%h": pw.pw_dir, "%u": pw.pw_name, "%%": "%"}
+    path = re.sub(r"%.", lambda m: tokens.get(m.group(0), m.group(0)), template)
+    if path == "~" or path.startswith("~/"):
+        path = path[2:]
+    return os.path.join(pw.pw_dir, path)  # an absolute ``path`` stays as it is
+
+
 def authorized_keys_for(pw: pwd.struct_passwd, path: Optional[str] = None) -> List[PublicKey]:
-    """The keys that may log in as ``pw``'s user: ``path`` or ~user/.mp/authorized_keys.
+    """The keys that may log in as ``pw``'s user, from ``authorized_keys_path(pw, path)``.
 
     Strict modes (as sshd's StrictModes): the file (0600) and its directory (0700) are owned
     by the user or root and closed to group and others; every directory above, up to the home
@@ -1184,7 +1197,7 @@ def authorized_keys_for(pw: pwd.struct_passwd, path: Optional[str] = None) -> Li
     group/world writable. Any violation raises AuthRefused whose ``log_reason`` names the
     path and the problem; the client only ever hears "permission denied".
     """
-    path = os.path.realpath(path or os.path.join(pw.pw_dir, ".mp", "authorized_keys"))
+    path = os.path.realpath(authorized_keys_path(pw, path))
     home = os.path.realpath(pw.pw_dir)
     try:
         st = os.stat(path)

@@ -280,3 +280,29 @@ def test_pasting_the_fingerprint_accepts(known_hosts, host_key):
     user = Answers(host_key.fingerprint())
     hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
     assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "ok"
+
+
+@pytest.mark.parametrize("template, expected", [
+    (None, "/home/al/.mp/authorized_keys"),
+    ("", "/home/al/.mp/authorized_keys"),
+    ("/etc/moshpit/keys/%u", "/etc/moshpit/keys/al"),
+    ("%h/.ssh/authorized_keys", "/home/al/.ssh/authorized_keys"),
+    (".mp/keys", "/home/al/.mp/keys"),
+    ("~/.mp/keys", "/home/al/.mp/keys"),
+    ("/srv/100%%/%u/%x", "/srv/100%/al/%x"),
+])
+def test_authorized_keys_path_tokens_like_sshd(template, expected):
+    """One setting serves every user of a root server: %h, %u and home-relative paths give
+    each user their own file, as sshd's AuthorizedKeysFile does."""
+    pw = type("pw", (), {"pw_name": "al", "pw_dir": "/home/al"})()
+    assert hs.authorized_keys_path(pw, template) == expected
+
+
+def test_authorized_keys_file_template_selects_each_users_file(tmp_path):
+    alice = fake_user(str(tmp_path / "alice"))
+    key = PrivateKey.generate().public
+    write_authorized_keys(alice.pw_dir, [key])
+    assert hs.authorized_keys_for(alice, f"{tmp_path}/%u/.mp/authorized_keys") == [key]
+    bob = fake_user(str(tmp_path / "bob"), name="bob")  # no file of his own: refused
+    with pytest.raises(hs.AuthRefused, match="does not exist"):
+        hs.authorized_keys_for(bob, f"{tmp_path}/%u/.mp/authorized_keys")
