@@ -76,17 +76,22 @@ def test_exit_by_signal_is_128_plus_n(client):
     assert client.wait_closed() == 128 + 9
 
 
+# A foreground program that reports SIGWINCH: its trap is set before it says READY, and the
+# kernel signals the terminal's foreground process group when the server resizes the PTY.
+# (A trap in the interactive shell itself would run inside readline, at readline's pace.)
+WAIT_FOR_WINCH = ("sh -c 'w=WIN r=READ; trap \"echo ${w}CH; exit\" WINCH; echo ${r}Y; "
+                  "while :; do sleep 0.05; done'\n")
+
+
 def test_resize_reaches_stty_size_and_sigwinch(server):
     with TestClient.for_server(server, rows=30, cols=100).connect() as client:
         assert client.run("stty size") == "30 100"
-        client.send("trap 'echo WIN''CH' WINCH\n")
-        client.run("true")
-        client.resize(40, 132)
-        client.read_until("WINCH")
-        assert client.run("stty size") == "40 132"
-        client.resize(25, 81)
-        client.read_until("WINCH")
-        assert client.run("stty size") == "25 81"
+        for rows, cols in ((40, 132), (25, 81)):
+            client.send(WAIT_FOR_WINCH)
+            client.read_until("READY\r\n")
+            client.resize(rows, cols)
+            client.read_until("WINCH\r\n")
+            assert client.run("stty size") == f"{rows} {cols}"
 
 
 def test_big_paste_reaches_the_shell(client):
