@@ -12,6 +12,7 @@ import argparse
 import io
 import logging
 import os
+import select
 import sys
 import termios
 
@@ -49,6 +50,11 @@ class Terminal:
         try:
             self._stream.write(prompt)
             self._stream.flush()
+            # Python runs signal handlers only between bytecodes: a Ctrl-C landing just
+            # before a blocking read would wait for the next key. Returning from select()
+            # now and then lets a pending KeyboardInterrupt through within 0.25 s.
+            while not select.select([fd], [], [], 0.25)[0]:
+                pass
             line = self._stream.readline()
         finally:
             if secret:
