@@ -39,6 +39,7 @@ sys.path.insert(0, REPO)
 import moshpit_handshake  # noqa: E402  (needs the repo on sys.path)
 import moshpit_keys  # noqa: E402
 import moshpit_transport  # noqa: E402
+import moshpit_trust  # noqa: E402
 
 MPS = os.path.join(REPO, "mps.py")
 READY_LINE = "listening on"
@@ -271,7 +272,7 @@ class TestClient:
 
     def _verify(self, key: moshpit_keys.PublicKey) -> None:
         if key != self.host_key:
-            raise moshpit_handshake.HostKeyError(f"unexpected host key {key.fingerprint()}")
+            raise moshpit_trust.HostKeyError(f"unexpected host key {key.fingerprint()}")
 
     def _handshake(self, resume: bool, timeout: float):
         request = moshpit_handshake.ClientRequest(

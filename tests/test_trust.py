@@ -1,8 +1,10 @@
-"""Server and client trust policies: authorized_keys with strict modes, known_hosts."""
+"""moshpit_trust: authorized_keys read safely with sshd's StrictModes (owners, modes,
+symlinks, FIFOs, terminals, hard links, size), and the client's known_hosts policy."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import threading
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 from handshake_util import fake_user, write_authorized_keys
 
-import moshpit_handshake as hs
+import moshpit_trust as trust
 from moshpit_keys import PrivateKey
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,10 +35,9 @@ def home(tmp_path, key):
 
 
 def refusal(pw, path=None) -> str:
-    with pytest.raises(hs.AuthRefused) as raised:
-        hs.authorized_keys_for(pw, path)
-    assert raised.value.code == hs.PERMISSION_DENIED
-    return raised.value.log_reason
+    with pytest.raises(trust.TrustError) as raised:
+        trust.authorized_keys_for(pw, path)
+    return str(raised.value)
 
 
 # ---------------------------------------------------------------------------
@@ -45,28 +46,33 @@ def refusal(pw, path=None) -> str:
 
 
 def test_correct_setup_returns_the_keys(home, key):
-    assert hs.authorized_keys_for(fake_user(home)) == [key]
+    assert trust.authorized_keys_for(fake_user(home)) == [key]
 
 
 @pytest.mark.parametrize("target, mode, reason", [
-    (".mp/authorized_keys", 0o644, "is mode 0644, must not be group/world accessible"),
-    (".mp/authorized_keys", 0o604, "is mode 0604, must not be group/world accessible"),
-    (".mp/authorized_keys", 0o620, "is mode 0620, must not be group/world accessible"),
-    (".mp", 0o755, "is mode 0755, must not be group/world accessible"),
-    (".mp", 0o710, "is mode 0710, must not be group/world accessible"),
+    (".mp/authorized_keys", 0o620, "is mode 0620, must not be group/world writable"),
+    (".mp/authorized_keys", 0o602, "is mode 0602, must not be group/world writable"),
+    (".mp/authorized_keys", 0o666, "is mode 0666, must not be group/world writable"),
+    (".mp", 0o770, "is mode 0770, must not be group/world writable"),
     ("", 0o775, "is mode 0775, must not be group/world writable"),
     ("", 0o757, "is mode 0757, must not be group/world writable"),
 ])
-def test_wrong_modes_are_refused_with_the_reason(home, target, mode, reason):
+def test_writable_by_others_is_refused_with_the_reason(home, target, mode, reason):
     path = os.path.join(home, target) if target else home
     os.chmod(path, mode)
     assert refusal(fake_user(home)) == f"{path.rstrip('/')} {reason}"
 
 
-def test_readable_home_and_readonly_file_are_fine(home, key):
-    os.chmod(home, 0o711)
-    os.chmod(os.path.join(home, ".mp", "authorized_keys"), 0o400)
-    assert hs.authorized_keys_for(fake_user(home)) == [key]
+@pytest.mark.parametrize("home_mode, dir_mode, file_mode", [
+    (0o755, 0o755, 0o644),  # sshd's StrictModes: reading bits are fine
+    (0o711, 0o700, 0o400),
+    (0o700, 0o750, 0o640),
+])
+def test_readable_modes_are_fine(home, key, home_mode, dir_mode, file_mode):
+    os.chmod(home, home_mode)
+    os.chmod(os.path.join(home, ".mp"), dir_mode)
+    os.chmod(os.path.join(home, ".mp", "authorized_keys"), file_mode)
+    assert trust.authorized_keys_for(fake_user(home)) == [key]
 
 
 @needs_root
@@ -84,15 +90,15 @@ def test_files_owned_by_the_user_or_root_are_fine(home, key):
     for path in (home, os.path.join(home, ".mp"), os.path.join(home, ".mp", "authorized_keys")):
         os.chown(path, user_uid, -1)
     pw = fake_user(home, uid=user_uid)
-    assert hs.authorized_keys_for(pw) == [key]
+    assert trust.authorized_keys_for(pw) == [key]
     os.chown(os.path.join(home, ".mp", "authorized_keys"), 0, -1)
-    assert hs.authorized_keys_for(pw) == [key]
+    assert trust.authorized_keys_for(pw) == [key]
 
 
 def test_writable_parent_above_home_is_not_checked(home, key, tmp_path):
     """sshd's rule: ownership and modes matter up to the home directory."""
     os.chmod(tmp_path / "home", 0o777)
-    assert hs.authorized_keys_for(fake_user(home)) == [key]
+    assert trust.authorized_keys_for(fake_user(home)) == [key]
 
 
 def test_file_outside_home_is_checked_up_to_root(tmp_path, key):
@@ -101,24 +107,102 @@ def test_file_outside_home_is_checked_up_to_root(tmp_path, key):
     write_authorized_keys(keys_home, [key])
     path = os.path.join(keys_home, ".mp", "authorized_keys")
     pw = fake_user(str(tmp_path / "elsewhere"))
-    assert hs.authorized_keys_for(pw, path) == [key]
+    assert trust.authorized_keys_for(pw, path) == [key]
     os.chmod(shared, 0o777)  # anyone could swap keys/ for their own
     assert refusal(pw, path) == f"{shared} is mode 0777, must not be group/world writable"
     if os.geteuid() == 0:  # root-owned and sticky, like /tmp: safe
         os.chmod(shared, 0o1777)
-        assert hs.authorized_keys_for(pw, path) == [key]
+        assert trust.authorized_keys_for(pw, path) == [key]
 
 
-def test_symlinks_are_checked_where_they_lead(tmp_path, home, key):
+@needs_root
+def test_home_in_sticky_root_directory_is_fine(tmp_path, key):
+    """A home directly in a root-owned sticky directory (like /tmp) is allowed: nobody else
+    can rename or delete the user's entries there."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    home = str(sticky / "alice")
+    write_authorized_keys(home, [key])
+    path = os.path.join(home, ".mp", "authorized_keys")
+    assert trust.authorized_keys_for(fake_user(home)) == [key]
+    assert trust.authorized_keys_for(fake_user(str(tmp_path / "x")), path) == [key]
+
+
+def test_symlinked_authorized_keys_is_refused(tmp_path, home):
     target_dir = tmp_path / "real"
-    write_authorized_keys(str(target_dir), [key])
-    real = target_dir / ".mp" / "authorized_keys"
+    write_authorized_keys(str(target_dir), [PrivateKey.generate().public])
     link = os.path.join(home, ".mp", "authorized_keys")
     os.unlink(link)
-    os.symlink(real, link)
-    assert hs.authorized_keys_for(fake_user(home)) == [key]
-    os.chmod(real, 0o666)
-    assert refusal(fake_user(home)).startswith(f"{real} is mode 0666")
+    os.symlink(target_dir / ".mp" / "authorized_keys", link)
+    assert refusal(fake_user(home)).startswith(f"{link} is a symlink: refused")
+
+
+def test_symlinked_mp_directory_is_refused(tmp_path, home):
+    target_dir = tmp_path / "real"
+    write_authorized_keys(str(target_dir), [PrivateKey.generate().public])
+    mp = os.path.join(home, ".mp")
+    os.rename(mp, os.path.join(home, "old-mp"))
+    os.symlink(target_dir / ".mp", mp)
+    assert refusal(fake_user(home)).startswith(f"{mp} is a symlink: refused")
+
+
+def test_symlink_in_a_path_outside_home_is_refused(tmp_path, key):
+    """For a file the administrator placed (mps.authorized_keys_file), only the directory
+    is resolved: the file itself must not be a symlink."""
+    write_authorized_keys(str(tmp_path / "keys"), [key])
+    link = str(tmp_path / "keys" / ".mp" / "link")
+    os.symlink("authorized_keys", link)
+    pw = fake_user(str(tmp_path / "elsewhere"))
+    assert refusal(pw, link).startswith(f"{link} is a symlink: refused")
+
+
+def test_root_symlink_above_home_still_works(tmp_path, key):
+    """/home -> /usr/home: the home's path (from the password database, root's) is resolved
+    once; only what lies below the home must be free of symlinks."""
+    write_authorized_keys(str(tmp_path / "usr" / "home" / "alice"), [key])
+    os.symlink(tmp_path / "usr" / "home", tmp_path / "home")
+    assert trust.authorized_keys_for(fake_user(str(tmp_path / "home" / "alice"))) == [key]
+
+
+@pytest.mark.timeout(10)
+def test_fifo_is_refused_without_blocking(home):
+    """A FIFO nobody writes to: opening it for reading would block forever; it is refused
+    at once (never opened: lstat says it is no regular file)."""
+    path = os.path.join(home, ".mp", "authorized_keys")
+    os.unlink(path)
+    os.mkfifo(path, 0o600)
+    assert refusal(fake_user(home)) == f"{path} is a FIFO, not a regular file: refused"
+
+
+def test_terminal_is_refused_without_being_opened(tmp_path):
+    """A terminal at the path (a pty slave, named as mps.authorized_keys_file could name
+    it): refused as a device by lstat, without ever being opened."""
+    master, slave = os.openpty()
+    try:
+        name = os.ttyname(slave)
+        pw = fake_user(str(tmp_path / "elsewhere"))
+        assert refusal(pw, name) == f"{name} is a device, not a regular file: refused"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@needs_root
+def test_hard_link_to_a_root_file_is_refused(home, key, tmp_path):
+    """A user who hard-links a root-only file into ~/.mp (where the kernel allows it) gets
+    nothing: a root-owned file with more than one link is refused."""
+    pw = fake_user(home, uid=4242)
+    for path in (home, os.path.join(home, ".mp")):
+        os.chown(path, pw.pw_uid, -1)
+    secret = tmp_path / "root-only"
+    secret.write_text(key.to_line() + "\n")
+    os.chmod(secret, 0o600)
+    path = os.path.join(home, ".mp", "authorized_keys")
+    os.unlink(path)
+    os.link(secret, path)
+    assert refusal(pw) == (f"{path} is owned by root and has 2 links: refused (it may be a"
+                           " hard link to a file alice may not read)")
 
 
 def test_missing_or_odd_files_are_refused(home):
@@ -127,13 +211,27 @@ def test_missing_or_odd_files_are_refused(home):
     assert refusal(fake_user(home)) == f"{path} does not exist"
     os.mkdir(path, 0o700)
     assert refusal(fake_user(home)) == f"{path} is not a regular file"
+    os.rmdir(path)
+    mp = os.path.join(home, ".mp")
+    shutil.rmtree(mp)
+    with open(mp, "w"):
+        pass
+    assert refusal(fake_user(home)) == f"{mp} is not a directory"
+
+
+def test_oversized_file_is_refused(home, monkeypatch):
+    monkeypatch.setattr(trust, "MAX_AUTHORIZED_KEYS", 100)
+    path = os.path.join(home, ".mp", "authorized_keys")
+    with open(path, "a") as f:
+        f.write("#" * 200 + "\n")
+    assert refusal(fake_user(home)) == f"{path} is too large (over 100 bytes)"
 
 
 def test_bad_lines_are_skipped(home, key):
     path = os.path.join(home, ".mp", "authorized_keys")
     with open(path, "a") as f:
         f.write("ssh-rsa AAAAB3NzaC1yc2E= rsa\ngarbage\n\n")
-    assert hs.authorized_keys_for(fake_user(home)) == [key]
+    assert trust.authorized_keys_for(fake_user(home)) == [key]
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +250,7 @@ def known_hosts(tmp_path):
 
 
 def test_known_hosts_lookup_and_add(known_hosts, host_key):
-    known = hs.KnownHosts(known_hosts)
+    known = trust.KnownHosts(known_hosts)
     assert known.lookup("server", 40404, host_key) == ("unknown", None)
     known.add("Server", 40404, host_key)
     known.add("server", 2222, host_key)
@@ -173,7 +271,7 @@ def test_known_hosts_reads_openssh_style_lines(known_hosts, host_key):
         f.write("# comment\n\ngarbage line\nalias,server,10.0.0.1 "
                 + host_key.to_line("ssh-ed25519") + "\n"
                 + "[other]:2222 " + other.to_line() + "\nssh-rsa only-two")  # no final newline
-    known = hs.KnownHosts(known_hosts)
+    known = trust.KnownHosts(known_hosts)
     assert known.lookup("10.0.0.1", 40404, host_key) == ("ok", 4)
     assert known.lookup("other", 2222, other) == ("ok", 5)
     assert known.lookup("other", 2222, host_key) == ("changed", 5)
@@ -183,7 +281,7 @@ def test_known_hosts_reads_openssh_style_lines(known_hosts, host_key):
 
 
 def test_concurrent_adds_keep_every_line(known_hosts, host_key):
-    known = hs.KnownHosts(known_hosts)
+    known = trust.KnownHosts(known_hosts)
     threads = [threading.Thread(target=known.add, args=(f"host{i}", 40404, host_key))
                for i in range(20)]
     for thread in threads:
@@ -195,21 +293,21 @@ def test_concurrent_adds_keep_every_line(known_hosts, host_key):
 
 
 def test_accept_new_records_then_trusts(known_hosts, host_key, capsys):
-    hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "accept-new", tty=False)
+    trust.verify_host_key_policy(known_hosts, "server", 40404, host_key, "accept-new", tty=False)
     assert "Permanently added 'server' (ED25519)" in capsys.readouterr().err
-    assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key) == ("ok", 1)
-    for policy in hs.HOST_KEY_POLICIES:  # known now: every policy accepts, silently
-        hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, policy, tty=False)
+    assert trust.KnownHosts(known_hosts).lookup("server", 40404, host_key) == ("ok", 1)
+    for policy in trust.HOST_KEY_POLICIES:  # known now: every policy accepts, silently
+        trust.verify_host_key_policy(known_hosts, "server", 40404, host_key, policy, tty=False)
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("policy", hs.HOST_KEY_POLICIES)
+@pytest.mark.parametrize("policy", trust.HOST_KEY_POLICIES)
 def test_changed_key_is_refused_loudly(known_hosts, host_key, policy):
-    hs.KnownHosts(known_hosts).add("decoy", 40404, host_key)
-    hs.KnownHosts(known_hosts).add("server", 40404, host_key)
+    trust.KnownHosts(known_hosts).add("decoy", 40404, host_key)
+    trust.KnownHosts(known_hosts).add("server", 40404, host_key)
     impostor = PrivateKey.generate().public
-    with pytest.raises(hs.HostKeyError) as raised:
-        hs.verify_host_key_policy(known_hosts, "server", 40404, impostor, policy, tty=True,
+    with pytest.raises(trust.HostKeyError) as raised:
+        trust.verify_host_key_policy(known_hosts, "server", 40404, impostor, policy, tty=True,
                                   ask=lambda prompt: pytest.fail("must not ask"))
     message = str(raised.value)
     assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in message
@@ -218,8 +316,8 @@ def test_changed_key_is_refused_loudly(known_hosts, host_key, policy):
 
 
 def test_ask_without_tty_refuses_and_says_how_to_accept(known_hosts, host_key):
-    with pytest.raises(hs.HostKeyError) as raised:
-        hs.verify_host_key_policy(known_hosts, "server", 2222, host_key, "ask", tty=False)
+    with pytest.raises(trust.HostKeyError) as raised:
+        trust.verify_host_key_policy(known_hosts, "server", 2222, host_key, "ask", tty=False)
     message = str(raised.value)
     assert "--strict-host-key-checking accept-new" in message
     assert known_hosts in message and host_key.fingerprint() in message
@@ -228,10 +326,10 @@ def test_ask_without_tty_refuses_and_says_how_to_accept(known_hosts, host_key):
 
 
 def test_strict_yes_refuses_unknown_hosts(known_hosts, host_key):
-    with pytest.raises(hs.HostKeyError, match="strict host key checking is 'yes'"):
-        hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "yes", tty=True)
-    with pytest.raises(hs.HostKeyError, match="must be one of"):
-        hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "maybe", tty=True)
+    with pytest.raises(trust.HostKeyError, match="strict host key checking is 'yes'"):
+        trust.verify_host_key_policy(known_hosts, "server", 40404, host_key, "yes", tty=True)
+    with pytest.raises(trust.HostKeyError, match="must be one of"):
+        trust.verify_host_key_policy(known_hosts, "server", 40404, host_key, "maybe", tty=True)
 
 
 class Answers:
@@ -262,12 +360,12 @@ class Answers:
 def test_ask_on_a_tty(known_hosts, host_key, answers, accepted):
     user = Answers(*answers)
     if accepted:
-        hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
-        assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "ok"
+        trust.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
+        assert trust.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "ok"
     else:
-        with pytest.raises(hs.HostKeyError, match="not accepted"):
-            hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
-        assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "unknown"
+        with pytest.raises(trust.HostKeyError, match="not accepted"):
+            trust.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
+        assert trust.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "unknown"
     first = user.prompts[0]
     assert "The authenticity of host 'server' can't be established." in first
     assert f"ED25519 key fingerprint is {host_key.fingerprint()}." in first
@@ -278,8 +376,8 @@ def test_ask_on_a_tty(known_hosts, host_key, answers, accepted):
 
 def test_pasting_the_fingerprint_accepts(known_hosts, host_key):
     user = Answers(host_key.fingerprint())
-    hs.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
-    assert hs.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "ok"
+    trust.verify_host_key_policy(known_hosts, "server", 40404, host_key, "ask", True, user)
+    assert trust.KnownHosts(known_hosts).lookup("server", 40404, host_key)[0] == "ok"
 
 
 @pytest.mark.parametrize("template, expected", [
@@ -295,14 +393,14 @@ def test_authorized_keys_path_tokens_like_sshd(template, expected):
     """One setting serves every user of a root server: %h, %u and home-relative paths give
     each user their own file, as sshd's AuthorizedKeysFile does."""
     pw = type("pw", (), {"pw_name": "al", "pw_dir": "/home/al"})()
-    assert hs.authorized_keys_path(pw, template) == expected
+    assert trust.authorized_keys_path(pw, template) == expected
 
 
 def test_authorized_keys_file_template_selects_each_users_file(tmp_path):
     alice = fake_user(str(tmp_path / "alice"))
     key = PrivateKey.generate().public
     write_authorized_keys(alice.pw_dir, [key])
-    assert hs.authorized_keys_for(alice, f"{tmp_path}/%u/.mp/authorized_keys") == [key]
+    assert trust.authorized_keys_for(alice, f"{tmp_path}/%u/.mp/authorized_keys") == [key]
     bob = fake_user(str(tmp_path / "bob"), name="bob")  # no file of his own: refused
-    with pytest.raises(hs.AuthRefused, match="does not exist"):
-        hs.authorized_keys_for(bob, f"{tmp_path}/%u/.mp/authorized_keys")
+    with pytest.raises(trust.TrustError, match="does not exist"):
+        trust.authorized_keys_for(bob, f"{tmp_path}/%u/.mp/authorized_keys")

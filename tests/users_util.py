@@ -1,0 +1,64 @@
+"""Throwaway user accounts for tests that run a root server for other users (useradd and
+userdel; needs root). Tests using them carry ``pytest.mark.xdist_group("users")``, because
+useradd/userdel lock /etc/passwd: one at a time. Each module defines its own ``users``
+fixture around ``Users`` (a fixture imported from here would trip the linter)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import subprocess
+
+from proc_util import kill_pid
+from server_util import write_authorized_keys
+
+
+def _pids_of(uid: int) -> list:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    pids.append(int(name))
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+class Users:
+    """Creates throwaway users and groups; removes them (and stops their processes, by PID)
+    at teardown."""
+
+    def __init__(self):
+        self.users, self.groups = [], []
+
+    def group(self) -> str:
+        name = "mpg" + secrets.token_hex(3)
+        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        self.groups.append(name)
+        return name
+
+    def user(self, groups=(), shell="/bin/bash") -> pwd.struct_passwd:
+        name = "mpu" + secrets.token_hex(3)
+        argv = ["useradd", "-m", "-s", shell]
+        if groups:
+            argv += ["-G", ",".join(groups)]
+        subprocess.run(argv + [name], check=True, capture_output=True)
+        self.users.append(name)
+        return pwd.getpwnam(name)
+
+    def cleanup(self):
+        for name in self.users:
+            for pid in _pids_of(pwd.getpwnam(name).pw_uid):
+                kill_pid(pid, 2.0)
+            subprocess.run(["userdel", "-r", name], capture_output=True)
+        for name in self.groups:
+            subprocess.run(["groupdel", name], capture_output=True)
+
+
+def authorize(pw: pwd.struct_passwd, *keys) -> str:
+    """Put ``keys`` in the user's own ~/.mp/authorized_keys (owned by them, 0600 in 0700)."""
+    path = os.path.join(pw.pw_dir, ".mp", "authorized_keys")
+    write_authorized_keys(path, *(key.public for key in keys), owner=pw)
+    return path
