@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Dict, Optional, Sequence, Union
 
-from proc_util import kill_pid, wait_for
+from proc_util import kill_pid, proc_children, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -154,6 +154,16 @@ class MpsServer:
     @property
     def udp_port(self) -> int:
         return self.udp_range[0]
+
+    @property
+    def serving_pid(self) -> int:
+        """The PID of the process that serves (for CPU/memory figures): started as a session
+        leader (as here), mps.py forks once and its child serves, so that it can never
+        acquire a controlling terminal; ``proc.pid`` only forwards signals and waits."""
+        if os.getsid(self.proc.pid) != self.proc.pid:
+            return self.proc.pid
+        return wait_for(lambda: (proc_children(self.proc.pid, recursive=False) or [0])[0],
+                        10, "the serving child of mps.py")
 
     def command(self) -> list:
         return [self.python, MPS, "-c", self.config_path, "-t", self.log_path, *self.args]

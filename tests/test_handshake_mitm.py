@@ -57,11 +57,11 @@ class World:
         return LoopbackServer(host_key or self.host_key, self.decide, timeout=TIMEOUT)
 
     def connect(self, port, verify=None):
-        """The client's outcome: a ClientResult, or the HandshakeError it raised."""
+        """The client's outcome: a ClientResult, or the HandshakeError or HostKeyError it raised."""
         try:
             return hs.client_handshake(LOOPBACK, port, self.alice, hs.ClientRequest("alice"),
                                        verify or (lambda key: None), timeout=TIMEOUT)
-        except hs.HandshakeError as err:
+        except (hs.HandshakeError, trust.HostKeyError) as err:
             return err
 
     def through_relay(self, tamper):
