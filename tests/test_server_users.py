@@ -5,16 +5,13 @@ home, authorized_keys); as a plain user it serves only that user. Uses throwaway
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
-import subprocess
-import sys
 
 import pytest
 from moshpit_handshake import PERMISSION_DENIED, USER_NOT_SERVED, AuthRefused
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
-from users_util import Users, authorize
+from users_util import Users, authorize, python_for
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -120,25 +117,9 @@ def test_unknown_user_is_refused(tmp_path):
         server.wait_log("no such user")
 
 
-def _python_for(pw: pwd.struct_passwd) -> str:
-    """An interpreter with `cryptography` that ``pw`` can run (ours may live under /root)."""
-    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            probe = subprocess.run([candidate, "-c", "import cryptography"], user=pw.pw_uid,
-                                   group=pw.pw_gid, extra_groups=[], capture_output=True,
-                                   cwd="/", timeout=30)
-        except OSError:  # e.g. under /root, which others cannot enter
-            continue
-        if probe.returncode == 0:
-            return candidate
-    pytest.skip(f"no Python with cryptography that {pw.pw_name} may run")
-
-
 def test_non_root_server_serves_only_its_own_user(users):
     carol, dave = users.user(), users.user()
-    server = MpsServer(carol.pw_dir, run_as=carol, python=_python_for(carol),
+    server = MpsServer(carol.pw_dir, run_as=carol, python=python_for(carol),
                        authorized_keys_file=False, start=False)
     authorize(carol, server.client_key)
     authorize(dave, server.client_key)

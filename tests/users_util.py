@@ -9,7 +9,9 @@ import os
 import pwd
 import secrets
 import subprocess
+import sys
 
+import pytest
 from proc_util import kill_pid
 from server_util import write_authorized_keys
 
@@ -62,3 +64,19 @@ def authorize(pw: pwd.struct_passwd, *keys) -> str:
     path = os.path.join(pw.pw_dir, ".mp", "authorized_keys")
     write_authorized_keys(path, *(key.public for key in keys), owner=pw)
     return path
+
+
+def python_for(pw: pwd.struct_passwd) -> str:
+    """An interpreter with `cryptography` that ``pw`` can run (ours may live under /root)."""
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            probe = subprocess.run([candidate, "-c", "import cryptography"], user=pw.pw_uid,
+                                   group=pw.pw_gid, extra_groups=[], capture_output=True,
+                                   cwd="/", timeout=30)
+        except OSError:  # e.g. under /root, which others cannot enter
+            continue
+        if probe.returncode == 0:
+            return candidate
+    pytest.skip(f"no Python with cryptography that {pw.pw_name} may run")
