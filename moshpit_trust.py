@@ -203,14 +203,13 @@ class _Walk:
 
 
 def _anchor(path: str, home: str) -> Tuple[str, List[str], int]:
-    """(trusted directory, components below it, how many leading components of the resolved
-    whole are exempt from checks). Under the home: the resolved home, every directory from
-    the home down checked. Elsewhere (a file the administrator placed): its resolved
-    directory, every directory from / checked."""
+    """(trusted directory, components below it, depth of the first directory to check,
+    ``/`` being depth 0). Under the home: the resolved home, checked from the home down.
+    Elsewhere (a file the administrator placed): its resolved directory, checked from /."""
     home = os.path.normpath(home)
-    if home != "/" and path.startswith(home + "/"):
+    if path.startswith(home.rstrip("/") + "/"):
         real_home = os.path.realpath(home)
-        return real_home, _split(path[len(home):]), len(_split(real_home)) - 1
+        return real_home, _split(path[len(home):]), len(_split(real_home))
     return os.path.realpath(os.path.dirname(path)), [os.path.basename(path)], 0
 
 
@@ -218,19 +217,22 @@ def read_user_file(path: str, pw: pwd.struct_passwd, limit: int) -> bytes:
     """The bytes of ``path``, a file under the control of ``pw``'s user, read as the module
     docstring says (no symlinks, StrictModes, regular file only, at most ``limit`` bytes).
     Raises TrustError naming the path and the problem."""
-    base, below, unchecked = _anchor(os.path.normpath(path), pw.pw_dir)
-    directories = _split(base) + below[:-1]
-    walk = _Walk(pw)
+    if not os.path.isabs(path):  # e.g. an account without a home directory
+        raise TrustError(f"{path} is not an absolute path (is {pw.pw_name}'s home directory"
+                         " set?)")
+    base, below, checked_from = _anchor(os.path.normpath(path), pw.pw_dir)
     try:
-        if unchecked <= 0:  # / itself is among the directories to check
-            _check_not_writable_by_others("/", os.fstat(walk.fd), pw)
-        for index, name in enumerate(directories):
-            walk.enter(name, check=index >= unchecked)
-        return walk.read_file(below[-1], limit)
-    except OSError as err:
+        walk = _Walk(pw)
+        try:
+            if checked_from == 0:
+                _check_not_writable_by_others("/", os.fstat(walk.fd), pw)
+            for depth, name in enumerate(_split(base) + below[:-1], 1):
+                walk.enter(name, check=depth >= checked_from)
+            return walk.read_file(below[-1], limit)
+        finally:
+            walk.close()
+    except OSError as err:  # e.g. EMFILE, EIO, EACCES for a server without root
         raise TrustError(f"{path}: {err.strerror or err}") from None
-    finally:
-        walk.close()
 
 
 # ---------------------------------------------------------------------------

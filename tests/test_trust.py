@@ -219,6 +219,13 @@ def test_missing_or_odd_files_are_refused(home):
     assert refusal(fake_user(home)) == f"{mp} is not a directory"
 
 
+def test_relative_path_is_refused():
+    """An account without a home directory must not make the server read a path relative
+    to wherever it runs."""
+    assert refusal(fake_user("")) == ".mp/authorized_keys is not an absolute path (is alice's" \
+        " home directory set?)"
+
+
 def test_oversized_file_is_refused(home, monkeypatch):
     monkeypatch.setattr(trust, "MAX_AUTHORIZED_KEYS", 100)
     path = os.path.join(home, ".mp", "authorized_keys")
