@@ -330,7 +330,7 @@ def _flatten(table: Dict[str, Any], schema: Dict[str, _Key], prefix: str = "") -
     return flat
 
 
-def _open_no_ctty(path: str, flags: int, mode: int = 0o777) -> int:
+def _open_no_ctty(path: str, flags: int, mode: int = 0o666) -> int:
     """os.open that can never make a terminal found at ``path`` the caller's controlling
     terminal (O_NOCTTY; the server must never acquire one) nor leak into children."""
     return os.open(path, flags | os.O_NOCTTY | os.O_CLOEXEC, mode)
@@ -549,6 +549,15 @@ def reset_logging() -> None:
     logger.setLevel(logging.NOTSET)
 
 
+class _NoCttyFileHandler(logging.FileHandler):
+    """A FileHandler that opens its file with O_NOCTTY: whatever lies at the log path, the
+    server never acquires a controlling terminal by logging."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=_open_no_ctty)
+
+
 def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
                   stderr: bool = False, verbosity: int = 0) -> logging.Logger:
     """Send the "moshpit" loggers to the log file (always; ``-t`` gives ``log_path``) and, if
@@ -568,7 +577,7 @@ def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
         os.close(_open_no_ctty(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o600)  # logs name users and addresses: keep them private
-        file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+        file_handler = _NoCttyFileHandler(path, encoding="utf-8", errors="backslashreplace")
     except OSError as e:
         raise ConfigError(f"cannot write log file {path}: {e.strerror or e}; "
                           "choose another with -t PATH")

@@ -156,7 +156,7 @@ def _split(path: str) -> List[str]:
 
 class _Walk:
     """Opens one path component by component from ``/``, each relative to its parent's fd
-    and without following symlinks; ``checked`` directories (and the file) get the
+    and without following symlinks; directories entered with ``check`` (and the file) get the
     StrictModes checks on their own fd. Closes every fd it opened."""
 
     def __init__(self, pw: pwd.struct_passwd) -> None:
@@ -284,16 +284,14 @@ class KnownHosts:
 
     def _lines(self) -> List[str]:
         try:
-            # The user's own file, read as the user: a symlink to it is fine (dotfile
-            # managers); a FIFO or terminal there must not hang or capture the client.
+            # The user's own file, read as the user: a symlink (dotfile managers) or /dev/null
+            # is fine; a FIFO or terminal there must not hang or capture the client.
             fd = os.open(self.path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return []
         except OSError as err:
             raise HostKeyError(f"cannot read {self.path}: {err.strerror or err}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise HostKeyError(f"cannot read {self.path}: not a regular file")
             data = _read_fd_bounded(fd, _MAX_KNOWN_HOSTS, self.path)
         except TrustError as err:
             raise HostKeyError(str(err)) from None

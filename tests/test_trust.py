@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,6 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing file owners needs root")
 OTHER_UID = 4343
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -224,6 +227,52 @@ def test_relative_path_is_refused():
     to wherever it runs."""
     assert refusal(fake_user("")) == ".mp/authorized_keys is not an absolute path (is alice's" \
         " home directory set?)"
+
+
+# Runs as a session leader without a terminal: the one kind of process that acquires any
+# terminal it opens without O_NOCTTY (the server under systemd, before it forks).
+CTTY_PROBE = r"""
+import os, sys
+import moshpit, moshpit_keys
+terminal, home = sys.argv[1], sys.argv[2]
+def tty_nr():
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2:].split()[4])
+assert os.getsid(0) == os.getpid() and tty_nr() == 0
+config = moshpit.load_config("server", path=terminal, environ={}, home=home)  # reads a line
+assert config["verbose"] == 2
+try:
+    moshpit_keys.load_public_key(terminal)  # as mps loads its host key
+except moshpit_keys.KeyFileError:
+    pass
+moshpit.setup_logging("server", config, log_path=terminal)  # write-only: safe on Linux anyway
+moshpit.logging.getLogger("moshpit.server").warning("logged to a terminal")
+print(tty_nr())
+os.close(os.open(terminal, os.O_RDWR))  # the control: a plain open acquires it
+print(tty_nr())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_server_file_opens_never_acquire_a_terminal(tmp_path):
+    """The server's own opens (config, key and log files) carry O_NOCTTY: a session leader
+    without a terminal that reads them from a terminal does not acquire it (the control
+    open does)."""
+    master, slave = os.openpty()
+    os.write(master, b"verbose = 2\n\x04")  # the config file's line, then end of file
+    try:
+        done = subprocess.run([sys.executable, "-c", CTTY_PROBE, os.ttyname(slave),
+                               str(tmp_path)], cwd=REPO, env={"PYTHONPATH": REPO},
+                              start_new_session=True, capture_output=True, text=True,
+                              timeout=30)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert done.returncode == 0, done.stderr
+    after_server_opens, after_plain_open = map(int, done.stdout.split())
+    assert after_server_opens == 0
+    assert after_plain_open != 0  # the probe would have seen an acquisition
 
 
 def test_oversized_file_is_refused(home, monkeypatch):
