@@ -861,8 +861,8 @@ class Session:
         if why is not None:
             log.warning("could not end the session on the server: %s", why)
             self.quit_failure = (f"mp: the server could not be told to end the session ({why});"
-                                 " it stays detached there until its"
-                                 " detached_session_timeout_secs (a week by default).")
+                                 " it stays there, detached, until the server's"
+                                 " detached_session_timeout_secs runs out (a week by default).")
 
     def _request_end(self):
         """The quit request over TCP: a resume handshake (our key, the resume secret's proof)
