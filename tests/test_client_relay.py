@@ -19,12 +19,13 @@ from test_client_session import (ERASE_BANNER, QUIT, QUIT_STATUS, USER, client_l
 
 
 @pytest.fixture
-def relayed(tmp_path):
-    """(server, relay, front address) with the relay started."""
+def relayed(tmp_path, request):
+    """(server, relay, front address) with the relay started; indirect parameters are
+    Relay options (``{"impair_tcp": True}``: a blackout freezes TCP too)."""
     with MpsServer(tmp_path) as server:
         front = random_front_alias()
         with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port]) as relay:
+                   udp_ports=[server.udp_port], **getattr(request, "param", {})) as relay:
             yield server, relay, front
 
 
@@ -90,28 +91,26 @@ def test_escape_quit_during_udp_outage_ends_the_session(relayed, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_escape_quit_with_server_unreachable_says_the_session_stays(tmp_path):
+@pytest.mark.parametrize("relayed", [{"impair_tcp": True}], indirect=True)
+def test_escape_quit_with_server_unreachable_says_the_session_stays(relayed, tmp_path):
     """UDP and TCP both down (the relay freezes TCP too): mp still exits within a few
     seconds, says the session could not be ended, and the session is indeed still there."""
-    with MpsServer(tmp_path) as server:
-        front = random_front_alias()
-        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port], impair_tcp=True) as relay:
-            with start_client(server, tmp_path, host=front, wrapped=True) as term:
-                wait_shell(term)
-                pid = remote_shell_pid(term, tmp_path)
-                relay.set_blackout(True)
-                term.send(QUIT)
-                pressed = time.monotonic()
-                rc, attrs, out = wrapper_result(term, 20)
-                took = time.monotonic() - pressed
-                assert (rc, attrs) == (QUIT_STATUS, "same")
-                assert (b"mp: the server could not be told to end the session (no answer "
-                        b"within 2 s); it stays there, detached, until the server's "
-                        b"detached_session_timeout_secs runs out (a week by default).") in out
-            assert took < 8.0, f"quitting took {took:.1f} s"
-            assert pid_alive(pid)  # detached, not ended
-            assert "by the client's quit request" not in server.log()
+    server, relay, front = relayed
+    with start_client(server, tmp_path, host=front, wrapped=True) as term:
+        wait_shell(term)
+        pid = remote_shell_pid(term, tmp_path)
+        relay.set_blackout(True)
+        term.send(QUIT)
+        pressed = time.monotonic()
+        rc, attrs, out = wrapper_result(term, 20)
+        took = time.monotonic() - pressed
+        assert (rc, attrs) == (QUIT_STATUS, "same")
+        assert (b"mp: the server could not be told to end the session (no answer within 2 s);"
+                b" it stays there, detached, until the server's detached_session_timeout_secs"
+                b" runs out (a week by default).") in out
+    assert took < 8.0, f"quitting took {took:.1f} s"
+    assert pid_alive(pid)  # detached, not ended
+    assert "by the client's quit request" not in server.log()
 
 
 @pytest.mark.timeout(120)
