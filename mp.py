@@ -982,11 +982,8 @@ def main(argv=None) -> int:
     try:
         config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)
         if args.print_config:
-            print(f"# config file: {config.path or 'none'}")
-            print(f"# log file: {args.tracing or moshpit.default_log_path('client', config.home)}")
-            print(config.describe())
-            for warning in config.warnings:
-                print(f"# warning: {warning}")
+            log_path = args.tracing or moshpit.default_log_path("client", config.home)
+            print(moshpit.config_report(config, {"log file": log_path}))
             return 0
         for warning in config.warnings:
             prompter.say(f"mp: warning: {warning}")
