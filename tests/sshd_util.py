@@ -5,7 +5,7 @@ Why: the README's install and key steps go through the system ``ssh``/``scp``; o
 ``sshd`` shows whether they work as written (a background job that keeps the channel open,
 an ``scp`` to a folder that does not exist, a login shell's ``~``).
 
-    def test_x(sshd_host):                  # sshd_host: a fresh user and sshd for one test
+    def test_x(sshd_host):                  # a fresh user and sshd for one test
         sshd_host.run("ssh host id -un")    # bash with PATH's ssh/scp bound to the host alias
 
 ``sshd_binary`` (session scope) installs openssh-server with apt-get when /usr/sbin/sshd is
@@ -73,9 +73,10 @@ def _install_openssh_server() -> Optional[str]:
     return None
 
 
-@pytest.fixture(scope="session")
-def sshd_binary() -> str:
-    """/usr/sbin/sshd, installed first if missing (once per test run)."""
+@pytest.fixture(scope="session", name="sshd_binary")
+def sshd_binary_fixture() -> str:
+    """/usr/sbin/sshd, installed first if missing (once per test run). Import
+    ``sshd_binary_fixture`` and take an ``sshd_binary`` argument."""
     if not os.path.exists(SSHD):
         why = _install_openssh_server()
         if why:
@@ -198,7 +199,7 @@ Host host
 @pytest.fixture(name="sshd_host")
 def sshd_host_fixture(sshd_binary, users, tmp_path):
     """A throwaway user on a fresh sshd at 127.0.0.1 (the alias ``host``), stopped after.
-    Needs the ``users`` fixture imported too (users_util.users_fixture)."""
+    Import ``sshd_host_fixture``, ``sshd_binary_fixture`` and users_util.users_fixture."""
     host = SshdHost(os.fspath(tmp_path), users.user(), sshd_binary)
     try:
         yield host
