@@ -945,7 +945,7 @@ def stop_server(config: moshpit.Config) -> int:
     except ProcessLookupError:
         pass  # exited meanwhile: the loop below reports it
     deadline = time.monotonic() + STOP_WAIT_SECS
-    while pid_file.running() == pid:  # gone, or its pid file removed as it exits
+    while _is_mps(pid):  # a zombie counts as gone: the parent may be slow to reap it
         if time.monotonic() >= deadline:
             print(f"mps: mps (pid {pid}) has not exited {STOP_WAIT_SECS:g} s after SIGTERM; "
                   f"`kill -KILL {pid}` ends it at once", file=sys.stderr)
