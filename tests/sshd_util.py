@@ -142,11 +142,7 @@ Host host
     ConnectTimeout 10
 """)
         for tool in ("ssh", "scp"):
-            wrapper = os.path.join(self.bin, tool)
-            with open(wrapper, "w") as f:
-                f.write(f"#!/bin/sh\nexec {shutil.which(tool)} -F "
-                        f"{shlex.quote(self.ssh_config)} \"$@\"\n")
-            os.chmod(wrapper, 0o755)
+            self.wrap(tool)
         self.log_path = os.path.join(self.dir, "sshd.log")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         self.proc = ManagedProcess([sshd, "-D", "-e", "-f", self.sshd_config],
@@ -156,6 +152,16 @@ Host host
         except BaseException:
             self.close()
             raise
+
+    def wrap(self, tool: str, *options: str) -> None:
+        """Make ``tool`` on the laptop's PATH the system one with our config and ``options``
+        (``wrap("scp", "-O")``: the legacy SCP protocol, OpenSSH 8.9's default as on Ubuntu
+        22.04, where 9.0 and newer use SFTP)."""
+        wrapper = os.path.join(self.bin, tool)
+        argv = [shutil.which(tool), "-F", self.ssh_config, *options]
+        with open(wrapper, "w") as f:
+            f.write(f"#!/bin/sh\nexec {shlex.join(argv)} \"$@\"\n")
+        os.chmod(wrapper, 0o755)
 
     def _authorize_ssh_key(self) -> None:
         ssh_dir = os.path.join(self.user.pw_dir, ".ssh")

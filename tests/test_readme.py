@@ -146,6 +146,24 @@ def test_readme_install_keys_connect_and_stop_as_written(sshd_host):
     assert _read(f"/proc/{mps_pid}/stat").rsplit(")", 1)[-1].split()[:1] in ([], ["Z"])
 
 
+@pytest.mark.parametrize("protocol", [(), ("-O",)], ids=["sftp", "legacy-scp"])
+def test_readme_copy_step_works_with_either_scp_protocol(sshd_host, protocol):
+    """Debian 12's scp (OpenSSH 9.2) copies over SFTP; Ubuntu 22.04's (8.9) with the legacy
+    SCP protocol, which `scp -O` selects here. The legacy one fails to copy into a folder
+    that does not exist (SFTP mode makes it, mode 0744), which is why the README makes the
+    folder first; the README's two lines work with both."""
+    sshd_host.wrap("scp", *protocol)
+    without_mkdir = sshd_host.run("scp moshpit.py mps.py host:moshpit-missing/", cwd=REPO)
+    if protocol:
+        assert without_mkdir.returncode == 1
+        assert "scp: moshpit-missing/: No such file or directory" in without_mkdir.stderr
+    copy = "\n".join(readme_block("install").splitlines()[:2])
+    assert copy.startswith("ssh host mkdir -p moshpit\nscp ")
+    result = sshd_host.run(copy, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(os.path.join(sshd_host.user.pw_dir, "moshpit", "mp_keygen.py"))
+
+
 def test_readme_authorize_by_hand_as_written(sshd_host):
     """The by-hand block, run on the server by the user's login shell, with our key line in
     place of the example one: files with the modes mps requires, the line once."""
