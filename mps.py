@@ -913,7 +913,7 @@ def _is_mps(pid: int) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return True  # no /proc: a live process is the best evidence we have
-    return any(os.path.basename(arg) in (b"mps.py", b"mps") for arg in argv[:3])
+    return any(os.path.basename(arg) in (b"mps.py", b"mps") for arg in argv)
 
 
 STOP_WAIT_SECS = SHUTDOWN_FLUSH_SECS + HANGUP_GRACE_SECS + 2.0  # mps's own shutdown, and some
