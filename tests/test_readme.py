@@ -164,6 +164,19 @@ def test_readme_copy_step_works_with_either_scp_protocol(sshd_host, protocol):
     assert os.path.exists(os.path.join(sshd_host.user.pw_dir, "moshpit", "mp_keygen.py"))
 
 
+def test_why_the_start_line_is_one_redirected_command(sshd_host):
+    """The README's claim: backgrounding `cd dir && nohup cmd <redirections> &` keeps ssh
+    waiting (the backgrounded && list holds the session's output); one redirected command
+    lets it return at once. `sleep` stands in for mps."""
+    held = "ssh host 'cd /tmp && nohup sleep 60 </dev/null >/dev/null 2>&1 &'"
+    with pytest.raises(subprocess.TimeoutExpired):
+        sshd_host.run(held, timeout=3)
+    start_line = readme_block("install").splitlines()[-1]
+    assert re.fullmatch(r"ssh host 'nohup [^&;]+ </dev/null >/dev/null 2>&1 &'", start_line)
+    result = sshd_host.run("ssh host 'nohup sleep 60 </dev/null >/dev/null 2>&1 &'", timeout=10)
+    assert result.returncode == 0, result.stderr
+
+
 def test_readme_authorize_by_hand_as_written(sshd_host):
     """The by-hand block, run on the server by the user's login shell, with our key line in
     place of the example one: files with the modes mps requires, the line once."""
