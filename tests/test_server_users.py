@@ -11,7 +11,7 @@ import shutil
 import pytest
 from moshpit_handshake import PERMISSION_DENIED, USER_NOT_SERVED, AuthRefused
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
-from users_util import Users, authorize, python_for
+from users_util import authorize, python_for, users_fixture  # noqa: F401  (the `users` fixture)
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -19,15 +19,6 @@ pytestmark = [
                        reason="needs root and useradd to create throwaway users"),
     pytest.mark.xdist_group("users"),  # useradd/userdel lock /etc/passwd: one at a time
 ]
-
-
-@pytest.fixture
-def users():
-    made = Users()
-    try:
-        yield made
-    finally:
-        made.cleanup()
 
 
 def test_root_server_logs_in_as_the_target_user(tmp_path, users):

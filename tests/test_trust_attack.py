@@ -20,7 +20,7 @@ import time
 
 import pytest
 from server_util import MpsServer, TestClient, make_key
-from users_util import Users, authorize, python_for
+from users_util import authorize, python_for, users_fixture  # noqa: F401  (the `users` fixture)
 
 import moshpit_handshake as hs
 from proc_util import kill_pid, pid_alive, proc_children, wait_for
@@ -75,15 +75,6 @@ while not stop.is_set():
     time.sleep(0.001)
 print(json.dumps({"flips": flips, "pty": pty}), flush=True)
 """
-
-
-@pytest.fixture
-def users():
-    made = Users()
-    try:
-        yield made
-    finally:
-        made.cleanup()
 
 
 def tty_nr(pid: int) -> int:

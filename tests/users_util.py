@@ -1,7 +1,8 @@
-"""Throwaway user accounts for tests that run a root server for other users (useradd and
-userdel; needs root). Tests using them carry ``pytest.mark.xdist_group("users")``, because
-useradd/userdel lock /etc/passwd: one at a time. Each module defines its own ``users``
-fixture around ``Users`` (a fixture imported from here would trip the linter)."""
+"""Throwaway user accounts for tests that log in as someone else (useradd/userdel; root only).
+
+Tests using them carry ``pytest.mark.xdist_group("users")``: useradd/userdel lock
+/etc/passwd, so only one such test runs at a time.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ class Users:
             subprocess.run(["userdel", "-r", name], capture_output=True)
         for name in self.groups:
             subprocess.run(["groupdel", name], capture_output=True)
+
+
+@pytest.fixture(name="users")
+def users_fixture():
+    """Throwaway accounts for one test: import ``users_fixture`` into the test module and
+    take a ``users`` argument."""
+    made = Users()
+    try:
+        yield made
+    finally:
+        made.cleanup()
 
 
 def authorize(pw: pwd.struct_passwd, *keys) -> str:
