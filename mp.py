@@ -20,11 +20,13 @@ import atexit
 import codecs
 import fcntl
 import getpass
+import ipaddress
 import locale
 import logging
 import os
 import pwd
 import queue
+import re
 import select
 import shlex
 import signal
@@ -92,17 +94,79 @@ def cli_overrides(args: argparse.Namespace) -> dict:
 
 def parse_destination(dest: str, default_user: str) -> tuple:
     """``[user@]host`` -> (user, host). Host may be a name, IPv4, bare IPv6 (``::1``) or
-    bracketed IPv6 (``[::1]``); brackets are dropped. The port comes from -s / server_port,
-    never from the destination (same as the seed)."""
+    bracketed IPv6 (``[::1]``, ``[fe80::1%eth0]``); brackets are dropped. The port comes from
+    -s / server_port, never from the destination (same as the seed)."""
     user, at, host = dest.rpartition("@")
     if not at:
         user = default_user
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
-    if not user or not host or any(c in host for c in "[]/ ") or any(c in user for c in ":/ "):
+    if not user or not host or any(c in user for c in ":/ "):
         raise moshpit.MoshpitError(
             f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
-    return user, host
+    return user, checked_host(host, bracketed)
+
+
+MAX_HOST_NAME = 253  # DNS: characters in a name, without the trailing dot
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+_SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")  # an interface name or number
+
+
+def checked_host(host: str, bracketed: bool = False) -> str:
+    """``host`` if it is a DNS name or an IPv4/IPv6 literal (with an optional ``%scope``),
+    else a MoshpitError naming what is wrong. Checked before any network or known_hosts use:
+    the host goes verbatim into known_hosts, where ``,`` separates names, whitespace ends
+    the field and ``*?!`` are patterns, and into messages on the terminal. An international
+    name is taken in its ASCII (IDNA) form, the one DNS and known_hosts see."""
+    if bracketed and ":" not in host:
+        _bad_host(f"[{host}]", "brackets are only for IPv6 addresses, like [::1]")
+    if ":" in host:
+        return _checked_ipv6(host)
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            _bad_host(host, "not a valid international domain name")
+    bad = next((c for c in host if not (c.isalnum() or c in "-_.")), None)
+    if bad is not None:
+        _bad_host(host, f"{_describe_char(bad)} cannot appear in a host name; use letters, "
+                        "digits, '-', '_' and '.', or an IP address (192.0.2.1, ::1, "
+                        "[fe80::1%eth0])")
+    name = host[:-1] if host.endswith(".") else host  # a fully qualified "host." is fine
+    if len(name) > MAX_HOST_NAME:
+        _bad_host(host, f"longer than {MAX_HOST_NAME} characters")
+    for label in name.split("."):
+        if not _HOST_LABEL_RE.match(label):
+            _bad_host(host, "each dot-separated part must be 1 to 63 characters and must not "
+                            "begin or end with '-'")
+    return host
+
+
+def _checked_ipv6(host: str) -> str:
+    address, percent, scope = host.partition("%")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        if host.count(":") == 1 and host.rpartition(":")[2].isdigit():
+            _bad_host(host, "the port goes in -s PORT, not after the host")
+        _bad_host(host, "not a valid IPv6 address")
+    if percent and not _SCOPE_RE.match(scope):
+        _bad_host(host, "the scope after '%' must be an interface name or number")
+    return host
+
+
+def _describe_char(ch: str) -> str:
+    if ch.isspace():
+        return "whitespace"
+    if not ch.isprintable():
+        return "a control character"
+    return f"'{ch}'"
+
+
+def _bad_host(host: str, why: str) -> None:
+    raise moshpit.MoshpitError(
+        f"invalid host name '{moshpit.printable(host, 80)}': {why}")
 
 
 def local_user() -> str:
