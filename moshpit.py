@@ -632,6 +632,12 @@ def printable(text: Union[str, bytes], limit: Optional[int] = PRINTABLE_LIMIT) -
     return "".join(pieces)
 
 
+def printable_lines(text: str, limit: Optional[int] = None) -> str:
+    """Several lines of text for a terminal: each line as ``printable`` makes it (capped at
+    ``limit`` characters, None: no cap), the newlines kept."""
+    return "\n".join(printable(line, limit) for line in text.split("\n"))
+
+
 def get_winsize(fd: int) -> Tuple[int, int]:
     """(rows, cols) of the terminal on ``fd``; OSError if it is not a terminal."""
     rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))

@@ -45,6 +45,7 @@ log = logging.getLogger("moshpit.client")
 
 EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) exit 255
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
+UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, like mosh)
 RESUME_AFTER_SECS = 10.0  # silence before a UDP port hop + TCP resume handshake
 FIRST_BACKOFF_SECS = 2.0
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mp",
         description="moshpit client: encrypted remote terminal that survives roaming and outages.",
         epilog="Escape key (default Ctrl-^): Ctrl-^ . quits; Ctrl-^ Ctrl-^ (or Ctrl-^ ^) sends "
-        "one Ctrl-^. Exit status: the remote shell's, or 255 if moshpit itself failed.",
+        "one Ctrl-^. Exit status: the remote shell's, or 255 if moshpit itself failed or you "
+        "quit with the escape key (like ssh's ~.).",
     )
     moshpit.add_common_flags(p, "client")
     p.add_argument("-s", "--server-port", metavar="PORT", type=int,
@@ -337,6 +339,14 @@ class EscapeFilter:
         self.literal = None if escape is None else {escape, (escape ^ 0x40) & 0x7F}
         self.pending = False
 
+    def key_name(self):
+        """How the user types the escape key ("Ctrl-^", "~"), or None when it is disabled."""
+        if self.escape is None:
+            return None
+        if self.escape < 0x20 or self.escape == 0x7F:
+            return f"Ctrl-{chr(self.escape ^ 0x40)}"
+        return chr(self.escape)
+
     def feed(self, data: bytes) -> tuple:
         """-> (bytes for the server, quit requested). Bytes after a quit are dropped."""
         if self.escape is None or (not self.pending and self.escape not in data):
@@ -375,8 +385,11 @@ class OutputTracker:
     def __init__(self):
         self.state = self.GROUND
         self.tail = b""  # the last bytes since the last sequence: a cut UTF-8 character?
+        self.line_start = True  # the last byte was a newline: the cursor is at column 0
 
     def feed(self, data: bytes) -> None:
+        if data:
+            self.line_start = data.endswith(b"\n")
         last_esc = data.rfind(b"\x1b")
         if last_esc >= 0:
             self.state, self.tail = self.ESC, b""
@@ -417,7 +430,9 @@ class OutputTracker:
 
 
 class StatusBanner:
-    """The one-line "last contact N s ago" notice at the top of the screen.
+    """The one-line "last contact N s ago" notice at the top of the screen, or, while no UDP
+    packet has ever arrived, "nothing received from HOST on UDP port N (firewall?)" after
+    only UDP_SILENT_SECS (there is no "last contact" before the first one).
 
     Drawn with save cursor (ESC 7, which also saves colours/attributes), move to row 1,
     erase the line, reverse video, the text, restore (ESC 8): the cursor and the remote
@@ -433,14 +448,26 @@ class StatusBanner:
     in the terminal's single save slot; we accept those rare cases.
     """
 
-    def __init__(self, ellipsis: str = "..."):
+    def __init__(self, ellipsis: str = "...", quit_hint: str = ""):
         self.ellipsis = ellipsis
+        self.quit_hint = quit_hint  # " - Ctrl-^ . quits", or "" without an escape key
+        self.udp_wait = None  # (host, port) until the first UDP packet arrives
         self.shown = False
-        self.drawn_second = None
+        self.drawn_text = None
 
-    def text(self, silence: float, note: str = "") -> str:
-        line = f"moshpit: last contact {int(silence)} s ago, reconnecting{self.ellipsis}"
-        return f"{line} ({note})" if note else line
+    def threshold(self) -> float:
+        """Seconds of silence before the banner appears."""
+        return BANNER_AFTER_SECS if self.udp_wait is None else UDP_SILENT_SECS
+
+    def text(self, silence: float, note: str = "", cols: int = 0) -> str:
+        if self.udp_wait is None:
+            line = f"moshpit: last contact {int(silence)} s ago, reconnecting{self.ellipsis}"
+        else:
+            host, port = self.udp_wait
+            line = f"nothing received from {host} on UDP port {port} (firewall?){self.quit_hint}"
+            if cols and len(line) >= cols:  # keep the port and the way out on a narrow screen
+                line = f"nothing received on UDP port {port} (firewall?){self.quit_hint}"
+        return f"{line} ({moshpit.printable(note)})" if note else line
 
     @staticmethod
     def render(text: str, cols: int, encoding: str = "utf-8") -> bytes:
@@ -455,28 +482,27 @@ class StatusBanner:
     def update(self, silence: float, cols: int, note: str = "", encoding: str = "utf-8",
                force: bool = False) -> bytes:
         """Bytes to write now (possibly b""): draw when silence passes the threshold,
-        redraw when the whole-second count changes or ``force`` (resize)."""
-        if silence < BANNER_AFTER_SECS:
+        redraw when the text changes (the whole-second count) or ``force`` (resize)."""
+        if silence < self.threshold():
             return self.hide()
-        second = int(silence)
-        if self.shown and second == self.drawn_second and not force:
+        text = self.text(silence, note, cols)
+        if self.shown and text == self.drawn_text and not force:
             return b""
-        self.shown, self.drawn_second = True, second
-        return self.render(self.text(silence, note), cols, encoding)
+        self.shown, self.drawn_text = True, text
+        return self.render(text, cols, encoding)
 
     def hide(self) -> bytes:
         if not self.shown:
             return b""
-        self.shown, self.drawn_second = False, None
+        self.shown, self.drawn_text = False, None
         return self.erase()
 
-    @staticmethod
-    def next_deadline(last_heard: float, now: float) -> float:
+    def next_deadline(self, last_heard: float, now: float) -> float:
         """When the banner next needs attention: its first appearance, then each whole
         second of silence (never in the past, even while drawing has to wait)."""
         silence = now - last_heard
-        if silence < BANNER_AFTER_SECS:
-            return last_heard + BANNER_AFTER_SECS
+        if silence < self.threshold():
+            return last_heard + self.threshold()
         return last_heard + int(silence) + 1
 
 
@@ -495,7 +521,11 @@ class Prompter:
         self.interactive = self.stdin.isatty()
 
     def say(self, text: str) -> None:
-        self.stderr.write(text if text.endswith("\n") else text + "\n")
+        """Print a message, one or more lines. Messages quote servers, files and the
+        environment, so each line goes through moshpit.printable: no escape sequence in
+        them reaches the terminal (the specific sites also cap what they quote)."""
+        self.stderr.write(moshpit.printable_lines(text[:-1] if text.endswith("\n") else text)
+                          + "\n")
         self.stderr.flush()
 
     def ask(self, question: str) -> str:
@@ -697,7 +727,10 @@ class Session:
         self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
         self.encoding = terminal_encoding()
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
-        self.banner = StatusBanner("\u2026" if utf8 else "...")
+        key, dash = self.escape.key_name(), "\u2014" if utf8 else "-"
+        self.banner = StatusBanner("\u2026" if utf8 else "...",
+                                   f" {dash} {key} . quits" if key else "")
+        self.banner.udp_wait = (target.host, first.grant.udp_port)
         self.banner_note = ""
         self.tracker = OutputTracker()
         self.out = bytearray()
@@ -771,6 +804,7 @@ class Session:
         self.link.handle_readable(now)
         if self.conn.last_heard != before:
             self.heard = self.conn.last_heard
+            self.banner.udp_wait = None  # UDP works: from now on silence is "last contact"
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -804,9 +838,9 @@ class Session:
         data, quit_requested = self.escape.feed(data)
         if data:
             self.conn.send(data)
-        if quit_requested:
+        if quit_requested:  # exits 255 like ssh's ~., so a script can tell it from "exit 0"
             self._quit("client quit")
-            self.outcome = Outcome(0, f"Connection to {self.target.host} closed.")
+            self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
 
     def _events(self) -> None:
         while True:
@@ -830,7 +864,7 @@ class Session:
         """Banner on/off/update from the silence. Packets flowing again is immediate
         recovery: banner gone, resume back-off reset, no handshake needed."""
         silence = now - self.heard
-        if silence < BANNER_AFTER_SECS:
+        if silence < self.banner.threshold():
             if self.banner.shown:
                 log.info("contact with %s is back", self.target.host)
                 self.out += self.banner.hide()
@@ -880,6 +914,8 @@ class Session:
                         peer_addr=udp_peer(outcome))
         self.conn.send_resize(*self.winsize)
         self.banner_note = "server answered, waiting for UDP"
+        if self.banner.udp_wait is not None:
+            self.banner.udp_wait = (self.target.host, outcome.grant.udp_port)
 
     # -- output and endings -----------------------------------------------------------
 
@@ -909,9 +945,17 @@ class Session:
     def _finish(self) -> None:
         """Ack what the server sent last (it resends a close until acked), write what is
         left of the output (a few seconds at most) and erase the banner, so the final
-        screen is the remote program's."""
+        screen is the remote program's. Then make way for our closing message: end an
+        escape sequence the server left open (an unterminated title would swallow the
+        message and what the local shell prints next), and start a fresh line, so the
+        message never lands on the remote prompt's line."""
         self._linger(0.5, self._nothing_due)
         self.out += self.banner.hide()
+        if self.out_is_tty and self.outcome.message:
+            if self.tracker.state != OutputTracker.GROUND:
+                self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
+            if not self.tracker.line_start:
+                self.out += b"\r\n"
         deadline = time.monotonic() + 3.0
         while self.out and time.monotonic() < deadline:
             select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
@@ -960,7 +1004,7 @@ def shutdown_message(host: str, reason: str) -> str:
     """The server ended the session on its own (a ShutdownReceived, not a shell exit)."""
     if reason == moshpit_handshake.SHUTTING_DOWN:
         return f"moshpit: server {host} is shutting down; session ended."
-    return f"moshpit: server {host} ended the session ({reason})."
+    return f"moshpit: server {host} ended the session ({moshpit.printable(reason)})."
 
 
 def gone_message(host: str) -> str:
