@@ -181,7 +181,15 @@ def test_connection_refused_is_one_clear_line(setup):
     port = free_port()
     with pytest.raises(hs.HandshakeError) as raised:
         hs.client_handshake(LOOPBACK, port, setup.alice, hs.ClientRequest("alice"), setup.verify)
-    assert str(raised.value) == f"cannot connect to 127.0.0.1 port {port}: connection refused"
+    assert str(raised.value) == (f"nothing listens on 127.0.0.1:{port} (is mps running? is the"
+                                 " port right: -s PORT)")
+
+
+def test_unresolvable_name_is_one_clear_line(setup):
+    with pytest.raises(hs.HandshakeError) as raised:
+        hs.client_handshake("no-such-host.invalid", 40404, setup.alice, hs.ClientRequest("alice"),
+                            setup.verify)
+    assert str(raised.value).startswith("could not resolve host name no-such-host.invalid: ")
 
 
 def test_every_resolved_address_is_tried(setup):
