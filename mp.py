@@ -125,16 +125,16 @@ def checked_host(host: str, bracketed: bool = False) -> str:
         _bad_host(f"[{host}]", "brackets are only for IPv6 addresses, like [::1]")
     if ":" in host:
         return _checked_ipv6(host)
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            _bad_host(host, "not a valid international domain name")
     bad = next((c for c in host if not (c.isalnum() or c in "-_.")), None)
     if bad is not None:
         _bad_host(host, f"{_describe_char(bad)} cannot appear in a host name; use letters, "
                         "digits, '-', '_' and '.', or an IP address (192.0.2.1, ::1, "
                         "[fe80::1%eth0])")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            _bad_host(host, "not a valid international domain name")
     name = host[:-1] if host.endswith(".") else host  # a fully qualified "host." is fine
     if len(name) > MAX_HOST_NAME:
         _bad_host(host, f"longer than {MAX_HOST_NAME} characters")

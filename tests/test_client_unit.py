@@ -251,6 +251,9 @@ CHARS_HINT = ("use letters, digits, '-', '_' and '.', or an IP address (192.0.2.
     ("a\x1b]0;owned\x07", "invalid host name 'a^[]0;owned^G': a control character cannot "
                           f"appear in a host name; {CHARS_HINT}"),
     ("a\tb", f"invalid host name 'a^Ib': whitespace cannot appear in a host name; {CHARS_HINT}"),
+    ("a\x9bb", "invalid host name 'a\\u009bb': a control character cannot appear in a host "
+              f"name; {CHARS_HINT}"),
+    ("ä,b", f"invalid host name 'ä,b': ',' cannot appear in a host name; {CHARS_HINT}"),
     ("host:22", "invalid host name 'host:22': the port goes in -s PORT, not after the host"),
     ("[host]", "invalid host name '[host]': brackets are only for IPv6 addresses, like [::1]"),
     ("1:2:3", "invalid host name '1:2:3': not a valid IPv6 address"),
