@@ -278,17 +278,11 @@ def test_udp_blocked_from_the_start_says_so(tmp_path):
 # --- the end of a session ------------------------------------------------------------------
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
-
-
 @pytest.mark.timeout(90)
-def test_escape_quit_message_on_a_fresh_line_and_exit_255(server, tmp_path):
+def test_escape_quit_message_on_a_fresh_line_and_exit_255(tmp_path):
     """Quitting at the prompt: the message starts on the next line, not after the remote
     prompt, and the status is 255 like ssh's ~. (a script can tell it from "exit 0")."""
-    with start_client(server, tmp_path) as term:
+    with MpsServer(tmp_path) as server, start_client(server, tmp_path) as term:
         wait_shell(term)
         term.send("PS1='remote-''prompt> '\r")  # the echo of this line does not match
         out = term.read_until(b"remote-prompt> ", 30)
@@ -299,8 +293,8 @@ def test_escape_quit_message_on_a_fresh_line_and_exit_255(server, tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_shell_exit_message_adds_no_blank_line(server, tmp_path):
-    with start_client(server, tmp_path) as term:
+def test_shell_exit_message_adds_no_blank_line(tmp_path):
+    with MpsServer(tmp_path) as server, start_client(server, tmp_path) as term:
         wait_shell(term)
         term.send("exit 0\r")
         out = term.read_to_eof(30)
