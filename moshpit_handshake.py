@@ -722,6 +722,10 @@ class ClientHandshake(_Handshake):
         self._keys = self._session_keys()
         self._handler = self._on_server_finish
 
+    def heard_nothing(self) -> bool:
+        """True while not one byte has come from the server."""
+        return self._handler == self._on_server_hello and not self._inbox
+
     def _bad_length(self, length: int) -> HandshakeError:
         if self._handler == self._on_server_hello:  # the server's very first bytes
             return HandshakeError(f"{NOT_MOSHPIT} ({_foreign_protocol(bytes(self._inbox))})",
@@ -1102,6 +1106,12 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
+class _NoAnswer(Exception):
+    """The peer accepted the connection and never sent a byte: a moshpit server answers the
+    ClientHello at once, so this is an overloaded server or a service that waits for
+    something else (an HTTP server waits for a request line)."""
+
+
 class _ClosedDuringPrompt(Exception):
     """The server gave up while the user was deciding about its (accepted) host key."""
 
@@ -1156,6 +1166,10 @@ def client_handshake(host: str, port: int, identity: PrivateKey, request: Client
             raise
         except HandshakeError as err:
             raise _explain(err, host, port, request.user) from None
+        except _NoAnswer:
+            raise HandshakeError(f"{_format_addr((host, port))} did not answer in {timeout:g} s"
+                                 " (an overloaded moshpit server, or not one at all: is the"
+                                 " port right: -s PORT)") from None
         except socket.timeout:
             raise HandshakeError(f"handshake with {host} port {port} timed out after"
                                  f" {timeout:g} s") from None
@@ -1176,7 +1190,12 @@ def _client_attempt(sock: socket.socket, identity: PrivateKey, request: ClientRe
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
     machine = ClientHandshake(identity, request)
     deadline = time.monotonic() + timeout
-    host_key = _exchange(sock, machine, deadline).host_key
+    try:
+        host_key = _exchange(sock, machine, deadline).host_key
+    except socket.timeout:
+        if machine.heard_nothing():
+            raise _NoAnswer() from None
+        raise
     if host_key != trusted:
         verify_host_key(host_key)
         if _peer_closed(sock):
