@@ -945,17 +945,16 @@ class Session:
     def _finish(self) -> None:
         """Ack what the server sent last (it resends a close until acked), write what is
         left of the output (a few seconds at most) and erase the banner, so the final
-        screen is the remote program's. Then make way for our closing message: end an
-        escape sequence the server left open (an unterminated title would swallow the
-        message and what the local shell prints next), and start a fresh line, so the
-        message never lands on the remote prompt's line."""
+        screen is the remote program's. Then hand the terminal back clean: end an escape
+        sequence the server left open (an unterminated title would swallow our message and
+        whatever the local shell prints next), and start a fresh line for our message, so
+        it never lands on the remote prompt's line."""
         self._linger(0.5, self._nothing_due)
         self.out += self.banner.hide()
-        if self.out_is_tty and self.outcome.message:
-            if self.tracker.state != OutputTracker.GROUND:
-                self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
-            if not self.tracker.line_start:
-                self.out += b"\r\n"
+        if self.out_is_tty and self.tracker.state != OutputTracker.GROUND:
+            self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
+        if self.out_is_tty and self.outcome.message and not self.tracker.line_start:
+            self.out += b"\r\n"
         deadline = time.monotonic() + 3.0
         while self.out and time.monotonic() < deadline:
             select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
