@@ -381,15 +381,19 @@ class OutputTracker:
 
     GROUND, ESC, CSI, STRING = range(4)
     _STRING_STARTERS = frozenset(b"]PX^_")  # OSC, DCS, SOS, PM, APC: end at BEL or ESC \
+    # Colours and mode switches (bracketed paste, cursor keys) at the very end of the output
+    # leave the cursor where it was: they do not decide whether it is at column 0.
+    _STILL_CURSOR_TAIL = re.compile(rb"(?:\x1b\[[0-?]*[ -/]*[hlm])+\Z")
 
     def __init__(self):
         self.state = self.GROUND
         self.tail = b""  # the last bytes since the last sequence: a cut UTF-8 character?
-        self.line_start = True  # the last byte was a newline: the cursor is at column 0
+        self.line_start = True  # the last character was a newline: the cursor is at column 0
 
     def feed(self, data: bytes) -> None:
-        if data:
-            self.line_start = data.endswith(b"\n")
+        tail = self._STILL_CURSOR_TAIL.sub(b"", data[-64:])
+        if tail:
+            self.line_start = tail.endswith(b"\n")
         last_esc = data.rfind(b"\x1b")
         if last_esc >= 0:
             self.state, self.tail = self.ESC, b""

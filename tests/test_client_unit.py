@@ -204,6 +204,10 @@ def test_escape_key_names(setting, name):
     ((b"line\n", b"user@host:~$ "), False),
     ((b"user@host:~$ ", b""), False),  # an empty read changes nothing
     ((b"$ exit\r\n", b"logout\r\n"), True),
+    ((b"logout\r\n\x1b[?2004l\x1b[0m",), True),  # mode switch and colour reset: no motion
+    ((b"done\r\n", b"\x1b[?1l\x1b[m"), True),
+    ((b"\x1b[?2004h\x1b[01;32mroot@vm\x1b[00m:~# ",), False),
+    ((b"line\r\n\x1b[3A",), False),  # the cursor moved up: not known to be at a line start
 ])
 def test_tracker_knows_when_the_cursor_is_at_line_start(chunks, at_line_start):
     assert feed_all(*chunks).line_start == at_line_start
