@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, proc_children, wait_for
+from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, pid_alive, proc_children, wait_for
 from server_util import READY_LINE, MpsServer, make_key
 
 import moshpit_keys
@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MP = os.path.join(REPO, "mp.py")
 USER = getpass.getuser()
 QUIT = b"\x1e."  # Ctrl-^ .
+QUIT_STATUS = 255  # what mp.py exits with after Ctrl-^ . (like ssh after ~.)
 ERASE_BANNER = b"\x1b7\x1b[1;1H\x1b[2K\x1b8"
 
 
@@ -59,6 +60,14 @@ def wait_shell(term: PtyProcess, timeout: float = 30.0) -> None:
     of its own (the echo of the typed line does not contain it)."""
     term.send("echo $((4200+42))\r")
     term.read_until(re.compile(rb"[\r\n]4242\r\n"), timeout)
+
+
+def remote_shell_pid(term: PtyProcess, tmp_path) -> int:
+    """The remote shell's PID, as the shell itself writes it to a file (seen from the server
+    side: the tests run on the server's machine)."""
+    path = tmp_path / f"shell-{time.monotonic_ns()}.pid"
+    term.send(f"echo $$ > {path}.tmp && mv {path}.tmp {path}\r")
+    return wait_for(lambda: path.exists() and int(path.read_text()), 30, "the shell's PID file")
 
 
 def mp_pid(term: PtyProcess) -> int:
@@ -129,7 +138,7 @@ def test_fullscreen_output_bytes_arrive_unchanged(server, tmp_path):
         body = term.read_until(b"<END>", 30)[:-len(b"<END>")]
         assert body == expected
         term.send(QUIT)
-        assert term.wait(20) == 255
+        assert term.wait(20) == QUIT_STATUS
 
 
 @pytest.mark.timeout(90)
@@ -148,7 +157,7 @@ def test_resize_reaches_remote_pty(server, tmp_path):
             except TimeoutError:
                 assert time.monotonic() < deadline, "resize never reached the remote PTY"
         term.send(QUIT)
-        assert term.wait(20) == 255
+        assert term.wait(20) == QUIT_STATUS
 
 
 @pytest.mark.timeout(90)
@@ -157,7 +166,7 @@ def test_typeahead_before_connect_is_kept(server, tmp_path):
         term.send("echo $((5000+8))\r")  # typed while the handshake may still be running
         term.read_until(re.compile(rb"[\r\n]5008\r\n"), 30)
         term.send(QUIT)
-        assert term.wait(20) == 255
+        assert term.wait(20) == QUIT_STATUS
 
 
 @pytest.mark.timeout(150)
@@ -170,7 +179,7 @@ def test_bulk_output_arrives_exactly(server, tmp_path):
         out = term.read_until(b"6006\r\n", 120)  # plain bytes: a regex would rescan 3 MB
         assert max(len(run) for run in re.findall(rb"x+", out)) == 3000000
         term.send(QUIT)
-        assert term.wait(20) == 255
+        assert term.wait(20) == QUIT_STATUS
 
 
 @pytest.mark.timeout(120)
@@ -184,7 +193,7 @@ def test_ctrl_c_stops_a_flood(server, tmp_path):
         term.send("echo $((7000+7))\r")
         term.read_until(re.compile(rb"[\r\n]7007\r\n"), 60)
         term.send(QUIT)
-        assert term.wait(20) == 255
+        assert term.wait(20) == QUIT_STATUS
 
 
 @pytest.mark.timeout(90)
@@ -196,7 +205,7 @@ def test_escape_key_from_config(server, tmp_path):
         wait_shell(term)
         term.send(b"\x1d.")  # Ctrl-] .
         assert b"Connection to 127.0.0.1 closed." in term.read_to_eof(20)
-        assert term.wait(10) == 255
+        assert term.wait(10) == QUIT_STATUS
 
 
 # --- ways out: terminal attributes restored ------------------------------------------------
@@ -222,9 +231,25 @@ def test_attrs_restored_after_escape_quit(server, tmp_path):
         term.read_until(b"036  \\n", 30)
         term.send(QUIT)
         rc, attrs, out = wrapper_result(term)
-        assert (rc, attrs) == (255, "same")  # like ssh's ~.
+        assert (rc, attrs) == (QUIT_STATUS, "same")
         assert b"Connection to 127.0.0.1 closed." in out
     server.wait_log("client quit", 20)  # the server was told and ended the session
+
+
+@pytest.mark.timeout(90)
+def test_escape_quit_ends_the_session_on_the_server(server, tmp_path):
+    """Ctrl-^ . with the network fine: the goodbye goes over UDP, is acked, and the server
+    hangs up the shell (ended, not detached); no quit request over TCP was needed."""
+    with start_client(server, tmp_path) as term:
+        wait_shell(term)
+        pid = remote_shell_pid(term, tmp_path)
+        term.send(QUIT)
+        assert b"Connection to 127.0.0.1 closed." in term.read_to_eof(20)
+        assert term.wait(10) == QUIT_STATUS
+    wait_for(lambda: not pid_alive(pid), 10, "the remote shell to be hung up")
+    assert "ended (client: client quit)" in server.wait_log("ended (client: client quit)")
+    assert "ending a session" not in server.log()
+    assert "quit request" not in client_log(tmp_path)
 
 
 @pytest.mark.timeout(90)
@@ -255,7 +280,7 @@ def test_killed_server_then_quit_restores_terminal(server, tmp_path):
         term.read_until(b"last contact", 30)  # the banner comes up after ~6 s
         term.send(QUIT)  # quitting works while disconnected, without waiting for the server
         rc, attrs, _ = wrapper_result(term)
-        assert (rc, attrs) == (255, "same")
+        assert (rc, attrs) == (QUIT_STATUS, "same")
 
 
 @pytest.mark.slow
@@ -296,6 +321,29 @@ def test_changed_host_key_on_resume_is_final(server, tmp_path):
     assert client_log(tmp_path).count("resume handshake #") == 1  # never retried
 
 
+# --- the remote environment ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_ssh_variables_tell_the_shell_it_is_a_remote_login(server, tmp_path):
+    """Prompts and rc files look for SSH_CONNECTION / SSH_CLIENT / SSH_TTY: set as sshd
+    sets them, agreeing with MOSHPIT_CONNECTION and with what `tty` says."""
+    with start_client(server, tmp_path, cols=200) as term:  # the command line never wraps
+        wait_shell(term)
+        term.send('printf "<%s>\\n" "$SSH_CONNECTION|$SSH_CLIENT|$SSH_TTY|$(tty)|'
+                  '$MOSHPIT_CONNECTION"\r')
+        term.read_until(re.compile(rb"<([^<>\r\n]*)>\r\n"), 30)
+        connection, client, ssh_tty, tty, moshpit_connection = \
+            term.last_match.group(1).decode().split("|")
+        term.send(QUIT)
+        term.wait(20)
+    client_ip, client_port, server_ip, server_port = connection.split()
+    assert connection == moshpit_connection
+    assert (client_ip, server_ip, server_port) == ("127.0.0.1", "127.0.0.1", str(server.port))
+    assert client == f"{client_ip} {client_port} {server_port}" and int(client_port) > 0
+    assert ssh_tty == tty and re.fullmatch(r"/dev/pts/\d+", tty)
+
+
 # --- host keys -----------------------------------------------------------------------------
 
 
@@ -313,7 +361,7 @@ def test_host_key_accept_new_then_changed_key_refused(server, tmp_path):
         out = term.read_until(b"Permanently added", 30)
         wait_shell(term)
         term.send(QUIT)
-        assert term.wait(20) == 255
+        assert term.wait(20) == QUIT_STATUS
     assert f"[127.0.0.1]:{server.port} ssh-ed25519 " in known_hosts.read_text()
     assert b"authenticity" not in out  # accept-new never asks
 
@@ -345,7 +393,7 @@ def test_unknown_host_prompt_on_tty(server, tmp_path):
         term.send("yes\r")
         wait_shell(term)
         term.send(QUIT)
-        assert term.wait(20) == 255
+        assert term.wait(20) == QUIT_STATUS
 
 
 # --- keys and errors ---------------------------------------------------------------------
@@ -393,7 +441,7 @@ def test_encrypted_key_asks_passphrase_once(server, tmp_path):
         term.read_until(b"Permanently added", 30)  # getpass flushes typeahead: wait for it
         wait_shell(term)
         term.send(QUIT)
-        assert term.wait(20) == 255
+        assert term.wait(20) == QUIT_STATUS
     res = run_mp(args, client_env(tmp_path))  # no terminal to ask on
     assert res.returncode == 255 and "passphrase" in res.stderr
 
