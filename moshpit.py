@@ -5,7 +5,8 @@ moshpit is split by layer into flat sibling modules (copying stays trivial: ever
 
     moshpit.py            errors/constants -> config -> logging -> terminal helpers
     moshpit_keys.py       Ed25519 keys, OpenSSH key files, fingerprints, randomart
-    moshpit_handshake.py  TCP handshake (sans-IO) + blocking driver, authorized_keys, known_hosts
+    moshpit_trust.py      authorized_keys (read safely: files a user controls), known_hosts
+    moshpit_handshake.py  TCP handshake (sans-IO) + blocking drivers
     moshpit_transport.py  packet crypto -> reliable stream (sans-IO) -> UDP I/O glue
     mps.py / mp.py / mp_keygen.py   thin CLIs
 """
@@ -346,6 +347,12 @@ def _flatten(table: Dict[str, Any], schema: Dict[str, _Key], prefix: str = "") -
     return flat
 
 
+def _open_no_ctty(path: str, flags: int, mode: int = 0o666) -> int:
+    """os.open that can never make a terminal found at ``path`` the caller's controlling
+    terminal (O_NOCTTY; the server must never acquire one) nor leak into children."""
+    return os.open(path, flags | os.O_NOCTTY | os.O_CLOEXEC, mode)
+
+
 def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[str, Any]]:
     """The TOML table in ``path``; None if there is nothing to read (an absent default file,
     or no TOML parser: warned). Unreadable or invalid files raise ConfigError."""
@@ -361,7 +368,7 @@ def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[
                         "environment and command line only")
         return None
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=_open_no_ctty) as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{where} not found (check the -c path)")
@@ -559,6 +566,15 @@ def reset_logging() -> None:
     logger.setLevel(logging.NOTSET)
 
 
+class _NoCttyFileHandler(logging.FileHandler):
+    """A FileHandler that opens its file with O_NOCTTY: whatever lies at the log path, the
+    server never acquires a controlling terminal by logging."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=_open_no_ctty)
+
+
 def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
                   stderr: bool = False, verbosity: int = 0) -> logging.Logger:
     """Send the "moshpit" loggers to the log file (always; ``-t`` gives ``log_path``) and, if
@@ -575,10 +591,10 @@ def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
     path = log_path or default_log_path(kind, config.home)
     try:
         _make_private_dirs(os.path.dirname(os.path.abspath(path)))
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        os.close(_open_no_ctty(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o600)  # logs name users and addresses: keep them private
-        file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+        file_handler = _NoCttyFileHandler(path, encoding="utf-8", errors="backslashreplace")
     except OSError as e:
         raise ConfigError(f"cannot write log file {path}: {e.strerror or e}; "
                           "choose another with -t PATH")

@@ -38,7 +38,7 @@ confirmation: the server saw exactly this ClientAuth, requested user included.
 
 Layout: wire helpers -> SSHSIG -> data types -> sans-IO state machines (h11 style:
 ``receive_data`` / ``data_to_send`` / ``next_event``) -> blocking drivers and the handshake
-limiter -> server policy (authorized_keys strict modes) -> client policy (known_hosts).
+limiter. The trust policies (authorized_keys, known_hosts) live in moshpit_trust.
 """
 
 from __future__ import annotations
@@ -51,13 +51,10 @@ import hmac
 import itertools
 import logging
 import os
-import pwd
 import re
 import select
 import socket
-import stat
 import struct
-import sys
 import threading
 import time
 import dataclasses
@@ -70,15 +67,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from moshpit import DEFAULT_TCP_PORT, PROTOCOL_VERSION, MoshpitError, printable
+from moshpit import PROTOCOL_VERSION, MoshpitError, printable
 from moshpit_keys import (
     KEY_TYPE,
-    KeyFileError,
     PrivateKey,
     PublicKey,
     WireReader,
-    parse_public_key_line,
-    read_authorized_keys,
     ssh_string,
 )
 
@@ -138,10 +132,6 @@ class AuthRefused(HandshakeError):
     def __init__(self, code: str = PERMISSION_DENIED, log_reason: Optional[str] = None) -> None:
         super().__init__(log_reason or code, code)
         self.log_reason = log_reason or code
-
-
-class HostKeyError(HandshakeError):
-    """The server's host key is not trusted (unknown and refused, or changed): final."""
 
 
 # ---------------------------------------------------------------------------
@@ -1170,8 +1160,9 @@ def client_handshake(host: str, port: int, identity: PrivateKey, request: Client
                      timeout: float = 10.0) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
 
-    ``verify_host_key(key)`` returns to trust the key or raises HostKeyError; it may ask the
-    user, and the time that takes does not count against ``timeout``. If the server gave up
+    ``verify_host_key(key)`` returns to trust the key or raises moshpit_trust.HostKeyError
+    (passed on as it is); it may ask the user, and the time that takes does not count
+    against ``timeout``. If the server gave up
     while the user was deciding, the handshake is repeated once on a new connection (the same
     host key is then trusted without asking again). Raises AuthRefused (final), HostKeyError
     (final) or HandshakeError (with ``code``), each with a one-line message.
@@ -1186,8 +1177,6 @@ def client_handshake(host: str, port: int, identity: PrivateKey, request: Client
             log.info("%s port %d closed the connection while the host key was being"
                      " confirmed; reconnecting", host, port)
             trusted = closed.host_key
-        except HostKeyError:
-            raise
         except HandshakeError as err:
             raise _explain(err, host, port, request.user) from None
         except _NoAnswer:
@@ -1228,234 +1217,3 @@ def _client_attempt(sock: socket.socket, identity: PrivateKey, request: ClientRe
     machine.accept_host_key()
     done = _exchange(sock, machine, deadline)
     return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)
-
-
-# ---------------------------------------------------------------------------
-# Server policy: authorized_keys with strict modes
-# ---------------------------------------------------------------------------
-
-
-def _owner_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _check_owner(path: str, st: os.stat_result, pw: pwd.struct_passwd) -> None:
-    if st.st_uid not in (pw.pw_uid, 0):
-        raise AuthRefused(PERMISSION_DENIED, f"{path} is owned by {_owner_name(st.st_uid)},"
-                                             f" must be owned by {pw.pw_name} or root")
-
-
-def _check_private(path: str, st: os.stat_result, pw: pwd.struct_passwd) -> None:
-    """Owned by the user or root, no access at all for group and others."""
-    _check_owner(path, st, pw)
-    if st.st_mode & 0o077:
-        raise AuthRefused(PERMISSION_DENIED, f"{path} is mode {stat.S_IMODE(st.st_mode):04o},"
-                                             " must not be group/world accessible")
-
-
-def _check_ancestor(path: str, pw: pwd.struct_passwd) -> None:
-    """Nobody but the user and root can replace what lies below ``path``. A root-owned
-    sticky directory (like /tmp) is safe: others cannot rename or delete our entries."""
-    st = os.stat(path)
-    _check_owner(path, st, pw)
-    sticky_root = st.st_uid == 0 and st.st_mode & stat.S_ISVTX
-    if st.st_mode & 0o022 and not sticky_root:
-        raise AuthRefused(PERMISSION_DENIED, f"{path} is mode {stat.S_IMODE(st.st_mode):04o},"
-                                             " must not be group/world writable")
-
-
-def authorized_keys_path(pw: pwd.struct_passwd, template: Optional[str] = None) -> str:
-    """Where ``pw``'s user's authorized keys are: ``template`` as sshd's AuthorizedKeysFile
-    reads it (``%h`` the user's home, ``%u`` the user name, ``%%`` a percent sign; a
-    relative path or ``~/`` starts at the user's home), or ~user/.mp/authorized_keys."""
-    if not template:
-        return os.path.join(pw.pw_dir, ".mp", "authorized_keys")
-    tokens = {"%h": pw.pw_dir, "%u": pw.pw_name, "%%": "%"}
-    path = re.sub(r"%.", lambda m: tokens.get(m.group(0), m.group(0)), template)
-    if path == "~" or path.startswith("~/"):
-        path = path[2:]
-    return os.path.join(pw.pw_dir, path)  # an absolute ``path`` stays as it is
-
-
-def authorized_keys_for(pw: pwd.struct_passwd, path: Optional[str] = None) -> List[PublicKey]:
-    """The keys that may log in as ``pw``'s user, from ``authorized_keys_path(pw, path)``.
-
-    Strict modes (as sshd's StrictModes): the file (0600) and its directory (0700) are owned
-    by the user or root and closed to group and others; every directory above, up to the home
-    directory (or up to / for a file outside it), is owned by the user or root and not
-    group/world writable. Any violation raises AuthRefused whose ``log_reason`` names the
-    path and the problem; the client only ever hears "permission denied".
-    """
-    path = os.path.realpath(authorized_keys_path(pw, path))
-    home = os.path.realpath(pw.pw_dir)
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise AuthRefused(PERMISSION_DENIED, f"{path} is not a regular file")
-        _check_private(path, st, pw)
-        directory = os.path.dirname(path)
-        _check_private(directory, os.stat(directory), pw)
-        stop = home if path.startswith(home.rstrip("/") + "/") else "/"
-        while directory != stop and directory != "/":
-            directory = os.path.dirname(directory)
-            _check_ancestor(directory, pw)
-        return read_authorized_keys(path)
-    except FileNotFoundError:
-        raise AuthRefused(PERMISSION_DENIED, f"{path} does not exist") from None
-    except KeyFileError as err:  # its message names the file
-        raise AuthRefused(PERMISSION_DENIED, str(err)) from None
-    except OSError as err:
-        raise AuthRefused(PERMISSION_DENIED, f"{path}: {_os_reason(err)}") from None
-
-
-# ---------------------------------------------------------------------------
-# Client policy: known_hosts
-# ---------------------------------------------------------------------------
-
-HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
-_MAX_KNOWN_HOSTS = 4 << 20  # bytes
-_MAX_PROMPTS = 5
-
-
-class KnownHosts:
-    """The client's ``known_hosts``: lines ``HOST KEYTYPE BASE64`` (``[HOST]:PORT`` for a port
-    other than 40404; several hosts may share a line, comma-separated)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    @staticmethod
-    def host_pattern(host: str, port: int) -> str:
-        host = host.lower()
-        return host if port == DEFAULT_TCP_PORT else f"[{host}]:{port}"
-
-    def _lines(self) -> List[str]:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(_MAX_KNOWN_HOSTS + 1)
-        except FileNotFoundError:
-            return []
-        except OSError as err:
-            raise HostKeyError(f"cannot read {self.path}: {err.strerror or err}") from None
-        if len(data) > _MAX_KNOWN_HOSTS:
-            raise HostKeyError(f"{self.path} is too large (over {_MAX_KNOWN_HOSTS} bytes)")
-        return data.decode("utf-8", "replace").split("\n")
-
-    def lookup(self, host: str, port: int, key: PublicKey) -> Tuple[str, Optional[int]]:
-        """("ok", line) if the key is recorded for the host, ("changed", line of the first
-        other key recorded for it), or ("unknown", None)."""
-        pattern = self.host_pattern(host, port)
-        changed = None
-        for lineno, line in enumerate(self._lines(), 1):
-            fields = line.split(None, 1)
-            if len(fields) < 2 or pattern not in fields[0].lower().split(","):
-                continue
-            try:
-                recorded = parse_public_key_line(fields[1])
-            except ValueError:
-                log.debug("%s:%d: skipped: not a key moshpit understands", self.path, lineno)
-                continue
-            if recorded == key:
-                return "ok", lineno
-            if changed is None:
-                changed = lineno
-        return ("changed", changed) if changed is not None else ("unknown", None)
-
-    def add(self, host: str, port: int, key: PublicKey) -> None:
-        """Append the host's key: one O_APPEND write (atomic for a line this size, also with
-        several clients at once), file created 0600 in a directory created 0700."""
-        line = f"{self.host_pattern(host, port)} {PublicKey.from_raw(key.raw).to_line(KEY_TYPE)}\n"
-        directory = os.path.dirname(self.path)
-        try:
-            if directory:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    line = "\n" + line
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
-        except OSError as err:
-            raise HostKeyError(f"cannot record the host key in {self.path}:"
-                               f" {err.strerror or err}") from None
-
-
-def _ask_on_terminal(prompt: str) -> str:
-    sys.stderr.write(prompt)
-    sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line
-
-
-def _confirm_new_host(pattern: str, key: PublicKey, ask: Callable[[str], str]) -> bool:
-    """OpenSSH's first-contact prompt: yes, no, or the fingerprint pasted back."""
-    fingerprint = key.fingerprint()
-    prompt = (f"The authenticity of host '{pattern}' can't be established.\n"
-              f"ED25519 key fingerprint is {fingerprint}.\n{key.randomart()}\n"
-              "Are you sure you want to continue connecting (yes/no/[fingerprint])? ")
-    for _ in range(_MAX_PROMPTS):
-        try:
-            answer = ask(prompt)
-        except EOFError:
-            return False
-        if isinstance(answer, bool):  # the caller asked the question its own way
-            return answer
-        answer = answer.strip()
-        if answer.lower() in ("", "no"):
-            return False
-        if answer.lower() == "yes" or answer == fingerprint:
-            return True
-        prompt = "Please type 'yes', 'no' or the fingerprint: "
-    return False
-
-
-def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: PublicKey,
-                           policy: str, tty: bool,
-                           ask: Optional[Callable[[str], str]] = None) -> None:
-    """Trust ``key`` for ``host`` ``port`` per ``policy`` or raise HostKeyError; never a
-    silent accept. ``policy`` (strict_host_key_checking): "ask" prompts on a TTY (``ask``
-    shows the prompt and returns the typed answer, "yes"/"no"/a fingerprint, or a bool if it
-    put the question itself; EOFError means no; default: stderr/stdin), "accept-new" records
-    unknown hosts, "yes" only trusts recorded keys. A changed key is always refused."""
-    if policy not in HOST_KEY_POLICIES:
-        raise HostKeyError(f"strict_host_key_checking must be one of"
-                           f" {', '.join(HOST_KEY_POLICIES)}, not {policy!r}")
-    known = KnownHosts(known_hosts_path)
-    pattern = known.host_pattern(host, port)
-    status, lineno = known.lookup(host, port, key)
-    if status == "ok":
-        return
-    fingerprint = key.fingerprint()
-    if status == "changed":
-        raise HostKeyError(
-            f"WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED for {pattern}!\n"
-            "Someone could be eavesdropping on you right now (man-in-the-middle attack),"
-            " or the host key has just been changed.\n"
-            f"The server now presents the ED25519 key {fingerprint}.\n"
-            f"Offending key in {known_hosts_path}:{lineno}: remove that line if you know"
-            " the change is legitimate.\nHost key verification failed.")
-    if policy == "yes":
-        raise HostKeyError(
-            f"host key verification failed: no key is recorded for {pattern} in"
-            f" {known_hosts_path} and strict host key checking is 'yes'; the server presents"
-            f" {fingerprint}: after checking it, add the server's key to that file")
-    if policy == "ask" and not tty:
-        raise HostKeyError(
-            f"host key verification failed: {pattern} is not a known host and there is no"
-            f" terminal to ask about its key {fingerprint}; after checking the fingerprint,"
-            " run once with --strict-host-key-checking accept-new, or add the server's key"
-            f" line ('{pattern} ssh-ed25519 ...') to {known_hosts_path}")
-    if policy == "ask" and not _confirm_new_host(pattern, key, ask or _ask_on_terminal):
-        raise HostKeyError(f"host key verification failed: the key of {pattern} was not"
-                           " accepted")
-    known.add(host, port, key)
-    log.warning("permanently added %s (%s) to %s", pattern, fingerprint, known_hosts_path)
-    sys.stderr.write(f"Warning: Permanently added '{pattern}' (ED25519) to the list of"
-                     " known hosts.\n")

@@ -44,6 +44,7 @@ import moshpit
 import moshpit_handshake as handshake
 import moshpit_keys as keys
 import moshpit_transport as transport
+import moshpit_trust as trust
 from moshpit import MoshpitError
 
 log = logging.getLogger("moshpit.server")
@@ -710,28 +711,50 @@ class Server:
         AuthRefused with a reason code for the client and a reason for the log."""
         if self._stopping:
             raise handshake.AuthRefused(handshake.SHUTTING_DOWN, "the server is stopping")
-        # Checked before the user lookup, so the answer says nothing about which users exist.
-        me = pwd.getpwuid(os.geteuid()).pw_name
-        if os.geteuid() != 0 and auth.user != me:
-            raise handshake.AuthRefused(
-                handshake.USER_NOT_SERVED,
-                f"this server runs as {me} and only serves user {me}, not {auth.user!r} "
-                "(run mps as root to serve every user)")
-        try:
-            pw = pwd.getpwnam(auth.user)
-        except (KeyError, ValueError):
-            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
-                                        f"no such user {auth.user!r}")
-        if auth.client_key not in handshake.authorized_keys_for(pw, self.authorized_keys_file):
-            raise handshake.AuthRefused(
-                handshake.PERMISSION_DENIED,
-                f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
+        pw = self._authorized_user(auth)
         request = auth.request
         if request.end_session:
             return self._quit_session(auth), None
         if request.resume_session_id is not None:
             return self._resume(auth), None
         return self._new_session(auth, pw)
+
+    def _authorized_user(self, auth) -> pwd.struct_passwd:
+        """The password entry of the requested user if the client's key may log in as them.
+
+        No oracle: until a key is shown valid for the requested user, every refusal reads
+        "permission denied" (the log keeps the real reason), so a stranger learns neither
+        which users exist nor whom a non-root server runs as. Only a client holding a key
+        authorized for a non-root server's own account hears "user not served" (it could
+        log in as that account anyway)."""
+        me = pwd.getpwuid(os.geteuid())
+        if os.geteuid() != 0 and auth.user != me.pw_name:
+            not_served = (f"this server runs as {me.pw_name} and only serves user {me.pw_name},"
+                          f" not {auth.user!r} (run mps as root to serve every user)")
+            if self._key_authorized(auth.client_key, me):
+                raise handshake.AuthRefused(handshake.USER_NOT_SERVED, not_served)
+            raise handshake.AuthRefused(
+                handshake.PERMISSION_DENIED,
+                f"{not_served}; key {auth.client_key.fingerprint()} is not authorized for"
+                f" {me.pw_name} either")
+        try:
+            pw = pwd.getpwnam(auth.user)
+        except (KeyError, ValueError):
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
+                                        f"no such user {auth.user!r}")
+        if not self._key_authorized(auth.client_key, pw):
+            raise handshake.AuthRefused(
+                handshake.PERMISSION_DENIED,
+                f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
+        return pw
+
+    def _key_authorized(self, key, pw: pwd.struct_passwd) -> bool:
+        """Whether ``key`` is in ``pw``'s authorized_keys; a file that cannot be trusted is
+        "permission denied" with moshpit_trust's reason in the log."""
+        try:
+            return key in trust.authorized_keys_for(pw, self.authorized_keys_file)
+        except trust.TrustError as e:
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e)) from None
 
     def _owned_session(self, auth, what: str) -> Session:
         """The session a resume or quit request names, if this client owns it: same user,
@@ -872,6 +895,67 @@ def _raise_fd_limit() -> None:
     want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def leave_session_leadership() -> Optional[int]:
+    """Make sure the process that serves can never acquire a controlling terminal.
+
+    Why: on Linux (and System V) a session leader without a controlling terminal acquires any
+    terminal it opens without O_NOCTTY, and then a ^C typed there stops the server and every
+    session. moshpit's own opens all carry O_NOCTTY, but Python's open(), logging and any
+    library open by name do not. Under systemd (and setsid, start_new_session) mps starts
+    as a session leader, and a session leader cannot stop being one: setsid() fails for it,
+    and TIOCNOTTY would only undo an acquisition after a ^C could already have landed.
+
+    So a session leader forks once: the child (same session and process group, but not the
+    leader: only a leader can acquire a terminal) does all the work; the parent opens
+    nothing, forwards SIGTERM/SIGINT/SIGHUP to it and exits with its status, so the PID that
+    a service manager or script knows still stops the server. If the parent is killed
+    outright (SIGKILL), the child notices (the pipe it holds closes) and ends the same way,
+    as the single process would have. Returns None in the process that goes on to serve,
+    else (in the parent) the exit status to return.
+    """
+    if os.getsid(0) != os.getpid():
+        return None
+    alive_r, alive_w = os.pipe()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISED_SIGNALS)  # none lost
+    try:
+        child = os.fork()
+    except OSError as e:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise MoshpitError(f"cannot start the server process: {e.strerror or e}")
+    if child == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(alive_w)
+        threading.Thread(target=_end_with_supervisor, args=(alive_r,), daemon=True,
+                         name="supervisor-watch").start()
+        return None
+    os.close(alive_r)
+
+    def forward(signum, frame):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in SUPERVISED_SIGNALS:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    _, status = os.waitpid(child, 0)  # retried after each forwarded signal (PEP 475)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128+N
+
+
+def _end_with_supervisor(alive_fd: int) -> None:
+    """(Thread of the serving process.) The supervisor holds the write end of ``alive_fd``
+    and never writes: end of file means it was killed without a chance to forward a signal.
+    Go the same way, so killing the PID that was started still kills the server."""
+    while os.read(alive_fd, 1):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class PidFile:
@@ -1026,6 +1110,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = False
     root_logger = logging.getLogger(moshpit.ROOT_LOGGER)
     try:
+        status = leave_session_leadership()
+        if status is not None:
+            return status  # the supervisor: the child served and has ended
         config = moshpit.load_config("server", cli=cli_overrides(args), path=args.config)
         log_path = args.tracing or moshpit.default_log_path("server", config.home)
         if args.print_config:

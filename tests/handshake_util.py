@@ -15,6 +15,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import moshpit_handshake as hs
+import moshpit_trust as trust
 from moshpit_keys import PrivateKey, PublicKey
 
 LOOPBACK = "127.0.0.1"
@@ -80,7 +81,7 @@ def fake_user(home: str, uid: Optional[int] = None, name: str = "alice") -> pwd.
 
 
 def write_authorized_keys(home: str, keys: List[PublicKey]) -> str:
-    """~/.mp/authorized_keys under ``home`` with the strict modes (dir 0700, file 0600)."""
+    """~/.mp/authorized_keys under ``home``: dir 0700, file 0600 (0755/0644 would do too)."""
     os.makedirs(home, mode=0o755, exist_ok=True)
     os.chmod(home, 0o755)
     mp = os.path.join(home, ".mp")
@@ -100,7 +101,7 @@ class Session:
 
 class ReferenceDecider:
     """What mps decides, reduced to the security rules: the key must be in the user's
-    authorized_keys (strict modes); a resume needs the same user and key plus a valid proof."""
+    authorized_keys (moshpit_trust); a resume needs the same user and key plus a valid proof."""
 
     def __init__(self, pw: pwd.struct_passwd) -> None:
         self.pw = pw
@@ -111,7 +112,11 @@ class ReferenceDecider:
         self.calls += 1
         if auth.user != self.pw.pw_name:
             raise hs.AuthRefused(hs.PERMISSION_DENIED, f"no such user {auth.user!r}")
-        if auth.client_key not in hs.authorized_keys_for(self.pw, None):
+        try:
+            authorized = trust.authorized_keys_for(self.pw, None)
+        except trust.TrustError as err:
+            raise hs.AuthRefused(hs.PERMISSION_DENIED, str(err)) from None
+        if auth.client_key not in authorized:
             raise hs.AuthRefused(hs.PERMISSION_DENIED,
                                  f"key {auth.client_key.fingerprint()} is not authorized")
         resume_id = auth.request.resume_session_id

@@ -22,6 +22,7 @@ from handshake_util import (
 
 import moshpit
 import moshpit_handshake as hs
+import moshpit_trust as trust
 from moshpit_keys import PrivateKey
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,13 +147,13 @@ def test_authorized_key_without_its_private_key_is_refused(setup, caplog):
 
 
 def test_unsafe_authorized_keys_is_refused_with_the_reason(setup, caplog):
-    os.chmod(setup.authorized, 0o640)
+    os.chmod(setup.authorized, 0o660)
     with setup.server() as server:
         err = refused(setup, server, caplog)
     assert str(err) == "permission denied (publickey) for alice@127.0.0.1"
-    assert (f"{setup.authorized} is mode 0640, must not be group/world accessible"
+    assert (f"{setup.authorized} is mode 0660, must not be group/world writable"
             in caplog.text)
-    assert "0640" not in str(err)  # the client learns nothing about the server's files
+    assert "0660" not in str(err)  # the client learns nothing about the server's files
 
 
 def test_other_user_is_refused(setup, caplog):
@@ -163,10 +164,10 @@ def test_other_user_is_refused(setup, caplog):
 
 def test_host_key_refusal_stops_before_authenticating(setup):
     def reject(key):
-        raise hs.HostKeyError("host key verification failed: test")
+        raise trust.HostKeyError("host key verification failed: test")
 
     with setup.server() as server:
-        with pytest.raises(hs.HostKeyError, match="test"):
+        with pytest.raises(trust.HostKeyError, match="test"):
             hs.client_handshake(LOOPBACK, server.port, setup.alice, hs.ClientRequest("alice"),
                                 reject)
         assert server.result() is None

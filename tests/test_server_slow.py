@@ -60,7 +60,7 @@ def _pump_all(clients, until, timeout: float, what: str) -> None:
 def test_fifty_concurrent_sessions_and_idle_cost(tmp_path):
     n = 50
     with MpsServer(tmp_path, udp_ports=n + 5, settings={"verbose": 0}) as server:
-        pid = server.proc.pid
+        pid = server.serving_pid
         first = TestClient.for_server(server).connect()
         first.run("true")
         time.sleep(1)
