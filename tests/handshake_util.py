@@ -14,10 +14,14 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import moshpit
 import moshpit_handshake as hs
 from moshpit_keys import PrivateKey, PublicKey
 
 LOOPBACK = "127.0.0.1"
+# No early drop, no penalties: tests that fail handshakes on purpose must not lock themselves out.
+UNLIMITED = hs.AdmissionLimits(max_handshakes=64, startups=(64, 100, 64), max_per_source=64,
+                               penalties=moshpit.parse_penalties("no"))
 
 
 def frame(body: bytes) -> bytes:
@@ -138,7 +142,7 @@ class LoopbackServer:
                  timeout: float = 5.0, limiter: Optional[hs.HandshakeLimiter] = None,
                  host: str = LOOPBACK) -> None:
         self.host_key, self.decide, self.timeout = host_key, decide, timeout
-        self.limiter = limiter or hs.HandshakeLimiter(64, max_per_peer=64)
+        self.limiter = limiter or hs.HandshakeLimiter(hs.AdmissionPolicy(UNLIMITED))
         self.results: queue.Queue[Optional[hs.AuthInfo]] = queue.Queue()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
@@ -164,8 +168,9 @@ class LoopbackServer:
                 sock, _ = self.listener.accept()
                 self.limiter.spawn(sock, self._handshake)
 
-    def _handshake(self, sock: socket.socket) -> None:
-        self.results.put(hs.server_handshake(sock, self.host_key, self.decide, self.timeout))
+    def _handshake(self, sock: socket.socket, report: Callable[[str], object]) -> None:
+        self.results.put(hs.server_handshake(sock, self.host_key, self.decide, self.timeout,
+                                             report=report))
 
     def result(self, timeout: float = 10.0) -> Optional[hs.AuthInfo]:
         return self.results.get(timeout=timeout)
