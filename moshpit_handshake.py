@@ -902,6 +902,7 @@ AUTHFAIL = "authfail"  # its key or signature was refused
 NOAUTH = "noauth"  # it left, or broke the protocol, before authenticating
 GRACE_EXCEEDED = "grace-exceeded"  # it missed the ClientHello or the handshake deadline
 NEUTRAL = "neutral"  # refused for the server's reasons (busy, stopping): says nothing of it
+HELLO_RECEIVED = "hello received"  # progress, not an outcome: the peer is no longer idle
 _OUTCOME_OF_REFUSAL = {PERMISSION_DENIED: AUTHFAIL, USER_NOT_SERVED: AUTHFAIL,
                        NO_SUCH_SESSION: AUTHENTICATED}  # decide() checks the key first
 
@@ -918,7 +919,8 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
     ``decide(auth)`` returns a SessionGrant or raises AuthRefused(code, log_reason). Returns
     the AuthInfo once the grant has been sent, else None: bad or slow peers, tampering and
     refusals are logged (with the key fingerprint, never key material), never raised.
-    ``report`` gets how it ended (AUTHENTICATED, AUTHFAIL, NOAUTH, GRACE_EXCEEDED or NEUTRAL).
+    ``report`` gets HELLO_RECEIVED once the ClientHello is in, then how it ended
+    (AUTHENTICATED, AUTHFAIL, NOAUTH, GRACE_EXCEEDED or NEUTRAL).
     The caller closes ``sock``.
     """
     started = time.monotonic()
@@ -934,6 +936,7 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
     outcome = NOAUTH
     try:
         _exchange(sock, machine, hello_deadline, until=lambda: machine.hello_received)
+        report(HELLO_RECEIVED)
         auth = _exchange(sock, machine, deadline).auth
         try:
             grant = decide(auth)
@@ -1000,6 +1003,9 @@ def send_refusal(sock: socket.socket, code: str) -> None:
 # ---------------------------------------------------------------------------
 
 MAX_TRACKED_SOURCES = 65536  # per book (penalties, trust); as sshd's max-sources4/6
+# A handshake open this long without a complete ClientHello may lose its slot to a newcomer
+# when the server is full: a client sends its ClientHello as soon as it is connected.
+IDLE_EVICT_SECS = 0.5
 
 
 def source_of(address: str, v4_prefix: int = 32, v6_prefix: int = 64) -> str:
@@ -1033,16 +1039,21 @@ class AdmissionLimits:
     trusted_secs: float = 604800.0
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Admission:
     """A decision on one connection: its ``source``, whether it is ``admitted`` (a slot is
-    taken until ``AdmissionPolicy.finished``), whether the source is ``trusted``, and for a
-    refusal the ``reason`` (for the log only: the peer just hears "server busy")."""
+    taken until ``AdmissionPolicy.finished``), whether the source is ``trusted``, for a
+    refusal the ``reason`` (for the log only: the peer just hears "server busy"), and the
+    idle handshake it ``evicts`` to make room (the caller aborts that one's connection).
+    ``opened`` and ``hello`` (its ClientHello is in) are the policy's own bookkeeping."""
 
     source: str
     admitted: bool
     trusted: bool = False
     reason: str = ""
+    evicts: Optional[Admission] = None
+    opened: float = 0.0
+    hello: bool = False
 
 
 class _Book:
@@ -1092,6 +1103,10 @@ class AdmissionPolicy:
        in progress with ``rate`` % probability, rising linearly to 100 % at ``full``
        (sshd's MaxStartups). The slots from ``full`` to ``max_handshakes`` stay for trusted
        sources.
+    But when 1. or 4. is all that stands in the way, the connection instead takes the slot
+    of the oldest handshake from an untrusted source that has been open ``idle_evict_secs``
+    without a complete ClientHello (a client sends it the moment it connects): that one is
+    evicted. Idle connections then hold slots only while nobody else wants them.
 
     Trusted sources are those from which a client proved an authorized key in the last
     ``trusted_secs``: a resume comes from a client that authenticated before, usually from
@@ -1109,8 +1124,11 @@ class AdmissionPolicy:
 
     def __init__(self, limits: AdmissionLimits = AdmissionLimits(),
                  random_fraction: Callable[[], float] = random.random,
-                 max_tracked: int = MAX_TRACKED_SOURCES) -> None:
+                 max_tracked: int = MAX_TRACKED_SOURCES,
+                 idle_evict_secs: float = IDLE_EVICT_SECS) -> None:
         self.limits = limits
+        self.idle_evict_secs = idle_evict_secs
+        self._waiting: Dict[int, Admission] = {}  # admitted, no ClientHello yet: oldest first
         start, self._rate, full = limits.startups
         self._full = min(full, limits.max_handshakes)  # FULL above the hard cap acts as it
         self._start = min(start, self._full)
@@ -1135,43 +1153,69 @@ class AdmissionPolicy:
         """Decide on a connection from ``address``; an admitted one holds a slot."""
         source = self.source(address)
         trusted = self.trusted(source, now)
-        reason = self._refusal(source, trusted, now)
-        if reason:
+        reason, for_room = self._refusal(source, trusted, now)
+        victim = self._idle_victim(now) if for_room else None
+        if reason and victim is None:
             return Admission(source, False, trusted, reason)
+        if victim is not None:  # its slot becomes the newcomer's
+            self._waiting.pop(id(victim))
+            self._release(victim.source)
+        admission = Admission(source, True, trusted, evicts=victim, opened=now)
         self._in_progress[source] = self._in_progress.get(source, 0) + 1
         self.active += 1
-        return Admission(source, True, trusted)
+        self._waiting[id(admission)] = admission
+        return admission
 
-    def _refusal(self, source: str, trusted: bool, now: float) -> str:
-        if self.active >= self.limits.max_handshakes:
-            return f"{self.active} handshakes in progress (max_handshakes)"
+    def hello(self, admission: Admission) -> None:
+        """``admission``'s ClientHello is complete: it is no longer idle."""
+        admission.hello = True
+        self._waiting.pop(id(admission), None)
+
+    def _idle_victim(self, now: float) -> Optional[Admission]:
+        for waiting in self._waiting.values():
+            if waiting.opened > now - self.idle_evict_secs:
+                return None  # the rest are younger still
+            if not waiting.trusted:
+                return waiting
+        return None
+
+    def _release(self, source: str) -> None:
+        left = self._in_progress.pop(source) - 1
+        if left:
+            self._in_progress[source] = left
+        self.active -= 1
+
+    def _refusal(self, source: str, trusted: bool, now: float) -> Tuple[str, bool]:
+        """Why not (or ""), and whether evicting an idle handshake would make room."""
         if self._in_progress.get(source, 0) >= self.limits.max_per_source:
             return (f"{self._in_progress[source]} handshakes from {source} in progress"
-                    " (max_handshakes_per_source)")
+                    " (max_handshakes_per_source)"), False
+        if not trusted:
+            penalty = self.penalty_left(source, now)
+            if penalty:
+                return (f"{source} is penalised for another {penalty:.0f} s"
+                        " (source_penalties)"), False
+        if self.active >= self.limits.max_handshakes:
+            return f"{self.active} handshakes in progress (max_handshakes)", True
         if trusted:
-            return ""
-        penalty = self.penalty_left(source, now)
-        if penalty:
-            return f"{source} is penalised for another {penalty:.0f} s (source_penalties)"
+            return "", False
         if self.active >= self._full:
-            return f"{self.active} handshakes in progress (max_startups full)"
+            return f"{self.active} handshakes in progress (max_startups full)", True
         if self.active >= self._start:
             drop = self._rate + (100 - self._rate) * (self.active - self._start) / (
                 self._full - self._start)
             if self._random() * 100 < drop:
                 return (f"{self.active} handshakes in progress: random early drop at"
-                        f" {drop:.0f} % (max_startups)")
-        return ""
+                        f" {drop:.0f} % (max_startups)"), False
+        return "", False
 
     def finished(self, admission: Admission, outcome: str, now: float) -> str:
         """Release ``admission``'s slot and weigh how its handshake ended (an outcome such
         as AUTHENTICATED or NOAUTH). Returns a line for the log when this made its source
         refused, else ""."""
         source = admission.source
-        left = self._in_progress.pop(source) - 1
-        if left:
-            self._in_progress[source] = left
-        self.active -= 1
+        if self._waiting.pop(id(admission), None) is not None or admission.hello:
+            self._release(source)  # (an evicted one's slot went to its successor)
         if outcome == AUTHENTICATED:
             self._trusted.set(source, self.limits.trusted_secs, now)
             self._penalties.set(source, 0, now)  # a mistyped key before does not count
@@ -1190,10 +1234,12 @@ class AdmissionPolicy:
 
 class HandshakeLimiter:
     """The thread shell around an AdmissionPolicy: decides at accept() (before any read, key
-    exchange or signature), runs each admitted handshake in its own thread and feeds its
-    outcome back. A refused connection hears "server busy" (send_refusal) and costs only the
-    accept; refusals are logged at most ``_LOG_LINES_PER_WINDOW`` lines per
-    ``_LOG_WINDOW_SECS``, then counted, so a flood cannot flood the log too."""
+    exchange or signature), runs each admitted handshake in its own thread, aborts the
+    connection of one the policy evicts, and feeds each handshake's progress and outcome
+    back. A refused connection hears "server busy" (send_refusal) and costs only the accept;
+    refusals are logged at most ``_LOG_LINES_PER_WINDOW`` lines per ``_LOG_WINDOW_SECS``,
+    then counted, so a flood cannot flood the log too. spawn() is for one thread (the
+    accept loop); the policy is shared with the handshake threads under a lock."""
 
     _LOG_WINDOW_SECS = 10.0
     _LOG_LINES_PER_WINDOW = 5
@@ -1203,6 +1249,7 @@ class HandshakeLimiter:
         self.policy = policy or AdmissionPolicy()
         self._clock = clock
         self._lock = threading.Lock()
+        self._sockets: Dict[int, socket.socket] = {}  # id(Admission) -> its connection
         self._window_end = 0.0
         self._logged = self._unlogged = 0
 
@@ -1215,9 +1262,9 @@ class HandshakeLimiter:
     def spawn(self, sock: socket.socket,
               handler: Callable[[socket.socket, Callable[[str], object]], object]) -> bool:
         """Run ``handler(sock, report)`` in a new thread, or answer "server busy" when the
-        policy refuses; the handler calls ``report(outcome)`` (as server_handshake does).
-        The socket is closed and the slot released when the handler returns. True if
-        started."""
+        policy refuses. The handler calls ``report(HELLO_RECEIVED)`` once the ClientHello is
+        in, then ``report(outcome)`` (as server_handshake does). The socket is closed and
+        the slot released when the handler returns. True if started."""
         try:
             address = sock.getpeername()[0]
         except OSError:
@@ -1225,10 +1272,20 @@ class HandshakeLimiter:
             return False
         with self._lock:
             admission = self.policy.admit(address, self._clock())
+            victim = self._sockets.get(id(admission.evicts)) if admission.evicts else None
+            if admission.admitted:
+                self._sockets[id(admission)] = sock
         if not admission.admitted:
             self._log_refusal(address, admission.reason)
             send_refusal(sock, SERVER_BUSY)
             return False
+        if victim is not None:
+            log.info("evicted an idle handshake from %s to make room",
+                     admission.evicts.source)
+            try:
+                victim.shutdown(socket.SHUT_RDWR)  # its thread sees the end and finishes
+            except OSError:
+                pass
         threading.Thread(target=self._run, args=(sock, admission, handler), name="handshake",
                          daemon=True).start()
         return True
@@ -1249,15 +1306,24 @@ class HandshakeLimiter:
     def _run(self, sock: socket.socket, admission: Admission,
              handler: Callable[[socket.socket, Callable[[str], object]], object]) -> None:
         outcomes: List[str] = []
+
+        def report(event: str) -> None:
+            if event == HELLO_RECEIVED:
+                with self._lock:
+                    self.policy.hello(admission)
+            else:
+                outcomes.append(event)
+
         try:
-            handler(sock, outcomes.append)
+            handler(sock, report)
         except Exception:  # a bug in the handler must not leak the slot or kill the server
             log.exception("handshake handler failed")
         finally:
-            sock.close()
             with self._lock:
+                del self._sockets[id(admission)]
                 change = self.policy.finished(admission, outcomes[0] if outcomes else NEUTRAL,
                                               self._clock())
+            sock.close()
             if change:
                 log.warning("%s", change)
 
