@@ -920,7 +920,7 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
     the AuthInfo once the grant has been sent, else None: bad or slow peers, tampering and
     refusals are logged (with the key fingerprint, never key material), never raised.
     ``report`` gets HELLO_RECEIVED once the ClientHello is in, then how it ended
-    (AUTHENTICATED, AUTHFAIL, NOAUTH, GRACE_EXCEEDED or NEUTRAL).
+    (AUTHENTICATED, AUTHFAIL, NOAUTH, GRACE_EXCEEDED or NEUTRAL), once.
     The caller closes ``sock``.
     """
     started = time.monotonic()
@@ -947,7 +947,10 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
             log.warning("refused %s@%s (key %s): %s", auth.user, who,
                         auth.client_key.fingerprint(), refusal.log_reason)
             return None
-        outcome = AUTHENTICATED
+        # Reported before the grant goes out, so the client's next connection (a resume)
+        # already finds its source trusted.
+        report(AUTHENTICATED)
+        outcome = ""
         machine.accept(grant)
         _send_all(sock, machine.data_to_send(), deadline)
     except AuthRefused as refusal:
@@ -974,7 +977,8 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
         log.info("handshake from %s failed: %s", who, _os_reason(err))
         return None
     finally:
-        report(outcome)
+        if outcome:
+            report(outcome)
     log.info("accepted %s@%s (key %s), %s", auth.user, who, auth.client_key.fingerprint(),
              "resuming a session" if auth.request.resume_session_id else "new session")
     return auth
@@ -1090,23 +1094,23 @@ class AdmissionPolicy:
     locking (one decision at a time).
 
     In order, a connection is refused when
-    1. ``max_handshakes`` are in progress (the hard cap: threads, memory);
-    2. its source already has ``max_per_source`` in progress, so a few addresses cannot take
-       every slot; a source is an IPv4 address or an IPv6 /64 (``netblock``);
-    and, unless its source is *trusted*, when
-    3. the source is penalised: each handshake of its that failed authentication, broke off
-       before it, or ran past a deadline adds seconds to its penalty (sshd's
-       PerSourcePenalties); the penalty counts down in real time, is capped at ``max``, and
-       refuses the source while it exceeds ``min``, so one mistyped key or dropped connection
-       costs nothing while a source that keeps idling or guessing is turned away at accept();
-    4. ``full`` handshakes are in progress, or at random as that nears: from ``start``
-       in progress with ``rate`` % probability, rising linearly to 100 % at ``full``
-       (sshd's MaxStartups). The slots from ``full`` to ``max_handshakes`` stay for trusted
-       sources.
-    But when 1. or 4. is all that stands in the way, the connection instead takes the slot
+    1. its source already has ``max_per_source`` handshakes in progress, so a few addresses
+       cannot take every slot; a source is an IPv4 address or an IPv6 /64 (``netblock``);
+    2. its source is penalised (unless trusted): each handshake of its that failed
+       authentication, broke off before it, or ran past a deadline adds seconds to its
+       penalty (sshd's PerSourcePenalties); the penalty counts down in real time, is capped
+       at ``max``, and refuses the source while it exceeds ``min``, so one mistyped key or
+       dropped connection costs nothing while a source that keeps idling or guessing is
+       turned away at accept();
+    3. ``max_handshakes`` are in progress (the hard cap: threads, memory);
+    4. (unless trusted) ``full`` are in progress, or at random as that nears: from
+       ``start`` in progress with ``rate`` % probability, rising linearly to 100 % at
+       ``full`` (sshd's MaxStartups). The slots from ``full`` to ``max_handshakes`` stay
+       for trusted sources.
+    But when the load (3. or 4.) is all that stands in the way, the newcomer takes the slot
     of the oldest handshake from an untrusted source that has been open ``idle_evict_secs``
-    without a complete ClientHello (a client sends it the moment it connects): that one is
-    evicted. Idle connections then hold slots only while nobody else wants them.
+    without a complete ClientHello (a client sends it the moment it is connected), and that
+    one is evicted: idle connections hold slots only while nobody else wants them.
 
     Trusted sources are those from which a client proved an authorized key in the last
     ``trusted_secs``: a resume comes from a client that authenticated before, usually from
@@ -1166,6 +1170,11 @@ class AdmissionPolicy:
         self._waiting[id(admission)] = admission
         return admission
 
+    def authenticated(self, source: str, now: float) -> None:
+        """A client from ``source`` proved an authorized key: trust the source from now."""
+        self._trusted.set(source, self.limits.trusted_secs, now)
+        self._penalties.set(source, 0, now)  # a mistyped key before does not count
+
     def hello(self, admission: Admission) -> None:
         """``admission``'s ClientHello is complete: it is no longer idle."""
         admission.hello = True
@@ -1206,7 +1215,7 @@ class AdmissionPolicy:
                 self._full - self._start)
             if self._random() * 100 < drop:
                 return (f"{self.active} handshakes in progress: random early drop at"
-                        f" {drop:.0f} % (max_startups)"), False
+                        f" {drop:.0f} % (max_startups)"), True
         return "", False
 
     def finished(self, admission: Admission, outcome: str, now: float) -> str:
@@ -1217,8 +1226,7 @@ class AdmissionPolicy:
         if self._waiting.pop(id(admission), None) is not None or admission.hello:
             self._release(source)  # (an evicted one's slot went to its successor)
         if outcome == AUTHENTICATED:
-            self._trusted.set(source, self.limits.trusted_secs, now)
-            self._penalties.set(source, 0, now)  # a mistyped key before does not count
+            self.authenticated(source, now)
             return ""
         seconds = self.limits.penalties.get(outcome, 0)
         if admission.trusted or seconds <= 0:
@@ -1308,10 +1316,12 @@ class HandshakeLimiter:
         outcomes: List[str] = []
 
         def report(event: str) -> None:
-            if event == HELLO_RECEIVED:
-                with self._lock:
+            with self._lock:
+                if event == HELLO_RECEIVED:
                     self.policy.hello(admission)
-            else:
+                    return
+                if event == AUTHENTICATED:  # at once: the grant has not been sent yet
+                    self.policy.authenticated(admission.source, self._clock())
                 outcomes.append(event)
 
         try:

@@ -133,24 +133,17 @@ def legitimate_logins(port: int, identity: PrivateKey, host_key: PublicKey, roun
     ok = tried = 0
     errors: List[str] = []
     for _ in range(rounds):
-        client = TestClient(TARGET, port, identity, host_key)
-        try:
-            tried += 1
-            try:
-                client.connect(timeout=10.0)
-                ok += 1
-            except hs.HandshakeError as err:
-                errors.append(f"login: {err}")
-                continue
-            tried += 1
-            try:
-                client.resume(timeout=10.0)
-                ok += 1
-            except hs.HandshakeError as err:
-                errors.append(f"resume: {err}")
-            client.quit()
-        finally:
-            client.close()
+        with TestClient(TARGET, port, identity, host_key) as client:
+            for step in ("login", "resume"):
+                tried += 1
+                try:
+                    client.connect(timeout=10.0) if step == "login" else client.resume(10.0)
+                    ok += 1
+                except hs.HandshakeError as err:
+                    errors.append(f"{step}: {err}")
+                    break
+            else:
+                client.quit()
         time.sleep(pause)
     return ok, tried, errors
 

@@ -339,7 +339,8 @@ def test_logins_and_resumes_succeed_while_six_addresses_refill_idle_connections(
         with IdleConnectionAttack(server.port, ATTACK_SOURCES, per_source=16) as attack:
             deadline = time.monotonic() + 10
             while attack.opened < 6 * 8 and time.monotonic() < deadline:
-                time.sleep(0.05)  # the attackers hold their slots before the first login
+                time.sleep(0.05)
+            time.sleep(1.0)  # the attackers hold their slots, full and idle, before any login
             ok, tried, errors = legitimate_logins(server.port, server.client_key,
                                                   server.host_key.public, rounds=10)
         log = server.log()
