@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -1010,8 +1011,10 @@ MAX_TRACKED_SOURCES = 65536  # per book (penalties, trust); as sshd's max-source
 # A handshake open this long without a complete ClientHello may lose its slot to a newcomer
 # when the server is full: a client sends its ClientHello as soon as it is connected.
 IDLE_EVICT_SECS = 0.5
+_PENALISED = " (source_penalties)"
 
 
+@functools.lru_cache(maxsize=4096)  # a flood repeats a few addresses; parsing them is not free
 def source_of(address: str, v4_prefix: int = 32, v6_prefix: int = 64) -> str:
     """The source a connection from ``address`` counts against: its IPv4 /``v4_prefix`` or
     IPv6 /``v6_prefix`` network ("2001:db8::/64"). One IPv6 host usually owns a whole /64, so
@@ -1047,14 +1050,16 @@ class AdmissionLimits:
 class Admission:
     """A decision on one connection: its ``source``, whether it is ``admitted`` (a slot is
     taken until ``AdmissionPolicy.finished``), whether the source is ``trusted``, for a
-    refusal the ``reason`` (for the log only: the peer just hears "server busy"), and the
-    idle handshake it ``evicts`` to make room (the caller aborts that one's connection).
+    refusal the ``reason`` (for the log only: the peer just hears "server busy") and
+    whether it is ``penalised``, and the idle handshake it ``evicts`` to make room (the
+    caller aborts that one's connection).
     ``opened`` and ``hello`` (its ClientHello is in) are the policy's own bookkeeping."""
 
     source: str
     admitted: bool
     trusted: bool = False
     reason: str = ""
+    penalised: bool = False  # refused as a penalised source: not worth an answer
     evicts: Optional[Admission] = None
     opened: float = 0.0
     hello: bool = False
@@ -1160,7 +1165,8 @@ class AdmissionPolicy:
         reason, for_room = self._refusal(source, trusted, now)
         victim = self._idle_victim(now) if for_room else None
         if reason and victim is None:
-            return Admission(source, False, trusted, reason)
+            return Admission(source, False, trusted, reason,
+                             penalised=reason.endswith(_PENALISED))
         if victim is not None:  # its slot becomes the newcomer's
             self._waiting.pop(id(victim))
             self._release(victim.source)
@@ -1202,8 +1208,7 @@ class AdmissionPolicy:
         if not trusted:
             penalty = self.penalty_left(source, now)
             if penalty:
-                return (f"{source} is penalised for another {penalty:.0f} s"
-                        " (source_penalties)"), False
+                return f"{source} is penalised for another {penalty:.0f} s{_PENALISED}", False
         if self.active >= self.limits.max_handshakes:
             return f"{self.active} handshakes in progress (max_handshakes)", True
         if trusted:
@@ -1238,6 +1243,15 @@ class AdmissionPolicy:
         if newly_refused:
             return f"{source} penalised for {penalty:.0f} s after a handshake ending in {outcome}"
         return ""
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset: no answer, no FIN exchange, no TIME_WAIT left on this side."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
 
 
 class HandshakeLimiter:
@@ -1285,7 +1299,10 @@ class HandshakeLimiter:
                 self._sockets[id(admission)] = sock
         if not admission.admitted:
             self._log_refusal(address, admission.reason)
-            send_refusal(sock, SERVER_BUSY)
+            if admission.penalised:
+                _reset(sock)  # the cheapest way out for a source that keeps misbehaving
+            else:
+                send_refusal(sock, SERVER_BUSY)  # maybe a real client: tell it why
             return False
         if victim is not None:
             log.info("evicted an idle handshake from %s to make room",

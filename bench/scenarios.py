@@ -13,13 +13,17 @@ import os
 import pwd
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
+from attack_util import ATTACK_SOURCES, IdleConnectionAttack, legitimate_logins
 from display import Display
-from proc_util import PtyProcess, PtyTimeout, pids_with_cmdline
+from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline
 from tools import CLIENT_ENV, Client, Network, Tool, client_usage, server_usage
 
+ATTACK_UTIL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "tests", "attack_util.py")
 ECHO_CHARS = b"zxwvjk"  # letters no terminal escape sequence or status banner here uses
 READY_TIMEOUT = 30.0
 
@@ -346,6 +350,60 @@ class Idle(Scenario):
                 "client_cpu": [(client1 - client0) / seconds * 100]}
 
 
+class Preauth(Scenario):
+    """Pre-authentication attacks on the server (moshpit only: tests/attack_util.py drives
+    its handshake). First, six loopback addresses keep refilling idle connections while a
+    client logs in and resumes over and over: the share of those handshakes that succeed.
+    Then keystroke echo of a live session, without and during a ClientHello flood from six
+    other addresses (a separate process, as fast as it can): medians and their ratio."""
+
+    name = "preauth"
+    title = "pre-auth attacks"
+    needs = "preauth"
+    samples_full, samples_quick = 60, 20
+    rounds_full, rounds_quick = 15, 5
+    flood_sources = tuple(f"127.0.0.{n}" for n in range(12, 18))
+    budget = 240.0
+    metrics = (
+        Metric("legit_ok", "logins+resumes OK, idle-conn attack", "%", scale=1.0,
+               better="higher"),
+        Metric("echo_quiet", "echo median, no flood", "ms"),
+        Metric("echo_flood", "echo median, ClientHello flood", "ms"),
+        Metric("flood_ratio", "echo flood/no flood (target <= 1.5)", "x", scale=1.0),
+        Metric("hellos_answered", "flood ClientHellos answered", "/s", scale=1.0),
+        Metric("flood_refused", "flood connections refused", "/s", scale=1.0),
+    )
+
+    def run(self, ctx: Context) -> dict:
+        identity, host_key = ctx.tool.keys()
+        port = ctx.net.tcp_port
+        with IdleConnectionAttack(port, ATTACK_SOURCES, per_source=16):
+            time.sleep(1.5)  # the attackers hold every slot they can, idle, before a login
+            ok, tried, errors = legitimate_logins(port, identity, host_key,
+                                                  self.rounds_quick if ctx.quick
+                                                  else self.rounds_full)
+        if errors:
+            print(f"  preauth: {len(errors)} of {tried} failed, first: {errors[0]}",
+                  file=sys.stderr)
+        ctx.session = ctx.open_session()
+        count = self.samples(ctx.quick)
+        quiet = ctx.session.echo_latencies(count, timeout=20.0)
+        flood_log = os.path.join(ctx.tool.workdir, "flood.log")
+        flood_secs = 4.0 + count * 0.25  # outlasts the measurement even on a loaded machine
+        with ManagedProcess([sys.executable, ATTACK_UTIL, "hello-flood", str(port),
+                             str(flood_secs), *self.flood_sources], log=flood_log) as flood:
+            time.sleep(1.0)  # flooding at full speed before the first keystroke
+            flooded = ctx.session.echo_latencies(count, timeout=20.0)
+            if flood.poll() is not None:
+                raise ScenarioError(f"the flood ended early: {flood.read_log(400)}")
+            flood.wait(flood_secs + 30.0)
+        answered, refused, seconds = (float(word) for word in flood.read_log().split()[1::2])
+        return {"legit_ok": [100.0 * ok / tried],
+                "echo_quiet": quiet, "echo_flood": flooded,
+                "flood_ratio": [statistics.median(flooded) / statistics.median(quiet)],
+                "hellos_answered": [answered / seconds], "flood_refused": [refused / seconds]}
+
+
 def local_shell_startup(samples: int = 3) -> float:
     """Median seconds for this user's login shell, run locally in a PTY, to run a command:
     the part of every tool's connect time that is the shell's, not the tool's."""
@@ -375,6 +433,7 @@ SCENARIOS = (
     Echo("loss_10", "echo 10% loss 50 ms RTT", rtt=0.05, loss=0.10, needs="loss"),
     Echo("loss_30", "echo 30% loss 50 ms RTT", rtt=0.05, loss=0.30, needs="loss"),
     Idle(),
+    Preauth(),
 )
 
 SCENARIO_NAMES = tuple(s.name for s in SCENARIOS)
