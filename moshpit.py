@@ -276,6 +276,7 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
                                               in PENALTY_DEFAULTS.items()),
                                      _parsed_by(parse_penalties)),
         "mps.trusted_source_secs": _Key(int, 604800, _at_least(0)),
+        "mps.max_startups_per_sec": _Key(int, 100, _at_least(0)),  # 0 = no limit
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
         **_common_keys(),
     },

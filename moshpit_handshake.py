@@ -1036,7 +1036,8 @@ class AdmissionLimits:
 
     ``startups`` is sshd's MaxStartups (start, rate %, full) for sources not trusted;
     ``penalties`` sshd's PerSourcePenalties in seconds (authfail, noauth, grace-exceeded,
-    max, min); ``netblock`` the (IPv4, IPv6) prefix lengths that make one source."""
+    max, min); ``netblock`` the (IPv4, IPv6) prefix lengths that make one source;
+    ``startups_per_sec`` the rate at which untrusted sources may start handshakes."""
 
     max_handshakes: int = 64
     startups: Tuple[int, int, int] = (16, 30, 48)
@@ -1044,6 +1045,7 @@ class AdmissionLimits:
     netblock: Tuple[int, int] = (32, 64)
     penalties: Dict[str, int] = field(default_factory=lambda: dict(PENALTY_DEFAULTS))
     trusted_secs: float = 604800.0
+    startups_per_sec: float = 100.0  # 0: no limit
 
 
 @dataclass(eq=False)
@@ -1112,6 +1114,10 @@ class AdmissionPolicy:
        ``start`` in progress with ``rate`` % probability, rising linearly to 100 % at
        ``full`` (sshd's MaxStartups). The slots from ``full`` to ``max_handshakes`` stay
        for trusted sources.
+    5. (unless trusted) more than ``startups_per_sec`` handshakes a second were started
+       (a token bucket holding one second's worth): a ClientHello costs the server an X25519
+       exchange and a signature, and a flood from more sources than penalties can catch
+       (a botnet, a big IPv6 allocation) must not take the CPU live sessions need.
     But when the load (3. or 4.) is all that stands in the way, the newcomer takes the slot
     of the oldest handshake from an untrusted source that has been open ``idle_evict_secs``
     without a complete ClientHello (a client sends it the moment it is connected), and that
@@ -1146,6 +1152,8 @@ class AdmissionPolicy:
         self.active = 0  # handshakes in progress
         self._penalties = _Book(max_tracked)  # marked: past ``min``, so refused
         self._trusted = _Book(max_tracked)
+        self._tokens = self._burst = max(1.0, limits.startups_per_sec)
+        self._refilled: Optional[float] = None
 
     def source(self, address: str) -> str:
         return source_of(address, *self.limits.netblock)
@@ -1167,6 +1175,10 @@ class AdmissionPolicy:
         if reason and victim is None:
             return Admission(source, False, trusted, reason,
                              penalised=reason.endswith(_PENALISED))
+        if not trusted and not self._take_token(now):
+            return Admission(source, False, trusted, "more than"
+                             f" {self.limits.startups_per_sec:g} handshakes a second"
+                             " (max_startups_per_sec)")
         if victim is not None:  # its slot becomes the newcomer's
             self._waiting.pop(id(victim))
             self._release(victim.source)
@@ -1185,6 +1197,18 @@ class AdmissionPolicy:
         """``admission``'s ClientHello is complete: it is no longer idle."""
         admission.hello = True
         self._waiting.pop(id(admission), None)
+
+    def _take_token(self, now: float) -> bool:
+        rate = self.limits.startups_per_sec
+        if rate <= 0:
+            return True
+        if self._refilled is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     def _idle_victim(self, now: float) -> Optional[Admission]:
         for waiting in self._waiting.values():

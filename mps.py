@@ -531,7 +531,8 @@ def admission_limits(config: moshpit.Config) -> handshake.AdmissionLimits:
         max_per_source=config["mps.max_handshakes_per_source"],
         netblock=moshpit.parse_netblock(config["mps.source_netblock"]),
         penalties=moshpit.parse_penalties(config["mps.source_penalties"]),
-        trusted_secs=float(config["mps.trusted_source_secs"]))
+        trusted_secs=float(config["mps.trusted_source_secs"]),
+        startups_per_sec=float(config["mps.max_startups_per_sec"]))
 
 
 class Server:

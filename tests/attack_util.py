@@ -6,9 +6,10 @@ same attacks and the same legitimate logins, so both measure the same thing.
 - ``IdleConnectionAttack``: from each of several source addresses, keep ``per_source`` TCP
   connections open and silent, reopening each one the moment the server closes it.
 - ``python3 tests/attack_util.py hello-flood PORT SECONDS [SOURCE...]``: from the same
-  addresses (or those given), open connections and send a valid ClientHello on each, as
-  fast as one process can (the server must answer it with X25519 and a signature unless it
-  refuses the source first). Run as its own process so its CPU is not the measurer's.
+  addresses (or those given, in turn; ``127.0.4.0/22`` gives 1024), open connections and
+  send a valid ClientHello on each, as fast as one process can (the server must answer it
+  with X25519 and a signature unless it refuses the source first). Run as its own process
+  so its CPU is not the measurer's.
 - ``legitimate_logins``: a TestClient logs in and resumes, repeatedly; how many succeeded.
 
 All of 127.0.0.0/8 is loopback on Linux, so 127.0.0.2..7 are six distinct source addresses
@@ -17,6 +18,7 @@ with no setup.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import select
 import socket
@@ -150,11 +152,12 @@ def legitimate_logins(port: int, identity: PrivateKey, host_key: PublicKey, roun
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) < 3 or argv[0] != "hello-flood":
-        print("usage: attack_util.py hello-flood PORT SECONDS [SOURCE_ADDRESS...]",
+        print("usage: attack_util.py hello-flood PORT SECONDS [SOURCE_ADDRESS_OR_NET...]",
               file=sys.stderr)
         return 2
+    sources = [str(ip) for net in argv[3:] for ip in ipaddress.ip_network(net)]
     started = time.monotonic()
-    answered, refused = hello_flood(int(argv[1]), float(argv[2]), argv[3:] or ATTACK_SOURCES)
+    answered, refused = hello_flood(int(argv[1]), float(argv[2]), sources or ATTACK_SOURCES)
     print(f"answered {answered} refused {refused} seconds {time.monotonic() - started:.3f}",
           flush=True)
     return 0

@@ -19,9 +19,10 @@ import moshpit_handshake as hs
 from moshpit_keys import PrivateKey, PublicKey
 
 LOOPBACK = "127.0.0.1"
-# No early drop, no penalties: tests that fail handshakes on purpose must not lock themselves out.
+# No early drop, penalties or rate limit: tests that fail handshakes on purpose must not lock
+# themselves out.
 UNLIMITED = hs.AdmissionLimits(max_handshakes=64, startups=(64, 100, 64), max_per_source=64,
-                               penalties=moshpit.parse_penalties("no"))
+                               penalties=moshpit.parse_penalties("no"), startups_per_sec=0)
 
 
 def frame(body: bytes) -> bytes:
