@@ -31,8 +31,9 @@ ServerFinish is sealed with TH_f as associated data, so opening it is the client
 confirmation: the server saw exactly this ClientAuth, requested user included.
 
 Layout: wire helpers -> SSHSIG -> data types -> sans-IO state machines (h11 style:
-``receive_data`` / ``data_to_send`` / ``next_event``) -> blocking drivers and the handshake
-limiter -> server policy (authorized_keys strict modes) -> client policy (known_hosts).
+``receive_data`` / ``data_to_send`` / ``next_event``) -> blocking drivers -> admission before
+the handshake (a sans-IO policy and its thread shell) -> server policy (authorized_keys strict
+modes) -> client policy (known_hosts).
 """
 
 from __future__ import annotations
@@ -1318,9 +1319,14 @@ class HandshakeLimiter:
             return False
         with self._lock:
             admission = self.policy.admit(address, self._clock())
-            victim = self._sockets.get(id(admission.evicts)) if admission.evicts else None
             if admission.admitted:
                 self._sockets[id(admission)] = sock
+            if admission.evicts is not None:
+                # Under the lock: the victim's thread closes its socket only after taking
+                # it, so this cannot hit a reused descriptor. Its thread sees the end.
+                self._abort(self._sockets[id(admission.evicts)])
+        if admission.evicts is not None:
+            log.info("evicted an idle handshake from %s to make room", admission.evicts.source)
         if not admission.admitted:
             self._log_refusal(address, admission.reason)
             if admission.penalised:
@@ -1328,16 +1334,16 @@ class HandshakeLimiter:
             else:
                 send_refusal(sock, SERVER_BUSY)  # maybe a real client: tell it why
             return False
-        if victim is not None:
-            log.info("evicted an idle handshake from %s to make room",
-                     admission.evicts.source)
-            try:
-                victim.shutdown(socket.SHUT_RDWR)  # its thread sees the end and finishes
-            except OSError:
-                pass
         threading.Thread(target=self._run, args=(sock, admission, handler), name="handshake",
                          daemon=True).start()
         return True
+
+    @staticmethod
+    def _abort(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _log_refusal(self, address: str, reason: str) -> None:
         now = self._clock()
