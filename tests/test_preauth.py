@@ -8,14 +8,12 @@ an idle-connection attack from six loopback addresses (slow).
 from __future__ import annotations
 
 import dataclasses
-import queue
 import socket
-import threading
 import time
 
 import pytest
 from attack_util import ATTACK_SOURCES, IdleConnectionAttack, legitimate_logins
-from handshake_util import LOOPBACK, UNLIMITED
+from handshake_util import LOOPBACK, UNLIMITED, LoopbackServer
 from server_util import MpsServer
 
 import moshpit
@@ -263,34 +261,8 @@ def test_trusted_handshakes_are_never_evicted():
 
 # -- the thread shell and the ClientHello deadline on real sockets ---------------------------
 
-class Listener:
-    """A loopback listener feeding accepted sockets to a HandshakeLimiter in a thread."""
-
-    def __init__(self, limiter: hs.HandshakeLimiter, handler) -> None:
-        self.limiter, self.handler = limiter, handler
-        self.sock = socket.create_server((LOOPBACK, 0))
-        self.port = self.sock.getsockname()[1]
-        self.sock.settimeout(0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            conn.settimeout(None)
-            self.limiter.spawn(conn, self.handler)
-
-    def __enter__(self) -> Listener:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+def refuse_all(auth: hs.AuthInfo) -> hs.SessionGrant:
+    raise hs.AuthRefused(hs.PERMISSION_DENIED, "no test here gets this far")
 
 
 def client_hello() -> bytes:
@@ -305,89 +277,66 @@ def connect_from(source: str, port: int) -> socket.socket:
     return sock
 
 
+def events(server: LoopbackServer, count: int) -> list:
+    return [server.events.get(timeout=10) for _ in range(count)]
+
+
 @pytest.mark.timeout(30)
 def test_silent_and_trickling_peers_lose_their_slot_at_the_hello_deadline():
-    results: queue.Queue = queue.Queue()
-
-    def handler(sock, report):
-        started = time.monotonic()
-        outcomes = []
-
-        def both(event):
-            outcomes.append(event)
-            report(event)
-
-        hs.server_handshake(sock, HOST_KEY, lambda auth: None, timeout=20.0,
-                            hello_timeout=1.0, report=both)
-        results.put((time.monotonic() - started, outcomes))
-
-    limiter = hs.HandshakeLimiter(hs.AdmissionPolicy(UNLIMITED))
-    with Listener(limiter, handler) as listener:
-        silent = connect_from(LOOPBACK, listener.port)
-        trickler = connect_from(LOOPBACK, listener.port)
-        hello = client_hello()
-        for byte in hello[:-1]:  # one byte every 50 ms: the whole hello would take seconds
+    started = time.monotonic()
+    with LoopbackServer(HOST_KEY, refuse_all, timeout=20.0, hello_timeout=1.0) as server:
+        silent = connect_from(LOOPBACK, server.port)
+        trickler = connect_from(LOOPBACK, server.port)
+        for byte in client_hello()[:-1]:  # a byte every 50 ms: the hello would take seconds
+            if server.results.qsize() == 2:
+                break
             trickler.send(bytes([byte]))
             time.sleep(0.05)
-            if results.qsize() == 2:
-                break
-        for _ in range(2):
-            elapsed, outcomes = results.get(timeout=10)
-            assert outcomes == [hs.GRACE_EXCEEDED]
-            assert elapsed < 5.0  # the 1 s ClientHello deadline, not the 20 s handshake one
+        assert server.result() is None and server.result() is None
+        assert time.monotonic() - started < 5.0  # the 1 s ClientHello deadline, not 20 s
+        assert events(server, 2) == [(LOOPBACK, hs.GRACE_EXCEEDED)] * 2
         silent.close()
         trickler.close()
 
 
 @pytest.mark.timeout(30)
 def test_a_penalised_source_is_refused_at_accept_before_any_key_exchange():
-    """Refused connections never reach the handler (no X25519, no signature): the server
+    """Refused connections never reach the handshake (no X25519, no signature): the server
     resets them without a word, while other sources are still served."""
-    handled = []
     policy = hs.AdmissionPolicy(hs.AdmissionLimits())
     for _ in range(2):
         finish(policy, "127.0.0.2", hs.GRACE_EXCEEDED, time.monotonic())
-
-    def handler(sock, report):
-        handled.append(sock.getpeername()[0])
-        hs.server_handshake(sock, HOST_KEY, lambda auth: None, timeout=5.0, report=report)
-
-    with Listener(hs.HandshakeLimiter(policy), handler) as listener:
+    with LoopbackServer(HOST_KEY, refuse_all, limiter=hs.HandshakeLimiter(policy)) as server:
         with pytest.raises((ConnectionResetError, BrokenPipeError)), \
-                connect_from("127.0.0.2", listener.port) as sock:  # the reset lands anywhere
+                connect_from("127.0.0.2", server.port) as sock:  # the reset lands anywhere
             sock.sendall(client_hello())
             sock.recv(4096)
-        with connect_from("127.0.0.3", listener.port) as sock:
+        with connect_from("127.0.0.3", server.port) as sock:
             sock.sendall(client_hello())
             assert sock.recv(4096)[4] == 2  # ServerHello
-    assert handled == ["127.0.0.3"]
+        assert server.result() is None
+        assert events(server, 2) == [("127.0.0.3", hs.HELLO_RECEIVED), ("127.0.0.3", hs.NOAUTH)]
+        assert server.events.empty()  # nothing ever ran for 127.0.0.2
 
 
 @pytest.mark.timeout(30)
 def test_a_full_server_evicts_an_idle_connection_for_a_real_client():
     """One slot, held by a silent connection: a client that sends its ClientHello takes it
     over after IDLE_EVICT_SECS, and the idle connection is closed."""
-    limits = dataclasses.replace(UNLIMITED, max_handshakes=1)
-    outcomes: queue.Queue = queue.Queue()
-
-    def handler(sock, report):
-        def seen(event):
-            outcomes.put((sock.getpeername()[0], event))
-            report(event)
-        hs.server_handshake(sock, HOST_KEY, lambda auth: None, timeout=20.0, report=seen)
-
-    limiter = hs.HandshakeLimiter(hs.AdmissionPolicy(limits))
-    with Listener(limiter, handler) as listener:
-        idle = connect_from("127.0.0.2", listener.port)
+    limiter = hs.HandshakeLimiter(hs.AdmissionPolicy(
+        dataclasses.replace(UNLIMITED, max_handshakes=1)))
+    with LoopbackServer(HOST_KEY, refuse_all, timeout=20.0, limiter=limiter) as server:
+        idle = connect_from("127.0.0.2", server.port)
         deadline = time.monotonic() + 10
         while limiter.active < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(hs.IDLE_EVICT_SECS)
-        with connect_from("127.0.0.3", listener.port) as sock:
+        with connect_from("127.0.0.3", server.port) as sock:
             sock.sendall(client_hello())
             assert sock.recv(4096)[4] == 2  # ServerHello: admitted
             assert idle.recv(4096) == b""  # the idle one was closed
-        assert outcomes.get(timeout=10) == ("127.0.0.2", hs.NOAUTH)
+            assert events(server, 2) == [("127.0.0.2", hs.NOAUTH),
+                                         ("127.0.0.3", hs.HELLO_RECEIVED)]
         idle.close()
 
 
