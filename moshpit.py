@@ -106,6 +106,56 @@ def parse_port_range(text: str) -> Tuple[int, int]:
     return lo, hi
 
 
+def parse_max_startups(text: str) -> Tuple[int, int, int]:
+    """sshd's MaxStartups syntax, ``"START:RATE:FULL"`` (or a bare ``"FULL"``) -> (START,
+    RATE percent, FULL): from START handshakes in progress, refuse a new one with probability
+    RATE %, rising linearly to 100 % at FULL. ValueError unless 1 <= START <= FULL and
+    0 <= RATE <= 100."""
+    m = re.fullmatch(r"\s*(\d{1,6})(?:\s*:\s*(\d{1,3})\s*:\s*(\d{1,6}))?\s*", text)
+    start = rate = full = 0
+    if m and m.group(2) is None:
+        start, rate, full = int(m.group(1)), 100, int(m.group(1))
+    elif m:
+        start, rate, full = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if not (m and 1 <= start <= full and 0 <= rate <= 100):
+        raise ValueError('must be "START:RATE:FULL" (as sshd\'s MaxStartups) with'
+                         ' 1 <= START <= FULL and RATE a percentage, e.g. "16:30:48"')
+    return start, rate, full
+
+
+def parse_netblock(text: str) -> Tuple[int, int]:
+    """``"V4:V6"`` (sshd's PerSourceNetBlockSize) -> the prefix lengths that group source
+    addresses, e.g. ``"32:64"``: each IPv4 address alone, each IPv6 /64 as one source."""
+    m = re.fullmatch(r"\s*(\d{1,3})\s*(?::\s*(\d{1,3})\s*)?", text)
+    v4 = int(m.group(1)) if m else -1
+    v6 = int(m.group(2)) if m and m.group(2) is not None else 128
+    if not (m and 1 <= v4 <= 32 and 1 <= v6 <= 128):
+        raise ValueError('must be "V4:V6" prefix lengths (1-32 and 1-128), e.g. "32:64"')
+    return v4, v6
+
+
+PENALTY_DEFAULTS = {"authfail": 5, "noauth": 1, "grace-exceeded": 10, "max": 600, "min": 15}
+
+
+def parse_penalties(text: str) -> Dict[str, int]:
+    """sshd's PerSourcePenalties syntax -> seconds per name, e.g. ``"authfail:5 noauth:1
+    grace-exceeded:10 max:600 min:15"``; a name left out keeps its default, ``"no"`` turns
+    penalties off. authfail: a refused key or signature; noauth: a peer that left or broke the
+    protocol before authenticating; grace-exceeded: a handshake past its deadline. A source's
+    penalties add up (to at most ``max``) and count down in real time; it is refused while
+    what it has built up exceeds ``min``."""
+    if text.strip().lower() == "no":
+        return dict.fromkeys(PENALTY_DEFAULTS, 0)
+    values = dict(PENALTY_DEFAULTS)
+    for item in text.split():
+        name, _, secs = item.partition(":")
+        if name not in values or not re.fullmatch(r"\d{1,7}", secs):
+            raise ValueError(f"has {item!r}: use NAME:SECONDS with NAME one of"
+                             f" {', '.join(PENALTY_DEFAULTS)} (or \"no\" to turn penalties off)")
+        values[name] = int(secs)
+    return values
+
+
 def parse_escape_key(text: str) -> Optional[int]:
     """Escape key setting -> byte value, or None for ``"none"`` (escape disabled).
 
@@ -223,6 +273,16 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.max_sessions": _Key(int, 256, _at_least(1)),
         "mps.max_handshakes": _Key(int, 64, _at_least(1)),
         "mps.handshake_timeout_secs": _Key(int, 10, _at_least(1)),
+        # Pre-authentication limits (README "Pre-authentication limits"): sshd-like defaults.
+        "mps.hello_timeout_secs": _Key(int, 2, _at_least(1)),
+        "mps.max_startups": _Key(str, "16:30:48", _parsed_by(parse_max_startups)),
+        "mps.max_handshakes_per_source": _Key(int, 8, _at_least(1)),
+        "mps.source_netblock": _Key(str, "32:64", _parsed_by(parse_netblock)),
+        "mps.source_penalties": _Key(str, " ".join(f"{name}:{secs}" for name, secs
+                                              in PENALTY_DEFAULTS.items()),
+                                     _parsed_by(parse_penalties)),
+        "mps.trusted_source_secs": _Key(int, 604800, _at_least(0)),
+        "mps.max_startups_per_sec": _Key(int, 100, _at_least(0)),  # 0 = no limit
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
         # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
         "mps.pid_file": _Key(str, ""),

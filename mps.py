@@ -551,6 +551,21 @@ def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
     return None
 
 
+ACCEPT_BATCH = 64  # connections the accept loop takes per wake-up
+
+
+def admission_limits(config: moshpit.Config) -> handshake.AdmissionLimits:
+    """The pre-authentication limits (README "Pre-authentication limits") from the config."""
+    return handshake.AdmissionLimits(
+        max_handshakes=config["mps.max_handshakes"],
+        startups=moshpit.parse_max_startups(config["mps.max_startups"]),
+        max_per_source=config["mps.max_handshakes_per_source"],
+        netblock=moshpit.parse_netblock(config["mps.source_netblock"]),
+        penalties=moshpit.parse_penalties(config["mps.source_penalties"]),
+        trusted_secs=float(config["mps.trusted_source_secs"]),
+        startups_per_sec=float(config["mps.max_startups_per_sec"]))
+
+
 class Server:
     """Accepts TCP connections, runs each handshake in its own thread (bounded in number and
     time), and keeps the registry of sessions for new logins, resumes and shutdown. Create it
@@ -563,8 +578,10 @@ class Server:
         self.max_sessions = config["mps.max_sessions"]
         self.detached_timeout = config["mps.detached_session_timeout_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
+        self.hello_timeout = float(config["mps.hello_timeout_secs"])
         self.authorized_keys_file = config["mps.authorized_keys_file"] or None
-        self.limiter = handshake.HandshakeLimiter(config["mps.max_handshakes"])
+        self.limiter = handshake.HandshakeLimiter(
+            handshake.AdmissionPolicy(admission_limits(config)))
         self.listeners: List[socket.socket] = []
         self._lock = threading.Lock()
         self._sessions: Dict[bytes, Session] = {}
@@ -654,22 +671,28 @@ class Server:
         return 0
 
     def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
-            log.error("accept failed: %s", e)
-            time.sleep(0.1)
-            return
-        sock.setblocking(True)
-        self.limiter.spawn(sock, self._handshake)  # "server busy" when too many are running
+        """Take what the backlog holds (up to ACCEPT_BATCH per wake-up: a flood of refused
+        connections then costs one select per batch, not one per connection)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
+                log.error("accept failed: %s", e)
+                time.sleep(0.1)
+                return
+            sock.setblocking(True)
+            self.limiter.spawn(sock, self._handshake)  # refused by the pre-auth limits?
 
     # -- handshakes ------------------------------------------------------------------------
 
-    def _handshake(self, sock: socket.socket) -> None:
-        """One handshake (own thread; the limiter closes ``sock``). A new session set up by
-        ``decide`` starts only if the handshake completes; otherwise it is undone."""
+    def _handshake(self, sock: socket.socket, report) -> None:
+        """One handshake (own thread; the limiter closes ``sock`` and gets its outcome through
+        ``report``). A new session set up by ``decide`` starts only if the handshake
+        completes; otherwise it is undone."""
         created: List[Session] = []
 
         def decide(auth):
@@ -681,7 +704,8 @@ class Server:
         auth = None
         try:
             auth = handshake.server_handshake(sock, self.host_key, decide,
-                                              timeout=self.handshake_timeout)
+                                              timeout=self.handshake_timeout,
+                                              hello_timeout=self.hello_timeout, report=report)
         finally:
             for session in created:
                 self._setup_done(session, auth)

@@ -14,11 +14,16 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import moshpit
 import moshpit_handshake as hs
 import moshpit_trust as trust
 from moshpit_keys import PrivateKey, PublicKey
 
 LOOPBACK = "127.0.0.1"
+# No early drop, penalties or rate limit: tests that fail handshakes on purpose must not lock
+# themselves out.
+UNLIMITED = hs.AdmissionLimits(max_handshakes=64, startups=(64, 100, 64), max_per_source=64,
+                               penalties=moshpit.parse_penalties("no"), startups_per_sec=0)
 
 
 def frame(body: bytes) -> bytes:
@@ -137,14 +142,18 @@ class ReferenceDecider:
 
 class LoopbackServer:
     """A listener on 127.0.0.1 that runs ``server_handshake`` in HandshakeLimiter threads.
-    ``results`` receives each handshake's return value (AuthInfo or None)."""
+    ``results`` receives each handshake's return value (AuthInfo or None), ``events`` what
+    each reported (progress and outcome) with its peer's address."""
 
     def __init__(self, host_key: PrivateKey, decide: Callable[[hs.AuthInfo], hs.SessionGrant],
                  timeout: float = 5.0, limiter: Optional[hs.HandshakeLimiter] = None,
-                 host: str = LOOPBACK) -> None:
+                 host: str = LOOPBACK, hello_timeout: Optional[float] = None) -> None:
         self.host_key, self.decide, self.timeout = host_key, decide, timeout
-        self.limiter = limiter or hs.HandshakeLimiter(64, max_per_peer=64)
+        self.hello_timeout = hello_timeout
+        self.limiter = limiter or hs.HandshakeLimiter(hs.AdmissionPolicy(UNLIMITED))
         self.results: queue.Queue[Optional[hs.AuthInfo]] = queue.Queue()
+        # (peer address, event) for everything each handshake reports to the limiter
+        self.events: queue.Queue[Tuple[str, str]] = queue.Queue()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.bind((host, 0))
@@ -169,8 +178,18 @@ class LoopbackServer:
                 sock, _ = self.listener.accept()
                 self.limiter.spawn(sock, self._handshake)
 
-    def _handshake(self, sock: socket.socket) -> None:
-        self.results.put(hs.server_handshake(sock, self.host_key, self.decide, self.timeout))
+    def _handshake(self, sock: socket.socket, report: Callable[[str], object]) -> None:
+        try:
+            peer = sock.getpeername()[0]
+        except OSError:
+            peer = "?"
+
+        def record(event: str) -> None:
+            self.events.put((peer, event))
+            report(event)
+
+        self.results.put(hs.server_handshake(sock, self.host_key, self.decide, self.timeout,
+                                             self.hello_timeout, record))
 
     def result(self, timeout: float = 10.0) -> Optional[hs.AuthInfo]:
         return self.results.get(timeout=timeout)

@@ -4,6 +4,7 @@ connection errors, the server deadline, the concurrency cap, and what reaches th
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import http.server
@@ -14,6 +15,7 @@ import time
 import pytest
 from handshake_util import (
     LOOPBACK,
+    UNLIMITED,
     LoopbackServer,
     ReferenceDecider,
     fake_user,
@@ -298,7 +300,8 @@ def test_reconnects_once_when_the_prompt_outlasts_the_server(setup, caplog):
 
 
 def test_busy_server_says_so_and_recovers(setup):
-    limiter = hs.HandshakeLimiter(2, max_per_peer=2)
+    limiter = hs.HandshakeLimiter(
+        hs.AdmissionPolicy(dataclasses.replace(UNLIMITED, max_handshakes=2)))
     with setup.server(limiter=limiter, timeout=20.0) as server:
         hogs = [socket.create_connection((LOOPBACK, server.port)) for _ in range(2)]
         deadline = time.monotonic() + 10
@@ -315,21 +318,6 @@ def test_busy_server_says_so_and_recovers(setup):
         server.result()
         server.wait_idle()
         assert setup.connect(server).grant
-
-
-def test_limiter_caps_in_total_and_per_peer():
-    limiter = hs.HandshakeLimiter(4)
-    assert limiter.max_per_peer == 1
-    limiter = hs.HandshakeLimiter(5, max_per_peer=2)
-    assert limiter.try_acquire("a") and limiter.try_acquire("a")
-    assert not limiter.try_acquire("a")
-    assert limiter.try_acquire("b") and limiter.try_acquire("b") and limiter.try_acquire("c")
-    assert not limiter.try_acquire("d") and limiter.active == 5
-    limiter.release("a")
-    assert limiter.try_acquire("d")
-    for peer in "abbcd":
-        limiter.release(peer)
-    assert limiter.active == 0
 
 
 def secret_forms(secret: bytes):
