@@ -215,9 +215,12 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         # "" = ~/.mp/authorized_keys of the *target* user: resolved per login by the server.
         "mps.authorized_keys_file": _Key(str, ""),
         "mps.max_sessions": _Key(int, 256, _at_least(1)),
+        "mps.max_sessions_per_user": _Key(int, 16, _at_least(1)),
         "mps.max_handshakes": _Key(int, 64, _at_least(1)),
         "mps.handshake_timeout_secs": _Key(int, 10, _at_least(1)),
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
+        # A session whose client never reached it over UDP (mosh-server waits 60 s too).
+        "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never
         **_common_keys(),
     },
     "client": {
