@@ -26,7 +26,7 @@ Wire format (all integers big-endian)::
     PING  (3) = (empty)   the client pings when idle; the server answers with an ACK at once
     PATH_CHALLENGE (4) = data:8   "prove you receive at this address": answered at once ...
     PATH_RESPONSE  (5) = data:8   ... to the address the challenge came from, echoing data
-    PADDING (6) = zeros   fills the client's first packets under new keys to a full datagram
+    PADDING (6) = zeros   fills the client's first pings under new keys to a full datagram
     control message on stream 1 = type:u8 | length:u8 | body
       RESIZE (1) rows:u16 cols:u16 | CLOSE (2) status:i32 final_offset:u64 | SHUTDOWN (3) utf-8
 
@@ -214,7 +214,7 @@ LOSSY = 0.05  # ... i.e. when this fraction of our packets were found lost recen
 AMPLIFICATION_FACTOR = 3  # bytes sent to an unvalidated address per byte received from it
 CHALLENGES_KEPT = 4  # recent challenges to an address that a response may answer
 PENDING_RESPONSES = 4  # challenges answered per flush; more in between are dropped
-CHALLENGE_DATAGRAM = OVERHEAD + FRAME.size + PATH_DATA_SIZE
+CHALLENGE_DATAGRAM = OVERHEAD + FRAME.size + PATH_DATA_SIZE  # and a response's size
 
 
 class DataReceived(NamedTuple):
@@ -243,7 +243,8 @@ class ShutdownReceived(NamedTuple):
 
 
 class PeerAddressChanged(NamedTuple):
-    """Newer authenticated packets arrive from ``addr``: replies go there from now on."""
+    """Replies go to ``addr`` from now on: the peer's first address, or a new one that
+    answered a path challenge (see PathProbe)."""
 
     addr: tuple
 
@@ -1169,12 +1170,12 @@ class Connection:
         probe = self._probe
         while self._responses:
             data, addr = self._responses.popleft()
-            datagram = self._seal(FRAME.pack(FRAME_PATH_RESPONSE, PATH_DATA_SIZE) + data, now)
-            if probe is not None and addr == probe.addr:
-                if probe.allowance() < len(datagram):
+            if probe is not None and addr == probe.addr:  # answers count against its limit
+                if probe.allowance() < CHALLENGE_DATAGRAM:
                     continue
-                probe.sent += len(datagram)
-            out.append((datagram, addr))
+                probe.sent += CHALLENGE_DATAGRAM
+            out.append((self._seal(FRAME.pack(FRAME_PATH_RESPONSE, PATH_DATA_SIZE) + data, now),
+                        addr))
         if probe is not None and now >= probe.next_challenge and self._may_challenge():
             data = probe.challenge(now, self._rto())
             datagram = self._seal(FRAME.pack(FRAME_PATH_CHALLENGE, PATH_DATA_SIZE) + data, now)
@@ -1209,7 +1210,8 @@ class Connection:
         return self._tx.seal(pn, payload)
 
     def datagrams_to_send(self, now: float) -> list:
-        """Datagrams due now, as ``(bytes, addr)``: acks, pings, paced stream data."""
+        """Datagrams due now, as ``(bytes, addr)``: path challenges and responses, acks,
+        pings, paced stream data."""
         self._now = now
         self._more = False
         out = self._path_datagrams(now)
