@@ -45,7 +45,8 @@ EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) e
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
 RESUME_AFTER_SECS = 10.0  # silence before a UDP port hop + TCP resume handshake
 FIRST_BACKOFF_SECS = 2.0
-QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye
+QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
+QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
 
@@ -562,14 +563,7 @@ class Resumer:
         threading.Thread(target=self._run, args=(request,), name="resume", daemon=True).start()
 
     def _run(self, request) -> None:
-        try:
-            outcome = self.handshake(request)
-        except moshpit.MoshpitError as err:
-            outcome = err
-        except Exception as err:  # a bug must not kill the session: report it as a failure
-            log.exception("resume handshake crashed")
-            outcome = moshpit_handshake.HandshakeError(f"resume failed: {err!r}")
-        self.results.put(outcome)
+        self.results.put(attempt_handshake(self.handshake, request))
         self.waker.wake()
 
     def take(self, now: float):
@@ -587,6 +581,18 @@ class Resumer:
         """Packets flow again: the next outage starts the schedule from the beginning."""
         self.backoff = FIRST_BACKOFF_SECS
         self.not_before = 0.0
+
+
+def attempt_handshake(handshake, request):
+    """``handshake(request)`` for a background thread: its ClientResult, or the MoshpitError
+    it failed with. Never raises: a bug must not kill the session, it counts as a failure."""
+    try:
+        return handshake(request)
+    except moshpit.MoshpitError as err:
+        return err
+    except Exception as err:
+        log.exception("handshake crashed")
+        return moshpit_handshake.HandshakeError(f"handshake failed: {err!r}")
 
 
 def is_final(err: moshpit.MoshpitError) -> bool:
@@ -640,6 +646,7 @@ class Session:
         self.stdin_open = True
         self.winsize = target.winsize()
         self.outcome = None
+        self.quit_failure = None  # why the server could not be told that we quit
         now = time.monotonic()
         # Our own "last heard": Connection.last_heard also counts a resume handshake as
         # contact, but the banner and the resume schedule are about UDP packets arriving.
@@ -662,6 +669,9 @@ class Session:
         finally:
             self.router.in_loop = False
             self.link.close()
+        if self.quit_failure:
+            self.outcome.message = "\n".join(filter(None, (self.outcome.message,
+                                                           self.quit_failure)))
         return self.outcome
 
     def _step(self) -> None:
@@ -837,10 +847,45 @@ class Session:
             self.outcome = Outcome(EXIT_FAILURE, None)
 
     def _quit(self, reason: str) -> None:
-        """Tell the server the session is over (it SIGHUPs the shell): best effort, waiting
-        briefly for the ack, never long (the server may be unreachable)."""
+        """Tell the server the session is over, so it hangs up the shell instead of keeping
+        the session detached for days: over UDP, waiting briefly for the ack (not at all
+        in an outage), and without an ack by a quit request over TCP. A few seconds at
+        most: the server may be unreachable and the user wants out."""
         self.conn.send_shutdown(reason)
-        self._linger(QUIT_FLUSH_SECS, self.conn.all_acked)
+        now = time.monotonic()
+        in_outage = now - self.heard >= BANNER_AFTER_SECS
+        self._linger(0.0 if in_outage else QUIT_FLUSH_SECS, self.conn.all_acked)
+        if self.conn.all_acked():
+            return
+        why = self._request_end()
+        if why is not None:
+            log.warning("could not end the session on the server: %s", why)
+            self.quit_failure = (f"mp: the server could not be told to end the session ({why});"
+                                 " it stays there, detached, until the server's"
+                                 " detached_session_timeout_secs runs out (a week by default).")
+
+    def _request_end(self):
+        """The quit request over TCP: a resume handshake (our key, the resume secret's proof)
+        asking the server to end the session. None once it has (or the session was gone
+        already), else why not. Bounded by QUIT_REQUEST_SECS; the thread left running after
+        that is a daemon and dies with us."""
+        request = self.target.request(*self.winsize, session_id=self.session_id,
+                                      resume_secret=self.resume_secret,
+                                      recv_offset=self.conn.recv_offset, end_session=True)
+        results = queue.Queue()
+        threading.Thread(target=lambda: results.put(
+            attempt_handshake(self._resume_handshake, request)), name="quit", daemon=True).start()
+        try:
+            outcome = results.get(timeout=QUIT_REQUEST_SECS)
+        except queue.Empty:
+            return f"no answer within {QUIT_REQUEST_SECS:g} s"
+        if is_gone(outcome):
+            log.info("quit request: the session had ended already")
+        elif isinstance(outcome, moshpit.MoshpitError):
+            return str(outcome)
+        else:
+            log.info("quit request: the server ended the session")
+        return None
 
     def _finish(self) -> None:
         """Ack what the server sent last (it resends a close until acked), write what is
@@ -926,12 +971,12 @@ class Target:
         return (rows or 24, cols or 80)
 
     def request(self, rows: int, cols: int, session_id=None, resume_secret=None,
-                recv_offset: int = 0):
+                recv_offset: int = 0, end_session: bool = False):
         return moshpit_handshake.ClientRequest(
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
-            resume_recv_offset=recv_offset)
+            resume_recv_offset=recv_offset, end_session=end_session)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(

@@ -66,10 +66,15 @@ class ShellError(MoshpitError):
 
 
 def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, str],
-                      connection: str) -> Dict[str, str]:
+                      connection: str, tty_path: str) -> Dict[str, str]:
     """The shell's environment, built from scratch (nothing of the server's leaks in): the
     user's identity, a sane PATH, TERM and LANG/LC_* from the client, and MOSHPIT_CONNECTION
-    ("client_ip client_port server_ip server_port", like SSH_CONNECTION)."""
+    ("client_ip client_port server_ip server_port").
+
+    SSH_CONNECTION (the same), SSH_CLIENT ("client_ip client_port server_port") and SSH_TTY
+    (the PTY's path) are set exactly as sshd sets them: prompts, rc files and tools (tmux,
+    screen, "am I remote?" checks) look for them to tell a remote login from a local one."""
+    client_ip, client_port, _server_ip, server_port = connection.split()
     env = {
         "HOME": pw.pw_dir,
         "USER": pw.pw_name,
@@ -78,6 +83,9 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
         "PATH": ROOT_PATH if pw.pw_uid == 0 else USER_PATH,
         "TERM": term if _TERM_VALUE.fullmatch(term or "") else "dumb",
         "MOSHPIT_CONNECTION": connection,
+        "SSH_CONNECTION": connection,
+        "SSH_CLIENT": f"{client_ip} {client_port} {server_port}",
+        "SSH_TTY": tty_path,
     }
     for name, value in client_env.items():
         if _CLIENT_ENV_NAME.fullmatch(name) and _CLIENT_ENV_VALUE.fullmatch(value):
@@ -113,11 +121,11 @@ class PtyShell:
                  client_env: Dict[str, str], connection: str):
         self.user = pw.pw_name
         shell = pw.pw_shell or "/bin/sh"
-        env = login_environment(pw, term, client_env, connection)
         cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
         identity = {}
         master, slave = os.openpty()
         try:
+            env = login_environment(pw, term, client_env, connection, os.ttyname(slave))
             moshpit.set_winsize(master, rows, cols)
             if os.geteuid() == 0:
                 # The user owns their terminal (mesg, write), like sshd does.
@@ -206,15 +214,26 @@ RESUME_WAIT_SECS = 5.0
 MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading it
 
 
-class _Resume:
-    """A resume handed from a handshake thread to the session thread; answered with the
+class _Request:
+    """A request handed from a handshake thread to the session thread; answered with the
     session's received-input offset (None: the session ended meanwhile)."""
 
-    def __init__(self, keys, peer_recv_offset: int):
-        self.keys = keys
-        self.peer_recv_offset = peer_recv_offset
+    def __init__(self):
         self.recv_offset: Optional[int] = None
         self.done = threading.Event()
+
+
+class _Resume(_Request):
+    """Re-attach the client under new keys; resend our output from ``peer_recv_offset``."""
+
+    def __init__(self, keys, peer_recv_offset: int):
+        super().__init__()
+        self.keys = keys
+        self.peer_recv_offset = peer_recv_offset
+
+
+class _EndRequest(_Request):
+    """The session's owner quit and said so over TCP (UDP could not carry it): end it."""
 
 
 class Session:
@@ -275,7 +294,14 @@ class Session:
         """Re-attach a client (handshake thread): the session thread rekeys its Connection and
         resends from ``peer_recv_offset``. Returns our received-input offset, or None if the
         session ended meanwhile or did not answer in time."""
-        request = _Resume(keys, peer_recv_offset)
+        return self._ask(_Resume(keys, peer_recv_offset))
+
+    def end_by_client(self) -> Optional[int]:
+        """The owner's quit request (handshake thread): the session thread hangs up the shell.
+        Returns our received-input offset, or None if the session had already ended."""
+        return self._ask(_EndRequest())
+
+    def _ask(self, request: _Request) -> Optional[int]:
         self._post(request)
         request.done.wait(RESUME_WAIT_SECS)
         return request.recv_offset
@@ -287,7 +313,7 @@ class Session:
     def _post(self, message) -> None:
         with self._wake_lock:
             if self._wake_closed:  # the session is over
-                if isinstance(message, _Resume):
+                if isinstance(message, _Request):
                     message.done.set()
                 return
             self._inbox.put(message)
@@ -304,7 +330,7 @@ class Session:
             os.close(self._wake_r)
             os.close(self._wake_w)
         for message in self._posted():
-            if isinstance(message, _Resume):
+            if isinstance(message, _Request):
                 message.done.set()
 
     def _posted(self):
@@ -394,6 +420,10 @@ class Session:
                 message.done.set()
                 log.info("session %s resumed (client had %d bytes, we had %d)", self.name,
                          message.peer_recv_offset, message.recv_offset)
+            elif isinstance(message, _EndRequest):
+                message.recv_offset = self.conn.recv_offset
+                message.done.set()
+                self._end("by the client's quit request", now, 0.0)
             elif message == "shutdown":
                 self.conn.send_shutdown("server shutting down")
                 self._end("server shutting down", now, SHUTDOWN_FLUSH_SECS)
@@ -714,27 +744,43 @@ class Server:
                 handshake.PERMISSION_DENIED,
                 f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
         request = auth.request
+        if request.end_session:
+            return self._quit_session(auth), None
         if request.resume_session_id is not None:
             return self._resume(auth), None
         return self._new_session(auth, pw)
 
-    def _resume(self, auth):
-        request = auth.request
+    def _owned_session(self, auth, what: str) -> Session:
+        """The session a resume or quit request names, if this client owns it: same user,
+        same key, and proof (in this handshake) of the session's resume secret."""
         with self._lock:
-            session = self._sessions.get(request.resume_session_id)
+            session = self._sessions.get(auth.request.resume_session_id)
         if session is None or session.user != auth.user or session.client_key != auth.client_key:
             raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        "resume of an unknown session (or another user's/key's)")
+                                        f"{what} of an unknown session (or another user's/key's)")
         if not auth.resume_proof_valid(session.resume_secret):
             raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
-                                        f"resume of session {session.name}: bad resume proof")
-        recv_offset = session.resume(auth.keys, request.resume_recv_offset)
+                                        f"{what} of session {session.name}: bad resume proof")
+        return session
+
+    def _resume(self, auth):
+        session = self._owned_session(auth, "resume")
+        recv_offset = session.resume(auth.keys, auth.request.resume_recv_offset)
         if recv_offset is None:
             raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
                                         f"session {session.name} ended during the resume")
-        return handshake.SessionGrant(session_id=session.session_id,
-                                      resume_secret=session.resume_secret,
-                                      udp_port=session.udp_port, recv_offset=recv_offset)
+        return _grant(session, recv_offset)
+
+    def _quit_session(self, auth):
+        """The client quit while UDP was down: end its session now rather than keep it
+        detached. Granted once the session thread has taken the request (it then hangs up
+        the shell); "no such session" if the session had ended anyway."""
+        session = self._owned_session(auth, "quit request")
+        recv_offset = session.end_by_client()
+        if recv_offset is None:
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
+                                        f"session {session.name} had ended before the quit request")
+        return _grant(session, recv_offset)
 
     def _claim_slot(self, user: str) -> None:
         """Count a new session of ``user`` against max_sessions and max_sessions_per_user
@@ -785,10 +831,14 @@ class Server:
             raise
         session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
                           shell)
-        grant = handshake.SessionGrant(session_id=session.session_id,
-                                       resume_secret=session.resume_secret,
-                                       udp_port=session.udp_port, recv_offset=0)
-        return grant, session
+        return _grant(session, 0), session
+
+
+def _grant(session: Session, recv_offset: int):
+    """What the client is told about its session: where it is and how to resume it."""
+    return handshake.SessionGrant(session_id=session.session_id,
+                                  resume_secret=session.resume_secret,
+                                  udp_port=session.udp_port, recv_offset=recv_offset)
 
 
 # ---------------------------------------------------------------------------
