@@ -28,6 +28,7 @@ import queue
 import select
 import shlex
 import signal
+import subprocess
 import sys
 import termios
 import threading
@@ -73,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "yes (refuse unless already in known_hosts)")
     p.add_argument("--print-config", action="store_true",
                    help="print every effective setting and where it came from, then exit")
+    p.add_argument("--copy-id", action="store_true",
+                   help="instead of connecting, authorize your public key (-k) for "
+                   "SERVER_DESTINATION through the system ssh, like ssh-copy-id: appends it "
+                   "once to ~/.mp/authorized_keys there (made 0600, ~/.mp 0700)")
+    p.add_argument("--ssh-command", metavar="COMMAND", default="ssh",
+                   help="the ssh that --copy-id runs, with its options "
+                   "(default: ssh; e.g. \"ssh -p 2222\")")
     p.add_argument("-V", "--version", action="version", version=f"mp {moshpit.__version__}")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
@@ -1021,20 +1029,77 @@ def run_client(config, prompter: Prompter) -> int:
     return outcome.status
 
 
+# What --copy-id runs on the server, through `sh` whatever the login shell is (csh, fish):
+# the key line arrives on stdin. Private modes from the start (umask) and enforced on what
+# exists (`: >>` creates the file without touching an existing one's time). The key is
+# appended only if no uncommented line holds the same key blob (its `moshpit` or
+# `ssh-ed25519` form, any comment), after a newline if the file lacks a final one.
+COPY_ID_SCRIPT = r"""
+umask 077
+cd || exit 1
+mkdir -p .mp && chmod 700 .mp && : >> .mp/authorized_keys && chmod 600 .mp/authorized_keys \
+    || exit 1
+IFS= read -r line || exit 1
+set -f
+set -- $line
+if awk -v blob="$2" '!/^[ \t]*#/ { for (i = 1; i <= NF; i++) if ($i == blob) found = 1 }
+        END { exit !found }' .mp/authorized_keys; then
+    echo "moshpit-copy-id: present"
+else
+    if [ -s .mp/authorized_keys ] && [ -n "$(tail -c 1 .mp/authorized_keys)" ]; then
+        echo >> .mp/authorized_keys
+    fi
+    printf '%s\n' "$line" >> .mp/authorized_keys && echo "moshpit-copy-id: added"
+fi
+"""
+
+
+def copy_id(config, ssh_command: str) -> int:
+    """``mp --copy-id [user@]host``: add our public key to the server user's
+    ~/.mp/authorized_keys through the system ssh (its config, agent, password prompts on the
+    terminal), once. Returns ssh's exit status (0 when the key is there)."""
+    destination = config["server_destination"]
+    if not destination:
+        raise moshpit.MoshpitError("--copy-id needs a destination: mp --copy-id [user@]host")
+    path = config["public_key_path"]
+    if not os.path.exists(path):
+        raise moshpit.MoshpitError(
+            f"no public key at {path}; create a key pair with: python3 mp_keygen.py generate")
+    key = moshpit_keys.load_public_key(path)
+    remote = "exec sh -c " + shlex.quote(COPY_ID_SCRIPT)
+    argv = shlex.split(ssh_command) + ["--", destination, remote]
+    try:
+        result = subprocess.run(argv, input=key.to_line() + "\n", stdout=subprocess.PIPE,
+                                text=True)
+    except OSError as err:
+        raise moshpit.MoshpitError(f"cannot run {argv[0]}: {err.strerror or err} "
+                                   "(install the OpenSSH client or pass --ssh-command)")
+    where = f"{destination}:~/.mp/authorized_keys"
+    said = result.stdout.splitlines()
+    if result.returncode == 0 and "moshpit-copy-id: added" in said:
+        print(f"mp: key {key.fingerprint()} added to {where}")
+    elif result.returncode == 0 and "moshpit-copy-id: present" in said:
+        print(f"mp: key {key.fingerprint()} is already in {where}; nothing changed")
+    else:
+        print(f"mp: could not add key {key.fingerprint()} to {where} "
+              f"({argv[0]} exited with status {result.returncode})", file=sys.stderr)
+        return result.returncode or EXIT_FAILURE
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prompter = Prompter()
     try:
         config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)
         if args.print_config:
-            print(f"# config file: {config.path or 'none'}")
-            print(f"# log file: {args.tracing or moshpit.default_log_path('client', config.home)}")
-            print(config.describe())
-            for warning in config.warnings:
-                print(f"# warning: {warning}")
+            log_path = args.tracing or moshpit.default_log_path("client", config.home)
+            print(moshpit.config_report(config, {"log file": log_path}))
             return 0
         for warning in config.warnings:
             prompter.say(f"mp: warning: {warning}")
+        if args.copy_id:
+            return copy_id(config, args.ssh_command)
         moshpit.setup_logging("client", config, log_path=args.tracing)
         return run_client(config, prompter)
     except moshpit.MoshpitError as err:

@@ -860,6 +860,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="UDP ports for sessions (default 50000-59999)")
     parser.add_argument("--generate-host-key", action="store_true",
                         help="create the host key pair if it does not exist yet")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--print-config", action="store_true",
+                        help="print every effective setting and where it came from, then exit")
+    action.add_argument("--stop", action="store_true",
+                        help="stop the mps running with this configuration (its mps.pid_file)")
     parser.add_argument("-V", "--version", action="version",
                         version=f"mps {moshpit.__version__}")
     return parser.parse_args(argv)
@@ -905,32 +910,201 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+class PidFile:
+    """``mps.pid_file``: the running mps's pid, so ``mps --stop`` needs no ``ps`` and a second
+    mps with the same configuration is refused before it touches anything. Created atomically
+    (a complete file or none: written aside, then hard-linked into place, which fails if the
+    name exists) and removed at exit by the process that wrote it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._owned = False
+
+    def pid(self) -> Optional[int]:
+        """The pid in the file, or None (no file, or not a pid)."""
+        try:
+            with open(self.path) as f:
+                text = f.read(32).strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise MoshpitError(f"cannot read pid file {self.path}: {e.strerror or e}")
+        return int(text) if text.isdigit() and int(text) > 0 else None
+
+    def running(self) -> Optional[int]:
+        """The pid in the file if that process is alive and is an mps (after a reboot or a
+        crash the number may belong to something else, which must not block a start)."""
+        pid = self.pid()
+        return pid if pid is not None and _is_mps(pid) else None
+
+    def create(self) -> None:
+        """Write our pid; MoshpitError if a live mps holds the file. A stale file is
+        replaced (with a log line naming the dead pid)."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            for _ in range(3):  # stale file removed -> retry; another mps won -> refused
+                aside = f"{self.path}.{os.getpid()}.tmp"
+                with open(aside, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+                try:
+                    os.link(aside, self.path)
+                    self._owned = True
+                    return
+                except FileExistsError:
+                    pass
+                finally:
+                    os.unlink(aside)
+                other = self.running()
+                if other is not None:
+                    raise MoshpitError(
+                        f"another mps is already running (pid {other}, pid file "
+                        f"{self.path}): stop it with `python3 mps.py --stop`, or give this "
+                        "one its own mps.pid_file and mps.port")
+                log.info("replacing stale pid file %s (pid %s is not running)", self.path,
+                         self.pid() or "?")
+                self.discard()
+        except OSError as e:
+            raise MoshpitError(f"cannot create pid file {self.path}: {e.strerror or e} "
+                               "(set mps.pid_file to a writable path)")
+        raise MoshpitError(f"cannot create pid file {self.path}: it keeps reappearing")
+
+    def discard(self) -> None:
+        """Remove the file whoever wrote it (it was found stale)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def remove(self) -> None:
+        """Remove the file if we wrote it and it still names us."""
+        if self._owned and self.pid() == os.getpid():
+            self.discard()
+        self._owned = False
+
+
+def _is_mps(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process running mps, as far as we can tell."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's: judge by its command line below
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                return False  # exited; its parent has not collected it yet
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return True  # no /proc: a live process is the best evidence we have
+    return any(os.path.basename(arg) in (b"mps.py", b"mps") for arg in argv)
+
+
+STOP_WAIT_SECS = SHUTDOWN_FLUSH_SECS + HANGUP_GRACE_SECS + 2.0  # mps's own shutdown, and some
+
+
+def pid_file_path(config: moshpit.Config) -> str:
+    return os.path.expanduser(config["mps.pid_file"]) or moshpit.default_pid_path(config.home)
+
+
+def stop_server(config: moshpit.Config) -> int:
+    """``mps --stop``: SIGTERM the mps named by the pid file and wait for it to exit."""
+    pid_file = PidFile(pid_file_path(config))
+    pid = pid_file.running()
+    if pid is None:
+        stale = pid_file.pid()
+        if stale is None:
+            print(f"mps: no mps is running (no pid file {pid_file.path})", file=sys.stderr)
+        else:
+            pid_file.discard()
+            print(f"mps: no mps is running (pid {stale} in {pid_file.path} has exited; "
+                  "removed the stale pid file)", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        print(f"mps: cannot stop mps (pid {pid}): it runs as another user; run --stop as "
+              "that user or as root", file=sys.stderr)
+        return 1
+    except ProcessLookupError:
+        pass  # exited meanwhile: the loop below reports it
+    deadline = time.monotonic() + STOP_WAIT_SECS
+    while _is_mps(pid):  # a zombie counts as gone: the parent may be slow to reap it
+        if time.monotonic() >= deadline:
+            print(f"mps: mps (pid {pid}) has not exited {STOP_WAIT_SECS:g} s after SIGTERM; "
+                  f"`kill -KILL {pid}` ends it at once", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"mps: stopped mps (pid {pid})")
+    return 0
+
+
+class _StartupWarnings(logging.Handler):
+    """Until mps has started, copy WARNING records to stderr as ``mps: warning: ...``, so a
+    skipped config file or a listener that failed is seen where mps was started (a terminal,
+    the systemd journal), not only in the log. Not used with -e, which logs to stderr."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.addFilter(lambda record: record.levelno == logging.WARNING)  # errors: main says
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"mps: warning: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging_ready = False
+    startup_warnings = None
+    pid_file = None
+    started = False
+    root_logger = logging.getLogger(moshpit.ROOT_LOGGER)
     try:
         config = moshpit.load_config("server", cli=cli_overrides(args), path=args.config)
-        moshpit.setup_logging("server", config, log_path=args.tracing,
+        log_path = args.tracing or moshpit.default_log_path("server", config.home)
+        if args.print_config:
+            print(moshpit.config_report(config, {"log file": log_path,
+                                                 "pid file": pid_file_path(config)}))
+            return 0
+        if args.stop:
+            for warning in config.warnings:
+                print(f"mps: warning: {warning}", file=sys.stderr)
+            return stop_server(config)
+        moshpit.setup_logging("server", config, log_path=log_path,
                               stderr=args.enable_std_output)
         logging_ready = True
+        if not args.enable_std_output:
+            startup_warnings = _StartupWarnings()
+            root_logger.addHandler(startup_warnings)
         for line in config.describe().splitlines():
             log.debug("config: %s", line)
         for warning in config.warnings:
             log.warning("%s", warning)
-            if not args.enable_std_output:
-                print(f"mps: warning: {warning}", file=sys.stderr)
+        pid_file = PidFile(pid_file_path(config))
+        pid_file.create()
         host_key = load_host_key(config, args.generate_host_key)
         _raise_fd_limit()
         server = Server(config, host_key)
         server.listen()
+        started = True
     except MoshpitError as e:
         if logging_ready:
             log.error("%s", e)
         print(f"mps: {e}", file=sys.stderr)
         return 1
+    finally:
+        if startup_warnings is not None:
+            root_logger.removeHandler(startup_warnings)
+        if pid_file is not None and not started:
+            pid_file.remove()
     log.info("mps %s started (pid %d, host key %s)", moshpit.__version__, os.getpid(),
              host_key.public.fingerprint())
-    return server.serve_forever()
+    try:
+        return server.serve_forever()
+    finally:
+        pid_file.remove()
 
 
 if __name__ == "__main__":
