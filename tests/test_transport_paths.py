@@ -241,3 +241,31 @@ def test_malformed_path_frames_are_ignored():
             if addr == CLIENT_ADDR2]
     assert sent.count([mt.FRAME_PATH_RESPONSE]) == 1, "only the 8-byte challenge is answered"
     assert sent.count([mt.FRAME_PATH_CHALLENGE]) == 1
+
+
+def test_resume_from_a_new_address_is_validated_like_a_roam():
+    """After a resume handshake the server keeps the address it had validated; the client's
+    first packets under the new keys come from a new address, which is challenged before
+    the output moves there (the handshake's TCP connection proves nothing about it)."""
+    net = TapNet(25, delay=0.02)
+    sim = Sim(net, keys=make_keys(25), down=random_bytes(random.Random(25), 300_000))
+    sim.run_until(lambda: len(sim.client.received) > 50_000, limit=10)
+    net.blackout_until = sim.now + 15
+    sim.run_for(12)
+    client, server = sim.client.conn, sim.server.conn
+    new_keys = make_keys(26)
+    client_has, server_has = client.recv_offset, server.recv_offset
+    sim.client.addr = CLIENT_ADDR2
+    client.rekey(new_keys, server_has, sim.now, SERVER_ADDR)
+    server.rekey(new_keys, client_has, sim.now)
+    assert server.peer_addr == CLIENT_ADDR
+    challenges = []
+
+    def count_challenges(datagram, src, dst):
+        if dst == CLIENT_ADDR2 and is_challenge(datagram):
+            challenges.append(datagram)
+        return [(datagram, src, dst)]
+
+    net.tap = count_challenges
+    finish(sim, limit=sim.now + 30)
+    assert challenges and moves(sim.server) == [CLIENT_ADDR, CLIENT_ADDR2]
