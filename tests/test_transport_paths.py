@@ -13,7 +13,7 @@ import pytest
 import moshpit_transport as mt
 from moshpit import MAX_DATAGRAM
 from test_transport import (CLIENT_ADDR, CLIENT_ADDR2, MB, SERVER_ADDR, Sim, SimNet, authentic,
-                            finish, frame, make_keys, random_bytes)
+                            finish, frame, make_keys, random_bytes, resume)
 
 ATTACKER_ADDR = ("192.0.2.66", 6666)
 REBOUND_ADDR = (CLIENT_ADDR[0], CLIENT_ADDR[1] + 1)  # same host, new port: a NAT rebinding
@@ -252,13 +252,8 @@ def test_resume_from_a_new_address_is_validated_like_a_roam():
     sim.run_until(lambda: len(sim.client.received) > 50_000, limit=10)
     net.blackout_until = sim.now + 15
     sim.run_for(12)
-    client, server = sim.client.conn, sim.server.conn
-    new_keys = make_keys(26)
-    client_has, server_has = client.recv_offset, server.recv_offset
-    sim.client.addr = CLIENT_ADDR2
-    client.rekey(new_keys, server_has, sim.now, SERVER_ADDR)
-    server.rekey(new_keys, client_has, sim.now)
-    assert server.peer_addr == CLIENT_ADDR
+    resume(sim, CLIENT_ADDR2, make_keys(26))
+    assert sim.server.conn.peer_addr == CLIENT_ADDR
     challenges = []
 
     def count_challenges(datagram, src, dst):
