@@ -271,6 +271,7 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         # "" = ~/.mp/authorized_keys of the *target* user: resolved per login by the server.
         "mps.authorized_keys_file": _Key(str, ""),
         "mps.max_sessions": _Key(int, 256, _at_least(1)),
+        "mps.max_sessions_per_user": _Key(int, 16, _at_least(1)),
         "mps.max_handshakes": _Key(int, 64, _at_least(1)),
         "mps.handshake_timeout_secs": _Key(int, 10, _at_least(1)),
         # Pre-authentication limits (README "Pre-authentication limits"): sshd-like defaults.
@@ -284,6 +285,8 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.trusted_source_secs": _Key(int, 604800, _at_least(0)),
         "mps.max_startups_per_sec": _Key(int, 100, _at_least(0)),  # 0 = no limit
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
+        # A session whose client never reached it over UDP (mosh-server waits 60 s too).
+        "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never
         # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
         "mps.pid_file": _Key(str, ""),
         **_common_keys(),

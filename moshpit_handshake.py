@@ -110,10 +110,16 @@ NO_SUCH_SESSION = "no such session"
 PROTOCOL_ERROR = "protocol error"
 SHUTTING_DOWN = "server shutting down"
 USER_NOT_SERVED = "user not served"  # a server without root serves only its own user
+SESSION_LIMIT = "session limit reached"  # mps.max_sessions
+USER_SESSION_LIMIT = "too many sessions for user"  # mps.max_sessions_per_user
 REFUSAL_CODES = (PERMISSION_DENIED, SERVER_BUSY, NO_SUCH_SESSION, PROTOCOL_ERROR, SHUTTING_DOWN,
-                 USER_NOT_SERVED)
-# Retrying cannot help: the client stops.
-FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION, USER_NOT_SERVED)
+                 USER_NOT_SERVED, SESSION_LIMIT, USER_SESSION_LIMIT)
+# Retrying cannot help: the client stops. Final codes are believed only inside the
+# authenticated ServerFinish. The session limits answer only a new-session request (a resume
+# is never refused by them, so the reconnect loop never meets them), and a slot frees only
+# when someone ends a session: a retry loop would not help.
+FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION, USER_NOT_SERVED, SESSION_LIMIT,
+               USER_SESSION_LIMIT)
 # The client's own finding, never sent: the peer's first bytes are another protocol.
 NOT_MOSHPIT = "not a moshpit server"
 
@@ -1510,6 +1516,14 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
         return AuthRefused(err.code, f"the moshpit server on {host} runs without root and serves"
                                      f" only the user it runs as, not {user}; connect as that"
                                      " user, or run mps.py as root to serve every user")
+    if err.code == USER_SESSION_LIMIT:
+        return AuthRefused(err.code, f"too many sessions for {user} on {host} (the server's"
+                                     " max_sessions_per_user); end one of them, or wait until"
+                                     " a detached one expires")
+    if err.code == SESSION_LIMIT:
+        return AuthRefused(err.code, f"the moshpit server on {host} has all the sessions it"
+                                     " allows (max_sessions); try again when one has ended, or"
+                                     " ask its admin to raise the limit")
     if err.code == SERVER_BUSY:
         return HandshakeError(f"server busy: {host} port {port} has too many connections"
                               " in progress; try again later", err.code)

@@ -38,6 +38,7 @@ import sys
 import termios
 import threading
 import time
+from collections import Counter
 from typing import Dict, List, Optional
 
 import moshpit
@@ -265,7 +266,7 @@ class Session:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._to_pty = bytearray()  # client input not yet taken by the PTY
-        self._client_addr = None  # where the client's UDP packets come from
+        self._client_addr = None  # where the client's UDP packets come from (None: not yet)
         self._pty_eof = False
         self._exit_status: Optional[int] = None
         self._drain_until = 0.0
@@ -483,18 +484,31 @@ class Session:
         self._ending = why
         self._end_by = None if linger is None else now + linger
 
+    def _silence_limit(self) -> tuple:
+        """(seconds the client may stay unheard, None: forever; why the session then ends).
+        Until its first UDP packet arrives, the shorter unattached timeout applies: a session
+        nobody ever reached would otherwise hold its slot for the whole detached timeout."""
+        detached = self.server.detached_timeout or None
+        unattached = self.server.unattached_timeout or None
+        if self._client_addr is None and unattached and (detached is None
+                                                         or unattached < detached):
+            return unattached, (f"never attached: no UDP packet from the client within"
+                                f" {unattached} s of the handshake (UDP blocked?)")
+        return detached, f"detached for more than {detached} s"
+
     def _deadline(self) -> Optional[float]:
         """When the session ends if nothing else happens (None: never)."""
         if self._end_by is not None:
             return self._end_by
-        detached = self.server.detached_timeout
-        return self.conn.last_heard + detached if detached else None
+        limit, _why = self._silence_limit()
+        # last_heard: the latest authentic packet, or the latest handshake (start, resume).
+        return self.conn.last_heard + limit if limit else None
 
     def _finished(self, now: float) -> bool:
         deadline = self._deadline()
         if self._ending is None:
             if deadline is not None and now >= deadline:
-                self._ending = f"detached for more than {self.server.detached_timeout} s"
+                self._ending = self._silence_limit()[1]
                 return True
             return False
         return self.conn.all_acked() or (deadline is not None and now >= deadline)
@@ -576,7 +590,9 @@ class Server:
         self.host_key = host_key
         self.port_range = moshpit.parse_port_range(config["mps.udp_port_range"])
         self.max_sessions = config["mps.max_sessions"]
+        self.max_sessions_per_user = config["mps.max_sessions_per_user"]
         self.detached_timeout = config["mps.detached_session_timeout_secs"]
+        self.unattached_timeout = config["mps.unattached_session_timeout_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
         self.hello_timeout = float(config["mps.hello_timeout_secs"])
         self.authorized_keys_file = config["mps.authorized_keys_file"] or None
@@ -585,7 +601,8 @@ class Server:
         self.listeners: List[socket.socket] = []
         self._lock = threading.Lock()
         self._sessions: Dict[bytes, Session] = {}
-        self._setting_up = 0  # new sessions inside a handshake, counted against max_sessions
+        # New sessions inside a handshake, by user: counted against the limits already.
+        self._setting_up: Counter = Counter()
         self._signals: List[int] = []
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
@@ -713,7 +730,7 @@ class Server:
     def _setup_done(self, session: Session, auth) -> None:
         why = "the handshake did not complete" if auth is None else "the server is stopping"
         with self._lock:
-            self._setting_up -= 1
+            self._release_slot(session.user)
             if auth is not None and not self._stopping:
                 # Started and registered together: shutdown sees only running sessions.
                 try:
@@ -812,12 +829,31 @@ class Server:
                                         f"session {session.name} had ended before the quit request")
         return _grant(session, recv_offset)
 
-    def _new_session(self, auth, pw):
+    def _claim_slot(self, user: str) -> None:
+        """Count a new session of ``user`` against max_sessions and max_sessions_per_user
+        from now on (its handshake is still running), or refuse it naming the limit hit."""
         with self._lock:
-            if len(self._sessions) + self._setting_up >= self.max_sessions:
+            total = len(self._sessions) + sum(self._setting_up.values())
+            if total >= self.max_sessions:
                 raise handshake.AuthRefused(
-                    handshake.SERVER_BUSY, f"max_sessions ({self.max_sessions}) reached")
-            self._setting_up += 1
+                    handshake.SESSION_LIMIT, f"max_sessions ({self.max_sessions}) reached")
+            own = self._setting_up[user] + sum(
+                1 for session in self._sessions.values() if session.user == user)
+            if own >= self.max_sessions_per_user:
+                raise handshake.AuthRefused(
+                    handshake.USER_SESSION_LIMIT,
+                    f"{user} has {own} sessions: max_sessions_per_user"
+                    f" ({self.max_sessions_per_user}) reached")
+            self._setting_up[user] += 1
+
+    def _release_slot(self, user: str) -> None:
+        """The handshake of a session claimed by ``_claim_slot`` is over (hold the lock)."""
+        self._setting_up[user] -= 1
+        if not self._setting_up[user]:
+            del self._setting_up[user]
+
+    def _new_session(self, auth, pw):
+        self._claim_slot(pw.pw_name)
         try:
             try:
                 udp = bind_udp_port(auth.local, *self.port_range)
@@ -838,7 +874,7 @@ class Server:
                 raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))
         except BaseException:
             with self._lock:
-                self._setting_up -= 1
+                self._release_slot(pw.pw_name)
             raise
         session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
                           shell)

@@ -9,7 +9,7 @@ import secrets
 import shutil
 
 import pytest
-from moshpit_handshake import PERMISSION_DENIED, USER_NOT_SERVED, AuthRefused
+from moshpit_handshake import PERMISSION_DENIED, USER_NOT_SERVED, USER_SESSION_LIMIT, AuthRefused
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
 from users_util import authorize, python_for, users_fixture  # noqa: F401  (the `users` fixture)
 
@@ -60,6 +60,23 @@ def test_only_the_target_users_authorized_keys_count(tmp_path, users):
         with pytest.raises(AuthRefused):
             TestClient.for_server(server, user=alice.pw_name).connect()
         server.wait_log(f"{alice.pw_dir}/.mp/authorized_keys does not exist")
+
+
+def test_session_limit_is_per_user(tmp_path, users):
+    """alice at max_sessions_per_user is refused a new session, by name; bob is not."""
+    alice, bob = users.user(), users.user()
+    settings = {"mps.max_sessions_per_user": 1}
+    with MpsServer(tmp_path, authorized_keys_file=False, udp_ports=3, settings=settings) as server:
+        authorize(alice, server.client_key)
+        authorize(bob, server.client_key)
+        with TestClient.for_server(server, user=alice.pw_name).connect() as first:
+            first.run("true")
+            with pytest.raises(AuthRefused) as refused:
+                TestClient.for_server(server, user=alice.pw_name).connect()
+            assert refused.value.code == USER_SESSION_LIMIT
+            assert str(refused.value).startswith(f"too many sessions for {alice.pw_name} on ")
+            with TestClient.for_server(server, user=bob.pw_name).connect() as other:
+                assert other.run("id -un") == bob.pw_name
 
 
 def test_strict_modes_on_the_users_authorized_keys(tmp_path, users):
