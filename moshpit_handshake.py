@@ -963,8 +963,11 @@ NOAUTH = "noauth"  # it left, or broke the protocol, before authenticating
 GRACE_EXCEEDED = "grace-exceeded"  # it missed the ClientHello or the handshake deadline
 NEUTRAL = "neutral"  # refused for the server's reasons (busy, stopping): says nothing of it
 HELLO_RECEIVED = "hello received"  # progress, not an outcome: the peer is no longer idle
-_OUTCOME_OF_REFUSAL = {PERMISSION_DENIED: AUTHFAIL, USER_NOT_SERVED: AUTHFAIL,
-                       NO_SUCH_SESSION: AUTHENTICATED}  # decide() checks the key first
+# decide() checks the key first: every refusal but PERMISSION_DENIED comes after a valid key
+# (USER_NOT_SERVED: a key of the server's own account).
+_OUTCOME_OF_REFUSAL = {PERMISSION_DENIED: AUTHFAIL, USER_NOT_SERVED: AUTHENTICATED,
+                       NO_SUCH_SESSION: AUTHENTICATED, SESSION_LIMIT: AUTHENTICATED,
+                       USER_SESSION_LIMIT: AUTHENTICATED}
 
 
 def server_handshake(sock: socket.socket, host_key: PrivateKey,
