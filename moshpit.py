@@ -477,8 +477,8 @@ def add_common_flags(parser: argparse.ArgumentParser, kind: str) -> None:
                         help=f"{flags.role} private key (default ~/.mp/{flags.stem}); "
                         f"not a port: {flags.port_here}")
     parser.add_argument("-k", "--public-key-path", metavar="PATH",
-                        help=f"{flags.role} public key (default: the private key path + "
-                        f".pub, ~/.mp/{flags.stem}.pub)")
+                        help=f"{flags.role} public key (default: the private key's path "
+                        f"+ .pub, so ~/.mp/{flags.stem}.pub)")
 
 
 def check_private_key_flag(value: str, kind: str) -> None:

@@ -1090,36 +1090,37 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
     return HandshakeError(f"{err} (server {host} port {port})", err.code)
 
 
-class _LazyIdentity:
-    """The client's identity, obtained at most once: a PrivateKey, or a function returning
-    one that may ask for a passphrase (or offer to create the key)."""
+class LazyIdentity:
+    """The client's key, obtained on first use and at most once: ``load()`` may ask for a
+    passphrase, so client_handshake calls get() only once the server is reached and its
+    host key trusted, and a repeated or resumed handshake reuses the key."""
 
-    def __init__(self, identity: Union[PrivateKey, Callable[[], PrivateKey]]) -> None:
-        self._source = identity
-        self._key = identity if isinstance(identity, PrivateKey) else None
+    def __init__(self, load: Callable[[], PrivateKey]) -> None:
+        self._load = load
+        self._key: Optional[PrivateKey] = None
 
     def get(self) -> PrivateKey:
         if self._key is None:
-            self._key = self._source()
+            self._key = self._load()
         return self._key
 
 
-def client_handshake(host: str, port: int,
-                     identity: Union[PrivateKey, Callable[[], PrivateKey]],
+def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity],
                      request: ClientRequest, verify_host_key: Callable[[PublicKey], None],
                      timeout: float = 10.0) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
 
     ``verify_host_key(key)`` returns to trust the key or raises HostKeyError; it may ask the
-    user. ``identity`` is the client's key, or a function returning it that is called once,
-    only after the host key is trusted: a mistyped or unreachable host, or an impostor,
-    never costs the user a passphrase. Time spent in either does not count against
-    ``timeout``; if the server gave up meanwhile, the handshake is repeated once on a new
-    connection (the same host key is then trusted and the key reused, without asking
-    again). Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
-    ``code``), each with a one-line message; whatever ``identity()`` raises passes through.
+    user. ``identity`` is the client's key, or a LazyIdentity loaded only after the host key
+    is trusted: a mistyped or unreachable host, or an impostor, never costs the user a
+    passphrase. Time spent in either does not count against ``timeout``; if the server gave
+    up meanwhile, the handshake is repeated once on a new connection (the same host key is
+    then trusted and the key reused, without asking again). Raises AuthRefused (final),
+    HostKeyError (final) or HandshakeError (with ``code``), each with a one-line message;
+    whatever loading the identity raises passes through.
     """
-    identity = _LazyIdentity(identity)
+    if isinstance(identity, PrivateKey):
+        identity = LazyIdentity(lambda key=identity: key)
     trusted: Optional[PublicKey] = None
     for _attempt in range(2):
         deadline = time.monotonic() + timeout
@@ -1149,7 +1150,7 @@ def client_handshake(host: str, port: int,
                          " handshake finished")
 
 
-def _client_attempt(sock: socket.socket, identity: _LazyIdentity, request: ClientRequest,
+def _client_attempt(sock: socket.socket, identity: LazyIdentity, request: ClientRequest,
                     verify_host_key: Callable[[PublicKey], None],
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
     machine = ClientHandshake(None, request)

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "one Ctrl-^. Exit status: the remote shell's, or 255 if moshpit itself failed.",
     )
     moshpit.add_common_flags(p, "client")
+    p.add_argument("-i", metavar="FILE", dest="identity_file",
+                   help="private key file, as ssh -i (same as -p)")
+    p.add_argument("-l", "--login-name", metavar="USER", action=FirstLoginName,
+                   help="remote user, as ssh -l (as in ssh, the first of -l USER and "
+                   "USER@ on the command line wins)")
+    p.set_defaults(login_first=False)
     p.add_argument("-s", "--server-port", metavar="PORT", type=int,
                    help=f"server TCP port (default: {moshpit.DEFAULT_TCP_PORT})")
     p.add_argument("--strict-host-key-checking", choices=("ask", "accept-new", "yes"),
@@ -78,13 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class FirstLoginName(argparse.Action):
+    """``-l USER`` as ssh reads it: a repeated -l keeps the first, and ``login_first``
+    records whether it came before the destination (then it beats the destination's
+    USER@; after it, USER@ wins: ssh takes the first user it sees)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is None:
+            setattr(namespace, self.dest, values)
+            namespace.login_first = namespace.server_destination is None
+
+
 # The client's own flags that are config settings (argparse dest == config key).
 CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
-    """Only the settings given on the command line, as config keys."""
+    """Only the settings given on the command line, as config keys (``-i`` is ssh's
+    spelling of ``-p``)."""
     settings = moshpit.common_flag_settings(args, "client")
+    if args.identity_file is not None:
+        if settings.get("private_key_path", args.identity_file) != args.identity_file:
+            raise moshpit.MoshpitError("-i and -p both name the private key file: give one")
+        settings["private_key_path"] = args.identity_file
     settings.update((key, getattr(args, key)) for key in CONFIG_FLAGS
                     if getattr(args, key) is not None)
     return settings
@@ -99,10 +121,23 @@ def parse_destination(dest: str, default_user: str) -> tuple:
         user = default_user
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not user or not host or any(c in host for c in "[]/ ") or any(c in user for c in ":/ "):
+    if not host or any(c in host for c in "[]/ ") or not valid_user(user):
         raise moshpit.MoshpitError(
             f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
     return user, host
+
+
+def valid_user(user: str) -> bool:
+    return bool(user) and not any(c in user for c in ":/ ")
+
+
+def remote_user_and_host(destination: str, login=None, login_first: bool = False) -> tuple:
+    """(user, host) to connect as, from the destination and ``-l``: like ssh, the first of
+    ``-l USER`` and ``USER@`` on the command line wins; without either, the local user."""
+    if login is not None and not valid_user(login):
+        raise moshpit.MoshpitError(f"bad login name {login!r} (-l)")
+    user, host = parse_destination(destination, login or local_user())
+    return (login if login and login_first else user), host
 
 
 def local_user() -> str:
@@ -458,12 +493,18 @@ def keygen_command(private_key_path: str) -> str:
     return command
 
 
-def load_identity(config, prompter: Prompter):
-    """The client's private key: offered to be generated on first run (default yes on a
-    terminal, like the seed), its passphrase asked once if it is encrypted."""
-    path = config["private_key_path"]
-    if not os.path.exists(path):
-        return generate_identity(path, config["public_key_path"], prompter)
+def load_identity(config, prompter: Prompter, target):
+    """The client's private key, its passphrase asked once if it is encrypted. Called by
+    the handshake only once the server is reached and its host key trusted (a mistyped
+    host never costs a passphrase). A missing key is offered to be generated (default yes
+    on a terminal, like the seed); the new key cannot log in yet, so that ends the run with
+    what to do next."""
+    path, public_path = config["private_key_path"], config["public_key_path"]
+    if not os.path.lexists(path):
+        generate_identity(path, public_path, prompter)
+        raise moshpit.MoshpitError(
+            f"{target.host} does not know the new key yet: add the line above to the "
+            f"authorized_keys of {target.user} there, then run mp again")
     try:
         return moshpit_keys.load_private_key(path)
     except moshpit_keys.PassphraseRequired:
@@ -479,12 +520,18 @@ def load_identity(config, prompter: Prompter):
 
 
 def generate_identity(path: str, public_path: str, prompter: Prompter):
-    """First run: make a key pair where the config says, then show the line for the server's
-    authorized_keys. Without a terminal only say how (never create keys unasked)."""
+    """First run: make a key pair where the config says (never over an existing file),
+    then show the line for the server's authorized_keys. Without a terminal only say how
+    (never create keys unasked)."""
+    if os.path.lexists(public_path):  # someone's public key: never paired with a new key
+        raise moshpit.MoshpitError(
+            f"no private key at {path}, but {public_path} exists: restore the private key, "
+            f"or move {public_path} away to create a new pair")
     missing = f"no private key at {path}; create one with: {keygen_command(path)}"
     if not prompter.interactive:
         raise moshpit.MoshpitError(missing)
-    if not prompter.yes_no(f"No moshpit key at {path}. Generate one now? [Y/n] ", True):
+    if not prompter.yes_no(f"No moshpit key at {path}. Generate a new key pair ({path} and "
+                           f"{public_path}) now? [Y/n] ", True):
         raise moshpit.MoshpitError(missing)
     for _ in range(3):
         passphrase = prompter.secret("Enter passphrase (empty for no passphrase): ")
@@ -493,8 +540,11 @@ def generate_identity(path: str, public_path: str, prompter: Prompter):
         prompter.say("Passphrases do not match. Try again.")
     else:
         raise moshpit.MoshpitError("passphrases did not match; no key was created")
-    key = moshpit_keys.create_key_pair(path, public_path, moshpit_keys.default_comment(),
-                                       passphrase or None)
+    try:
+        key = moshpit_keys.create_key_pair(path, public_path, moshpit_keys.default_comment(),
+                                           passphrase or None)
+    except moshpit_keys.KeyFileExists as err:  # appeared while the user was typing
+        raise moshpit.MoshpitError(f"{err}; not overwriting it, no key was created")
     prompter.say(
         f"Your identification has been saved in {path}\n"
         f"Your public key has been saved in {public_path}\n"
@@ -938,15 +988,16 @@ class Target:
             self.host, self.port, identity, request, verify_host_key)
 
 
-def run_client(config, prompter: Prompter) -> int:
+def run_client(config, prompter: Prompter, login=None, login_first: bool = False) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
-    happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too."""
+    happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
+    ``login``/``login_first``: ``-l USER`` and whether it came before the destination."""
     destination = config["server_destination"]
     if not destination:
         raise moshpit.MoshpitError(
             "no server destination: give [user@]host, or set server_destination in the config")
-    user, host = parse_destination(destination, local_user())
+    user, host = remote_user_and_host(destination, login, login_first)
     target = Target(user, host, config["server_port"])
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()
@@ -954,14 +1005,16 @@ def run_client(config, prompter: Prompter) -> int:
     guard = TerminalGuard(0, 1)
     router.install()
     try:
-        identity = load_identity(config, prompter)
+        identity = moshpit_handshake.LazyIdentity(
+            lambda: load_identity(config, prompter, target))
         hostcheck = HostKeyCheck(config["known_hosts_file"], host, target.port,
                                  config["strict_host_key_checking"], prompter)
         first = target.connect(identity, target.request(*target.winsize()),
                                hostcheck.first)
         log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
         with guard:
-            outcome = Session(target, hostcheck, first, identity, config, router, waker).run()
+            outcome = Session(target, hostcheck, first, identity.get(), config, router,
+                              waker).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -991,7 +1044,7 @@ def main(argv=None) -> int:
         for warning in config.warnings:
             prompter.say(f"mp: warning: {warning}")
         moshpit.setup_logging("client", config, log_path=args.tracing)
-        return run_client(config, prompter)
+        return run_client(config, prompter, args.login_name, args.login_first)
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")
