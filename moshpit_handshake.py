@@ -1119,7 +1119,7 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     HostKeyError (final) or HandshakeError (with ``code``), each with a one-line message;
     whatever loading the identity raises passes through.
     """
-    if isinstance(identity, PrivateKey):
+    if not isinstance(identity, LazyIdentity):
         identity = LazyIdentity(lambda key=identity: key)
     trusted: Optional[PublicKey] = None
     for _attempt in range(2):

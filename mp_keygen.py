@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, terminal)
     except keys.KeyFileExists as err:
-        print(f"{PROG}: {err}; nothing was written (pass --force to replace the key pair, "
-              "or choose another file with -f)", file=sys.stderr)
+        print(f"{PROG}: {err}: pass --force to replace the key pair, or choose another "
+              "file with -f; nothing was written", file=sys.stderr)
         return 1
     except MoshpitError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
