@@ -288,7 +288,7 @@ def test_changed_host_key_on_resume_is_final(server, tmp_path):
         wait_shell(term)
         kill_server(server)
         os.unlink(server.host_key_path)
-        make_key(server.host_key_path, "impostor")
+        make_key(server.host_key_path, "impostor", replace=True)
         restart_server(server)  # the resume after ~10 s of silence meets another host key
         rc, attrs, out = wrapper_result(term, 60)
         assert (rc, attrs) == (255, "same")
@@ -320,7 +320,7 @@ def test_host_key_accept_new_then_changed_key_refused(server, tmp_path):
     # The server now has another host key: refused loudly, nothing recorded, exit 255.
     server.stop()
     os.unlink(server.host_key_path)
-    make_key(server.host_key_path, "impostor")
+    make_key(server.host_key_path, "impostor", replace=True)
     restart_server(server)
     res = run_mp(mp_args(server, tmp_path), env)
     assert res.returncode == 255
