@@ -428,7 +428,7 @@ def _pair_public_key_path(kind: str, values: Dict[str, Any], sources: Dict[str, 
     them) unless the public path was itself set at the same or a higher precedence: so
     ``-p ~/.mp/work`` never pairs the work key with the default (or the config file's)
     public key, while an explicit ``-k`` or public_key_path still wins."""
-    private, public = key_path_keys(kind)
+    private, public = _key_path_keys(kind)
     if _source_rank(sources[public]) < _source_rank(sources[private]):
         values[public] = values[private] + ".pub"
         sources[public] = f"{private} + .pub, {sources[private]}"
@@ -453,7 +453,7 @@ _KEY_FILE_FLAGS = {
 _PORT_LIKE = re.compile(r":?\d+")
 
 
-def key_path_keys(kind: str) -> Tuple[str, str]:
+def _key_path_keys(kind: str) -> Tuple[str, str]:
     """The config keys of ``kind``'s key pair: (private_key_path, public_key_path)."""
     prefix = _KEY_FILE_FLAGS[kind].prefix
     return prefix + "private_key_path", prefix + "public_key_path"
@@ -481,7 +481,7 @@ def add_common_flags(parser: argparse.ArgumentParser, kind: str) -> None:
                         f"+ .pub, so ~/.mp/{flags.stem}.pub)")
 
 
-def check_private_key_flag(value: str, kind: str) -> None:
+def _check_private_key_flag(value: str, kind: str) -> None:
     """ConfigError if a ``-p`` value is a port, as ssh's ``-p PORT`` would be: moshpit's
     -p names a key file, and a key file named "40500" is far likelier a mistake (one that
     used to end with a key written to ./40500) than a choice; ``-p ./40500`` still works."""
@@ -498,10 +498,10 @@ def check_private_key_flag(value: str, kind: str) -> None:
 
 def common_flag_settings(args: argparse.Namespace, kind: str) -> Dict[str, Any]:
     """The config settings given with add_common_flags' flags (only those given). A ``-p``
-    that looks like a port is a ConfigError (check_private_key_flag)."""
+    that looks like a port is a ConfigError (_check_private_key_flag)."""
     if args.private_key_path is not None:
-        check_private_key_flag(args.private_key_path, kind)
-    private, public = key_path_keys(kind)
+        _check_private_key_flag(args.private_key_path, kind)
+    private, public = _key_path_keys(kind)
     given = {"verbose": args.verbose, "quiet": args.quiet,
              private: args.private_key_path, public: args.public_key_path}
     return {key: value for key, value in given.items() if value is not None}

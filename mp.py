@@ -128,6 +128,7 @@ def parse_destination(dest: str, default_user: str) -> tuple:
 
 
 def valid_user(user: str) -> bool:
+    """A remote user name we can send: non-empty, no ':' '/' or spaces."""
     return bool(user) and not any(c in user for c in ":/ ")
 
 
