@@ -409,6 +409,15 @@ def _armor(label: str, data: bytes) -> bytes:
 _BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,64})-----")
 
 
+_PUBLIC_NOT_PRIVATE = ("this is a public key, not a private key (give the private key file, "
+                       "usually the same name without .pub)")
+
+
+def _looks_public(head: bytes) -> bool:
+    """Does a file start like a public key line (a .pub given where a private key goes)?"""
+    return head.lstrip().startswith((LINE_KIND.encode() + b" ", KEY_TYPE.encode() + b" "))
+
+
 def _unarmor(data: bytes) -> tuple[str, list[str]]:
     """Split a PEM-style file into its label and body lines (not yet decoded)."""
     lines = [line.strip() for line in _as_text(data, "ascii").splitlines() if line.strip()]
@@ -416,6 +425,8 @@ def _unarmor(data: bytes) -> tuple[str, list[str]]:
         raise ValueError("file is empty")
     begin = _BEGIN.fullmatch(lines[0])
     if not begin:
+        if _looks_public(data):
+            raise ValueError(_PUBLIC_NOT_PRIVATE)
         raise ValueError("not a private key file (no '-----BEGIN ...-----' line)")
     label = begin.group(1)
     if lines[-1] != f"-----END {label}-----":
@@ -686,6 +697,10 @@ def _read_bounded(path: str, limit: int, private: bool = False) -> bytes:
             if not stat.S_ISREG(st.st_mode):
                 raise KeyFileError(f"{path}: not a regular file")
             if private and st.st_mode & 0o077:
+                # A readable file's first bytes are no secret: a .pub given by mistake gets
+                # the real problem, not "chmod 600" on a public key.
+                if _looks_public(f.read(64)):
+                    raise KeyFileError(f"{path}: {_PUBLIC_NOT_PRIVATE}")
                 raise KeyFileError(
                     f"{path}: private key is accessible by others "
                     f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}"

@@ -458,3 +458,18 @@ def test_passphrase_asked_once_even_if_the_server_gives_up_meanwhile(tmp_path):
             rest = term.read_to_eof(30)
             assert term.wait(10) == 3
         assert b"passphrase" not in rest
+
+
+@pytest.mark.parametrize("pub_mode", [0o644, 0o600])
+def test_a_public_key_given_as_the_private_key_is_named_as_such(tmp_path, home, pub_mode):
+    """``pubkey -f KEY.pub`` (or -p KEY.pub): the message says what the file is, not
+    "chmod 600" on a public key file."""
+    pub = home / ".mp" / "id_ed25519.pub"
+    pub.chmod(pub_mode)
+    before = snapshot(home)
+    result = keygen(tmp_path, "pubkey", "-f", str(pub))
+    assert result.returncode == 1
+    assert result.stderr == (f"mp_keygen.py: {pub}: this is a public key, not a private key "
+                             "(give the private key file, usually the same name without "
+                             ".pub)\n")
+    assert snapshot(home) == before
