@@ -307,7 +307,8 @@ def bad_private_files():
          "Ed25519 key in PKCS#8 form"),
         ("pkcs8-garbage", armored("PRIVATE KEY", b"\x30\x03\x02\x01\x00"),
          "unreadable PKCS#8"),
-        ("public-line", (key.public.to_line() + "\n").encode(), "this is a public key, not a private key"),
+        ("public-line", (key.public.to_line() + "\n").encode(),
+         "this is a public key, not a private key"),
         ("odd-label", armored("CERTIFICATE", b"x"), "holds a 'CERTIFICATE' block"),
         ("envelope-garbage", armored(mk.MOSHPIT_LABEL, b"moshpit-key-v1\0\0\0"), "truncated"),
     ]
