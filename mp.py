@@ -483,15 +483,35 @@ class Prompter:
         return getpass.getpass(question, stream=self.stderr).encode("utf-8")
 
 
-def keygen_command(private_key_path: str) -> str:
-    """The exact command that creates the missing key, runnable from the current directory."""
+def _keygen_script() -> str:
+    """``python3 mp_keygen.py``, with a path that works from the current directory."""
     keygen = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_keygen.py")
     relative = os.path.relpath(keygen)
-    script = keygen if relative.startswith("..") else relative
-    command = f"python3 {shlex.quote(script)} generate"
+    return f"python3 {shlex.quote(keygen if relative.startswith('..') else relative)}"
+
+
+def keygen_command(private_key_path: str) -> str:
+    """The exact command that creates the missing key, runnable from the current directory."""
+    command = f"{_keygen_script()} generate"
     if private_key_path != moshpit_keys.default_identity_paths()[0]:
         command += f" -f {shlex.quote(private_key_path)}"
     return command
+
+
+def warn_if_public_key_differs(key, path: str, public_path: str, prompter: Prompter) -> None:
+    """Say so when the public key file beside the key is not its public half (a damaged or
+    replaced .pub), with the command that rebuilds it. Only a warning: logging in needs
+    only the private key, but that .pub is what the user copies to servers."""
+    if not os.path.lexists(public_path):
+        return
+    try:
+        if moshpit_keys.load_public_key(public_path) == key.public:
+            return
+    except moshpit_keys.KeyFileError:
+        pass  # unreadable or garbled: just as unusable as someone else's key
+    prompter.say(f"mp: warning: {public_path} is not the public key of {path}; rebuild it "
+                 f"with: {_keygen_script()} pubkey -f {shlex.quote(path)} > "
+                 f"{shlex.quote(public_path)}")
 
 
 def load_identity(config, prompter: Prompter, target):
@@ -507,17 +527,19 @@ def load_identity(config, prompter: Prompter, target):
             f"{target.host} does not know the new key yet: add the line above to the "
             f"authorized_keys of {target.user} there, then run mp again")
     try:
-        return moshpit_keys.load_private_key(path)
+        key = moshpit_keys.load_private_key(path)
     except moshpit_keys.PassphraseRequired:
         if not prompter.interactive:
             raise moshpit.MoshpitError(
                 f"{path} is protected by a passphrase and there is no terminal to ask for it; "
                 "run mp from a terminal")
-    passphrase = prompter.secret(f"Enter passphrase for key '{path}': ")
-    try:
-        return moshpit_keys.load_private_key(path, passphrase)
-    except moshpit_keys.WrongPassphrase:
-        raise moshpit.MoshpitError(f"wrong passphrase for {path}")
+        passphrase = prompter.secret(f"Enter passphrase for key '{path}': ")
+        try:
+            key = moshpit_keys.load_private_key(path, passphrase)
+        except moshpit_keys.WrongPassphrase:
+            raise moshpit.MoshpitError(f"wrong passphrase for {path}")
+    warn_if_public_key_differs(key, path, public_path, prompter)
+    return key
 
 
 def generate_identity(path: str, public_path: str, prompter: Prompter):

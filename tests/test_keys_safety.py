@@ -473,3 +473,27 @@ def test_a_public_key_given_as_the_private_key_is_named_as_such(tmp_path, home, 
                              "(give the private key file, usually the same name without "
                              ".pub)\n")
     assert snapshot(home) == before
+
+
+@pytest.mark.timeout(90)
+def test_damaged_public_key_is_reported_with_the_fix(server, tmp_path):
+    """The incident's aftermath: the real private key beside someone else's .pub. Logging
+    in still works (only the private key is used); mp says what is wrong and how to fix it,
+    and the fix it prints rebuilds the right file."""
+    mp_dir = tmp_path / "client-home" / ".mp"
+    mp_dir.mkdir(parents=True, mode=0o700)
+    key, pub = mp_dir / "id_ed25519", mp_dir / "id_ed25519.pub"
+    key.write_bytes(Path(server.client_key_path).read_bytes())
+    key.chmod(0o600)
+    mk.save_public_key(str(pub), mk.PrivateKey.generate("someone-else").public)
+    args = mp_args(server, tmp_path)
+    del args[args.index("-p"):args.index("-p") + 2]
+    result = subprocess.run(args, env=client_env(tmp_path), cwd=tmp_path, input="exit 4\n",
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4, result.stderr
+    fix = f"python3 {KEYGEN} pubkey -f {key} > {pub}"
+    assert f"mp: warning: {pub} is not the public key of {key}; rebuild it with: {fix}" \
+        in result.stderr.splitlines()
+    rebuilt = subprocess.run(fix.split(" > ")[0].split(), env=client_env(tmp_path),
+                             capture_output=True, text=True, timeout=60)
+    assert rebuilt.stdout == Path(server.client_key_path + ".pub").read_text()
