@@ -91,6 +91,11 @@ def default_log_path(kind: str, home: Optional[str] = None) -> str:
     return os.path.join(_home(home), ".config", name, "logs", name + ".log")
 
 
+def default_pid_path(home: Optional[str] = None) -> str:
+    """``~/.config/moshpits/mps.pid``: where a running mps says who it is (``mps --stop``)."""
+    return os.path.join(_home(home), ".config", _APP_NAME["server"], "mps.pid")
+
+
 def parse_port_range(text: str) -> Tuple[int, int]:
     """``"LO-HI"`` -> ``(LO, HI)`` with 1 <= LO <= HI <= 65535; ValueError otherwise."""
     m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", text)
@@ -218,6 +223,8 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.max_handshakes": _Key(int, 64, _at_least(1)),
         "mps.handshake_timeout_secs": _Key(int, 10, _at_least(1)),
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
+        # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
+        "mps.pid_file": _Key(str, ""),
         **_common_keys(),
     },
     "client": {
@@ -306,6 +313,16 @@ class Config:
         (what ``--print-config`` shows)."""
         return "\n".join(f"{key} = {_toml_value(value)}  ({self._sources[key]})"
                          for key, value in self._values.items())
+
+
+def config_report(config: Config, files: Dict[str, str]) -> str:
+    """What ``--print-config`` prints: the files in play (``{"log file": path}``; the config
+    file comes first), every setting with its source, then the warnings, as comments."""
+    lines = [f"# config file: {config.path or 'none'}"]
+    lines += [f"# {label}: {path}" for label, path in files.items()]
+    lines.append(config.describe())
+    lines += [f"# warning: {warning}" for warning in config.warnings]
+    return "\n".join(lines)
 
 
 def _toml_value(value: Any) -> str:

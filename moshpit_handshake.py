@@ -9,11 +9,17 @@ associated data = type byte || transcript hash before the message)::
               <-  ServerHello   version, server random(32), server X25519 key, cipher
               <-  ServerAuth    {host key blob, Ed25519 sig("moshpit-server" || TH_s)}
           the client checks the signature, then the host key (known_hosts; may ask the user)
-    ClientAuth    {user, client key blob, TERM, rows, cols, LANG/LC_*, resume id + offset;
-                   SSHSIG("moshpit-client", sha512, TH_c); resume proof}                ->
+    ClientAuth    {user, client key blob, TERM, rows, cols, LANG/LC_*, resume id + offset
+                   [+ intent]; SSHSIG("moshpit-client", sha512, TH_c); resume proof}    ->
               <-  ServerFinish  {grant: session id, resume secret, UDP port, offset | refusal}
     Refuse        plaintext reason code: "server busy" before anything is read, or a protocol
                   error. Unauthenticated, so the client never takes it as a final answer.
+
+The optional trailing ``intent`` byte says what to do with the resumed session: absent
+(attach, every request of protocol version 1) or END_SESSION (the owner quits: end it now).
+It is written only when it is not "attach", so attach requests stay byte-identical to what
+older peers send and accept; an older server, whose ClientAuth ends at the offset, answers a
+quit request with a protocol error instead of attaching by mistake.
 
 Transcript hash TH: SHA-256 over a label and every message's fields in order (each as an SSH
 string, so boundaries are unambiguous). TH_1 after ServerHello, TH_s after the host key blob,
@@ -254,6 +260,7 @@ _TERM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 _LOCALE_NAME_RE = re.compile(r"LANG|LC_[A-Z]{1,32}")
 _LOCALE_VALUE_RE = re.compile(r"[\x21-\x7e]{0,128}")
 MAX_LOCALE_VARS = 32
+END_SESSION = 1  # ClientAuth intent byte: end the resumed session (the only intent sent)
 
 
 @dataclass
@@ -261,6 +268,8 @@ class ClientRequest:
     """What the client asks for. ``env`` holds LANG/LC_* only (see ``locale_env``).
 
     ``resume_secret`` stays on the client: it keys the resume proof and is never sent.
+    ``end_session`` (with a resume id) asks the server to end that session instead of
+    re-attaching it: the escape-key quit when UDP cannot carry the goodbye.
     """
 
     user: str
@@ -271,6 +280,7 @@ class ClientRequest:
     resume_session_id: Optional[bytes] = None
     resume_recv_offset: int = 0
     resume_secret: Optional[bytes] = field(default=None, repr=False)
+    end_session: bool = False
 
 
 @dataclass
@@ -377,6 +387,8 @@ def _check_request(request: ClientRequest) -> None:
         raise ValueError("a resume session id is 16 bytes")
     if not 0 <= request.resume_recv_offset < 1 << 64:
         raise ValueError("resume offset out of range")
+    if request.end_session and request.resume_session_id is None:
+        raise ValueError("ending a session needs its session id")
 
 
 def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
@@ -389,6 +401,7 @@ def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
         *(ssh_string(name.encode()) + ssh_string(value.encode()) for name, value in env),
         ssh_string(request.resume_session_id or b""),
         struct.pack(">Q", request.resume_recv_offset),
+        bytes([END_SESSION]) if request.end_session else b"",
     ])
 
 
@@ -408,6 +421,10 @@ def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
         env[name] = value
     resume_id = reader.string() or None
     request = ClientRequest(user, term, rows, cols, env, resume_id, reader.uint64())
+    if reader.remaining():
+        if reader.uint8() != END_SESSION:
+            raise ValueError("unknown request intent")
+        request.end_session = True
     reader.expect_end()
     _check_request(request)
     return request, client_key
@@ -824,8 +841,8 @@ class ServerHandshake(_Handshake):
             raise ValueError("the resume proof has the wrong length")
         keys = self._session_keys()
         log.debug("ClientAuth: user %s, key %s, %s, TERM %s, %dx%d", request.user,
-                  client_key.fingerprint(), "resume" if request.resume_session_id else "new",
-                  request.term, request.cols, request.rows)
+                  client_key.fingerprint(), _purpose(request), request.term, request.cols,
+                  request.rows)
         self._handler = None
         if not sshsig_verify(client_key, SSHSIG_NAMESPACE, signed, signature):
             self._finish(_refusal_outcome(PERMISSION_DENIED))
@@ -835,6 +852,13 @@ class ServerHandshake(_Handshake):
         self._auth = AuthInfo(request.user, client_key, request, keys, self._peer, self._local,
                               proof, signed)
         return AuthRequested(self._auth)
+
+
+def _purpose(request: ClientRequest) -> str:
+    """What a request asks for, for the log."""
+    if request.end_session:
+        return "ending a session"
+    return "resuming a session" if request.resume_session_id else "new session"
 
 
 def _refusal_outcome(code: str) -> bytes:
@@ -944,7 +968,7 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
         log.info("handshake from %s failed: %s", who, _os_reason(err))
         return None
     log.info("accepted %s@%s (key %s), %s", auth.user, who, auth.client_key.fingerprint(),
-             "resuming a session" if auth.request.resume_session_id else "new session")
+             _purpose(auth.request))
     return auth
 
 

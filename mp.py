@@ -28,6 +28,7 @@ import queue
 import select
 import shlex
 import signal
+import subprocess
 import sys
 import termios
 import threading
@@ -45,7 +46,8 @@ EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) e
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
 RESUME_AFTER_SECS = 10.0  # silence before a UDP port hop + TCP resume handshake
 FIRST_BACKOFF_SECS = 2.0
-QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye
+QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
+QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
 
@@ -78,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "yes (refuse unless already in known_hosts)")
     p.add_argument("--print-config", action="store_true",
                    help="print every effective setting and where it came from, then exit")
+    p.add_argument("--copy-id", action="store_true",
+                   help="instead of connecting, authorize your public key (-k) for "
+                   "SERVER_DESTINATION through the system ssh, like ssh-copy-id: appends it "
+                   "once to ~/.mp/authorized_keys there (made 0600, ~/.mp 0700)")
+    p.add_argument("--ssh-command", metavar="COMMAND", default="ssh",
+                   help="the ssh that --copy-id runs, with its options "
+                   "(default: ssh; e.g. \"ssh -p 2222\")")
     p.add_argument("-V", "--version", action="version", version=f"mp {moshpit.__version__}")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
@@ -635,14 +644,7 @@ class Resumer:
         threading.Thread(target=self._run, args=(request,), name="resume", daemon=True).start()
 
     def _run(self, request) -> None:
-        try:
-            outcome = self.handshake(request)
-        except moshpit.MoshpitError as err:
-            outcome = err
-        except Exception as err:  # a bug must not kill the session: report it as a failure
-            log.exception("resume handshake crashed")
-            outcome = moshpit_handshake.HandshakeError(f"resume failed: {err!r}")
-        self.results.put(outcome)
+        self.results.put(attempt_handshake(self.handshake, request))
         self.waker.wake()
 
     def take(self, now: float):
@@ -660,6 +662,18 @@ class Resumer:
         """Packets flow again: the next outage starts the schedule from the beginning."""
         self.backoff = FIRST_BACKOFF_SECS
         self.not_before = 0.0
+
+
+def attempt_handshake(handshake, request):
+    """``handshake(request)`` for a background thread: its ClientResult, or the MoshpitError
+    it failed with. Never raises: a bug must not kill the session, it counts as a failure."""
+    try:
+        return handshake(request)
+    except moshpit.MoshpitError as err:
+        return err
+    except Exception as err:
+        log.exception("handshake crashed")
+        return moshpit_handshake.HandshakeError(f"handshake failed: {err!r}")
 
 
 def is_final(err: moshpit.MoshpitError) -> bool:
@@ -713,6 +727,7 @@ class Session:
         self.stdin_open = True
         self.winsize = target.winsize()
         self.outcome = None
+        self.quit_failure = None  # why the server could not be told that we quit
         now = time.monotonic()
         # Our own "last heard": Connection.last_heard also counts a resume handshake as
         # contact, but the banner and the resume schedule are about UDP packets arriving.
@@ -735,6 +750,9 @@ class Session:
         finally:
             self.router.in_loop = False
             self.link.close()
+        if self.quit_failure:
+            self.outcome.message = "\n".join(filter(None, (self.outcome.message,
+                                                           self.quit_failure)))
         return self.outcome
 
     def _step(self) -> None:
@@ -910,10 +928,45 @@ class Session:
             self.outcome = Outcome(EXIT_FAILURE, None)
 
     def _quit(self, reason: str) -> None:
-        """Tell the server the session is over (it SIGHUPs the shell): best effort, waiting
-        briefly for the ack, never long (the server may be unreachable)."""
+        """Tell the server the session is over, so it hangs up the shell instead of keeping
+        the session detached for days: over UDP, waiting briefly for the ack (not at all
+        in an outage), and without an ack by a quit request over TCP. A few seconds at
+        most: the server may be unreachable and the user wants out."""
         self.conn.send_shutdown(reason)
-        self._linger(QUIT_FLUSH_SECS, self.conn.all_acked)
+        now = time.monotonic()
+        in_outage = now - self.heard >= BANNER_AFTER_SECS
+        self._linger(0.0 if in_outage else QUIT_FLUSH_SECS, self.conn.all_acked)
+        if self.conn.all_acked():
+            return
+        why = self._request_end()
+        if why is not None:
+            log.warning("could not end the session on the server: %s", why)
+            self.quit_failure = (f"mp: the server could not be told to end the session ({why});"
+                                 " it stays there, detached, until the server's"
+                                 " detached_session_timeout_secs runs out (a week by default).")
+
+    def _request_end(self):
+        """The quit request over TCP: a resume handshake (our key, the resume secret's proof)
+        asking the server to end the session. None once it has (or the session was gone
+        already), else why not. Bounded by QUIT_REQUEST_SECS; the thread left running after
+        that is a daemon and dies with us."""
+        request = self.target.request(*self.winsize, session_id=self.session_id,
+                                      resume_secret=self.resume_secret,
+                                      recv_offset=self.conn.recv_offset, end_session=True)
+        results = queue.Queue()
+        threading.Thread(target=lambda: results.put(
+            attempt_handshake(self._resume_handshake, request)), name="quit", daemon=True).start()
+        try:
+            outcome = results.get(timeout=QUIT_REQUEST_SECS)
+        except queue.Empty:
+            return f"no answer within {QUIT_REQUEST_SECS:g} s"
+        if is_gone(outcome):
+            log.info("quit request: the session had ended already")
+        elif isinstance(outcome, moshpit.MoshpitError):
+            return str(outcome)
+        else:
+            log.info("quit request: the server ended the session")
+        return None
 
     def _finish(self) -> None:
         """Ack what the server sent last (it resends a close until acked), write what is
@@ -999,12 +1052,12 @@ class Target:
         return (rows or 24, cols or 80)
 
     def request(self, rows: int, cols: int, session_id=None, resume_secret=None,
-                recv_offset: int = 0):
+                recv_offset: int = 0, end_session: bool = False):
         return moshpit_handshake.ClientRequest(
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
-            resume_recv_offset=recv_offset)
+            resume_recv_offset=recv_offset, end_session=end_session)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(
@@ -1052,20 +1105,77 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
     return outcome.status
 
 
+# What --copy-id runs on the server, through `sh` whatever the login shell is (csh, fish):
+# the key line arrives on stdin. Private modes from the start (umask) and enforced on what
+# exists (`: >>` creates the file without touching an existing one's time). The key is
+# appended only if no uncommented line holds the same key blob (its `moshpit` or
+# `ssh-ed25519` form, any comment), after a newline if the file lacks a final one.
+COPY_ID_SCRIPT = r"""
+umask 077
+cd || exit 1
+mkdir -p .mp && chmod 700 .mp && : >> .mp/authorized_keys && chmod 600 .mp/authorized_keys \
+    || exit 1
+IFS= read -r line || exit 1
+set -f
+set -- $line
+if awk -v blob="$2" '!/^[ \t]*#/ { for (i = 1; i <= NF; i++) if ($i == blob) found = 1 }
+        END { exit !found }' .mp/authorized_keys; then
+    echo "moshpit-copy-id: present"
+else
+    if [ -s .mp/authorized_keys ] && [ -n "$(tail -c 1 .mp/authorized_keys)" ]; then
+        echo >> .mp/authorized_keys
+    fi
+    printf '%s\n' "$line" >> .mp/authorized_keys && echo "moshpit-copy-id: added"
+fi
+"""
+
+
+def copy_id(config, ssh_command: str) -> int:
+    """``mp --copy-id [user@]host``: add our public key to the server user's
+    ~/.mp/authorized_keys through the system ssh (its config, agent, password prompts on the
+    terminal), once. Returns ssh's exit status (0 when the key is there)."""
+    destination = config["server_destination"]
+    if not destination:
+        raise moshpit.MoshpitError("--copy-id needs a destination: mp --copy-id [user@]host")
+    path = config["public_key_path"]
+    if not os.path.exists(path):
+        raise moshpit.MoshpitError(
+            f"no public key at {path}; create a key pair with: python3 mp_keygen.py generate")
+    key = moshpit_keys.load_public_key(path)
+    remote = "exec sh -c " + shlex.quote(COPY_ID_SCRIPT)
+    argv = shlex.split(ssh_command) + ["--", destination, remote]
+    try:
+        result = subprocess.run(argv, input=key.to_line() + "\n", stdout=subprocess.PIPE,
+                                text=True)
+    except OSError as err:
+        raise moshpit.MoshpitError(f"cannot run {argv[0]}: {err.strerror or err} "
+                                   "(install the OpenSSH client or pass --ssh-command)")
+    where = f"{destination}:~/.mp/authorized_keys"
+    said = result.stdout.splitlines()
+    if result.returncode == 0 and "moshpit-copy-id: added" in said:
+        print(f"mp: key {key.fingerprint()} added to {where}")
+    elif result.returncode == 0 and "moshpit-copy-id: present" in said:
+        print(f"mp: key {key.fingerprint()} is already in {where}; nothing changed")
+    else:
+        print(f"mp: could not add key {key.fingerprint()} to {where} "
+              f"({argv[0]} exited with status {result.returncode})", file=sys.stderr)
+        return result.returncode or EXIT_FAILURE
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prompter = Prompter()
     try:
         config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)
         if args.print_config:
-            print(f"# config file: {config.path or 'none'}")
-            print(f"# log file: {args.tracing or moshpit.default_log_path('client', config.home)}")
-            print(config.describe())
-            for warning in config.warnings:
-                print(f"# warning: {warning}")
+            log_path = args.tracing or moshpit.default_log_path("client", config.home)
+            print(moshpit.config_report(config, {"log file": log_path}))
             return 0
         for warning in config.warnings:
             prompter.say(f"mp: warning: {warning}")
+        if args.copy_id:
+            return copy_id(config, args.ssh_command)
         moshpit.setup_logging("client", config, log_path=args.tracing)
         return run_client(config, prompter, args.login_name, args.login_first)
     except moshpit.MoshpitError as err:

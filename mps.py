@@ -65,10 +65,15 @@ class ShellError(MoshpitError):
 
 
 def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, str],
-                      connection: str) -> Dict[str, str]:
+                      connection: str, tty_path: str) -> Dict[str, str]:
     """The shell's environment, built from scratch (nothing of the server's leaks in): the
     user's identity, a sane PATH, TERM and LANG/LC_* from the client, and MOSHPIT_CONNECTION
-    ("client_ip client_port server_ip server_port", like SSH_CONNECTION)."""
+    ("client_ip client_port server_ip server_port").
+
+    SSH_CONNECTION (the same), SSH_CLIENT ("client_ip client_port server_port") and SSH_TTY
+    (the PTY's path) are set exactly as sshd sets them: prompts, rc files and tools (tmux,
+    screen, "am I remote?" checks) look for them to tell a remote login from a local one."""
+    client_ip, client_port, _server_ip, server_port = connection.split()
     env = {
         "HOME": pw.pw_dir,
         "USER": pw.pw_name,
@@ -77,6 +82,9 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
         "PATH": ROOT_PATH if pw.pw_uid == 0 else USER_PATH,
         "TERM": term if _TERM_VALUE.fullmatch(term or "") else "dumb",
         "MOSHPIT_CONNECTION": connection,
+        "SSH_CONNECTION": connection,
+        "SSH_CLIENT": f"{client_ip} {client_port} {server_port}",
+        "SSH_TTY": tty_path,
     }
     for name, value in client_env.items():
         if _CLIENT_ENV_NAME.fullmatch(name) and _CLIENT_ENV_VALUE.fullmatch(value):
@@ -112,11 +120,11 @@ class PtyShell:
                  client_env: Dict[str, str], connection: str):
         self.user = pw.pw_name
         shell = pw.pw_shell or "/bin/sh"
-        env = login_environment(pw, term, client_env, connection)
         cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
         identity = {}
         master, slave = os.openpty()
         try:
+            env = login_environment(pw, term, client_env, connection, os.ttyname(slave))
             moshpit.set_winsize(master, rows, cols)
             if os.geteuid() == 0:
                 # The user owns their terminal (mesg, write), like sshd does.
@@ -205,15 +213,26 @@ RESUME_WAIT_SECS = 5.0
 MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading it
 
 
-class _Resume:
-    """A resume handed from a handshake thread to the session thread; answered with the
+class _Request:
+    """A request handed from a handshake thread to the session thread; answered with the
     session's received-input offset (None: the session ended meanwhile)."""
 
-    def __init__(self, keys, peer_recv_offset: int):
-        self.keys = keys
-        self.peer_recv_offset = peer_recv_offset
+    def __init__(self):
         self.recv_offset: Optional[int] = None
         self.done = threading.Event()
+
+
+class _Resume(_Request):
+    """Re-attach the client under new keys; resend our output from ``peer_recv_offset``."""
+
+    def __init__(self, keys, peer_recv_offset: int):
+        super().__init__()
+        self.keys = keys
+        self.peer_recv_offset = peer_recv_offset
+
+
+class _EndRequest(_Request):
+    """The session's owner quit and said so over TCP (UDP could not carry it): end it."""
 
 
 class Session:
@@ -274,7 +293,14 @@ class Session:
         """Re-attach a client (handshake thread): the session thread rekeys its Connection and
         resends from ``peer_recv_offset``. Returns our received-input offset, or None if the
         session ended meanwhile or did not answer in time."""
-        request = _Resume(keys, peer_recv_offset)
+        return self._ask(_Resume(keys, peer_recv_offset))
+
+    def end_by_client(self) -> Optional[int]:
+        """The owner's quit request (handshake thread): the session thread hangs up the shell.
+        Returns our received-input offset, or None if the session had already ended."""
+        return self._ask(_EndRequest())
+
+    def _ask(self, request: _Request) -> Optional[int]:
         self._post(request)
         request.done.wait(RESUME_WAIT_SECS)
         return request.recv_offset
@@ -286,7 +312,7 @@ class Session:
     def _post(self, message) -> None:
         with self._wake_lock:
             if self._wake_closed:  # the session is over
-                if isinstance(message, _Resume):
+                if isinstance(message, _Request):
                     message.done.set()
                 return
             self._inbox.put(message)
@@ -303,7 +329,7 @@ class Session:
             os.close(self._wake_r)
             os.close(self._wake_w)
         for message in self._posted():
-            if isinstance(message, _Resume):
+            if isinstance(message, _Request):
                 message.done.set()
 
     def _posted(self):
@@ -393,6 +419,10 @@ class Session:
                 message.done.set()
                 log.info("session %s resumed (client had %d bytes, we had %d)", self.name,
                          message.peer_recv_offset, message.recv_offset)
+            elif isinstance(message, _EndRequest):
+                message.recv_offset = self.conn.recv_offset
+                message.done.set()
+                self._end("by the client's quit request", now, 0.0)
             elif message == "shutdown":
                 self.conn.send_shutdown("server shutting down")
                 self._end("server shutting down", now, SHUTDOWN_FLUSH_SECS)
@@ -697,27 +727,43 @@ class Server:
                 handshake.PERMISSION_DENIED,
                 f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
         request = auth.request
+        if request.end_session:
+            return self._quit_session(auth), None
         if request.resume_session_id is not None:
             return self._resume(auth), None
         return self._new_session(auth, pw)
 
-    def _resume(self, auth):
-        request = auth.request
+    def _owned_session(self, auth, what: str) -> Session:
+        """The session a resume or quit request names, if this client owns it: same user,
+        same key, and proof (in this handshake) of the session's resume secret."""
         with self._lock:
-            session = self._sessions.get(request.resume_session_id)
+            session = self._sessions.get(auth.request.resume_session_id)
         if session is None or session.user != auth.user or session.client_key != auth.client_key:
             raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        "resume of an unknown session (or another user's/key's)")
+                                        f"{what} of an unknown session (or another user's/key's)")
         if not auth.resume_proof_valid(session.resume_secret):
             raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
-                                        f"resume of session {session.name}: bad resume proof")
-        recv_offset = session.resume(auth.keys, request.resume_recv_offset)
+                                        f"{what} of session {session.name}: bad resume proof")
+        return session
+
+    def _resume(self, auth):
+        session = self._owned_session(auth, "resume")
+        recv_offset = session.resume(auth.keys, auth.request.resume_recv_offset)
         if recv_offset is None:
             raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
                                         f"session {session.name} ended during the resume")
-        return handshake.SessionGrant(session_id=session.session_id,
-                                      resume_secret=session.resume_secret,
-                                      udp_port=session.udp_port, recv_offset=recv_offset)
+        return _grant(session, recv_offset)
+
+    def _quit_session(self, auth):
+        """The client quit while UDP was down: end its session now rather than keep it
+        detached. Granted once the session thread has taken the request (it then hangs up
+        the shell); "no such session" if the session had ended anyway."""
+        session = self._owned_session(auth, "quit request")
+        recv_offset = session.end_by_client()
+        if recv_offset is None:
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
+                                        f"session {session.name} had ended before the quit request")
+        return _grant(session, recv_offset)
 
     def _new_session(self, auth, pw):
         with self._lock:
@@ -749,10 +795,14 @@ class Server:
             raise
         session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
                           shell)
-        grant = handshake.SessionGrant(session_id=session.session_id,
-                                       resume_secret=session.resume_secret,
-                                       udp_port=session.udp_port, recv_offset=0)
-        return grant, session
+        return _grant(session, 0), session
+
+
+def _grant(session: Session, recv_offset: int):
+    """What the client is told about its session: where it is and how to resume it."""
+    return handshake.SessionGrant(session_id=session.session_id,
+                                  resume_secret=session.resume_secret,
+                                  udp_port=session.udp_port, recv_offset=recv_offset)
 
 
 # ---------------------------------------------------------------------------
@@ -774,6 +824,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="UDP ports for sessions (default 50000-59999)")
     parser.add_argument("--generate-host-key", action="store_true",
                         help="create the host key pair if it does not exist yet")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--print-config", action="store_true",
+                        help="print every effective setting and where it came from, then exit")
+    action.add_argument("--stop", action="store_true",
+                        help="stop the mps running with this configuration (its mps.pid_file)")
     parser.add_argument("-V", "--version", action="version",
                         version=f"mps {moshpit.__version__}")
     return parser.parse_args(argv)
@@ -826,32 +881,201 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+class PidFile:
+    """``mps.pid_file``: the running mps's pid, so ``mps --stop`` needs no ``ps`` and a second
+    mps with the same configuration is refused before it touches anything. Created atomically
+    (a complete file or none: written aside, then hard-linked into place, which fails if the
+    name exists) and removed at exit by the process that wrote it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._owned = False
+
+    def pid(self) -> Optional[int]:
+        """The pid in the file, or None (no file, or not a pid)."""
+        try:
+            with open(self.path) as f:
+                text = f.read(32).strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise MoshpitError(f"cannot read pid file {self.path}: {e.strerror or e}")
+        return int(text) if text.isdigit() and int(text) > 0 else None
+
+    def running(self) -> Optional[int]:
+        """The pid in the file if that process is alive and is an mps (after a reboot or a
+        crash the number may belong to something else, which must not block a start)."""
+        pid = self.pid()
+        return pid if pid is not None and _is_mps(pid) else None
+
+    def create(self) -> None:
+        """Write our pid; MoshpitError if a live mps holds the file. A stale file is
+        replaced (with a log line naming the dead pid)."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            for _ in range(3):  # stale file removed -> retry; another mps won -> refused
+                aside = f"{self.path}.{os.getpid()}.tmp"
+                with open(aside, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+                try:
+                    os.link(aside, self.path)
+                    self._owned = True
+                    return
+                except FileExistsError:
+                    pass
+                finally:
+                    os.unlink(aside)
+                other = self.running()
+                if other is not None:
+                    raise MoshpitError(
+                        f"another mps is already running (pid {other}, pid file "
+                        f"{self.path}): stop it with `python3 mps.py --stop`, or give this "
+                        "one its own mps.pid_file and mps.port")
+                log.info("replacing stale pid file %s (pid %s is not running)", self.path,
+                         self.pid() or "?")
+                self.discard()
+        except OSError as e:
+            raise MoshpitError(f"cannot create pid file {self.path}: {e.strerror or e} "
+                               "(set mps.pid_file to a writable path)")
+        raise MoshpitError(f"cannot create pid file {self.path}: it keeps reappearing")
+
+    def discard(self) -> None:
+        """Remove the file whoever wrote it (it was found stale)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def remove(self) -> None:
+        """Remove the file if we wrote it and it still names us."""
+        if self._owned and self.pid() == os.getpid():
+            self.discard()
+        self._owned = False
+
+
+def _is_mps(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process running mps, as far as we can tell."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's: judge by its command line below
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                return False  # exited; its parent has not collected it yet
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return True  # no /proc: a live process is the best evidence we have
+    return any(os.path.basename(arg) in (b"mps.py", b"mps") for arg in argv)
+
+
+STOP_WAIT_SECS = SHUTDOWN_FLUSH_SECS + HANGUP_GRACE_SECS + 2.0  # mps's own shutdown, and some
+
+
+def pid_file_path(config: moshpit.Config) -> str:
+    return os.path.expanduser(config["mps.pid_file"]) or moshpit.default_pid_path(config.home)
+
+
+def stop_server(config: moshpit.Config) -> int:
+    """``mps --stop``: SIGTERM the mps named by the pid file and wait for it to exit."""
+    pid_file = PidFile(pid_file_path(config))
+    pid = pid_file.running()
+    if pid is None:
+        stale = pid_file.pid()
+        if stale is None:
+            print(f"mps: no mps is running (no pid file {pid_file.path})", file=sys.stderr)
+        else:
+            pid_file.discard()
+            print(f"mps: no mps is running (pid {stale} in {pid_file.path} has exited; "
+                  "removed the stale pid file)", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        print(f"mps: cannot stop mps (pid {pid}): it runs as another user; run --stop as "
+              "that user or as root", file=sys.stderr)
+        return 1
+    except ProcessLookupError:
+        pass  # exited meanwhile: the loop below reports it
+    deadline = time.monotonic() + STOP_WAIT_SECS
+    while _is_mps(pid):  # a zombie counts as gone: the parent may be slow to reap it
+        if time.monotonic() >= deadline:
+            print(f"mps: mps (pid {pid}) has not exited {STOP_WAIT_SECS:g} s after SIGTERM; "
+                  f"`kill -KILL {pid}` ends it at once", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"mps: stopped mps (pid {pid})")
+    return 0
+
+
+class _StartupWarnings(logging.Handler):
+    """Until mps has started, copy WARNING records to stderr as ``mps: warning: ...``, so a
+    skipped config file or a listener that failed is seen where mps was started (a terminal,
+    the systemd journal), not only in the log. Not used with -e, which logs to stderr."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.addFilter(lambda record: record.levelno == logging.WARNING)  # errors: main says
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"mps: warning: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging_ready = False
+    startup_warnings = None
+    pid_file = None
+    started = False
+    root_logger = logging.getLogger(moshpit.ROOT_LOGGER)
     try:
         config = moshpit.load_config("server", cli=cli_overrides(args), path=args.config)
-        moshpit.setup_logging("server", config, log_path=args.tracing,
+        log_path = args.tracing or moshpit.default_log_path("server", config.home)
+        if args.print_config:
+            print(moshpit.config_report(config, {"log file": log_path,
+                                                 "pid file": pid_file_path(config)}))
+            return 0
+        if args.stop:
+            for warning in config.warnings:
+                print(f"mps: warning: {warning}", file=sys.stderr)
+            return stop_server(config)
+        moshpit.setup_logging("server", config, log_path=log_path,
                               stderr=args.enable_std_output)
         logging_ready = True
+        if not args.enable_std_output:
+            startup_warnings = _StartupWarnings()
+            root_logger.addHandler(startup_warnings)
         for line in config.describe().splitlines():
             log.debug("config: %s", line)
         for warning in config.warnings:
             log.warning("%s", warning)
-            if not args.enable_std_output:
-                print(f"mps: warning: {warning}", file=sys.stderr)
+        pid_file = PidFile(pid_file_path(config))
+        pid_file.create()
         host_key = load_host_key(config, args.generate_host_key)
         _raise_fd_limit()
         server = Server(config, host_key)
         server.listen()
+        started = True
     except MoshpitError as e:
         if logging_ready:
             log.error("%s", e)
         print(f"mps: {e}", file=sys.stderr)
         return 1
+    finally:
+        if startup_warnings is not None:
+            root_logger.removeHandler(startup_warnings)
+        if pid_file is not None and not started:
+            pid_file.remove()
     log.info("mps %s started (pid %d, host key %s)", moshpit.__version__, os.getpid(),
              host_key.public.fingerprint())
-    return server.serve_forever()
+    try:
+        return server.serve_forever()
+    finally:
+        pid_file.remove()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ file naming them -- and a server process that is certainly stopped (by PID) afte
     # stopped here (SIGTERM, then SIGKILL)
 
 ``TestClient`` is a minimal client built from the real handshake and transport (no terminal):
-``connect()``, ``send()``, ``resize()``, ``read_until()``, ``wait_closed()``, ``resume()``.
+``connect()``, ``send()``, ``resize()``, ``read_until()``, ``wait_closed()``, ``resume()``,
+``request_end()``.
 
 The server runs with ``HOME`` set to a fresh directory and its log at ``server.log_path``
 (``server.log()`` reads it, failures show it). ``run_as`` runs it as another user (for the
@@ -274,15 +275,18 @@ class TestClient:
         if key != self.host_key:
             raise moshpit_handshake.HostKeyError(f"unexpected host key {key.fingerprint()}")
 
-    def _handshake(self, resume: bool, timeout: float):
+    def _handshake(self, resume: bool, timeout: float, end_session: bool = False,
+                   identity: Optional[moshpit_keys.PrivateKey] = None,
+                   resume_secret: Optional[bytes] = None):
         request = moshpit_handshake.ClientRequest(
-            user=self.user, term=self.term, rows=self.rows, cols=self.cols, env=self.env)
+            user=self.user, term=self.term, rows=self.rows, cols=self.cols, env=self.env,
+            end_session=end_session)
         if resume:
             request.resume_session_id = self.grant.session_id
-            request.resume_secret = self.grant.resume_secret
+            request.resume_secret = resume_secret or self.grant.resume_secret
             request.resume_recv_offset = self.conn.recv_offset
-        return moshpit_handshake.client_handshake(self.host, self.port, self.identity, request,
-                                                  self._verify, timeout=timeout)
+        return moshpit_handshake.client_handshake(self.host, self.port, identity or self.identity,
+                                                  request, self._verify, timeout=timeout)
 
     def connect(self, timeout: float = 15.0) -> TestClient:
         """New session (raises the handshake's AuthRefused/HandshakeError)."""
@@ -311,6 +315,14 @@ class TestClient:
         self.conn.rekey(result.keys, result.grant.recv_offset, time.monotonic(),
                         peer_addr=peer)
         self.link.flush(time.monotonic())
+
+    def request_end(self, identity: Optional[moshpit_keys.PrivateKey] = None,
+                    resume_secret: Optional[bytes] = None, timeout: float = 15.0):
+        """The quit request over TCP (what mp.py sends when UDP cannot carry its goodbye);
+        another ``identity`` or ``resume_secret`` plays someone who is not the owner.
+        Returns the ClientResult; raises the handshake's AuthRefused/HandshakeError."""
+        return self._handshake(True, timeout, end_session=True, identity=identity,
+                               resume_secret=resume_secret)
 
     def send(self, data: Union[bytes, str]) -> None:
         self.conn.send(data.encode() if isinstance(data, str) else data)

@@ -11,19 +11,21 @@ import time
 
 import pytest
 
+from proc_util import pid_alive, wait_for
 from relay import Relay, random_front_alias
 from server_util import MpsServer, make_key, write_authorized_keys
-from test_client_session import (ERASE_BANNER, QUIT, USER, client_log, start_client, wait_shell,
-                                 wrapper_result)
+from test_client_session import (ERASE_BANNER, QUIT, QUIT_STATUS, USER, client_log,
+                                 remote_shell_pid, start_client, wait_shell, wrapper_result)
 
 
 @pytest.fixture
-def relayed(tmp_path):
-    """(server, relay, front address) with the relay started."""
+def relayed(tmp_path, request):
+    """(server, relay, front address) with the relay started; indirect parameters are
+    Relay options (``{"impair_tcp": True}``: a blackout freezes TCP too)."""
     with MpsServer(tmp_path) as server:
         front = random_front_alias()
         with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port]) as relay:
+                   udp_ports=[server.udp_port], **getattr(request, "param", {})) as relay:
             yield server, relay, front
 
 
@@ -60,6 +62,55 @@ def test_blackout_banner_then_typed_input_arrives_once(relayed, tmp_path):
         term.read_until(re.compile(rb"[\r\n]1234\r\n"), 30)
         term.send(QUIT)
         assert term.wait(20) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_escape_quit_during_udp_outage_ends_the_session(relayed, tmp_path):
+    """UDP is down, the banner is up, the user presses Ctrl-^ .: mp exits at once (within a
+    few seconds), and the server ends the session (the shell is hung up) instead of keeping
+    it detached for a week: the quit went over TCP as a quit request."""
+    server, relay, front = relayed
+    with start_client(server, tmp_path, host=front, wrapped=True) as term:
+        wait_shell(term)
+        pid = remote_shell_pid(term, tmp_path)
+        relay.set_blackout(True)
+        term.read_until(b"last contact", 30)
+        term.send(QUIT)
+        pressed = time.monotonic()
+        rc, attrs, out = wrapper_result(term, 20)
+        took = time.monotonic() - pressed
+        assert (rc, attrs) == (QUIT_STATUS, "same")
+        assert f"Connection to {front} closed.".encode() in out
+        assert b"could not be told" not in out
+    assert took < 8.0, f"quitting took {took:.1f} s"
+    log = server.wait_log("ended (by the client's quit request)", 10)
+    assert "ending a session" in log
+    wait_for(lambda: not pid_alive(pid), 10, "the remote shell to be hung up")
+    assert "quit request: the server ended the session" in client_log(tmp_path)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("relayed", [{"impair_tcp": True}], indirect=True)
+def test_escape_quit_with_server_unreachable_says_the_session_stays(relayed, tmp_path):
+    """UDP and TCP both down (the relay freezes TCP too): mp still exits within a few
+    seconds, says the session could not be ended, and the session is indeed still there."""
+    server, relay, front = relayed
+    with start_client(server, tmp_path, host=front, wrapped=True) as term:
+        wait_shell(term)
+        pid = remote_shell_pid(term, tmp_path)
+        relay.set_blackout(True)
+        term.send(QUIT)
+        pressed = time.monotonic()
+        rc, attrs, out = wrapper_result(term, 20)
+        took = time.monotonic() - pressed
+        assert (rc, attrs) == (QUIT_STATUS, "same")
+        assert (b"mp: the server could not be told to end the session (no answer within 2 s);"
+                b" it stays there, detached, until the server's detached_session_timeout_secs"
+                b" runs out (a week by default).") in out
+    assert took < 8.0, f"quitting took {took:.1f} s"
+    assert pid_alive(pid)  # detached, not ended
+    assert "by the client's quit request" not in server.log()
 
 
 @pytest.mark.timeout(120)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, proc_children, wait_for
+from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, pid_alive, proc_children, wait_for
 from server_util import READY_LINE, MpsServer, make_key
 
 import moshpit_keys
@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MP = os.path.join(REPO, "mp.py")
 USER = getpass.getuser()
 QUIT = b"\x1e."  # Ctrl-^ .
+QUIT_STATUS = 0  # what mp.py exits with after Ctrl-^ .
 ERASE_BANNER = b"\x1b7\x1b[1;1H\x1b[2K\x1b8"
 
 
@@ -59,6 +60,14 @@ def wait_shell(term: PtyProcess, timeout: float = 30.0) -> None:
     of its own (the echo of the typed line does not contain it)."""
     term.send("echo $((4200+42))\r")
     term.read_until(re.compile(rb"[\r\n]4242\r\n"), timeout)
+
+
+def remote_shell_pid(term: PtyProcess, tmp_path) -> int:
+    """The remote shell's PID, as the shell itself writes it to a file (seen from the server
+    side: the tests run on the server's machine)."""
+    path = tmp_path / f"shell-{time.monotonic_ns()}.pid"
+    term.send(f"echo $$ > {path}.tmp && mv {path}.tmp {path}\r")
+    return wait_for(lambda: path.exists() and int(path.read_text()), 30, "the shell's PID file")
 
 
 def mp_pid(term: PtyProcess) -> int:
@@ -228,6 +237,22 @@ def test_attrs_restored_after_escape_quit(server, tmp_path):
 
 
 @pytest.mark.timeout(90)
+def test_escape_quit_ends_the_session_on_the_server(server, tmp_path):
+    """Ctrl-^ . with the network fine: the goodbye goes over UDP, is acked, and the server
+    hangs up the shell (ended, not detached); no quit request over TCP was needed."""
+    with start_client(server, tmp_path) as term:
+        wait_shell(term)
+        pid = remote_shell_pid(term, tmp_path)
+        term.send(QUIT)
+        assert b"Connection to 127.0.0.1 closed." in term.read_to_eof(20)
+        assert term.wait(10) == QUIT_STATUS
+    wait_for(lambda: not pid_alive(pid), 10, "the remote shell to be hung up")
+    assert "ended (client: client quit)" in server.wait_log("ended (client: client quit)")
+    assert "ending a session" not in server.log()
+    assert "quit request" not in client_log(tmp_path)
+
+
+@pytest.mark.timeout(90)
 def test_attrs_restored_after_sigterm(server, tmp_path):
     with start_client(server, tmp_path, wrapped=True) as term:
         wait_shell(term)
@@ -294,6 +319,29 @@ def test_changed_host_key_on_resume_is_final(server, tmp_path):
         assert (rc, attrs) == (255, "same")
         assert b"mp: the host key of 127.0.0.1 changed during the session" in out
     assert client_log(tmp_path).count("resume handshake #") == 1  # never retried
+
+
+# --- the remote environment ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_ssh_variables_tell_the_shell_it_is_a_remote_login(server, tmp_path):
+    """Prompts and rc files look for SSH_CONNECTION / SSH_CLIENT / SSH_TTY: set as sshd
+    sets them, agreeing with MOSHPIT_CONNECTION and with what `tty` says."""
+    with start_client(server, tmp_path, cols=200) as term:  # the command line never wraps
+        wait_shell(term)
+        term.send('printf "<%s>\\n" "$SSH_CONNECTION|$SSH_CLIENT|$SSH_TTY|$(tty)|'
+                  '$MOSHPIT_CONNECTION"\r')
+        term.read_until(re.compile(rb"<([^<>\r\n]*)>\r\n"), 30)
+        connection, client, ssh_tty, tty, moshpit_connection = \
+            term.last_match.group(1).decode().split("|")
+        term.send(QUIT)
+        term.wait(20)
+    client_ip, client_port, server_ip, server_port = connection.split()
+    assert connection == moshpit_connection
+    assert (client_ip, server_ip, server_port) == ("127.0.0.1", "127.0.0.1", str(server.port))
+    assert client == f"{client_ip} {client_port} {server_port}" and int(client_port) > 0
+    assert ssh_tty == tty and re.fullmatch(r"/dev/pts/\d+", tty)
 
 
 # --- host keys -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import struct
@@ -93,6 +94,39 @@ def test_resume_proof_binds_secret_and_handshake(keys):
     # The proof is bound to this transcript: it is worthless in another handshake.
     other = Flow(*keys, request).run()[0].auth
     assert other.resume_proof != auth.resume_proof
+
+
+def test_end_session_request_is_a_signed_resume_with_an_intent(keys):
+    secret = os.urandom(32)
+    request = hs.ClientRequest("alice", resume_session_id=os.urandom(16),
+                               resume_secret=secret, end_session=True)
+    auth = Flow(*keys, request).run()[0].auth
+    assert auth.request.end_session and auth.resume_proof_valid(secret)
+    # Without the intent the fields are exactly what protocol version 1 always sent, so
+    # servers and clients without the quit request keep working for everything else.
+    key_blob = keys[0].public.blob
+    plain = hs._encode_fields(dataclasses.replace(request, end_session=False), key_blob)
+    assert hs._encode_fields(request, key_blob) == plain + bytes([hs.END_SESSION])
+    assert not hs._decode_fields(plain)[0].end_session
+
+
+def test_bad_end_session_requests_are_refused(keys):
+    identity, host = keys
+    with pytest.raises(hs.HandshakeError, match="needs its session id"):
+        hs.ClientHandshake(identity, hs.ClientRequest("alice", end_session=True))
+    resume = hs.ClientRequest("alice", resume_session_id=os.urandom(16),
+                              resume_secret=bytes(32), end_session=True)
+    fields = hs._encode_fields(resume, identity.public.blob)
+    for bad in (fields[:-1] + b"\x02", fields + b"\x01"):  # an unknown intent, trailing bytes
+        with pytest.raises(ValueError):
+            hs._decode_fields(bad)
+    flow = Flow(identity, host)  # a modified client: the server refuses it too
+    flow.client._request = hs.ClientRequest("alice", end_session=True)
+    flow.to_server()
+    flow.to_client()
+    flow.client.accept_host_key()
+    with pytest.raises(hs.HandshakeError, match="needs its session id"):
+        flow.to_server()
 
 
 def test_resume_needs_the_secret(keys):

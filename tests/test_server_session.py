@@ -12,7 +12,8 @@ import socket
 import time
 
 import pytest
-from moshpit_handshake import NO_SUCH_SESSION, SERVER_BUSY, AuthRefused, HandshakeError
+from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, AuthRefused,
+                               HandshakeError)
 from proc_util import pid_alive, proc_usage, wait_for
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
 
@@ -131,6 +132,39 @@ def test_client_quit_hangs_up_the_shell(server, client):
     client.quit()
     wait_for(lambda: not pid_alive(pid), 10, "the shell to get SIGHUP")
     server.wait_log("ended (client: client quit)")
+
+
+def test_quit_request_over_tcp_hangs_up_the_shell(server, client):
+    """UDP is down (the client stops pumping: nothing more goes over UDP); the quit goes
+    over TCP, is granted, and the shell is gone: the session is ended, not detached."""
+    pid = shell_pid(client)
+    result = client.request_end()
+    assert result.grant.session_id == client.grant.session_id
+    wait_for(lambda: not pid_alive(pid), 10, "the shell to get SIGHUP")
+    log = server.wait_log("ended (by the client's quit request)")
+    assert "ending a session" in log
+    with pytest.raises(AuthRefused) as refused:  # a second request: nothing left to end
+        client.request_end()
+    assert refused.value.code == NO_SUCH_SESSION
+
+
+def test_quit_request_from_someone_else_is_refused(server, client):
+    """Only the owner can end a session: the same key AND proof of the resume secret. A
+    wrong secret, or the right secret with another authorized key, is refused and the
+    session carries on."""
+    other = make_key(os.path.join(server.dir, "other_id"), "other")
+    write_authorized_keys(server.authorized_keys_path, server.client_key.public, other.public)
+    pid = shell_pid(client)
+    with pytest.raises(AuthRefused) as refused:
+        client.request_end(resume_secret=os.urandom(32))
+    assert refused.value.code == PERMISSION_DENIED
+    server.wait_log("quit request of session")
+    assert "bad resume proof" in server.log()
+    with pytest.raises(AuthRefused) as refused:
+        client.request_end(identity=other)
+    assert refused.value.code == NO_SUCH_SESSION
+    assert pid_alive(pid) and shell_pid(client) == pid  # still there, still answering
+    assert "by the client's quit request" not in server.log()
 
 
 def test_server_sigterm_tells_every_client(tmp_path):

@@ -8,13 +8,11 @@ import os
 import pwd
 import secrets
 import shutil
-import subprocess
-import sys
 
 import pytest
 from moshpit_handshake import PERMISSION_DENIED, USER_NOT_SERVED, AuthRefused
-from proc_util import kill_pid
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
+from users_util import python_for, users_fixture  # noqa: F401  (the `users` fixture)
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -22,58 +20,6 @@ pytestmark = [
                        reason="needs root and useradd to create throwaway users"),
     pytest.mark.xdist_group("users"),  # useradd/userdel lock /etc/passwd: one at a time
 ]
-
-
-def _pids_of(uid: int) -> list:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    pids.append(int(name))
-            except FileNotFoundError:
-                pass
-    return pids
-
-
-class Users:
-    """Creates throwaway users and groups; removes them (and stops their processes, by PID)
-    at teardown."""
-
-    def __init__(self):
-        self.users, self.groups = [], []
-
-    def group(self) -> str:
-        name = "mpg" + secrets.token_hex(3)
-        subprocess.run(["groupadd", name], check=True, capture_output=True)
-        self.groups.append(name)
-        return name
-
-    def user(self, groups=(), shell="/bin/bash") -> pwd.struct_passwd:
-        name = "mpu" + secrets.token_hex(3)
-        argv = ["useradd", "-m", "-s", shell]
-        if groups:
-            argv += ["-G", ",".join(groups)]
-        subprocess.run(argv + [name], check=True, capture_output=True)
-        self.users.append(name)
-        return pwd.getpwnam(name)
-
-    def cleanup(self):
-        for name in self.users:
-            for pid in _pids_of(pwd.getpwnam(name).pw_uid):
-                kill_pid(pid, 2.0)
-            subprocess.run(["userdel", "-r", name], capture_output=True)
-        for name in self.groups:
-            subprocess.run(["groupdel", name], capture_output=True)
-
-
-@pytest.fixture
-def users():
-    made = Users()
-    try:
-        yield made
-    finally:
-        made.cleanup()
 
 
 def authorize(pw: pwd.struct_passwd, *keys) -> str:
@@ -169,25 +115,9 @@ def test_unknown_user_is_refused(tmp_path):
         server.wait_log("no such user")
 
 
-def _python_for(pw: pwd.struct_passwd) -> str:
-    """An interpreter with `cryptography` that ``pw`` can run (ours may live under /root)."""
-    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            probe = subprocess.run([candidate, "-c", "import cryptography"], user=pw.pw_uid,
-                                   group=pw.pw_gid, extra_groups=[], capture_output=True,
-                                   cwd="/", timeout=30)
-        except OSError:  # e.g. under /root, which others cannot enter
-            continue
-        if probe.returncode == 0:
-            return candidate
-    pytest.skip(f"no Python with cryptography that {pw.pw_name} may run")
-
-
 def test_non_root_server_serves_only_its_own_user(users):
     carol, dave = users.user(), users.user()
-    server = MpsServer(carol.pw_dir, run_as=carol, python=_python_for(carol),
+    server = MpsServer(carol.pw_dir, run_as=carol, python=python_for(carol),
                        authorized_keys_file=False, start=False)
     authorize(carol, server.client_key)
     authorize(dave, server.client_key)
