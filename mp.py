@@ -1130,13 +1130,16 @@ fi
 """
 
 
-def copy_id(config, ssh_command: str) -> int:
+def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> int:
     """``mp --copy-id [user@]host``: add our public key to the server user's
     ~/.mp/authorized_keys through the system ssh (its config, agent, password prompts on the
-    terminal), once. Returns ssh's exit status (0 when the key is there)."""
+    terminal), once. Returns ssh's exit status (0 when the key is there). With ``-l`` the
+    user is the one mp would log in as (run_client's rule)."""
     destination = config["server_destination"]
     if not destination:
         raise moshpit.MoshpitError("--copy-id needs a destination: mp --copy-id [user@]host")
+    if login is not None:
+        destination = "{}@{}".format(*remote_user_and_host(destination, login, login_first))
     path = config["public_key_path"]
     if not os.path.exists(path):
         raise moshpit.MoshpitError(
@@ -1175,7 +1178,7 @@ def main(argv=None) -> int:
         for warning in config.warnings:
             prompter.say(f"mp: warning: {warning}")
         if args.copy_id:
-            return copy_id(config, args.ssh_command)
+            return copy_id(config, args.ssh_command, args.login_name, args.login_first)
         moshpit.setup_logging("client", config, log_path=args.tracing)
         return run_client(config, prompter, args.login_name, args.login_first)
     except moshpit.MoshpitError as err:
