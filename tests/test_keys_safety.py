@@ -213,11 +213,16 @@ def test_public_key_path_follows_the_private_one(tmp_path):
         ("/e/key.pub", "private_key_path + .pub, environment MOSHPIT_PRIVATE_KEY_PATH")
 
 
-def test_server_public_key_path_follows_the_private_one(tmp_path):
-    config = moshpit.load_config("server", cli={"mps.private_key_path": "/etc/mp/host"},
-                                 environ={}, home=str(tmp_path))
-    assert config["mps.public_key_path"] == "/etc/mp/host.pub"
-    assert config.source("mps.public_key_path") == "mps.private_key_path + .pub, command line"
+def test_mp_and_mps_print_config_show_the_paired_public_key(tmp_path):
+    """Both programs derive the pair in the config layer, and --print-config says so."""
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    client = mp_run(tmp_path, "-p", "/k/work", "--print-config").stdout.splitlines()
+    assert 'public_key_path = "/k/work.pub"  (private_key_path + .pub, command line)' \
+        in client
+    server = run_mps(["-p", "/etc/mp/host", "--print-config"], env).stdout.splitlines()
+    assert 'mps.private_key_path = "/etc/mp/host"  (command line)' in server
+    assert ('mps.public_key_path = "/etc/mp/host.pub"  (mps.private_key_path + .pub, '
+            'command line)') in server
 
 
 @pytest.mark.timeout(60)
