@@ -21,7 +21,7 @@ import re
 import struct
 import sys
 import termios
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -656,6 +656,61 @@ def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
 # ---------------------------------------------------------------------------
 # Terminal helpers
 # ---------------------------------------------------------------------------
+
+
+PRINTABLE_LIMIT = 200  # characters: foreign text quoted in one message line
+ELLIPSIS = "..."
+# Bidirectional embedding/override/isolate controls: they reorder how the rest of the line
+# is displayed, so quoted text could make a message read differently than it is.
+_BIDI_CONTROLS = frozenset(range(0x202A, 0x202F)) | frozenset(range(0x2066, 0x206A))
+
+
+def _visible(ch: str) -> str:
+    """One character as it may appear on a terminal: controls become visible escapes."""
+    code = ord(ch)
+    if code < 0x20:
+        return "^" + chr(code + 0x40)  # ESC -> ^[, BEL -> ^G, newline -> ^J
+    if code == 0x7F:
+        return "^?"
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (surrogateescape): show the byte
+        return f"\\x{code - 0xDC00:02x}"
+    if 0x80 <= code <= 0x9F or 0xD800 <= code <= 0xDFFF or code in _BIDI_CONTROLS:
+        return f"\\u{code:04x}"  # C1 controls (U+009B is CSI), lone surrogates, bidi
+    return ch
+
+
+def printable(text: Union[str, bytes], limit: Optional[int] = PRINTABLE_LIMIT) -> str:
+    """``text`` from a server or a file, made safe to print on a terminal.
+
+    A server or a file must never drive the user's terminal: set its title, clear the
+    screen, or fake a local prompt after the session. So C0 controls (newlines and tabs
+    included: a message is one line), DEL, C1 controls and bidi overrides are shown as
+    visible escapes (``^[``, ``^?``, ``\\u009b``); bytes are taken as UTF-8, an invalid byte
+    shows as ``\\xff``. The result is at most ``limit`` characters (None: no cap), cut with
+    an ellipsis, so a peer cannot flood the screen either.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "surrogateescape")
+    if (limit is None or len(text) <= limit) and text.isprintable():
+        return text  # the common case; everything _visible changes is not isprintable()
+    pieces: List[str] = []
+    used = 0
+    for ch in text:
+        piece = _visible(ch)
+        pieces.append(piece)
+        used += len(piece)
+        if limit is not None and used > limit:
+            while pieces and used + len(ELLIPSIS) > limit:
+                used -= len(pieces.pop())
+            pieces.append(ELLIPSIS)
+            break
+    return "".join(pieces)
+
+
+def printable_lines(text: str, limit: Optional[int] = None) -> str:
+    """Several lines of text for a terminal: each line as ``printable`` makes it (capped at
+    ``limit`` characters, None: no cap), the newlines kept."""
+    return "\n".join(printable(line, limit) for line in text.split("\n"))
 
 
 def get_winsize(fd: int) -> Tuple[int, int]:

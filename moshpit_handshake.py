@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
 import itertools
@@ -69,7 +70,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from moshpit import DEFAULT_TCP_PORT, PROTOCOL_VERSION, MoshpitError
+from moshpit import DEFAULT_TCP_PORT, PROTOCOL_VERSION, MoshpitError, printable
 from moshpit_keys import (
     KEY_TYPE,
     KeyFileError,
@@ -115,6 +116,8 @@ REFUSAL_CODES = (PERMISSION_DENIED, SERVER_BUSY, NO_SUCH_SESSION, PROTOCOL_ERROR
                  USER_NOT_SERVED)
 # Retrying cannot help: the client stops.
 FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION, USER_NOT_SERVED)
+# The client's own finding, never sent: the peer's first bytes are another protocol.
+NOT_MOSHPIT = "not a moshpit server"
 
 
 class HandshakeError(MoshpitError):
@@ -600,13 +603,17 @@ class _Handshake:
             return None
         (length,) = struct.unpack_from(">I", self._inbox)
         if not 1 <= length <= MAX_MESSAGE:
-            raise HandshakeError(
-                f"protocol error: message length {length} is outside 1..{MAX_MESSAGE}")
+            raise self._bad_length(length)
         if len(self._inbox) < 4 + length:
             return None
         body = bytes(self._inbox[4:4 + length])
         del self._inbox[:4 + length]
         return body
+
+    def _bad_length(self, length: int) -> HandshakeError:
+        """The error for a message length outside 1..MAX_MESSAGE."""
+        return HandshakeError(f"protocol error: message length {length} is outside"
+                              f" 1..{MAX_MESSAGE}")
 
     @staticmethod
     def _expect(body: bytes, kind: int) -> _Reader:
@@ -653,6 +660,27 @@ class _Handshake:
         fields = [reader.string() for _ in range(count)]
         reader.expect_end()
         return fields
+
+
+_TEXT_BYTES = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\r\n")
+
+
+def _foreign_protocol(data: bytes) -> str:
+    """What a peer that is not a moshpit server seems to speak, from its first bytes. Every
+    moshpit message starts with a length of at most 64 KiB (bytes 00 00 or 00 01), so text,
+    an SSH banner or a TLS record can never be mistaken for one."""
+    head = data[:64]
+    if head.startswith(b"SSH-"):
+        return "it speaks SSH"
+    if head.startswith(b"HTTP") or head.lstrip().lower().startswith((b"<!doctype html",
+                                                                       b"<html")):
+        return "it speaks HTTP"
+    if len(head) >= 2 and head[0] in (0x15, 0x16) and head[1] == 0x03:  # TLS alert/handshake
+        return "it speaks TLS"
+    if all(byte in _TEXT_BYTES for byte in head):  # SMTP, FTP, POP, IMAP, Redis...
+        first_line = head.split(b"\n")[0].rstrip(b"\r")
+        return f"it sent '{printable(first_line, 60)}'"
+    return "unexpected reply"
 
 
 def _plaintext_refusal(body: bytes) -> HandshakeError:
@@ -717,6 +745,16 @@ class ClientHandshake(_Handshake):
         self._send_sealed(_CLIENT_AUTH, associated, [fields, signature, proof])
         self._keys = self._session_keys()
         self._handler = self._on_server_finish
+
+    def heard_nothing(self) -> bool:
+        """True while not one byte has come from the server."""
+        return self._handler == self._on_server_hello and not self._inbox
+
+    def _bad_length(self, length: int) -> HandshakeError:
+        if self._handler == self._on_server_hello:  # the server's very first bytes
+            return HandshakeError(f"{NOT_MOSHPIT} ({_foreign_protocol(bytes(self._inbox))})",
+                                  NOT_MOSHPIT)
+        return super()._bad_length(length)
 
     def _on_server_hello(self, body: bytes) -> None:
         reader = self._expect(body, _SERVER_HELLO)
@@ -1056,9 +1094,9 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise HandshakeError(f"cannot connect to {host} port {port}: {_os_reason(err)}") from None
+        raise HandshakeError(f"could not resolve host name {host}: {_os_reason(err)}") from None
     except UnicodeError:  # IDNA encoding of an impossible name
-        raise HandshakeError(f"cannot connect to {host} port {port}: invalid host name") from None
+        raise HandshakeError(f"could not resolve host name {host}: invalid host name") from None
     last_error: OSError = socket.timeout()
     for index, (family, kind, proto, _, addr) in enumerate(infos):
         sock = socket.socket(family, kind, proto)
@@ -1070,7 +1108,20 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
         except OSError as err:
             sock.close()
             last_error = err
-    raise HandshakeError(f"cannot connect to {host} port {port}: {_os_reason(last_error)}")
+    raise HandshakeError(_connect_failure(_format_addr((host, port)), last_error))
+
+
+def _connect_failure(where: str, err: OSError) -> str:
+    """What a failed TCP connect means for the user, and what to check."""
+    if isinstance(err, ConnectionRefusedError):
+        return f"nothing listens on {where} (is mps running? is the port right: -s PORT)"
+    if isinstance(err, socket.timeout):
+        return (f"cannot connect to {where}: connection timed out (is the host up? a firewall"
+                " may drop TCP to that port)")
+    if err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return (f"cannot connect to {where}: {_os_reason(err)} (is the address right? is the"
+                " network up?)")
+    return f"cannot connect to {where}: {_os_reason(err)}"
 
 
 def _peer_closed(sock: socket.socket) -> bool:
@@ -1084,6 +1135,12 @@ def _peer_closed(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+class _NoAnswer(Exception):
+    """The peer accepted the connection and never sent a byte: a moshpit server answers the
+    ClientHello at once, so this is an overloaded server or a service that waits for
+    something else (an HTTP server waits for a request line)."""
 
 
 class _ClosedDuringPrompt(Exception):
@@ -1111,6 +1168,8 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
                               " in progress; try again later", err.code)
     if err.code == SHUTTING_DOWN:
         return HandshakeError(f"server {host} is shutting down", err.code)
+    if err.code == NOT_MOSHPIT:
+        return HandshakeError(f"{_format_addr((host, port))} is {err}", err.code)
     return HandshakeError(f"{err} (server {host} port {port})", err.code)
 
 
@@ -1159,6 +1218,10 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
             raise
         except HandshakeError as err:
             raise _explain(err, host, port, request.user) from None
+        except _NoAnswer:
+            raise HandshakeError(f"{_format_addr((host, port))} did not answer in {timeout:g} s"
+                                 " (an overloaded moshpit server, or not one at all: is the"
+                                 " port right: -s PORT)") from None
         except socket.timeout:
             raise HandshakeError(f"handshake with {host} port {port} timed out after"
                                  f" {timeout:g} s") from None
@@ -1179,7 +1242,12 @@ def _client_attempt(sock: socket.socket, identity: LazyIdentity, request: Client
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
     machine = ClientHandshake(None, request)
     deadline = time.monotonic() + timeout
-    host_key = _exchange(sock, machine, deadline).host_key
+    try:
+        host_key = _exchange(sock, machine, deadline).host_key
+    except socket.timeout:
+        if machine.heard_nothing():
+            raise _NoAnswer() from None
+        raise
     if host_key != trusted:
         verify_host_key(host_key)
     key = identity.get()  # only now: the server is real and its host key trusted

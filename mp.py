@@ -20,11 +20,13 @@ import atexit
 import codecs
 import fcntl
 import getpass
+import ipaddress
 import locale
 import logging
 import os
 import pwd
 import queue
+import re
 import select
 import shlex
 import signal
@@ -44,6 +46,7 @@ log = logging.getLogger("moshpit.client")
 
 EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) exit 255
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
+UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, like mosh)
 RESUME_AFTER_SECS = 10.0  # silence before a UDP port hop + TCP resume handshake
 FIRST_BACKOFF_SECS = 2.0
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mp",
         description="moshpit client: encrypted remote terminal that survives roaming and outages.",
         epilog="Escape key (default Ctrl-^): Ctrl-^ . quits; Ctrl-^ Ctrl-^ (or Ctrl-^ ^) sends "
-        "one Ctrl-^. Exit status: the remote shell's, or 255 if moshpit itself failed.",
+        "one Ctrl-^. Exit status: the remote shell's, or 255 if moshpit itself failed or you "
+        "quit with the escape key (like ssh's ~.).",
     )
     moshpit.add_common_flags(p, "client")
     p.add_argument("-i", metavar="FILE", dest="identity_file",
@@ -123,17 +127,79 @@ def cli_overrides(args: argparse.Namespace) -> dict:
 
 def parse_destination(dest: str, default_user: str) -> tuple:
     """``[user@]host`` -> (user, host). Host may be a name, IPv4, bare IPv6 (``::1``) or
-    bracketed IPv6 (``[::1]``); brackets are dropped. The port comes from -s / server_port,
-    never from the destination (same as the seed)."""
+    bracketed IPv6 (``[::1]``, ``[fe80::1%eth0]``); brackets are dropped. The port comes from
+    -s / server_port, never from the destination (same as the seed)."""
     user, at, host = dest.rpartition("@")
     if not at:
         user = default_user
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
-    if not host or any(c in host for c in "[]/ ") or not valid_user(user):
+    if not host or not valid_user(user):
         raise moshpit.MoshpitError(
             f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
-    return user, host
+    return user, checked_host(host, bracketed)
+
+
+MAX_HOST_NAME = 253  # DNS: characters in a name, without the trailing dot
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+_SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")  # an interface name or number
+
+
+def checked_host(host: str, bracketed: bool = False) -> str:
+    """``host`` if it is a DNS name or an IPv4/IPv6 literal (with an optional ``%scope``),
+    else a MoshpitError naming what is wrong. Checked before any network or known_hosts use:
+    the host goes verbatim into known_hosts, where ``,`` separates names, whitespace ends
+    the field and ``*?!`` are patterns, and into messages on the terminal. An international
+    name is taken in its ASCII (IDNA) form, the one DNS and known_hosts see."""
+    if bracketed and ":" not in host:
+        _bad_host(f"[{host}]", "brackets are only for IPv6 addresses, like [::1]")
+    if ":" in host:
+        return _checked_ipv6(host)
+    bad = next((c for c in host if not (c.isalnum() or c in "-_.")), None)
+    if bad is not None:
+        _bad_host(host, f"{_describe_char(bad)} cannot appear in a host name; use letters, "
+                        "digits, '-', '_' and '.', or an IP address (192.0.2.1, ::1, "
+                        "[fe80::1%eth0])")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            _bad_host(host, "not a valid international domain name")
+    name = host[:-1] if host.endswith(".") else host  # a fully qualified "host." is fine
+    if len(name) > MAX_HOST_NAME:
+        _bad_host(host, f"longer than {MAX_HOST_NAME} characters")
+    for label in name.split("."):
+        if not _HOST_LABEL_RE.match(label):
+            _bad_host(host, "each dot-separated part must be 1 to 63 characters and must not "
+                            "begin or end with '-'")
+    return host
+
+
+def _checked_ipv6(host: str) -> str:
+    address, percent, scope = host.partition("%")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        if host.count(":") == 1 and host.rpartition(":")[2].isdigit():
+            _bad_host(host, "the port goes in -s PORT, not after the host")
+        _bad_host(host, "not a valid IPv6 address")
+    if percent and not _SCOPE_RE.match(scope):
+        _bad_host(host, "the scope after '%' must be an interface name or number")
+    return host
+
+
+def _describe_char(ch: str) -> str:
+    if ch.isspace():
+        return "whitespace"
+    if not ch.isprintable():
+        return "a control character"
+    return f"'{ch}'"
+
+
+def _bad_host(host: str, why: str) -> None:
+    raise moshpit.MoshpitError(
+        f"invalid host name '{moshpit.printable(host, 80)}': {why}")
 
 
 def valid_user(user: str) -> bool:
@@ -318,6 +384,14 @@ class EscapeFilter:
         self.literal = None if escape is None else {escape, (escape ^ 0x40) & 0x7F}
         self.pending = False
 
+    def key_name(self):
+        """How the user types the escape key ("Ctrl-^", "~"), or None when it is disabled."""
+        if self.escape is None:
+            return None
+        if self.escape < 0x20 or self.escape == 0x7F:
+            return f"Ctrl-{chr(self.escape ^ 0x40)}"
+        return chr(self.escape)
+
     def feed(self, data: bytes) -> tuple:
         """-> (bytes for the server, quit requested). Bytes after a quit are dropped."""
         if self.escape is None or (not self.pending and self.escape not in data):
@@ -352,12 +426,19 @@ class OutputTracker:
 
     GROUND, ESC, CSI, STRING = range(4)
     _STRING_STARTERS = frozenset(b"]PX^_")  # OSC, DCS, SOS, PM, APC: end at BEL or ESC \
+    # Colours and mode switches (bracketed paste, cursor keys) at the very end of the output
+    # leave the cursor where it was: they do not decide whether it is at column 0.
+    _STILL_CURSOR_TAIL = re.compile(rb"(?:\x1b\[[0-?]*[ -/]*[hlm])+\Z")
 
     def __init__(self):
         self.state = self.GROUND
         self.tail = b""  # the last bytes since the last sequence: a cut UTF-8 character?
+        self.line_start = True  # the last character was a newline: the cursor is at column 0
 
     def feed(self, data: bytes) -> None:
+        tail = self._STILL_CURSOR_TAIL.sub(b"", data[-64:])
+        if tail:
+            self.line_start = tail.endswith(b"\n")
         last_esc = data.rfind(b"\x1b")
         if last_esc >= 0:
             self.state, self.tail = self.ESC, b""
@@ -398,7 +479,9 @@ class OutputTracker:
 
 
 class StatusBanner:
-    """The one-line "last contact N s ago" notice at the top of the screen.
+    """The one-line "last contact N s ago" notice at the top of the screen, or, while no UDP
+    packet has ever arrived, "nothing received from HOST on UDP port N (firewall?)" after
+    only UDP_SILENT_SECS (there is no "last contact" before the first one).
 
     Drawn with save cursor (ESC 7, which also saves colours/attributes), move to row 1,
     erase the line, reverse video, the text, restore (ESC 8): the cursor and the remote
@@ -414,14 +497,26 @@ class StatusBanner:
     in the terminal's single save slot; we accept those rare cases.
     """
 
-    def __init__(self, ellipsis: str = "..."):
+    def __init__(self, ellipsis: str = "...", quit_hint: str = ""):
         self.ellipsis = ellipsis
+        self.quit_hint = quit_hint  # " - Ctrl-^ . quits", or "" without an escape key
+        self.udp_wait = None  # (host, port) until the first UDP packet arrives
         self.shown = False
-        self.drawn_second = None
+        self.drawn_text = None
 
-    def text(self, silence: float, note: str = "") -> str:
-        line = f"moshpit: last contact {int(silence)} s ago, reconnecting{self.ellipsis}"
-        return f"{line} ({note})" if note else line
+    def threshold(self) -> float:
+        """Seconds of silence before the banner appears."""
+        return BANNER_AFTER_SECS if self.udp_wait is None else UDP_SILENT_SECS
+
+    def text(self, silence: float, note: str = "", cols: int = 0) -> str:
+        if self.udp_wait is None:
+            line = f"moshpit: last contact {int(silence)} s ago, reconnecting{self.ellipsis}"
+        else:
+            host, port = self.udp_wait
+            line = f"nothing received from {host} on UDP port {port} (firewall?){self.quit_hint}"
+            if cols and len(line) >= cols:  # keep the port and the way out on a narrow screen
+                line = f"nothing received on UDP port {port} (firewall?){self.quit_hint}"
+        return f"{line} ({moshpit.printable(note)})" if note else line
 
     @staticmethod
     def render(text: str, cols: int, encoding: str = "utf-8") -> bytes:
@@ -436,28 +531,27 @@ class StatusBanner:
     def update(self, silence: float, cols: int, note: str = "", encoding: str = "utf-8",
                force: bool = False) -> bytes:
         """Bytes to write now (possibly b""): draw when silence passes the threshold,
-        redraw when the whole-second count changes or ``force`` (resize)."""
-        if silence < BANNER_AFTER_SECS:
+        redraw when the text changes (the whole-second count) or ``force`` (resize)."""
+        if silence < self.threshold():
             return self.hide()
-        second = int(silence)
-        if self.shown and second == self.drawn_second and not force:
+        text = self.text(silence, note, cols)
+        if self.shown and text == self.drawn_text and not force:
             return b""
-        self.shown, self.drawn_second = True, second
-        return self.render(self.text(silence, note), cols, encoding)
+        self.shown, self.drawn_text = True, text
+        return self.render(text, cols, encoding)
 
     def hide(self) -> bytes:
         if not self.shown:
             return b""
-        self.shown, self.drawn_second = False, None
+        self.shown, self.drawn_text = False, None
         return self.erase()
 
-    @staticmethod
-    def next_deadline(last_heard: float, now: float) -> float:
+    def next_deadline(self, last_heard: float, now: float) -> float:
         """When the banner next needs attention: its first appearance, then each whole
         second of silence (never in the past, even while drawing has to wait)."""
         silence = now - last_heard
-        if silence < BANNER_AFTER_SECS:
-            return last_heard + BANNER_AFTER_SECS
+        if silence < self.threshold():
+            return last_heard + self.threshold()
         return last_heard + int(silence) + 1
 
 
@@ -476,7 +570,11 @@ class Prompter:
         self.interactive = self.stdin.isatty()
 
     def say(self, text: str) -> None:
-        self.stderr.write(text if text.endswith("\n") else text + "\n")
+        """Print a message, one or more lines. Messages quote servers, files and the
+        environment, so each line goes through moshpit.printable: no escape sequence in
+        them reaches the terminal (the specific sites also cap what they quote)."""
+        self.stderr.write(moshpit.printable_lines(text[:-1] if text.endswith("\n") else text)
+                          + "\n")
         self.stderr.flush()
 
     def ask(self, question: str) -> str:
@@ -720,7 +818,10 @@ class Session:
         self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
         self.encoding = terminal_encoding()
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
-        self.banner = StatusBanner("\u2026" if utf8 else "...")
+        key, dash = self.escape.key_name(), "\u2014" if utf8 else "-"
+        self.banner = StatusBanner("\u2026" if utf8 else "...",
+                                   f" {dash} {key} . quits" if key else "")
+        self.banner.udp_wait = (target.host, first.grant.udp_port)
         self.banner_note = ""
         self.tracker = OutputTracker()
         self.out = bytearray()
@@ -746,13 +847,13 @@ class Session:
         try:
             while self.outcome is None:
                 self._step()
+            if self.quit_failure:  # before _finish: it starts a fresh line for any message
+                self.outcome.message = "\n".join(filter(None, (self.outcome.message,
+                                                               self.quit_failure)))
             self._finish()
         finally:
             self.router.in_loop = False
             self.link.close()
-        if self.quit_failure:
-            self.outcome.message = "\n".join(filter(None, (self.outcome.message,
-                                                           self.quit_failure)))
         return self.outcome
 
     def _step(self) -> None:
@@ -798,6 +899,7 @@ class Session:
         self.link.handle_readable(now)
         if self.conn.last_heard != before:
             self.heard = self.conn.last_heard
+            self.banner.udp_wait = None  # UDP works: from now on silence is "last contact"
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -831,9 +933,9 @@ class Session:
         data, quit_requested = self.escape.feed(data)
         if data:
             self.conn.send(data)
-        if quit_requested:
+        if quit_requested:  # exits 255 like ssh's ~., so a script can tell it from "exit 0"
             self._quit("client quit")
-            self.outcome = Outcome(0, f"Connection to {self.target.host} closed.")
+            self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
 
     def _events(self) -> None:
         while True:
@@ -857,7 +959,7 @@ class Session:
         """Banner on/off/update from the silence. Packets flowing again is immediate
         recovery: banner gone, resume back-off reset, no handshake needed."""
         silence = now - self.heard
-        if silence < BANNER_AFTER_SECS:
+        if silence < self.banner.threshold():
             if self.banner.shown:
                 log.info("contact with %s is back", self.target.host)
                 self.out += self.banner.hide()
@@ -907,6 +1009,8 @@ class Session:
                         peer_addr=udp_peer(outcome))
         self.conn.send_resize(*self.winsize)
         self.banner_note = "server answered, waiting for UDP"
+        if self.banner.udp_wait is not None:
+            self.banner.udp_wait = (self.target.host, outcome.grant.udp_port)
 
     # -- output and endings -----------------------------------------------------------
 
@@ -971,9 +1075,16 @@ class Session:
     def _finish(self) -> None:
         """Ack what the server sent last (it resends a close until acked), write what is
         left of the output (a few seconds at most) and erase the banner, so the final
-        screen is the remote program's."""
+        screen is the remote program's. Then hand the terminal back clean: end an escape
+        sequence the server left open (an unterminated title would swallow our message and
+        whatever the local shell prints next), and start a fresh line for our message, so
+        it never lands on the remote prompt's line."""
         self._linger(0.5, self._nothing_due)
         self.out += self.banner.hide()
+        if self.out_is_tty and self.tracker.state != OutputTracker.GROUND:
+            self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
+        if self.out_is_tty and self.outcome.message and not self.tracker.line_start:
+            self.out += b"\r\n"
         deadline = time.monotonic() + 3.0
         while self.out and time.monotonic() < deadline:
             select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
@@ -1022,7 +1133,7 @@ def shutdown_message(host: str, reason: str) -> str:
     """The server ended the session on its own (a ShutdownReceived, not a shell exit)."""
     if reason == moshpit_handshake.SHUTTING_DOWN:
         return f"moshpit: server {host} is shutting down; session ended."
-    return f"moshpit: server {host} ended the session ({reason})."
+    return f"moshpit: server {host} ended the session ({moshpit.printable(reason)})."
 
 
 def gone_message(host: str) -> str:

@@ -17,7 +17,7 @@ import sys
 import termios
 
 import moshpit_keys as keys
-from moshpit import MoshpitError, __version__
+from moshpit import MoshpitError, __version__, printable, printable_lines
 
 PROG = "mp_keygen.py"
 PASSPHRASE_ATTEMPTS = 3
@@ -110,7 +110,7 @@ def generate(args: argparse.Namespace, terminal: Terminal | None) -> int:
     print(f"Your private key has been saved in {path}")
     print(f"Your public key has been saved in {pub_path}")
     print("The key fingerprint is:")
-    print(f"{key.public.fingerprint()} {key.public.comment}".rstrip())
+    print(f"{key.public.fingerprint()} {printable(key.public.comment)}".rstrip())
     print("The key's randomart image is:")
     print(key.public.randomart())
     return 0
@@ -133,7 +133,7 @@ def pubkey(args: argparse.Namespace, terminal: Terminal | None) -> int:
 
 def fingerprint(args: argparse.Namespace, terminal: Terminal | None) -> int:
     pub = keys.load_public_key(os.path.expanduser(args.path))
-    print(f"256 {pub.fingerprint()} {pub.comment or 'no comment'} (ED25519)")
+    print(f"256 {pub.fingerprint()} {printable(pub.comment) or 'no comment'} (ED25519)")
     if args.randomart:
         print(pub.randomart())
     return 0
@@ -151,10 +151,11 @@ def verify(args: argparse.Namespace, terminal: Terminal | None) -> int:
         print(f"OK: the {what} matches the key in {path}")
         return 0
     print(f"MISMATCH: the {what} does not match the key in {path}")
+    given = printable_lines(given.strip(), 80)  # may come from a file: shown, never obeyed
     if args.randomart:
-        print(f"given:\n{given.strip()}\nkey ({pub.fingerprint()}):\n{actual}")
+        print(f"given:\n{given}\nkey ({pub.fingerprint()}):\n{actual}")
     else:
-        print(f"given: {given.strip()}\nkey:   {actual}")
+        print(f"given: {given}\nkey:   {actual}")
     return 1
 
 

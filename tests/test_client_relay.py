@@ -61,7 +61,7 @@ def test_blackout_banner_then_typed_input_arrives_once(relayed, tmp_path):
         term.send("echo $((1000+234))\r")  # the session carries on normally
         term.read_until(re.compile(rb"[\r\n]1234\r\n"), 30)
         term.send(QUIT)
-        assert term.wait(20) == 0
+        assert term.wait(20) == QUIT_STATUS
 
 
 @pytest.mark.slow

@@ -163,9 +163,54 @@ def test_banner_removed_when_contact_returns():
 
 
 def test_banner_deadlines_never_in_the_past():
-    assert mp.StatusBanner.next_deadline(100.0, 101.0) == 106.0
-    assert mp.StatusBanner.next_deadline(100.0, 108.4) == 109.0
-    assert mp.StatusBanner.next_deadline(100.0, 109.0) == 110.0
+    b = mp.StatusBanner()
+    assert b.next_deadline(100.0, 101.0) == 106.0
+    assert b.next_deadline(100.0, 108.4) == 109.0
+    assert b.next_deadline(100.0, 109.0) == 110.0
+    b.udp_wait = ("h", 50000)  # no UDP packet yet: the first deadline comes sooner
+    assert b.next_deadline(100.0, 101.0) == 103.0
+
+
+def test_banner_before_any_udp_packet_says_udp_is_silent():
+    """Never "last contact" before there was any: after 3 s, mosh's UDP hint instead."""
+    b = mp.StatusBanner("…", " — Ctrl-^ . quits")
+    b.udp_wait = ("example.net", 50007)
+    assert b.update(2.9, 120) == b""
+    text = ("nothing received from example.net on UDP port 50007 (firewall?) — Ctrl-^ . quits")
+    assert b.update(3.0, 120) == mp.StatusBanner.render(text, 120)
+    assert b.update(4.5, 120) == b""  # the text does not change: no redraw each second
+    assert b"last contact" not in b.update(9.0, 120, force=True)
+    b.udp_wait = None  # the first packet: from now on silence is measured as contact lost
+    assert b.update(0.1, 120) == mp.StatusBanner.erase()
+    assert b"last contact 7 s ago" in b.update(7.0, 120)
+
+
+def test_banner_udp_hint_keeps_the_way_out_on_a_narrow_screen():
+    b = mp.StatusBanner("...", " - Ctrl-] . quits")
+    b.udp_wait = ("a-rather-long-host-name.example.com", 50007)
+    assert b.text(5, cols=80) == "nothing received on UDP port 50007 (firewall?) - Ctrl-] . quits"
+    assert b.text(5, cols=200).startswith("nothing received from a-rather-long-host-name")
+
+
+@pytest.mark.parametrize("setting, name", [("^^", "Ctrl-^"), ("^]", "Ctrl-]"), ("~", "~"),
+                                           ("^?", "Ctrl-?"), ("none", None)])
+def test_escape_key_names(setting, name):
+    assert mp.EscapeFilter(moshpit.parse_escape_key(setting)).key_name() == name
+
+
+@pytest.mark.parametrize("chunks, at_line_start", [
+    ((), True),
+    ((b"done\r\n",), True),
+    ((b"line\n", b"user@host:~$ "), False),
+    ((b"user@host:~$ ", b""), False),  # an empty read changes nothing
+    ((b"$ exit\r\n", b"logout\r\n"), True),
+    ((b"logout\r\n\x1b[?2004l\x1b[0m",), True),  # mode switch and colour reset: no motion
+    ((b"done\r\n", b"\x1b[?1l\x1b[m"), True),
+    ((b"\x1b[?2004h\x1b[01;32mroot@vm\x1b[00m:~# ",), False),
+    ((b"line\r\n\x1b[3A",), False),  # the cursor moved up: not known to be at a line start
+])
+def test_tracker_knows_when_the_cursor_is_at_line_start(chunks, at_line_start):
+    assert feed_all(*chunks).line_start == at_line_start
 
 
 # --- command line -----------------------------------------------------------------------
@@ -179,7 +224,11 @@ def test_banner_deadlines_never_in_the_past():
     ("[::1]", ("me", "::1")),
     ("alice@[::1]", ("alice", "::1")),
     ("alice@fe80::1%eth0", ("alice", "fe80::1%eth0")),
+    ("alice@[fe80::1%eth0]", ("alice", "fe80::1%eth0")),
     ("a@b@host", ("a@b", "host")),
+    ("host.example.com.", ("me", "host.example.com.")),
+    ("my_host-2", ("me", "my_host-2")),
+    ("bücher.example", ("me", "xn--bcher-kva.example")),  # IDNA: what DNS and known_hosts see
 ])
 def test_parse_destination(dest, expected):
     assert mp.parse_destination(dest, "me") == expected
@@ -189,6 +238,44 @@ def test_parse_destination(dest, expected):
 def test_parse_destination_rejects_garbage(dest):
     with pytest.raises(moshpit.MoshpitError):
         mp.parse_destination(dest, "me")
+
+
+CHARS_HINT = ("use letters, digits, '-', '_' and '.', or an IP address (192.0.2.1, ::1, "
+              "[fe80::1%eth0])")
+
+
+@pytest.mark.parametrize("dest, message", [
+    ("a,b", f"invalid host name 'a,b': ',' cannot appear in a host name; {CHARS_HINT}"),
+    ("alice@a b", f"invalid host name 'a b': whitespace cannot appear in a host name; "
+                  f"{CHARS_HINT}"),
+    ("*.example.com", f"invalid host name '*.example.com': '*' cannot appear in a host name; "
+                      f"{CHARS_HINT}"),
+    ("h?st", f"invalid host name 'h?st': '?' cannot appear in a host name; {CHARS_HINT}"),
+    ("!host", f"invalid host name '!host': '!' cannot appear in a host name; {CHARS_HINT}"),
+    ("a\x1b]0;owned\x07", "invalid host name 'a^[]0;owned^G': a control character cannot "
+                          f"appear in a host name; {CHARS_HINT}"),
+    ("a\tb", f"invalid host name 'a^Ib': whitespace cannot appear in a host name; {CHARS_HINT}"),
+    ("a\x9bb", "invalid host name 'a\\u009bb': a control character cannot appear in a host "
+              f"name; {CHARS_HINT}"),
+    ("ä,b", f"invalid host name 'ä,b': ',' cannot appear in a host name; {CHARS_HINT}"),
+    ("host:22", "invalid host name 'host:22': the port goes in -s PORT, not after the host"),
+    ("[host]", "invalid host name '[host]': brackets are only for IPv6 addresses, like [::1]"),
+    ("1:2:3", "invalid host name '1:2:3': not a valid IPv6 address"),
+    ("fe80::1%a,b", "invalid host name 'fe80::1%a,b': the scope after '%' must be an interface "
+                    "name or number"),
+    ("-oProxy", "invalid host name '-oProxy': each dot-separated part must be 1 to 63 "
+                "characters and must not begin or end with '-'"),
+    ("a..b", "invalid host name 'a..b': each dot-separated part must be 1 to 63 characters and "
+             "must not begin or end with '-'"),
+    ("x" * 64 + ".com", f"invalid host name '{'x' * 64}.com': each dot-separated part must be "
+                        "1 to 63 characters and must not begin or end with '-'"),
+    (".".join(["a" * 60] * 5), "invalid host name '" + ".".join(["a" * 60] * 5)[:77] +
+     "...': longer than 253 characters"),
+])
+def test_invalid_host_names_say_what_is_wrong(dest, message):
+    with pytest.raises(moshpit.MoshpitError) as raised:
+        mp.parse_destination(dest, "me")
+    assert str(raised.value) == message
 
 
 def test_only_given_flags_reach_config():

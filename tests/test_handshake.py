@@ -292,6 +292,40 @@ def test_unauthenticated_refusals_are_never_final(keys):
         assert raised.value.code == expected
 
 
+@pytest.mark.parametrize("first_bytes, what", [
+    (b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n", "it speaks SSH"),
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\n", "it speaks HTTP"),
+    (b"HTTP", "it speaks HTTP"),  # as little as a length prefix is enough
+    (b"\r\n<!DOCTYPE HTML>\n<html>", "it speaks HTTP"),
+    (b"\x15\x03\x01\x00\x02\x02\x46", "it speaks TLS"),  # a TLS alert to our hello
+    (b"220 mail.example.com ESMTP Postfix\r\n", "it sent '220 mail.example.com ESMTP Postfix'"),
+    (b"220 " + b"x" * 100 + b"\r\n", "it sent '220 " + "x" * 53 + "...'"),  # capped
+    (b"220 \x1b]0;owned\x07\r\n", "unexpected reply"),  # control bytes are not text
+    (b"\xff\xff\xff\xff", "unexpected reply"),
+])
+def test_first_bytes_of_another_protocol_name_it(keys, first_bytes, what):
+    """A moshpit message length is at most 64 KiB, so the first four bytes of anything else
+    read as a length in the millions or billions: the client says what it met instead."""
+    client = hs.ClientHandshake(keys[0], hs.ClientRequest("alice"))
+    client.receive_data(first_bytes)
+    with pytest.raises(hs.HandshakeError) as raised:
+        client.next_event()
+    assert str(raised.value) == f"not a moshpit server ({what})"
+    assert raised.value.code == hs.NOT_MOSHPIT
+
+
+def test_bad_length_after_the_server_hello_is_a_protocol_error(keys):
+    """Once a moshpit server has answered, a bad length is its protocol error, not another
+    protocol."""
+    flow = Flow(keys[0], keys[1])
+    assert flow.to_server() is None
+    assert isinstance(flow.to_client(), hs.HostKeyReceived)
+    flow.client.accept_host_key()
+    flow.client.receive_data(b"SSH-2.0-x\r\n")
+    with pytest.raises(hs.HandshakeError, match=r"^protocol error: message length 1397966893 "):
+        flow.client.next_event()
+
+
 def test_server_version_and_cipher_are_checked(keys):
     for version, cipher, match in ((2, b"chacha20-poly1305", "protocol version 2"),
                                    (1, b"des", "not offered")):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import http.server
 import socket
+import threading
 import time
 
 import pytest
@@ -181,7 +183,15 @@ def test_connection_refused_is_one_clear_line(setup):
     port = free_port()
     with pytest.raises(hs.HandshakeError) as raised:
         hs.client_handshake(LOOPBACK, port, setup.alice, hs.ClientRequest("alice"), setup.verify)
-    assert str(raised.value) == f"cannot connect to 127.0.0.1 port {port}: connection refused"
+    assert str(raised.value) == (f"nothing listens on 127.0.0.1:{port} (is mps running? is the"
+                                 " port right: -s PORT)")
+
+
+def test_unresolvable_name_is_one_clear_line(setup):
+    with pytest.raises(hs.HandshakeError) as raised:
+        hs.client_handshake("no-such-host.invalid", 40404, setup.alice, hs.ClientRequest("alice"),
+                            setup.verify)
+    assert str(raised.value).startswith("could not resolve host name no-such-host.invalid: ")
 
 
 def test_every_resolved_address_is_tried(setup):
@@ -211,11 +221,64 @@ def test_silent_server_times_out(setup):
     with socket.socket() as listener:
         listener.bind((LOOPBACK, 0))
         listener.listen(1)
+        port = listener.getsockname()[1]
         start = time.monotonic()
-        with pytest.raises(hs.HandshakeError, match="timed out after 1 s"):
-            hs.client_handshake(LOOPBACK, listener.getsockname()[1], setup.alice,
-                                hs.ClientRequest("alice"), setup.verify, timeout=1.0)
+        with pytest.raises(hs.HandshakeError) as raised:
+            hs.client_handshake(LOOPBACK, port, setup.alice, hs.ClientRequest("alice"),
+                                setup.verify, timeout=1.0)
         assert time.monotonic() - start < 10
+    assert str(raised.value) == (f"127.0.0.1:{port} did not answer in 1 s (an overloaded moshpit"
+                                 " server, or not one at all: is the port right: -s PORT)")
+
+
+def test_server_that_stops_mid_handshake_times_out(setup):
+    """Some bytes came (a ServerHello's first half), then nothing: a plain timeout."""
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def half_hello():
+            peer, _ = listener.accept()
+            peer.sendall(b"\x00\x00\x00\x50\x02")  # an 80-byte message that never ends
+            time.sleep(3)
+            peer.close()
+
+        thread = threading.Thread(target=half_hello, daemon=True)
+        thread.start()
+        with pytest.raises(hs.HandshakeError) as raised:
+            hs.client_handshake(LOOPBACK, port, setup.alice, hs.ClientRequest("alice"),
+                                setup.verify, timeout=1.0)
+        thread.join(10)
+    assert str(raised.value) == f"handshake with 127.0.0.1 port {port} timed out after 1 s"
+
+
+def test_stock_python_http_server_is_not_a_moshpit_server(setup):
+    """``python3 -m http.server`` on the port: it waits for a request line, so it answers
+    only if our random ClientHello happens to hold a newline (about one time in five). Either
+    way the user learns that this port is not a moshpit server's."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 5  # a worker thread still waiting for a newline ends soon after the test
+
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        messages = set()
+        for _ in range(3):
+            with pytest.raises(hs.HandshakeError) as raised:
+                hs.client_handshake(LOOPBACK, port, setup.alice, hs.ClientRequest("alice"),
+                                    setup.verify, timeout=1.0)
+            messages.add(str(raised.value))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert messages <= {
+        f"127.0.0.1:{port} is not a moshpit server (it speaks HTTP)",
+        f"127.0.0.1:{port} did not answer in 1 s (an overloaded moshpit server, or not one at"
+        " all: is the port right: -s PORT)"}
 
 
 def test_reconnects_once_when_the_prompt_outlasts_the_server(setup, caplog):

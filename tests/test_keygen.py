@@ -175,6 +175,23 @@ def test_fingerprint_binary_file(tmp_path):
     assert_clean_error(run(tmp_path, "fingerprint", str(path)), f"{path}: binary data")
 
 
+def test_fingerprint_shows_a_hostile_comment_without_obeying_it(tmp_path):
+    """A .pub file from elsewhere: its comment is shown, never run by the terminal."""
+    pub = mk.PrivateKey.generate().public
+    path = tmp_path / "evil.pub"
+    path.write_text(pub.to_line(mk.KEY_TYPE) + " x\x1b]0;t\x07\u009b2Jy\n", encoding="utf-8")
+    result = run(tmp_path, "fingerprint", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"256 {pub.fingerprint()} x?]0;t?\\u009b2Jy (ED25519)\n"
+
+
+def test_verify_shows_hostile_input_without_obeying_it(tmp_path, keypair):
+    path, pub = keypair
+    result = run(tmp_path, "verify", "-k", path + ".pub", "-", stdin="SHA256:\x1b[2Jfake\n")
+    assert result.returncode == 1
+    assert result.stdout.endswith(f"given: SHA256:^[[2Jfake\nkey:   {pub.fingerprint()}\n")
+
+
 def test_closed_stdout_is_not_a_traceback(tmp_path, keypair):
     path, _ = keypair
     read_end, write_end = os.pipe()
