@@ -5,7 +5,8 @@ moshpit is split by layer into flat sibling modules (copying stays trivial: ever
 
     moshpit.py            errors/constants -> config -> logging -> terminal helpers
     moshpit_keys.py       Ed25519 keys, OpenSSH key files, fingerprints, randomart
-    moshpit_handshake.py  TCP handshake (sans-IO) + blocking driver, authorized_keys, known_hosts
+    moshpit_trust.py      authorized_keys (read safely: files a user controls), known_hosts
+    moshpit_handshake.py  TCP handshake (sans-IO) + blocking drivers
     moshpit_transport.py  packet crypto -> reliable stream (sans-IO) -> UDP I/O glue
     mps.py / mp.py / mp_keygen.py   thin CLIs
 """
@@ -103,6 +104,56 @@ def parse_port_range(text: str) -> Tuple[int, int]:
     if not (m and 1 <= lo <= hi <= 65535):
         raise ValueError('must be "LO-HI" with 1 <= LO <= HI <= 65535, e.g. "50000-59999"')
     return lo, hi
+
+
+def parse_max_startups(text: str) -> Tuple[int, int, int]:
+    """sshd's MaxStartups syntax, ``"START:RATE:FULL"`` (or a bare ``"FULL"``) -> (START,
+    RATE percent, FULL): from START handshakes in progress, refuse a new one with probability
+    RATE %, rising linearly to 100 % at FULL. ValueError unless 1 <= START <= FULL and
+    0 <= RATE <= 100."""
+    m = re.fullmatch(r"\s*(\d{1,6})(?:\s*:\s*(\d{1,3})\s*:\s*(\d{1,6}))?\s*", text)
+    start = rate = full = 0
+    if m and m.group(2) is None:
+        start, rate, full = int(m.group(1)), 100, int(m.group(1))
+    elif m:
+        start, rate, full = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if not (m and 1 <= start <= full and 0 <= rate <= 100):
+        raise ValueError('must be "START:RATE:FULL" (as sshd\'s MaxStartups) with'
+                         ' 1 <= START <= FULL and RATE a percentage, e.g. "16:30:48"')
+    return start, rate, full
+
+
+def parse_netblock(text: str) -> Tuple[int, int]:
+    """``"V4:V6"`` (sshd's PerSourceNetBlockSize) -> the prefix lengths that group source
+    addresses, e.g. ``"32:64"``: each IPv4 address alone, each IPv6 /64 as one source."""
+    m = re.fullmatch(r"\s*(\d{1,3})\s*(?::\s*(\d{1,3})\s*)?", text)
+    v4 = int(m.group(1)) if m else -1
+    v6 = int(m.group(2)) if m and m.group(2) is not None else 128
+    if not (m and 1 <= v4 <= 32 and 1 <= v6 <= 128):
+        raise ValueError('must be "V4:V6" prefix lengths (1-32 and 1-128), e.g. "32:64"')
+    return v4, v6
+
+
+PENALTY_DEFAULTS = {"authfail": 5, "noauth": 1, "grace-exceeded": 10, "max": 600, "min": 15}
+
+
+def parse_penalties(text: str) -> Dict[str, int]:
+    """sshd's PerSourcePenalties syntax -> seconds per name, e.g. ``"authfail:5 noauth:1
+    grace-exceeded:10 max:600 min:15"``; a name left out keeps its default, ``"no"`` turns
+    penalties off. authfail: a refused key or signature; noauth: a peer that left or broke the
+    protocol before authenticating; grace-exceeded: a handshake past its deadline. A source's
+    penalties add up (to at most ``max``) and count down in real time; it is refused while
+    what it has built up exceeds ``min``."""
+    if text.strip().lower() == "no":
+        return dict.fromkeys(PENALTY_DEFAULTS, 0)
+    values = dict(PENALTY_DEFAULTS)
+    for item in text.split():
+        name, _, secs = item.partition(":")
+        if name not in values or not re.fullmatch(r"\d{1,7}", secs):
+            raise ValueError(f"has {item!r}: use NAME:SECONDS with NAME one of"
+                             f" {', '.join(PENALTY_DEFAULTS)} (or \"no\" to turn penalties off)")
+        values[name] = int(secs)
+    return values
 
 
 def parse_escape_key(text: str) -> Optional[int]:
@@ -220,9 +271,22 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         # "" = ~/.mp/authorized_keys of the *target* user: resolved per login by the server.
         "mps.authorized_keys_file": _Key(str, ""),
         "mps.max_sessions": _Key(int, 256, _at_least(1)),
+        "mps.max_sessions_per_user": _Key(int, 16, _at_least(1)),
         "mps.max_handshakes": _Key(int, 64, _at_least(1)),
         "mps.handshake_timeout_secs": _Key(int, 10, _at_least(1)),
+        # Pre-authentication limits (README "Pre-authentication limits"): sshd-like defaults.
+        "mps.hello_timeout_secs": _Key(int, 2, _at_least(1)),
+        "mps.max_startups": _Key(str, "16:30:48", _parsed_by(parse_max_startups)),
+        "mps.max_handshakes_per_source": _Key(int, 8, _at_least(1)),
+        "mps.source_netblock": _Key(str, "32:64", _parsed_by(parse_netblock)),
+        "mps.source_penalties": _Key(str, " ".join(f"{name}:{secs}" for name, secs
+                                              in PENALTY_DEFAULTS.items()),
+                                     _parsed_by(parse_penalties)),
+        "mps.trusted_source_secs": _Key(int, 604800, _at_least(0)),
+        "mps.max_startups_per_sec": _Key(int, 100, _at_least(0)),  # 0 = no limit
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
+        # A session whose client never reached it over UDP (mosh-server waits 60 s too).
+        "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never
         # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
         "mps.pid_file": _Key(str, ""),
         **_common_keys(),
@@ -346,6 +410,12 @@ def _flatten(table: Dict[str, Any], schema: Dict[str, _Key], prefix: str = "") -
     return flat
 
 
+def _open_no_ctty(path: str, flags: int, mode: int = 0o666) -> int:
+    """os.open that can never make a terminal found at ``path`` the caller's controlling
+    terminal (O_NOCTTY; the server must never acquire one) nor leak into children."""
+    return os.open(path, flags | os.O_NOCTTY | os.O_CLOEXEC, mode)
+
+
 def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[str, Any]]:
     """The TOML table in ``path``; None if there is nothing to read (an absent default file,
     or no TOML parser: warned). Unreadable or invalid files raise ConfigError."""
@@ -361,7 +431,7 @@ def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[
                         "environment and command line only")
         return None
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=_open_no_ctty) as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{where} not found (check the -c path)")
@@ -617,6 +687,15 @@ def reset_logging() -> None:
     logger.setLevel(logging.NOTSET)
 
 
+class _NoCttyFileHandler(logging.FileHandler):
+    """A FileHandler that opens its file with O_NOCTTY: whatever lies at the log path, the
+    server never acquires a controlling terminal by logging."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=_open_no_ctty)
+
+
 def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
                   stderr: bool = False, verbosity: int = 0) -> logging.Logger:
     """Send the "moshpit" loggers to the log file (always; ``-t`` gives ``log_path``) and, if
@@ -633,10 +712,10 @@ def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
     path = log_path or default_log_path(kind, config.home)
     try:
         _make_private_dirs(os.path.dirname(os.path.abspath(path)))
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        os.close(_open_no_ctty(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o600)  # logs name users and addresses: keep them private
-        file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+        file_handler = _NoCttyFileHandler(path, encoding="utf-8", errors="backslashreplace")
     except OSError as e:
         raise ConfigError(f"cannot write log file {path}: {e.strerror or e}; "
                           "choose another with -t PATH")

@@ -369,13 +369,18 @@ def read_authorized_keys(path: str) -> list[PublicKey]:
     The file itself being unreadable or oversized is a KeyFileError (the caller decides
     whether that means "nobody is authorized").
     """
-    data = _read_bounded(path, MAX_AUTHORIZED_KEYS)
+    return parse_authorized_keys(_read_bounded(path, MAX_AUTHORIZED_KEYS), path)
+
+
+def parse_authorized_keys(data: bytes, source: str) -> list[PublicKey]:
+    """All keys in the bytes of an authorized_keys-style file (already read, e.g. from an fd
+    checked by moshpit_trust); bad lines are skipped with a warning naming ``source``."""
     keys = []
     for lineno, raw_line in enumerate(data.split(b"\n"), 1):
         try:
             key = parse_public_key_line(_as_text(raw_line, "utf-8"))
         except ValueError as err:
-            log.warning("%s:%d: skipped: %s", path, lineno, err)
+            log.warning("%s:%d: skipped: %s", source, lineno, err)
             continue
         if key is not None:
             keys.append(key)
@@ -691,8 +696,10 @@ def _read_bounded(path: str, limit: int, private: bool = False) -> bytes:
     key others could read is no longer a secret.
     """
     try:
-        # O_NONBLOCK: opening a FIFO planted at the path must not hang us.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        # O_NONBLOCK: opening a FIFO planted at the path must not hang us; O_NOCTTY: a
+        # terminal there must never become the controlling terminal of the server.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        with os.fdopen(os.open(path, flags), "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise KeyFileError(f"{path}: not a regular file")

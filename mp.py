@@ -41,6 +41,7 @@ import moshpit
 import moshpit_handshake
 import moshpit_keys
 import moshpit_transport
+import moshpit_trust
 
 log = logging.getLogger("moshpit.client")
 
@@ -686,7 +687,7 @@ def generate_identity(path: str, public_path: str, prompter: Prompter):
 
 class HostKeyCheck:
     """Host key verification. First connection: the known_hosts policy (ask | accept-new |
-    yes) of moshpit_handshake, prompting in cooked mode (the handshake does not count the
+    yes) of moshpit_trust, prompting in cooked mode (the handshake does not count the
     user's think time). Resumes: the key must be exactly the one the session began with; no
     prompt can appear in the middle of a session, and a change is final."""
 
@@ -696,14 +697,14 @@ class HostKeyCheck:
         self.pinned = None
 
     def first(self, key) -> None:
-        moshpit_handshake.verify_host_key_policy(
+        moshpit_trust.verify_host_key_policy(
             self.known_hosts, self.host, self.port, key, self.policy,
             self.prompter.interactive, self.prompter.ask)
         self.pinned = key
 
     def resume(self, key) -> None:
         if key != self.pinned:
-            raise moshpit_handshake.HostKeyError(
+            raise moshpit_trust.HostKeyError(
                 f"the host key of {self.host} changed during the session "
                 f"(now {key.fingerprint()}); refusing to resume: someone may be intercepting "
                 "the connection")
@@ -777,7 +778,7 @@ def attempt_handshake(handshake, request):
 def is_final(err: moshpit.MoshpitError) -> bool:
     """Resume failures that retrying cannot fix (refused key, changed host key, session
     gone): stop, restore, explain. Anything else (unreachable, busy, timeout) is retried."""
-    return isinstance(err, (moshpit_handshake.AuthRefused, moshpit_handshake.HostKeyError))
+    return isinstance(err, (moshpit_handshake.AuthRefused, moshpit_trust.HostKeyError))
 
 
 def is_gone(err: moshpit.MoshpitError) -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 import moshpit
 import moshpit_handshake as hs
+import moshpit_trust as trust
 import mp
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -456,7 +457,9 @@ def test_resume_failures_final_or_retried():
     assert mp.is_gone(gone) and mp.is_final(gone)
     assert mp.is_final(hs.AuthRefused(hs.PERMISSION_DENIED)) and not mp.is_gone(
         hs.AuthRefused(hs.PERMISSION_DENIED))
-    assert mp.is_final(hs.HostKeyError("changed"))
+    assert mp.is_final(trust.HostKeyError("changed"))
+    for code in (hs.SESSION_LIMIT, hs.USER_SESSION_LIMIT):  # only ever a new session's answer
+        assert mp.is_final(hs.AuthRefused(code))
     for code in (hs.SERVER_BUSY, hs.SHUTTING_DOWN, hs.PROTOCOL_ERROR):
         assert not mp.is_final(hs.HandshakeError("x", code))
     assert not mp.is_final(hs.HandshakeError("cannot connect to h port 1: timed out"))

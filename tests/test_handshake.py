@@ -153,6 +153,7 @@ def test_resume_needs_the_secret(keys):
 def test_refusal_codes_reach_the_client(keys):
     for code, final in ((hs.PERMISSION_DENIED, True), (hs.NO_SUCH_SESSION, True),
                         (hs.SERVER_BUSY, False), (hs.SHUTTING_DOWN, False),
+                        (hs.SESSION_LIMIT, True), (hs.USER_SESSION_LIMIT, True),
                         ("anything else", True)):
         flow = Flow(*keys)
         flow.to_server()
@@ -282,6 +283,7 @@ def test_flooding_peer_is_cut_off(keys):
 def test_unauthenticated_refusals_are_never_final(keys):
     for code, expected in ((b"permission denied", hs.PROTOCOL_ERROR),
                            (b"no such session", hs.PROTOCOL_ERROR),
+                           (b"too many sessions for user", hs.PROTOCOL_ERROR),
                            (b"server busy", hs.SERVER_BUSY),
                            (b"\xff\xfe", hs.PROTOCOL_ERROR)):
         client = hs.ClientHandshake(keys[0], hs.ClientRequest("alice"))
