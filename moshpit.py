@@ -497,20 +497,59 @@ def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[
                 warnings.append(f"{where}: {key} = {value} is out of range, using {checked}")
             values[key] = _expand_path(checked, home) if spec.type is PATH else checked
             sources[key] = label
+    _pair_public_key_path(kind, values, sources)
     return Config(kind, values, sources, warnings, file_path if table is not None else None,
                   home)
 
 
+def _source_rank(source: str) -> int:
+    """Precedence of a source label, lowest first (defaults, file, command line, env)."""
+    for rank, start in enumerate(("default", "file ", "command line", "environment ")):
+        if source.startswith(start):
+            return rank
+    raise ValueError(f"unknown config source {source!r}")  # a bug in load_config
+
+
+def _pair_public_key_path(kind: str, values: Dict[str, Any], sources: Dict[str, str]) -> None:
+    """The public key file follows the private one (``X`` -> ``X.pub``, as ssh-keygen pairs
+    them) unless the public path was itself set at the same or a higher precedence: so
+    ``-p ~/.mp/work`` never pairs the work key with the default (or the config file's)
+    public key, while an explicit ``-k`` or public_key_path still wins."""
+    private, public = _key_path_keys(kind)
+    if _source_rank(sources[public]) < _source_rank(sources[private]):
+        values[public] = values[private] + ".pub"
+        sources[public] = f"{private} + .pub, {sources[private]}"
+
+
 # The flags mps and mp share, as the seed names them. Their values are config settings, so
 # they go through load_config like any other source (the environment still wins).
-_KEY_FILE_FLAGS = {"server": ("mps.", "host", "mps_host_ed25519_key"),
-                   "client": ("", "client", "id_ed25519")}
+class _KeyFlags(NamedTuple):
+    prefix: str  # of the config keys private_key_path / public_key_path
+    role: str  # whose key, for the help text
+    stem: str  # default file name in ~/.mp
+    port_here: str  # where ssh users' "-p PORT" goes in this program
+    port_fix: str  # the fix to suggest, formatted with the port
+
+
+_KEY_FILE_FLAGS = {
+    "server": _KeyFlags("mps.", "host", "mps_host_ed25519_key",
+                        "the listening port is mps.port", "MOSHPITS_MPS_PORT={port}"),
+    "client": _KeyFlags("", "client", "id_ed25519", "ssh's -p PORT is -s PORT here",
+                        "-s {port}"),
+}
+_PORT_LIKE = re.compile(r":?\d+")
+
+
+def _key_path_keys(kind: str) -> Tuple[str, str]:
+    """The config keys of ``kind``'s key pair: (private_key_path, public_key_path)."""
+    prefix = _KEY_FILE_FLAGS[kind].prefix
+    return prefix + "private_key_path", prefix + "public_key_path"
 
 
 def add_common_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     """Add ``-v -q -c -t -p -k``. Every default is None so that only flags the user gave
     reach load_config: an argparse default would mask the config file and the environment."""
-    _, role, stem = _KEY_FILE_FLAGS[kind]
+    flags = _KEY_FILE_FLAGS[kind]
     app = _APP_NAME[kind]
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="count",
@@ -522,17 +561,36 @@ def add_common_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("-t", "--tracing-absolute-path", metavar="PATH", dest="tracing",
                         help=f"alternate log file (default ~/.config/{app}/logs/{app}.log)")
     parser.add_argument("-p", "--private-key-path", metavar="PATH",
-                        help=f"{role} private key (default ~/.mp/{stem})")
+                        help=f"{flags.role} private key (default ~/.mp/{flags.stem}); "
+                        f"not a port: {flags.port_here}")
     parser.add_argument("-k", "--public-key-path", metavar="PATH",
-                        help=f"{role} public key (default ~/.mp/{stem}.pub)")
+                        help=f"{flags.role} public key (default: the private key's path "
+                        f"+ .pub, so ~/.mp/{flags.stem}.pub)")
+
+
+def _check_private_key_flag(value: str, kind: str) -> None:
+    """ConfigError if a ``-p`` value is a port, as ssh's ``-p PORT`` would be: moshpit's
+    -p names a key file, and a key file named "40500" is far likelier a mistake (one that
+    used to end with a key written to ./40500) than a choice; ``-p ./40500`` still works."""
+    if not _PORT_LIKE.fullmatch(value):
+        return
+    flags = _KEY_FILE_FLAGS[kind]
+    fix = flags.port_fix.format(port=value.lstrip(":"))
+    where = f"-p is the {flags.role} private key file in moshpit ({flags.port_here})"
+    if os.path.lexists(value):
+        raise ConfigError(f"{where}: '{value}' looks like a port; did you mean {fix}? "
+                          f"(for the key file named {value}, write -p ./{value})")
+    raise ConfigError(f"{where}: no key file '{value}'; did you mean {fix}?")
 
 
 def common_flag_settings(args: argparse.Namespace, kind: str) -> Dict[str, Any]:
-    """The config settings given with add_common_flags' flags (only those given)."""
-    prefix = _KEY_FILE_FLAGS[kind][0]
+    """The config settings given with add_common_flags' flags (only those given). A ``-p``
+    that looks like a port is a ConfigError (_check_private_key_flag)."""
+    if args.private_key_path is not None:
+        _check_private_key_flag(args.private_key_path, kind)
+    private, public = _key_path_keys(kind)
     given = {"verbose": args.verbose, "quiet": args.quiet,
-             prefix + "private_key_path": args.private_key_path,
-             prefix + "public_key_path": args.public_key_path}
+             private: args.private_key_path, public: args.public_key_path}
     return {key: value for key, value in given.items() if value is not None}
 
 

@@ -63,7 +63,7 @@ import threading
 import time
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -700,7 +700,10 @@ class ClientHandshake(_Handshake):
 
     _is_client = True
 
-    def __init__(self, identity: PrivateKey, request: ClientRequest) -> None:
+    def __init__(self, identity: Optional[PrivateKey], request: ClientRequest) -> None:
+        """``identity`` may be None and given to accept_host_key() instead: nothing before
+        ClientAuth needs it, so a driver can decrypt the key only once the server is
+        reached and its host key trusted."""
         super().__init__()
         env = locale_env(request.env)
         if env != request.env:  # a locale setting the server would refuse is not worth failing
@@ -722,10 +725,14 @@ class ClientHandshake(_Handshake):
         self._send(hello)
         self._handler = self._on_server_hello
 
-    def accept_host_key(self) -> None:
-        """Send ClientAuth: call once, after HostKeyReceived, when the host key is trusted."""
+    def accept_host_key(self, identity: Optional[PrivateKey] = None) -> None:
+        """Send ClientAuth signed by ``identity`` (default: the constructor's): call once,
+        after HostKeyReceived, when the host key is trusted."""
         if self._host_key is None or self._keys is not None or self._error is not None:
             raise RuntimeError("accept_host_key() is only valid right after HostKeyReceived")
+        self._identity = identity or self._identity
+        if self._identity is None:
+            raise RuntimeError("accept_host_key() needs the client's identity")
         associated = self._associated(_CLIENT_AUTH)
         fields = _encode_fields(self._request, self._identity.public.blob)
         self._transcript.add(fields)
@@ -1501,10 +1508,11 @@ class _NoAnswer(Exception):
 
 
 class _ClosedDuringPrompt(Exception):
-    """The server gave up while the user was deciding about its (accepted) host key."""
+    """The server gave up while the user was answering (the host key question, or the
+    passphrase of the client's key); the host key was accepted."""
 
     def __init__(self, host_key: PublicKey) -> None:
-        super().__init__("the server closed the connection during the host key prompt")
+        super().__init__("the server closed the connection during a prompt")
         self.host_key = host_key
 
 
@@ -1537,18 +1545,38 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
     return HandshakeError(f"{err} (server {host} port {port})", err.code)
 
 
-def client_handshake(host: str, port: int, identity: PrivateKey, request: ClientRequest,
-                     verify_host_key: Callable[[PublicKey], None],
+class LazyIdentity:
+    """The client's key, obtained on first use and at most once: ``load()`` may ask for a
+    passphrase, so client_handshake calls get() only once the server is reached and its
+    host key trusted, and a repeated or resumed handshake reuses the key."""
+
+    def __init__(self, load: Callable[[], PrivateKey]) -> None:
+        self._load = load
+        self._key: Optional[PrivateKey] = None
+
+    def get(self) -> PrivateKey:
+        if self._key is None:
+            self._key = self._load()
+        return self._key
+
+
+def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity],
+                     request: ClientRequest, verify_host_key: Callable[[PublicKey], None],
                      timeout: float = 10.0) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
 
     ``verify_host_key(key)`` returns to trust the key or raises moshpit_trust.HostKeyError
-    (passed on as it is); it may ask the user, and the time that takes does not count
-    against ``timeout``. If the server gave up
-    while the user was deciding, the handshake is repeated once on a new connection (the same
-    host key is then trusted without asking again). Raises AuthRefused (final), HostKeyError
-    (final) or HandshakeError (with ``code``), each with a one-line message.
+    (passed on as it is); it may ask the user. ``identity`` is the client's key, or a
+    LazyIdentity loaded only after the host key is trusted: a mistyped or unreachable host,
+    or an impostor, never costs the user a passphrase. Time spent in either does not count
+    against ``timeout``; if the server gave up meanwhile, the handshake is repeated once on
+    a new connection (the same host key is then trusted and the key reused, without asking
+    again). Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
+    ``code``), each with a one-line message; whatever loading the identity raises passes
+    through.
     """
+    if not isinstance(identity, LazyIdentity):
+        identity = LazyIdentity(lambda key=identity: key)
     trusted: Optional[PublicKey] = None
     for _attempt in range(2):
         deadline = time.monotonic() + timeout
@@ -1556,8 +1584,8 @@ def client_handshake(host: str, port: int, identity: PrivateKey, request: Client
         try:
             return _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
         except _ClosedDuringPrompt as closed:
-            log.info("%s port %d closed the connection while the host key was being"
-                     " confirmed; reconnecting", host, port)
+            log.info("%s port %d closed the connection while the user was answering a"
+                     " prompt; reconnecting", host, port)
             trusted = closed.host_key
         except HandshakeError as err:
             raise _explain(err, host, port, request.user) from None
@@ -1576,14 +1604,14 @@ def client_handshake(host: str, port: int, identity: PrivateKey, request: Client
                                  f" handshake: {_os_reason(err)}") from None
         finally:
             sock.close()
-    raise HandshakeError(f"{host} port {port} closed the connection twice while the host key"
-                         " was being confirmed")
+    raise HandshakeError(f"{host} port {port} closed the connection twice before the"
+                         " handshake finished")
 
 
-def _client_attempt(sock: socket.socket, identity: PrivateKey, request: ClientRequest,
+def _client_attempt(sock: socket.socket, identity: LazyIdentity, request: ClientRequest,
                     verify_host_key: Callable[[PublicKey], None],
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
-    machine = ClientHandshake(identity, request)
+    machine = ClientHandshake(None, request)
     deadline = time.monotonic() + timeout
     try:
         host_key = _exchange(sock, machine, deadline).host_key
@@ -1593,9 +1621,10 @@ def _client_attempt(sock: socket.socket, identity: PrivateKey, request: ClientRe
         raise
     if host_key != trusted:
         verify_host_key(host_key)
-        if _peer_closed(sock):
-            raise _ClosedDuringPrompt(host_key)
-        deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
-    machine.accept_host_key()
+    key = identity.get()  # only now: the server is real and its host key trusted
+    if _peer_closed(sock):
+        raise _ClosedDuringPrompt(host_key)
+    deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
+    machine.accept_host_key(key)
     done = _exchange(sock, machine, deadline)
     return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)

@@ -935,7 +935,14 @@ def load_host_key(config: moshpit.Config, generate: bool):
                 f"host key {path} not found: create it with "
                 f"`{KEYGEN_HINT.format(path=shlex.quote(path))}` "
                 "(or start mps once with --generate-host-key)")
-        key = keys.create_key_pair(path, pub_path, f"mps@{socket.gethostname()}")
+        try:
+            key = keys.create_key_pair(path, pub_path, f"mps@{socket.gethostname()}")
+        except keys.KeyFileExists as err:  # the public file (the private one was missing)
+            raise MoshpitError(
+                f"host key {path} not found, but {err.path} exists; not overwriting it: "
+                "restore the host key, or move that file away and generate again "
+                "(a public key can be rebuilt from its private key with "
+                "`mp_keygen.py pubkey -f KEY`)") from None
         log.info("generated host key %s (%s)", path, key.public.fingerprint())
         return key
     try:

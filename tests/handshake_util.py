@@ -49,7 +49,7 @@ class Flow:
     """One in-memory handshake between the sans-IO machines, step by step, recording every
     byte each side sent (for replays and mutations)."""
 
-    def __init__(self, identity: PrivateKey, host_key: PrivateKey,
+    def __init__(self, identity: Optional[PrivateKey], host_key: PrivateKey,
                  request: Optional[hs.ClientRequest] = None) -> None:
         self.client = hs.ClientHandshake(identity, request or hs.ClientRequest("alice"))
         self.server = hs.ServerHandshake(host_key, ("192.0.2.1", 1234), ("192.0.2.2", 40404))

@@ -46,11 +46,12 @@ MPS = os.path.join(REPO, "mps.py")
 READY_LINE = "listening on"
 
 
-def make_key(path: str, comment: str) -> moshpit_keys.PrivateKey:
-    """A new unencrypted Ed25519 key pair at ``path`` and ``path.pub``."""
+def make_key(path: str, comment: str, replace: bool = False) -> moshpit_keys.PrivateKey:
+    """A new unencrypted Ed25519 key pair at ``path`` and ``path.pub`` (``replace``: over an
+    existing pair, as a test that swaps a server's host key needs)."""
     key = moshpit_keys.PrivateKey.generate(comment=comment)
-    moshpit_keys.save_private_key(path, key)
-    moshpit_keys.save_public_key(path + ".pub", key.public)
+    moshpit_keys.save_private_key(path, key, overwrite=replace)
+    moshpit_keys.save_public_key(path + ".pub", key.public, overwrite=replace)
     return key
 
 

@@ -46,6 +46,22 @@ def client_hello(version=PROTOCOL_VERSION, public=None, ciphers=b"chacha20-poly1
 # ---------------------------------------------------------------------------
 
 
+def test_identity_can_be_given_when_the_host_key_is_accepted(keys):
+    """Nothing before ClientAuth needs the client's key, so a driver may load (decrypt) it
+    only after the host key is trusted; without one, accept_host_key() refuses."""
+    identity, host = keys
+    flow = Flow(None, host)
+    assert flow.to_server() is None
+    assert isinstance(flow.to_client(), hs.HostKeyReceived)
+    with pytest.raises(RuntimeError, match="needs the client's identity"):
+        flow.client.accept_host_key()
+    flow.client.accept_host_key(identity)
+    requested = flow.to_server()
+    assert requested.auth.client_key == identity.public
+    flow.server.accept(grant())
+    assert isinstance(flow.to_client(), hs.HandshakeComplete)
+
+
 def test_both_sides_agree_on_keys_and_grant(keys):
     identity, host = keys
     request = hs.ClientRequest("alice", term="xterm-256color", rows=50, cols=132,

@@ -299,6 +299,59 @@ def test_reconnects_once_when_the_prompt_outlasts_the_server(setup, caplog):
     assert "reconnecting" in caplog.text
 
 
+def test_identity_is_loaded_only_once_the_host_key_is_trusted(setup):
+    """A LazyIdentity (mp's passphrase prompt) runs after the host key check, once."""
+    events = []
+
+    def verify(key):
+        events.append("verify")
+
+    def load():
+        events.append("load")
+        return setup.alice
+
+    with setup.server() as server:
+        hs.client_handshake(LOOPBACK, server.port, hs.LazyIdentity(load),
+                            hs.ClientRequest("alice"), verify)
+        assert server.result() is not None
+    assert events == ["verify", "load"]
+
+
+def never_load():
+    raise AssertionError("the identity was loaded (a passphrase would have been asked)")
+
+
+def test_identity_is_not_loaded_for_a_refused_host_key_or_connection(setup):
+    def reject(key):
+        raise trust.HostKeyError("host key verification failed: test")
+
+    with setup.server() as server, pytest.raises(trust.HostKeyError):
+        hs.client_handshake(LOOPBACK, server.port, hs.LazyIdentity(never_load),
+                            hs.ClientRequest("alice"), reject)
+    with pytest.raises(hs.HandshakeError, match="nothing listens on"):
+        hs.client_handshake(LOOPBACK, free_port(), hs.LazyIdentity(never_load),
+                            hs.ClientRequest("alice"), setup.verify)
+
+
+def test_slow_passphrase_reconnects_once_and_asks_once(setup, caplog):
+    """The user takes longer over the passphrase than the server's deadline: one new
+    connection, the host key not asked about again, the key loaded once."""
+    loads = []
+
+    def slow_passphrase():
+        loads.append(time.monotonic())
+        time.sleep(2.0)
+        return setup.alice
+
+    with setup.server(timeout=1.0) as server, caplog.at_level(logging.INFO, logger="moshpit"):
+        result = hs.client_handshake(LOOPBACK, server.port, hs.LazyIdentity(slow_passphrase),
+                                     hs.ClientRequest("alice"), setup.verify, timeout=5.0)
+        assert server.result() is None  # the first attempt timed out on the server
+        assert server.result().keys == result.keys
+    assert len(loads) == 1 and setup.seen_host_keys == [setup.host_key.public]
+    assert "reconnecting" in caplog.text
+
+
 def test_busy_server_says_so_and_recovers(setup):
     limiter = hs.HandshakeLimiter(
         hs.AdmissionPolicy(dataclasses.replace(UNLIMITED, max_handshakes=2)))
