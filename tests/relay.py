@@ -114,8 +114,10 @@ def _port_is_free(host: str, port: int, kind: str) -> bool:
 
 
 def free_port(host: Union[str, Iterable[str]] = "127.0.0.1", kind: str = "tcp",
-              rng: random.Random | None = None) -> int:
-    """Pick a random port that is currently free for ``kind`` on every one of ``host``.
+              rng: random.Random | None = None, count: int = 1) -> int:
+    """Pick a random port that is currently free for ``kind`` on every one of ``host``
+    (with ``count`` > 1: the first of that many consecutive free ports, for a server that
+    takes a port range).
 
     ``host`` is one loopback address or several (e.g. ``("127.0.0.1", front)`` for a relay:
     the same number must be free on both).  ``kind`` is ``"tcp"``, ``"udp"`` or ``"both"``.
@@ -131,8 +133,9 @@ def free_port(host: Union[str, Iterable[str]] = "127.0.0.1", kind: str = "tcp",
         raise RelayError(f"free_port kind must be tcp, udp or both, not {kind!r}")
     rng = rng or random.SystemRandom()
     for _ in range(500):
-        port = rng.randrange(20000, 32768)
-        if all(_port_is_free(h, port, k) for h in hosts for k in kinds):
+        port = rng.randrange(20000, 32769 - count)
+        if all(_port_is_free(h, p, k) for p in range(port, port + count)
+               for h in hosts for k in kinds):
             return port
     raise RelayError(f"no free {kind} port found on {hosts}")
 

@@ -118,6 +118,10 @@ def test_free_port_and_alias():
             sock.bind((alias, port))
     with pytest.raises(RelayError):
         free_port("127.0.0.1", "sctp")
+    first = free_port(("127.0.0.1", alias), "udp", count=3)
+    for port in range(first, first + 3):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((alias, port))
 
 
 def test_settings_are_validated():
