@@ -36,8 +36,8 @@ CSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]")  # e.g. bash's bracketed-paste swi
 BASE64_WIDTH = 100  # base64 -w 100: a line is 75 input bytes and 101 output bytes
 ECHO_CHARS = b"zxwvjk"  # letters no terminal escape sequence or status banner here uses
 READY_TIMEOUT = 30.0
-LOSS_CAVEAT = ("the relay cannot drop TCP, so ssh gets the 40 ms RTT without "
-               "the loss")
+TCP_MODEL_CAVEAT = ("the relay cannot drop TCP: it sends TCP on as a modelled Reno sender "
+                    "(relay.TcpWindow; a lost segment arrives a round trip late)")
 
 
 class ScenarioError(RuntimeError):
@@ -403,8 +403,7 @@ class Fairness(Scenario):
     udp_ports, extra_tcp_ports = 2, 1
     warmup_seconds = 3.0
     seconds_full, seconds_quick = 10.0, 5.0
-    caveats = {"moshpit": "TCP crosses the bottleneck as the relay's Reno sender "
-                          "(relay.TcpWindow): the relay cannot drop TCP bytes"}
+    caveats = {"moshpit": TCP_MODEL_CAVEAT}
     metrics = (Metric("jain", "fairness: Jain's index, 2 sessions + TCP", "", scale=1.0,
                       better="higher"),
                Metric("session_a", "  moshpit session A", "Mbit/s", scale=1.0, better="higher"),
@@ -634,14 +633,13 @@ SCENARIOS = (
     # issue 14's paths: a 10 Mbit/s link with a 1 MB queue, bulk output, bulk across loss
     CtrlC("ctrl_c_slow", "Ctrl-C during yes flood, 10 Mbit/s 100 ms RTT 1 MB queue",
           rtt=0.1, rate_bps=10e6, queue_bytes=1_000_000, flood_seconds=4.0,
-          caveats={"ssh": "TCP crosses the bottleneck as the relay's Reno "
-                          "sender (relay.TcpWindow): the relay cannot drop TCP bytes"}),
+          caveats={"ssh": TCP_MODEL_CAVEAT}),
     BulkTransfer("bulk_20mb", "20 MB base64 to the terminal", 20.0),
     BulkTransfer("bulk_loss_2mb", "2 MB base64, 10% loss 40 ms RTT", 2.0, rtt=0.04,
-                 loss=0.10, needs="every_byte", caveats={"ssh": LOSS_CAVEAT}),
+                 loss=0.10, needs="every_byte", caveats={"ssh": TCP_MODEL_CAVEAT}),
     BulkTransfer("bulk_loss_20mb", "20 MB base64, 10% loss 40 ms RTT", 20.0, rtt=0.04,
                  loss=0.10, needs="every_byte", in_quick=False, samples=2,
-                 caveats={"ssh": LOSS_CAVEAT}),
+                 caveats={"ssh": TCP_MODEL_CAVEAT}),
     Fairness(),
     Outage(5.0, samples=3, in_quick=True),
     Outage(20.0, samples=2, in_quick=False),

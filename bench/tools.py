@@ -42,7 +42,8 @@ def tcp_listening(host: str, port: int) -> bool:
 class Network:
     """The relay between client and server for one measurement: a random front alias, fresh
     ports (free on both addresses) and impairment applied to TCP too, so OpenSSH feels the
-    same delay and outages as the UDP tools.  ``udp_count`` consecutive session ports
+    same delay and outages as the UDP tools (and loss and bottlenecks, through the relay's
+    model of a TCP sender: relay.TcpWindow).  ``udp_count`` consecutive session ports
     (``udp_ports``; ``udp_port`` is the first) let a server hold several sessions, and
     ``extra_tcp`` more relayed TCP ports (``extra_tcp_ports``) carry other traffic across
     the same relay, hence the same bottleneck."""
@@ -57,7 +58,8 @@ class Network:
         self.extra_tcp_ports = [free_port(hosts, "tcp") for _ in range(extra_tcp)]
         self.relay = Relay(front=self.front, back=BACK,
                            tcp_ports=([self.tcp_port] if tcp else []) + self.extra_tcp_ports,
-                           udp_ports=self.udp_ports, seed=seed, impair_tcp=True)
+                           udp_ports=self.udp_ports, seed=seed, impair_tcp=True,
+                           tcp_loss=True)
 
     def start(self) -> Network:
         self.relay.start()

@@ -79,6 +79,8 @@ TCP_SEGMENT_BYTES = 1448  # MSS on a 1500-byte MTU: TCP crosses a bottleneck in 
 # would be a queue in front of the bottleneck's own that no real path has.
 TCP_BOTTLENECK_RCVBUF = 32 * 1024
 DEFAULT_BURST_BYTES = 3000  # two full-size packets may leave an idle link back to back
+TCP_MAX_TRANSMISSIONS = 10  # tcp_loss: a segment lost this often still arrives, late
+TCP_MIN_RETRANSMIT_SECS = 0.001  # a retransmission takes at least this on a zero-delay path
 
 
 class RelayError(RuntimeError):
@@ -491,13 +493,21 @@ class Relay:
     of the counters.  ``tap(direction, datagram)``, if given, sees every UDP datagram as it
     arrives, before any impairment (e.g. to capture packets for replay attacks).  All
     addresses must be loopback and ``front`` must differ from ``back``.
+
+    With ``impair_tcp``, TCP behind a delay or a bottleneck is sent on as a modelled
+    sender (``TcpWindow``): the relay acks the real connection at once, so without a
+    window of its own the delay would cost TCP nothing but latency.  ``tcp_loss`` (with
+    ``impair_tcp``) applies the loss settings to TCP segments too: a lost segment arrives a
+    round trip late (retransmitted, repeatedly if the retransmission is lost), holds up
+    what follows (in-order delivery) and halves the window.
     """
 
     def __init__(self, front: str = "127.0.0.2", back: str = "127.0.0.1",
                  tcp_ports: Iterable[int] = (), udp_ports: Iterable[int] = (),
                  up: Impairment | None = None, down: Impairment | None = None,
                  seed: int | None = None, impair_tcp: bool = False,
-                 tap: Callable[[str, bytes], None] | None = None) -> None:
+                 tap: Callable[[str, bytes], None] | None = None,
+                 tcp_loss: bool = False) -> None:
         self.front = require_loopback(front)
         self.back = require_loopback(back)
         if ipaddress.ip_address(front) == ipaddress.ip_address(back):
@@ -505,13 +515,16 @@ class Relay:
         self.tcp_ports = list(tcp_ports)
         self.udp_ports = list(udp_ports)
         self.impair_tcp = impair_tcp
+        self.tcp_loss = tcp_loss
         self.tap = tap  # called (in the relay thread) with ("up"|"down", datagram) on arrival
         self.seed = random.SystemRandom().randrange(2**32) if seed is None else seed
         self.up = up or Impairment()
         self.down = down or Impairment()
         self._dirs = {"up": _Direction("up", self.up, self.seed * 2),
                       "down": _Direction("down", self.down, self.seed * 2 + 1)}
-        self._tcp_counters = {"accepted": 0, "refused": 0, "bytes_up": 0, "bytes_down": 0}
+        self._tcp_counters = {"accepted": 0, "refused": 0, "bytes_up": 0, "bytes_down": 0,
+                              "segments_lost": 0}
+        self._tcp_rng = random.Random(self.seed * 2 + 2)  # TCP segment loss (tcp_loss)
         self._blackout_until = 0.0  # monotonic; float("inf") while set_blackout(True)
         self._lock = threading.Lock()  # guards counters/blackout against the caller thread
         self._sel = selectors.DefaultSelector()
@@ -944,25 +957,36 @@ class Relay:
             room = bottleneck.room(now)
         return room // (TCP_SEGMENT_BYTES + TCP_HEADER_BYTES) * TCP_SEGMENT_BYTES
 
+    def _tcp_modelled(self, half: _TcpHalf) -> bool:
+        """Whether ``half`` crosses as a modelled sender: behind a bottleneck, a delay or
+        (``tcp_loss``) loss."""
+        settings = half.direction.settings
+        return self.impair_tcp and (half.direction.bottleneck is not None or settings.delay > 0
+                                    or (self.tcp_loss and settings.loss > 0))
+
     def _tcp_wants_read(self, half: _TcpHalf) -> bool:
-        """Whether to read ``half``'s source now (behind a bottleneck: its window allows a
-        segment, and the queue has room or a full queue would be news to the sender)."""
+        """Whether to read ``half``'s source now (when modelled: its window allows a segment,
+        and a bottleneck has room or a full queue would be news to the sender)."""
+        if not self._tcp_modelled(half):
+            return True
+        if half.window.allowance() <= 0:
+            return False
         now = time.monotonic()
         room = self._tcp_room(half, now)
-        return room is None or (half.window.allowance() > 0
-                                and (room > 0 or half.window.may_probe(now)))
+        return room is None or room > 0 or half.window.may_probe(now)
 
     def _tcp_read(self, pipe: _TcpPipe, half: _TcpHalf) -> None:
         now = time.monotonic()
-        room = self._tcp_room(half, now)
+        modelled = self._tcp_modelled(half)
         limit = TCP_CHUNK
-        if room is not None:
-            limit = min(limit, room, half.window.allowance())
+        if modelled:
+            room = self._tcp_room(half, now)
+            limit = min(limit, half.window.allowance(), TCP_CHUNK if room is None else room)
             if limit <= 0:
-                if room <= 0:  # a real sender would have lost a segment here
+                if room is not None and room <= 0:  # a real sender would lose a segment
                     half.window.lost(now, self._round_trip(half))
                 return
-            if not half.rcvbuf_limited:
+            if room is not None and not half.rcvbuf_limited:
                 half.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TCP_BOTTLENECK_RCVBUF)
                 half.rcvbuf_limited = True
         try:
@@ -976,25 +1000,32 @@ class Relay:
         key = "bytes_up" if half is pipe.up else "bytes_down"
         with self._lock:
             self._tcp_counters[key] += len(data)
-            bottleneck = self._bottleneck_for(half)
-            if bottleneck is not None:
-                half.in_flight += len(data)
-                half.window.sent(len(data))
-                for start in range(0, len(data), TCP_SEGMENT_BYTES):
-                    segment = data[start:start + TCP_SEGMENT_BYTES]
-                    if not bottleneck.offer(
-                            now, len(segment) + TCP_HEADER_BYTES,
-                            lambda departed, p=pipe, h=half, d=segment: self._tcp_departed(
-                                p, h, d, departed), pipe.flow):
-                        raise RelayError("a TCP segment did not fit the bottleneck")
-                return
-        delay = half.direction.settings.delay if self.impair_tcp else 0.0
-        if delay <= 0.0 and half.in_flight == 0:
+        if modelled:
+            self._tcp_send(pipe, half, data, now)
+            return
+        if half.in_flight == 0:
             half.buf += data
             self._tcp_flush(half)
             return
-        half.in_flight += len(data)
+        half.in_flight += len(data)  # behind what a delay still holds: keep the order
         self._tcp_schedule(pipe, half, data, now)
+
+    def _tcp_send(self, pipe: _TcpPipe, half: _TcpHalf, data: bytes, now: float) -> None:
+        """Send ``data`` on in segments, into the bottleneck if there is one (its room was
+        checked: TCP is never dropped there)."""
+        half.in_flight += len(data)
+        half.window.sent(len(data))
+        with self._lock:
+            bottleneck = self._bottleneck_for(half)
+            for start in range(0, len(data), TCP_SEGMENT_BYTES):
+                segment = data[start:start + TCP_SEGMENT_BYTES]
+                if bottleneck is None:
+                    self._tcp_departed(pipe, half, segment, now)
+                elif not bottleneck.offer(
+                        now, len(segment) + TCP_HEADER_BYTES,
+                        lambda departed, p=pipe, h=half, d=segment: self._tcp_departed(
+                            p, h, d, departed), pipe.flow):
+                    raise RelayError("a TCP segment did not fit the bottleneck")
 
     def _round_trip(self, half: _TcpHalf) -> float:
         """Both ways' delay plus the time to drain ``half``'s bottleneck queue now."""
@@ -1007,12 +1038,21 @@ class Relay:
 
     def _tcp_departed(self, pipe: _TcpPipe, half: _TcpHalf, data: bytes,
                       departed: float) -> None:
-        """A segment left the bottleneck: it arrives after the delay, its ack a round
-        trip after it left."""
-        self._tcp_schedule(pipe, half, data, departed)
-        acked = departed + half.direction.settings.delay + half.reverse.settings.delay
+        """A segment left (the bottleneck, or the sender): it arrives after the delay, its
+        ack a round trip after it left; with ``tcp_loss`` each lost transmission costs a
+        round trip more and halves the window.  (The caller holds the lock.)"""
+        round_trip = half.direction.settings.delay + half.reverse.settings.delay
+        late = 0.0
+        if self.tcp_loss:
+            for _ in range(TCP_MAX_TRANSMISSIONS):
+                if self._tcp_rng.random() >= half.direction.settings.loss:
+                    break
+                self._tcp_counters["segments_lost"] += 1
+                half.window.lost(departed + late, round_trip)
+                late += max(round_trip, TCP_MIN_RETRANSMIT_SECS)
+        self._tcp_schedule(pipe, half, data, departed + late)
         size = len(data)
-        heapq.heappush(self._heap, (acked, next(self._seq), 0,
+        heapq.heappush(self._heap, (departed + late + round_trip, next(self._seq), 0,
                                     lambda w=half.window: w.acked(size)))
 
     def _tcp_schedule(self, pipe: _TcpPipe, half: _TcpHalf, data: bytes, sent: float) -> None:

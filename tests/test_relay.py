@@ -669,6 +669,24 @@ def test_impaired_tcp_gets_delay_and_freezes_during_blackout():
     thread.join(5)
 
 
+def test_tcp_loss_model_delays_but_never_corrupts():
+    """With tcp_loss, lost segments cost round trips and window halvings; every byte still
+    arrives, in order (what a kernel's retransmissions would give)."""
+    front = random_front_alias()
+    port = free_port(("127.0.0.1", front), "tcp")
+    payload = os.urandom(200_000)
+    lsock, thread = tcp_echo_server(port)
+    with lsock, Relay(front=front, tcp_ports=[port], impair_tcp=True, tcp_loss=True,
+                      seed=5) as relay:
+        relay.set(delay=0.01, loss=0.1)
+        start = time.monotonic()
+        assert tcp_exchange(front, port, payload) == payload
+        elapsed = time.monotonic() - start
+        assert relay.stats["tcp"]["segments_lost"] > 10 and relay.errors == []
+    thread.join(5)
+    assert elapsed >= 0.1  # a lossless window opening would need about 0.1 s; loss adds
+
+
 def test_close_is_clean_and_idempotent(setup):
     front, port = setup
     relay = Relay(front=front, udp_ports=[port], tcp_ports=[port]).start()
