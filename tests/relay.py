@@ -21,9 +21,10 @@ then sends UDP to ``front:U`` -- through the relay, which impairs it.
   relay in that direction -- all relayed UDP ports, and TCP pipes too with ``impair_tcp``
   -- so several sessions and a bulk TCP transfer compete for one link.  A datagram meets
   loss first, then the queue, then the delay (a lossy path behind a slow hop).  TCP bytes
-  are never dropped: the relay splices two lossless loopback connections, so a full queue
-  stops it reading (the sender sees a closed window and its own buffers fill, the way a
-  loss-based TCP keeps a deep drop-tail queue full).
+  are never dropped (the relay splices two lossless loopback connections): behind a delay
+  or a bottleneck the relay sends them on as a Reno sender would (``TcpWindow``), which
+  backs off where a real one would have lost a segment at the full queue; with
+  ``tcp_loss`` the loss settings cost TCP retransmission round trips too.
 
 One thread runs a ``selectors`` loop and a heap of scheduled deliveries.  Randomness is
 seeded per direction, and every datagram draws the same number of random values whatever
