@@ -289,6 +289,13 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never
         # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
         "mps.pid_file": _Key(str, ""),
+        # Account policy (README "Accounts and login records"): sshd's UsePAM, DenyUsers,
+        # AllowUsers, DenyGroups, AllowGroups; patterns are checked by moshpit_login.
+        "mps.use_pam": _Key(bool, True),
+        "mps.deny_users": _Key(str, ""),
+        "mps.allow_users": _Key(str, ""),
+        "mps.deny_groups": _Key(str, ""),
+        "mps.allow_groups": _Key(str, ""),
         **_common_keys(),
     },
     "client": {
