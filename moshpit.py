@@ -8,6 +8,7 @@ moshpit is split by layer into flat sibling modules (copying stays trivial: ever
     moshpit_trust.py      authorized_keys (read safely: files a user controls), known_hosts
     moshpit_handshake.py  TCP handshake (sans-IO) + blocking drivers
     moshpit_transport.py  packet crypto -> reliable stream (sans-IO) -> UDP I/O glue
+    moshpit_login.py      account policy, PAM, utmp/wtmp/lastlog (mps only)
     mps.py / mp.py / mp_keygen.py   thin CLIs
 """
 
