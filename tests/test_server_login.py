@@ -9,13 +9,16 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 import moshpit_login
 from moshpit_handshake import PERMISSION_DENIED, AuthRefused
 from proc_util import pid_alive, wait_for
 from server_util import MpsServer, TestClient
-from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
+from test_client_messages import run_in_pty
+from test_client_session import MP
+from users_util import authorize, python_for, users_fixture  # noqa: F401  (`users`)
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -101,6 +104,14 @@ def test_nologin_refuses_everyone_but_root_and_shows_its_text(tmp_path, users,
                                 " says:\nDown for maintenance until 18:00.\n^[[2Jbye")
         server.wait_log(f"refused {alice.pw_name}@127.0.0.1")
         assert "/etc/nologin exists: logins are disabled for everyone but root" in server.log()
+        # What mp.py shows on a terminal: the text, its escape sequence made visible.
+        status, shown = run_in_pty(
+            [sys.executable, MP, "-s", str(server.port), "-p", server.client_key_path,
+             "-t", str(tmp_path / "mp.log"), "--strict-host-key-checking", "accept-new",
+             f"{alice.pw_name}@127.0.0.1"], tmp_path)
+        assert status == 255
+        assert (f"mp: permission denied for {alice.pw_name}@127.0.0.1; the server says:\r\n"
+                "Down for maintenance until 18:00.\r\n^[[2Jbye\r\n").encode() in shown
         with open(server.authorized_keys_path) as keys:  # root: its own authorized_keys
             assert server.client_key.public.to_line() in keys.read()
         with MpsServer(tmp_path / "root", settings=NO_PAM) as for_root:
@@ -230,3 +241,20 @@ def test_pam_account_management(tmp_path, users, created_file):
         nologin.write_text("PAM says: back soon\n")
         refusal = refused(server, bob.pw_name)
         assert str(refusal).endswith("; the server says:\nPAM says: back soon")
+
+
+def test_a_server_without_root_says_what_it_skips(users):
+    """It can read neither /etc/shadow nor the records: shell and lists only, said once."""
+    carol = users.user()
+    subprocess.run(["usermod", "-L", carol.pw_name], check=True)  # unseen without root
+    server = MpsServer(carol.pw_dir, run_as=carol, python=python_for(carol), udp_ports=2,
+                       authorized_keys_file=False, start=False,
+                       settings={"mps.deny_groups": "root"})
+    authorize(carol, server.client_key)
+    with server.start():
+        for _ in range(2):
+            assert_logs_in(server, carol.pw_name)
+        log = server.wait_log("no utmp/wtmp/lastlog records")
+        assert log.count("not running as root: /etc/shadow is not readable, so locked and"
+                         " expired accounts are not checked") == 1
+        assert log.count("not running as root: PAM is not used") == 1
