@@ -56,7 +56,7 @@ class ConfigError(MoshpitError):
 
 try:  # Python 3.11+
     import tomllib as _toml
-except ImportError:  # 3.9/3.10: the tomli backport if installed, else no config files
+except ImportError:  # 3.9/3.10: the tomli backport if installed, else parse_toml_subset
     try:
         import tomli as _toml
     except ImportError:
@@ -346,19 +346,250 @@ def _flatten(table: Dict[str, Any], schema: Dict[str, _Key], prefix: str = "") -
     return flat
 
 
-def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[str, Any]]:
-    """The TOML table in ``path``; None if there is nothing to read (an absent default file,
-    or no TOML parser: warned). Unreadable or invalid files raise ConfigError."""
+# The built-in TOML reader: Python 3.9/3.10 without tomli still read their config files. It
+# reads the part of TOML moshpit's configs use and names the line of anything else, so a file
+# is either read exactly as tomllib reads it or refused with a reason (tests/test_toml_subset.py
+# compares the two on the README's examples and a generated corpus).
+
+TOML_UNSUPPORTED = ("not supported by moshpit's built-in TOML reader "
+                    "(install tomli, or use Python 3.11+)")
+_TOML_WS = " \t"
+_TOML_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_CONTROL = frozenset(chr(i) for i in range(32) if chr(i) != "\t") | {"\x7f"}
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+_TOML_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}:\d{2}:\d{2}")
+# tomllib's number grammar: a float part after a valid integer marks a float (not supported).
+_TOML_NUMBER_RE = re.compile(r"""
+    0(?:x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|b[01](?:_?[01])*|o[0-7](?:_?[0-7])*)
+    |(?P<int>[+-]?(?:0|[1-9](?:_?[0-9])*))
+     (?P<float>(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?)
+""", re.VERBOSE)
+_TOML_INT_BASES = {"0x": 16, "0o": 8, "0b": 2}
+
+
+class TomlSubsetError(ValueError):
+    """Invalid TOML, or TOML beyond the built-in reader (``unsupported``), at ``line``."""
+
+    def __init__(self, line: int, message: str, unsupported: bool = False):
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+        self.unsupported = unsupported
+
+
+class _TomlSubsetReader:
+    """One pass over a document, with tomllib's rules for defining tables: a ``[header]``
+    defines its table once; dotted keys define theirs for the rest of their section, after
+    which neither a header nor another section's dotted keys may reopen them (sub-tables
+    may still be added with headers)."""
+
+    def __init__(self, text: str):
+        self.text = text.replace("\r\n", "\n")
+        self.pos = 0
+        self.root: Dict[str, Any] = {}
+        self.section: Tuple[str, ...] = ()
+        self.closed: set = set()  # tables no header or dotted key may define again
+        self.dotted: set = set()  # tables made by dotted keys in the current section
+
+    def fail(self, message: str, unsupported: bool = False) -> None:
+        raise TomlSubsetError(self.text.count("\n", 0, self.pos) + 1, message, unsupported)
+
+    def unsupported(self, what: str) -> None:
+        self.fail(f"{what} are {TOML_UNSUPPORTED}", True)
+
+    def peek(self, n: int = 1) -> str:
+        return self.text[self.pos:self.pos + n]
+
+    def skip_ws(self) -> None:
+        while self.peek() and self.peek() in _TOML_WS:
+            self.pos += 1
+
+    def skip_comment(self) -> None:
+        if self.peek() == "#":
+            end = self.text.find("\n", self.pos)
+            end = len(self.text) if end < 0 else end
+            while self.pos < end:
+                if self.text[self.pos] in _TOML_CONTROL:
+                    self.fail("control character in a comment")
+                self.pos += 1
+
+    def parse(self) -> Dict[str, Any]:
+        while True:
+            self.skip_ws()
+            char = self.peek()
+            if not char:
+                return self.root
+            if char == "[":
+                self.header()
+            elif char not in "#\n":
+                self.key_value()
+            self.skip_ws()
+            self.skip_comment()
+            if self.peek() not in ("", "\n"):
+                self.fail(f"expected the end of the line, found {self.peek()!r}")
+            self.pos += 1
+
+    def header(self) -> None:
+        self.pos += 1
+        if self.peek() == "[":
+            self.unsupported("arrays of tables ([[...]])")
+        path = self.key()
+        if self.peek() != "]":
+            self.fail("expected ']' at the end of the table header")
+        self.pos += 1
+        self.closed |= self.dotted
+        self.dotted = set()
+        if path in self.closed:
+            self.fail(f"table [{'.'.join(path)}] is defined twice")
+        self.table(path)
+        self.closed.add(path)
+        self.section = path
+
+    def key_value(self) -> None:
+        key = self.key()
+        if self.peek() != "=":
+            self.fail("expected '=' after the key")
+        self.pos += 1
+        self.skip_ws()
+        value = self.value()
+        for i in range(1, len(key)):
+            table = self.section + key[:i]
+            if table in self.closed:
+                self.fail(f"table {'.'.join(table)} is defined elsewhere; "
+                          "dotted keys cannot add to it")
+            self.dotted.add(table)
+        parent = self.table(self.section + key[:-1])
+        if key[-1] in parent:
+            self.fail(f"key {'.'.join(self.section + key)} is defined twice")
+        parent[key[-1]] = value
+
+    def table(self, path: Tuple[str, ...]) -> Dict[str, Any]:
+        """The table at ``path``, made (with its parents) if new."""
+        table = self.root
+        for i, name in enumerate(path):
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                self.fail(f"{'.'.join(path[:i + 1])} is already a value, not a table")
+        return table
+
+    def key(self) -> Tuple[str, ...]:
+        """A bare, quoted or dotted key, and the blanks after it."""
+        parts = []
+        while True:
+            self.skip_ws()
+            char = self.peek()
+            if char in ('"', "'"):
+                parts.append(self.string())
+            else:
+                match = _TOML_BARE_KEY_RE.match(self.text, self.pos)
+                if not match:
+                    self.fail("expected a key")
+                parts.append(match.group())
+                self.pos = match.end()
+            self.skip_ws()
+            if self.peek() != ".":
+                return tuple(parts)
+            self.pos += 1
+
+    def value(self) -> Any:
+        char = self.peek()
+        if char in ('"', "'"):
+            return self.string()
+        if char == "[":
+            return self.array()
+        if char == "{":
+            self.unsupported("inline tables ({...})")
+        for word, meaning in (("true", True), ("false", False)):
+            if self.text.startswith(word, self.pos):
+                self.pos += len(word)
+                return meaning
+        return self.number()
+
+    def number(self) -> int:
+        if _TOML_DATE_RE.match(self.text, self.pos):
+            self.unsupported("dates and times")
+        match = _TOML_NUMBER_RE.match(self.text, self.pos)
+        if match and match.group("float") or re.match(r"[+-]?(inf|nan)", self.peek(4)):
+            self.unsupported("floats")
+        if not match:
+            self.fail("expected a value (a string, integer, true/false or array)")
+        self.pos = match.end()
+        digits = match.group().replace("_", "")
+        return int(digits[2:], _TOML_INT_BASES[digits[:2]]) if match.group("int") is None \
+            else int(digits)
+
+    def string(self) -> str:
+        quote = self.peek()
+        if self.peek(3) == quote * 3:
+            self.unsupported("multi-line strings")
+        self.pos += 1
+        chars = []
+        while True:
+            char = self.peek()
+            if char == quote:
+                self.pos += 1
+                return "".join(chars)
+            if not char or char == "\n":
+                self.fail("unterminated string")
+            if char in _TOML_CONTROL:
+                self.fail("control character in a string (write it as an escape)")
+            if char == "\\" and quote == '"':
+                chars.append(self.escape())
+            else:
+                chars.append(char)
+                self.pos += 1
+
+    def escape(self) -> str:
+        code = self.text[self.pos + 1:self.pos + 2]
+        if code in _TOML_ESCAPES:
+            self.pos += 2
+            return _TOML_ESCAPES[code]
+        width = {"u": 4, "U": 8}.get(code)
+        digits = self.text[self.pos + 2:self.pos + 2 + (width or 0)]
+        if not width or len(digits) != width or not re.fullmatch(r"[0-9A-Fa-f]+", digits):
+            self.fail(f"invalid escape {self.text[self.pos:self.pos + 2]!r} in a string")
+        point = int(digits, 16)
+        if 0xD800 <= point <= 0xDFFF or point > 0x10FFFF:
+            self.fail(f"escape \\{code}{digits} is not a Unicode scalar value")
+        self.pos += 2 + width
+        return chr(point)
+
+    def array(self) -> List[Any]:
+        self.pos += 1
+        items: List[Any] = []
+        while True:
+            self.skip_array_blanks()
+            if self.peek() == "]":
+                self.pos += 1
+                return items
+            items.append(self.value())
+            self.skip_array_blanks()
+            if self.peek() == ",":
+                self.pos += 1
+            elif self.peek() != "]":
+                self.fail("expected ',' or ']' in an array")
+
+    def skip_array_blanks(self) -> None:
+        """Blanks, newlines and comments: an array may span lines."""
+        while True:
+            self.skip_ws()
+            self.skip_comment()
+            if self.peek() != "\n":
+                return
+            self.pos += 1
+
+
+def parse_toml_subset(text: str) -> Dict[str, Any]:
+    """``text`` as tomllib.loads reads it, for tables, dotted and quoted keys, strings
+    (basic with escapes, literal), integers, booleans, arrays and comments. Raises
+    TomlSubsetError with the line number for invalid TOML or anything beyond that subset."""
+    return _TomlSubsetReader(text).parse()
+
+
+def _read_file(path: str, explicit: bool) -> Optional[Dict[str, Any]]:
+    """The TOML table in ``path``; None if an absent default file. Unreadable or invalid files
+    raise ConfigError. Without tomllib/tomli (Python 3.9/3.10) the built-in reader reads it."""
     where = f"config file {path}"
     if not explicit and not os.path.exists(path):
-        return None
-    if _toml is None:
-        why = ("needs Python 3.11+ or the tomli package "
-               "(pip install tomli, or run with Python 3.11+)")
-        if explicit:
-            raise ConfigError(f"cannot read {where}: reading TOML {why}")
-        warnings.append(f"{where} skipped: reading TOML {why}; using defaults, "
-                        "environment and command line only")
         return None
     try:
         with open(path, "rb") as f:
@@ -367,6 +598,11 @@ def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[
         raise ConfigError(f"{where} not found (check the -c path)")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {where}: {getattr(e, 'strerror', None) or e}")
+    if _toml is None:
+        try:
+            return parse_toml_subset(text)
+        except TomlSubsetError as e:
+            raise ConfigError(f"{where}: {e}" if e.unsupported else f"{where}: invalid TOML: {e}")
     try:
         return _toml.loads(text)
     except _toml.TOMLDecodeError as e:
@@ -395,7 +631,7 @@ def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[
 
     layers = []  # (source label, {key: raw value}), lowest precedence first
     file_path = os.path.abspath(path) if path else default_config_path(kind, home)
-    table = _read_file(file_path, path is not None, warnings)
+    table = _read_file(file_path, path is not None)
     if table is not None:
         flat = _flatten(table, schema)
         unknown = [k for k in flat if k not in schema]
