@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import fcntl
+import glob
 import logging
 import os
 import re
@@ -188,12 +189,14 @@ def _parsed_by(parse: Callable[[str], Any]) -> Callable[[str], str]:
 
 
 class _Key(NamedTuple):
-    type: Any  # bool, int, str, or PATH (a str with ~ expanded; default is relative to ~/.mp)
+    type: Any  # bool, int, str, PATH (a str with ~ expanded; default is relative to ~/.mp),
+    #            or PATH_OR_OFF (False, or a str with ~ expanded; default "~/..." as given)
     default: Any
     check: Optional[Callable[[Any], Any]] = None  # returns the value (maybe clamped) or raises
 
 
 PATH = "path"
+PATH_OR_OFF = "path or false"
 _PORT = _between(1, 65535)
 _TRACING_FLAGS = ("with_target", "with_thread_ids", "with_thread_names", "with_line_number",
                   "with_level")
@@ -236,6 +239,8 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "known_hosts_file": _Key(PATH, "known_hosts"),
         "strict_host_key_checking": _Key(str, "ask", _one_of("ask", "accept-new", "yes")),
         "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
+        # HostName and User of `mp alias` from this ssh_config file; false: aliases off.
+        "ssh_config": _Key(PATH_OR_OFF, "~/.ssh/config"),
         **_common_keys(),
     },
 }
@@ -255,6 +260,7 @@ for _kind in SCHEMAS:  # fail at import, not at a user's first typo, if the sche
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                "false": False, "0": False, "no": False, "off": False}
+_OFF_WORDS = {word for word, meaning in _BOOL_WORDS.items() if not meaning} | {"none"}
 
 
 def _coerce(key_type: Any, raw: Any) -> Any:
@@ -271,12 +277,20 @@ def _coerce(key_type: Any, raw: Any) -> Any:
         if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", raw):
             return int(raw)
         raise ValueError("must be an integer")
+    if key_type is PATH_OR_OFF:
+        word = raw.strip().lower() if isinstance(raw, str) else raw
+        if raw is False or word in _OFF_WORDS:
+            return False
+        if not isinstance(raw, str) or word in _BOOL_WORDS:  # "on" names no file
+            raise ValueError("must be false or a path")
     if isinstance(raw, str):
         return raw
     raise ValueError("must be a string")
 
 
-def _expand_path(value: str, home: str) -> str:
+def _expand_path(value: Any, home: str) -> Any:
+    if value is False:  # PATH_OR_OFF turned off
+        return value
     if value == "~" or value.startswith("~/"):
         return home + value[1:]
     return os.path.expanduser(value)
@@ -625,8 +639,12 @@ def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[
     warnings: List[str] = []
     values, sources = {}, {}
     for key, spec in schema.items():
-        values[key] = os.path.join(mp_dir(home), spec.default) if spec.type is PATH \
-            else spec.default
+        if spec.type is PATH:
+            values[key] = os.path.join(mp_dir(home), spec.default)
+        elif spec.type is PATH_OR_OFF:
+            values[key] = _expand_path(spec.default, home)
+        else:
+            values[key] = spec.default
         sources[key] = "default"
 
     layers = []  # (source label, {key: raw value}), lowest precedence first
@@ -661,7 +679,8 @@ def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[
                 raise ConfigError(f"{where}: {key} {e}, got {shown}")
             if checked != value:
                 warnings.append(f"{where}: {key} = {value} is out of range, using {checked}")
-            values[key] = _expand_path(checked, home) if spec.type is PATH else checked
+            values[key] = _expand_path(checked, home) if spec.type in (PATH, PATH_OR_OFF) \
+                else checked
             sources[key] = label
     return Config(kind, values, sources, warnings, file_path if table is not None else None,
                   home)
@@ -705,6 +724,207 @@ def common_flag_settings(args: argparse.Namespace, kind: str) -> Dict[str, Any]:
 def _with_hint(key: str, schema: Dict[str, _Key]) -> str:
     close = difflib.get_close_matches(key, schema, n=1)
     return f"{key} (did you mean {close[0]}?)" if close else key
+
+
+# ---------------------------------------------------------------------------
+# Host aliases from ~/.ssh/config (client)
+# ---------------------------------------------------------------------------
+# `mp myalias` goes where `ssh myalias` goes: the HostName and User of the Host blocks that
+# match, read the way OpenSSH reads them (first value wins, Include, negated patterns). Only
+# those two directives apply: ssh's Port is sshd's port, not mps's. It is configuration read
+# before anything connects, so it lives here beside the TOML reader; mp.py only calls
+# resolve_ssh_alias. Parsing is pure (parse_ssh_config); the walk reads files through
+# functions passed in, so tests can give it any file tree.
+
+SSH_INCLUDE_MAX_DEPTH = 16  # OpenSSH's READCONF_MAX_DEPTH
+# A keyword ends at blanks or one '=' (`HostName x`, `HostName=x`, `HostName = x`).
+_SSH_KEYWORD_RE = re.compile(r"[ \t]*([^ \t=]+)[ \t]*(?:=[ \t]*)?(.*)")
+
+
+class SshConfigLine(NamedTuple):
+    number: int
+    keyword: str  # lower case: ssh's keywords are case-insensitive
+    args: List[str]
+
+
+def ssh_config_words(text: str) -> List[str]:
+    """The arguments of a line as OpenSSH splits them: blanks separate, "..." and '...'
+    quote, a backslash escapes a quote, a backslash or (outside quotes) a blank, and an
+    unquoted '#' starting a word ends the line. ValueError for an unclosed quote."""
+    words: List[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in " \t":
+            i += 1
+            continue
+        if text[i] == "#":
+            break
+        word, quote = [], ""
+        while i < n and (quote or text[i] not in " \t"):
+            ch = text[i]
+            if ch == "\\" and i + 1 < n and (text[i + 1] in "'\"\\" or
+                                             (not quote and text[i + 1] in " \t")):
+                word.append(text[i + 1])
+                i += 2
+                continue
+            if not quote and ch in "'\"":
+                quote = ch
+            elif ch == quote:
+                quote = ""
+            else:
+                word.append(ch)
+            i += 1
+        if quote:
+            raise ValueError("unbalanced quotes")
+        words.append("".join(word))
+    return words
+
+
+def parse_ssh_config(text: str) -> Tuple[List[SshConfigLine], List[str]]:
+    """An ssh_config file's directives, and the lines it cannot use ("line N: why")."""
+    lines, problems = [], []
+    for number, raw in enumerate(text.splitlines(), 1):
+        match = _SSH_KEYWORD_RE.match(raw)
+        if not match or match.group(1).startswith("#"):
+            continue  # blank or comment
+        keyword = match.group(1).lower()
+        try:
+            args = ssh_config_words(match.group(2))
+        except ValueError as err:
+            problems.append(f"line {number}: {err}")
+            continue
+        if not args:
+            problems.append(f"line {number}: no argument after {match.group(1)}")
+            continue
+        lines.append(SshConfigLine(number, keyword, args))
+    return lines, problems
+
+
+def _ssh_pattern(pattern: str) -> re.Pattern:
+    """ssh's host pattern: ``*`` any run of characters, ``?`` one character, nothing else."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                              for c in pattern), re.DOTALL)
+
+
+def ssh_host_matches(host: str, patterns: List[str]) -> bool:
+    """A ``Host`` line's verdict: some pattern matches and no ``!pattern`` does."""
+    matched = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        if _ssh_pattern(pattern[1:] if negated else pattern).fullmatch(host):
+            if negated:
+                return False
+            matched = True
+    return matched
+
+
+class SshAlias(NamedTuple):
+    """What ssh_config says about a host: its HostName (``%h`` expanded) and User, None where
+    it says nothing; ``warnings`` for the user (unreadable files, lines ignored) and ``notes``
+    for the log (where the values came from, Match blocks not applied)."""
+    hostname: Optional[str]
+    user: Optional[str]
+    warnings: List[str]
+    notes: List[str]
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _glob_sorted(pattern: str) -> List[str]:
+    return sorted(glob.glob(pattern))
+
+
+class _SshConfigWalk:
+    """One lookup: the files in the order ssh reads them, the first HostName and User seen in
+    an active block. A block is active after a matching ``Host`` line (or before any Host
+    line); ``Match`` blocks are never active (their conditions are not evaluated). An Include
+    is read only from an active block, like ssh, and does not change the including file's
+    state."""
+
+    def __init__(self, host: str, home: str, read: Callable[[str], str],
+                 expand: Callable[[str], List[str]]):
+        self.host = host
+        self.home = home
+        self.read, self.expand = read, expand
+        self.values: Dict[str, Tuple[str, str, int]] = {}  # keyword -> (value, file, line)
+        self.warnings: List[str] = []
+        self.notes: List[str] = []
+
+    def file(self, path: str, depth: int) -> None:
+        try:
+            text = self.read(path)
+        except FileNotFoundError:
+            return  # like ssh: a missing file (or Include) is no error
+        except (OSError, UnicodeDecodeError) as err:
+            why = getattr(err, "strerror", None) or err
+            self.warnings.append(f"cannot read ssh config {path}: {why}; its host aliases "
+                                 "are not applied")
+            return
+        lines, problems = parse_ssh_config(text)
+        self.warnings += [f"ssh config {path} {problem}; line ignored" for problem in problems]
+        active = True
+        for line in lines:
+            if line.keyword == "host":
+                active = ssh_host_matches(self.host, line.args)
+            elif line.keyword == "match":
+                active = False
+                self.notes.append(f"ssh config {path} line {line.number}: Match blocks are "
+                                  "not applied by moshpit")
+            elif active and line.keyword == "include":
+                self.include(line, path, depth)
+            elif active and line.keyword in ("hostname", "user"):
+                self.values.setdefault(line.keyword, (line.args[0], path, line.number))
+
+    def include(self, line: SshConfigLine, path: str, depth: int) -> None:
+        if depth >= SSH_INCLUDE_MAX_DEPTH:
+            self.warnings.append(f"ssh config {path} line {line.number}: Include nested more "
+                                 f"than {SSH_INCLUDE_MAX_DEPTH} deep; not followed")
+            return
+        for arg in line.args:
+            if arg == "~" or arg.startswith("~/"):
+                pattern = self.home + arg[1:]
+            else:  # relative to ~/.ssh, as ssh reads a user's config
+                pattern = os.path.join(self.home, ".ssh", arg)
+            for name in self.expand(pattern):
+                self.file(name, depth + 1)
+
+    def alias(self) -> SshAlias:
+        hostname = user = None
+        if "hostname" in self.values:
+            value, path, number = self.values["hostname"]
+            hostname = _expand_ssh_tokens(value, self.host.lower(),
+                                          f"ssh config {path} line {number}")
+            self.notes.append(f"ssh config {path} line {number}: {self.host} is {hostname}")
+        if "user" in self.values:
+            user, path, number = self.values["user"]
+            self.notes.append(f"ssh config {path} line {number}: user {user}")
+        return SshAlias(hostname, user, self.warnings, self.notes)
+
+
+def _expand_ssh_tokens(value: str, host: str, where: str) -> str:
+    """HostName's tokens: ``%h`` the name given, ``%%`` a percent sign; anything else is an
+    error, as in ssh."""
+    def token(match: re.Match) -> str:
+        if match.group(1) == "h":
+            return host
+        if match.group(1) == "%":
+            return "%"
+        raise ConfigError(f"{where}: HostName token %{match.group(1)} is not supported "
+                          "(only %h and %%); fix the line or set ssh_config = false")
+    return re.sub(r"%(.?)", token, value, flags=re.DOTALL)
+
+
+def resolve_ssh_alias(host: str, path: str, home: str, read: Callable[[str], str] = _read_text,
+                      expand: Callable[[str], List[str]] = _glob_sorted) -> SshAlias:
+    """``host`` looked up in the ssh_config file ``path`` (a missing file says nothing). As in
+    ssh, Host patterns match the name as typed (case counts) and ``%h`` is it in lower case.
+    Relative Includes are under ``home``/.ssh."""
+    walk = _SshConfigWalk(host, home, read, expand)
+    walk.file(path, 0)
+    return walk.alias()
 
 
 # ---------------------------------------------------------------------------

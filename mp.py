@@ -103,20 +103,51 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     return settings
 
 
-def parse_destination(dest: str, default_user: str) -> tuple:
+def parse_destination(dest: str, default_user: str, alias=None) -> tuple:
     """``[user@]host`` -> (user, host). Host may be a name, IPv4, bare IPv6 (``::1``) or
     bracketed IPv6 (``[::1]``, ``[fe80::1%eth0]``); brackets are dropped. The port comes from
-    -s / server_port, never from the destination (same as the seed)."""
+    -s / server_port, never from the destination (same as the seed).
+
+    ``alias`` (host -> moshpit.SshAlias, the ~/.ssh/config lookup) renames the host to its
+    HostName and gives the user where the destination names none: ``user@`` wins, as in ssh.
+    The host is checked after that, so the name that reaches DNS and known_hosts is the
+    HostName (ssh records it too)."""
     user, at, host = dest.rpartition("@")
-    if not at:
-        user = default_user
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
         host = host[1:-1]
-    if not user or not host or any(c in user for c in ":/ "):
-        raise moshpit.MoshpitError(
-            f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
+    if not host or at and not user:
+        _bad_destination(dest)
+    if alias is not None and not bracketed:
+        found = alias(host)
+        host = found.hostname or host
+        user = user or found.user or ""
+    user = user or default_user
+    if any(c in user for c in ":/ "):
+        _bad_destination(dest)
     return user, checked_host(host, bracketed)
+
+
+def _bad_destination(dest: str) -> None:
+    raise moshpit.MoshpitError(
+        f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
+
+
+def ssh_alias_lookup(config, prompter):
+    """The ~/.ssh/config lookup for parse_destination (None if ``ssh_config = false``): its
+    warnings go to the terminal, where each value came from to the log."""
+    path = config["ssh_config"]
+    if path is False:
+        return None
+
+    def lookup(host: str):
+        found = moshpit.resolve_ssh_alias(host, path, config.home)
+        for warning in found.warnings:
+            prompter.say(f"mp: warning: {warning}")
+        for note in found.notes:
+            log.info("%s", note)
+        return found
+    return lookup
 
 
 MAX_HOST_NAME = 253  # DNS: characters in a name, without the trailing dot
@@ -1110,7 +1141,7 @@ def run_client(config, prompter: Prompter) -> int:
     if not destination:
         raise moshpit.MoshpitError(
             "no server destination: give [user@]host, or set server_destination in the config")
-    user, host = parse_destination(destination, local_user())
+    user, host = parse_destination(destination, local_user(), ssh_alias_lookup(config, prompter))
     target = Target(user, host, config["server_port"])
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()

@@ -5,9 +5,10 @@ by-hand commands), connecting with mp.py on a terminal, and stopping the server.
 The blocks are taken from README.md by their ``<!-- test: NAME -->`` markers, so the README
 cannot drift from what is tested. The server is a real sshd on loopback logging in a
 throwaway user (tests/sshd_util.py); ``host`` is its ssh alias. Only what a reader would put
-in for their own setup is replaced: ``alice@host`` becomes the throwaway user at 127.0.0.1 for
-mp.py (which does not read ssh aliases), the example key line becomes ours, and the server
-user's config file (written before, as an admin would) keeps mps on 127.0.0.1 and free ports.
+in for their own setup is replaced: ``alice`` becomes the throwaway user (mp.py reaches
+``host`` through the same ssh alias: its ssh_config is the one the ssh wrappers use), the
+example key line becomes ours, and the server user's config file (written before, as an
+admin would) keeps mps on 127.0.0.1 and free ports.
 """
 
 from __future__ import annotations
@@ -127,9 +128,10 @@ def test_readme_install_keys_connect_and_stop_as_written(sshd_host):
 
     # Connect on a terminal, check the host key against what the install printed, run a
     # command, exit with a status.
-    connect = readme_block("connect").replace("alice@host", f"{user}@127.0.0.1")
+    connect = readme_block("connect").replace("alice@host", f"{user}@host")
     with PtyProcess(["bash", "-e", "-c", connect], cwd=REPO,
-                    env=host.env(MOSHPIT_SERVER_PORT=str(port))) as terminal:
+                    env=host.env(MOSHPIT_SERVER_PORT=str(port),
+                                 MOSHPIT_SSH_CONFIG=host.ssh_config)) as terminal:
         terminal.read_until(f"ED25519 key fingerprint is {host_pub.fingerprint()}.", 30)
         terminal.read_until("(yes/no/[fingerprint])? ", 10)
         terminal.send("yes\r")
