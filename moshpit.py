@@ -3,11 +3,12 @@
 moshpit is split by layer into flat sibling modules (copying stays trivial: every
 ``moshpit*.py`` plus the CLI you need). Each module uses only the ones above it:
 
-    moshpit.py            errors/constants -> config -> logging -> terminal helpers
+    moshpit.py            errors/constants -> config (TOML, ssh_config) -> logging -> tty
     moshpit_keys.py       Ed25519 keys, OpenSSH key files, fingerprints, randomart
     moshpit_handshake.py  TCP handshake (sans-IO) + blocking driver, authorized_keys, known_hosts
     moshpit_transport.py  packet crypto -> reliable stream (sans-IO) -> UDP I/O glue
     mps.py / mp.py / mp_keygen.py   thin CLIs
+    moshpit_pyz.py        __main__ of the one-file bundle (make dist): picks one of the CLIs
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import glob
 import logging
 import os
 import re
+import shlex
 import struct
 import sys
 import termios
@@ -45,6 +47,40 @@ class MoshpitError(Exception):
 
 class ConfigError(MoshpitError):
     """A configuration problem: the message names the key (or file) and where it came from."""
+
+
+# The programs, by the name each has as a file beside the modules. The one-file bundle
+# (moshpit.pyz, built by `make dist`) runs the same programs as `python3 moshpit.pyz NAME`.
+PROGRAM_FILES = {"mps": "mps.py", "mp": "mp.py", "keygen": "mp_keygen.py"}
+
+
+def bundle_path() -> Optional[str]:
+    """The moshpit.pyz these modules run from, or None when they are files: inside a zipapp a
+    module's __file__ is a path within the zip file, so its directory is that file."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return here if os.path.isfile(here) else None
+
+
+def program_name(program: str) -> str:
+    """What help and messages call ``program`` ("mps", "mp" or "keygen"): its file name
+    (``mp_keygen.py``), or ``moshpit.pyz keygen`` in the bundle."""
+    bundle = bundle_path()
+    return f"{os.path.basename(bundle)} {program}" if bundle else PROGRAM_FILES[program]
+
+
+def program_command(program: str) -> str:
+    """The command that runs ``program`` from this copy, for messages that tell someone what
+    to type: ``python3 mp_keygen.py`` (relative when under the current directory), or
+    ``python3 moshpit.pyz keygen`` from the bundle."""
+    bundle = bundle_path()
+    target = bundle or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    PROGRAM_FILES[program])
+    try:
+        relative = os.path.relpath(target)
+    except (OSError, ValueError):  # no current directory any more
+        relative = ".."
+    shown = target if relative.startswith("..") else relative
+    return f"python3 {shlex.quote(shown)}" + (f" {program}" if bundle else "")
 
 
 # ---------------------------------------------------------------------------

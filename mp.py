@@ -587,10 +587,7 @@ class Prompter:
 
 def keygen_command(private_key_path: str) -> str:
     """The exact command that creates the missing key, runnable from the current directory."""
-    keygen = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_keygen.py")
-    relative = os.path.relpath(keygen)
-    script = keygen if relative.startswith("..") else relative
-    command = f"python3 {shlex.quote(script)} generate"
+    command = f"{moshpit.program_command('keygen')} generate"
     if private_key_path != moshpit_keys.default_identity_paths()[0]:
         command += f" -f {shlex.quote(private_key_path)}"
     return command
@@ -1206,7 +1203,8 @@ def copy_id(config, ssh_command: str) -> int:
     path = config["public_key_path"]
     if not os.path.exists(path):
         raise moshpit.MoshpitError(
-            f"no public key at {path}; create a key pair with: python3 mp_keygen.py generate")
+            f"no public key at {path}; create a key pair with: "
+            f"{moshpit.program_command('keygen')} generate")
     key = moshpit_keys.load_public_key(path)
     remote = "exec sh -c " + shlex.quote(COPY_ID_SCRIPT)
     argv = shlex.split(ssh_command) + ["--", destination, remote]
