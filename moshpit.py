@@ -5,7 +5,8 @@ moshpit is split by layer into flat sibling modules (copying stays trivial: ever
 
     moshpit.py            errors/constants -> config (TOML, ssh_config) -> logging -> tty
     moshpit_keys.py       Ed25519 keys, OpenSSH key files, fingerprints, randomart
-    moshpit_handshake.py  TCP handshake (sans-IO) + blocking driver, authorized_keys, known_hosts
+    moshpit_trust.py      authorized_keys (read safely: files a user controls), known_hosts
+    moshpit_handshake.py  TCP handshake (sans-IO) + blocking drivers
     moshpit_transport.py  packet crypto -> reliable stream (sans-IO) -> UDP I/O glue
     mps.py / mp.py / mp_keygen.py   thin CLIs
     moshpit_pyz.py        __main__ of the one-file bundle (make dist): picks one of the CLIs
@@ -142,6 +143,56 @@ def parse_port_range(text: str) -> Tuple[int, int]:
     return lo, hi
 
 
+def parse_max_startups(text: str) -> Tuple[int, int, int]:
+    """sshd's MaxStartups syntax, ``"START:RATE:FULL"`` (or a bare ``"FULL"``) -> (START,
+    RATE percent, FULL): from START handshakes in progress, refuse a new one with probability
+    RATE %, rising linearly to 100 % at FULL. ValueError unless 1 <= START <= FULL and
+    0 <= RATE <= 100."""
+    m = re.fullmatch(r"\s*(\d{1,6})(?:\s*:\s*(\d{1,3})\s*:\s*(\d{1,6}))?\s*", text)
+    start = rate = full = 0
+    if m and m.group(2) is None:
+        start, rate, full = int(m.group(1)), 100, int(m.group(1))
+    elif m:
+        start, rate, full = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if not (m and 1 <= start <= full and 0 <= rate <= 100):
+        raise ValueError('must be "START:RATE:FULL" (as sshd\'s MaxStartups) with'
+                         ' 1 <= START <= FULL and RATE a percentage, e.g. "16:30:48"')
+    return start, rate, full
+
+
+def parse_netblock(text: str) -> Tuple[int, int]:
+    """``"V4:V6"`` (sshd's PerSourceNetBlockSize) -> the prefix lengths that group source
+    addresses, e.g. ``"32:64"``: each IPv4 address alone, each IPv6 /64 as one source."""
+    m = re.fullmatch(r"\s*(\d{1,3})\s*(?::\s*(\d{1,3})\s*)?", text)
+    v4 = int(m.group(1)) if m else -1
+    v6 = int(m.group(2)) if m and m.group(2) is not None else 128
+    if not (m and 1 <= v4 <= 32 and 1 <= v6 <= 128):
+        raise ValueError('must be "V4:V6" prefix lengths (1-32 and 1-128), e.g. "32:64"')
+    return v4, v6
+
+
+PENALTY_DEFAULTS = {"authfail": 5, "noauth": 1, "grace-exceeded": 10, "max": 600, "min": 15}
+
+
+def parse_penalties(text: str) -> Dict[str, int]:
+    """sshd's PerSourcePenalties syntax -> seconds per name, e.g. ``"authfail:5 noauth:1
+    grace-exceeded:10 max:600 min:15"``; a name left out keeps its default, ``"no"`` turns
+    penalties off. authfail: a refused key or signature; noauth: a peer that left or broke the
+    protocol before authenticating; grace-exceeded: a handshake past its deadline. A source's
+    penalties add up (to at most ``max``) and count down in real time; it is refused while
+    what it has built up exceeds ``min``."""
+    if text.strip().lower() == "no":
+        return dict.fromkeys(PENALTY_DEFAULTS, 0)
+    values = dict(PENALTY_DEFAULTS)
+    for item in text.split():
+        name, _, secs = item.partition(":")
+        if name not in values or not re.fullmatch(r"\d{1,7}", secs):
+            raise ValueError(f"has {item!r}: use NAME:SECONDS with NAME one of"
+                             f" {', '.join(PENALTY_DEFAULTS)} (or \"no\" to turn penalties off)")
+        values[name] = int(secs)
+    return values
+
+
 def parse_escape_key(text: str) -> Optional[int]:
     """Escape key setting -> byte value, or None for ``"none"`` (escape disabled).
 
@@ -259,9 +310,22 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         # "" = ~/.mp/authorized_keys of the *target* user: resolved per login by the server.
         "mps.authorized_keys_file": _Key(str, ""),
         "mps.max_sessions": _Key(int, 256, _at_least(1)),
+        "mps.max_sessions_per_user": _Key(int, 16, _at_least(1)),
         "mps.max_handshakes": _Key(int, 64, _at_least(1)),
         "mps.handshake_timeout_secs": _Key(int, 10, _at_least(1)),
+        # Pre-authentication limits (README "Pre-authentication limits"): sshd-like defaults.
+        "mps.hello_timeout_secs": _Key(int, 2, _at_least(1)),
+        "mps.max_startups": _Key(str, "16:30:48", _parsed_by(parse_max_startups)),
+        "mps.max_handshakes_per_source": _Key(int, 8, _at_least(1)),
+        "mps.source_netblock": _Key(str, "32:64", _parsed_by(parse_netblock)),
+        "mps.source_penalties": _Key(str, " ".join(f"{name}:{secs}" for name, secs
+                                              in PENALTY_DEFAULTS.items()),
+                                     _parsed_by(parse_penalties)),
+        "mps.trusted_source_secs": _Key(int, 604800, _at_least(0)),
+        "mps.max_startups_per_sec": _Key(int, 100, _at_least(0)),  # 0 = no limit
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
+        # A session whose client never reached it over UDP (mosh-server waits 60 s too).
+        "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never
         # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
         "mps.pid_file": _Key(str, ""),
         **_common_keys(),
@@ -635,6 +699,12 @@ def parse_toml_subset(text: str) -> Dict[str, Any]:
     return _TomlSubsetReader(text).parse()
 
 
+def _open_no_ctty(path: str, flags: int, mode: int = 0o666) -> int:
+    """os.open that can never make a terminal found at ``path`` the caller's controlling
+    terminal (O_NOCTTY; the server must never acquire one) nor leak into children."""
+    return os.open(path, flags | os.O_NOCTTY | os.O_CLOEXEC, mode)
+
+
 def _read_file(path: str, explicit: bool) -> Optional[Dict[str, Any]]:
     """The TOML table in ``path``; None if an absent default file. Unreadable or invalid files
     raise ConfigError. Without tomllib/tomli (Python 3.9/3.10) the built-in reader reads it."""
@@ -642,7 +712,7 @@ def _read_file(path: str, explicit: bool) -> Optional[Dict[str, Any]]:
     if not explicit and not os.path.exists(path):
         return None
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=_open_no_ctty) as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{where} not found (check the -c path)")
@@ -718,20 +788,59 @@ def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[
             values[key] = _expand_path(checked, home) if spec.type in (PATH, PATH_OR_OFF) \
                 else checked
             sources[key] = label
+    _pair_public_key_path(kind, values, sources)
     return Config(kind, values, sources, warnings, file_path if table is not None else None,
                   home)
 
 
+def _source_rank(source: str) -> int:
+    """Precedence of a source label, lowest first (defaults, file, command line, env)."""
+    for rank, start in enumerate(("default", "file ", "command line", "environment ")):
+        if source.startswith(start):
+            return rank
+    raise ValueError(f"unknown config source {source!r}")  # a bug in load_config
+
+
+def _pair_public_key_path(kind: str, values: Dict[str, Any], sources: Dict[str, str]) -> None:
+    """The public key file follows the private one (``X`` -> ``X.pub``, as ssh-keygen pairs
+    them) unless the public path was itself set at the same or a higher precedence: so
+    ``-p ~/.mp/work`` never pairs the work key with the default (or the config file's)
+    public key, while an explicit ``-k`` or public_key_path still wins."""
+    private, public = _key_path_keys(kind)
+    if _source_rank(sources[public]) < _source_rank(sources[private]):
+        values[public] = values[private] + ".pub"
+        sources[public] = f"{private} + .pub, {sources[private]}"
+
+
 # The flags mps and mp share, as the seed names them. Their values are config settings, so
 # they go through load_config like any other source (the environment still wins).
-_KEY_FILE_FLAGS = {"server": ("mps.", "host", "mps_host_ed25519_key"),
-                   "client": ("", "client", "id_ed25519")}
+class _KeyFlags(NamedTuple):
+    prefix: str  # of the config keys private_key_path / public_key_path
+    role: str  # whose key, for the help text
+    stem: str  # default file name in ~/.mp
+    port_here: str  # where ssh users' "-p PORT" goes in this program
+    port_fix: str  # the fix to suggest, formatted with the port
+
+
+_KEY_FILE_FLAGS = {
+    "server": _KeyFlags("mps.", "host", "mps_host_ed25519_key",
+                        "the listening port is mps.port", "MOSHPITS_MPS_PORT={port}"),
+    "client": _KeyFlags("", "client", "id_ed25519", "ssh's -p PORT is -s PORT here",
+                        "-s {port}"),
+}
+_PORT_LIKE = re.compile(r":?\d+")
+
+
+def _key_path_keys(kind: str) -> Tuple[str, str]:
+    """The config keys of ``kind``'s key pair: (private_key_path, public_key_path)."""
+    prefix = _KEY_FILE_FLAGS[kind].prefix
+    return prefix + "private_key_path", prefix + "public_key_path"
 
 
 def add_common_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     """Add ``-v -q -c -t -p -k``. Every default is None so that only flags the user gave
     reach load_config: an argparse default would mask the config file and the environment."""
-    _, role, stem = _KEY_FILE_FLAGS[kind]
+    flags = _KEY_FILE_FLAGS[kind]
     app = _APP_NAME[kind]
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="count",
@@ -743,17 +852,36 @@ def add_common_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("-t", "--tracing-absolute-path", metavar="PATH", dest="tracing",
                         help=f"alternate log file (default ~/.config/{app}/logs/{app}.log)")
     parser.add_argument("-p", "--private-key-path", metavar="PATH",
-                        help=f"{role} private key (default ~/.mp/{stem})")
+                        help=f"{flags.role} private key (default ~/.mp/{flags.stem}); "
+                        f"not a port: {flags.port_here}")
     parser.add_argument("-k", "--public-key-path", metavar="PATH",
-                        help=f"{role} public key (default ~/.mp/{stem}.pub)")
+                        help=f"{flags.role} public key (default: the private key's path "
+                        f"+ .pub, so ~/.mp/{flags.stem}.pub)")
+
+
+def _check_private_key_flag(value: str, kind: str) -> None:
+    """ConfigError if a ``-p`` value is a port, as ssh's ``-p PORT`` would be: moshpit's
+    -p names a key file, and a key file named "40500" is far likelier a mistake (one that
+    used to end with a key written to ./40500) than a choice; ``-p ./40500`` still works."""
+    if not _PORT_LIKE.fullmatch(value):
+        return
+    flags = _KEY_FILE_FLAGS[kind]
+    fix = flags.port_fix.format(port=value.lstrip(":"))
+    where = f"-p is the {flags.role} private key file in moshpit ({flags.port_here})"
+    if os.path.lexists(value):
+        raise ConfigError(f"{where}: '{value}' looks like a port; did you mean {fix}? "
+                          f"(for the key file named {value}, write -p ./{value})")
+    raise ConfigError(f"{where}: no key file '{value}'; did you mean {fix}?")
 
 
 def common_flag_settings(args: argparse.Namespace, kind: str) -> Dict[str, Any]:
-    """The config settings given with add_common_flags' flags (only those given)."""
-    prefix = _KEY_FILE_FLAGS[kind][0]
+    """The config settings given with add_common_flags' flags (only those given). A ``-p``
+    that looks like a port is a ConfigError (_check_private_key_flag)."""
+    if args.private_key_path is not None:
+        _check_private_key_flag(args.private_key_path, kind)
+    private, public = _key_path_keys(kind)
     given = {"verbose": args.verbose, "quiet": args.quiet,
-             prefix + "private_key_path": args.private_key_path,
-             prefix + "public_key_path": args.public_key_path}
+             private: args.private_key_path, public: args.public_key_path}
     return {key: value for key, value in given.items() if value is not None}
 
 
@@ -1051,6 +1179,15 @@ def reset_logging() -> None:
     logger.setLevel(logging.NOTSET)
 
 
+class _NoCttyFileHandler(logging.FileHandler):
+    """A FileHandler that opens its file with O_NOCTTY: whatever lies at the log path, the
+    server never acquires a controlling terminal by logging."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=_open_no_ctty)
+
+
 def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
                   stderr: bool = False, verbosity: int = 0) -> logging.Logger:
     """Send the "moshpit" loggers to the log file (always; ``-t`` gives ``log_path``) and, if
@@ -1067,10 +1204,10 @@ def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
     path = log_path or default_log_path(kind, config.home)
     try:
         _make_private_dirs(os.path.dirname(os.path.abspath(path)))
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        os.close(_open_no_ctty(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o600)  # logs name users and addresses: keep them private
-        file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+        file_handler = _NoCttyFileHandler(path, encoding="utf-8", errors="backslashreplace")
     except OSError as e:
         raise ConfigError(f"cannot write log file {path}: {e.strerror or e}; "
                           "choose another with -t PATH")

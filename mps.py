@@ -38,12 +38,14 @@ import sys
 import termios
 import threading
 import time
+from collections import Counter
 from typing import Dict, List, Optional
 
 import moshpit
 import moshpit_handshake as handshake
 import moshpit_keys as keys
 import moshpit_transport as transport
+import moshpit_trust as trust
 from moshpit import MoshpitError
 
 log = logging.getLogger("moshpit.server")
@@ -264,7 +266,7 @@ class Session:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._to_pty = bytearray()  # client input not yet taken by the PTY
-        self._client_addr = None  # where the client's UDP packets come from
+        self._client_addr = None  # where the client's UDP packets come from (None: not yet)
         self._pty_eof = False
         self._exit_status: Optional[int] = None
         self._drain_until = 0.0
@@ -482,18 +484,31 @@ class Session:
         self._ending = why
         self._end_by = None if linger is None else now + linger
 
+    def _silence_limit(self) -> tuple:
+        """(seconds the client may stay unheard, None: forever; why the session then ends).
+        Until its first UDP packet arrives, the shorter unattached timeout applies: a session
+        nobody ever reached would otherwise hold its slot for the whole detached timeout."""
+        detached = self.server.detached_timeout or None
+        unattached = self.server.unattached_timeout or None
+        if self._client_addr is None and unattached and (detached is None
+                                                         or unattached < detached):
+            return unattached, (f"never attached: no UDP packet from the client within"
+                                f" {unattached} s of the handshake (UDP blocked?)")
+        return detached, f"detached for more than {detached} s"
+
     def _deadline(self) -> Optional[float]:
         """When the session ends if nothing else happens (None: never)."""
         if self._end_by is not None:
             return self._end_by
-        detached = self.server.detached_timeout
-        return self.conn.last_heard + detached if detached else None
+        limit, _why = self._silence_limit()
+        # last_heard: the latest authentic packet, or the latest handshake (start, resume).
+        return self.conn.last_heard + limit if limit else None
 
     def _finished(self, now: float) -> bool:
         deadline = self._deadline()
         if self._ending is None:
             if deadline is not None and now >= deadline:
-                self._ending = f"detached for more than {self.server.detached_timeout} s"
+                self._ending = self._silence_limit()[1]
                 return True
             return False
         return self.conn.all_acked() or (deadline is not None and now >= deadline)
@@ -550,6 +565,21 @@ def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
     return None
 
 
+ACCEPT_BATCH = 64  # connections the accept loop takes per wake-up
+
+
+def admission_limits(config: moshpit.Config) -> handshake.AdmissionLimits:
+    """The pre-authentication limits (README "Pre-authentication limits") from the config."""
+    return handshake.AdmissionLimits(
+        max_handshakes=config["mps.max_handshakes"],
+        startups=moshpit.parse_max_startups(config["mps.max_startups"]),
+        max_per_source=config["mps.max_handshakes_per_source"],
+        netblock=moshpit.parse_netblock(config["mps.source_netblock"]),
+        penalties=moshpit.parse_penalties(config["mps.source_penalties"]),
+        trusted_secs=float(config["mps.trusted_source_secs"]),
+        startups_per_sec=float(config["mps.max_startups_per_sec"]))
+
+
 class Server:
     """Accepts TCP connections, runs each handshake in its own thread (bounded in number and
     time), and keeps the registry of sessions for new logins, resumes and shutdown. Create it
@@ -560,14 +590,19 @@ class Server:
         self.host_key = host_key
         self.port_range = moshpit.parse_port_range(config["mps.udp_port_range"])
         self.max_sessions = config["mps.max_sessions"]
+        self.max_sessions_per_user = config["mps.max_sessions_per_user"]
         self.detached_timeout = config["mps.detached_session_timeout_secs"]
+        self.unattached_timeout = config["mps.unattached_session_timeout_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
+        self.hello_timeout = float(config["mps.hello_timeout_secs"])
         self.authorized_keys_file = config["mps.authorized_keys_file"] or None
-        self.limiter = handshake.HandshakeLimiter(config["mps.max_handshakes"])
+        self.limiter = handshake.HandshakeLimiter(
+            handshake.AdmissionPolicy(admission_limits(config)))
         self.listeners: List[socket.socket] = []
         self._lock = threading.Lock()
         self._sessions: Dict[bytes, Session] = {}
-        self._setting_up = 0  # new sessions inside a handshake, counted against max_sessions
+        # New sessions inside a handshake, by user: counted against the limits already.
+        self._setting_up: Counter = Counter()
         self._signals: List[int] = []
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
@@ -653,22 +688,28 @@ class Server:
         return 0
 
     def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
-            log.error("accept failed: %s", e)
-            time.sleep(0.1)
-            return
-        sock.setblocking(True)
-        self.limiter.spawn(sock, self._handshake)  # "server busy" when too many are running
+        """Take what the backlog holds (up to ACCEPT_BATCH per wake-up: a flood of refused
+        connections then costs one select per batch, not one per connection)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
+                log.error("accept failed: %s", e)
+                time.sleep(0.1)
+                return
+            sock.setblocking(True)
+            self.limiter.spawn(sock, self._handshake)  # refused by the pre-auth limits?
 
     # -- handshakes ------------------------------------------------------------------------
 
-    def _handshake(self, sock: socket.socket) -> None:
-        """One handshake (own thread; the limiter closes ``sock``). A new session set up by
-        ``decide`` starts only if the handshake completes; otherwise it is undone."""
+    def _handshake(self, sock: socket.socket, report) -> None:
+        """One handshake (own thread; the limiter closes ``sock`` and gets its outcome through
+        ``report``). A new session set up by ``decide`` starts only if the handshake
+        completes; otherwise it is undone."""
         created: List[Session] = []
 
         def decide(auth):
@@ -680,7 +721,8 @@ class Server:
         auth = None
         try:
             auth = handshake.server_handshake(sock, self.host_key, decide,
-                                              timeout=self.handshake_timeout)
+                                              timeout=self.handshake_timeout,
+                                              hello_timeout=self.hello_timeout, report=report)
         finally:
             for session in created:
                 self._setup_done(session, auth)
@@ -688,7 +730,7 @@ class Server:
     def _setup_done(self, session: Session, auth) -> None:
         why = "the handshake did not complete" if auth is None else "the server is stopping"
         with self._lock:
-            self._setting_up -= 1
+            self._release_slot(session.user)
             if auth is not None and not self._stopping:
                 # Started and registered together: shutdown sees only running sessions.
                 try:
@@ -710,28 +752,50 @@ class Server:
         AuthRefused with a reason code for the client and a reason for the log."""
         if self._stopping:
             raise handshake.AuthRefused(handshake.SHUTTING_DOWN, "the server is stopping")
-        # Checked before the user lookup, so the answer says nothing about which users exist.
-        me = pwd.getpwuid(os.geteuid()).pw_name
-        if os.geteuid() != 0 and auth.user != me:
-            raise handshake.AuthRefused(
-                handshake.USER_NOT_SERVED,
-                f"this server runs as {me} and only serves user {me}, not {auth.user!r} "
-                "(run mps as root to serve every user)")
-        try:
-            pw = pwd.getpwnam(auth.user)
-        except (KeyError, ValueError):
-            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
-                                        f"no such user {auth.user!r}")
-        if auth.client_key not in handshake.authorized_keys_for(pw, self.authorized_keys_file):
-            raise handshake.AuthRefused(
-                handshake.PERMISSION_DENIED,
-                f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
+        pw = self._authorized_user(auth)
         request = auth.request
         if request.end_session:
             return self._quit_session(auth), None
         if request.resume_session_id is not None:
             return self._resume(auth), None
         return self._new_session(auth, pw)
+
+    def _authorized_user(self, auth) -> pwd.struct_passwd:
+        """The password entry of the requested user if the client's key may log in as them.
+
+        No oracle: until a key is shown valid for the requested user, every refusal reads
+        "permission denied" (the log keeps the real reason), so a stranger learns neither
+        which users exist nor whom a non-root server runs as. Only a client holding a key
+        authorized for a non-root server's own account hears "user not served" (it could
+        log in as that account anyway)."""
+        me = pwd.getpwuid(os.geteuid())
+        if os.geteuid() != 0 and auth.user != me.pw_name:
+            not_served = (f"this server runs as {me.pw_name} and only serves user {me.pw_name},"
+                          f" not {auth.user!r} (run mps as root to serve every user)")
+            if self._key_authorized(auth.client_key, me):
+                raise handshake.AuthRefused(handshake.USER_NOT_SERVED, not_served)
+            raise handshake.AuthRefused(
+                handshake.PERMISSION_DENIED,
+                f"{not_served}; key {auth.client_key.fingerprint()} is not authorized for"
+                f" {me.pw_name} either")
+        try:
+            pw = pwd.getpwnam(auth.user)
+        except (KeyError, ValueError):
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
+                                        f"no such user {auth.user!r}")
+        if not self._key_authorized(auth.client_key, pw):
+            raise handshake.AuthRefused(
+                handshake.PERMISSION_DENIED,
+                f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
+        return pw
+
+    def _key_authorized(self, key, pw: pwd.struct_passwd) -> bool:
+        """Whether ``key`` is in ``pw``'s authorized_keys; a file that cannot be trusted is
+        "permission denied" with moshpit_trust's reason in the log."""
+        try:
+            return key in trust.authorized_keys_for(pw, self.authorized_keys_file)
+        except trust.TrustError as e:
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e)) from None
 
     def _owned_session(self, auth, what: str) -> Session:
         """The session a resume or quit request names, if this client owns it: same user,
@@ -765,12 +829,31 @@ class Server:
                                         f"session {session.name} had ended before the quit request")
         return _grant(session, recv_offset)
 
-    def _new_session(self, auth, pw):
+    def _claim_slot(self, user: str) -> None:
+        """Count a new session of ``user`` against max_sessions and max_sessions_per_user
+        from now on (its handshake is still running), or refuse it naming the limit hit."""
         with self._lock:
-            if len(self._sessions) + self._setting_up >= self.max_sessions:
+            total = len(self._sessions) + sum(self._setting_up.values())
+            if total >= self.max_sessions:
                 raise handshake.AuthRefused(
-                    handshake.SERVER_BUSY, f"max_sessions ({self.max_sessions}) reached")
-            self._setting_up += 1
+                    handshake.SESSION_LIMIT, f"max_sessions ({self.max_sessions}) reached")
+            own = self._setting_up[user] + sum(
+                1 for session in self._sessions.values() if session.user == user)
+            if own >= self.max_sessions_per_user:
+                raise handshake.AuthRefused(
+                    handshake.USER_SESSION_LIMIT,
+                    f"{user} has {own} sessions: max_sessions_per_user"
+                    f" ({self.max_sessions_per_user}) reached")
+            self._setting_up[user] += 1
+
+    def _release_slot(self, user: str) -> None:
+        """The handshake of a session claimed by ``_claim_slot`` is over (hold the lock)."""
+        self._setting_up[user] -= 1
+        if not self._setting_up[user]:
+            del self._setting_up[user]
+
+    def _new_session(self, auth, pw):
+        self._claim_slot(pw.pw_name)
         try:
             try:
                 udp = bind_udp_port(auth.local, *self.port_range)
@@ -791,7 +874,7 @@ class Server:
                 raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))
         except BaseException:
             with self._lock:
-                self._setting_up -= 1
+                self._release_slot(pw.pw_name)
             raise
         session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
                           shell)
@@ -850,7 +933,14 @@ def load_host_key(config: moshpit.Config, generate: bool):
                 f"host key {path} not found: create it with "
                 f"`{moshpit.program_command('keygen')} generate -f {shlex.quote(path)} -N ''` "
                 "(or start mps once with --generate-host-key)")
-        key = keys.create_key_pair(path, pub_path, f"mps@{socket.gethostname()}")
+        try:
+            key = keys.create_key_pair(path, pub_path, f"mps@{socket.gethostname()}")
+        except keys.KeyFileExists as err:  # the public file (the private one was missing)
+            raise MoshpitError(
+                f"host key {path} not found, but {err.path} exists; not overwriting it: "
+                "restore the host key, or move that file away and generate again "
+                "(a public key can be rebuilt from its private key with "
+                "`mp_keygen.py pubkey -f KEY`)") from None
         log.info("generated host key %s (%s)", path, key.public.fingerprint())
         return key
     try:
@@ -870,6 +960,67 @@ def _raise_fd_limit() -> None:
     want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def leave_session_leadership() -> Optional[int]:
+    """Make sure the process that serves can never acquire a controlling terminal.
+
+    Why: on Linux (and System V) a session leader without a controlling terminal acquires any
+    terminal it opens without O_NOCTTY, and then a ^C typed there stops the server and every
+    session. moshpit's own opens all carry O_NOCTTY, but Python's open(), logging and any
+    library open by name do not. Under systemd (and setsid, start_new_session) mps starts
+    as a session leader, and a session leader cannot stop being one: setsid() fails for it,
+    and TIOCNOTTY would only undo an acquisition after a ^C could already have landed.
+
+    So a session leader forks once: the child (same session and process group, but not the
+    leader: only a leader can acquire a terminal) does all the work; the parent opens
+    nothing, forwards SIGTERM/SIGINT/SIGHUP to it and exits with its status, so the PID that
+    a service manager or script knows still stops the server. If the parent is killed
+    outright (SIGKILL), the child notices (the pipe it holds closes) and ends the same way,
+    as the single process would have. Returns None in the process that goes on to serve,
+    else (in the parent) the exit status to return.
+    """
+    if os.getsid(0) != os.getpid():
+        return None
+    alive_r, alive_w = os.pipe()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISED_SIGNALS)  # none lost
+    try:
+        child = os.fork()
+    except OSError as e:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise MoshpitError(f"cannot start the server process: {e.strerror or e}")
+    if child == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(alive_w)
+        threading.Thread(target=_end_with_supervisor, args=(alive_r,), daemon=True,
+                         name="supervisor-watch").start()
+        return None
+    os.close(alive_r)
+
+    def forward(signum, frame):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in SUPERVISED_SIGNALS:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    _, status = os.waitpid(child, 0)  # retried after each forwarded signal (PEP 475)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128+N
+
+
+def _end_with_supervisor(alive_fd: int) -> None:
+    """(Thread of the serving process.) The supervisor holds the write end of ``alive_fd``
+    and never writes: end of file means it was killed without a chance to forward a signal.
+    Go the same way, so killing the PID that was started still kills the server."""
+    while os.read(alive_fd, 1):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class PidFile:
@@ -1024,6 +1175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = False
     root_logger = logging.getLogger(moshpit.ROOT_LOGGER)
     try:
+        status = leave_session_leadership()
+        if status is not None:
+            return status  # the supervisor: the child served and has ended
         config = moshpit.load_config("server", cli=cli_overrides(args), path=args.config)
         log_path = args.tracing or moshpit.default_log_path("server", config.home)
         if args.print_config:

@@ -69,6 +69,8 @@ def test_defaults(tmp_path):
     assert (server["mps.max_sessions"], server["mps.max_handshakes"]) == (256, 64)
     assert server["mps.handshake_timeout_secs"] == 10
     assert server["mps.detached_session_timeout_secs"] == 604800
+    assert server["mps.max_sessions_per_user"] == 16
+    assert server["mps.unattached_session_timeout_secs"] == 60
     assert client["server_port"] == 40404
     assert client["server_destination"] == ""
     assert client["max_reconnect_backoff_secs"] == 3600
@@ -275,6 +277,8 @@ def test_long_bad_value_is_shortened(tmp_path):
     ("server", "mps.udp_port_range", "a-b", "LO-HI"),
     ("server", "mps.max_sessions", 0, "must be at least 1"),
     ("server", "mps.detached_session_timeout_secs", -1, "must be at least 0"),
+    ("server", "mps.max_sessions_per_user", 0, "must be at least 1"),
+    ("server", "mps.unattached_session_timeout_secs", -1, "must be at least 0"),
     ("client", "strict_host_key_checking", "no", "must be one of ask, accept-new, yes"),
     ("client", "escape_key", "^^^", "caret notation"),
     ("client", "escape_key", "", "caret notation"),

@@ -53,11 +53,12 @@ def test_print_config_shows_every_setting_its_source_and_the_files(tmp_path):
 def test_stop_ends_the_running_server_and_its_pid_file(tmp_path):
     with MpsServer(tmp_path) as server:
         pid_file = pid_file_of(server)
-        assert read(pid_file) == f"{server.proc.pid}\n"
+        serving_pid = server.serving_pid
+        assert read(pid_file) == f"{serving_pid}\n"
         assert os.stat(os.path.dirname(pid_file)).st_mode & 0o077 == 0
         result = run_mps(["--stop", "-c", server.config_path], server.env)
         assert (result.returncode, result.stdout, result.stderr) == (
-            0, f"mps: stopped mps (pid {server.proc.pid})\n", "")
+            0, f"mps: stopped mps (pid {serving_pid})\n", "")
         assert server.proc.wait(5) == 0
         assert not os.path.exists(pid_file)
         assert "SIGTERM received" in server.log() and "mps stopped" in server.log()
@@ -74,10 +75,10 @@ def test_a_second_server_on_the_same_pid_file_is_refused(tmp_path):
                          dict(first.env, MOSHPITS_MPS_PORT=str(other_port)))
         assert (result.returncode, result.stdout) == (1, "")
         assert result.stderr == (
-            f"mps: another mps is already running (pid {first.proc.pid}, pid file "
+            f"mps: another mps is already running (pid {first.serving_pid}, pid file "
             f"{pid_file}): stop it with `python3 mps.py --stop`, or give this one its own "
             "mps.pid_file and mps.port\n")
-        assert read(pid_file) == f"{first.proc.pid}\n"  # the first one's, untouched
+        assert read(pid_file) == f"{first.serving_pid}\n"  # the first one's, untouched
         assert first.proc.poll() is None
 
 
@@ -90,7 +91,7 @@ def test_a_stale_pid_file_neither_blocks_a_start_nor_fools_stop(tmp_path):
                            settings={"mps.pid_file": str(tmp_path / f"mps{n}.pid")})
         (tmp_path / f"mps{n}.pid").write_text(f"{pid}\n")
         with server.start():
-            assert read(str(tmp_path / f"mps{n}.pid")) == f"{server.proc.pid}\n"
+            assert read(str(tmp_path / f"mps{n}.pid")) == f"{server.serving_pid}\n"
             server.wait_log(f"replacing stale pid file {tmp_path}/mps{n}.pid "
                             f"(pid {pid} is not running)")
     stale = tmp_path / "mps0.pid"
