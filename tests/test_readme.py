@@ -156,7 +156,7 @@ def test_readme_one_file_install_as_written(sshd_host, tmp_path):
     laptop_python(host)
     mps_config_for(host)
     build = tmp_path / "build"
-    block = readme_block("install-one-file")
+    block = readme_block("one-file")
     assert block.startswith("make dist\nscp dist/moshpit.pyz host:\n")
     block = block.replace("dist/moshpit.pyz", f"{build}/moshpit.pyz").replace(
         "make dist", f"make -s dist DIST={build} PYTHON={sys.executable}")

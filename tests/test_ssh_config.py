@@ -307,6 +307,25 @@ def test_destination_through_an_alias(dest, expected):
     assert mp.parse_destination(dest, "me", aliases) == expected
 
 
+@pytest.mark.parametrize("dest,login,login_first,user", [
+    ("web", None, False, "deploy"),  # the file's User
+    ("web", "lee", False, "lee"),  # -l beats it
+    ("web", "lee", True, "lee"),
+    ("alice@web", "lee", False, "alice"),  # the first of user@ and -l wins, as before
+    ("alice@web", "lee", True, "lee"),
+])
+def test_login_name_and_alias_user(monkeypatch, dest, login, login_first, user):
+    monkeypatch.setattr(mp, "local_user", lambda: "me")
+    aliases = alias_table({"web": ("192.0.2.7", "deploy")})
+    assert mp.remote_user_and_host(dest, login, login_first, aliases) == (user, "192.0.2.7")
+
+
+def test_a_bad_user_name_in_the_file_is_named():
+    with pytest.raises(moshpit.MoshpitError) as err:
+        mp.parse_destination("web", "me", alias_table({"web": ("192.0.2.7", "a b")}))
+    assert str(err.value) == "bad user name 'a b' for 192.0.2.7 in the ssh config (User)"
+
+
 def test_the_hostname_from_the_file_is_checked_like_a_typed_one():
     with pytest.raises(moshpit.MoshpitError, match="invalid host name 'a,b'"):
         mp.parse_destination("web", "me", alias_table({"web": ("a,b", None)}))

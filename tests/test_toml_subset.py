@@ -170,7 +170,7 @@ class Renderer:
 
 
 @needs_oracle
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tables, st.data())
 def test_generated_documents_read_as_tomllib_reads_them(table, data):
     text = Renderer(data).document(table)
