@@ -4,6 +4,7 @@ records are read back with the system's own `who`, `last` and `lastlog`."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                        reason="needs root and useradd to create throwaway users"),
-    pytest.mark.xdist_group("users"),  # useradd/userdel, /etc/nologin, /etc/pam.d/moshpit
+    pytest.mark.xdist_group("users"),  # useradd/userdel lock /etc/passwd
 ]
 NO_PAM = {"mps.use_pam": False}  # the built-in checks (sshd's UsePAM no)
 
@@ -42,22 +43,37 @@ def assert_logs_in(server, user):
 
 
 @pytest.fixture
-def created_file():
-    """Create a system file for one test (skipped if it exists: never touch the admin's);
-    removed afterwards."""
-    made = []
+def private_etc(tmp_path):
+    """``etc_with({"nologin": text, "pam.d/moshpit": text})``: an interpreter for MpsServer
+    that runs mps.py in a mount namespace of its own, where those files appear in /etc
+    (an overlay). Nothing else on the machine sees them: other tests (and other suites
+    running on this machine) keep logging in meanwhile."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is needed")
+    count = []
 
-    def create(path: str, text: str = "", mode: int = 0o644) -> str:
-        if os.path.lexists(path):
-            pytest.skip(f"{path} exists on this machine; not touching it")
-        with open(path, "x") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        made.append(path)
-        return path
-    yield create
-    for path in made:
-        os.unlink(path)
+    def etc_with(files: dict) -> str:
+        count.append(1)
+        base = tmp_path / f"etc{len(count)}"
+        upper, work = base / "upper", base / "work"
+        for name, text in files.items():
+            (upper / name).parent.mkdir(parents=True, exist_ok=True)
+            (upper / name).write_text(text)
+        work.mkdir(parents=True)
+        mount = (f"mount --make-rprivate / && mount -t overlay overlay -o lowerdir=/etc,"
+                 f"upperdir={upper},workdir={work} /etc")
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True,
+                               text=True, timeout=30)
+        if probe.returncode:
+            pytest.skip(f"cannot mount an overlay over /etc here: {probe.stderr.strip()}")
+        wrapper = base / "python"
+        wrapper.write_text("#!/bin/sh\n"
+                           '[ -n "$_ETC_NS" ] || { export _ETC_NS=1; exec unshare -m "$0" "$@"; }\n'
+                           f"{mount} || exit 97\n"
+                           f'exec {sys.executable} "$@"\n')
+        wrapper.chmod(0o755)
+        return str(wrapper)
+    return etc_with
 
 
 def test_locked_and_expired_accounts_are_refused(tmp_path, users):
@@ -93,12 +109,12 @@ def test_a_shell_that_is_not_executable_is_refused(tmp_path, users):
 
 
 def test_nologin_refuses_everyone_but_root_and_shows_its_text(tmp_path, users,
-                                                              created_file):
+                                                              private_etc):
     alice = users.user()
-    with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM,
-                   udp_ports=4) as server:
+    nologin = {"nologin": "Down for maintenance until 18:00.\n\x1b[2Jbye\n"}
+    with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, udp_ports=4,
+                   python=private_etc(nologin)) as server:
         authorize(alice, server.client_key)
-        created_file("/etc/nologin", "Down for maintenance until 18:00.\n\x1b[2Jbye\n")
         refusal = refused(server, alice.pw_name)
         assert str(refusal) == (f"permission denied for {alice.pw_name}@127.0.0.1; the server"
                                 " says:\nDown for maintenance until 18:00.\n^[[2Jbye")
@@ -114,7 +130,8 @@ def test_nologin_refuses_everyone_but_root_and_shows_its_text(tmp_path, users,
                 "Down for maintenance until 18:00.\r\n^[[2Jbye\r\n").encode() in shown
         with open(server.authorized_keys_path) as keys:  # root: its own authorized_keys
             assert server.client_key.public.to_line() in keys.read()
-        with MpsServer(tmp_path / "root", settings=NO_PAM) as for_root:
+        with MpsServer(tmp_path / "root", settings=NO_PAM,
+                       python=private_etc(nologin)) as for_root:
             assert_logs_in(for_root, "root")
 
 
@@ -140,15 +157,25 @@ def test_allow_and_deny_lists(tmp_path, users):
 
 
 @pytest.fixture
-def utmp(created_file):
-    """/var/run/utmp for `who` (containers often lack it; systemd makes it at boot)."""
+def utmp():
+    """/var/run/utmp for `who` (containers often lack it; systemd makes it at boot), held
+    under a lock: a test that created it removes it at the end, and xdist's groups do not
+    keep two such tests apart."""
     if not shutil.which("who") or not shutil.which("last"):
         pytest.skip("who (coreutils) and last (util-linux) are needed")
     if not os.path.exists(moshpit_login.WTMP_PATH):
         pytest.skip(f"{moshpit_login.WTMP_PATH} does not exist")
-    if not os.path.exists(moshpit_login.UTMP_PATH):
-        created_file(moshpit_login.UTMP_PATH, mode=0o664)
-    return moshpit_login.UTMP_PATH
+    with open("/tmp/moshpit-tests-utmp.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        created = not os.path.exists(moshpit_login.UTMP_PATH)
+        if created:
+            fd = os.open(moshpit_login.UTMP_PATH, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o664)
+            os.close(fd)
+        try:
+            yield moshpit_login.UTMP_PATH
+        finally:
+            if created:
+                os.unlink(moshpit_login.UTMP_PATH)
 
 
 def who(user: str) -> list:
@@ -219,7 +246,7 @@ def test_records_of_sessions_that_ended_while_mps_was_down_are_closed(tmp_path, 
         server.stop()
 
 
-def test_pam_account_management(tmp_path, users, created_file):
+def test_pam_account_management(tmp_path, users, private_etc):
     if moshpit_login.libpam() is None:
         pytest.skip("no libpam on this machine (apt-get install libpam0g)")
     alice, bob = users.user(), users.user()
@@ -227,11 +254,12 @@ def test_pam_account_management(tmp_path, users, created_file):
     access = tmp_path / "access.conf"
     access.write_text(f"-:{alice.pw_name}:ALL\n+:ALL:ALL\n")
     nologin = tmp_path / "nologin"
-    created_file("/etc/pam.d/moshpit",
-                 f"account required pam_nologin.so file={nologin}\n"
-                 f"account required pam_access.so accessfile={access}\n"
-                 "account required pam_permit.so\n")
-    with MpsServer(tmp_path, authorized_keys_file=False, udp_ports=4) as server:  # use_pam
+    python = private_etc({"pam.d/moshpit": f"account required pam_nologin.so file={nologin}\n"
+                                           f"account required pam_access.so"
+                                           f" accessfile={access}\n"
+                                           "account required pam_permit.so\n"})
+    with MpsServer(tmp_path, authorized_keys_file=False, udp_ports=4,  # use_pam by default
+                   python=python) as server:
         for pw in (alice, bob):
             authorize(pw, server.client_key)
         assert str(refused(server, alice.pw_name)) == \
