@@ -331,13 +331,14 @@ class AccountPolicy:
             entry = shadow_entry(pw.pw_name, self.shadow_path)
         except OSError as e:
             return f"cannot read {self.shadow_path}: {e.strerror or e}"
-        password = entry.password if entry is not None else pw.pw_passwd
         if entry is not None and entry.expired(int(now // DAY_SECS)):
             return (f"account {pw.pw_name} has expired (shadow expiry day {entry.expire_day},"
                     f" {time.strftime('%Y-%m-%d', time.gmtime(entry.expire_day * DAY_SECS))})")
-        if entry is not None and entry.locked() or entry is None and password.startswith("!"):
-            return f"account {pw.pw_name} is locked (its password in {self.shadow_path} " \
-                   "starts with '!' or is '*LK*'; unlock with usermod -U)"
+        locked = entry.locked() if entry is not None else pw.pw_passwd.startswith("!")
+        if locked:
+            return (f"account {pw.pw_name} is locked (its password in {self.shadow_path} "
+                    "starts with '!' or is '*LK*'; usermod -U unlocks it, usermod -p '*' "
+                    "makes it a key-only account)")
         return None
 
     @staticmethod
@@ -519,10 +520,14 @@ class PamLogin:
         if status != PAM_SUCCESS:
             raise PamError(f"pam_start({service}, {user}) failed: status {status}")
         self._last = PAM_SUCCESS
-        self._set(PAM_RHOST, rhost)
-        self._set(PAM_RUSER, user)  # sshd sets the remote user to the local one
-        if tty:
-            self._set(PAM_TTY, tty)
+        try:
+            self._set(PAM_RHOST, rhost)
+            self._set(PAM_RUSER, user)  # sshd sets the remote user to the local one
+            if tty:
+                self._set(PAM_TTY, tty)
+        except PamError:
+            self.close()
+            raise
 
     def _set(self, item: int, value: str) -> None:
         self._check("pam_set_item", self._pam.lib.pam_set_item(

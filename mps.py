@@ -207,6 +207,7 @@ class PtyShell:
         status = self.proc.poll()
         if status is None:
             return None
+        self.record.close()  # --- login records: the logout (the session may linger) ---
         return 128 - status if status < 0 else status
 
     def hangup(self) -> None:
