@@ -136,7 +136,7 @@ class PtyShell:
     locks and allocates next to nothing, so the usual fork-with-threads hazards don't apply.
 
     A root server records the login in utmp/wtmp/lastlog once the shell runs
-    (``self.record``), and closes the record when the shell has been hung up and reaped.
+    (``self.record``), and closes the record once the shell is reaped.
     """
 
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
