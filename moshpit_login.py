@@ -472,15 +472,18 @@ def pam_service_configured(service: str = PAM_SERVICE) -> bool:
         os.path.exists(os.path.join(d, service)) for d in PAM_SERVICE_DIRS)
 
 
-def pam_available(service: str = PAM_SERVICE) -> bool:
-    """Whether a root mps can use PAM here: libpam, root, and a ``service`` file."""
+def pam_available(service: str = PAM_SERVICE, asked: bool = False) -> bool:
+    """Whether a root mps can use PAM here: libpam, root, and a ``service`` file. A missing
+    service file is a warning only when the admin ``asked`` for PAM (use_pam set, not the
+    default); otherwise the built-in checks are the expected state and it is logged as info."""
     if os.geteuid() != 0:
         _log_once("pam-root", logging.INFO, "not running as root: PAM is not used")
         return False
     if libpam() is None:
         return False
     if not pam_service_configured(service):
-        _log_once("pam-service", logging.WARNING, "use_pam: no PAM service file %s/%s: "
+        _log_once("pam-service", logging.WARNING if asked else logging.INFO,
+                  "use_pam: no PAM service file %s/%s: "
                   "PAM is not used, the built-in account checks apply (README: PAM)",
                   PAM_SERVICE_DIRS[0], service)
         return False

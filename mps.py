@@ -627,7 +627,8 @@ class Server:
         # --- account policy (moshpit_login): sshd's allowed_user, nologin, PAM account ---
         self.account_policy = moshpit_login.AccountPolicy(
             {name: config["mps." + name] for name in moshpit_login.AccountPolicy.LISTS},
-            use_pam=config["mps.use_pam"] and moshpit_login.pam_available())
+            use_pam=config["mps.use_pam"] and moshpit_login.pam_available(
+                asked=config.source("mps.use_pam") != "default"))
         moshpit_login.close_stale_records()  # sessions that ended while no mps was running
         self.limiter = handshake.HandshakeLimiter(
             handshake.AdmissionPolicy(admission_limits(config)))
