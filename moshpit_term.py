@@ -276,9 +276,9 @@ class Terminal:
         self.uncertain = False
         self.scroll_count = 0
         self.bell_count = 0
-        self.title = ""
-        self.icon_name = ""
-        self._title_stack: List[Tuple[str, str]] = []
+        self.title: Optional[str] = None  # None: never set by the stream
+        self.icon_name: Optional[str] = None
+        self._title_stack: List[Tuple[Optional[str], Optional[str]]] = []
         self._attr_ids: Dict[Tuple[int, int, int, int, int], int] = {_DEFAULT_ATTR: 0}
         self._attrs: List[Tuple[int, int, int, int, int]] = [_DEFAULT_ATTR]
         self._sgr_text: Dict[int, str] = {}
@@ -989,6 +989,8 @@ class Terminal:
             return True  # DA1/DA2/DA3, DSR
         if not inter and final == "q" and prefix == ">":
             return True  # XTVERSION
+        if not inter and final == "m" and prefix == "?":
+            return True  # XTQMODKEYS
         if not inter and final == "u" and prefix == "?":
             return True  # kitty keyboard flags
         if not inter and final == "x" and not prefix:
@@ -1243,6 +1245,7 @@ class Terminal:
         (">", "", "m"): _modify_keys, (">", "", "n"): _modify_keys_off,
         (">", "", "u"): _kitty_push, ("<", "", "u"): _kitty_pop, ("=", "", "u"): _kitty_set,
         ("", "\"", "q"): lambda s, p: None,  # DECSCA: protection is not modelled or needed
+        ("", "%", "m"): lambda s, p: None,  # vim 9 sends it at start; no effect on cells
     }
 
     # ------------------------------------------------------------------ SGR
@@ -1506,18 +1509,18 @@ class Terminal:
         return "".join(out).encode("utf-8", "replace")
 
     def _title_text(self) -> str:
-        out = []
-        for title, icon in self._title_stack:
-            out.append(self._osc_title(title, icon) + f"{CSI}22;0t")
-        if self.title or self.icon_name or self._title_stack:
-            out.append(self._osc_title(self.title, self.icon_name))
+        """The title stack (CSI 22 t pushes) and the current title and icon name. Titles the
+        stream never set are not written: the terminal keeps its own."""
+        out = [self._osc_title(title, icon) + f"{CSI}22;0t" for title, icon in self._title_stack]
+        out.append(self._osc_title(self.title, self.icon_name))
         return "".join(out)
 
     @staticmethod
-    def _osc_title(title: str, icon: str) -> str:
+    def _osc_title(title: Optional[str], icon: Optional[str]) -> str:
         if title == icon:
-            return f"{ESC}]0;{title}\x07"
-        return f"{ESC}]1;{icon}\x07{ESC}]2;{title}\x07"
+            return "" if title is None else f"{ESC}]0;{title}\x07"
+        return ("" if icon is None else f"{ESC}]1;{icon}\x07") + (
+            "" if title is None else f"{ESC}]2;{title}\x07")
 
     def _cursor_text(self) -> str:
         """Origin mode, cursor (pending wrap rebuilt by reprinting the last cell) and pen;
