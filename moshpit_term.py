@@ -221,6 +221,8 @@ _TOKEN = re.compile(
     r"|\x1b([\]PX^_])")  # 8: string opener: OSC, DCS, SOS, PM, APC
 _CSI_BODY = re.compile(r"([\x30-\x3f]*)([\x20-\x2f]*)")
 _STRING_END = re.compile(r"[\x07\x18\x1a\x1b\x9c]")
+# A painted row (SGR, CHA, EL, glyphs) printing a glyph before any move (CHA never leads).
+_STARTS_WITH_GLYPH = re.compile(r"(?:\x1b\[[0-9;:]*m)*[^\x1b]")
 _CONTROLS_IN_TITLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 _MOUSE_TRACKING = (9, 1000, 1001, 1002, 1003)
@@ -1358,8 +1360,6 @@ class Terminal:
         rows = min(max(int(rows), 1), MAX_ROWS)
         cols = min(max(int(cols), 2), MAX_COLS)
         for buffer in (self.main, self.alt):
-            for line in buffer.lines:
-                self._resize_line(line, cols)
             lines = buffer.lines
             if rows < len(lines):
                 active = buffer is self.buf
@@ -1376,6 +1376,8 @@ class Terminal:
                         self.y = max(self.y - extra, 0)
                     else:
                         del lines[rows:]
+            for line in lines:
+                self._resize_line(line, cols)
             lines.extend(_Line(cols) for _ in range(rows - len(lines)))
         old_cols = self.cols
         self.rows, self.cols = rows, cols
@@ -1481,7 +1483,9 @@ class Terminal:
         last = len(rows) - 1
         for i, (text, wrapped) in enumerate(rows):
             out.append(text)
-            if i < last and not wrapped:
+            # a soft-wrapped row runs on into the next (the terminal then knows it wrapped),
+            # but only if that row starts with a glyph: the wrap happens when one is printed
+            if i < last and not (wrapped and _STARTS_WITH_GLYPH.match(rows[i + 1][0])):
                 out.append("\r\n")
         out.append(self._title_text())
         out.append(self._kitty_text(self.main))
@@ -1489,7 +1493,10 @@ class Terminal:
         if self.buf is self.alt:
             if self.main.saved is not None:
                 out.append(self._saved_text(self.main.saved))
-            out.append(f"{CSI}?1049h{reset_charsets}{CSI}0m{CSI}H{CSI}2J")
+            # 1049 saves the cursor the application gets back on exit; without a saved one
+            # (it came in with 47/1047), 1047 switches screens saving nothing
+            switch = 1049 if self.main.saved is not None else 1047
+            out.append(f"{CSI}?{switch}h{reset_charsets}{CSI}0m{CSI}H{CSI}2J")
             for row, line in enumerate(self.alt.lines):
                 text = self._paint_line(line)
                 if text:
