@@ -81,7 +81,9 @@ MAX_PARAMS = 32
 MAX_PARAM_VALUE = 65535
 MAX_COMBINING_CHARS = 8  # code points joined to one cell
 MAX_QUERIES = 32  # kept for take_queries()
-MAX_ATTRS = 4096  # distinct interned attributes before unused ones are dropped
+# Distinct interned attributes, beyond what both screens can hold, before unused ones are
+# dropped (a screen of truecolour art may use one per cell).
+MAX_ATTRS = 4096
 MAX_KITTY_STACK = 16
 MAX_OTHER_MODES = 32  # unknown DEC private modes remembered for the repaint
 MAX_REPEAT = MAX_ROWS * MAX_COLS
@@ -215,10 +217,14 @@ class _Buffer:
 # cannot match at a position (split or malformed sequences) goes to the slow path.
 _TOKEN = re.compile(
     r"([^\x00-\x1f\x7f-\x9f]+)"  # 1: printable run
-    r"|\x1b\[([\x30-\x3f]*)([\x20-\x2f]*)([\x40-\x7e])"  # 2-4: CSI params, intermediates, final
-    r"|([\x00-\x1a\x1c-\x1f\x7f-\x9f])"  # 5: one control (not ESC)
+    r"|(\r\n)"  # 2: the commonest pair of controls, in one step
+    r"|\x1b\[([0-9;:]*)m([^\x00-\x1f\x7f-\x9f]*)"  # 3, 4: SGR and the text it colours
+    r"|\x1b\[([\x30-\x3f]*)([\x20-\x2f]*)([\x40-\x7e])"  # 5-7: CSI params, intermediates, final
+    r"|([\x00-\x1a\x1c-\x1f\x7f-\x9f])"  # 8: one control (not ESC)
     r"|\x1b([\x20-\x2f]*)((?<=[\x20-\x2f])[\x30-\x7e]|[\x30-\x4f\x51-\x57\x59\x5a\x5c\x60-\x7e])"
-    r"|\x1b([\]PX^_])")  # 8: string opener: OSC, DCS, SOS, PM, APC
+    r"|\x1b([\]PX^_])"  # 11: string opener: OSC, DCS, SOS, PM, APC
+    r"|(\x1b)")  # 12: an ESC nothing above takes: split by a chunk's end, or malformed
+_PLAIN_LINES = re.compile(r"(?:[\x20-\x7e]*\r\n)+")
 _CSI_BODY = re.compile(r"([\x30-\x3f]*)([\x20-\x2f]*)")
 _STRING_END = re.compile(r"[\x07\x18\x1a\x1b\x9c]")
 # A painted row (SGR, CHA, EL, glyphs) printing a glyph before any move (CHA never leads).
@@ -260,9 +266,11 @@ class Terminal:
                  history_limit: int = DEFAULT_HISTORY_LINES) -> None:
         self.rows = min(max(int(rows), 1), MAX_ROWS)
         self.cols = min(max(int(cols), 2), MAX_COLS)
-        # History holds painted lines (SGR runs + text, see _paint_line) and their wrap flag:
-        # small, and all a repaint needs.
-        self.history: Deque[Tuple[str, bool]] = deque(maxlen=max(0, int(history_limit)))
+        # Rows scrolled off the top of the main screen, oldest first, stored compactly as
+        # (glyphs, attributes, wrapped): glyphs as one str when every cell is one ASCII glyph
+        # (else a tuple of cells); attribute values (tuples, not ids: history must not pin
+        # the attribute table) as a 1-tuple when all cells share one, else one per cell.
+        self.history: Deque[tuple] = deque(maxlen=max(0, int(history_limit)))
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""  # the start of an escape sequence cut by the end of a chunk
         self._string: Optional[str] = None  # OSC/DCS/... being read: its opener
@@ -286,6 +294,7 @@ class Terminal:
         self._sgr_text: Dict[int, str] = {}
         self._sgr_cache: Dict[Tuple[int, str], int] = {}
         self._erase_cache: Dict[int, int] = {}
+        self._pen_texts: Dict[Tuple[int, int, int, int, int], str] = {}
         self._reset_state()
 
     # ------------------------------------------------------------------ state
@@ -378,7 +387,7 @@ class Terminal:
     def _intern(self, attr: Tuple[int, int, int, int, int]) -> int:
         ident = self._attr_ids.get(attr)
         if ident is None:
-            if len(self._attrs) >= MAX_ATTRS:
+            if len(self._attrs) >= MAX_ATTRS + 2 * self.rows * self.cols:
                 self._compact_attrs()
             ident = self._attr_ids[attr] = len(self._attrs)
             self._attrs.append(attr)
@@ -431,7 +440,8 @@ class Terminal:
             self._parse(text)
 
     def _parse(self, text: str) -> None:
-        match = _TOKEN.match
+        sgr_cache = self._sgr_cache
+        print_text = self._print
         pos, end = 0, len(text)
         while pos < end:
             if self._string is not None:
@@ -440,30 +450,51 @@ class Terminal:
             if self._ignore_from:
                 pos = self._ignore_feed(text, pos)
                 continue
-            token = match(text, pos)
-            if token is None:
-                pos = self._slow(text, pos)
-                continue
-            kind = token.lastindex
-            if kind == 1:
-                self._print(token.group(1))
-            elif kind == 4:
-                if token.end() - pos > MAX_SEQUENCE_CHARS:
-                    self._flag("over-long CSI", uncertain=True)
+            # The ground state: every character belongs to some token (the last alternative
+            # takes a lone ESC), so tokens follow each other until one opens a string, plain
+            # lines are taken in bulk, or an ESC needs the slow path.
+            for token in _TOKEN.finditer(text, pos):
+                kind = token.lastindex
+                if kind == 1:
+                    print_text(token[1])
+                elif kind == 4:
+                    pen = sgr_cache.get((self.pen, token[3]))
+                    if pen is not None:
+                        self.pen = pen
+                    elif token.start(4) - token.start() > MAX_SEQUENCE_CHARS:
+                        self._flag("over-long CSI", uncertain=True)
+                    else:
+                        self._csi(token[3], "", "m")
+                    if token[4]:
+                        print_text(token[4])
+                elif kind == 2:
+                    after = self._crlf(text, token.end())
+                    if after != token.end():
+                        pos = after
+                        break
+                elif kind == 7:
+                    if token.end() - token.start() > MAX_SEQUENCE_CHARS:
+                        self._flag("over-long CSI", uncertain=True)
+                    else:
+                        self._csi(token[5], token[6], token[7])
+                elif kind == 8:
+                    self._control(token[8])
+                elif kind == 10:
+                    if token.end() - token.start() > MAX_SEQUENCE_CHARS:
+                        self._flag("over-long escape sequence", uncertain=True)
+                    else:
+                        self._esc(token[9], token[10])
+                elif kind == 11:
+                    self._string = token[11]
+                    self._string_parts = []
+                    self._string_len = 0
+                    pos = token.end()
+                    break
                 else:
-                    self._csi(token.group(2), token.group(3), token.group(4))
-            elif kind == 5:
-                self._control(token.group(5))
-            elif kind == 7:
-                if token.end() - pos > MAX_SEQUENCE_CHARS:
-                    self._flag("over-long escape sequence", uncertain=True)
-                else:
-                    self._esc(token.group(6), token.group(7))
+                    pos = self._slow(text, token.start())
+                    break
             else:
-                self._string = token.group(8)
-                self._string_parts = []
-                self._string_len = 0
-            pos = token.end()
+                pos = end
 
     def _slow(self, text: str, pos: int) -> int:
         """An ESC the token regex could not take: cut by the chunk's end, carrying controls,
@@ -619,7 +650,20 @@ class Terminal:
         if table is not None:
             text = text.translate(table)
         if text.isascii() and not self.insert_mode:
-            self._print_ascii(text)
+            x = self.x
+            stop = x + len(text)
+            if stop < self.cols and not self.wrap_pending:  # fits in the row: the commonest
+                line = self.buf.lines[self.y]
+                chars = line.chars
+                if chars[x] == "" and x:
+                    chars[x - 1] = " "  # we overwrite the right half of a wide glyph
+                if chars[stop] == "":
+                    chars[stop] = " "  # ... or the left half
+                chars[x:stop] = text
+                line.attrs[x:stop] = [self.pen] * len(text)
+                self.x = stop
+            else:
+                self._print_ascii(text)
             self._last_glyph = text[-1]
         else:
             self._print_chars(text)
@@ -733,11 +777,80 @@ class Terminal:
             self.gl = 0
         # NUL, DEL, the rest of C0 and C1: nothing (UTF-8 terminals ignore C1 code points)
 
+    def _crlf(self, text: str, pos: int) -> int:
+        """CR LF ending at ``pos``. On the bottom row of a whole-screen region, the plain
+        lines that follow (printable ASCII, each ending in CR LF) are taken in one step, as
+        bulk output (cat, logs, yes) is: returns where parsing goes on."""
+        self.x = 0
+        self.wrap_pending = False
+        if (self.y == self.rows - 1 == self.bottom and not self.top and self.autowrap
+                and not self.insert_mode and self._single_shift is None
+                and _CHARSETS[self.charsets[self.gl]] is None):
+            block = _PLAIN_LINES.match(text, pos)
+            if block is not None:
+                self._scroll_in(block.group().split("\r\n")[:-1])
+                return block.end()
+        self._linefeed()
+        return pos
+
+    def _scroll_in(self, lines: List[str]) -> None:
+        """What LF, then each of ``lines`` and CR LF, do with the cursor on the bottom row of
+        a whole-screen region: every row the screen scrolls past goes straight to history."""
+        cols, rows = self.cols, self.rows
+        pen, erase = self.pen, self._erase_attr()
+        rows_in: List[Tuple[str, bool]] = []  # (glyphs, wrapped) of each row scrolled in
+        for line in lines:
+            size = len(line)
+            if size > cols:
+                full = (size - 1) // cols * cols
+                rows_in.extend((line[i:i + cols], True) for i in range(0, full, cols))
+                line = line[full:]
+            rows_in.append((line, False))
+            if size:
+                self._last_glyph = line[-1]
+        rows_in.append(("", False))  # the row the last CR LF leaves blank
+        count = len(rows_in)
+        screen = self.buf.lines
+        history = self.history if self.buf is self.main and self.history.maxlen else None
+        gone = min(count, rows)
+        if history is not None:
+            history.extend(map(self._store, screen[:gone]))
+        del screen[:gone]
+        passing = count - rows if count > rows else 0  # rows that never show
+        if history is not None and passing:
+            pen_attr, erase_attr = self._attrs[pen], self._attrs[erase]
+            for glyphs, wrapped in rows_in[max(0, passing - history.maxlen):passing]:
+                used = len(glyphs)
+                history.append((glyphs.ljust(cols), (pen_attr,) if used == cols else (
+                    erase_attr,) if not used or pen_attr == erase_attr else
+                    (pen_attr,) * used + (erase_attr,) * (cols - used), wrapped))
+        for glyphs, wrapped in rows_in[passing:]:
+            line = _Line.__new__(_Line)
+            used = len(glyphs)
+            line.chars = list(glyphs.ljust(cols))
+            line.attrs = [pen] * used + [erase] * (cols - used)
+            line.wrapped = wrapped
+            screen.append(line)
+        self.scroll_count += count
+
     def _linefeed(self) -> None:
-        if self.y == self.bottom:
+        if self.y != self.bottom:
+            if self.y < self.rows - 1:
+                self.y += 1
+        elif self.top == 0 and self.bottom == self.rows - 1:
+            # the whole screen moves up one row: the commonest scroll, done here in one step
+            lines = self.buf.lines
+            gone = lines.pop(0)
+            fresh = _Line.__new__(_Line)
+            fresh.chars = [" "] * self.cols
+            fresh.attrs = [self._erase_attr() if self.pen else 0] * self.cols
+            fresh.wrapped = False
+            lines.append(fresh)
+            if self.buf is self.main and self.history.maxlen:
+                self.history.append(self._store(gone))
+            self.scroll_count += 1
+        else:
             self._scroll_up(1)
-        elif self.y < self.rows - 1:
-            self.y += 1
 
     def _reverse_index(self) -> None:
         if self.y == self.top:
@@ -770,15 +883,15 @@ class Terminal:
         """Move rows top..bottom up by ``count``; rows leaving the top of the main screen go
         to history when the region starts at the first row."""
         top = self.top if top is None else top
+        lines = self.buf.lines
         count = min(count, self.bottom - top + 1)
         if count <= 0:
             return
-        lines = self.buf.lines
         gone = lines[top:top + count]
         del lines[top:top + count]
         lines[self.bottom + 1 - count:self.bottom + 1 - count] = self._blank_lines(count)
         if top == 0 and self.buf is self.main and self.history.maxlen:
-            self.history.extend((self._paint_line(line), line.wrapped) for line in gone)
+            self.history.extend(map(self._store, gone))
         self.scroll_count += count
 
     def _scroll_down(self, count: int, top: Optional[int] = None) -> None:
@@ -971,7 +1084,7 @@ class Terminal:
             if pen is None:
                 pen = self._apply_sgr(params)
                 if len(self._sgr_cache) > 4096:
-                    self._sgr_cache.clear()
+                    self._sgr_cache.clear()  # the same dict object: _parse holds it
                 self._sgr_cache[(self.pen, params)] = pen
             self.pen = pen
             return
@@ -1370,8 +1483,7 @@ class Terminal:
                 if extra > 0:
                     if active:
                         if buffer is self.main and self.history.maxlen:
-                            self.history.extend((self._paint_line(line), line.wrapped)
-                                                for line in lines[:extra])
+                            self.history.extend(map(self._store, lines[:extra]))
                         del lines[:extra]
                         self.y = max(self.y - extra, 0)
                     else:
@@ -1402,59 +1514,89 @@ class Terminal:
 
     # ------------------------------------------------------------------ serialization
 
-    def _paint_line(self, line: _Line) -> str:
+    def history_painted(self, count: Optional[int] = None) -> List[Tuple[str, bool]]:
+        """The last ``count`` history rows (all if None), oldest first, each as the text
+        ``serialize`` writes for it (see ``_paint_line``) and whether it wrapped."""
+        if count is not None and count <= 0:
+            return []
+        rows = list(self.history)[-count:] if count else list(self.history)
+        return [(self._paint_line(chars, attrs * len(chars) if len(attrs) == 1 else attrs,
+                                  wrapped), wrapped) for chars, attrs, wrapped in rows]
+
+    def _store(self, line: _Line) -> tuple:
+        """A row as history keeps it (see ``history`` in __init__)."""
+        text = "".join(line.chars)
+        cols = len(line.chars)
+        ids = line.attrs
+        first = ids[0]
+        return (text if len(text) == cols and text.isascii() else tuple(line.chars),
+                (self._attrs[first],) if ids.count(first) == cols else tuple(
+                    map(self._attrs.__getitem__, ids)), line.wrapped)
+
+    def _paint_line(self, chars, attrs, wrapped: bool) -> str:
         """A row as text to print from column 0 with a reset pen; ends with a reset pen.
+        ``attrs`` are attribute values (tuples), not ids, so history rows need no ids.
 
         Trailing default blanks are left out (unless the row wrapped: then every cell is
         written so the terminal wraps too); trailing blanks of one background become EL."""
-        chars, attrs = line.chars, line.attrs
         cols = len(chars)
         stop = cols
-        if not line.wrapped:
-            while stop and chars[stop - 1] == " " and attrs[stop - 1] == attrs[cols - 1]:
+        last = attrs[cols - 1]
+        if not wrapped:
+            while stop and chars[stop - 1] == " " and attrs[stop - 1] == last:
                 stop -= 1
-        tail_attr = attrs[cols - 1] if stop < cols else 0
-        if tail_attr and self._attrs[tail_attr][:3] != (0, 0, DEFAULT_COLOUR):
-            stop = cols  # blanks with more than a background: write them out
-            tail_attr = 0
+        tail = last if stop < cols and last != _DEFAULT_ATTR else None
+        if tail is not None and tail[:3] != (0, 0, DEFAULT_COLOUR):
+            stop, tail = cols, None  # blanks with more than a background: write them out
         first = attrs[0]
         plain = "".join(chars[:stop])
+        current = _DEFAULT_ATTR
         if not stop:
-            out, current = [], 0
+            out = []
         elif (len(plain) == stop and plain.isascii() and first == attrs[stop - 1]
                 and attrs[:stop].count(first) == stop):
             # one pen, one ASCII glyph per cell: the common case
-            out = [f"{CSI}{self.sgr(first)}m" if first else "", plain]
+            out = [self._pen_text(first) if first != _DEFAULT_ATTR else "", plain]
             current = first
         else:
             out = []
-            current = 0
             anchor = False
             col = 0
             while col < stop:
-                char = chars[col]
+                char = chars[col] or " "  # "": an orphan right half
                 attr = attrs[col]
-                if char == "":  # an orphan right half
-                    char = " "
                 if anchor:
                     out.append(f"{CSI}{col + 1}G")
                     anchor = False
                 if attr != current:
-                    out.append(f"{CSI}0;{self.sgr(attr)}m" if attr else f"{CSI}m")
+                    out.append(self._pen_text(attr))
                     current = attr
                 out.append(char)
                 wide = col + 1 < cols and chars[col + 1] == ""
                 if wide or len(char) > 1 or not char.isascii():
                     anchor = col + 1 + wide < stop
                 col += 2 if wide else 1
-        if tail_attr:
-            if tail_attr != current:
-                out.append(f"{CSI}0;{self.sgr(tail_attr)}m")
+        if tail is not None:
+            if tail != current:
+                out.append(self._pen_text(tail))
             out.append(f"{CSI}K")
-            current = tail_attr
-        if current:
+            current = tail
+        if current != _DEFAULT_ATTR:
             out.append(f"{CSI}m")
         return "".join(out)
+
+    def _pen_text(self, attr: Tuple[int, int, int, int, int]) -> str:
+        """SGR setting the pen to ``attr`` from any pen."""
+        text = self._pen_texts.get(attr)
+        if text is None:
+            if len(self._pen_texts) > MAX_ATTRS:
+                self._pen_texts.clear()
+            sgr = _attr_sgr(attr)
+            text = self._pen_texts[attr] = f"{CSI}0;{sgr}m" if sgr else f"{CSI}m"
+        return text
+
+    def _attr_values(self, line: _Line) -> List[Tuple[int, int, int, int, int]]:
+        return list(map(self._attrs.__getitem__, line.attrs))
 
     def _cup(self, row: int, col: int) -> str:
         return f"{CSI}{row + 1};{col + 1}H"
@@ -1478,8 +1620,9 @@ class Terminal:
         """Bytes that, written to a fresh terminal of this size, reproduce the screens,
         modes, title and cursor; the last ``history_lines`` history lines come first."""
         out = [f"{CSI}0m{CSI}r{CSI}?6l{CSI}?7h{CSI}4l{ESC}(B\x0f{CSI}H{CSI}2J"]
-        history = list(self.history)[-history_lines:] if history_lines > 0 else []
-        rows = history + [(self._paint_line(line), line.wrapped) for line in self.main.lines]
+        rows = self.history_painted(history_lines) + [
+            (self._paint_line(line.chars, self._attr_values(line), line.wrapped), line.wrapped)
+            for line in self.main.lines]
         last = len(rows) - 1
         for i, (text, wrapped) in enumerate(rows):
             out.append(text)
@@ -1498,7 +1641,7 @@ class Terminal:
             switch = 1049 if self.main.saved is not None else 1047
             out.append(f"{CSI}?{switch}h{reset_charsets}{CSI}0m{CSI}H{CSI}2J")
             for row, line in enumerate(self.alt.lines):
-                text = self._paint_line(line)
+                text = self._paint_line(line.chars, self._attr_values(line), line.wrapped)
                 if text:
                     out.append(self._cup(row, 0) + text)
             out.append(self._kitty_text(self.alt))

@@ -247,18 +247,18 @@ def test_in_ground_state():
 def test_scroll_counter_and_history():
     term = fed(b"".join(b"line %d\r\n" % i for i in range(8)), history_limit=3)
     assert term.scroll_count == 4
-    assert [text for text, _ in term.history] == ["line 1", "line 2", "line 3"]
+    assert [text for text, _ in term.history_painted()] == ["line 1", "line 2", "line 3"]
     term.feed(b"\x1b[2;4r\x1b[4;1H\n")  # region not at the top: nothing to history
     assert len(term.history) == 3 and term.scroll_count == 5
     term.feed(b"\x1b[r\x1b[?1049h" + b"\n" * 9 + b"\x1b[?1049l")
-    assert [text for text, _ in term.history][-1] == "line 3"  # alt screen: no history
+    assert [text for text, _ in term.history_painted()][-1] == "line 3"  # alt screen: no history
     term.feed(b"\x1b[3J")
     assert not term.history
 
 
 def test_history_keeps_colours_and_soft_wraps():
     term = fed(b"\x1b[31mred\x1b[m\r\n" + b"x" * 15 + b"\r\n" * 5)
-    assert list(term.history)[:3] == [("\x1b[31mred\x1b[m", False), ("x" * 10, True),
+    assert term.history_painted()[:3] == [("\x1b[0;31mred\x1b[m", False), ("x" * 10, True),
                                       ("xxxxx", False)]
 
 
@@ -267,7 +267,7 @@ def test_resize_crops_pads_and_keeps_the_cursor():
     term.resize(3, 6)
     assert term.display() == ["ab", "cd", "ef"]
     assert term.cursor == (2, 2, False)
-    assert [t for t, _ in term.history] == ["0123456789"]
+    assert [t for t, _ in term.history_painted()] == ["0123456789"]
     term.resize(4, 12)
     assert term.display() == ["ab", "cd", "ef", ""] and term.tabs >= {8}
     term.resize(2, 12)  # blank rows below the cursor go first
@@ -356,7 +356,7 @@ def visible_state(term: mterm.Terminal) -> dict:
 
 def full_state(term: mterm.Terminal) -> dict:
     state = visible_state(term)
-    state.update(alt=screen_state(term, term.alt), history=list(term.history),
+    state.update(alt=screen_state(term, term.alt), history=term.history_painted(),
                  queries=list(term.queries), counters=(term.queries_total, term.unknown_count,
                                                        term.scroll_count, term.bell_count),
                  uncertain=term.uncertain, ground=term.in_ground_state,
@@ -426,6 +426,23 @@ def test_chunking_does_not_matter(data, rnd):
     assert full_state(split) == full_state(whole)
 
 
+_LINE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=25) | (
+    st.sampled_from(["\x1b[44m", "\x1b[m", "\x1b[1;31m", "\x1b[2;4r", "\x1b[r", "中"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_LINE, max_size=40), st.sampled_from([0, 3, 50]), st.booleans())
+def test_plain_lines_in_bulk_match_line_by_line(lines, history_limit, alt):
+    """Runs of plain lines at the bottom are taken in one step (bulk output): the result
+    must be exactly what feeding them one byte at a time gives."""
+    data = (b"\x1b[?1049h" if alt else b"") + b"\x1b[5;1H" + "\r\n".join(lines).encode()
+    whole = fed(data, history_limit=history_limit)
+    bytewise = mterm.Terminal(5, 10, history_limit=history_limit)
+    for i in range(len(data)):
+        bytewise.feed(data[i:i + 1])
+    assert full_state(whole) == full_state(bytewise)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(WELL_FORMED)
 def test_serialize_round_trip(data):
@@ -465,7 +482,7 @@ def test_serialize_puts_history_first_and_restores_main_under_the_app():
     data = term.serialize(history_lines=2)
     assert data.index(b"3\r\n4") < data.index(b"\x1b[?1049h") < data.index(b"APP")
     copy = fed(data)
-    assert [text for text, _ in copy.history] == ["3", "4"]
+    assert [text for text, _ in copy.history_painted()] == ["3", "4"]
     assert copy.display() == ["", "", "", "", "APP"]
     copy.feed(b"\x1b[?1049l")
     term.feed(b"\x1b[?1049l")
@@ -523,7 +540,7 @@ def test_truecolour_flood_keeps_the_attribute_table_bounded():
     term = mterm.Terminal(5, 10)
     for i in range(3 * mterm.MAX_ATTRS):
         term.feed(b"\x1b[38;2;%d;%d;%dmx" % (i >> 16, (i >> 8) & 255, i & 255))
-    assert len(term._attrs) <= mterm.MAX_ATTRS
+    assert len(term._attrs) <= mterm.MAX_ATTRS + 2 * 5 * 10
     check_invariants(term)
     i = 3 * mterm.MAX_ATTRS - 1
     assert term.sgr(term.pen) == f"38;2;{i >> 16};{(i >> 8) & 255};{i & 255}"
