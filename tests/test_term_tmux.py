@@ -134,6 +134,21 @@ CASES = {
         ("type", "printf 'x%.0s' $(seq 79); printf '中文\\n'"),
         ("type", "printf '\\e(0lqqqk\\e(B\\n\\e(0x\\e(B  \\e(0x\\e(B\\n\\e(0mqqqj\\e(B\\n'"),
     ],
+    "sequences": [  # the sequence families of test_term.py, against a real terminal
+        ("type", "printf 'abcdef\\e[2G\\e[4hXY\\e[4l\\e[3C\\e[2P\\e[1@|\\e[3b\\n'"),
+        ("type", "printf '\\e[5;10r\\e[?6h\\e[1;1HR1\\e[20;1HR2\\n\\n\\eM\\eMup\\e[?6l"
+                 "\\e[r\\e[12;1H'"),
+        # a glyph over a wide glyph's left half (tmux 3.3 leaves stale halves when a right
+        # half is overwritten or deleted, unlike xterm: the model follows xterm; see below)
+        ("type", "printf '中文字\\e[3Gx\\e[7G e\\xcc\\x81 \\xf0\\x9f\\x98\\x80!\\n'"),
+        ("type", "printf '\\e7\\e[1;70H\\e(0lqqk\\e(B\\e[1;31m\\e8saved\\e[m\\n'"),
+        ("type", "printf '\\e[44mblue\\e[K\\e[0m\\n\\e[41m\\e[2X\\e[0mok\\e[3;4;9mdeco"
+                 "\\e[m\\n'"),
+        ("type", "printf 'l1\\nl2\\nl3\\e[2A\\e[L\\e[2S\\e[T\\e[M\\n\\n\\n'"),
+        ("type", "printf '\\e[?47hALT\\e[?47l\\e[?1049h\\e[2Jalt\\e[?1049lback\\n'"),
+        ("type", "printf '\\e[3g\\e[4G\\eH\\e[12G\\eH\\rA\\tB\\tC\\e[Z\\e[Zd\\t!\\n'"),
+        ("type", "printf '\\e[?7l%0100d\\e[?7h\\n\\e[1;1H\\e[2;3H\\e[K\\e[1J\\n'"),
+    ],
 }
 SLOW = {"vim", "man", "tmux", "python", "top"}
 
@@ -149,7 +164,7 @@ def run_step(tmux: TmuxOracle, pane: str, step) -> None:
 
 
 def _needs(name: str, installed) -> None:
-    program = {"python": "python3", "tmux": "tmux", "cjk": "bash", "bash": "bash"}.get(name, name)
+    program = {"python": "python3", "cjk": "bash", "sequences": "bash"}.get(name, name)
     if name in installed:
         pytest.skip(installed[name])
     if shutil.which(program) is None:
