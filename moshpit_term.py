@@ -234,7 +234,10 @@ _TOKEN = re.compile(
     r"|\x1b([\x20-\x2f]*)((?<=[\x20-\x2f])[\x30-\x7e]|[\x30-\x4f\x51-\x57\x59\x5a\x5c\x60-\x7e])"
     r"|\x1b([\]PX^_])"  # 11: string opener: OSC, DCS, SOS, PM, APC
     r"|(\x1b)")  # 12: an ESC nothing above takes: split by a chunk's end, or malformed
-_PLAIN_LINES = re.compile(r"(?:[\x20-\x7e]*\r\n)+")
+# Lines bulk output is made of: printable ASCII and short SGRs, each line ending in CR LF.
+# (Unrolled, "normal* (special normal*)*": no nested quantifier can backtrack badly.)
+_PLAIN_LINES = re.compile(r"(?:[\x20-\x7e]*(?:\x1b\[[0-9;]{0,64}m[\x20-\x7e]*)*\r\n)+")
+_SGR_IN_LINE = re.compile(r"\x1b\[([0-9;]*)m")
 _CSI_BODY = re.compile(r"([\x30-\x3f]*)([\x20-\x2f]*)")
 _STRING_END = re.compile(r"[\x07\x18\x1a\x1b\x9c]")
 # A painted row (SGR, CHA, EL, glyphs) printing a glyph before any move (CHA never leads).
@@ -397,11 +400,14 @@ class Terminal:
     def _intern(self, attr: Tuple[int, int, int, int, int]) -> int:
         ident = self._attr_ids.get(attr)
         if ident is None:
-            if len(self._attrs) >= MAX_ATTRS + 2 * self.rows * self.cols:
+            if len(self._attrs) >= self._attr_limit():
                 self._compact_attrs()
             ident = self._attr_ids[attr] = len(self._attrs)
             self._attrs.append(attr)
         return ident
+
+    def _attr_limit(self) -> int:
+        return MAX_ATTRS + 2 * self.rows * self.cols
 
     def _compact_attrs(self) -> None:
         """Renumber the attributes still in use (cells, pens, saved cursors) and forget the
@@ -426,9 +432,11 @@ class Terminal:
                 buffer.saved = buffer.saved._replace(pen=remap[buffer.saved.pen])
         self.pen = remap[self.pen]
 
-    def _erase_attr(self) -> int:
-        """Attribute of erased cells: the pen's background only (xterm's BCE)."""
-        pen = self.pen
+    def _erase_attr(self, pen: Optional[int] = None) -> int:
+        """Attribute of erased cells: the pen's (or ``pen``'s) background only (xterm's
+        BCE)."""
+        if pen is None:
+            pen = self.pen
         if pen == 0:
             return 0
         erase = self._erase_cache.get(pen)
@@ -798,8 +806,15 @@ class Terminal:
                 and _CHARSETS[self.charsets[self.gl]] is None):
             block = _PLAIN_LINES.match(text, pos)
             if block is not None:
-                self._scroll_in(block.group().split("\r\n")[:-1])
-                return block.end()
+                taken = block.group()
+                lines = taken.split("\r\n")[:-1]
+                if ESC not in taken:
+                    self._scroll_in(lines)
+                    return block.end()
+                # each SGR may add a pen and its erase attribute: none may renumber ids
+                if len(self._attrs) + 2 * taken.count(ESC) + 2 < self._attr_limit():
+                    self._scroll_in_coloured(lines)
+                    return block.end()
         self._linefeed()
         return pos
 
@@ -857,6 +872,54 @@ class Terminal:
             line.chars = list(glyphs.ljust(cols))
             line.attrs = [pen] * used + [erase] * (cols - used)
             line.wrapped = wrapped_rows is not None and i < count - 1 and wrapped_rows[i]
+            screen.append(line)
+        self.scroll_count += count
+
+    def _scroll_in_coloured(self, lines: List[str]) -> None:
+        """``_scroll_in`` for lines with SGRs in them (coloured listings, compiler output):
+        each row's cells get the pen in force when they were printed, blanks the erase
+        attribute of the pen in force when the row scrolled in (at the CR LF before it, or
+        when the glyph that wrapped onto it was printed). The caller made sure no SGR here
+        can renumber attribute ids (see _compact_attrs)."""
+        cols, rows = self.cols, self.rows
+        rows_in: List[Tuple[str, List[int], bool]] = []  # (glyphs, attribute ids, wrapped)
+        erase = self._erase_attr()
+        for line in lines:
+            glyphs: List[str] = []
+            cells: List[int] = []
+            for i, part in enumerate(_SGR_IN_LINE.split(line)):
+                if i % 2:
+                    self._csi(part, "", "m")
+                elif part:
+                    glyphs.append(part)
+                    cells.extend([self.pen] * len(part))
+            text = "".join(glyphs)
+            if text:
+                self._last_glyph = text[-1]
+            for start in range(0, max(len(text), 1), cols):
+                if start:  # a wrap scrolled this row in, with the pen of its first glyph
+                    erase = self._erase_attr(cells[start])
+                row = text[start:start + cols]
+                rows_in.append((row, cells[start:start + cols] + [erase] * (cols - len(row)),
+                                start + cols < len(text)))
+            erase = self._erase_attr()  # the CR LF scrolls in a row with this
+        rows_in.append(("", [erase] * cols, False))
+        count = len(rows_in)
+        screen = self.buf.lines
+        history = self.history if self.buf is self.main and self.history.maxlen else None
+        gone = min(count, rows)
+        if history is not None:
+            history.extend(map(self._store, screen[:gone]))
+        del screen[:gone]
+        passing = count - rows if count > rows else 0  # rows that never show
+        if history is not None and passing:
+            history.extend(self._stored(glyphs.ljust(cols), cells, wrapped) for glyphs, cells,
+                           wrapped in rows_in[max(0, passing - history.maxlen):passing])
+        for glyphs, cells, wrapped in rows_in[passing:]:
+            line = _Line.__new__(_Line)
+            line.chars = list(glyphs.ljust(cols))
+            line.attrs = cells
+            line.wrapped = wrapped
             screen.append(line)
         self.scroll_count += count
 
@@ -1553,13 +1616,15 @@ class Terminal:
 
     def _store(self, line: _Line) -> tuple:
         """A row as history keeps it (see ``history`` in __init__)."""
-        text = "".join(line.chars)
-        cols = len(line.chars)
-        ids = line.attrs
+        return self._stored(line.chars, line.attrs, line.wrapped)
+
+    def _stored(self, chars, ids: List[int], wrapped: bool) -> tuple:
+        text = "".join(chars)
+        cols = len(chars)
         first = ids[0]
-        return (text if len(text) == cols and text.isascii() else tuple(line.chars),
+        return (text if len(text) == cols and text.isascii() else tuple(chars),
                 (self._attrs[first],) if ids.count(first) == cols else tuple(
-                    map(self._attrs.__getitem__, ids)), line.wrapped)
+                    map(self._attrs.__getitem__, ids)), wrapped)
 
     def _paint_line(self, chars, attrs, wrapped: bool) -> str:
         """A row as text to print from column 0 with a reset pen; ends with a reset pen.

@@ -426,7 +426,10 @@ def test_chunking_does_not_matter(data, rnd):
     assert full_state(split) == full_state(whole)
 
 
-_LINE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=25) | (
+_ASCII = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=25)
+_SGR = st.sampled_from(["\x1b[44m", "\x1b[m", "\x1b[1;31m", "\x1b[7;42m", "\x1b[38;5;9m"])
+_LINE = _ASCII | st.builds(lambda a, sgr, b, sgr2: a + sgr + b + sgr2, _ASCII, _SGR, _ASCII,
+                           _SGR | st.just("")) | (
     st.sampled_from(["\x1b[44m", "\x1b[m", "\x1b[1;31m", "\x1b[2;4r", "\x1b[r", "中"]))
 
 
