@@ -37,8 +37,9 @@ ServerFinish is sealed with TH_f as associated data, so opening it is the client
 confirmation: the server saw exactly this ClientAuth, requested user included.
 
 Layout: wire helpers -> SSHSIG -> data types -> sans-IO state machines (h11 style:
-``receive_data`` / ``data_to_send`` / ``next_event``) -> blocking drivers and the handshake
-limiter -> server policy (authorized_keys strict modes) -> client policy (known_hosts).
+``receive_data`` / ``data_to_send`` / ``next_event``) -> blocking drivers -> admission before
+the handshake (a sans-IO policy and its thread shell). The trust policies (authorized_keys,
+known_hosts) live in moshpit_trust.
 """
 
 from __future__ import annotations
@@ -46,23 +47,23 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import logging
 import os
-import pwd
+import random
 import re
 import select
 import socket
-import stat
 import struct
-import sys
 import threading
 import time
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -70,15 +71,19 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from moshpit import DEFAULT_TCP_PORT, PROTOCOL_VERSION, MoshpitError, printable
+from moshpit import (
+    PENALTY_DEFAULTS,
+    PRINTABLE_LIMIT,
+    PROTOCOL_VERSION,
+    MoshpitError,
+    printable,
+    printable_lines,
+)
 from moshpit_keys import (
     KEY_TYPE,
-    KeyFileError,
     PrivateKey,
     PublicKey,
     WireReader,
-    parse_public_key_line,
-    read_authorized_keys,
     ssh_string,
 )
 
@@ -112,10 +117,19 @@ NO_SUCH_SESSION = "no such session"
 PROTOCOL_ERROR = "protocol error"
 SHUTTING_DOWN = "server shutting down"
 USER_NOT_SERVED = "user not served"  # a server without root serves only its own user
+SESSION_LIMIT = "session limit reached"  # mps.max_sessions
+USER_SESSION_LIMIT = "too many sessions for user"  # mps.max_sessions_per_user
 REFUSAL_CODES = (PERMISSION_DENIED, SERVER_BUSY, NO_SUCH_SESSION, PROTOCOL_ERROR, SHUTTING_DOWN,
-                 USER_NOT_SERVED)
-# Retrying cannot help: the client stops.
-FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION, USER_NOT_SERVED)
+                 USER_NOT_SERVED, SESSION_LIMIT, USER_SESSION_LIMIT)
+# Retrying cannot help: the client stops. Final codes are believed only inside the
+# authenticated ServerFinish. The session limits answer only a new-session request (a resume
+# is never refused by them, so the reconnect loop never meets them), and a slot frees only
+# when someone ends a session: a retry loop would not help.
+FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION, USER_NOT_SERVED, SESSION_LIMIT,
+               USER_SESSION_LIMIT)
+# Text a refusal may carry for the user after the code (the server's /etc/nologin, PAM's
+# messages): only in the authenticated ServerFinish, after a valid key; bytes, capped.
+MAX_REFUSAL_MESSAGE = 1024
 # The client's own finding, never sent: the peer's first bytes are another protocol.
 NOT_MOSHPIT = "not a moshpit server"
 
@@ -131,17 +145,16 @@ class HandshakeError(MoshpitError):
 class AuthRefused(HandshakeError):
     """The server refused to authorize the client (a final answer: the client stops).
 
-    ``code`` is all the peer is told; ``log_reason`` (also ``str()``) is the full one-line
+    ``code`` is what the peer is told, with ``client_message`` if there is one (text for the
+    user, e.g. why logins are disabled); ``log_reason`` (also ``str()``) is the full one-line
     reason: logged on the server, shown to the user on the client.
     """
 
-    def __init__(self, code: str = PERMISSION_DENIED, log_reason: Optional[str] = None) -> None:
+    def __init__(self, code: str = PERMISSION_DENIED, log_reason: Optional[str] = None,
+                 client_message: str = "") -> None:
         super().__init__(log_reason or code, code)
         self.log_reason = log_reason or code
-
-
-class HostKeyError(HandshakeError):
-    """The server's host key is not trusted (unknown and refused, or changed): final."""
+        self.client_message = client_message
 
 
 # ---------------------------------------------------------------------------
@@ -700,7 +713,10 @@ class ClientHandshake(_Handshake):
 
     _is_client = True
 
-    def __init__(self, identity: PrivateKey, request: ClientRequest) -> None:
+    def __init__(self, identity: Optional[PrivateKey], request: ClientRequest) -> None:
+        """``identity`` may be None and given to accept_host_key() instead: nothing before
+        ClientAuth needs it, so a driver can decrypt the key only once the server is
+        reached and its host key trusted."""
         super().__init__()
         env = locale_env(request.env)
         if env != request.env:  # a locale setting the server would refuse is not worth failing
@@ -722,10 +738,14 @@ class ClientHandshake(_Handshake):
         self._send(hello)
         self._handler = self._on_server_hello
 
-    def accept_host_key(self) -> None:
-        """Send ClientAuth: call once, after HostKeyReceived, when the host key is trusted."""
+    def accept_host_key(self, identity: Optional[PrivateKey] = None) -> None:
+        """Send ClientAuth signed by ``identity`` (default: the constructor's): call once,
+        after HostKeyReceived, when the host key is trusted."""
         if self._host_key is None or self._keys is not None or self._error is not None:
             raise RuntimeError("accept_host_key() is only valid right after HostKeyReceived")
+        self._identity = identity or self._identity
+        if self._identity is None:
+            raise RuntimeError("accept_host_key() needs the client's identity")
         associated = self._associated(_CLIENT_AUTH)
         fields = _encode_fields(self._request, self._identity.public.blob)
         self._transcript.add(fields)
@@ -791,9 +811,11 @@ class ClientHandshake(_Handshake):
         if status != _REFUSED:
             raise ValueError("ServerFinish has an unknown outcome")
         code = reader.text()
+        message = reader.string() if reader.remaining() else b""
         reader.expect_end()
         if code in FINAL_CODES:
-            raise AuthRefused(code)
+            raise AuthRefused(code, client_message=message[:MAX_REFUSAL_MESSAGE].decode(
+                "utf-8", "replace"))
         if code in REFUSAL_CODES:
             raise HandshakeError(f"server refused: {code}", code)
         raise ValueError("ServerFinish has an unknown refusal code")
@@ -809,6 +831,7 @@ class ServerHandshake(_Handshake):
         self._host_key, self._peer, self._local = host_key, peer, local
         self._auth: Optional[AuthInfo] = None
         self._finished = False
+        self.hello_received = False  # the driver's cue to switch from the ClientHello deadline
         self._handler = self._on_client_hello
 
     def accept(self, grant: SessionGrant) -> None:
@@ -816,10 +839,11 @@ class ServerHandshake(_Handshake):
         self._require_decision()
         self._finish(_encode_grant(grant))
 
-    def refuse(self, code: str) -> None:
-        """Refuse with one of REFUSAL_CODES (anything else is sent as "permission denied")."""
+    def refuse(self, code: str, message: str = "") -> None:
+        """Refuse with one of REFUSAL_CODES (anything else is sent as "permission denied"),
+        and ``message`` for the user if not empty (cut to MAX_REFUSAL_MESSAGE bytes)."""
         self._require_decision()
-        self._finish(_refusal_outcome(code))
+        self._finish(_refusal_outcome(code, message))
 
     def _require_decision(self) -> None:
         if self._auth is None or self._finished:
@@ -860,6 +884,7 @@ class ServerHandshake(_Handshake):
         self._transcript.add(signature)
         self._send_sealed(_SERVER_AUTH, associated, [host_blob, signature])
         log.debug("ClientHello: protocol version %d, cipher %s", version, cipher)
+        self.hello_received = True
         self._handler = self._on_client_auth
 
     def _on_client_auth(self, body: bytes) -> AuthRequested:
@@ -892,10 +917,13 @@ def _purpose(request: ClientRequest) -> str:
     return "resuming a session" if request.resume_session_id else "new session"
 
 
-def _refusal_outcome(code: str) -> bytes:
+def _refusal_outcome(code: str, message: str = "") -> bytes:
+    """A refusal: its code, then the optional message (absent when empty, so a refusal
+    without one is what older clients expect)."""
     if code not in REFUSAL_CODES:
         code = PERMISSION_DENIED
-    return bytes([_REFUSED]) + ssh_string(code.encode())
+    text = message.encode("utf-8", "replace")[:MAX_REFUSAL_MESSAGE]
+    return bytes([_REFUSED]) + ssh_string(code.encode()) + (ssh_string(text) if text else b"")
 
 
 # ---------------------------------------------------------------------------
@@ -924,13 +952,15 @@ def _send_quietly(sock: socket.socket, data: bytes, deadline: float) -> None:
         pass
 
 
-def _exchange(sock: socket.socket, machine: _Handshake, deadline: float) -> object:
-    """Run ``machine`` over ``sock`` until it has an event: write what it queued, read what it
-    needs. EOFError when the peer closes, socket.timeout at the deadline."""
+def _exchange(sock: socket.socket, machine: _Handshake, deadline: float,
+              until: Callable[[], bool] = lambda: False) -> object:
+    """Run ``machine`` over ``sock`` until it has an event (or ``until()`` holds): write what
+    it queued, read what it needs. EOFError when the peer closes, socket.timeout at the
+    deadline (which bounds the whole exchange, not each read: trickled bytes do not extend it)."""
     while True:
         event = machine.next_event()
         _send_all(sock, machine.data_to_send(), deadline)
-        if event is not None:
+        if event is not None or until():
             return event
         sock.settimeout(_remaining(deadline))
         data = sock.recv(_RECV_SIZE)
@@ -952,36 +982,68 @@ def _os_reason(err: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+# How a server handshake ended, as the admission policy weighs it (see AdmissionPolicy).
+AUTHENTICATED = "authenticated"  # the client proved possession of an authorized key
+AUTHFAIL = "authfail"  # its key or signature was refused
+NOAUTH = "noauth"  # it left, or broke the protocol, before authenticating
+GRACE_EXCEEDED = "grace-exceeded"  # it missed the ClientHello or the handshake deadline
+NEUTRAL = "neutral"  # refused for the server's reasons (busy, stopping): says nothing of it
+HELLO_RECEIVED = "hello received"  # progress, not an outcome: the peer is no longer idle
+# decide() checks the key first: every refusal but PERMISSION_DENIED comes after a valid key
+# (USER_NOT_SERVED: a key of the server's own account).
+_OUTCOME_OF_REFUSAL = {PERMISSION_DENIED: AUTHFAIL, USER_NOT_SERVED: AUTHENTICATED,
+                       NO_SUCH_SESSION: AUTHENTICATED, SESSION_LIMIT: AUTHENTICATED,
+                       USER_SESSION_LIMIT: AUTHENTICATED}
+
+
 def server_handshake(sock: socket.socket, host_key: PrivateKey,
                      decide: Callable[[AuthInfo], SessionGrant],
-                     timeout: float = 10.0) -> Optional[AuthInfo]:
-    """Run one handshake on an accepted socket, within ``timeout`` seconds in all.
+                     timeout: float = 10.0, hello_timeout: Optional[float] = None,
+                     report: Callable[[str], object] = lambda outcome: None
+                     ) -> Optional[AuthInfo]:
+    """Run one handshake on an accepted socket, within ``timeout`` seconds in all and
+    ``hello_timeout`` (default: the same) for the whole ClientHello, so a silent peer or one
+    trickling a byte a second frees its slot early.
 
     ``decide(auth)`` returns a SessionGrant or raises AuthRefused(code, log_reason). Returns
     the AuthInfo once the grant has been sent, else None: bad or slow peers, tampering and
-    refusals are logged (with the key fingerprint, never key material), never raised. The
-    caller closes ``sock``.
+    refusals are logged (with the key fingerprint, never key material), never raised.
+    ``report`` gets HELLO_RECEIVED once the ClientHello is in, then how it ended
+    (AUTHENTICATED, AUTHFAIL, NOAUTH, GRACE_EXCEEDED or NEUTRAL), once.
+    The caller closes ``sock``.
     """
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    hello_deadline = min(deadline, started + (hello_timeout or timeout))
     try:
         peer, local = sock.getpeername(), sock.getsockname()
     except OSError:
+        report(NOAUTH)
         return None
     who = _format_addr(peer)
     machine = ServerHandshake(host_key, peer, local)
+    outcome = NOAUTH
     try:
+        _exchange(sock, machine, hello_deadline, until=lambda: machine.hello_received)
+        report(HELLO_RECEIVED)
         auth = _exchange(sock, machine, deadline).auth
         try:
             grant = decide(auth)
         except AuthRefused as refusal:
-            machine.refuse(refusal.code)
+            outcome = _OUTCOME_OF_REFUSAL.get(refusal.code, NEUTRAL)
+            machine.refuse(refusal.code, refusal.client_message)
             _send_quietly(sock, machine.data_to_send(), deadline)
             log.warning("refused %s@%s (key %s): %s", auth.user, who,
                         auth.client_key.fingerprint(), refusal.log_reason)
             return None
+        # Reported before the grant goes out, so the client's next connection (a resume)
+        # already finds its source trusted.
+        report(AUTHENTICATED)
+        outcome = ""
         machine.accept(grant)
         _send_all(sock, machine.data_to_send(), deadline)
     except AuthRefused as refusal:
+        outcome = AUTHFAIL
         _send_quietly(sock, machine.data_to_send(), deadline)
         log.warning("refused %s: %s", who, refusal.log_reason)
         return None
@@ -990,7 +1052,12 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
         log.info("handshake from %s failed: %s", who, err)
         return None
     except socket.timeout:
-        log.info("handshake from %s timed out after %g s", who, timeout)
+        outcome = GRACE_EXCEEDED
+        if machine.hello_received:
+            log.info("handshake from %s timed out after %g s", who, timeout)
+        else:
+            log.info("handshake from %s timed out: no complete ClientHello within %g s", who,
+                     hello_deadline - started)
         return None
     except EOFError:
         log.info("handshake from %s: the client closed the connection", who)
@@ -998,6 +1065,9 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
     except OSError as err:
         log.info("handshake from %s failed: %s", who, _os_reason(err))
         return None
+    finally:
+        if outcome:
+            report(outcome)
     log.info("accepted %s@%s (key %s), %s", auth.user, who, auth.client_key.fingerprint(),
              _purpose(auth.request))
     return auth
@@ -1021,65 +1091,385 @@ def send_refusal(sock: socket.socket, code: str) -> None:
         sock.close()
 
 
-class HandshakeLimiter:
-    """Caps concurrent handshakes: ``max_handshakes`` in all and ``max_per_peer`` from one
-    address (default a quarter of the total), so a flood of slow or silent peers costs a
-    bounded number of threads for at most the deadline each, and one source cannot take
-    every slot from everyone else. Over the cap: answer "server busy" (send_refusal)."""
+# ---------------------------------------------------------------------------
+# Admission: who may start a handshake (sans-IO policy, then its thread shell)
+# ---------------------------------------------------------------------------
 
-    def __init__(self, max_handshakes: int = 64, max_per_peer: Optional[int] = None) -> None:
-        self.max_handshakes = max_handshakes
-        self.max_per_peer = max_per_peer or max(1, max_handshakes // 4)
-        self._per_peer: Dict[str, int] = {}
+MAX_TRACKED_SOURCES = 65536  # per book (penalties, trust); as sshd's max-sources4/6
+# A handshake open this long without a complete ClientHello may lose its slot to a newcomer
+# when the server is full: a client sends its ClientHello as soon as it is connected.
+IDLE_EVICT_SECS = 0.5
+_PENALISED = " (source_penalties)"
+
+
+@functools.lru_cache(maxsize=4096)  # a flood repeats a few addresses; parsing them is not free
+def source_of(address: str, v4_prefix: int = 32, v6_prefix: int = 64) -> str:
+    """The source a connection from ``address`` counts against: its IPv4 /``v4_prefix`` or
+    IPv6 /``v6_prefix`` network ("2001:db8::/64"). One IPv6 host usually owns a whole /64, so
+    counting addresses there would count nothing. An IPv4-mapped address (a dual-stack
+    listener) counts as IPv4; text that is no IP address is a source of its own."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = v4_prefix if ip.version == 4 else v6_prefix
+    return str(ipaddress.ip_network((ip, prefix), strict=False))
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """The settings of an AdmissionPolicy, each named after its ``mps.*`` config key.
+
+    ``startups`` is sshd's MaxStartups (start, rate %, full) for sources not trusted;
+    ``penalties`` sshd's PerSourcePenalties in seconds (authfail, noauth, grace-exceeded,
+    max, min); ``netblock`` the (IPv4, IPv6) prefix lengths that make one source;
+    ``startups_per_sec`` the rate at which untrusted sources may start handshakes."""
+
+    max_handshakes: int = 64
+    startups: Tuple[int, int, int] = (16, 30, 48)
+    max_per_source: int = 8
+    netblock: Tuple[int, int] = (32, 64)
+    penalties: Dict[str, int] = field(default_factory=lambda: dict(PENALTY_DEFAULTS))
+    trusted_secs: float = 604800.0
+    startups_per_sec: float = 100.0  # 0: no limit
+
+
+@dataclass(eq=False)
+class Admission:
+    """A decision on one connection: its ``source``, whether it is ``admitted`` (a slot is
+    taken until ``AdmissionPolicy.finished``), whether the source is ``trusted``, for a
+    refusal the ``reason`` (for the log only: the peer just hears "server busy") and
+    whether it is ``penalised``, and the idle handshake it ``evicts`` to make room (the
+    caller aborts that one's connection).
+    ``opened`` and ``hello`` (its ClientHello is in) are the policy's own bookkeeping."""
+
+    source: str
+    admitted: bool
+    trusted: bool = False
+    reason: str = ""
+    penalised: bool = False  # refused as a penalised source: not worth an answer
+    evicts: Optional[Admission] = None
+    opened: float = 0.0
+    hello: bool = False
+
+
+class _Book:
+    """Sources with an expiry (a penalty's end, a trust's end) and a mark (a penalty past
+    ``min``): at most ``capacity`` of them, the least recently updated forgotten first, so a
+    spray of sources costs O(1) each and bounded memory."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: Dict[str, Tuple[float, bool]] = {}
+
+    def get(self, source: str, now: float) -> Tuple[float, bool]:
+        """(seconds until ``source``'s entry expires, its mark); (0, False) if it has none."""
+        until, marked = self._entries.get(source, (0.0, False))
+        if until <= now:
+            self._entries.pop(source, None)
+            return 0.0, False
+        return until - now, marked
+
+    def set(self, source: str, seconds: float, now: float, marked: bool = False) -> None:
+        self._entries.pop(source, None)
+        if seconds > 0:
+            self._entries[source] = (now + seconds, marked)
+            if len(self._entries) > self.capacity:
+                del self._entries[next(iter(self._entries))]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class AdmissionPolicy:
+    """Decides, before any cryptographic work, whether a connection may run a handshake.
+    Sans-IO: the caller passes the clock reading, injects the randomness and does the
+    locking (one decision at a time).
+
+    In order, a connection is refused when
+    1. its source already has ``max_per_source`` handshakes in progress, so a few addresses
+       cannot take every slot; a source is an IPv4 address or an IPv6 /64 (``netblock``);
+    2. its source is penalised (unless trusted): each handshake of its that failed
+       authentication, broke off before it, or ran past a deadline adds seconds to its
+       penalty (sshd's PerSourcePenalties); the penalty counts down in real time, is capped
+       at ``max``, and refuses the source while it exceeds ``min``, so one mistyped key or
+       dropped connection costs nothing while a source that keeps idling or guessing is
+       turned away at accept();
+    3. ``max_handshakes`` are in progress (the hard cap: threads, memory);
+    4. (unless trusted) ``full`` are in progress, or at random as that nears: from
+       ``start`` in progress with ``rate`` % probability, rising linearly to 100 % at
+       ``full`` (sshd's MaxStartups). The slots from ``full`` to ``max_handshakes`` stay
+       for trusted sources.
+    5. (unless trusted) more than ``startups_per_sec`` handshakes a second were started
+       (a token bucket holding one second's worth): a ClientHello costs the server an X25519
+       exchange and a signature, and a flood from more sources than penalties can catch
+       (a botnet, a big IPv6 allocation) must not take the CPU live sessions need.
+    But when the load (3. or 4.) is all that stands in the way, the newcomer takes the slot
+    of the oldest handshake from an untrusted source that has been open ``idle_evict_secs``
+    without a complete ClientHello (a client sends it the moment it is connected), and that
+    one is evicted: idle connections hold slots only while nobody else wants them.
+
+    Trusted sources are those from which a client proved an authorized key in the last
+    ``trusted_secs``: a resume comes from a client that authenticated before, usually from
+    the address it used then, so this is how resumes (and returning users) are favoured over
+    new anonymous load without reading anything from the peer first. Why source addresses
+    can be believed: a TCP connection completes its three-way handshake, so an attacker off
+    the path cannot use an address it does not receive packets for. The price is NAT: users
+    behind one address (or one /64) share its per-source cap and its penalties, and an
+    attacker behind the same NAT as a trusted user is trusted too. So trust only lifts the
+    penalties and the random early drop; the per-source cap holds for everyone, and an
+    attacker can never take more than its source's share. A resume from a new network is
+    anonymous load until it succeeds (the handshake stays unauthenticated until ClientAuth).
+    Both books are bounded (MAX_TRACKED_SOURCES), forgetting the least recently updated.
+    """
+
+    def __init__(self, limits: AdmissionLimits = AdmissionLimits(),
+                 random_fraction: Callable[[], float] = random.random,
+                 max_tracked: int = MAX_TRACKED_SOURCES,
+                 idle_evict_secs: float = IDLE_EVICT_SECS) -> None:
+        self.limits = limits
+        self.idle_evict_secs = idle_evict_secs
+        self._waiting: Dict[int, Admission] = {}  # admitted, no ClientHello yet: oldest first
+        start, self._rate, full = limits.startups
+        self._full = min(full, limits.max_handshakes)  # FULL above the hard cap acts as it
+        self._start = min(start, self._full)
+        self._random = random_fraction
+        self._in_progress: Dict[str, int] = {}
+        self.active = 0  # handshakes in progress
+        self._penalties = _Book(max_tracked)  # marked: past ``min``, so refused
+        self._trusted = _Book(max_tracked)
+        self._tokens = self._burst = max(1.0, limits.startups_per_sec)
+        self._refilled: Optional[float] = None
+
+    def source(self, address: str) -> str:
+        return source_of(address, *self.limits.netblock)
+
+    def trusted(self, source: str, now: float) -> bool:
+        return self._trusted.get(source, now)[0] > 0
+
+    def penalty_left(self, source: str, now: float) -> float:
+        """Seconds for which ``source`` is refused (0: not penalised past ``min``)."""
+        left, refused = self._penalties.get(source, now)
+        return left if refused else 0.0
+
+    def admit(self, address: str, now: float) -> Admission:
+        """Decide on a connection from ``address``; an admitted one holds a slot."""
+        source = self.source(address)
+        trusted = self.trusted(source, now)
+        reason, for_room = self._refusal(source, trusted, now)
+        victim = self._idle_victim(now) if for_room else None
+        if reason and victim is None:
+            return Admission(source, False, trusted, reason,
+                             penalised=reason.endswith(_PENALISED))
+        if not trusted and not self._take_token(now):
+            return Admission(source, False, trusted, "more than"
+                             f" {self.limits.startups_per_sec:g} handshakes a second"
+                             " (max_startups_per_sec)")
+        if victim is not None:  # its slot becomes the newcomer's
+            self._waiting.pop(id(victim))
+            self._release(victim.source)
+        admission = Admission(source, True, trusted, evicts=victim, opened=now)
+        self._in_progress[source] = self._in_progress.get(source, 0) + 1
+        self.active += 1
+        self._waiting[id(admission)] = admission
+        return admission
+
+    def authenticated(self, source: str, now: float) -> None:
+        """A client from ``source`` proved an authorized key: trust the source from now."""
+        self._trusted.set(source, self.limits.trusted_secs, now)
+        self._penalties.set(source, 0, now)  # a mistyped key before does not count
+
+    def hello(self, admission: Admission) -> None:
+        """``admission``'s ClientHello is complete: it is no longer idle."""
+        admission.hello = True
+        self._waiting.pop(id(admission), None)
+
+    def _take_token(self, now: float) -> bool:
+        rate = self.limits.startups_per_sec
+        if rate <= 0:
+            return True
+        if self._refilled is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _idle_victim(self, now: float) -> Optional[Admission]:
+        for waiting in self._waiting.values():
+            if waiting.opened > now - self.idle_evict_secs:
+                return None  # the rest are younger still
+            if not waiting.trusted:
+                return waiting
+        return None
+
+    def _release(self, source: str) -> None:
+        left = self._in_progress.pop(source) - 1
+        if left:
+            self._in_progress[source] = left
+        self.active -= 1
+
+    def _refusal(self, source: str, trusted: bool, now: float) -> Tuple[str, bool]:
+        """Why not (or ""), and whether evicting an idle handshake would make room."""
+        if self._in_progress.get(source, 0) >= self.limits.max_per_source:
+            return (f"{self._in_progress[source]} handshakes from {source} in progress"
+                    " (max_handshakes_per_source)"), False
+        if not trusted:
+            penalty = self.penalty_left(source, now)
+            if penalty:
+                return f"{source} is penalised for another {penalty:.0f} s{_PENALISED}", False
+        if self.active >= self.limits.max_handshakes:
+            return f"{self.active} handshakes in progress (max_handshakes)", True
+        if trusted:
+            return "", False
+        if self.active >= self._full:
+            return f"{self.active} handshakes in progress (max_startups full)", True
+        if self.active >= self._start:
+            drop = self._rate + (100 - self._rate) * (self.active - self._start) / (
+                self._full - self._start)
+            if self._random() * 100 < drop:
+                return (f"{self.active} handshakes in progress: random early drop at"
+                        f" {drop:.0f} % (max_startups)"), True
+        return "", False
+
+    def finished(self, admission: Admission, outcome: str, now: float) -> str:
+        """Release ``admission``'s slot and weigh how its handshake ended (an outcome such
+        as AUTHENTICATED or NOAUTH). Returns a line for the log when this made its source
+        refused, else ""."""
+        source = admission.source
+        if self._waiting.pop(id(admission), None) is not None or admission.hello:
+            self._release(source)  # (an evicted one's slot went to its successor)
+        if outcome == AUTHENTICATED:
+            self.authenticated(source, now)
+            return ""
+        seconds = self.limits.penalties.get(outcome, 0)
+        if admission.trusted or seconds <= 0:
+            return ""
+        left, refused = self._penalties.get(source, now)
+        penalty = min(self.limits.penalties["max"], left + seconds)
+        newly_refused = not refused and penalty > self.limits.penalties["min"]
+        self._penalties.set(source, penalty, now, refused or newly_refused)
+        if newly_refused:
+            return f"{source} penalised for {penalty:.0f} s after a handshake ending in {outcome}"
+        return ""
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset: no answer, no FIN exchange, no TIME_WAIT left on this side."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+class HandshakeLimiter:
+    """The thread shell around an AdmissionPolicy: decides at accept() (before any read, key
+    exchange or signature), runs each admitted handshake in its own thread, aborts the
+    connection of one the policy evicts, and feeds each handshake's progress and outcome
+    back. A refused connection hears "server busy" (send_refusal) and costs only the accept;
+    refusals are logged at most ``_LOG_LINES_PER_WINDOW`` lines per ``_LOG_WINDOW_SECS``,
+    then counted, so a flood cannot flood the log too. spawn() is for one thread (the
+    accept loop); the policy is shared with the handshake threads under a lock."""
+
+    _LOG_WINDOW_SECS = 10.0
+    _LOG_LINES_PER_WINDOW = 5
+
+    def __init__(self, policy: Optional[AdmissionPolicy] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy or AdmissionPolicy()
+        self._clock = clock
         self._lock = threading.Lock()
+        self._sockets: Dict[int, socket.socket] = {}  # id(Admission) -> its connection
+        self._window_end = 0.0
+        self._logged = self._unlogged = 0
 
     @property
     def active(self) -> int:
         """Handshakes running now."""
         with self._lock:
-            return sum(self._per_peer.values())
+            return self.policy.active
 
-    def try_acquire(self, peer: str) -> bool:
-        """Take a slot for a handshake from address ``peer``; False if over either cap."""
-        with self._lock:
-            if (sum(self._per_peer.values()) >= self.max_handshakes
-                    or self._per_peer.get(peer, 0) >= self.max_per_peer):
-                return False
-            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
-            return True
-
-    def release(self, peer: str) -> None:
-        """Give back a slot taken by ``try_acquire(peer)``."""
-        with self._lock:
-            left = self._per_peer.pop(peer) - 1
-            if left:
-                self._per_peer[peer] = left
-
-    def spawn(self, sock: socket.socket, handler: Callable[[socket.socket], object]) -> bool:
-        """Run ``handler(sock)`` in a new thread, or answer "server busy" when full. The
-        socket is closed and the slot released when the handler returns. True if started."""
+    def spawn(self, sock: socket.socket,
+              handler: Callable[[socket.socket, Callable[[str], object]], object]) -> bool:
+        """Run ``handler(sock, report)`` in a new thread, or answer "server busy" when the
+        policy refuses. The handler calls ``report(HELLO_RECEIVED)`` once the ClientHello is
+        in, then ``report(outcome)`` (as server_handshake does). The socket is closed and
+        the slot released when the handler returns. True if started."""
         try:
-            peer = sock.getpeername()[0]
+            address = sock.getpeername()[0]
         except OSError:
             sock.close()
             return False
-        if not self.try_acquire(peer):
-            log.warning("refused a connection from %s: too many handshakes in progress", peer)
-            send_refusal(sock, SERVER_BUSY)
+        with self._lock:
+            admission = self.policy.admit(address, self._clock())
+            if admission.admitted:
+                self._sockets[id(admission)] = sock
+            if admission.evicts is not None:
+                # Under the lock: the victim's thread closes its socket only after taking
+                # it, so this cannot hit a reused descriptor. Its thread sees the end.
+                self._abort(self._sockets[id(admission.evicts)])
+        if admission.evicts is not None:
+            log.info("evicted an idle handshake from %s to make room", admission.evicts.source)
+        if not admission.admitted:
+            self._log_refusal(address, admission.reason)
+            if admission.penalised:
+                _reset(sock)  # the cheapest way out for a source that keeps misbehaving
+            else:
+                send_refusal(sock, SERVER_BUSY)  # maybe a real client: tell it why
             return False
-        threading.Thread(target=self._run, args=(sock, peer, handler), name="handshake",
+        threading.Thread(target=self._run, args=(sock, admission, handler), name="handshake",
                          daemon=True).start()
         return True
 
-    def _run(self, sock: socket.socket, peer: str,
-             handler: Callable[[socket.socket], object]) -> None:
+    @staticmethod
+    def _abort(sock: socket.socket) -> None:
         try:
-            handler(sock)
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _log_refusal(self, address: str, reason: str) -> None:
+        now = self._clock()
+        if now >= self._window_end:
+            if self._unlogged:
+                log.warning("refused %d more connections in the last %g s (pre-auth limits)",
+                            self._unlogged, self._LOG_WINDOW_SECS)
+            self._window_end, self._logged, self._unlogged = now + self._LOG_WINDOW_SECS, 0, 0
+        if self._logged < self._LOG_LINES_PER_WINDOW:
+            self._logged += 1
+            log.warning("refused a connection from %s: %s", address, reason)
+        else:
+            self._unlogged += 1
+
+    def _run(self, sock: socket.socket, admission: Admission,
+             handler: Callable[[socket.socket, Callable[[str], object]], object]) -> None:
+        outcomes: List[str] = []
+
+        def report(event: str) -> None:
+            with self._lock:
+                if event == HELLO_RECEIVED:
+                    self.policy.hello(admission)
+                    return
+                if event == AUTHENTICATED:  # at once: the grant has not been sent yet
+                    self.policy.authenticated(admission.source, self._clock())
+                outcomes.append(event)
+
+        try:
+            handler(sock, report)
         except Exception:  # a bug in the handler must not leak the slot or kill the server
             log.exception("handshake handler failed")
         finally:
+            with self._lock:
+                del self._sockets[id(admission)]
+                change = self.policy.finished(admission, outcomes[0] if outcomes else NEUTRAL,
+                                              self._clock())
             sock.close()
-            self.release(peer)
+            if change:
+                log.warning("%s", change)
 
 
 def _connect(host: str, port: int, deadline: float) -> socket.socket:
@@ -1137,15 +1527,21 @@ class _NoAnswer(Exception):
 
 
 class _ClosedDuringPrompt(Exception):
-    """The server gave up while the user was deciding about its (accepted) host key."""
+    """The server gave up while the user was answering (the host key question, or the
+    passphrase of the client's key); the host key was accepted."""
 
     def __init__(self, host_key: PublicKey) -> None:
-        super().__init__("the server closed the connection during the host key prompt")
+        super().__init__("the server closed the connection during a prompt")
         self.host_key = host_key
 
 
 def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeError:
     """The one-line error a user sees for a failed client handshake."""
+    message = getattr(err, "client_message", "")
+    if err.code == PERMISSION_DENIED and message:  # the key was good; the server says why not
+        return AuthRefused(err.code, f"permission denied for {user}@{host}; the server says:\n"
+                           + printable_lines(message.strip("\n"), PRINTABLE_LIMIT),
+                           message)
     if err.code == PERMISSION_DENIED:
         return AuthRefused(err.code, f"permission denied (publickey) for {user}@{host}")
     if err.code == NO_SUCH_SESSION:
@@ -1155,6 +1551,14 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
         return AuthRefused(err.code, f"the moshpit server on {host} runs without root and serves"
                                      f" only the user it runs as, not {user}; connect as that"
                                      " user, or run mps.py as root to serve every user")
+    if err.code == USER_SESSION_LIMIT:
+        return AuthRefused(err.code, f"too many sessions for {user} on {host} (the server's"
+                                     " max_sessions_per_user); end one of them, or wait until"
+                                     " a detached one expires")
+    if err.code == SESSION_LIMIT:
+        return AuthRefused(err.code, f"the moshpit server on {host} has all the sessions it"
+                                     " allows (max_sessions); try again when one has ended, or"
+                                     " ask its admin to raise the limit")
     if err.code == SERVER_BUSY:
         return HandshakeError(f"server busy: {host} port {port} has too many connections"
                               " in progress; try again later", err.code)
@@ -1165,17 +1569,38 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
     return HandshakeError(f"{err} (server {host} port {port})", err.code)
 
 
-def client_handshake(host: str, port: int, identity: PrivateKey, request: ClientRequest,
-                     verify_host_key: Callable[[PublicKey], None],
+class LazyIdentity:
+    """The client's key, obtained on first use and at most once: ``load()`` may ask for a
+    passphrase, so client_handshake calls get() only once the server is reached and its
+    host key trusted, and a repeated or resumed handshake reuses the key."""
+
+    def __init__(self, load: Callable[[], PrivateKey]) -> None:
+        self._load = load
+        self._key: Optional[PrivateKey] = None
+
+    def get(self) -> PrivateKey:
+        if self._key is None:
+            self._key = self._load()
+        return self._key
+
+
+def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity],
+                     request: ClientRequest, verify_host_key: Callable[[PublicKey], None],
                      timeout: float = 10.0) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
 
-    ``verify_host_key(key)`` returns to trust the key or raises HostKeyError; it may ask the
-    user, and the time that takes does not count against ``timeout``. If the server gave up
-    while the user was deciding, the handshake is repeated once on a new connection (the same
-    host key is then trusted without asking again). Raises AuthRefused (final), HostKeyError
-    (final) or HandshakeError (with ``code``), each with a one-line message.
+    ``verify_host_key(key)`` returns to trust the key or raises moshpit_trust.HostKeyError
+    (passed on as it is); it may ask the user. ``identity`` is the client's key, or a
+    LazyIdentity loaded only after the host key is trusted: a mistyped or unreachable host,
+    or an impostor, never costs the user a passphrase. Time spent in either does not count
+    against ``timeout``; if the server gave up meanwhile, the handshake is repeated once on
+    a new connection (the same host key is then trusted and the key reused, without asking
+    again). Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
+    ``code``), each with a one-line message; whatever loading the identity raises passes
+    through.
     """
+    if not isinstance(identity, LazyIdentity):
+        identity = LazyIdentity(lambda key=identity: key)
     trusted: Optional[PublicKey] = None
     for _attempt in range(2):
         deadline = time.monotonic() + timeout
@@ -1183,11 +1608,9 @@ def client_handshake(host: str, port: int, identity: PrivateKey, request: Client
         try:
             return _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
         except _ClosedDuringPrompt as closed:
-            log.info("%s port %d closed the connection while the host key was being"
-                     " confirmed; reconnecting", host, port)
+            log.info("%s port %d closed the connection while the user was answering a"
+                     " prompt; reconnecting", host, port)
             trusted = closed.host_key
-        except HostKeyError:
-            raise
         except HandshakeError as err:
             raise _explain(err, host, port, request.user) from None
         except _NoAnswer:
@@ -1205,14 +1628,14 @@ def client_handshake(host: str, port: int, identity: PrivateKey, request: Client
                                  f" handshake: {_os_reason(err)}") from None
         finally:
             sock.close()
-    raise HandshakeError(f"{host} port {port} closed the connection twice while the host key"
-                         " was being confirmed")
+    raise HandshakeError(f"{host} port {port} closed the connection twice before the"
+                         " handshake finished")
 
 
-def _client_attempt(sock: socket.socket, identity: PrivateKey, request: ClientRequest,
+def _client_attempt(sock: socket.socket, identity: LazyIdentity, request: ClientRequest,
                     verify_host_key: Callable[[PublicKey], None],
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
-    machine = ClientHandshake(identity, request)
+    machine = ClientHandshake(None, request)
     deadline = time.monotonic() + timeout
     try:
         host_key = _exchange(sock, machine, deadline).host_key
@@ -1222,240 +1645,10 @@ def _client_attempt(sock: socket.socket, identity: PrivateKey, request: ClientRe
         raise
     if host_key != trusted:
         verify_host_key(host_key)
-        if _peer_closed(sock):
-            raise _ClosedDuringPrompt(host_key)
-        deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
-    machine.accept_host_key()
+    key = identity.get()  # only now: the server is real and its host key trusted
+    if _peer_closed(sock):
+        raise _ClosedDuringPrompt(host_key)
+    deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
+    machine.accept_host_key(key)
     done = _exchange(sock, machine, deadline)
     return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)
-
-
-# ---------------------------------------------------------------------------
-# Server policy: authorized_keys with strict modes
-# ---------------------------------------------------------------------------
-
-
-def _owner_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _check_owner(path: str, st: os.stat_result, pw: pwd.struct_passwd) -> None:
-    if st.st_uid not in (pw.pw_uid, 0):
-        raise AuthRefused(PERMISSION_DENIED, f"{path} is owned by {_owner_name(st.st_uid)},"
-                                             f" must be owned by {pw.pw_name} or root")
-
-
-def _check_private(path: str, st: os.stat_result, pw: pwd.struct_passwd) -> None:
-    """Owned by the user or root, no access at all for group and others."""
-    _check_owner(path, st, pw)
-    if st.st_mode & 0o077:
-        raise AuthRefused(PERMISSION_DENIED, f"{path} is mode {stat.S_IMODE(st.st_mode):04o},"
-                                             " must not be group/world accessible")
-
-
-def _check_ancestor(path: str, pw: pwd.struct_passwd) -> None:
-    """Nobody but the user and root can replace what lies below ``path``. A root-owned
-    sticky directory (like /tmp) is safe: others cannot rename or delete our entries."""
-    st = os.stat(path)
-    _check_owner(path, st, pw)
-    sticky_root = st.st_uid == 0 and st.st_mode & stat.S_ISVTX
-    if st.st_mode & 0o022 and not sticky_root:
-        raise AuthRefused(PERMISSION_DENIED, f"{path} is mode {stat.S_IMODE(st.st_mode):04o},"
-                                             " must not be group/world writable")
-
-
-def authorized_keys_path(pw: pwd.struct_passwd, template: Optional[str] = None) -> str:
-    """Where ``pw``'s user's authorized keys are: ``template`` as sshd's AuthorizedKeysFile
-    reads it (``%h`` the user's home, ``%u`` the user name, ``%%`` a percent sign; a
-    relative path or ``~/`` starts at the user's home), or ~user/.mp/authorized_keys."""
-    if not template:
-        return os.path.join(pw.pw_dir, ".mp", "authorized_keys")
-    tokens = {"%h": pw.pw_dir, "%u": pw.pw_name, "%%": "%"}
-    path = re.sub(r"%.", lambda m: tokens.get(m.group(0), m.group(0)), template)
-    if path == "~" or path.startswith("~/"):
-        path = path[2:]
-    return os.path.join(pw.pw_dir, path)  # an absolute ``path`` stays as it is
-
-
-def authorized_keys_for(pw: pwd.struct_passwd, path: Optional[str] = None) -> List[PublicKey]:
-    """The keys that may log in as ``pw``'s user, from ``authorized_keys_path(pw, path)``.
-
-    Strict modes (as sshd's StrictModes): the file (0600) and its directory (0700) are owned
-    by the user or root and closed to group and others; every directory above, up to the home
-    directory (or up to / for a file outside it), is owned by the user or root and not
-    group/world writable. Any violation raises AuthRefused whose ``log_reason`` names the
-    path and the problem; the client only ever hears "permission denied".
-    """
-    path = os.path.realpath(authorized_keys_path(pw, path))
-    home = os.path.realpath(pw.pw_dir)
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise AuthRefused(PERMISSION_DENIED, f"{path} is not a regular file")
-        _check_private(path, st, pw)
-        directory = os.path.dirname(path)
-        _check_private(directory, os.stat(directory), pw)
-        stop = home if path.startswith(home.rstrip("/") + "/") else "/"
-        while directory != stop and directory != "/":
-            directory = os.path.dirname(directory)
-            _check_ancestor(directory, pw)
-        return read_authorized_keys(path)
-    except FileNotFoundError:
-        raise AuthRefused(PERMISSION_DENIED, f"{path} does not exist") from None
-    except KeyFileError as err:  # its message names the file
-        raise AuthRefused(PERMISSION_DENIED, str(err)) from None
-    except OSError as err:
-        raise AuthRefused(PERMISSION_DENIED, f"{path}: {_os_reason(err)}") from None
-
-
-# ---------------------------------------------------------------------------
-# Client policy: known_hosts
-# ---------------------------------------------------------------------------
-
-HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
-_MAX_KNOWN_HOSTS = 4 << 20  # bytes
-_MAX_PROMPTS = 5
-
-
-class KnownHosts:
-    """The client's ``known_hosts``: lines ``HOST KEYTYPE BASE64`` (``[HOST]:PORT`` for a port
-    other than 40404; several hosts may share a line, comma-separated)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    @staticmethod
-    def host_pattern(host: str, port: int) -> str:
-        host = host.lower()
-        return host if port == DEFAULT_TCP_PORT else f"[{host}]:{port}"
-
-    def _lines(self) -> List[str]:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(_MAX_KNOWN_HOSTS + 1)
-        except FileNotFoundError:
-            return []
-        except OSError as err:
-            raise HostKeyError(f"cannot read {self.path}: {err.strerror or err}") from None
-        if len(data) > _MAX_KNOWN_HOSTS:
-            raise HostKeyError(f"{self.path} is too large (over {_MAX_KNOWN_HOSTS} bytes)")
-        return data.decode("utf-8", "replace").split("\n")
-
-    def lookup(self, host: str, port: int, key: PublicKey) -> Tuple[str, Optional[int]]:
-        """("ok", line) if the key is recorded for the host, ("changed", line of the first
-        other key recorded for it), or ("unknown", None)."""
-        pattern = self.host_pattern(host, port)
-        changed = None
-        for lineno, line in enumerate(self._lines(), 1):
-            fields = line.split(None, 1)
-            if len(fields) < 2 or pattern not in fields[0].lower().split(","):
-                continue
-            try:
-                recorded = parse_public_key_line(fields[1])
-            except ValueError:
-                log.debug("%s:%d: skipped: not a key moshpit understands", self.path, lineno)
-                continue
-            if recorded == key:
-                return "ok", lineno
-            if changed is None:
-                changed = lineno
-        return ("changed", changed) if changed is not None else ("unknown", None)
-
-    def add(self, host: str, port: int, key: PublicKey) -> None:
-        """Append the host's key: one O_APPEND write (atomic for a line this size, also with
-        several clients at once), file created 0600 in a directory created 0700."""
-        line = f"{self.host_pattern(host, port)} {PublicKey.from_raw(key.raw).to_line(KEY_TYPE)}\n"
-        directory = os.path.dirname(self.path)
-        try:
-            if directory:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    line = "\n" + line
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
-        except OSError as err:
-            raise HostKeyError(f"cannot record the host key in {self.path}:"
-                               f" {err.strerror or err}") from None
-
-
-def _ask_on_terminal(prompt: str) -> str:
-    sys.stderr.write(prompt)
-    sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line
-
-
-def _confirm_new_host(pattern: str, key: PublicKey, ask: Callable[[str], str]) -> bool:
-    """OpenSSH's first-contact prompt: yes, no, or the fingerprint pasted back."""
-    fingerprint = key.fingerprint()
-    prompt = (f"The authenticity of host '{pattern}' can't be established.\n"
-              f"ED25519 key fingerprint is {fingerprint}.\n{key.randomart()}\n"
-              "Are you sure you want to continue connecting (yes/no/[fingerprint])? ")
-    for _ in range(_MAX_PROMPTS):
-        try:
-            answer = ask(prompt)
-        except EOFError:
-            return False
-        if isinstance(answer, bool):  # the caller asked the question its own way
-            return answer
-        answer = answer.strip()
-        if answer.lower() in ("", "no"):
-            return False
-        if answer.lower() == "yes" or answer == fingerprint:
-            return True
-        prompt = "Please type 'yes', 'no' or the fingerprint: "
-    return False
-
-
-def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: PublicKey,
-                           policy: str, tty: bool,
-                           ask: Optional[Callable[[str], str]] = None) -> None:
-    """Trust ``key`` for ``host`` ``port`` per ``policy`` or raise HostKeyError; never a
-    silent accept. ``policy`` (strict_host_key_checking): "ask" prompts on a TTY (``ask``
-    shows the prompt and returns the typed answer, "yes"/"no"/a fingerprint, or a bool if it
-    put the question itself; EOFError means no; default: stderr/stdin), "accept-new" records
-    unknown hosts, "yes" only trusts recorded keys. A changed key is always refused."""
-    if policy not in HOST_KEY_POLICIES:
-        raise HostKeyError(f"strict_host_key_checking must be one of"
-                           f" {', '.join(HOST_KEY_POLICIES)}, not {policy!r}")
-    known = KnownHosts(known_hosts_path)
-    pattern = known.host_pattern(host, port)
-    status, lineno = known.lookup(host, port, key)
-    if status == "ok":
-        return
-    fingerprint = key.fingerprint()
-    if status == "changed":
-        raise HostKeyError(
-            f"WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED for {pattern}!\n"
-            "Someone could be eavesdropping on you right now (man-in-the-middle attack),"
-            " or the host key has just been changed.\n"
-            f"The server now presents the ED25519 key {fingerprint}.\n"
-            f"Offending key in {known_hosts_path}:{lineno}: remove that line if you know"
-            " the change is legitimate.\nHost key verification failed.")
-    if policy == "yes":
-        raise HostKeyError(
-            f"host key verification failed: no key is recorded for {pattern} in"
-            f" {known_hosts_path} and strict host key checking is 'yes'; the server presents"
-            f" {fingerprint}: after checking it, add the server's key to that file")
-    if policy == "ask" and not tty:
-        raise HostKeyError(
-            f"host key verification failed: {pattern} is not a known host and there is no"
-            f" terminal to ask about its key {fingerprint}; after checking the fingerprint,"
-            " run once with --strict-host-key-checking accept-new, or add the server's key"
-            f" line ('{pattern} ssh-ed25519 ...') to {known_hosts_path}")
-    if policy == "ask" and not _confirm_new_host(pattern, key, ask or _ask_on_terminal):
-        raise HostKeyError(f"host key verification failed: the key of {pattern} was not"
-                           " accepted")
-    known.add(host, port, key)
-    log.warning("permanently added %s (%s) to %s", pattern, fingerprint, known_hosts_path)
-    sys.stderr.write(f"Warning: Permanently added '{pattern}' (ED25519) to the list of"
-                     " known hosts.\n")

@@ -60,12 +60,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-from moshpit import MoshpitError, mp_dir
+from moshpit import MoshpitError, mp_dir, program_command
 
 log = logging.getLogger("moshpit.keys")
 
 KEY_TYPE = "ssh-ed25519"
 LINE_KIND = "moshpit"
+# --format choices for public key lines: moshpit's own, or OpenSSH's (ssh-keygen -l reads it).
+PUBLIC_FORMATS = {"moshpit": LINE_KIND, "openssh": KEY_TYPE}
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LINE = 8192  # longest public key line we parse (an ed25519 line is ~100 bytes)
 MAX_AUTHORIZED_KEYS = 1 << 20  # bytes; bounds memory on a hostile authorized_keys
@@ -74,6 +76,14 @@ MAX_KEY_FILE = 1 << 16  # bytes; an ed25519 key file is well under 1 KiB
 
 class KeyFileError(MoshpitError):
     """A key file is missing, unreadable, unsafe or malformed; the message names the file."""
+
+
+class KeyFileExists(KeyFileError):
+    """Refusing to write a key file because something already exists at its path."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path} already exists")
+        self.path = path
 
 
 class PassphraseRequired(KeyFileError):
@@ -359,13 +369,18 @@ def read_authorized_keys(path: str) -> list[PublicKey]:
     The file itself being unreadable or oversized is a KeyFileError (the caller decides
     whether that means "nobody is authorized").
     """
-    data = _read_bounded(path, MAX_AUTHORIZED_KEYS)
+    return parse_authorized_keys(_read_bounded(path, MAX_AUTHORIZED_KEYS), path)
+
+
+def parse_authorized_keys(data: bytes, source: str) -> list[PublicKey]:
+    """All keys in the bytes of an authorized_keys-style file (already read, e.g. from an fd
+    checked by moshpit_trust); bad lines are skipped with a warning naming ``source``."""
     keys = []
     for lineno, raw_line in enumerate(data.split(b"\n"), 1):
         try:
             key = parse_public_key_line(_as_text(raw_line, "utf-8"))
         except ValueError as err:
-            log.warning("%s:%d: skipped: %s", path, lineno, err)
+            log.warning("%s:%d: skipped: %s", source, lineno, err)
             continue
         if key is not None:
             keys.append(key)
@@ -399,6 +414,15 @@ def _armor(label: str, data: bytes) -> bytes:
 _BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,64})-----")
 
 
+_PUBLIC_NOT_PRIVATE = ("this is a public key, not a private key (give the private key file, "
+                       "usually the same name without .pub)")
+
+
+def _looks_public(head: bytes) -> bool:
+    """Does a file start like a public key line (a .pub given where a private key goes)?"""
+    return head.lstrip().startswith((LINE_KIND.encode() + b" ", KEY_TYPE.encode() + b" "))
+
+
 def _unarmor(data: bytes) -> tuple[str, list[str]]:
     """Split a PEM-style file into its label and body lines (not yet decoded)."""
     lines = [line.strip() for line in _as_text(data, "ascii").splitlines() if line.strip()]
@@ -406,6 +430,8 @@ def _unarmor(data: bytes) -> tuple[str, list[str]]:
         raise ValueError("file is empty")
     begin = _BEGIN.fullmatch(lines[0])
     if not begin:
+        if _looks_public(data):
+            raise ValueError(_PUBLIC_NOT_PRIVATE)
         raise ValueError("not a private key file (no '-----BEGIN ...-----' line)")
     label = begin.group(1)
     if lines[-1] != f"-----END {label}-----":
@@ -637,7 +663,7 @@ def _describe_foreign_pem(label: str, body: list[str]) -> str:
         else:
             kind = next((k for cls, k in _PKCS8_KINDS if isinstance(key, cls)), kind)
     return (f"holds {kind}; moshpit needs an Ed25519 key in OpenSSH format "
-            "(make one with: mp_keygen.py generate)")
+            f"(make one with: {program_command('keygen')} generate)")
 
 
 def _decode_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
@@ -670,12 +696,18 @@ def _read_bounded(path: str, limit: int, private: bool = False) -> bytes:
     key others could read is no longer a secret.
     """
     try:
-        # O_NONBLOCK: opening a FIFO planted at the path must not hang us.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        # O_NONBLOCK: opening a FIFO planted at the path must not hang us; O_NOCTTY: a
+        # terminal there must never become the controlling terminal of the server.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        with os.fdopen(os.open(path, flags), "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise KeyFileError(f"{path}: not a regular file")
             if private and st.st_mode & 0o077:
+                # A readable file's first bytes are no secret: a .pub given by mistake gets
+                # the real problem, not "chmod 600" on a public key.
+                if _looks_public(f.read(64)):
+                    raise KeyFileError(f"{path}: {_PUBLIC_NOT_PRIVATE}")
                 raise KeyFileError(
                     f"{path}: private key is accessible by others "
                     f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod 600 {path}"
@@ -714,15 +746,25 @@ def private_key_is_encrypted(path: str) -> bool:
     return False
 
 
-def save_private_key(path: str, key: PrivateKey, passphrase: bytes | None = None) -> None:
+def save_private_key(path: str, key: PrivateKey, passphrase: bytes | None = None,
+                     overwrite: bool = False) -> None:
     """Write ``key`` atomically with mode 0600: OpenSSH format, or the moshpit scrypt +
-    ChaCha20-Poly1305 envelope when a (non-empty) passphrase is given."""
-    _write_atomic(path, _encode_private_key(key, passphrase), 0o600)
+    ChaCha20-Poly1305 envelope when a (non-empty) passphrase is given. An existing file is
+    KeyFileExists unless ``overwrite`` (a key is never replaced by accident)."""
+    _write_atomic(path, _encode_private_key(key, passphrase), 0o600, overwrite)
 
 
-def save_public_key(path: str, pub: PublicKey) -> None:
-    """Write the ``moshpit <b64> comment`` line atomically with mode 0644."""
-    _write_atomic(path, (pub.to_line() + "\n").encode("utf-8"), 0o644)
+def public_key_bytes(pub: PublicKey, kind: str = LINE_KIND) -> bytes:
+    """The public key file's content: one line, ``moshpit ...`` or (``kind="ssh-ed25519"``)
+    OpenSSH's ``ssh-ed25519 ...``, which ``ssh-keygen -l`` also reads."""
+    return (pub.to_line(kind) + "\n").encode("utf-8")
+
+
+def save_public_key(path: str, pub: PublicKey, overwrite: bool = False,
+                    kind: str = LINE_KIND) -> None:
+    """Write the public key line atomically with mode 0644 (see public_key_bytes); an
+    existing file is KeyFileExists unless ``overwrite``."""
+    _write_atomic(path, public_key_bytes(pub, kind), 0o644, overwrite)
 
 
 def default_comment() -> str:
@@ -735,13 +777,34 @@ def default_comment() -> str:
 
 
 def create_key_pair(path: str, public_path: str, comment: str,
-                    passphrase: bytes | None = None) -> PrivateKey:
+                    passphrase: bytes | None = None, overwrite: bool = False,
+                    kind: str = LINE_KIND) -> PrivateKey:
     """Generate a new key and write it: ``path`` (0600, encrypted if ``passphrase``), then
-    ``public_path`` (0644). Each file is written atomically."""
+    ``public_path`` (0644, a ``kind`` line). Each file is written atomically.
+
+    Without ``overwrite`` neither file may exist: both are checked before anything is
+    written (KeyFileExists names the first one in the way), each is then created
+    exclusively, and if the public file cannot be created (it appeared meanwhile, or the
+    disk is full) the new private file is removed again, so a pair is never half written
+    and an existing key file is never touched.
+    """
+    path, public_path = os.path.abspath(path), os.path.abspath(public_path)
+    if path == public_path:
+        raise KeyFileError(f"{path}: the private and public key files must differ")
+    if not overwrite:
+        for existing in (path, public_path):
+            if os.path.lexists(existing):
+                raise KeyFileExists(existing)
     key = PrivateKey.generate(comment)
-    save_private_key(path, key, passphrase)
+    save_private_key(path, key, passphrase, overwrite)
     log.info("wrote %s (mode 0600, %s)", path, "encrypted" if passphrase else "unencrypted")
-    save_public_key(public_path, key.public)
+    try:
+        save_public_key(public_path, key.public, overwrite, kind)
+    except KeyFileError:
+        if not overwrite:  # ours alone: created exclusively a moment ago
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
     log.info("wrote %s (mode 0644)", public_path)
     return key
 
@@ -774,9 +837,13 @@ def _make_private_dirs(directory: str) -> None:
         os.chmod(d, 0o700)
 
 
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Write via a temp file in the same directory + rename: a crash leaves either the old
-    file or the new one, never half a key. The temp file has ``mode`` before any byte."""
+def _write_atomic(path: str, data: bytes, mode: int, overwrite: bool) -> None:
+    """Write via a temp file in the same directory, then move it into place: a crash leaves
+    either the old file or the new one, never half a key. The temp file has ``mode`` before
+    any byte. Without ``overwrite`` the move is a hard link, which fails if ``path`` exists
+    (even as a dangling symlink) at that very moment: no check-then-write race can clobber
+    a key file; that is KeyFileExists. With ``overwrite`` a rename replaces the file (a
+    symlink there is replaced, not followed)."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     tmp = None
@@ -788,8 +855,13 @@ def _write_atomic(path: str, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        if overwrite:
+            os.replace(tmp, path)
+            tmp = None
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise KeyFileExists(path) from None
     except OSError as err:
         raise KeyFileError(f"{path}: cannot write: {err.strerror or err}") from None
     finally:

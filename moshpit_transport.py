@@ -24,6 +24,9 @@ Wire format (all integers big-endian)::
     ACK   (2) = stream:u8 | largest_pn:u64 | ack_delay_us:u32 | cum:u64 | high-cum:u32
                 | n:u8 | n x (gap_start-cum:u32, gap_length:u32)
     PING  (3) = (empty)   the client pings when idle; the server answers with an ACK at once
+    PATH_CHALLENGE (4) = data:8   "prove you receive at this address": answered at once ...
+    PATH_RESPONSE  (5) = data:8   ... to the address the challenge came from, echoing data
+    PADDING (6) = zeros   fills the client's first pings under new keys to a full datagram
     control message on stream 1 = type:u8 | length:u8 | body
       RESIZE (1) rows:u16 cols:u16 | CLOSE (2) status:i32 final_offset:u64 | SHUTDOWN (3) utf-8
 
@@ -40,6 +43,16 @@ so bursts leave spread out; on a lossy path, small packets (keystrokes, echoes) 
 twice so that a round trip usually needs no retransmission.  While the server is silent,
 the client probes with pings every 20 ms (every 250 ms after 10 s), so a session recovers
 within one probe interval of an outage ending, whatever the backed-off timers say.
+
+Roaming and path validation (as QUIC does): replies go to the peer's validated address.  An
+authentic, fresh packet from another address does not move them at once (anyone on the path
+can replay a captured datagram from anywhere): the new address gets a PATH_CHALLENGE, and
+becomes the peer's address once a PATH_RESPONSE echoing it comes back from there.  Until
+then that address receives at most 3x the bytes that came from it (challenges, and copies
+of what goes to the old address, so a genuine roam gets its output within a round trip,
+validation or not).  The server's first address (no earlier one to keep using) is adopted
+at once under the same 3x limit; the client pads its first packets to a full datagram so
+that the limit covers a screenful.
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import secrets
 import socket
 import struct
 from collections import deque
@@ -156,6 +170,8 @@ DATA_HEADER = struct.Struct("!BQ")
 ACK_HEADER = struct.Struct("!BQIQIB")
 GAP = struct.Struct("!II")
 FRAME_DATA, FRAME_ACK, FRAME_PING = 1, 2, 3
+FRAME_PATH_CHALLENGE, FRAME_PATH_RESPONSE, FRAME_PADDING = 4, 5, 6
+PATH_DATA_SIZE = 8  # random bytes a challenge carries and its response echoes
 DATA_OVERHEAD = FRAME.size + DATA_HEADER.size
 MAX_STREAM_CHUNK = MAX_PAYLOAD - DATA_OVERHEAD
 
@@ -195,6 +211,10 @@ MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to 
 SENT_RING = 4096  # send times remembered, by packet number, for RTT samples
 SMALL_PACKET = 256  # stream data this small is sent twice when the path is lossy ...
 LOSSY = 0.05  # ... i.e. when this fraction of our packets were found lost recently
+AMPLIFICATION_FACTOR = 3  # bytes sent to an unvalidated address per byte received from it
+CHALLENGES_KEPT = 4  # recent challenges to an address that a response may answer
+PENDING_RESPONSES = 4  # challenges answered per flush; more in between are dropped
+CHALLENGE_DATAGRAM = OVERHEAD + FRAME.size + PATH_DATA_SIZE  # and a response's size
 
 
 class DataReceived(NamedTuple):
@@ -223,7 +243,8 @@ class ShutdownReceived(NamedTuple):
 
 
 class PeerAddressChanged(NamedTuple):
-    """Newer authenticated packets arrive from ``addr``: replies go there from now on."""
+    """Replies go to ``addr`` from now on: the peer's first address, or a new one that
+    answered a path challenge (see PathProbe)."""
 
     addr: tuple
 
@@ -724,6 +745,50 @@ class AckClock:
         return frames
 
 
+class PathProbe:
+    """An address that sent authentic, fresh packets but has not yet shown that it receives
+    ours: what it sent, what we may still send it, and the challenges it may answer.
+
+    Sending to it is limited to AMPLIFICATION_FACTOR times the bytes received from it, so a
+    replayed datagram cannot make us stream output at a third party.  Challenges are
+    retried with the RTO doubling up to MAX_BACKOFF_RTO, and sooner when the address sends
+    again (the peer is there and talking: the last challenge was probably lost).
+    """
+
+    def __init__(self, addr: object, now: float) -> None:
+        self.addr = addr
+        self.received = 0
+        self.sent = 0
+        self.next_challenge = now
+        self._tries = 0
+        self._challenges: deque = deque(maxlen=CHALLENGES_KEPT)  # (data, sent_at)
+
+    def allowance(self) -> int:
+        """Bytes we may still send to this address."""
+        return AMPLIFICATION_FACTOR * self.received - self.sent
+
+    def on_received(self, nbytes: int, now: float, rto: float) -> None:
+        self.received += nbytes
+        if self._challenges and now - self._challenges[-1][1] >= rto:
+            self.next_challenge = min(self.next_challenge, now)
+
+    def challenge(self, now: float, rto: float) -> bytes:
+        """Fresh challenge data to send now; schedules the retry."""
+        data = secrets.token_bytes(PATH_DATA_SIZE)
+        self._challenges.append((data, now))
+        self._tries += 1
+        backoff = rto * (1 << min(self._tries, 6))
+        self.next_challenge = now + min(backoff, max(rto, MAX_BACKOFF_RTO))
+        return data
+
+    def answered_at(self, data: bytes) -> Optional[float]:
+        """When the challenge ``data`` answers was sent (None: not one of ours)."""
+        for challenge, sent_at in self._challenges:
+            if secrets.compare_digest(challenge, data):
+                return sent_at
+        return None
+
+
 class Connection:
     """Sans-IO reliable session between one client and one server over datagrams.
 
@@ -735,6 +800,10 @@ class Connection:
     keys (the server learns the client's address from that ping), and every OUTAGE_PROBE
     while what it sent goes unanswered (so it notices the path is back at once).  The server
     answers every ping with an immediate ACK, so both sides hear each other that often.
+
+    ``peer_addr`` given to the constructor or ``rekey`` is trusted (the client names the
+    server it dialled); any other address the peer appears from is validated first (see
+    PathProbe), one at a time: a newer address replaces the one being validated.
     """
 
     def __init__(self, role: str, keys: object, now: float, peer_addr: object = None) -> None:
@@ -753,6 +822,8 @@ class Connection:
         self._close: Optional[tuple[int, int]] = None  # (status, final offset) awaiting output
         self._reported: set = set()  # CLOSE/SHUTDOWN reported already (resent after re-key)
         self._loss = LossEstimate()
+        self._probe: Optional[PathProbe] = None  # the address being validated, if any
+        self._responses: deque = deque(maxlen=PENDING_RESPONSES)  # (data, addr) to answer
         self._install_keys(keys, now)
 
     # -- public state ------------------------------------------------------------------
@@ -827,6 +898,10 @@ class Connection:
         self._control.restart()
         if peer_addr is not None:
             self.peer_addr = peer_addr
+            if self._peer_unvalidated():
+                self._probe = None
+        # Otherwise the address in use stays, validated or not: the client's first packet
+        # under the new keys moves it only through a challenge, like any roam.
         self.last_heard = now
 
     def _install_keys(self, keys: object, now: float) -> None:
@@ -867,13 +942,61 @@ class Connection:
         skipped = self._acks.received(pn, now)
         if skipped is not None:
             self._loss.on_rx(skipped)
-            if addr != self.peer_addr:
-                self.peer_addr = addr
-                self._events.append(PeerAddressChanged(addr))
-        if self._parse_frames(plaintext, now):
+        self._note_address(addr, len(data), skipped is not None, now)
+        if self._parse_frames(plaintext, addr, now):
             self._acks.eliciting(now)
 
-    def _parse_frames(self, plaintext: bytes, now: float) -> bool:
+    # -- addresses (path validation) ---------------------------------------------------
+
+    def _peer_unvalidated(self) -> bool:
+        """The address in use is still being validated (the server's first contact)."""
+        return self._probe is not None and self._probe.addr == self.peer_addr
+
+    def _note_address(self, addr: object, nbytes: int, newest: bool, now: float) -> None:
+        """An authentic packet of ``nbytes`` came from ``addr``: start validating it if it is
+        new (only for the newest packet: an older one from a left address is no news)."""
+        probe = self._probe
+        if probe is not None and addr == probe.addr:
+            probe.on_received(nbytes, now, self._rto())
+            return
+        if addr == self.peer_addr or not newest:
+            return
+        first_contact = self.peer_addr is None or self._peer_unvalidated()
+        self._probe = PathProbe(addr, now)
+        self._probe.on_received(nbytes, now, self._rto())
+        log.debug("%s: authentic packet from new address %s: validating it", self.role, addr)
+        if first_contact:
+            # No validated address to keep using: this one is used at once, under the limit.
+            self.peer_addr = addr
+            self._events.append(PeerAddressChanged(addr))
+
+    def _on_path_response(self, data: bytes, addr: object, now: float) -> None:
+        probe = self._probe
+        if probe is None or addr != probe.addr:
+            return  # answered from elsewhere: proves nothing about the address on trial
+        sent_at = probe.answered_at(data)
+        if sent_at is None:
+            return
+        self._probe = None
+        if addr == self.peer_addr:
+            return  # the first address, now validated: nothing moves
+        log.debug("%s: address %s validated: moving to it", self.role, addr)
+        old, self.peer_addr = self.peer_addr, addr
+        self._events.append(PeerAddressChanged(addr))
+        if addr[0] != old[0]:
+            # Another host, another path: its round trip (the challenge's) and unknown
+            # capacity replace the old path's. A new port only (NAT rebinding) keeps them.
+            self._rtt = RttEstimator()
+            self._rtt.sample(now - sent_at, 0.0)
+            self._cc = CongestionWindow()
+        # What went to the old address during the validation is lost if the peer left it
+        # (the usual reason to move): resend it all now instead of waiting out the RTO. It
+        # is not congestion; a copy that did arrive is only a duplicate to the receiver.
+        self._backoff = 0
+        self._terminal.on_timeout(now, float("-inf"))
+        self._control.out.on_timeout(now, float("-inf"))
+
+    def _parse_frames(self, plaintext: bytes, addr: object, now: float) -> bool:
         """Handle every frame; returns whether the packet asks for an ACK."""
         eliciting = False
         pos, size = 0, len(plaintext)
@@ -892,7 +1015,11 @@ class Connection:
             elif ftype == FRAME_PING:
                 eliciting = True
                 self._acks.owe(STREAM_TERMINAL, urgent=True)
-            pos = end  # unknown frame types are skipped: newer peers may send more kinds
+            elif ftype == FRAME_PATH_CHALLENGE and length == PATH_DATA_SIZE:
+                self._responses.append((plaintext[pos:end], addr))
+            elif ftype == FRAME_PATH_RESPONSE and length == PATH_DATA_SIZE:
+                self._on_path_response(plaintext[pos:end], addr, now)
+            pos = end  # unknown frame types (and PADDING) are skipped: newer peers may send more
         return eliciting
 
     def _on_data(self, stream_id: int, offset: int, payload: bytes) -> None:
@@ -1014,11 +1141,15 @@ class Connection:
 
     def next_timeout(self) -> Optional[float]:
         """Absolute time at which ``datagrams_to_send`` has something to do (None: never)."""
-        if self.peer_addr is None:
-            return None
+        if self._responses:
+            return self._now
+        probe = self._probe
+        times = [probe.next_challenge] if probe is not None and self._may_challenge() else []
+        if self.peer_addr is None or self._budget_exhausted():
+            return max(min(times), self._now) if times else None
         if self._more or self._acks.urgent:
             return self._now
-        times = [self._acks.deadline, self._rto_deadline()]
+        times += [self._acks.deadline, self._rto_deadline()]
         if self._is_client:
             times.append(self._next_ping())
         if self._data_pending():
@@ -1026,21 +1157,76 @@ class Connection:
         times = [t for t in times if t is not None]
         return max(min(times), self._now) if times else None
 
+    def _budget_exhausted(self) -> bool:
+        """The address in use is unvalidated and a full datagram would exceed its limit."""
+        return self._peer_unvalidated() and self._probe.allowance() < MAX_DATAGRAM
+
+    def _may_challenge(self) -> bool:
+        return self._probe.allowance() >= CHALLENGE_DATAGRAM
+
+    def _path_datagrams(self, now: float) -> list:
+        """Responses to the peer's challenges, then our challenge if one is due."""
+        out = []
+        probe = self._probe
+        while self._responses:
+            data, addr = self._responses.popleft()
+            if probe is not None and addr == probe.addr:  # answers count against its limit
+                if probe.allowance() < CHALLENGE_DATAGRAM:
+                    continue
+                probe.sent += CHALLENGE_DATAGRAM
+            out.append((self._seal(FRAME.pack(FRAME_PATH_RESPONSE, PATH_DATA_SIZE) + data, now),
+                        addr))
+        if probe is not None and now >= probe.next_challenge and self._may_challenge():
+            data = probe.challenge(now, self._rto())
+            datagram = self._seal(FRAME.pack(FRAME_PATH_CHALLENGE, PATH_DATA_SIZE) + data, now)
+            probe.sent += len(datagram)
+            out.append((datagram, probe.addr))
+        return out
+
+    def _destinations(self, size: int, has_data: bool) -> list:
+        """Where a datagram of ``size`` bytes goes: the address in use, and within its limit
+        the one on trial, if any. Copying output there lets a genuine roam get it at once,
+        validation or not. Bare ACKs are not copied: they would use up the limit that a
+        retried challenge needs, and without them the peer resends or probes from there
+        soon, which raises the limit."""
+        probe = self._probe
+        if probe is None:
+            return [self.peer_addr]
+        if probe.addr != self.peer_addr:
+            if not has_data or probe.allowance() < size:
+                return [self.peer_addr]
+            probe.sent += size
+            return [self.peer_addr, probe.addr]
+        if probe.allowance() < size:  # the address in use is itself on trial
+            return []
+        probe.sent += size
+        return [self.peer_addr]
+
+    def _seal(self, payload: bytes, now: float) -> bytes:
+        """The next packet number's datagram carrying ``payload``."""
+        pn = self._next_pn
+        self._next_pn = pn + 1
+        self._sent_at[pn % SENT_RING] = now
+        return self._tx.seal(pn, payload)
+
     def datagrams_to_send(self, now: float) -> list:
-        """Datagrams due now, as ``(bytes, addr)``: acks, pings, paced stream data."""
+        """Datagrams due now, as ``(bytes, addr)``: path challenges and responses, acks,
+        pings, paced stream data."""
         self._now = now
         self._more = False
+        out = self._path_datagrams(now)
         addr = self.peer_addr
         if addr is None:
-            return []
+            return out
         self._check_rto(now)
         rate = self._cc.pacing_rate(self._rtt.srtt)
         pacer = self._pacer
         pacer.refill(now, rate)
-        out = []
         while True:
             if len(out) >= MAX_BATCH:
                 self._more = True
+                break
+            if self._budget_exhausted():
                 break
             with_data = pacer.ready() and self._data_pending()
             ping = self._is_client and now >= self._next_ping()
@@ -1052,12 +1238,10 @@ class Connection:
             copies = 2 if data_bytes > 0 and len(payload) <= SMALL_PACKET \
                 and self._loss.rate > LOSSY else 1
             for _ in range(copies):
-                pn = self._next_pn
-                self._next_pn = pn + 1
-                datagram = self._tx.seal(pn, payload)
-                self._sent_at[pn % SENT_RING] = now
+                datagram = self._seal(payload, now)
                 pacer.spend(len(datagram))
-                out.append((datagram, addr))
+                out += [(datagram, dest)
+                        for dest in self._destinations(len(datagram), data_bytes > 0)]
             if data_bytes or ping:
                 self._last_eliciting_sent = now
                 if self._unanswered_since is None:
@@ -1093,6 +1277,9 @@ class Connection:
                     parts.append(data)
                     space -= DATA_OVERHEAD + len(data)
                     data_bytes += len(data)
+        if ping and not self._heard and space >= FRAME.size:
+            # A full datagram lets the server send 3 back to an address it has not validated.
+            parts.append(FRAME.pack(FRAME_PADDING, space - FRAME.size) + bytes(space - FRAME.size))
         return b"".join(parts), data_bytes
 
 

@@ -41,6 +41,7 @@ import moshpit
 import moshpit_handshake
 import moshpit_keys
 import moshpit_transport
+import moshpit_trust
 
 log = logging.getLogger("moshpit.client")
 
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "quit with the escape key (like ssh's ~.).",
     )
     moshpit.add_common_flags(p, "client")
+    p.add_argument("-i", metavar="FILE", dest="identity_file",
+                   help="private key file, as ssh -i (same as -p)")
+    p.add_argument("-l", "--login-name", metavar="USER", action=FirstLoginName,
+                   help="remote user, as ssh -l (as in ssh, the first of -l USER and "
+                   "USER@ on the command line wins)")
+    p.set_defaults(login_first=False)
     p.add_argument("-s", "--server-port", metavar="PORT", type=int,
                    help=f"server TCP port (default: {moshpit.DEFAULT_TCP_PORT})")
     p.add_argument("--strict-host-key-checking", choices=("ask", "accept-new", "yes"),
@@ -91,32 +98,80 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class FirstLoginName(argparse.Action):
+    """``-l USER`` as ssh reads it: a repeated -l keeps the first, and ``login_first``
+    records whether it came before the destination (then it beats the destination's
+    USER@; after it, USER@ wins: ssh takes the first user it sees)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is None:
+            setattr(namespace, self.dest, values)
+            namespace.login_first = namespace.server_destination is None
+
+
 # The client's own flags that are config settings (argparse dest == config key).
 CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
-    """Only the settings given on the command line, as config keys."""
+    """Only the settings given on the command line, as config keys (``-i`` is ssh's
+    spelling of ``-p``)."""
     settings = moshpit.common_flag_settings(args, "client")
+    if args.identity_file is not None:
+        if settings.get("private_key_path", args.identity_file) != args.identity_file:
+            raise moshpit.MoshpitError("-i and -p both name the private key file: give one")
+        settings["private_key_path"] = args.identity_file
     settings.update((key, getattr(args, key)) for key in CONFIG_FLAGS
                     if getattr(args, key) is not None)
     return settings
 
 
-def parse_destination(dest: str, default_user: str) -> tuple:
+def parse_destination(dest: str, default_user: str, alias=None) -> tuple:
     """``[user@]host`` -> (user, host). Host may be a name, IPv4, bare IPv6 (``::1``) or
     bracketed IPv6 (``[::1]``, ``[fe80::1%eth0]``); brackets are dropped. The port comes from
-    -s / server_port, never from the destination (same as the seed)."""
+    -s / server_port, never from the destination (same as the seed).
+
+    ``alias`` (host -> moshpit.SshAlias, the ~/.ssh/config lookup) renames the host to its
+    HostName and gives the user where the destination names none: ``user@`` wins, as in ssh.
+    The host is checked after that, so the name that reaches DNS and known_hosts is the
+    HostName (ssh records it too)."""
     user, at, host = dest.rpartition("@")
-    if not at:
-        user = default_user
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
         host = host[1:-1]
-    if not user or not host or any(c in user for c in ":/ "):
-        raise moshpit.MoshpitError(
-            f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
-    return user, checked_host(host, bracketed)
+    if not host or at and not valid_user(user):
+        _bad_destination(dest)
+    if alias is not None and not bracketed:
+        found = alias(host)
+        host = found.hostname or host
+        if not at and found.user:
+            if not valid_user(found.user):
+                raise moshpit.MoshpitError(
+                    f"bad user name {found.user!r} for {host} in the ssh config (User)")
+            user = found.user
+    return user or default_user, checked_host(host, bracketed)
+
+
+def _bad_destination(dest: str) -> None:
+    raise moshpit.MoshpitError(
+        f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
+
+
+def ssh_alias_lookup(config, prompter):
+    """The ~/.ssh/config lookup for parse_destination (None if ``ssh_config = false``): its
+    warnings go to the terminal, where each value came from to the log."""
+    path = config["ssh_config"]
+    if path is False:
+        return None
+
+    def lookup(host: str):
+        found = moshpit.resolve_ssh_alias(host, path, config.home)
+        for warning in found.warnings:
+            prompter.say(f"mp: warning: {warning}")
+        for note in found.notes:
+            log.info("%s", note)
+        return found
+    return lookup
 
 
 MAX_HOST_NAME = 253  # DNS: characters in a name, without the trailing dot
@@ -178,6 +233,24 @@ def _describe_char(ch: str) -> str:
 def _bad_host(host: str, why: str) -> None:
     raise moshpit.MoshpitError(
         f"invalid host name '{moshpit.printable(host, 80)}': {why}")
+
+
+def valid_user(user: str) -> bool:
+    """A remote user name we can send: non-empty, no ':' '/' or spaces."""
+    return bool(user) and not any(c in user for c in ":/ ")
+
+
+def remote_user_and_host(destination: str, login=None, login_first: bool = False,
+                         alias=None) -> tuple:
+    """(user, host) to connect as, from the destination, ``-l`` and ``alias`` (see
+    parse_destination): like ssh, the first of ``-l USER`` and ``USER@`` on the command line
+    wins, then the ssh config's User; without any, the local user."""
+    if login is not None and not valid_user(login):
+        raise moshpit.MoshpitError(f"bad login name {login!r} (-l)")
+    user, host = parse_destination(destination, local_user(), alias)
+    if login and (login_first or "@" not in destination):
+        user = login
+    return user, host
 
 
 def local_user() -> str:
@@ -556,42 +629,69 @@ class Prompter:
 
 def keygen_command(private_key_path: str) -> str:
     """The exact command that creates the missing key, runnable from the current directory."""
-    keygen = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_keygen.py")
-    relative = os.path.relpath(keygen)
-    script = keygen if relative.startswith("..") else relative
-    command = f"python3 {shlex.quote(script)} generate"
+    command = f"{moshpit.program_command('keygen')} generate"
     if private_key_path != moshpit_keys.default_identity_paths()[0]:
         command += f" -f {shlex.quote(private_key_path)}"
     return command
 
 
-def load_identity(config, prompter: Prompter):
-    """The client's private key: offered to be generated on first run (default yes on a
-    terminal, like the seed), its passphrase asked once if it is encrypted."""
-    path = config["private_key_path"]
-    if not os.path.exists(path):
-        return generate_identity(path, config["public_key_path"], prompter)
+def warn_if_public_key_differs(key, path: str, public_path: str, prompter: Prompter) -> None:
+    """Say so when the public key file beside the key is not its public half (a damaged or
+    replaced .pub), with the command that rebuilds it. Only a warning: logging in needs
+    only the private key, but that .pub is what the user copies to servers."""
+    if not os.path.lexists(public_path):
+        return
     try:
-        return moshpit_keys.load_private_key(path)
+        if moshpit_keys.load_public_key(public_path) == key.public:
+            return
+    except moshpit_keys.KeyFileError:
+        pass  # unreadable or garbled: just as unusable as someone else's key
+    prompter.say(f"mp: warning: {public_path} is not the public key of {path}; rebuild it "
+                 f"with: {moshpit.program_command('keygen')} pubkey -f {shlex.quote(path)} > "
+                 f"{shlex.quote(public_path)}")
+
+
+def load_identity(config, prompter: Prompter, target):
+    """The client's private key, its passphrase asked once if it is encrypted. Called by
+    the handshake only once the server is reached and its host key trusted (a mistyped
+    host never costs a passphrase). A missing key is offered to be generated (default yes
+    on a terminal, like the seed); the new key cannot log in yet, so that ends the run with
+    what to do next."""
+    path, public_path = config["private_key_path"], config["public_key_path"]
+    if not os.path.lexists(path):
+        generate_identity(path, public_path, prompter)
+        raise moshpit.MoshpitError(
+            f"{target.host} does not know the new key yet: add the line above to the "
+            f"authorized_keys of {target.user} there, then run mp again")
+    try:
+        key = moshpit_keys.load_private_key(path)
     except moshpit_keys.PassphraseRequired:
         if not prompter.interactive:
             raise moshpit.MoshpitError(
                 f"{path} is protected by a passphrase and there is no terminal to ask for it; "
                 "run mp from a terminal")
-    passphrase = prompter.secret(f"Enter passphrase for key '{path}': ")
-    try:
-        return moshpit_keys.load_private_key(path, passphrase)
-    except moshpit_keys.WrongPassphrase:
-        raise moshpit.MoshpitError(f"wrong passphrase for {path}")
+        passphrase = prompter.secret(f"Enter passphrase for key '{path}': ")
+        try:
+            key = moshpit_keys.load_private_key(path, passphrase)
+        except moshpit_keys.WrongPassphrase:
+            raise moshpit.MoshpitError(f"wrong passphrase for {path}")
+    warn_if_public_key_differs(key, path, public_path, prompter)
+    return key
 
 
 def generate_identity(path: str, public_path: str, prompter: Prompter):
-    """First run: make a key pair where the config says, then show the line for the server's
-    authorized_keys. Without a terminal only say how (never create keys unasked)."""
+    """First run: make a key pair where the config says (never over an existing file),
+    then show the line for the server's authorized_keys. Without a terminal only say how
+    (never create keys unasked)."""
+    if os.path.lexists(public_path):  # someone's public key: never paired with a new key
+        raise moshpit.MoshpitError(
+            f"no private key at {path}, but {public_path} exists: restore the private key, "
+            f"or move {public_path} away to create a new pair")
     missing = f"no private key at {path}; create one with: {keygen_command(path)}"
     if not prompter.interactive:
         raise moshpit.MoshpitError(missing)
-    if not prompter.yes_no(f"No moshpit key at {path}. Generate one now? [Y/n] ", True):
+    if not prompter.yes_no(f"No moshpit key at {path}. Generate a new key pair ({path} and "
+                           f"{public_path}) now? [Y/n] ", True):
         raise moshpit.MoshpitError(missing)
     for _ in range(3):
         passphrase = prompter.secret("Enter passphrase (empty for no passphrase): ")
@@ -600,8 +700,11 @@ def generate_identity(path: str, public_path: str, prompter: Prompter):
         prompter.say("Passphrases do not match. Try again.")
     else:
         raise moshpit.MoshpitError("passphrases did not match; no key was created")
-    key = moshpit_keys.create_key_pair(path, public_path, moshpit_keys.default_comment(),
-                                       passphrase or None)
+    try:
+        key = moshpit_keys.create_key_pair(path, public_path, moshpit_keys.default_comment(),
+                                           passphrase or None)
+    except moshpit_keys.KeyFileExists as err:  # appeared while the user was typing
+        raise moshpit.MoshpitError(f"{err}; not overwriting it, no key was created")
     prompter.say(
         f"Your identification has been saved in {path}\n"
         f"Your public key has been saved in {public_path}\n"
@@ -613,7 +716,7 @@ def generate_identity(path: str, public_path: str, prompter: Prompter):
 
 class HostKeyCheck:
     """Host key verification. First connection: the known_hosts policy (ask | accept-new |
-    yes) of moshpit_handshake, prompting in cooked mode (the handshake does not count the
+    yes) of moshpit_trust, prompting in cooked mode (the handshake does not count the
     user's think time). Resumes: the key must be exactly the one the session began with; no
     prompt can appear in the middle of a session, and a change is final."""
 
@@ -623,14 +726,14 @@ class HostKeyCheck:
         self.pinned = None
 
     def first(self, key) -> None:
-        moshpit_handshake.verify_host_key_policy(
+        moshpit_trust.verify_host_key_policy(
             self.known_hosts, self.host, self.port, key, self.policy,
             self.prompter.interactive, self.prompter.ask)
         self.pinned = key
 
     def resume(self, key) -> None:
         if key != self.pinned:
-            raise moshpit_handshake.HostKeyError(
+            raise moshpit_trust.HostKeyError(
                 f"the host key of {self.host} changed during the session "
                 f"(now {key.fingerprint()}); refusing to resume: someone may be intercepting "
                 "the connection")
@@ -704,7 +807,7 @@ def attempt_handshake(handshake, request):
 def is_final(err: moshpit.MoshpitError) -> bool:
     """Resume failures that retrying cannot fix (refused key, changed host key, session
     gone): stop, restore, explain. Anything else (unreachable, busy, timeout) is retried."""
-    return isinstance(err, (moshpit_handshake.AuthRefused, moshpit_handshake.HostKeyError))
+    return isinstance(err, (moshpit_handshake.AuthRefused, moshpit_trust.HostKeyError))
 
 
 def is_gone(err: moshpit.MoshpitError) -> bool:
@@ -1102,15 +1205,17 @@ class Target:
             self.host, self.port, identity, request, verify_host_key)
 
 
-def run_client(config, prompter: Prompter) -> int:
+def run_client(config, prompter: Prompter, login=None, login_first: bool = False) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
-    happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too."""
+    happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
+    ``login``/``login_first``: ``-l USER`` and whether it came before the destination."""
     destination = config["server_destination"]
     if not destination:
         raise moshpit.MoshpitError(
             "no server destination: give [user@]host, or set server_destination in the config")
-    user, host = parse_destination(destination, local_user())
+    user, host = remote_user_and_host(destination, login, login_first,
+                                      ssh_alias_lookup(config, prompter))
     target = Target(user, host, config["server_port"])
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()
@@ -1118,14 +1223,16 @@ def run_client(config, prompter: Prompter) -> int:
     guard = TerminalGuard(0, 1)
     router.install()
     try:
-        identity = load_identity(config, prompter)
+        identity = moshpit_handshake.LazyIdentity(
+            lambda: load_identity(config, prompter, target))
         hostcheck = HostKeyCheck(config["known_hosts_file"], host, target.port,
                                  config["strict_host_key_checking"], prompter)
         first = target.connect(identity, target.request(*target.winsize()),
                                hostcheck.first)
         log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
         with guard:
-            outcome = Session(target, hostcheck, first, identity, config, router, waker).run()
+            outcome = Session(target, hostcheck, first, identity.get(), config, router,
+                              waker).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -1165,17 +1272,21 @@ fi
 """
 
 
-def copy_id(config, ssh_command: str) -> int:
+def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> int:
     """``mp --copy-id [user@]host``: add our public key to the server user's
     ~/.mp/authorized_keys through the system ssh (its config, agent, password prompts on the
-    terminal), once. Returns ssh's exit status (0 when the key is there)."""
+    terminal), once. Returns ssh's exit status (0 when the key is there). With ``-l`` the
+    user is the one mp would log in as (run_client's rule)."""
     destination = config["server_destination"]
     if not destination:
         raise moshpit.MoshpitError("--copy-id needs a destination: mp --copy-id [user@]host")
+    if login is not None:
+        destination = "{}@{}".format(*remote_user_and_host(destination, login, login_first))
     path = config["public_key_path"]
     if not os.path.exists(path):
         raise moshpit.MoshpitError(
-            f"no public key at {path}; create a key pair with: python3 mp_keygen.py generate")
+            f"no public key at {path}; create a key pair with: "
+            f"{moshpit.program_command('keygen')} generate")
     key = moshpit_keys.load_public_key(path)
     remote = "exec sh -c " + shlex.quote(COPY_ID_SCRIPT)
     argv = shlex.split(ssh_command) + ["--", destination, remote]
@@ -1210,9 +1321,9 @@ def main(argv=None) -> int:
         for warning in config.warnings:
             prompter.say(f"mp: warning: {warning}")
         if args.copy_id:
-            return copy_id(config, args.ssh_command)
+            return copy_id(config, args.ssh_command, args.login_name, args.login_first)
         moshpit.setup_logging("client", config, log_path=args.tracing)
-        return run_client(config, prompter)
+        return run_client(config, prompter, args.login_name, args.login_first)
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")

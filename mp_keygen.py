@@ -17,9 +17,9 @@ import sys
 import termios
 
 import moshpit_keys as keys
-from moshpit import MoshpitError, __version__, printable, printable_lines
+from moshpit import MoshpitError, __version__, printable, printable_lines, program_name
 
-PROG = "mp_keygen.py"
+PROG = program_name("keygen")  # mp_keygen.py, or moshpit.pyz keygen in the one-file bundle
 PASSPHRASE_ATTEMPTS = 3
 log = logging.getLogger("moshpit.keygen")
 
@@ -88,12 +88,6 @@ def _ask_passphrase(terminal: Terminal | None) -> str:
                        "no key was written")
 
 
-def _confirm_overwrite(terminal: Terminal | None, path: str) -> bool:
-    terminal = _need(terminal, f"{path} already exists: pass --force to overwrite it")
-    answer = terminal.ask(f"{path} already exists.\nOverwrite (y/N)? ")
-    return answer.strip().lower() in ("y", "yes")
-
-
 def generate(args: argparse.Namespace, terminal: Terminal | None) -> int:
     default_path = keys.default_identity_paths()[0]
     print("Generating public/private ed25519 key pair.")
@@ -102,22 +96,38 @@ def generate(args: argparse.Namespace, terminal: Terminal | None) -> int:
         path = terminal.ask(f"Enter file in which to save the key ({default_path}): ").strip()
     path = os.path.abspath(os.path.expanduser(path or default_path))
     pub_path = path + ".pub"
-    existing = next((p for p in (path, pub_path) if os.path.lexists(p)), None)
-    if existing and not args.force and not _confirm_overwrite(terminal, existing):
-        print("Not overwritten.")
-        return 1
+    if not args.force:  # checked before the passphrase is asked; create_key_pair rechecks
+        existing = next((p for p in (path, pub_path) if os.path.lexists(p)), None)
+        if existing:
+            raise keys.KeyFileExists(existing)
     passphrase = args.passphrase
     if passphrase is None:
         passphrase = _ask_passphrase(terminal)
     comment = keys.default_comment() if args.comment is None else args.comment
     key = keys.create_key_pair(path, pub_path, comment,
-                               passphrase.encode("utf-8", "surrogateescape"))
+                               passphrase.encode("utf-8", "surrogateescape"),
+                               overwrite=args.force, kind=keys.PUBLIC_FORMATS[args.format])
     print(f"Your private key has been saved in {path}")
     print(f"Your public key has been saved in {pub_path}")
     print("The key fingerprint is:")
     print(f"{key.public.fingerprint()} {printable(key.public.comment)}".rstrip())
     print("The key's randomart image is:")
     print(key.public.randomart())
+    return 0
+
+
+def pubkey(args: argparse.Namespace, terminal: Terminal | None) -> int:
+    """Print the public key line of a private key file, like ``ssh-keygen -y``: rebuilds a
+    lost or damaged .pub (``pubkey -f KEY > KEY.pub``)."""
+    path = os.path.expanduser(args.file)
+    try:
+        key = keys.load_private_key(path)
+    except keys.PassphraseRequired:
+        terminal = _need(terminal, f"{path} is protected by a passphrase and there is no "
+                                   "terminal to ask for it")
+        passphrase = terminal.ask(f"Enter passphrase for {path}: ", secret=True)
+        key = keys.load_private_key(path, passphrase.encode("utf-8", "surrogateescape"))
+    print(key.public.to_line(keys.PUBLIC_FORMATS[args.format]))
     return 0
 
 
@@ -153,7 +163,12 @@ EXAMPLES = {
     "generate": f"""\
   {PROG} generate                          # asks for path and passphrase
   {PROG} generate -f ~/.mp/mps_host_ed25519_key -N ''   # a server host key, no prompts
-  {PROG} generate -f /tmp/k -N '' -C ci@build --force    # scripts: overwrite silently""",
+  {PROG} generate -f /tmp/k -N '' -C ci@build --force    # replace an existing pair
+  {PROG} generate --format openssh         # .pub as "ssh-ed25519 ...", for ssh-keygen -l""",
+    "pubkey": f"""\
+  {PROG} pubkey                            # the public line of ~/.mp/id_ed25519
+  {PROG} pubkey -f ~/.mp/work > ~/.mp/work.pub   # rebuild a lost or damaged .pub
+  {PROG} pubkey --format openssh -f ~/.mp/id_ed25519   # as ssh-keygen -y prints it""",
     "fingerprint": f"""\
   {PROG} fingerprint                       # ~/.mp/id_ed25519.pub
   {PROG} fingerprint --randomart ~/.mp/mps_host_ed25519_key.pub
@@ -173,6 +188,13 @@ def _add_verbosity(parser: argparse.ArgumentParser, dest_suffix: str) -> None:
                         help="more log output (repeatable; conflicts with --quiet)")
     parser.add_argument("-q", "--quiet", action="count", default=0, dest="quiet" + dest_suffix,
                         help="less log output (repeatable; conflicts with --verbose)")
+
+
+def _add_format(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--format", choices=tuple(keys.PUBLIC_FORMATS), default="moshpit",
+                        help=f"{what}: 'moshpit <base64> comment' (default) or OpenSSH's "
+                        "'ssh-ed25519 <base64> comment' (readable by ssh-keygen -l); moshpit "
+                        "reads both")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="passphrase for the private key ('' for none)")
     gen.add_argument("-C", "--comment", metavar="COMMENT",
                      help=f"comment on the public key line (default {keys.default_comment()})")
-    gen.add_argument("--force", action="store_true", help="overwrite existing key files")
+    gen.add_argument("--force", action="store_true",
+                     help="replace existing key files (without it, an existing private or "
+                     "public key file is never touched)")
+    _add_format(gen, "the public key file's line")
+
+    pk = command("pubkey", pubkey, "Print the public key line of a private key (as "
+                                   "ssh-keygen -y); asks for its passphrase if it has one.")
+    pk.add_argument("-f", "--file", default=default_priv, metavar="PATH",
+                    help=f"private key file (default {default_priv})")
+    _add_format(pk, "the printed line")
 
     fp = command("fingerprint", fingerprint, "Show the SHA256 fingerprint of a public key.")
     fp.add_argument("path", nargs="?", default=default_pub, metavar="PUBKEY",
@@ -237,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     terminal = Terminal.open()
     try:
         return args.func(args, terminal)
+    except keys.KeyFileExists as err:
+        print(f"{PROG}: {err}: pass --force to replace the key pair, or choose another "
+              "file with -f; nothing was written", file=sys.stderr)
+        return 1
     except MoshpitError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 1

@@ -38,12 +38,15 @@ import sys
 import termios
 import threading
 import time
+from collections import Counter
 from typing import Dict, List, Optional
 
 import moshpit
 import moshpit_handshake as handshake
 import moshpit_keys as keys
+import moshpit_login
 import moshpit_transport as transport
+import moshpit_trust as trust
 from moshpit import MoshpitError
 
 log = logging.getLogger("moshpit.server")
@@ -92,10 +95,27 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
     return env
 
 
-def _take_controlling_tty() -> None:
-    """Runs in the child between fork and exec (after setsid): the PTY on fd 0 becomes the
-    session's controlling terminal, so job control, Ctrl-C and SIGWINCH work."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+class _ShellChildSetup:
+    """Runs in the shell's child between fork and exec (after setsid): the PTY on fd 0
+    becomes the session's controlling terminal (job control, Ctrl-C, SIGWINCH), the
+    resource limits go back to mps's own start-up ones, and for a root server the audit
+    login uid is written and then the identity changes (groups, gid, uid). The identity
+    change is here, not Popen's user/group arguments, only because those run before this
+    hook and the login uid can be written only before it (moshpit_login.write_loginuid).
+    An exception here (a failed setuid) reaches the parent as SubprocessError: no shell."""
+
+    def __init__(self, pw: Optional[pwd.struct_passwd] = None):
+        self.pw = pw
+        self.groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw is not None else None
+
+    def __call__(self) -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        moshpit_login.restore_rlimits()
+        if self.pw is not None:
+            moshpit_login.write_loginuid(self.pw.pw_uid)
+            os.setgroups(self.groups)
+            os.setgid(self.pw.pw_gid)
+            os.setuid(self.pw.pw_uid)
 
 
 def _tty_group(default_gid: int) -> int:
@@ -109,11 +129,14 @@ class PtyShell:
     """The target user's login shell (``-bash`` style argv0) on a new PTY; we keep the master.
 
     Spawned with subprocess.Popen instead of a hand-written fork/exec: in this multi-threaded
-    server, _posixsubprocess does setsid, setgroups (initgroups' list), setregid, setreuid,
-    chdir and execve in C in the child, and reports a failure of any of them to the parent as
-    an exception: a failed privilege drop can never go on to exec a shell as root. The only
-    Python code in the child is the TIOCSCTTY ioctl (Popen has no C-level option for it): no
-    locks, no allocation worth mentioning, so the usual fork-with-threads hazards don't apply.
+    server, _posixsubprocess does setsid, chdir and execve in C in the child, and reports a
+    failure of any step, _ShellChildSetup's included, to the parent as an exception: a failed
+    privilege drop can never go on to exec a shell as root. The Python code in the child
+    (_ShellChildSetup: an ioctl, setrlimit, one write, setgroups/setgid/setuid) takes no
+    locks and allocates next to nothing, so the usual fork-with-threads hazards don't apply.
+
+    A root server records the login in utmp/wtmp/lastlog once the shell runs
+    (``self.record``), and closes the record once the shell is reaped.
     """
 
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
@@ -121,7 +144,7 @@ class PtyShell:
         self.user = pw.pw_name
         shell = pw.pw_shell or "/bin/sh"
         cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
-        identity = {}
+        setup = _ShellChildSetup()
         master, slave = os.openpty()
         try:
             env = login_environment(pw, term, client_env, connection, os.ttyname(slave))
@@ -130,12 +153,13 @@ class PtyShell:
                 # The user owns their terminal (mesg, write), like sshd does.
                 os.fchown(slave, pw.pw_uid, _tty_group(pw.pw_gid))
                 os.fchmod(slave, 0o620)
-                identity = {"user": pw.pw_uid, "group": pw.pw_gid,
-                            "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
+                setup = _ShellChildSetup(pw)
+                moshpit_login.loginuid_supported()  # says once in the log if it is not
+            tty_path = os.ttyname(slave)
             self.proc = subprocess.Popen(
                 ["-" + os.path.basename(shell)], executable=shell,
                 stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                start_new_session=True, preexec_fn=_take_controlling_tty, **identity)
+                start_new_session=True, preexec_fn=setup)
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             os.close(master)
             raise ShellError(f"cannot start login shell {shell} for {pw.pw_name}: {e}")
@@ -144,6 +168,10 @@ class PtyShell:
         os.set_blocking(master, False)
         self.master_fd: Optional[int] = master
         self.pid = self.proc.pid
+        # --- login records (moshpit_login): who/last/lastlog ---
+        self.record = moshpit_login.LoginRecord(pw.pw_name, pw.pw_uid, tty_path, self.pid,
+                                                connection.split()[0])
+        self.record.open()
 
     def resize(self, rows: int, cols: int) -> None:
         """New window size; the kernel sends SIGWINCH to the terminal's foreground group."""
@@ -179,6 +207,7 @@ class PtyShell:
         status = self.proc.poll()
         if status is None:
             return None
+        self.record.close()  # --- login records: the logout (the session may linger) ---
         return 128 - status if status < 0 else status
 
     def hangup(self) -> None:
@@ -199,6 +228,7 @@ class PtyShell:
             log.warning("shell %d of %s ignored SIGHUP: killing it", self.pid, self.user)
             self.proc.kill()
             self.proc.wait()
+        self.record.close()  # --- login records: the logout ---
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +294,7 @@ class Session:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._to_pty = bytearray()  # client input not yet taken by the PTY
-        self._client_addr = None  # where the client's UDP packets come from
+        self._client_addr = None  # where the client's UDP packets come from (None: not yet)
         self._pty_eof = False
         self._exit_status: Optional[int] = None
         self._drain_until = 0.0
@@ -482,18 +512,31 @@ class Session:
         self._ending = why
         self._end_by = None if linger is None else now + linger
 
+    def _silence_limit(self) -> tuple:
+        """(seconds the client may stay unheard, None: forever; why the session then ends).
+        Until its first UDP packet arrives, the shorter unattached timeout applies: a session
+        nobody ever reached would otherwise hold its slot for the whole detached timeout."""
+        detached = self.server.detached_timeout or None
+        unattached = self.server.unattached_timeout or None
+        if self._client_addr is None and unattached and (detached is None
+                                                         or unattached < detached):
+            return unattached, (f"never attached: no UDP packet from the client within"
+                                f" {unattached} s of the handshake (UDP blocked?)")
+        return detached, f"detached for more than {detached} s"
+
     def _deadline(self) -> Optional[float]:
         """When the session ends if nothing else happens (None: never)."""
         if self._end_by is not None:
             return self._end_by
-        detached = self.server.detached_timeout
-        return self.conn.last_heard + detached if detached else None
+        limit, _why = self._silence_limit()
+        # last_heard: the latest authentic packet, or the latest handshake (start, resume).
+        return self.conn.last_heard + limit if limit else None
 
     def _finished(self, now: float) -> bool:
         deadline = self._deadline()
         if self._ending is None:
             if deadline is not None and now >= deadline:
-                self._ending = f"detached for more than {self.server.detached_timeout} s"
+                self._ending = self._silence_limit()[1]
                 return True
             return False
         return self.conn.all_acked() or (deadline is not None and now >= deadline)
@@ -550,6 +593,21 @@ def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
     return None
 
 
+ACCEPT_BATCH = 64  # connections the accept loop takes per wake-up
+
+
+def admission_limits(config: moshpit.Config) -> handshake.AdmissionLimits:
+    """The pre-authentication limits (README "Pre-authentication limits") from the config."""
+    return handshake.AdmissionLimits(
+        max_handshakes=config["mps.max_handshakes"],
+        startups=moshpit.parse_max_startups(config["mps.max_startups"]),
+        max_per_source=config["mps.max_handshakes_per_source"],
+        netblock=moshpit.parse_netblock(config["mps.source_netblock"]),
+        penalties=moshpit.parse_penalties(config["mps.source_penalties"]),
+        trusted_secs=float(config["mps.trusted_source_secs"]),
+        startups_per_sec=float(config["mps.max_startups_per_sec"]))
+
+
 class Server:
     """Accepts TCP connections, runs each handshake in its own thread (bounded in number and
     time), and keeps the registry of sessions for new logins, resumes and shutdown. Create it
@@ -560,14 +618,25 @@ class Server:
         self.host_key = host_key
         self.port_range = moshpit.parse_port_range(config["mps.udp_port_range"])
         self.max_sessions = config["mps.max_sessions"]
+        self.max_sessions_per_user = config["mps.max_sessions_per_user"]
         self.detached_timeout = config["mps.detached_session_timeout_secs"]
+        self.unattached_timeout = config["mps.unattached_session_timeout_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
+        self.hello_timeout = float(config["mps.hello_timeout_secs"])
         self.authorized_keys_file = config["mps.authorized_keys_file"] or None
-        self.limiter = handshake.HandshakeLimiter(config["mps.max_handshakes"])
+        # --- account policy (moshpit_login): sshd's allowed_user, nologin, PAM account ---
+        self.account_policy = moshpit_login.AccountPolicy(
+            {name: config["mps." + name] for name in moshpit_login.AccountPolicy.LISTS},
+            use_pam=config["mps.use_pam"] and moshpit_login.pam_available(
+                asked=config.source("mps.use_pam") != "default"))
+        moshpit_login.close_stale_records()  # sessions that ended while no mps was running
+        self.limiter = handshake.HandshakeLimiter(
+            handshake.AdmissionPolicy(admission_limits(config)))
         self.listeners: List[socket.socket] = []
         self._lock = threading.Lock()
         self._sessions: Dict[bytes, Session] = {}
-        self._setting_up = 0  # new sessions inside a handshake, counted against max_sessions
+        # New sessions inside a handshake, by user: counted against the limits already.
+        self._setting_up: Counter = Counter()
         self._signals: List[int] = []
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
@@ -653,22 +722,28 @@ class Server:
         return 0
 
     def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
-            log.error("accept failed: %s", e)
-            time.sleep(0.1)
-            return
-        sock.setblocking(True)
-        self.limiter.spawn(sock, self._handshake)  # "server busy" when too many are running
+        """Take what the backlog holds (up to ACCEPT_BATCH per wake-up: a flood of refused
+        connections then costs one select per batch, not one per connection)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
+                log.error("accept failed: %s", e)
+                time.sleep(0.1)
+                return
+            sock.setblocking(True)
+            self.limiter.spawn(sock, self._handshake)  # refused by the pre-auth limits?
 
     # -- handshakes ------------------------------------------------------------------------
 
-    def _handshake(self, sock: socket.socket) -> None:
-        """One handshake (own thread; the limiter closes ``sock``). A new session set up by
-        ``decide`` starts only if the handshake completes; otherwise it is undone."""
+    def _handshake(self, sock: socket.socket, report) -> None:
+        """One handshake (own thread; the limiter closes ``sock`` and gets its outcome through
+        ``report``). A new session set up by ``decide`` starts only if the handshake
+        completes; otherwise it is undone."""
         created: List[Session] = []
 
         def decide(auth):
@@ -680,7 +755,8 @@ class Server:
         auth = None
         try:
             auth = handshake.server_handshake(sock, self.host_key, decide,
-                                              timeout=self.handshake_timeout)
+                                              timeout=self.handshake_timeout,
+                                              hello_timeout=self.hello_timeout, report=report)
         finally:
             for session in created:
                 self._setup_done(session, auth)
@@ -688,7 +764,7 @@ class Server:
     def _setup_done(self, session: Session, auth) -> None:
         why = "the handshake did not complete" if auth is None else "the server is stopping"
         with self._lock:
-            self._setting_up -= 1
+            self._release_slot(session.user)
             if auth is not None and not self._stopping:
                 # Started and registered together: shutdown sees only running sessions.
                 try:
@@ -710,28 +786,55 @@ class Server:
         AuthRefused with a reason code for the client and a reason for the log."""
         if self._stopping:
             raise handshake.AuthRefused(handshake.SHUTTING_DOWN, "the server is stopping")
-        # Checked before the user lookup, so the answer says nothing about which users exist.
-        me = pwd.getpwuid(os.geteuid()).pw_name
-        if os.geteuid() != 0 and auth.user != me:
-            raise handshake.AuthRefused(
-                handshake.USER_NOT_SERVED,
-                f"this server runs as {me} and only serves user {me}, not {auth.user!r} "
-                "(run mps as root to serve every user)")
-        try:
-            pw = pwd.getpwnam(auth.user)
-        except (KeyError, ValueError):
-            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
-                                        f"no such user {auth.user!r}")
-        if auth.client_key not in handshake.authorized_keys_for(pw, self.authorized_keys_file):
-            raise handshake.AuthRefused(
-                handshake.PERMISSION_DENIED,
-                f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
+        pw = self._authorized_user(auth)
         request = auth.request
         if request.end_session:
             return self._quit_session(auth), None
         if request.resume_session_id is not None:
             return self._resume(auth), None
+        # --- account policy: a new login (a resume continues one) ---
+        refusal = self.account_policy.refusal(pw, moshpit_login.client_address(auth.peer))
+        if refusal is not None:
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(refusal),
+                                        refusal.client_message)
         return self._new_session(auth, pw)
+
+    def _authorized_user(self, auth) -> pwd.struct_passwd:
+        """The password entry of the requested user if the client's key may log in as them.
+
+        No oracle: until a key is shown valid for the requested user, every refusal reads
+        "permission denied" (the log keeps the real reason), so a stranger learns neither
+        which users exist nor whom a non-root server runs as. Only a client holding a key
+        authorized for a non-root server's own account hears "user not served" (it could
+        log in as that account anyway)."""
+        me = pwd.getpwuid(os.geteuid())
+        if os.geteuid() != 0 and auth.user != me.pw_name:
+            not_served = (f"this server runs as {me.pw_name} and only serves user {me.pw_name},"
+                          f" not {auth.user!r} (run mps as root to serve every user)")
+            if self._key_authorized(auth.client_key, me):
+                raise handshake.AuthRefused(handshake.USER_NOT_SERVED, not_served)
+            raise handshake.AuthRefused(
+                handshake.PERMISSION_DENIED,
+                f"{not_served}; key {auth.client_key.fingerprint()} is not authorized for"
+                f" {me.pw_name} either")
+        try:
+            pw = pwd.getpwnam(auth.user)
+        except (KeyError, ValueError):
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
+                                        f"no such user {auth.user!r}")
+        if not self._key_authorized(auth.client_key, pw):
+            raise handshake.AuthRefused(
+                handshake.PERMISSION_DENIED,
+                f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
+        return pw
+
+    def _key_authorized(self, key, pw: pwd.struct_passwd) -> bool:
+        """Whether ``key`` is in ``pw``'s authorized_keys; a file that cannot be trusted is
+        "permission denied" with moshpit_trust's reason in the log."""
+        try:
+            return key in trust.authorized_keys_for(pw, self.authorized_keys_file)
+        except trust.TrustError as e:
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e)) from None
 
     def _owned_session(self, auth, what: str) -> Session:
         """The session a resume or quit request names, if this client owns it: same user,
@@ -765,12 +868,31 @@ class Server:
                                         f"session {session.name} had ended before the quit request")
         return _grant(session, recv_offset)
 
-    def _new_session(self, auth, pw):
+    def _claim_slot(self, user: str) -> None:
+        """Count a new session of ``user`` against max_sessions and max_sessions_per_user
+        from now on (its handshake is still running), or refuse it naming the limit hit."""
         with self._lock:
-            if len(self._sessions) + self._setting_up >= self.max_sessions:
+            total = len(self._sessions) + sum(self._setting_up.values())
+            if total >= self.max_sessions:
                 raise handshake.AuthRefused(
-                    handshake.SERVER_BUSY, f"max_sessions ({self.max_sessions}) reached")
-            self._setting_up += 1
+                    handshake.SESSION_LIMIT, f"max_sessions ({self.max_sessions}) reached")
+            own = self._setting_up[user] + sum(
+                1 for session in self._sessions.values() if session.user == user)
+            if own >= self.max_sessions_per_user:
+                raise handshake.AuthRefused(
+                    handshake.USER_SESSION_LIMIT,
+                    f"{user} has {own} sessions: max_sessions_per_user"
+                    f" ({self.max_sessions_per_user}) reached")
+            self._setting_up[user] += 1
+
+    def _release_slot(self, user: str) -> None:
+        """The handshake of a session claimed by ``_claim_slot`` is over (hold the lock)."""
+        self._setting_up[user] -= 1
+        if not self._setting_up[user]:
+            del self._setting_up[user]
+
+    def _new_session(self, auth, pw):
+        self._claim_slot(pw.pw_name)
         try:
             try:
                 udp = bind_udp_port(auth.local, *self.port_range)
@@ -791,7 +913,7 @@ class Server:
                 raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))
         except BaseException:
             with self._lock:
-                self._setting_up -= 1
+                self._release_slot(pw.pw_name)
             raise
         session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
                           shell)
@@ -808,8 +930,6 @@ def _grant(session: Session, recv_offset: int):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-KEYGEN_HINT = "python3 mp_keygen.py generate -f {path} -N ''"
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -850,9 +970,16 @@ def load_host_key(config: moshpit.Config, generate: bool):
         if not generate:
             raise MoshpitError(
                 f"host key {path} not found: create it with "
-                f"`{KEYGEN_HINT.format(path=shlex.quote(path))}` "
+                f"`{moshpit.program_command('keygen')} generate -f {shlex.quote(path)} -N ''` "
                 "(or start mps once with --generate-host-key)")
-        key = keys.create_key_pair(path, pub_path, f"mps@{socket.gethostname()}")
+        try:
+            key = keys.create_key_pair(path, pub_path, f"mps@{socket.gethostname()}")
+        except keys.KeyFileExists as err:  # the public file (the private one was missing)
+            raise MoshpitError(
+                f"host key {path} not found, but {err.path} exists; not overwriting it: "
+                "restore the host key, or move that file away and generate again "
+                "(a public key can be rebuilt from its private key with "
+                "`mp_keygen.py pubkey -f KEY`)") from None
         log.info("generated host key %s (%s)", path, key.public.fingerprint())
         return key
     try:
@@ -872,6 +999,67 @@ def _raise_fd_limit() -> None:
     want = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def leave_session_leadership() -> Optional[int]:
+    """Make sure the process that serves can never acquire a controlling terminal.
+
+    Why: on Linux (and System V) a session leader without a controlling terminal acquires any
+    terminal it opens without O_NOCTTY, and then a ^C typed there stops the server and every
+    session. moshpit's own opens all carry O_NOCTTY, but Python's open(), logging and any
+    library open by name do not. Under systemd (and setsid, start_new_session) mps starts
+    as a session leader, and a session leader cannot stop being one: setsid() fails for it,
+    and TIOCNOTTY would only undo an acquisition after a ^C could already have landed.
+
+    So a session leader forks once: the child (same session and process group, but not the
+    leader: only a leader can acquire a terminal) does all the work; the parent opens
+    nothing, forwards SIGTERM/SIGINT/SIGHUP to it and exits with its status, so the PID that
+    a service manager or script knows still stops the server. If the parent is killed
+    outright (SIGKILL), the child notices (the pipe it holds closes) and ends the same way,
+    as the single process would have. Returns None in the process that goes on to serve,
+    else (in the parent) the exit status to return.
+    """
+    if os.getsid(0) != os.getpid():
+        return None
+    alive_r, alive_w = os.pipe()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISED_SIGNALS)  # none lost
+    try:
+        child = os.fork()
+    except OSError as e:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise MoshpitError(f"cannot start the server process: {e.strerror or e}")
+    if child == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(alive_w)
+        threading.Thread(target=_end_with_supervisor, args=(alive_r,), daemon=True,
+                         name="supervisor-watch").start()
+        return None
+    os.close(alive_r)
+
+    def forward(signum, frame):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in SUPERVISED_SIGNALS:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    _, status = os.waitpid(child, 0)  # retried after each forwarded signal (PEP 475)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128+N
+
+
+def _end_with_supervisor(alive_fd: int) -> None:
+    """(Thread of the serving process.) The supervisor holds the write end of ``alive_fd``
+    and never writes: end of file means it was killed without a chance to forward a signal.
+    Go the same way, so killing the PID that was started still kills the server."""
+    while os.read(alive_fd, 1):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class PidFile:
@@ -923,8 +1111,8 @@ class PidFile:
                 if other is not None:
                     raise MoshpitError(
                         f"another mps is already running (pid {other}, pid file "
-                        f"{self.path}): stop it with `python3 mps.py --stop`, or give this "
-                        "one its own mps.pid_file and mps.port")
+                        f"{self.path}): stop it with `{moshpit.program_command('mps')} "
+                        "--stop`, or give this one its own mps.pid_file and mps.port")
                 log.info("replacing stale pid file %s (pid %s is not running)", self.path,
                          self.pid() or "?")
                 self.discard()
@@ -1026,6 +1214,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = False
     root_logger = logging.getLogger(moshpit.ROOT_LOGGER)
     try:
+        status = leave_session_leadership()
+        if status is not None:
+            return status  # the supervisor: the child served and has ended
         config = moshpit.load_config("server", cli=cli_overrides(args), path=args.config)
         log_path = args.tracing or moshpit.default_log_path("server", config.home)
         if args.print_config:
@@ -1049,6 +1240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         pid_file = PidFile(pid_file_path(config))
         pid_file.create()
         host_key = load_host_key(config, args.generate_host_key)
+        moshpit_login.capture_rlimits()  # the shells get these back (not the raised one)
         _raise_fd_limit()
         server = Server(config, host_key)
         server.listen()

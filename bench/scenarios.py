@@ -13,13 +13,17 @@ import os
 import pwd
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
+from attack_util import ATTACK_SOURCES, IdleConnectionAttack, legitimate_logins
 from display import Display
-from proc_util import PtyProcess, PtyTimeout, pids_with_cmdline
+from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline
 from tools import CLIENT_ENV, Client, Network, Tool, client_usage, server_usage
 
+ATTACK_UTIL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "tests", "attack_util.py")
 ECHO_CHARS = b"zxwvjk"  # letters no terminal escape sequence or status banner here uses
 READY_TIMEOUT = 30.0
 
@@ -346,6 +350,75 @@ class Idle(Scenario):
                 "client_cpu": [(client1 - client0) / seconds * 100]}
 
 
+class Preauth(Scenario):
+    """Pre-authentication attacks on the server (moshpit only: tests/attack_util.py drives
+    its handshake). First, six loopback addresses keep refilling idle connections while a
+    client logs in and resumes over and over: the share of those handshakes that succeed.
+    Then keystroke echo of a live session, without and during a ClientHello flood (another
+    process, as fast as it can) from six addresses, then from 1024 in turn (more sources
+    than penalties catch in time, like a botnet): medians, ratios to the quiet median, and
+    how many ClientHellos a second the server answered (X25519 + signature each) or refused."""
+
+    name = "preauth"
+    title = "pre-auth attacks"
+    needs = "preauth"
+    samples_full, samples_quick = 60, 20
+    rounds_full, rounds_quick = 15, 5
+    floods = (("six", ("127.0.0.12/31", "127.0.0.14/31", "127.0.0.16/31")),
+              ("1024", ("127.0.4.0/22",)))
+    budget = 300.0
+    metrics = (
+        Metric("legit_ok", "logins+resumes OK, idle-conn attack", "%", scale=1.0,
+               better="higher"),
+        Metric("echo_quiet", "echo median, no flood", "ms"),
+        *(metric for label, _ in floods for metric in (
+            Metric(f"echo_{label}", f"echo median, flood from {label}", "ms"),
+            Metric(f"ratio_{label}", f"  flood/no flood ({label}; <= 1.5)", "x", scale=1.0),
+            Metric(f"answered_{label}", f"  ClientHellos answered ({label})", "/s",
+                   scale=1.0),
+            Metric(f"refused_{label}", f"  connections refused ({label})", "/s", scale=1.0,
+                   better="higher"))),
+    )
+
+    def run(self, ctx: Context) -> dict:
+        identity, host_key = ctx.tool.keys()
+        port = ctx.net.tcp_port
+        with IdleConnectionAttack(port, ATTACK_SOURCES, per_source=16):
+            time.sleep(1.5)  # the attackers hold every slot they can, idle, before a login
+            ok, tried, errors = legitimate_logins(port, identity, host_key,
+                                                  self.rounds_quick if ctx.quick
+                                                  else self.rounds_full)
+        if errors:
+            print(f"  preauth: {len(errors)} of {tried} failed, first: {errors[0]}",
+                  file=sys.stderr)
+        samples = {"legit_ok": [100.0 * ok / tried]}
+        ctx.session = ctx.open_session()
+        count = self.samples(ctx.quick)
+        quiet = samples["echo_quiet"] = ctx.session.echo_latencies(count, timeout=20.0)
+        for label, sources in self.floods:
+            echo, answered, refused = self._flooded_echo(ctx, count, label, sources)
+            samples.update({f"echo_{label}": echo,
+                            f"ratio_{label}": [statistics.median(echo) / statistics.median(quiet)],
+                            f"answered_{label}": [answered], f"refused_{label}": [refused]})
+        return samples
+
+    @staticmethod
+    def _flooded_echo(ctx: Context, count: int, label: str, sources: tuple) -> tuple:
+        """Echo latencies during a flood from ``sources``; the flood's answered and refused
+        ClientHellos a second."""
+        log = os.path.join(ctx.tool.workdir, f"flood-{label}.log")
+        seconds = 4.0 + count * 0.25  # outlasts the measurement even on a loaded machine
+        with ManagedProcess([sys.executable, ATTACK_UTIL, "hello-flood", str(ctx.net.tcp_port),
+                             str(seconds), *sources], log=log) as flood:
+            time.sleep(1.0)  # flooding at full speed before the first keystroke
+            echo = ctx.session.echo_latencies(count, timeout=20.0)
+            if flood.poll() is not None:
+                raise ScenarioError(f"the flood ended early: {flood.read_log(400)}")
+            flood.wait(seconds + 30.0)
+        answered, refused, elapsed = (float(word) for word in flood.read_log().split()[1::2])
+        return echo, answered / elapsed, refused / elapsed
+
+
 def local_shell_startup(samples: int = 3) -> float:
     """Median seconds for this user's login shell, run locally in a PTY, to run a command:
     the part of every tool's connect time that is the shell's, not the tool's."""
@@ -375,6 +448,7 @@ SCENARIOS = (
     Echo("loss_10", "echo 10% loss 50 ms RTT", rtt=0.05, loss=0.10, needs="loss"),
     Echo("loss_30", "echo 30% loss 50 ms RTT", rtt=0.05, loss=0.30, needs="loss"),
     Idle(),
+    Preauth(),
 )
 
 SCENARIO_NAMES = tuple(s.name for s in SCENARIOS)

@@ -18,12 +18,14 @@ import sys
 import tempfile
 
 from display import COLS, ROWS
+from moshpit_keys import load_private_key, load_public_key
 from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, proc_usage, wait_for
 from relay import Relay, free_port, random_front_alias
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACK = "127.0.0.1"
 CLIENT_ENV = {"LANG": "C.UTF-8", "TERM": "xterm-256color"}
+PREAUTH_NA = "the pre-auth scenario drives moshpit's own handshake (tests/attack_util.py)"
 
 
 def tcp_listening(host: str, port: int) -> bool:
@@ -212,6 +214,11 @@ class Moshpit(Tool):
         if self.server.poll() is not None:
             raise RuntimeError(f"mps.py exited: {self.server.read_log(800)}")
 
+    def keys(self) -> tuple:
+        """(client identity, host public key) as loaded keys, for clients built in Python."""
+        return (load_private_key(self._path("id_ed25519")),
+                load_public_key(self._path("host_key.pub")))
+
     def connect(self, net: Network) -> Client:
         argv = [sys.executable, os.path.join(REPO, "mp.py"), "-s", str(net.tcp_port),
                 "-p", self._path("id_ed25519"), "--strict-host-key-checking", "accept-new",
@@ -230,7 +237,8 @@ class OpenSSH(Tool):
     uses_tcp = True
     lacks = {"loss": "TCP through a userspace relay cannot model packet loss",
              "outage": "a relay can only freeze TCP, not model a real outage",
-             "roam": "ssh cannot follow an address change"}
+             "roam": "ssh cannot follow an address change",
+             "preauth": PREAUTH_NA}
     SSHD = "/usr/sbin/sshd"
 
     def missing(self) -> str | None:
@@ -297,6 +305,7 @@ class Mosh(Tool):
     name = "mosh"
     uses_udp = True
     redraws_screen = True
+    lacks = {"preauth": PREAUTH_NA}
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
     DETACHED = re.compile(rb"detached, pid = (\d+)")
 

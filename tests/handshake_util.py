@@ -14,10 +14,16 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import moshpit
 import moshpit_handshake as hs
+import moshpit_trust as trust
 from moshpit_keys import PrivateKey, PublicKey
 
 LOOPBACK = "127.0.0.1"
+# No early drop, penalties or rate limit: tests that fail handshakes on purpose must not lock
+# themselves out.
+UNLIMITED = hs.AdmissionLimits(max_handshakes=64, startups=(64, 100, 64), max_per_source=64,
+                               penalties=moshpit.parse_penalties("no"), startups_per_sec=0)
 
 
 def frame(body: bytes) -> bytes:
@@ -43,7 +49,7 @@ class Flow:
     """One in-memory handshake between the sans-IO machines, step by step, recording every
     byte each side sent (for replays and mutations)."""
 
-    def __init__(self, identity: PrivateKey, host_key: PrivateKey,
+    def __init__(self, identity: Optional[PrivateKey], host_key: PrivateKey,
                  request: Optional[hs.ClientRequest] = None) -> None:
         self.client = hs.ClientHandshake(identity, request or hs.ClientRequest("alice"))
         self.server = hs.ServerHandshake(host_key, ("192.0.2.1", 1234), ("192.0.2.2", 40404))
@@ -80,7 +86,7 @@ def fake_user(home: str, uid: Optional[int] = None, name: str = "alice") -> pwd.
 
 
 def write_authorized_keys(home: str, keys: List[PublicKey]) -> str:
-    """~/.mp/authorized_keys under ``home`` with the strict modes (dir 0700, file 0600)."""
+    """~/.mp/authorized_keys under ``home``: dir 0700, file 0600 (0755/0644 would do too)."""
     os.makedirs(home, mode=0o755, exist_ok=True)
     os.chmod(home, 0o755)
     mp = os.path.join(home, ".mp")
@@ -100,7 +106,7 @@ class Session:
 
 class ReferenceDecider:
     """What mps decides, reduced to the security rules: the key must be in the user's
-    authorized_keys (strict modes); a resume needs the same user and key plus a valid proof."""
+    authorized_keys (moshpit_trust); a resume needs the same user and key plus a valid proof."""
 
     def __init__(self, pw: pwd.struct_passwd) -> None:
         self.pw = pw
@@ -111,7 +117,11 @@ class ReferenceDecider:
         self.calls += 1
         if auth.user != self.pw.pw_name:
             raise hs.AuthRefused(hs.PERMISSION_DENIED, f"no such user {auth.user!r}")
-        if auth.client_key not in hs.authorized_keys_for(self.pw, None):
+        try:
+            authorized = trust.authorized_keys_for(self.pw, None)
+        except trust.TrustError as err:
+            raise hs.AuthRefused(hs.PERMISSION_DENIED, str(err)) from None
+        if auth.client_key not in authorized:
             raise hs.AuthRefused(hs.PERMISSION_DENIED,
                                  f"key {auth.client_key.fingerprint()} is not authorized")
         resume_id = auth.request.resume_session_id
@@ -132,14 +142,18 @@ class ReferenceDecider:
 
 class LoopbackServer:
     """A listener on 127.0.0.1 that runs ``server_handshake`` in HandshakeLimiter threads.
-    ``results`` receives each handshake's return value (AuthInfo or None)."""
+    ``results`` receives each handshake's return value (AuthInfo or None), ``events`` what
+    each reported (progress and outcome) with its peer's address."""
 
     def __init__(self, host_key: PrivateKey, decide: Callable[[hs.AuthInfo], hs.SessionGrant],
                  timeout: float = 5.0, limiter: Optional[hs.HandshakeLimiter] = None,
-                 host: str = LOOPBACK) -> None:
+                 host: str = LOOPBACK, hello_timeout: Optional[float] = None) -> None:
         self.host_key, self.decide, self.timeout = host_key, decide, timeout
-        self.limiter = limiter or hs.HandshakeLimiter(64, max_per_peer=64)
+        self.hello_timeout = hello_timeout
+        self.limiter = limiter or hs.HandshakeLimiter(hs.AdmissionPolicy(UNLIMITED))
         self.results: queue.Queue[Optional[hs.AuthInfo]] = queue.Queue()
+        # (peer address, event) for everything each handshake reports to the limiter
+        self.events: queue.Queue[Tuple[str, str]] = queue.Queue()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.bind((host, 0))
@@ -164,8 +178,18 @@ class LoopbackServer:
                 sock, _ = self.listener.accept()
                 self.limiter.spawn(sock, self._handshake)
 
-    def _handshake(self, sock: socket.socket) -> None:
-        self.results.put(hs.server_handshake(sock, self.host_key, self.decide, self.timeout))
+    def _handshake(self, sock: socket.socket, report: Callable[[str], object]) -> None:
+        try:
+            peer = sock.getpeername()[0]
+        except OSError:
+            peer = "?"
+
+        def record(event: str) -> None:
+            self.events.put((peer, event))
+            report(event)
+
+        self.results.put(hs.server_handshake(sock, self.host_key, self.decide, self.timeout,
+                                             self.hello_timeout, record))
 
     def result(self, timeout: float = 10.0) -> Optional[hs.AuthInfo]:
         return self.results.get(timeout=timeout)

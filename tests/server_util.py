@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Dict, Optional, Sequence, Union
 
-from proc_util import kill_pid, wait_for
+from proc_util import kill_pid, proc_children, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -40,16 +40,18 @@ sys.path.insert(0, REPO)
 import moshpit_handshake  # noqa: E402  (needs the repo on sys.path)
 import moshpit_keys  # noqa: E402
 import moshpit_transport  # noqa: E402
+import moshpit_trust  # noqa: E402
 
 MPS = os.path.join(REPO, "mps.py")
 READY_LINE = "listening on"
 
 
-def make_key(path: str, comment: str) -> moshpit_keys.PrivateKey:
-    """A new unencrypted Ed25519 key pair at ``path`` and ``path.pub``."""
+def make_key(path: str, comment: str, replace: bool = False) -> moshpit_keys.PrivateKey:
+    """A new unencrypted Ed25519 key pair at ``path`` and ``path.pub`` (``replace``: over an
+    existing pair, as a test that swaps a server's host key needs)."""
     key = moshpit_keys.PrivateKey.generate(comment=comment)
-    moshpit_keys.save_private_key(path, key)
-    moshpit_keys.save_public_key(path + ".pub", key.public)
+    moshpit_keys.save_private_key(path, key, overwrite=replace)
+    moshpit_keys.save_public_key(path + ".pub", key.public, overwrite=replace)
     return key
 
 
@@ -101,13 +103,15 @@ class MpsServer:
     ``authorized_keys_file=False`` leaves ``mps.authorized_keys_file`` unset, so each target
     user's own ~/.mp/authorized_keys is consulted. ``env`` adds environment variables,
     ``args`` command-line flags. ``start=False`` only prepares (call ``start()``).
+    ``program`` is what ``python`` runs: mps.py, or e.g. ``[pyz, "mps"]`` for the bundle.
     """
 
     def __init__(self, base_dir, *, ip: str = "127.0.0.1", udp_ports: int = 1,
                  settings: Optional[Dict[str, object]] = None, args: Sequence[str] = (),
                  env: Optional[Dict[str, str]] = None, authorized_keys_file: bool = True,
                  run_as: Optional[pwd.struct_passwd] = None, python: str = sys.executable,
-                 start: bool = True, ready_timeout: float = 20.0):
+                 program: Sequence[str] = (MPS,), start: bool = True,
+                 ready_timeout: float = 20.0):
         self.dir = os.path.join(os.fspath(base_dir), "mps")
         os.makedirs(self.dir, mode=0o700)
         self.home = os.path.join(self.dir, "home")
@@ -141,6 +145,7 @@ class MpsServer:
                     **(env or {})}
         self.run_as = run_as
         self.python = python
+        self.program = list(program)
         self.ready_timeout = ready_timeout
         self.proc: Optional[subprocess.Popen] = None
         self._log_start = 0
@@ -155,8 +160,19 @@ class MpsServer:
     def udp_port(self) -> int:
         return self.udp_range[0]
 
+    @property
+    def serving_pid(self) -> int:
+        """The PID of the process that serves (for CPU/memory figures): started as a session
+        leader (as here), mps.py forks once and its child serves, so that it can never
+        acquire a controlling terminal; ``proc.pid`` only forwards signals and waits."""
+        if os.getsid(self.proc.pid) != self.proc.pid:
+            return self.proc.pid
+        return wait_for(lambda: (proc_children(self.proc.pid, recursive=False) or [0])[0],
+                        10, "the serving child of mps.py")
+
     def command(self) -> list:
-        return [self.python, MPS, "-c", self.config_path, "-t", self.log_path, *self.args]
+        return [self.python, *self.program, "-c", self.config_path, "-t", self.log_path,
+                *self.args]
 
     def start(self, wait: bool = True) -> MpsServer:
         identity = {}
@@ -272,7 +288,7 @@ class TestClient:
 
     def _verify(self, key: moshpit_keys.PublicKey) -> None:
         if key != self.host_key:
-            raise moshpit_handshake.HostKeyError(f"unexpected host key {key.fingerprint()}")
+            raise moshpit_trust.HostKeyError(f"unexpected host key {key.fingerprint()}")
 
     def _handshake(self, resume: bool, timeout: float, end_session: bool = False,
                    identity: Optional[moshpit_keys.PrivateKey] = None,

@@ -26,8 +26,8 @@ from acceptance_util import (CTRL_C, KEYGEN, Rig, Shell, Sprayer,  # noqa: E402
 from proc_util import wait_for  # noqa: E402
 from server_util import READY_LINE, make_key  # noqa: E402
 
-import moshpit_handshake  # noqa: E402
 import moshpit_keys  # noqa: E402
+import moshpit_trust  # noqa: E402
 
 # A full-screen program's output: alternate screen, clear, cursor moves, attributes,
 # colours, UTF-8, cursor visibility, erase line, back to the main screen.
@@ -103,7 +103,7 @@ def test_fresh_home_first_connection(rig):
         assert b"\x1b[" in expected
         assert shell.run(TPUT_SCRIPT) == expected
         end_session(rig, term, shell, 3)
-    status, _line = moshpit_handshake.KnownHosts(rig.known_hosts).lookup(
+    status, _line = moshpit_trust.KnownHosts(rig.known_hosts).lookup(
         rig.front, rig.server.port, host_key)
     assert status == "ok"
 
@@ -270,7 +270,7 @@ def test_unauthorized_key_refused(rig, tmp_path):
 def test_wrong_host_key_refused(rig, tmp_path):
     impostor = moshpit_keys.PrivateKey.generate(comment="impostor")
     os.makedirs(rig.mp_dir, mode=0o700, exist_ok=True)
-    moshpit_handshake.KnownHosts(rig.known_hosts).add(rig.front, rig.server.port,
+    moshpit_trust.KnownHosts(rig.known_hosts).add(rig.front, rig.server.port,
                                                       impostor.public)
     with open(rig.known_hosts, "rb") as f:
         known_before = f.read()

@@ -313,7 +313,7 @@ def test_changed_host_key_on_resume_is_final(server, tmp_path):
         wait_shell(term)
         kill_server(server)
         os.unlink(server.host_key_path)
-        make_key(server.host_key_path, "impostor")
+        make_key(server.host_key_path, "impostor", replace=True)
         restart_server(server)  # the resume after ~10 s of silence meets another host key
         rc, attrs, out = wrapper_result(term, 60)
         assert (rc, attrs) == (255, "same")
@@ -368,7 +368,7 @@ def test_host_key_accept_new_then_changed_key_refused(server, tmp_path):
     # The server now has another host key: refused loudly, nothing recorded, exit 255.
     server.stop()
     os.unlink(server.host_key_path)
-    make_key(server.host_key_path, "impostor")
+    make_key(server.host_key_path, "impostor", replace=True)
     restart_server(server)
     res = run_mp(mp_args(server, tmp_path), env)
     assert res.returncode == 255
@@ -430,6 +430,8 @@ def test_encrypted_key_asks_passphrase_once(server, tmp_path):
     args = mp_args(server, tmp_path)
     args[args.index("-p") + 1] = locked
     with PtyProcess(args, env=client_env(tmp_path)) as term:
+        # Asked only once the server is reached and its host key trusted.
+        term.read_until(b"Permanently added", 30)
         term.read_until(b"Enter passphrase for key", 30)
         term.send("wrong\r")
         out = term.read_to_eof(30)
@@ -438,7 +440,7 @@ def test_encrypted_key_asks_passphrase_once(server, tmp_path):
     with PtyProcess(args, env=client_env(tmp_path)) as term:
         term.read_until(b"Enter passphrase for key", 30)
         term.send("open sesame\r")
-        term.read_until(b"Permanently added", 30)  # getpass flushes typeahead: wait for it
+        term.read_until(b"\r\n", 30)  # getpass flushes typeahead until it prints the newline
         wait_shell(term)
         term.send(QUIT)
         assert term.wait(20) == QUIT_STATUS
@@ -453,7 +455,9 @@ def test_first_run_offers_to_generate_a_key(server, tmp_path):
     del args[args.index("-p"):args.index("-p") + 2]  # the default ~/.mp/id_ed25519
     key_path = tmp_path / "client-home" / ".mp" / "id_ed25519"
     with PtyProcess(args, env=env) as term:
-        term.read_until(b"Generate one now? [Y/n] ", 30)
+        term.read_until(b"Permanently added", 30)  # offered only once the server is reached
+        term.read_until(f"No moshpit key at {key_path}. Generate a new key pair ({key_path} "
+                        f"and {key_path}.pub) now? [Y/n] ", 30)
         term.send("\r")
         term.read_until(b"passphrase", 30)
         term.send("\r")
@@ -461,7 +465,10 @@ def test_first_run_offers_to_generate_a_key(server, tmp_path):
         term.send("\r")
         out = term.read_to_eof(60)
         assert b"authorized_keys" in out  # told where the new public key must go
-        assert b"permission denied" in out  # this server does not know the new key yet
+        # This server cannot know the new key yet: say what to do instead of trying it.
+        assert out.rstrip().endswith(
+            f"mp: 127.0.0.1 does not know the new key yet: add the line above to the "
+            f"authorized_keys of {USER} there, then run mp again".encode())
         assert term.wait(10) == 255
     assert key_path.exists() and (key_path.stat().st_mode & 0o777) == 0o600
     assert moshpit_keys.load_public_key(str(key_path) + ".pub") == \

@@ -13,6 +13,7 @@ import pytest
 
 import moshpit
 import moshpit_handshake as hs
+import moshpit_trust as trust
 import mp
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -334,12 +335,15 @@ def test_no_destination_is_an_error(tmp_path):
     assert "no server destination" in res.stderr
 
 
-def test_no_key_without_tty_says_how_to_make_one(tmp_path):
+def test_unreachable_server_is_reported_before_the_missing_key(tmp_path):
+    """The key is looked at only once the server is reached (test_keys_safety has the
+    reachable case: how to make one)."""
     res = run_mp(["-s", "1", "alice@127.0.0.1"], tmp_path)
     assert res.returncode == 255
-    assert "mp_keygen.py generate" in res.stderr
-    assert str(tmp_path / ".mp" / "id_ed25519") in res.stderr
-    assert not (tmp_path / ".mp" / "id_ed25519").exists()
+    assert res.stderr == \
+        "mp: nothing listens on 127.0.0.1:1 (is mps running? is the port right: -s PORT)\n"
+    assert "id_ed25519" not in res.stderr
+    assert not (tmp_path / ".mp").exists()
 
 
 # --- TerminalGuard ----------------------------------------------------------------------
@@ -453,7 +457,9 @@ def test_resume_failures_final_or_retried():
     assert mp.is_gone(gone) and mp.is_final(gone)
     assert mp.is_final(hs.AuthRefused(hs.PERMISSION_DENIED)) and not mp.is_gone(
         hs.AuthRefused(hs.PERMISSION_DENIED))
-    assert mp.is_final(hs.HostKeyError("changed"))
+    assert mp.is_final(trust.HostKeyError("changed"))
+    for code in (hs.SESSION_LIMIT, hs.USER_SESSION_LIMIT):  # only ever a new session's answer
+        assert mp.is_final(hs.AuthRefused(code))
     for code in (hs.SERVER_BUSY, hs.SHUTTING_DOWN, hs.PROTOCOL_ERROR):
         assert not mp.is_final(hs.HandshakeError("x", code))
     assert not mp.is_final(hs.HandshakeError("cannot connect to h port 1: timed out"))

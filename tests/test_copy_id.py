@@ -120,3 +120,15 @@ def test_copy_id_without_a_key_says_how_to_make_one(sshd_host):
     assert (result.returncode, result.stdout, result.stderr) == (
         255, "", f"mp: no public key at {pub}; create a key pair with: "
                  "python3 mp_keygen.py generate\n")
+
+
+def test_copy_id_with_login_flag_authorizes_that_user(sshd_host):
+    """``-l USER`` names the server user for --copy-id as for a login (ssh's rule: the
+    first of -l and USER@ wins), so the key lands in that user's authorized_keys."""
+    key = laptop_key(sshd_host)
+    name = sshd_host.user.pw_name
+    result = copy_id(sshd_host, "-l", name, "nobody@host")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"mp: key {key.public.fingerprint()} added to {name}@host:~/.mp/authorized_keys\n",
+        "")
+    assert remote_files(sshd_host)[2] == (key.public.to_line() + "\n").encode()

@@ -46,6 +46,22 @@ def client_hello(version=PROTOCOL_VERSION, public=None, ciphers=b"chacha20-poly1
 # ---------------------------------------------------------------------------
 
 
+def test_identity_can_be_given_when_the_host_key_is_accepted(keys):
+    """Nothing before ClientAuth needs the client's key, so a driver may load (decrypt) it
+    only after the host key is trusted; without one, accept_host_key() refuses."""
+    identity, host = keys
+    flow = Flow(None, host)
+    assert flow.to_server() is None
+    assert isinstance(flow.to_client(), hs.HostKeyReceived)
+    with pytest.raises(RuntimeError, match="needs the client's identity"):
+        flow.client.accept_host_key()
+    flow.client.accept_host_key(identity)
+    requested = flow.to_server()
+    assert requested.auth.client_key == identity.public
+    flow.server.accept(grant())
+    assert isinstance(flow.to_client(), hs.HandshakeComplete)
+
+
 def test_both_sides_agree_on_keys_and_grant(keys):
     identity, host = keys
     request = hs.ClientRequest("alice", term="xterm-256color", rows=50, cols=132,
@@ -137,6 +153,7 @@ def test_resume_needs_the_secret(keys):
 def test_refusal_codes_reach_the_client(keys):
     for code, final in ((hs.PERMISSION_DENIED, True), (hs.NO_SUCH_SESSION, True),
                         (hs.SERVER_BUSY, False), (hs.SHUTTING_DOWN, False),
+                        (hs.SESSION_LIMIT, True), (hs.USER_SESSION_LIMIT, True),
                         ("anything else", True)):
         flow = Flow(*keys)
         flow.to_server()
@@ -148,6 +165,34 @@ def test_refusal_codes_reach_the_client(keys):
             flow.to_client()
         assert isinstance(raised.value, hs.AuthRefused) == final
         assert raised.value.code == (code if code in hs.REFUSAL_CODES else hs.PERMISSION_DENIED)
+
+
+def refused_with(keys, message: str) -> hs.AuthRefused:
+    flow = Flow(*keys)
+    flow.to_server()
+    flow.to_client()
+    flow.client.accept_host_key()
+    flow.to_server()
+    flow.server.refuse(hs.PERMISSION_DENIED, message)
+    with pytest.raises(hs.AuthRefused) as raised:
+        flow.to_client()
+    return raised.value
+
+
+def test_a_refusal_may_carry_a_message_for_the_user(keys):
+    """The server's /etc/nologin text (or PAM's) reaches the client inside the authenticated
+    ServerFinish, capped at MAX_REFUSAL_MESSAGE bytes; it is shown made printable."""
+    refusal = refused_with(keys, "Down until 18:00.\n\x1b]0;owned\x07")
+    assert refusal.code == hs.PERMISSION_DENIED
+    assert refusal.client_message == "Down until 18:00.\n\x1b]0;owned\x07"
+    shown = hs._explain(refusal, "host", 40404, "alice")
+    assert str(shown) == ("permission denied for alice@host; the server says:\n"
+                          "Down until 18:00.\n^[]0;owned^G")
+    long = refused_with(keys, "é" * 2000)
+    assert long.client_message == "é" * (hs.MAX_REFUSAL_MESSAGE // 2)
+    assert refused_with(keys, "").client_message == ""  # the refusal older clients know
+    assert str(hs._explain(refused_with(keys, ""), "host", 40404, "alice")) == \
+        "permission denied (publickey) for alice@host"
 
 
 def test_wrong_proof_of_possession_is_refused(keys):
@@ -266,6 +311,7 @@ def test_flooding_peer_is_cut_off(keys):
 def test_unauthenticated_refusals_are_never_final(keys):
     for code, expected in ((b"permission denied", hs.PROTOCOL_ERROR),
                            (b"no such session", hs.PROTOCOL_ERROR),
+                           (b"too many sessions for user", hs.PROTOCOL_ERROR),
                            (b"server busy", hs.SERVER_BUSY),
                            (b"\xff\xfe", hs.PROTOCOL_ERROR)):
         client = hs.ClientHandshake(keys[0], hs.ClientRequest("alice"))

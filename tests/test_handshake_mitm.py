@@ -25,6 +25,7 @@ from handshake_util import (
 )
 
 import moshpit_handshake as hs
+import moshpit_trust as trust
 from moshpit_keys import PrivateKey
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,11 +57,11 @@ class World:
         return LoopbackServer(host_key or self.host_key, self.decide, timeout=TIMEOUT)
 
     def connect(self, port, verify=None):
-        """The client's outcome: a ClientResult, or the HandshakeError it raised."""
+        """The client's outcome: a ClientResult, or the HandshakeError or HostKeyError it raised."""
         try:
             return hs.client_handshake(LOOPBACK, port, self.alice, hs.ClientRequest("alice"),
                                        verify or (lambda key: None), timeout=TIMEOUT)
-        except hs.HandshakeError as err:
+        except (hs.HandshakeError, trust.HostKeyError) as err:
             return err
 
     def through_relay(self, tamper):
@@ -213,14 +214,14 @@ def test_mitm_with_its_own_host_key_is_detected(world, tmp_path):
     known_hosts = str(tmp_path / "known_hosts")
     attacker = PrivateKey.generate("mallory")
     with world.server(host_key=attacker) as mitm:
-        hs.KnownHosts(known_hosts).add(LOOPBACK, mitm.port, world.host_key.public)
+        trust.KnownHosts(known_hosts).add(LOOPBACK, mitm.port, world.host_key.public)
 
         def verify(key):
-            hs.verify_host_key_policy(known_hosts, LOOPBACK, mitm.port, key, "ask", tty=False)
+            trust.verify_host_key_policy(known_hosts, LOOPBACK, mitm.port, key, "ask", tty=False)
 
         client = world.connect(mitm.port, verify)
         assert mitm.result() is None
-    assert isinstance(client, hs.HostKeyError)
+    assert isinstance(client, trust.HostKeyError)
     assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in str(client)
     assert world.decide.calls == 0  # the client revealed nothing: no ClientAuth was sent
 

@@ -4,6 +4,7 @@ connection errors, the server deadline, the concurrency cap, and what reaches th
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import http.server
@@ -14,6 +15,7 @@ import time
 import pytest
 from handshake_util import (
     LOOPBACK,
+    UNLIMITED,
     LoopbackServer,
     ReferenceDecider,
     fake_user,
@@ -22,6 +24,7 @@ from handshake_util import (
 
 import moshpit
 import moshpit_handshake as hs
+import moshpit_trust as trust
 from moshpit_keys import PrivateKey
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,13 +149,13 @@ def test_authorized_key_without_its_private_key_is_refused(setup, caplog):
 
 
 def test_unsafe_authorized_keys_is_refused_with_the_reason(setup, caplog):
-    os.chmod(setup.authorized, 0o640)
+    os.chmod(setup.authorized, 0o660)
     with setup.server() as server:
         err = refused(setup, server, caplog)
     assert str(err) == "permission denied (publickey) for alice@127.0.0.1"
-    assert (f"{setup.authorized} is mode 0640, must not be group/world accessible"
+    assert (f"{setup.authorized} is mode 0660, must not be group/world writable"
             in caplog.text)
-    assert "0640" not in str(err)  # the client learns nothing about the server's files
+    assert "0660" not in str(err)  # the client learns nothing about the server's files
 
 
 def test_other_user_is_refused(setup, caplog):
@@ -163,10 +166,10 @@ def test_other_user_is_refused(setup, caplog):
 
 def test_host_key_refusal_stops_before_authenticating(setup):
     def reject(key):
-        raise hs.HostKeyError("host key verification failed: test")
+        raise trust.HostKeyError("host key verification failed: test")
 
     with setup.server() as server:
-        with pytest.raises(hs.HostKeyError, match="test"):
+        with pytest.raises(trust.HostKeyError, match="test"):
             hs.client_handshake(LOOPBACK, server.port, setup.alice, hs.ClientRequest("alice"),
                                 reject)
         assert server.result() is None
@@ -296,8 +299,62 @@ def test_reconnects_once_when_the_prompt_outlasts_the_server(setup, caplog):
     assert "reconnecting" in caplog.text
 
 
+def test_identity_is_loaded_only_once_the_host_key_is_trusted(setup):
+    """A LazyIdentity (mp's passphrase prompt) runs after the host key check, once."""
+    events = []
+
+    def verify(key):
+        events.append("verify")
+
+    def load():
+        events.append("load")
+        return setup.alice
+
+    with setup.server() as server:
+        hs.client_handshake(LOOPBACK, server.port, hs.LazyIdentity(load),
+                            hs.ClientRequest("alice"), verify)
+        assert server.result() is not None
+    assert events == ["verify", "load"]
+
+
+def never_load():
+    raise AssertionError("the identity was loaded (a passphrase would have been asked)")
+
+
+def test_identity_is_not_loaded_for_a_refused_host_key_or_connection(setup):
+    def reject(key):
+        raise trust.HostKeyError("host key verification failed: test")
+
+    with setup.server() as server, pytest.raises(trust.HostKeyError):
+        hs.client_handshake(LOOPBACK, server.port, hs.LazyIdentity(never_load),
+                            hs.ClientRequest("alice"), reject)
+    with pytest.raises(hs.HandshakeError, match="nothing listens on"):
+        hs.client_handshake(LOOPBACK, free_port(), hs.LazyIdentity(never_load),
+                            hs.ClientRequest("alice"), setup.verify)
+
+
+def test_slow_passphrase_reconnects_once_and_asks_once(setup, caplog):
+    """The user takes longer over the passphrase than the server's deadline: one new
+    connection, the host key not asked about again, the key loaded once."""
+    loads = []
+
+    def slow_passphrase():
+        loads.append(time.monotonic())
+        time.sleep(2.0)
+        return setup.alice
+
+    with setup.server(timeout=1.0) as server, caplog.at_level(logging.INFO, logger="moshpit"):
+        result = hs.client_handshake(LOOPBACK, server.port, hs.LazyIdentity(slow_passphrase),
+                                     hs.ClientRequest("alice"), setup.verify, timeout=5.0)
+        assert server.result() is None  # the first attempt timed out on the server
+        assert server.result().keys == result.keys
+    assert len(loads) == 1 and setup.seen_host_keys == [setup.host_key.public]
+    assert "reconnecting" in caplog.text
+
+
 def test_busy_server_says_so_and_recovers(setup):
-    limiter = hs.HandshakeLimiter(2, max_per_peer=2)
+    limiter = hs.HandshakeLimiter(
+        hs.AdmissionPolicy(dataclasses.replace(UNLIMITED, max_handshakes=2)))
     with setup.server(limiter=limiter, timeout=20.0) as server:
         hogs = [socket.create_connection((LOOPBACK, server.port)) for _ in range(2)]
         deadline = time.monotonic() + 10
@@ -314,21 +371,6 @@ def test_busy_server_says_so_and_recovers(setup):
         server.result()
         server.wait_idle()
         assert setup.connect(server).grant
-
-
-def test_limiter_caps_in_total_and_per_peer():
-    limiter = hs.HandshakeLimiter(4)
-    assert limiter.max_per_peer == 1
-    limiter = hs.HandshakeLimiter(5, max_per_peer=2)
-    assert limiter.try_acquire("a") and limiter.try_acquire("a")
-    assert not limiter.try_acquire("a")
-    assert limiter.try_acquire("b") and limiter.try_acquire("b") and limiter.try_acquire("c")
-    assert not limiter.try_acquire("d") and limiter.active == 5
-    limiter.release("a")
-    assert limiter.try_acquire("d")
-    for peer in "abbcd":
-        limiter.release(peer)
-    assert limiter.active == 0
 
 
 def secret_forms(secret: bytes):

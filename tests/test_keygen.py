@@ -351,21 +351,18 @@ def test_interactive_defaults(tmp_path, pty_keygen):
     assert mk.load_private_key(priv).public == mk.load_public_key(pub)
 
 
-@pytest.mark.parametrize("answer, overwritten", [("", False), ("n", False), ("y", True),
-                                                 ("YES", True)])
-def test_interactive_overwrite_question(tmp_path, keypair, pty_keygen, answer, overwritten):
-    path, pub = keypair
-    term = pty_keygen("generate", "-f", path, "-N", "")
-    term.read_until(f"{path} already exists.\r\nOverwrite (y/N)? ", PROMPT_TIMEOUT)
-    term.send(answer + "\r")
+def test_interactive_existing_key_is_refused_without_a_question(tmp_path, keypair, pty_keygen):
+    """On a terminal too: only --force replaces a key (no y/N to answer by reflex), and
+    the refusal comes before the passphrase is asked."""
+    path, _ = keypair
+    before = {p: Path(p).read_bytes() for p in (path, path + ".pub")}
+    term = pty_keygen("generate", "-f", path)
     out = term.read_to_eof(PROMPT_TIMEOUT)
-    status = term.wait(PROMPT_TIMEOUT)
-    if overwritten:
-        assert status == 0
-        assert mk.load_public_key(path + ".pub") != pub
-    else:
-        assert status == 1 and b"Not overwritten." in out
-        assert mk.load_public_key(path + ".pub") == pub
+    assert term.wait(PROMPT_TIMEOUT) == 1
+    assert f"mp_keygen.py: {path} already exists: pass --force to replace the key pair, or " \
+           "choose another file with -f; nothing was written".encode() in out
+    assert b"passphrase" not in out and b"Overwrite" not in out
+    assert {p: Path(p).read_bytes() for p in before} == before
 
 
 def test_interactive_gives_up_after_three_mismatches(tmp_path, pty_keygen):

@@ -173,7 +173,7 @@ def test_overwrite_replaces_and_fixes_mode(tmp_path):
     path.write_text("old")
     path.chmod(0o666)
     key = PrivateKey.generate()
-    mk.save_private_key(str(path), key)
+    mk.save_private_key(str(path), key, overwrite=True)
     assert mode(path) == 0o600
     assert mk.load_private_key(str(path)).seed == key.seed
     assert os.listdir(tmp_path) == ["id"]
@@ -188,7 +188,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(KeyFileError, match=f"{path}: cannot write: No space left"):
-        mk.save_private_key(str(path), PrivateKey.generate())
+        mk.save_private_key(str(path), PrivateKey.generate(), overwrite=True)
     assert path.read_text() == "old key"
     assert os.listdir(tmp_path) == ["id"]
 
@@ -204,9 +204,31 @@ def test_symlink_at_target_is_replaced_not_followed(tmp_path):
     victim.write_text("precious")
     link = tmp_path / "id"
     link.symlink_to(victim)
-    mk.save_private_key(str(link), PrivateKey.generate())
+    mk.save_private_key(str(link), PrivateKey.generate(), overwrite=True)
     assert victim.read_text() == "precious"
     assert not link.is_symlink()
+
+
+@pytest.mark.parametrize("save", [
+    lambda path: mk.save_private_key(path, PrivateKey.generate()),
+    lambda path: mk.save_public_key(path, PrivateKey.generate().public),
+])
+@pytest.mark.parametrize("occupant", ["file", "symlink", "dangling symlink"])
+def test_existing_key_file_is_never_replaced_without_overwrite(tmp_path, save, occupant):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    path = tmp_path / "id"
+    if occupant == "file":
+        path.write_text("precious")
+    else:
+        path.symlink_to(victim if occupant == "symlink" else tmp_path / "nowhere")
+    with pytest.raises(mk.KeyFileExists, match=f"^{path} already exists$"):
+        save(str(path))
+    assert victim.read_text() == "precious"
+    assert path.is_symlink() == (occupant != "file")
+    if occupant == "file":
+        assert path.read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["id", "victim"]  # no temp file left behind
 
 
 @pytest.mark.parametrize("bad_mode", [0o640, 0o604, 0o644, 0o660, 0o700 | 0o010])
@@ -285,7 +307,8 @@ def bad_private_files():
          "Ed25519 key in PKCS#8 form"),
         ("pkcs8-garbage", armored("PRIVATE KEY", b"\x30\x03\x02\x01\x00"),
          "unreadable PKCS#8"),
-        ("public-line", (key.public.to_line() + "\n").encode(), "no '-----BEGIN"),
+        ("public-line", (key.public.to_line() + "\n").encode(),
+         "this is a public key, not a private key"),
         ("odd-label", armored("CERTIFICATE", b"x"), "holds a 'CERTIFICATE' block"),
         ("envelope-garbage", armored(mk.MOSHPIT_LABEL, b"moshpit-key-v1\0\0\0"), "truncated"),
     ]

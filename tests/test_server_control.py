@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 from proc_util import PtyProcess, wait_for
-from server_util import MPS, MpsServer, run_mps
+from server_util import MpsServer, run_mps
 
 import moshpit
 
@@ -54,11 +53,12 @@ def test_print_config_shows_every_setting_its_source_and_the_files(tmp_path):
 def test_stop_ends_the_running_server_and_its_pid_file(tmp_path):
     with MpsServer(tmp_path) as server:
         pid_file = pid_file_of(server)
-        assert read(pid_file) == f"{server.proc.pid}\n"
+        serving_pid = server.serving_pid
+        assert read(pid_file) == f"{serving_pid}\n"
         assert os.stat(os.path.dirname(pid_file)).st_mode & 0o077 == 0
         result = run_mps(["--stop", "-c", server.config_path], server.env)
         assert (result.returncode, result.stdout, result.stderr) == (
-            0, f"mps: stopped mps (pid {server.proc.pid})\n", "")
+            0, f"mps: stopped mps (pid {serving_pid})\n", "")
         assert server.proc.wait(5) == 0
         assert not os.path.exists(pid_file)
         assert "SIGTERM received" in server.log() and "mps stopped" in server.log()
@@ -75,10 +75,10 @@ def test_a_second_server_on_the_same_pid_file_is_refused(tmp_path):
                          dict(first.env, MOSHPITS_MPS_PORT=str(other_port)))
         assert (result.returncode, result.stdout) == (1, "")
         assert result.stderr == (
-            f"mps: another mps is already running (pid {first.proc.pid}, pid file "
+            f"mps: another mps is already running (pid {first.serving_pid}, pid file "
             f"{pid_file}): stop it with `python3 mps.py --stop`, or give this one its own "
             "mps.pid_file and mps.port\n")
-        assert read(pid_file) == f"{first.proc.pid}\n"  # the first one's, untouched
+        assert read(pid_file) == f"{first.serving_pid}\n"  # the first one's, untouched
         assert first.proc.poll() is None
 
 
@@ -91,7 +91,7 @@ def test_a_stale_pid_file_neither_blocks_a_start_nor_fools_stop(tmp_path):
                            settings={"mps.pid_file": str(tmp_path / f"mps{n}.pid")})
         (tmp_path / f"mps{n}.pid").write_text(f"{pid}\n")
         with server.start():
-            assert read(str(tmp_path / f"mps{n}.pid")) == f"{server.proc.pid}\n"
+            assert read(str(tmp_path / f"mps{n}.pid")) == f"{server.serving_pid}\n"
             server.wait_log(f"replacing stale pid file {tmp_path}/mps{n}.pid "
                             f"(pid {pid} is not running)")
     stale = tmp_path / "mps0.pid"
@@ -122,26 +122,4 @@ def test_startup_warnings_show_on_the_terminal_and_in_the_log(tmp_path):
                "(did you mean mps.port?)")
     shown = _run_on_terminal(server.command(), server)
     assert shown == f"mps: warning: {warning}\n"  # and nothing else: INFO lines go to the log
-    assert re.search(rf"WARNING +{re.escape(warning)}\n", server.log())
-
-
-def test_a_skipped_config_file_is_said_on_the_terminal_and_in_the_log(tmp_path):
-    """Python 3.9/3.10 without tomli (as test_config simulates: the imports fail) and a
-    config file in the default place: mps runs on environment and flags, and says so."""
-    server = MpsServer(tmp_path, start=False)
-    default_file = os.path.join(server.home, ".config", "moshpits", "moshpits.toml")
-    os.makedirs(os.path.dirname(default_file))
-    os.rename(server.config_path, default_file)
-    server.env.update(MOSHPITS_MPS_IP="127.0.0.1", MOSHPITS_MPS_PORT=str(server.port),
-                      MOSHPITS_MPS_UDP_PORT_RANGE="{}-{}".format(*server.udp_range))
-    no_toml = ("import os, runpy, sys; sys.modules['tomllib'] = sys.modules['tomli'] = None; "
-               "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
-    argv = [sys.executable, "-c", no_toml, MPS, "-t", server.log_path,
-            "-p", server.host_key_path, "-k", server.host_key_path + ".pub"]
-    warning = (f"config file {default_file} skipped: reading TOML needs Python 3.11+ or the "
-               "tomli package (pip install tomli, or run with Python 3.11+); using defaults, "
-               "environment and command line only")
-    shown = _run_on_terminal(argv, server)
-    assert shown == f"mps: warning: {warning}\n"
     assert re.search(rf"WARNING +{re.escape(warning)}\n", server.log())

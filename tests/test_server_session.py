@@ -12,8 +12,9 @@ import socket
 import time
 
 import pytest
-from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, AuthRefused,
-                               HandshakeError)
+import moshpit_transport
+from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, SESSION_LIMIT,
+                               USER_SESSION_LIMIT, AuthRefused, HandshakeError)
 from proc_util import pid_alive, proc_usage, wait_for
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
 
@@ -114,11 +115,11 @@ def test_ctrl_c_stops_a_flood(server):
     the prompt back."""
     with TestClient.for_server(server).connect() as client:
         client.run("true")
-        rss_before = proc_usage(server.proc.pid)[1]
+        rss_before = proc_usage(server.serving_pid)[1]
         client.send("yes flood-flood-flood-flood\n")
         client.read_until("flood")
         time.sleep(3)  # not reading: the window fills and stays full
-        rss_during = proc_usage(server.proc.pid)[1]
+        rss_during = proc_usage(server.serving_pid)[1]
         assert rss_during - rss_before < 30 * 1024 * 1024
         client.send(b"\x03")
         assert client.run("echo back", timeout=60) == "back"
@@ -194,7 +195,9 @@ def test_detached_session_expires(tmp_path):
 
 
 def test_zero_timeout_keeps_detached_sessions(tmp_path):
-    with MpsServer(tmp_path, settings={"mps.detached_session_timeout_secs": 0}) as server:
+    """... and the unattached timeout no longer applies once the client's packets came."""
+    settings = {"mps.detached_session_timeout_secs": 0, "mps.unattached_session_timeout_secs": 1}
+    with MpsServer(tmp_path, settings=settings) as server:
         client = TestClient.for_server(server).connect()
         pid = shell_pid(client)
         time.sleep(4)  # silent: no pings, no acks
@@ -253,15 +256,60 @@ def test_max_sessions(tmp_path):
     with MpsServer(tmp_path, udp_ports=3, settings={"mps.max_sessions": 1}) as server:
         first = TestClient.for_server(server).connect()
         first.run("true")
-        with pytest.raises(HandshakeError) as busy:
+        with pytest.raises(AuthRefused) as full:
             TestClient.for_server(server).connect()
-        assert busy.value.code == SERVER_BUSY
+        assert full.value.code == SESSION_LIMIT
+        assert str(full.value) == ("the moshpit server on 127.0.0.1 has all the sessions it"
+                                   " allows (max_sessions); try again when one has ended, or"
+                                   " ask its admin to raise the limit")
         server.wait_log("max_sessions (1) reached")
         first.send("exit\n")
         first.wait_closed()
         server.wait_log("ended (shell exited")
         second = TestClient.for_server(server).connect()
         assert second.run("echo ok") == "ok"
+
+
+def test_max_sessions_per_user(tmp_path):
+    """One user cannot take every slot: past max_sessions_per_user their new sessions are
+    refused with a message naming them, while their resumes still work."""
+    settings = {"mps.max_sessions_per_user": 2}
+    with MpsServer(tmp_path, udp_ports=4, settings=settings) as server:
+        first = TestClient.for_server(server).connect()
+        second = TestClient.for_server(server).connect()
+        pid = shell_pid(first)
+        second.run("true")
+        user = first.user
+        with pytest.raises(AuthRefused) as refused:
+            TestClient.for_server(server).connect()
+        assert refused.value.code == USER_SESSION_LIMIT
+        assert str(refused.value) == (f"too many sessions for {user} on 127.0.0.1 (the server's"
+                                      " max_sessions_per_user); end one of them, or wait until"
+                                      " a detached one expires")
+        server.wait_log(f"{user} has 2 sessions: max_sessions_per_user (2) reached")
+        first.resume()  # a resume is not a new session
+        assert shell_pid(first) == pid
+        second.send("exit\n")
+        second.wait_closed()
+        server.wait_log("ended (shell exited")
+        with TestClient.for_server(server).connect() as third:
+            assert third.run("echo room") == "room"
+
+
+def test_unattached_session_ends_and_frees_its_slot(tmp_path):
+    """A granted session whose client never sends a UDP packet (UDP blocked, client
+    killed) ends after unattached_session_timeout_secs, not the week-long detached one."""
+    settings = {"mps.max_sessions_per_user": 1, "mps.unattached_session_timeout_secs": 1}
+    with MpsServer(tmp_path, udp_ports=2, settings=settings) as server:
+        granted = TestClient.for_server(server)._handshake(False, 15.0)  # and no UDP at all
+        name = granted.grant.session_id[:4].hex()
+        with pytest.raises(AuthRefused) as refused:
+            TestClient.for_server(server).connect()
+        assert refused.value.code == USER_SESSION_LIMIT
+        server.wait_log(f"session {name} of {pwd.getpwuid(os.geteuid()).pw_name} ended (never"
+                        " attached: no UDP packet from the client within 1 s of the handshake")
+        with TestClient.for_server(server).connect() as client:
+            assert client.run("echo freed") == "freed"
 
 
 def test_one_port_range_serves_one_session_at_a_time(tmp_path):
@@ -282,7 +330,7 @@ def test_one_port_range_serves_one_session_at_a_time(tmp_path):
 
 def test_garbage_udp_costs_nothing(server, client):
     pid = shell_pid(client)
-    cpu_before = proc_usage(server.proc.pid)[0]
+    cpu_before = proc_usage(server.serving_pid)[0]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
         for i in range(3000):
             # Half look like our packets (flags, this session's conn id, a packet number).
@@ -290,9 +338,40 @@ def test_garbage_udp_costs_nothing(server, client):
             size = random.choice([0, 1, 17, 40, 1200, 1500])
             junk.sendto(header + os.urandom(size), ("127.0.0.1", client.grant.udp_port))
     assert shell_pid(client) == pid
-    cpu_used = proc_usage(server.proc.pid)[0] - cpu_before
+    cpu_used = proc_usage(server.serving_pid)[0] - cpu_before
     assert cpu_used < 5.0  # generous: a shared 2-core machine
     assert server.proc.poll() is None
+
+
+def test_replayed_datagram_cannot_redirect_output(server, client):
+    """An attacker on the path takes one fresh client datagram and delivers it from another
+    address (127.0.0.2) instead: the server challenges that address and sends it at most 3x
+    what it sent, while the real client keeps getting all its output."""
+    shell_pid(client)
+    client.conn.send(b"seq 1 30000 | sed s/^/N/; echo DO''NE\n")
+    stolen = [d for d, _addr in client.conn.datagrams_to_send(time.monotonic())]
+    assert stolen
+    server_addr = (client.host, client.grant.udp_port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        attacker.bind(("127.0.0.2", 0))
+        attacker.setblocking(False)
+        for datagram in stolen + stolen:  # the second copies are replays: dropped
+            attacker.sendto(datagram, server_addr)
+        out = client.read_until("DONE", timeout=30).decode()
+        received = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # whatever is still on its way
+            client.pump(0.05)
+            try:
+                while True:
+                    received += len(attacker.recv(2048))
+            except BlockingIOError:
+                pass
+    sent = sum(len(d) for d in stolen)
+    assert "N30000" in out and "N1\r\n" in out, "the real client got the whole output"
+    assert len(client.output) > 200_000
+    assert 0 < received <= moshpit_transport.AMPLIFICATION_FACTOR * sent, (received, sent)
+    assert "client now at" not in server.log()
 
 
 # -- addresses ---------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ def _pump_all(clients, until, timeout: float, what: str) -> None:
 @pytest.mark.timeout(300)
 def test_fifty_concurrent_sessions_and_idle_cost(tmp_path):
     n = 50
-    with MpsServer(tmp_path, udp_ports=n + 5, settings={"verbose": 0}) as server:
-        pid = server.proc.pid
+    settings = {"verbose": 0, "mps.max_sessions_per_user": n}
+    with MpsServer(tmp_path, udp_ports=n + 5, settings=settings) as server:
+        pid = server.serving_pid
         first = TestClient.for_server(server).connect()
         first.run("true")
         time.sleep(1)

@@ -5,14 +5,13 @@ home, authorized_keys); as a plain user it serves only that user. Uses throwaway
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
 
 import pytest
-from moshpit_handshake import PERMISSION_DENIED, USER_NOT_SERVED, AuthRefused
+from moshpit_handshake import PERMISSION_DENIED, USER_NOT_SERVED, USER_SESSION_LIMIT, AuthRefused
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
-from users_util import python_for, users_fixture  # noqa: F401  (the `users` fixture)
+from users_util import authorize, python_for, users_fixture  # noqa: F401  (the `users` fixture)
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -20,13 +19,6 @@ pytestmark = [
                        reason="needs root and useradd to create throwaway users"),
     pytest.mark.xdist_group("users"),  # useradd/userdel lock /etc/passwd: one at a time
 ]
-
-
-def authorize(pw: pwd.struct_passwd, *keys) -> str:
-    """Put ``keys`` in the user's own ~/.mp/authorized_keys (strict modes satisfied)."""
-    path = os.path.join(pw.pw_dir, ".mp", "authorized_keys")
-    write_authorized_keys(path, *(key.public for key in keys), owner=pw)
-    return path
 
 
 def test_root_server_logs_in_as_the_target_user(tmp_path, users):
@@ -70,15 +62,33 @@ def test_only_the_target_users_authorized_keys_count(tmp_path, users):
         server.wait_log(f"{alice.pw_dir}/.mp/authorized_keys does not exist")
 
 
+def test_session_limit_is_per_user(tmp_path, users):
+    """alice at max_sessions_per_user is refused a new session, by name; bob is not."""
+    alice, bob = users.user(), users.user()
+    settings = {"mps.max_sessions_per_user": 1}
+    with MpsServer(tmp_path, authorized_keys_file=False, udp_ports=3, settings=settings) as server:
+        authorize(alice, server.client_key)
+        authorize(bob, server.client_key)
+        with TestClient.for_server(server, user=alice.pw_name).connect() as first:
+            first.run("true")
+            with pytest.raises(AuthRefused) as refused:
+                TestClient.for_server(server, user=alice.pw_name).connect()
+            assert refused.value.code == USER_SESSION_LIMIT
+            assert str(refused.value).startswith(f"too many sessions for {alice.pw_name} on ")
+            with TestClient.for_server(server, user=bob.pw_name).connect() as other:
+                assert other.run("id -un") == bob.pw_name
+
+
 def test_strict_modes_on_the_users_authorized_keys(tmp_path, users):
     alice = users.user()
     with MpsServer(tmp_path, authorized_keys_file=False) as server:
         path = authorize(alice, server.client_key)
-        os.chmod(path, 0o644)
+        os.chmod(path, 0o664)  # group-writable: refused, as sshd's StrictModes
         with pytest.raises(AuthRefused):
             TestClient.for_server(server, user=alice.pw_name).connect()
-        server.wait_log(f"{path} is mode 0644")
-        os.chmod(path, 0o600)
+        server.wait_log(f"{path} is mode 0664, must not be group/world writable")
+        os.chmod(path, 0o644)  # readable by others: fine
+        os.chmod(os.path.dirname(path), 0o755)
         with TestClient.for_server(server, user=alice.pw_name).connect() as client:
             assert client.run("id -un") == alice.pw_name
 
@@ -89,7 +99,7 @@ def test_a_shell_that_cannot_start_is_a_clean_refusal(tmp_path, users):
         authorize(erin, server.client_key)
         with pytest.raises(AuthRefused):
             TestClient.for_server(server, user=erin.pw_name).connect()
-        server.wait_log(f"cannot start login shell /nonexistent/shell for {erin.pw_name}")
+        server.wait_log(f"login shell /nonexistent/shell of {erin.pw_name} does not exist")
         assert server.proc.poll() is None
 
 
@@ -125,7 +135,8 @@ def test_non_root_server_serves_only_its_own_user(users):
         with TestClient.for_server(server, user=carol.pw_name).connect() as client:
             assert client.run("id -un") == carol.pw_name
             assert client.run("pwd") == carol.pw_dir
-        # The same answer for a user that does not exist: no oracle for user names.
+        # A client holding one of carol's keys may learn that this server serves only
+        # carol; the same answer for a user that does not exist: no oracle for user names.
         for other in (dave.pw_name, "root", "no-such-user-here"):
             with pytest.raises(AuthRefused) as refused:
                 TestClient.for_server(server, user=other).connect()
@@ -133,3 +144,14 @@ def test_non_root_server_serves_only_its_own_user(users):
             assert "serves only the user it runs as" in str(refused.value)
             server.wait_log(f"this server runs as {carol.pw_name} and only serves user "
                             f"{carol.pw_name}, not {other!r}")
+        # Without a key of carol's, every name reads "permission denied": a stranger does
+        # not learn whom the server runs as (nor whether dave exists and trusts the key).
+        dave_key = make_key(os.path.join(server.dir, "dave_id"), "dave")
+        authorize(dave, dave_key)
+        for other in (dave.pw_name, "no-such-user-here", carol.pw_name):
+            with pytest.raises(AuthRefused) as refused:
+                TestClient.for_server(server, user=other, identity=dave_key).connect()
+            assert refused.value.code == PERMISSION_DENIED
+        server.wait_log(f"not {dave.pw_name!r} (run mps as root to serve every user); key "
+                        f"{dave_key.public.fingerprint()} is not authorized for "
+                        f"{carol.pw_name} either")

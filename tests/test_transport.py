@@ -161,6 +161,17 @@ def bulk_sim(seed: int = 1, size: int = MB, **net) -> Sim:
                keys=make_keys(seed))
 
 
+def resume(sim: Sim, addr: tuple, keys, server_delay: float = 0.0) -> None:
+    """A resume handshake: the client moves to ``addr``, both sides re-key under ``keys``
+    and resend from what the other said it has (the server ``server_delay`` later)."""
+    client, server = sim.client.conn, sim.server.conn
+    client_has, server_has = client.recv_offset, server.recv_offset
+    sim.client.addr = addr
+    client.rekey(keys, server_has, sim.now, SERVER_ADDR)
+    sim.run_for(server_delay)
+    server.rekey(keys, client_has, sim.now)
+
+
 def finish(sim: Sim, limit: float) -> None:
     """Run until both streams arrived and everything is acked, then check integrity."""
     sim.run_until(lambda: sim.transferred() and sim.client.conn.all_acked()
@@ -273,13 +284,8 @@ def test_rekey_mid_transfer_loses_and_doubles_nothing():
     # handshake: each side tells the other what it has received.
     sim.net.blackout_until = sim.now + 15
     sim.run_for(12)
-    client, server = sim.client.conn, sim.server.conn
-    new_keys = make_keys(99)
-    client_has, server_has = client.recv_offset, server.recv_offset
-    sim.client.addr = CLIENT_ADDR2
-    client.rekey(new_keys, server_has, sim.now, SERVER_ADDR)
-    sim.run_for(0.5)  # the server's session thread applies the re-key a little later
-    server.rekey(new_keys, client_has, sim.now)
+    # The server's session thread applies the re-key a little later.
+    resume(sim, CLIENT_ADDR2, make_keys(99), server_delay=0.5)
     finish(sim, limit=sim.now + 60)
 
 

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 from proc_util import kill_pid
+from server_util import write_authorized_keys
 
 
 def _pids_of(uid: int) -> list:
@@ -43,7 +44,9 @@ class Users:
 
     def user(self, groups=(), shell="/bin/bash") -> pwd.struct_passwd:
         name = "mpu" + secrets.token_hex(3)
-        argv = ["useradd", "-m", "-s", shell]
+        # "*": no password, but not locked ("!", useradd's default), which mps refuses
+        # without PAM as sshd does: a key-only account.
+        argv = ["useradd", "-m", "-s", shell, "-p", "*"]
         if groups:
             argv += ["-G", ",".join(groups)]
         subprocess.run(argv + [name], check=True, capture_output=True)
@@ -68,6 +71,13 @@ def users_fixture():
         yield made
     finally:
         made.cleanup()
+
+
+def authorize(pw: pwd.struct_passwd, *keys) -> str:
+    """Put ``keys`` in the user's own ~/.mp/authorized_keys (owned by them, 0600 in 0700)."""
+    path = os.path.join(pw.pw_dir, ".mp", "authorized_keys")
+    write_authorized_keys(path, *(key.public for key in keys), owner=pw)
+    return path
 
 
 def python_for(pw: pwd.struct_passwd) -> str:
