@@ -28,7 +28,8 @@ test: lint test-tools
 # it when missing and we may (root with apt-get); otherwise those tests skip, saying why.
 test-tools:
 	@command -v tmux >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && apt-get install -y -q tmux >/dev/null 2>&1; } \
+	  && { apt-get install -y -q tmux >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tmux >/dev/null 2>&1; }; }; } \
 	  || echo "test-tools: tmux is missing and could not be installed: its tests will skip"
 
 # Every interpreter found under pyenv with the newest cryptography, plus 3.9 with the
