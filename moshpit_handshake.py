@@ -36,16 +36,14 @@ peer key, is refused)::
 ServerFinish is sealed with TH_f as associated data, so opening it is the client's key
 confirmation: the server saw exactly this ClientAuth, requested user included.
 
-Layout: wire helpers -> SSHSIG -> data types -> sans-IO state machines (h11 style:
+Layout: wire helpers -> data types -> sans-IO state machines (h11 style:
 ``receive_data`` / ``data_to_send`` / ``next_event``) -> blocking drivers -> admission before
 the handshake (a sans-IO policy and its thread shell). The trust policies (authorized_keys,
-known_hosts) live in moshpit_trust.
+known_hosts) live in moshpit_trust, SSHSIG in moshpit_keys.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import functools
 import hashlib
@@ -73,11 +71,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from moshpit import PENALTY_DEFAULTS, PROTOCOL_VERSION, MoshpitError, printable
 from moshpit_keys import (
-    KEY_TYPE,
     PrivateKey,
     PublicKey,
     WireReader,
     ssh_string,
+    sshsig_sign,
+    sshsig_verify,
 )
 
 log = logging.getLogger("moshpit.handshake")
@@ -168,90 +167,6 @@ def _frame(body: bytes) -> bytes:
 
 def _refusal_frame(code: str) -> bytes:
     return _frame(bytes([_REFUSE]) + ssh_string(code.encode("ascii")))
-
-
-# ---------------------------------------------------------------------------
-# SSHSIG (OpenSSH PROTOCOL.sshsig), so an ssh-agent could make the client signature
-# ---------------------------------------------------------------------------
-
-_SSHSIG_MAGIC = b"SSHSIG"
-_SSHSIG_VERSION = 1
-_SSHSIG_HASH = b"sha512"
-_ARMOR_BEGIN = "-----BEGIN SSH SIGNATURE-----"
-_ARMOR_END = "-----END SSH SIGNATURE-----"
-_ARMOR_WIDTH = 70  # what ssh-keygen writes
-
-
-def _sshsig_signed_data(namespace: str, message: bytes) -> bytes:
-    """What the key really signs: the magic and namespace keep it from passing as SSH login
-    data or as a signature for any other purpose. The reserved field is signed empty."""
-    return (
-        _SSHSIG_MAGIC
-        + ssh_string(namespace.encode())
-        + ssh_string(b"")
-        + ssh_string(_SSHSIG_HASH)
-        + ssh_string(hashlib.sha512(message).digest())
-    )
-
-
-def sshsig_sign(private_key: PrivateKey, namespace: str, message: bytes) -> bytes:
-    """The binary SSHSIG blob of ``ssh-keygen -Y sign -n NAMESPACE`` (sha512) for ``message``."""
-    if not namespace:
-        raise ValueError("an SSHSIG signature needs a namespace")
-    signature = private_key.sign(_sshsig_signed_data(namespace, message))
-    return (
-        _SSHSIG_MAGIC
-        + struct.pack(">I", _SSHSIG_VERSION)
-        + ssh_string(private_key.public.blob)
-        + ssh_string(namespace.encode())
-        + ssh_string(b"")
-        + ssh_string(_SSHSIG_HASH)
-        + ssh_string(ssh_string(KEY_TYPE.encode()) + ssh_string(signature))
-    )
-
-
-def sshsig_verify(public_key: PublicKey, namespace: str, message: bytes, signature: bytes) -> bool:
-    """True if the binary SSHSIG blob ``signature`` is ``public_key``'s signature of
-    ``message`` in ``namespace`` (sha512). Never raises."""
-    try:
-        reader = WireReader(signature, "SSHSIG signature")
-        if reader.take(6) != _SSHSIG_MAGIC or reader.uint32() != _SSHSIG_VERSION:
-            return False
-        signer, signed_namespace = reader.string(), reader.string()
-        reader.string()  # reserved: ignored by verifiers, as OpenSSH does
-        hash_name, inner = reader.string(), reader.string()
-        reader.expect_end()
-        inner_reader = WireReader(inner, "SSHSIG inner signature")
-        sig_type, raw = inner_reader.string(), inner_reader.string()
-        inner_reader.expect_end()
-    except ValueError:
-        return False
-    if (
-        signer != public_key.blob
-        or signed_namespace != namespace.encode()
-        or hash_name != _SSHSIG_HASH
-        or sig_type != KEY_TYPE.encode()
-    ):
-        return False
-    return public_key.verify(raw, _sshsig_signed_data(namespace, message))
-
-
-def sshsig_armor(blob: bytes) -> str:
-    """The armored text form ``ssh-keygen -Y`` reads and writes."""
-    text = base64.b64encode(blob).decode("ascii")
-    lines = [text[i:i + _ARMOR_WIDTH] for i in range(0, len(text), _ARMOR_WIDTH)]
-    return "\n".join([_ARMOR_BEGIN, *lines, _ARMOR_END]) + "\n"
-
-
-def sshsig_unarmor(text: str) -> bytes:
-    """The blob inside an armored SSH signature; ValueError if ``text`` is not one."""
-    lines = [line.strip() for line in text.strip().splitlines()]
-    if len(lines) < 3 or lines[0] != _ARMOR_BEGIN or lines[-1] != _ARMOR_END:
-        raise ValueError("not an armored SSH signature")
-    try:
-        return base64.b64decode("".join(lines[1:-1]), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("the SSH signature is not valid base64") from None
 
 
 # ---------------------------------------------------------------------------

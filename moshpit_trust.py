@@ -37,7 +37,6 @@ import os
 import pwd
 import re
 import stat
-import sys
 from typing import Callable, List, Optional, Tuple
 
 from moshpit import DEFAULT_TCP_PORT, MoshpitError
@@ -343,15 +342,6 @@ class KnownHosts:
                                f" {err.strerror or err}") from None
 
 
-def _ask_on_terminal(prompt: str) -> str:
-    sys.stderr.write(prompt)
-    sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line
-
-
 def _confirm_new_host(pattern: str, key: PublicKey, ask: Callable[[str], str]) -> bool:
     """OpenSSH's first-contact prompt: yes, no, or the fingerprint pasted back."""
     fingerprint = key.fingerprint()
@@ -376,12 +366,16 @@ def _confirm_new_host(pattern: str, key: PublicKey, ask: Callable[[str], str]) -
 
 def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: PublicKey,
                            policy: str, tty: bool,
-                           ask: Optional[Callable[[str], str]] = None) -> None:
+                           ask: Optional[Callable[[str], str]] = None) -> Optional[str]:
     """Trust ``key`` for ``host`` ``port`` per ``policy`` or raise HostKeyError; never a
     silent accept. ``policy`` (strict_host_key_checking): "ask" prompts on a TTY (``ask``
     shows the prompt and returns the typed answer, "yes"/"no"/a fingerprint, or a bool if it
-    put the question itself; EOFError means no; default: stderr/stdin), "accept-new" records
-    unknown hosts, "yes" only trusts recorded keys. A changed key is always refused."""
+    put the question itself; EOFError means no; without ``ask`` nobody can be asked, as
+    without a TTY), "accept-new" records unknown hosts, "yes" only trusts recorded keys. A
+    changed key is always refused.
+
+    Returns the notice the user should see when a key was recorded (OpenSSH's "Permanently
+    added" line), else None: this module never writes to the terminal itself."""
     if policy not in HOST_KEY_POLICIES:
         raise HostKeyError(f"strict_host_key_checking must be one of"
                            f" {', '.join(HOST_KEY_POLICIES)}, not {policy!r}")
@@ -389,7 +383,7 @@ def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: Pub
     pattern = known.host_pattern(host, port)
     status, lineno = known.lookup(host, port, key)
     if status == "ok":
-        return
+        return None
     fingerprint = key.fingerprint()
     if status == "changed":
         raise HostKeyError(
@@ -404,16 +398,15 @@ def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: Pub
             f"host key verification failed: no key is recorded for {pattern} in"
             f" {known_hosts_path} and strict host key checking is 'yes'; the server presents"
             f" {fingerprint}: after checking it, add the server's key to that file")
-    if policy == "ask" and not tty:
+    if policy == "ask" and not (tty and ask is not None):
         raise HostKeyError(
             f"host key verification failed: {pattern} is not a known host and there is no"
             f" terminal to ask about its key {fingerprint}; after checking the fingerprint,"
             " run once with --strict-host-key-checking accept-new, or add the server's key"
             f" line ('{pattern} ssh-ed25519 ...') to {known_hosts_path}")
-    if policy == "ask" and not _confirm_new_host(pattern, key, ask or _ask_on_terminal):
+    if policy == "ask" and not _confirm_new_host(pattern, key, ask):
         raise HostKeyError(f"host key verification failed: the key of {pattern} was not"
                            " accepted")
     known.add(host, port, key)
     log.warning("permanently added %s (%s) to %s", pattern, fingerprint, known_hosts_path)
-    sys.stderr.write(f"Warning: Permanently added '{pattern}' (ED25519) to the list of"
-                     " known hosts.\n")
+    return f"Warning: Permanently added '{pattern}' (ED25519) to the list of known hosts."

@@ -697,9 +697,11 @@ class HostKeyCheck:
         self.pinned = None
 
     def first(self, key) -> None:
-        moshpit_trust.verify_host_key_policy(
+        notice = moshpit_trust.verify_host_key_policy(
             self.known_hosts, self.host, self.port, key, self.policy,
             self.prompter.interactive, self.prompter.ask)
+        if notice:
+            self.prompter.say(notice)
         self.pinned = key
 
     def resume(self, key) -> None:
