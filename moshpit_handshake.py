@@ -679,7 +679,8 @@ class ClientHandshake(_Handshake):
         reader.expect_end()
         if version != PROTOCOL_VERSION:
             raise HandshakeError(f"protocol error: the server speaks protocol version {version},"
-                                 f" this client {PROTOCOL_VERSION}")
+                                 f" this client {PROTOCOL_VERSION}: install the same moshpit"
+                                 " release on both sides")
         if cipher not in CIPHERS:
             raise HandshakeError("protocol error: the server chose a cipher that was not offered")
         self._transcript.add(body)
@@ -765,7 +766,8 @@ class ServerHandshake(_Handshake):
         reader.expect_end()
         if version < PROTOCOL_VERSION:
             raise HandshakeError(f"protocol error: the client speaks protocol version {version},"
-                                 f" this server needs {PROTOCOL_VERSION}")
+                                 f" this server needs {PROTOCOL_VERSION}: install the same"
+                                 " moshpit release on both sides")
         cipher = next((name for name in CIPHERS if name in offered), None)
         if cipher is None:
             raise HandshakeError("protocol error: no session cipher in common")

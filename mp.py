@@ -40,6 +40,7 @@ import tty
 import moshpit
 import moshpit_handshake
 import moshpit_keys
+import moshpit_session
 import moshpit_transport
 import moshpit_trust
 
@@ -816,8 +817,6 @@ class Session:
         self.router, self.waker = router, waker
         self.in_fd, self.out_fd = in_fd, out_fd
         self.out_is_tty = os.isatty(out_fd)  # no banner in a pipe or file
-        self.session_id = first.grant.session_id
-        self.resume_secret = first.grant.resume_secret
         self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
         self.encoding = terminal_encoding()
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
@@ -829,17 +828,13 @@ class Session:
         self.tracker = OutputTracker()
         self.out = bytearray()
         self.stdin_open = True
-        self.winsize = target.winsize()
         self.outcome = None
         self.quit_failure = None  # why the server could not be told that we quit
-        now = time.monotonic()
-        # Our own "last heard": Connection.last_heard also counts a resume handshake as
-        # contact, but the banner and the resume schedule are about UDP packets arriving.
-        self.heard = now
-        self.conn = moshpit_transport.Connection("client", first.keys, now,
-                                                 peer_addr=udp_peer(first))
+        self.core = moshpit_session.ClientSession(
+            first.keys, time.monotonic(), udp_peer(first), first.grant.session_id,
+            first.grant.resume_secret, target.winsize())
         wildcard = "::" if ":" in first.server_addr[0] else "0.0.0.0"
-        self.link = moshpit_transport.UdpLink.bind(self.conn, wildcard)
+        self.link = moshpit_transport.UdpLink.bind(self.core, wildcard)
         self.resumer = Resumer(self._resume_handshake, waker,
                                float(config["max_reconnect_backoff_secs"]))
 
@@ -865,14 +860,14 @@ class Session:
         stalled = len(self.out) >= OUTPUT_HIGH_WATER  # local terminal far behind
         if not stalled:
             readers.append(self.link)
-        if self.stdin_open and self.conn.writable():
+        if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
         writers = [self.out_fd] if self.out else []
         timeout = max(0.0, self._next_deadline(now) - now)
         readable, _, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
         if stalled:
-            self.heard = now  # we are not listening, so the server is not silent
+            self.core.last_contact = now  # we are not listening, so the server is not silent
         if self.waker in readable:
             self.waker.drain()
         self._signals()
@@ -889,19 +884,17 @@ class Session:
             self._write_out()
 
     def _next_deadline(self, now: float) -> float:
-        deadlines = [now + 60.0, self.banner.next_deadline(self.heard, now)]
+        deadlines = [now + 60.0, self.banner.next_deadline(self.core.last_contact, now)]
         link_wait = self.link.timeout(now)
         if link_wait is not None:
             deadlines.append(now + link_wait)
         if not self.resumer.running:
-            deadlines.append(self.resumer.next_attempt(self.heard))
+            deadlines.append(self.resumer.next_attempt(self.core.last_contact))
         return min(deadlines)
 
     def _receive(self, now: float) -> None:
-        before = self.conn.last_heard
         self.link.handle_readable(now)
-        if self.conn.last_heard != before:
-            self.heard = self.conn.last_heard
+        if self.core.udp_heard:
             self.banner.udp_wait = None  # UDP works: from now on silence is "last contact"
 
     # -- inputs -----------------------------------------------------------------------
@@ -914,9 +907,8 @@ class Session:
         if self.router.winch:
             self.router.winch = False
             size = self.target.winsize()
-            if size != self.winsize:
-                self.winsize = size
-                self.conn.send_resize(*size)
+            if size != self.core.winsize:
+                self.core.resize(*size)
                 if self.banner.shown:
                     self._redraw_banner(time.monotonic(), force=True)
 
@@ -935,24 +927,24 @@ class Session:
             return
         data, quit_requested = self.escape.feed(data)
         if data:
-            self.conn.send(data)
+            self.core.send_input(data)
         if quit_requested:  # exits 255 like ssh's ~., so a script can tell it from "exit 0"
             self._quit("client quit")
             self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
 
     def _events(self) -> None:
         while True:
-            event = self.conn.next_event()
+            event = self.core.next_event()
             if event is None:
                 return
-            if isinstance(event, moshpit_transport.DataReceived):
+            if isinstance(event, moshpit_session.OutputReceived):
                 self.tracker.feed(event.data)
                 self.out += event.data
-            elif isinstance(event, moshpit_transport.SessionClosed):
+            elif isinstance(event, moshpit_session.SessionExited):
                 status = event.exit_status
                 self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE,
                                        f"Connection to {self.target.host} closed.")
-            elif isinstance(event, moshpit_transport.ShutdownReceived):
+            elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
 
@@ -961,7 +953,7 @@ class Session:
     def _contact(self, now: float) -> None:
         """Banner on/off/update from the silence. Packets flowing again is immediate
         recovery: banner gone, resume back-off reset, no handshake needed."""
-        silence = now - self.heard
+        silence = self.core.silence(now)
         if silence < self.banner.threshold():
             if self.banner.shown:
                 log.info("contact with %s is back", self.target.host)
@@ -974,17 +966,16 @@ class Session:
     def _redraw_banner(self, now: float, force: bool = False) -> None:
         if not self.out_is_tty or not self.tracker.at_safe_point():
             return  # never inject bytes into the middle of an escape sequence / character
-        self.out += self.banner.update(now - self.heard, self.winsize[1], self.banner_note,
+        self.out += self.banner.update(self.core.silence(now), self.core.winsize[1],
+                                       self.banner_note,
                                        self.encoding, force)
 
     def _maybe_resume(self, now: float) -> None:
-        if self.outcome is not None or not self.resumer.due(now, self.heard):
+        if self.outcome is not None or not self.resumer.due(now, self.core.last_contact):
             return
         log.info("no contact for %.0f s: new UDP port %s, resume handshake #%d",
-                 now - self.heard, self.link.hop_port(), self.resumer.attempts + 1)
-        request = self.target.request(*self.winsize, session_id=self.session_id,
-                                      resume_secret=self.resume_secret,
-                                      recv_offset=self.conn.recv_offset)
+                 self.core.silence(now), self.link.hop_port(), self.resumer.attempts + 1)
+        request = self.target.request(*self.core.winsize, resume=self.core.resume_request())
         self.resumer.start(request)
 
     def _resume_handshake(self, request):
@@ -1006,11 +997,9 @@ class Session:
             return
         # Applied even if packets came back meanwhile: the server now uses the new keys.
         log.info("session resumed (server had %d bytes of our input, we had %d of its output)",
-                 outcome.grant.recv_offset, self.conn.recv_offset)
-        self.resume_secret = outcome.grant.resume_secret
-        self.conn.rekey(outcome.keys, outcome.grant.recv_offset, now,
-                        peer_addr=udp_peer(outcome))
-        self.conn.send_resize(*self.winsize)
+                 outcome.grant.recv_offset, self.core.recv_offset)
+        self.core.resumed(outcome.keys, outcome.grant.recv_offset, outcome.grant.resume_secret,
+                          udp_peer(outcome), now)
         self.banner_note = "server answered, waiting for UDP"
         if self.banner.udp_wait is not None:
             self.banner.udp_wait = (self.target.host, outcome.grant.udp_port)
@@ -1039,11 +1028,10 @@ class Session:
         the session detached for days: over UDP, waiting briefly for the ack (not at all
         in an outage), and without an ack by a quit request over TCP. A few seconds at
         most: the server may be unreachable and the user wants out."""
-        self.conn.send_shutdown(reason)
-        now = time.monotonic()
-        in_outage = now - self.heard >= BANNER_AFTER_SECS
-        self._linger(0.0 if in_outage else QUIT_FLUSH_SECS, self.conn.all_acked)
-        if self.conn.all_acked():
+        self.core.quit(reason)
+        in_outage = self.core.silence(time.monotonic()) >= BANNER_AFTER_SECS
+        self._linger(0.0 if in_outage else QUIT_FLUSH_SECS, self.core.all_acked)
+        if self.core.all_acked():
             return
         why = self._request_end()
         if why is not None:
@@ -1057,9 +1045,8 @@ class Session:
         asking the server to end the session. None once it has (or the session was gone
         already), else why not. Bounded by QUIT_REQUEST_SECS; the thread left running after
         that is a daemon and dies with us."""
-        request = self.target.request(*self.winsize, session_id=self.session_id,
-                                      resume_secret=self.resume_secret,
-                                      recv_offset=self.conn.recv_offset, end_session=True)
+        request = self.target.request(*self.core.winsize, resume=self.core.resume_request(),
+                                     end_session=True)
         results = queue.Queue()
         threading.Thread(target=lambda: results.put(
             attempt_handshake(self._resume_handshake, request)), name="quit", daemon=True).start()
@@ -1165,8 +1152,10 @@ class Target:
             return 24, 80
         return (rows or 24, cols or 80)
 
-    def request(self, rows: int, cols: int, session_id=None, resume_secret=None,
-                recv_offset: int = 0, end_session: bool = False):
+    def request(self, rows: int, cols: int, resume=None, end_session: bool = False):
+        """The handshake's request: a new session, or with ``resume`` (ClientSession's
+        ``resume_request()``: session id, resume secret, bytes received) a resume."""
+        session_id, resume_secret, recv_offset = resume or (None, None, 0)
         return moshpit_handshake.ClientRequest(
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,

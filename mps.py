@@ -44,9 +44,11 @@ from typing import Dict, List, Optional
 import moshpit
 import moshpit_handshake as handshake
 import moshpit_keys as keys
+import moshpit_session as session_core
 import moshpit_transport as transport
 import moshpit_trust as trust
 from moshpit import MoshpitError
+from moshpit_session import SHUTDOWN_FLUSH_SECS
 
 log = logging.getLogger("moshpit.server")
 
@@ -208,8 +210,6 @@ class PtyShell:
 # ---------------------------------------------------------------------------
 
 PTY_READ_SIZE = 16384
-PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
-SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
 CHILD_POLL_SECS = 1.0  # the shell is reaped by polling (no SIGCHLD handler across threads)
 RESUME_WAIT_SECS = 5.0
 MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading it
@@ -238,11 +238,13 @@ class _EndRequest(_Request):
 
 
 class Session:
-    """One login: the shell on its PTY, the session's UDP socket and Connection, and the
-    thread that runs them in one select loop.
+    """One login: the shell on its PTY, the session's UDP socket and its session core
+    (moshpit_session.ServerSession: the rules), and the thread that runs them in one select
+    loop.
 
-    Only the session thread touches the Connection and the PTY; other threads talk to it with
-    ``resume()`` / ``shutdown()``, which go through a queue and a wake-up pipe.
+    Only the session thread touches the core and the PTY; other threads talk to it with
+    ``resume()`` / ``end_by_client()`` / ``shutdown()``, which go through a queue and a
+    wake-up pipe (the resume sequence end to end: moshpit_session's docstring).
     """
 
     def __init__(self, server: Server, session_id: bytes, user: str, client_key,
@@ -256,7 +258,7 @@ class Session:
         self.udp_sock = udp_sock
         self.udp_port = udp_sock.getsockname()[1]
         self.shell = shell
-        self.conn = None
+        self.core: Optional[session_core.ServerSession] = None
         self.link = None
         self.thread: Optional[threading.Thread] = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -266,19 +268,16 @@ class Session:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._to_pty = bytearray()  # client input not yet taken by the PTY
-        self._client_addr = None  # where the client's UDP packets come from (None: not yet)
-        self._pty_eof = False
-        self._exit_status: Optional[int] = None
-        self._drain_until = 0.0
-        self._ending: Optional[str] = None  # why the session is ending, once it is
-        self._end_by: Optional[float] = None  # None: live on as a detached session would
+        self._shell_status: Optional[int] = None  # set once the shell is reaped
 
     # -- other threads -------------------------------------------------------------------
 
     def start(self, keys, peer) -> None:
-        """The handshake completed: create the Connection and run the session thread."""
-        self.conn = transport.Connection("server", keys, time.monotonic())
-        self.link = transport.UdpLink(self.conn, self.udp_sock)
+        """The handshake completed: create the session core and run the session thread."""
+        self.core = session_core.ServerSession(keys, time.monotonic(),
+                                               self.server.detached_timeout,
+                                               self.server.unattached_timeout)
+        self.link = transport.UdpLink(self.core, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
         self.thread.start()
@@ -355,7 +354,7 @@ class Session:
             self.shell.hangup()
             self.udp_sock.close()
             log.info("session %s of %s ended (%s)", self.name, self.user,
-                     self._ending or "error")
+                     self.core.ending or "error")
 
     def _loop(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -363,7 +362,7 @@ class Session:
             watched: Dict[str, int] = {}  # what the selector waits for on "udp" and "pty"
             while True:
                 now = time.monotonic()
-                if self._finished(now):
+                if self.core.finished(now):
                     return
                 for name, fd, events in (("udp", self.link.fileno(), self._udp_interest()),
                                          ("pty", self.shell.master_fd, self._pty_interest())):
@@ -390,23 +389,21 @@ class Session:
         return selectors.EVENT_READ if len(self._to_pty) < MAX_PENDING_INPUT else 0
 
     def _pty_interest(self) -> int:
-        if self.shell.master_fd is None or self._ending:
+        if self.shell.master_fd is None or self.core.ending:
             return 0
         events = 0
-        if not self._pty_eof and self.conn.writable():  # back-pressure: DESIGN 6
+        if self.core.may_read_pty():  # back-pressure: DESIGN 6
             events |= selectors.EVENT_READ
         if self._to_pty:
             events |= selectors.EVENT_WRITE
         return events
 
-    def _timeout(self, now: float) -> float:
-        link_timeout = self.link.timeout(now)
-        deadlines = [None if link_timeout is None else now + link_timeout, self._deadline()]
-        if self._exit_status is None:
-            deadlines.append(now + CHILD_POLL_SECS)
-        elif not self._ending:
-            deadlines.append(self._drain_until)
-        return max(0.0, min(d for d in deadlines if d is not None) - now)
+    def _timeout(self, now: float) -> Optional[float]:
+        """Seconds until the core's next deadline, or the next poll of a running shell."""
+        wait = self.link.timeout(now)
+        if self._shell_status is None:
+            wait = CHILD_POLL_SECS if wait is None else min(wait, CHILD_POLL_SECS)
+        return wait
 
     def _handle_inbox(self, now: float) -> None:
         try:
@@ -416,36 +413,29 @@ class Session:
             pass
         for message in self._posted():
             if isinstance(message, _Resume):
-                self.conn.rekey(message.keys, message.peer_recv_offset, now)
-                message.recv_offset = self.conn.recv_offset
+                message.recv_offset = self.core.resume(message.keys, message.peer_recv_offset,
+                                                       now)
                 message.done.set()
                 log.info("session %s resumed (client had %d bytes, we had %d)", self.name,
                          message.peer_recv_offset, message.recv_offset)
             elif isinstance(message, _EndRequest):
-                message.recv_offset = self.conn.recv_offset
+                message.recv_offset = self.core.end_requested(now)
                 message.done.set()
-                self._end("by the client's quit request", now, 0.0)
             elif message == "shutdown":
-                self.conn.send_shutdown("server shutting down")
-                self._end("server shutting down", now, SHUTDOWN_FLUSH_SECS)
+                self.core.shutdown(handshake.SHUTTING_DOWN, now)
 
     def _handle_events(self, now: float) -> None:
         while True:
-            event = self.conn.next_event()
+            event = self.core.next_event()
             if event is None:
                 return
-            if isinstance(event, transport.DataReceived):
-                if not self._ending:
-                    self._to_pty += event.data
-                    self._write_pty()
-            elif isinstance(event, transport.ResizeRequested):
+            if isinstance(event, session_core.InputReceived):
+                self._to_pty += event.data
+                self._write_pty()
+            elif isinstance(event, session_core.ResizeRequested):
                 self.shell.resize(event.rows, event.cols)
-            elif isinstance(event, transport.ShutdownReceived):
-                self._end(f"client: {event.reason}", now, 0.0)
-            elif isinstance(event, transport.PeerAddressChanged):
-                if self._client_addr is not None:  # roamed (the first packet is no news)
-                    log.info("session %s: client now at %s", self.name, _fmt_addr(event.addr))
-                self._client_addr = event.addr
+            elif isinstance(event, session_core.ClientAddressChanged) and not event.first:
+                log.info("session %s: client now at %s", self.name, _fmt_addr(event.addr))
 
     def _write_pty(self) -> None:
         if self._to_pty and self.shell.master_fd is not None:
@@ -454,64 +444,18 @@ class Session:
     def _read_pty(self, now: float) -> None:
         data = self.shell.read(PTY_READ_SIZE)
         if data:
-            self.conn.send(data)
-            self._drain_until = now + PTY_DRAIN_SECS
+            self.core.pty_output(data, now)
         elif data == b"":
-            self._pty_eof = True
+            self.core.pty_closed(now)
 
     def _check_shell(self, now: float) -> None:
-        """Reap the shell; once it has exited and its output is read, send the exit status."""
-        if self._ending:
+        """Reap the shell; the core sends its status after the rest of its output."""
+        if self._shell_status is not None or self.core.ending:
             return
-        if self._exit_status is None:
-            self._exit_status = self.shell.poll()
-            if self._exit_status is None:
-                return
-            log.info("session %s: shell exited with status %d", self.name, self._exit_status)
-            self._drain_until = now + PTY_DRAIN_SECS
-        # Output still in the PTY goes first; a background job holding the terminal open
-        # only delays the close by PTY_DRAIN_SECS of silence.
-        if self._pty_eof or (self.conn.writable() and now >= self._drain_until):
-            self.conn.send_close(self._exit_status)
-            # Resent until acknowledged. A client that is away (outage, laptop asleep) gets
-            # the last output and the exit status when it resumes, as long as a detached
-            # session would have been kept for it.
-            self._end(f"shell exited with status {self._exit_status}", now, None)
-
-    def _end(self, why: str, now: float, linger: Optional[float]) -> None:
-        """Start ending the session: done once everything sent is acknowledged, or after
-        ``linger`` seconds (None: when a detached session would expire)."""
-        self._ending = why
-        self._end_by = None if linger is None else now + linger
-
-    def _silence_limit(self) -> tuple:
-        """(seconds the client may stay unheard, None: forever; why the session then ends).
-        Until its first UDP packet arrives, the shorter unattached timeout applies: a session
-        nobody ever reached would otherwise hold its slot for the whole detached timeout."""
-        detached = self.server.detached_timeout or None
-        unattached = self.server.unattached_timeout or None
-        if self._client_addr is None and unattached and (detached is None
-                                                         or unattached < detached):
-            return unattached, (f"never attached: no UDP packet from the client within"
-                                f" {unattached} s of the handshake (UDP blocked?)")
-        return detached, f"detached for more than {detached} s"
-
-    def _deadline(self) -> Optional[float]:
-        """When the session ends if nothing else happens (None: never)."""
-        if self._end_by is not None:
-            return self._end_by
-        limit, _why = self._silence_limit()
-        # last_heard: the latest authentic packet, or the latest handshake (start, resume).
-        return self.conn.last_heard + limit if limit else None
-
-    def _finished(self, now: float) -> bool:
-        deadline = self._deadline()
-        if self._ending is None:
-            if deadline is not None and now >= deadline:
-                self._ending = self._silence_limit()[1]
-                return True
-            return False
-        return self.conn.all_acked() or (deadline is not None and now >= deadline)
+        self._shell_status = self.shell.poll()
+        if self._shell_status is not None:
+            log.info("session %s: shell exited with status %d", self.name, self._shell_status)
+            self.core.shell_exited(self._shell_status, now)
 
 
 def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: int,

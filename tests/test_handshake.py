@@ -237,6 +237,8 @@ MALFORMED = [
     (frame(b"\x06" + ssh_string(b"server busy")), "server refused"),
     (frame(b"\x01\x00"), "truncated"),
     (client_hello(version=0), "protocol version 0"),
+    (client_hello(version=PROTOCOL_VERSION - 1),  # before session records: refused, explained
+     f"version {PROTOCOL_VERSION - 1}, this server needs {PROTOCOL_VERSION}: install the same"),
     (client_hello(ciphers=b"rot13"), "no session cipher in common"),
     (client_hello(ciphers=b"\xff"), "non-ASCII"),
     (client_hello() + frame(b"\x04" + bytes(64)), "failed authentication"),
@@ -327,8 +329,11 @@ def test_bad_length_after_the_server_hello_is_a_protocol_error(keys):
 
 
 def test_server_version_and_cipher_are_checked(keys):
-    for version, cipher, match in ((2, b"chacha20-poly1305", "protocol version 2"),
-                                   (1, b"des", "not offered")):
+    for version, cipher, match in (
+            (PROTOCOL_VERSION + 1, b"chacha20-poly1305",
+             f"protocol version {PROTOCOL_VERSION + 1}, this client {PROTOCOL_VERSION}"),
+            (PROTOCOL_VERSION - 1, b"chacha20-poly1305", "the same moshpit release on both"),
+            (PROTOCOL_VERSION, b"des", "not offered")):
         client = hs.ClientHandshake(keys[0], hs.ClientRequest("alice"))
         client.receive_data(frame(bytes([2]) + struct.pack(">H", version) + os.urandom(32)
                                   + PrivateKey.generate().public.raw + ssh_string(cipher)))

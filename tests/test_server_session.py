@@ -239,11 +239,11 @@ def test_resume_refused_for_another_key_and_unknown_session(server, client):
     write_authorized_keys(server.authorized_keys_path, server.client_key.public, other.public)
     shell_pid(client)
     thief = TestClient.for_server(server, identity=other)
-    thief.grant, thief.conn = client.grant, client.conn
+    thief.grant, thief.core = client.grant, client.core
     with pytest.raises(AuthRefused) as refused:
         thief.resume()
     assert refused.value.code == NO_SUCH_SESSION
-    client.grant.session_id = bytes(16)
+    client.core.session_id = bytes(16)
     with pytest.raises(AuthRefused) as refused:
         client.resume()
     assert refused.value.code == NO_SUCH_SESSION
@@ -348,8 +348,8 @@ def test_replayed_datagram_cannot_redirect_output(server, client):
     address (127.0.0.2) instead: the server challenges that address and sends it at most 3x
     what it sent, while the real client keeps getting all its output."""
     shell_pid(client)
-    client.conn.send(b"seq 1 30000 | sed s/^/N/; echo DO''NE\n")
-    stolen = [d for d, _addr in client.conn.datagrams_to_send(time.monotonic())]
+    client.core.send_input(b"seq 1 30000 | sed s/^/N/; echo DO''NE\n")
+    stolen = [d for d, _addr in client.core.datagrams_to_send(time.monotonic())]
     assert stolen
     server_addr = (client.host, client.grant.udp_port)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
