@@ -378,6 +378,10 @@ class ServerSession(_Core):
 
     # -- the program's questions ---------------------------------------------------------
 
+    def datagrams_to_send(self, now: float) -> list:
+        self._check_exit(now)  # the drain deadline is one of the timers next_timeout names
+        return self.conn.datagrams_to_send(now)
+
     def may_read_pty(self) -> bool:
         """Read the PTY now? Only while the output window has room (a flood cannot build a
         backlog, DESIGN 6) and the session is not ending."""
