@@ -256,6 +256,19 @@ def test_resume_continues_both_streams_at_exact_offsets():
                   and sim.client.all_acked() and sim.server.all_acked(), limit=sim.now + 120)
 
 
+def test_an_outage_without_resume_loses_and_doubles_nothing():
+    """The path comes back after 20 s and the same session carries on (no handshake)."""
+    rng = random.Random(27)
+    sim = CoreSim(SimNet(27, loss=0.05), detached=3600)
+    sim.pty_source = random_bytes(rng, 200_000)
+    sim.run_until(lambda: len(sim.screen) > 20_000, limit=10)
+    sim.net.blackout_until = sim.now + 20
+    sim.client.send_input(b"typed in the dark\r")
+    sim.run_until(lambda: sim.screen == sim.pty_source and sim.shell_in == b"typed in the dark\r"
+                  and sim.client.all_acked() and sim.server.all_acked(), limit=sim.now + 60)
+    assert not sim.server.finished(sim.now)
+
+
 def test_resize_survives_a_resume_and_sizes_coalesce():
     sim = CoreSim(SimNet(16, loss=0.3), detached=3600)
     sim.run_for(0.5)
