@@ -24,6 +24,17 @@ import sys
 import termios
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
+__all__ = [
+    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
+    "MoshpitError", "ConfigError", "ENV_PREFIX", "mp_dir", "default_config_path",
+    "default_log_path", "default_pid_path", "parse_port_range", "parse_max_startups",
+    "parse_netblock", "PENALTY_DEFAULTS", "parse_penalties", "parse_escape_key", "TRACE",
+    "parse_directives", "PATH", "SCHEMAS", "env_names", "Config", "config_report", "load_config",
+    "add_common_flags", "common_flag_settings", "ROOT_LOGGER", "verbosity_level", "reset_logging",
+    "setup_logging", "PRINTABLE_LIMIT", "ELLIPSIS", "printable", "printable_lines", "get_winsize",
+    "set_winsize",
+]
+
 __version__ = "0.1.0"
 
 # ---------------------------------------------------------------------------

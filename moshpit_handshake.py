@@ -79,6 +79,18 @@ from moshpit_keys import (
     sshsig_verify,
 )
 
+__all__ = [
+    "MAX_MESSAGE", "CIPHERS", "SSHSIG_NAMESPACE", "SERVER_CONTEXT", "PERMISSION_DENIED",
+    "SERVER_BUSY", "NO_SUCH_SESSION", "PROTOCOL_ERROR", "SHUTTING_DOWN", "USER_NOT_SERVED",
+    "SESSION_LIMIT", "USER_SESSION_LIMIT", "REFUSAL_CODES", "FINAL_CODES", "NOT_MOSHPIT",
+    "HandshakeError", "AuthRefused", "MAX_LOCALE_VARS", "END_SESSION", "ClientRequest",
+    "SessionKeys", "SessionGrant", "AuthInfo", "ClientResult", "HostKeyReceived", "AuthRequested",
+    "HandshakeComplete", "locale_env", "ClientHandshake", "ServerHandshake", "AUTHENTICATED",
+    "AUTHFAIL", "NOAUTH", "GRACE_EXCEEDED", "NEUTRAL", "HELLO_RECEIVED", "server_handshake",
+    "send_refusal", "MAX_TRACKED_SOURCES", "IDLE_EVICT_SECS", "source_of", "AdmissionLimits",
+    "Admission", "AdmissionPolicy", "HandshakeLimiter", "LazyIdentity", "client_handshake",
+]
+
 log = logging.getLogger("moshpit.handshake")
 
 MAX_MESSAGE = 64 * 1024  # largest message body either side accepts

@@ -62,6 +62,17 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from moshpit import MoshpitError, mp_dir
 
+__all__ = [
+    "KEY_TYPE", "LINE_KIND", "PUBLIC_FORMATS", "MAX_LINE", "MAX_AUTHORIZED_KEYS", "MAX_KEY_FILE",
+    "KeyFileError", "KeyFileExists", "PassphraseRequired", "WrongPassphrase", "ssh_string",
+    "WireReader", "PublicKey", "PrivateKey", "parse_public_key_line", "read_authorized_keys",
+    "parse_authorized_keys", "OPENSSH_LABEL", "MOSHPIT_LABEL", "SCRYPT_LOG2_N", "SCRYPT_R",
+    "SCRYPT_P", "load_private_key", "private_key_is_encrypted", "save_private_key",
+    "public_key_bytes", "save_public_key", "default_comment", "create_key_pair", "load_public_key",
+    "default_identity_paths", "default_host_key_paths", "sshsig_sign", "sshsig_verify",
+    "sshsig_armor", "sshsig_unarmor",
+]
+
 log = logging.getLogger("moshpit.keys")
 
 KEY_TYPE = "ssh-ed25519"

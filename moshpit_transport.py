@@ -73,6 +73,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from moshpit import MAX_DATAGRAM
 
+__all__ = [  # the API; the tuning constants and building blocks stay importable for tests
+    "CIPHERS", "CLIENT_TO_SERVER", "SERVER_TO_CLIENT", "MAX_PAYLOAD", "ReplayWindow",
+    "PacketCipher", "encode_frame", "data_frame_header", "decode_frames", "FIRST_STREAM",
+    "MAX_STREAM_ID", "SEND_WINDOW", "DataReceived", "PeerAddressChanged", "Connection",
+    "TRANSIENT_ERRNOS", "udp_socket", "UdpLink",
+]
+
 log = logging.getLogger("moshpit.transport")
 
 # ---------------------------------------------------------------------------
@@ -203,6 +210,7 @@ def decode_frames(plaintext: bytes):
         yield ftype, pos, end
         pos = end
 
+
 FIRST_STREAM = 0  # exists on every Connection; others come from open_stream()
 MAX_STREAM_ID = 255  # a DATA frame names its stream in one byte
 
@@ -212,24 +220,24 @@ MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum
 MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
 
 ACK_EVERY = 4  # ack-eliciting packets received before an ACK goes out at once
-ACK_DELAY = 0.010  # otherwise an ACK leaves at most this late
-KEEPALIVE = 3.0  # the client pings after this long without sending anything ack-eliciting
+ACK_DELAY_SECS = 0.010  # otherwise an ACK leaves at most this late
+KEEPALIVE_SECS = 3.0  # the client pings after this long without sending anything ack-eliciting
 # Outage probing: once a packet the client sent has gone unanswered for longer than an RTO,
-# it pings every OUTAGE_PROBE for the first OUTAGE_FAST_SECS of the silence, then every
-# OUTAGE_PROBE_SLOW. The session recovers within one probe interval (plus a round trip) of
+# it pings every OUTAGE_PROBE_SECS for the first OUTAGE_FAST_SECS of the silence, then every
+# OUTAGE_PROBE_SLOW_SECS. The session recovers within one probe interval (plus a round trip) of
 # the path coming back, instead of waiting out backed-off retransmission timers; mosh probes
 # about as often. Each probe is one ~50-byte datagram.
-OUTAGE_PROBE, OUTAGE_FAST_SECS, OUTAGE_PROBE_SLOW = 0.02, 10.0, 0.25
+OUTAGE_PROBE_SECS, OUTAGE_FAST_SECS, OUTAGE_PROBE_SLOW_SECS = 0.02, 10.0, 0.25
 PACKET_THRESHOLD = 3  # a packet is lost once one sent this many later was acked ...
 TIME_THRESHOLD = 9 / 8  # ... or one sent this many RTTs later
-INITIAL_RTT = 0.1
-MIN_RTO, MAX_RTO, MAX_BACKOFF_RTO = 0.05, 1.0, 2.0
+INITIAL_RTT_SECS = 0.1
+MIN_RTO_SECS, MAX_RTO_SECS, MAX_BACKOFF_RTO_SECS = 0.05, 1.0, 2.0
 MSS = MAX_STREAM_CHUNK
 INITIAL_CWND, MIN_CWND, MAX_CWND = 32 * MSS, 16 * MSS, 1024 * 1024
 TIMEOUT_CWND = 2 * MSS  # after repeated timeouts (an outage): probe gently, then slow start
 LOSS_BETA = 0.7
 PACING_BURST = 10 * MAX_DATAGRAM  # what may leave back to back ...
-PACING_QUANTUM = 0.001  # ... or this much time's worth at the pacing rate, if more
+PACING_QUANTUM_SECS = 0.001  # ... or this much time's worth at the pacing rate, if more
 MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to read too
 SENT_RING = 4096  # send times remembered, by packet number, for RTT samples
 SMALL_PACKET = 256  # stream data this small is sent twice when the path is lossy ...
@@ -258,9 +266,9 @@ class RttEstimator:
     """Smoothed RTT and variance (Jacobson/Karels) and the retransmission timeout from them."""
 
     def __init__(self) -> None:
-        self.srtt = INITIAL_RTT
-        self.rttvar = INITIAL_RTT / 2
-        self.latest = INITIAL_RTT
+        self.srtt = INITIAL_RTT_SECS
+        self.rttvar = INITIAL_RTT_SECS / 2
+        self.latest = INITIAL_RTT_SECS
         self.min_rtt = float("inf")
         self._sampled = False
 
@@ -279,8 +287,8 @@ class RttEstimator:
 
     def rto(self) -> float:
         """Retransmission timeout, allowing for the peer's ack delay, clamped like mosh."""
-        rto = self.srtt + max(4 * self.rttvar, 0.001) + ACK_DELAY
-        return min(max(rto, MIN_RTO), MAX_RTO)
+        rto = self.srtt + max(4 * self.rttvar, 0.001) + ACK_DELAY_SECS
+        return min(max(rto, MIN_RTO_SECS), MAX_RTO_SECS)
 
 
 class CongestionWindow:
@@ -329,7 +337,7 @@ class Pacer:
 
     def refill(self, now: float, rate: float) -> None:
         if now > self._stamp:
-            cap = max(PACING_BURST, rate * PACING_QUANTUM)
+            cap = max(PACING_BURST, rate * PACING_QUANTUM_SECS)
             self._tokens = min(cap, self._tokens + (now - self._stamp) * rate)
             self._stamp = now
 
@@ -640,7 +648,7 @@ class LossEstimate:
 class AckClock:
     """The receiver's side of acknowledgements: what is owed to the sender, and by when.
 
-    Ack-eliciting packets (data, pings) are acked after ACK_EVERY of them or ACK_DELAY,
+    Ack-eliciting packets (data, pings) are acked after ACK_EVERY of them or ACK_DELAY_SECS,
     whichever comes first; urgent news (a gap, a duplicate, a ping, urgent-stream data) at
     once.
     The newest packet number received and when it came go into every ACK, so the sender
@@ -673,7 +681,7 @@ class AckClock:
         if self._count >= ACK_EVERY:
             self.urgent = True
         elif self.deadline is None:
-            self.deadline = now + ACK_DELAY
+            self.deadline = now + ACK_DELAY_SECS
 
     def owed(self) -> bool:
         return bool(self._streams)
@@ -703,7 +711,7 @@ class PathProbe:
 
     Sending to it is limited to AMPLIFICATION_FACTOR times the bytes received from it, so a
     replayed datagram cannot make us stream output at a third party.  Challenges are
-    retried with the RTO doubling up to MAX_BACKOFF_RTO, and sooner when the address sends
+    retried with the RTO doubling up to MAX_BACKOFF_RTO_SECS, and sooner when the address sends
     again (the peer is there and talking: the last challenge was probably lost).
     """
 
@@ -730,7 +738,7 @@ class PathProbe:
         self._challenges.append((data, now))
         self._tries += 1
         backoff = rto * (1 << min(self._tries, 6))
-        self.next_challenge = now + min(backoff, max(rto, MAX_BACKOFF_RTO))
+        self.next_challenge = now + min(backoff, max(rto, MAX_BACKOFF_RTO_SECS))
         return data
 
     def answered_at(self, data: bytes) -> Optional[float]:
@@ -747,9 +755,9 @@ class Connection:
     Feed it ``receive_datagram(data, addr, now)``; send what ``datagrams_to_send(now)``
     returns; call again at ``next_timeout()``; read ``next_event()`` until None.  ``keys``
     is any object with ``client_to_server``, ``server_to_client``, ``conn_id`` and
-    ``cipher`` (the handshake's SessionKeys).  Only the client pings: every KEEPALIVE when
+    ``cipher`` (the handshake's SessionKeys).  Only the client pings: every KEEPALIVE_SECS when
     it has sent nothing else, every RTO until it first hears the server under the current
-    keys (the server learns the client's address from that ping), and every OUTAGE_PROBE
+    keys (the server learns the client's address from that ping), and every OUTAGE_PROBE_SECS
     while what it sent goes unanswered (so it notices the path is back at once).  The server
     answers every ping with an immediate ACK, so both sides hear each other that often.
 
@@ -1026,7 +1034,7 @@ class Connection:
 
     def _rto(self) -> float:
         rto = self._rtt.rto()
-        return min(rto * (1 << self._backoff), max(rto, MAX_BACKOFF_RTO))
+        return min(rto * (1 << self._backoff), max(rto, MAX_BACKOFF_RTO_SECS))
 
     def _rto_deadline(self) -> Optional[float]:
         sent = [t for t in (stream.oldest_sent() for stream in self._send_order)
@@ -1050,7 +1058,7 @@ class Connection:
             self._cc.on_timeout(now)
         else:
             self._cc.on_loss(lost_sent, now)
-        if self._rto() < MAX_BACKOFF_RTO:
+        if self._rto() < MAX_BACKOFF_RTO_SECS:
             self._backoff += 1
 
     def _data_pending(self) -> bool:
@@ -1061,15 +1069,17 @@ class Connection:
 
     def _next_ping(self) -> float:
         """When the client pings next: every RTO until it first hears the server under these
-        keys, every OUTAGE_PROBE(_SLOW) while the path seems down, else every KEEPALIVE."""
+        keys, every OUTAGE_PROBE(_SLOW)_SECS while the path seems down, else every
+        KEEPALIVE_SECS."""
         last, rto = self._last_eliciting_sent, self._rtt.rto()
         if not self._heard:
             return last + rto
         silent_since = self._unanswered_since
         if silent_since is None:
-            return last + KEEPALIVE
+            return last + KEEPALIVE_SECS
         fast = last - silent_since < OUTAGE_FAST_SECS
-        return max(silent_since + rto, last + (OUTAGE_PROBE if fast else OUTAGE_PROBE_SLOW))
+        probe = OUTAGE_PROBE_SECS if fast else OUTAGE_PROBE_SLOW_SECS
+        return max(silent_since + rto, last + probe)
 
     def next_timeout(self) -> Optional[float]:
         """Absolute time at which ``datagrams_to_send`` has something to do (None: never)."""

@@ -398,10 +398,11 @@ def test_recovery_after_an_outage_takes_one_probe_interval(outage):
     sim.client.conn.send(b"x")
     sim.run_until(lambda: sim.server.received == b"x" and sim.client.conn.all_acked(),
                   limit=back + 1)
-    interval = mt.OUTAGE_PROBE if outage < mt.OUTAGE_FAST_SECS else mt.OUTAGE_PROBE_SLOW
+    interval = mt.OUTAGE_PROBE_SECS if outage < mt.OUTAGE_FAST_SECS else mt.OUTAGE_PROBE_SLOW_SECS
     assert sim.now - back <= interval + 4 * 0.01 + 1e-6
     client_sent = sum(1 for t, src, _d in sim.log if src == CLIENT_ADDR and t < back)
-    assert client_sent <= mt.OUTAGE_FAST_SECS / mt.OUTAGE_PROBE + outage / mt.OUTAGE_PROBE_SLOW + 40
+    assert client_sent <= (mt.OUTAGE_FAST_SECS / mt.OUTAGE_PROBE_SECS
+                           + outage / mt.OUTAGE_PROBE_SLOW_SECS + 40)
 
 
 def test_keepalive_only_client_pings_and_rtt_converges():
