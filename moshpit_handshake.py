@@ -69,7 +69,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from moshpit import PENALTY_DEFAULTS, PROTOCOL_VERSION, MoshpitError, printable
+from moshpit import (
+    PENALTY_DEFAULTS,
+    PROTOCOL_VERSION,
+    TERM_NAME_RE,
+    MoshpitError,
+    format_addr,
+    is_locale_setting,
+    printable,
+)
 from moshpit_keys import (
     PrivateKey,
     PublicKey,
@@ -186,9 +194,6 @@ def _refusal_frame(code: str) -> bytes:
 # ---------------------------------------------------------------------------
 
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\$?")
-_TERM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-_LOCALE_NAME_RE = re.compile(r"LANG|LC_[A-Z]{1,32}")
-_LOCALE_VALUE_RE = re.compile(r"[\x21-\x7e]{0,128}")
 MAX_LOCALE_VARS = 32
 END_SESSION = 1  # ClientAuth intent byte: end the resumed session (the only intent sent)
 
@@ -295,7 +300,7 @@ def locale_env(environ: Dict[str, str]) -> Dict[str, str]:
     """The LANG and LC_* variables of ``environ`` a ClientRequest may carry (others dropped)."""
     chosen = (
         (name, value) for name, value in sorted(environ.items())
-        if _LOCALE_NAME_RE.fullmatch(name) and _LOCALE_VALUE_RE.fullmatch(value)
+        if is_locale_setting(name, value)
     )
     return dict(itertools.islice(chosen, MAX_LOCALE_VARS))
 
@@ -304,14 +309,14 @@ def _check_request(request: ClientRequest) -> None:
     """ValueError unless every field is within the protocol's bounds."""
     if not _USER_RE.fullmatch(request.user):
         raise ValueError(f"user name {request.user[:80]!r} is not valid")
-    if not _TERM_RE.fullmatch(request.term):
+    if not TERM_NAME_RE.fullmatch(request.term):
         raise ValueError(f"TERM {request.term[:80]!r} is not a valid terminal name")
     if not (0 <= request.rows <= 0xFFFF and 0 <= request.cols <= 0xFFFF):
         raise ValueError(f"window size {request.rows}x{request.cols} is out of range")
     if len(request.env) > MAX_LOCALE_VARS:
         raise ValueError(f"more than {MAX_LOCALE_VARS} locale variables")
     for name, value in request.env.items():
-        if not (_LOCALE_NAME_RE.fullmatch(name) and _LOCALE_VALUE_RE.fullmatch(value)):
+        if not is_locale_setting(name, value):
             raise ValueError(f"environment variable {name[:40]!r} is not an allowed locale setting")
     if request.resume_session_id is not None and len(request.resume_session_id) != 16:
         raise ValueError("a resume session id is 16 bytes")
@@ -879,11 +884,6 @@ def _exchange(sock: socket.socket, machine: _Handshake, deadline: float,
         machine.receive_data(data)
 
 
-def _format_addr(addr: tuple) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _os_reason(err: OSError) -> str:
     """An OSError as a short lower-case reason ("connection refused")."""
     if isinstance(err, socket.timeout):
@@ -930,7 +930,7 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
     except OSError:
         report(NOAUTH)
         return None
-    who = _format_addr(peer)
+    who = format_addr(peer)
     machine = ServerHandshake(host_key, peer, local)
     outcome = NOAUTH
     try:
@@ -1401,7 +1401,7 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
         except OSError as err:
             sock.close()
             last_error = err
-    raise HandshakeError(_connect_failure(_format_addr((host, port)), last_error))
+    raise HandshakeError(_connect_failure(format_addr((host, port)), last_error))
 
 
 def _connect_failure(where: str, err: OSError) -> str:
@@ -1470,7 +1470,7 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
     if err.code == SHUTTING_DOWN:
         return HandshakeError(f"server {host} is shutting down", err.code)
     if err.code == NOT_MOSHPIT:
-        return HandshakeError(f"{_format_addr((host, port))} is {err}", err.code)
+        return HandshakeError(f"{format_addr((host, port))} is {err}", err.code)
     return HandshakeError(f"{err} (server {host} port {port})", err.code)
 
 
@@ -1519,7 +1519,7 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
         except HandshakeError as err:
             raise _explain(err, host, port, request.user) from None
         except _NoAnswer:
-            raise HandshakeError(f"{_format_addr((host, port))} did not answer in {timeout:g} s"
+            raise HandshakeError(f"{format_addr((host, port))} did not answer in {timeout:g} s"
                                  " (an overloaded moshpit server, or not one at all: is the"
                                  " port right: -s PORT)") from None
         except socket.timeout:

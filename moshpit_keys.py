@@ -60,7 +60,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-from moshpit import MoshpitError, mp_dir
+from moshpit import CLIENT_KEY_FILE, HOST_KEY_FILE, MoshpitError, make_private_dirs, mp_dir
 
 __all__ = [
     "KEY_TYPE", "LINE_KIND", "PUBLIC_FORMATS", "MAX_LINE", "MAX_AUTHORIZED_KEYS", "MAX_KEY_FILE",
@@ -834,20 +834,6 @@ def load_public_key(path: str) -> PublicKey:
     return keys[0]
 
 
-def _make_private_dirs(directory: str) -> None:
-    """Create missing directories down to ``directory`` with mode 0700 (not umask's)."""
-    missing = []
-    while not os.path.isdir(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue
-        os.chmod(d, 0o700)
-
-
 def _write_atomic(path: str, data: bytes, mode: int, overwrite: bool) -> None:
     """Write via a temp file in the same directory, then move it into place: a crash leaves
     either the old file or the new one, never half a key. The temp file has ``mode`` before
@@ -859,7 +845,7 @@ def _write_atomic(path: str, data: bytes, mode: int, overwrite: bool) -> None:
     directory = os.path.dirname(path)
     tmp = None
     try:
-        _make_private_dirs(directory)
+        make_private_dirs(directory)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -883,13 +869,13 @@ def _write_atomic(path: str, data: bytes, mode: int, overwrite: bool) -> None:
 
 def default_identity_paths(home: str | None = None) -> tuple[str, str]:
     """The client identity ``(~/.mp/id_ed25519, ~/.mp/id_ed25519.pub)``."""
-    priv = os.path.join(mp_dir(home), "id_ed25519")
+    priv = os.path.join(mp_dir(home), CLIENT_KEY_FILE)
     return priv, priv + ".pub"
 
 
 def default_host_key_paths(home: str | None = None) -> tuple[str, str]:
     """The server host key ``(~/.mp/mps_host_ed25519_key, ....pub)``."""
-    priv = os.path.join(mp_dir(home), "mps_host_ed25519_key")
+    priv = os.path.join(mp_dir(home), HOST_KEY_FILE)
     return priv, priv + ".pub"
 
 

@@ -39,7 +39,13 @@ import re
 import stat
 from typing import Callable, List, Optional, Tuple
 
-from moshpit import DEFAULT_TCP_PORT, MoshpitError
+from moshpit import (
+    AUTHORIZED_KEYS_FILE,
+    DEFAULT_TCP_PORT,
+    HOST_KEY_POLICIES,
+    MoshpitError,
+    make_private_dirs,
+)
 from moshpit_keys import (
     KEY_TYPE,
     MAX_AUTHORIZED_KEYS,
@@ -244,7 +250,7 @@ def authorized_keys_path(pw: pwd.struct_passwd, template: Optional[str] = None) 
     reads it (``%h`` the user's home, ``%u`` the user name, ``%%`` a percent sign; a
     relative path or ``~/`` starts at the user's home), or ~user/.mp/authorized_keys."""
     if not template:
-        return os.path.join(pw.pw_dir, ".mp", "authorized_keys")
+        return os.path.join(pw.pw_dir, ".mp", AUTHORIZED_KEYS_FILE)
     tokens = {"%h": pw.pw_dir, "%u": pw.pw_name, "%%": "%"}
     path = re.sub(r"%.", lambda m: tokens.get(m.group(0), m.group(0)), template)
     if path == "~" or path.startswith("~/"):
@@ -264,7 +270,6 @@ def authorized_keys_for(pw: pwd.struct_passwd, template: Optional[str] = None) -
 # Client policy: known_hosts
 # ---------------------------------------------------------------------------
 
-HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
 _MAX_KNOWN_HOSTS = 4 << 20  # bytes
 _MAX_PROMPTS = 5
 
@@ -327,7 +332,7 @@ class KnownHosts:
         directory = os.path.dirname(self.path)
         try:
             if directory:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
+                make_private_dirs(directory)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                          | os.O_NOCTTY, 0o600)
             try:

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(login_first=False)
     p.add_argument("-s", "--server-port", metavar="PORT", type=int,
                    help=f"server TCP port (default: {moshpit.DEFAULT_TCP_PORT})")
-    p.add_argument("--strict-host-key-checking", choices=("ask", "accept-new", "yes"),
+    p.add_argument("--strict-host-key-checking", choices=moshpit.HOST_KEY_POLICIES,
                    help="unknown host keys: ask (default), accept-new (trust on first use), "
                    "yes (refuse unless already in known_hosts)")
     p.add_argument("--print-config", action="store_true",

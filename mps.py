@@ -26,7 +26,6 @@ import os
 import pwd
 import queue
 import random
-import re
 import resource
 import secrets
 import selectors
@@ -58,9 +57,6 @@ log = logging.getLogger("moshpit.server")
 
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_CLIENT_ENV_NAME = re.compile(r"LANG|LC_[A-Z]+")
-_CLIENT_ENV_VALUE = re.compile(r"[\x21-\x7e]{1,128}")  # printable, no spaces: a name, not a script
-_TERM_VALUE = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 HANGUP_GRACE_SECS = 2.0  # how long a shell may take to exit after SIGHUP before SIGKILL
 
 
@@ -84,14 +80,14 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
         "LOGNAME": pw.pw_name,
         "SHELL": pw.pw_shell or "/bin/sh",
         "PATH": ROOT_PATH if pw.pw_uid == 0 else USER_PATH,
-        "TERM": term if _TERM_VALUE.fullmatch(term or "") else "dumb",
+        "TERM": term if moshpit.TERM_NAME_RE.fullmatch(term or "") else "dumb",
         "MOSHPIT_CONNECTION": connection,
         "SSH_CONNECTION": connection,
         "SSH_CLIENT": f"{client_ip} {client_port} {server_port}",
         "SSH_TTY": tty_path,
     }
     for name, value in client_env.items():
-        if _CLIENT_ENV_NAME.fullmatch(name) and _CLIENT_ENV_VALUE.fullmatch(value):
+        if moshpit.is_locale_setting(name, value):
             env[name] = value
     return env
 
@@ -282,7 +278,7 @@ class Session:
                                        daemon=True)
         self.thread.start()
         log.info("session %s started for %s from %s (udp port %d, shell pid %d)",
-                 self.name, self.user, _fmt_addr(peer), self.udp_port, self.shell.pid)
+                 self.name, self.user, moshpit.format_addr(peer), self.udp_port, self.shell.pid)
 
     def abandon(self) -> None:
         """The handshake failed after the session was set up: undo it (never started)."""
@@ -435,7 +431,7 @@ class Session:
             elif isinstance(event, session_core.ResizeRequested):
                 self.shell.resize(event.rows, event.cols)
             elif isinstance(event, session_core.ClientAddressChanged) and not event.first:
-                log.info("session %s: client now at %s", self.name, _fmt_addr(event.addr))
+                log.info("session %s: client now at %s", self.name, moshpit.format_addr(event.addr))
 
     def _write_pty(self) -> None:
         if self._to_pty and self.shell.master_fd is not None:
@@ -471,13 +467,6 @@ def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: 
     else:
         sel.modify(fd, events, name)
     watched[name] = events
-
-
-def _fmt_addr(addr) -> str:
-    if not addr:
-        return "?"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---------------------------------------------------------------------------
@@ -577,10 +566,10 @@ class Server:
                 sock.listen(128)
             except OSError as e:
                 sock.close()
-                errors.append(f"{_fmt_addr(address)}: {e.strerror or e}")
+                errors.append(f"{moshpit.format_addr(address)}: {e.strerror or e}")
                 continue
             self.listeners.append(sock)
-            log.info("listening on %s (TCP), session UDP ports %d-%d", _fmt_addr(address),
+            log.info("listening on %s (TCP), session UDP ports %d-%d", moshpit.format_addr(address),
                      *self.port_range)
         if errors and not self.listeners:
             raise MoshpitError(f"cannot listen on {'; '.join(errors)} "
@@ -848,7 +837,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("-e", "--enable-std-output", action="store_true",
                         help="also log to stderr (not recommended when running as a daemon)")
     parser.add_argument("--udp-port-range", metavar="LO-HI",
-                        help="UDP ports for sessions (default 50000-59999)")
+                        help="UDP ports for sessions (default {}-{})".format(
+                            *moshpit.DEFAULT_UDP_PORT_RANGE))
     parser.add_argument("--generate-host-key", action="store_true",
                         help="create the host key pair if it does not exist yet")
     action = parser.add_mutually_exclusive_group()
@@ -1001,7 +991,7 @@ class PidFile:
         replaced (with a log line naming the dead pid)."""
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            moshpit.make_private_dirs(directory)
             for _ in range(3):  # stale file removed -> retry; another mps won -> refused
                 aside = f"{self.path}.{os.getpid()}.tmp"
                 with open(aside, "w") as f:
