@@ -9,8 +9,28 @@ Layout, top to bottom (each part uses only the ones above it):
     connecting              Prompter (cooked-mode questions), load_identity (keygen offer,
                             passphrase), HostKeyCheck (known_hosts, pinned on resume),
                             Resumer (resume handshakes in a thread, back-off)
-    session                 Session: one select loop over stdin, UDP, wake-up pipe, timers
+    session                 Session: one select loop over stdin, UDP, wake-up pipe, timers,
+                            around moshpit_session.ClientSession (what the session is:
+                            input, output, resize, exit, quit, resume bookkeeping)
     main                    exit codes and messages like ssh (255 for our own failures)
+
+Who calls what, in a session's life (the server's side: mps.py; the whole sequence:
+moshpit_session's docstring):
+
+1. run_client (main thread, cooked mode): Target.connect runs the first handshake,
+   HostKeyCheck.first asks about an unknown host key; the terminal goes raw.
+2. Session.run (main thread, the only one touching the ClientSession): each turn of the
+   loop reads stdin while ``may_read_input()``, feeds datagrams, turns core events into
+   stdout bytes, and flushes ``datagrams_to_send``.
+3. Silence past RESUME_AFTER_SECS: Session._maybe_resume hops the UDP port and starts
+   Resumer (one thread per attempt) with ``ClientSession.resume_request()``; the thread runs
+   only the blocking handshake (HostKeyCheck.resume: the key must not change) and wakes the
+   loop through the Waker.
+4. Session._resume_results (main thread) applies the outcome: ``ClientSession.resumed``
+   re-keys and resends; a refused key, a changed host key or a vanished session ends it.
+5. Endings: an EXIT or SHUTDOWN record (core events), Ctrl-^ . (_quit: a SHUTDOWN record,
+   then a quit request over TCP if UDP carries no ack), a signal (SignalRouter), or the
+   terminal going away (_hangup); _finish drains the output and restores the terminal.
 """
 
 from __future__ import annotations

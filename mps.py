@@ -10,9 +10,27 @@ run as a plain user it serves only that user.
     python3 mps.py --generate-host-key -e   # first start: make ~/.mp/mps_host_ed25519_key
     python3 mps.py -c /etc/moshpits/moshpits.toml -t /var/log/moshpits.log
 
-Layout of this file (protocol logic lives in the moshpit* modules):
+Layout of this file (protocol logic lives in the moshpit* modules; the session rules in
+moshpit_session.ServerSession):
     PTY shells  -> sessions (one thread + select loop each) -> server (listener, handshake
     threads, registry, signals) -> CLI.
+
+Who calls what (socketserver-style; the whole resume sequence: moshpit_session's docstring):
+
+1. Server.serve_forever (main thread) accepts TCP connections and hands each to a handshake
+   thread (Server._handshake), after the pre-auth admission policy.
+2. The handshake thread runs moshpit_handshake.server_handshake, whose ``decide`` hook is
+   Server.decide: a new login (Server._new_session: account, slot, PTY shell, UDP port),
+   a resume (Server._resume -> Session.resume) or a quit request (Server._quit_session ->
+   Session.end_by_client). Those Session methods only post to the session's inbox and wait
+   for its answer (the received-input offset for the grant).
+3. Session._run (the session's own thread, the only one touching its ServerSession and
+   PTY): one select loop over the wake-up pipe, the UDP socket and the PTY master; it
+   applies inbox messages (ServerSession.resume / end_requested / shutdown), feeds PTY
+   output and shell exits to the core, writes InputReceived to the PTY, and ends when
+   ``ServerSession.finished(now)`` (the ending rules).
+4. Server.unregister (session thread, at the end) frees the slot; SIGTERM makes the main
+   thread call Session.shutdown on every session and wait for them.
 """
 
 from __future__ import annotations
