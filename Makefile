@@ -1,4 +1,4 @@
-# moshpit: make demo | make test | make test-matrix | make lint | make bench
+# moshpit: make demo | make test | make test-matrix | make lint | make bench | make dist
 PYTHON ?= python3
 VENV   ?= .venv
 VPY     = $(VENV)/bin/python
@@ -10,7 +10,7 @@ MATRIX_VERSIONS = 3.9 3.10 3.11 3.12 3.13
 PYTEST_WORKERS ?= 4
 PYTEST = -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
-.PHONY: demo test lint test-matrix bench clean
+.PHONY: demo test lint test-matrix bench dist clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,5 +53,22 @@ bench: $(STAMP)
 	$(VPY) bench/bench_transport.py
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
+# One file to copy: every module and program in a stdlib zipapp, run as
+# `python3 dist/moshpit.pyz mps|mp|keygen ARGS`. moshpit_pyz.py is its __main__.py (it picks
+# the program and exits with its status; zipapp's own -m entry would drop the status).
+DIST ?= dist
+DIST_FILES = $(filter-out moshpit_pyz.py,$(sort $(wildcard moshpit*.py))) mps.py mp.py mp_keygen.py
+
+dist: $(DIST)/moshpit.pyz
+
+$(DIST)/moshpit.pyz: $(DIST_FILES) moshpit_pyz.py
+	rm -rf $(DIST)/stage
+	mkdir -p $(DIST)/stage
+	cp $(DIST_FILES) $(DIST)/stage/
+	cp moshpit_pyz.py $(DIST)/stage/__main__.py
+	$(PYTHON) -m zipapp $(DIST)/stage -o $@ -p '/usr/bin/env python3' -c
+	rm -rf $(DIST)/stage
+	@echo "built $@: copy it anywhere and run python3 $@ mps|mp|keygen"
+
 clean:
-	rm -rf $(VENV) .venv-* .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-* .pytest_cache .ruff_cache .hypothesis dist

@@ -3,12 +3,13 @@
 moshpit is split by layer into flat sibling modules (copying stays trivial: every
 ``moshpit*.py`` plus the CLI you need). Each module uses only the ones above it:
 
-    moshpit.py            errors/constants -> config -> logging -> terminal helpers
+    moshpit.py            errors/constants -> config (TOML, ssh_config) -> logging -> tty
     moshpit_keys.py       Ed25519 keys, OpenSSH key files, fingerprints, randomart
     moshpit_trust.py      authorized_keys (read safely: files a user controls), known_hosts
     moshpit_handshake.py  TCP handshake (sans-IO) + blocking drivers
     moshpit_transport.py  packet crypto -> reliable stream (sans-IO) -> UDP I/O glue
     mps.py / mp.py / mp_keygen.py   thin CLIs
+    moshpit_pyz.py        __main__ of the one-file bundle (make dist): picks one of the CLIs
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import fcntl
+import glob
 import logging
 import os
 import re
+import shlex
 import struct
 import sys
 import termios
@@ -92,6 +95,40 @@ class ConfigError(MoshpitError):
     """A configuration problem: the message names the key (or file) and where it came from."""
 
 
+# The programs, by the name each has as a file beside the modules. The one-file bundle
+# (moshpit.pyz, built by `make dist`) runs the same programs as `python3 moshpit.pyz NAME`.
+PROGRAM_FILES = {"mps": "mps.py", "mp": "mp.py", "keygen": "mp_keygen.py"}
+
+
+def bundle_path() -> Optional[str]:
+    """The moshpit.pyz these modules run from, or None when they are files: inside a zipapp a
+    module's __file__ is a path within the zip file, so its directory is that file."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return here if os.path.isfile(here) else None
+
+
+def program_name(program: str) -> str:
+    """What help and messages call ``program`` ("mps", "mp" or "keygen"): its file name
+    (``mp_keygen.py``), or ``moshpit.pyz keygen`` in the bundle."""
+    bundle = bundle_path()
+    return f"{os.path.basename(bundle)} {program}" if bundle else PROGRAM_FILES[program]
+
+
+def program_command(program: str) -> str:
+    """The command that runs ``program`` from this copy, for messages that tell someone what
+    to type: ``python3 mp_keygen.py`` (relative when under the current directory), or
+    ``python3 moshpit.pyz keygen`` from the bundle."""
+    bundle = bundle_path()
+    target = bundle or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    PROGRAM_FILES[program])
+    try:
+        relative = os.path.relpath(target)
+    except (OSError, ValueError):  # no current directory any more
+        relative = ".."
+    shown = target if relative.startswith("..") else relative
+    return f"python3 {shlex.quote(shown)}" + (f" {program}" if bundle else "")
+
+
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
@@ -102,7 +139,7 @@ class ConfigError(MoshpitError):
 
 try:  # Python 3.11+
     import tomllib as _toml
-except ImportError:  # 3.9/3.10: the tomli backport if installed, else no config files
+except ImportError:  # 3.9/3.10: the tomli backport if installed, else parse_toml_subset
     try:
         import tomli as _toml
     except ImportError:
@@ -284,12 +321,14 @@ def _parsed_by(parse: Callable[[str], Any]) -> Callable[[str], str]:
 
 
 class _Key(NamedTuple):
-    type: Any  # bool, int, str, or PATH (a str with ~ expanded; default is relative to ~/.mp)
+    type: Any  # bool, int, str, PATH (a str with ~ expanded; default is relative to ~/.mp),
+    #            or PATH_OR_OFF (False, or a str with ~ expanded; default "~/..." as given)
     default: Any
     check: Optional[Callable[[Any], Any]] = None  # returns the value (maybe clamped) or raises
 
 
 PATH = "path"
+PATH_OR_OFF = "path or false"
 _PORT = _between(1, 65535)
 _TRACING_FLAGS = ("with_target", "with_thread_ids", "with_thread_names", "with_line_number",
                   "with_level")
@@ -345,6 +384,8 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "known_hosts_file": _Key(PATH, KNOWN_HOSTS_FILE),
         "strict_host_key_checking": _Key(str, "ask", _one_of(*HOST_KEY_POLICIES)),
         "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
+        # HostName and User of `mp alias` from this ssh_config file; false: aliases off.
+        "ssh_config": _Key(PATH_OR_OFF, "~/.ssh/config"),
         **_common_keys(),
     },
 }
@@ -364,6 +405,7 @@ for _kind in SCHEMAS:  # fail at import, not at a user's first typo, if the sche
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                "false": False, "0": False, "no": False, "off": False}
+_OFF_WORDS = {word for word, meaning in _BOOL_WORDS.items() if not meaning} | {"none"}
 
 
 def _coerce(key_type: Any, raw: Any) -> Any:
@@ -380,12 +422,20 @@ def _coerce(key_type: Any, raw: Any) -> Any:
         if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", raw):
             return int(raw)
         raise ValueError("must be an integer")
+    if key_type is PATH_OR_OFF:
+        word = raw.strip().lower() if isinstance(raw, str) else raw
+        if raw is False or word in _OFF_WORDS:
+            return False
+        if not isinstance(raw, str) or word in _BOOL_WORDS:  # "on" names no file
+            raise ValueError("must be false or a path")
     if isinstance(raw, str):
         return raw
     raise ValueError("must be a string")
 
 
-def _expand_path(value: str, home: str) -> str:
+def _expand_path(value: Any, home: str) -> Any:
+    if value is False:  # PATH_OR_OFF turned off
+        return value
     if value == "~" or value.startswith("~/"):
         return home + value[1:]
     return os.path.expanduser(value)
@@ -455,25 +505,256 @@ def _flatten(table: Dict[str, Any], schema: Dict[str, _Key], prefix: str = "") -
     return flat
 
 
+# The built-in TOML reader: Python 3.9/3.10 without tomli still read their config files. It
+# reads the part of TOML moshpit's configs use and names the line of anything else, so a file
+# is either read exactly as tomllib reads it or refused with a reason (tests/test_toml_subset.py
+# compares the two on the README's examples and a generated corpus).
+
+TOML_UNSUPPORTED = ("not supported by moshpit's built-in TOML reader "
+                    "(install tomli, or use Python 3.11+)")
+_TOML_WS = " \t"
+_TOML_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_CONTROL = frozenset(chr(i) for i in range(32) if chr(i) != "\t") | {"\x7f"}
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+_TOML_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}:\d{2}:\d{2}")
+# tomllib's number grammar: a float part after a valid integer marks a float (not supported).
+_TOML_NUMBER_RE = re.compile(r"""
+    0(?:x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|b[01](?:_?[01])*|o[0-7](?:_?[0-7])*)
+    |(?P<int>[+-]?(?:0|[1-9](?:_?[0-9])*))
+     (?P<float>(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?)
+""", re.VERBOSE)
+_TOML_INT_BASES = {"0x": 16, "0o": 8, "0b": 2}
+
+
+class TomlSubsetError(ValueError):
+    """Invalid TOML, or TOML beyond the built-in reader (``unsupported``), at ``line``."""
+
+    def __init__(self, line: int, message: str, unsupported: bool = False):
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+        self.unsupported = unsupported
+
+
+class _TomlSubsetReader:
+    """One pass over a document, with tomllib's rules for defining tables: a ``[header]``
+    defines its table once; dotted keys define theirs for the rest of their section, after
+    which neither a header nor another section's dotted keys may reopen them (sub-tables
+    may still be added with headers)."""
+
+    def __init__(self, text: str):
+        self.text = text.replace("\r\n", "\n")
+        self.pos = 0
+        self.root: Dict[str, Any] = {}
+        self.section: Tuple[str, ...] = ()
+        self.closed: set = set()  # tables no header or dotted key may define again
+        self.dotted: set = set()  # tables made by dotted keys in the current section
+
+    def fail(self, message: str, unsupported: bool = False) -> None:
+        raise TomlSubsetError(self.text.count("\n", 0, self.pos) + 1, message, unsupported)
+
+    def unsupported(self, what: str) -> None:
+        self.fail(f"{what} are {TOML_UNSUPPORTED}", True)
+
+    def peek(self, n: int = 1) -> str:
+        return self.text[self.pos:self.pos + n]
+
+    def skip_ws(self) -> None:
+        while self.peek() and self.peek() in _TOML_WS:
+            self.pos += 1
+
+    def skip_comment(self) -> None:
+        if self.peek() == "#":
+            end = self.text.find("\n", self.pos)
+            end = len(self.text) if end < 0 else end
+            while self.pos < end:
+                if self.text[self.pos] in _TOML_CONTROL:
+                    self.fail("control character in a comment")
+                self.pos += 1
+
+    def parse(self) -> Dict[str, Any]:
+        while True:
+            self.skip_ws()
+            char = self.peek()
+            if not char:
+                return self.root
+            if char == "[":
+                self.header()
+            elif char not in "#\n":
+                self.key_value()
+            self.skip_ws()
+            self.skip_comment()
+            if self.peek() not in ("", "\n"):
+                self.fail(f"expected the end of the line, found {self.peek()!r}")
+            self.pos += 1
+
+    def header(self) -> None:
+        self.pos += 1
+        if self.peek() == "[":
+            self.unsupported("arrays of tables ([[...]])")
+        path = self.key()
+        if self.peek() != "]":
+            self.fail("expected ']' at the end of the table header")
+        self.pos += 1
+        self.closed |= self.dotted
+        self.dotted = set()
+        if path in self.closed:
+            self.fail(f"table [{'.'.join(path)}] is defined twice")
+        self.table(path)
+        self.closed.add(path)
+        self.section = path
+
+    def key_value(self) -> None:
+        key = self.key()
+        if self.peek() != "=":
+            self.fail("expected '=' after the key")
+        self.pos += 1
+        self.skip_ws()
+        value = self.value()
+        for i in range(1, len(key)):
+            table = self.section + key[:i]
+            if table in self.closed:
+                self.fail(f"table {'.'.join(table)} is defined elsewhere; "
+                          "dotted keys cannot add to it")
+            self.dotted.add(table)
+        parent = self.table(self.section + key[:-1])
+        if key[-1] in parent:
+            self.fail(f"key {'.'.join(self.section + key)} is defined twice")
+        parent[key[-1]] = value
+
+    def table(self, path: Tuple[str, ...]) -> Dict[str, Any]:
+        """The table at ``path``, made (with its parents) if new."""
+        table = self.root
+        for i, name in enumerate(path):
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                self.fail(f"{'.'.join(path[:i + 1])} is already a value, not a table")
+        return table
+
+    def key(self) -> Tuple[str, ...]:
+        """A bare, quoted or dotted key, and the blanks after it."""
+        parts = []
+        while True:
+            self.skip_ws()
+            char = self.peek()
+            if char in ('"', "'"):
+                parts.append(self.string())
+            else:
+                match = _TOML_BARE_KEY_RE.match(self.text, self.pos)
+                if not match:
+                    self.fail("expected a key")
+                parts.append(match.group())
+                self.pos = match.end()
+            self.skip_ws()
+            if self.peek() != ".":
+                return tuple(parts)
+            self.pos += 1
+
+    def value(self) -> Any:
+        char = self.peek()
+        if char in ('"', "'"):
+            return self.string()
+        if char == "[":
+            return self.array()
+        if char == "{":
+            self.unsupported("inline tables ({...})")
+        for word, meaning in (("true", True), ("false", False)):
+            if self.text.startswith(word, self.pos):
+                self.pos += len(word)
+                return meaning
+        return self.number()
+
+    def number(self) -> int:
+        if _TOML_DATE_RE.match(self.text, self.pos):
+            self.unsupported("dates and times")
+        match = _TOML_NUMBER_RE.match(self.text, self.pos)
+        if match and match.group("float") or re.match(r"[+-]?(inf|nan)", self.peek(4)):
+            self.unsupported("floats")
+        if not match:
+            self.fail("expected a value (a string, integer, true/false or array)")
+        self.pos = match.end()
+        digits = match.group().replace("_", "")
+        return int(digits[2:], _TOML_INT_BASES[digits[:2]]) if match.group("int") is None \
+            else int(digits)
+
+    def string(self) -> str:
+        quote = self.peek()
+        if self.peek(3) == quote * 3:
+            self.unsupported("multi-line strings")
+        self.pos += 1
+        chars = []
+        while True:
+            char = self.peek()
+            if char == quote:
+                self.pos += 1
+                return "".join(chars)
+            if not char or char == "\n":
+                self.fail("unterminated string")
+            if char in _TOML_CONTROL:
+                self.fail("control character in a string (write it as an escape)")
+            if char == "\\" and quote == '"':
+                chars.append(self.escape())
+            else:
+                chars.append(char)
+                self.pos += 1
+
+    def escape(self) -> str:
+        code = self.text[self.pos + 1:self.pos + 2]
+        if code in _TOML_ESCAPES:
+            self.pos += 2
+            return _TOML_ESCAPES[code]
+        width = {"u": 4, "U": 8}.get(code)
+        digits = self.text[self.pos + 2:self.pos + 2 + (width or 0)]
+        if not width or len(digits) != width or not re.fullmatch(r"[0-9A-Fa-f]+", digits):
+            self.fail(f"invalid escape {self.text[self.pos:self.pos + 2]!r} in a string")
+        point = int(digits, 16)
+        if 0xD800 <= point <= 0xDFFF or point > 0x10FFFF:
+            self.fail(f"escape \\{code}{digits} is not a Unicode scalar value")
+        self.pos += 2 + width
+        return chr(point)
+
+    def array(self) -> List[Any]:
+        self.pos += 1
+        items: List[Any] = []
+        while True:
+            self.skip_array_blanks()
+            if self.peek() == "]":
+                self.pos += 1
+                return items
+            items.append(self.value())
+            self.skip_array_blanks()
+            if self.peek() == ",":
+                self.pos += 1
+            elif self.peek() != "]":
+                self.fail("expected ',' or ']' in an array")
+
+    def skip_array_blanks(self) -> None:
+        """Blanks, newlines and comments: an array may span lines."""
+        while True:
+            self.skip_ws()
+            self.skip_comment()
+            if self.peek() != "\n":
+                return
+            self.pos += 1
+
+
+def parse_toml_subset(text: str) -> Dict[str, Any]:
+    """``text`` as tomllib.loads reads it, for tables, dotted and quoted keys, strings
+    (basic with escapes, literal), integers, booleans, arrays and comments. Raises
+    TomlSubsetError with the line number for invalid TOML or anything beyond that subset."""
+    return _TomlSubsetReader(text).parse()
+
+
 def _open_no_ctty(path: str, flags: int, mode: int = 0o666) -> int:
     """os.open that can never make a terminal found at ``path`` the caller's controlling
     terminal (O_NOCTTY; the server must never acquire one) nor leak into children."""
     return os.open(path, flags | os.O_NOCTTY | os.O_CLOEXEC, mode)
 
 
-def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[str, Any]]:
-    """The TOML table in ``path``; None if there is nothing to read (an absent default file,
-    or no TOML parser: warned). Unreadable or invalid files raise ConfigError."""
+def _read_file(path: str, explicit: bool) -> Optional[Dict[str, Any]]:
+    """The TOML table in ``path``; None if an absent default file. Unreadable or invalid files
+    raise ConfigError. Without tomllib/tomli (Python 3.9/3.10) the built-in reader reads it."""
     where = f"config file {path}"
     if not explicit and not os.path.exists(path):
-        return None
-    if _toml is None:
-        why = ("needs Python 3.11+ or the tomli package "
-               "(pip install tomli, or run with Python 3.11+)")
-        if explicit:
-            raise ConfigError(f"cannot read {where}: reading TOML {why}")
-        warnings.append(f"{where} skipped: reading TOML {why}; using defaults, "
-                        "environment and command line only")
         return None
     try:
         with open(path, "rb", opener=_open_no_ctty) as f:
@@ -482,6 +763,11 @@ def _read_file(path: str, explicit: bool, warnings: List[str]) -> Optional[Dict[
         raise ConfigError(f"{where} not found (check the -c path)")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {where}: {getattr(e, 'strerror', None) or e}")
+    if _toml is None:
+        try:
+            return parse_toml_subset(text)
+        except TomlSubsetError as e:
+            raise ConfigError(f"{where}: {e}" if e.unsupported else f"{where}: invalid TOML: {e}")
     try:
         return _toml.loads(text)
     except _toml.TOMLDecodeError as e:
@@ -504,13 +790,17 @@ def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[
     warnings: List[str] = []
     values, sources = {}, {}
     for key, spec in schema.items():
-        values[key] = os.path.join(mp_dir(home), spec.default) if spec.type is PATH \
-            else spec.default
+        if spec.type is PATH:
+            values[key] = os.path.join(mp_dir(home), spec.default)
+        elif spec.type is PATH_OR_OFF:
+            values[key] = _expand_path(spec.default, home)
+        else:
+            values[key] = spec.default
         sources[key] = "default"
 
     layers = []  # (source label, {key: raw value}), lowest precedence first
     file_path = os.path.abspath(path) if path else default_config_path(kind, home)
-    table = _read_file(file_path, path is not None, warnings)
+    table = _read_file(file_path, path is not None)
     if table is not None:
         flat = _flatten(table, schema)
         unknown = [k for k in flat if k not in schema]
@@ -540,7 +830,8 @@ def load_config(kind: str, cli: Optional[Dict[str, Any]] = None, path: Optional[
                 raise ConfigError(f"{where}: {key} {e}, got {shown}")
             if checked != value:
                 warnings.append(f"{where}: {key} = {value} is out of range, using {checked}")
-            values[key] = _expand_path(checked, home) if spec.type is PATH else checked
+            values[key] = _expand_path(checked, home) if spec.type in (PATH, PATH_OR_OFF) \
+                else checked
             sources[key] = label
     _pair_public_key_path(kind, values, sources)
     return Config(kind, values, sources, warnings, file_path if table is not None else None,
@@ -642,6 +933,207 @@ def common_flag_settings(args: argparse.Namespace, kind: str) -> Dict[str, Any]:
 def _with_hint(key: str, schema: Dict[str, _Key]) -> str:
     close = difflib.get_close_matches(key, schema, n=1)
     return f"{key} (did you mean {close[0]}?)" if close else key
+
+
+# ---------------------------------------------------------------------------
+# Host aliases from ~/.ssh/config (client)
+# ---------------------------------------------------------------------------
+# `mp myalias` goes where `ssh myalias` goes: the HostName and User of the Host blocks that
+# match, read the way OpenSSH reads them (first value wins, Include, negated patterns). Only
+# those two directives apply: ssh's Port is sshd's port, not mps's. It is configuration read
+# before anything connects, so it lives here beside the TOML reader; mp.py only calls
+# resolve_ssh_alias. Parsing is pure (parse_ssh_config); the walk reads files through
+# functions passed in, so tests can give it any file tree.
+
+SSH_INCLUDE_MAX_DEPTH = 16  # OpenSSH's READCONF_MAX_DEPTH
+# A keyword ends at blanks or one '=' (`HostName x`, `HostName=x`, `HostName = x`).
+_SSH_KEYWORD_RE = re.compile(r"[ \t]*([^ \t=]+)[ \t]*(?:=[ \t]*)?(.*)")
+
+
+class SshConfigLine(NamedTuple):
+    number: int
+    keyword: str  # lower case: ssh's keywords are case-insensitive
+    args: List[str]
+
+
+def ssh_config_words(text: str) -> List[str]:
+    """The arguments of a line as OpenSSH splits them: blanks separate, "..." and '...'
+    quote, a backslash escapes a quote, a backslash or (outside quotes) a blank, and an
+    unquoted '#' starting a word ends the line. ValueError for an unclosed quote."""
+    words: List[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in " \t":
+            i += 1
+            continue
+        if text[i] == "#":
+            break
+        word, quote = [], ""
+        while i < n and (quote or text[i] not in " \t"):
+            ch = text[i]
+            if ch == "\\" and i + 1 < n and (text[i + 1] in "'\"\\" or
+                                             (not quote and text[i + 1] in " \t")):
+                word.append(text[i + 1])
+                i += 2
+                continue
+            if not quote and ch in "'\"":
+                quote = ch
+            elif ch == quote:
+                quote = ""
+            else:
+                word.append(ch)
+            i += 1
+        if quote:
+            raise ValueError("unbalanced quotes")
+        words.append("".join(word))
+    return words
+
+
+def parse_ssh_config(text: str) -> Tuple[List[SshConfigLine], List[str]]:
+    """An ssh_config file's directives, and the lines it cannot use ("line N: why")."""
+    lines, problems = [], []
+    for number, raw in enumerate(text.splitlines(), 1):
+        match = _SSH_KEYWORD_RE.match(raw)
+        if not match or match.group(1).startswith("#"):
+            continue  # blank or comment
+        keyword = match.group(1).lower()
+        try:
+            args = ssh_config_words(match.group(2))
+        except ValueError as err:
+            problems.append(f"line {number}: {err}")
+            continue
+        if not args:
+            problems.append(f"line {number}: no argument after {match.group(1)}")
+            continue
+        lines.append(SshConfigLine(number, keyword, args))
+    return lines, problems
+
+
+def _ssh_pattern(pattern: str) -> re.Pattern:
+    """ssh's host pattern: ``*`` any run of characters, ``?`` one character, nothing else."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                              for c in pattern), re.DOTALL)
+
+
+def ssh_host_matches(host: str, patterns: List[str]) -> bool:
+    """A ``Host`` line's verdict: some pattern matches and no ``!pattern`` does."""
+    matched = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        if _ssh_pattern(pattern[1:] if negated else pattern).fullmatch(host):
+            if negated:
+                return False
+            matched = True
+    return matched
+
+
+class SshAlias(NamedTuple):
+    """What ssh_config says about a host: its HostName (``%h`` expanded) and User, None where
+    it says nothing; ``warnings`` for the user (unreadable files, lines ignored) and ``notes``
+    for the log (where the values came from, Match blocks not applied)."""
+    hostname: Optional[str]
+    user: Optional[str]
+    warnings: List[str]
+    notes: List[str]
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _glob_sorted(pattern: str) -> List[str]:
+    return sorted(glob.glob(pattern))
+
+
+class _SshConfigWalk:
+    """One lookup: the files in the order ssh reads them, the first HostName and User seen in
+    an active block. A block is active after a matching ``Host`` line (or before any Host
+    line); ``Match`` blocks are never active (their conditions are not evaluated). An Include
+    is read only from an active block, like ssh, and does not change the including file's
+    state."""
+
+    def __init__(self, host: str, home: str, read: Callable[[str], str],
+                 expand: Callable[[str], List[str]]):
+        self.host = host
+        self.home = home
+        self.read, self.expand = read, expand
+        self.values: Dict[str, Tuple[str, str, int]] = {}  # keyword -> (value, file, line)
+        self.warnings: List[str] = []
+        self.notes: List[str] = []
+
+    def file(self, path: str, depth: int) -> None:
+        try:
+            text = self.read(path)
+        except FileNotFoundError:
+            return  # like ssh: a missing file (or Include) is no error
+        except (OSError, UnicodeDecodeError) as err:
+            why = getattr(err, "strerror", None) or err
+            self.warnings.append(f"cannot read ssh config {path}: {why}; its host aliases "
+                                 "are not applied")
+            return
+        lines, problems = parse_ssh_config(text)
+        self.warnings += [f"ssh config {path} {problem}; line ignored" for problem in problems]
+        active = True
+        for line in lines:
+            if line.keyword == "host":
+                active = ssh_host_matches(self.host, line.args)
+            elif line.keyword == "match":
+                active = False
+                self.notes.append(f"ssh config {path} line {line.number}: Match blocks are "
+                                  "not applied by moshpit")
+            elif active and line.keyword == "include":
+                self.include(line, path, depth)
+            elif active and line.keyword in ("hostname", "user"):
+                self.values.setdefault(line.keyword, (line.args[0], path, line.number))
+
+    def include(self, line: SshConfigLine, path: str, depth: int) -> None:
+        if depth >= SSH_INCLUDE_MAX_DEPTH:
+            self.warnings.append(f"ssh config {path} line {line.number}: Include nested more "
+                                 f"than {SSH_INCLUDE_MAX_DEPTH} deep; not followed")
+            return
+        for arg in line.args:
+            if arg == "~" or arg.startswith("~/"):
+                pattern = self.home + arg[1:]
+            else:  # relative to ~/.ssh, as ssh reads a user's config
+                pattern = os.path.join(self.home, ".ssh", arg)
+            for name in self.expand(pattern):
+                self.file(name, depth + 1)
+
+    def alias(self) -> SshAlias:
+        hostname = user = None
+        if "hostname" in self.values:
+            value, path, number = self.values["hostname"]
+            hostname = _expand_ssh_tokens(value, self.host.lower(),
+                                          f"ssh config {path} line {number}")
+            self.notes.append(f"ssh config {path} line {number}: {self.host} is {hostname}")
+        if "user" in self.values:
+            user, path, number = self.values["user"]
+            self.notes.append(f"ssh config {path} line {number}: user {user}")
+        return SshAlias(hostname, user, self.warnings, self.notes)
+
+
+def _expand_ssh_tokens(value: str, host: str, where: str) -> str:
+    """HostName's tokens: ``%h`` the name given, ``%%`` a percent sign; anything else is an
+    error, as in ssh."""
+    def token(match: re.Match) -> str:
+        if match.group(1) == "h":
+            return host
+        if match.group(1) == "%":
+            return "%"
+        raise ConfigError(f"{where}: HostName token %{match.group(1)} is not supported "
+                          "(only %h and %%); fix the line or set ssh_config = false")
+    return re.sub(r"%(.?)", token, value, flags=re.DOTALL)
+
+
+def resolve_ssh_alias(host: str, path: str, home: str, read: Callable[[str], str] = _read_text,
+                      expand: Callable[[str], List[str]] = _glob_sorted) -> SshAlias:
+    """``host`` looked up in the ssh_config file ``path`` (a missing file says nothing). As in
+    ssh, Host patterns match the name as typed (case counts) and ``%h`` is it in lower case.
+    Relative Includes are under ``home``/.ssh."""
+    walk = _SshConfigWalk(host, home, read, expand)
+    walk.file(path, 0)
+    return walk.alias()
 
 
 # ---------------------------------------------------------------------------

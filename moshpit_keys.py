@@ -60,7 +60,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-from moshpit import CLIENT_KEY_FILE, HOST_KEY_FILE, MoshpitError, make_private_dirs, mp_dir
+from moshpit import (
+    CLIENT_KEY_FILE,
+    HOST_KEY_FILE,
+    MoshpitError,
+    make_private_dirs,
+    mp_dir,
+    program_command,
+)
 
 __all__ = [
     "KEY_TYPE", "LINE_KIND", "PUBLIC_FORMATS", "MAX_LINE", "MAX_AUTHORIZED_KEYS", "MAX_KEY_FILE",
@@ -674,7 +681,7 @@ def _describe_foreign_pem(label: str, body: list[str]) -> str:
         else:
             kind = next((k for cls, k in _PKCS8_KINDS if isinstance(key, cls)), kind)
     return (f"holds {kind}; moshpit needs an Ed25519 key in OpenSSH format "
-            "(make one with: mp_keygen.py generate)")
+            f"(make one with: {program_command('keygen')} generate)")
 
 
 def _decode_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:

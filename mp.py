@@ -147,20 +147,52 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     return settings
 
 
-def parse_destination(dest: str, default_user: str) -> tuple:
+def parse_destination(dest: str, default_user: str, alias=None) -> tuple:
     """``[user@]host`` -> (user, host). Host may be a name, IPv4, bare IPv6 (``::1``) or
     bracketed IPv6 (``[::1]``, ``[fe80::1%eth0]``); brackets are dropped. The port comes from
-    -s / server_port, never from the destination (same as the seed)."""
+    -s / server_port, never from the destination (same as the seed).
+
+    ``alias`` (host -> moshpit.SshAlias, the ~/.ssh/config lookup) renames the host to its
+    HostName and gives the user where the destination names none: ``user@`` wins, as in ssh.
+    The host is checked after that, so the name that reaches DNS and known_hosts is the
+    HostName (ssh records it too)."""
     user, at, host = dest.rpartition("@")
-    if not at:
-        user = default_user
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
         host = host[1:-1]
-    if not host or not valid_user(user):
-        raise moshpit.MoshpitError(
-            f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
-    return user, checked_host(host, bracketed)
+    if not host or at and not valid_user(user):
+        _bad_destination(dest)
+    if alias is not None and not bracketed:
+        found = alias(host)
+        host = found.hostname or host
+        if not at and found.user:
+            if not valid_user(found.user):
+                raise moshpit.MoshpitError(
+                    f"bad user name {found.user!r} for {host} in the ssh config (User)")
+            user = found.user
+    return user or default_user, checked_host(host, bracketed)
+
+
+def _bad_destination(dest: str) -> None:
+    raise moshpit.MoshpitError(
+        f"bad destination {dest!r}: expected host, user@host, or user@[IPv6 address]")
+
+
+def ssh_alias_lookup(config, prompter):
+    """The ~/.ssh/config lookup for parse_destination (None if ``ssh_config = false``): its
+    warnings go to the terminal, where each value came from to the log."""
+    path = config["ssh_config"]
+    if path is False:
+        return None
+
+    def lookup(host: str):
+        found = moshpit.resolve_ssh_alias(host, path, config.home)
+        for warning in found.warnings:
+            prompter.say(f"mp: warning: {warning}")
+        for note in found.notes:
+            log.info("%s", note)
+        return found
+    return lookup
 
 
 MAX_HOST_NAME = 253  # DNS: characters in a name, without the trailing dot
@@ -229,13 +261,17 @@ def valid_user(user: str) -> bool:
     return bool(user) and not any(c in user for c in ":/ ")
 
 
-def remote_user_and_host(destination: str, login=None, login_first: bool = False) -> tuple:
-    """(user, host) to connect as, from the destination and ``-l``: like ssh, the first of
-    ``-l USER`` and ``USER@`` on the command line wins; without either, the local user."""
+def remote_user_and_host(destination: str, login=None, login_first: bool = False,
+                         alias=None) -> tuple:
+    """(user, host) to connect as, from the destination, ``-l`` and ``alias`` (see
+    parse_destination): like ssh, the first of ``-l USER`` and ``USER@`` on the command line
+    wins, then the ssh config's User; without any, the local user."""
     if login is not None and not valid_user(login):
         raise moshpit.MoshpitError(f"bad login name {login!r} (-l)")
-    user, host = parse_destination(destination, login or local_user())
-    return (login if login and login_first else user), host
+    user, host = parse_destination(destination, local_user(), alias)
+    if login and (login_first or "@" not in destination):
+        user = login
+    return user, host
 
 
 def local_user() -> str:
@@ -612,16 +648,9 @@ class Prompter:
         return getpass.getpass(question, stream=self.stderr).encode("utf-8")
 
 
-def _keygen_script() -> str:
-    """``python3 mp_keygen.py``, with a path that works from the current directory."""
-    keygen = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_keygen.py")
-    relative = os.path.relpath(keygen)
-    return f"python3 {shlex.quote(keygen if relative.startswith('..') else relative)}"
-
-
 def keygen_command(private_key_path: str) -> str:
     """The exact command that creates the missing key, runnable from the current directory."""
-    command = f"{_keygen_script()} generate"
+    command = f"{moshpit.program_command('keygen')} generate"
     if private_key_path != moshpit_keys.default_identity_paths()[0]:
         command += f" -f {shlex.quote(private_key_path)}"
     return command
@@ -639,7 +668,7 @@ def warn_if_public_key_differs(key, path: str, public_path: str, prompter: Promp
     except moshpit_keys.KeyFileError:
         pass  # unreadable or garbled: just as unusable as someone else's key
     prompter.say(f"mp: warning: {public_path} is not the public key of {path}; rebuild it "
-                 f"with: {_keygen_script()} pubkey -f {shlex.quote(path)} > "
+                 f"with: {moshpit.program_command('keygen')} pubkey -f {shlex.quote(path)} > "
                  f"{shlex.quote(public_path)}")
 
 
@@ -1196,7 +1225,8 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
     if not destination:
         raise moshpit.MoshpitError(
             "no server destination: give [user@]host, or set server_destination in the config")
-    user, host = remote_user_and_host(destination, login, login_first)
+    user, host = remote_user_and_host(destination, login, login_first,
+                                      ssh_alias_lookup(config, prompter))
     target = Target(user, host, config["server_port"])
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()
@@ -1266,7 +1296,8 @@ def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> 
     path = config["public_key_path"]
     if not os.path.exists(path):
         raise moshpit.MoshpitError(
-            f"no public key at {path}; create a key pair with: python3 mp_keygen.py generate")
+            f"no public key at {path}; create a key pair with: "
+            f"{moshpit.program_command('keygen')} generate")
     key = moshpit_keys.load_public_key(path)
     remote = "exec sh -c " + shlex.quote(COPY_ID_SCRIPT)
     argv = shlex.split(ssh_command) + ["--", destination, remote]

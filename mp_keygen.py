@@ -17,9 +17,9 @@ import sys
 import termios
 
 import moshpit_keys as keys
-from moshpit import MoshpitError, __version__, printable, printable_lines
+from moshpit import MoshpitError, __version__, printable, printable_lines, program_name
 
-PROG = "mp_keygen.py"
+PROG = program_name("keygen")  # mp_keygen.py, or moshpit.pyz keygen in the one-file bundle
 PASSPHRASE_ATTEMPTS = 3
 log = logging.getLogger("moshpit.keygen")
 

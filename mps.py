@@ -843,8 +843,6 @@ def _grant(session: Session, recv_offset: int):
 # Command line
 # ---------------------------------------------------------------------------
 
-KEYGEN_HINT = "python3 mp_keygen.py generate -f {path} -N ''"
-
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     """The seed's ``mps [OPTIONS]``, plus --udp-port-range and --generate-host-key. Defaults
@@ -885,7 +883,7 @@ def load_host_key(config: moshpit.Config, generate: bool):
         if not generate:
             raise MoshpitError(
                 f"host key {path} not found: create it with "
-                f"`{KEYGEN_HINT.format(path=shlex.quote(path))}` "
+                f"`{moshpit.program_command('keygen')} generate -f {shlex.quote(path)} -N ''` "
                 "(or start mps once with --generate-host-key)")
         try:
             key = keys.create_key_pair(path, pub_path, f"mps@{socket.gethostname()}")
@@ -1026,8 +1024,8 @@ class PidFile:
                 if other is not None:
                     raise MoshpitError(
                         f"another mps is already running (pid {other}, pid file "
-                        f"{self.path}): stop it with `python3 mps.py --stop`, or give this "
-                        "one its own mps.pid_file and mps.port")
+                        f"{self.path}): stop it with `{moshpit.program_command('mps')} "
+                        "--stop`, or give this one its own mps.pid_file and mps.port")
                 log.info("replacing stale pid file %s (pid %s is not running)", self.path,
                          self.pid() or "?")
                 self.discard()

@@ -105,13 +105,15 @@ class MpsServer:
     ``authorized_keys_file=False`` leaves ``mps.authorized_keys_file`` unset, so each target
     user's own ~/.mp/authorized_keys is consulted. ``env`` adds environment variables,
     ``args`` command-line flags. ``start=False`` only prepares (call ``start()``).
+    ``program`` is what ``python`` runs: mps.py, or e.g. ``[pyz, "mps"]`` for the bundle.
     """
 
     def __init__(self, base_dir, *, ip: str = "127.0.0.1", udp_ports: int = 1,
                  settings: Optional[Dict[str, object]] = None, args: Sequence[str] = (),
                  env: Optional[Dict[str, str]] = None, authorized_keys_file: bool = True,
                  run_as: Optional[pwd.struct_passwd] = None, python: str = sys.executable,
-                 start: bool = True, ready_timeout: float = 20.0):
+                 program: Sequence[str] = (MPS,), start: bool = True,
+                 ready_timeout: float = 20.0):
         self.dir = os.path.join(os.fspath(base_dir), "mps")
         os.makedirs(self.dir, mode=0o700)
         self.home = os.path.join(self.dir, "home")
@@ -145,6 +147,7 @@ class MpsServer:
                     **(env or {})}
         self.run_as = run_as
         self.python = python
+        self.program = list(program)
         self.ready_timeout = ready_timeout
         self.proc: Optional[subprocess.Popen] = None
         self._log_start = 0
@@ -170,7 +173,8 @@ class MpsServer:
                         10, "the serving child of mps.py")
 
     def command(self) -> list:
-        return [self.python, MPS, "-c", self.config_path, "-t", self.log_path, *self.args]
+        return [self.python, *self.program, "-c", self.config_path, "-t", self.log_path,
+                *self.args]
 
     def start(self, wait: bool = True) -> MpsServer:
         identity = {}

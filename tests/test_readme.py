@@ -1,13 +1,15 @@
 """The README's command blocks, run as written: the quick start (``make demo``), the install
-steps (ssh, scp, the host key, mps in the background), the key steps (keygen, --copy-id, the
-by-hand commands), connecting with mp.py on a terminal, and stopping the server.
+steps (ssh, scp, the host key, mps in the background; module by module and as one file), the
+key steps (keygen, --copy-id, the by-hand commands), connecting with mp.py on a terminal, and
+stopping the server.
 
 The blocks are taken from README.md by their ``<!-- test: NAME -->`` markers, so the README
 cannot drift from what is tested. The server is a real sshd on loopback logging in a
 throwaway user (tests/sshd_util.py); ``host`` is its ssh alias. Only what a reader would put
-in for their own setup is replaced: ``alice@host`` becomes the throwaway user at 127.0.0.1 for
-mp.py (which does not read ssh aliases), the example key line becomes ours, and the server
-user's config file (written before, as an admin would) keeps mps on 127.0.0.1 and free ports.
+in for their own setup is replaced: ``alice`` becomes the throwaway user (mp.py reaches
+``host`` through the same ssh alias: its ssh_config is the one the ssh wrappers use), the
+example key line becomes ours, and the server user's config file (written before, as an
+admin would) keeps mps on 127.0.0.1 and free ports.
 """
 
 from __future__ import annotations
@@ -127,9 +129,10 @@ def test_readme_install_keys_connect_and_stop_as_written(sshd_host):
 
     # Connect on a terminal, check the host key against what the install printed, run a
     # command, exit with a status.
-    connect = readme_block("connect").replace("alice@host", f"{user}@127.0.0.1")
+    connect = readme_block("connect").replace("alice@host", f"{user}@host")
     with PtyProcess(["bash", "-e", "-c", connect], cwd=REPO,
-                    env=host.env(MOSHPIT_SERVER_PORT=str(port))) as terminal:
+                    env=host.env(MOSHPIT_SERVER_PORT=str(port),
+                                 MOSHPIT_SSH_CONFIG=host.ssh_config)) as terminal:
         terminal.read_until(f"ED25519 key fingerprint is {host_pub.fingerprint()}.", 30)
         terminal.read_until("(yes/no/[fingerprint])? ", 10)
         terminal.send("yes\r")
@@ -144,6 +147,33 @@ def test_readme_install_keys_connect_and_stop_as_written(sshd_host):
     assert (result.returncode, result.stdout) == (0, f"mps: stopped mps (pid {mps_pid})\n")
     assert not os.path.exists(os.path.join(host.user.pw_dir, ".config", "moshpits", "mps.pid"))
     assert _read(f"/proc/{mps_pid}/stat").rsplit(")", 1)[-1].split()[:1] in ([], ["Z"])
+
+
+def test_readme_one_file_install_as_written(sshd_host, tmp_path):
+    """The one-file block: build, copy, host key, background start; then --stop as the text
+    after it says. The bundle is built into a temporary directory, not the checkout's dist/."""
+    host = sshd_host
+    laptop_python(host)
+    mps_config_for(host)
+    build = tmp_path / "build"
+    block = readme_block("one-file")
+    assert block.startswith("make dist\nscp dist/moshpit.pyz host:\n")
+    block = block.replace("dist/moshpit.pyz", f"{build}/moshpit.pyz").replace(
+        "make dist", f"make -s dist DIST={build} PYTHON={sys.executable}")
+    result = host.run(as_server_python(host, block), cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert os.listdir(host.user.pw_dir).count("moshpit.pyz") == 1
+    host_pub = moshpit_keys.load_public_key(
+        os.path.join(host.user.pw_dir, ".mp", "mps_host_ed25519_key.pub"))
+    assert f"The key fingerprint is:\n{host_pub.fingerprint()} " in result.stdout
+    log_path = os.path.join(host.user.pw_dir, ".config", "moshpits", "logs", "moshpits.log")
+    wait_for(lambda: "started (pid" in _read(log_path), 20, "the bundle's mps to start")
+    with open(os.path.join(host.user.pw_dir, ".config", "moshpits", "mps.pid")) as f:
+        mps_pid = int(f.read())
+    assert os.stat(f"/proc/{mps_pid}").st_uid == host.user.pw_uid
+    stop = as_server_python(host, "ssh host python3 moshpit.pyz mps --stop")
+    result = host.run(stop, timeout=60)
+    assert (result.returncode, result.stdout) == (0, f"mps: stopped mps (pid {mps_pid})\n")
 
 
 @pytest.mark.parametrize("protocol", [(), ("-O",)], ids=["sftp", "legacy-scp"])

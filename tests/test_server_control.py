@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 from proc_util import PtyProcess, wait_for
-from server_util import MPS, MpsServer, run_mps
+from server_util import MpsServer, run_mps
 
 import moshpit
 
@@ -123,26 +122,4 @@ def test_startup_warnings_show_on_the_terminal_and_in_the_log(tmp_path):
                "(did you mean mps.port?)")
     shown = _run_on_terminal(server.command(), server)
     assert shown == f"mps: warning: {warning}\n"  # and nothing else: INFO lines go to the log
-    assert re.search(rf"WARNING +{re.escape(warning)}\n", server.log())
-
-
-def test_a_skipped_config_file_is_said_on_the_terminal_and_in_the_log(tmp_path):
-    """Python 3.9/3.10 without tomli (as test_config simulates: the imports fail) and a
-    config file in the default place: mps runs on environment and flags, and says so."""
-    server = MpsServer(tmp_path, start=False)
-    default_file = os.path.join(server.home, ".config", "moshpits", "moshpits.toml")
-    os.makedirs(os.path.dirname(default_file))
-    os.rename(server.config_path, default_file)
-    server.env.update(MOSHPITS_MPS_IP="127.0.0.1", MOSHPITS_MPS_PORT=str(server.port),
-                      MOSHPITS_MPS_UDP_PORT_RANGE="{}-{}".format(*server.udp_range))
-    no_toml = ("import os, runpy, sys; sys.modules['tomllib'] = sys.modules['tomli'] = None; "
-               "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
-    argv = [sys.executable, "-c", no_toml, MPS, "-t", server.log_path,
-            "-p", server.host_key_path, "-k", server.host_key_path + ".pub"]
-    warning = (f"config file {default_file} skipped: reading TOML needs Python 3.11+ or the "
-               "tomli package (pip install tomli, or run with Python 3.11+); using defaults, "
-               "environment and command line only")
-    shown = _run_on_terminal(argv, server)
-    assert shown == f"mps: warning: {warning}\n"
     assert re.search(rf"WARNING +{re.escape(warning)}\n", server.log())
