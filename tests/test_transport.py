@@ -541,6 +541,16 @@ def data_frame(stream: int, offset: int, payload: bytes) -> bytes:
     return frame(mt.FRAME_DATA, mt.DATA_HEADER.pack(stream, offset) + payload)
 
 
+def test_frame_encoder_and_decoder_agree_with_the_wire_format():
+    ping, data = mt.encode_frame(mt.FRAME_PING, b""), data_frame(7, 2 ** 40, b"payload")
+    assert ping == b"\x03\x00\x00"
+    assert mt.data_frame_header(7, 2 ** 40, 7) + b"payload" == data
+    packet = ping + data + frame(200, b"future") + data[:-1]  # the last one cut short
+    found = [(ftype, packet[start:end]) for ftype, start, end in mt.decode_frames(packet)]
+    assert found == [(mt.FRAME_PING, b""), (mt.FRAME_DATA, data[mt.FRAME.size:]),
+                     (200, b"future")]
+
+
 def test_authenticated_spray_cannot_grow_memory():
     keys = make_keys(111)
     server = mt.Connection("server", keys, 0.0)
