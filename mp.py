@@ -75,6 +75,10 @@ QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
+IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
+FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
+FINAL_OUTPUT_SECS = 3.0  # ... and for the local terminal to take the rest of the output
+ACK_SOON_SECS = 0.1  # a link timer further away than this: nothing is due at the end
 
 
 # ---------------------------------------------------------------------------
@@ -933,7 +937,7 @@ class Session:
             self._write_out()
 
     def _next_deadline(self, now: float) -> float:
-        deadlines = [now + 60.0, self.banner.next_deadline(self.core.last_contact, now)]
+        deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
         link_wait = self.link.timeout(now)
         if link_wait is not None:
             deadlines.append(now + link_wait)
@@ -1118,20 +1122,20 @@ class Session:
         sequence the server left open (an unterminated title would swallow our message and
         whatever the local shell prints next), and start a fresh line for our message, so
         it never lands on the remote prompt's line."""
-        self._linger(0.5, self._nothing_due)
+        self._linger(FINAL_ACKS_SECS, self._nothing_due)
         self.out += self.banner.hide()
         if self.out_is_tty and self.tracker.state != OutputTracker.GROUND:
             self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
         if self.out_is_tty and self.outcome.message and not self.tracker.line_start:
             self.out += b"\r\n"
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + FINAL_OUTPUT_SECS
         while self.out and time.monotonic() < deadline:
             select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
             self._write_out()
 
     def _nothing_due(self) -> bool:
         wait = self.link.timeout(time.monotonic())
-        return wait is None or wait > 0.1
+        return wait is None or wait > ACK_SOON_SECS
 
     def _linger(self, seconds: float, done) -> None:
         """Run only the network for up to ``seconds`` or until ``done()``."""

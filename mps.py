@@ -224,6 +224,9 @@ class PtyShell:
 # ---------------------------------------------------------------------------
 
 PTY_READ_SIZE = 16384
+PTY_WRITE_SIZE = 65536  # client input handed to the PTY per write (it takes what fits)
+WAKE_READ_SIZE = 4096  # wake-up pipe bytes drained per read
+ACCEPT_ERROR_PAUSE_SECS = 0.1  # accept() failing (EMFILE): let the backlog wait this long
 CHILD_POLL_SECS = 1.0  # the shell is reaped by polling (no SIGCHLD handler across threads)
 RESUME_WAIT_SECS = 5.0
 MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading it
@@ -421,7 +424,7 @@ class Session:
 
     def _handle_inbox(self, now: float) -> None:
         try:
-            while os.read(self._wake_r, 4096):
+            while os.read(self._wake_r, WAKE_READ_SIZE):
                 pass
         except BlockingIOError:
             pass
@@ -453,7 +456,7 @@ class Session:
 
     def _write_pty(self) -> None:
         if self._to_pty and self.shell.master_fd is not None:
-            del self._to_pty[:self.shell.write(bytes(self._to_pty[:65536]))]
+            del self._to_pty[:self.shell.write(bytes(self._to_pty[:PTY_WRITE_SIZE]))]
 
     def _read_pty(self, now: float) -> None:
         data = self.shell.read(PTY_READ_SIZE)
@@ -605,7 +608,7 @@ class Server:
             while True:
                 for key, _ in sel.select():
                     if key.fileobj == self._wake_r:
-                        os.read(self._wake_r, 4096)
+                        os.read(self._wake_r, WAKE_READ_SIZE)
                     else:
                         self._accept(key.fileobj)
                 while self._signals:
@@ -650,7 +653,7 @@ class Server:
                 continue
             except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
                 log.error("accept failed: %s", e)
-                time.sleep(0.1)
+                time.sleep(ACCEPT_ERROR_PAUSE_SECS)
                 return
             sock.setblocking(True)
             self.limiter.spawn(sock, self._handshake)  # refused by the pre-auth limits?
