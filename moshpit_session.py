@@ -60,9 +60,10 @@ Ending rules (ServerSession): the session ends
 
 The resume sequence, end to end (who does what, in order):
 
-1. mp's session loop (ClientSession.silence(now) past RESUME_AFTER_SECS) hops to a new
-   UDP port and asks ``ClientSession.resume_request()`` for (session id, resume secret,
-   terminal bytes received); a background thread runs the TCP handshake with them.
+1. mp's session loop (ClientSession.silence(now) past RESUME_AFTER_SECS, then as
+   ResumeSchedule says) hops to a new UDP port and asks ``ClientSession.resume_request()``
+   for (session id, resume secret, terminal bytes received); a background thread runs the
+   TCP handshake with them.
 2. mps's listener thread runs the server handshake; the resume proof names the session,
    and mps's handshake thread posts the new keys and the client's offset to the session's
    thread, which calls ``ServerSession.resume(keys, peer_recv_offset, now)``: the
@@ -88,6 +89,7 @@ from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddres
 __all__ = [
     "STREAM_TERMINAL", "STREAM_RECORDS", "RECORD_RESIZE", "RECORD_EXIT", "RECORD_SHUTDOWN",
     "MAX_RECORD_BODY", "MAX_REASON_BYTES", "PTY_DRAIN_SECS", "SHUTDOWN_FLUSH_SECS",
+    "RESUME_AFTER_SECS", "FIRST_BACKOFF_SECS", "ResumeSchedule",
     "encode_record", "RecordDecoder", "RecordLane",
     "InputReceived", "ResizeRequested", "ClientAddressChanged", "OutputReceived",
     "SessionExited", "ShutdownReceived",
@@ -107,6 +109,8 @@ EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
 MAX_REASON_BYTES = 255
 
+RESUME_AFTER_SECS = 10.0  # client: UDP silence before a port hop + resume handshake
+FIRST_BACKOFF_SECS = 2.0  # then between attempts, doubling up to the configured maximum
 PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
 SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
 
@@ -576,3 +580,38 @@ class ClientSession(_Core):
         if self.recv_offset >= output_offset:
             self._exit_reported = True
             self._events.append(SessionExited(status))
+
+
+class ResumeSchedule:
+    """When the client tries a resume handshake: the first attempt once the server has been
+    silent (no UDP) for RESUME_AFTER_SECS, then FIRST_BACKOFF_SECS after each failed or
+    fruitless attempt, doubling up to ``max_backoff_secs``; one attempt at a time; contact
+    coming back starts the schedule over. mp runs the attempts (a thread each)."""
+
+    def __init__(self, max_backoff_secs: float) -> None:
+        self.max_backoff = max_backoff_secs
+        self.backoff = FIRST_BACKOFF_SECS
+        self.not_before = 0.0
+        self.running = False
+        self.attempts = 0
+
+    def next_attempt(self, last_contact: float) -> float:
+        return max(last_contact + RESUME_AFTER_SECS, self.not_before)
+
+    def due(self, now: float, last_contact: float) -> bool:
+        return not self.running and now >= self.next_attempt(last_contact)
+
+    def started(self) -> None:
+        self.running = True
+        self.attempts += 1
+
+    def finished(self, now: float) -> None:
+        """The attempt ended (whatever its outcome): the next waits the back-off."""
+        self.running = False
+        self.not_before = now + self.backoff
+        self.backoff = min(self.backoff * 2, self.max_backoff)
+
+    def contact(self) -> None:
+        """Packets flow again: the next outage starts the schedule from the beginning."""
+        self.backoff = FIRST_BACKOFF_SECS
+        self.not_before = 0.0

@@ -22,8 +22,8 @@ moshpit_session's docstring):
 2. Session.run (main thread, the only one touching the ClientSession): each turn of the
    loop reads stdin while ``may_read_input()``, feeds datagrams, turns core events into
    stdout bytes, and flushes ``datagrams_to_send``.
-3. Silence past RESUME_AFTER_SECS: Session._maybe_resume hops the UDP port and starts
-   Resumer (one thread per attempt) with ``ClientSession.resume_request()``; the thread runs
+3. Silence past moshpit_session.RESUME_AFTER_SECS: Session._maybe_resume hops the UDP port
+   and starts Resumer (one thread per attempt) with ``ClientSession.resume_request()``; it runs
    only the blocking handshake (HostKeyCheck.resume: the key must not change) and wakes the
    loop through the Waker.
 4. Session._resume_results (main thread) applies the outcome: ``ClientSession.resumed``
@@ -69,8 +69,6 @@ log = logging.getLogger("moshpit.client")
 EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) exit 255
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
 UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, like mosh)
-RESUME_AFTER_SECS = 10.0  # silence before a UDP port hop + TCP resume handshake
-FIRST_BACKOFF_SECS = 2.0
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
@@ -766,36 +764,23 @@ class HostKeyCheck:
                 "the connection")
 
 
-class Resumer:
+class Resumer(moshpit_session.ResumeSchedule):
     """Resume handshakes (TCP) in a background thread, so the session loop keeps reading
     stdin, drawing the banner and listening on UDP while the handshake waits on the network.
 
-    Schedule: the first attempt once the server has been silent RESUME_AFTER_SECS, then
-    FIRST_BACKOFF_SECS after each failed (or fruitless) attempt, doubling up to the
-    configured maximum; contact coming back resets it. The thread only runs the blocking
-    handshake with values copied at start; the loop thread applies the result (rekey), so
-    the Connection is never touched from two threads.
+    When: moshpit_session.ResumeSchedule. The thread only runs the blocking handshake with
+    values copied at start; the loop thread applies the result (rekey), so the session core
+    is never touched from two threads.
     """
 
     def __init__(self, handshake, waker: Waker, max_backoff: float):
+        super().__init__(max_backoff)
         self.handshake = handshake  # request -> ClientResult, raises MoshpitError
         self.waker = waker
-        self.max_backoff = max_backoff
-        self.backoff = FIRST_BACKOFF_SECS
-        self.not_before = 0.0
-        self.running = False
-        self.attempts = 0
         self.results = queue.Queue()
 
-    def next_attempt(self, last_heard: float) -> float:
-        return max(last_heard + RESUME_AFTER_SECS, self.not_before)
-
-    def due(self, now: float, last_heard: float) -> bool:
-        return not self.running and now >= self.next_attempt(last_heard)
-
     def start(self, request) -> None:
-        self.running = True
-        self.attempts += 1
+        self.started()
         threading.Thread(target=self._run, args=(request,), name="resume", daemon=True).start()
 
     def _run(self, request) -> None:
@@ -808,15 +793,8 @@ class Resumer:
             outcome = self.results.get_nowait()
         except queue.Empty:
             return None
-        self.running = False
-        self.not_before = now + self.backoff
-        self.backoff = min(self.backoff * 2, self.max_backoff)
+        self.finished(now)
         return outcome
-
-    def contact(self) -> None:
-        """Packets flow again: the next outage starts the schedule from the beginning."""
-        self.backoff = FIRST_BACKOFF_SECS
-        self.not_before = 0.0
 
 
 def attempt_handshake(handshake, request):

@@ -382,3 +382,22 @@ def test_shutdown_reasons_are_cut_on_a_character_boundary():
     reason = sim.server.ending[len("client: "):]
     assert reason.startswith("client quit ✓") and "\ufffd" not in reason
     assert len(reason.encode()) <= ms.MAX_REASON_BYTES
+
+
+def test_resume_schedule_waits_for_silence_backs_off_and_resets():
+    schedule = ms.ResumeSchedule(max_backoff_secs=5.0)
+    last_contact = 100.0
+    assert schedule.next_attempt(last_contact) == 100.0 + ms.RESUME_AFTER_SECS
+    now, starts = schedule.next_attempt(last_contact), []
+    for _ in range(5):
+        assert schedule.due(now, last_contact)
+        schedule.started()
+        assert not schedule.due(now + 1000, last_contact), "one attempt at a time"
+        starts.append(now)
+        now += 0.5  # the handshake failed after half a second
+        schedule.finished(now)
+        now = schedule.next_attempt(last_contact)
+    assert [round(b - a, 3) for a, b in zip(starts, starts[1:])] == [2.5, 4.5, 5.5, 5.5]
+    assert schedule.attempts == 5
+    schedule.contact()
+    assert schedule.next_attempt(200.0) == 200.0 + ms.RESUME_AFTER_SECS
