@@ -48,6 +48,7 @@ import socket
 import stat
 import struct
 import tempfile
+from typing import List, Optional, Tuple
 
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -354,7 +355,7 @@ def _unsupported_type(key_type: str) -> str:
     return f"unknown key type {key_type[:40]!r}: expected 'moshpit' or 'ssh-ed25519'"
 
 
-def parse_public_key_line(line: str) -> PublicKey | None:
+def parse_public_key_line(line: str) -> Optional[PublicKey]:
     """Parse one public key line; None for a blank or ``#`` comment line.
 
     Accepts ``moshpit <b64> [comment]`` and ``ssh-ed25519 <b64> [comment]``; anything
@@ -381,7 +382,7 @@ def parse_public_key_line(line: str) -> PublicKey | None:
     return PublicKey.from_blob(blob, comment)
 
 
-def read_authorized_keys(path: str) -> list[PublicKey]:
+def read_authorized_keys(path: str) -> List[PublicKey]:
     """All keys in an authorized_keys-style file; bad lines are skipped with a warning.
 
     The file itself being unreadable or oversized is a KeyFileError (the caller decides
@@ -390,7 +391,7 @@ def read_authorized_keys(path: str) -> list[PublicKey]:
     return parse_authorized_keys(_read_bounded(path, MAX_AUTHORIZED_KEYS), path)
 
 
-def parse_authorized_keys(data: bytes, source: str) -> list[PublicKey]:
+def parse_authorized_keys(data: bytes, source: str) -> List[PublicKey]:
     """All keys in the bytes of an authorized_keys-style file (already read, e.g. from an fd
     checked by moshpit_trust); bad lines are skipped with a warning naming ``source``."""
     keys = []
@@ -441,7 +442,7 @@ def _looks_public(head: bytes) -> bool:
     return head.lstrip().startswith((LINE_KIND.encode() + b" ", KEY_TYPE.encode() + b" "))
 
 
-def _unarmor(data: bytes) -> tuple[str, list[str]]:
+def _unarmor(data: bytes) -> Tuple[str, List[str]]:
     """Split a PEM-style file into its label and body lines (not yet decoded)."""
     lines = [line.strip() for line in _as_text(data, "ascii").splitlines() if line.strip()]
     if not lines:
@@ -457,7 +458,7 @@ def _unarmor(data: bytes) -> tuple[str, list[str]]:
     return label, lines[1:-1]
 
 
-def _decode_b64_body(lines: list[str]) -> bytes:
+def _decode_b64_body(lines: List[str]) -> bytes:
     try:
         return base64.b64decode("".join(lines), validate=True)
     except (binascii.Error, ValueError):
@@ -487,7 +488,7 @@ def _encode_openssh(key: PrivateKey) -> bytes:
     )
 
 
-def _decode_openssh(data: bytes, passphrase: bytes | None) -> PrivateKey:
+def _decode_openssh(data: bytes, passphrase: Optional[bytes]) -> PrivateKey:
     reader = WireReader(data, "OpenSSH private key")
     if reader.take(len(_OPENSSH_MAGIC)) != _OPENSSH_MAGIC:
         raise ValueError("corrupted: not an openssh-key-v1 key")
@@ -547,7 +548,7 @@ def _unsupported_encryption(cipher: str, kdf: str) -> str:
 
 
 def _decrypt_openssh(cipher: str, kdf: str, kdf_options: bytes, section: bytes, tag: bytes,
-                     passphrase: bytes | None) -> bytes:
+                     passphrase: Optional[bytes]) -> bytes:
     """Decrypt the private section of a passphrase-protected OpenSSH key (bcrypt KDF)."""
     if cipher not in _OPENSSH_CIPHERS or kdf != "bcrypt":
         raise ValueError(_unsupported_encryption(cipher, kdf))
@@ -622,7 +623,7 @@ def _seal_envelope(plaintext: bytes, passphrase: bytes) -> bytes:
     return header + ssh_string(ChaCha20Poly1305(key).encrypt(nonce, plaintext, header))
 
 
-def _open_envelope(data: bytes, passphrase: bytes | None) -> bytes:
+def _open_envelope(data: bytes, passphrase: Optional[bytes]) -> bytes:
     reader = WireReader(data, "moshpit encrypted key")
     if reader.take(len(_ENVELOPE_MAGIC)) != _ENVELOPE_MAGIC:
         raise ValueError("corrupted: not a moshpit-key-v1 key")
@@ -670,7 +671,7 @@ _PKCS8_KINDS = (
 )
 
 
-def _describe_foreign_pem(label: str, body: list[str]) -> str:
+def _describe_foreign_pem(label: str, body: List[str]) -> str:
     kind = _FOREIGN_PEM.get(label, f"a '{label}' block")
     if label == "PRIVATE KEY":
         kind = "an unreadable PKCS#8 key"
@@ -684,7 +685,7 @@ def _describe_foreign_pem(label: str, body: list[str]) -> str:
             f"(make one with: {program_command('keygen')} generate)")
 
 
-def _decode_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
+def _decode_private_key(data: bytes, passphrase: Optional[bytes]) -> PrivateKey:
     """Any private key file we understand -> PrivateKey; problems raise ValueError or
     PassphraseRequired/WrongPassphrase (messages without the file name)."""
     label, body = _unarmor(data)
@@ -695,7 +696,7 @@ def _decode_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
     raise ValueError(_describe_foreign_pem(label, body))
 
 
-def _encode_private_key(key: PrivateKey, passphrase: bytes | None) -> bytes:
+def _encode_private_key(key: PrivateKey, passphrase: Optional[bytes]) -> bytes:
     plain = _encode_openssh(key)
     if not passphrase:
         return _armor(OPENSSH_LABEL, plain)
@@ -738,7 +739,7 @@ def _read_bounded(path: str, limit: int, private: bool = False) -> bytes:
     return data
 
 
-def load_private_key(path: str, passphrase: bytes | None = None) -> PrivateKey:
+def load_private_key(path: str, passphrase: Optional[bytes] = None) -> PrivateKey:
     """Load an Ed25519 private key file (any format in the module docstring).
 
     Raises PassphraseRequired (encrypted, no passphrase: ask and call again),
@@ -764,7 +765,7 @@ def private_key_is_encrypted(path: str) -> bool:
     return False
 
 
-def save_private_key(path: str, key: PrivateKey, passphrase: bytes | None = None,
+def save_private_key(path: str, key: PrivateKey, passphrase: Optional[bytes] = None,
                      overwrite: bool = False) -> None:
     """Write ``key`` atomically with mode 0600: OpenSSH format, or the moshpit scrypt +
     ChaCha20-Poly1305 envelope when a (non-empty) passphrase is given. An existing file is
@@ -795,7 +796,7 @@ def default_comment() -> str:
 
 
 def create_key_pair(path: str, public_path: str, comment: str,
-                    passphrase: bytes | None = None, overwrite: bool = False,
+                    passphrase: Optional[bytes] = None, overwrite: bool = False,
                     kind: str = LINE_KIND) -> PrivateKey:
     """Generate a new key and write it: ``path`` (0600, encrypted if ``passphrase``), then
     ``public_path`` (0644, a ``kind`` line). Each file is written atomically.
@@ -874,13 +875,13 @@ def _write_atomic(path: str, data: bytes, mode: int, overwrite: bool) -> None:
                 os.unlink(tmp)
 
 
-def default_identity_paths(home: str | None = None) -> tuple[str, str]:
+def default_identity_paths(home: Optional[str] = None) -> Tuple[str, str]:
     """The client identity ``(~/.mp/id_ed25519, ~/.mp/id_ed25519.pub)``."""
     priv = os.path.join(mp_dir(home), CLIENT_KEY_FILE)
     return priv, priv + ".pub"
 
 
-def default_host_key_paths(home: str | None = None) -> tuple[str, str]:
+def default_host_key_paths(home: Optional[str] = None) -> Tuple[str, str]:
     """The server host key ``(~/.mp/mps_host_ed25519_key, ....pub)``."""
     priv = os.path.join(mp_dir(home), HOST_KEY_FILE)
     return priv, priv + ".pub"

@@ -66,7 +66,7 @@ import secrets
 import socket
 import struct
 from collections import deque
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -154,7 +154,7 @@ class PacketCipher:
         header = HEADER.pack(PACKET_FLAGS, self.conn_id, pn)
         return header + self._aead.encrypt(NONCE.pack(self._direction, pn), payload, header)
 
-    def open(self, datagram: bytes) -> Optional[tuple[int, bytes]]:
+    def open(self, datagram: bytes) -> Optional[Tuple[int, bytes]]:
         """``(pn, plaintext)`` for an authentic, fresh datagram; None for anything else."""
         if not OVERHEAD <= len(datagram) <= MAX_DATAGRAM or datagram[0] != PACKET_FLAGS:
             return None
@@ -409,7 +409,7 @@ class SendStream:
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
 
-    def take(self, pn: int, now: float, max_len: int) -> Optional[tuple[int, bytes]]:
+    def take(self, pn: int, now: float, max_len: int) -> Optional[Tuple[int, bytes]]:
         """Up to ``max_len`` bytes to send in packet ``pn``: retransmissions first."""
         retx = self._retx
         while retx:
@@ -431,13 +431,13 @@ class SendStream:
         self.next_new = stop
         return self._record(pn, now, start, stop)
 
-    def _record(self, pn: int, now: float, start: int, stop: int) -> tuple[int, bytes]:
+    def _record(self, pn: int, now: float, start: int, stop: int) -> Tuple[int, bytes]:
         self._flight.append((pn, start, stop, now))
         self.in_flight += stop - start
         return start, bytes(self._buf[start - self.base:stop - self.base])
 
     def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float
-               ) -> Optional[tuple[int, int, int, float]]:
+               ) -> Optional[Tuple[int, int, int, float]]:
         """Apply an ACK: (bytes newly acked, records resolved, of which lost, newest lost's time).
 
         ``gaps`` are the [start, end) ranges below ``high`` the peer still misses.  Records
@@ -477,7 +477,7 @@ class SendStream:
             resolved += 1
         return acked, resolved, lost, lost_sent
 
-    def on_timeout(self, now: float, rto: float) -> tuple[int, float]:
+    def on_timeout(self, now: float, rto: float) -> Tuple[int, float]:
         """The retransmission timer fired: records sent ``rto`` or more before ``now`` are lost
         (all of them for ``rto`` = -inf).
 
@@ -545,7 +545,7 @@ class RecvStream:
     def buffered(self) -> int:
         return sum(len(p) for p in self._pieces.values())
 
-    def receive(self, start: int, data: bytes) -> tuple[bytes, int]:
+    def receive(self, start: int, data: bytes) -> Tuple[bytes, int]:
         """Take a segment; returns (bytes now deliverable in order, how it arrived)."""
         offset = self.offset
         stop = min(start + len(data), offset + self.window)
@@ -592,7 +592,7 @@ class RecvStream:
             start = piece_end
             i += 1
 
-    def ack_ranges(self) -> tuple[int, int, list]:
+    def ack_ranges(self) -> Tuple[int, int, list]:
         """(cumulative offset, end of the reported region, first MAX_ACK_RANGES gaps)."""
         gaps = []
         cur = self.offset
@@ -1189,7 +1189,7 @@ class Connection:
                     self._unanswered_since = now
         return out
 
-    def _build_payload(self, now: float, with_data: bool, ping: bool) -> tuple[bytes, int]:
+    def _build_payload(self, now: float, with_data: bool, ping: bool) -> Tuple[bytes, int]:
         """Frames for the next packet: ACKs, a PING, then stream data, urgent streams first."""
         parts = []
         if self._acks.owed() or self._acks.due(now):  # due, or riding along for free
