@@ -8,6 +8,7 @@ moshpit is split by layer into flat sibling modules (copying stays trivial: ever
     moshpit_trust.py      authorized_keys (read safely: files a user controls), known_hosts
     moshpit_handshake.py  TCP handshake (sans-IO) + blocking drivers
     moshpit_transport.py  packet crypto -> reliable stream (sans-IO) -> UDP I/O glue
+    moshpit_login.py      account policy, PAM, utmp/wtmp/lastlog (mps only)
     mps.py / mp.py / mp_keygen.py   thin CLIs
     moshpit_pyz.py        __main__ of the one-file bundle (make dist): picks one of the CLIs
 """
@@ -373,6 +374,13 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never
         # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
         "mps.pid_file": _Key(str, ""),
+        # Account policy (README "Accounts and login records"): sshd's UsePAM, DenyUsers,
+        # AllowUsers, DenyGroups, AllowGroups; patterns are checked by moshpit_login.
+        "mps.use_pam": _Key(bool, True),
+        "mps.deny_users": _Key(str, ""),
+        "mps.allow_users": _Key(str, ""),
+        "mps.deny_groups": _Key(str, ""),
+        "mps.allow_groups": _Key(str, ""),
         **_common_keys(),
     },
     "client": {

@@ -71,12 +71,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from moshpit import (
     PENALTY_DEFAULTS,
+    PRINTABLE_LIMIT,
     PROTOCOL_VERSION,
     TERM_NAME_RE,
     MoshpitError,
     format_addr,
     is_locale_setting,
     printable,
+    printable_lines,
 )
 from moshpit_keys import (
     PrivateKey,
@@ -139,6 +141,9 @@ REFUSAL_CODES = (PERMISSION_DENIED, SERVER_BUSY, NO_SUCH_SESSION, PROTOCOL_ERROR
 # when someone ends a session: a retry loop would not help.
 FINAL_CODES = (PERMISSION_DENIED, NO_SUCH_SESSION, USER_NOT_SERVED, SESSION_LIMIT,
                USER_SESSION_LIMIT)
+# Text a refusal may carry for the user after the code (the server's /etc/nologin, PAM's
+# messages): only in the authenticated ServerFinish, after a valid key; bytes, capped.
+MAX_REFUSAL_MESSAGE = 1024
 # The client's own finding, never sent: the peer's first bytes are another protocol.
 NOT_MOSHPIT = "not a moshpit server"
 
@@ -154,13 +159,16 @@ class HandshakeError(MoshpitError):
 class AuthRefused(HandshakeError):
     """The server refused to authorize the client (a final answer: the client stops).
 
-    ``code`` is all the peer is told; ``log_reason`` (also ``str()``) is the full one-line
+    ``code`` is what the peer is told, with ``client_message`` if there is one (text for the
+    user, e.g. why logins are disabled); ``log_reason`` (also ``str()``) is the full one-line
     reason: logged on the server, shown to the user on the client.
     """
 
-    def __init__(self, code: str = PERMISSION_DENIED, log_reason: Optional[str] = None) -> None:
+    def __init__(self, code: str = PERMISSION_DENIED, log_reason: Optional[str] = None,
+                 client_message: str = "") -> None:
         super().__init__(log_reason or code, code)
         self.log_reason = log_reason or code
+        self.client_message = client_message
 
 
 # ---------------------------------------------------------------------------
@@ -731,9 +739,11 @@ class ClientHandshake(_Handshake):
         if status != _REFUSED:
             raise ValueError("ServerFinish has an unknown outcome")
         code = reader.text()
+        message = reader.string() if reader.remaining() else b""
         reader.expect_end()
         if code in FINAL_CODES:
-            raise AuthRefused(code)
+            raise AuthRefused(code, client_message=message[:MAX_REFUSAL_MESSAGE].decode(
+                "utf-8", "replace"))
         if code in REFUSAL_CODES:
             raise HandshakeError(f"server refused: {code}", code)
         raise ValueError("ServerFinish has an unknown refusal code")
@@ -757,10 +767,11 @@ class ServerHandshake(_Handshake):
         self._require_decision()
         self._finish(_encode_grant(grant))
 
-    def refuse(self, code: str) -> None:
-        """Refuse with one of REFUSAL_CODES (anything else is sent as "permission denied")."""
+    def refuse(self, code: str, message: str = "") -> None:
+        """Refuse with one of REFUSAL_CODES (anything else is sent as "permission denied"),
+        and ``message`` for the user if not empty (cut to MAX_REFUSAL_MESSAGE bytes)."""
         self._require_decision()
-        self._finish(_refusal_outcome(code))
+        self._finish(_refusal_outcome(code, message))
 
     def _require_decision(self) -> None:
         if self._auth is None or self._finished:
@@ -835,10 +846,13 @@ def _purpose(request: ClientRequest) -> str:
     return "resuming a session" if request.resume_session_id else "new session"
 
 
-def _refusal_outcome(code: str) -> bytes:
+def _refusal_outcome(code: str, message: str = "") -> bytes:
+    """A refusal: its code, then the optional message (absent when empty, so a refusal
+    without one is what older clients expect)."""
     if code not in REFUSAL_CODES:
         code = PERMISSION_DENIED
-    return bytes([_REFUSED]) + ssh_string(code.encode())
+    text = message.encode("utf-8", "replace")[:MAX_REFUSAL_MESSAGE]
+    return bytes([_REFUSED]) + ssh_string(code.encode()) + (ssh_string(text) if text else b"")
 
 
 # ---------------------------------------------------------------------------
@@ -941,7 +955,7 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
             grant = decide(auth)
         except AuthRefused as refusal:
             outcome = _OUTCOME_OF_REFUSAL.get(refusal.code, NEUTRAL)
-            machine.refuse(refusal.code)
+            machine.refuse(refusal.code, refusal.client_message)
             _send_quietly(sock, machine.data_to_send(), deadline)
             log.warning("refused %s@%s (key %s): %s", auth.user, who,
                         auth.client_key.fingerprint(), refusal.log_reason)
@@ -1447,6 +1461,11 @@ class _ClosedDuringPrompt(Exception):
 
 def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeError:
     """The one-line error a user sees for a failed client handshake."""
+    message = getattr(err, "client_message", "")
+    if err.code == PERMISSION_DENIED and message:  # the key was good; the server says why not
+        return AuthRefused(err.code, f"permission denied for {user}@{host}; the server says:\n"
+                           + printable_lines(message.strip("\n"), PRINTABLE_LIMIT),
+                           message)
     if err.code == PERMISSION_DENIED:
         return AuthRefused(err.code, f"permission denied (publickey) for {user}@{host}")
     if err.code == NO_SUCH_SESSION:

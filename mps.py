@@ -61,6 +61,7 @@ from typing import Dict, List, Optional
 import moshpit
 import moshpit_handshake as handshake
 import moshpit_keys as keys
+import moshpit_login
 import moshpit_session as session_core
 import moshpit_transport as transport
 import moshpit_trust as trust
@@ -110,10 +111,27 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
     return env
 
 
-def _take_controlling_tty() -> None:
-    """Runs in the child between fork and exec (after setsid): the PTY on fd 0 becomes the
-    session's controlling terminal, so job control, Ctrl-C and SIGWINCH work."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+class _ShellChildSetup:
+    """Runs in the shell's child between fork and exec (after setsid): the PTY on fd 0
+    becomes the session's controlling terminal (job control, Ctrl-C, SIGWINCH), the
+    resource limits go back to mps's own start-up ones, and for a root server the audit
+    login uid is written and then the identity changes (groups, gid, uid). The identity
+    change is here, not Popen's user/group arguments, only because those run before this
+    hook and the login uid can be written only before it (moshpit_login.write_loginuid).
+    An exception here (a failed setuid) reaches the parent as SubprocessError: no shell."""
+
+    def __init__(self, pw: Optional[pwd.struct_passwd] = None):
+        self.pw = pw
+        self.groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw is not None else None
+
+    def __call__(self) -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        moshpit_login.restore_rlimits()
+        if self.pw is not None:
+            moshpit_login.write_loginuid(self.pw.pw_uid)
+            os.setgroups(self.groups)
+            os.setgid(self.pw.pw_gid)
+            os.setuid(self.pw.pw_uid)
 
 
 def _tty_group(default_gid: int) -> int:
@@ -127,11 +145,14 @@ class PtyShell:
     """The target user's login shell (``-bash`` style argv0) on a new PTY; we keep the master.
 
     Spawned with subprocess.Popen instead of a hand-written fork/exec: in this multi-threaded
-    server, _posixsubprocess does setsid, setgroups (initgroups' list), setregid, setreuid,
-    chdir and execve in C in the child, and reports a failure of any of them to the parent as
-    an exception: a failed privilege drop can never go on to exec a shell as root. The only
-    Python code in the child is the TIOCSCTTY ioctl (Popen has no C-level option for it): no
-    locks, no allocation worth mentioning, so the usual fork-with-threads hazards don't apply.
+    server, _posixsubprocess does setsid, chdir and execve in C in the child, and reports a
+    failure of any step, _ShellChildSetup's included, to the parent as an exception: a failed
+    privilege drop can never go on to exec a shell as root. The Python code in the child
+    (_ShellChildSetup: an ioctl, setrlimit, one write, setgroups/setgid/setuid) takes no
+    locks and allocates next to nothing, so the usual fork-with-threads hazards don't apply.
+
+    A root server records the login in utmp/wtmp/lastlog once the shell runs
+    (``self.record``), and closes the record once the shell is reaped.
     """
 
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
@@ -139,7 +160,7 @@ class PtyShell:
         self.user = pw.pw_name
         shell = pw.pw_shell or "/bin/sh"
         cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
-        identity = {}
+        setup = _ShellChildSetup()
         master, slave = os.openpty()
         try:
             env = login_environment(pw, term, client_env, connection, os.ttyname(slave))
@@ -148,12 +169,13 @@ class PtyShell:
                 # The user owns their terminal (mesg, write), like sshd does.
                 os.fchown(slave, pw.pw_uid, _tty_group(pw.pw_gid))
                 os.fchmod(slave, 0o620)
-                identity = {"user": pw.pw_uid, "group": pw.pw_gid,
-                            "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
+                setup = _ShellChildSetup(pw)
+                moshpit_login.loginuid_supported()  # says once in the log if it is not
+            tty_path = os.ttyname(slave)
             self.proc = subprocess.Popen(
                 ["-" + os.path.basename(shell)], executable=shell,
                 stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                start_new_session=True, preexec_fn=_take_controlling_tty, **identity)
+                start_new_session=True, preexec_fn=setup)
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             os.close(master)
             raise ShellError(f"cannot start login shell {shell} for {pw.pw_name}: {e}")
@@ -162,6 +184,10 @@ class PtyShell:
         os.set_blocking(master, False)
         self.master_fd: Optional[int] = master
         self.pid = self.proc.pid
+        # --- login records (moshpit_login): who/last/lastlog ---
+        self.record = moshpit_login.LoginRecord(pw.pw_name, pw.pw_uid, tty_path, self.pid,
+                                                connection.split()[0])
+        self.record.open()
 
     def resize(self, rows: int, cols: int) -> None:
         """New window size; the kernel sends SIGWINCH to the terminal's foreground group."""
@@ -197,6 +223,7 @@ class PtyShell:
         status = self.proc.poll()
         if status is None:
             return None
+        self.record.close()  # --- login records: the logout (the session may linger) ---
         return 128 - status if status < 0 else status
 
     def hangup(self) -> None:
@@ -217,6 +244,7 @@ class PtyShell:
             log.warning("shell %d of %s ignored SIGHUP: killing it", self.pid, self.user)
             self.proc.kill()
             self.proc.wait()
+        self.record.close()  # --- login records: the logout ---
 
 
 # ---------------------------------------------------------------------------
@@ -550,6 +578,12 @@ class Server:
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
         self.hello_timeout = float(config["mps.hello_timeout_secs"])
         self.authorized_keys_file = config["mps.authorized_keys_file"] or None
+        # --- account policy (moshpit_login): sshd's allowed_user, nologin, PAM account ---
+        self.account_policy = moshpit_login.AccountPolicy(
+            {name: config["mps." + name] for name in moshpit_login.AccountPolicy.LISTS},
+            use_pam=config["mps.use_pam"] and moshpit_login.pam_available(
+                asked=config.source("mps.use_pam") != "default"))
+        moshpit_login.close_stale_records()  # sessions that ended while no mps was running
         self.limiter = handshake.HandshakeLimiter(
             handshake.AdmissionPolicy(admission_limits(config)))
         self.listeners: List[socket.socket] = []
@@ -712,6 +746,11 @@ class Server:
             return self._quit_session(auth), None
         if request.resume_session_id is not None:
             return self._resume(auth), None
+        # --- account policy: a new login (a resume continues one) ---
+        refusal = self.account_policy.refusal(pw, moshpit_login.client_address(auth.peer))
+        if refusal is not None:
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(refusal),
+                                        refusal.client_message)
         return self._new_session(auth, pw)
 
     def _authorized_user(self, auth) -> pwd.struct_passwd:
@@ -1156,6 +1195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         pid_file = PidFile(pid_file_path(config))
         pid_file.create()
         host_key = load_host_key(config, args.generate_host_key)
+        moshpit_login.capture_rlimits()  # the shells get these back (not the raised one)
         _raise_fd_limit()
         server = Server(config, host_key)
         server.listen()

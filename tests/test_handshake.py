@@ -165,6 +165,34 @@ def test_refusal_codes_reach_the_client(keys):
         assert raised.value.code == (code if code in hs.REFUSAL_CODES else hs.PERMISSION_DENIED)
 
 
+def refused_with(keys, message: str) -> hs.AuthRefused:
+    flow = Flow(*keys)
+    flow.to_server()
+    flow.to_client()
+    flow.client.accept_host_key()
+    flow.to_server()
+    flow.server.refuse(hs.PERMISSION_DENIED, message)
+    with pytest.raises(hs.AuthRefused) as raised:
+        flow.to_client()
+    return raised.value
+
+
+def test_a_refusal_may_carry_a_message_for_the_user(keys):
+    """The server's /etc/nologin text (or PAM's) reaches the client inside the authenticated
+    ServerFinish, capped at MAX_REFUSAL_MESSAGE bytes; it is shown made printable."""
+    refusal = refused_with(keys, "Down until 18:00.\n\x1b]0;owned\x07")
+    assert refusal.code == hs.PERMISSION_DENIED
+    assert refusal.client_message == "Down until 18:00.\n\x1b]0;owned\x07"
+    shown = hs._explain(refusal, "host", 40404, "alice")
+    assert str(shown) == ("permission denied for alice@host; the server says:\n"
+                          "Down until 18:00.\n^[]0;owned^G")
+    long = refused_with(keys, "é" * 2000)
+    assert long.client_message == "é" * (hs.MAX_REFUSAL_MESSAGE // 2)
+    assert refused_with(keys, "").client_message == ""  # the refusal older clients know
+    assert str(hs._explain(refused_with(keys, ""), "host", 40404, "alice")) == \
+        "permission denied (publickey) for alice@host"
+
+
 def test_wrong_proof_of_possession_is_refused(keys):
     """The client claims an identity whose private key it does not hold."""
     identity, host = keys

@@ -99,7 +99,7 @@ def test_a_shell_that_cannot_start_is_a_clean_refusal(tmp_path, users):
         authorize(erin, server.client_key)
         with pytest.raises(AuthRefused):
             TestClient.for_server(server, user=erin.pw_name).connect()
-        server.wait_log(f"cannot start login shell /nonexistent/shell for {erin.pw_name}")
+        server.wait_log(f"login shell /nonexistent/shell of {erin.pw_name} does not exist")
         assert server.proc.poll() is None
 
 

@@ -44,7 +44,9 @@ class Users:
 
     def user(self, groups=(), shell="/bin/bash") -> pwd.struct_passwd:
         name = "mpu" + secrets.token_hex(3)
-        argv = ["useradd", "-m", "-s", shell]
+        # "*": no password, but not locked ("!", useradd's default), which mps refuses
+        # without PAM as sshd does: a key-only account.
+        argv = ["useradd", "-m", "-s", shell, "-p", "*"]
         if groups:
             argv += ["-G", ",".join(groups)]
         subprocess.run(argv + [name], check=True, capture_output=True)
