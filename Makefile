@@ -10,7 +10,7 @@ MATRIX_VERSIONS = 3.9 3.10 3.11 3.12 3.13
 PYTEST_WORKERS ?= 4
 PYTEST = -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
-.PHONY: demo test lint test-matrix bench dist clean
+.PHONY: demo test lint test-matrix bench dist clean test-tools
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
-test: lint
+test: lint test-tools
 	$(VPY) $(PYTEST) $(PYTEST_ARGS)
+
+# tmux is the terminal the screen model is checked against (tests/test_term_tmux.py): install
+# it when missing and we may (root with apt-get); otherwise those tests skip, saying why.
+test-tools:
+	@command -v tmux >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get install -y -q tmux >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tmux >/dev/null 2>&1; }; }; } \
+	  || echo "test-tools: tmux is missing and could not be installed: its tests will skip"
 
 # Every interpreter found under pyenv with the newest cryptography, plus 3.9 with the
 # oldest cryptography we support (3.4.8). Long scenarios run once, in `make test`.
@@ -47,9 +55,10 @@ matrix-one:
 demo: $(STAMP)
 	$(VPY) tests/demo.py
 
-# The transport alone (issue targets: throughput, added round trip, loss), then whole sessions
-# side by side with OpenSSH and Mosh where they are installed.
+# The screen model and the transport alone (issue targets: MB/s; throughput, added round
+# trip, loss), then whole sessions side by side with OpenSSH and Mosh where they are installed.
 bench: $(STAMP)
+	$(VPY) bench/bench_term.py
 	$(VPY) bench/bench_transport.py
 	$(VPY) bench/run.py $(BENCH_ARGS)
 

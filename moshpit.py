@@ -28,16 +28,61 @@ import sys
 import termios
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
+__all__ = [
+    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
+    "HOST_KEY_POLICIES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
+    "AUTHORIZED_KEYS_FILE", "TERM_NAME_RE", "LOCALE_NAME_RE", "LOCALE_VALUE_RE",
+    "is_locale_setting", "format_addr", "make_private_dirs",
+    "MoshpitError", "ConfigError", "ENV_PREFIX", "mp_dir", "default_config_path",
+    "default_log_path", "default_pid_path", "parse_port_range", "parse_max_startups",
+    "parse_netblock", "PENALTY_DEFAULTS", "parse_penalties", "parse_escape_key", "TRACE",
+    "parse_directives", "PATH", "SCHEMAS", "env_names", "Config", "config_report", "load_config",
+    "add_common_flags", "common_flag_settings", "ROOT_LOGGER", "verbosity_level", "reset_logging",
+    "setup_logging", "PRINTABLE_LIMIT", "ELLIPSIS", "printable", "printable_lines", "get_winsize",
+    "set_winsize",
+]
+
 __version__ = "0.1.0"
 
 # ---------------------------------------------------------------------------
 # Errors and constants
 # ---------------------------------------------------------------------------
 
-PROTOCOL_VERSION = 1
+# 2: session records (resize, exit, shutdown) on stream 1 instead of transport control
+# frames (moshpit_session); a version-1 peer is refused with a message saying to upgrade.
+PROTOCOL_VERSION = 2
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
+
+# strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only
+HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
+
+# File names under ~/.mp (the paths in the config default to these).
+CLIENT_KEY_FILE = "id_ed25519"
+HOST_KEY_FILE = "mps_host_ed25519_key"
+KNOWN_HOSTS_FILE = "known_hosts"
+AUTHORIZED_KEYS_FILE = "authorized_keys"
+
+# What a client may say about its terminal, checked by the handshake on both sides and
+# again by the server before it reaches a shell's environment: TERM a terminfo name,
+# LANG/LC_* printable without spaces (a locale name, never a script).
+TERM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+LOCALE_NAME_RE = re.compile(r"LANG|LC_[A-Z]{1,32}")
+LOCALE_VALUE_RE = re.compile(r"[\x21-\x7e]{0,128}")
+
+
+def is_locale_setting(name: str, value: str) -> bool:
+    """Whether ``name=value`` is a LANG/LC_* setting a client may pass to the shell."""
+    return bool(LOCALE_NAME_RE.fullmatch(name) and LOCALE_VALUE_RE.fullmatch(value))
+
+
+def format_addr(addr) -> str:
+    """``host:port``, ``[v6host]:port``, or "?" for no address: for logs and messages."""
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class MoshpitError(Exception):
@@ -306,8 +351,8 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.port": _Key(int, DEFAULT_TCP_PORT, _PORT),
         "mps.udp_port_range": _Key(str, "{}-{}".format(*DEFAULT_UDP_PORT_RANGE),
                                    _parsed_by(parse_port_range)),
-        "mps.private_key_path": _Key(PATH, "mps_host_ed25519_key"),
-        "mps.public_key_path": _Key(PATH, "mps_host_ed25519_key.pub"),
+        "mps.private_key_path": _Key(PATH, HOST_KEY_FILE),
+        "mps.public_key_path": _Key(PATH, HOST_KEY_FILE + ".pub"),
         # "" = ~/.mp/authorized_keys of the *target* user: resolved per login by the server.
         "mps.authorized_keys_file": _Key(str, ""),
         "mps.max_sessions": _Key(int, 256, _at_least(1)),
@@ -342,10 +387,10 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "server_port": _Key(int, DEFAULT_TCP_PORT, _PORT),
         "server_destination": _Key(str, ""),
         "max_reconnect_backoff_secs": _Key(int, 3600, _clamp(2, 86400)),
-        "private_key_path": _Key(PATH, "id_ed25519"),
-        "public_key_path": _Key(PATH, "id_ed25519.pub"),
-        "known_hosts_file": _Key(PATH, "known_hosts"),
-        "strict_host_key_checking": _Key(str, "ask", _one_of("ask", "accept-new", "yes")),
+        "private_key_path": _Key(PATH, CLIENT_KEY_FILE),
+        "public_key_path": _Key(PATH, CLIENT_KEY_FILE + ".pub"),
+        "known_hosts_file": _Key(PATH, KNOWN_HOSTS_FILE),
+        "strict_host_key_checking": _Key(str, "ask", _one_of(*HOST_KEY_POLICIES)),
         "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
         # HostName and User of `mp alias` from this ssh_config file; false: aliases off.
         "ssh_config": _Key(PATH_OR_OFF, "~/.ssh/config"),
@@ -831,9 +876,9 @@ class _KeyFlags(NamedTuple):
 
 
 _KEY_FILE_FLAGS = {
-    "server": _KeyFlags("mps.", "host", "mps_host_ed25519_key",
+    "server": _KeyFlags("mps.", "host", HOST_KEY_FILE,
                         "the listening port is mps.port", "MOSHPITS_MPS_PORT={port}"),
-    "client": _KeyFlags("", "client", "id_ed25519", "ssh's -p PORT is -s PORT here",
+    "client": _KeyFlags("", "client", CLIENT_KEY_FILE, "ssh's -p PORT is -s PORT here",
                         "-s {port}"),
 }
 _PORT_LIKE = re.compile(r":?\d+")
@@ -1165,11 +1210,11 @@ def _layer(handler: logging.Handler, config: Config, section: str,
     return handler
 
 
-def _make_private_dirs(directory: str) -> None:
+def make_private_dirs(directory: str) -> None:
     """Create ``directory`` and any missing parents with mode 0700 (existing ones untouched)."""
     if os.path.isdir(directory):
         return
-    _make_private_dirs(os.path.dirname(directory))
+    make_private_dirs(os.path.dirname(directory))
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
@@ -1211,7 +1256,7 @@ def setup_logging(kind: str, config: Config, log_path: Optional[str] = None,
     reset_logging()
     path = log_path or default_log_path(kind, config.home)
     try:
-        _make_private_dirs(os.path.dirname(os.path.abspath(path)))
+        make_private_dirs(os.path.dirname(os.path.abspath(path)))
         os.close(_open_no_ctty(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o600)  # logs name users and addresses: keep them private

@@ -36,16 +36,14 @@ peer key, is refused)::
 ServerFinish is sealed with TH_f as associated data, so opening it is the client's key
 confirmation: the server saw exactly this ClientAuth, requested user included.
 
-Layout: wire helpers -> SSHSIG -> data types -> sans-IO state machines (h11 style:
+Layout: wire helpers -> data types -> sans-IO state machines (h11 style:
 ``receive_data`` / ``data_to_send`` / ``next_event``) -> blocking drivers -> admission before
 the handshake (a sans-IO policy and its thread shell). The trust policies (authorized_keys,
-known_hosts) live in moshpit_trust.
+known_hosts) live in moshpit_trust, SSHSIG in moshpit_keys.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import functools
 import hashlib
@@ -75,17 +73,33 @@ from moshpit import (
     PENALTY_DEFAULTS,
     PRINTABLE_LIMIT,
     PROTOCOL_VERSION,
+    TERM_NAME_RE,
     MoshpitError,
+    format_addr,
+    is_locale_setting,
     printable,
     printable_lines,
 )
 from moshpit_keys import (
-    KEY_TYPE,
     PrivateKey,
     PublicKey,
     WireReader,
     ssh_string,
+    sshsig_sign,
+    sshsig_verify,
 )
+
+__all__ = [
+    "MAX_MESSAGE", "CIPHERS", "SSHSIG_NAMESPACE", "SERVER_CONTEXT", "PERMISSION_DENIED",
+    "SERVER_BUSY", "NO_SUCH_SESSION", "PROTOCOL_ERROR", "SHUTTING_DOWN", "USER_NOT_SERVED",
+    "SESSION_LIMIT", "USER_SESSION_LIMIT", "REFUSAL_CODES", "FINAL_CODES", "NOT_MOSHPIT",
+    "HandshakeError", "AuthRefused", "MAX_LOCALE_VARS", "END_SESSION", "ClientRequest",
+    "SessionKeys", "SessionGrant", "AuthInfo", "ClientResult", "HostKeyReceived", "AuthRequested",
+    "HandshakeComplete", "locale_env", "ClientHandshake", "ServerHandshake", "AUTHENTICATED",
+    "AUTHFAIL", "NOAUTH", "GRACE_EXCEEDED", "NEUTRAL", "HELLO_RECEIVED", "server_handshake",
+    "send_refusal", "MAX_TRACKED_SOURCES", "IDLE_EVICT_SECS", "source_of", "AdmissionLimits",
+    "Admission", "AdmissionPolicy", "HandshakeLimiter", "LazyIdentity", "client_handshake",
+]
 
 log = logging.getLogger("moshpit.handshake")
 
@@ -184,97 +198,10 @@ def _refusal_frame(code: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# SSHSIG (OpenSSH PROTOCOL.sshsig), so an ssh-agent could make the client signature
-# ---------------------------------------------------------------------------
-
-_SSHSIG_MAGIC = b"SSHSIG"
-_SSHSIG_VERSION = 1
-_SSHSIG_HASH = b"sha512"
-_ARMOR_BEGIN = "-----BEGIN SSH SIGNATURE-----"
-_ARMOR_END = "-----END SSH SIGNATURE-----"
-_ARMOR_WIDTH = 70  # what ssh-keygen writes
-
-
-def _sshsig_signed_data(namespace: str, message: bytes) -> bytes:
-    """What the key really signs: the magic and namespace keep it from passing as SSH login
-    data or as a signature for any other purpose. The reserved field is signed empty."""
-    return (
-        _SSHSIG_MAGIC
-        + ssh_string(namespace.encode())
-        + ssh_string(b"")
-        + ssh_string(_SSHSIG_HASH)
-        + ssh_string(hashlib.sha512(message).digest())
-    )
-
-
-def sshsig_sign(private_key: PrivateKey, namespace: str, message: bytes) -> bytes:
-    """The binary SSHSIG blob of ``ssh-keygen -Y sign -n NAMESPACE`` (sha512) for ``message``."""
-    if not namespace:
-        raise ValueError("an SSHSIG signature needs a namespace")
-    signature = private_key.sign(_sshsig_signed_data(namespace, message))
-    return (
-        _SSHSIG_MAGIC
-        + struct.pack(">I", _SSHSIG_VERSION)
-        + ssh_string(private_key.public.blob)
-        + ssh_string(namespace.encode())
-        + ssh_string(b"")
-        + ssh_string(_SSHSIG_HASH)
-        + ssh_string(ssh_string(KEY_TYPE.encode()) + ssh_string(signature))
-    )
-
-
-def sshsig_verify(public_key: PublicKey, namespace: str, message: bytes, signature: bytes) -> bool:
-    """True if the binary SSHSIG blob ``signature`` is ``public_key``'s signature of
-    ``message`` in ``namespace`` (sha512). Never raises."""
-    try:
-        reader = WireReader(signature, "SSHSIG signature")
-        if reader.take(6) != _SSHSIG_MAGIC or reader.uint32() != _SSHSIG_VERSION:
-            return False
-        signer, signed_namespace = reader.string(), reader.string()
-        reader.string()  # reserved: ignored by verifiers, as OpenSSH does
-        hash_name, inner = reader.string(), reader.string()
-        reader.expect_end()
-        inner_reader = WireReader(inner, "SSHSIG inner signature")
-        sig_type, raw = inner_reader.string(), inner_reader.string()
-        inner_reader.expect_end()
-    except ValueError:
-        return False
-    if (
-        signer != public_key.blob
-        or signed_namespace != namespace.encode()
-        or hash_name != _SSHSIG_HASH
-        or sig_type != KEY_TYPE.encode()
-    ):
-        return False
-    return public_key.verify(raw, _sshsig_signed_data(namespace, message))
-
-
-def sshsig_armor(blob: bytes) -> str:
-    """The armored text form ``ssh-keygen -Y`` reads and writes."""
-    text = base64.b64encode(blob).decode("ascii")
-    lines = [text[i:i + _ARMOR_WIDTH] for i in range(0, len(text), _ARMOR_WIDTH)]
-    return "\n".join([_ARMOR_BEGIN, *lines, _ARMOR_END]) + "\n"
-
-
-def sshsig_unarmor(text: str) -> bytes:
-    """The blob inside an armored SSH signature; ValueError if ``text`` is not one."""
-    lines = [line.strip() for line in text.strip().splitlines()]
-    if len(lines) < 3 or lines[0] != _ARMOR_BEGIN or lines[-1] != _ARMOR_END:
-        raise ValueError("not an armored SSH signature")
-    try:
-        return base64.b64decode("".join(lines[1:-1]), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("the SSH signature is not valid base64") from None
-
-
-# ---------------------------------------------------------------------------
 # Data types
 # ---------------------------------------------------------------------------
 
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\$?")
-_TERM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-_LOCALE_NAME_RE = re.compile(r"LANG|LC_[A-Z]{1,32}")
-_LOCALE_VALUE_RE = re.compile(r"[\x21-\x7e]{0,128}")
 MAX_LOCALE_VARS = 32
 END_SESSION = 1  # ClientAuth intent byte: end the resumed session (the only intent sent)
 
@@ -381,7 +308,7 @@ def locale_env(environ: Dict[str, str]) -> Dict[str, str]:
     """The LANG and LC_* variables of ``environ`` a ClientRequest may carry (others dropped)."""
     chosen = (
         (name, value) for name, value in sorted(environ.items())
-        if _LOCALE_NAME_RE.fullmatch(name) and _LOCALE_VALUE_RE.fullmatch(value)
+        if is_locale_setting(name, value)
     )
     return dict(itertools.islice(chosen, MAX_LOCALE_VARS))
 
@@ -390,14 +317,14 @@ def _check_request(request: ClientRequest) -> None:
     """ValueError unless every field is within the protocol's bounds."""
     if not _USER_RE.fullmatch(request.user):
         raise ValueError(f"user name {request.user[:80]!r} is not valid")
-    if not _TERM_RE.fullmatch(request.term):
+    if not TERM_NAME_RE.fullmatch(request.term):
         raise ValueError(f"TERM {request.term[:80]!r} is not a valid terminal name")
     if not (0 <= request.rows <= 0xFFFF and 0 <= request.cols <= 0xFFFF):
         raise ValueError(f"window size {request.rows}x{request.cols} is out of range")
     if len(request.env) > MAX_LOCALE_VARS:
         raise ValueError(f"more than {MAX_LOCALE_VARS} locale variables")
     for name, value in request.env.items():
-        if not (_LOCALE_NAME_RE.fullmatch(name) and _LOCALE_VALUE_RE.fullmatch(value)):
+        if not is_locale_setting(name, value):
             raise ValueError(f"environment variable {name[:40]!r} is not an allowed locale setting")
     if request.resume_session_id is not None and len(request.resume_session_id) != 16:
         raise ValueError("a resume session id is 16 bytes")
@@ -777,7 +704,8 @@ class ClientHandshake(_Handshake):
         reader.expect_end()
         if version != PROTOCOL_VERSION:
             raise HandshakeError(f"protocol error: the server speaks protocol version {version},"
-                                 f" this client {PROTOCOL_VERSION}")
+                                 f" this client {PROTOCOL_VERSION}: install the same moshpit"
+                                 " release on both sides")
         if cipher not in CIPHERS:
             raise HandshakeError("protocol error: the server chose a cipher that was not offered")
         self._transcript.add(body)
@@ -866,7 +794,8 @@ class ServerHandshake(_Handshake):
         reader.expect_end()
         if version < PROTOCOL_VERSION:
             raise HandshakeError(f"protocol error: the client speaks protocol version {version},"
-                                 f" this server needs {PROTOCOL_VERSION}")
+                                 f" this server needs {PROTOCOL_VERSION}: install the same"
+                                 " moshpit release on both sides")
         cipher = next((name for name in CIPHERS if name in offered), None)
         if cipher is None:
             raise HandshakeError("protocol error: no session cipher in common")
@@ -969,11 +898,6 @@ def _exchange(sock: socket.socket, machine: _Handshake, deadline: float,
         machine.receive_data(data)
 
 
-def _format_addr(addr: tuple) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _os_reason(err: OSError) -> str:
     """An OSError as a short lower-case reason ("connection refused")."""
     if isinstance(err, socket.timeout):
@@ -1020,7 +944,7 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
     except OSError:
         report(NOAUTH)
         return None
-    who = _format_addr(peer)
+    who = format_addr(peer)
     machine = ServerHandshake(host_key, peer, local)
     outcome = NOAUTH
     try:
@@ -1491,7 +1415,7 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
         except OSError as err:
             sock.close()
             last_error = err
-    raise HandshakeError(_connect_failure(_format_addr((host, port)), last_error))
+    raise HandshakeError(_connect_failure(format_addr((host, port)), last_error))
 
 
 def _connect_failure(where: str, err: OSError) -> str:
@@ -1565,7 +1489,7 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
     if err.code == SHUTTING_DOWN:
         return HandshakeError(f"server {host} is shutting down", err.code)
     if err.code == NOT_MOSHPIT:
-        return HandshakeError(f"{_format_addr((host, port))} is {err}", err.code)
+        return HandshakeError(f"{format_addr((host, port))} is {err}", err.code)
     return HandshakeError(f"{err} (server {host} port {port})", err.code)
 
 
@@ -1614,7 +1538,7 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
         except HandshakeError as err:
             raise _explain(err, host, port, request.user) from None
         except _NoAnswer:
-            raise HandshakeError(f"{_format_addr((host, port))} did not answer in {timeout:g} s"
+            raise HandshakeError(f"{format_addr((host, port))} did not answer in {timeout:g} s"
                                  " (an overloaded moshpit server, or not one at all: is the"
                                  " port right: -s PORT)") from None
         except socket.timeout:

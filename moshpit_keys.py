@@ -1,4 +1,4 @@
-"""moshpit keys: Ed25519 identity/host keys, public key lines, fingerprints, key files.
+"""moshpit keys: Ed25519 identity/host keys, public key lines, fingerprints, key files, SSHSIG.
 
 Public key blob: the SSH wire encoding ``string "ssh-ed25519" || string key32``.
 Public key line: ``moshpit <base64(blob)> comment`` (or OpenSSH's ``ssh-ed25519 ...``, accepted
@@ -48,6 +48,7 @@ import socket
 import stat
 import struct
 import tempfile
+from typing import List, Optional, Tuple
 
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -60,7 +61,25 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-from moshpit import MoshpitError, mp_dir, program_command
+from moshpit import (
+    CLIENT_KEY_FILE,
+    HOST_KEY_FILE,
+    MoshpitError,
+    make_private_dirs,
+    mp_dir,
+    program_command,
+)
+
+__all__ = [
+    "KEY_TYPE", "LINE_KIND", "PUBLIC_FORMATS", "MAX_LINE", "MAX_AUTHORIZED_KEYS", "MAX_KEY_FILE",
+    "KeyFileError", "KeyFileExists", "PassphraseRequired", "WrongPassphrase", "ssh_string",
+    "WireReader", "PublicKey", "PrivateKey", "parse_public_key_line", "read_authorized_keys",
+    "parse_authorized_keys", "OPENSSH_LABEL", "MOSHPIT_LABEL", "SCRYPT_LOG2_N", "SCRYPT_R",
+    "SCRYPT_P", "load_private_key", "private_key_is_encrypted", "save_private_key",
+    "public_key_bytes", "save_public_key", "default_comment", "create_key_pair", "load_public_key",
+    "default_identity_paths", "default_host_key_paths", "sshsig_sign", "sshsig_verify",
+    "sshsig_armor", "sshsig_unarmor",
+]
 
 log = logging.getLogger("moshpit.keys")
 
@@ -336,7 +355,7 @@ def _unsupported_type(key_type: str) -> str:
     return f"unknown key type {key_type[:40]!r}: expected 'moshpit' or 'ssh-ed25519'"
 
 
-def parse_public_key_line(line: str) -> PublicKey | None:
+def parse_public_key_line(line: str) -> Optional[PublicKey]:
     """Parse one public key line; None for a blank or ``#`` comment line.
 
     Accepts ``moshpit <b64> [comment]`` and ``ssh-ed25519 <b64> [comment]``; anything
@@ -363,7 +382,7 @@ def parse_public_key_line(line: str) -> PublicKey | None:
     return PublicKey.from_blob(blob, comment)
 
 
-def read_authorized_keys(path: str) -> list[PublicKey]:
+def read_authorized_keys(path: str) -> List[PublicKey]:
     """All keys in an authorized_keys-style file; bad lines are skipped with a warning.
 
     The file itself being unreadable or oversized is a KeyFileError (the caller decides
@@ -372,7 +391,7 @@ def read_authorized_keys(path: str) -> list[PublicKey]:
     return parse_authorized_keys(_read_bounded(path, MAX_AUTHORIZED_KEYS), path)
 
 
-def parse_authorized_keys(data: bytes, source: str) -> list[PublicKey]:
+def parse_authorized_keys(data: bytes, source: str) -> List[PublicKey]:
     """All keys in the bytes of an authorized_keys-style file (already read, e.g. from an fd
     checked by moshpit_trust); bad lines are skipped with a warning naming ``source``."""
     keys = []
@@ -423,7 +442,7 @@ def _looks_public(head: bytes) -> bool:
     return head.lstrip().startswith((LINE_KIND.encode() + b" ", KEY_TYPE.encode() + b" "))
 
 
-def _unarmor(data: bytes) -> tuple[str, list[str]]:
+def _unarmor(data: bytes) -> Tuple[str, List[str]]:
     """Split a PEM-style file into its label and body lines (not yet decoded)."""
     lines = [line.strip() for line in _as_text(data, "ascii").splitlines() if line.strip()]
     if not lines:
@@ -439,7 +458,7 @@ def _unarmor(data: bytes) -> tuple[str, list[str]]:
     return label, lines[1:-1]
 
 
-def _decode_b64_body(lines: list[str]) -> bytes:
+def _decode_b64_body(lines: List[str]) -> bytes:
     try:
         return base64.b64decode("".join(lines), validate=True)
     except (binascii.Error, ValueError):
@@ -469,7 +488,7 @@ def _encode_openssh(key: PrivateKey) -> bytes:
     )
 
 
-def _decode_openssh(data: bytes, passphrase: bytes | None) -> PrivateKey:
+def _decode_openssh(data: bytes, passphrase: Optional[bytes]) -> PrivateKey:
     reader = WireReader(data, "OpenSSH private key")
     if reader.take(len(_OPENSSH_MAGIC)) != _OPENSSH_MAGIC:
         raise ValueError("corrupted: not an openssh-key-v1 key")
@@ -529,7 +548,7 @@ def _unsupported_encryption(cipher: str, kdf: str) -> str:
 
 
 def _decrypt_openssh(cipher: str, kdf: str, kdf_options: bytes, section: bytes, tag: bytes,
-                     passphrase: bytes | None) -> bytes:
+                     passphrase: Optional[bytes]) -> bytes:
     """Decrypt the private section of a passphrase-protected OpenSSH key (bcrypt KDF)."""
     if cipher not in _OPENSSH_CIPHERS or kdf != "bcrypt":
         raise ValueError(_unsupported_encryption(cipher, kdf))
@@ -604,7 +623,7 @@ def _seal_envelope(plaintext: bytes, passphrase: bytes) -> bytes:
     return header + ssh_string(ChaCha20Poly1305(key).encrypt(nonce, plaintext, header))
 
 
-def _open_envelope(data: bytes, passphrase: bytes | None) -> bytes:
+def _open_envelope(data: bytes, passphrase: Optional[bytes]) -> bytes:
     reader = WireReader(data, "moshpit encrypted key")
     if reader.take(len(_ENVELOPE_MAGIC)) != _ENVELOPE_MAGIC:
         raise ValueError("corrupted: not a moshpit-key-v1 key")
@@ -652,7 +671,7 @@ _PKCS8_KINDS = (
 )
 
 
-def _describe_foreign_pem(label: str, body: list[str]) -> str:
+def _describe_foreign_pem(label: str, body: List[str]) -> str:
     kind = _FOREIGN_PEM.get(label, f"a '{label}' block")
     if label == "PRIVATE KEY":
         kind = "an unreadable PKCS#8 key"
@@ -666,7 +685,7 @@ def _describe_foreign_pem(label: str, body: list[str]) -> str:
             f"(make one with: {program_command('keygen')} generate)")
 
 
-def _decode_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
+def _decode_private_key(data: bytes, passphrase: Optional[bytes]) -> PrivateKey:
     """Any private key file we understand -> PrivateKey; problems raise ValueError or
     PassphraseRequired/WrongPassphrase (messages without the file name)."""
     label, body = _unarmor(data)
@@ -677,7 +696,7 @@ def _decode_private_key(data: bytes, passphrase: bytes | None) -> PrivateKey:
     raise ValueError(_describe_foreign_pem(label, body))
 
 
-def _encode_private_key(key: PrivateKey, passphrase: bytes | None) -> bytes:
+def _encode_private_key(key: PrivateKey, passphrase: Optional[bytes]) -> bytes:
     plain = _encode_openssh(key)
     if not passphrase:
         return _armor(OPENSSH_LABEL, plain)
@@ -720,7 +739,7 @@ def _read_bounded(path: str, limit: int, private: bool = False) -> bytes:
     return data
 
 
-def load_private_key(path: str, passphrase: bytes | None = None) -> PrivateKey:
+def load_private_key(path: str, passphrase: Optional[bytes] = None) -> PrivateKey:
     """Load an Ed25519 private key file (any format in the module docstring).
 
     Raises PassphraseRequired (encrypted, no passphrase: ask and call again),
@@ -746,7 +765,7 @@ def private_key_is_encrypted(path: str) -> bool:
     return False
 
 
-def save_private_key(path: str, key: PrivateKey, passphrase: bytes | None = None,
+def save_private_key(path: str, key: PrivateKey, passphrase: Optional[bytes] = None,
                      overwrite: bool = False) -> None:
     """Write ``key`` atomically with mode 0600: OpenSSH format, or the moshpit scrypt +
     ChaCha20-Poly1305 envelope when a (non-empty) passphrase is given. An existing file is
@@ -777,7 +796,7 @@ def default_comment() -> str:
 
 
 def create_key_pair(path: str, public_path: str, comment: str,
-                    passphrase: bytes | None = None, overwrite: bool = False,
+                    passphrase: Optional[bytes] = None, overwrite: bool = False,
                     kind: str = LINE_KIND) -> PrivateKey:
     """Generate a new key and write it: ``path`` (0600, encrypted if ``passphrase``), then
     ``public_path`` (0644, a ``kind`` line). Each file is written atomically.
@@ -823,20 +842,6 @@ def load_public_key(path: str) -> PublicKey:
     return keys[0]
 
 
-def _make_private_dirs(directory: str) -> None:
-    """Create missing directories down to ``directory`` with mode 0700 (not umask's)."""
-    missing = []
-    while not os.path.isdir(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue
-        os.chmod(d, 0o700)
-
-
 def _write_atomic(path: str, data: bytes, mode: int, overwrite: bool) -> None:
     """Write via a temp file in the same directory, then move it into place: a crash leaves
     either the old file or the new one, never half a key. The temp file has ``mode`` before
@@ -848,7 +853,7 @@ def _write_atomic(path: str, data: bytes, mode: int, overwrite: bool) -> None:
     directory = os.path.dirname(path)
     tmp = None
     try:
-        _make_private_dirs(directory)
+        make_private_dirs(directory)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -870,13 +875,98 @@ def _write_atomic(path: str, data: bytes, mode: int, overwrite: bool) -> None:
                 os.unlink(tmp)
 
 
-def default_identity_paths(home: str | None = None) -> tuple[str, str]:
+def default_identity_paths(home: Optional[str] = None) -> Tuple[str, str]:
     """The client identity ``(~/.mp/id_ed25519, ~/.mp/id_ed25519.pub)``."""
-    priv = os.path.join(mp_dir(home), "id_ed25519")
+    priv = os.path.join(mp_dir(home), CLIENT_KEY_FILE)
     return priv, priv + ".pub"
 
 
-def default_host_key_paths(home: str | None = None) -> tuple[str, str]:
+def default_host_key_paths(home: Optional[str] = None) -> Tuple[str, str]:
     """The server host key ``(~/.mp/mps_host_ed25519_key, ....pub)``."""
-    priv = os.path.join(mp_dir(home), "mps_host_ed25519_key")
+    priv = os.path.join(mp_dir(home), HOST_KEY_FILE)
     return priv, priv + ".pub"
+
+
+# ---------------------------------------------------------------------------
+# SSHSIG (OpenSSH PROTOCOL.sshsig): the handshake's client signature, in the form an
+# ssh-agent can make too
+# ---------------------------------------------------------------------------
+
+_SSHSIG_MAGIC = b"SSHSIG"
+_SSHSIG_VERSION = 1
+_SSHSIG_HASH = b"sha512"
+_ARMOR_BEGIN = "-----BEGIN SSH SIGNATURE-----"
+_ARMOR_END = "-----END SSH SIGNATURE-----"
+_ARMOR_WIDTH = 70  # what ssh-keygen writes
+
+
+def _sshsig_signed_data(namespace: str, message: bytes) -> bytes:
+    """What the key really signs: the magic and namespace keep it from passing as SSH login
+    data or as a signature for any other purpose. The reserved field is signed empty."""
+    return (
+        _SSHSIG_MAGIC
+        + ssh_string(namespace.encode())
+        + ssh_string(b"")
+        + ssh_string(_SSHSIG_HASH)
+        + ssh_string(hashlib.sha512(message).digest())
+    )
+
+
+def sshsig_sign(private_key: PrivateKey, namespace: str, message: bytes) -> bytes:
+    """The binary SSHSIG blob of ``ssh-keygen -Y sign -n NAMESPACE`` (sha512) for ``message``."""
+    if not namespace:
+        raise ValueError("an SSHSIG signature needs a namespace")
+    signature = private_key.sign(_sshsig_signed_data(namespace, message))
+    return (
+        _SSHSIG_MAGIC
+        + struct.pack(">I", _SSHSIG_VERSION)
+        + ssh_string(private_key.public.blob)
+        + ssh_string(namespace.encode())
+        + ssh_string(b"")
+        + ssh_string(_SSHSIG_HASH)
+        + ssh_string(ssh_string(KEY_TYPE.encode()) + ssh_string(signature))
+    )
+
+
+def sshsig_verify(public_key: PublicKey, namespace: str, message: bytes, signature: bytes) -> bool:
+    """True if the binary SSHSIG blob ``signature`` is ``public_key``'s signature of
+    ``message`` in ``namespace`` (sha512). Never raises."""
+    try:
+        reader = WireReader(signature, "SSHSIG signature")
+        if reader.take(6) != _SSHSIG_MAGIC or reader.uint32() != _SSHSIG_VERSION:
+            return False
+        signer, signed_namespace = reader.string(), reader.string()
+        reader.string()  # reserved: ignored by verifiers, as OpenSSH does
+        hash_name, inner = reader.string(), reader.string()
+        reader.expect_end()
+        inner_reader = WireReader(inner, "SSHSIG inner signature")
+        sig_type, raw = inner_reader.string(), inner_reader.string()
+        inner_reader.expect_end()
+    except ValueError:
+        return False
+    if (
+        signer != public_key.blob
+        or signed_namespace != namespace.encode()
+        or hash_name != _SSHSIG_HASH
+        or sig_type != KEY_TYPE.encode()
+    ):
+        return False
+    return public_key.verify(raw, _sshsig_signed_data(namespace, message))
+
+
+def sshsig_armor(blob: bytes) -> str:
+    """The armored text form ``ssh-keygen -Y`` reads and writes."""
+    text = base64.b64encode(blob).decode("ascii")
+    lines = [text[i:i + _ARMOR_WIDTH] for i in range(0, len(text), _ARMOR_WIDTH)]
+    return "\n".join([_ARMOR_BEGIN, *lines, _ARMOR_END]) + "\n"
+
+
+def sshsig_unarmor(text: str) -> bytes:
+    """The blob inside an armored SSH signature; ValueError if ``text`` is not one."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if len(lines) < 3 or lines[0] != _ARMOR_BEGIN or lines[-1] != _ARMOR_END:
+        raise ValueError("not an armored SSH signature")
+    try:
+        return base64.b64decode("".join(lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the SSH signature is not valid base64") from None

@@ -49,7 +49,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from moshpit import MoshpitError, printable
 
@@ -729,16 +729,30 @@ def _open_record_file(path: str, flags: int) -> Optional[int]:
     return None
 
 
-def write_utmp(entry: UtmpEntry, path: str = UTMP_PATH) -> bool:
-    """Put ``entry`` in utmp in place of the record with the same ut_id or ut_line (as
-    pututline and login do), else append it. False if the file is missing or busy."""
-    fd = _open_record_file(path, os.O_RDWR)
+def _update_record_file(path: str, flags: int, update: Callable[[int], None],
+                        lock: bool = True) -> bool:
+    """Open the record file ``path`` (it must exist), take its lock if ``lock``, and let
+    ``update(fd)`` write; False, with the reason logged, if any of that fails."""
+    fd = _open_record_file(path, flags)
     if fd is None:
         return False
     try:
-        if not _lock(fd, time.monotonic() + LOCK_WAIT_SECS):
+        if lock and not _lock(fd, time.monotonic() + LOCK_WAIT_SECS):
             log.warning("%s is locked by another program: record not written", path)
             return False
+        update(fd)
+        return True
+    except OSError as e:
+        log.warning("cannot write %s: %s", path, e.strerror or e)
+        return False
+    finally:
+        os.close(fd)
+
+
+def write_utmp(entry: UtmpEntry, path: str = UTMP_PATH) -> bool:
+    """Put ``entry`` in utmp in place of the record with the same ut_id or ut_line (as
+    pututline and login do), else append it. False if the file is missing or busy."""
+    def update(fd: int) -> None:
         size = os.fstat(fd).st_size
         data = os.pread(fd, size - size % UTMP_SIZE, 0)
         offset = size - size % UTMP_SIZE
@@ -749,12 +763,7 @@ def write_utmp(entry: UtmpEntry, path: str = UTMP_PATH) -> bool:
                 offset = at
                 break
         os.pwrite(fd, entry.pack(), offset)
-        return True
-    except OSError as e:
-        log.warning("cannot write %s: %s", path, e.strerror or e)
-        return False
-    finally:
-        os.close(fd)
+    return _update_record_file(path, os.O_RDWR, update)
 
 
 def read_utmp(path: str = UTMP_PATH) -> List[UtmpEntry]:
@@ -766,40 +775,22 @@ def read_utmp(path: str = UTMP_PATH) -> List[UtmpEntry]:
 
 def append_wtmp(entry: UtmpEntry, path: str = WTMP_PATH) -> bool:
     """Append ``entry`` to wtmp (as updwtmp: a torn tail is cut off first)."""
-    fd = _open_record_file(path, os.O_WRONLY)
-    if fd is None:
-        return False
-    try:
-        if not _lock(fd, time.monotonic() + LOCK_WAIT_SECS):
-            log.warning("%s is locked by another program: record not written", path)
-            return False
+    def update(fd: int) -> None:
         size = os.fstat(fd).st_size
         if size % UTMP_SIZE:
             os.ftruncate(fd, size - size % UTMP_SIZE)
         os.pwrite(fd, entry.pack(), size - size % UTMP_SIZE)
-        return True
-    except OSError as e:
-        log.warning("cannot write %s: %s", path, e.strerror or e)
-        return False
-    finally:
-        os.close(fd)
+    return _update_record_file(path, os.O_WRONLY, update)
 
 
 def write_lastlog(uid: int, line: str, host: str, when: float,
                   path: str = LASTLOG_PATH) -> bool:
-    """The user's lastlog record (``lastlog`` shows it), if the file exists."""
-    fd = _open_record_file(path, os.O_WRONLY)
-    if fd is None:
-        return False
-    try:
-        os.pwrite(fd, _LASTLOG.pack(int(when), line.encode()[:32], host.encode()[:256]),
-                  uid * _LASTLOG.size)
-        return True
-    except OSError as e:
-        log.warning("cannot write %s: %s", path, e.strerror or e)
-        return False
-    finally:
-        os.close(fd)
+    """The user's lastlog record (``lastlog`` shows it), if the file exists. Unlocked, as
+    login writes it: each user has their own fixed slot."""
+    record = _LASTLOG.pack(int(when), line.encode()[:32], host.encode()[:256])
+    return _update_record_file(path, os.O_WRONLY,
+                               lambda fd: os.pwrite(fd, record, uid * _LASTLOG.size),
+                               lock=False)
 
 
 class LoginRecord:

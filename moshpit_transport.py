@@ -9,9 +9,13 @@ Three layers, each using only those above it:
 
 2. Reliable streams (``Connection``, sans-IO): the frames inside a packet carry stream data
    addressed by byte offset, acknowledgements (cumulative offset + gap list), and pings.
-   Stream 0 is the terminal; stream 1 carries control messages (resize, close, shutdown)
-   and is always served first.  The caller feeds datagrams and the time in, and takes
-   datagrams, timer deadlines and events out; nothing here sleeps or touches a socket.
+   Streams are numbered byte streams and nothing more: what they carry is the caller's
+   business (moshpit_session puts the terminal on stream 0 and its typed records on an
+   urgent stream 1).  Stream 0 always exists; ``open_stream`` adds others, each with its
+   own send window and reorder bound.  Urgent streams are served first and acked at once,
+   then the others by number, so a stream opened later for bulk never delays stream 0.
+   The caller feeds datagrams and the time in, and takes datagrams, timer deadlines and
+   events out; nothing here sleeps or touches a socket.
 
 3. I/O glue (``UdpLink``): a non-blocking UDP socket plus a Connection, for select loops.
 
@@ -27,11 +31,9 @@ Wire format (all integers big-endian)::
     PATH_CHALLENGE (4) = data:8   "prove you receive at this address": answered at once ...
     PATH_RESPONSE  (5) = data:8   ... to the address the challenge came from, echoing data
     PADDING (6) = zeros   fills the client's first pings under new keys to a full datagram
-    control message on stream 1 = type:u8 | length:u8 | body
-      RESIZE (1) rows:u16 cols:u16 | CLOSE (2) status:i32 final_offset:u64 | SHUTDOWN (3) utf-8
 
 Timers, acks and losses, in short: the receiver acks every 4th ack-eliciting packet or within
-10 ms, and at once when data arrives out of order, twice, or on the control stream, or for a
+10 ms, and at once when data arrives out of order, twice, or on an urgent stream, or for a
 ping.  Every ACK names the largest packet number received and how long the ack was held, so
 each ack yields a clean RTT sample (Jacobson/Karels; no retransmission ambiguity).  A sender
 declares a packet's data lost when a packet sent 3 later, or 9/8 RTT later, was acked while
@@ -64,12 +66,19 @@ import secrets
 import socket
 import struct
 from collections import deque
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from moshpit import MAX_DATAGRAM
+
+__all__ = [  # the API; the tuning constants and building blocks stay importable for tests
+    "CIPHERS", "CLIENT_TO_SERVER", "SERVER_TO_CLIENT", "MAX_PAYLOAD", "ReplayWindow",
+    "PacketCipher", "encode_frame", "data_frame_header", "decode_frames", "FIRST_STREAM",
+    "MAX_STREAM_ID", "SEND_WINDOW", "DataReceived", "PeerAddressChanged", "Connection",
+    "TRANSIENT_ERRNOS", "udp_socket", "UdpLink",
+]
 
 log = logging.getLogger("moshpit.transport")
 
@@ -145,7 +154,7 @@ class PacketCipher:
         header = HEADER.pack(PACKET_FLAGS, self.conn_id, pn)
         return header + self._aead.encrypt(NONCE.pack(self._direction, pn), payload, header)
 
-    def open(self, datagram: bytes) -> Optional[tuple[int, bytes]]:
+    def open(self, datagram: bytes) -> Optional[Tuple[int, bytes]]:
         """``(pn, plaintext)`` for an authentic, fresh datagram; None for anything else."""
         if not OVERHEAD <= len(datagram) <= MAX_DATAGRAM or datagram[0] != PACKET_FLAGS:
             return None
@@ -175,38 +184,60 @@ PATH_DATA_SIZE = 8  # random bytes a challenge carries and its response echoes
 DATA_OVERHEAD = FRAME.size + DATA_HEADER.size
 MAX_STREAM_CHUNK = MAX_PAYLOAD - DATA_OVERHEAD
 
-STREAM_TERMINAL, STREAM_CONTROL = 0, 1
-CTRL_HEADER = struct.Struct("!BB")
-CTRL_RESIZE, CTRL_CLOSE, CTRL_SHUTDOWN = 1, 2, 3
-RESIZE_BODY = struct.Struct("!HH")
-CLOSE_BODY = struct.Struct("!iQ")
-MAX_REASON = 255
 
-SEND_WINDOW = 256 * 1024  # per stream: unacked + queued bytes before writable() is False
-CONTROL_WINDOW = 4096
+def encode_frame(ftype: int, body: bytes) -> bytes:
+    """One frame: ``type | length | body``."""
+    return FRAME.pack(ftype, len(body)) + body
+
+
+def data_frame_header(stream_id: int, offset: int, length: int) -> bytes:
+    """The bytes before ``length`` bytes of stream data in a DATA frame (the data follows
+    as it is, so a full packet's worth is not copied once more)."""
+    return FRAME.pack(FRAME_DATA, DATA_HEADER.size + length) + DATA_HEADER.pack(stream_id, offset)
+
+
+def decode_frames(plaintext: bytes):
+    """``(type, body start, body end)`` of each whole frame in ``plaintext``, in order; a
+    truncated last frame ends the packet. Types are not checked: the caller skips the ones
+    it does not know by their length (a newer peer may send more)."""
+    pos, size = 0, len(plaintext)
+    while pos + FRAME.size <= size:
+        ftype, length = FRAME.unpack_from(plaintext, pos)
+        pos += FRAME.size
+        end = pos + length
+        if end > size:
+            return
+        yield ftype, pos, end
+        pos = end
+
+
+FIRST_STREAM = 0  # exists on every Connection; others come from open_stream()
+MAX_STREAM_ID = 255  # a DATA frame names its stream in one byte
+
+SEND_WINDOW = 256 * 1024  # per stream (default): unacked + queued bytes before writable() is False
 MAX_REORDER_SEGMENTS = 1024  # out-of-order pieces a receiver buffers per stream
 MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum. offset)
 MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
 
 ACK_EVERY = 4  # ack-eliciting packets received before an ACK goes out at once
-ACK_DELAY = 0.010  # otherwise an ACK leaves at most this late
-KEEPALIVE = 3.0  # the client pings after this long without sending anything ack-eliciting
+ACK_DELAY_SECS = 0.010  # otherwise an ACK leaves at most this late
+KEEPALIVE_SECS = 3.0  # the client pings after this long without sending anything ack-eliciting
 # Outage probing: once a packet the client sent has gone unanswered for longer than an RTO,
-# it pings every OUTAGE_PROBE for the first OUTAGE_FAST_SECS of the silence, then every
-# OUTAGE_PROBE_SLOW. The session recovers within one probe interval (plus a round trip) of
+# it pings every OUTAGE_PROBE_SECS for the first OUTAGE_FAST_SECS of the silence, then every
+# OUTAGE_PROBE_SLOW_SECS. The session recovers within one probe interval (plus a round trip) of
 # the path coming back, instead of waiting out backed-off retransmission timers; mosh probes
 # about as often. Each probe is one ~50-byte datagram.
-OUTAGE_PROBE, OUTAGE_FAST_SECS, OUTAGE_PROBE_SLOW = 0.02, 10.0, 0.25
+OUTAGE_PROBE_SECS, OUTAGE_FAST_SECS, OUTAGE_PROBE_SLOW_SECS = 0.02, 10.0, 0.25
 PACKET_THRESHOLD = 3  # a packet is lost once one sent this many later was acked ...
 TIME_THRESHOLD = 9 / 8  # ... or one sent this many RTTs later
-INITIAL_RTT = 0.1
-MIN_RTO, MAX_RTO, MAX_BACKOFF_RTO = 0.05, 1.0, 2.0
+INITIAL_RTT_SECS = 0.1
+MIN_RTO_SECS, MAX_RTO_SECS, MAX_BACKOFF_RTO_SECS = 0.05, 1.0, 2.0
 MSS = MAX_STREAM_CHUNK
 INITIAL_CWND, MIN_CWND, MAX_CWND = 32 * MSS, 16 * MSS, 1024 * 1024
 TIMEOUT_CWND = 2 * MSS  # after repeated timeouts (an outage): probe gently, then slow start
 LOSS_BETA = 0.7
 PACING_BURST = 10 * MAX_DATAGRAM  # what may leave back to back ...
-PACING_QUANTUM = 0.001  # ... or this much time's worth at the pacing rate, if more
+PACING_QUANTUM_SECS = 0.001  # ... or this much time's worth at the pacing rate, if more
 MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to read too
 SENT_RING = 4096  # send times remembered, by packet number, for RTT samples
 SMALL_PACKET = 256  # stream data this small is sent twice when the path is lossy ...
@@ -218,28 +249,10 @@ CHALLENGE_DATAGRAM = OVERHEAD + FRAME.size + PATH_DATA_SIZE  # and a response's 
 
 
 class DataReceived(NamedTuple):
-    """In-order bytes of the peer's terminal stream."""
+    """In-order bytes of one of the peer's streams."""
 
     data: bytes
-
-
-class ResizeRequested(NamedTuple):
-    """The client's terminal size changed."""
-
-    rows: int
-    cols: int
-
-
-class SessionClosed(NamedTuple):
-    """The shell exited with this status; all its output has been delivered before this."""
-
-    exit_status: int
-
-
-class ShutdownReceived(NamedTuple):
-    """The peer is ending the session for ``reason`` (client quit, server stopping)."""
-
-    reason: str
+    stream_id: int = FIRST_STREAM
 
 
 class PeerAddressChanged(NamedTuple):
@@ -253,9 +266,9 @@ class RttEstimator:
     """Smoothed RTT and variance (Jacobson/Karels) and the retransmission timeout from them."""
 
     def __init__(self) -> None:
-        self.srtt = INITIAL_RTT
-        self.rttvar = INITIAL_RTT / 2
-        self.latest = INITIAL_RTT
+        self.srtt = INITIAL_RTT_SECS
+        self.rttvar = INITIAL_RTT_SECS / 2
+        self.latest = INITIAL_RTT_SECS
         self.min_rtt = float("inf")
         self._sampled = False
 
@@ -274,8 +287,8 @@ class RttEstimator:
 
     def rto(self) -> float:
         """Retransmission timeout, allowing for the peer's ack delay, clamped like mosh."""
-        rto = self.srtt + max(4 * self.rttvar, 0.001) + ACK_DELAY
-        return min(max(rto, MIN_RTO), MAX_RTO)
+        rto = self.srtt + max(4 * self.rttvar, 0.001) + ACK_DELAY_SECS
+        return min(max(rto, MIN_RTO_SECS), MAX_RTO_SECS)
 
 
 class CongestionWindow:
@@ -324,7 +337,7 @@ class Pacer:
 
     def refill(self, now: float, rate: float) -> None:
         if now > self._stamp:
-            cap = max(PACING_BURST, rate * PACING_QUANTUM)
+            cap = max(PACING_BURST, rate * PACING_QUANTUM_SECS)
             self._tokens = min(cap, self._tokens + (now - self._stamp) * rate)
             self._stamp = now
 
@@ -396,7 +409,7 @@ class SendStream:
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
 
-    def take(self, pn: int, now: float, max_len: int) -> Optional[tuple[int, bytes]]:
+    def take(self, pn: int, now: float, max_len: int) -> Optional[Tuple[int, bytes]]:
         """Up to ``max_len`` bytes to send in packet ``pn``: retransmissions first."""
         retx = self._retx
         while retx:
@@ -418,13 +431,13 @@ class SendStream:
         self.next_new = stop
         return self._record(pn, now, start, stop)
 
-    def _record(self, pn: int, now: float, start: int, stop: int) -> tuple[int, bytes]:
+    def _record(self, pn: int, now: float, start: int, stop: int) -> Tuple[int, bytes]:
         self._flight.append((pn, start, stop, now))
         self.in_flight += stop - start
         return start, bytes(self._buf[start - self.base:stop - self.base])
 
     def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float
-               ) -> Optional[tuple[int, int, int, float]]:
+               ) -> Optional[Tuple[int, int, int, float]]:
         """Apply an ACK: (bytes newly acked, records resolved, of which lost, newest lost's time).
 
         ``gaps`` are the [start, end) ranges below ``high`` the peer still misses.  Records
@@ -464,7 +477,7 @@ class SendStream:
             resolved += 1
         return acked, resolved, lost, lost_sent
 
-    def on_timeout(self, now: float, rto: float) -> tuple[int, float]:
+    def on_timeout(self, now: float, rto: float) -> Tuple[int, float]:
         """The retransmission timer fired: records sent ``rto`` or more before ``now`` are lost
         (all of them for ``rto`` = -inf).
 
@@ -532,7 +545,7 @@ class RecvStream:
     def buffered(self) -> int:
         return sum(len(p) for p in self._pieces.values())
 
-    def receive(self, start: int, data: bytes) -> tuple[bytes, int]:
+    def receive(self, start: int, data: bytes) -> Tuple[bytes, int]:
         """Take a segment; returns (bytes now deliverable in order, how it arrived)."""
         offset = self.offset
         stop = min(start + len(data), offset + self.window)
@@ -579,7 +592,7 @@ class RecvStream:
             start = piece_end
             i += 1
 
-    def ack_ranges(self) -> tuple[int, int, list]:
+    def ack_ranges(self) -> Tuple[int, int, list]:
         """(cumulative offset, end of the reported region, first MAX_ACK_RANGES gaps)."""
         gaps = []
         cur = self.offset
@@ -592,63 +605,9 @@ class RecvStream:
         return self.offset, cur, gaps
 
     def restart(self) -> None:
-        """Forget everything (the control stream starts over after a re-key)."""
+        """Forget everything (a stream that starts over after a re-key)."""
         self.offset = 0
         self._starts, self._pieces = [], {}
-
-
-class ControlChannel:
-    """Control messages (resize, close, shutdown) on a reliable stream of their own.
-
-    Riding on stream 1, they are resent until acked and never wait behind terminal bytes.
-    A re-key starts the stream over on both sides; messages not yet acked are written
-    again whole, so a message may arrive twice (the Connection reports CLOSE and SHUTDOWN
-    once; a repeated resize is harmless).
-    """
-
-    def __init__(self) -> None:
-        self.out = SendStream(STREAM_CONTROL, CONTROL_WINDOW)
-        self.inp = RecvStream(CONTROL_WINDOW)
-        self._partial = bytearray()  # received bytes of a message not complete yet
-        self._unacked: deque = deque()  # (end offset, message) not yet acked whole
-
-    def send(self, kind: int, body: bytes) -> None:
-        message = CTRL_HEADER.pack(kind, len(body)) + body
-        self.out.write(message)
-        self._unacked.append((self.out.end, message))
-
-    def idle(self) -> bool:
-        """Nothing written but unsent (a coalesced resize may be appended now)."""
-        return self.out.next_new == self.out.end
-
-    def forget_acked(self) -> None:
-        while self._unacked and self._unacked[0][0] <= self.out.base:
-            self._unacked.popleft()
-
-    def messages(self, data: bytes) -> list:
-        """Complete ``(kind, body)`` messages now that ``data`` arrived in order."""
-        buf = self._partial
-        buf += data
-        found, pos = [], 0
-        while len(buf) - pos >= CTRL_HEADER.size:
-            kind, length = CTRL_HEADER.unpack_from(buf, pos)
-            end = pos + CTRL_HEADER.size + length
-            if end > len(buf):
-                break
-            found.append((kind, bytes(buf[pos + CTRL_HEADER.size:end])))
-            pos = end
-        del buf[:pos]
-        return found
-
-    def restart(self) -> None:
-        pending = [message for _end, message in self._unacked]
-        self.out = SendStream(STREAM_CONTROL, CONTROL_WINDOW)
-        self.inp.restart()
-        self._partial.clear()
-        self._unacked.clear()
-        for message in pending:
-            self.out.write(message)
-            self._unacked.append((self.out.end, message))
 
 
 class LossEstimate:
@@ -689,8 +648,9 @@ class LossEstimate:
 class AckClock:
     """The receiver's side of acknowledgements: what is owed to the sender, and by when.
 
-    Ack-eliciting packets (data, pings) are acked after ACK_EVERY of them or ACK_DELAY,
-    whichever comes first; urgent news (a gap, a duplicate, a ping, control data) at once.
+    Ack-eliciting packets (data, pings) are acked after ACK_EVERY of them or ACK_DELAY_SECS,
+    whichever comes first; urgent news (a gap, a duplicate, a ping, urgent-stream data) at
+    once.
     The newest packet number received and when it came go into every ACK, so the sender
     gets a clean RTT sample from each.
     """
@@ -721,7 +681,7 @@ class AckClock:
         if self._count >= ACK_EVERY:
             self.urgent = True
         elif self.deadline is None:
-            self.deadline = now + ACK_DELAY
+            self.deadline = now + ACK_DELAY_SECS
 
     def owed(self) -> bool:
         return bool(self._streams)
@@ -733,13 +693,13 @@ class AckClock:
         """ACK frames for every stream owed one (``streams``: id -> RecvStream); resets."""
         delay_us = min(int((now - self._largest_time) * 1e6), 0xFFFFFFFF)
         frames = []
-        for stream_id in sorted(self._streams) or (STREAM_TERMINAL,):
+        for stream_id in sorted(self._streams) or (FIRST_STREAM,):
             cum, high, gaps = streams[stream_id].ack_ranges()
             body = [ACK_HEADER.pack(stream_id, max(self.largest_pn, 0), delay_us, cum,
                                     high - cum, len(gaps))]
             body += [GAP.pack(start - cum, stop - start) for start, stop in gaps]
             body = b"".join(body)
-            frames.append(FRAME.pack(FRAME_ACK, len(body)) + body)
+            frames.append(encode_frame(FRAME_ACK, body))
         self._streams.clear()
         self.urgent, self.deadline, self._count = False, None, 0
         return frames
@@ -751,7 +711,7 @@ class PathProbe:
 
     Sending to it is limited to AMPLIFICATION_FACTOR times the bytes received from it, so a
     replayed datagram cannot make us stream output at a third party.  Challenges are
-    retried with the RTO doubling up to MAX_BACKOFF_RTO, and sooner when the address sends
+    retried with the RTO doubling up to MAX_BACKOFF_RTO_SECS, and sooner when the address sends
     again (the peer is there and talking: the last challenge was probably lost).
     """
 
@@ -778,7 +738,7 @@ class PathProbe:
         self._challenges.append((data, now))
         self._tries += 1
         backoff = rto * (1 << min(self._tries, 6))
-        self.next_challenge = now + min(backoff, max(rto, MAX_BACKOFF_RTO))
+        self.next_challenge = now + min(backoff, max(rto, MAX_BACKOFF_RTO_SECS))
         return data
 
     def answered_at(self, data: bytes) -> Optional[float]:
@@ -795,9 +755,9 @@ class Connection:
     Feed it ``receive_datagram(data, addr, now)``; send what ``datagrams_to_send(now)``
     returns; call again at ``next_timeout()``; read ``next_event()`` until None.  ``keys``
     is any object with ``client_to_server``, ``server_to_client``, ``conn_id`` and
-    ``cipher`` (the handshake's SessionKeys).  Only the client pings: every KEEPALIVE when
+    ``cipher`` (the handshake's SessionKeys).  Only the client pings: every KEEPALIVE_SECS when
     it has sent nothing else, every RTO until it first hears the server under the current
-    keys (the server learns the client's address from that ping), and every OUTAGE_PROBE
+    keys (the server learns the client's address from that ping), and every OUTAGE_PROBE_SECS
     while what it sent goes unanswered (so it notices the path is back at once).  The server
     answers every ping with an immediate ACK, so both sides hear each other that often.
 
@@ -814,88 +774,99 @@ class Connection:
         self.peer_addr = peer_addr
         self.last_heard = now
         self._now = now
-        self._terminal = SendStream(STREAM_TERMINAL, SEND_WINDOW)
-        self._terminal_in = RecvStream(SEND_WINDOW)
-        self._control = ControlChannel()
+        self._out: dict = {}  # stream id -> SendStream
+        self._in: dict = {}  # stream id -> RecvStream
+        self._urgent: set = set()  # stream ids served first, outside the congestion window
+        self._send_order: list = []  # SendStreams, urgent first, then by number
         self._events: deque = deque()
-        self._resize: Optional[tuple[int, int]] = None  # coalesced until the channel is idle
-        self._close: Optional[tuple[int, int]] = None  # (status, final offset) awaiting output
-        self._reported: set = set()  # CLOSE/SHUTDOWN reported already (resent after re-key)
+        self.open_stream(FIRST_STREAM)
         self._loss = LossEstimate()
         self._probe: Optional[PathProbe] = None  # the address being validated, if any
         self._responses: deque = deque(maxlen=PENDING_RESPONSES)  # (data, addr) to answer
         self._install_keys(keys, now)
 
-    # -- public state ------------------------------------------------------------------
+    # -- streams -----------------------------------------------------------------------
 
-    @property
-    def recv_offset(self) -> int:
-        """Terminal bytes received in order (what to tell the peer when resuming)."""
-        return self._terminal_in.offset
+    def open_stream(self, stream_id: int, window: int = SEND_WINDOW,
+                    urgent: bool = False) -> None:
+        """Carry stream ``stream_id`` (both directions; the peer opens the same one).
 
-    @property
-    def send_offset(self) -> int:
-        """Terminal bytes queued by ``send`` so far."""
-        return self._terminal.end
+        ``window``: bytes unacked + queued before ``writable`` turns False, and the reorder
+        bound on receiving.  ``urgent``: for small, rare messages that must not wait: sent
+        before every other stream and outside the congestion window, acked at once.  Data
+        for a stream not opened here is acked never and dropped (the peer resends it until
+        it gives up, so both sides must agree on their streams, as the protocol version
+        does)."""
+        if not 0 <= stream_id <= MAX_STREAM_ID or stream_id in self._out:
+            raise ValueError(f"stream {stream_id} is out of range or open already")
+        self._out[stream_id] = SendStream(stream_id, window)
+        self._in[stream_id] = RecvStream(window)
+        if urgent:
+            self._urgent.add(stream_id)
+        self._send_order = sorted(self._out.values(),
+                                  key=lambda st: (st.stream_id not in self._urgent, st.stream_id))
 
-    @property
-    def acked_offset(self) -> int:
-        """Terminal bytes the peer has acknowledged."""
-        return self._terminal.base
+    def recv_offset(self, stream_id: int = FIRST_STREAM) -> int:
+        """Bytes of the stream received in order (what to tell the peer when resuming)."""
+        return self._in[stream_id].offset
 
-    def unacked_bytes(self) -> int:
-        """Terminal bytes queued or in flight, not yet acknowledged."""
-        return self._terminal.unacked()
+    def send_offset(self, stream_id: int = FIRST_STREAM) -> int:
+        """Bytes queued on the stream by ``send`` so far."""
+        return self._out[stream_id].end
+
+    def acked_offset(self, stream_id: int = FIRST_STREAM) -> int:
+        """Bytes of the stream the peer has acknowledged."""
+        return self._out[stream_id].base
+
+    def unacked_bytes(self, stream_id: int = FIRST_STREAM) -> int:
+        """Bytes of the stream queued or in flight, not yet acknowledged."""
+        return self._out[stream_id].unacked()
 
     def all_acked(self) -> bool:
-        """Everything sent, terminal and control, is acknowledged (safe to close)."""
-        return not self._terminal.unacked() and not self._control.out.unacked() \
-            and self._resize is None
+        """Everything sent on every stream is acknowledged (safe to close)."""
+        return not any(stream.unacked() for stream in self._send_order)
 
-    def writable(self) -> bool:
-        """Room in the send window: the server reads its PTY only while this is True."""
-        return self._terminal.unacked() < SEND_WINDOW
+    def writable(self, stream_id: int = FIRST_STREAM) -> bool:
+        """Room in the stream's send window: its writer reads its source only while True
+        (the server's PTY for stream 0: back-pressure)."""
+        stream = self._out[stream_id]
+        return stream.unacked() < stream.window
 
     def next_event(self) -> object:
-        """The oldest pending event (DataReceived, ResizeRequested, ...), or None."""
+        """The oldest pending event (DataReceived, PeerAddressChanged), or None."""
         return self._events.popleft() if self._events else None
 
     # -- sending -----------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        """Append to the terminal stream (never refused: ``writable`` is the back-pressure)."""
+    def send(self, data: bytes, stream_id: int = FIRST_STREAM) -> None:
+        """Append to a stream (never refused: ``writable`` is the back-pressure)."""
         if data:
-            self._terminal.write(data)
-
-    def send_resize(self, rows: int, cols: int) -> None:
-        """Tell the server the terminal size; sizes not sent yet coalesce into the latest."""
-        self._resize = (rows, cols)
-
-    def send_close(self, exit_status: int) -> None:
-        """The shell exited: the peer reports it after all output sent so far arrived."""
-        self._control.send(CTRL_CLOSE, CLOSE_BODY.pack(exit_status, self._terminal.end))
-
-    def send_shutdown(self, reason: str) -> None:
-        """The session ends for ``reason`` (cut to MAX_REASON bytes of UTF-8)."""
-        body = reason.encode("utf-8")[:MAX_REASON]
-        self._control.send(CTRL_SHUTDOWN, body.decode("utf-8", "ignore").encode("utf-8"))
+            self._out[stream_id].write(data)
 
     def rekey(self, keys: object, peer_recv_offset: int, now: float,
               peer_addr: object = None) -> None:
         """Continue under new keys after a resume handshake.
 
-        Packet numbers, replay window, RTT and congestion state start over; the terminal
-        stream resends from ``peer_recv_offset`` (what the peer said it has); received data
-        is kept (anything resent below ``recv_offset`` is ignored); control messages not
-        yet acked are sent again.  ``last_heard`` becomes ``now``: the handshake was contact.
+        Packet numbers, replay window, RTT and congestion state start over.  Stream 0
+        resends from ``peer_recv_offset`` (what the peer said it has, the one offset a
+        resume handshake carries) and keeps what it received (anything resent below
+        ``recv_offset`` is ignored).  Every other stream starts over at offset 0 on both
+        sides: its owner writes again whatever the peer still needs (``acked_offset`` read
+        before the re-key says what arrived).  ``last_heard`` becomes ``now``: the
+        handshake was contact.
         """
-        if not self.acked_offset <= peer_recv_offset <= self.send_offset:
+        first = self._out[FIRST_STREAM]
+        if not first.base <= peer_recv_offset <= first.end:
             # The peer acked more, or claims bytes never sent: a bug or a lie; carry on.
             log.warning("resume offset %d outside [%d, %d]: clamped", peer_recv_offset,
-                        self.acked_offset, self.send_offset)
+                        first.base, first.end)
         self._install_keys(keys, now)
-        self._terminal.restart(peer_recv_offset)
-        self._control.restart()
+        first.restart(peer_recv_offset)
+        for stream in self._send_order:
+            if stream.stream_id != FIRST_STREAM:
+                self._out[stream.stream_id] = SendStream(stream.stream_id, stream.window)
+                self._in[stream.stream_id].restart()
+        self._send_order = [self._out[stream.stream_id] for stream in self._send_order]
         if peer_addr is not None:
             self.peer_addr = peer_addr
             if self._peer_unvalidated():
@@ -993,19 +964,14 @@ class Connection:
         # (the usual reason to move): resend it all now instead of waiting out the RTO. It
         # is not congestion; a copy that did arrive is only a duplicate to the receiver.
         self._backoff = 0
-        self._terminal.on_timeout(now, float("-inf"))
-        self._control.out.on_timeout(now, float("-inf"))
+        for stream in self._send_order:
+            stream.on_timeout(now, float("-inf"))
 
     def _parse_frames(self, plaintext: bytes, addr: object, now: float) -> bool:
         """Handle every frame; returns whether the packet asks for an ACK."""
         eliciting = False
-        pos, size = 0, len(plaintext)
-        while pos + FRAME.size <= size:
-            ftype, length = FRAME.unpack_from(plaintext, pos)
-            pos += FRAME.size
-            end = pos + length
-            if end > size:
-                break
+        for ftype, pos, end in decode_frames(plaintext):
+            length = end - pos
             if ftype == FRAME_DATA and length >= DATA_HEADER.size:
                 eliciting = True
                 stream_id, offset = DATA_HEADER.unpack_from(plaintext, pos)
@@ -1014,46 +980,23 @@ class Connection:
                 self._on_ack(plaintext, pos, end, now)
             elif ftype == FRAME_PING:
                 eliciting = True
-                self._acks.owe(STREAM_TERMINAL, urgent=True)
+                self._acks.owe(FIRST_STREAM, urgent=True)
             elif ftype == FRAME_PATH_CHALLENGE and length == PATH_DATA_SIZE:
                 self._responses.append((plaintext[pos:end], addr))
             elif ftype == FRAME_PATH_RESPONSE and length == PATH_DATA_SIZE:
                 self._on_path_response(plaintext[pos:end], addr, now)
-            pos = end  # unknown frame types (and PADDING) are skipped: newer peers may send more
+            # Unknown frame types (and PADDING) are skipped: newer peers may send more.
         return eliciting
 
     def _on_data(self, stream_id: int, offset: int, payload: bytes) -> None:
-        if stream_id == STREAM_TERMINAL:
-            data, how = self._terminal_in.receive(offset, payload)
-            if data:
-                self._events.append(DataReceived(data))
-                if self._close is not None:
-                    self._report_close()
-        elif stream_id == STREAM_CONTROL:
-            data, how = self._control.inp.receive(offset, payload)
-            for kind, body in self._control.messages(data) if data else ():
-                self._on_control(kind, body)
-            self._acks.owe(stream_id, urgent=True)  # rare and urgent: ack at once
-        else:
-            return  # a stream this version does not know (no protocol version opens one)
+        stream = self._in.get(stream_id)
+        if stream is None:
+            return  # a stream this side has not opened (see open_stream)
+        data, how = stream.receive(offset, payload)
+        if data:
+            self._events.append(DataReceived(data, stream_id))
         # Out of order (a gap) or a duplicate (our ack was lost): tell the sender now.
-        self._acks.owe(stream_id, urgent=how != RecvStream.IN_ORDER)
-
-    def _on_control(self, kind: int, body: bytes) -> None:
-        if kind == CTRL_RESIZE and len(body) == RESIZE_BODY.size:
-            self._events.append(ResizeRequested(*RESIZE_BODY.unpack(body)))
-        elif kind == CTRL_CLOSE and len(body) == CLOSE_BODY.size:
-            self._close = CLOSE_BODY.unpack(body)
-            self._report_close()
-        elif kind == CTRL_SHUTDOWN and CTRL_SHUTDOWN not in self._reported:
-            self._reported.add(CTRL_SHUTDOWN)
-            self._events.append(ShutdownReceived(body.decode("utf-8", "replace")))
-
-    def _report_close(self) -> None:
-        status, final_offset = self._close
-        if self._terminal_in.offset >= final_offset and CTRL_CLOSE not in self._reported:
-            self._reported.add(CTRL_CLOSE)
-            self._events.append(SessionClosed(status))
+        self._acks.owe(stream_id, urgent=how != RecvStream.IN_ORDER or stream_id in self._urgent)
 
     def _on_ack(self, plaintext: bytes, pos: int, end: int, now: float) -> None:
         if end - pos < ACK_HEADER.size:
@@ -1061,11 +1004,8 @@ class Connection:
         stream_id, largest_pn, delay_us, cum, span, count = ACK_HEADER.unpack_from(plaintext, pos)
         if count > MAX_ACK_RANGES or end - pos != ACK_HEADER.size + count * GAP.size:
             return
-        if stream_id == STREAM_TERMINAL:
-            stream = self._terminal
-        elif stream_id == STREAM_CONTROL:
-            stream = self._control.out
-        else:
+        stream = self._out.get(stream_id)
+        if stream is None:
             return
         gaps, floor = [], 0
         for gap_start, gap_len in GAP.iter_unpack(plaintext[pos + ACK_HEADER.size:end]):
@@ -1086,8 +1026,6 @@ class Connection:
         acked, resolved, lost, lost_sent = result
         if acked:
             self._cc.on_acked(acked)
-            if stream_id == STREAM_CONTROL:
-                self._control.forget_acked()
         if lost:
             self._cc.on_loss(lost_sent, now)
         self._loss.on_tx(resolved, lost)
@@ -1096,10 +1034,10 @@ class Connection:
 
     def _rto(self) -> float:
         rto = self._rtt.rto()
-        return min(rto * (1 << self._backoff), max(rto, MAX_BACKOFF_RTO))
+        return min(rto * (1 << self._backoff), max(rto, MAX_BACKOFF_RTO_SECS))
 
     def _rto_deadline(self) -> Optional[float]:
-        sent = [t for t in (self._terminal.oldest_sent(), self._control.out.oldest_sent())
+        sent = [t for t in (stream.oldest_sent() for stream in self._send_order)
                 if t is not None]
         return min(sent) + self._rto() if sent else None
 
@@ -1111,33 +1049,37 @@ class Connection:
         # A first timeout only resends what expired (the rest may still be acked); a repeat
         # means the path is down: everything in flight is lost, resent as the window allows.
         rto = self._rto() if not self._backoff else float("-inf")
-        lost, lost_sent = self._terminal.on_timeout(now, rto)
-        control_lost, control_sent = self._control.out.on_timeout(now, rto)
-        self._loss.on_tx(lost + control_lost, lost + control_lost)
+        lost, lost_sent = 0, float("-inf")
+        for stream in self._send_order:
+            stream_lost, stream_sent = stream.on_timeout(now, rto)
+            lost, lost_sent = lost + stream_lost, max(lost_sent, stream_sent)
+        self._loss.on_tx(lost, lost)
         if self._backoff:
             self._cc.on_timeout(now)
         else:
-            self._cc.on_loss(max(lost_sent, control_sent), now)
-        if self._rto() < MAX_BACKOFF_RTO:
+            self._cc.on_loss(lost_sent, now)
+        if self._rto() < MAX_BACKOFF_RTO_SECS:
             self._backoff += 1
 
     def _data_pending(self) -> bool:
-        control = self._control
-        terminal = self._terminal
-        return (control.out.has_pending() or (self._resize is not None and control.idle())
-                or (terminal.has_room(self._cc.cwnd) and terminal.has_pending()))
+        cwnd = self._cc.cwnd
+        return any(stream.has_pending() and (stream.stream_id in self._urgent
+                                             or stream.has_room(cwnd))
+                   for stream in self._send_order)
 
     def _next_ping(self) -> float:
         """When the client pings next: every RTO until it first hears the server under these
-        keys, every OUTAGE_PROBE(_SLOW) while the path seems down, else every KEEPALIVE."""
+        keys, every OUTAGE_PROBE(_SLOW)_SECS while the path seems down, else every
+        KEEPALIVE_SECS."""
         last, rto = self._last_eliciting_sent, self._rtt.rto()
         if not self._heard:
             return last + rto
         silent_since = self._unanswered_since
         if silent_since is None:
-            return last + KEEPALIVE
+            return last + KEEPALIVE_SECS
         fast = last - silent_since < OUTAGE_FAST_SECS
-        return max(silent_since + rto, last + (OUTAGE_PROBE if fast else OUTAGE_PROBE_SLOW))
+        probe = OUTAGE_PROBE_SECS if fast else OUTAGE_PROBE_SLOW_SECS
+        return max(silent_since + rto, last + probe)
 
     def next_timeout(self) -> Optional[float]:
         """Absolute time at which ``datagrams_to_send`` has something to do (None: never)."""
@@ -1174,11 +1116,10 @@ class Connection:
                 if probe.allowance() < CHALLENGE_DATAGRAM:
                     continue
                 probe.sent += CHALLENGE_DATAGRAM
-            out.append((self._seal(FRAME.pack(FRAME_PATH_RESPONSE, PATH_DATA_SIZE) + data, now),
-                        addr))
+            out.append((self._seal(encode_frame(FRAME_PATH_RESPONSE, data), now), addr))
         if probe is not None and now >= probe.next_challenge and self._may_challenge():
             data = probe.challenge(now, self._rto())
-            datagram = self._seal(FRAME.pack(FRAME_PATH_CHALLENGE, PATH_DATA_SIZE) + data, now)
+            datagram = self._seal(encode_frame(FRAME_PATH_CHALLENGE, data), now)
             probe.sent += len(datagram)
             out.append((datagram, probe.addr))
         return out
@@ -1248,38 +1189,31 @@ class Connection:
                     self._unanswered_since = now
         return out
 
-    def _build_payload(self, now: float, with_data: bool, ping: bool) -> tuple[bytes, int]:
-        """Frames for the next packet: ACKs, a PING, then control and terminal data."""
+    def _build_payload(self, now: float, with_data: bool, ping: bool) -> Tuple[bytes, int]:
+        """Frames for the next packet: ACKs, a PING, then stream data, urgent streams first."""
         parts = []
         if self._acks.owed() or self._acks.due(now):  # due, or riding along for free
-            parts += self._acks.frames(now, {STREAM_TERMINAL: self._terminal_in,
-                                             STREAM_CONTROL: self._control.inp})
+            parts += self._acks.frames(now, self._in)
         if ping:
-            parts.append(FRAME.pack(FRAME_PING, 0))
+            parts.append(encode_frame(FRAME_PING, b""))
         space = MAX_PAYLOAD - sum(len(p) for p in parts)
         data_bytes = 0
         if with_data:
-            control = self._control
-            if self._resize is not None and control.idle():
-                control.send(CTRL_RESIZE, RESIZE_BODY.pack(*self._resize))
-                self._resize = None
             pn = self._next_pn
-            terminal = self._terminal
-            for stream in (control.out, terminal):  # control is tiny: exempt from the window
-                while space > DATA_OVERHEAD and (stream is control.out
-                                                 or terminal.has_room(self._cc.cwnd)):
+            for stream in self._send_order:
+                urgent = stream.stream_id in self._urgent  # small: exempt from the window
+                while space > DATA_OVERHEAD and (urgent or stream.has_room(self._cc.cwnd)):
                     chunk = stream.take(pn, now, space - DATA_OVERHEAD)
                     if chunk is None:
                         break
                     offset, data = chunk
-                    parts.append(FRAME.pack(FRAME_DATA, DATA_HEADER.size + len(data))
-                                 + DATA_HEADER.pack(stream.stream_id, offset))
+                    parts.append(data_frame_header(stream.stream_id, offset, len(data)))
                     parts.append(data)
                     space -= DATA_OVERHEAD + len(data)
                     data_bytes += len(data)
         if ping and not self._heard and space >= FRAME.size:
             # A full datagram lets the server send 3 back to an address it has not validated.
-            parts.append(FRAME.pack(FRAME_PADDING, space - FRAME.size) + bytes(space - FRAME.size))
+            parts.append(encode_frame(FRAME_PADDING, bytes(space - FRAME.size)))
         return b"".join(parts), data_bytes
 
 

@@ -37,10 +37,15 @@ import os
 import pwd
 import re
 import stat
-import sys
 from typing import Callable, List, Optional, Tuple
 
-from moshpit import DEFAULT_TCP_PORT, MoshpitError
+from moshpit import (
+    AUTHORIZED_KEYS_FILE,
+    DEFAULT_TCP_PORT,
+    HOST_KEY_POLICIES,
+    MoshpitError,
+    make_private_dirs,
+)
 from moshpit_keys import (
     KEY_TYPE,
     MAX_AUTHORIZED_KEYS,
@@ -245,7 +250,7 @@ def authorized_keys_path(pw: pwd.struct_passwd, template: Optional[str] = None) 
     reads it (``%h`` the user's home, ``%u`` the user name, ``%%`` a percent sign; a
     relative path or ``~/`` starts at the user's home), or ~user/.mp/authorized_keys."""
     if not template:
-        return os.path.join(pw.pw_dir, ".mp", "authorized_keys")
+        return os.path.join(pw.pw_dir, ".mp", AUTHORIZED_KEYS_FILE)
     tokens = {"%h": pw.pw_dir, "%u": pw.pw_name, "%%": "%"}
     path = re.sub(r"%.", lambda m: tokens.get(m.group(0), m.group(0)), template)
     if path == "~" or path.startswith("~/"):
@@ -265,7 +270,6 @@ def authorized_keys_for(pw: pwd.struct_passwd, template: Optional[str] = None) -
 # Client policy: known_hosts
 # ---------------------------------------------------------------------------
 
-HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
 _MAX_KNOWN_HOSTS = 4 << 20  # bytes
 _MAX_PROMPTS = 5
 
@@ -328,7 +332,7 @@ class KnownHosts:
         directory = os.path.dirname(self.path)
         try:
             if directory:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
+                make_private_dirs(directory)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                          | os.O_NOCTTY, 0o600)
             try:
@@ -341,15 +345,6 @@ class KnownHosts:
         except OSError as err:
             raise HostKeyError(f"cannot record the host key in {self.path}:"
                                f" {err.strerror or err}") from None
-
-
-def _ask_on_terminal(prompt: str) -> str:
-    sys.stderr.write(prompt)
-    sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line
 
 
 def _confirm_new_host(pattern: str, key: PublicKey, ask: Callable[[str], str]) -> bool:
@@ -376,12 +371,16 @@ def _confirm_new_host(pattern: str, key: PublicKey, ask: Callable[[str], str]) -
 
 def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: PublicKey,
                            policy: str, tty: bool,
-                           ask: Optional[Callable[[str], str]] = None) -> None:
+                           ask: Optional[Callable[[str], str]] = None) -> Optional[str]:
     """Trust ``key`` for ``host`` ``port`` per ``policy`` or raise HostKeyError; never a
     silent accept. ``policy`` (strict_host_key_checking): "ask" prompts on a TTY (``ask``
     shows the prompt and returns the typed answer, "yes"/"no"/a fingerprint, or a bool if it
-    put the question itself; EOFError means no; default: stderr/stdin), "accept-new" records
-    unknown hosts, "yes" only trusts recorded keys. A changed key is always refused."""
+    put the question itself; EOFError means no; without ``ask`` nobody can be asked, as
+    without a TTY), "accept-new" records unknown hosts, "yes" only trusts recorded keys. A
+    changed key is always refused.
+
+    Returns the notice the user should see when a key was recorded (OpenSSH's "Permanently
+    added" line), else None: this module never writes to the terminal itself."""
     if policy not in HOST_KEY_POLICIES:
         raise HostKeyError(f"strict_host_key_checking must be one of"
                            f" {', '.join(HOST_KEY_POLICIES)}, not {policy!r}")
@@ -389,7 +388,7 @@ def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: Pub
     pattern = known.host_pattern(host, port)
     status, lineno = known.lookup(host, port, key)
     if status == "ok":
-        return
+        return None
     fingerprint = key.fingerprint()
     if status == "changed":
         raise HostKeyError(
@@ -404,16 +403,15 @@ def verify_host_key_policy(known_hosts_path: str, host: str, port: int, key: Pub
             f"host key verification failed: no key is recorded for {pattern} in"
             f" {known_hosts_path} and strict host key checking is 'yes'; the server presents"
             f" {fingerprint}: after checking it, add the server's key to that file")
-    if policy == "ask" and not tty:
+    if policy == "ask" and not (tty and ask is not None):
         raise HostKeyError(
             f"host key verification failed: {pattern} is not a known host and there is no"
             f" terminal to ask about its key {fingerprint}; after checking the fingerprint,"
             " run once with --strict-host-key-checking accept-new, or add the server's key"
             f" line ('{pattern} ssh-ed25519 ...') to {known_hosts_path}")
-    if policy == "ask" and not _confirm_new_host(pattern, key, ask or _ask_on_terminal):
+    if policy == "ask" and not _confirm_new_host(pattern, key, ask):
         raise HostKeyError(f"host key verification failed: the key of {pattern} was not"
                            " accepted")
     known.add(host, port, key)
     log.warning("permanently added %s (%s) to %s", pattern, fingerprint, known_hosts_path)
-    sys.stderr.write(f"Warning: Permanently added '{pattern}' (ED25519) to the list of"
-                     " known hosts.\n")
+    return f"Warning: Permanently added '{pattern}' (ED25519) to the list of known hosts."

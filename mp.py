@@ -9,8 +9,28 @@ Layout, top to bottom (each part uses only the ones above it):
     connecting              Prompter (cooked-mode questions), load_identity (keygen offer,
                             passphrase), HostKeyCheck (known_hosts, pinned on resume),
                             Resumer (resume handshakes in a thread, back-off)
-    session                 Session: one select loop over stdin, UDP, wake-up pipe, timers
+    session                 Session: one select loop over stdin, UDP, wake-up pipe, timers,
+                            around moshpit_session.ClientSession (what the session is:
+                            input, output, resize, exit, quit, resume bookkeeping)
     main                    exit codes and messages like ssh (255 for our own failures)
+
+Who calls what, in a session's life (the server's side: mps.py; the whole sequence:
+moshpit_session's docstring):
+
+1. run_client (main thread, cooked mode): Target.connect runs the first handshake,
+   HostKeyCheck.first asks about an unknown host key; the terminal goes raw.
+2. Session.run (main thread, the only one touching the ClientSession): each turn of the
+   loop reads stdin while ``may_read_input()``, feeds datagrams, turns core events into
+   stdout bytes, and flushes ``datagrams_to_send``.
+3. Silence past moshpit_session.RESUME_AFTER_SECS: Session._maybe_resume hops the UDP port
+   and starts Resumer (one thread per attempt) with ``ClientSession.resume_request()``; it runs
+   only the blocking handshake (HostKeyCheck.resume: the key must not change) and wakes the
+   loop through the Waker.
+4. Session._resume_results (main thread) applies the outcome: ``ClientSession.resumed``
+   re-keys and resends; a refused key, a changed host key or a vanished session ends it.
+5. Endings: an EXIT or SHUTDOWN record (core events), Ctrl-^ . (_quit: a SHUTDOWN record,
+   then a quit request over TCP if UDP carries no ack), a signal (SignalRouter), or the
+   terminal going away (_hangup); _finish drains the output and restores the terminal.
 """
 
 from __future__ import annotations
@@ -40,6 +60,7 @@ import tty
 import moshpit
 import moshpit_handshake
 import moshpit_keys
+import moshpit_session
 import moshpit_transport
 import moshpit_trust
 
@@ -48,12 +69,14 @@ log = logging.getLogger("moshpit.client")
 EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) exit 255
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
 UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, like mosh)
-RESUME_AFTER_SECS = 10.0  # silence before a UDP port hop + TCP resume handshake
-FIRST_BACKOFF_SECS = 2.0
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
+IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
+FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
+FINAL_OUTPUT_SECS = 3.0  # ... and for the local terminal to take the rest of the output
+ACK_SOON_SECS = 0.1  # a link timer further away than this: nothing is due at the end
 
 
 # ---------------------------------------------------------------------------
@@ -80,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(login_first=False)
     p.add_argument("-s", "--server-port", metavar="PORT", type=int,
                    help=f"server TCP port (default: {moshpit.DEFAULT_TCP_PORT})")
-    p.add_argument("--strict-host-key-checking", choices=("ask", "accept-new", "yes"),
+    p.add_argument("--strict-host-key-checking", choices=moshpit.HOST_KEY_POLICIES,
                    help="unknown host keys: ask (default), accept-new (trust on first use), "
                    "yes (refuse unless already in known_hosts)")
     p.add_argument("--print-config", action="store_true",
@@ -726,9 +749,11 @@ class HostKeyCheck:
         self.pinned = None
 
     def first(self, key) -> None:
-        moshpit_trust.verify_host_key_policy(
+        notice = moshpit_trust.verify_host_key_policy(
             self.known_hosts, self.host, self.port, key, self.policy,
             self.prompter.interactive, self.prompter.ask)
+        if notice:
+            self.prompter.say(notice)
         self.pinned = key
 
     def resume(self, key) -> None:
@@ -739,36 +764,23 @@ class HostKeyCheck:
                 "the connection")
 
 
-class Resumer:
+class Resumer(moshpit_session.ResumeSchedule):
     """Resume handshakes (TCP) in a background thread, so the session loop keeps reading
     stdin, drawing the banner and listening on UDP while the handshake waits on the network.
 
-    Schedule: the first attempt once the server has been silent RESUME_AFTER_SECS, then
-    FIRST_BACKOFF_SECS after each failed (or fruitless) attempt, doubling up to the
-    configured maximum; contact coming back resets it. The thread only runs the blocking
-    handshake with values copied at start; the loop thread applies the result (rekey), so
-    the Connection is never touched from two threads.
+    When: moshpit_session.ResumeSchedule. The thread only runs the blocking handshake with
+    values copied at start; the loop thread applies the result (rekey), so the session core
+    is never touched from two threads.
     """
 
     def __init__(self, handshake, waker: Waker, max_backoff: float):
+        super().__init__(max_backoff)
         self.handshake = handshake  # request -> ClientResult, raises MoshpitError
         self.waker = waker
-        self.max_backoff = max_backoff
-        self.backoff = FIRST_BACKOFF_SECS
-        self.not_before = 0.0
-        self.running = False
-        self.attempts = 0
         self.results = queue.Queue()
 
-    def next_attempt(self, last_heard: float) -> float:
-        return max(last_heard + RESUME_AFTER_SECS, self.not_before)
-
-    def due(self, now: float, last_heard: float) -> bool:
-        return not self.running and now >= self.next_attempt(last_heard)
-
     def start(self, request) -> None:
-        self.running = True
-        self.attempts += 1
+        self.started()
         threading.Thread(target=self._run, args=(request,), name="resume", daemon=True).start()
 
     def _run(self, request) -> None:
@@ -781,15 +793,8 @@ class Resumer:
             outcome = self.results.get_nowait()
         except queue.Empty:
             return None
-        self.running = False
-        self.not_before = now + self.backoff
-        self.backoff = min(self.backoff * 2, self.max_backoff)
+        self.finished(now)
         return outcome
-
-    def contact(self) -> None:
-        """Packets flow again: the next outage starts the schedule from the beginning."""
-        self.backoff = FIRST_BACKOFF_SECS
-        self.not_before = 0.0
 
 
 def attempt_handshake(handshake, request):
@@ -843,8 +848,6 @@ class Session:
         self.router, self.waker = router, waker
         self.in_fd, self.out_fd = in_fd, out_fd
         self.out_is_tty = os.isatty(out_fd)  # no banner in a pipe or file
-        self.session_id = first.grant.session_id
-        self.resume_secret = first.grant.resume_secret
         self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
         self.encoding = terminal_encoding()
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
@@ -856,17 +859,13 @@ class Session:
         self.tracker = OutputTracker()
         self.out = bytearray()
         self.stdin_open = True
-        self.winsize = target.winsize()
         self.outcome = None
         self.quit_failure = None  # why the server could not be told that we quit
-        now = time.monotonic()
-        # Our own "last heard": Connection.last_heard also counts a resume handshake as
-        # contact, but the banner and the resume schedule are about UDP packets arriving.
-        self.heard = now
-        self.conn = moshpit_transport.Connection("client", first.keys, now,
-                                                 peer_addr=udp_peer(first))
+        self.core = moshpit_session.ClientSession(
+            first.keys, time.monotonic(), udp_peer(first), first.grant.session_id,
+            first.grant.resume_secret, target.winsize())
         wildcard = "::" if ":" in first.server_addr[0] else "0.0.0.0"
-        self.link = moshpit_transport.UdpLink.bind(self.conn, wildcard)
+        self.link = moshpit_transport.UdpLink.bind(self.core, wildcard)
         self.resumer = Resumer(self._resume_handshake, waker,
                                float(config["max_reconnect_backoff_secs"]))
 
@@ -892,14 +891,14 @@ class Session:
         stalled = len(self.out) >= OUTPUT_HIGH_WATER  # local terminal far behind
         if not stalled:
             readers.append(self.link)
-        if self.stdin_open and self.conn.writable():
+        if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
         writers = [self.out_fd] if self.out else []
         timeout = max(0.0, self._next_deadline(now) - now)
         readable, _, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
         if stalled:
-            self.heard = now  # we are not listening, so the server is not silent
+            self.core.last_contact = now  # we are not listening, so the server is not silent
         if self.waker in readable:
             self.waker.drain()
         self._signals()
@@ -916,19 +915,17 @@ class Session:
             self._write_out()
 
     def _next_deadline(self, now: float) -> float:
-        deadlines = [now + 60.0, self.banner.next_deadline(self.heard, now)]
+        deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
         link_wait = self.link.timeout(now)
         if link_wait is not None:
             deadlines.append(now + link_wait)
         if not self.resumer.running:
-            deadlines.append(self.resumer.next_attempt(self.heard))
+            deadlines.append(self.resumer.next_attempt(self.core.last_contact))
         return min(deadlines)
 
     def _receive(self, now: float) -> None:
-        before = self.conn.last_heard
         self.link.handle_readable(now)
-        if self.conn.last_heard != before:
-            self.heard = self.conn.last_heard
+        if self.core.udp_heard:
             self.banner.udp_wait = None  # UDP works: from now on silence is "last contact"
 
     # -- inputs -----------------------------------------------------------------------
@@ -941,9 +938,8 @@ class Session:
         if self.router.winch:
             self.router.winch = False
             size = self.target.winsize()
-            if size != self.winsize:
-                self.winsize = size
-                self.conn.send_resize(*size)
+            if size != self.core.winsize:
+                self.core.resize(*size)
                 if self.banner.shown:
                     self._redraw_banner(time.monotonic(), force=True)
 
@@ -962,24 +958,24 @@ class Session:
             return
         data, quit_requested = self.escape.feed(data)
         if data:
-            self.conn.send(data)
+            self.core.send_input(data)
         if quit_requested:  # exits 255 like ssh's ~., so a script can tell it from "exit 0"
             self._quit("client quit")
             self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
 
     def _events(self) -> None:
         while True:
-            event = self.conn.next_event()
+            event = self.core.next_event()
             if event is None:
                 return
-            if isinstance(event, moshpit_transport.DataReceived):
+            if isinstance(event, moshpit_session.OutputReceived):
                 self.tracker.feed(event.data)
                 self.out += event.data
-            elif isinstance(event, moshpit_transport.SessionClosed):
+            elif isinstance(event, moshpit_session.SessionExited):
                 status = event.exit_status
                 self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE,
                                        f"Connection to {self.target.host} closed.")
-            elif isinstance(event, moshpit_transport.ShutdownReceived):
+            elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
 
@@ -988,7 +984,7 @@ class Session:
     def _contact(self, now: float) -> None:
         """Banner on/off/update from the silence. Packets flowing again is immediate
         recovery: banner gone, resume back-off reset, no handshake needed."""
-        silence = now - self.heard
+        silence = self.core.silence(now)
         if silence < self.banner.threshold():
             if self.banner.shown:
                 log.info("contact with %s is back", self.target.host)
@@ -1001,17 +997,16 @@ class Session:
     def _redraw_banner(self, now: float, force: bool = False) -> None:
         if not self.out_is_tty or not self.tracker.at_safe_point():
             return  # never inject bytes into the middle of an escape sequence / character
-        self.out += self.banner.update(now - self.heard, self.winsize[1], self.banner_note,
+        self.out += self.banner.update(self.core.silence(now), self.core.winsize[1],
+                                       self.banner_note,
                                        self.encoding, force)
 
     def _maybe_resume(self, now: float) -> None:
-        if self.outcome is not None or not self.resumer.due(now, self.heard):
+        if self.outcome is not None or not self.resumer.due(now, self.core.last_contact):
             return
         log.info("no contact for %.0f s: new UDP port %s, resume handshake #%d",
-                 now - self.heard, self.link.hop_port(), self.resumer.attempts + 1)
-        request = self.target.request(*self.winsize, session_id=self.session_id,
-                                      resume_secret=self.resume_secret,
-                                      recv_offset=self.conn.recv_offset)
+                 self.core.silence(now), self.link.hop_port(), self.resumer.attempts + 1)
+        request = self.target.request(*self.core.winsize, resume=self.core.resume_request())
         self.resumer.start(request)
 
     def _resume_handshake(self, request):
@@ -1033,11 +1028,9 @@ class Session:
             return
         # Applied even if packets came back meanwhile: the server now uses the new keys.
         log.info("session resumed (server had %d bytes of our input, we had %d of its output)",
-                 outcome.grant.recv_offset, self.conn.recv_offset)
-        self.resume_secret = outcome.grant.resume_secret
-        self.conn.rekey(outcome.keys, outcome.grant.recv_offset, now,
-                        peer_addr=udp_peer(outcome))
-        self.conn.send_resize(*self.winsize)
+                 outcome.grant.recv_offset, self.core.recv_offset)
+        self.core.resumed(outcome.keys, outcome.grant.recv_offset, outcome.grant.resume_secret,
+                          udp_peer(outcome), now)
         self.banner_note = "server answered, waiting for UDP"
         if self.banner.udp_wait is not None:
             self.banner.udp_wait = (self.target.host, outcome.grant.udp_port)
@@ -1066,11 +1059,10 @@ class Session:
         the session detached for days: over UDP, waiting briefly for the ack (not at all
         in an outage), and without an ack by a quit request over TCP. A few seconds at
         most: the server may be unreachable and the user wants out."""
-        self.conn.send_shutdown(reason)
-        now = time.monotonic()
-        in_outage = now - self.heard >= BANNER_AFTER_SECS
-        self._linger(0.0 if in_outage else QUIT_FLUSH_SECS, self.conn.all_acked)
-        if self.conn.all_acked():
+        self.core.quit(reason)
+        in_outage = self.core.silence(time.monotonic()) >= BANNER_AFTER_SECS
+        self._linger(0.0 if in_outage else QUIT_FLUSH_SECS, self.core.all_acked)
+        if self.core.all_acked():
             return
         why = self._request_end()
         if why is not None:
@@ -1084,9 +1076,8 @@ class Session:
         asking the server to end the session. None once it has (or the session was gone
         already), else why not. Bounded by QUIT_REQUEST_SECS; the thread left running after
         that is a daemon and dies with us."""
-        request = self.target.request(*self.winsize, session_id=self.session_id,
-                                      resume_secret=self.resume_secret,
-                                      recv_offset=self.conn.recv_offset, end_session=True)
+        request = self.target.request(*self.core.winsize, resume=self.core.resume_request(),
+                                     end_session=True)
         results = queue.Queue()
         threading.Thread(target=lambda: results.put(
             attempt_handshake(self._resume_handshake, request)), name="quit", daemon=True).start()
@@ -1109,20 +1100,20 @@ class Session:
         sequence the server left open (an unterminated title would swallow our message and
         whatever the local shell prints next), and start a fresh line for our message, so
         it never lands on the remote prompt's line."""
-        self._linger(0.5, self._nothing_due)
+        self._linger(FINAL_ACKS_SECS, self._nothing_due)
         self.out += self.banner.hide()
         if self.out_is_tty and self.tracker.state != OutputTracker.GROUND:
             self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
         if self.out_is_tty and self.outcome.message and not self.tracker.line_start:
             self.out += b"\r\n"
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + FINAL_OUTPUT_SECS
         while self.out and time.monotonic() < deadline:
             select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
             self._write_out()
 
     def _nothing_due(self) -> bool:
         wait = self.link.timeout(time.monotonic())
-        return wait is None or wait > 0.1
+        return wait is None or wait > ACK_SOON_SECS
 
     def _linger(self, seconds: float, done) -> None:
         """Run only the network for up to ``seconds`` or until ``done()``."""
@@ -1192,8 +1183,10 @@ class Target:
             return 24, 80
         return (rows or 24, cols or 80)
 
-    def request(self, rows: int, cols: int, session_id=None, resume_secret=None,
-                recv_offset: int = 0, end_session: bool = False):
+    def request(self, rows: int, cols: int, resume=None, end_session: bool = False):
+        """The handshake's request: a new session, or with ``resume`` (ClientSession's
+        ``resume_request()``: session id, resume secret, bytes received) a resume."""
+        session_id, resume_secret, recv_offset = resume or (None, None, 0)
         return moshpit_handshake.ClientRequest(
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,

@@ -17,6 +17,7 @@ import sys
 import termios
 
 import moshpit_keys as keys
+from typing import List, Optional
 from moshpit import MoshpitError, __version__, printable, printable_lines, program_name
 
 PROG = program_name("keygen")  # mp_keygen.py, or moshpit.pyz keygen in the one-file bundle
@@ -31,7 +32,7 @@ class Terminal:
         self._stream = stream
 
     @classmethod
-    def open(cls) -> Terminal | None:
+    def open(cls) -> Optional[Terminal]:
         """The terminal, or None when there is none (cron, CI, ssh without -t)."""
         try:
             fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
@@ -69,14 +70,14 @@ class Terminal:
         self._stream.close()
 
 
-def _need(terminal: Terminal | None, problem: str) -> Terminal:
+def _need(terminal: Optional[Terminal], problem: str) -> Terminal:
     """The terminal, or MoshpitError(problem) when a question cannot be asked."""
     if terminal is None:
         raise MoshpitError(problem)
     return terminal
 
 
-def _ask_passphrase(terminal: Terminal | None) -> str:
+def _ask_passphrase(terminal: Optional[Terminal]) -> str:
     terminal = _need(terminal, "no terminal to ask for a passphrase: "
                                "pass -N PASSPHRASE (-N '' for none)")
     for _ in range(PASSPHRASE_ATTEMPTS):
@@ -88,7 +89,7 @@ def _ask_passphrase(terminal: Terminal | None) -> str:
                        "no key was written")
 
 
-def generate(args: argparse.Namespace, terminal: Terminal | None) -> int:
+def generate(args: argparse.Namespace, terminal: Optional[Terminal]) -> int:
     default_path = keys.default_identity_paths()[0]
     print("Generating public/private ed25519 key pair.")
     path = args.file
@@ -116,7 +117,7 @@ def generate(args: argparse.Namespace, terminal: Terminal | None) -> int:
     return 0
 
 
-def pubkey(args: argparse.Namespace, terminal: Terminal | None) -> int:
+def pubkey(args: argparse.Namespace, terminal: Optional[Terminal]) -> int:
     """Print the public key line of a private key file, like ``ssh-keygen -y``: rebuilds a
     lost or damaged .pub (``pubkey -f KEY > KEY.pub``)."""
     path = os.path.expanduser(args.file)
@@ -131,7 +132,7 @@ def pubkey(args: argparse.Namespace, terminal: Terminal | None) -> int:
     return 0
 
 
-def fingerprint(args: argparse.Namespace, terminal: Terminal | None) -> int:
+def fingerprint(args: argparse.Namespace, terminal: Optional[Terminal]) -> int:
     pub = keys.load_public_key(os.path.expanduser(args.path))
     print(f"256 {pub.fingerprint()} {printable(pub.comment) or 'no comment'} (ED25519)")
     if args.randomart:
@@ -139,7 +140,7 @@ def fingerprint(args: argparse.Namespace, terminal: Terminal | None) -> int:
     return 0
 
 
-def verify(args: argparse.Namespace, terminal: Terminal | None) -> int:
+def verify(args: argparse.Namespace, terminal: Optional[Terminal]) -> int:
     path = os.path.expanduser(args.key)
     pub = keys.load_public_key(path)
     given = sys.stdin.read() if args.expected == "-" else args.expected
@@ -258,7 +259,7 @@ def _setup_logging(verbosity: int) -> None:
     logger.setLevel(min(max(logging.WARNING - 10 * verbosity, logging.DEBUG), logging.CRITICAL))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose, quiet = args.verbose + args.verbose_before, args.quiet + args.quiet_before

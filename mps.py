@@ -10,9 +10,27 @@ run as a plain user it serves only that user.
     python3 mps.py --generate-host-key -e   # first start: make ~/.mp/mps_host_ed25519_key
     python3 mps.py -c /etc/moshpits/moshpits.toml -t /var/log/moshpits.log
 
-Layout of this file (protocol logic lives in the moshpit* modules):
+Layout of this file (protocol logic lives in the moshpit* modules; the session rules in
+moshpit_session.ServerSession):
     PTY shells  -> sessions (one thread + select loop each) -> server (listener, handshake
     threads, registry, signals) -> CLI.
+
+Who calls what (socketserver-style; the whole resume sequence: moshpit_session's docstring):
+
+1. Server.serve_forever (main thread) accepts TCP connections and hands each to a handshake
+   thread (Server._handshake), after the pre-auth admission policy.
+2. The handshake thread runs moshpit_handshake.server_handshake, whose ``decide`` hook is
+   Server.decide: a new login (Server._new_session: account, slot, PTY shell, UDP port),
+   a resume (Server._resume -> Session.resume) or a quit request (Server._quit_session ->
+   Session.end_by_client). Those Session methods only post to the session's inbox and wait
+   for its answer (the received-input offset for the grant).
+3. Session._run (the session's own thread, the only one touching its ServerSession and
+   PTY): one select loop over the wake-up pipe, the UDP socket and the PTY master; it
+   applies inbox messages (ServerSession.resume / end_requested / shutdown), feeds PTY
+   output and shell exits to the core, writes InputReceived to the PTY, and ends when
+   ``ServerSession.finished(now)`` (the ending rules).
+4. Server.unregister (session thread, at the end) frees the slot; SIGTERM makes the main
+   thread call Session.shutdown on every session and wait for them.
 """
 
 from __future__ import annotations
@@ -26,7 +44,6 @@ import os
 import pwd
 import queue
 import random
-import re
 import resource
 import secrets
 import selectors
@@ -45,9 +62,11 @@ import moshpit
 import moshpit_handshake as handshake
 import moshpit_keys as keys
 import moshpit_login
+import moshpit_session as session_core
 import moshpit_transport as transport
 import moshpit_trust as trust
 from moshpit import MoshpitError
+from moshpit_session import SHUTDOWN_FLUSH_SECS
 
 log = logging.getLogger("moshpit.server")
 
@@ -57,9 +76,6 @@ log = logging.getLogger("moshpit.server")
 
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_CLIENT_ENV_NAME = re.compile(r"LANG|LC_[A-Z]+")
-_CLIENT_ENV_VALUE = re.compile(r"[\x21-\x7e]{1,128}")  # printable, no spaces: a name, not a script
-_TERM_VALUE = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 HANGUP_GRACE_SECS = 2.0  # how long a shell may take to exit after SIGHUP before SIGKILL
 
 
@@ -83,14 +99,14 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
         "LOGNAME": pw.pw_name,
         "SHELL": pw.pw_shell or "/bin/sh",
         "PATH": ROOT_PATH if pw.pw_uid == 0 else USER_PATH,
-        "TERM": term if _TERM_VALUE.fullmatch(term or "") else "dumb",
+        "TERM": term if moshpit.TERM_NAME_RE.fullmatch(term or "") else "dumb",
         "MOSHPIT_CONNECTION": connection,
         "SSH_CONNECTION": connection,
         "SSH_CLIENT": f"{client_ip} {client_port} {server_port}",
         "SSH_TTY": tty_path,
     }
     for name, value in client_env.items():
-        if _CLIENT_ENV_NAME.fullmatch(name) and _CLIENT_ENV_VALUE.fullmatch(value):
+        if moshpit.is_locale_setting(name, value):
             env[name] = value
     return env
 
@@ -236,8 +252,9 @@ class PtyShell:
 # ---------------------------------------------------------------------------
 
 PTY_READ_SIZE = 16384
-PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
-SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
+PTY_WRITE_SIZE = 65536  # client input handed to the PTY per write (it takes what fits)
+WAKE_READ_SIZE = 4096  # wake-up pipe bytes drained per read
+ACCEPT_ERROR_PAUSE_SECS = 0.1  # accept() failing (EMFILE): let the backlog wait this long
 CHILD_POLL_SECS = 1.0  # the shell is reaped by polling (no SIGCHLD handler across threads)
 RESUME_WAIT_SECS = 5.0
 MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading it
@@ -266,11 +283,13 @@ class _EndRequest(_Request):
 
 
 class Session:
-    """One login: the shell on its PTY, the session's UDP socket and Connection, and the
-    thread that runs them in one select loop.
+    """One login: the shell on its PTY, the session's UDP socket and its session core
+    (moshpit_session.ServerSession: the rules), and the thread that runs them in one select
+    loop.
 
-    Only the session thread touches the Connection and the PTY; other threads talk to it with
-    ``resume()`` / ``shutdown()``, which go through a queue and a wake-up pipe.
+    Only the session thread touches the core and the PTY; other threads talk to it with
+    ``resume()`` / ``end_by_client()`` / ``shutdown()``, which go through a queue and a
+    wake-up pipe (the resume sequence end to end: moshpit_session's docstring).
     """
 
     def __init__(self, server: Server, session_id: bytes, user: str, client_key,
@@ -284,7 +303,7 @@ class Session:
         self.udp_sock = udp_sock
         self.udp_port = udp_sock.getsockname()[1]
         self.shell = shell
-        self.conn = None
+        self.core: Optional[session_core.ServerSession] = None
         self.link = None
         self.thread: Optional[threading.Thread] = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -294,24 +313,21 @@ class Session:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._to_pty = bytearray()  # client input not yet taken by the PTY
-        self._client_addr = None  # where the client's UDP packets come from (None: not yet)
-        self._pty_eof = False
-        self._exit_status: Optional[int] = None
-        self._drain_until = 0.0
-        self._ending: Optional[str] = None  # why the session is ending, once it is
-        self._end_by: Optional[float] = None  # None: live on as a detached session would
+        self._shell_status: Optional[int] = None  # set once the shell is reaped
 
     # -- other threads -------------------------------------------------------------------
 
     def start(self, keys, peer) -> None:
-        """The handshake completed: create the Connection and run the session thread."""
-        self.conn = transport.Connection("server", keys, time.monotonic())
-        self.link = transport.UdpLink(self.conn, self.udp_sock)
+        """The handshake completed: create the session core and run the session thread."""
+        self.core = session_core.ServerSession(keys, time.monotonic(),
+                                               self.server.detached_timeout,
+                                               self.server.unattached_timeout)
+        self.link = transport.UdpLink(self.core, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
         self.thread.start()
         log.info("session %s started for %s from %s (udp port %d, shell pid %d)",
-                 self.name, self.user, _fmt_addr(peer), self.udp_port, self.shell.pid)
+                 self.name, self.user, moshpit.format_addr(peer), self.udp_port, self.shell.pid)
 
     def abandon(self) -> None:
         """The handshake failed after the session was set up: undo it (never started)."""
@@ -383,7 +399,7 @@ class Session:
             self.shell.hangup()
             self.udp_sock.close()
             log.info("session %s of %s ended (%s)", self.name, self.user,
-                     self._ending or "error")
+                     self.core.ending or "error")
 
     def _loop(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -391,7 +407,7 @@ class Session:
             watched: Dict[str, int] = {}  # what the selector waits for on "udp" and "pty"
             while True:
                 now = time.monotonic()
-                if self._finished(now):
+                if self.core.finished(now):
                     return
                 for name, fd, events in (("udp", self.link.fileno(), self._udp_interest()),
                                          ("pty", self.shell.master_fd, self._pty_interest())):
@@ -418,128 +434,73 @@ class Session:
         return selectors.EVENT_READ if len(self._to_pty) < MAX_PENDING_INPUT else 0
 
     def _pty_interest(self) -> int:
-        if self.shell.master_fd is None or self._ending:
+        if self.shell.master_fd is None or self.core.ending:
             return 0
         events = 0
-        if not self._pty_eof and self.conn.writable():  # back-pressure: DESIGN 6
+        if self.core.may_read_pty():  # back-pressure: DESIGN 6
             events |= selectors.EVENT_READ
         if self._to_pty:
             events |= selectors.EVENT_WRITE
         return events
 
-    def _timeout(self, now: float) -> float:
-        link_timeout = self.link.timeout(now)
-        deadlines = [None if link_timeout is None else now + link_timeout, self._deadline()]
-        if self._exit_status is None:
-            deadlines.append(now + CHILD_POLL_SECS)
-        elif not self._ending:
-            deadlines.append(self._drain_until)
-        return max(0.0, min(d for d in deadlines if d is not None) - now)
+    def _timeout(self, now: float) -> Optional[float]:
+        """Seconds until the core's next deadline, or the next poll of a running shell."""
+        wait = self.link.timeout(now)
+        if self._shell_status is None:
+            wait = CHILD_POLL_SECS if wait is None else min(wait, CHILD_POLL_SECS)
+        return wait
 
     def _handle_inbox(self, now: float) -> None:
         try:
-            while os.read(self._wake_r, 4096):
+            while os.read(self._wake_r, WAKE_READ_SIZE):
                 pass
         except BlockingIOError:
             pass
         for message in self._posted():
             if isinstance(message, _Resume):
-                self.conn.rekey(message.keys, message.peer_recv_offset, now)
-                message.recv_offset = self.conn.recv_offset
+                message.recv_offset = self.core.resume(message.keys, message.peer_recv_offset,
+                                                       now)
                 message.done.set()
                 log.info("session %s resumed (client had %d bytes, we had %d)", self.name,
                          message.peer_recv_offset, message.recv_offset)
             elif isinstance(message, _EndRequest):
-                message.recv_offset = self.conn.recv_offset
+                message.recv_offset = self.core.end_requested(now)
                 message.done.set()
-                self._end("by the client's quit request", now, 0.0)
             elif message == "shutdown":
-                self.conn.send_shutdown("server shutting down")
-                self._end("server shutting down", now, SHUTDOWN_FLUSH_SECS)
+                self.core.shutdown(handshake.SHUTTING_DOWN, now)
 
     def _handle_events(self, now: float) -> None:
         while True:
-            event = self.conn.next_event()
+            event = self.core.next_event()
             if event is None:
                 return
-            if isinstance(event, transport.DataReceived):
-                if not self._ending:
-                    self._to_pty += event.data
-                    self._write_pty()
-            elif isinstance(event, transport.ResizeRequested):
+            if isinstance(event, session_core.InputReceived):
+                self._to_pty += event.data
+                self._write_pty()
+            elif isinstance(event, session_core.ResizeRequested):
                 self.shell.resize(event.rows, event.cols)
-            elif isinstance(event, transport.ShutdownReceived):
-                self._end(f"client: {event.reason}", now, 0.0)
-            elif isinstance(event, transport.PeerAddressChanged):
-                if self._client_addr is not None:  # roamed (the first packet is no news)
-                    log.info("session %s: client now at %s", self.name, _fmt_addr(event.addr))
-                self._client_addr = event.addr
+            elif isinstance(event, session_core.ClientAddressChanged) and not event.first:
+                log.info("session %s: client now at %s", self.name, moshpit.format_addr(event.addr))
 
     def _write_pty(self) -> None:
         if self._to_pty and self.shell.master_fd is not None:
-            del self._to_pty[:self.shell.write(bytes(self._to_pty[:65536]))]
+            del self._to_pty[:self.shell.write(bytes(self._to_pty[:PTY_WRITE_SIZE]))]
 
     def _read_pty(self, now: float) -> None:
         data = self.shell.read(PTY_READ_SIZE)
         if data:
-            self.conn.send(data)
-            self._drain_until = now + PTY_DRAIN_SECS
+            self.core.pty_output(data, now)
         elif data == b"":
-            self._pty_eof = True
+            self.core.pty_closed(now)
 
     def _check_shell(self, now: float) -> None:
-        """Reap the shell; once it has exited and its output is read, send the exit status."""
-        if self._ending:
+        """Reap the shell; the core sends its status after the rest of its output."""
+        if self._shell_status is not None or self.core.ending:
             return
-        if self._exit_status is None:
-            self._exit_status = self.shell.poll()
-            if self._exit_status is None:
-                return
-            log.info("session %s: shell exited with status %d", self.name, self._exit_status)
-            self._drain_until = now + PTY_DRAIN_SECS
-        # Output still in the PTY goes first; a background job holding the terminal open
-        # only delays the close by PTY_DRAIN_SECS of silence.
-        if self._pty_eof or (self.conn.writable() and now >= self._drain_until):
-            self.conn.send_close(self._exit_status)
-            # Resent until acknowledged. A client that is away (outage, laptop asleep) gets
-            # the last output and the exit status when it resumes, as long as a detached
-            # session would have been kept for it.
-            self._end(f"shell exited with status {self._exit_status}", now, None)
-
-    def _end(self, why: str, now: float, linger: Optional[float]) -> None:
-        """Start ending the session: done once everything sent is acknowledged, or after
-        ``linger`` seconds (None: when a detached session would expire)."""
-        self._ending = why
-        self._end_by = None if linger is None else now + linger
-
-    def _silence_limit(self) -> tuple:
-        """(seconds the client may stay unheard, None: forever; why the session then ends).
-        Until its first UDP packet arrives, the shorter unattached timeout applies: a session
-        nobody ever reached would otherwise hold its slot for the whole detached timeout."""
-        detached = self.server.detached_timeout or None
-        unattached = self.server.unattached_timeout or None
-        if self._client_addr is None and unattached and (detached is None
-                                                         or unattached < detached):
-            return unattached, (f"never attached: no UDP packet from the client within"
-                                f" {unattached} s of the handshake (UDP blocked?)")
-        return detached, f"detached for more than {detached} s"
-
-    def _deadline(self) -> Optional[float]:
-        """When the session ends if nothing else happens (None: never)."""
-        if self._end_by is not None:
-            return self._end_by
-        limit, _why = self._silence_limit()
-        # last_heard: the latest authentic packet, or the latest handshake (start, resume).
-        return self.conn.last_heard + limit if limit else None
-
-    def _finished(self, now: float) -> bool:
-        deadline = self._deadline()
-        if self._ending is None:
-            if deadline is not None and now >= deadline:
-                self._ending = self._silence_limit()[1]
-                return True
-            return False
-        return self.conn.all_acked() or (deadline is not None and now >= deadline)
+        self._shell_status = self.shell.poll()
+        if self._shell_status is not None:
+            log.info("session %s: shell exited with status %d", self.name, self._shell_status)
+            self.core.shell_exited(self._shell_status, now)
 
 
 def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: int,
@@ -555,13 +516,6 @@ def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: 
     else:
         sel.modify(fd, events, name)
     watched[name] = events
-
-
-def _fmt_addr(addr) -> str:
-    if not addr:
-        return "?"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---------------------------------------------------------------------------
@@ -667,10 +621,10 @@ class Server:
                 sock.listen(128)
             except OSError as e:
                 sock.close()
-                errors.append(f"{_fmt_addr(address)}: {e.strerror or e}")
+                errors.append(f"{moshpit.format_addr(address)}: {e.strerror or e}")
                 continue
             self.listeners.append(sock)
-            log.info("listening on %s (TCP), session UDP ports %d-%d", _fmt_addr(address),
+            log.info("listening on %s (TCP), session UDP ports %d-%d", moshpit.format_addr(address),
                      *self.port_range)
         if errors and not self.listeners:
             raise MoshpitError(f"cannot listen on {'; '.join(errors)} "
@@ -688,7 +642,7 @@ class Server:
             while True:
                 for key, _ in sel.select():
                     if key.fileobj == self._wake_r:
-                        os.read(self._wake_r, 4096)
+                        os.read(self._wake_r, WAKE_READ_SIZE)
                     else:
                         self._accept(key.fileobj)
                 while self._signals:
@@ -733,7 +687,7 @@ class Server:
                 continue
             except OSError as e:  # e.g. EMFILE: don't spin, let the backlog wait
                 log.error("accept failed: %s", e)
-                time.sleep(0.1)
+                time.sleep(ACCEPT_ERROR_PAUSE_SECS)
                 return
             sock.setblocking(True)
             self.limiter.spawn(sock, self._handshake)  # refused by the pre-auth limits?
@@ -941,7 +895,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("-e", "--enable-std-output", action="store_true",
                         help="also log to stderr (not recommended when running as a daemon)")
     parser.add_argument("--udp-port-range", metavar="LO-HI",
-                        help="UDP ports for sessions (default 50000-59999)")
+                        help="UDP ports for sessions (default {}-{})".format(
+                            *moshpit.DEFAULT_UDP_PORT_RANGE))
     parser.add_argument("--generate-host-key", action="store_true",
                         help="create the host key pair if it does not exist yet")
     action = parser.add_mutually_exclusive_group()
@@ -1094,7 +1049,7 @@ class PidFile:
         replaced (with a log line naming the dead pid)."""
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            moshpit.make_private_dirs(directory)
             for _ in range(3):  # stale file removed -> retry; another mps won -> refused
                 aside = f"{self.path}.{os.getpid()}.tmp"
                 with open(aside, "w") as f:

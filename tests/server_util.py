@@ -9,7 +9,8 @@ file naming them -- and a server process that is certainly stopped (by PID) afte
            trusting server.host_key.public...
     # stopped here (SIGTERM, then SIGKILL)
 
-``TestClient`` is a minimal client built from the real handshake and transport (no terminal):
+``TestClient`` is a minimal client built from the real handshake and the real client session
+core, moshpit_session.ClientSession (no terminal):
 ``connect()``, ``send()``, ``resize()``, ``read_until()``, ``wait_closed()``, ``resume()``,
 ``request_end()``.
 
@@ -39,6 +40,7 @@ sys.path.insert(0, REPO)
 
 import moshpit_handshake  # noqa: E402  (needs the repo on sys.path)
 import moshpit_keys  # noqa: E402
+import moshpit_session  # noqa: E402
 import moshpit_transport  # noqa: E402
 import moshpit_trust  # noqa: E402
 
@@ -251,9 +253,10 @@ def run_mps(args: Sequence[str], env: Dict[str, str], timeout: float = 20.0,
 
 
 class TestClient:
-    """A minimal moshpit client for tests: moshpit_handshake.client_handshake plus a
-    moshpit_transport Connection/UdpLink, driven by ``pump()``; no terminal, no reconnect
-    logic of its own (``resume()`` does one resume handshake when a test asks for it).
+    """A minimal moshpit client for tests: moshpit_handshake.client_handshake plus mp's own
+    session core (moshpit_session.ClientSession) on a UdpLink, driven by ``pump()``; no
+    terminal, no reconnect logic of its own (``resume()`` does one resume handshake when a
+    test asks for it).
 
     Everything the server sent is in ``output``; ``read_until`` consumes it from ``pos``.
     ``exit_status`` / ``shutdown_reason`` are set when the session ends.
@@ -277,7 +280,7 @@ class TestClient:
         self.shutdown_reason: Optional[str] = None
         self.grant = None
         self.keys = None
-        self.conn: Optional[moshpit_transport.Connection] = None
+        self.core: Optional[moshpit_session.ClientSession] = None
         self.link: Optional[moshpit_transport.UdpLink] = None
 
     @classmethod
@@ -297,9 +300,10 @@ class TestClient:
             user=self.user, term=self.term, rows=self.rows, cols=self.cols, env=self.env,
             end_session=end_session)
         if resume:
-            request.resume_session_id = self.grant.session_id
-            request.resume_secret = resume_secret or self.grant.resume_secret
-            request.resume_recv_offset = self.conn.recv_offset
+            session_id, secret, recv_offset = self.core.resume_request()
+            request.resume_session_id = session_id
+            request.resume_secret = resume_secret or secret
+            request.resume_recv_offset = recv_offset
         return moshpit_handshake.client_handshake(self.host, self.port, identity or self.identity,
                                                   request, self._verify, timeout=timeout)
 
@@ -308,15 +312,16 @@ class TestClient:
         result = self._handshake(False, timeout)
         self.grant, self.keys = result.grant, result.keys
         peer = (result.server_addr[0], result.grant.udp_port)
-        self.conn = moshpit_transport.Connection("client", result.keys, time.monotonic(),
-                                                 peer_addr=peer)
+        self.core = moshpit_session.ClientSession(
+            result.keys, time.monotonic(), peer, result.grant.session_id,
+            result.grant.resume_secret, (self.rows, self.cols))
         self._bind(peer)
         self.link.flush(time.monotonic())
         return self
 
     def _bind(self, peer: tuple) -> None:
         self.link = moshpit_transport.UdpLink.bind(
-            self.conn, "::1" if ":" in peer[0] else "127.0.0.1")
+            self.core, "::1" if ":" in peer[0] else "127.0.0.1")
 
     def resume(self, timeout: float = 15.0) -> None:
         """Re-attach from a new local UDP port (like a client after an outage)."""
@@ -327,8 +332,8 @@ class TestClient:
             self._bind(peer)
         else:
             self.link.hop_port()
-        self.conn.rekey(result.keys, result.grant.recv_offset, time.monotonic(),
-                        peer_addr=peer)
+        self.core.resumed(result.keys, result.grant.recv_offset, result.grant.resume_secret,
+                          peer, time.monotonic())
         self.link.flush(time.monotonic())
 
     def request_end(self, identity: Optional[moshpit_keys.PrivateKey] = None,
@@ -340,18 +345,18 @@ class TestClient:
                                resume_secret=resume_secret)
 
     def send(self, data: Union[bytes, str]) -> None:
-        self.conn.send(data.encode() if isinstance(data, str) else data)
+        self.core.send_input(data.encode() if isinstance(data, str) else data)
         self.link.flush(time.monotonic())
 
     def resize(self, rows: int, cols: int) -> None:
-        self.conn.send_resize(rows, cols)
+        self.core.resize(rows, cols)
         self.link.flush(time.monotonic())
 
     def quit(self) -> None:
         """What Ctrl-^ . does: tell the server, flush briefly."""
-        self.conn.send_shutdown("client quit")
+        self.core.quit("client quit")
         deadline = time.monotonic() + 2.0
-        while not self.conn.all_acked() and time.monotonic() < deadline:
+        while not self.core.all_acked() and time.monotonic() < deadline:
             self.pump(0.05)
 
     def pump(self, timeout: float) -> None:
@@ -364,14 +369,14 @@ class TestClient:
         if ready:
             self.link.handle_readable(now)
         while True:
-            event = self.conn.next_event()
+            event = self.core.next_event()
             if event is None:
                 break
-            if isinstance(event, moshpit_transport.DataReceived):
+            if isinstance(event, moshpit_session.OutputReceived):
                 self.output += event.data
-            elif isinstance(event, moshpit_transport.SessionClosed):
+            elif isinstance(event, moshpit_session.SessionExited):
                 self.exit_status = event.exit_status
-            elif isinstance(event, moshpit_transport.ShutdownReceived):
+            elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.shutdown_reason = event.reason
         self.link.flush(now)
 

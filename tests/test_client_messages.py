@@ -27,6 +27,7 @@ from test_client_session import MP, QUIT, USER, client_env, start_client, wait_s
 
 import moshpit
 import moshpit_handshake as hs
+import moshpit_session
 import moshpit_transport
 import mp
 
@@ -110,17 +111,17 @@ class HostileServer(OneShotServer):
         auth = hs.server_handshake(sock, self.host_key, self._grant)
         if auth is None:
             return
-        conn = moshpit_transport.Connection("server", auth.keys, time.monotonic())
-        link = moshpit_transport.UdpLink(conn, self.udp)
-        conn.send(self.output)
+        core = moshpit_session.ServerSession(auth.keys, time.monotonic())
+        link = moshpit_transport.UdpLink(core, self.udp)
+        core.pty_output(self.output, time.monotonic())
         shutdown_sent = False
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not self.shutdown_acked.is_set():
-            if conn.all_acked():  # the output (then the shutdown) reached the client
+            if core.all_acked():  # the output (then the shutdown) reached the client
                 if shutdown_sent:
                     self.shutdown_acked.set()
                 else:
-                    conn.send_shutdown(self.reason)
+                    core.shutdown(self.reason, time.monotonic())
                     shutdown_sent = True
             wait = link.timeout(time.monotonic())
             if select.select([link], [], [], 0.05 if wait is None else min(wait, 0.05))[0]:

@@ -1,19 +1,17 @@
-"""Sans-IO handshake machines and SSHSIG: the protocol and its crypto without sockets."""
+"""Sans-IO handshake machines: the protocol and its crypto without sockets."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import struct
-import subprocess
 
 import pytest
 from handshake_util import Flow, frame, grant, split_frames
 
 import moshpit_handshake as hs
 from moshpit import PROTOCOL_VERSION
-from moshpit_keys import PrivateKey, PublicKey, load_private_key, ssh_string
+from moshpit_keys import PrivateKey, ssh_string
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -267,6 +265,8 @@ MALFORMED = [
     (frame(b"\x06" + ssh_string(b"server busy")), "server refused"),
     (frame(b"\x01\x00"), "truncated"),
     (client_hello(version=0), "protocol version 0"),
+    (client_hello(version=PROTOCOL_VERSION - 1),  # before session records: refused, explained
+     f"version {PROTOCOL_VERSION - 1}, this server needs {PROTOCOL_VERSION}: install the same"),
     (client_hello(ciphers=b"rot13"), "no session cipher in common"),
     (client_hello(ciphers=b"\xff"), "non-ASCII"),
     (client_hello() + frame(b"\x04" + bytes(64)), "failed authentication"),
@@ -357,8 +357,11 @@ def test_bad_length_after_the_server_hello_is_a_protocol_error(keys):
 
 
 def test_server_version_and_cipher_are_checked(keys):
-    for version, cipher, match in ((2, b"chacha20-poly1305", "protocol version 2"),
-                                   (1, b"des", "not offered")):
+    for version, cipher, match in (
+            (PROTOCOL_VERSION + 1, b"chacha20-poly1305",
+             f"protocol version {PROTOCOL_VERSION + 1}, this client {PROTOCOL_VERSION}"),
+            (PROTOCOL_VERSION - 1, b"chacha20-poly1305", "the same moshpit release on both"),
+            (PROTOCOL_VERSION, b"des", "not offered")):
         client = hs.ClientHandshake(keys[0], hs.ClientRequest("alice"))
         client.receive_data(frame(bytes([2]) + struct.pack(">H", version) + os.urandom(32)
                                   + PrivateKey.generate().public.raw + ssh_string(cipher)))
@@ -421,59 +424,3 @@ def test_malformed_grant_is_refused_locally(keys):
     for bad in (hs.SessionGrant(b"short", bytes(32), 1), hs.SessionGrant(bytes(16), bytes(32), 0)):
         with pytest.raises(ValueError):
             flow.server.accept(bad)
-
-
-# ---------------------------------------------------------------------------
-# SSHSIG
-# ---------------------------------------------------------------------------
-
-
-def test_sshsig_round_trip_and_binding(keys):
-    key = keys[0]
-    sig = hs.sshsig_sign(key, "moshpit-client", b"message")
-    assert sig.startswith(b"SSHSIG\x00\x00\x00\x01")
-    assert hs.sshsig_verify(key.public, "moshpit-client", b"message", sig)
-    assert not hs.sshsig_verify(key.public, "moshpit-client", b"messagE", sig)
-    assert not hs.sshsig_verify(key.public, "file", b"message", sig)
-    assert not hs.sshsig_verify(keys[1].public, "moshpit-client", b"message", sig)
-    for cut in range(len(sig)):
-        assert not hs.sshsig_verify(key.public, "moshpit-client", b"message", sig[:cut])
-    assert not hs.sshsig_verify(key.public, "moshpit-client", b"message", sig + b"\x00")
-    assert hs.sshsig_unarmor(hs.sshsig_armor(sig)) == sig
-    with pytest.raises(ValueError):
-        hs.sshsig_unarmor("-----BEGIN SSH SIGNATURE-----\n!!\n-----END SSH SIGNATURE-----\n")
-    with pytest.raises(ValueError):
-        hs.sshsig_sign(key, "", b"x")
-
-
-needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None,
-                                      reason="ssh-keygen is not installed")
-
-
-@needs_ssh_keygen
-def test_sshsig_interoperates_with_ssh_keygen(tmp_path):
-    key_path = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "t@x",
-                    "-f", str(key_path)], check=True, timeout=30)
-    key = load_private_key(str(key_path))
-    public = PublicKey.from_line((tmp_path / "id_ed25519.pub").read_text())
-    assert public == key.public
-    message = tmp_path / "message"
-    message.write_bytes(os.urandom(32))  # a transcript hash
-
-    # ssh-keygen signs, we verify.
-    subprocess.run(["ssh-keygen", "-Y", "sign", "-q", "-n", "moshpit-client", "-f", str(key_path),
-                    str(message)], check=True, timeout=30, capture_output=True)
-    theirs = hs.sshsig_unarmor((tmp_path / "message.sig").read_text())
-    assert hs.sshsig_verify(public, "moshpit-client", message.read_bytes(), theirs)
-    assert not hs.sshsig_verify(public, "file", message.read_bytes(), theirs)
-
-    # We sign, ssh-keygen verifies (and checks the namespace).
-    ours = tmp_path / "ours.sig"
-    ours.write_text(hs.sshsig_armor(hs.sshsig_sign(key, "moshpit-client", message.read_bytes())))
-    for namespace, accepted in (("moshpit-client", True), ("file", False)):
-        with open(message, "rb") as stdin:
-            check = subprocess.run(["ssh-keygen", "-Y", "check-novalidate", "-n", namespace,
-                                    "-s", str(ours)], stdin=stdin, capture_output=True,
-                                   timeout=30)
-        assert (check.returncode == 0) == accepted, check.stderr

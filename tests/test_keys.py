@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -260,3 +263,59 @@ def test_hostile_key_type_is_shown_escaped():
     with pytest.raises(ValueError) as info:
         mk.parse_public_key_line("ssh-rsa\x1b[31m AAAA")
     assert "\x1b" not in str(info.value) and "\\x1b" in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# SSHSIG
+# ---------------------------------------------------------------------------
+
+
+def test_sshsig_round_trip_and_binding():
+    key, other = PrivateKey.generate(), PrivateKey.generate()
+    sig = mk.sshsig_sign(key, "moshpit-client", b"message")
+    assert sig.startswith(b"SSHSIG\x00\x00\x00\x01")
+    assert mk.sshsig_verify(key.public, "moshpit-client", b"message", sig)
+    assert not mk.sshsig_verify(key.public, "moshpit-client", b"messagE", sig)
+    assert not mk.sshsig_verify(key.public, "file", b"message", sig)
+    assert not mk.sshsig_verify(other.public, "moshpit-client", b"message", sig)
+    for cut in range(len(sig)):
+        assert not mk.sshsig_verify(key.public, "moshpit-client", b"message", sig[:cut])
+    assert not mk.sshsig_verify(key.public, "moshpit-client", b"message", sig + b"\x00")
+    assert mk.sshsig_unarmor(mk.sshsig_armor(sig)) == sig
+    with pytest.raises(ValueError):
+        mk.sshsig_unarmor("-----BEGIN SSH SIGNATURE-----\n!!\n-----END SSH SIGNATURE-----\n")
+    with pytest.raises(ValueError):
+        mk.sshsig_sign(key, "", b"x")
+
+
+needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None,
+                                      reason="ssh-keygen is not installed")
+
+
+@needs_ssh_keygen
+def test_sshsig_interoperates_with_ssh_keygen(tmp_path):
+    key_path = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "t@x",
+                    "-f", str(key_path)], check=True, timeout=30)
+    key = mk.load_private_key(str(key_path))
+    public = PublicKey.from_line((tmp_path / "id_ed25519.pub").read_text())
+    assert public == key.public
+    message = tmp_path / "message"
+    message.write_bytes(os.urandom(32))  # a transcript hash
+
+    # ssh-keygen signs, we verify.
+    subprocess.run(["ssh-keygen", "-Y", "sign", "-q", "-n", "moshpit-client", "-f", str(key_path),
+                    str(message)], check=True, timeout=30, capture_output=True)
+    theirs = mk.sshsig_unarmor((tmp_path / "message.sig").read_text())
+    assert mk.sshsig_verify(public, "moshpit-client", message.read_bytes(), theirs)
+    assert not mk.sshsig_verify(public, "file", message.read_bytes(), theirs)
+
+    # We sign, ssh-keygen verifies (and checks the namespace).
+    ours = tmp_path / "ours.sig"
+    ours.write_text(mk.sshsig_armor(mk.sshsig_sign(key, "moshpit-client", message.read_bytes())))
+    for namespace, accepted in (("moshpit-client", True), ("file", False)):
+        with open(message, "rb") as stdin:
+            check = subprocess.run(["ssh-keygen", "-Y", "check-novalidate", "-n", namespace,
+                                    "-s", str(ours)], stdin=stdin, capture_output=True,
+                                   timeout=30)
+        assert (check.returncode == 0) == accepted, check.stderr

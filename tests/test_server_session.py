@@ -200,7 +200,7 @@ def test_zero_timeout_keeps_detached_sessions(tmp_path):
     with MpsServer(tmp_path, settings=settings) as server:
         client = TestClient.for_server(server).connect()
         pid = shell_pid(client)
-        time.sleep(4)  # silent: no pings, no acks
+        time.sleep(2.5)  # silent past the unattached timeout: no pings, no acks
         assert pid_alive(pid)
         client.resume()
         assert shell_pid(client) == pid
@@ -222,12 +222,14 @@ def test_resume_continues_the_stream_exactly(client):
     assert client.wait_closed() == 3
 
 
-def test_shell_exit_while_client_away_is_reported_on_resume(client):
+def test_shell_exit_while_client_away_is_reported_on_resume(server, client):
     """A shell that ends during an outage (laptop asleep) keeps its last output and exit
-    status for the client, as long as a detached session would be kept."""
+    status for the client, as long as a detached session would be kept (the rule itself:
+    test_session.py; here mps's wiring of a real shell's exit to it)."""
     shell_pid(client)
     client.send("sleep 1; echo BY''E; exit 5\n")
-    time.sleep(8)  # away well past the shell's exit: nothing read, nothing acknowledged
+    # Away (not reading, not acknowledging) until well past the shell's exit.
+    server.wait_log("shell exited with status 5")
     client.resume()
     client.read_until("BYE")
     assert client.wait_closed() == 5
@@ -239,11 +241,11 @@ def test_resume_refused_for_another_key_and_unknown_session(server, client):
     write_authorized_keys(server.authorized_keys_path, server.client_key.public, other.public)
     shell_pid(client)
     thief = TestClient.for_server(server, identity=other)
-    thief.grant, thief.conn = client.grant, client.conn
+    thief.grant, thief.core = client.grant, client.core
     with pytest.raises(AuthRefused) as refused:
         thief.resume()
     assert refused.value.code == NO_SUCH_SESSION
-    client.grant.session_id = bytes(16)
+    client.core.session_id = bytes(16)
     with pytest.raises(AuthRefused) as refused:
         client.resume()
     assert refused.value.code == NO_SUCH_SESSION
@@ -348,8 +350,8 @@ def test_replayed_datagram_cannot_redirect_output(server, client):
     address (127.0.0.2) instead: the server challenges that address and sends it at most 3x
     what it sent, while the real client keeps getting all its output."""
     shell_pid(client)
-    client.conn.send(b"seq 1 30000 | sed s/^/N/; echo DO''NE\n")
-    stolen = [d for d, _addr in client.conn.datagrams_to_send(time.monotonic())]
+    client.core.send_input(b"seq 1 30000 | sed s/^/N/; echo DO''NE\n")
+    stolen = [d for d, _addr in client.core.datagrams_to_send(time.monotonic())]
     assert stolen
     server_addr = (client.host, client.grant.udp_port)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:

@@ -13,7 +13,7 @@ from server_util import MpsServer, TestClient
 
 pytestmark = pytest.mark.slow
 
-COUNT = 300  # counter lines, one every 0.1 s: ~30 s, the outage in the middle
+COUNT = 120  # counter lines, one every 0.1 s: ~12 s, the outage in the middle
 
 
 def counter_lines(output: bytes) -> list:
@@ -21,11 +21,11 @@ def counter_lines(output: bytes) -> list:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("resume", [True, False], ids=["resume", "no-resume"])
-def test_blackout_then_output_complete_once_in_order(tmp_path, resume):
-    """20 s blackout while the shell prints a counter. With ``resume`` the client does what
-    mp does after 10 s of silence (new UDP port + resume handshake, over TCP that still
-    works); without, the same Connection simply carries on when the path comes back."""
+def test_blackout_then_output_complete_once_in_order(tmp_path):
+    """8 s blackout while a real shell prints a counter; the client does what mp does after
+    a silence (new UDP port + resume handshake, over TCP that still works). The same
+    session without a resume, and the exact offsets under loss, are shown on the cores
+    (test_session.py), in milliseconds."""
     with MpsServer(tmp_path) as server, \
             Relay(front=random_front_alias(), back="127.0.0.1", tcp_ports=[server.port],
                   udp_ports=[server.udp_port]) as relay, \
@@ -35,12 +35,11 @@ def test_blackout_then_output_complete_once_in_order(tmp_path, resume):
         client.send(f"for i in $(seq 1 {COUNT}); do echo count$i; sleep 0.1; done; "
                     "echo DO''NE\n")
         client.read_until("count30\r\n")
-        relay.blackout(20)
-        client.pump_for(12)
-        if resume:
-            client.resume()
-            server.wait_log("resumed")
-        client.pump_for(8.5)  # the rest of the outage
+        relay.blackout(8)
+        client.pump_for(4)
+        client.resume()
+        server.wait_log("resumed")
+        client.pump_for(4.5)  # the rest of the outage
         client.read_until("DONE", timeout=90)
         assert counter_lines(client.output) == list(range(1, COUNT + 1))
         assert relay.stats["down"]["blackout_dropped"] > 0

@@ -208,7 +208,7 @@ def test_first_address_gets_three_times_its_bytes_until_it_answers():
     assert 0 < net.bytes[SERVER_ADDR, CLIENT_ADDR] <= mt.AMPLIFICATION_FACTOR * MAX_DATAGRAM
     assert len(sim.client.received) > 1000, "the start of the output is not held back"
     net.tap = None  # the client's next packet (a keepalive) brings a new challenge
-    sim.run_until(lambda: len(sim.client.received) == 20_000, limit=sim.now + mt.KEEPALIVE + 1)
+    sim.run_until(lambda: len(sim.client.received) == 20_000, limit=sim.now + mt.KEEPALIVE_SECS + 1)
     assert sim.server.conn._probe is None, "validated"
 
 

@@ -1,0 +1,617 @@
+"""moshpit session: what a session is, as sans-IO cores between the transport and the programs.
+
+The transport (moshpit_transport) carries numbered reliable byte streams and knows nothing
+of terminals; the programs (mps.py, mp.py) own the PTY, the terminal, sockets, threads and
+OS policy.  In between, this module says what a session *is*, as pure code driven by the
+bytes, events and time the programs pass in (h11 style: feed inputs, then take
+``datagrams_to_send(now)``, ``next_timeout()`` and ``next_event()``):
+
+* ``ServerSession``: the shell's side.  Terminal input for the PTY, the PTY's output for
+  the client (read only while ``may_read_pty()``: back-pressure), the exit status after the
+  last output, shutdown, resume and the ending rules (see below).
+* ``ClientSession``: the terminal's side.  Keystrokes (read only while
+  ``may_read_input()``), output, resize, quit, the resume request and its result, and how
+  long the server has been silent.
+
+Both sit on one transport ``Connection`` with two streams:
+
+* stream 0 (``STREAM_TERMINAL``): the terminal's bytes, input one way and output the
+  other, addressed by offset so a resume continues exactly where the peer left off;
+* stream 1 (``STREAM_RECORDS``): typed records, an urgent stream (served before any
+  output, acked at once).  Later issues add more streams (forwarded ports, the agent), each
+  with its own window, and a second carrier under the same Connection.
+
+Records (the one encoding for everything a session says that is not terminal bytes)::
+
+    record = type:u8 | length:u32 | body          (body at most MAX_RECORD_BODY bytes)
+
+    RESIZE   (1) client->server  rows:u16 cols:u16
+    EXIT     (2) server->client  status:i32 output_offset:u64   reported once all output
+                                 up to output_offset has been delivered
+    SHUTDOWN (3) either way      reason: UTF-8, at most MAX_REASON_BYTES
+    4, 5, 6      reserved for ECHO_ACK (input offset whose echo has been read from the PTY),
+                 TTY_MODE (icanon, echo, erase) and REPAINT (a serialized screen at an output
+                 offset), built with local echo prediction and reattach
+
+Version rule: a type number is never reused or redefined.  A receiver skips a record of a
+type it does not know by its length, and reads a known record's fields from the start of
+its body, ignoring any bytes after them: a later protocol version may append fields to a
+body, never change the ones there.  A sender sends a type only if the peer's protocol
+version (exchanged in the handshake, moshpit.PROTOCOL_VERSION) defines it.  A record longer
+than MAX_RECORD_BODY is skipped too, without being buffered.
+
+Records travel again after a resume: stream 1 starts over on both sides with each re-key,
+and records not yet acknowledged are written again whole, so a record may arrive twice.
+Each is idempotent or reported once (EXIT, SHUTDOWN); a repeated RESIZE is harmless.
+
+Ending rules (ServerSession): the session ends
+
+* when the shell has exited and its output is read (PTY at EOF, or no output for
+  PTY_DRAIN_SECS while the send window has room): EXIT is sent and the session ends once
+  the client has acknowledged everything; a client that is away gets the last output and
+  the status when it resumes, as long as a detached session would be kept;
+* when the client quits (a SHUTDOWN record over UDP, or ``end_requested`` after a quit
+  request over TCP): at once;
+* when the server stops (``shutdown``): SHUTDOWN is sent, and the session ends once acked
+  or after SHUTDOWN_FLUSH_SECS;
+* when the client has been silent for ``detached_timeout_secs`` (0: never) -- or, if it
+  never sent a single UDP packet since the handshake, for the shorter
+  ``unattached_timeout_secs`` (UDP blocked: the session would hold its slot for nothing).
+
+The resume sequence, end to end (who does what, in order):
+
+1. mp's session loop (ClientSession.silence(now) past RESUME_AFTER_SECS, then as
+   ResumeSchedule says) hops to a new UDP port and asks ``ClientSession.resume_request()``
+   for (session id, resume secret, terminal bytes received); a background thread runs the
+   TCP handshake with them.
+2. mps's listener thread runs the server handshake; the resume proof names the session,
+   and mps's handshake thread posts the new keys and the client's offset to the session's
+   thread, which calls ``ServerSession.resume(keys, peer_recv_offset, now)``: the
+   Connection re-keys, stream 0 resends from that offset, stream 1 starts over with the
+   unacknowledged records; it returns what the server has received, for the handshake's
+   reply.
+3. Back in mp's loop, the handshake thread's result is applied by
+   ``ClientSession.resumed(...)``: the same re-key on the client's side, the terminal size
+   sent again, the new resume secret kept for the next time.
+4. The client's first packets under the new keys reach the server; if they come from a
+   new address, the transport validates it before moving output there.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from typing import NamedTuple, Optional
+
+from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddressChanged
+
+__all__ = [
+    "STREAM_TERMINAL", "STREAM_RECORDS", "RECORD_RESIZE", "RECORD_EXIT", "RECORD_SHUTDOWN",
+    "MAX_RECORD_BODY", "MAX_REASON_BYTES", "PTY_DRAIN_SECS", "SHUTDOWN_FLUSH_SECS",
+    "RESUME_AFTER_SECS", "FIRST_BACKOFF_SECS", "ResumeSchedule",
+    "encode_record", "RecordDecoder", "RecordLane",
+    "InputReceived", "ResizeRequested", "ClientAddressChanged", "OutputReceived",
+    "SessionExited", "ShutdownReceived",
+    "ServerSession", "ClientSession",
+]
+
+log = logging.getLogger("moshpit.session")
+
+STREAM_TERMINAL = FIRST_STREAM
+STREAM_RECORDS = 1
+RECORD_WINDOW = 64 * 1024  # records unacked before the lane counts as full (never refused)
+
+RECORD_HEADER = struct.Struct("!BI")
+RECORD_RESIZE, RECORD_EXIT, RECORD_SHUTDOWN = 1, 2, 3
+RESIZE_BODY = struct.Struct("!HH")
+EXIT_BODY = struct.Struct("!iQ")
+MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
+MAX_REASON_BYTES = 255
+
+RESUME_AFTER_SECS = 10.0  # client: UDP silence before a port hop + resume handshake
+FIRST_BACKOFF_SECS = 2.0  # then between attempts, doubling up to the configured maximum
+PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
+SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
+
+
+# ---------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------
+
+
+def encode_record(record_type: int, body: bytes) -> bytes:
+    """One record: ``type | length | body``."""
+    if len(body) > MAX_RECORD_BODY:
+        raise ValueError(f"record body of {len(body)} bytes exceeds {MAX_RECORD_BODY}")
+    return RECORD_HEADER.pack(record_type, len(body)) + body
+
+
+def _reason_body(reason: str) -> bytes:
+    """A SHUTDOWN body: ``reason`` in UTF-8, cut to MAX_REASON_BYTES on a character boundary."""
+    return reason.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
+
+class RecordDecoder:
+    """Whole records out of a byte stream that arrives in pieces, in bounded memory: at most
+    one record's header and body are held; an oversized body is skipped as it streams by."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skip = 0  # bytes of an oversized body still to pass over
+
+    def feed(self, data: bytes) -> list:
+        """``(type, body)`` of every record completed by ``data``, in order."""
+        if self._skip:
+            passed = min(self._skip, len(data))
+            self._skip -= passed
+            data = data[passed:]
+        buf = self._buf
+        buf += data
+        found, pos = [], 0
+        while len(buf) - pos >= RECORD_HEADER.size:
+            record_type, length = RECORD_HEADER.unpack_from(buf, pos)
+            start = pos + RECORD_HEADER.size
+            if length > MAX_RECORD_BODY:
+                log.warning("record of type %d with %d bytes skipped (limit %d)",
+                            record_type, length, MAX_RECORD_BODY)
+                available = len(buf) - start
+                if available >= length:
+                    pos = start + length
+                    continue
+                self._skip, pos = length - available, len(buf)
+                break
+            if start + length > len(buf):
+                break
+            found.append((record_type, bytes(buf[start:start + length])))
+            pos = start + length
+        del buf[:pos]
+        return found
+
+    def reset(self) -> None:
+        """The stream starts over (after a re-key)."""
+        self._buf.clear()
+        self._skip = 0
+
+
+class RecordLane:
+    """Typed records on the urgent stream 1 of a Connection, resent whole after a re-key.
+
+    Sending: ``send(type, body)``.  Receiving: ``feed(data)`` with the stream's bytes.
+    ``rekey(...)`` replaces ``Connection.rekey``: stream 1 starts over on both sides, and
+    the records the peer had not acknowledged are written again.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        conn.open_stream(STREAM_RECORDS, RECORD_WINDOW, urgent=True)
+        self._unacked: deque = deque()  # (end offset, record) not known to have arrived
+        self._decoder = RecordDecoder()
+
+    def send(self, record_type: int, body: bytes) -> None:
+        record = encode_record(record_type, body)
+        self.conn.send(record, STREAM_RECORDS)
+        self._unacked.append((self.conn.send_offset(STREAM_RECORDS), record))
+
+    def feed(self, data: bytes) -> list:
+        return self._decoder.feed(data)
+
+    def idle(self) -> bool:
+        """Every record sent has been acknowledged."""
+        return self.conn.unacked_bytes(STREAM_RECORDS) == 0
+
+    def rekey(self, keys: object, peer_recv_offset: int, now: float,
+              peer_addr: object = None) -> None:
+        acked = self.conn.acked_offset(STREAM_RECORDS)
+        pending = [record for end, record in self._unacked if end > acked]
+        self.conn.rekey(keys, peer_recv_offset, now, peer_addr)
+        self._unacked.clear()
+        self._decoder.reset()
+        for record in pending:
+            self.conn.send(record, STREAM_RECORDS)
+            self._unacked.append((self.conn.send_offset(STREAM_RECORDS), record))
+
+
+# ---------------------------------------------------------------------------
+# Events for the programs
+# ---------------------------------------------------------------------------
+
+
+class InputReceived(NamedTuple):
+    """Server: the client's keystrokes, for the PTY."""
+
+    data: bytes
+
+
+class ResizeRequested(NamedTuple):
+    """Server: the client's terminal size changed."""
+
+    rows: int
+    cols: int
+
+
+class ClientAddressChanged(NamedTuple):
+    """Server: the client's packets come from ``addr`` (``first``: its first contact)."""
+
+    addr: tuple
+    first: bool
+
+
+class OutputReceived(NamedTuple):
+    """Client: the remote terminal's output, for stdout."""
+
+    data: bytes
+
+
+class SessionExited(NamedTuple):
+    """Client: the shell exited with ``exit_status``; all its output came before this."""
+
+    exit_status: int
+
+
+class ShutdownReceived(NamedTuple):
+    """Either side: the peer ends the session for ``reason`` (client quit, server stopping)."""
+
+    reason: str
+
+
+class _Core:
+    """What both cores share: the Connection, the record lane, the event queue."""
+
+    def __init__(self, role: str, keys: object, now: float, peer_addr: object = None) -> None:
+        self.conn = Connection(role, keys, now, peer_addr)
+        self.records = RecordLane(self.conn)
+        self._events: deque = deque()
+        self._shutdown_reported = False
+
+    # The three calls a carrier (UdpLink) makes, as on a bare Connection.
+
+    def receive_datagram(self, data: bytes, addr: object, now: float) -> None:
+        self.conn.receive_datagram(data, addr, now)
+        self._take_transport_events(now)
+
+    def datagrams_to_send(self, now: float) -> list:
+        return self.conn.datagrams_to_send(now)
+
+    def next_timeout(self) -> Optional[float]:
+        return self.conn.next_timeout()
+
+    def next_event(self) -> object:
+        """The oldest event for the program, or None."""
+        return self._events.popleft() if self._events else None
+
+    def all_acked(self) -> bool:
+        """Everything sent, terminal bytes and records, has been acknowledged."""
+        return self.conn.all_acked()
+
+    @property
+    def recv_offset(self) -> int:
+        """Terminal bytes received from the peer (what a resume handshake reports)."""
+        return self.conn.recv_offset(STREAM_TERMINAL)
+
+    def _take_transport_events(self, now: float) -> None:
+        while True:
+            event = self.conn.next_event()
+            if event is None:
+                return
+            if isinstance(event, DataReceived):
+                if event.stream_id == STREAM_TERMINAL:
+                    self._on_terminal(event.data, now)
+                else:
+                    for record_type, body in self.records.feed(event.data):
+                        self._on_record(record_type, body, now)
+            elif isinstance(event, PeerAddressChanged):
+                self._on_address(event.addr)
+
+    def _on_shutdown_record(self, body: bytes) -> None:
+        if not self._shutdown_reported:  # may arrive twice across a resume
+            self._shutdown_reported = True
+            self._events.append(ShutdownReceived(body.decode("utf-8", "replace")))
+
+    def _on_terminal(self, data: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def _on_record(self, record_type: int, body: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def _on_address(self, addr: tuple) -> None:
+        """The transport moved replies to ``addr`` (nothing to do by default)."""
+
+
+# ---------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------
+
+
+class ServerSession(_Core):
+    """The server's session core: one shell's terminal, its client, and when it all ends.
+
+    Called by the session's thread in mps only.  The program reads the PTY while
+    ``may_read_pty()`` and hands what it read to ``pty_output``, writes ``InputReceived``
+    data to the PTY, reports ``pty_closed`` / ``shell_exited``, and stops once
+    ``finished(now)``; ``ending`` then says why.
+    """
+
+    def __init__(self, keys: object, now: float, detached_timeout_secs: float = 0,
+                 unattached_timeout_secs: float = 0) -> None:
+        super().__init__("server", keys, now)
+        self.detached_timeout_secs = detached_timeout_secs or None
+        self.unattached_timeout_secs = unattached_timeout_secs or None
+        self.client_addr: Optional[tuple] = None  # None: no UDP packet from the client yet
+        self.ending: Optional[str] = None  # why the session is ending, once it is
+        self._end_by: Optional[float] = None  # None: live on as a detached session would
+        self._pty_eof = False
+        self._exit_status: Optional[int] = None
+        self._drain_until = now
+
+    # -- the program's inputs ------------------------------------------------------------
+
+    def pty_output(self, data: bytes, now: float) -> None:
+        """Bytes the shell wrote (read from the PTY master): to the client."""
+        if data:
+            self.conn.send(data, STREAM_TERMINAL)
+            self._drain_until = now + PTY_DRAIN_SECS
+
+    def pty_closed(self, now: float) -> None:
+        """The PTY master reads EOF: no more output will come."""
+        self._pty_eof = True
+        self._check_exit(now)
+
+    def shell_exited(self, status: int, now: float) -> None:
+        """The shell was reaped with ``status``; EXIT follows the rest of its output."""
+        if self._exit_status is None:
+            self._exit_status = status
+            self._drain_until = now + PTY_DRAIN_SECS
+        self._check_exit(now)
+
+    def resume(self, keys: object, peer_recv_offset: int, now: float) -> int:
+        """A resume handshake re-attached the client: continue under ``keys`` from
+        ``peer_recv_offset``. Returns the terminal bytes we have received (for the reply)."""
+        self.records.rekey(keys, peer_recv_offset, now)
+        return self.recv_offset
+
+    def end_requested(self, now: float) -> int:
+        """The client's owner quit and said so over TCP: end now. Returns recv_offset."""
+        self._end("by the client's quit request", now, 0.0)
+        return self.recv_offset
+
+    def shutdown(self, reason: str, now: float) -> None:
+        """The server stops: tell the client, end once it acknowledged or soon after."""
+        self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
+        self._end(reason, now, SHUTDOWN_FLUSH_SECS)
+
+    # -- the program's questions ---------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list:
+        self._check_exit(now)  # the drain deadline is one of the timers next_timeout names
+        return self.conn.datagrams_to_send(now)
+
+    def may_read_pty(self) -> bool:
+        """Read the PTY now? Only while the output window has room (a flood cannot build a
+        backlog, DESIGN 6) and the session is not ending."""
+        return not self._pty_eof and not self.ending and self.conn.writable(STREAM_TERMINAL)
+
+    def next_timeout(self) -> Optional[float]:
+        times = [self.conn.next_timeout(), self._deadline()]
+        if self._exit_status is not None and not self.ending:
+            times.append(self._drain_until)
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
+
+    def finished(self, now: float) -> bool:
+        """Is the session over? (``ending`` says why.)"""
+        self._check_exit(now)
+        deadline = self._deadline()
+        if self.ending is None:
+            if deadline is not None and now >= deadline:
+                self.ending = self._silence_limit()[1]
+                return True
+            return False
+        return self.conn.all_acked() or (deadline is not None and now >= deadline)
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def _check_exit(self, now: float) -> None:
+        """Once the shell has exited and its output is read, send EXIT after that output."""
+        if self._exit_status is None or self.ending:
+            return
+        # Output still in the PTY goes first; a background job holding the terminal open
+        # only delays the end by PTY_DRAIN_SECS of silence.
+        if self._pty_eof or (self.conn.writable(STREAM_TERMINAL) and now >= self._drain_until):
+            self.records.send(RECORD_EXIT, EXIT_BODY.pack(
+                self._exit_status, self.conn.send_offset(STREAM_TERMINAL)))
+            # Resent until acknowledged: a client that is away (outage, laptop asleep) gets
+            # the last output and the exit status when it resumes, as long as a detached
+            # session would have been kept for it.
+            self._end(f"shell exited with status {self._exit_status}", now, None)
+
+    def _end(self, why: str, now: float, linger: Optional[float]) -> None:
+        """Start ending: done once everything sent is acknowledged, or after ``linger``
+        seconds (None: when a detached session would expire)."""
+        self.ending = why
+        self._end_by = None if linger is None else now + linger
+
+    def _silence_limit(self) -> tuple:
+        """(seconds the client may stay unheard, None: forever; why the session then ends).
+        Until its first UDP packet arrives, the shorter unattached timeout applies."""
+        detached, unattached = self.detached_timeout_secs, self.unattached_timeout_secs
+        if self.client_addr is None and unattached and (detached is None
+                                                        or unattached < detached):
+            return unattached, (f"never attached: no UDP packet from the client within"
+                                f" {unattached} s of the handshake (UDP blocked?)")
+        return detached, f"detached for more than {detached} s"
+
+    def _deadline(self) -> Optional[float]:
+        """When the session ends if nothing else happens (None: never)."""
+        if self._end_by is not None:
+            return self._end_by
+        limit, _why = self._silence_limit()
+        # last_heard: the latest authentic packet, or the latest handshake (start, resume).
+        return self.conn.last_heard + limit if limit else None
+
+    # -- from the transport --------------------------------------------------------------
+
+    def _on_terminal(self, data: bytes, now: float) -> None:
+        if not self.ending:
+            self._events.append(InputReceived(data))
+
+    def _on_record(self, record_type: int, body: bytes, now: float) -> None:
+        if record_type == RECORD_RESIZE and len(body) >= RESIZE_BODY.size:
+            self._events.append(ResizeRequested(*RESIZE_BODY.unpack_from(body)))
+        elif record_type == RECORD_SHUTDOWN:
+            if not self._shutdown_reported:
+                self._end(f"client: {body.decode('utf-8', 'replace')}", now, 0.0)
+            self._on_shutdown_record(body)
+        # Other types: skipped (see the version rule).
+
+    def _on_address(self, addr: tuple) -> None:
+        first = self.client_addr is None
+        self.client_addr = addr
+        self._events.append(ClientAddressChanged(addr, first))
+
+
+# ---------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------
+
+
+class ClientSession(_Core):
+    """The client's session core: keystrokes up, output down, and the resume bookkeeping.
+
+    Called by mp's session loop only (a resume handshake runs in another thread, with the
+    values ``resume_request()`` returned; its result comes back through ``resumed``).
+    ``last_contact`` is when the latest authentic UDP packet arrived: unlike the
+    transport's ``last_heard`` a resume handshake does not count, because the banner and
+    the resume schedule are about UDP getting through.
+    """
+
+    def __init__(self, keys: object, now: float, server_addr: tuple, session_id: bytes,
+                 resume_secret: bytes, winsize: tuple) -> None:
+        super().__init__("client", keys, now, server_addr)
+        self.session_id = session_id
+        self.resume_secret = resume_secret
+        self.last_contact = now
+        self.udp_heard = False  # any UDP packet from the server yet (else: UDP blocked?)
+        self._winsize = tuple(winsize)
+        self._resize_due = False  # a size to send once the records in flight are acked
+        self._exit: Optional[tuple] = None  # (status, output offset) awaiting the output
+        self._exit_reported = False
+
+    # -- the program's inputs ------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: object, now: float) -> None:
+        before = self.conn.last_heard
+        super().receive_datagram(data, addr, now)
+        if self.conn.last_heard != before:
+            self.last_contact = self.conn.last_heard
+            self.udp_heard = True
+            self._send_resize()  # an ack may have emptied the record lane
+
+    def send_input(self, data: bytes) -> None:
+        """Keystrokes (after the escape filter): to the shell, exactly once."""
+        self.conn.send(data, STREAM_TERMINAL)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """The terminal's size: sent unless unchanged; sizes set while a record is in flight
+        coalesce into the latest."""
+        if (rows, cols) != self._winsize:
+            self._winsize = (rows, cols)
+            self._resize_due = True
+            self._send_resize()
+
+    def quit(self, reason: str) -> None:
+        """Tell the server the session is over (it hangs up the shell)."""
+        self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
+
+    def resume_request(self) -> tuple:
+        """``(session id, resume secret, terminal bytes received)`` for a resume handshake."""
+        return self.session_id, self.resume_secret, self.recv_offset
+
+    def resumed(self, keys: object, peer_recv_offset: int, resume_secret: bytes,
+                server_addr: tuple, now: float) -> None:
+        """A resume handshake succeeded: continue under ``keys``, resending our input from
+        ``peer_recv_offset``; the size goes again (it may have changed meanwhile)."""
+        self.resume_secret = resume_secret
+        self.records.rekey(keys, peer_recv_offset, now, server_addr)
+        self._resize_due = True
+        self._send_resize()
+
+    # -- the program's questions ---------------------------------------------------------
+
+    def may_read_input(self) -> bool:
+        """Read stdin now? Only while the input window has room."""
+        return self.conn.writable(STREAM_TERMINAL)
+
+    @property
+    def winsize(self) -> tuple:
+        return self._winsize
+
+    def silence(self, now: float) -> float:
+        """Seconds since the latest authentic UDP packet."""
+        return now - self.last_contact
+
+    def all_acked(self) -> bool:
+        return not self._resize_due and self.conn.all_acked()
+
+    def _send_resize(self) -> None:
+        """The size, once no record is in flight (so sizes set during an outage or a slow
+        acknowledgement coalesce into one)."""
+        if self._resize_due and self.records.idle():
+            self.records.send(RECORD_RESIZE, RESIZE_BODY.pack(*self._winsize))
+            self._resize_due = False
+
+    # -- from the transport --------------------------------------------------------------
+
+    def _on_terminal(self, data: bytes, now: float) -> None:
+        self._events.append(OutputReceived(data))
+        self._report_exit()
+
+    def _on_record(self, record_type: int, body: bytes, now: float) -> None:
+        if record_type == RECORD_EXIT and len(body) >= EXIT_BODY.size:
+            self._exit = EXIT_BODY.unpack_from(body)
+            self._report_exit()
+        elif record_type == RECORD_SHUTDOWN:
+            self._on_shutdown_record(body)
+
+    def _report_exit(self) -> None:
+        if self._exit is None or self._exit_reported:
+            return
+        status, output_offset = self._exit
+        if self.recv_offset >= output_offset:
+            self._exit_reported = True
+            self._events.append(SessionExited(status))
+
+
+class ResumeSchedule:
+    """When the client tries a resume handshake: the first attempt once the server has been
+    silent (no UDP) for RESUME_AFTER_SECS, then FIRST_BACKOFF_SECS after each failed or
+    fruitless attempt, doubling up to ``max_backoff_secs``; one attempt at a time; contact
+    coming back starts the schedule over. mp runs the attempts (a thread each)."""
+
+    def __init__(self, max_backoff_secs: float) -> None:
+        self.max_backoff = max_backoff_secs
+        self.backoff = FIRST_BACKOFF_SECS
+        self.not_before = 0.0
+        self.running = False
+        self.attempts = 0
+
+    def next_attempt(self, last_contact: float) -> float:
+        return max(last_contact + RESUME_AFTER_SECS, self.not_before)
+
+    def due(self, now: float, last_contact: float) -> bool:
+        return not self.running and now >= self.next_attempt(last_contact)
+
+    def started(self) -> None:
+        self.running = True
+        self.attempts += 1
+
+    def finished(self, now: float) -> None:
+        """The attempt ended (whatever its outcome): the next waits the back-off."""
+        self.running = False
+        self.not_before = now + self.backoff
+        self.backoff = min(self.backoff * 2, self.max_backoff)
+
+    def contact(self) -> None:
+        """Packets flow again: the next outage starts the schedule from the beginning."""
+        self.backoff = FIRST_BACKOFF_SECS
+        self.not_before = 0.0

@@ -1,0 +1,403 @@
+"""The session rules on the sans-IO cores: a ServerSession and a ClientSession over the
+simulated network of test_transport, with a fake clock (no process, socket or sleep).
+
+What the process-level tests used to show by starting mps and waiting, in milliseconds here:
+exit reported after the last output, exit while the client is away, shutdown, quit, the
+detached and unattached expiry, resume at exact offsets, records across a re-key,
+back-pressure, and the record encoding's bounds and version rule.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_transport import CLIENT_ADDR, CLIENT_ADDR2, SERVER_ADDR, SimNet, make_keys, random_bytes
+
+import moshpit_session as ms
+
+pytestmark = pytest.mark.timeout(60)
+
+SESSION_ID, SECRET = b"s" * 16, b"r" * 32
+
+
+class CoreSim:
+    """A client core and a server core over a SimNet; the "programs" around them are the
+    lists below: what the client typed and saw, what the shell got and the events."""
+
+    def __init__(self, net: SimNet, detached: float = 0, unattached: float = 0,
+                 keys=None) -> None:
+        keys = keys or make_keys()
+        self.net, self.now = net, 0.0
+        self.server = ms.ServerSession(keys, 0.0, detached, unattached)
+        self.client = ms.ClientSession(keys, 0.0, SERVER_ADDR, SESSION_ID, SECRET, (24, 80))
+        self.client_addr = CLIENT_ADDR
+        self.client_gone = False  # the client process is not running (laptop asleep)
+        self.shell_in = bytearray()  # what reached the PTY
+        self.screen = bytearray()  # what reached the client's stdout
+        self.server_events: list = []
+        self.client_events: list = []
+        self.pty_source = b""  # what the shell will write, read only while may_read_pty
+        self.pty_read = 0
+        self.steps = 0
+
+    def _app(self) -> None:
+        server = self.server
+        while self.pty_read < len(self.pty_source) and server.may_read_pty():
+            chunk = self.pty_source[self.pty_read:self.pty_read + 16384]
+            server.pty_output(chunk, self.now)
+            self.pty_read += len(chunk)
+        for core, events in ((server, self.server_events), (self.client, self.client_events)):
+            event = core.next_event()
+            while event is not None:
+                if isinstance(event, ms.InputReceived):
+                    self.shell_in += event.data
+                elif isinstance(event, ms.OutputReceived):
+                    self.screen += event.data
+                else:
+                    events.append(event)
+                event = core.next_event()
+
+    def step(self, until: float = float("inf")) -> None:
+        self.steps += 1
+        assert self.steps < 200_000, "simulation does not converge"
+        self._app()
+        for core, src in ((self.server, SERVER_ADDR), (self.client, self.client_addr)):
+            if core is self.client and self.client_gone:
+                continue
+            for datagram, dst in core.datagrams_to_send(self.now):
+                self.net.send(self.now, datagram, src, dst)
+        times = [t for t in (self.server.next_timeout(), self.net.next_time(),
+                             None if self.client_gone else self.client.next_timeout())
+                 if t is not None]
+        self.now = max(self.now, min(times + [until]))
+        for datagram, src, dst in self.net.pop_due(self.now):
+            if dst == SERVER_ADDR:
+                self.server.receive_datagram(datagram, src, self.now)
+            elif dst == self.client_addr and not self.client_gone:
+                self.client.receive_datagram(datagram, src, self.now)
+        self._app()
+
+    def run_until(self, done, limit: float) -> None:
+        while not done():
+            assert self.now < limit, f"not done by t={limit}"
+            self.step(until=limit)
+
+    def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.step(until=end)
+
+    def finished_by(self, limit: float) -> None:
+        self.run_until(lambda: self.server.finished(self.now), limit)
+
+    def resume(self, keys, addr: tuple = CLIENT_ADDR2) -> None:
+        """The resume handshake, as mps and mp apply it: server first, then the client."""
+        session_id, secret, client_has = self.client.resume_request()
+        assert (session_id, secret) == (SESSION_ID, self.client.resume_secret)
+        server_has = self.server.resume(keys, client_has, self.now)
+        self.client_addr, self.client_gone = addr, False
+        self.client.resumed(keys, server_has, b"n" * 32, SERVER_ADDR, self.now)
+
+
+def exited(events: list) -> list:
+    return [e.exit_status for e in events if isinstance(e, ms.SessionExited)]
+
+
+# ---------------------------------------------------------------------------
+# Exit, quit, shutdown
+# ---------------------------------------------------------------------------
+
+def test_exit_is_reported_after_all_output_and_ends_once_acknowledged():
+    rng = random.Random(1)
+    sim = CoreSim(SimNet(1, loss=0.1))
+    sim.pty_source = random_bytes(rng, 300_000)
+    sim.client.send_input(b"exit 3\r")
+    sim.run_until(lambda: sim.shell_in == b"exit 3\r" and sim.pty_read == len(sim.pty_source),
+                  limit=30)
+    sim.server.shell_exited(3, sim.now)
+    sim.server.pty_closed(sim.now)
+    assert sim.server.ending == "shell exited with status 3"
+    sim.run_until(lambda: sim.client_events, limit=sim.now + 30)
+    assert exited(sim.client_events) == [3]
+    assert sim.screen == sim.pty_source, "the status came before the last output"
+    sim.finished_by(sim.now + 5)
+
+
+def test_exit_waits_for_a_quiet_pty_unless_it_closes():
+    sim = CoreSim(SimNet(2))
+    sim.run_for(0.1)
+    sim.server.shell_exited(0, sim.now)
+    sim.run_for(0.5)
+    sim.server.pty_output(b"late words", sim.now)  # a background job still writing
+    words_at = sim.now
+    sim.run_until(lambda: sim.server.ending, limit=5)
+    assert sim.now == pytest.approx(words_at + ms.PTY_DRAIN_SECS, abs=0.05)
+    sim.run_until(lambda: sim.client_events, limit=sim.now + 5)
+    assert sim.screen == b"late words" and exited(sim.client_events) == [0]
+
+
+def test_exit_while_the_client_is_away_arrives_on_resume():
+    sim = CoreSim(SimNet(3), detached=3600)
+    sim.run_for(0.2)
+    sim.client_gone = True  # laptop lid closed
+    sim.pty_source = b"the last words"
+    sim.run_for(1.0)
+    sim.server.shell_exited(5, sim.now)
+    sim.server.pty_closed(sim.now)
+    sim.run_for(600)  # away for ten minutes: the session waits, nothing acknowledged
+    assert not sim.server.finished(sim.now) and not sim.client_events
+    sim.resume(make_keys(4))
+    sim.run_until(lambda: sim.client_events, limit=sim.now + 5)
+    assert exited(sim.client_events) == [5] and sim.screen == b"the last words"
+    sim.finished_by(sim.now + 5)
+
+
+def test_exit_while_away_past_the_detached_timeout_ends_the_session():
+    sim = CoreSim(SimNet(5), detached=60)
+    sim.run_for(0.2)
+    sim.client_gone = True
+    sim.server.shell_exited(0, sim.now)
+    sim.server.pty_closed(sim.now)
+    sim.finished_by(sim.now + 61)
+    assert sim.now == pytest.approx(sim.server.conn.last_heard + 60)
+
+
+def test_client_quit_ends_the_session_at_once_and_input_after_it_is_dropped():
+    sim = CoreSim(SimNet(6, loss=0.3))
+    sim.client.send_input(b"ls\r")
+    sim.run_until(lambda: sim.shell_in, limit=10)
+    sim.client.quit("client quit")
+    sim.client.send_input(b"never typed into the shell")
+    sim.run_until(lambda: sim.server.finished(sim.now), limit=sim.now + 10)
+    assert sim.server.ending == "client: client quit" and sim.shell_in == b"ls\r"
+    assert sim.server_events == [ms.ClientAddressChanged(CLIENT_ADDR, True),
+                                 ms.ShutdownReceived("client quit")]
+
+
+def test_quit_request_over_tcp_ends_the_session_at_once():
+    sim = CoreSim(SimNet(7))
+    sim.client.send_input(b"x" * 100)
+    sim.run_until(lambda: len(sim.shell_in) == 100, limit=5)
+    assert sim.server.end_requested(sim.now) == 100
+    assert sim.server.finished(sim.now) and "quit request" in sim.server.ending
+
+
+def test_server_shutdown_tells_the_client_then_ends():
+    sim = CoreSim(SimNet(8))
+    sim.run_for(0.1)
+    sim.server.shutdown("server shutting down", sim.now)
+    assert not sim.server.may_read_pty()
+    sim.run_until(lambda: sim.client_events, limit=5)
+    assert sim.client_events == [ms.ShutdownReceived("server shutting down")]
+    sim.finished_by(sim.now + 1)
+
+
+def test_server_shutdown_with_the_client_away_ends_after_the_flush_time():
+    sim = CoreSim(SimNet(9), detached=3600)
+    sim.run_for(0.1)
+    sim.client_gone = True
+    sim.server.shutdown("server shutting down", sim.now)
+    start = sim.now
+    sim.finished_by(start + 10)
+    assert sim.now == pytest.approx(start + ms.SHUTDOWN_FLUSH_SECS, abs=0.01)
+
+
+# ---------------------------------------------------------------------------
+# Detached and unattached expiry
+# ---------------------------------------------------------------------------
+
+def test_a_session_nobody_attached_ends_after_the_unattached_timeout():
+    sim = CoreSim(SimNet(10), detached=3600, unattached=30)
+    sim.client_gone = True  # UDP blocked: not one packet from the client
+    sim.finished_by(100)
+    assert sim.now == pytest.approx(30, abs=0.01)
+    assert sim.server.ending.startswith("never attached: no UDP packet from the client within 30 s")
+
+
+def test_an_attached_session_gets_the_detached_timeout_and_a_resume_restarts_it():
+    sim = CoreSim(SimNet(11), detached=120, unattached=30)
+    sim.run_for(0.5)  # attached: the unattached limit no longer applies
+    sim.client_gone = True
+    sim.run_for(100)
+    assert not sim.server.finished(sim.now)
+    sim.resume(make_keys(12))  # the handshake counts as contact
+    sim.client_gone = True
+    away = sim.now
+    sim.finished_by(away + 200)
+    assert sim.now == pytest.approx(sim.server.conn.last_heard + 120)
+    assert sim.server.conn.last_heard >= away
+    assert sim.server.ending == "detached for more than 120 s"
+
+
+def test_zero_timeouts_keep_a_detached_session_forever():
+    sim = CoreSim(SimNet(13))
+    sim.client_gone = True
+    sim.run_for(30 * 86400)
+    assert not sim.server.finished(sim.now) and sim.server.next_timeout() is None
+
+
+# ---------------------------------------------------------------------------
+# Resume, re-key, records
+# ---------------------------------------------------------------------------
+
+def test_resume_continues_both_streams_at_exact_offsets():
+    rng = random.Random(14)
+    typed = random_bytes(rng, 200_000)
+    sim = CoreSim(SimNet(14, loss=0.2), detached=3600)
+    sim.pty_source = random_bytes(rng, 400_000)
+    sim.client.send_input(typed[:100_000])
+    sim.run_until(lambda: len(sim.screen) > 100_000 and len(sim.shell_in) > 30_000, limit=30)
+    sim.net.blackout_until = sim.now + 30
+    sim.client.send_input(typed[100_000:])  # typed during the outage: sent once, later
+    sim.run_for(15)
+    sim.resume(make_keys(15))
+    sim.run_until(lambda: sim.shell_in == typed and sim.screen == sim.pty_source
+                  and sim.client.all_acked() and sim.server.all_acked(), limit=sim.now + 120)
+
+
+def test_an_outage_without_resume_loses_and_doubles_nothing():
+    """The path comes back after 20 s and the same session carries on (no handshake)."""
+    rng = random.Random(27)
+    sim = CoreSim(SimNet(27, loss=0.05), detached=3600)
+    sim.pty_source = random_bytes(rng, 200_000)
+    sim.run_until(lambda: len(sim.screen) > 20_000, limit=10)
+    sim.net.blackout_until = sim.now + 20
+    sim.client.send_input(b"typed in the dark\r")
+    sim.run_until(lambda: sim.screen == sim.pty_source and sim.shell_in == b"typed in the dark\r"
+                  and sim.client.all_acked() and sim.server.all_acked(), limit=sim.now + 60)
+    assert not sim.server.finished(sim.now)
+
+
+def test_resize_survives_a_resume_and_sizes_coalesce():
+    sim = CoreSim(SimNet(16, loss=0.3), detached=3600)
+    sim.run_for(0.5)
+    sim.net.blackout_until = sim.now + 20
+    for cols in range(81, 200):  # the window dragged during the outage
+        sim.client.resize(24, cols)
+    sim.run_for(10)
+    sim.resume(make_keys(17))
+    sim.run_until(lambda: sim.client.all_acked(), limit=sim.now + 30)
+    resizes = [e for e in sim.server_events if isinstance(e, ms.ResizeRequested)]
+    assert resizes[-1] == ms.ResizeRequested(24, 199) and len(resizes) <= 3
+    sim.client.resize(24, 199)  # unchanged: nothing to send
+    assert sim.client.all_acked()
+
+
+def test_records_unacknowledged_before_a_rekey_are_sent_again_and_reported_once():
+    sim = CoreSim(SimNet(18), detached=3600)
+    sim.run_for(0.5)
+    sim.net.blackout_until = sim.now + 60
+    sim.server.shell_exited(9, sim.now)
+    sim.server.pty_closed(sim.now)
+    sim.run_for(10)
+    sim.resume(make_keys(19))
+    sim.run_for(0.01)
+    sim.resume(make_keys(20))  # a second resume while the record may be in flight
+    sim.net.blackout_until = sim.now
+    sim.run_until(lambda: sim.server.finished(sim.now), limit=sim.now + 20)
+    assert exited(sim.client_events) == [9]
+
+
+def test_back_pressure_stops_pty_reads_until_the_client_acknowledges():
+    sim = CoreSim(SimNet(21, delay=0.05))
+    sim.pty_source = b"y" * (4 * 1024 * 1024)  # `yes`
+    sim.run_for(0.01)
+    assert not sim.server.may_read_pty()
+    assert sim.pty_read <= 256 * 1024 + 16384, "read only what the window holds"
+    sim.run_until(lambda: len(sim.screen) == len(sim.pty_source), limit=60)
+    assert sim.server.may_read_pty()
+
+
+def test_the_client_reads_stdin_only_while_the_input_window_has_room():
+    sim = CoreSim(SimNet(22))
+    sim.client_gone = False
+    sim.net.blackout_until = 1e9
+    while sim.client.may_read_input():
+        sim.client.send_input(b"p" * 16384)
+    assert sim.client.conn.unacked_bytes() >= 256 * 1024
+
+
+def test_silence_counts_udp_only_not_the_resume_handshake():
+    sim = CoreSim(SimNet(23), detached=3600)
+    assert not sim.client.udp_heard
+    sim.client.send_input(b"x")
+    sim.run_until(lambda: sim.client.all_acked(), limit=1)
+    assert sim.client.udp_heard and sim.client.silence(sim.now) < 0.1
+    sim.net.blackout_until = sim.now + 1000
+    sim.run_for(20)
+    heard = sim.client.last_contact
+    sim.resume(make_keys(24))
+    assert sim.client.last_contact == heard, "a handshake is not UDP contact"
+    sim.run_for(90)
+    assert sim.client.silence(sim.now) > 100
+
+
+# ---------------------------------------------------------------------------
+# Record encoding
+# ---------------------------------------------------------------------------
+
+def test_records_decode_across_any_split():
+    stream = (ms.encode_record(ms.RECORD_RESIZE, b"\x00\x18\x00\x50")
+              + ms.encode_record(200, b"a future record")
+              + ms.encode_record(ms.RECORD_SHUTDOWN, "bye ✓".encode()))
+    for cut in range(len(stream) + 1):
+        decoder = ms.RecordDecoder()
+        got = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert got == [(1, b"\x00\x18\x00\x50"), (200, b"a future record"),
+                       (3, "bye ✓".encode())]
+
+
+def test_oversized_records_are_skipped_without_being_buffered():
+    decoder = ms.RecordDecoder()
+    huge = ms.RECORD_HEADER.pack(ms.RECORD_SHUTDOWN, 10 * ms.MAX_RECORD_BODY)
+    assert decoder.feed(huge + b"z" * 1000) == []
+    chunks = (10 * ms.MAX_RECORD_BODY - 1000) // 65536
+    for _ in range(chunks):
+        assert decoder.feed(b"z" * 65536) == []
+        assert len(decoder._buf) < ms.RECORD_HEADER.size
+    rest = 10 * ms.MAX_RECORD_BODY - 1000 - 65536 * chunks
+    assert decoder.feed(b"z" * rest + ms.encode_record(ms.RECORD_SHUTDOWN, b"ok")) == [
+        (ms.RECORD_SHUTDOWN, b"ok")]
+    with pytest.raises(ValueError):
+        ms.encode_record(ms.RECORD_SHUTDOWN, bytes(ms.MAX_RECORD_BODY + 1))
+
+
+def test_unknown_records_are_skipped_and_longer_bodies_read_as_far_as_known():
+    """The version rule: a newer peer's new record types and appended fields change
+    nothing for this version."""
+    sim = CoreSim(SimNet(25))
+    sim.run_for(0.1)
+    sim.client.records.send(77, b"something from the future")
+    sim.client.records.send(ms.RECORD_RESIZE, ms.RESIZE_BODY.pack(50, 132) + b"new fields")
+    sim.client.records.send(ms.RECORD_RESIZE, b"\x00")  # too short: ignored
+    sim.run_until(lambda: sim.client.all_acked(), limit=5)
+    assert sim.server_events[1:] == [ms.ResizeRequested(50, 132)]
+
+
+def test_shutdown_reasons_are_cut_on_a_character_boundary():
+    sim = CoreSim(SimNet(26))
+    sim.client.quit("client quit ✓" + "✓" * 400)
+    sim.run_until(lambda: sim.server.ending, limit=5)
+    reason = sim.server.ending[len("client: "):]
+    assert reason.startswith("client quit ✓") and "\ufffd" not in reason
+    assert len(reason.encode()) <= ms.MAX_REASON_BYTES
+
+
+def test_resume_schedule_waits_for_silence_backs_off_and_resets():
+    schedule = ms.ResumeSchedule(max_backoff_secs=5.0)
+    last_contact = 100.0
+    assert schedule.next_attempt(last_contact) == 100.0 + ms.RESUME_AFTER_SECS
+    now, starts = schedule.next_attempt(last_contact), []
+    for _ in range(5):
+        assert schedule.due(now, last_contact)
+        schedule.started()
+        assert not schedule.due(now + 1000, last_contact), "one attempt at a time"
+        starts.append(now)
+        now += 0.5  # the handshake failed after half a second
+        schedule.finished(now)
+        now = schedule.next_attempt(last_contact)
+    assert [round(b - a, 3) for a, b in zip(starts, starts[1:])] == [2.5, 4.5, 5.5, 5.5]
+    assert schedule.attempts == 5
+    schedule.contact()
+    assert schedule.next_attempt(200.0) == 200.0 + ms.RESUME_AFTER_SECS
