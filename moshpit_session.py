@@ -29,9 +29,11 @@ Records (the one encoding for everything a session says that is not terminal byt
     EXIT     (2) server->client  status:i32 output_offset:u64   reported once all output
                                  up to output_offset has been delivered
     SHUTDOWN (3) either way      reason: UTF-8, at most MAX_REASON_BYTES
-    4, 5, 6      reserved for ECHO_ACK (input offset whose echo has been read from the PTY),
-                 TTY_MODE (icanon, echo, erase) and REPAINT (a serialized screen at an output
-                 offset), built with local echo prediction and reattach
+    4, 5         reserved for ECHO_ACK (input offset whose echo has been read from the PTY)
+                 and TTY_MODE (icanon, echo, erase), built with local echo prediction
+    REPAINT  (6) server->client  screen: bytes that rebuild the session's screen on a fresh
+                 terminal (moshpit_term's serialize), sent first after a takeover; it comes
+                 before terminal byte 0 of the new connection
 
 Version rule: a type number is never reused or redefined.  A receiver skips a record of a
 type it does not know by its length, and reads a known record's fields from the start of
@@ -43,6 +45,15 @@ than MAX_RECORD_BODY is skipped too, without being buffered.
 Records travel again after a resume: stream 1 starts over on both sides with each re-key,
 and records not yet acknowledged are written again whole, so a record may arrive twice.
 Each is idempotent or reported once (EXIT, SHUTDOWN); a repeated RESIZE is harmless.
+
+Takeover (``mp --attach``): another client of the session's user takes the session over.
+``ServerSession.take_over`` tells the old client (SHUTDOWN with the reason, under the old
+keys), then starts a fresh Connection under the new client's keys: both terminal streams
+start over at offset 0 and REPAINT goes first.  The model in mps has already consumed every
+byte read from the PTY, so output the old client never got is in the repaint, and what the
+shell writes after it is the new stream: nothing is lost or doubled.  The new
+``ClientSession`` (``attaching=True``) holds terminal bytes that overtake the REPAINT (the
+streams are ordered separately) until it arrives.
 
 Ending rules (ServerSession): the session ends
 
@@ -88,11 +99,12 @@ from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddres
 
 __all__ = [
     "STREAM_TERMINAL", "STREAM_RECORDS", "RECORD_RESIZE", "RECORD_EXIT", "RECORD_SHUTDOWN",
+    "RECORD_REPAINT",
     "MAX_RECORD_BODY", "MAX_REASON_BYTES", "PTY_DRAIN_SECS", "SHUTDOWN_FLUSH_SECS",
     "RESUME_AFTER_SECS", "FIRST_BACKOFF_SECS", "ResumeSchedule",
     "encode_record", "RecordDecoder", "RecordLane",
     "InputReceived", "ResizeRequested", "ClientAddressChanged", "OutputReceived",
-    "SessionExited", "ShutdownReceived",
+    "SessionExited", "ShutdownReceived", "RepaintReceived",
     "ServerSession", "ClientSession",
 ]
 
@@ -104,6 +116,7 @@ RECORD_WINDOW = 64 * 1024  # records unacked before the lane counts as full (nev
 
 RECORD_HEADER = struct.Struct("!BI")
 RECORD_RESIZE, RECORD_EXIT, RECORD_SHUTDOWN = 1, 2, 3
+RECORD_REPAINT = 6
 RESIZE_BODY = struct.Struct("!HH")
 EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
@@ -255,6 +268,13 @@ class ShutdownReceived(NamedTuple):
     reason: str
 
 
+class RepaintReceived(NamedTuple):
+    """Client: the session's screen after a takeover, for a fresh terminal (before any
+    OutputReceived of this connection)."""
+
+    screen: bytes
+
+
 class _Core:
     """What both cores share: the Connection, the record lane, the event queue."""
 
@@ -369,6 +389,22 @@ class ServerSession(_Core):
         ``peer_recv_offset``. Returns the terminal bytes we have received (for the reply)."""
         self.records.rekey(keys, peer_recv_offset, now)
         return self.recv_offset
+
+    def take_over(self, keys: object, screen: bytes, reason: str, now: float) -> list:
+        """Another client takes the session over (``mp --attach``): tell the current one
+        why, then continue on a fresh Connection under ``keys`` whose first record is
+        REPAINT(``screen``). Returns the old client's last datagrams (the program sends
+        them: they go under the old keys, which end here)."""
+        goodbye = []
+        if self.client_addr is not None:
+            self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
+            goodbye = self.conn.datagrams_to_send(now)
+        self.conn = Connection("server", keys, now)
+        self.records = RecordLane(self.conn)
+        self.client_addr = None
+        self._shutdown_reported = False
+        self.records.send(RECORD_REPAINT, screen)
+        return goodbye
 
     def end_requested(self, now: float) -> int:
         """The client's owner quit and said so over TCP: end now. Returns recv_offset."""
@@ -486,8 +522,11 @@ class ClientSession(_Core):
     """
 
     def __init__(self, keys: object, now: float, server_addr: tuple, session_id: bytes,
-                 resume_secret: bytes, winsize: tuple) -> None:
+                 resume_secret: bytes, winsize: tuple, attaching: bool = False) -> None:
         super().__init__("client", keys, now, server_addr)
+        # A takeover: terminal bytes wait for the REPAINT they follow (bounded by the
+        # stream's receive window).
+        self._held: Optional[list] = [] if attaching else None
         self.session_id = session_id
         self.resume_secret = resume_secret
         self.last_contact = now
@@ -563,18 +602,27 @@ class ClientSession(_Core):
     # -- from the transport --------------------------------------------------------------
 
     def _on_terminal(self, data: bytes, now: float) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
         self._events.append(OutputReceived(data))
         self._report_exit()
 
     def _on_record(self, record_type: int, body: bytes, now: float) -> None:
-        if record_type == RECORD_EXIT and len(body) >= EXIT_BODY.size:
+        if record_type == RECORD_REPAINT:
+            if self._held is not None:  # else: a copy resent after a resume
+                self._events.append(RepaintReceived(body))
+                self._events.extend(OutputReceived(data) for data in self._held)
+                self._held = None
+                self._report_exit()
+        elif record_type == RECORD_EXIT and len(body) >= EXIT_BODY.size:
             self._exit = EXIT_BODY.unpack_from(body)
             self._report_exit()
         elif record_type == RECORD_SHUTDOWN:
             self._on_shutdown_record(body)
 
     def _report_exit(self) -> None:
-        if self._exit is None or self._exit_reported:
+        if self._exit is None or self._exit_reported or self._held is not None:
             return
         status, output_offset = self._exit
         if self.recv_offset >= output_offset:
