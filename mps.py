@@ -278,7 +278,10 @@ REPAINT_HISTORY_LINES = 200  # of those, sent with a takeover's repaint (native 
 # the PTY goes quiet): per call it costs about a screen of rows, so small chunks would halve
 # bulk throughput; it only has to be current for a takeover, which feeds the rest first.
 SCREEN_FEED_BYTES = 1 << 20
-ATTACHED_SECS = session_core.RESUME_AFTER_SECS  # heard within this: listed as attached
+SCREEN_FEED_SECS = 0.05  # the PTY quiet this long: the rest is fed (mp --list's title)
+# A client heard within this is listed as attached: it pings every KEEPALIVE_SECS, so two
+# missed pings mean it is gone (killed, asleep, off the network).
+ATTACHED_SECS = 2 * transport.KEEPALIVE_SECS
 
 
 class _Request:
@@ -308,6 +311,14 @@ class _EndRequest(_Request):
         self.reason = reason
 
 
+class _Describe(_Request):
+    """mp --list: the session thread describes the session (``info``), screen up to date."""
+
+    def __init__(self):
+        super().__init__()
+        self.info: Optional[handshake.SessionInfo] = None
+
+
 class _TakeOver(_Request):
     """Another client takes the session over (mp --attach): repaint it there, at its size."""
 
@@ -325,9 +336,9 @@ class Session:
 
     Only the session thread touches the core, the PTY and the screen model (every byte
     the shell writes, for a takeover's repaint); other threads talk to it with
-    ``resume()`` / ``take_over()`` / ``end_by_client()`` / ``shutdown()``, which go through
-    a queue and a wake-up pipe (the resume sequence end to end: moshpit_session's
-    docstring), and read ``info()`` for mp --list.
+    ``resume()`` / ``take_over()`` / ``describe()`` / ``end_by_client()`` / ``shutdown()``,
+    which go through a queue and a wake-up pipe (the resume sequence end to end:
+    moshpit_session's docstring).
     """
 
     def __init__(self, server: Server, session_id: bytes, user: str, client_key,
@@ -388,11 +399,15 @@ class Session:
         new one gets the screen first. None if the session ended meanwhile."""
         return self._ask(_TakeOver(keys, rows, cols, peer))
 
-    def info(self) -> handshake.SessionInfo:
-        """What mp --list shows (any thread: plain reads of values the session thread
-        replaces whole)."""
+    def describe(self) -> Optional[handshake.SessionInfo]:
+        """What mp --list shows (handshake thread), None if the session ended meanwhile."""
+        request = _Describe()
+        self._ask(request)
+        return request.info
+
+    def _info(self) -> handshake.SessionInfo:
         core = self.core
-        attached = core is not None and core.client_addr is not None and (
+        attached = core.client_addr is not None and (
             time.monotonic() - core.conn.last_heard < ATTACHED_SECS)
         return handshake.SessionInfo(
             self.session_id, attached, int(self.started), int(self.last_activity),
@@ -507,8 +522,10 @@ class Session:
     def _timeout(self, now: float) -> Optional[float]:
         """Seconds until the core's next deadline, or the next poll of a running shell."""
         wait = self.link.timeout(now)
-        if self._shell_status is None:
-            wait = CHILD_POLL_SECS if wait is None else min(wait, CHILD_POLL_SECS)
+        for limit in (CHILD_POLL_SECS if self._shell_status is None else None,
+                      SCREEN_FEED_SECS if self._unfed else None):
+            if limit is not None:
+                wait = limit if wait is None else min(wait, limit)
         return wait
 
     def _handle_inbox(self, now: float) -> None:
@@ -526,6 +543,10 @@ class Session:
                          message.peer_recv_offset, message.recv_offset)
             elif isinstance(message, _TakeOver):
                 self._take_over(message, now)
+            elif isinstance(message, _Describe):
+                self._feed_screen()
+                message.info = self._info()
+                message.done.set()
             elif isinstance(message, _EndRequest):
                 if message.reason and not self.core.ending:
                     self.core.shutdown(message.reason, now)
@@ -928,7 +949,8 @@ class Server:
         """mp --list: the user's running sessions, most recently active first."""
         with self._lock:
             own = [session for session in self._sessions.values() if session.user == auth.user]
-        listed = sorted((session.info() for session in own),
+        described = (session.describe() for session in own)
+        listed = sorted((info for info in described if info is not None),
                         key=lambda info: info.last_activity, reverse=True)
         return handshake.SessionListing(listed[:handshake.MAX_LISTED])
 

@@ -1,0 +1,114 @@
+"""Reattach from any client (mp --attach, --list, --kill) against a real mps.py on loopback:
+the real handshake, transport, shell and PTY, driven by server_util.TestClient."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from moshpit_handshake import NO_SUCH_SESSION, PERMISSION_DENIED, AuthRefused
+from proc_util import pid_alive, wait_for
+from server_util import MpsServer, TestClient, make_key, write_authorized_keys
+
+from moshpit_transport import KEEPALIVE_SECS
+
+ATTACHED_SECS = 2 * KEEPALIVE_SECS  # mps: a client silent this long is listed as detached
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with MpsServer(tmp_path, udp_ports=3, settings={"mps.max_sessions_per_user": 1}) as server:
+        yield server
+
+
+def other_key(server: MpsServer):
+    """A second key authorized for the same user (another laptop)."""
+    key = make_key(os.path.join(server.dir, "other_id"), "other")
+    write_authorized_keys(server.authorized_keys_path, server.client_key.public, key.public)
+    return key
+
+
+def test_attach_repaints_the_screen_tells_the_old_client_and_takes_the_new_size(server):
+    """Another key of the same user takes the session over: it gets the screen first (the
+    text written before, the title), the old client is told who took it, the shell goes on
+    (same PID) at the new client's size; the old client cannot resume any more."""
+    with TestClient.for_server(server).connect() as first:
+        pid = int(first.run("echo $$"))
+        first.run(r"printf '\033]2;my title\007'; echo painted-$((6*7))")
+        with TestClient.for_server(server, identity=other_key(server), rows=30,
+                                   cols=100) as second:
+            (listed,) = second.sessions()  # a list is not a new session (limit 1)
+            assert listed.session_id == first.grant.session_id and listed.attached
+            assert listed.title == "my title" and (listed.rows, listed.cols) == (24, 80)
+            second.attach(listed.session_id)  # nor is a takeover
+            second.pump_for(0.5)
+            (screen,) = second.repaints
+            assert b"painted-42" in screen and b"\033]2;my title" in screen
+            assert screen.startswith(b"\033[0m")  # for a fresh terminal: resets, then paints
+            first.pump_for(1.0)
+            assert re.fullmatch(r"session taken over from 127\.0\.0\.1:\d+",
+                                first.shutdown_reason or "")
+            assert int(second.run("echo $$")) == pid
+            assert second.run("stty size") == "30 100"
+            with pytest.raises(AuthRefused) as refused:  # the resume secret changed
+                first.resume()
+            assert refused.value.code == NO_SUCH_SESSION
+            assert "taken over from" in server.wait_log("repaint of")
+
+
+def test_list_and_kill(server):
+    """--list shows the foreground command when no title is set and whether a client is
+    there; --kill ends the session, its client is told, its shell is gone."""
+    with TestClient.for_server(server).connect() as first:
+        pid = int(first.run("echo $$"))
+        first.send("sleep 60\n")
+        watcher = TestClient.for_server(server)
+        wait_for(lambda: watcher.sessions()[0].title == "sleep", 10, "sleep in the listing")
+        result = watcher.kill(first.grant.session_id)
+        assert result.grant.session_id == first.grant.session_id
+        wait_for(lambda: not pid_alive(pid), 10, "the killed session's shell to end")
+        first.pump_for(1.0)
+        assert re.fullmatch(r"session killed by mp --kill from 127\.0\.0\.1:\d+",
+                            first.shutdown_reason or "")
+        wait_for(lambda: watcher.sessions() == [], 10, "the killed session to leave the list")
+        with pytest.raises(AuthRefused) as refused:
+            watcher.kill(first.grant.session_id)
+        assert refused.value.code == NO_SUCH_SESSION
+
+
+@pytest.mark.slow
+def test_a_new_session_is_told_of_detached_ones_and_the_list_says_which(tmp_path):
+    settings = {"mps.max_sessions_per_user": 3}
+    with MpsServer(tmp_path, udp_ports=3, settings=settings) as server:
+        with TestClient.for_server(server).connect() as first:
+            first.run("true")
+        # gone without a word (kill -9): detached once two keepalives are missed
+        wait_for(lambda: not TestClient.for_server(server).sessions()[0].attached,
+                 3 * ATTACHED_SECS, "the silent session to be listed as detached")
+        with TestClient.for_server(server).connect() as second:
+            second.run("true")
+            assert second.grant.detached == 1
+            infos = second.sessions()
+            assert [info.attached for info in infos] == [True, False]  # most recent first
+            assert infos[0].session_id == second.grant.session_id
+
+
+def test_attach_and_kill_need_a_key_of_the_sessions_user(server, tmp_path):
+    """A stranger's key is refused before anything (permission denied); an unknown session
+    id is "no such session" and the session carries on."""
+    with TestClient.for_server(server).connect() as first:
+        pid = int(first.run("echo $$"))
+        stranger = make_key(str(tmp_path / "stranger_id"), "stranger")
+        for attempt in (lambda c: c.attach(first.grant.session_id),
+                        lambda c: c.kill(first.grant.session_id), lambda c: c.sessions()):
+            with pytest.raises(AuthRefused) as refused:
+                attempt(TestClient.for_server(server, identity=stranger))
+            assert refused.value.code == PERMISSION_DENIED
+        for attempt in (lambda c: c.attach(bytes(16)), lambda c: c.kill(bytes(16))):
+            with pytest.raises(AuthRefused) as refused:
+                attempt(TestClient.for_server(server))
+            assert refused.value.code == NO_SUCH_SESSION
+        assert pid_alive(pid) and int(first.run("echo $$")) == pid
