@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                           " started, last activity, size, title or command), then exit")
     sessions.add_argument("--attach", metavar="ID", nargs="?", const="",
                           help="take over one of your sessions (default: the most recently"
-                          " active detached one); a client holding it is told and exits")
+                          " active detached one, else the most recently active one); a"
+                          " client holding it is told and exits")
     sessions.add_argument("--kill", metavar="ID", help="end one of your sessions, then exit")
     p.add_argument("-V", "--version", action="version", version=f"mp {moshpit.__version__}")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
@@ -840,6 +841,11 @@ class Outcome:
         self.status, self.message = status, message
 
 
+# Before a takeover's repaint (written for a fresh terminal): leave the alternate screen a
+# killed mp may have left this terminal in (the repaint resets the rest itself).
+REPAINT_PREAMBLE = b"\x1b[?1049l"
+
+
 class Session:
     """One select loop over stdin, the UDP link, the wake-up pipe and timers.
 
@@ -977,12 +983,11 @@ class Session:
             event = self.core.next_event()
             if event is None:
                 return
-            if isinstance(event, (moshpit_session.OutputReceived,
-                                  moshpit_session.RepaintReceived)):
-                # A repaint (mp --attach) is terminal bytes too, for this fresh terminal.
-                data = event[0]
-                self.tracker.feed(data)
-                self.out += data
+            if isinstance(event, moshpit_session.RepaintReceived):
+                event = moshpit_session.OutputReceived(REPAINT_PREAMBLE + event.screen)
+            if isinstance(event, moshpit_session.OutputReceived):
+                self.tracker.feed(event.data)
+                self.out += event.data
             elif isinstance(event, moshpit_session.SessionExited):
                 status = event.exit_status
                 self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE,
@@ -1244,15 +1249,14 @@ class Connector:
 
     def pick(self, wanted: str) -> moshpit_handshake.SessionInfo:
         """The session whose id starts with ``wanted`` (hex, as --list shows it), or with
-        ``wanted`` empty the most recently active detached one."""
+        ``wanted`` empty the most recently active detached one (none detached: the most
+        recently active one; a client killed a moment ago still counts as attached)."""
         host = self.target.host
         listing = self.sessions()
         if not wanted:
-            detached = [info for info in listing if not info.attached]
-            if not detached:
-                raise moshpit.MoshpitError(
-                    f"no detached session on {host}: mp --list {self.destination} shows yours")
-            return detached[0]
+            if not listing:
+                raise moshpit.MoshpitError(f"no session of {self.target.user} on {host}")
+            return next((info for info in listing if not info.attached), listing[0])
         found = [info for info in listing if info.session_id.hex().startswith(wanted.lower())]
         if len(found) != 1:
             what = "no session" if not found else f"{len(found)} sessions"
@@ -1403,6 +1407,9 @@ def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.attach and args.server_destination is None:
+        # "mp --attach HOST": the optional ID took the destination
+        args.server_destination, args.attach = args.attach, ""
     prompter = Prompter()
     try:
         config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)

@@ -3,12 +3,19 @@ the real handshake, transport, shell and PTY, driven by server_util.TestClient."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
+import shutil
+import signal
+import subprocess
 
 import pytest
 from moshpit_handshake import NO_SUCH_SESSION, PERMISSION_DENIED, AuthRefused
-from proc_util import pid_alive, wait_for
+from proc_util import pid_alive, proc_children, wait_for
+from test_client_session import client_env, mp_args
+from tmux_util import TMUX, TmuxOracle, compare_views
 from server_util import MpsServer, TestClient, make_key, write_authorized_keys
 
 from moshpit_transport import KEEPALIVE_SECS
@@ -112,3 +119,103 @@ def test_attach_and_kill_need_a_key_of_the_sessions_user(server, tmp_path):
                 attempt(TestClient.for_server(server))
             assert refused.value.code == NO_SUCH_SESSION
         assert pid_alive(pid) and int(first.run("echo $$")) == pid
+
+
+# -- mp.py end to end, in a tmux pane -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pane_with_shell(server: MpsServer, tmp_path):
+    """A tmux pane running a local shell (where the user types mp commands); gives
+    (tmux, pane, run) with run(*mp_flags) typing an mp.py command line into it."""
+    if not shutil.which("vim") or not os.path.exists(TMUX):
+        pytest.skip("needs vim and tmux (make test-tools)")
+    env = client_env(tmp_path)
+    with TmuxOracle(tmp_path, rows=24, cols=80) as tmux:
+        pane = tmux.new_pane("a", "env -i " + " ".join(
+            shlex.quote(f"{k}={v}") for k, v in dict(env, TERM="xterm-256color").items())
+            + " bash --norc --noprofile -i", record=False)
+
+        def run(*flags: str) -> None:
+            tmux.type(pane, shlex.join(mp_args(server, tmp_path, *flags)))
+
+        yield tmux, pane, run
+
+
+def mp_processes(tmux: TmuxOracle, pane: str) -> list:
+    shell = int(tmux.tmux("display", "-p", "-t", pane, "#{pane_pid}").strip())
+    return [pid for pid in proc_children(shell)
+            if b"mp.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+
+
+@pytest.mark.slow
+def test_vim_survives_kill_9_of_the_client_and_attach_in_the_same_pane(server, tmp_path):
+    """The issue's end-to-end case: vim open in a session, the client killed with SIGKILL,
+    mp --attach from a fresh client in the same pane: the pane shows exactly what it showed
+    before, typing goes on, and the file vim saves has every keystroke once."""
+    with pane_with_shell(server, tmp_path) as (tmux, pane, run):
+        vim_after_kill_9_and_attach(tmux, pane, run, tmp_path)
+
+
+def vim_after_kill_9_and_attach(tmux: TmuxOracle, pane: str, run, tmp_path) -> None:
+    notes = tmp_path / "notes.txt"
+    run()
+    tmux.type(pane, "echo ready-$((6*7))")
+    tmux.wait_quiet(pane, contains="ready-42")
+    tmux.type(pane, f"vim -u NONE -N -i NONE {notes}")
+    tmux.wait_quiet(pane, contains="notes.txt")
+    tmux.send(pane, "i", "first line", "Enter", "second line", "Escape")
+    before = tmux.wait_quiet(pane, quiet_secs=1.0)
+    (first_mp,) = mp_processes(tmux, pane)
+    os.kill(first_mp, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(first_mp), 10, "the first mp to die")
+    run("--attach")
+    wait_for(lambda: mp_processes(tmux, pane), 10, "mp --attach to start")
+    after = tmux.wait_quiet(pane, quiet_secs=1.0)
+    assert after.plain == before.plain, "\n".join(after.plain)
+    assert compare_views(before, after, 24, 80) == []
+    tmux.send(pane, "o", "third line", "Escape", ":wq", "Enter")
+    wait_for(lambda: notes.exists() and notes.read_text() == "first line\nsecond line\n"
+             "third line\n", 15, "vim to save every line once")
+
+
+@pytest.mark.slow
+def test_mp_list_kill_and_the_detached_notice(tmp_path):
+    """--list prints a header and one line per session; a plain mp names the detached
+    sessions and how to attach; --kill ends the one named (its shell is gone)."""
+    with MpsServer(tmp_path, udp_ports=3) as server, \
+            pane_with_shell(server, tmp_path) as (tmux, pane, run):
+        list_notice_and_kill(server, tmux, pane, run, tmp_path)
+
+
+def list_notice_and_kill(server: MpsServer, tmux: TmuxOracle, pane: str, run,
+                         tmp_path) -> None:
+    with TestClient.for_server(server) as detached:
+        detached.connect()
+        pid = int(detached.run("echo $$"))
+        detached.run(r"printf '\033]2;editing notes\007'")
+        detached.close()
+        session = detached.grant.session_id.hex()[:8]
+    wait_for(lambda: not TestClient.for_server(server).sessions()[0].attached,
+             3 * ATTACHED_SECS, "the session to be listed as detached")
+    argv = mp_args(server, tmp_path, "--list")
+    listing = subprocess.run(argv, env=client_env(tmp_path), capture_output=True, text=True,
+                             timeout=30)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0] == "ID        STATE     STARTED           LAST ACTIVITY     SIZE       TITLE"
+    assert re.fullmatch(session + r"  detached  \d{4}-\d\d-\d\d \d\d:\d\d  \d{4}-\d\d-\d\d"
+                        r" \d\d:\d\d  80x24      editing notes", lines[1]), lines
+    assert len(lines) == 2
+    run()
+    tmux.wait_quiet(pane, contains="1 detached session(s): mp --attach")
+    killed = subprocess.run(mp_args(server, tmp_path, "--kill", session),
+                            env=client_env(tmp_path), capture_output=True, text=True,
+                            timeout=30)
+    assert killed.returncode == 0, killed.stderr
+    assert killed.stdout == f"mp: session {session} on 127.0.0.1 ended\n"
+    wait_for(lambda: not pid_alive(pid), 10, "the killed session's shell to end")
+    gone = subprocess.run(mp_args(server, tmp_path, "--kill", session),
+                          env=client_env(tmp_path), capture_output=True, text=True, timeout=30)
+    assert gone.returncode == 255
+    assert gone.stderr.startswith(f"mp: no session with id {session} on 127.0.0.1:")
