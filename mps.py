@@ -55,7 +55,7 @@ import sys
 import termios
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Dict, List, Optional
 
 import moshpit
@@ -282,6 +282,7 @@ SCREEN_FEED_SECS = 0.05  # the PTY quiet this long: the rest is fed (mp --list's
 # A client heard within this is listed as attached: it pings every KEEPALIVE_SECS, so two
 # missed pings mean it is gone (killed, asleep, off the network).
 ATTACHED_SECS = 2 * transport.KEEPALIVE_SECS
+REPLACED_SECRETS_KEPT = 4
 
 
 class _Request:
@@ -346,6 +347,9 @@ class Session:
         self.server = server
         self.session_id = session_id
         self.resume_secret = secrets.token_bytes(32)
+        # Secrets of clients the session was taken from: their resumes are told the session
+        # is gone, not refused as a forgery (a bounded few).
+        self.replaced_secrets: deque = deque(maxlen=REPLACED_SECRETS_KEPT)
         self.name = session_id[:4].hex()  # enough to follow a session in the log
         self.user = user
         self.client_key = client_key
@@ -929,6 +933,9 @@ class Server:
         if session is None or session.user != auth.user or session.client_key != auth.client_key:
             raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
                                         f"{what} of an unknown session (or another user's/key's)")
+        if any(auth.resume_proof_valid(old) for old in session.replaced_secrets):
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
+                                        f"{what} of session {session.name}: it was taken over")
         if not auth.resume_proof_valid(session.resume_secret):
             raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
                                         f"{what} of session {session.name}: bad resume proof")
@@ -958,6 +965,7 @@ class Server:
         """mp --attach: the session moves to this client (the old one is told and exits);
         a new resume secret, so only the new client can resume it from now on."""
         session = self._users_session(auth, "takeover")
+        session.replaced_secrets.append(session.resume_secret)
         session.resume_secret = secrets.token_bytes(32)
         session.client_key = auth.client_key
         request = auth.request

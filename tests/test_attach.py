@@ -66,6 +66,20 @@ def test_attach_repaints_the_screen_tells_the_old_client_and_takes_the_new_size(
             assert "taken over from" in server.wait_log("repaint of")
 
 
+def test_the_client_a_session_was_taken_from_is_told_it_is_gone_on_resume(server):
+    """Same key on both sides (one laptop, two terminals): the old client's resume (after an
+    outage, say) proves the old secret: "no such session", not a forgery (no penalty)."""
+    with TestClient.for_server(server).connect() as first:
+        first.run("true")
+        with TestClient.for_server(server) as second:
+            second.attach(first.grant.session_id)
+            second.run("true")
+            with pytest.raises(AuthRefused) as refused:
+                first.resume()
+            assert refused.value.code == NO_SUCH_SESSION
+            assert "it was taken over" in server.log()
+
+
 def test_list_and_kill(server):
     """--list shows the foreground command when no title is set and whether a client is
     there; --kill ends the session, its client is told, its shell is gone."""
