@@ -283,6 +283,7 @@ SCREEN_FEED_SECS = 0.05  # the PTY quiet this long: the rest is fed (mp --list's
 # missed pings mean it is gone (killed, asleep, off the network).
 ATTACHED_SECS = 2 * transport.KEEPALIVE_SECS
 REPLACED_SECRETS_KEPT = 4
+REPAINT_TOO_LARGE = b"\x1b[0m\x1b[r\x1b[H\x1b[2J"  # a cleared screen in place of the repaint
 
 
 class _Request:
@@ -569,9 +570,7 @@ class Session:
             return
         self._feed_screen()
         self._resize(message.rows, message.cols)
-        screen = self.screen.serialize(REPAINT_HISTORY_LINES)
-        if len(screen) > session_core.MAX_RECORD_BODY:  # a wide, colourful history: skip it
-            screen = self.screen.serialize(0)
+        screen = self._repaint()
         reason = f"session taken over from {moshpit.format_addr(message.peer)}"
         for datagram, addr in self.core.take_over(message.keys, screen, reason, now):
             try:
@@ -582,6 +581,18 @@ class Session:
         message.done.set()
         log.info("session %s taken over from %s (repaint of %d bytes)", self.name,
                  moshpit.format_addr(message.peer), len(screen))
+
+    def _repaint(self) -> bytes:
+        """The screen for a REPAINT record: with some history if it fits, else the screen
+        alone, else (a huge, colourful screen) just a cleared one the application redraws
+        after the resize."""
+        for history in (REPAINT_HISTORY_LINES, 0):
+            screen = self.screen.serialize(history)
+            if len(screen) <= session_core.MAX_RECORD_BODY:
+                return screen
+        log.warning("session %s: the screen (%d bytes serialized) is too large to repaint",
+                    self.name, len(screen))
+        return REPAINT_TOO_LARGE
 
     def _resize(self, rows: int, cols: int) -> None:
         self._feed_screen()  # the output so far was written for the old size

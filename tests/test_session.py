@@ -456,3 +456,24 @@ def test_takeover_of_a_detached_session_sends_no_goodbye_and_exit_follows_the_re
     sim.server.pty_closed(sim.now)
     sim.finished_by(sim.now + 10)
     assert sim.screen == b"S" and exited(sim.client_events) == [3]
+
+
+def test_a_repaint_resent_after_a_resume_is_written_once():
+    """The REPAINT may be in flight when the new client resumes: the lane sends it again,
+    the client writes it once."""
+    sim = CoreSim(SimNet(35), detached=3600)
+    sim.run_for(0.5)
+    keys = make_keys(36)
+    sim.server.take_over(keys, b"SCREEN", "taken over", sim.now)
+    sim.client = ms.ClientSession(keys, sim.now, SERVER_ADDR, SESSION_ID, b"n" * 32, (24, 80),
+                                  attaching=True)
+    sim.client_addr, sim.screen = CLIENT_ADDR2, bytearray()
+    sim.pty_source, sim.pty_read = b"live", 0
+    sim.run_for(0.2)
+    sim.resume(make_keys(37))
+    sim.run_until(lambda: sim.screen == b"SCREENlive" and sim.server.all_acked(),
+                  limit=sim.now + 10)
+    # a copy whose ack was lost, arriving after the resume: not written again
+    sim.client._on_record(ms.RECORD_REPAINT, b"SCREEN", sim.now)
+    sim.run_for(1.0)
+    assert sim.screen == b"SCREENlive"
