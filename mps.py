@@ -272,8 +272,9 @@ ACCEPT_ERROR_PAUSE_SECS = 0.1  # accept() failing (EMFILE): let the backlog wait
 CHILD_POLL_SECS = 1.0  # the shell is reaped by polling (no SIGCHLD handler across threads)
 RESUME_WAIT_SECS = 5.0
 MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading it
-SCREEN_HISTORY_LINES = 5000  # lines scrolled off kept by each session's screen model
-REPAINT_HISTORY_LINES = 200  # of those, sent with a takeover's repaint (native scrollback)
+# Lines scrolled off the screen sent with a takeover's repaint (they land in the new
+# terminal's native scrollback); the model keeps no more (memory, and a cheaper feed).
+REPAINT_HISTORY_LINES = 200
 # The screen model is fed in chunks this large while output flows (and whatever is left once
 # the PTY goes quiet): per call it costs about a screen of rows, so small chunks would halve
 # bulk throughput; it only has to be current for a takeover, which feeds the rest first.
@@ -368,7 +369,7 @@ class Session:
         os.set_blocking(self._wake_w, False)
         self._to_pty = bytearray()  # client input not yet taken by the PTY
         self._shell_status: Optional[int] = None  # set once the shell is reaped
-        self.screen = moshpit_term.Terminal(shell.rows, shell.cols, SCREEN_HISTORY_LINES)
+        self.screen = moshpit_term.Terminal(shell.rows, shell.cols, REPAINT_HISTORY_LINES)
         self._unfed = bytearray()  # PTY output sent to the client, not yet fed to the screen
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
