@@ -275,9 +275,10 @@ MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading
 # Lines scrolled off the screen sent with a takeover's repaint (they land in the new
 # terminal's native scrollback); the model keeps no more (memory, and a cheaper feed).
 REPAINT_HISTORY_LINES = 200
-# The screen model is fed in chunks this large while output flows (and whatever is left once
-# the PTY goes quiet): per call it costs about a screen of rows, so small chunks would halve
-# bulk throughput; it only has to be current for a takeover, which feeds the rest first.
+# The screen model is fed in chunks this large while output flows, and with whatever is left
+# once the loop is idle: a call costs about a screen of rows, so feeding each read (or at
+# each ack) would cost twice the CPU per MB; it only has to be current for a takeover or a
+# listing, which feed the rest first.
 SCREEN_FEED_BYTES = 1 << 20
 SCREEN_FEED_SECS = 0.05  # the PTY quiet this long: the rest is fed (mp --list's title)
 # A client heard within this is listed as attached: it pings every KEEPALIVE_SECS, so two
@@ -494,8 +495,8 @@ class Session:
                     _watch(sel, watched, name, fd, events)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
-                if self._unfed and not any(key.data == "pty" for key, _ in ready):
-                    self._feed_screen()  # output paused: bring the screen up to date
+                if self._unfed and not ready:
+                    self._feed_screen()  # nothing to do (output paused): catch up
                 for key, events in ready:
                     if key.data == "wake":
                         self._handle_inbox(now)
