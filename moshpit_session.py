@@ -32,6 +32,9 @@ Records (the one encoding for everything a session says that is not terminal byt
     4, 5, 6      reserved for ECHO_ACK (input offset whose echo has been read from the PTY),
                  TTY_MODE (icanon, echo, erase) and REPAINT (a serialized screen at an output
                  offset), built with local echo prediction and reattach
+    INPUT_EOF (7) client->server  input_offset:u64   the client's input ends after
+                                 input_offset bytes (a command's stdin at EOF: the server
+                                 closes the command's input once it has written them all)
 
 Version rule: a type number is never reused or redefined.  A receiver skips a record of a
 type it does not know by its length, and reads a known record's fields from the start of
@@ -88,6 +91,7 @@ from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddres
 
 __all__ = [
     "STREAM_TERMINAL", "STREAM_RECORDS", "RECORD_RESIZE", "RECORD_EXIT", "RECORD_SHUTDOWN",
+    "RECORD_INPUT_EOF", "InputEnded",
     "MAX_RECORD_BODY", "MAX_REASON_BYTES", "PTY_DRAIN_SECS", "SHUTDOWN_FLUSH_SECS",
     "RESUME_AFTER_SECS", "FIRST_BACKOFF_SECS", "ResumeSchedule",
     "encode_record", "RecordDecoder", "RecordLane",
@@ -104,6 +108,8 @@ RECORD_WINDOW = 64 * 1024  # records unacked before the lane counts as full (nev
 
 RECORD_HEADER = struct.Struct("!BI")
 RECORD_RESIZE, RECORD_EXIT, RECORD_SHUTDOWN = 1, 2, 3
+RECORD_INPUT_EOF = 7  # 4-6 are reserved (see above)
+INPUT_EOF_BODY = struct.Struct("!Q")
 RESIZE_BODY = struct.Struct("!HH")
 EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
@@ -221,6 +227,10 @@ class InputReceived(NamedTuple):
     """Server: the client's keystrokes, for the PTY."""
 
     data: bytes
+
+
+class InputEnded(NamedTuple):
+    """Server: the client's input is over (every byte of it came in InputReceived before)."""
 
 
 class ResizeRequested(NamedTuple):
@@ -342,6 +352,8 @@ class ServerSession(_Core):
         self._end_by: Optional[float] = None  # None: live on as a detached session would
         self._pty_eof = False
         self._exit_status: Optional[int] = None
+        self._input_end: Optional[int] = None  # input offset of the client's EOF, once sent
+        self._input_end_reported = False
         self._drain_until = now
 
     # -- the program's inputs ------------------------------------------------------------
@@ -454,15 +466,26 @@ class ServerSession(_Core):
     def _on_terminal(self, data: bytes, now: float) -> None:
         if not self.ending:
             self._events.append(InputReceived(data))
+            self._report_input_end()
 
     def _on_record(self, record_type: int, body: bytes, now: float) -> None:
         if record_type == RECORD_RESIZE and len(body) >= RESIZE_BODY.size:
             self._events.append(ResizeRequested(*RESIZE_BODY.unpack_from(body)))
+        elif record_type == RECORD_INPUT_EOF and len(body) >= INPUT_EOF_BODY.size:
+            self._input_end = INPUT_EOF_BODY.unpack_from(body)[0]
+            self._report_input_end()
         elif record_type == RECORD_SHUTDOWN:
             if not self._shutdown_reported:
                 self._end(f"client: {body.decode('utf-8', 'replace')}", now, 0.0)
             self._on_shutdown_record(body)
         # Other types: skipped (see the version rule).
+
+    def _report_input_end(self) -> None:
+        """InputEnded once, after the last input byte (records overtake terminal bytes)."""
+        if (self._input_end is not None and not self._input_end_reported
+                and self.recv_offset >= self._input_end and not self.ending):
+            self._input_end_reported = True
+            self._events.append(InputEnded())
 
     def _on_address(self, addr: tuple) -> None:
         first = self.client_addr is None
@@ -518,6 +541,11 @@ class ClientSession(_Core):
             self._winsize = (rows, cols)
             self._resize_due = True
             self._send_resize()
+
+    def end_input(self) -> None:
+        """Our stdin reached EOF: the command's input ends after what was sent so far."""
+        self.records.send(RECORD_INPUT_EOF,
+                          INPUT_EOF_BODY.pack(self.conn.send_offset(STREAM_TERMINAL)))
 
     def quit(self, reason: str) -> None:
         """Tell the server the session is over (it hangs up the shell)."""

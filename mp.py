@@ -116,9 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ssh that --copy-id runs, with its options "
                    "(default: ssh; e.g. \"ssh -p 2222\")")
     p.add_argument("-V", "--version", action="version", version=f"mp {moshpit.__version__}")
+    # ssh's -t: here --tty, because -t is the seed's --tracing-absolute-path.
+    p.add_argument("--tty", dest="pty", action="store_const", const=True,
+                   help="run the command on a PTY even if stdin is not a terminal, as ssh -t")
+    p.add_argument("-T", "--no-tty", dest="pty", action="store_const", const=False,
+                   help="no PTY: the command's bytes pass untouched (the default when stdin "
+                   "is not a terminal), as ssh -T")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="run COMMAND (joined with spaces, as ssh does, and run by the remote "
+                   "user's shell with -c) instead of a login shell; its exit status is mp's")
     return p
+
+
+def split_command(argv: list) -> tuple:
+    """``argv`` before the first ``--`` (for argparse) and the command after it (None when
+    there is no ``--``): argparse's own handling of ``--`` with REMAINDER differs between
+    Python versions, and ``mp host -- ls -l`` must mean the same everywhere."""
+    if "--" not in argv:
+        return argv, None
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def remote_command(args: argparse.Namespace, after_dashes) -> str | None:
+    """The command as one string, ssh's way (words joined by spaces, the remote shell
+    splits them again), or None for a login shell."""
+    words = list(args.command or []) + list(after_dashes or [])
+    return " ".join(words) if words else None
 
 
 class FirstLoginName(argparse.Action):
@@ -378,9 +404,10 @@ class TerminalGuard:
     are kept and sent. stdin/stdout go non-blocking so one slow side never stalls the loop.
     """
 
-    def __init__(self, in_fd: int = 0, out_fd: int = 1):
+    def __init__(self, in_fd: int = 0, out_fd: int = 1, raw: bool = True):
         self.in_fd, self.out_fd = in_fd, out_fd
         self.is_tty = os.isatty(in_fd)
+        self.raw = raw  # False without a remote PTY: the local terminal stays cooked (ssh -T)
         self.saved_attrs = None
         self.saved_flags = {}
         self.active = False
@@ -394,7 +421,7 @@ class TerminalGuard:
             self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
         self.active = True
         atexit.register(self.restore)
-        if self.is_tty:
+        if self.is_tty and self.raw:
             tty.setraw(self.in_fd, termios.TCSANOW)
         for fd in self.saved_flags:
             os.set_blocking(fd, False)
@@ -847,8 +874,11 @@ class Session:
         self.identity = identity
         self.router, self.waker = router, waker
         self.in_fd, self.out_fd = in_fd, out_fd
-        self.out_is_tty = os.isatty(out_fd)  # no banner in a pipe or file
-        self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
+        # No banner in a pipe or file, nor without a remote PTY (the output is data then).
+        self.out_is_tty = os.isatty(out_fd) and target.pty
+        # Like ssh, the escape key works only on a PTY: without one every byte is data.
+        self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"])
+                                   if target.pty else None)
         self.encoding = terminal_encoding()
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
         key, dash = self.escape.key_name(), "\u2014" if utf8 else "-"
@@ -952,8 +982,10 @@ class Session:
             self._hangup()
             return
         if not data:
-            if self.target.is_tty:  # a terminal only reads as EOF once it is hung up
+            if self.target.is_tty and self.target.pty:  # raw: EOF only once hung up
                 self._hangup()
+            elif not self.target.pty:
+                self.core.end_input()  # the command reads EOF once it has read the rest
             self.stdin_open = False  # a pipe or file: the session goes on
             return
         data, quit_requested = self.escape.feed(data)
@@ -973,8 +1005,9 @@ class Session:
                 self.out += event.data
             elif isinstance(event, moshpit_session.SessionExited):
                 status = event.exit_status
-                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE,
-                                       f"Connection to {self.target.host} closed.")
+                # ssh says this only with a PTY: a piped command's stderr stays its own
+                closed = f"Connection to {self.target.host} closed." if self.target.pty else None
+                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE, closed)
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
@@ -1171,10 +1204,15 @@ def gone_message(host: str) -> str:
 class Target:
     """Where and as whom we connect, and what we tell the server about our terminal."""
 
-    def __init__(self, user: str, host: str, port: int, in_fd: int = 0):
+    def __init__(self, user: str, host: str, port: int, in_fd: int = 0, command=None,
+                 pty=None):
         self.user, self.host, self.port = user, host, port
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
+        self.command = command
+        # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
+        # ssh -t would), and a login shell always does (as before commands existed).
+        self.pty = pty if pty is not None else (self.is_tty or command is None)
 
     def winsize(self) -> tuple:
         try:
@@ -1191,29 +1229,33 @@ class Target:
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
-            resume_recv_offset=recv_offset, end_session=end_session)
+            resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
+            pty=self.pty)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(
             self.host, self.port, identity, request, verify_host_key)
 
 
-def run_client(config, prompter: Prompter, login=None, login_first: bool = False) -> int:
+def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
+               command=None, pty=None) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
-    ``login``/``login_first``: ``-l USER`` and whether it came before the destination."""
+    ``login``/``login_first``: ``-l USER`` and whether it came before the destination.
+    ``command``: run it instead of a login shell; ``pty``: --tty (True), -T (False) or None
+    (a PTY when stdin is a terminal)."""
     destination = config["server_destination"]
     if not destination:
         raise moshpit.MoshpitError(
             "no server destination: give [user@]host, or set server_destination in the config")
     user, host = remote_user_and_host(destination, login, login_first,
                                       ssh_alias_lookup(config, prompter))
-    target = Target(user, host, config["server_port"])
+    target = Target(user, host, config["server_port"], command=command, pty=pty)
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()
     router = SignalRouter(waker)
-    guard = TerminalGuard(0, 1)
+    guard = TerminalGuard(0, 1, raw=target.pty)
     router.install()
     try:
         identity = moshpit_handshake.LazyIdentity(
@@ -1303,7 +1345,9 @@ def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> 
 
 
 def main(argv=None) -> int:
+    argv, after_dashes = split_command(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    command = remote_command(args, after_dashes)
     prompter = Prompter()
     try:
         config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)
@@ -1316,7 +1360,8 @@ def main(argv=None) -> int:
         if args.copy_id:
             return copy_id(config, args.ssh_command, args.login_name, args.login_first)
         moshpit.setup_logging("client", config, log_path=args.tracing)
-        return run_client(config, prompter, args.login_name, args.login_first)
+        return run_client(config, prompter, args.login_name, args.login_first, command,
+                          args.pty)
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")
