@@ -401,3 +401,32 @@ def test_resume_schedule_waits_for_silence_backs_off_and_resets():
     assert schedule.attempts == 5
     schedule.contact()
     assert schedule.next_attempt(200.0) == 200.0 + ms.RESUME_AFTER_SECS
+
+
+def test_input_eof_reaches_the_server_once_after_the_last_input_byte():
+    """INPUT_EOF travels on the urgent record stream and may overtake the input it ends:
+    the server reports InputEnded only once every input byte before it has come, once."""
+    rng = random.Random(41)
+    sim = CoreSim(SimNet(41, loss=0.2, jitter=0.05, duplicate=0.1))
+    data = random_bytes(rng, 150_000)
+    shell_in_at_eof = []
+    next_event = sim.server.next_event
+
+    def spy():
+        event = next_event()
+        if isinstance(event, ms.InputEnded):
+            shell_in_at_eof.append(bytes(sim.shell_in))
+        return event
+
+    sim.server.next_event = spy
+    sent = 0
+    while sent < len(data):  # as mp does: only while the window has room
+        if sim.client.may_read_input():
+            sim.client.send_input(data[sent:sent + 4096])
+            sent += 4096
+        sim.step(until=sim.now + 0.01)
+    sim.client.end_input()
+    sim.run_until(lambda: shell_in_at_eof, limit=sim.now + 60)
+    sim.run_for(5)
+    assert shell_in_at_eof == [data], "EOF before the last input byte, or twice"
+    assert [e for e in sim.server_events if isinstance(e, ms.InputEnded)] == [ms.InputEnded()]

@@ -1,0 +1,104 @@
+"""``mp host -- command``: a real mp.py running a command through a real mps.py on loopback.
+
+Without a PTY (stdin not a terminal, or -T) the bytes pass untouched both ways and stdin's
+EOF reaches the command; with one (stdin a terminal, or --tty) the command sees a terminal.
+The command's exit status is mp's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+
+import pytest
+from proc_util import PtyProcess
+from server_util import MpsServer
+from test_client_session import client_env, client_log, mp_args
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with MpsServer(tmp_path) as srv:
+        yield srv
+
+
+def mp_command(server, tmp_path, *command, flags=()) -> list:
+    return mp_args(server, tmp_path, *flags) + ["--", *command]
+
+
+def run_mp(server, tmp_path, *command, flags=(), stdin=b"") -> subprocess.CompletedProcess:
+    """mp.py with pipes on all three: subprocess.run kills it (by PID) if it overruns."""
+    return subprocess.run(mp_command(server, tmp_path, *command, flags=flags),
+                          env=client_env(tmp_path), input=stdin, capture_output=True,
+                          timeout=60)
+
+
+def test_piped_output_is_a_byte_exact_copy(server, tmp_path):
+    data = os.urandom(1 << 20)  # every byte value, CR and LF included: no terminal mangling
+    source = tmp_path / "random.bin"
+    source.write_bytes(data)
+    copy = tmp_path / "copy.bin"
+    with open(copy, "wb") as out:
+        result = subprocess.run(mp_command(server, tmp_path, "cat", str(source)),
+                                env=client_env(tmp_path), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.PIPE, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert b"closed" not in result.stderr  # ssh says "Connection closed" only with a PTY
+    assert "Traceback" not in client_log(tmp_path)
+
+
+def test_the_command_exit_status_is_mp_exit_status(server, tmp_path):
+    # Joined with spaces and run by the remote shell with -c, as ssh does.
+    assert run_mp(server, tmp_path, "sh", "-c", "'exit 7'").returncode == 7
+    assert run_mp(server, tmp_path, "true").returncode == 0
+
+
+def test_stdin_reaches_the_command_and_its_eof_ends_it(server, tmp_path):
+    data = os.urandom(300_000)
+    result = run_mp(server, tmp_path, "wc", "-c", stdin=data)
+    assert (result.returncode, result.stdout.strip()) == (0, str(len(data)).encode())
+    result = run_mp(server, tmp_path, "cat", stdin=data)  # and back, byte for byte
+    assert result.stdout == data
+
+
+def test_no_pty_when_piped_or_with_T_and_one_with_tty(server, tmp_path):
+    result = run_mp(server, tmp_path, "tty")
+    assert (result.returncode, result.stdout) == (1, b"not a tty\n")
+    result = run_mp(server, tmp_path, "tty", flags=["--tty"])
+    assert result.returncode == 0 and re.match(rb"/dev/pts/\d+\r\n$", result.stdout)
+    assert b"Connection to 127.0.0.1 closed." in result.stderr
+
+
+def test_a_command_from_a_terminal_gets_a_pty_unless_T(server, tmp_path):
+    env = client_env(tmp_path)
+    with PtyProcess(mp_command(server, tmp_path, "tty"), env=env) as term:
+        term.read_until(re.compile(rb"/dev/pts/\d+\r\n"), 30)
+        assert term.wait(30) == 0
+    # -T: no remote terminal, and the local one stays cooked: cat reads a line, and
+    # Ctrl-D (EOF of the cooked terminal) ends its input.
+    with PtyProcess(mp_command(server, tmp_path, "sh", "-c", "'tty; cat'", flags=["-T"]),
+                    env=env) as term:
+        term.read_until(b"not a tty", 30)
+        term.send(b"line one\n")
+        term.read_until(b"line one", 10)
+        term.send(b"\x04")
+        assert term.wait(30) == 0
+
+
+def test_a_plain_session_still_gets_a_login_shell_on_a_pty(server, tmp_path):
+    """No command and stdin piped: the login shell on a PTY, as before commands existed."""
+    result = subprocess.run(mp_args(server, tmp_path), env=client_env(tmp_path),
+                            input=b"tty; echo $0; exit 3\n", capture_output=True, timeout=60)
+    assert result.returncode == 3
+    assert re.search(rb"/dev/pts/\d+\r\n-\w+\r\n", result.stdout)
+
+
+def test_a_too_long_command_is_refused_with_one_clear_line(server, tmp_path):
+    result = run_mp(server, tmp_path, "echo", "x" * (64 * 1024))
+    assert result.returncode == 255
+    assert b"longer than" in result.stderr and b"Traceback" not in result.stderr
