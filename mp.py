@@ -419,6 +419,16 @@ class TerminalGuard:
             self.saved_attrs = termios.tcgetattr(self.in_fd)
         for fd in {self.in_fd, self.out_fd}:
             self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+        self._go_raw()
+
+    def reenter(self) -> None:
+        """Raw mode again after ``restore()`` (mp continued after a suspend), keeping what
+        ``enter()`` saved: the terminal goes back to that at the end, never to a state a
+        job-control shell may have left while mp was stopped."""
+        if not self.active and self.saved_flags:
+            self._go_raw()
+
+    def _go_raw(self) -> None:
         self.active = True
         atexit.register(self.restore)
         if self.is_tty and self.raw:
@@ -454,9 +464,11 @@ class TerminalGuard:
 class EscapeFilter:
     """Splits keyboard input into bytes for the server and the local quit command.
 
-    ``ESC .`` quits; ``ESC ESC`` or ``ESC <its caret letter>`` (Ctrl-^ ^, mosh's spelling)
-    sends one ESC; ``ESC`` followed by anything else sends both bytes, so nothing typed is
-    swallowed. (ESC here is the configured escape key, Ctrl-^ by default.)
+    ``ESC .`` quits; ``ESC Ctrl-Z`` asks to suspend mp (``suspend_requested``, which the
+    session clears once it has; as mosh, and ssh's ``~^Z``); ``ESC ESC`` or ``ESC <its caret
+    letter>`` (Ctrl-^ ^, mosh's spelling) sends one ESC; ``ESC`` followed by anything else
+    sends both bytes, so nothing typed is swallowed. (ESC here is the configured escape
+    key, Ctrl-^ by default.)
 
     Decision: like mosh and unlike ssh's ``~.``, the escape key is recognised anywhere, not
     only after a newline. Ctrl-^ is almost never typed on purpose, and a "start of line" rule
@@ -465,11 +477,13 @@ class EscapeFilter:
     """
 
     QUIT = ord(".")
+    SUSPEND = 0x1A  # Ctrl-Z
 
     def __init__(self, escape):
         self.escape = escape
         self.literal = None if escape is None else {escape, (escape ^ 0x40) & 0x7F}
         self.pending = False
+        self.suspend_requested = False
 
     def key_name(self):
         """How the user types the escape key ("Ctrl-^", "~"), or None when it is disabled."""
@@ -489,7 +503,9 @@ class EscapeFilter:
                 self.pending = False
                 if byte == self.QUIT:
                     return bytes(out), True
-                if byte in self.literal:
+                if byte == self.SUSPEND:
+                    self.suspend_requested = True
+                elif byte in self.literal:
                     out.append(self.escape)
                 else:
                     out += bytes((self.escape, byte))
@@ -868,8 +884,10 @@ class Session:
     """
 
     def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
-                 router: SignalRouter, waker: Waker, in_fd: int = 0, out_fd: int = 1):
+                 router: SignalRouter, waker: Waker, guard: TerminalGuard, in_fd: int = 0,
+                 out_fd: int = 1):
         self.target = target
+        self.guard = guard  # entered: the suspend key leaves and re-enters raw mode
         self.hostcheck = hostcheck
         self.identity = identity
         self.router, self.waker = router, waker
@@ -991,9 +1009,27 @@ class Session:
         data, quit_requested = self.escape.feed(data)
         if data:
             self.core.send_input(data)
+        if self.escape.suspend_requested and not quit_requested:
+            self.escape.suspend_requested = False
+            self._suspend()
         if quit_requested:  # exits 255 like ssh's ~., so a script can tell it from "exit 0"
             self._quit("client quit")
             self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
+
+    def _suspend(self) -> None:
+        """Ctrl-^ Ctrl-Z: stop mp's job as ssh's ~^Z does, the terminal handed back cooked
+        (the output so far written, the banner erased) so the local shell works; after
+        ``fg`` raw mode again, and the size sent if it changed meanwhile. The session
+        carries on: a long stop is an outage like any other, resumed the usual way."""
+        self.out += self.banner.hide()
+        self._drain_out(FINAL_OUTPUT_SECS)
+        self.guard.restore()
+        try:
+            os.kill(0, signal.SIGTSTP)  # the whole job; ignored without job control
+        finally:
+            self.guard.reenter()
+        self.router.winch = True  # the window may have been resized while stopped
+        self.waker.wake()
 
     def _events(self) -> None:
         while True:
@@ -1139,7 +1175,11 @@ class Session:
             self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
         if self.out_is_tty and self.outcome.message and not self.tracker.line_start:
             self.out += b"\r\n"
-        deadline = time.monotonic() + FINAL_OUTPUT_SECS
+        self._drain_out(FINAL_OUTPUT_SECS)
+
+    def _drain_out(self, seconds: float) -> None:
+        """Write the pending output, waiting up to ``seconds`` for the terminal to take it."""
+        deadline = time.monotonic() + seconds
         while self.out and time.monotonic() < deadline:
             select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
             self._write_out()
@@ -1267,7 +1307,7 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
         log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
         with guard:
             outcome = Session(target, hostcheck, first, identity.get(), config, router,
-                              waker).run()
+                              waker, guard).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:

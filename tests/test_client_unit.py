@@ -54,6 +54,13 @@ def test_escape_split_across_reads():
     assert g.feed(b"q") == (b"\x1eq", False)
 
 
+def test_escape_ctrl_z_asks_for_a_suspend_and_sends_nothing_for_it():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"ab\x1e") == (b"ab", False) and not f.suspend_requested
+    assert f.feed(b"\x1acd") == (b"cd", False) and f.suspend_requested
+    assert mp.EscapeFilter(ESC).feed(b"\x1a") == (b"\x1a", False)  # a lone Ctrl-Z is the shell's
+
+
 def test_escape_recognised_anywhere_not_only_after_newline():
     f = mp.EscapeFilter(ESC)
     assert f.feed(b"vim file\x1e.") == (b"vim file", True)

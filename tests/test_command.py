@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import subprocess
+import termios
 
 import pytest
-from proc_util import PtyProcess
+from proc_util import PtyProcess, wait_for
 from server_util import MpsServer
 from test_client_session import client_env, client_log, mp_args
 
@@ -102,3 +104,43 @@ def test_a_too_long_command_is_refused_with_one_clear_line(server, tmp_path):
     result = run_mp(server, tmp_path, "echo", "x" * (64 * 1024))
     assert result.returncode == 255
     assert b"longer than" in result.stderr and b"Traceback" not in result.stderr
+
+
+def _local_attrs(term: PtyProcess) -> list:
+    return termios.tcgetattr(term.fd)  # Linux: the master reports the terminal's modes
+
+
+def _is_raw(term: PtyProcess) -> bool:
+    lflag = _local_attrs(term)[3]
+    return not lflag & (termios.ICANON | termios.ECHO)
+
+
+def test_escape_ctrl_z_suspends_mp_with_the_terminal_restored(server, tmp_path):
+    """Under an interactive bash (job control): Ctrl-^ Ctrl-Z stops mp ("Stopped"), the
+    terminal is cooked for the local shell, ``fg`` brings back raw mode and the session."""
+    argv = ["bash", "--norc", "--noprofile", "-i"]
+    env = client_env(tmp_path, PS1="local$ ")
+    with PtyProcess(argv, env=env) as term:
+        term.read_until(b"local$ ", 15)
+        term.send(shlex.join(mp_args(server, tmp_path)) + "\r")
+        term.send("echo REMOTE-$((40+2))\r")
+        term.read_until(re.compile(rb"[\r\n]REMOTE-42\r\n"), 30)
+        wait_for(lambda: _is_raw(term), 10, "mp's raw mode")
+        term.send(b"\x1e\x1a")
+        term.read_until(b"Stopped", 15)
+        term.read_until(b"local$ ", 15)
+        term.send("stty -a\r")
+        modes = term.read_until(b"local$ ", 15)
+        assert re.search(rb"[\s;]icanon[\s;]", modes) and re.search(rb"[\s;]echo[\s;]", modes)
+        term.send("fg\r")
+        wait_for(lambda: _is_raw(term), 10, "raw mode after fg")
+        term.send("echo BACK-$((50+5))\r")
+        term.read_until(re.compile(rb"[\r\n]BACK-55\r\n"), 30)
+        term.send("exit 4\r")
+        term.read_until(b"local$ ", 30)
+        term.send("echo status=$?; stty -a\r")
+        out = term.read_until(re.compile(rb"status=4\r\n.*local\$ ", re.S), 15)
+        assert re.search(rb"[\s;]icanon[\s;]", out) and re.search(rb"[\s;]echo[\s;]", out)
+        term.send("exit\r")
+        term.wait(10)
+    assert "Traceback" not in client_log(tmp_path)
