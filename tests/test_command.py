@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import termios
 
 import pytest
@@ -144,3 +145,41 @@ def test_escape_ctrl_z_suspends_mp_with_the_terminal_restored(server, tmp_path):
         term.send("exit\r")
         term.wait(10)
     assert "Traceback" not in client_log(tmp_path)
+
+
+# A minimal job-control shell: runs its arguments as the terminal's foreground job, and
+# when the job stops reports the terminal exactly as the job left it (bash would put its
+# own modes back first), then on a line of input continues the job in the foreground.
+JOB_SHELL = r"""
+import os, signal, subprocess, sys, termios
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+job = subprocess.Popen(sys.argv[1:], preexec_fn=os.setpgrp)
+os.tcsetpgrp(0, job.pid)
+_, status = os.waitpid(job.pid, os.WUNTRACED)
+lflag = termios.tcgetattr(0)[3]
+os.tcsetpgrp(0, os.getpgrp())
+print("job", "stopped" if os.WIFSTOPPED(status) else "ended",
+      "icanon" if lflag & termios.ICANON else "-icanon",
+      "echo" if lflag & termios.ECHO else "-echo",
+      "blocking" if os.get_blocking(0) else "nonblocking", flush=True)
+sys.stdin.readline()
+os.tcsetpgrp(0, job.pid)
+os.killpg(job.pid, signal.SIGCONT)
+print("job status", job.wait(), flush=True)
+"""
+
+
+def test_the_terminal_is_restored_before_mp_stops_and_raw_after(server, tmp_path):
+    argv = [sys.executable, "-c", JOB_SHELL, *mp_args(server, tmp_path)]
+    with PtyProcess(argv, env=client_env(tmp_path)) as term:
+        term.send("echo REMOTE-$((40+2))\r")
+        term.read_until(re.compile(rb"[\r\n]REMOTE-42\r\n"), 30)
+        term.send(b"\x1e\x1a")
+        term.read_until(b"job stopped icanon echo blocking\r\n", 15)
+        term.send("\r")  # the job shell's "fg"
+        wait_for(lambda: _is_raw(term), 10, "raw mode after the job continued")
+        term.send("echo BACK-$((50+5))\r")
+        term.read_until(re.compile(rb"[\r\n]BACK-55\r\n"), 30)
+        term.send("exit 4\r")
+        term.read_until(b"job status 4", 30)
+        assert not _is_raw(term)
