@@ -140,11 +140,16 @@ def split_command(argv: list) -> tuple:
     return argv[:at], argv[at + 1:]
 
 
-def remote_command(args: argparse.Namespace, after_dashes) -> str | None:
-    """The command as one string, ssh's way (words joined by spaces, the remote shell
-    splits them again), or None for a login shell."""
-    words = list(args.command or []) + list(after_dashes or [])
-    return " ".join(words) if words else None
+def parse_command_line(argv: list) -> tuple:
+    """``(args, command)``: the flags, and the remote command as one string, ssh's way
+    (words joined by spaces, the remote shell splits them again), or None for a login
+    shell. ``mp -- host ls`` works too, as in ssh."""
+    before, after = split_command(argv)
+    args = build_parser().parse_args(before)
+    if args.server_destination is None and after:
+        args.server_destination, after = after[0], after[1:]
+    words = list(args.command or []) + list(after or [])
+    return args, " ".join(words) if words else None
 
 
 class FirstLoginName(argparse.Action):
@@ -1385,9 +1390,7 @@ def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> 
 
 
 def main(argv=None) -> int:
-    argv, after_dashes = split_command(sys.argv[1:] if argv is None else list(argv))
-    args = build_parser().parse_args(argv)
-    command = remote_command(args, after_dashes)
+    args, command = parse_command_line(sys.argv[1:] if argv is None else list(argv))
     prompter = Prompter()
     try:
         config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)
