@@ -72,6 +72,7 @@ UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, lik
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
+ERR_FD = 2  # a command's stderr (no PTY) goes to ours
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
 IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
 FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
@@ -409,8 +410,8 @@ class TerminalGuard:
     are kept and sent. stdin/stdout go non-blocking so one slow side never stalls the loop.
     """
 
-    def __init__(self, in_fd: int = 0, out_fd: int = 1, raw: bool = True):
-        self.in_fd, self.out_fd = in_fd, out_fd
+    def __init__(self, in_fd: int = 0, out_fd: int = 1, raw: bool = True, err_fd: int = 2):
+        self.in_fd, self.out_fd, self.err_fd = in_fd, out_fd, err_fd
         self.is_tty = os.isatty(in_fd)
         self.raw = raw  # False without a remote PTY: the local terminal stays cooked (ssh -T)
         self.saved_attrs = None
@@ -422,7 +423,7 @@ class TerminalGuard:
             return
         if self.is_tty:
             self.saved_attrs = termios.tcgetattr(self.in_fd)
-        for fd in {self.in_fd, self.out_fd}:
+        for fd in {self.in_fd, self.out_fd, self.err_fd}:
             self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
         self._go_raw()
 
@@ -911,6 +912,7 @@ class Session:
         self.banner_note = ""
         self.tracker = OutputTracker()
         self.out = bytearray()
+        self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = True
         self.outcome = None
         self.quit_failure = None  # why the server could not be told that we quit
@@ -941,12 +943,12 @@ class Session:
     def _step(self) -> None:
         now = time.monotonic()
         readers = [self.waker]
-        stalled = len(self.out) >= OUTPUT_HIGH_WATER  # local terminal far behind
+        stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
         if not stalled:
             readers.append(self.link)
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
-        writers = [self.out_fd] if self.out else []
+        writers = self._pending_writers()
         timeout = max(0.0, self._next_deadline(now) - now)
         readable, _, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
@@ -966,6 +968,8 @@ class Session:
         self.link.flush(now)
         if self.out:
             self._write_out()
+        if self.err:
+            self._write_err()
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
@@ -1044,6 +1048,8 @@ class Session:
             if isinstance(event, moshpit_session.OutputReceived):
                 self.tracker.feed(event.data)
                 self.out += event.data
+            elif isinstance(event, moshpit_session.ErrorOutputReceived):
+                self.err += event.data
             elif isinstance(event, moshpit_session.SessionExited):
                 status = event.exit_status
                 # ssh says this only with a PTY: a piped command's stderr stays its own
@@ -1121,6 +1127,19 @@ class Session:
             return
         del self.out[:written]
 
+    def _pending_writers(self) -> list:
+        """The output fds with bytes waiting for them."""
+        return [fd for fd, pending in ((self.out_fd, self.out), (ERR_FD, self.err)) if pending]
+
+    def _write_err(self) -> None:
+        try:
+            written = os.write(ERR_FD, self.err)
+        except BlockingIOError:
+            return
+        except OSError:  # nobody reads our stderr any more: the command's goes nowhere
+            written = len(self.err)
+        del self.err[:written]
+
     def _hangup(self) -> None:
         self.stdin_open = False
         self.out.clear()
@@ -1185,9 +1204,13 @@ class Session:
     def _drain_out(self, seconds: float) -> None:
         """Write the pending output, waiting up to ``seconds`` for the terminal to take it."""
         deadline = time.monotonic() + seconds
-        while self.out and time.monotonic() < deadline:
-            select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
-            self._write_out()
+        while (self.out or self.err) and time.monotonic() < deadline:
+            select.select([], self._pending_writers(), [],
+                          max(0.0, deadline - time.monotonic()))
+            if self.out:
+                self._write_out()
+            if self.err:
+                self._write_err()
 
     def _nothing_due(self) -> bool:
         wait = self.link.timeout(time.monotonic())

@@ -151,8 +151,8 @@ class PtyShell:
     With ``command`` the shell runs it instead (``shell -c COMMAND``, argv0 not a login
     shell: sshd's rule). With ``pty`` False there is no terminal: the child's stdin, stdout
     and stderr are one end of a socket pair and ``master_fd`` the other, so bytes pass
-    untouched (no CR/LF translation, no echo) and ``close_input`` gives the command EOF.
-    stderr is merged into the one output stream (moshpit carries one byte stream).
+    untouched (no CR/LF translation, no echo) and ``close_input`` gives the command EOF;
+    its stderr is a pipe of its own (``stderr_fd``), carried apart from stdout.
 
     Spawned with subprocess.Popen instead of a hand-written fork/exec: in this multi-threaded
     server, _posixsubprocess does setsid, chdir and execve in C in the child, and reports a
@@ -176,12 +176,15 @@ class PtyShell:
         name = os.path.basename(shell)
         argv = ["-" + name] if command is None else [name, "-c", command]
         setup = _ShellChildSetup(controlling_tty=pty)
+        self.stderr_fd: Optional[int] = None
+        err_w = None
         if pty:
             master, slave = os.openpty()
             self._socket = None
         else:
             self._socket, child_end = socket.socketpair()
             master, slave = self._socket.fileno(), child_end.detach()
+            self.stderr_fd, err_w = os.pipe()
         try:
             tty_path = os.ttyname(slave) if pty else ""
             env = login_environment(pw, term, client_env, connection, tty_path)
@@ -196,14 +199,19 @@ class PtyShell:
                 moshpit_login.loginuid_supported()  # says once in the log if it is not
             self.proc = subprocess.Popen(
                 argv, executable=shell,
-                stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                stdin=slave, stdout=slave, stderr=slave if pty else err_w, cwd=cwd, env=env,
                 start_new_session=True, preexec_fn=setup)
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             self._close_master(master)
+            self.close_stderr()
             raise ShellError(f"cannot start login shell {shell} for {pw.pw_name}: {e}")
         finally:
             os.close(slave)
+            if err_w is not None:
+                os.close(err_w)
         os.set_blocking(master, False)
+        if self.stderr_fd is not None:
+            os.set_blocking(self.stderr_fd, False)
         self.master_fd: Optional[int] = master
         self.pid = self.proc.pid
         # --- login records (moshpit_login): who/last/lastlog ---
@@ -217,6 +225,18 @@ class PtyShell:
             self._socket.close()
         else:
             os.close(master)
+
+    def read_stderr(self, size: int) -> Optional[bytes]:
+        """The command's stderr (no PTY): bytes; None if nothing is ready; b"" at its end."""
+        try:
+            return os.read(self.stderr_fd, size)
+        except BlockingIOError:
+            return None
+
+    def close_stderr(self) -> None:
+        if self.stderr_fd is not None:
+            os.close(self.stderr_fd)
+            self.stderr_fd = None
 
     def close_input(self) -> None:
         """The client's input ended: the command reads EOF (no PTY only; on a terminal
@@ -276,6 +296,7 @@ class PtyShell:
         if self.master_fd is not None:
             self._close_master(self.master_fd)
             self.master_fd = None
+        self.close_stderr()
         try:
             self.proc.wait(timeout=HANGUP_GRACE_SECS)
         except subprocess.TimeoutExpired:
@@ -361,6 +382,8 @@ class Session:
         self.core = session_core.ServerSession(keys, time.monotonic(),
                                                self.server.detached_timeout,
                                                self.server.unattached_timeout)
+        if self.shell.stderr_fd is not None:
+            self.core.expect_stderr()
         self.link = transport.UdpLink(self.core, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
@@ -449,7 +472,8 @@ class Session:
                 if self.core.finished(now):
                     return
                 for name, fd, events in (("udp", self.link.fileno(), self._udp_interest()),
-                                         ("pty", self.shell.master_fd, self._pty_interest())):
+                                         ("pty", self.shell.master_fd, self._pty_interest()),
+                                         ("err", self.shell.stderr_fd, self._err_interest())):
                     _watch(sel, watched, name, fd, events)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
@@ -458,6 +482,8 @@ class Session:
                         self._handle_inbox(now)
                     elif key.data == "udp":
                         self.link.handle_readable(now)
+                    elif key.data == "err":
+                        self._read_stderr(now, sel, watched)
                     else:
                         if events & selectors.EVENT_WRITE:
                             self._write_pty()
@@ -481,6 +507,21 @@ class Session:
         if self._to_pty:
             events |= selectors.EVENT_WRITE
         return events
+
+    def _err_interest(self) -> int:
+        if self.shell.stderr_fd is None or not self.core.may_read_stderr():
+            return 0
+        return selectors.EVENT_READ
+
+    def _read_stderr(self, now: float, sel: selectors.BaseSelector,
+                     watched: Dict[str, int]) -> None:
+        data = self.shell.read_stderr(PTY_READ_SIZE)
+        if data:
+            self.core.stderr_output(data, now)
+        elif data == b"":
+            _watch(sel, watched, "err", self.shell.stderr_fd, 0)  # before the fd is closed
+            self.shell.close_stderr()
+            self.core.stderr_closed(now)
 
     def _timeout(self, now: float) -> Optional[float]:
         """Seconds until the core's next deadline, or the next poll of a running shell."""

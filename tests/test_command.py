@@ -183,3 +183,14 @@ def test_the_terminal_is_restored_before_mp_stops_and_raw_after(server, tmp_path
         term.send("exit 4\r")
         term.read_until(b"job status 4", 30)
         assert not _is_raw(term)
+
+
+def test_stderr_is_carried_apart_from_stdout_both_byte_exact(server, tmp_path):
+    out, err = os.urandom(1 << 20), os.urandom(300_000)
+    (tmp_path / "out.bin").write_bytes(out)
+    (tmp_path / "err.bin").write_bytes(err)
+    script = f"'cat {tmp_path}/err.bin >&2 & cat {tmp_path}/out.bin; wait; exit 3'"
+    result = run_mp(server, tmp_path, "sh", "-c", script)
+    assert result.returncode == 3
+    assert result.stdout == out
+    assert err in result.stderr  # after mp's own "Permanently added" line
