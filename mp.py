@@ -405,6 +405,11 @@ class TerminalGuard:
             self.saved_attrs = termios.tcgetattr(self.in_fd)
         for fd in {self.in_fd, self.out_fd}:
             self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if os.isatty(fd):
+                # A terminal is never meant to be non-blocking: only a client killed by
+                # SIGKILL (no restore) leaves it so, and the shell's next program reading
+                # it would fail with EAGAIN. Hand it back blocking.
+                self.saved_flags[fd] &= ~os.O_NONBLOCK
         self.active = True
         atexit.register(self.restore)
         if self.is_tty:
@@ -1246,11 +1251,6 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
                                       ssh_alias_lookup(config, prompter))
     target = Target(user, host, config["server_port"])
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
-    if os.isatty(1):  # before any prompt: a paste must not arrive in bracketed-paste marks
-        try:
-            os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes: all or an error
-        except OSError:
-            pass  # a terminal already gone: the session will say so
     waker = Waker()
     router = SignalRouter(waker)
     guard = TerminalGuard(0, 1)
@@ -1263,6 +1263,11 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
         first = target.connect(identity, target.request(*target.winsize()),
                                hostcheck.first)
         log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
+        if os.isatty(1):  # only once connected: a failure prints its one line, nothing else
+            try:
+                os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes
+            except OSError:
+                pass  # a terminal already gone: the session will say so
         with guard:
             outcome = Session(target, hostcheck, first, identity.get(), config, router,
                               waker).run()
