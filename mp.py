@@ -30,7 +30,8 @@ moshpit_session's docstring):
    re-keys and resends; a refused key, a changed host key or a vanished session ends it.
 5. Endings: an EXIT or SHUTDOWN record (core events), Ctrl-^ . (_quit: a SHUTDOWN record,
    then a quit request over TCP if UDP carries no ack), a signal (SignalRouter), or the
-   terminal going away (_hangup); _finish drains the output and restores the terminal.
+   terminal going away (_hangup); _finish drains the output, turns off what the session
+   turned on (ScreenMirror) and restores the terminal.
 """
 
 from __future__ import annotations
