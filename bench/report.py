@@ -67,7 +67,9 @@ def table(scenarios: list[Scenario], results: list[Result], tools: list[str]) ->
                        for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     notes = sorted({f"{r.tool} {r.scenario}: {r.note or r.error}"
-                    for r in results if r.note or r.error})
+                    for r in results if r.note or r.error}
+                   | {f"{tool} {s.name}: {caveat}" for s in scenarios
+                      for tool, caveat in s.caveats.items() if tool in tools})
     if notes:
         lines += ["", "notes:"] + [f"  {n}" for n in notes]
     return "\n".join(lines)

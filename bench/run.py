@@ -85,7 +85,8 @@ class Runner:
         started = time.monotonic()
         net = ctx = None
         try:
-            net = Network(tool.uses_tcp, tool.uses_udp, self.seed).start()
+            net = Network(tool.uses_tcp, tool.uses_udp, self.seed, scenario.udp_ports,
+                          scenario.extra_tcp_ports).start()
             ctx = Context(tool, net, self.quick)
             with time_budget(scenario.budget):  # cleanup below runs outside the budget
                 tool.start_server(net)

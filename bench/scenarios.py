@@ -9,23 +9,35 @@ chunk that completed the match was read (see display.py for clients that redraw 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import os
 import pwd
 import random
+import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 
+from acceptance_util import BANNER_RE
 from attack_util import ATTACK_SOURCES, IdleConnectionAttack, legitimate_logins
 from display import Display
-from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline
-from tools import CLIENT_ENV, Client, Network, Tool, client_usage, server_usage
+from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline, wait_for
+from tools import (BACK, CLIENT_ENV, Client, Network, Tool, client_usage, server_usage,
+                   tcp_listening)
 
-ATTACK_UTIL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "tests", "attack_util.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ATTACK_UTIL = os.path.join(os.path.dirname(HERE), "tests", "attack_util.py")
+TCP_SOURCE = os.path.join(HERE, "tcp_source.py")
+BASE64_LINE = re.compile(rb"[A-Za-z0-9+/=]+")
+CSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]")  # e.g. bash's bracketed-paste switch
+BASE64_WIDTH = 100  # base64 -w 100: a line is 75 input bytes and 101 output bytes
 ECHO_CHARS = b"zxwvjk"  # letters no terminal escape sequence or status banner here uses
 READY_TIMEOUT = 30.0
+TCP_MODEL_CAVEAT = ("the relay cannot drop TCP: it sends TCP on as a modelled Reno sender "
+                    "(relay.TcpWindow; a lost segment arrives a round trip late)")
 
 
 class ScenarioError(RuntimeError):
@@ -90,6 +102,25 @@ class Session:
     def settle(self) -> None:
         """Consume pending output so the next measurement starts from a quiet terminal."""
         self.display.drain(quiet=0.3, limit=5.0)
+
+    def captured_command(self, tag: str, timeout: float, prefix: bytes) -> tuple[float, bytes]:
+        """Like ``timed_command``, and also everything the terminal received until the
+        marker, raw (for clients that pass the byte stream through)."""
+        command, expect = self.marker(tag)
+        term, chunks, tail = self.client.term, [], b""
+        typed = time.monotonic()
+        deadline = typed + timeout
+        self.display.send(prefix + command + b"\r")
+        while True:
+            chunk = term.read_chunk(min(1.0, max(0.0, deadline - time.monotonic())))
+            if chunk:
+                seen = time.monotonic()
+                chunks.append(chunk)
+                if expect in tail + chunk:
+                    return seen - typed, b"".join(chunks)
+                tail = (tail + chunk)[-len(expect):]
+            elif time.monotonic() >= deadline:
+                raise ScenarioError(f"no {expect.decode()} within {timeout:.0f}s")
 
     def timed_command(self, tag: str, timeout: float, since: float | None = None,
                       prefix: bytes = b"") -> float:
@@ -167,6 +198,11 @@ class Scenario:
     needs = ""
     rtt = 0.0
     loss = 0.0
+    rate_bps: float | None = None  # a bottleneck each way (relay.Bottleneck), or none
+    queue_bytes = 0  # its drop-tail queue
+    udp_ports = 1  # session UDP ports the server gets (several sessions at once)
+    extra_tcp_ports = 0  # more relayed TCP ports, for other traffic across the same relay
+    caveats: dict = {}  # tool name -> how the path differs for it (printed with the table)
     samples_full = 1
     samples_quick = 1
     in_quick = True
@@ -179,6 +215,8 @@ class Scenario:
     def condition(self, net: Network) -> None:
         """Impair the relay for the measurement (after the session is up)."""
         net.relay.set(delay=self.rtt / 2.0, loss=self.loss)
+        if self.rate_bps:
+            net.relay.set_bottleneck(self.rate_bps, self.queue_bytes)
 
     def measure(self, ctx: Context) -> dict:
         """Return {metric key: [samples]} (seconds, or the metric's own unit)."""
@@ -227,13 +265,19 @@ class Echo(Scenario):
 
 
 class CtrlC(Scenario):
-    """`yes` floods the terminal; time from Ctrl-C to the next command's output."""
+    """`yes` floods the terminal; time from Ctrl-C to the next command's output.  Across a
+    slow link (``rate_bps`` behind ``queue_bytes``) this is mostly the queue the flood
+    built, which the prompt waits behind."""
 
-    name = "ctrl_c"
-    title = "Ctrl-C during flood"
     samples_full, samples_quick = 3, 1
-    flood_seconds = 1.5
-    metrics = (Metric("ctrl_c", "Ctrl-C during yes flood", "ms"),)
+
+    def __init__(self, name: str = "ctrl_c", label: str = "Ctrl-C during yes flood",
+                 rtt: float = 0.0, rate_bps: float | None = None, queue_bytes: int = 0,
+                 flood_seconds: float = 1.5, caveats: dict | None = None) -> None:
+        self.name, self.title, self.rtt = name, label, rtt
+        self.rate_bps, self.queue_bytes, self.flood_seconds = rate_bps, queue_bytes, flood_seconds
+        self.caveats = caveats or {}
+        self.metrics = (Metric("ctrl_c", label, "ms"),)
 
     def measure(self, ctx: Context) -> dict:
         session, times = ctx.session, []
@@ -270,6 +314,150 @@ class Bulk(Scenario):
             rates.append(produced / elapsed / 1e6)
             ctx.session.settle()
         return {"throughput": rates}
+
+
+def received_bytes(output: bytes) -> bytes:
+    """The bytes a terminal showed as ``base64 -w 100`` output, decoded: its lines that are
+    pure base64 (not the typed command, the prompt or the marker), with moshpit's status
+    banner (drawn and erased between ESC 7 and ESC 8), control sequences and the PTY's
+    carriage returns removed."""
+    text = CSI.sub(b"", BANNER_RE.sub(b"", output)).replace(b"\r", b"")
+    payload = b"".join(line for line in text.split(b"\n") if BASE64_LINE.fullmatch(line))
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as err:
+        raise ScenarioError(f"the terminal's base64 does not decode ({err})") from None
+
+
+class BulkTransfer(Scenario):
+    """``base64 -w 100`` of a random file (``megabytes`` MB of text, newlines included) to
+    the terminal, then a marker: wall time from typing the command to the marker, MB/s,
+    and CPU seconds per MB of the client and of the server side (utime+stime from /proc:
+    moshpit's server process, ssh's client and sshd's session processes, mosh-client and
+    mosh-server).  Where the client passes the stream through, the base64 the terminal
+    got is decoded and its sha256 compared with the file's: a difference is an error."""
+
+    samples_full, samples_quick = 3, 1
+
+    def __init__(self, name: str, title: str, megabytes: float, rtt: float = 0.0,
+                 loss: float = 0.0, needs: str = "", in_quick: bool = True,
+                 samples: int = 3, caveats: dict | None = None) -> None:
+        self.name, self.title, self.rtt, self.loss, self.needs = name, title, rtt, loss, needs
+        self.in_quick, self.samples_full = in_quick, samples
+        self.caveats = caveats or {}
+        self.lines = round(megabytes * 1e6 / (BASE64_WIDTH + 1))
+        self.megabytes = self.lines * (BASE64_WIDTH + 1) / 1e6
+        self.timeout = 30.0 + 10.0 * self.megabytes  # slower than 0.1 MB/s: give up
+        self.budget = 60.0 + samples * self.timeout
+        self.metrics = (Metric("seconds", title, "s", scale=1.0),
+                        Metric("rate", "  throughput", "MB/s", scale=1.0, better="higher"),
+                        Metric("client_cpu", "  client CPU per MB", "ms/MB"),
+                        Metric("server_cpu", "  server CPU per MB", "ms/MB"))
+
+    def measure(self, ctx: Context) -> dict:
+        source = os.path.join(ctx.tool.workdir, "bulk.bin")
+        data = os.urandom(self.lines * BASE64_WIDTH * 3 // 4)
+        with open(source, "wb") as f:
+            f.write(data)
+        digest = hashlib.sha256(data).hexdigest()
+        session, client = ctx.session, ctx.session.client
+        prefix = f"base64 -w {BASE64_WIDTH} {source}; ".encode()
+        samples: dict = {m.key: [] for m in self.metrics}
+        for _ in range(self.samples(ctx.quick)):
+            session.settle()
+            client0, server0 = client_usage(client)[0], server_usage(ctx.tool, client)[0]
+            if ctx.tool.redraws_screen:  # mosh skips output: time it, nothing to check
+                seconds = session.timed_command("B", self.timeout, prefix=prefix)
+            else:
+                seconds, output = session.captured_command("B", self.timeout, prefix)
+                got = received_bytes(output)
+                if hashlib.sha256(got).hexdigest() != digest:
+                    raise ScenarioError(f"the terminal did not show every byte: {len(got)} "
+                                        f"of {len(data)} decoded, sha256 differs")
+            client1, server1 = client_usage(client)[0], server_usage(ctx.tool, client)[0]
+            samples["seconds"].append(seconds)
+            samples["rate"].append(self.megabytes / seconds)
+            samples["client_cpu"].append((client1 - client0) / self.megabytes)
+            samples["server_cpu"].append((server1 - server0) / self.megabytes)
+        return samples
+
+
+def jain_index(rates: list[float]) -> float:
+    """Jain's fairness index: 1 when every flow gets the same, 1/n when one gets all."""
+    squares = sum(r * r for r in rates)
+    return sum(rates) ** 2 / (len(rates) * squares) if squares else 0.0
+
+
+class Fairness(Scenario):
+    """Two moshpit sessions flood output (base64 of /dev/urandom) while a bulk TCP transfer
+    (bench/tcp_source.py sending zeros behind the relay, ``cat`` reading them from
+    /dev/tcp in front: a ``dd | nc``) crosses the same bottleneck in the same direction.
+    After a warm-up: each flow's throughput at the bottleneck (bytes that left its queue,
+    headers included), Jain's index over the three, and the sessions' goodput (what their
+    terminals showed)."""
+
+    name = "fairness"
+    title = "fairness"
+    needs = "fairness"
+    rtt, rate_bps, queue_bytes = 0.1, 10e6, 1_000_000
+    udp_ports, extra_tcp_ports = 2, 1
+    warmup_seconds = 3.0
+    seconds_full, seconds_quick = 10.0, 5.0
+    caveats = {"moshpit": TCP_MODEL_CAVEAT}
+    metrics = (Metric("jain", "fairness: Jain's index, 2 sessions + TCP", "", scale=1.0,
+                      better="higher"),
+               Metric("session_a", "  moshpit session A", "Mbit/s", scale=1.0, better="higher"),
+               Metric("session_b", "  moshpit session B", "Mbit/s", scale=1.0, better="higher"),
+               Metric("tcp", "  TCP transfer", "Mbit/s", scale=1.0, better="higher"),
+               Metric("goodput", "  moshpit goodput, both sessions", "Mbit/s", scale=1.0,
+                      better="higher"))
+
+    def run(self, ctx: Context) -> dict:
+        sessions = [ctx.open_session(), ctx.open_session()]
+        ctx.session = sessions[0]
+        self.condition(ctx.net)
+        port = ctx.net.extra_tcp_ports[0]
+        seconds = self.seconds_quick if ctx.quick else self.seconds_full
+        log = os.path.join(ctx.tool.workdir, "tcp-source.log")
+        with ManagedProcess([sys.executable, TCP_SOURCE, BACK, str(port)], log=log) as source:
+            wait_for(lambda: tcp_listening(BACK, port) or source.poll() is not None, 15,
+                     "the TCP source to listen")
+            with ManagedProcess(["bash", "-c", f"exec cat < /dev/tcp/{ctx.net.front}/{port} "
+                                               "> /dev/null"]) as sink:
+                for session in sessions:
+                    session.display.send(b"base64 /dev/urandom\r")
+                self._read(sessions, self.warmup_seconds)
+                flows0, shown0 = self._snapshot(ctx, sessions)
+                started = time.monotonic()
+                self._read(sessions, seconds)
+                elapsed = time.monotonic() - started
+                flows1, shown1 = self._snapshot(ctx, sessions)
+                if sink.poll() is not None or source.poll() is not None:
+                    raise ScenarioError(f"the TCP transfer ended early: {source.read_log(300)}")
+        mbits = {flow: (flows1[flow] - flows0.get(flow, 0)) * 8 / elapsed / 1e6
+                 for flow in flows1}
+        udp = sorted(flow for flow in mbits if flow.startswith("udp:"))
+        if len(udp) != 2:
+            raise ScenarioError(f"expected two session flows at the bottleneck, saw {udp}")
+        shares = [mbits[udp[0]], mbits[udp[1]], mbits.get(f"tcp:{port}", 0.0)]
+        return {"jain": [jain_index(shares)], "session_a": [shares[0]],
+                "session_b": [shares[1]], "tcp": [shares[2]],
+                "goodput": [(sum(shown1) - sum(shown0)) * 8 / elapsed / 1e6]}
+
+    @staticmethod
+    def _read(sessions: list[Session], seconds: float) -> None:
+        """Keep reading every session's terminal (a client blocked on its terminal would
+        stop taking data) for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for session in sessions:
+                session.client.term.read_chunk(0.005)
+
+    @staticmethod
+    def _snapshot(ctx: Context, sessions: list[Session]) -> tuple[dict, list[int]]:
+        """(bytes that left the down bottleneck per flow, bytes each terminal showed)."""
+        flows = ctx.relay.stats["down"]["bottleneck"]["flows"]
+        return flows, [session.client.term.bytes_read for session in sessions]
 
 
 class Outage(Scenario):
@@ -442,6 +630,17 @@ SCENARIOS = (
     Echo("echo_100ms", "echo 100 ms RTT", rtt=0.1),
     CtrlC(),
     Bulk(),
+    # issue 14's paths: a 10 Mbit/s link with a 1 MB queue, bulk output, bulk across loss
+    CtrlC("ctrl_c_slow", "Ctrl-C during yes flood, 10 Mbit/s 100 ms RTT 1 MB queue",
+          rtt=0.1, rate_bps=10e6, queue_bytes=1_000_000, flood_seconds=4.0,
+          caveats={"ssh": TCP_MODEL_CAVEAT}),
+    BulkTransfer("bulk_20mb", "20 MB base64 to the terminal", 20.0),
+    BulkTransfer("bulk_loss_2mb", "2 MB base64, 10% loss 40 ms RTT", 2.0, rtt=0.04,
+                 loss=0.10, needs="every_byte", caveats={"ssh": TCP_MODEL_CAVEAT}),
+    BulkTransfer("bulk_loss_20mb", "20 MB base64, 10% loss 40 ms RTT", 20.0, rtt=0.04,
+                 loss=0.10, needs="every_byte", in_quick=False, samples=2,
+                 caveats={"ssh": TCP_MODEL_CAVEAT}),
+    Fairness(),
     Outage(5.0, samples=3, in_quick=True),
     Outage(20.0, samples=2, in_quick=False),
     Roam(),
@@ -455,10 +654,12 @@ SCENARIO_NAMES = tuple(s.name for s in SCENARIOS)
 
 
 def selected(only: list[str], quick: bool) -> list[Scenario]:
-    """The scenarios to run: ``only`` (names or prefixes) if given, else all (or the
-    quick set)."""
+    """The scenarios to run: ``only`` (a name picks that scenario alone; something that
+    names none is a prefix) if given, else all (or the quick set)."""
     if only:
-        picked = [s for s in SCENARIOS if any(s.name == o or s.name.startswith(o) for o in only)]
+        picked = [s for s in SCENARIOS
+                  if any(s.name == o or (o not in SCENARIO_NAMES and s.name.startswith(o))
+                         for o in only)]
         unknown = [o for o in only if not any(s.name.startswith(o) for s in SCENARIOS)]
         if unknown:
             raise ValueError(f"unknown scenario {', '.join(unknown)} "

@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACK = "127.0.0.1"
 CLIENT_ENV = {"LANG": "C.UTF-8", "TERM": "xterm-256color"}
 PREAUTH_NA = "the pre-auth scenario drives moshpit's own handshake (tests/attack_util.py)"
+FAIRNESS_NA = "the fairness run is two moshpit sessions against a TCP transfer"
 
 
 def tcp_listening(host: str, port: int) -> bool:
@@ -41,17 +42,24 @@ def tcp_listening(host: str, port: int) -> bool:
 class Network:
     """The relay between client and server for one measurement: a random front alias, fresh
     ports (free on both addresses) and impairment applied to TCP too, so OpenSSH feels the
-    same delay and outages as the UDP tools."""
+    same delay and outages as the UDP tools (and loss and bottlenecks, through the relay's
+    model of a TCP sender: relay.TcpWindow).  ``udp_count`` consecutive session ports
+    (``udp_ports``; ``udp_port`` is the first) let a server hold several sessions, and
+    ``extra_tcp`` more relayed TCP ports (``extra_tcp_ports``) carry other traffic across
+    the same relay, hence the same bottleneck."""
 
-    def __init__(self, tcp: bool, udp: bool, seed: int) -> None:
+    def __init__(self, tcp: bool, udp: bool, seed: int, udp_count: int = 1,
+                 extra_tcp: int = 0) -> None:
         self.front = random_front_alias()
         hosts = (BACK, self.front)
         self.tcp_port = free_port(hosts, "tcp") if tcp else None
-        self.udp_port = free_port(hosts, "udp") if udp else None
+        self.udp_port = free_port(hosts, "udp", count=udp_count) if udp else None
+        self.udp_ports = list(range(self.udp_port, self.udp_port + udp_count)) if udp else []
+        self.extra_tcp_ports = [free_port(hosts, "tcp") for _ in range(extra_tcp)]
         self.relay = Relay(front=self.front, back=BACK,
-                           tcp_ports=[self.tcp_port] if tcp else [],
-                           udp_ports=[self.udp_port] if udp else [],
-                           seed=seed, impair_tcp=True)
+                           tcp_ports=([self.tcp_port] if tcp else []) + self.extra_tcp_ports,
+                           udp_ports=self.udp_ports, seed=seed, impair_tcp=True,
+                           tcp_loss=True)
 
     def start(self) -> Network:
         self.relay.start()
@@ -202,7 +210,7 @@ class Moshpit(Tool):
             f.write("[mps]\n"
                     f'ip = "{BACK}"\n'
                     f"port = {net.tcp_port}\n"
-                    f'udp_port_range = "{net.udp_port}-{net.udp_port}"\n'
+                    f'udp_port_range = "{net.udp_ports[0]}-{net.udp_ports[-1]}"\n'
                     f'authorized_keys_file = "{self._path("authorized_keys")}"\n'
                     f'private_key_path = "{self._path("host_key")}"\n'
                     f'public_key_path = "{self._path("host_key.pub")}"\n')
@@ -227,7 +235,19 @@ class Moshpit(Tool):
         return Client(PtyProcess(argv, env=env, cwd=REPO, rows=ROWS, cols=COLS))
 
     def server_pids(self, client: Client | None) -> list[int]:
-        return [self.server.pid] if self.server else []
+        """mps.py and, when it forked to shed session leadership (it does under
+        ManagedProcess), the serving child: its direct children running mps.py."""
+        if not self.server:
+            return []
+        pids = [self.server.pid]
+        for pid in proc_children(self.server.pid, recursive=False):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"mps.py" in f.read():
+                        pids.append(pid)
+            except OSError:
+                continue
+        return pids
 
 
 class OpenSSH(Tool):
@@ -238,7 +258,8 @@ class OpenSSH(Tool):
     lacks = {"loss": "TCP through a userspace relay cannot model packet loss",
              "outage": "a relay can only freeze TCP, not model a real outage",
              "roam": "ssh cannot follow an address change",
-             "preauth": PREAUTH_NA}
+             "preauth": PREAUTH_NA,
+             "fairness": FAIRNESS_NA}
     SSHD = "/usr/sbin/sshd"
 
     def missing(self) -> str | None:
@@ -305,7 +326,10 @@ class Mosh(Tool):
     name = "mosh"
     uses_udp = True
     redraws_screen = True
-    lacks = {"preauth": PREAUTH_NA}
+    lacks = {"preauth": PREAUTH_NA,
+             "every_byte": "mosh sends screen states: it skips output, so bytes cannot be "
+                           "checked",
+             "fairness": FAIRNESS_NA}
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
     DETACHED = re.compile(rb"detached, pid = (\d+)")
 

@@ -53,9 +53,9 @@ class SniffingRelay(Relay):
         self.captured = {"up": collections.deque(maxlen=self.KEEP),
                          "down": collections.deque(maxlen=self.KEEP)}
 
-    def _impair(self, direction, data: bytes, deliver) -> None:
+    def _impair(self, direction, data: bytes, deliver, *rest) -> None:
         self.captured[direction.name].append(bytes(data))
-        super()._impair(direction, data, deliver)
+        super()._impair(direction, data, deliver, *rest)
 
 
 class Rig:

@@ -16,6 +16,15 @@ then sends UDP to ``front:U`` -- through the relay, which impairs it.
   drop everything; ``rebind()`` gives every flow a new source port toward the server, so
   the server sees the client roam (a NAT rebinding).  Each client source address gets its
   own back socket, like a NAT mapping.
+- ``set_bottleneck(rate_bps, queue_bytes)`` puts a slow link in a direction: a token-bucket
+  rate limit behind a drop-tail queue (``Bottleneck``), shared by every flow through the
+  relay in that direction -- all relayed UDP ports, and TCP pipes too with ``impair_tcp``
+  -- so several sessions and a bulk TCP transfer compete for one link.  A datagram meets
+  loss first, then the queue, then the delay (a lossy path behind a slow hop).  TCP bytes
+  are never dropped (the relay splices two lossless loopback connections): behind a delay
+  or a bottleneck the relay sends them on as a Reno sender would (``TcpWindow``), which
+  backs off where a real one would have lost a segment at the full queue; with
+  ``tcp_loss`` the loss settings cost TCP retransmission round trips too.
 
 One thread runs a ``selectors`` loop and a heap of scheduled deliveries.  Randomness is
 seeded per direction, and every datagram draws the same number of random values whatever
@@ -27,6 +36,7 @@ bounded.  Settings may be changed from any thread while the relay runs::
         relay.down.delay = 0.05         # server -> client, seconds
         relay.blackout(5.0)
         relay.rebind()
+        relay.set_bottleneck(10e6, queue_bytes=1_000_000, directions=("down",))
         print(relay.stats)
 """
 
@@ -41,10 +51,12 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Union
 
 __all__ = [
+    "Bottleneck",
     "Impairment",
     "Relay",
     "RelayError",
@@ -60,6 +72,16 @@ MAX_TCP_BUFFER = 1024 * 1024  # per TCP direction: beyond this we stop reading (
 MAX_FLOWS_PER_PORT = 64  # NAT table bound: the least recently used mapping is evicted
 TCP_CHUNK = 65536
 COMMAND_TIMEOUT = 5.0
+# What a packet occupies on a link besides its payload: a bottleneck counts these too.
+UDP_HEADER_BYTES = 28  # IPv4 + UDP
+TCP_HEADER_BYTES = 52  # IPv4 + TCP with timestamps
+TCP_SEGMENT_BYTES = 1448  # MSS on a 1500-byte MTU: TCP crosses a bottleneck in segments
+# A relay socket reading into a bottleneck gets a small receive buffer: bytes parked there
+# would be a queue in front of the bottleneck's own that no real path has.
+TCP_BOTTLENECK_RCVBUF = 32 * 1024
+DEFAULT_BURST_BYTES = 3000  # two full-size packets may leave an idle link back to back
+TCP_MAX_TRANSMISSIONS = 10  # tcp_loss: a segment lost this often still arrives, late
+TCP_MIN_RETRANSMIT_SECS = 0.001  # a retransmission takes at least this on a zero-delay path
 
 
 class RelayError(RuntimeError):
@@ -95,8 +117,10 @@ def _port_is_free(host: str, port: int, kind: str) -> bool:
 
 
 def free_port(host: Union[str, Iterable[str]] = "127.0.0.1", kind: str = "tcp",
-              rng: random.Random | None = None) -> int:
-    """Pick a random port that is currently free for ``kind`` on every one of ``host``.
+              rng: random.Random | None = None, count: int = 1) -> int:
+    """Pick a random port that is currently free for ``kind`` on every one of ``host``
+    (with ``count`` > 1: the first of that many consecutive free ports, for a server that
+    takes a port range).
 
     ``host`` is one loopback address or several (e.g. ``("127.0.0.1", front)`` for a relay:
     the same number must be free on both).  ``kind`` is ``"tcp"``, ``"udp"`` or ``"both"``.
@@ -112,8 +136,9 @@ def free_port(host: Union[str, Iterable[str]] = "127.0.0.1", kind: str = "tcp",
         raise RelayError(f"free_port kind must be tcp, udp or both, not {kind!r}")
     rng = rng or random.SystemRandom()
     for _ in range(500):
-        port = rng.randrange(20000, 32768)
-        if all(_port_is_free(h, port, k) for h in hosts for k in kinds):
+        port = rng.randrange(20000, 32769 - count)
+        if all(_port_is_free(h, p, k) for p in range(port, port + count)
+               for h in hosts for k in kinds):
             return port
     raise RelayError(f"no free {kind} port found on {hosts}")
 
@@ -173,11 +198,139 @@ class Impairment:
         return self
 
 
+class Bottleneck:
+    """The narrowest hop of a path: a token bucket that lets ``rate_bps`` bits a second
+    through (``burst_bytes`` may leave an idle link at once), behind a drop-tail FIFO queue
+    holding at most ``queue_bytes`` (sizes include headers, as a router counts them).
+
+    Sans-IO: every call takes the time ``now`` (seconds on any monotonic clock) and the
+    caller hands in opaque items (whatever it needs to deliver a packet); ``release(now)``
+    returns ``(departure time, item)`` for every packet that has left by ``now``, in FIFO
+    order.  The bucket's state changes only at departures (and ``configure``), so departure
+    times depend only on what was offered when, never on how often the caller looks: runs
+    are reproducible and testable on a fake clock.  A packet larger than the bucket still
+    leaves when the bucket is full and puts it in debt, so the average rate holds for any
+    size.  Several flows share one queue and one rate, as they share a slow link;
+    ``flow_bytes`` counts the bytes that left per flow label.
+    """
+
+    COUNTERS = ("enqueued", "dropped", "departed", "bytes_departed", "bytes_dropped")
+
+    def __init__(self, rate_bps: float, queue_bytes: int,
+                 burst_bytes: int = DEFAULT_BURST_BYTES, now: float = 0.0) -> None:
+        self._validate(rate_bps, queue_bytes, burst_bytes)
+        self.rate_bps, self.queue_bytes, self.burst_bytes = (
+            float(rate_bps), int(queue_bytes), int(burst_bytes))
+        # (arrival time, size, flow, item), oldest first
+        self._queue: deque[tuple[float, int, str, object]] = deque()
+        self._departed: list[tuple[float, object]] = []  # left, not yet released
+        self._clock = now  # when the bucket last changed other than by refilling
+        self._tokens = float(burst_bytes)  # bytes at ``_clock``; negative while in debt
+        self.queued_bytes = 0
+        self.counters = dict.fromkeys(self.COUNTERS, 0)
+        self.flow_bytes: dict[str, int] = {}
+
+    @staticmethod
+    def _validate(rate_bps: float, queue_bytes: int, burst_bytes: int) -> None:
+        if not 1000.0 <= rate_bps <= 1e11:
+            raise RelayError(f"bottleneck rate must be within [1000, 1e11] bits/s, "
+                             f"not {rate_bps}")
+        for name, value in (("queue", queue_bytes), ("burst", burst_bytes)):
+            if not 1 <= value <= MAX_QUEUED_BYTES:
+                raise RelayError(f"bottleneck {name} must be within [1, {MAX_QUEUED_BYTES}] "
+                                 f"bytes, not {value}")
+
+    def configure(self, now: float, rate_bps: float, queue_bytes: int,
+                  burst_bytes: int = DEFAULT_BURST_BYTES) -> None:
+        """Change the settings from ``now`` on (validated).  Packets already queued stay,
+        even beyond a smaller limit: drop-tail only refuses arrivals."""
+        self._validate(rate_bps, queue_bytes, burst_bytes)
+        self._advance(now)
+        self._tokens, self._clock = self._tokens_at(max(now, self._clock)), max(now, self._clock)
+        self.rate_bps, self.queue_bytes, self.burst_bytes = (
+            float(rate_bps), int(queue_bytes), int(burst_bytes))
+        self._tokens = min(self._tokens, float(burst_bytes))
+
+    def room(self, now: float) -> int:
+        """Bytes the queue accepts at ``now`` before it starts dropping."""
+        self._advance(now)
+        return max(0, self.queue_bytes - self.queued_bytes)
+
+    def offer(self, now: float, size: int, item: object, flow: str = "") -> bool:
+        """A packet of ``size`` bytes arrives at ``now``: queue it (True) or drop it (False,
+        the queue is full)."""
+        self._advance(now)
+        if self.queued_bytes + size > self.queue_bytes:
+            self.counters["dropped"] += 1
+            self.counters["bytes_dropped"] += size
+            return False
+        self._queue.append((now, size, flow, item))
+        self.queued_bytes += size
+        self.counters["enqueued"] += 1
+        self._advance(now)  # an idle link with tokens lets it go at once
+        return True
+
+    def next_departure(self) -> float | None:
+        """When the packet at the head of the queue leaves (None: the queue is empty)."""
+        if not self._queue:
+            return None
+        arrival, size = self._queue[0][:2]
+        start = max(arrival, self._clock)
+        need = min(size, self.burst_bytes)
+        tokens = self._tokens_at(start)
+        if tokens >= need:
+            return start
+        return start + (need - tokens) * 8.0 / self.rate_bps
+
+    def release(self, now: float) -> list[tuple[float, object]]:
+        """The packets that have left by ``now``: ``(departure time, item)``, oldest first."""
+        self._advance(now)
+        released, self._departed = self._departed, []
+        return released
+
+    def flush(self, now: float) -> list[tuple[float, object]]:
+        """Everything still queued leaves at ``now`` (the bottleneck is being removed)."""
+        self._advance(now)
+        while self._queue:
+            self._depart(now, 0.0)
+        return self.release(now)
+
+    def _tokens_at(self, when: float) -> float:
+        """The bucket at ``when`` (not before ``_clock``) if nothing leaves meanwhile."""
+        return min(float(self.burst_bytes),
+                   self._tokens + (when - self._clock) * self.rate_bps / 8.0)
+
+    def _advance(self, now: float) -> None:
+        """Let every packet due by ``now`` leave."""
+        while True:
+            due = self.next_departure()
+            if due is None or due > now:
+                return
+            self._depart(due, self._tokens_at(due))
+
+    def _depart(self, when: float, tokens: float) -> None:
+        """The head leaves at ``when``, taking its size from the ``tokens`` there were."""
+        _arrival, size, flow, item = self._queue.popleft()
+        self._tokens, self._clock = tokens - size, when
+        self.queued_bytes -= size
+        self.counters["departed"] += 1
+        self.counters["bytes_departed"] += size
+        self.flow_bytes[flow] = self.flow_bytes.get(flow, 0) + size
+        self._departed.append((when, item))
+
+    def snapshot(self) -> dict:
+        """Counters, the queue's fill and the bytes that left per flow (plain data)."""
+        return dict(self.counters, queued_bytes=self.queued_bytes, rate_bps=self.rate_bps,
+                    queue_bytes=self.queue_bytes, flows=dict(self.flow_bytes))
+
+
 class _Direction:
-    """Per-direction state: settings, seeded RNG, burst state and counters."""
+    """Per-direction state: settings, seeded RNG, burst state, counters and the bottleneck
+    (None: no rate limit) every flow in this direction shares."""
 
     COUNTERS = ("received", "delivered", "lost", "burst_lost", "blackout_dropped",
-                "overflow_dropped", "duplicated", "reordered", "bytes_delivered")
+                "overflow_dropped", "queue_dropped", "duplicated", "reordered",
+                "bytes_delivered")
 
     def __init__(self, name: str, settings: Impairment, seed: int) -> None:
         self.name = name
@@ -185,6 +338,13 @@ class _Direction:
         self.rng = random.Random(seed)
         self.in_burst = False
         self.counters = dict.fromkeys(self.COUNTERS, 0)
+        self.bottleneck: Bottleneck | None = None
+
+    def snapshot(self) -> dict:
+        """The counters, and the bottleneck's if there is one (under "bottleneck")."""
+        if self.bottleneck is None:
+            return dict(self.counters)
+        return dict(self.counters, bottleneck=self.bottleneck.snapshot())
 
     def plan(self, now: float) -> list[float]:
         """Decide one datagram's fate: the delivery times (empty list = dropped).
@@ -239,15 +399,70 @@ class _UdpPort:
         self.flows: dict[tuple, _UdpFlow] = {}
 
 
-class _TcpHalf:
-    """One direction of a TCP pipe: bytes read from ``src`` waiting to be written to ``dst``."""
+class TcpWindow:
+    """A loss-based TCP sender's congestion window (Reno), for TCP crossing a bottleneck.
 
-    def __init__(self, src: socket.socket, dst: socket.socket, direction: _Direction) -> None:
+    Why: the relay cannot drop TCP bytes, so without this a TCP pipe would refill every
+    byte of room the moment it appears and a bottleneck would in effect serve TCP first.
+    Real Reno/CUBIC sending into a full drop-tail queue loses a segment and halves its
+    window, which lets other flows in.  So the relay sends each TCP direction into its
+    bottleneck as such a sender would: at most ``cwnd`` bytes unacknowledged (an ack comes
+    a round trip after the segment left the queue); slow start, then one segment more per
+    round trip; and when it has data but the queue is full (where the real one would have
+    lost a segment), the window halves, at most once per round trip.  Sans-IO.
+    """
+
+    INITIAL_SEGMENTS = 10  # Linux's initial window
+
+    def __init__(self) -> None:
+        self.cwnd = float(self.INITIAL_SEGMENTS * TCP_SEGMENT_BYTES)
+        self.ssthresh = float("inf")
+        self.unacked = 0
+        self.losses = 0
+        self._recovering_until = float("-inf")
+
+    def allowance(self) -> int:
+        """Payload bytes it may send now, in whole segments."""
+        return max(0, int(self.cwnd) - self.unacked) // TCP_SEGMENT_BYTES * TCP_SEGMENT_BYTES
+
+    def may_probe(self, now: float) -> bool:
+        """True if sending into a full queue now would count as a new loss."""
+        return now >= self._recovering_until
+
+    def sent(self, size: int) -> None:
+        self.unacked += size
+
+    def acked(self, size: int) -> None:
+        self.unacked -= size
+        if self.cwnd < self.ssthresh:
+            self.cwnd += size
+        else:
+            self.cwnd += TCP_SEGMENT_BYTES * size / self.cwnd
+
+    def lost(self, now: float, rtt: float) -> None:
+        """A segment met a full queue at ``now``; ``rtt`` until the sender would know."""
+        if not self.may_probe(now):
+            return
+        self.losses += 1
+        self.ssthresh = max(self.unacked / 2.0, 2.0 * TCP_SEGMENT_BYTES)
+        self.cwnd = self.ssthresh
+        self._recovering_until = now + rtt
+
+
+class _TcpHalf:
+    """One direction of a TCP pipe: bytes read from ``src`` waiting to be written to ``dst``
+    (``reverse`` is the other direction, which the acks take)."""
+
+    def __init__(self, src: socket.socket, dst: socket.socket, direction: _Direction,
+                 reverse: _Direction) -> None:
         self.src = src
         self.dst = dst
         self.direction = direction
+        self.reverse = reverse
+        self.window = TcpWindow()  # used while the direction has a bottleneck
         self.buf = bytearray()
-        self.in_flight = 0  # bytes scheduled on the heap (impair_tcp delay), not yet in buf
+        self.in_flight = 0  # bytes read, not yet in buf: in a bottleneck or on the heap
+        self.rcvbuf_limited = False  # src's receive buffer shrunk for a bottleneck
         self.last_due = 0.0  # keeps delayed chunks in order
         self.eof = False
         self.shut = False
@@ -260,9 +475,10 @@ class _TcpPipe:
     """An accepted front connection spliced to a connection to the back address."""
 
     def __init__(self, client: socket.socket, server: socket.socket,
-                 up: _Direction, down: _Direction) -> None:
-        self.up = _TcpHalf(client, server, up)
-        self.down = _TcpHalf(server, client, down)
+                 up: _Direction, down: _Direction, port: int) -> None:
+        self.up = _TcpHalf(client, server, up, down)
+        self.down = _TcpHalf(server, client, down, up)
+        self.flow = f"tcp:{port}"  # its label in bottleneck accounting
         self.events = {client: 0, server: 0}  # what the selector watches per socket
         self.closed = False
 
@@ -278,13 +494,21 @@ class Relay:
     of the counters.  ``tap(direction, datagram)``, if given, sees every UDP datagram as it
     arrives, before any impairment (e.g. to capture packets for replay attacks).  All
     addresses must be loopback and ``front`` must differ from ``back``.
+
+    With ``impair_tcp``, TCP behind a delay or a bottleneck is sent on as a modelled
+    sender (``TcpWindow``): the relay acks the real connection at once, so without a
+    window of its own the delay would cost TCP nothing but latency.  ``tcp_loss`` (with
+    ``impair_tcp``) applies the loss settings to TCP segments too: a lost segment arrives a
+    round trip late (retransmitted, repeatedly if the retransmission is lost), holds up
+    what follows (in-order delivery) and halves the window.
     """
 
     def __init__(self, front: str = "127.0.0.2", back: str = "127.0.0.1",
                  tcp_ports: Iterable[int] = (), udp_ports: Iterable[int] = (),
                  up: Impairment | None = None, down: Impairment | None = None,
                  seed: int | None = None, impair_tcp: bool = False,
-                 tap: Callable[[str, bytes], None] | None = None) -> None:
+                 tap: Callable[[str, bytes], None] | None = None,
+                 tcp_loss: bool = False) -> None:
         self.front = require_loopback(front)
         self.back = require_loopback(back)
         if ipaddress.ip_address(front) == ipaddress.ip_address(back):
@@ -292,13 +516,16 @@ class Relay:
         self.tcp_ports = list(tcp_ports)
         self.udp_ports = list(udp_ports)
         self.impair_tcp = impair_tcp
+        self.tcp_loss = tcp_loss
         self.tap = tap  # called (in the relay thread) with ("up"|"down", datagram) on arrival
         self.seed = random.SystemRandom().randrange(2**32) if seed is None else seed
         self.up = up or Impairment()
         self.down = down or Impairment()
         self._dirs = {"up": _Direction("up", self.up, self.seed * 2),
                       "down": _Direction("down", self.down, self.seed * 2 + 1)}
-        self._tcp_counters = {"accepted": 0, "refused": 0, "bytes_up": 0, "bytes_down": 0}
+        self._tcp_counters = {"accepted": 0, "refused": 0, "bytes_up": 0, "bytes_down": 0,
+                              "segments_lost": 0}
+        self._tcp_rng = random.Random(self.seed * 2 + 2)  # TCP segment loss (tcp_loss)
         self._blackout_until = 0.0  # monotonic; float("inf") while set_blackout(True)
         self._lock = threading.Lock()  # guards counters/blackout against the caller thread
         self._sel = selectors.DefaultSelector()
@@ -307,6 +534,8 @@ class Relay:
         self._heap: list[tuple[float, int, int, Callable[[], None]]] = []
         self._heap_bytes = 0
         self._seq = itertools.count()
+        # (departure time, callback) from a bottleneck that was removed, to run in the thread
+        self._orphans: list[tuple[float, Callable[[float], None]]] = []
         self._udp: list[_UdpPort] = []
         self._listeners: list[socket.socket] = []
         self._pipes: set[_TcpPipe] = set()
@@ -385,6 +614,33 @@ class Relay:
         """Convenience: a symmetric fixed delay giving round-trip time ``rtt`` seconds."""
         self.set(delay=rtt / 2.0)
 
+    def set_bottleneck(self, rate_bps: float | None, queue_bytes: int = 0,
+                       burst_bytes: int = DEFAULT_BURST_BYTES,
+                       directions: Iterable[str] = ("up", "down")) -> None:
+        """A slow link in each of ``directions`` ("up", "down"): ``rate_bps`` bits a second
+        behind a drop-tail queue of ``queue_bytes`` (see ``Bottleneck``), shared by every
+        flow through this relay that way: all UDP ports, and TCP pipes if ``impair_tcp``.
+
+        Called again, it changes the same link's settings (what is queued stays);
+        ``rate_bps=None`` removes it (what is queued leaves at once).
+        """
+        names = list(directions)
+        if not names or any(name not in self._dirs for name in names):
+            raise RelayError(f"bottleneck directions must be up and/or down, not {names}")
+        now = time.monotonic()
+        with self._lock:
+            for name in names:
+                direction = self._dirs[name]
+                if rate_bps is None:
+                    if direction.bottleneck is not None:
+                        self._orphans.extend(direction.bottleneck.flush(now))
+                    direction.bottleneck = None
+                elif direction.bottleneck is None:
+                    direction.bottleneck = Bottleneck(rate_bps, queue_bytes, burst_bytes, now)
+                else:
+                    direction.bottleneck.configure(now, rate_bps, queue_bytes, burst_bytes)
+        self._wake()
+
     def blackout(self, seconds: float) -> None:
         """Drop all UDP (and freeze TCP if ``impair_tcp``) for ``seconds`` from now."""
         with self._lock:
@@ -416,11 +672,13 @@ class Relay:
 
     @property
     def stats(self) -> dict:
-        """Snapshot: {"up": {...}, "down": {...}, "tcp": {...}, "queued": n, "seed": s}."""
+        """Snapshot: {"up": {...}, "down": {...}, "tcp": {...}, "queued": n, "seed": s};
+        a direction with a bottleneck has its counters under "bottleneck", with the bytes
+        that crossed it per flow ("udp:PORT", "tcp:PORT": relayed port, any client)."""
         with self._lock:
             return {
-                "up": dict(self._dirs["up"].counters),
-                "down": dict(self._dirs["down"].counters),
+                "up": self._dirs["up"].snapshot(),
+                "down": self._dirs["down"].snapshot(),
                 "tcp": dict(self._tcp_counters),
                 "queued": len(self._heap),
                 "seed": self.seed,
@@ -469,6 +727,9 @@ class Relay:
             timeout = 1.0
             if self._heap:
                 timeout = min(timeout, max(0.0, self._heap[0][0] - now))
+            departure = self._next_departure()
+            if departure is not None:
+                timeout = min(timeout, max(0.0, departure - now))
             if self.impair_tcp and now < self._blackout_until:
                 timeout = min(timeout, max(0.0, self._blackout_until - now))
             try:
@@ -491,7 +752,23 @@ class Relay:
         heapq.heappush(self._heap, (due, next(self._seq), size, action))
         return True
 
+    def _next_departure(self) -> float | None:
+        """The earliest time a packet leaves a bottleneck (now, if some are orphaned)."""
+        with self._lock:
+            if self._orphans:
+                return 0.0
+            due = [d.bottleneck.next_departure() for d in self._dirs.values()
+                   if d.bottleneck is not None]
+        return min((t for t in due if t is not None), default=None)
+
     def _run_due(self, now: float) -> None:
+        with self._lock:  # departure callbacks only schedule onto the heap
+            released, self._orphans = self._orphans, []
+            for direction in self._dirs.values():
+                if direction.bottleneck is not None:
+                    released.extend(direction.bottleneck.release(now))
+            for departed, on_departure in released:
+                on_departure(departed)
         while self._heap and self._heap[0][0] <= now:
             _due, _seq, size, action = heapq.heappop(self._heap)
             self._heap_bytes -= size
@@ -513,7 +790,7 @@ class Relay:
             flow.last_used = time.monotonic()
             self._impair(self._dirs["up"], data,
                          lambda d=data, f=flow, p=entry.port: self._send(
-                             f.back_sock, d, (self.back, p), "up"))
+                             f.back_sock, d, (self.back, p), "up"), f"udp:{entry.port}")
 
     def _new_flow(self, entry: _UdpPort, addr: tuple) -> _UdpFlow | None:
         if len(entry.flows) >= MAX_FLOWS_PER_PORT:
@@ -560,9 +837,12 @@ class Relay:
                 continue  # only the server's session port is relayed back
             self._impair(self._dirs["down"], data,
                          lambda d=data, f=flow: self._send(
-                             entry.front_sock, d, f.client_addr, "down"))
+                             entry.front_sock, d, f.client_addr, "down"), f"udp:{entry.port}")
 
-    def _impair(self, direction: _Direction, data: bytes, deliver: Callable[[], None]) -> None:
+    def _impair(self, direction: _Direction, data: bytes, deliver: Callable[[], None],
+                flow: str = "") -> None:
+        """Loss, then the bottleneck's queue (if any), then the delay; ``flow`` labels the
+        datagram in the bottleneck's accounting."""
         if self.tap is not None:
             self.tap(direction.name, data)
         now = time.monotonic()
@@ -572,9 +852,23 @@ class Relay:
                 direction.counters["blackout_dropped"] += 1
                 return
             times = direction.plan(now)
-            for due in times:
-                if not self._schedule(due, deliver, len(data)):
-                    direction.counters["overflow_dropped"] += 1
+            if times and direction.bottleneck is not None:
+                delays = [due - now for due in times]
+                if not direction.bottleneck.offer(
+                        now, len(data) + UDP_HEADER_BYTES,
+                        lambda departed: self._deliver_at(
+                            direction, [departed + d for d in delays], deliver, len(data)),
+                        flow):
+                    direction.counters["queue_dropped"] += 1
+                return
+            self._deliver_at(direction, times, deliver, len(data))
+
+    def _deliver_at(self, direction: _Direction, times: list[float],
+                    deliver: Callable[[], None], size: int) -> None:
+        """Schedule ``deliver`` at each of ``times`` (the caller holds the lock)."""
+        for due in times:
+            if not self._schedule(due, deliver, size):
+                direction.counters["overflow_dropped"] += 1
 
     def _send(self, sock: socket.socket, data: bytes, addr: tuple, direction: str) -> None:
         if sock.fileno() < 0:
@@ -628,7 +922,7 @@ class Relay:
         for sock in (client, server):
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pipe = _TcpPipe(client, server, self._dirs["up"], self._dirs["down"])
+        pipe = _TcpPipe(client, server, self._dirs["up"], self._dirs["down"], port)
         self._pipes.add(pipe)
         with self._lock:
             self._tcp_counters["accepted"] += 1
@@ -651,9 +945,53 @@ class Relay:
             return
         self._update_interest(pipe)
 
+    def _bottleneck_for(self, half: _TcpHalf) -> Bottleneck | None:
+        return half.direction.bottleneck if self.impair_tcp else None
+
+    def _tcp_room(self, half: _TcpHalf, now: float) -> int | None:
+        """Payload bytes that fit ``half``'s bottleneck now, in whole segments (None: no
+        bottleneck applies)."""
+        with self._lock:
+            bottleneck = self._bottleneck_for(half)
+            if bottleneck is None:
+                return None
+            room = bottleneck.room(now)
+        return room // (TCP_SEGMENT_BYTES + TCP_HEADER_BYTES) * TCP_SEGMENT_BYTES
+
+    def _tcp_modelled(self, half: _TcpHalf) -> bool:
+        """Whether ``half`` crosses as a modelled sender: behind a bottleneck, a delay or
+        (``tcp_loss``) loss."""
+        settings = half.direction.settings
+        return self.impair_tcp and (half.direction.bottleneck is not None or settings.delay > 0
+                                    or (self.tcp_loss and settings.loss > 0))
+
+    def _tcp_wants_read(self, half: _TcpHalf) -> bool:
+        """Whether to read ``half``'s source now (when modelled: its window allows a segment,
+        and a bottleneck has room or a full queue would be news to the sender)."""
+        if not self._tcp_modelled(half):
+            return True
+        if half.window.allowance() <= 0:
+            return False
+        now = time.monotonic()
+        room = self._tcp_room(half, now)
+        return room is None or room > 0 or half.window.may_probe(now)
+
     def _tcp_read(self, pipe: _TcpPipe, half: _TcpHalf) -> None:
+        now = time.monotonic()
+        modelled = self._tcp_modelled(half)
+        limit = TCP_CHUNK
+        if modelled:
+            room = self._tcp_room(half, now)
+            limit = min(limit, half.window.allowance(), TCP_CHUNK if room is None else room)
+            if limit <= 0:
+                if room is not None and room <= 0:  # a real sender would lose a segment
+                    half.window.lost(now, self._round_trip(half))
+                return
+            if room is not None and not half.rcvbuf_limited:
+                half.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TCP_BOTTLENECK_RCVBUF)
+                half.rcvbuf_limited = True
         try:
-            data = half.src.recv(TCP_CHUNK)
+            data = half.src.recv(limit)
         except (BlockingIOError, InterruptedError):
             return
         if not data:
@@ -663,14 +1001,66 @@ class Relay:
         key = "bytes_up" if half is pipe.up else "bytes_down"
         with self._lock:
             self._tcp_counters[key] += len(data)
-        delay = half.direction.settings.delay if self.impair_tcp else 0.0
-        if delay <= 0.0 and half.in_flight == 0:
+        if modelled:
+            self._tcp_send(pipe, half, data, now)
+            return
+        if half.in_flight == 0:
             half.buf += data
             self._tcp_flush(half)
             return
-        due = max(time.monotonic() + delay, half.last_due)
-        half.last_due = due
+        half.in_flight += len(data)  # behind what a delay still holds: keep the order
+        self._tcp_schedule(pipe, half, data, now)
+
+    def _tcp_send(self, pipe: _TcpPipe, half: _TcpHalf, data: bytes, now: float) -> None:
+        """Send ``data`` on in segments, into the bottleneck if there is one (its room was
+        checked: TCP is never dropped there)."""
         half.in_flight += len(data)
+        half.window.sent(len(data))
+        with self._lock:
+            bottleneck = self._bottleneck_for(half)
+            for start in range(0, len(data), TCP_SEGMENT_BYTES):
+                segment = data[start:start + TCP_SEGMENT_BYTES]
+                if bottleneck is None:
+                    self._tcp_departed(pipe, half, segment, now)
+                elif not bottleneck.offer(
+                        now, len(segment) + TCP_HEADER_BYTES,
+                        lambda departed, p=pipe, h=half, d=segment: self._tcp_departed(
+                            p, h, d, departed), pipe.flow):
+                    raise RelayError("a TCP segment did not fit the bottleneck")
+
+    def _round_trip(self, half: _TcpHalf) -> float:
+        """Both ways' delay plus the time to drain ``half``'s bottleneck queue now."""
+        delay = half.direction.settings.delay + half.reverse.settings.delay
+        with self._lock:
+            bottleneck = self._bottleneck_for(half)
+            if bottleneck is not None:
+                delay += bottleneck.queued_bytes * 8.0 / bottleneck.rate_bps
+        return delay
+
+    def _tcp_departed(self, pipe: _TcpPipe, half: _TcpHalf, data: bytes,
+                      departed: float) -> None:
+        """A segment left (the bottleneck, or the sender): it arrives after the delay, its
+        ack a round trip after it left; with ``tcp_loss`` each lost transmission costs a
+        round trip more and halves the window.  (The caller holds the lock.)"""
+        round_trip = half.direction.settings.delay + half.reverse.settings.delay
+        late = 0.0
+        if self.tcp_loss:
+            for _ in range(TCP_MAX_TRANSMISSIONS):
+                if self._tcp_rng.random() >= half.direction.settings.loss:
+                    break
+                self._tcp_counters["segments_lost"] += 1
+                half.window.lost(departed + late, round_trip)
+                late += max(round_trip, TCP_MIN_RETRANSMIT_SECS)
+        self._tcp_schedule(pipe, half, data, departed + late)
+        size = len(data)
+        heapq.heappush(self._heap, (departed + late + round_trip, next(self._seq), 0,
+                                    lambda w=half.window: w.acked(size)))
+
+    def _tcp_schedule(self, pipe: _TcpPipe, half: _TcpHalf, data: bytes, sent: float) -> None:
+        """``data`` (counted in ``in_flight``) arrives at ``sent`` plus the direction's delay,
+        never before what was sent ahead of it."""
+        due = max(sent + half.direction.settings.delay, half.last_due)
+        half.last_due = due
         heapq.heappush(self._heap, (due, next(self._seq), 0,
                                     lambda h=half, d=data, p=pipe: self._tcp_arrive(p, h, d)))
 
@@ -719,7 +1109,8 @@ class Relay:
         for sock in (pipe.up.src, pipe.down.src):
             reading, writing = pipe.halves_for(sock)
             events = 0
-            if not frozen and not reading.eof and reading.backlog() < MAX_TCP_BUFFER:
+            if (not frozen and not reading.eof and reading.backlog() < MAX_TCP_BUFFER
+                    and self._tcp_wants_read(reading)):
                 events |= selectors.EVENT_READ
             if not frozen and writing.buf:
                 events |= selectors.EVENT_WRITE

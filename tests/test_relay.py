@@ -17,7 +17,8 @@ import pytest
 import relay as relay_mod
 from proc_util import (ManagedProcess, PtyEOF, PtyProcess, PtyTimeout, pid_alive,
                        proc_children, proc_usage, wait_for)
-from relay import Impairment, Relay, RelayError, free_port, random_front_alias
+from relay import (Bottleneck, Impairment, Relay, RelayError, TcpWindow, free_port,
+                   random_front_alias)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,6 +118,10 @@ def test_free_port_and_alias():
             sock.bind((alias, port))
     with pytest.raises(RelayError):
         free_port("127.0.0.1", "sctp")
+    first = free_port(("127.0.0.1", alias), "udp", count=3)
+    for port in range(first, first + 3):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((alias, port))
 
 
 def test_settings_are_validated():
@@ -345,6 +350,246 @@ def test_queue_is_bounded(setup, monkeypatch):
     assert stats["up"]["overflow_dropped"] == 150
 
 
+# ---------------------------------------------------------------------------------------
+# Bottleneck: the sans-IO slow link, on a fake clock (rate 8 Mbit/s = one byte a microsecond
+# keeps the arithmetic readable).
+# ---------------------------------------------------------------------------------------
+
+MBIT8 = 8e6  # bits/s: 1000 bytes take exactly 1 ms
+
+
+def departures(bottleneck: Bottleneck, now: float) -> list[tuple[float, object]]:
+    return [(pytest.approx(t, abs=1e-9), item) for t, item in bottleneck.release(now)]
+
+
+def test_bottleneck_paces_packets_at_its_rate():
+    link = Bottleneck(MBIT8, queue_bytes=100_000, burst_bytes=1000, now=0.0)
+    for i in range(50):
+        assert link.offer(0.0, 1000, i)
+    assert link.next_departure() == pytest.approx(0.001)  # the first left at once
+    assert departures(link, 1.0) == [(i * 0.001, i) for i in range(50)]
+    assert link.queued_bytes == 0 and link.next_departure() is None
+    assert link.counters["departed"] == 50 and link.counters["bytes_departed"] == 50_000
+
+
+def test_bottleneck_lets_a_burst_through_after_idling():
+    link = Bottleneck(MBIT8, queue_bytes=100_000, burst_bytes=3000, now=0.0)
+    for i in range(5):
+        link.offer(5.0, 1000, i)  # the bucket filled up (to 3000 bytes) while idle
+    assert departures(link, 6.0) == [(5.0, 0), (5.0, 1), (5.0, 2), (5.001, 3), (5.002, 4)]
+
+
+def test_bottleneck_drops_arrivals_beyond_its_queue():
+    link = Bottleneck(MBIT8, queue_bytes=5000, burst_bytes=1000, now=0.0)
+    accepted = [link.offer(0.0, 1000, i) for i in range(10)]
+    # one leaves at once on the bucket's tokens, five wait, the rest find the queue full
+    assert accepted == [True] * 6 + [False] * 4
+    assert link.counters["dropped"] == 4 and link.counters["bytes_dropped"] == 4000
+    assert link.room(0.0) == 0
+    assert link.room(0.002) == 2000  # two more have left by then
+    assert link.offer(0.002, 2000, "fits") and not link.offer(0.002, 1, "full")
+    assert [item for _, item in link.release(1.0)] == [0, 1, 2, 3, 4, 5, "fits"]
+
+
+def test_bottleneck_is_fifo_across_flows_and_counts_each():
+    link = Bottleneck(MBIT8, queue_bytes=100_000, burst_bytes=1000, now=0.0)
+    offered = []
+    for i in range(30):
+        flow, size = ("bulk", 1400) if i % 3 else ("echo", 100)
+        assert link.offer(i * 0.0001, size, (flow, i), flow=flow)
+        offered.append((flow, i))
+    released = link.release(1.0)
+    assert [item for _, item in released] == offered
+    times = [t for t, _ in released]
+    assert times == sorted(times)
+    assert link.flow_bytes == {"bulk": 20 * 1400, "echo": 10 * 100}
+
+
+def test_bottleneck_queue_delays_every_flow_behind_it():
+    """What Ctrl-C meets on a slow link: a small packet queued behind a flood waits for
+    the whole queue to drain, whatever flow it belongs to."""
+    link = Bottleneck(MBIT8, queue_bytes=200_000, burst_bytes=1500, now=0.0)
+    while link.offer(0.0, 1500, "flood", flow="flood"):
+        pass
+    assert link.queued_bytes > 198_000
+    link.offer(0.1, 100, "prompt", flow="prompt")  # arrives after some of the flood left
+    released = link.release(1.0)
+    assert released[-1][1] == "prompt"
+    assert released[-1][0] == pytest.approx((201_000 - 1500) / 1e6, abs=0.002)
+
+
+def test_bottleneck_timing_does_not_depend_on_polling():
+    def run(poll_every: float) -> list:
+        link = Bottleneck(2e6, queue_bytes=30_000, burst_bytes=2000, now=0.0)
+        out, now, i = [], 0.0, 0
+        while now < 1.0:
+            if round(now * 1e4) % 7 == 0:  # arrivals on a fixed schedule, with idle gaps
+                link.offer(now, 300 + (i * 37) % 1200, i, flow=str(i % 2))
+                i += 1
+            if round(now * 1e4) % round(poll_every * 1e4) == 0:
+                out += link.release(now)
+            now = round(now + 0.0001, 4)
+        return out + link.release(2.0)
+
+    assert run(0.0001) == run(0.05)
+
+
+def test_bottleneck_big_packets_keep_the_average_rate():
+    link = Bottleneck(MBIT8, queue_bytes=1_000_000, burst_bytes=3000, now=0.0)
+    for i in range(10):
+        link.offer(0.0, 65536, i)
+    times = [t for t, _ in link.release(10.0)]
+    assert times[0] == 0.0  # a full bucket sends it, into debt
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps == pytest.approx([0.065536] * 9)
+
+
+def test_bottleneck_configure_and_validation():
+    link = Bottleneck(MBIT8, queue_bytes=10_000, burst_bytes=1000, now=0.0)
+    for i in range(6):
+        link.offer(0.0, 1000, i)
+    link.configure(0.002, MBIT8 / 2, queue_bytes=2000, burst_bytes=1000)
+    # queued packets stay beyond the smaller limit; from 0.002 on they leave at half rate
+    assert link.queued_bytes == 3000 and not link.offer(0.002, 1, "late")
+    assert [t for t, _ in link.release(1.0)] == pytest.approx(
+        [0.0, 0.001, 0.002, 0.004, 0.006, 0.008])
+    for bad in ({"rate_bps": 0}, {"queue_bytes": 0}, {"burst_bytes": 0},
+                {"queue_bytes": 10**12}):
+        settings = dict({"rate_bps": MBIT8, "queue_bytes": 1000, "burst_bytes": 1000}, **bad)
+        with pytest.raises(RelayError):
+            Bottleneck(**settings)
+        with pytest.raises(RelayError):
+            link.configure(2.0, **settings)
+    assert link.flush(3.0) == [] and link.snapshot()["rate_bps"] == MBIT8 / 2
+
+
+def test_bottleneck_flush_releases_everything_now():
+    link = Bottleneck(MBIT8, queue_bytes=10_000, burst_bytes=1000, now=0.0)
+    for i in range(4):
+        link.offer(0.0, 1000, i)
+    assert link.flush(0.0015) == [(0.0, 0), (0.001, 1), (0.0015, 2), (0.0015, 3)]
+    assert link.queued_bytes == 0
+
+
+def test_tcp_window_slow_start_halving_and_growth():
+    seg = relay_mod.TCP_SEGMENT_BYTES
+    window = TcpWindow()
+    assert window.allowance() == 10 * seg
+    window.sent(10 * seg)
+    assert window.allowance() == 0
+    window.acked(10 * seg)  # slow start: the window doubles in a round trip
+    assert window.allowance() == 20 * seg
+    window.sent(20 * seg)
+    window.lost(1.0, rtt=0.1)  # the queue was full: half of what is unacknowledged
+    assert window.cwnd == window.ssthresh == 10 * seg and window.losses == 1
+    window.lost(1.05, rtt=0.1)  # the same round trip: the same loss episode
+    assert window.losses == 1 and not window.may_probe(1.05) and window.may_probe(1.1)
+    window.acked(20 * seg)  # congestion avoidance: about one segment a round trip
+    assert window.cwnd == pytest.approx(12 * seg, rel=0.05)
+    window.lost(2.0, rtt=0.1)
+    assert window.cwnd == 2 * seg  # never below two segments
+
+
+def test_relay_bottleneck_limits_udp_rate_and_drops_at_the_queue(setup):
+    front, port = setup
+    size = 1000 - relay_mod.UDP_HEADER_BYTES  # 1000 bytes on the wire
+    with UdpServer(port, echo=False) as server, Relay(front=front, udp_ports=[port]) as relay:
+        relay.set_bottleneck(1e6, queue_bytes=20_000, directions=("up",))  # 8 ms a packet
+        client = udp_client()
+        for i in range(200):  # ~0.2 ms apart: 5 Mbit/s into a 1 Mbit/s link
+            client.sendto(b"%06d" % i + b"." * (size - 6), (front, port))
+            time.sleep(0.0002)
+        # (the kernel may drop a few before the relay reads them, on a busy machine)
+        assert wait_until(lambda: relay.stats["up"]["received"] >= 150
+                          and relay.stats["up"]["delivered"] + relay.stats["up"]["queue_dropped"]
+                          == relay.stats["up"]["received"])
+        client.close()
+        stats = relay.stats["up"]
+        assert relay.errors == []
+    got = [int(data[:6]) for data, _ in server.received]
+    assert 20 <= len(got) <= 80 and got == sorted(got)  # the queue, the burst, what left
+    assert stats["bottleneck"]["dropped"] == stats["queue_dropped"] == stats["received"] - len(got)
+    assert stats["bottleneck"]["flows"] == {f"udp:{port}": 1000 * len(got)}
+    assert stats["bottleneck"]["queued_bytes"] == 0
+    assert relay.stats["down"].get("bottleneck") is None
+
+
+def test_relay_bottleneck_paces_udp(setup):
+    front, port = setup
+    with UdpServer(port) as server, Relay(front=front, udp_ports=[port]) as relay:
+        relay.set_bottleneck(1e6, queue_bytes=100_000, directions=("down",))
+        client = udp_client()
+        start = time.monotonic()
+        send_numbered(client, front, port, 60, gap=0.0)  # 34 wire bytes: 272 us apart
+        got = [client.recv(100) for _ in range(60)]
+        elapsed = time.monotonic() - start
+        client.close()
+    assert got == [b"%06d" % i for i in range(60)] and len(server.received) == 60
+    assert elapsed >= (60 * 34 - relay_mod.DEFAULT_BURST_BYTES) * 8 / 1e6
+
+
+def test_relay_bottleneck_is_shared_by_tcp_and_udp():
+    """A TCP transfer fills the shared down link; datagrams of another flow queue behind
+    it; no TCP byte is lost (the relay stops reading instead)."""
+    front = random_front_alias()
+    tcp_port = free_port(("127.0.0.1", front), "tcp")
+    udp_port = free_port(("127.0.0.1", front), "udp")
+    payload = os.urandom(400_000)
+    lsock, thread = tcp_echo_server(tcp_port)
+    with lsock, UdpServer(udp_port) as udp_server, \
+            Relay(front=front, tcp_ports=[tcp_port], udp_ports=[udp_port],
+                  impair_tcp=True) as relay:
+        relay.set_bottleneck(4e6, queue_bytes=60_000, directions=("down",))
+        result = {}
+        transfer = threading.Thread(
+            target=lambda: result.update(echo=tcp_exchange(front, tcp_port, payload)))
+        start = time.monotonic()
+        transfer.start()
+        client = udp_client()
+        rtts = []
+        while transfer.is_alive() and len(rtts) < 40:
+            sent = time.monotonic()
+            client.sendto(b"ping", (front, udp_port))
+            try:
+                client.recv(10)
+            except socket.timeout:
+                continue  # dropped by the full queue
+            rtts.append(time.monotonic() - sent)
+            time.sleep(0.01)
+        transfer.join(30)
+        elapsed = time.monotonic() - start
+        client.close()
+        flows = relay.stats["down"]["bottleneck"]["flows"]
+        assert relay.errors == []
+    thread.join(5)
+    assert result["echo"] == payload
+    assert elapsed >= len(payload) * 8 / 4e6 * 0.9  # 0.8 s at the link's rate
+    assert flows[f"tcp:{tcp_port}"] >= len(payload) and flows[f"udp:{udp_port}"] > 0
+    assert max(rtts) >= 0.05 and udp_server.received  # behind up to 120 ms of TCP queue
+
+
+def test_relay_bottleneck_change_remove_and_validate(setup):
+    front, port = setup
+    with UdpServer(port) as server, Relay(front=front, udp_ports=[port]) as relay:
+        relay.set_bottleneck(20_000, queue_bytes=10_000, directions=("up",))  # 16 ms each
+        client = udp_client()
+        send_numbered(client, front, port, 20, gap=0.0)
+        assert wait_until(lambda: relay.stats["up"]["received"] == 20)
+        relay.set_bottleneck(None, directions=("up",))  # the queued ones leave at once
+        assert wait_until(lambda: len(server.received) == 20, 2.0)
+        assert "bottleneck" not in relay.stats["up"]
+        relay.set_bottleneck(1e6, queue_bytes=10_000)
+        relay.set_bottleneck(2e6, queue_bytes=20_000)  # the same links, reconfigured
+        assert relay.stats["down"]["bottleneck"]["rate_bps"] == 2e6
+        for bad in ({"rate_bps": 10.0, "queue_bytes": 1000},
+                    {"rate_bps": 1e6, "queue_bytes": 0},
+                    {"rate_bps": 1e6, "queue_bytes": 1000, "directions": ("sideways",)},
+                    {"rate_bps": 1e6, "queue_bytes": 1000, "directions": ()}):
+            with pytest.raises(RelayError):
+                relay.set_bottleneck(**bad)
+        client.close()
+
+
 def tcp_echo_server(port: int) -> tuple[socket.socket, threading.Thread]:
     """A one-connection TCP echo server on 127.0.0.1:port that closes after EOF."""
     lsock = socket.create_server(("127.0.0.1", port))
@@ -422,6 +667,24 @@ def test_impaired_tcp_gets_delay_and_freezes_during_blackout():
         assert tcp_exchange(front, port, payload) == payload
         assert time.monotonic() - start >= 0.9
     thread.join(5)
+
+
+def test_tcp_loss_model_delays_but_never_corrupts():
+    """With tcp_loss, lost segments cost round trips and window halvings; every byte still
+    arrives, in order (what a kernel's retransmissions would give)."""
+    front = random_front_alias()
+    port = free_port(("127.0.0.1", front), "tcp")
+    payload = os.urandom(200_000)
+    lsock, thread = tcp_echo_server(port)
+    with lsock, Relay(front=front, tcp_ports=[port], impair_tcp=True, tcp_loss=True,
+                      seed=5) as relay:
+        relay.set(delay=0.01, loss=0.1)
+        start = time.monotonic()
+        assert tcp_exchange(front, port, payload) == payload
+        elapsed = time.monotonic() - start
+        assert relay.stats["tcp"]["segments_lost"] > 10 and relay.errors == []
+    thread.join(5)
+    assert elapsed >= 0.1  # a lossless window opening would need about 0.1 s; loss adds
 
 
 def test_close_is_clean_and_idempotent(setup):

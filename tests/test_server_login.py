@@ -237,8 +237,9 @@ def test_records_of_sessions_that_ended_while_mps_was_down_are_closed(tmp_path, 
         wait_for(lambda: not pid_alive(pid), 10, "the shell to end with its terminal")
         assert len(who(alice.pw_name)) == 1  # nobody closed it
         server.start()
-        server.wait_log(f"closed the login record of {alice.pw_name} on pts/")
-        assert who(alice.pw_name) == []
+        # Any mps that starts closes every stale moshpit record on the machine: in a parallel
+        # run another test's server may get there first, so wait for the outcome, not our log.
+        wait_for(lambda: who(alice.pw_name) == [], 10, "`who` to drop the stale record")
         wait_for(lambda: [line for line in last(alice.pw_name)
                           if re.search(r" - \d\d:\d\d +\(00:\d\d\)$", line)],
                  10, "`last` to show the logout")
