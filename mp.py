@@ -5,7 +5,7 @@ Layout, top to bottom (each part uses only the ones above it):
     command line + config   build_parser, cli_overrides, parse_destination
     terminal layer          TerminalGuard (raw mode, always restored), Waker + SignalRouter
                             (signals/threads -> select), EscapeFilter (Ctrl-^ .),
-                            OutputTracker (safe points in the output), StatusBanner
+                            ScreenMirror (model of the server's output), StatusBanner
     connecting              Prompter (cooked-mode questions), load_identity (keygen offer,
                             passphrase), HostKeyCheck (known_hosts, pinned on resume),
                             Resumer (resume handshakes in a thread, back-off)
@@ -30,7 +30,8 @@ moshpit_session's docstring):
    re-keys and resends; a refused key, a changed host key or a vanished session ends it.
 5. Endings: an EXIT or SHUTDOWN record (core events), Ctrl-^ . (_quit: a SHUTDOWN record,
    then a quit request over TCP if UDP carries no ack), a signal (SignalRouter), or the
-   terminal going away (_hangup); _finish drains the output and restores the terminal.
+   terminal going away (_hangup); _finish drains the output, turns off what the session
+   turned on (ScreenMirror) and restores the terminal.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import moshpit
 import moshpit_handshake
 import moshpit_keys
 import moshpit_session
+import moshpit_term
 import moshpit_transport
 import moshpit_trust
 
@@ -78,6 +80,18 @@ IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers
 FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
 FINAL_OUTPUT_SECS = 3.0  # ... and for the local terminal to take the rest of the output
 ACK_SOON_SECS = 0.1  # a link timer further away than this: nothing is due at the end
+# Written at start: input and cursor modes a previous client killed with SIGKILL (which no
+# handler sees) may have left on. We cannot ask the terminal what is on, so each part must
+# be harmless when already off and must not move the cursor or change the screen:
+# ?1047l leaves the alternate screen if shown (?1049l would also restore a saved cursor:
+# xterm does even when none was saved); mouse tracking and encodings, focus events,
+# bracketed paste, synchronized output off; normal cursor keys (?1l) and keypad (ESC >);
+# modifyOtherKeys off (CSI > 4 m; a terminal not knowing it may take it for SGR 4, so it
+# comes before SGR 0); cursor visible; default colours. Not reset: a scroll region (CSI r
+# moves the cursor home) and the kitty keyboard stack (not popped blindly).
+STARTUP_RESET = (b"\x1b[?1047l\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1005l\x1b[?1006l"
+                 b"\x1b[?1015l\x1b[?1004l\x1b[?2004l\x1b[?2026l\x1b[?1l\x1b>\x1b[>4m"
+                 b"\x1b[?25h\x1b[0m")
 
 
 # ---------------------------------------------------------------------------
@@ -425,6 +439,11 @@ class TerminalGuard:
             self.saved_attrs = termios.tcgetattr(self.in_fd)
         for fd in {self.in_fd, self.out_fd, self.err_fd}:
             self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if os.isatty(fd):
+                # A terminal is never meant to be non-blocking: only a client killed by
+                # SIGKILL (no restore) leaves it so, and the shell's next program reading
+                # it would fail with EAGAIN. Hand it back blocking.
+                self.saved_flags[fd] &= ~os.O_NONBLOCK
         self._go_raw()
 
     def reenter(self) -> None:
@@ -522,69 +541,70 @@ class EscapeFilter:
         return bytes(out), False
 
 
-class OutputTracker:
-    """Knows whether the server's output stream currently sits between escape sequences and
-    characters, the only moments the banner may be drawn: bytes injected inside ``ESC [ 3``
-    or a half-written UTF-8 character would corrupt the screen for good.
+class ScreenMirror:
+    """The client's model of what the server drew on the local terminal (moshpit_term),
+    fed with exactly the server's bytes written to stdout (never our banner or messages:
+    those are drawn at safe points and taken away again).
 
-    Only the tail of each chunk matters: as in the DEC/ECMA-48 parser model, an ESC always
-    starts a fresh sequence (it also ends an OSC/DCS string: ``ESC \\`` is the terminator), so
-    the state after a chunk depends only on the bytes from its last ESC on, or, without an
-    ESC, on the previous state. That keeps the per-byte loop short even for ``cat bigfile``.
+    It answers what the end of the session and the banner need: whether the stream sits
+    between sequences and characters (the only moments bytes of ours may go in: bytes
+    injected inside ``ESC [ 3`` or a half-written UTF-8 character corrupt the screen for
+    good), whether the cursor is at column 0 (the fresh-line rule), what turns off every
+    mode the session turned on, and what the top row showed under the banner.
+
+    Where the model's rows are the terminal's rows: the client does not clear the screen
+    at start (like ssh), so the server's first line lands wherever the local cursor was,
+    not on the model's row 1. The two line up once the main screen has scrolled (both
+    cursors then sit on the bottom row; IL/DL also count, a rare miss) or while the
+    alternate screen (cleared on entry) is shown. Until then the banner row is only
+    erased, as the model would repaint the wrong line there.
     """
 
-    GROUND, ESC, CSI, STRING = range(4)
-    _STRING_STARTERS = frozenset(b"]PX^_")  # OSC, DCS, SOS, PM, APC: end at BEL or ESC \
-    # Colours and mode switches (bracketed paste, cursor keys) at the very end of the output
-    # leave the cursor where it was: they do not decide whether it is at column 0.
-    _STILL_CURSOR_TAIL = re.compile(rb"(?:\x1b\[[0-?]*[ -/]*[hlm])+\Z")
-
-    def __init__(self):
-        self.state = self.GROUND
-        self.tail = b""  # the last bytes since the last sequence: a cut UTF-8 character?
-        self.line_start = True  # the last character was a newline: the cursor is at column 0
+    def __init__(self, rows: int, cols: int):
+        self.term = moshpit_term.Terminal(rows, cols, history_limit=0)
+        self.main_aligned = False
 
     def feed(self, data: bytes) -> None:
-        tail = self._STILL_CURSOR_TAIL.sub(b"", data[-64:])
-        if tail:
-            self.line_start = tail.endswith(b"\n")
-        last_esc = data.rfind(b"\x1b")
-        if last_esc >= 0:
-            self.state, self.tail = self.ESC, b""
-        rest = memoryview(data)[last_esc + 1:]
-        i = 0
-        while self.state != self.GROUND and i < len(rest):
-            self._step(rest[i])
-            i += 1
-        self.tail = (self.tail + bytes(rest[max(i, len(rest) - 3):]))[-3:]
+        self.term.feed(data)
+        if not self.term.alt_screen and self.term.scroll_count:
+            self.main_aligned = True
 
-    def _step(self, byte: int) -> None:
-        if byte in (0x18, 0x1A):  # CAN/SUB abort any sequence
-            self.state = self.GROUND
-        elif self.state == self.ESC:
-            if byte == ord("["):
-                self.state = self.CSI
-            elif byte in self._STRING_STARTERS:
-                self.state = self.STRING
-            elif not 0x20 <= byte <= 0x2F:  # intermediates (ESC ( B) keep us in ESC
-                self.state = self.GROUND
-        elif self.state == self.CSI:
-            if 0x40 <= byte <= 0x7E:
-                self.state = self.GROUND
-        elif byte == 0x07:  # BEL ends an OSC string (xterm)
-            self.state = self.GROUND
+    def resize(self, rows: int, cols: int) -> None:
+        self.term.resize(rows, cols)
 
     def at_safe_point(self) -> bool:
-        return self.state == self.GROUND and not self._utf8_incomplete()
+        return self.term.in_ground_state
 
-    def _utf8_incomplete(self) -> bool:
-        for back, byte in enumerate(reversed(self.tail), start=1):
-            if byte & 0xC0 == 0x80:
-                continue  # continuation byte: look further back for the lead byte
-            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else \
-                4 if byte & 0xF8 == 0xF0 else 1
-            return need > back
-        return False
+    def at_line_start(self) -> bool:
+        """The cursor is at column 0 of a row the server left blank: a message written
+        there starts a line of its own."""
+        row, col, pending_wrap = self.term.cursor
+        return col == 0 and not pending_wrap and not self.term.line_text(row).strip()
+
+    def repaint_top_row(self):
+        """Bytes repainting row 1 as the server drew it, or None where the model's rows are
+        not known to be the terminal's. Between ESC 7 and ESC 8 like the banner itself:
+        the terminal's cursor is where the real one is, even before the model knows it."""
+        term = self.term
+        if not (term.alt_screen or self.main_aligned):
+            return None
+        cells = b"".join(term.render_cell(0, col) for col in range(term.cols)
+                         if term.cell(0, col).width)
+        return b"\x1b7" + cells + b"\x1b8" + (b"\x1b[4h" if term.insert_mode else b"")
+
+    def end_open_sequence(self) -> bytes:
+        """Bytes ending an escape sequence, string or character the server left open (an
+        unterminated title would swallow our message and whatever the local shell prints
+        next); b"" at a safe point."""
+        if self.term.in_ground_state:
+            return b""
+        self.term.feed(b"\x1b\\")  # ST: ends a string, and an ESC aborts any sequence
+        return b"\x1b\\"
+
+    def reset_sequence(self) -> bytes:
+        """Bytes turning off what the stream turned on (alternate screen, mouse, bracketed
+        paste, cursor keys and keypad, hidden cursor, colours...), at a safe point."""
+        return self.term.reset_sequence()
 
 
 class StatusBanner:
@@ -596,14 +616,13 @@ class StatusBanner:
     erase the line, reverse video, the text, restore (ESC 8): the cursor and the remote
     program's attributes come back untouched. Redrawn once a second while silence lasts.
 
-    Trade-off on removal: the client passes a byte stream and keeps no screen model, so it
-    cannot repaint what the banner covered. It erases the banner row and leaves it blank;
-    the next output that touches row 1 (a shell scrolling, a full-screen program redrawing,
-    or Ctrl-L) paints it again. That is better than leaving a stale banner, and cheaper than
-    faking a resize to force every program to redraw. Programs using origin mode with a
-    scroll region would see the banner inside their region, and a program that saved the
-    cursor with ESC 7 before the outage and restores it with ESC 8 after finds our position
-    in the terminal's single save slot; we accept those rare cases.
+    On removal the row it covered is repainted from the client's model of the screen
+    (ScreenMirror.repaint_top_row), so the remote program's top line is back at once; where
+    the model cannot know that row (before the server's output has scrolled the screen) it
+    is erased, and the next output touching row 1 (or Ctrl-L) paints it again. Programs
+    using origin mode with a scroll region would see the banner inside their region, and a
+    program that saved the cursor with ESC 7 before the outage and restores it with ESC 8
+    after finds our position in the terminal's single save slot; we accept those rare cases.
     """
 
     def __init__(self, ellipsis: str = "...", quit_hint: str = ""):
@@ -638,22 +657,25 @@ class StatusBanner:
         return b"\x1b7\x1b[1;1H\x1b[2K\x1b8"
 
     def update(self, silence: float, cols: int, note: str = "", encoding: str = "utf-8",
-               force: bool = False) -> bytes:
+               force: bool = False, repaint=None) -> bytes:
         """Bytes to write now (possibly b""): draw when silence passes the threshold,
-        redraw when the text changes (the whole-second count) or ``force`` (resize)."""
+        redraw when the text changes (the whole-second count) or ``force`` (resize).
+        ``repaint``: what hide() writes to take the banner away (default: erase the row)."""
         if silence < self.threshold():
-            return self.hide()
+            return self.hide(repaint)
         text = self.text(silence, note, cols)
         if self.shown and text == self.drawn_text and not force:
             return b""
         self.shown, self.drawn_text = True, text
         return self.render(text, cols, encoding)
 
-    def hide(self) -> bytes:
+    def hide(self, repaint=None) -> bytes:
+        """Bytes taking the banner away: ``repaint`` (the covered row as it was), else an
+        erased row; b"" when it is not shown."""
         if not self.shown:
             return b""
         self.shown, self.drawn_text = False, None
-        return self.erase()
+        return self.erase() if repaint is None else repaint
 
     def next_deadline(self, last_heard: float, now: float) -> float:
         """When the banner next needs attention: its first appearance, then each whole
@@ -910,11 +932,12 @@ class Session:
                                    f" {dash} {key} . quits" if key else "")
         self.banner.udp_wait = (target.host, first.grant.udp_port)
         self.banner_note = ""
-        self.tracker = OutputTracker()
+        self.screen = ScreenMirror(*target.winsize())
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = True
         self.outcome = None
+        self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
         self.core = moshpit_session.ClientSession(
             first.keys, time.monotonic(), udp_peer(first), first.grant.session_id,
@@ -938,7 +961,19 @@ class Session:
         finally:
             self.router.in_loop = False
             self.link.close()
+            if not self.finished:
+                self._reset_now()
         return self.outcome
+
+    def _reset_now(self) -> None:
+        """An error ended the loop: still turn off what the session turned on (best effort,
+        what the terminal has not taken of the output is dropped)."""
+        if self.out_is_tty:
+            try:
+                os.write(self.out_fd, self.screen.end_open_sequence() +
+                         self.screen.reset_sequence())
+            except OSError:
+                pass  # terminal gone or full: nothing more we can do
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -997,6 +1032,7 @@ class Session:
             size = self.target.winsize()
             if size != self.core.winsize:
                 self.core.resize(*size)
+                self.screen.resize(*size)
                 if self.banner.shown:
                     self._redraw_banner(time.monotonic(), force=True)
 
@@ -1030,7 +1066,8 @@ class Session:
         (the output so far written, the banner erased) so the local shell works; after
         ``fg`` raw mode again, and the size sent if it changed meanwhile. The session
         carries on: a long stop is an outage like any other, resumed the usual way."""
-        self.out += self.banner.hide()
+        if self.banner.shown:
+            self.out += self.banner.hide(self.screen.repaint_top_row())
         self._drain_out(FINAL_OUTPUT_SECS)
         self.guard.restore()
         try:
@@ -1041,12 +1078,12 @@ class Session:
         self.waker.wake()
 
     def _events(self) -> None:
+        start = len(self.out)
         while True:
             event = self.core.next_event()
             if event is None:
-                return
+                break
             if isinstance(event, moshpit_session.OutputReceived):
-                self.tracker.feed(event.data)
                 self.out += event.data
             elif isinstance(event, moshpit_session.ErrorOutputReceived):
                 self.err += event.data
@@ -1058,6 +1095,10 @@ class Session:
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
+        # The model in one call a tick (large chunks are cheaper), and only for a terminal:
+        # a pipe or file (a command's bytes) is never drawn on.
+        if len(self.out) > start and self.out_is_tty:
+            self.screen.feed(bytes(self.out[start:]))
 
     # -- connection health ------------------------------------------------------------
 
@@ -1066,20 +1107,21 @@ class Session:
         recovery: banner gone, resume back-off reset, no handshake needed."""
         silence = self.core.silence(now)
         if silence < self.banner.threshold():
-            if self.banner.shown:
+            if self.banner.shown and self.screen.at_safe_point():
                 log.info("contact with %s is back", self.target.host)
-                self.out += self.banner.hide()
+                self.out += self.banner.hide(self.screen.repaint_top_row())
             self.banner_note = ""
             self.resumer.contact()
         else:
             self._redraw_banner(now)
 
     def _redraw_banner(self, now: float, force: bool = False) -> None:
-        if not self.out_is_tty or not self.tracker.at_safe_point():
+        if not self.out_is_tty or not self.screen.at_safe_point():
             return  # never inject bytes into the middle of an escape sequence / character
-        self.out += self.banner.update(self.core.silence(now), self.core.winsize[1],
-                                       self.banner_note,
-                                       self.encoding, force)
+        silence = self.core.silence(now)
+        repaint = self.screen.repaint_top_row() if silence < self.banner.threshold() else None
+        self.out += self.banner.update(silence, self.core.winsize[1], self.banner_note,
+                                       self.encoding, force, repaint)
 
     def _maybe_resume(self, now: float) -> None:
         if self.outcome is not None or not self.resumer.due(now, self.core.last_contact):
@@ -1188,16 +1230,18 @@ class Session:
 
     def _finish(self) -> None:
         """Ack what the server sent last (it resends a close until acked), write what is
-        left of the output (a few seconds at most) and erase the banner, so the final
-        screen is the remote program's. Then hand the terminal back clean: end an escape
-        sequence the server left open (an unterminated title would swallow our message and
-        whatever the local shell prints next), and start a fresh line for our message, so
-        it never lands on the remote prompt's line."""
+        left of the output (a few seconds at most) and take the banner away, so the final
+        screen is the remote program's. Then hand the terminal back clean (ScreenMirror:
+        open sequence ended, every mode the session turned on turned off, so our message
+        lands on the main screen, in default colours, with a visible cursor), and start a
+        fresh line for our message, so it never lands on the remote prompt's line."""
         self._linger(FINAL_ACKS_SECS, self._nothing_due)
-        self.out += self.banner.hide()
-        if self.out_is_tty and self.tracker.state != OutputTracker.GROUND:
-            self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
-        if self.out_is_tty and self.outcome.message and not self.tracker.line_start:
+        if self.out_is_tty:
+            self.out += self.screen.end_open_sequence()
+            self.out += self.banner.hide(self.screen.repaint_top_row())
+            self.out += self.screen.reset_sequence()
+        self.finished = True
+        if self.out_is_tty and self.outcome.message and not self.screen.at_line_start():
             self.out += b"\r\n"
         self._drain_out(FINAL_OUTPUT_SECS)
 
@@ -1333,6 +1377,11 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
         first = target.connect(identity, target.request(*target.winsize()),
                                hostcheck.first)
         log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
+        if os.isatty(1) and target.pty:  # once connected (a failure prints one line only)
+            try:
+                os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes
+            except OSError:
+                pass  # a terminal already gone: the session will say so
         with guard:
             outcome = Session(target, hostcheck, first, identity.get(), config, router,
                               waker, guard).run()
