@@ -94,6 +94,7 @@ __all__ = [
     "SERVER_BUSY", "NO_SUCH_SESSION", "PROTOCOL_ERROR", "SHUTTING_DOWN", "USER_NOT_SERVED",
     "SESSION_LIMIT", "USER_SESSION_LIMIT", "REFUSAL_CODES", "FINAL_CODES", "NOT_MOSHPIT",
     "HandshakeError", "AuthRefused", "MAX_LOCALE_VARS", "END_SESSION", "ClientRequest",
+    "MAX_COMMAND",
     "SessionKeys", "SessionGrant", "AuthInfo", "ClientResult", "HostKeyReceived", "AuthRequested",
     "HandshakeComplete", "locale_env", "ClientHandshake", "ServerHandshake", "AUTHENTICATED",
     "AUTHFAIL", "NOAUTH", "GRACE_EXCEEDED", "NEUTRAL", "HELLO_RECEIVED", "server_handshake",
@@ -203,7 +204,8 @@ def _refusal_frame(code: str) -> bytes:
 
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\$?")
 MAX_LOCALE_VARS = 32
-END_SESSION = 1  # ClientAuth intent byte: end the resumed session (the only intent sent)
+NO_INTENT, END_SESSION = 0, 1  # ClientAuth intent byte: END_SESSION ends the resumed session
+MAX_COMMAND = 32 * 1024  # bytes of a remote command (ssh's is bounded by its packet size too)
 
 
 @dataclass
@@ -213,6 +215,9 @@ class ClientRequest:
     ``resume_secret`` stays on the client: it keys the resume proof and is never sent.
     ``end_session`` (with a resume id) asks the server to end that session instead of
     re-attaching it: the escape-key quit when UDP cannot carry the goodbye.
+    ``command`` (one string, as ssh sends it) and ``pty`` (False: no terminal, the bytes
+    go through exactly) travel after the intent byte, which is then always present; a
+    server that predates them refuses the request instead of starting a login shell.
     """
 
     user: str
@@ -224,6 +229,8 @@ class ClientRequest:
     resume_recv_offset: int = 0
     resume_secret: Optional[bytes] = field(default=None, repr=False)
     end_session: bool = False
+    command: Optional[str] = None  # run by the user's shell with -c instead of a login shell
+    pty: bool = True  # False: the command (or shell) runs on a socket, bytes untouched
 
 
 @dataclass
@@ -332,6 +339,8 @@ def _check_request(request: ClientRequest) -> None:
         raise ValueError("resume offset out of range")
     if request.end_session and request.resume_session_id is None:
         raise ValueError("ending a session needs its session id")
+    if request.command is not None and len(request.command.encode()) > MAX_COMMAND:
+        raise ValueError(f"the command is longer than {MAX_COMMAND} bytes")
 
 
 def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
@@ -344,8 +353,18 @@ def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
         *(ssh_string(name.encode()) + ssh_string(value.encode()) for name, value in env),
         ssh_string(request.resume_session_id or b""),
         struct.pack(">Q", request.resume_recv_offset),
-        bytes([END_SESSION]) if request.end_session else b"",
+        *_encode_tail(request),
     ])
+
+
+def _encode_tail(request: ClientRequest) -> list:
+    """The optional fields after the offset: the intent byte, then the command and pty
+    flag (sent only when they differ from a plain login shell on a PTY)."""
+    intent = bytes([END_SESSION if request.end_session else NO_INTENT])
+    if request.command is None and request.pty:
+        return [intent] if request.end_session else []
+    return [intent, ssh_string((request.command or "").encode()),
+            bytes([request.command is not None, request.pty])]
 
 
 def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
@@ -365,9 +384,19 @@ def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
     resume_id = reader.string() or None
     request = ClientRequest(user, term, rows, cols, env, resume_id, reader.uint64())
     if reader.remaining():
-        if reader.uint8() != END_SESSION:
+        intent = reader.uint8()
+        if intent not in (NO_INTENT, END_SESSION):
             raise ValueError("unknown request intent")
-        request.end_session = True
+        request.end_session = intent == END_SESSION
+    if reader.remaining():
+        command = reader.string()
+        if len(command) > MAX_COMMAND:
+            raise ValueError(f"the command is longer than {MAX_COMMAND} bytes")
+        has_command, pty = reader.uint8(), reader.uint8()
+        if has_command > 1 or pty > 1:
+            raise ValueError("bad command flags")
+        request.command = command.decode("utf-8") if has_command else None
+        request.pty = bool(pty)
     reader.expect_end()
     _check_request(request)
     return request, client_key

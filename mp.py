@@ -74,6 +74,7 @@ UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, lik
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
+ERR_FD = 2  # a command's stderr (no PTY) goes to ours
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
 IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
 FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
@@ -130,9 +131,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ssh that --copy-id runs, with its options "
                    "(default: ssh; e.g. \"ssh -p 2222\")")
     p.add_argument("-V", "--version", action="version", version=f"mp {moshpit.__version__}")
+    # ssh's -t: here --tty, because -t is the seed's --tracing-absolute-path.
+    p.add_argument("--tty", dest="pty", action="store_const", const=True,
+                   help="run the command on a PTY even if stdin is not a terminal, as ssh -t")
+    p.add_argument("-T", "--no-tty", dest="pty", action="store_const", const=False,
+                   help="no PTY: the command's bytes pass untouched (the default when stdin "
+                   "is not a terminal), as ssh -T")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="run COMMAND (joined with spaces, as ssh does, and run by the remote "
+                   "user's shell with -c) instead of a login shell; its exit status is mp's")
     return p
+
+
+def split_command(argv: list) -> tuple:
+    """``argv`` before the first ``--`` (for argparse) and the command after it (None when
+    there is no ``--``): argparse's own handling of ``--`` with REMAINDER differs between
+    Python versions, and ``mp host -- ls -l`` must mean the same everywhere."""
+    if "--" not in argv:
+        return argv, None
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def parse_command_line(argv: list) -> tuple:
+    """``(args, command)``: the flags, and the remote command as one string, ssh's way
+    (words joined by spaces, the remote shell splits them again), or None for a login
+    shell. ``mp -- host ls`` works too, as in ssh."""
+    before, after = split_command(argv)
+    args = build_parser().parse_args(before)
+    if args.server_destination is None and after:
+        args.server_destination, after = after[0], after[1:]
+    words = list(args.command or []) + list(after or [])
+    return args, " ".join(words) if words else None
 
 
 class FirstLoginName(argparse.Action):
@@ -392,9 +424,10 @@ class TerminalGuard:
     are kept and sent. stdin/stdout go non-blocking so one slow side never stalls the loop.
     """
 
-    def __init__(self, in_fd: int = 0, out_fd: int = 1):
-        self.in_fd, self.out_fd = in_fd, out_fd
+    def __init__(self, in_fd: int = 0, out_fd: int = 1, raw: bool = True, err_fd: int = 2):
+        self.in_fd, self.out_fd, self.err_fd = in_fd, out_fd, err_fd
         self.is_tty = os.isatty(in_fd)
+        self.raw = raw  # False without a remote PTY: the local terminal stays cooked (ssh -T)
         self.saved_attrs = None
         self.saved_flags = {}
         self.active = False
@@ -404,16 +437,26 @@ class TerminalGuard:
             return
         if self.is_tty:
             self.saved_attrs = termios.tcgetattr(self.in_fd)
-        for fd in {self.in_fd, self.out_fd}:
+        for fd in {self.in_fd, self.out_fd, self.err_fd}:
             self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
             if os.isatty(fd):
                 # A terminal is never meant to be non-blocking: only a client killed by
                 # SIGKILL (no restore) leaves it so, and the shell's next program reading
                 # it would fail with EAGAIN. Hand it back blocking.
                 self.saved_flags[fd] &= ~os.O_NONBLOCK
+        self._go_raw()
+
+    def reenter(self) -> None:
+        """Raw mode again after ``restore()`` (mp continued after a suspend), keeping what
+        ``enter()`` saved: the terminal goes back to that at the end, never to a state a
+        job-control shell may have left while mp was stopped."""
+        if not self.active and self.saved_flags:
+            self._go_raw()
+
+    def _go_raw(self) -> None:
         self.active = True
         atexit.register(self.restore)
-        if self.is_tty:
+        if self.is_tty and self.raw:
             tty.setraw(self.in_fd, termios.TCSANOW)
         for fd in self.saved_flags:
             os.set_blocking(fd, False)
@@ -446,9 +489,11 @@ class TerminalGuard:
 class EscapeFilter:
     """Splits keyboard input into bytes for the server and the local quit command.
 
-    ``ESC .`` quits; ``ESC ESC`` or ``ESC <its caret letter>`` (Ctrl-^ ^, mosh's spelling)
-    sends one ESC; ``ESC`` followed by anything else sends both bytes, so nothing typed is
-    swallowed. (ESC here is the configured escape key, Ctrl-^ by default.)
+    ``ESC .`` quits; ``ESC Ctrl-Z`` asks to suspend mp (``suspend_requested``, which the
+    session clears once it has; as mosh, and ssh's ``~^Z``); ``ESC ESC`` or ``ESC <its caret
+    letter>`` (Ctrl-^ ^, mosh's spelling) sends one ESC; ``ESC`` followed by anything else
+    sends both bytes, so nothing typed is swallowed. (ESC here is the configured escape
+    key, Ctrl-^ by default.)
 
     Decision: like mosh and unlike ssh's ``~.``, the escape key is recognised anywhere, not
     only after a newline. Ctrl-^ is almost never typed on purpose, and a "start of line" rule
@@ -457,11 +502,13 @@ class EscapeFilter:
     """
 
     QUIT = ord(".")
+    SUSPEND = 0x1A  # Ctrl-Z
 
     def __init__(self, escape):
         self.escape = escape
         self.literal = None if escape is None else {escape, (escape ^ 0x40) & 0x7F}
         self.pending = False
+        self.suspend_requested = False
 
     def key_name(self):
         """How the user types the escape key ("Ctrl-^", "~"), or None when it is disabled."""
@@ -481,7 +528,9 @@ class EscapeFilter:
                 self.pending = False
                 if byte == self.QUIT:
                     return bytes(out), True
-                if byte in self.literal:
+                if byte == self.SUSPEND:
+                    self.suspend_requested = True
+                elif byte in self.literal:
                     out.append(self.escape)
                 else:
                     out += bytes((self.escape, byte))
@@ -863,14 +912,19 @@ class Session:
     """
 
     def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
-                 router: SignalRouter, waker: Waker, in_fd: int = 0, out_fd: int = 1):
+                 router: SignalRouter, waker: Waker, guard: TerminalGuard, in_fd: int = 0,
+                 out_fd: int = 1):
         self.target = target
+        self.guard = guard  # entered: the suspend key leaves and re-enters raw mode
         self.hostcheck = hostcheck
         self.identity = identity
         self.router, self.waker = router, waker
         self.in_fd, self.out_fd = in_fd, out_fd
-        self.out_is_tty = os.isatty(out_fd)  # no banner in a pipe or file
-        self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
+        # No banner in a pipe or file, nor without a remote PTY (the output is data then).
+        self.out_is_tty = os.isatty(out_fd) and target.pty
+        # Like ssh, the escape key works only on a PTY: without one every byte is data.
+        self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"])
+                                   if target.pty else None)
         self.encoding = terminal_encoding()
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
         key, dash = self.escape.key_name(), "\u2014" if utf8 else "-"
@@ -880,6 +934,7 @@ class Session:
         self.banner_note = ""
         self.screen = ScreenMirror(*target.winsize())
         self.out = bytearray()
+        self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = True
         self.outcome = None
         self.finished = False  # _finish handed the terminal back
@@ -923,12 +978,12 @@ class Session:
     def _step(self) -> None:
         now = time.monotonic()
         readers = [self.waker]
-        stalled = len(self.out) >= OUTPUT_HIGH_WATER  # local terminal far behind
+        stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
         if not stalled:
             readers.append(self.link)
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
-        writers = [self.out_fd] if self.out else []
+        writers = self._pending_writers()
         timeout = max(0.0, self._next_deadline(now) - now)
         readable, _, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
@@ -948,6 +1003,8 @@ class Session:
         self.link.flush(now)
         if self.out:
             self._write_out()
+        if self.err:
+            self._write_err()
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
@@ -988,16 +1045,37 @@ class Session:
             self._hangup()
             return
         if not data:
-            if self.target.is_tty:  # a terminal only reads as EOF once it is hung up
+            if self.target.is_tty and self.target.pty:  # raw: EOF only once hung up
                 self._hangup()
+            elif not self.target.pty:
+                self.core.end_input()  # the command reads EOF once it has read the rest
             self.stdin_open = False  # a pipe or file: the session goes on
             return
         data, quit_requested = self.escape.feed(data)
         if data:
             self.core.send_input(data)
+        if self.escape.suspend_requested and not quit_requested:
+            self.escape.suspend_requested = False
+            self._suspend()
         if quit_requested:  # exits 255 like ssh's ~., so a script can tell it from "exit 0"
             self._quit("client quit")
             self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
+
+    def _suspend(self) -> None:
+        """Ctrl-^ Ctrl-Z: stop mp's job as ssh's ~^Z does, the terminal handed back cooked
+        (the output so far written, the banner erased) so the local shell works; after
+        ``fg`` raw mode again, and the size sent if it changed meanwhile. The session
+        carries on: a long stop is an outage like any other, resumed the usual way."""
+        if self.banner.shown:
+            self.out += self.banner.hide(self.screen.repaint_top_row())
+        self._drain_out(FINAL_OUTPUT_SECS)
+        self.guard.restore()
+        try:
+            os.kill(0, signal.SIGTSTP)  # the whole job; ignored without job control
+        finally:
+            self.guard.reenter()
+        self.router.winch = True  # the window may have been resized while stopped
+        self.waker.wake()
 
     def _events(self) -> None:
         start = len(self.out)
@@ -1007,14 +1085,19 @@ class Session:
                 break
             if isinstance(event, moshpit_session.OutputReceived):
                 self.out += event.data
+            elif isinstance(event, moshpit_session.ErrorOutputReceived):
+                self.err += event.data
             elif isinstance(event, moshpit_session.SessionExited):
                 status = event.exit_status
-                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE,
-                                       f"Connection to {self.target.host} closed.")
+                # ssh says this only with a PTY: a piped command's stderr stays its own
+                closed = f"Connection to {self.target.host} closed." if self.target.pty else None
+                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE, closed)
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
-        if len(self.out) > start:  # the model in one call a tick: large chunks are cheaper
+        # The model in one call a tick (large chunks are cheaper), and only for a terminal:
+        # a pipe or file (a command's bytes) is never drawn on.
+        if len(self.out) > start and self.out_is_tty:
             self.screen.feed(bytes(self.out[start:]))
 
     # -- connection health ------------------------------------------------------------
@@ -1086,6 +1169,19 @@ class Session:
             return
         del self.out[:written]
 
+    def _pending_writers(self) -> list:
+        """The output fds with bytes waiting for them."""
+        return [fd for fd, pending in ((self.out_fd, self.out), (ERR_FD, self.err)) if pending]
+
+    def _write_err(self) -> None:
+        try:
+            written = os.write(ERR_FD, self.err)
+        except BlockingIOError:
+            return
+        except OSError:  # nobody reads our stderr any more: the command's goes nowhere
+            written = len(self.err)
+        del self.err[:written]
+
     def _hangup(self) -> None:
         self.stdin_open = False
         self.out.clear()
@@ -1147,10 +1243,18 @@ class Session:
         self.finished = True
         if self.out_is_tty and self.outcome.message and not self.screen.at_line_start():
             self.out += b"\r\n"
-        deadline = time.monotonic() + FINAL_OUTPUT_SECS
-        while self.out and time.monotonic() < deadline:
-            select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
-            self._write_out()
+        self._drain_out(FINAL_OUTPUT_SECS)
+
+    def _drain_out(self, seconds: float) -> None:
+        """Write the pending output, waiting up to ``seconds`` for the terminal to take it."""
+        deadline = time.monotonic() + seconds
+        while (self.out or self.err) and time.monotonic() < deadline:
+            select.select([], self._pending_writers(), [],
+                          max(0.0, deadline - time.monotonic()))
+            if self.out:
+                self._write_out()
+            if self.err:
+                self._write_err()
 
     def _nothing_due(self) -> bool:
         wait = self.link.timeout(time.monotonic())
@@ -1212,10 +1316,15 @@ def gone_message(host: str) -> str:
 class Target:
     """Where and as whom we connect, and what we tell the server about our terminal."""
 
-    def __init__(self, user: str, host: str, port: int, in_fd: int = 0):
+    def __init__(self, user: str, host: str, port: int, in_fd: int = 0, command=None,
+                 pty=None):
         self.user, self.host, self.port = user, host, port
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
+        self.command = command
+        # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
+        # ssh -t would), and a login shell always does (as before commands existed).
+        self.pty = pty if pty is not None else (self.is_tty or command is None)
 
     def winsize(self) -> tuple:
         try:
@@ -1232,29 +1341,33 @@ class Target:
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
-            resume_recv_offset=recv_offset, end_session=end_session)
+            resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
+            pty=self.pty)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(
             self.host, self.port, identity, request, verify_host_key)
 
 
-def run_client(config, prompter: Prompter, login=None, login_first: bool = False) -> int:
+def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
+               command=None, pty=None) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
-    ``login``/``login_first``: ``-l USER`` and whether it came before the destination."""
+    ``login``/``login_first``: ``-l USER`` and whether it came before the destination.
+    ``command``: run it instead of a login shell; ``pty``: --tty (True), -T (False) or None
+    (a PTY when stdin is a terminal)."""
     destination = config["server_destination"]
     if not destination:
         raise moshpit.MoshpitError(
             "no server destination: give [user@]host, or set server_destination in the config")
     user, host = remote_user_and_host(destination, login, login_first,
                                       ssh_alias_lookup(config, prompter))
-    target = Target(user, host, config["server_port"])
+    target = Target(user, host, config["server_port"], command=command, pty=pty)
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()
     router = SignalRouter(waker)
-    guard = TerminalGuard(0, 1)
+    guard = TerminalGuard(0, 1, raw=target.pty)
     router.install()
     try:
         identity = moshpit_handshake.LazyIdentity(
@@ -1264,14 +1377,14 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
         first = target.connect(identity, target.request(*target.winsize()),
                                hostcheck.first)
         log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
-        if os.isatty(1):  # only once connected: a failure prints its one line, nothing else
+        if os.isatty(1) and target.pty:  # once connected (a failure prints one line only)
             try:
                 os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes
             except OSError:
                 pass  # a terminal already gone: the session will say so
         with guard:
             outcome = Session(target, hostcheck, first, identity.get(), config, router,
-                              waker).run()
+                              waker, guard).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -1349,7 +1462,7 @@ def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> 
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, command = parse_command_line(sys.argv[1:] if argv is None else list(argv))
     prompter = Prompter()
     try:
         config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)
@@ -1362,7 +1475,8 @@ def main(argv=None) -> int:
         if args.copy_id:
             return copy_id(config, args.ssh_command, args.login_name, args.login_first)
         moshpit.setup_logging("client", config, log_path=args.tracing)
-        return run_client(config, prompter, args.login_name, args.login_first)
+        return run_client(config, prompter, args.login_name, args.login_first, command,
+                          args.pty)
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")

@@ -54,6 +54,26 @@ def test_escape_split_across_reads():
     assert g.feed(b"q") == (b"\x1eq", False)
 
 
+def test_escape_ctrl_z_asks_for_a_suspend_and_sends_nothing_for_it():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"ab\x1e") == (b"ab", False) and not f.suspend_requested
+    assert f.feed(b"\x1acd") == (b"cd", False) and f.suspend_requested
+    assert mp.EscapeFilter(ESC).feed(b"\x1a") == (b"\x1a", False)  # a lone Ctrl-Z is the shell's
+
+
+@pytest.mark.parametrize("argv, destination, command, pty", [
+    (["host", "ls", "-l"], "host", "ls -l", None),  # ssh's form without --
+    (["-T", "host", "--", "ls", "-T"], "host", "ls -T", False),  # after --: the command's
+    (["-T", "--", "host", "ls"], "host", "ls", False),  # the destination after --, as ssh
+    (["--tty", "u@h", "--", "echo", "a b"], "u@h", "echo a b", True),  # joined as ssh joins
+    (["host"], "host", None, None),  # a login shell
+    (["host", "--"], "host", None, None),
+])
+def test_command_line_commands_as_ssh_reads_them(argv, destination, command, pty):
+    args, remote = mp.parse_command_line(argv)
+    assert (args.server_destination, remote, args.pty) == (destination, command, pty)
+
+
 def test_escape_recognised_anywhere_not_only_after_newline():
     f = mp.EscapeFilter(ESC)
     assert f.feed(b"vim file\x1e.") == (b"vim file", True)
