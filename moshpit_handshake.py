@@ -102,6 +102,7 @@ __all__ = [
     "SERVER_BUSY", "NO_SUCH_SESSION", "PROTOCOL_ERROR", "SHUTTING_DOWN", "USER_NOT_SERVED",
     "SESSION_LIMIT", "USER_SESSION_LIMIT", "REFUSAL_CODES", "FINAL_CODES", "NOT_MOSHPIT",
     "HandshakeError", "AuthRefused", "MAX_LOCALE_VARS", "END_SESSION", "ClientRequest",
+    "MAX_COMMAND",
     "SessionKeys", "SessionGrant", "AuthInfo", "ClientResult", "HostKeyReceived", "AuthRequested",
     "HandshakeComplete", "locale_env", "ClientHandshake", "ServerHandshake", "AUTHENTICATED",
     "AUTHFAIL", "NOAUTH", "GRACE_EXCEEDED", "NEUTRAL", "HELLO_RECEIVED", "server_handshake",
@@ -211,12 +212,13 @@ def _refusal_frame(code: str) -> bytes:
 
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\$?")
 MAX_LOCALE_VARS = 32
-# ClientAuth intent byte (0: none, never sent)
-END_SESSION, TAKE_OVER, LIST, KILL = 1, 2, 3, 4
+# ClientAuth intent byte: none, end the resumed session, mp --attach / --list / --kill
+NO_INTENT, END_SESSION, TAKE_OVER, LIST, KILL = 0, 1, 2, 3, 4
 _INTENTS = (TAKE_OVER, LIST, KILL)  # ClientRequest.intent (END_SESSION: end_session)
 _NAMED_INTENTS = (TAKE_OVER, KILL)  # need a session id
 MAX_LISTED = 100  # sessions in a LIST answer
 MAX_TITLE_BYTES = 200  # a listed session's title or command, UTF-8
+MAX_COMMAND = 32 * 1024  # bytes of a remote command (ssh's is bounded by its packet size too)
 
 
 @dataclass
@@ -226,7 +228,10 @@ class ClientRequest:
     ``resume_secret`` stays on the client: it keys the resume proof and is never sent.
     ``end_session`` (with a resume id) asks the server to end that session instead of
     re-attaching it: the escape-key quit when UDP cannot carry the goodbye. ``intent``
-    (TAKE_OVER, LIST, KILL; 0: none) is what mp --attach / --list / --kill ask for.
+    (TAKE_OVER, LIST, KILL; NO_INTENT) is what mp --attach / --list / --kill ask for.
+    ``command`` (one string, as ssh sends it) and ``pty`` (False: no terminal, the bytes
+    go through exactly) travel after the intent byte, which is then always present; a
+    server that predates them refuses the request instead of starting a login shell.
     """
 
     user: str
@@ -238,12 +243,14 @@ class ClientRequest:
     resume_recv_offset: int = 0
     resume_secret: Optional[bytes] = field(default=None, repr=False)
     end_session: bool = False
-    intent: int = 0
+    command: Optional[str] = None  # run by the user's shell with -c instead of a login shell
+    pty: bool = True  # False: the command (or shell) runs on a socket, bytes untouched
+    intent: int = NO_INTENT
 
     @property
     def needs_proof(self) -> bool:
         """A resume or a quit proves the resume secret; other intents need only the key."""
-        return self.resume_session_id is not None and self.intent == 0
+        return self.resume_session_id is not None and self.intent == NO_INTENT
 
 
 @dataclass
@@ -377,8 +384,10 @@ def _check_request(request: ClientRequest) -> None:
     if request.intent and (request.intent not in _INTENTS or request.end_session):
         raise ValueError("unknown request intent")
     if (request.intent in _NAMED_INTENTS) != (request.resume_session_id is not None
-                                              and request.intent != 0):
+                                              and request.intent != NO_INTENT):
         raise ValueError("this request intent needs a session id (and only it)")
+    if request.command is not None and len(request.command.encode()) > MAX_COMMAND:
+        raise ValueError(f"the command is longer than {MAX_COMMAND} bytes")
 
 
 def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
@@ -391,9 +400,18 @@ def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
         *(ssh_string(name.encode()) + ssh_string(value.encode()) for name, value in env),
         ssh_string(request.resume_session_id or b""),
         struct.pack(">Q", request.resume_recv_offset),
-        bytes([END_SESSION]) if request.end_session else b"",
-        bytes([request.intent]) if request.intent else b"",
+        *_encode_tail(request),
     ])
+
+
+def _encode_tail(request: ClientRequest) -> list:
+    """The optional fields after the offset: the intent byte, then the command and pty
+    flag (sent only when they differ from a plain login shell on a PTY)."""
+    intent = bytes([END_SESSION if request.end_session else request.intent])
+    if request.command is None and request.pty:
+        return [intent] if intent != bytes([NO_INTENT]) else []
+    return [intent, ssh_string((request.command or "").encode()),
+            bytes([request.command is not None, request.pty])]
 
 
 def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
@@ -418,6 +436,15 @@ def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
             request.end_session = True
         else:
             request.intent = intent  # checked by _check_request
+    if reader.remaining():
+        command = reader.string()
+        if len(command) > MAX_COMMAND:
+            raise ValueError(f"the command is longer than {MAX_COMMAND} bytes")
+        has_command, pty = reader.uint8(), reader.uint8()
+        if has_command > 1 or pty > 1:
+            raise ValueError("bad command flags")
+        request.command = command.decode("utf-8") if has_command else None
+        request.pty = bool(pty)
     reader.expect_end()
     _check_request(request)
     return request, client_key

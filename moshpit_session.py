@@ -34,6 +34,12 @@ Records (the one encoding for everything a session says that is not terminal byt
     REPAINT  (6) server->client  screen: bytes that rebuild the session's screen on a fresh
                  terminal (moshpit_term's serialize), sent first after a takeover; it comes
                  before terminal byte 0 of the new connection
+    INPUT_EOF (7) client->server  input_offset:u64   the client's input ends after
+                                 input_offset bytes (a command's stdin at EOF: the server
+                                 closes the command's input once it has written them all)
+    STDERR   (8) server->client  offset:u64 data   a command's stderr (no PTY) from byte
+                                 offset on: after a re-key a record may come again, and
+                                 the client keeps only the bytes past what it has
 
 Version rule: a type number is never reused or redefined.  A receiver skips a record of a
 type it does not know by its length, and reads a known record's fields from the start of
@@ -100,6 +106,8 @@ from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddres
 __all__ = [
     "STREAM_TERMINAL", "STREAM_RECORDS", "RECORD_RESIZE", "RECORD_EXIT", "RECORD_SHUTDOWN",
     "RECORD_REPAINT",
+    "RECORD_INPUT_EOF", "InputEnded", "RECORD_STDERR", "ErrorOutputReceived",
+    "MAX_STDERR_CHUNK",
     "MAX_RECORD_BODY", "MAX_REASON_BYTES", "PTY_DRAIN_SECS", "SHUTDOWN_FLUSH_SECS",
     "RESUME_AFTER_SECS", "FIRST_BACKOFF_SECS", "ResumeSchedule",
     "encode_record", "RecordDecoder", "RecordLane",
@@ -116,7 +124,11 @@ RECORD_WINDOW = 64 * 1024  # records unacked before the lane counts as full (nev
 
 RECORD_HEADER = struct.Struct("!BI")
 RECORD_RESIZE, RECORD_EXIT, RECORD_SHUTDOWN = 1, 2, 3
-RECORD_REPAINT = 6
+RECORD_REPAINT = 6  # 4, 5 are reserved (see above)
+RECORD_INPUT_EOF = 7
+RECORD_STDERR = 8
+INPUT_EOF_BODY = STDERR_OFFSET = struct.Struct("!Q")
+MAX_STDERR_CHUNK = 16 * 1024  # stderr bytes per record (the record lane's window is 64 KiB)
 RESIZE_BODY = struct.Struct("!HH")
 EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
@@ -236,6 +248,10 @@ class InputReceived(NamedTuple):
     data: bytes
 
 
+class InputEnded(NamedTuple):
+    """Server: the client's input is over (every byte of it came in InputReceived before)."""
+
+
 class ResizeRequested(NamedTuple):
     """Server: the client's terminal size changed."""
 
@@ -252,6 +268,12 @@ class ClientAddressChanged(NamedTuple):
 
 class OutputReceived(NamedTuple):
     """Client: the remote terminal's output, for stdout."""
+
+    data: bytes
+
+
+class ErrorOutputReceived(NamedTuple):
+    """Client: the command's stderr (no PTY), for our stderr."""
 
     data: bytes
 
@@ -362,6 +384,10 @@ class ServerSession(_Core):
         self._end_by: Optional[float] = None  # None: live on as a detached session would
         self._pty_eof = False
         self._exit_status: Optional[int] = None
+        self._input_end: Optional[int] = None  # input offset of the client's EOF, once sent
+        self._stderr_eof = True  # until expect_stderr(): a PTY has no separate stderr
+        self._stderr_sent = 0
+        self._input_end_reported = False
         self._drain_until = now
 
     # -- the program's inputs ------------------------------------------------------------
@@ -375,6 +401,29 @@ class ServerSession(_Core):
     def pty_closed(self, now: float) -> None:
         """The PTY master reads EOF: no more output will come."""
         self._pty_eof = True
+        self._check_exit(now)
+
+    def expect_stderr(self) -> None:
+        """The command has a stderr of its own (no PTY): EXIT waits for its end too."""
+        self._stderr_eof = False
+
+    def may_read_stderr(self) -> bool:
+        """Read the command's stderr now? Only while the record lane has room."""
+        return (not self._stderr_eof and not self.ending
+                and self.conn.writable(STREAM_RECORDS))
+
+    def stderr_output(self, data: bytes, now: float) -> None:
+        """Bytes the command wrote to stderr (at most MAX_STDERR_CHUNK): to the client."""
+        for start in range(0, len(data), MAX_STDERR_CHUNK):
+            chunk = data[start:start + MAX_STDERR_CHUNK]
+            self.records.send(RECORD_STDERR, STDERR_OFFSET.pack(self._stderr_sent) + chunk)
+            self._stderr_sent += len(chunk)
+        if data:
+            self._drain_until = now + PTY_DRAIN_SECS
+
+    def stderr_closed(self, now: float) -> None:
+        """The command's stderr reads EOF."""
+        self._stderr_eof = True
         self._check_exit(now)
 
     def shell_exited(self, status: int, now: float) -> None:
@@ -453,7 +502,8 @@ class ServerSession(_Core):
             return
         # Output still in the PTY goes first; a background job holding the terminal open
         # only delays the end by PTY_DRAIN_SECS of silence.
-        if self._pty_eof or (self.conn.writable(STREAM_TERMINAL) and now >= self._drain_until):
+        if ((self._pty_eof and self._stderr_eof)
+                or (self.conn.writable(STREAM_TERMINAL) and now >= self._drain_until)):
             self.records.send(RECORD_EXIT, EXIT_BODY.pack(
                 self._exit_status, self.conn.send_offset(STREAM_TERMINAL)))
             # Resent until acknowledged: a client that is away (outage, laptop asleep) gets
@@ -490,15 +540,26 @@ class ServerSession(_Core):
     def _on_terminal(self, data: bytes, now: float) -> None:
         if not self.ending:
             self._events.append(InputReceived(data))
+            self._report_input_end()
 
     def _on_record(self, record_type: int, body: bytes, now: float) -> None:
         if record_type == RECORD_RESIZE and len(body) >= RESIZE_BODY.size:
             self._events.append(ResizeRequested(*RESIZE_BODY.unpack_from(body)))
+        elif record_type == RECORD_INPUT_EOF and len(body) >= INPUT_EOF_BODY.size:
+            self._input_end = INPUT_EOF_BODY.unpack_from(body)[0]
+            self._report_input_end()
         elif record_type == RECORD_SHUTDOWN:
             if not self._shutdown_reported:
                 self._end(f"client: {body.decode('utf-8', 'replace')}", now, 0.0)
             self._on_shutdown_record(body)
         # Other types: skipped (see the version rule).
+
+    def _report_input_end(self) -> None:
+        """InputEnded once, after the last input byte (records overtake terminal bytes)."""
+        if (self._input_end is not None and not self._input_end_reported
+                and self.recv_offset >= self._input_end and not self.ending):
+            self._input_end_reported = True
+            self._events.append(InputEnded())
 
     def _on_address(self, addr: tuple) -> None:
         first = self.client_addr is None
@@ -534,6 +595,7 @@ class ClientSession(_Core):
         self._winsize = tuple(winsize)
         self._resize_due = False  # a size to send once the records in flight are acked
         self._exit: Optional[tuple] = None  # (status, output offset) awaiting the output
+        self._stderr_received = 0  # bytes of the command's stderr reported
         self._exit_reported = False
 
     # -- the program's inputs ------------------------------------------------------------
@@ -557,6 +619,11 @@ class ClientSession(_Core):
             self._winsize = (rows, cols)
             self._resize_due = True
             self._send_resize()
+
+    def end_input(self) -> None:
+        """Our stdin reached EOF: the command's input ends after what was sent so far."""
+        self.records.send(RECORD_INPUT_EOF,
+                          INPUT_EOF_BODY.pack(self.conn.send_offset(STREAM_TERMINAL)))
 
     def quit(self, reason: str) -> None:
         """Tell the server the session is over (it hangs up the shell)."""
@@ -618,6 +685,12 @@ class ClientSession(_Core):
         elif record_type == RECORD_EXIT and len(body) >= EXIT_BODY.size:
             self._exit = EXIT_BODY.unpack_from(body)
             self._report_exit()
+        elif record_type == RECORD_STDERR and len(body) >= STDERR_OFFSET.size:
+            offset = STDERR_OFFSET.unpack_from(body)[0]
+            new = body[STDERR_OFFSET.size + max(0, self._stderr_received - offset):]
+            if new and offset <= self._stderr_received:  # records come in order, maybe again
+                self._stderr_received += len(new)
+                self._events.append(ErrorOutputReceived(new))
         elif record_type == RECORD_SHUTDOWN:
             self._on_shutdown_record(body)
 

@@ -5,7 +5,7 @@ Layout, top to bottom (each part uses only the ones above it):
     command line + config   build_parser, cli_overrides, parse_destination
     terminal layer          TerminalGuard (raw mode, always restored), Waker + SignalRouter
                             (signals/threads -> select), EscapeFilter (Ctrl-^ .),
-                            OutputTracker (safe points in the output), StatusBanner
+                            ScreenMirror (model of the server's output), StatusBanner
     connecting              Prompter (cooked-mode questions), load_identity (keygen offer,
                             passphrase), HostKeyCheck (known_hosts, pinned on resume),
                             Resumer (resume handshakes in a thread, back-off)
@@ -30,7 +30,8 @@ moshpit_session's docstring):
    re-keys and resends; a refused key, a changed host key or a vanished session ends it.
 5. Endings: an EXIT or SHUTDOWN record (core events), Ctrl-^ . (_quit: a SHUTDOWN record,
    then a quit request over TCP if UDP carries no ack), a signal (SignalRouter), or the
-   terminal going away (_hangup); _finish drains the output and restores the terminal.
+   terminal going away (_hangup); _finish drains the output, turns off what the session
+   turned on (ScreenMirror) and restores the terminal.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import moshpit
 import moshpit_handshake
 import moshpit_keys
 import moshpit_session
+import moshpit_term
 import moshpit_transport
 import moshpit_trust
 
@@ -72,11 +74,24 @@ UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, lik
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
+ERR_FD = 2  # a command's stderr (no PTY) goes to ours
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
 IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
 FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
 FINAL_OUTPUT_SECS = 3.0  # ... and for the local terminal to take the rest of the output
 ACK_SOON_SECS = 0.1  # a link timer further away than this: nothing is due at the end
+# Written at start: input and cursor modes a previous client killed with SIGKILL (which no
+# handler sees) may have left on. We cannot ask the terminal what is on, so each part must
+# be harmless when already off and must not move the cursor or change the screen:
+# ?1047l leaves the alternate screen if shown (?1049l would also restore a saved cursor:
+# xterm does even when none was saved); mouse tracking and encodings, focus events,
+# bracketed paste, synchronized output off; normal cursor keys (?1l) and keypad (ESC >);
+# modifyOtherKeys off (CSI > 4 m; a terminal not knowing it may take it for SGR 4, so it
+# comes before SGR 0); cursor visible; default colours. Not reset: a scroll region (CSI r
+# moves the cursor home) and the kitty keyboard stack (not popped blindly).
+STARTUP_RESET = (b"\x1b[?1047l\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1005l\x1b[?1006l"
+                 b"\x1b[?1015l\x1b[?1004l\x1b[?2004l\x1b[?2026l\x1b[?1l\x1b>\x1b[>4m"
+                 b"\x1b[?25h\x1b[0m")
 
 
 # ---------------------------------------------------------------------------
@@ -125,9 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
                           " client holding it is told and exits")
     sessions.add_argument("--kill", metavar="ID", help="end one of your sessions, then exit")
     p.add_argument("-V", "--version", action="version", version=f"mp {moshpit.__version__}")
+    # ssh's -t: here --tty, because -t is the seed's --tracing-absolute-path.
+    p.add_argument("--tty", dest="pty", action="store_const", const=True,
+                   help="run the command on a PTY even if stdin is not a terminal, as ssh -t")
+    p.add_argument("-T", "--no-tty", dest="pty", action="store_const", const=False,
+                   help="no PTY: the command's bytes pass untouched (the default when stdin "
+                   "is not a terminal), as ssh -T")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="run COMMAND (joined with spaces, as ssh does, and run by the remote "
+                   "user's shell with -c) instead of a login shell; its exit status is mp's")
     return p
+
+
+def split_command(argv: list) -> tuple:
+    """``argv`` before the first ``--`` (for argparse) and the command after it (None when
+    there is no ``--``): argparse's own handling of ``--`` with REMAINDER differs between
+    Python versions, and ``mp host -- ls -l`` must mean the same everywhere."""
+    if "--" not in argv:
+        return argv, None
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def parse_command_line(argv: list) -> tuple:
+    """``(args, command)``: the flags, and the remote command as one string, ssh's way
+    (words joined by spaces, the remote shell splits them again), or None for a login
+    shell. ``mp -- host ls`` works too, as in ssh."""
+    before, after = split_command(argv)
+    args = build_parser().parse_args(before)
+    if args.server_destination is None and after:
+        args.server_destination, after = after[0], after[1:]
+    words = list(args.command or []) + list(after or [])
+    return args, " ".join(words) if words else None
 
 
 class FirstLoginName(argparse.Action):
@@ -387,9 +433,10 @@ class TerminalGuard:
     are kept and sent. stdin/stdout go non-blocking so one slow side never stalls the loop.
     """
 
-    def __init__(self, in_fd: int = 0, out_fd: int = 1):
-        self.in_fd, self.out_fd = in_fd, out_fd
+    def __init__(self, in_fd: int = 0, out_fd: int = 1, raw: bool = True, err_fd: int = 2):
+        self.in_fd, self.out_fd, self.err_fd = in_fd, out_fd, err_fd
         self.is_tty = os.isatty(in_fd)
+        self.raw = raw  # False without a remote PTY: the local terminal stays cooked (ssh -T)
         self.saved_attrs = None
         self.saved_flags = {}
         self.active = False
@@ -399,11 +446,26 @@ class TerminalGuard:
             return
         if self.is_tty:
             self.saved_attrs = termios.tcgetattr(self.in_fd)
-        for fd in {self.in_fd, self.out_fd}:
+        for fd in {self.in_fd, self.out_fd, self.err_fd}:
             self.saved_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if os.isatty(fd):
+                # A terminal is never meant to be non-blocking: only a client killed by
+                # SIGKILL (no restore) leaves it so, and the shell's next program reading
+                # it would fail with EAGAIN. Hand it back blocking.
+                self.saved_flags[fd] &= ~os.O_NONBLOCK
+        self._go_raw()
+
+    def reenter(self) -> None:
+        """Raw mode again after ``restore()`` (mp continued after a suspend), keeping what
+        ``enter()`` saved: the terminal goes back to that at the end, never to a state a
+        job-control shell may have left while mp was stopped."""
+        if not self.active and self.saved_flags:
+            self._go_raw()
+
+    def _go_raw(self) -> None:
         self.active = True
         atexit.register(self.restore)
-        if self.is_tty:
+        if self.is_tty and self.raw:
             tty.setraw(self.in_fd, termios.TCSANOW)
         for fd in self.saved_flags:
             os.set_blocking(fd, False)
@@ -436,9 +498,11 @@ class TerminalGuard:
 class EscapeFilter:
     """Splits keyboard input into bytes for the server and the local quit command.
 
-    ``ESC .`` quits; ``ESC ESC`` or ``ESC <its caret letter>`` (Ctrl-^ ^, mosh's spelling)
-    sends one ESC; ``ESC`` followed by anything else sends both bytes, so nothing typed is
-    swallowed. (ESC here is the configured escape key, Ctrl-^ by default.)
+    ``ESC .`` quits; ``ESC Ctrl-Z`` asks to suspend mp (``suspend_requested``, which the
+    session clears once it has; as mosh, and ssh's ``~^Z``); ``ESC ESC`` or ``ESC <its caret
+    letter>`` (Ctrl-^ ^, mosh's spelling) sends one ESC; ``ESC`` followed by anything else
+    sends both bytes, so nothing typed is swallowed. (ESC here is the configured escape
+    key, Ctrl-^ by default.)
 
     Decision: like mosh and unlike ssh's ``~.``, the escape key is recognised anywhere, not
     only after a newline. Ctrl-^ is almost never typed on purpose, and a "start of line" rule
@@ -447,11 +511,13 @@ class EscapeFilter:
     """
 
     QUIT = ord(".")
+    SUSPEND = 0x1A  # Ctrl-Z
 
     def __init__(self, escape):
         self.escape = escape
         self.literal = None if escape is None else {escape, (escape ^ 0x40) & 0x7F}
         self.pending = False
+        self.suspend_requested = False
 
     def key_name(self):
         """How the user types the escape key ("Ctrl-^", "~"), or None when it is disabled."""
@@ -471,7 +537,9 @@ class EscapeFilter:
                 self.pending = False
                 if byte == self.QUIT:
                     return bytes(out), True
-                if byte in self.literal:
+                if byte == self.SUSPEND:
+                    self.suspend_requested = True
+                elif byte in self.literal:
                     out.append(self.escape)
                 else:
                     out += bytes((self.escape, byte))
@@ -482,69 +550,70 @@ class EscapeFilter:
         return bytes(out), False
 
 
-class OutputTracker:
-    """Knows whether the server's output stream currently sits between escape sequences and
-    characters, the only moments the banner may be drawn: bytes injected inside ``ESC [ 3``
-    or a half-written UTF-8 character would corrupt the screen for good.
+class ScreenMirror:
+    """The client's model of what the server drew on the local terminal (moshpit_term),
+    fed with exactly the server's bytes written to stdout (never our banner or messages:
+    those are drawn at safe points and taken away again).
 
-    Only the tail of each chunk matters: as in the DEC/ECMA-48 parser model, an ESC always
-    starts a fresh sequence (it also ends an OSC/DCS string: ``ESC \\`` is the terminator), so
-    the state after a chunk depends only on the bytes from its last ESC on, or, without an
-    ESC, on the previous state. That keeps the per-byte loop short even for ``cat bigfile``.
+    It answers what the end of the session and the banner need: whether the stream sits
+    between sequences and characters (the only moments bytes of ours may go in: bytes
+    injected inside ``ESC [ 3`` or a half-written UTF-8 character corrupt the screen for
+    good), whether the cursor is at column 0 (the fresh-line rule), what turns off every
+    mode the session turned on, and what the top row showed under the banner.
+
+    Where the model's rows are the terminal's rows: the client does not clear the screen
+    at start (like ssh), so the server's first line lands wherever the local cursor was,
+    not on the model's row 1. The two line up once the main screen has scrolled (both
+    cursors then sit on the bottom row; IL/DL also count, a rare miss) or while the
+    alternate screen (cleared on entry) is shown. Until then the banner row is only
+    erased, as the model would repaint the wrong line there.
     """
 
-    GROUND, ESC, CSI, STRING = range(4)
-    _STRING_STARTERS = frozenset(b"]PX^_")  # OSC, DCS, SOS, PM, APC: end at BEL or ESC \
-    # Colours and mode switches (bracketed paste, cursor keys) at the very end of the output
-    # leave the cursor where it was: they do not decide whether it is at column 0.
-    _STILL_CURSOR_TAIL = re.compile(rb"(?:\x1b\[[0-?]*[ -/]*[hlm])+\Z")
-
-    def __init__(self):
-        self.state = self.GROUND
-        self.tail = b""  # the last bytes since the last sequence: a cut UTF-8 character?
-        self.line_start = True  # the last character was a newline: the cursor is at column 0
+    def __init__(self, rows: int, cols: int):
+        self.term = moshpit_term.Terminal(rows, cols, history_limit=0)
+        self.main_aligned = False
 
     def feed(self, data: bytes) -> None:
-        tail = self._STILL_CURSOR_TAIL.sub(b"", data[-64:])
-        if tail:
-            self.line_start = tail.endswith(b"\n")
-        last_esc = data.rfind(b"\x1b")
-        if last_esc >= 0:
-            self.state, self.tail = self.ESC, b""
-        rest = memoryview(data)[last_esc + 1:]
-        i = 0
-        while self.state != self.GROUND and i < len(rest):
-            self._step(rest[i])
-            i += 1
-        self.tail = (self.tail + bytes(rest[max(i, len(rest) - 3):]))[-3:]
+        self.term.feed(data)
+        if not self.term.alt_screen and self.term.scroll_count:
+            self.main_aligned = True
 
-    def _step(self, byte: int) -> None:
-        if byte in (0x18, 0x1A):  # CAN/SUB abort any sequence
-            self.state = self.GROUND
-        elif self.state == self.ESC:
-            if byte == ord("["):
-                self.state = self.CSI
-            elif byte in self._STRING_STARTERS:
-                self.state = self.STRING
-            elif not 0x20 <= byte <= 0x2F:  # intermediates (ESC ( B) keep us in ESC
-                self.state = self.GROUND
-        elif self.state == self.CSI:
-            if 0x40 <= byte <= 0x7E:
-                self.state = self.GROUND
-        elif byte == 0x07:  # BEL ends an OSC string (xterm)
-            self.state = self.GROUND
+    def resize(self, rows: int, cols: int) -> None:
+        self.term.resize(rows, cols)
 
     def at_safe_point(self) -> bool:
-        return self.state == self.GROUND and not self._utf8_incomplete()
+        return self.term.in_ground_state
 
-    def _utf8_incomplete(self) -> bool:
-        for back, byte in enumerate(reversed(self.tail), start=1):
-            if byte & 0xC0 == 0x80:
-                continue  # continuation byte: look further back for the lead byte
-            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else \
-                4 if byte & 0xF8 == 0xF0 else 1
-            return need > back
-        return False
+    def at_line_start(self) -> bool:
+        """The cursor is at column 0 of a row the server left blank: a message written
+        there starts a line of its own."""
+        row, col, pending_wrap = self.term.cursor
+        return col == 0 and not pending_wrap and not self.term.line_text(row).strip()
+
+    def repaint_top_row(self):
+        """Bytes repainting row 1 as the server drew it, or None where the model's rows are
+        not known to be the terminal's. Between ESC 7 and ESC 8 like the banner itself:
+        the terminal's cursor is where the real one is, even before the model knows it."""
+        term = self.term
+        if not (term.alt_screen or self.main_aligned):
+            return None
+        cells = b"".join(term.render_cell(0, col) for col in range(term.cols)
+                         if term.cell(0, col).width)
+        return b"\x1b7" + cells + b"\x1b8" + (b"\x1b[4h" if term.insert_mode else b"")
+
+    def end_open_sequence(self) -> bytes:
+        """Bytes ending an escape sequence, string or character the server left open (an
+        unterminated title would swallow our message and whatever the local shell prints
+        next); b"" at a safe point."""
+        if self.term.in_ground_state:
+            return b""
+        self.term.feed(b"\x1b\\")  # ST: ends a string, and an ESC aborts any sequence
+        return b"\x1b\\"
+
+    def reset_sequence(self) -> bytes:
+        """Bytes turning off what the stream turned on (alternate screen, mouse, bracketed
+        paste, cursor keys and keypad, hidden cursor, colours...), at a safe point."""
+        return self.term.reset_sequence()
 
 
 class StatusBanner:
@@ -556,14 +625,13 @@ class StatusBanner:
     erase the line, reverse video, the text, restore (ESC 8): the cursor and the remote
     program's attributes come back untouched. Redrawn once a second while silence lasts.
 
-    Trade-off on removal: the client passes a byte stream and keeps no screen model, so it
-    cannot repaint what the banner covered. It erases the banner row and leaves it blank;
-    the next output that touches row 1 (a shell scrolling, a full-screen program redrawing,
-    or Ctrl-L) paints it again. That is better than leaving a stale banner, and cheaper than
-    faking a resize to force every program to redraw. Programs using origin mode with a
-    scroll region would see the banner inside their region, and a program that saved the
-    cursor with ESC 7 before the outage and restores it with ESC 8 after finds our position
-    in the terminal's single save slot; we accept those rare cases.
+    On removal the row it covered is repainted from the client's model of the screen
+    (ScreenMirror.repaint_top_row), so the remote program's top line is back at once; where
+    the model cannot know that row (before the server's output has scrolled the screen) it
+    is erased, and the next output touching row 1 (or Ctrl-L) paints it again. Programs
+    using origin mode with a scroll region would see the banner inside their region, and a
+    program that saved the cursor with ESC 7 before the outage and restores it with ESC 8
+    after finds our position in the terminal's single save slot; we accept those rare cases.
     """
 
     def __init__(self, ellipsis: str = "...", quit_hint: str = ""):
@@ -598,22 +666,25 @@ class StatusBanner:
         return b"\x1b7\x1b[1;1H\x1b[2K\x1b8"
 
     def update(self, silence: float, cols: int, note: str = "", encoding: str = "utf-8",
-               force: bool = False) -> bytes:
+               force: bool = False, repaint=None) -> bytes:
         """Bytes to write now (possibly b""): draw when silence passes the threshold,
-        redraw when the text changes (the whole-second count) or ``force`` (resize)."""
+        redraw when the text changes (the whole-second count) or ``force`` (resize).
+        ``repaint``: what hide() writes to take the banner away (default: erase the row)."""
         if silence < self.threshold():
-            return self.hide()
+            return self.hide(repaint)
         text = self.text(silence, note, cols)
         if self.shown and text == self.drawn_text and not force:
             return b""
         self.shown, self.drawn_text = True, text
         return self.render(text, cols, encoding)
 
-    def hide(self) -> bytes:
+    def hide(self, repaint=None) -> bytes:
+        """Bytes taking the banner away: ``repaint`` (the covered row as it was), else an
+        erased row; b"" when it is not shown."""
         if not self.shown:
             return b""
         self.shown, self.drawn_text = False, None
-        return self.erase()
+        return self.erase() if repaint is None else repaint
 
     def next_deadline(self, last_heard: float, now: float) -> float:
         """When the banner next needs attention: its first appearance, then each whole
@@ -855,15 +926,19 @@ class Session:
     """
 
     def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
-                 router: SignalRouter, waker: Waker, in_fd: int = 0, out_fd: int = 1,
-                 attaching: bool = False):
+                 router: SignalRouter, waker: Waker, guard: TerminalGuard, in_fd: int = 0,
+                 out_fd: int = 1, attaching: bool = False):
         self.target = target
+        self.guard = guard  # entered: the suspend key leaves and re-enters raw mode
         self.hostcheck = hostcheck
         self.identity = identity
         self.router, self.waker = router, waker
         self.in_fd, self.out_fd = in_fd, out_fd
-        self.out_is_tty = os.isatty(out_fd)  # no banner in a pipe or file
-        self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"]))
+        # No banner in a pipe or file, nor without a remote PTY (the output is data then).
+        self.out_is_tty = os.isatty(out_fd) and target.pty
+        # Like ssh, the escape key works only on a PTY: without one every byte is data.
+        self.escape = EscapeFilter(moshpit.parse_escape_key(config["escape_key"])
+                                   if target.pty else None)
         self.encoding = terminal_encoding()
         utf8 = codecs.lookup(self.encoding).name == "utf-8"
         key, dash = self.escape.key_name(), "\u2014" if utf8 else "-"
@@ -871,10 +946,12 @@ class Session:
                                    f" {dash} {key} . quits" if key else "")
         self.banner.udp_wait = (target.host, first.grant.udp_port)
         self.banner_note = ""
-        self.tracker = OutputTracker()
+        self.screen = ScreenMirror(*target.winsize())
         self.out = bytearray()
+        self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = True
         self.outcome = None
+        self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
         self.core = moshpit_session.ClientSession(
             first.keys, time.monotonic(), udp_peer(first), first.grant.session_id,
@@ -898,17 +975,29 @@ class Session:
         finally:
             self.router.in_loop = False
             self.link.close()
+            if not self.finished:
+                self._reset_now()
         return self.outcome
+
+    def _reset_now(self) -> None:
+        """An error ended the loop: still turn off what the session turned on (best effort,
+        what the terminal has not taken of the output is dropped)."""
+        if self.out_is_tty:
+            try:
+                os.write(self.out_fd, self.screen.end_open_sequence() +
+                         self.screen.reset_sequence())
+            except OSError:
+                pass  # terminal gone or full: nothing more we can do
 
     def _step(self) -> None:
         now = time.monotonic()
         readers = [self.waker]
-        stalled = len(self.out) >= OUTPUT_HIGH_WATER  # local terminal far behind
+        stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
         if not stalled:
             readers.append(self.link)
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
-        writers = [self.out_fd] if self.out else []
+        writers = self._pending_writers()
         timeout = max(0.0, self._next_deadline(now) - now)
         readable, _, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
@@ -928,6 +1017,8 @@ class Session:
         self.link.flush(now)
         if self.out:
             self._write_out()
+        if self.err:
+            self._write_err()
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
@@ -955,6 +1046,7 @@ class Session:
             size = self.target.winsize()
             if size != self.core.winsize:
                 self.core.resize(*size)
+                self.screen.resize(*size)
                 if self.banner.shown:
                     self._redraw_banner(time.monotonic(), force=True)
 
@@ -967,34 +1059,62 @@ class Session:
             self._hangup()
             return
         if not data:
-            if self.target.is_tty:  # a terminal only reads as EOF once it is hung up
+            if self.target.is_tty and self.target.pty:  # raw: EOF only once hung up
                 self._hangup()
+            elif not self.target.pty:
+                self.core.end_input()  # the command reads EOF once it has read the rest
             self.stdin_open = False  # a pipe or file: the session goes on
             return
         data, quit_requested = self.escape.feed(data)
         if data:
             self.core.send_input(data)
+        if self.escape.suspend_requested and not quit_requested:
+            self.escape.suspend_requested = False
+            self._suspend()
         if quit_requested:  # exits 255 like ssh's ~., so a script can tell it from "exit 0"
             self._quit("client quit")
             self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
 
+    def _suspend(self) -> None:
+        """Ctrl-^ Ctrl-Z: stop mp's job as ssh's ~^Z does, the terminal handed back cooked
+        (the output so far written, the banner erased) so the local shell works; after
+        ``fg`` raw mode again, and the size sent if it changed meanwhile. The session
+        carries on: a long stop is an outage like any other, resumed the usual way."""
+        if self.banner.shown:
+            self.out += self.banner.hide(self.screen.repaint_top_row())
+        self._drain_out(FINAL_OUTPUT_SECS)
+        self.guard.restore()
+        try:
+            os.kill(0, signal.SIGTSTP)  # the whole job; ignored without job control
+        finally:
+            self.guard.reenter()
+        self.router.winch = True  # the window may have been resized while stopped
+        self.waker.wake()
+
     def _events(self) -> None:
+        start = len(self.out)
         while True:
             event = self.core.next_event()
             if event is None:
-                return
+                break
             if isinstance(event, moshpit_session.RepaintReceived):
                 event = moshpit_session.OutputReceived(REPAINT_PREAMBLE + event.screen)
             if isinstance(event, moshpit_session.OutputReceived):
-                self.tracker.feed(event.data)
                 self.out += event.data
+            elif isinstance(event, moshpit_session.ErrorOutputReceived):
+                self.err += event.data
             elif isinstance(event, moshpit_session.SessionExited):
                 status = event.exit_status
-                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE,
-                                       f"Connection to {self.target.host} closed.")
+                # ssh says this only with a PTY: a piped command's stderr stays its own
+                closed = f"Connection to {self.target.host} closed." if self.target.pty else None
+                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE, closed)
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
+        # The model in one call a tick (large chunks are cheaper), and only for a terminal:
+        # a pipe or file (a command's bytes) is never drawn on.
+        if len(self.out) > start and self.out_is_tty:
+            self.screen.feed(bytes(self.out[start:]))
 
     # -- connection health ------------------------------------------------------------
 
@@ -1003,20 +1123,21 @@ class Session:
         recovery: banner gone, resume back-off reset, no handshake needed."""
         silence = self.core.silence(now)
         if silence < self.banner.threshold():
-            if self.banner.shown:
+            if self.banner.shown and self.screen.at_safe_point():
                 log.info("contact with %s is back", self.target.host)
-                self.out += self.banner.hide()
+                self.out += self.banner.hide(self.screen.repaint_top_row())
             self.banner_note = ""
             self.resumer.contact()
         else:
             self._redraw_banner(now)
 
     def _redraw_banner(self, now: float, force: bool = False) -> None:
-        if not self.out_is_tty or not self.tracker.at_safe_point():
+        if not self.out_is_tty or not self.screen.at_safe_point():
             return  # never inject bytes into the middle of an escape sequence / character
-        self.out += self.banner.update(self.core.silence(now), self.core.winsize[1],
-                                       self.banner_note,
-                                       self.encoding, force)
+        silence = self.core.silence(now)
+        repaint = self.screen.repaint_top_row() if silence < self.banner.threshold() else None
+        self.out += self.banner.update(silence, self.core.winsize[1], self.banner_note,
+                                       self.encoding, force, repaint)
 
     def _maybe_resume(self, now: float) -> None:
         if self.outcome is not None or not self.resumer.due(now, self.core.last_contact):
@@ -1063,6 +1184,19 @@ class Session:
             self._hangup()
             return
         del self.out[:written]
+
+    def _pending_writers(self) -> list:
+        """The output fds with bytes waiting for them."""
+        return [fd for fd, pending in ((self.out_fd, self.out), (ERR_FD, self.err)) if pending]
+
+    def _write_err(self) -> None:
+        try:
+            written = os.write(ERR_FD, self.err)
+        except BlockingIOError:
+            return
+        except OSError:  # nobody reads our stderr any more: the command's goes nowhere
+            written = len(self.err)
+        del self.err[:written]
 
     def _hangup(self) -> None:
         self.stdin_open = False
@@ -1112,21 +1246,31 @@ class Session:
 
     def _finish(self) -> None:
         """Ack what the server sent last (it resends a close until acked), write what is
-        left of the output (a few seconds at most) and erase the banner, so the final
-        screen is the remote program's. Then hand the terminal back clean: end an escape
-        sequence the server left open (an unterminated title would swallow our message and
-        whatever the local shell prints next), and start a fresh line for our message, so
-        it never lands on the remote prompt's line."""
+        left of the output (a few seconds at most) and take the banner away, so the final
+        screen is the remote program's. Then hand the terminal back clean (ScreenMirror:
+        open sequence ended, every mode the session turned on turned off, so our message
+        lands on the main screen, in default colours, with a visible cursor), and start a
+        fresh line for our message, so it never lands on the remote prompt's line."""
         self._linger(FINAL_ACKS_SECS, self._nothing_due)
-        self.out += self.banner.hide()
-        if self.out_is_tty and self.tracker.state != OutputTracker.GROUND:
-            self.out += b"\x1b\\"  # ST: ends a string, and an ESC aborts any sequence
-        if self.out_is_tty and self.outcome.message and not self.tracker.line_start:
+        if self.out_is_tty:
+            self.out += self.screen.end_open_sequence()
+            self.out += self.banner.hide(self.screen.repaint_top_row())
+            self.out += self.screen.reset_sequence()
+        self.finished = True
+        if self.out_is_tty and self.outcome.message and not self.screen.at_line_start():
             self.out += b"\r\n"
-        deadline = time.monotonic() + FINAL_OUTPUT_SECS
-        while self.out and time.monotonic() < deadline:
-            select.select([], [self.out_fd], [], max(0.0, deadline - time.monotonic()))
-            self._write_out()
+        self._drain_out(FINAL_OUTPUT_SECS)
+
+    def _drain_out(self, seconds: float) -> None:
+        """Write the pending output, waiting up to ``seconds`` for the terminal to take it."""
+        deadline = time.monotonic() + seconds
+        while (self.out or self.err) and time.monotonic() < deadline:
+            select.select([], self._pending_writers(), [],
+                          max(0.0, deadline - time.monotonic()))
+            if self.out:
+                self._write_out()
+            if self.err:
+                self._write_err()
 
     def _nothing_due(self) -> bool:
         wait = self.link.timeout(time.monotonic())
@@ -1188,10 +1332,15 @@ def gone_message(host: str) -> str:
 class Target:
     """Where and as whom we connect, and what we tell the server about our terminal."""
 
-    def __init__(self, user: str, host: str, port: int, in_fd: int = 0):
+    def __init__(self, user: str, host: str, port: int, in_fd: int = 0, command=None,
+                 pty=None):
         self.user, self.host, self.port = user, host, port
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
+        self.command = command
+        # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
+        # ssh -t would), and a login shell always does (as before commands existed).
+        self.pty = pty if pty is not None else (self.is_tty or command is None)
 
     def winsize(self) -> tuple:
         try:
@@ -1210,7 +1359,8 @@ class Target:
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
-            resume_recv_offset=recv_offset, end_session=end_session, intent=intent)
+            resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
+            pty=self.pty, intent=intent)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(
@@ -1221,7 +1371,8 @@ class Connector:
     """Where to connect, as whom, with which key (loaded once, when first needed) and which
     host key check: what every handshake of one mp run shares."""
 
-    def __init__(self, config, prompter: Prompter, login=None, login_first: bool = False):
+    def __init__(self, config, prompter: Prompter, login=None, login_first: bool = False,
+                 command=None, pty=None):
         destination = config["server_destination"]
         if not destination:
             raise moshpit.MoshpitError(
@@ -1230,7 +1381,7 @@ class Connector:
         self.destination = destination
         user, host = remote_user_and_host(destination, login, login_first,
                                           ssh_alias_lookup(config, prompter))
-        self.target = Target(user, host, config["server_port"])
+        self.target = Target(user, host, config["server_port"], command=command, pty=pty)
         self.identity = moshpit_handshake.LazyIdentity(
             lambda: load_identity(config, prompter, self.target))
         self.hostcheck = HostKeyCheck(config["known_hosts_file"], host, self.target.port,
@@ -1302,18 +1453,20 @@ def manage_sessions(config, prompter: Prompter, login=None, login_first: bool = 
 
 
 def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
-               attach=None) -> int:
+               command=None, pty=None, attach=None) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
-    ``login``/``login_first``: ``-l USER`` and whether it came before the destination;
-    ``attach``: take over that session (mp --attach; "": the latest detached one)."""
-    connector = Connector(config, prompter, login, login_first)
+    ``login``/``login_first``: ``-l USER`` and whether it came before the destination.
+    ``command``: run it instead of a login shell; ``pty``: --tty (True), -T (False) or None
+    (a PTY when stdin is a terminal). ``attach``: take over that session (mp --attach;
+    "": the latest detached one)."""
+    connector = Connector(config, prompter, login, login_first, command, pty)
     target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()
     router = SignalRouter(waker)
-    guard = TerminalGuard(0, 1)
+    guard = TerminalGuard(0, 1, raw=target.pty)
     router.install()
     try:
         if attach is None:
@@ -1326,9 +1479,14 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
                                       connector.pick(attach).session_id)
         log.info("connected to %s@%s port %d, UDP %s", target.user, target.host, target.port,
                  udp_peer(first))
+        if os.isatty(1) and target.pty:  # once connected (a failure prints one line only)
+            try:
+                os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes
+            except OSError:
+                pass  # a terminal already gone: the session will say so
         with guard:
             outcome = Session(target, hostcheck, first, identity.get(), config, router,
-                              waker, attaching=attach is not None).run()
+                              waker, guard, attaching=attach is not None).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -1406,7 +1564,7 @@ def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> 
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, command = parse_command_line(sys.argv[1:] if argv is None else list(argv))
     if args.attach and args.server_destination is None:
         # "mp --attach HOST": the optional ID took the destination
         args.server_destination, args.attach = args.attach, ""
@@ -1422,10 +1580,14 @@ def main(argv=None) -> int:
         if args.copy_id:
             return copy_id(config, args.ssh_command, args.login_name, args.login_first)
         moshpit.setup_logging("client", config, log_path=args.tracing)
+        managing = args.list_sessions or args.kill is not None or args.attach is not None
+        if managing and command is not None:
+            raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
         if args.list_sessions or args.kill is not None:
             return manage_sessions(config, prompter, args.login_name, args.login_first,
                                    args.kill)
-        return run_client(config, prompter, args.login_name, args.login_first, args.attach)
+        return run_client(config, prompter, args.login_name, args.login_first, command,
+                          args.pty, args.attach)
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")

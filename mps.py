@@ -104,8 +104,9 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
         "MOSHPIT_CONNECTION": connection,
         "SSH_CONNECTION": connection,
         "SSH_CLIENT": f"{client_ip} {client_port} {server_port}",
-        "SSH_TTY": tty_path,
     }
+    if tty_path:  # no PTY (a piped command): no SSH_TTY, as sshd
+        env["SSH_TTY"] = tty_path
     for name, value in client_env.items():
         if moshpit.is_locale_setting(name, value):
             env[name] = value
@@ -119,14 +120,17 @@ class _ShellChildSetup:
     login uid is written and then the identity changes (groups, gid, uid). The identity
     change is here, not Popen's user/group arguments, only because those run before this
     hook and the login uid can be written only before it (moshpit_login.write_loginuid).
-    An exception here (a failed setuid) reaches the parent as SubprocessError: no shell."""
+    An exception here (a failed setuid) reaches the parent as SubprocessError: no shell.
+    Without a PTY (``controlling_tty`` False) the new session has no terminal, as sshd's."""
 
-    def __init__(self, pw: Optional[pwd.struct_passwd] = None):
+    def __init__(self, pw: Optional[pwd.struct_passwd] = None, controlling_tty: bool = True):
         self.pw = pw
+        self.controlling_tty = controlling_tty
         self.groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw is not None else None
 
     def __call__(self) -> None:
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if self.controlling_tty:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         moshpit_login.restore_rlimits()
         if self.pw is not None:
             moshpit_login.write_loginuid(self.pw.pw_uid)
@@ -145,6 +149,12 @@ def _tty_group(default_gid: int) -> int:
 class PtyShell:
     """The target user's login shell (``-bash`` style argv0) on a new PTY; we keep the master.
 
+    With ``command`` the shell runs it instead (``shell -c COMMAND``, argv0 not a login
+    shell: sshd's rule). With ``pty`` False there is no terminal: the child's stdin, stdout
+    and stderr are one end of a socket pair and ``master_fd`` the other, so bytes pass
+    untouched (no CR/LF translation, no echo) and ``close_input`` gives the command EOF;
+    its stderr is a pipe of its own (``stderr_fd``), carried apart from stdout.
+
     Spawned with subprocess.Popen instead of a hand-written fork/exec: in this multi-threaded
     server, _posixsubprocess does setsid, chdir and execve in C in the child, and reports a
     failure of any step, _ShellChildSetup's included, to the parent as an exception: a failed
@@ -152,49 +162,97 @@ class PtyShell:
     (_ShellChildSetup: an ioctl, setrlimit, one write, setgroups/setgid/setuid) takes no
     locks and allocates next to nothing, so the usual fork-with-threads hazards don't apply.
 
-    A root server records the login in utmp/wtmp/lastlog once the shell runs
-    (``self.record``), and closes the record once the shell is reaped.
+    A root server records a PTY login in utmp/wtmp/lastlog once the shell runs
+    (``self.record``), and closes the record once the shell is reaped (none without a PTY,
+    like sshd).
     """
 
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
-                 client_env: Dict[str, str], connection: str):
+                 client_env: Dict[str, str], connection: str, command: Optional[str] = None,
+                 pty: bool = True):
         self.user = pw.pw_name
         self.rows, self.cols = rows, cols
+        self.is_pty = pty
         shell = pw.pw_shell or "/bin/sh"
         self.shell_name = os.path.basename(shell)
         cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
-        setup = _ShellChildSetup()
-        master, slave = os.openpty()
+        name = os.path.basename(shell)
+        argv = ["-" + name] if command is None else [name, "-c", command]
+        setup = _ShellChildSetup(controlling_tty=pty)
+        self.stderr_fd: Optional[int] = None
+        err_w = None
+        if pty:
+            master, slave = os.openpty()
+            self._socket = None
+        else:
+            self._socket, child_end = socket.socketpair()
+            master, slave = self._socket.fileno(), child_end.detach()
+            self.stderr_fd, err_w = os.pipe()
         try:
-            env = login_environment(pw, term, client_env, connection, os.ttyname(slave))
-            moshpit.set_winsize(master, rows, cols)
+            tty_path = os.ttyname(slave) if pty else ""
+            env = login_environment(pw, term, client_env, connection, tty_path)
+            if pty:
+                moshpit.set_winsize(master, rows, cols)
             if os.geteuid() == 0:
-                # The user owns their terminal (mesg, write), like sshd does.
-                os.fchown(slave, pw.pw_uid, _tty_group(pw.pw_gid))
-                os.fchmod(slave, 0o620)
-                setup = _ShellChildSetup(pw)
+                if pty:
+                    # The user owns their terminal (mesg, write), like sshd does.
+                    os.fchown(slave, pw.pw_uid, _tty_group(pw.pw_gid))
+                    os.fchmod(slave, 0o620)
+                setup = _ShellChildSetup(pw, controlling_tty=pty)
                 moshpit_login.loginuid_supported()  # says once in the log if it is not
-            tty_path = os.ttyname(slave)
             self.proc = subprocess.Popen(
-                ["-" + os.path.basename(shell)], executable=shell,
-                stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                argv, executable=shell,
+                stdin=slave, stdout=slave, stderr=slave if pty else err_w, cwd=cwd, env=env,
                 start_new_session=True, preexec_fn=setup)
         except (OSError, subprocess.SubprocessError, ValueError) as e:
-            os.close(master)
+            self._close_master(master)
+            self.close_stderr()
             raise ShellError(f"cannot start login shell {shell} for {pw.pw_name}: {e}")
         finally:
             os.close(slave)
+            if err_w is not None:
+                os.close(err_w)
         os.set_blocking(master, False)
+        if self.stderr_fd is not None:
+            os.set_blocking(self.stderr_fd, False)
         self.master_fd: Optional[int] = master
         self.pid = self.proc.pid
         # --- login records (moshpit_login): who/last/lastlog ---
         self.record = moshpit_login.LoginRecord(pw.pw_name, pw.pw_uid, tty_path, self.pid,
                                                 connection.split()[0])
-        self.record.open()
+        if pty:
+            self.record.open()
+
+    def _close_master(self, master: int) -> None:
+        if self._socket is not None:
+            self._socket.close()
+        else:
+            os.close(master)
+
+    def read_stderr(self, size: int) -> Optional[bytes]:
+        """The command's stderr (no PTY): bytes; None if nothing is ready; b"" at its end."""
+        try:
+            return os.read(self.stderr_fd, size)
+        except BlockingIOError:
+            return None
+
+    def close_stderr(self) -> None:
+        if self.stderr_fd is not None:
+            os.close(self.stderr_fd)
+            self.stderr_fd = None
+
+    def close_input(self) -> None:
+        """The client's input ended: the command reads EOF (no PTY only; on a terminal
+        end of input is a key, which the client sends as it is)."""
+        if self._socket is not None and self.master_fd is not None:
+            try:
+                self._socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the command is gone already
 
     def resize(self, rows: int, cols: int) -> None:
         """New window size; the kernel sends SIGWINCH to the terminal's foreground group."""
-        if self.master_fd is not None and rows > 0 and cols > 0:
+        if self.is_pty and self.master_fd is not None and rows > 0 and cols > 0:
             moshpit.set_winsize(self.master_fd, rows, cols)
             self.rows, self.cols = rows, cols
 
@@ -228,7 +286,7 @@ class PtyShell:
         except BlockingIOError:
             return 0
         except OSError as e:
-            if e.errno == errno.EIO:
+            if e.errno in (errno.EIO, errno.EPIPE):  # EPIPE: the command closed its input
                 return len(data)
             raise
 
@@ -250,8 +308,9 @@ class PtyShell:
                 except ProcessLookupError:
                     break
         if self.master_fd is not None:
-            os.close(self.master_fd)
+            self._close_master(self.master_fd)
             self.master_fd = None
+        self.close_stderr()
         try:
             self.proc.wait(timeout=HANGUP_GRACE_SECS)
         except subprocess.TimeoutExpired:
@@ -374,6 +433,7 @@ class Session:
         self._unfed = bytearray()  # PTY output sent to the client, not yet fed to the screen
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
+        self._eof_pending = False  # the client's stdin hit EOF: close the command's input
 
     # -- other threads -------------------------------------------------------------------
 
@@ -382,6 +442,8 @@ class Session:
         self.core = session_core.ServerSession(keys, time.monotonic(),
                                                self.server.detached_timeout,
                                                self.server.unattached_timeout)
+        if self.shell.stderr_fd is not None:
+            self.core.expect_stderr()
         self.link = transport.UdpLink(self.core, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
@@ -491,7 +553,8 @@ class Session:
                 if self.core.finished(now):
                     return
                 for name, fd, events in (("udp", self.link.fileno(), self._udp_interest()),
-                                         ("pty", self.shell.master_fd, self._pty_interest())):
+                                         ("pty", self.shell.master_fd, self._pty_interest()),
+                                         ("err", self.shell.stderr_fd, self._err_interest())):
                     _watch(sel, watched, name, fd, events)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
@@ -502,6 +565,8 @@ class Session:
                         self._handle_inbox(now)
                     elif key.data == "udp":
                         self.link.handle_readable(now)
+                    elif key.data == "err":
+                        self._read_stderr(now, sel, watched)
                     else:
                         if events & selectors.EVENT_WRITE:
                             self._write_pty()
@@ -525,6 +590,21 @@ class Session:
         if self._to_pty:
             events |= selectors.EVENT_WRITE
         return events
+
+    def _err_interest(self) -> int:
+        if self.shell.stderr_fd is None or not self.core.may_read_stderr():
+            return 0
+        return selectors.EVENT_READ
+
+    def _read_stderr(self, now: float, sel: selectors.BaseSelector,
+                     watched: Dict[str, int]) -> None:
+        data = self.shell.read_stderr(PTY_READ_SIZE)
+        if data:
+            self.core.stderr_output(data, now)
+        elif data == b"":
+            _watch(sel, watched, "err", self.shell.stderr_fd, 0)  # before the fd is closed
+            self.shell.close_stderr()
+            self.core.stderr_closed(now)
 
     def _timeout(self, now: float) -> Optional[float]:
         """Seconds until the core's next deadline, or the next poll of a running shell."""
@@ -615,6 +695,9 @@ class Session:
                 self._to_pty += event.data
                 self.last_activity = time.time()
                 self._write_pty()
+            elif isinstance(event, session_core.InputEnded):
+                self._eof_pending = True  # for the command, after the input still queued
+                self._write_pty()
             elif isinstance(event, session_core.ResizeRequested):
                 self._resize(event.rows, event.cols)
             elif isinstance(event, session_core.ClientAddressChanged) and not event.first:
@@ -623,14 +706,18 @@ class Session:
     def _write_pty(self) -> None:
         if self._to_pty and self.shell.master_fd is not None:
             del self._to_pty[:self.shell.write(bytes(self._to_pty[:PTY_WRITE_SIZE]))]
+        if self._eof_pending and not self._to_pty:
+            self._eof_pending = False
+            self.shell.close_input()
 
     def _read_pty(self, now: float) -> None:
         data = self.shell.read(PTY_READ_SIZE)
         if data:
             self.core.pty_output(data, now)
-            self._unfed += data
-            if len(self._unfed) >= SCREEN_FEED_BYTES:
-                self._feed_screen()
+            if self.shell.is_pty:  # a command's piped bytes are not a screen
+                self._unfed += data
+                if len(self._unfed) >= SCREEN_FEED_BYTES:
+                    self._feed_screen()
             self.last_activity = time.time()
         elif data == b"":
             self.core.pty_closed(now)
@@ -1056,7 +1143,7 @@ class Server:
                                                          auth.local[0], auth.local[1]))
             try:
                 shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
-                                 connection)
+                                 connection, request.command, request.pty)
             except ShellError as e:
                 udp.close()
                 raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))

@@ -290,7 +290,8 @@ def test_escape_quit_message_on_a_fresh_line_and_exit_255(tmp_path):
         term.send(QUIT)
         out += term.read_to_eof(30)
         assert term.wait(10) == 255
-    assert out.endswith(b"remote-prompt> \r\nConnection to 127.0.0.1 closed.\r\n")
+    # bash turned bracketed paste on at its prompt: mp turns it off before its message.
+    assert out.endswith(b"remote-prompt> \x1b[?2004l\r\nConnection to 127.0.0.1 closed.\r\n")
 
 
 @pytest.mark.timeout(90)

@@ -54,6 +54,26 @@ def test_escape_split_across_reads():
     assert g.feed(b"q") == (b"\x1eq", False)
 
 
+def test_escape_ctrl_z_asks_for_a_suspend_and_sends_nothing_for_it():
+    f = mp.EscapeFilter(ESC)
+    assert f.feed(b"ab\x1e") == (b"ab", False) and not f.suspend_requested
+    assert f.feed(b"\x1acd") == (b"cd", False) and f.suspend_requested
+    assert mp.EscapeFilter(ESC).feed(b"\x1a") == (b"\x1a", False)  # a lone Ctrl-Z is the shell's
+
+
+@pytest.mark.parametrize("argv, destination, command, pty", [
+    (["host", "ls", "-l"], "host", "ls -l", None),  # ssh's form without --
+    (["-T", "host", "--", "ls", "-T"], "host", "ls -T", False),  # after --: the command's
+    (["-T", "--", "host", "ls"], "host", "ls", False),  # the destination after --, as ssh
+    (["--tty", "u@h", "--", "echo", "a b"], "u@h", "echo a b", True),  # joined as ssh joins
+    (["host"], "host", None, None),  # a login shell
+    (["host", "--"], "host", None, None),
+])
+def test_command_line_commands_as_ssh_reads_them(argv, destination, command, pty):
+    args, remote = mp.parse_command_line(argv)
+    assert (args.server_destination, remote, args.pty) == (destination, command, pty)
+
+
 def test_escape_recognised_anywhere_not_only_after_newline():
     f = mp.EscapeFilter(ESC)
     assert f.feed(b"vim file\x1e.") == (b"vim file", True)
@@ -71,11 +91,11 @@ def test_escape_custom_key():
     assert f.feed(b"\x1d.") == (b"", True)
 
 
-# --- OutputTracker ----------------------------------------------------------------------
+# --- ScreenMirror -----------------------------------------------------------------------
 
 
-def feed_all(*chunks):
-    t = mp.OutputTracker()
+def feed_all(*chunks, rows=24, cols=80):
+    t = mp.ScreenMirror(rows, cols)
     for chunk in chunks:
         t.feed(chunk)
     return t
@@ -123,6 +143,33 @@ def test_tracker_unsafe_mid_sequence(chunks):
 ])
 def test_tracker_safe_after_complete_sequences(chunks):
     assert feed_all(*chunks).at_safe_point()
+
+
+def test_mirror_ends_an_open_string_then_resets_what_the_stream_turned_on():
+    m = feed_all(b"\x1b[?1049h\x1b[?1000h\x1b[?1006h\x1b[?2004h\x1b[?1h\x1b=\x1b[?25l"
+                 b"\x1b[31m\x1b]0;unterminated title")
+    assert m.end_open_sequence() == b"\x1b\\"
+    assert m.at_safe_point() and m.end_open_sequence() == b""
+    reset = m.reset_sequence()
+    for off in (b"\x1b[?1049l", b"\x1b[?1000l", b"\x1b[?1006l", b"\x1b[?2004l", b"\x1b[?1l",
+                b"\x1b>", b"\x1b[?25h"):
+        assert off in reset
+    after = mp.ScreenMirror(24, 80)
+    after.feed(b"\x1b[?1049h\x1b[?1000h\x1b[?2004h\x1b[?25l\x1b[31m" + reset)
+    assert after.reset_sequence() == b""  # nothing left on
+
+
+def test_mirror_top_row_repaint_only_once_rows_line_up():
+    m = feed_all(b"\x1b[1;33mfirst\x1b[m line\r\n")
+    assert m.repaint_top_row() is None  # not scrolled: row 1 is not the server's first line
+    m.feed(b"".join(b"line %d\r\n" % i for i in range(30)))
+    repaint = m.repaint_top_row()
+    assert repaint.startswith(b"\x1b7") and repaint.endswith(b"\x1b8")
+    check = mp.ScreenMirror(24, 80)  # the repaint on a blank screen draws the model's row 1
+    check.feed(repaint)
+    assert check.term.line_text(0) == m.term.line_text(0)
+    alt = feed_all(b"\x1b[?1049h\x1b[H\x1b[7mTOP")
+    assert b"\x1b[0;7mT" in alt.repaint_top_row()  # the alternate screen is cleared on entry
 
 
 # --- StatusBanner -----------------------------------------------------------------------
@@ -208,10 +255,12 @@ def test_escape_key_names(setting, name):
     ((b"logout\r\n\x1b[?2004l\x1b[0m",), True),  # mode switch and colour reset: no motion
     ((b"done\r\n", b"\x1b[?1l\x1b[m"), True),
     ((b"\x1b[?2004h\x1b[01;32mroot@vm\x1b[00m:~# ",), False),
-    ((b"line\r\n\x1b[3A",), False),  # the cursor moved up: not known to be at a line start
+    ((b"line\r\n\x1b[3A",), False),  # the cursor moved up onto text: no fresh line there
+    ((b"x" * 80,), False),  # pending wrap at the right edge
+    ((b"abc\r\n\x1b[K\x1b[1G",), True),
 ])
 def test_tracker_knows_when_the_cursor_is_at_line_start(chunks, at_line_start):
-    assert feed_all(*chunks).line_start == at_line_start
+    assert feed_all(*chunks).at_line_start() == at_line_start
 
 
 # --- command line -----------------------------------------------------------------------

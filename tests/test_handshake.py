@@ -484,3 +484,47 @@ def test_malformed_listings_are_rejected(mutate):
                                                                     4, "t")]))
     with pytest.raises(ValueError):
         hs._decode_listing(hs._Reader(mutate(listing)[1:], "ServerFinish"))
+
+
+def test_a_command_request_carries_the_command_and_pty_flag_after_the_intent(keys):
+    identity = keys[0]
+    for request in (hs.ClientRequest("alice", command="cat 'a file' | wc -c", pty=False),
+                    hs.ClientRequest("alice", command="", pty=True),
+                    hs.ClientRequest("alice", pty=False),  # a login shell without a PTY
+                    hs.ClientRequest("alice", resume_session_id=os.urandom(16),
+                                     end_session=True, command="tty", pty=False)):
+        decoded = hs._decode_fields(hs._encode_fields(request, identity.public.blob))[0]
+        assert (decoded.command, decoded.pty, decoded.end_session) == (
+            request.command, request.pty, request.end_session)
+    auth = Flow(*keys, hs.ClientRequest("alice", command="exit 7", pty=False)).run()[0].auth
+    assert (auth.request.command, auth.request.pty) == ("exit 7", False)
+
+
+def test_a_server_without_commands_refuses_a_command_instead_of_starting_a_shell(keys):
+    """Older servers accept only END_SESSION as the byte after the offset, then the end:
+    a command request always sends NO_INTENT there, so they reject it (a clean refusal)
+    rather than silently running a login shell where the user asked for a command."""
+    key_blob = keys[0].public.blob
+    plain = hs._encode_fields(hs.ClientRequest("alice"), key_blob)
+    fields = hs._encode_fields(hs.ClientRequest("alice", command="ls"), key_blob)
+    assert fields.startswith(plain) and fields[len(plain)] == hs.NO_INTENT != hs.END_SESSION
+    # A plain login shell on a PTY still sends exactly what older clients sent.
+    assert hs._encode_fields(hs.ClientRequest("alice", command=None, pty=True),
+                             key_blob) == plain
+
+
+def test_commands_and_flags_out_of_bounds_are_refused(keys):
+    identity = keys[0]
+    too_long = "x" * (hs.MAX_COMMAND + 1)
+    with pytest.raises(hs.HandshakeError, match="longer than"):
+        hs.ClientHandshake(identity, hs.ClientRequest("alice", command=too_long))
+    plain = hs._encode_fields(hs.ClientRequest("alice"), identity.public.blob)
+    forged = plain + bytes([hs.NO_INTENT]) + ssh_string(too_long.encode()) + b"\x01\x00"
+    with pytest.raises(ValueError, match="longer than"):
+        hs._decode_fields(forged)
+    good = plain + bytes([hs.NO_INTENT]) + ssh_string(b"ls") + b"\x01\x00"
+    assert hs._decode_fields(good)[0].command == "ls"
+    for bad in (good[:-1] + b"\x02", good[:-2] + b"\x02\x00", good + b"\x00", good[:-1],
+                plain + bytes([hs.NO_INTENT]) + ssh_string(b"\xff") + b"\x01\x00"):
+        with pytest.raises(ValueError):
+            hs._decode_fields(bad)

@@ -235,7 +235,8 @@ def test_records_of_sessions_that_ended_while_mps_was_down_are_closed(tmp_path, 
         server.proc.wait(10)
         client.close()
         wait_for(lambda: not pid_alive(pid), 10, "the shell to end with its terminal")
-        assert len(who(alice.pw_name)) == 1  # nobody closed it
+        # (Not checked that the record is still open here: in a parallel run any other mps
+        # that starts closes it, as it should.)
         server.start()
         # Any mps that starts closes every stale moshpit record on the machine: in a parallel
         # run another test's server may get there first, so wait for the outcome, not our log.

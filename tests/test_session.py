@@ -477,3 +477,78 @@ def test_a_repaint_resent_after_a_resume_is_written_once():
     sim.client._on_record(ms.RECORD_REPAINT, b"SCREEN", sim.now)
     sim.run_for(1.0)
     assert sim.screen == b"SCREENlive"
+
+
+def test_input_eof_reaches_the_server_once_after_the_last_input_byte():
+    """INPUT_EOF travels on the urgent record stream and may overtake the input it ends:
+    the server reports InputEnded only once every input byte before it has come, once."""
+    rng = random.Random(41)
+    sim = CoreSim(SimNet(41, loss=0.2, jitter=0.05, duplicate=0.1))
+    data = random_bytes(rng, 150_000)
+    shell_in_at_eof = []
+    next_event = sim.server.next_event
+
+    def spy():
+        event = next_event()
+        if isinstance(event, ms.InputEnded):
+            shell_in_at_eof.append(bytes(sim.shell_in))
+        return event
+
+    sim.server.next_event = spy
+    sent = 0
+    while sent < len(data):  # as mp does: only while the window has room
+        if sim.client.may_read_input():
+            sim.client.send_input(data[sent:sent + 4096])
+            sent += 4096
+        sim.step(until=sim.now + 0.01)
+    sim.client.end_input()
+    sim.run_until(lambda: shell_in_at_eof, limit=sim.now + 60)
+    sim.run_for(5)
+    assert shell_in_at_eof == [data], "EOF before the last input byte, or twice"
+    assert [e for e in sim.server_events if isinstance(e, ms.InputEnded)] == [ms.InputEnded()]
+
+
+def test_stderr_arrives_exactly_once_in_order_across_a_resume_and_before_exit():
+    """A command's stderr rides the record lane (resent whole after a re-key): the client
+    keeps each byte once, and EXIT waits for the stderr's end."""
+    rng = random.Random(43)
+    sim = CoreSim(SimNet(43, loss=0.1))
+    sim.server.expect_stderr()
+    err = random_bytes(rng, 200_000)
+    got = bytearray()
+    sent = 0
+
+    def app_stderr():
+        nonlocal sent
+        while sent < len(err) and sim.server.may_read_stderr():
+            sim.server.stderr_output(err[sent:sent + 1000], sim.now)  # small: whole ones pass
+            sent += 1000
+        got.extend(b"".join(e.data for e in sim.client_events
+                            if isinstance(e, ms.ErrorOutputReceived)))
+        sim.client_events[:] = [e for e in sim.client_events
+                                if not isinstance(e, ms.ErrorOutputReceived)]
+
+    while len(got) < 60_000:
+        app_stderr()
+        sim.step(until=sim.now + 0.01)
+    # The client gets stderr records but its acks are lost: the resume resends them whole.
+    send, acks_lost = sim.net.send, [True]
+    sim.net.send = lambda now, datagram, src, dst: (
+        None if acks_lost[0] and dst == SERVER_ADDR else send(now, datagram, src, dst))
+    for _ in range(50):
+        app_stderr()
+        sim.step(until=sim.now + 0.01)
+    assert len(got) > 60_000, "no record got through unacknowledged"
+    acks_lost[0] = False
+    sim.resume(make_keys())
+    sim.server.shell_exited(0, sim.now)
+    sim.server.pty_closed(sim.now)
+    assert sim.server.ending is None, "EXIT before the end of stderr"
+    while sent < len(err) or len(got) < len(err):
+        app_stderr()
+        sim.step(until=sim.now + 0.01)
+        assert sim.now < 120
+    sim.server.stderr_closed(sim.now)
+    sim.run_until(lambda: exited(sim.client_events), limit=sim.now + 30)
+    app_stderr()
+    assert bytes(got) == err
