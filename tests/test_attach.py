@@ -77,7 +77,7 @@ def test_the_client_a_session_was_taken_from_is_told_it_is_gone_on_resume(server
             with pytest.raises(AuthRefused) as refused:
                 first.resume()
             assert refused.value.code == NO_SUCH_SESSION
-            assert "it was taken over" in server.log()
+            server.wait_log("it was taken over")
 
 
 def test_list_and_kill(server):
