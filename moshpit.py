@@ -50,7 +50,9 @@ __version__ = "0.1.0"
 
 # 2: session records (resize, exit, shutdown) on stream 1 instead of transport control
 # frames (moshpit_session); a version-1 peer is refused with a message saying to upgrade.
-PROTOCOL_VERSION = 2
+# 3: reattach from any client: the TAKE_OVER/LIST/KILL intents, the LISTING answer, the
+# detached-session count in a grant, the REPAINT record.
+PROTOCOL_VERSION = 3
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare

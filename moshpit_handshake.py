@@ -11,15 +11,23 @@ associated data = type byte || transcript hash before the message)::
           the client checks the signature, then the host key (known_hosts; may ask the user)
     ClientAuth    {user, client key blob, TERM, rows, cols, LANG/LC_*, resume id + offset
                    [+ intent]; SSHSIG("moshpit-client", sha512, TH_c); resume proof}    ->
-              <-  ServerFinish  {grant: session id, resume secret, UDP port, offset | refusal}
+              <-  ServerFinish  {grant: session id, resume secret, UDP port, offset,
+                                 detached sessions | listing | refusal}
     Refuse        plaintext reason code: "server busy" before anything is read, or a protocol
                   error. Unauthenticated, so the client never takes it as a final answer.
 
-The optional trailing ``intent`` byte says what to do with the resumed session: absent
-(attach, every request of protocol version 1) or END_SESSION (the owner quits: end it now).
-It is written only when it is not "attach", so attach requests stay byte-identical to what
-older peers send and accept; an older server, whose ClientAuth ends at the offset, answers a
-quit request with a protocol error instead of attaching by mistake.
+The optional trailing ``intent`` byte says what the request is about: absent (a new
+session, or resuming the named one: every request of protocol version 1), END_SESSION (the
+owner quits: end the resumed session now), TAKE_OVER (``mp --attach``: continue the named
+session from a fresh stream, any key authorized for its user, no resume proof), LIST
+(``mp --list``: the user's sessions) or KILL (``mp --kill``: end the named session, any key
+authorized for its user). It is written only when present, so plain requests stay
+byte-identical to what older peers send and accept; an older server, whose ClientAuth ends at
+the offset, answers any intent with a protocol error instead of doing something else.
+Only a resume or END_SESSION carries a resume proof. A LIST is answered with a listing
+instead of a grant (ServerFinish outcome LISTING: count:u16, then per session id, attached:u8,
+started:u64, last activity:u64 (Unix seconds), rows:u16, cols:u16, title; at most
+MAX_LISTED sessions, titles at most MAX_TITLE_BYTES).
 
 Transcript hash TH: SHA-256 over a label and every message's fields in order (each as an SSH
 string, so boundaries are unambiguous). TH_1 after ServerHello, TH_s after the host key blob,
@@ -123,7 +131,7 @@ _MESSAGE_NAMES = {
     _SERVER_FINISH: "ServerFinish",
     _REFUSE: "Refuse",
 }
-_ACCEPTED, _REFUSED = 0, 1  # ServerFinish outcome byte
+_ACCEPTED, _REFUSED, _LISTING = 0, 1, 2  # ServerFinish outcome byte
 
 # Reason codes: all a client ever learns about a refusal (no oracle beyond "not authorized").
 PERMISSION_DENIED = "permission denied"
@@ -204,7 +212,12 @@ def _refusal_frame(code: str) -> bytes:
 
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,63}\$?")
 MAX_LOCALE_VARS = 32
-NO_INTENT, END_SESSION = 0, 1  # ClientAuth intent byte: END_SESSION ends the resumed session
+# ClientAuth intent byte: none, end the resumed session, mp --attach / --list / --kill
+NO_INTENT, END_SESSION, TAKE_OVER, LIST, KILL = 0, 1, 2, 3, 4
+_INTENTS = (TAKE_OVER, LIST, KILL)  # ClientRequest.intent (END_SESSION: end_session)
+_NAMED_INTENTS = (TAKE_OVER, KILL)  # need a session id
+MAX_LISTED = 100  # sessions in a LIST answer
+MAX_TITLE_BYTES = 200  # a listed session's title or command, UTF-8
 MAX_COMMAND = 32 * 1024  # bytes of a remote command (ssh's is bounded by its packet size too)
 
 
@@ -214,7 +227,8 @@ class ClientRequest:
 
     ``resume_secret`` stays on the client: it keys the resume proof and is never sent.
     ``end_session`` (with a resume id) asks the server to end that session instead of
-    re-attaching it: the escape-key quit when UDP cannot carry the goodbye.
+    re-attaching it: the escape-key quit when UDP cannot carry the goodbye. ``intent``
+    (TAKE_OVER, LIST, KILL; NO_INTENT) is what mp --attach / --list / --kill ask for.
     ``command`` (one string, as ssh sends it) and ``pty`` (False: no terminal, the bytes
     go through exactly) travel after the intent byte, which is then always present; a
     server that predates them refuses the request instead of starting a login shell.
@@ -231,6 +245,12 @@ class ClientRequest:
     end_session: bool = False
     command: Optional[str] = None  # run by the user's shell with -c instead of a login shell
     pty: bool = True  # False: the command (or shell) runs on a socket, bytes untouched
+    intent: int = NO_INTENT
+
+    @property
+    def needs_proof(self) -> bool:
+        """A resume or a quit proves the resume secret; other intents need only the key."""
+        return self.resume_session_id is not None and self.intent == NO_INTENT
 
 
 @dataclass
@@ -251,6 +271,27 @@ class SessionGrant:
     resume_secret: bytes = field(repr=False)
     udp_port: int
     recv_offset: int = 0
+    detached: int = 0  # the user's other sessions nobody holds (a new session's notice)
+
+
+@dataclass
+class SessionInfo:
+    """One session in a LIST answer (times in Unix seconds)."""
+
+    session_id: bytes
+    attached: bool
+    started: int
+    last_activity: int
+    rows: int
+    cols: int
+    title: str
+
+
+@dataclass
+class SessionListing:
+    """The answer to a LIST request, in place of a SessionGrant."""
+
+    sessions: List[SessionInfo]
 
 
 @dataclass
@@ -280,9 +321,10 @@ class AuthInfo:
 
 @dataclass
 class ClientResult:
-    """A finished client handshake. UDP goes to ``(server_addr[0], grant.udp_port)``."""
+    """A finished client handshake. UDP goes to ``(server_addr[0], grant.udp_port)``; a
+    LIST request's ``grant`` is the SessionListing."""
 
-    grant: SessionGrant
+    grant: Union[SessionGrant, SessionListing]
     keys: SessionKeys
     server_addr: tuple
     host_key: PublicKey
@@ -304,9 +346,9 @@ class AuthRequested:
 
 @dataclass
 class HandshakeComplete:
-    """Client event: the server granted the session."""
+    """Client event: the server granted the session (or, for a LIST, listed them)."""
 
-    grant: SessionGrant
+    grant: Union[SessionGrant, SessionListing]
     keys: SessionKeys
     host_key: PublicKey
 
@@ -339,6 +381,11 @@ def _check_request(request: ClientRequest) -> None:
         raise ValueError("resume offset out of range")
     if request.end_session and request.resume_session_id is None:
         raise ValueError("ending a session needs its session id")
+    if request.intent and (request.intent not in _INTENTS or request.end_session):
+        raise ValueError("unknown request intent")
+    if (request.intent in _NAMED_INTENTS) != (request.resume_session_id is not None
+                                              and request.intent != NO_INTENT):
+        raise ValueError("this request intent needs a session id (and only it)")
     if request.command is not None and len(request.command.encode()) > MAX_COMMAND:
         raise ValueError(f"the command is longer than {MAX_COMMAND} bytes")
 
@@ -360,9 +407,9 @@ def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
 def _encode_tail(request: ClientRequest) -> list:
     """The optional fields after the offset: the intent byte, then the command and pty
     flag (sent only when they differ from a plain login shell on a PTY)."""
-    intent = bytes([END_SESSION if request.end_session else NO_INTENT])
+    intent = bytes([END_SESSION if request.end_session else request.intent])
     if request.command is None and request.pty:
-        return [intent] if request.end_session else []
+        return [intent] if intent != bytes([NO_INTENT]) else []
     return [intent, ssh_string((request.command or "").encode()),
             bytes([request.command is not None, request.pty])]
 
@@ -385,9 +432,10 @@ def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
     request = ClientRequest(user, term, rows, cols, env, resume_id, reader.uint64())
     if reader.remaining():
         intent = reader.uint8()
-        if intent not in (NO_INTENT, END_SESSION):
-            raise ValueError("unknown request intent")
-        request.end_session = intent == END_SESSION
+        if intent == END_SESSION:
+            request.end_session = True
+        else:
+            request.intent = intent  # checked by _check_request
     if reader.remaining():
         command = reader.string()
         if len(command) > MAX_COMMAND:
@@ -408,16 +456,48 @@ def _encode_grant(grant: SessionGrant) -> bytes:
     if not (1 <= grant.udp_port <= 0xFFFF and 0 <= grant.recv_offset < 1 << 64):
         raise ValueError("grant UDP port or offset out of range")
     return (bytes([_ACCEPTED]) + ssh_string(grant.session_id) + ssh_string(grant.resume_secret)
-            + struct.pack(">HQ", grant.udp_port, grant.recv_offset))
+            + struct.pack(">HQH", grant.udp_port, grant.recv_offset,
+                          min(grant.detached, 0xFFFF)))
 
 
 def _decode_grant(reader: _Reader) -> SessionGrant:
     session_id, resume_secret = reader.string(), reader.string()
-    udp_port, recv_offset = reader.uint16(), reader.uint64()
+    udp_port, recv_offset, detached = reader.uint16(), reader.uint64(), reader.uint16()
     reader.expect_end()
     if len(session_id) != 16 or len(resume_secret) != 32 or udp_port == 0:
         raise ValueError("malformed session grant")
-    return SessionGrant(session_id, resume_secret, udp_port, recv_offset)
+    return SessionGrant(session_id, resume_secret, udp_port, recv_offset, detached)
+
+
+def _encode_listing(listing: SessionListing) -> bytes:
+    if len(listing.sessions) > MAX_LISTED:
+        raise ValueError(f"a listing holds at most {MAX_LISTED} sessions")
+    out = [bytes([_LISTING]), struct.pack(">H", len(listing.sessions))]
+    for info in listing.sessions:
+        title = info.title.encode("utf-8")[:MAX_TITLE_BYTES].decode("utf-8", "ignore")
+        out += [ssh_string(info.session_id),
+                struct.pack(">BQQHH", bool(info.attached), info.started, info.last_activity,
+                            info.rows, info.cols),
+                ssh_string(title.encode("utf-8"))]
+    return b"".join(out)
+
+
+def _decode_listing(reader: _Reader) -> SessionListing:
+    count = reader.uint16()
+    if count > MAX_LISTED:
+        raise ValueError("too many sessions in the listing")
+    sessions = []
+    for _ in range(count):
+        session_id = reader.string()
+        attached, started, last_activity = reader.uint8(), reader.uint64(), reader.uint64()
+        rows, cols = reader.uint16(), reader.uint16()
+        title = reader.string()
+        if len(session_id) != 16 or attached > 1 or len(title) > MAX_TITLE_BYTES:
+            raise ValueError("malformed session listing")
+        sessions.append(SessionInfo(session_id, bool(attached), started, last_activity, rows,
+                                    cols, title.decode("utf-8", "replace")))
+    reader.expect_end()
+    return SessionListing(sessions)
 
 
 def _resume_proof(resume_secret: bytes, transcript_hash: bytes) -> bytes:
@@ -682,7 +762,7 @@ class ClientHandshake(_Handshake):
             _check_request(request)
         except ValueError as err:
             raise HandshakeError(f"cannot send the request: {err}") from None
-        if request.resume_session_id and len(request.resume_secret or b"") != 32:
+        if request.needs_proof and len(request.resume_secret or b"") != 32:
             raise HandshakeError("cannot resume a session without its 32-byte resume secret")
         self._identity, self._request = identity, request
         self._ephemeral = _Ephemeral()
@@ -708,7 +788,7 @@ class ClientHandshake(_Handshake):
         signed = self._transcript.digest()
         signature = sshsig_sign(self._identity, SSHSIG_NAMESPACE, signed)
         proof = b""
-        if self._request.resume_session_id:
+        if self._request.needs_proof:
             proof = _resume_proof(self._request.resume_secret, signed)
         self._transcript.add(signature, proof)
         self._send_sealed(_CLIENT_AUTH, associated, [fields, signature, proof])
@@ -765,6 +845,9 @@ class ClientHandshake(_Handshake):
             log.debug("ServerFinish: session granted, UDP port %d", grant.udp_port)
             self._handler = None
             return HandshakeComplete(grant, self._keys, self._host_key)
+        if status == _LISTING and self._request.intent == LIST:
+            self._handler = None
+            return HandshakeComplete(_decode_listing(reader), self._keys, self._host_key)
         if status != _REFUSED:
             raise ValueError("ServerFinish has an unknown outcome")
         code = reader.text()
@@ -791,10 +874,16 @@ class ServerHandshake(_Handshake):
         self.hello_received = False  # the driver's cue to switch from the ClientHello deadline
         self._handler = self._on_client_hello
 
-    def accept(self, grant: SessionGrant) -> None:
-        """Grant the session requested in the last AuthRequested."""
+    def accept(self, grant: Union[SessionGrant, SessionListing]) -> None:
+        """Grant the session requested in the last AuthRequested (or, for a LIST, answer
+        with the listing)."""
         self._require_decision()
-        self._finish(_encode_grant(grant))
+        if isinstance(grant, SessionListing):
+            if self._auth.request.intent != LIST:
+                raise RuntimeError("a listing answers only a LIST request")
+            self._finish(_encode_listing(grant))
+        else:
+            self._finish(_encode_grant(grant))
 
     def refuse(self, code: str, message: str = "") -> None:
         """Refuse with one of REFUSAL_CODES (anything else is sent as "permission denied"),
@@ -851,7 +940,7 @@ class ServerHandshake(_Handshake):
         self._transcript.add(fields)
         signed = self._transcript.digest()
         self._transcript.add(signature, proof)
-        if len(proof) != (32 if request.resume_session_id else 0):
+        if len(proof) != (32 if request.needs_proof else 0):
             raise ValueError("the resume proof has the wrong length")
         keys = self._session_keys()
         log.debug("ClientAuth: user %s, key %s, %s, TERM %s, %dx%d", request.user,
@@ -872,6 +961,9 @@ def _purpose(request: ClientRequest) -> str:
     """What a request asks for, for the log."""
     if request.end_session:
         return "ending a session"
+    if request.intent:
+        return {TAKE_OVER: "taking a session over", LIST: "listing sessions",
+                KILL: "killing a session"}[request.intent]
     return "resuming a session" if request.resume_session_id else "new session"
 
 

@@ -29,9 +29,11 @@ Records (the one encoding for everything a session says that is not terminal byt
     EXIT     (2) server->client  status:i32 output_offset:u64   reported once all output
                                  up to output_offset has been delivered
     SHUTDOWN (3) either way      reason: UTF-8, at most MAX_REASON_BYTES
-    4, 5, 6      reserved for ECHO_ACK (input offset whose echo has been read from the PTY),
-                 TTY_MODE (icanon, echo, erase) and REPAINT (a serialized screen at an output
-                 offset), built with local echo prediction and reattach
+    4, 5         reserved for ECHO_ACK (input offset whose echo has been read from the PTY)
+                 and TTY_MODE (icanon, echo, erase), built with local echo prediction
+    REPAINT  (6) server->client  screen: bytes that rebuild the session's screen on a fresh
+                 terminal (moshpit_term's serialize), sent first after a takeover; it comes
+                 before terminal byte 0 of the new connection
     INPUT_EOF (7) client->server  input_offset:u64   the client's input ends after
                                  input_offset bytes (a command's stdin at EOF: the server
                                  closes the command's input once it has written them all)
@@ -49,6 +51,15 @@ than MAX_RECORD_BODY is skipped too, without being buffered.
 Records travel again after a resume: stream 1 starts over on both sides with each re-key,
 and records not yet acknowledged are written again whole, so a record may arrive twice.
 Each is idempotent or reported once (EXIT, SHUTDOWN); a repeated RESIZE is harmless.
+
+Takeover (``mp --attach``): another client of the session's user takes the session over.
+``ServerSession.take_over`` tells the old client (SHUTDOWN with the reason, under the old
+keys), then starts a fresh Connection under the new client's keys: both terminal streams
+start over at offset 0 and REPAINT goes first.  The model in mps has already consumed every
+byte read from the PTY, so output the old client never got is in the repaint, and what the
+shell writes after it is the new stream: nothing is lost or doubled.  The new
+``ClientSession`` (``attaching=True``) holds terminal bytes that overtake the REPAINT (the
+streams are ordered separately) until it arrives.
 
 Ending rules (ServerSession): the session ends
 
@@ -94,13 +105,14 @@ from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddres
 
 __all__ = [
     "STREAM_TERMINAL", "STREAM_RECORDS", "RECORD_RESIZE", "RECORD_EXIT", "RECORD_SHUTDOWN",
+    "RECORD_REPAINT",
     "RECORD_INPUT_EOF", "InputEnded", "RECORD_STDERR", "ErrorOutputReceived",
     "MAX_STDERR_CHUNK",
     "MAX_RECORD_BODY", "MAX_REASON_BYTES", "PTY_DRAIN_SECS", "SHUTDOWN_FLUSH_SECS",
     "RESUME_AFTER_SECS", "FIRST_BACKOFF_SECS", "ResumeSchedule",
     "encode_record", "RecordDecoder", "RecordLane",
     "InputReceived", "ResizeRequested", "ClientAddressChanged", "OutputReceived",
-    "SessionExited", "ShutdownReceived",
+    "SessionExited", "ShutdownReceived", "RepaintReceived",
     "ServerSession", "ClientSession",
 ]
 
@@ -112,7 +124,8 @@ RECORD_WINDOW = 64 * 1024  # records unacked before the lane counts as full (nev
 
 RECORD_HEADER = struct.Struct("!BI")
 RECORD_RESIZE, RECORD_EXIT, RECORD_SHUTDOWN = 1, 2, 3
-RECORD_INPUT_EOF = 7  # 4-6 are reserved (see above)
+RECORD_REPAINT = 6  # 4, 5 are reserved (see above)
+RECORD_INPUT_EOF = 7
 RECORD_STDERR = 8
 INPUT_EOF_BODY = STDERR_OFFSET = struct.Struct("!Q")
 MAX_STDERR_CHUNK = 16 * 1024  # stderr bytes per record (the record lane's window is 64 KiB)
@@ -277,6 +290,13 @@ class ShutdownReceived(NamedTuple):
     reason: str
 
 
+class RepaintReceived(NamedTuple):
+    """Client: the session's screen after a takeover, for a fresh terminal (before any
+    OutputReceived of this connection)."""
+
+    screen: bytes
+
+
 class _Core:
     """What both cores share: the Connection, the record lane, the event queue."""
 
@@ -419,6 +439,22 @@ class ServerSession(_Core):
         self.records.rekey(keys, peer_recv_offset, now)
         return self.recv_offset
 
+    def take_over(self, keys: object, screen: bytes, reason: str, now: float) -> list:
+        """Another client takes the session over (``mp --attach``): tell the current one
+        why, then continue on a fresh Connection under ``keys`` whose first record is
+        REPAINT(``screen``). Returns the old client's last datagrams (the program sends
+        them: they go under the old keys, which end here)."""
+        goodbye = []
+        if self.client_addr is not None:
+            self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
+            goodbye = self.conn.datagrams_to_send(now)
+        self.conn = Connection("server", keys, now)
+        self.records = RecordLane(self.conn)
+        self.client_addr = None
+        self._shutdown_reported = False
+        self.records.send(RECORD_REPAINT, screen)
+        return goodbye
+
     def end_requested(self, now: float) -> int:
         """The client's owner quit and said so over TCP: end now. Returns recv_offset."""
         self._end("by the client's quit request", now, 0.0)
@@ -547,8 +583,11 @@ class ClientSession(_Core):
     """
 
     def __init__(self, keys: object, now: float, server_addr: tuple, session_id: bytes,
-                 resume_secret: bytes, winsize: tuple) -> None:
+                 resume_secret: bytes, winsize: tuple, attaching: bool = False) -> None:
         super().__init__("client", keys, now, server_addr)
+        # A takeover: terminal bytes wait for the REPAINT they follow (bounded by the
+        # stream's receive window).
+        self._held: Optional[list] = [] if attaching else None
         self.session_id = session_id
         self.resume_secret = resume_secret
         self.last_contact = now
@@ -630,11 +669,20 @@ class ClientSession(_Core):
     # -- from the transport --------------------------------------------------------------
 
     def _on_terminal(self, data: bytes, now: float) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
         self._events.append(OutputReceived(data))
         self._report_exit()
 
     def _on_record(self, record_type: int, body: bytes, now: float) -> None:
-        if record_type == RECORD_EXIT and len(body) >= EXIT_BODY.size:
+        if record_type == RECORD_REPAINT:
+            if self._held is not None:  # else: a copy resent after a resume
+                self._events.append(RepaintReceived(body))
+                self._events.extend(OutputReceived(data) for data in self._held)
+                self._held = None
+                self._report_exit()
+        elif record_type == RECORD_EXIT and len(body) >= EXIT_BODY.size:
             self._exit = EXIT_BODY.unpack_from(body)
             self._report_exit()
         elif record_type == RECORD_STDERR and len(body) >= STDERR_OFFSET.size:
@@ -647,7 +695,7 @@ class ClientSession(_Core):
             self._on_shutdown_record(body)
 
     def _report_exit(self) -> None:
-        if self._exit is None or self._exit_reported:
+        if self._exit is None or self._exit_reported or self._held is not None:
             return
         status, output_offset = self._exit
         if self.recv_offset >= output_offset:

@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssh-command", metavar="COMMAND", default="ssh",
                    help="the ssh that --copy-id runs, with its options "
                    "(default: ssh; e.g. \"ssh -p 2222\")")
+    sessions = p.add_mutually_exclusive_group()
+    sessions.add_argument("--list", action="store_true", dest="list_sessions",
+                          help="list your sessions on the server (id, attached or detached,"
+                          " started, last activity, size, title or command), then exit")
+    sessions.add_argument("--attach", metavar="ID", nargs="?", const="",
+                          help="take over one of your sessions (default: the most recently"
+                          " active detached one, else the most recently active one); a"
+                          " client holding it is told and exits")
+    sessions.add_argument("--kill", metavar="ID", help="end one of your sessions, then exit")
     p.add_argument("-V", "--version", action="version", version=f"mp {moshpit.__version__}")
     # ssh's -t: here --tty, because -t is the seed's --tracing-absolute-path.
     p.add_argument("--tty", dest="pty", action="store_const", const=True,
@@ -903,6 +912,11 @@ class Outcome:
         self.status, self.message = status, message
 
 
+# Before a takeover's repaint (written for a fresh terminal): leave the alternate screen a
+# killed mp may have left this terminal in (the repaint resets the rest itself).
+REPAINT_PREAMBLE = b"\x1b[?1049l"
+
+
 class Session:
     """One select loop over stdin, the UDP link, the wake-up pipe and timers.
 
@@ -913,7 +927,7 @@ class Session:
 
     def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
                  router: SignalRouter, waker: Waker, guard: TerminalGuard, in_fd: int = 0,
-                 out_fd: int = 1):
+                 out_fd: int = 1, attaching: bool = False):
         self.target = target
         self.guard = guard  # entered: the suspend key leaves and re-enters raw mode
         self.hostcheck = hostcheck
@@ -941,7 +955,7 @@ class Session:
         self.quit_failure = None  # why the server could not be told that we quit
         self.core = moshpit_session.ClientSession(
             first.keys, time.monotonic(), udp_peer(first), first.grant.session_id,
-            first.grant.resume_secret, target.winsize())
+            first.grant.resume_secret, target.winsize(), attaching=attaching)
         wildcard = "::" if ":" in first.server_addr[0] else "0.0.0.0"
         self.link = moshpit_transport.UdpLink.bind(self.core, wildcard)
         self.resumer = Resumer(self._resume_handshake, waker,
@@ -1083,6 +1097,8 @@ class Session:
             event = self.core.next_event()
             if event is None:
                 break
+            if isinstance(event, moshpit_session.RepaintReceived):
+                event = moshpit_session.OutputReceived(REPAINT_PREAMBLE + event.screen)
             if isinstance(event, moshpit_session.OutputReceived):
                 self.out += event.data
             elif isinstance(event, moshpit_session.ErrorOutputReceived):
@@ -1333,50 +1349,136 @@ class Target:
             return 24, 80
         return (rows or 24, cols or 80)
 
-    def request(self, rows: int, cols: int, resume=None, end_session: bool = False):
-        """The handshake's request: a new session, or with ``resume`` (ClientSession's
-        ``resume_request()``: session id, resume secret, bytes received) a resume."""
-        session_id, resume_secret, recv_offset = resume or (None, None, 0)
+    def request(self, rows: int, cols: int, resume=None, end_session: bool = False,
+                intent: int = 0, session_id=None):
+        """The handshake's request: a new session, with ``resume`` (ClientSession's
+        ``resume_request()``: session id, resume secret, bytes received) a resume, or with
+        ``intent`` (and ``session_id`` for TAKE_OVER and KILL) mp --attach, --list, --kill."""
+        session_id, resume_secret, recv_offset = resume or (session_id, None, 0)
         return moshpit_handshake.ClientRequest(
             user=self.user, term=os.environ.get("TERM") or "dumb", rows=rows, cols=cols,
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
             resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
-            pty=self.pty)
+            pty=self.pty, intent=intent)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(
             self.host, self.port, identity, request, verify_host_key)
 
 
+class Connector:
+    """Where to connect, as whom, with which key (loaded once, when first needed) and which
+    host key check: what every handshake of one mp run shares."""
+
+    def __init__(self, config, prompter: Prompter, login=None, login_first: bool = False,
+                 command=None, pty=None):
+        destination = config["server_destination"]
+        if not destination:
+            raise moshpit.MoshpitError(
+                "no server destination: give [user@]host, or set server_destination in the"
+                " config")
+        self.destination = destination
+        user, host = remote_user_and_host(destination, login, login_first,
+                                          ssh_alias_lookup(config, prompter))
+        self.target = Target(user, host, config["server_port"], command=command, pty=pty)
+        self.identity = moshpit_handshake.LazyIdentity(
+            lambda: load_identity(config, prompter, self.target))
+        self.hostcheck = HostKeyCheck(config["known_hosts_file"], host, self.target.port,
+                                      config["strict_host_key_checking"], prompter)
+
+    def connect(self, intent: int = 0, session_id=None):
+        """One handshake (the host key checked as on first contact)."""
+        target = self.target
+        return target.connect(self.identity, target.request(*target.winsize(), intent=intent,
+                                                            session_id=session_id),
+                              self.hostcheck.first)
+
+    def sessions(self) -> list:
+        """The user's sessions on the server (mp --list), most recently active first."""
+        return self.connect(moshpit_handshake.LIST).grant.sessions
+
+    def pick(self, wanted: str) -> moshpit_handshake.SessionInfo:
+        """The session whose id starts with ``wanted`` (hex, as --list shows it), or with
+        ``wanted`` empty the most recently active detached one (none detached: the most
+        recently active one; a client killed a moment ago still counts as attached)."""
+        host = self.target.host
+        listing = self.sessions()
+        if not wanted:
+            if not listing:
+                raise moshpit.MoshpitError(f"no session of {self.target.user} on {host}")
+            return next((info for info in listing if not info.attached), listing[0])
+        found = [info for info in listing if info.session_id.hex().startswith(wanted.lower())]
+        if len(found) != 1:
+            what = "no session" if not found else f"{len(found)} sessions"
+            raise moshpit.MoshpitError(
+                f"{what} with id {moshpit.printable(wanted, 40)} on {host}:"
+                f" mp --list {self.destination} shows yours")
+        return found[0]
+
+
+LIST_HEADER = ("ID", "STATE", "STARTED", "LAST ACTIVITY", "SIZE", "TITLE")
+LIST_ROW = "{:<8}  {:<8}  {:<16}  {:<16}  {:<9}  {}"
+
+
+def session_lines(sessions: list) -> list:
+    """mp --list's table: a header, then one line per session (local times)."""
+    def when(seconds: int) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+    lines = [LIST_ROW.format(*LIST_HEADER)]
+    for info in sessions:
+        lines.append(LIST_ROW.format(
+            info.session_id[:4].hex(), "attached" if info.attached else "detached",
+            when(info.started), when(info.last_activity), f"{info.cols}x{info.rows}",
+            moshpit.printable(info.title, 80)).rstrip())
+    return lines
+
+
+def manage_sessions(config, prompter: Prompter, login=None, login_first: bool = False,
+                    kill=None) -> int:
+    """mp --list (``kill`` None) or mp --kill ID: one or two handshakes, no session."""
+    connector = Connector(config, prompter, login, login_first)
+    host = connector.target.host
+    if kill is None:
+        sessions = connector.sessions()
+        if not sessions:
+            print(f"no sessions for {connector.target.user} on {host}")
+        else:
+            print("\n".join(session_lines(sessions)))
+        return 0
+    info = connector.pick(kill)
+    connector.connect(moshpit_handshake.KILL, info.session_id)
+    print(f"mp: session {info.session_id[:4].hex()} on {host} ended")
+    return 0
+
+
 def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
-               command=None, pty=None) -> int:
+               command=None, pty=None, attach=None) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
     ``login``/``login_first``: ``-l USER`` and whether it came before the destination.
     ``command``: run it instead of a login shell; ``pty``: --tty (True), -T (False) or None
-    (a PTY when stdin is a terminal)."""
-    destination = config["server_destination"]
-    if not destination:
-        raise moshpit.MoshpitError(
-            "no server destination: give [user@]host, or set server_destination in the config")
-    user, host = remote_user_and_host(destination, login, login_first,
-                                      ssh_alias_lookup(config, prompter))
-    target = Target(user, host, config["server_port"], command=command, pty=pty)
+    (a PTY when stdin is a terminal). ``attach``: take over that session (mp --attach;
+    "": the latest detached one)."""
+    connector = Connector(config, prompter, login, login_first, command, pty)
+    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()
     router = SignalRouter(waker)
     guard = TerminalGuard(0, 1, raw=target.pty)
     router.install()
     try:
-        identity = moshpit_handshake.LazyIdentity(
-            lambda: load_identity(config, prompter, target))
-        hostcheck = HostKeyCheck(config["known_hosts_file"], host, target.port,
-                                 config["strict_host_key_checking"], prompter)
-        first = target.connect(identity, target.request(*target.winsize()),
-                               hostcheck.first)
-        log.info("connected to %s@%s port %d, UDP %s", user, host, target.port, udp_peer(first))
+        if attach is None:
+            first = connector.connect()
+            if first.grant.detached:
+                prompter.say(f"mp: {first.grant.detached} detached session(s):"
+                             f" mp --attach {connector.destination}")
+        else:
+            first = connector.connect(moshpit_handshake.TAKE_OVER,
+                                      connector.pick(attach).session_id)
+        log.info("connected to %s@%s port %d, UDP %s", target.user, target.host, target.port,
+                 udp_peer(first))
         if os.isatty(1) and target.pty:  # once connected (a failure prints one line only)
             try:
                 os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes
@@ -1384,7 +1486,7 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
                 pass  # a terminal already gone: the session will say so
         with guard:
             outcome = Session(target, hostcheck, first, identity.get(), config, router,
-                              waker, guard).run()
+                              waker, guard, attaching=attach is not None).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -1463,6 +1565,9 @@ def copy_id(config, ssh_command: str, login=None, login_first: bool = False) -> 
 
 def main(argv=None) -> int:
     args, command = parse_command_line(sys.argv[1:] if argv is None else list(argv))
+    if args.attach and args.server_destination is None:
+        # "mp --attach HOST": the optional ID took the destination
+        args.server_destination, args.attach = args.attach, ""
     prompter = Prompter()
     try:
         config = moshpit.load_config("client", cli=cli_overrides(args), path=args.config)
@@ -1475,8 +1580,14 @@ def main(argv=None) -> int:
         if args.copy_id:
             return copy_id(config, args.ssh_command, args.login_name, args.login_first)
         moshpit.setup_logging("client", config, log_path=args.tracing)
+        managing = args.list_sessions or args.kill is not None or args.attach is not None
+        if managing and command is not None:
+            raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
+        if args.list_sessions or args.kill is not None:
+            return manage_sessions(config, prompter, args.login_name, args.login_first,
+                                   args.kill)
         return run_client(config, prompter, args.login_name, args.login_first, command,
-                          args.pty)
+                          args.pty, args.attach)
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")

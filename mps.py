@@ -55,7 +55,7 @@ import sys
 import termios
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Dict, List, Optional
 
 import moshpit
@@ -63,6 +63,7 @@ import moshpit_handshake as handshake
 import moshpit_keys as keys
 import moshpit_login
 import moshpit_session as session_core
+import moshpit_term
 import moshpit_transport as transport
 import moshpit_trust as trust
 from moshpit import MoshpitError
@@ -170,8 +171,10 @@ class PtyShell:
                  client_env: Dict[str, str], connection: str, command: Optional[str] = None,
                  pty: bool = True):
         self.user = pw.pw_name
+        self.rows, self.cols = rows, cols
         self.is_pty = pty
         shell = pw.pw_shell or "/bin/sh"
+        self.shell_name = os.path.basename(shell)
         cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
         name = os.path.basename(shell)
         argv = ["-" + name] if command is None else [name, "-c", command]
@@ -251,6 +254,17 @@ class PtyShell:
         """New window size; the kernel sends SIGWINCH to the terminal's foreground group."""
         if self.is_pty and self.master_fd is not None and rows > 0 and cols > 0:
             moshpit.set_winsize(self.master_fd, rows, cols)
+            self.rows, self.cols = rows, cols
+
+    def command_name(self) -> str:
+        """The name of the terminal's foreground program (what mp --list shows when it
+        set no title): the shell, or what the shell runs."""
+        try:
+            with open(f"/proc/{os.tcgetpgrp(self.master_fd)}/comm", encoding="utf-8",
+                      errors="replace") as comm:
+                return comm.read().strip() or self.shell_name
+        except (OSError, TypeError):  # no /proc, the group just ended, the PTY closed
+            return self.shell_name
 
     def read(self, size: int) -> Optional[bytes]:
         """Output of the shell: bytes; None if nothing is ready; b"" once every process has
@@ -317,6 +331,20 @@ ACCEPT_ERROR_PAUSE_SECS = 0.1  # accept() failing (EMFILE): let the backlog wait
 CHILD_POLL_SECS = 1.0  # the shell is reaped by polling (no SIGCHLD handler across threads)
 RESUME_WAIT_SECS = 5.0
 MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading it
+# Lines scrolled off the screen sent with a takeover's repaint (they land in the new
+# terminal's native scrollback); the model keeps no more (memory, and a cheaper feed).
+REPAINT_HISTORY_LINES = 200
+# The screen model is fed in chunks this large while output flows, and with whatever is left
+# once the loop is idle: a call costs about a screen of rows, so feeding each read (or at
+# each ack) would cost twice the CPU per MB; it only has to be current for a takeover or a
+# listing, which feed the rest first.
+SCREEN_FEED_BYTES = 1 << 20
+SCREEN_FEED_SECS = 0.05  # the PTY quiet this long: the rest is fed (mp --list's title)
+# A client heard within this is listed as attached: it pings every KEEPALIVE_SECS, so two
+# missed pings mean it is gone (killed, asleep, off the network).
+ATTACHED_SECS = 2 * transport.KEEPALIVE_SECS
+REPLACED_SECRETS_KEPT = 4
+REPAINT_TOO_LARGE = b"\x1b[0m\x1b[r\x1b[H\x1b[2J"  # a cleared screen in place of the repaint
 
 
 class _Request:
@@ -338,7 +366,30 @@ class _Resume(_Request):
 
 
 class _EndRequest(_Request):
-    """The session's owner quit and said so over TCP (UDP could not carry it): end it."""
+    """The session's owner quit and said so over TCP (UDP could not carry it): end it. With
+    a ``reason`` (mp --kill), the client holding the session is told it."""
+
+    def __init__(self, reason: Optional[str] = None):
+        super().__init__()
+        self.reason = reason
+
+
+class _Describe(_Request):
+    """mp --list: the session thread describes the session (``info``), screen up to date."""
+
+    def __init__(self):
+        super().__init__()
+        self.info: Optional[handshake.SessionInfo] = None
+
+
+class _TakeOver(_Request):
+    """Another client takes the session over (mp --attach): repaint it there, at its size."""
+
+    def __init__(self, keys, rows: int, cols: int, peer: tuple):
+        super().__init__()
+        self.keys = keys
+        self.rows, self.cols = rows, cols
+        self.peer = peer
 
 
 class Session:
@@ -346,9 +397,11 @@ class Session:
     (moshpit_session.ServerSession: the rules), and the thread that runs them in one select
     loop.
 
-    Only the session thread touches the core and the PTY; other threads talk to it with
-    ``resume()`` / ``end_by_client()`` / ``shutdown()``, which go through a queue and a
-    wake-up pipe (the resume sequence end to end: moshpit_session's docstring).
+    Only the session thread touches the core, the PTY and the screen model (every byte
+    the shell writes, for a takeover's repaint); other threads talk to it with
+    ``resume()`` / ``take_over()`` / ``describe()`` / ``end_by_client()`` / ``shutdown()``,
+    which go through a queue and a wake-up pipe (the resume sequence end to end:
+    moshpit_session's docstring).
     """
 
     def __init__(self, server: Server, session_id: bytes, user: str, client_key,
@@ -356,6 +409,9 @@ class Session:
         self.server = server
         self.session_id = session_id
         self.resume_secret = secrets.token_bytes(32)
+        # Secrets of clients the session was taken from: their resumes are told the session
+        # is gone, not refused as a forgery (a bounded few).
+        self.replaced_secrets: deque = deque(maxlen=REPLACED_SECRETS_KEPT)
         self.name = session_id[:4].hex()  # enough to follow a session in the log
         self.user = user
         self.client_key = client_key
@@ -373,6 +429,10 @@ class Session:
         os.set_blocking(self._wake_w, False)
         self._to_pty = bytearray()  # client input not yet taken by the PTY
         self._shell_status: Optional[int] = None  # set once the shell is reaped
+        self.screen = moshpit_term.Terminal(shell.rows, shell.cols, REPAINT_HISTORY_LINES)
+        self._unfed = bytearray()  # PTY output sent to the client, not yet fed to the screen
+        self.started = time.time()
+        self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
 
     # -- other threads -------------------------------------------------------------------
@@ -403,10 +463,31 @@ class Session:
         session ended meanwhile or did not answer in time."""
         return self._ask(_Resume(keys, peer_recv_offset))
 
-    def end_by_client(self) -> Optional[int]:
-        """The owner's quit request (handshake thread): the session thread hangs up the shell.
-        Returns our received-input offset, or None if the session had already ended."""
-        return self._ask(_EndRequest())
+    def take_over(self, keys, rows: int, cols: int, peer: tuple) -> Optional[int]:
+        """Move the session to another client (handshake thread): the old one is told, the
+        new one gets the screen first. None if the session ended meanwhile."""
+        return self._ask(_TakeOver(keys, rows, cols, peer))
+
+    def describe(self) -> Optional[handshake.SessionInfo]:
+        """What mp --list shows (handshake thread), None if the session ended meanwhile."""
+        request = _Describe()
+        self._ask(request)
+        return request.info
+
+    def _info(self) -> handshake.SessionInfo:
+        core = self.core
+        attached = core.client_addr is not None and (
+            time.monotonic() - core.conn.last_heard < ATTACHED_SECS)
+        return handshake.SessionInfo(
+            self.session_id, attached, int(self.started), int(self.last_activity),
+            self.shell.rows, self.shell.cols,
+            self.screen.title or self.shell.command_name())
+
+    def end_by_client(self, reason: Optional[str] = None) -> Optional[int]:
+        """The owner's quit request, or with ``reason`` a kill (handshake thread): the
+        session thread hangs up the shell. Returns our received-input offset, or None if
+        the session had already ended."""
+        return self._ask(_EndRequest(reason))
 
     def _ask(self, request: _Request) -> Optional[int]:
         self._post(request)
@@ -477,6 +558,8 @@ class Session:
                     _watch(sel, watched, name, fd, events)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
+                if self._unfed and not ready:
+                    self._feed_screen()  # nothing to do (output paused): catch up
                 for key, events in ready:
                     if key.data == "wake":
                         self._handle_inbox(now)
@@ -526,8 +609,10 @@ class Session:
     def _timeout(self, now: float) -> Optional[float]:
         """Seconds until the core's next deadline, or the next poll of a running shell."""
         wait = self.link.timeout(now)
-        if self._shell_status is None:
-            wait = CHILD_POLL_SECS if wait is None else min(wait, CHILD_POLL_SECS)
+        for limit in (CHILD_POLL_SECS if self._shell_status is None else None,
+                      SCREEN_FEED_SECS if self._unfed else None):
+            if limit is not None:
+                wait = limit if wait is None else min(wait, limit)
         return wait
 
     def _handle_inbox(self, now: float) -> None:
@@ -543,11 +628,63 @@ class Session:
                 message.done.set()
                 log.info("session %s resumed (client had %d bytes, we had %d)", self.name,
                          message.peer_recv_offset, message.recv_offset)
+            elif isinstance(message, _TakeOver):
+                self._take_over(message, now)
+            elif isinstance(message, _Describe):
+                self._feed_screen()
+                message.info = self._info()
+                message.done.set()
             elif isinstance(message, _EndRequest):
-                message.recv_offset = self.core.end_requested(now)
+                if message.reason and not self.core.ending:
+                    self.core.shutdown(message.reason, now)
+                    message.recv_offset = self.core.recv_offset
+                else:
+                    message.recv_offset = self.core.end_requested(now)
                 message.done.set()
             elif message == "shutdown":
                 self.core.shutdown(handshake.SHUTTING_DOWN, now)
+
+    def _take_over(self, message: _TakeOver, now: float) -> None:
+        """The new client's size first (the application redraws for it after the repaint),
+        then the old client's goodbye, then the repaint on a fresh stream."""
+        if self.core.ending:
+            message.done.set()  # recv_offset None: the session is over
+            return
+        self._feed_screen()
+        self._resize(message.rows, message.cols)
+        screen = self._repaint()
+        reason = f"session taken over from {moshpit.format_addr(message.peer)}"
+        for datagram, addr in self.core.take_over(message.keys, screen, reason, now):
+            try:
+                self.udp_sock.sendto(datagram, addr)
+            except OSError:
+                pass  # the old client is gone anyway
+        message.recv_offset = self.core.recv_offset
+        message.done.set()
+        log.info("session %s taken over from %s (repaint of %d bytes)", self.name,
+                 moshpit.format_addr(message.peer), len(screen))
+
+    def _repaint(self) -> bytes:
+        """The screen for a REPAINT record: with some history if it fits, else the screen
+        alone, else (a huge, colourful screen) just a cleared one the application redraws
+        after the resize."""
+        for history in (REPAINT_HISTORY_LINES, 0):
+            screen = self.screen.serialize(history)
+            if len(screen) <= session_core.MAX_RECORD_BODY:
+                return screen
+        log.warning("session %s: the screen (%d bytes serialized) is too large to repaint",
+                    self.name, len(screen))
+        return REPAINT_TOO_LARGE
+
+    def _resize(self, rows: int, cols: int) -> None:
+        self._feed_screen()  # the output so far was written for the old size
+        self.shell.resize(rows, cols)
+        self.screen.resize(rows, cols)
+
+    def _feed_screen(self) -> None:
+        if self._unfed:
+            self.screen.feed(bytes(self._unfed))
+            self._unfed.clear()
 
     def _handle_events(self, now: float) -> None:
         while True:
@@ -556,12 +693,13 @@ class Session:
                 return
             if isinstance(event, session_core.InputReceived):
                 self._to_pty += event.data
+                self.last_activity = time.time()
                 self._write_pty()
             elif isinstance(event, session_core.InputEnded):
                 self._eof_pending = True  # for the command, after the input still queued
                 self._write_pty()
             elif isinstance(event, session_core.ResizeRequested):
-                self.shell.resize(event.rows, event.cols)
+                self._resize(event.rows, event.cols)
             elif isinstance(event, session_core.ClientAddressChanged) and not event.first:
                 log.info("session %s: client now at %s", self.name, moshpit.format_addr(event.addr))
 
@@ -576,6 +714,11 @@ class Session:
         data = self.shell.read(PTY_READ_SIZE)
         if data:
             self.core.pty_output(data, now)
+            if self.shell.is_pty:  # a command's piped bytes are not a screen
+                self._unfed += data
+                if len(self._unfed) >= SCREEN_FEED_BYTES:
+                    self._feed_screen()
+            self.last_activity = time.time()
         elif data == b"":
             self.core.pty_closed(now)
 
@@ -830,6 +973,12 @@ class Server:
         request = auth.request
         if request.end_session:
             return self._quit_session(auth), None
+        if request.intent == handshake.LIST:
+            return self._list_sessions(auth), None
+        if request.intent == handshake.TAKE_OVER:
+            return self._take_over(auth), None
+        if request.intent == handshake.KILL:
+            return self._kill_session(auth), None
         if request.resume_session_id is not None:
             return self._resume(auth), None
         # --- account policy: a new login (a resume continues one) ---
@@ -884,10 +1033,57 @@ class Server:
         if session is None or session.user != auth.user or session.client_key != auth.client_key:
             raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
                                         f"{what} of an unknown session (or another user's/key's)")
+        if any(auth.resume_proof_valid(old) for old in session.replaced_secrets):
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
+                                        f"{what} of session {session.name}: it was taken over")
         if not auth.resume_proof_valid(session.resume_secret):
             raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
                                         f"{what} of session {session.name}: bad resume proof")
         return session
+
+    def _users_session(self, auth, what: str) -> Session:
+        """The session a takeover or kill names, if it belongs to the requesting user (any
+        key authorized for the user may take over or end the user's sessions, as any of
+        them may start one)."""
+        with self._lock:
+            session = self._sessions.get(auth.request.resume_session_id)
+        if session is None or session.user != auth.user:
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
+                                        f"{what} of an unknown session (or another user's)")
+        return session
+
+    def _list_sessions(self, auth) -> handshake.SessionListing:
+        """mp --list: the user's running sessions, most recently active first."""
+        with self._lock:
+            own = [session for session in self._sessions.values() if session.user == auth.user]
+        described = (session.describe() for session in own)
+        listed = sorted((info for info in described if info is not None),
+                        key=lambda info: info.last_activity, reverse=True)
+        return handshake.SessionListing(listed[:handshake.MAX_LISTED])
+
+    def _take_over(self, auth):
+        """mp --attach: the session moves to this client (the old one is told and exits);
+        a new resume secret, so only the new client can resume it from now on."""
+        session = self._users_session(auth, "takeover")
+        session.replaced_secrets.append(session.resume_secret)
+        session.resume_secret = secrets.token_bytes(32)
+        session.client_key = auth.client_key
+        request = auth.request
+        recv_offset = session.take_over(auth.keys, request.rows, request.cols, auth.peer)
+        if recv_offset is None:
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
+                                        f"session {session.name} ended before the takeover")
+        return _grant(session, recv_offset)
+
+    def _kill_session(self, auth):
+        """mp --kill: end a session of the user's, whoever holds it."""
+        session = self._users_session(auth, "kill")
+        recv_offset = session.end_by_client(
+            f"session killed by mp --kill from {moshpit.format_addr(auth.peer)}")
+        if recv_offset is None:
+            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
+                                        f"session {session.name} had ended before the kill")
+        return _grant(session, recv_offset)
 
     def _resume(self, auth):
         session = self._owned_session(auth, "resume")
@@ -957,14 +1153,17 @@ class Server:
             raise
         session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
                           shell)
-        return _grant(session, 0), session
+        detached = sum(not info.attached for info in self._list_sessions(auth).sessions)
+        return _grant(session, 0, detached), session
 
 
-def _grant(session: Session, recv_offset: int):
-    """What the client is told about its session: where it is and how to resume it."""
+def _grant(session: Session, recv_offset: int, detached: int = 0):
+    """What the client is told about its session: where it is and how to resume it (and,
+    for a new one, how many of the user's sessions are detached)."""
     return handshake.SessionGrant(session_id=session.session_id,
                                   resume_secret=session.resume_secret,
-                                  udp_port=session.udp_port, recv_offset=recv_offset)
+                                  udp_port=session.udp_port, recv_offset=recv_offset,
+                                  detached=detached)
 
 
 # ---------------------------------------------------------------------------

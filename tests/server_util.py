@@ -12,7 +12,7 @@ file naming them -- and a server process that is certainly stopped (by PID) afte
 ``TestClient`` is a minimal client built from the real handshake and the real client session
 core, moshpit_session.ClientSession (no terminal):
 ``connect()``, ``send()``, ``resize()``, ``read_until()``, ``wait_closed()``, ``resume()``,
-``request_end()``.
+``request_end()``, ``attach()`` / ``sessions()`` / ``kill()`` (mp --attach, --list, --kill).
 
 The server runs with ``HOME`` set to a fresh directory and its log at ``server.log_path``
 (``server.log()`` reads it, failures show it). ``run_as`` runs it as another user (for the
@@ -280,6 +280,7 @@ class TestClient:
         self.shutdown_reason: Optional[str] = None
         self.grant = None
         self.keys = None
+        self.repaints: list = []  # REPAINT bodies (also written to ``output``)
         self.core: Optional[moshpit_session.ClientSession] = None
         self.link: Optional[moshpit_transport.UdpLink] = None
 
@@ -295,10 +296,11 @@ class TestClient:
 
     def _handshake(self, resume: bool, timeout: float, end_session: bool = False,
                    identity: Optional[moshpit_keys.PrivateKey] = None,
-                   resume_secret: Optional[bytes] = None):
+                   resume_secret: Optional[bytes] = None, intent: int = 0,
+                   session_id: Optional[bytes] = None):
         request = moshpit_handshake.ClientRequest(
             user=self.user, term=self.term, rows=self.rows, cols=self.cols, env=self.env,
-            end_session=end_session)
+            end_session=end_session, intent=intent, resume_session_id=session_id)
         if resume:
             session_id, secret, recv_offset = self.core.resume_request()
             request.resume_session_id = session_id
@@ -309,12 +311,28 @@ class TestClient:
 
     def connect(self, timeout: float = 15.0) -> TestClient:
         """New session (raises the handshake's AuthRefused/HandshakeError)."""
-        result = self._handshake(False, timeout)
+        return self._start(self._handshake(False, timeout))
+
+    def attach(self, session_id: bytes, timeout: float = 15.0) -> TestClient:
+        """Take ``session_id`` over (mp --attach): its screen comes first, as a REPAINT."""
+        return self._start(self._handshake(False, timeout, intent=moshpit_handshake.TAKE_OVER,
+                                           session_id=session_id), attaching=True)
+
+    def sessions(self, timeout: float = 15.0) -> list:
+        """The user's sessions (mp --list): SessionInfo, most recently active first."""
+        return self._handshake(False, timeout, intent=moshpit_handshake.LIST).grant.sessions
+
+    def kill(self, session_id: bytes, timeout: float = 15.0):
+        """End ``session_id`` (mp --kill); returns the ClientResult."""
+        return self._handshake(False, timeout, intent=moshpit_handshake.KILL,
+                               session_id=session_id)
+
+    def _start(self, result, attaching: bool = False) -> TestClient:
         self.grant, self.keys = result.grant, result.keys
         peer = (result.server_addr[0], result.grant.udp_port)
         self.core = moshpit_session.ClientSession(
             result.keys, time.monotonic(), peer, result.grant.session_id,
-            result.grant.resume_secret, (self.rows, self.cols))
+            result.grant.resume_secret, (self.rows, self.cols), attaching=attaching)
         self._bind(peer)
         self.link.flush(time.monotonic())
         return self
@@ -374,6 +392,9 @@ class TestClient:
                 break
             if isinstance(event, moshpit_session.OutputReceived):
                 self.output += event.data
+            elif isinstance(event, moshpit_session.RepaintReceived):
+                self.repaints.append(event.screen)
+                self.output += event.screen
             elif isinstance(event, moshpit_session.SessionExited):
                 self.exit_status = event.exit_status
             elif isinstance(event, moshpit_session.ShutdownReceived):

@@ -131,7 +131,7 @@ def test_bad_end_session_requests_are_refused(keys):
     resume = hs.ClientRequest("alice", resume_session_id=os.urandom(16),
                               resume_secret=bytes(32), end_session=True)
     fields = hs._encode_fields(resume, identity.public.blob)
-    for bad in (fields[:-1] + b"\x02", fields + b"\x01"):  # an unknown intent, trailing bytes
+    for bad in (fields[:-1] + b"\x09", fields + b"\x01"):  # an unknown intent, trailing bytes
         with pytest.raises(ValueError):
             hs._decode_fields(bad)
     flow = Flow(identity, host)  # a modified client: the server refuses it too
@@ -424,6 +424,66 @@ def test_malformed_grant_is_refused_locally(keys):
     for bad in (hs.SessionGrant(b"short", bytes(32), 1), hs.SessionGrant(bytes(16), bytes(32), 0)):
         with pytest.raises(ValueError):
             flow.server.accept(bad)
+
+
+def test_take_over_and_kill_name_a_session_without_a_resume_proof(keys):
+    """mp --attach / --kill: any key of the user's, so no proof; the intent byte follows the
+    plain fields, and the grant carries the detached count."""
+    session_id = os.urandom(16)
+    for intent in (hs.TAKE_OVER, hs.KILL):
+        request = hs.ClientRequest("alice", rows=40, cols=120, resume_session_id=session_id,
+                                   intent=intent)
+        offered = grant(recv_offset=0)
+        offered.detached = 3
+        requested, done = Flow(*keys, request).run(offered)
+        auth = requested.auth
+        assert auth.request.intent == intent and auth.request.resume_session_id == session_id
+        assert (auth.request.rows, auth.request.cols) == (40, 120)
+        assert auth.resume_proof == b"" and not auth.resume_proof_valid(bytes(32))
+        assert done.grant == offered and done.grant.detached == 3
+        key_blob = keys[0].public.blob
+        plain = hs._encode_fields(dataclasses.replace(request, intent=0), key_blob)
+        assert hs._encode_fields(request, key_blob) == plain + bytes([intent])
+    for bad in (hs.ClientRequest("alice", intent=hs.TAKE_OVER),  # no session named
+                hs.ClientRequest("alice", intent=hs.LIST, resume_session_id=session_id),
+                hs.ClientRequest("alice", intent=9)):
+        with pytest.raises(hs.HandshakeError, match="intent"):
+            hs.ClientHandshake(keys[0], bad)
+
+
+def test_a_list_request_is_answered_with_a_bounded_listing(keys):
+    listed = [hs.SessionInfo(os.urandom(16), i % 2 == 0, 1_700_000_000 + i, 1_700_000_100 + i,
+                             24 + i, 80, "vim \u00e9t\u00e9.txt" if i else "x" * 500)
+              for i in range(3)]
+    requested, done = Flow(*keys, hs.ClientRequest("alice", intent=hs.LIST)).run(
+        hs.SessionListing(listed))
+    assert requested.auth.request.intent == hs.LIST
+    got = done.grant.sessions
+    assert got[1:] == listed[1:]
+    assert got[0].title == "x" * hs.MAX_TITLE_BYTES  # cut to the bound
+    # A listing answers only a LIST request; too many sessions are refused by the encoder.
+    flow = Flow(*keys)
+    flow.to_server()
+    flow.to_client()
+    flow.client.accept_host_key()
+    flow.to_server()
+    with pytest.raises(RuntimeError):
+        flow.server.accept(hs.SessionListing([]))
+    with pytest.raises(ValueError):
+        hs._encode_listing(hs.SessionListing(listed * 100))
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda b: b[:1] + struct.pack(">H", hs.MAX_LISTED + 1) + b[3:],  # too many
+    lambda b: b[:-1],  # cut short
+    lambda b: b + b"\0",  # trailing bytes
+    lambda b: b[:3] + ssh_string(bytes(15)) + b[3 + 4 + 16:],  # a short session id
+])
+def test_malformed_listings_are_rejected(mutate):
+    listing = hs._encode_listing(hs.SessionListing([hs.SessionInfo(bytes(16), True, 1, 2, 3,
+                                                                    4, "t")]))
+    with pytest.raises(ValueError):
+        hs._decode_listing(hs._Reader(mutate(listing)[1:], "ServerFinish"))
 
 
 def test_a_command_request_carries_the_command_and_pty_flag_after_the_intent(keys):

@@ -52,8 +52,8 @@ class CoreSim:
             while event is not None:
                 if isinstance(event, ms.InputReceived):
                     self.shell_in += event.data
-                elif isinstance(event, ms.OutputReceived):
-                    self.screen += event.data
+                elif isinstance(event, (ms.OutputReceived, ms.RepaintReceived)):
+                    self.screen += event[0]  # a repaint is written to the terminal too
                 else:
                     events.append(event)
                 event = core.next_event()
@@ -401,6 +401,82 @@ def test_resume_schedule_waits_for_silence_backs_off_and_resets():
     assert schedule.attempts == 5
     schedule.contact()
     assert schedule.next_attempt(200.0) == 200.0 + ms.RESUME_AFTER_SECS
+
+
+# ---------------------------------------------------------------------------
+# Takeover (mp --attach)
+# ---------------------------------------------------------------------------
+
+def take_over(sim: CoreSim, keys, reason: str = "session taken over from 127.0.0.3:1") -> tuple:
+    """What mps and a fresh mp --attach do: the server's model stands for everything it read
+    from the PTY (here: a line naming that count), the old client gets the goodbye
+    datagrams, and a new attaching client at CLIENT_ADDR2 replaces it in the simulation."""
+    old = sim.client
+    screen = b"SCREEN after %d bytes\r\n" % sim.pty_read
+    for datagram, addr in sim.server.take_over(keys, screen, reason, sim.now):
+        assert addr == sim.client_addr
+        old.receive_datagram(datagram, SERVER_ADDR, sim.now)
+    sim.client = ms.ClientSession(keys, sim.now, SERVER_ADDR, SESSION_ID, b"n" * 32, (30, 100),
+                                  attaching=True)
+    sim.client_addr = CLIENT_ADDR2
+    sim.screen = bytearray()
+    return old, screen, sim.pty_read
+
+
+def test_takeover_repaints_first_then_continues_the_output_exactly():
+    """The new client sees the repaint, then exactly the output read after it (with loss:
+    output overtaking the REPAINT waits for it); the old client is told why; input from
+    both clients reaches the shell once each."""
+    rng = random.Random(31)
+    sim = CoreSim(SimNet(31, loss=0.2), detached=3600)
+    sim.pty_source = random_bytes(rng, 300_000)
+    sim.client.send_input(b"before\r")
+    sim.run_until(lambda: len(sim.screen) > 50_000 and sim.shell_in == b"before\r", limit=30)
+    sim.pty_source += random_bytes(rng, 300_000)  # the shell goes on writing
+    old, screen, read_at = take_over(sim, make_keys(32))
+    assert 0 < read_at < len(sim.pty_source)
+    old_events = [old.next_event() for _ in range(3)]
+    assert ms.ShutdownReceived("session taken over from 127.0.0.3:1") in old_events
+    sim.client.send_input(b"after\r")
+    sim.run_until(lambda: sim.screen == screen + sim.pty_source[read_at:]
+                  and sim.shell_in == b"before\rafter\r"
+                  and sim.client.all_acked() and sim.server.all_acked(), limit=sim.now + 120)
+    assert sim.server.client_addr == CLIENT_ADDR2 and not sim.server.finished(sim.now)
+
+
+def test_takeover_of_a_detached_session_sends_no_goodbye_and_exit_follows_the_repaint():
+    sim = CoreSim(SimNet(33), detached=3600)
+    sim.client_gone = True  # the first client never sent a packet (killed at once)
+    sim.run_for(0.5)
+    assert sim.server.take_over(make_keys(34), b"S", "taken over", sim.now) == []
+    sim.client = ms.ClientSession(make_keys(34), sim.now, SERVER_ADDR, SESSION_ID, b"n" * 32,
+                                  (24, 80), attaching=True)
+    sim.client_addr, sim.client_gone = CLIENT_ADDR2, False
+    sim.server.shell_exited(3, sim.now)
+    sim.server.pty_closed(sim.now)
+    sim.finished_by(sim.now + 10)
+    assert sim.screen == b"S" and exited(sim.client_events) == [3]
+
+
+def test_a_repaint_resent_after_a_resume_is_written_once():
+    """The REPAINT may be in flight when the new client resumes: the lane sends it again,
+    the client writes it once."""
+    sim = CoreSim(SimNet(35), detached=3600)
+    sim.run_for(0.5)
+    keys = make_keys(36)
+    sim.server.take_over(keys, b"SCREEN", "taken over", sim.now)
+    sim.client = ms.ClientSession(keys, sim.now, SERVER_ADDR, SESSION_ID, b"n" * 32, (24, 80),
+                                  attaching=True)
+    sim.client_addr, sim.screen = CLIENT_ADDR2, bytearray()
+    sim.pty_source, sim.pty_read = b"live", 0
+    sim.run_for(0.2)
+    sim.resume(make_keys(37))
+    sim.run_until(lambda: sim.screen == b"SCREENlive" and sim.server.all_acked(),
+                  limit=sim.now + 10)
+    # a copy whose ack was lost, arriving after the resume: not written again
+    sim.client._on_record(ms.RECORD_REPAINT, b"SCREEN", sim.now)
+    sim.run_for(1.0)
+    assert sim.screen == b"SCREENlive"
 
 
 def test_input_eof_reaches_the_server_once_after_the_last_input_byte():
