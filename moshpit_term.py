@@ -818,12 +818,25 @@ class Terminal:
         self._linefeed()
         return pos
 
+    def _scroll_out(self, count: int) -> Tuple[Optional[Deque], int]:
+        """Make room for ``count`` rows scrolling in at the bottom of a whole-screen region:
+        the rows they push off go to history (main screen only). Returns the history to add
+        to (None when there is none) and how many of the incoming rows pass straight through
+        to it without ever showing."""
+        screen = self.buf.lines
+        history = self.history if self.buf is self.main and self.history.maxlen else None
+        gone = min(count, self.rows)
+        if history is not None:
+            history.extend(map(self._store, screen[:gone]))
+        del screen[:gone]
+        return history, count - self.rows if count > self.rows else 0
+
     def _scroll_in(self, lines: List[str]) -> None:
         """What LF, then each of ``lines`` and CR LF, do with the cursor on the bottom row of
         a whole-screen region: every row the screen scrolls past goes straight to history.
         Built from C-level list and iterator operations where it can: bulk output's speed
         is decided here."""
-        cols, rows = self.cols, self.rows
+        cols = self.cols
         pen, erase = self.pen, self._erase_attr()
         if max(map(len, lines)) <= cols:  # no line wraps: one row each
             glyph_rows = lines
@@ -846,12 +859,7 @@ class Terminal:
                 break
         count = len(glyph_rows)
         screen = self.buf.lines
-        history = self.history if self.buf is self.main and self.history.maxlen else None
-        gone = min(count, rows)
-        if history is not None:
-            history.extend(map(self._store, screen[:gone]))
-        del screen[:gone]
-        passing = count - rows if count > rows else 0  # rows that never show
+        history, passing = self._scroll_out(count)
         if history is not None and passing:
             first = max(0, passing - history.maxlen)
             flags = repeat(False) if wrapped_rows is None else wrapped_rows[first:passing]
@@ -881,7 +889,7 @@ class Terminal:
         attribute of the pen in force when the row scrolled in (at the CR LF before it, or
         when the glyph that wrapped onto it was printed). The caller made sure no SGR here
         can renumber attribute ids (see _compact_attrs)."""
-        cols, rows = self.cols, self.rows
+        cols = self.cols
         rows_in: List[Tuple[str, List[int], bool]] = []  # (glyphs, attribute ids, wrapped)
         erase = self._erase_attr()
         for line in lines:
@@ -906,12 +914,7 @@ class Terminal:
         rows_in.append(("", [erase] * cols, False))
         count = len(rows_in)
         screen = self.buf.lines
-        history = self.history if self.buf is self.main and self.history.maxlen else None
-        gone = min(count, rows)
-        if history is not None:
-            history.extend(map(self._store, screen[:gone]))
-        del screen[:gone]
-        passing = count - rows if count > rows else 0  # rows that never show
+        history, passing = self._scroll_out(count)
         if history is not None and passing:
             history.extend(self._stored(glyphs.ljust(cols), cells, wrapped) for glyphs, cells,
                            wrapped in rows_in[max(0, passing - history.maxlen):passing])
