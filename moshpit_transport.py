@@ -214,7 +214,7 @@ def decode_frames(plaintext: bytes):
 FIRST_STREAM = 0  # exists on every Connection; others come from open_stream()
 MAX_STREAM_ID = 255  # a DATA frame names its stream in one byte
 
-SEND_WINDOW = 256 * 1024  # per stream (default): unacked + queued bytes before writable() is False
+SEND_WINDOW = 1024 * 1024  # per stream (default): unacked + queued bytes before writable() is False
 MAX_REORDER_SEGMENTS = 1024  # out-of-order pieces a receiver buffers per stream
 MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum. offset)
 MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
@@ -233,9 +233,25 @@ TIME_THRESHOLD = 9 / 8  # ... or one sent this many RTTs later
 INITIAL_RTT_SECS = 0.1
 MIN_RTO_SECS, MAX_RTO_SECS, MAX_BACKOFF_RTO_SECS = 0.05, 1.0, 2.0
 MSS = MAX_STREAM_CHUNK
-INITIAL_CWND, MIN_CWND, MAX_CWND = 32 * MSS, 16 * MSS, 1024 * 1024
-TIMEOUT_CWND = 2 * MSS  # after repeated timeouts (an outage): probe gently, then slow start
-LOSS_BETA = 0.7
+INITIAL_CWND, MIN_CWND, MAX_CWND = 32 * MSS, 4 * MSS, 4 * 1024 * 1024
+TIMEOUT_CWND = 2 * MSS  # after repeated timeouts (an outage): probe gently
+# Congestion control (CongestionControl, BBR-style: see its docstring for the why)
+STARTUP_GAIN = 2.885  # 2/ln 2: doubles the delivery rate each round trip in STARTUP
+FULL_BW_GROWTH, FULL_BW_ROUNDS = 1.25, 3  # STARTUP ends after 3 rounds without 25% more
+PROBE_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # pacing gain per phase of PROBE_BW
+CRUISE_PHASE = 2  # where PROBE_BW starts: after DRAIN there is nothing to drain
+DRAIN_GAIN = 0.75  # a cruise phase's gain while the RTT still shows a queue
+CWND_GAIN = 2.0  # in flight: this many path round trips' worth (acks come in lumps)
+BW_WINDOW_ROUNDS = 10  # the rate estimate is the largest sample of this many round trips
+MIN_RTT_WINDOW_SECS = 10.0  # the path's RTT is the smallest sample of this long
+QUEUE_TOLERANCE, QUEUE_SLACK_SECS = 0.25, 0.002  # RTT above min x 1.25 + 2 ms = a queue
+COMPETE_ROUNDS = 6  # a queue that outlives this many rounds of draining is not ours
+LOSS_BETA = 0.7  # rate kept after a loss round, while competing
+MAX_LOSS_CREDIT = 0.5  # random loss the rate estimate makes up for (50%: twice the rate)
+# Bytes a stream may hold queued (unsent) before writable() is False: this long at the pacing
+# rate, at least SEND_QUEUE_MIN. Output waiting here would delay the prompt after a Ctrl-C
+# as much as a network queue would.
+SEND_QUEUE_SECS, SEND_QUEUE_MIN = 0.01, 16 * 1024
 PACING_BURST = 10 * MAX_DATAGRAM  # what may leave back to back ...
 PACING_QUANTUM_SECS = 0.001  # ... or this much time's worth at the pacing rate, if more
 MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to read too
@@ -291,41 +307,181 @@ class RttEstimator:
         return min(max(rto, MIN_RTO_SECS), MAX_RTO_SECS)
 
 
-class CongestionWindow:
-    """How many bytes may be in flight, and the pacing rate that spreads them over an RTT.
+class WindowedMax:
+    """The largest value seen over the last ``span`` units of a clock (rounds, seconds), in
+    O(1) per update (a deque of candidates, each larger than every later one).  Old entries
+    leave only when a new value arrives: a filter nobody feeds keeps its answer."""
 
-    Slow start doubles the window per RTT; a loss round multiplies it by LOSS_BETA (once
-    per round: only losses of packets sent after the last cut count), but not below 16
-    packets: random loss on Wi-Fi or LTE is not congestion.  Repeated retransmission
-    timeouts (an outage) drop it to two packets, to probe gently, then slow start again.
+    def __init__(self, span: float, sign: float = 1.0) -> None:
+        self._span = span
+        self._sign = sign  # -1: the smallest value instead
+        self._items: deque = deque()  # (clock, signed value), signed values decreasing
+
+    def update(self, clock: float, value: float) -> None:
+        signed, items = self._sign * value, self._items
+        while items and items[-1][1] <= signed:
+            items.pop()
+        items.append((clock, signed))
+        while items[0][0] < clock - self._span:
+            items.popleft()
+
+    def get(self, default: float) -> float:
+        return self._sign * self._items[0][1] if self._items else default
+
+    def reset(self, clock: float, value: float) -> None:
+        self._items.clear()
+        self.update(clock, value)
+
+
+class CongestionControl:
+    """How much may be in flight and how fast to send it: a model of the path, BBR-style.
+
+    Two numbers describe a path: its bottleneck rate (``bw``, the largest delivery rate seen
+    over the last BW_WINDOW_ROUNDS round trips) and its round trip with empty queues
+    (``min_rtt``, the smallest over MIN_RTT_WINDOW_SECS).  Their product is what the path
+    holds without queueing.  We pace at ``bw`` times a gain that cycles through 1.25 (probe
+    for more), 0.75 (drain what the probe queued) and 1 (cruise; 0.75 while the RTT still
+    shows a queue), and cap what is in flight at CWND_GAIN times the product plus what the
+    peer's delayed acks hold back, so the bottleneck queue stays a fraction of a round trip
+    and a Ctrl-C's prompt does not wait behind it.  STARTUP grows the rate 2.89x per round
+    until it stops growing, DRAIN empties what that queued, then PROBE_BW cycles.
+
+    Loss alone is not congestion (Wi-Fi, LTE): a loss while the RTT shows no queue changes
+    nothing, and the delivery rate is scaled up by the path's loss rate (up to
+    MAX_LOSS_CREDIT), so 50% random loss still fills the link.  But a loss-based flow (TCP)
+    on the same bottleneck keeps any queue full, and a delay-based sender alone would yield
+    to it until it starved.  So when the queue has stayed for COMPETE_ROUNDS round trips
+    while we drained (a queue of ours would have emptied), it is someone else's:
+    ``competing`` then sizes the window and the gain cycle by the current RTT (queue
+    included) and treats a loss round as congestion (rate x LOSS_BETA), as TCP does, until
+    an RTT near ``min_rtt`` shows the queue empty again.  Sans-IO: the Connection reports
+    sends, acks and losses with the time.
     """
 
-    def __init__(self) -> None:
-        self.cwnd = float(INITIAL_CWND)
-        self.ssthresh = float("inf")
-        self._recovery_start = float("-inf")
+    STARTUP, DRAIN, PROBE_BW = "startup", "drain", "probe_bw"
+    RING = 4096  # sent packets remembered, by packet number (like Connection._sent_at)
 
-    def on_acked(self, nbytes: int) -> None:
-        if self.cwnd < self.ssthresh:
-            self.cwnd += nbytes
-        else:
-            self.cwnd += MSS * nbytes / self.cwnd
-        self.cwnd = min(self.cwnd, MAX_CWND)
+    def __init__(self, now: float) -> None:
+        self.mode = self.STARTUP
+        self.competing = False
+        self.delivered = 0  # bytes the peer has, by its acks: drives rate samples and rounds
+        self.round = 0
+        self.cwnd = float(INITIAL_CWND)
+        self.pacing_rate = STARTUP_GAIN * INITIAL_CWND / INITIAL_RTT_SECS
+        self._next_round_delivered = 0
+        self._bw = WindowedMax(BW_WINDOW_ROUNDS)
+        self._rtt = WindowedMax(MIN_RTT_WINDOW_SECS, sign=-1.0)
+        self._srtt = INITIAL_RTT_SECS
+        self._queue_seen = False  # the latest RTT sample showed a queue
+        self._full_bw, self._full_bw_rounds = 0.0, 0
+        self._cycle, self._cycle_start = 0, now
+        self._low_queue_round = 0  # the last round with an RTT sample near min_rtt
+        self._recovery_start = float("-inf")  # losses of packets sent before it are old news
+        self._timed_out = False
+        self._sent_delivered = [0] * self.RING
+        self._sent_app_limited = [False] * self.RING
+
+    @property
+    def bw(self) -> float:
+        """Bottleneck rate estimate, bytes per second (0: no sample yet)."""
+        return self._bw.get(0.0)
+
+    @property
+    def min_rtt(self) -> float:
+        return self._rtt.get(INITIAL_RTT_SECS)
+
+    def on_send(self, pn: int, app_limited: bool) -> None:
+        """Packet ``pn`` leaves; ``app_limited``: the sender has nothing more to send (a rate
+        measured over it says what the application offered, not what the path can do)."""
+        slot = pn % self.RING
+        self._sent_delivered[slot] = self.delivered
+        self._sent_app_limited[slot] = app_limited
+
+    def on_ack(self, now: float, delivered: int, pn: Optional[int], interval: float,
+               rtt: float, srtt: float, inflight: int, loss_rate: float) -> None:
+        """An ACK: ``delivered`` more bytes reached the peer; ``pn`` is the newest packet
+        acknowledged if that is news (sent ``interval`` ago; ``rtt``: the same without the
+        peer's ack delay), else None.  ``inflight``: bytes still unacknowledged."""
+        self.delivered += delivered
+        self._srtt = srtt
+        if pn is not None:
+            self._timed_out = False
+            self._rtt.update(now, rtt)
+            self._queue_seen = rtt > self.min_rtt * (1 + QUEUE_TOLERANCE) + QUEUE_SLACK_SECS
+            self._on_rate_sample(pn, interval, loss_rate)
+        self._update_mode(now, inflight)
+
+    def _on_rate_sample(self, pn: int, interval: float, loss_rate: float) -> None:
+        slot = pn % self.RING
+        sent_delivered, app_limited = self._sent_delivered[slot], self._sent_app_limited[slot]
+        new_round = sent_delivered >= self._next_round_delivered
+        if new_round:  # everything delivered when pn left has been acked: a round trip
+            self._next_round_delivered = self.delivered
+            self.round += 1
+        if not self._queue_seen:
+            self._low_queue_round = self.round
+        if interval > 0:
+            rate = (self.delivered - sent_delivered) / interval
+            if not self._queue_seen:  # random loss, not a queue overflowing: the path
+                rate /= 1.0 - min(loss_rate, MAX_LOSS_CREDIT)  # carried the lost bytes too
+            if not app_limited or rate > self.bw:
+                self._bw.update(self.round, rate)
+        if new_round and not app_limited and self.mode == self.STARTUP:
+            self._check_full_bw()
 
     def on_loss(self, sent_at: float, now: float) -> None:
-        if sent_at > self._recovery_start:
+        """Data sent at ``sent_at`` was lost: congestion only while competing (see class)."""
+        if self.competing and sent_at > self._recovery_start:
             self._recovery_start = now
-            self.cwnd = self.ssthresh = max(MIN_CWND, self.cwnd * LOSS_BETA)
+            self._bw.reset(self.round, self.bw * LOSS_BETA)
+            self._set_rates()
 
     def on_timeout(self, now: float) -> None:
+        """Repeated retransmission timeouts (an outage): probe with TIMEOUT_CWND until an
+        ack shows the path is back; the model of the path is kept for then."""
         self._recovery_start = now
-        self.ssthresh = max(MIN_CWND, self.cwnd * LOSS_BETA)
-        self.cwnd = TIMEOUT_CWND
+        self._timed_out = True
+        self.cwnd = float(TIMEOUT_CWND)
 
-    def pacing_rate(self, srtt: float) -> float:
-        """Bytes per second: twice the window per RTT in slow start, 1.25 times after."""
-        gain = 2.0 if self.cwnd < self.ssthresh else 1.25
-        return gain * self.cwnd / max(srtt, 1e-4)
+    def _check_full_bw(self) -> None:
+        """STARTUP ends after FULL_BW_ROUNDS rounds without FULL_BW_GROWTH more rate."""
+        if self.bw >= self._full_bw * FULL_BW_GROWTH:
+            self._full_bw, self._full_bw_rounds = self.bw, 0
+            return
+        self._full_bw_rounds += 1
+        if self._full_bw_rounds >= FULL_BW_ROUNDS:
+            self.mode = self.DRAIN
+
+    def _update_mode(self, now: float, inflight: int) -> None:
+        if self.mode == self.DRAIN and inflight <= self.bw * self.min_rtt:
+            self.mode, self._cycle, self._cycle_start = self.PROBE_BW, CRUISE_PHASE, now
+        if self.mode == self.PROBE_BW:
+            if now - self._cycle_start >= self._base_rtt():
+                self._cycle = (self._cycle + 1) % len(PROBE_GAINS)
+                self._cycle_start = now
+            self.competing = self.round - self._low_queue_round >= COMPETE_ROUNDS
+        self._set_rates()
+
+    def _base_rtt(self) -> float:
+        """The round trip the window and the gain cycle are sized by."""
+        return max(self._srtt, self.min_rtt) if self.competing else self.min_rtt
+
+    def _set_rates(self) -> None:
+        if self.mode == self.STARTUP:
+            gain = cwnd_gain = STARTUP_GAIN
+        elif self.mode == self.DRAIN:
+            gain, cwnd_gain = 1 / STARTUP_GAIN, STARTUP_GAIN
+        else:
+            gain, cwnd_gain = PROBE_GAINS[self._cycle], CWND_GAIN
+            if gain == 1.0 and self._queue_seen and not self.competing:
+                gain = DRAIN_GAIN  # a queue of ours outlived its probe: drain it
+        rtt, bw = self._base_rtt(), self.bw
+        # Floors: STARTUP never goes below its first guess (its early samples are a prompt's
+        # few bytes), and no rate is so low that a keystroke's echo waits for the pacer.
+        floor = INITIAL_CWND if self.mode == self.STARTUP else MIN_CWND
+        self.pacing_rate = max(gain * bw, gain * floor / rtt)
+        cwnd = max(cwnd_gain * bw * rtt + bw * ACK_DELAY_SECS, floor)
+        self.cwnd = float(TIMEOUT_CWND) if self._timed_out else min(cwnd, MAX_CWND)
 
 
 class Pacer:
@@ -387,6 +543,7 @@ class SendStream:
         self._retx: list = []
         self._flight: deque = deque()
         self._received: list = []  # flat [s0, e0, s1, e1, ...] received above base (last ACK)
+        self.peer_has = 0  # bytes the peer reported received, gaps excluded (rate samples)
 
     @property
     def end(self) -> int:
@@ -398,9 +555,13 @@ class SendStream:
     def unacked(self) -> int:
         return len(self._buf)
 
-    def has_room(self, cwnd: float) -> bool:
-        """Whether the congestion window (bytes, and records) allows another packet."""
-        return self.in_flight < cwnd and len(self._flight) < MAX_FLIGHT_RECORDS
+    def has_room(self) -> bool:
+        """Whether another flight record may be made (the Connection checks the bytes)."""
+        return len(self._flight) < MAX_FLIGHT_RECORDS
+
+    def unsent(self) -> int:
+        """Bytes written but never sent (retransmissions not counted: they are few)."""
+        return self.end - self.next_new
 
     def has_pending(self) -> bool:
         """Anything to retransmit, or new data within the window."""
@@ -437,8 +598,9 @@ class SendStream:
         return start, bytes(self._buf[start - self.base:stop - self.base])
 
     def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float
-               ) -> Optional[Tuple[int, int, int, float]]:
-        """Apply an ACK: (bytes newly acked, records resolved, of which lost, newest lost's time).
+               ) -> Optional[Tuple[int, int, int, float, int]]:
+        """Apply an ACK: (bytes newly acked, records resolved, of which lost, newest lost's
+        time, bytes newly reported received).
 
         ``gaps`` are the [start, end) ranges below ``high`` the peer still misses.  Records
         sent PACKET_THRESHOLD packets before ``largest_acked``, or before ``lost_before``,
@@ -454,13 +616,17 @@ class SendStream:
             self.base = cum
             self.next_new = max(self.next_new, cum)
         received = self._received = []
-        cur = cum
+        cur, missing = cum, 0
         for start, stop in gaps:
             if start > cur:
                 received += (cur, start)
             cur = stop
+            missing += stop - start
         if high > cur:
             received += (cur, high)
+        has = high - missing
+        delivered = max(0, has - self.peer_has)
+        self.peer_has = max(has, self.peer_has)
         resolved, lost, lost_sent = 0, 0, 0.0
         pn_cutoff = largest_acked - PACKET_THRESHOLD
         flight = self._flight
@@ -475,7 +641,7 @@ class SendStream:
             flight.popleft()
             self.in_flight -= stop - start
             resolved += 1
-        return acked, resolved, lost, lost_sent
+        return acked, resolved, lost, lost_sent, delivered
 
     def on_timeout(self, now: float, rto: float) -> Tuple[int, float]:
         """The retransmission timer fired: records sent ``rto`` or more before ``now`` are lost
@@ -522,7 +688,7 @@ class SendStream:
         """After a re-key: forget the flight and resend everything from ``offset``."""
         offset = min(max(offset, self.base), self.end)
         del self._buf[:offset - self.base]
-        self.base = self.next_new = offset
+        self.base = self.next_new = self.peer_has = offset
         self._retx, self._received, self.in_flight = [], [], 0
         self._flight.clear()
 
@@ -827,10 +993,13 @@ class Connection:
         return not any(stream.unacked() for stream in self._send_order)
 
     def writable(self, stream_id: int = FIRST_STREAM) -> bool:
-        """Room in the stream's send window: its writer reads its source only while True
-        (the server's PTY for stream 0: back-pressure)."""
+        """Room in the stream's send window, and little waiting to be sent (what the pacing
+        rate sends in SEND_QUEUE_SECS): its writer reads its source only while True (the
+        server's PTY for stream 0: back-pressure). What waits here would delay the answer
+        to a Ctrl-C as a network queue does."""
         stream = self._out[stream_id]
-        return stream.unacked() < stream.window
+        return (stream.unacked() < stream.window
+                and stream.unsent() < max(SEND_QUEUE_MIN, self._cc.pacing_rate * SEND_QUEUE_SECS))
 
     def next_event(self) -> object:
         """The oldest pending event (DataReceived, PeerAddressChanged), or None."""
@@ -889,7 +1058,7 @@ class Connection:
         self._largest_acked = -1
         self._acks = AckClock(now)
         self._rtt = RttEstimator()
-        self._cc = CongestionWindow()
+        self._cc = CongestionControl(now)
         self._pacer = Pacer(now)
         self._backoff = 0
         self._last_eliciting_sent = float("-inf")
@@ -959,7 +1128,7 @@ class Connection:
             # capacity replace the old path's. A new port only (NAT rebinding) keeps them.
             self._rtt = RttEstimator()
             self._rtt.sample(now - sent_at, 0.0)
-            self._cc = CongestionWindow()
+            self._cc = CongestionControl(now)
         # What went to the old address during the validation is lost if the peer left it
         # (the usual reason to move): resend it all now instead of waiting out the RTO. It
         # is not congestion; a copy that did arrive is only a duplicate to the receiver.
@@ -1013,22 +1182,25 @@ class Connection:
                 return  # not sorted, empty or outside the reported region: malformed
             floor = gap_start + gap_len
             gaps.append((cum + gap_start, cum + floor))
+        newest, interval = None, 0.0
         if self._largest_acked < largest_pn < self._next_pn:
             self._largest_acked = largest_pn
             self._backoff = 0
             if largest_pn >= self._next_pn - SENT_RING:
-                self._rtt.sample(now - self._sent_at[largest_pn % SENT_RING], delay_us / 1e6)
+                newest = largest_pn
+                interval = now - self._sent_at[largest_pn % SENT_RING]
+                self._rtt.sample(interval, delay_us / 1e6)
         rtt = self._rtt
         lost_before = now - TIME_THRESHOLD * max(rtt.srtt, rtt.latest)
         result = stream.on_ack(cum, cum + span, gaps, self._largest_acked, lost_before)
         if result is None:
             return
-        acked, resolved, lost, lost_sent = result
-        if acked:
-            self._cc.on_acked(acked)
+        _acked, resolved, lost, lost_sent, delivered = result
+        self._loss.on_tx(resolved, lost)
         if lost:
             self._cc.on_loss(lost_sent, now)
-        self._loss.on_tx(resolved, lost)
+        self._cc.on_ack(now, delivered, newest, interval, rtt.latest, rtt.srtt,
+                        self._inflight(), self._loss.rate)
 
     # -- timers and output -------------------------------------------------------------
 
@@ -1061,11 +1233,25 @@ class Connection:
         if self._rto() < MAX_BACKOFF_RTO_SECS:
             self._backoff += 1
 
+    def _inflight(self) -> int:
+        """Bytes in flight on all streams: one congestion window serves them all."""
+        return sum(stream.in_flight for stream in self._send_order)
+
     def _data_pending(self) -> bool:
-        cwnd = self._cc.cwnd
+        room = self._inflight() < self._cc.cwnd
         return any(stream.has_pending() and (stream.stream_id in self._urgent
-                                             or stream.has_room(cwnd))
+                                             or (room and stream.has_room()))
                    for stream in self._send_order)
+
+    def _urgent_pending(self) -> bool:
+        """An urgent stream has data: it goes now, ahead of the pacer (small and rare; one
+        that carries more, e.g. a command's stderr, is paced beyond PACING_BURST in flight)."""
+        return any(stream.has_pending() and stream.in_flight < PACING_BURST
+                   for stream in (self._out[stream_id] for stream_id in self._urgent))
+
+    def _app_limited(self) -> bool:
+        """Nothing more to send on any stream (the window is not what holds us back)."""
+        return not any(stream.has_pending() for stream in self._send_order)
 
     def _next_ping(self) -> float:
         """When the client pings next: every RTO until it first hears the server under these
@@ -1089,13 +1275,13 @@ class Connection:
         times = [probe.next_challenge] if probe is not None and self._may_challenge() else []
         if self.peer_addr is None or self._budget_exhausted():
             return max(min(times), self._now) if times else None
-        if self._more or self._acks.urgent:
+        if self._more or self._acks.urgent or self._urgent_pending():
             return self._now
         times += [self._acks.deadline, self._rto_deadline()]
         if self._is_client:
             times.append(self._next_ping())
         if self._data_pending():
-            times.append(self._pacer.next_send_time(self._cc.pacing_rate(self._rtt.srtt)))
+            times.append(self._pacer.next_send_time(self._cc.pacing_rate))
         times = [t for t in times if t is not None]
         return max(min(times), self._now) if times else None
 
@@ -1160,7 +1346,7 @@ class Connection:
         if addr is None:
             return out
         self._check_rto(now)
-        rate = self._cc.pacing_rate(self._rtt.srtt)
+        rate = self._cc.pacing_rate
         pacer = self._pacer
         pacer.refill(now, rate)
         while True:
@@ -1169,7 +1355,7 @@ class Connection:
                 break
             if self._budget_exhausted():
                 break
-            with_data = pacer.ready() and self._data_pending()
+            with_data = self._urgent_pending() or (pacer.ready() and self._data_pending())
             ping = self._is_client and now >= self._next_ping()
             if not (with_data or ping or self._acks.due(now)):
                 break
@@ -1183,6 +1369,8 @@ class Connection:
                 pacer.spend(len(datagram))
                 out += [(datagram, dest)
                         for dest in self._destinations(len(datagram), data_bytes > 0)]
+            if data_bytes:
+                self._cc.on_send(self._next_pn - 1, self._app_limited())
             if data_bytes or ping:
                 self._last_eliciting_sent = now
                 if self._unanswered_since is None:
@@ -1199,10 +1387,10 @@ class Connection:
         space = MAX_PAYLOAD - sum(len(p) for p in parts)
         data_bytes = 0
         if with_data:
-            pn = self._next_pn
+            pn, cwnd, inflight = self._next_pn, self._cc.cwnd, self._inflight()
             for stream in self._send_order:
                 urgent = stream.stream_id in self._urgent  # small: exempt from the window
-                while space > DATA_OVERHEAD and (urgent or stream.has_room(self._cc.cwnd)):
+                while space > DATA_OVERHEAD and stream.has_room() and (urgent or inflight < cwnd):
                     chunk = stream.take(pn, now, space - DATA_OVERHEAD)
                     if chunk is None:
                         break
@@ -1211,6 +1399,7 @@ class Connection:
                     parts.append(data)
                     space -= DATA_OVERHEAD + len(data)
                     data_bytes += len(data)
+                    inflight += len(data)
         if ping and not self._heard and space >= FRAME.size:
             # A full datagram lets the server send 3 back to an address it has not validated.
             parts.append(encode_frame(FRAME_PADDING, bytes(space - FRAME.size)))

@@ -156,8 +156,12 @@ class Sim:
             self.step(until=end)
 
     def transferred(self) -> bool:
-        return (len(self.server.received) >= len(self.client.source)
-                and len(self.client.received) >= len(self.server.source))
+        """Every source (stream 0's and the bulk streams') arrived whole."""
+        return all(len(receiver.received) >= len(sender.source)
+                   and all(len(receiver.streams.get(stream_id, b"")) >= len(source)
+                           for stream_id, (source, _done) in sender.bulk.items())
+                   for sender, receiver in ((self.client, self.server),
+                                            (self.server, self.client)))
 
     def assert_intact(self) -> None:
         for sender, receiver in ((self.client, self.server), (self.server, self.client)):
@@ -453,14 +457,23 @@ def test_bursts_are_paced():
     assert max(times) - min(times) > 0.01, "spread out over time"
 
 
-def test_writable_reflects_the_send_window():
+def test_writable_reflects_the_send_queue_and_window():
+    """Little may wait unsent (a Ctrl-C's prompt would queue behind it), and what is unsent
+    plus in flight stays within the stream's window."""
     conn = mt.Connection("server", make_keys(), 0.0)
     assert conn.writable()
-    conn.send(b"y" * (mt.SEND_WINDOW - 1))
+    conn.send(b"y" * (mt.SEND_QUEUE_MIN - 1))
     assert conn.writable()
     conn.send(b"y")
-    assert not conn.writable() and conn.unacked_bytes() == mt.SEND_WINDOW
+    assert not conn.writable() and conn.unacked_bytes() == mt.SEND_QUEUE_MIN
     assert conn.datagrams_to_send(0.0) == [] and conn.next_timeout() is None, "no peer yet"
+    sim = bulk_sim(seed=5, size=4 * MB, delay=0.05)
+    peak = 0
+    while not sim.transferred():
+        sim.step()
+        assert sim.server.conn.unacked_bytes() <= mt.SEND_WINDOW + 16384
+        peak = max(peak, sim.server.conn.unacked_bytes())
+    assert peak > mt.SEND_WINDOW // 2
 
 
 def test_tail_loss_is_recovered_by_the_retransmission_timer():

@@ -117,7 +117,7 @@ def test_transfer_through_lossy_relay(relayed, loss):
 
 @pytest.mark.timeout(60)
 def test_roaming_through_relay_rebind_and_client_port_hop(relayed):
-    relay, pair = relayed(MB // 2, seed=7, loss=0.05, delay=0.01)
+    relay, pair = relayed(4 * MB, seed=7, loss=0.05, delay=0.01)
     pair.pump(lambda: len(pair.client.received) > MB // 8, timeout=20)
     relay.rebind()  # a NAT gives the client a new public port
     pair.pump(lambda: len(pair.client.received) > MB // 4, timeout=20)
