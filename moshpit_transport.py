@@ -40,9 +40,15 @@ declares a packet's data lost when a packet sent 3 later, or 9/8 RTT later, was 
 that data is still in a reported gap, and resends it at once.  Data unacked past the RTO
 (clamped to 50 ms..1 s, doubled per repeated timeout up to 2 s) is resent too: on a first
 timeout only what expired, on a repeat (an outage) everything, two packets at a time.
-A congestion window (slow start, x0.7 per loss round, >= 16 packets) sets a pacing rate,
-so bursts leave spread out; on a lossy path, small packets (keystrokes, echoes) are sent
-twice so that a round trip usually needs no retransmission.  While the server is silent,
+Congestion control (CongestionControl, one per Connection, shared by every stream) models
+the path as BBR does: the bottleneck rate from delivery-rate samples and the round trip from
+the smallest RTT; it paces at that rate and keeps about two round trips' worth in flight, so
+the bottleneck queue stays a fraction of an RTT (a Ctrl-C's prompt does not wait behind it).
+Random loss is not congestion; a queue that stays while we drain is another flow's (TCP),
+and then losses count and the window follows the RTT, to take a fair share.  Urgent streams
+go first and skip the window and the pacer, then stream 0, then the others.  On a lossy
+path, small packets (keystrokes, echoes) are sent twice so that a round trip usually needs
+no retransmission.  Packet numbers stop at PACKET_NUMBER_LIMIT (silence until a re-key).  While the server is silent,
 the client probes with pings every 20 ms (every 250 ms after 10 s), so a session recovers
 within one probe interval of an outage ending, whatever the backed-off timers say.
 
@@ -256,6 +262,11 @@ PACING_BURST = 10 * MAX_DATAGRAM  # what may leave back to back ...
 PACING_QUANTUM_SECS = 0.001  # ... or this much time's worth at the pacing rate, if more
 MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to read too
 SENT_RING = 4096  # send times remembered, by packet number, for RTT samples
+# Packet numbers are nonces: one must never repeat under a key. A Connection never seals one
+# at or past PACKET_NUMBER_LIMIT (2^62, a quarter of the u64 space: years at any rate): it
+# falls silent and stops counting what it hears as contact, so the session's silence rule
+# starts a resume handshake, whose fresh keys restart the numbers at 0.
+PACKET_NUMBER_LIMIT = 1 << 62
 SMALL_PACKET = 256  # stream data this small is sent twice when the path is lossy ...
 LOSSY = 0.05  # ... i.e. when this fraction of our packets were found lost recently
 AMPLIFICATION_FACTOR = 3  # bytes sent to an unvalidated address per byte received from it
@@ -1054,6 +1065,7 @@ class Connection:
         self._tx = PacketCipher(send_key, keys.cipher, direction, keys.conn_id)
         self._rx = PacketCipher(recv_key, keys.cipher, 1 - direction, keys.conn_id)
         self._next_pn = 0
+        self._exhaustion_logged = False
         self._sent_at = [0.0] * SENT_RING
         self._largest_acked = -1
         self._acks = AckClock(now)
@@ -1076,7 +1088,9 @@ class Connection:
         pn, plaintext = opened
         if now - self.last_heard > self._rto():
             self._backoff = 0  # the peer is back after a silence: no more backed-off waiting
-        self._now = self.last_heard = now
+        self._now = now
+        if not self.keys_exhausted():
+            self.last_heard = now
         self._heard = True
         self._unanswered_since = None
         skipped = self._acks.received(pn, now)
@@ -1267,8 +1281,15 @@ class Connection:
         probe = OUTAGE_PROBE_SECS if fast else OUTAGE_PROBE_SLOW_SECS
         return max(silent_since + rto, last + probe)
 
+    def keys_exhausted(self) -> bool:
+        """The send key's packet numbers are used up (see PACKET_NUMBER_LIMIT): nothing more
+        is sent until ``rekey``. The limit keeps room for one more flush's path datagrams."""
+        return self._next_pn >= PACKET_NUMBER_LIMIT - PENDING_RESPONSES - 1
+
     def next_timeout(self) -> Optional[float]:
         """Absolute time at which ``datagrams_to_send`` has something to do (None: never)."""
+        if self.keys_exhausted():
+            return None
         if self._responses:
             return self._now
         probe = self._probe
@@ -1341,6 +1362,12 @@ class Connection:
         pings, paced stream data."""
         self._now = now
         self._more = False
+        if self.keys_exhausted():
+            if not self._exhaustion_logged:
+                self._exhaustion_logged = True
+                log.warning("%s: packet numbers used up under these keys: silent until a "
+                            "resume handshake re-keys", self.role)
+            return []
         out = self._path_datagrams(now)
         addr = self.peer_addr
         if addr is None:
@@ -1352,6 +1379,8 @@ class Connection:
         while True:
             if len(out) >= MAX_BATCH:
                 self._more = True
+                break
+            if self.keys_exhausted():
                 break
             if self._budget_exhausted():
                 break

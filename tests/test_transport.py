@@ -671,3 +671,35 @@ def test_keystroke_round_trip_stays_near_one_rtt(loss):
         assert median < 0.06
     else:
         assert median == pytest.approx(0.05) and per_keystroke <= 3.5, "no redundancy needed"
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_used_up_packet_numbers_mean_silence_until_a_rekey(side):
+    """A side whose packet numbers reach the limit never seals one at or past it: it falls
+    silent and stops counting what it hears as contact (so the session's silence rule starts
+    a resume handshake); the re-key restarts the numbers and every byte still arrives."""
+    sim = bulk_sim(seed=61, size=300_000, delay=0.02)
+    sim.run_until(lambda: len(sim.client.received) > 50_000, limit=10)
+    peer = getattr(sim, side)
+    peer.conn._next_pn = mt.PACKET_NUMBER_LIMIT - 40
+    numbers = []
+    send = sim.net.send
+
+    def tap(now, datagram, src, dst):
+        if src == peer.addr:
+            numbers.append(mt.HEADER.unpack_from(datagram)[2])
+        send(now, datagram, src, dst)
+
+    sim.net.send = tap
+    sim.run_for(1.0)
+    assert peer.conn.keys_exhausted() and peer.conn.next_timeout() is None
+    assert mt.PACKET_NUMBER_LIMIT - 40 <= max(numbers) < mt.PACKET_NUMBER_LIMIT
+    heard, sent = peer.conn.last_heard, len(numbers)
+    sim.run_for(2.0)
+    assert len(numbers) == sent, "silent"
+    assert peer.conn.last_heard == heard < sim.now - 2, "what it hears is not contact"
+    assert not sim.transferred()
+    resume(sim, CLIENT_ADDR, make_keys(62))
+    assert not peer.conn.keys_exhausted()
+    finish(sim, limit=sim.now + 30)
+    assert max(numbers[sent:]) < 10_000, "numbering restarted under the new keys"
