@@ -48,9 +48,10 @@ Random loss is not congestion; a queue that stays while we drain is another flow
 and then losses count and the window follows the RTT, to take a fair share.  Urgent streams
 go first and skip the window and the pacer, then stream 0, then the others.  On a lossy
 path, small packets (keystrokes, echoes) are sent twice so that a round trip usually needs
-no retransmission.  Packet numbers stop at PACKET_NUMBER_LIMIT (silence until a re-key).  While the server is silent,
-the client probes with pings every 20 ms (every 250 ms after 10 s), so a session recovers
-within one probe interval of an outage ending, whatever the backed-off timers say.
+no retransmission.  Packet numbers stop at PACKET_NUMBER_LIMIT (silence until a re-key).
+While the server is silent, the client probes with pings every 20 ms (every 250 ms after
+10 s), so a session recovers within one probe interval of an outage ending, whatever the
+backed-off timers say.
 
 Roaming and path validation (as QUIC does): replies go to the peer's validated address.  An
 authentic, fresh packet from another address does not move them at once (anyone on the path
