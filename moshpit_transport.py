@@ -388,9 +388,15 @@ class CongestionControl:
         self._full_bw, self._full_bw_rounds = 0.0, 0
         self._cycle, self._cycle_start = 0, now
         self._low_queue_round = 0  # the last round with an RTT sample near min_rtt
+        self._queued_loss_round = -COMPETE_ROUNDS - 1  # the last loss while a queue showed
         self._recovery_start = float("-inf")  # losses of packets sent before it are old news
         self._timed_out = False
+        self._delivered_at = now  # when ``delivered`` last grew (or the flight restarted)
+        self._acked_sent_at = now  # when the newest acknowledged packet was sent
         self._sent_delivered = [0] * self.RING
+        self._sent_delivered_at = [now] * self.RING
+        self._sent_at = [now] * self.RING
+        self._sent_after = [now] * self.RING  # _acked_sent_at as it was at the send
         self._sent_app_limited = [False] * self.RING
 
     @property
@@ -402,30 +408,43 @@ class CongestionControl:
     def min_rtt(self) -> float:
         return self._rtt.get(INITIAL_RTT_SECS)
 
-    def on_send(self, pn: int, app_limited: bool) -> None:
-        """Packet ``pn`` leaves; ``app_limited``: the sender has nothing more to send (a rate
-        measured over it says what the application offered, not what the path can do)."""
+    def on_send(self, pn: int, now: float, inflight: int, app_limited: bool) -> None:
+        """Packet ``pn`` leaves with ``inflight`` bytes already out; ``app_limited``: the
+        sender has nothing more to send (a rate measured over it says what the application
+        offered, not what the path can do)."""
+        if not inflight:  # a new flight: its rate is measured from here
+            self._delivered_at = self._acked_sent_at = now
         slot = pn % self.RING
+        self._sent_at[slot], self._sent_after[slot] = now, self._acked_sent_at
         self._sent_delivered[slot] = self.delivered
+        self._sent_delivered_at[slot] = self._delivered_at
         self._sent_app_limited[slot] = app_limited
 
-    def on_ack(self, now: float, delivered: int, pn: Optional[int], interval: float,
-               rtt: float, srtt: float, inflight: int, loss_rate: float) -> None:
+    def on_ack(self, now: float, delivered: int, pn: Optional[int], rtt: float, srtt: float,
+               inflight: int, loss_rate: float) -> None:
         """An ACK: ``delivered`` more bytes reached the peer; ``pn`` is the newest packet
-        acknowledged if that is news (sent ``interval`` ago; ``rtt``: the same without the
-        peer's ack delay), else None.  ``inflight``: bytes still unacknowledged."""
-        self.delivered += delivered
+        acknowledged if that is news (``rtt``: its round trip without the peer's ack
+        delay), else None.  ``inflight``: bytes still unacknowledged."""
+        if delivered:
+            self.delivered += delivered
+            self._delivered_at = now
         self._srtt = srtt
         if pn is not None:
             self._timed_out = False
             self._rtt.update(now, rtt)
             self._queue_seen = rtt > self.min_rtt * (1 + QUEUE_TOLERANCE) + QUEUE_SLACK_SECS
-            self._on_rate_sample(pn, interval, loss_rate)
+            self._on_rate_sample(pn, now, loss_rate)
         self._update_mode(now, inflight)
 
-    def _on_rate_sample(self, pn: int, interval: float, loss_rate: float) -> None:
+    def _on_rate_sample(self, pn: int, now: float, loss_rate: float) -> None:
+        """Bytes delivered between the delivery that preceded ``pn``'s send and its ack,
+        over that time or over the time they took to send, whichever is longer (acks
+        arriving in a clump, or sends in a burst, must not inflate the rate)."""
         slot = pn % self.RING
         sent_delivered, app_limited = self._sent_delivered[slot], self._sent_app_limited[slot]
+        interval = max(now - self._sent_delivered_at[slot],
+                       self._sent_at[slot] - self._sent_after[slot])
+        self._acked_sent_at = self._sent_at[slot]
         new_round = sent_delivered >= self._next_round_delivered
         if new_round:  # everything delivered when pn left has been acked: a round trip
             self._next_round_delivered = self.delivered
@@ -443,6 +462,8 @@ class CongestionControl:
 
     def on_loss(self, sent_at: float, now: float) -> None:
         """Data sent at ``sent_at`` was lost: congestion only while competing (see class)."""
+        if self._queue_seen:
+            self._queued_loss_round = self.round
         if self.competing and sent_at > self._recovery_start:
             self._recovery_start = now
             self._bw.reset(self.round, self.bw * LOSS_BETA)
@@ -465,14 +486,23 @@ class CongestionControl:
             self.mode = self.DRAIN
 
     def _update_mode(self, now: float, inflight: int) -> None:
-        if self.mode == self.DRAIN and inflight <= self.bw * self.min_rtt:
+        if self.mode != self.STARTUP:
+            # A queue that outlives our draining is someone else's, if it overflows too (a
+            # loss-based flow fills it until it does; a slow, busy host only adds delay).
+            queue_stays = self._queue_outlived_draining()
+            self.competing = queue_stays and (
+                self.competing or self.round - self._queued_loss_round <= COMPETE_ROUNDS)
+        drained = inflight <= self.bw * self.min_rtt or self._queue_outlived_draining()
+        if self.mode == self.DRAIN and (self.competing or drained):
             self.mode, self._cycle, self._cycle_start = self.PROBE_BW, CRUISE_PHASE, now
-        if self.mode == self.PROBE_BW:
-            if now - self._cycle_start >= self._base_rtt():
-                self._cycle = (self._cycle + 1) % len(PROBE_GAINS)
-                self._cycle_start = now
-            self.competing = self.round - self._low_queue_round >= COMPETE_ROUNDS
+        if self.mode == self.PROBE_BW and now - self._cycle_start >= self._base_rtt():
+            self._cycle = (self._cycle + 1) % len(PROBE_GAINS)
+            self._cycle_start = now
         self._set_rates()
+
+    def _queue_outlived_draining(self) -> bool:
+        """No RTT near min_rtt for COMPETE_ROUNDS rounds (we drain while a queue shows)."""
+        return self.round - self._low_queue_round >= COMPETE_ROUNDS
 
     def _base_rtt(self) -> float:
         """The round trip the window and the gain cycle are sized by."""
@@ -485,8 +515,9 @@ class CongestionControl:
             gain, cwnd_gain = 1 / STARTUP_GAIN, STARTUP_GAIN
         else:
             gain, cwnd_gain = PROBE_GAINS[self._cycle], CWND_GAIN
-            if gain == 1.0 and self._queue_seen and not self.competing:
-                gain = DRAIN_GAIN  # a queue of ours outlived its probe: drain it
+            if gain == 1.0 and self._queue_seen and not self._queue_outlived_draining():
+                gain = DRAIN_GAIN  # a queue of ours outlived its probe: drain it (a queue
+                # that outlives this too is not ours: draining on would only starve us)
         rtt, bw = self._base_rtt(), self.bw
         # Floors: STARTUP never goes below its first guess (its early samples are a prompt's
         # few bytes), and no rate is so low that a keystroke's echo waits for the pacer.
@@ -577,7 +608,10 @@ class SendStream:
 
     def has_pending(self) -> bool:
         """Anything to retransmit, or new data within the window."""
-        return bool(self._retx) or self.next_new < min(self.end, self.base + self.window)
+        if self._retx:
+            return True
+        next_new, base = self.next_new, self.base
+        return next_new < base + len(self._buf) and next_new < base + self.window
 
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
@@ -1197,14 +1231,13 @@ class Connection:
                 return  # not sorted, empty or outside the reported region: malformed
             floor = gap_start + gap_len
             gaps.append((cum + gap_start, cum + floor))
-        newest, interval = None, 0.0
+        newest = None
         if self._largest_acked < largest_pn < self._next_pn:
             self._largest_acked = largest_pn
             self._backoff = 0
             if largest_pn >= self._next_pn - SENT_RING:
                 newest = largest_pn
-                interval = now - self._sent_at[largest_pn % SENT_RING]
-                self._rtt.sample(interval, delay_us / 1e6)
+                self._rtt.sample(now - self._sent_at[largest_pn % SENT_RING], delay_us / 1e6)
         rtt = self._rtt
         lost_before = now - TIME_THRESHOLD * max(rtt.srtt, rtt.latest)
         result = stream.on_ack(cum, cum + span, gaps, self._largest_acked, lost_before)
@@ -1214,8 +1247,8 @@ class Connection:
         self._loss.on_tx(resolved, lost)
         if lost:
             self._cc.on_loss(lost_sent, now)
-        self._cc.on_ack(now, delivered, newest, interval, rtt.latest, rtt.srtt,
-                        self._inflight(), self._loss.rate)
+        self._cc.on_ack(now, delivered, newest, rtt.latest, rtt.srtt, self._inflight(),
+                        self._loss.rate)
 
     # -- timers and output -------------------------------------------------------------
 
@@ -1248,25 +1281,35 @@ class Connection:
         if self._rto() < MAX_BACKOFF_RTO_SECS:
             self._backoff += 1
 
+    # These run for every packet: plain loops over the few streams, no generators.
+
     def _inflight(self) -> int:
         """Bytes in flight on all streams: one congestion window serves them all."""
-        return sum(stream.in_flight for stream in self._send_order)
+        total = 0
+        for stream in self._send_order:
+            total += stream.in_flight
+        return total
 
     def _data_pending(self) -> bool:
         room = self._inflight() < self._cc.cwnd
-        return any(stream.has_pending() and (stream.stream_id in self._urgent
-                                             or (room and stream.has_room()))
-                   for stream in self._send_order)
+        urgent = self._urgent
+        for stream in self._send_order:
+            if stream.has_pending() and (room and stream.has_room() or stream.stream_id in urgent):
+                return True
+        return False
 
     def _urgent_pending(self) -> bool:
         """An urgent stream has data: it goes now, ahead of the pacer (small and rare; one
         that carries more, e.g. a command's stderr, is paced beyond PACING_BURST in flight)."""
-        return any(stream.has_pending() and stream.in_flight < PACING_BURST
-                   for stream in (self._out[stream_id] for stream_id in self._urgent))
+        for stream_id in self._urgent:
+            stream = self._out[stream_id]
+            if stream.in_flight < PACING_BURST and stream.has_pending():
+                return True
+        return False
 
     def _app_limited(self) -> bool:
         """Nothing more to send on any stream (the window is not what holds us back)."""
-        return not any(stream.has_pending() for stream in self._send_order)
+        return not any(map(SendStream.has_pending, self._send_order))
 
     def _next_ping(self) -> float:
         """When the client pings next: every RTO until it first hears the server under these
@@ -1400,7 +1443,10 @@ class Connection:
                 out += [(datagram, dest)
                         for dest in self._destinations(len(datagram), data_bytes > 0)]
             if data_bytes:
-                self._cc.on_send(self._next_pn - 1, self._app_limited())
+                first_pn, app_limited = self._next_pn - copies, self._app_limited()
+                inflight = self._inflight() - data_bytes
+                for pn in range(first_pn, self._next_pn):
+                    self._cc.on_send(pn, now, inflight, app_limited)
             if data_bytes or ping:
                 self._last_eliciting_sent = now
                 if self._unanswered_since is None:
