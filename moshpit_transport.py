@@ -32,7 +32,7 @@ Wire format (all integers big-endian)::
     PATH_RESPONSE  (5) = data:8   ... to the address the challenge came from, echoing data
     PADDING (6) = zeros   fills the client's first pings under new keys to a full datagram
 
-Timers, acks and losses, in short: the receiver acks every 4th ack-eliciting packet or within
+Timers, acks and losses, in short: the receiver acks every 10th ack-eliciting packet or within
 10 ms, and at once when data arrives out of order, twice, or on an urgent stream, or for a
 ping.  Every ACK names the largest packet number received and how long the ack was held, so
 each ack yields a clean RTT sample (Jacobson/Karels; no retransmission ambiguity).  A sender
@@ -72,6 +72,7 @@ import logging
 import secrets
 import socket
 import struct
+import sys
 from collections import deque
 from typing import NamedTuple, Optional, Tuple
 
@@ -226,7 +227,8 @@ MAX_REORDER_SEGMENTS = 1024  # out-of-order pieces a receiver buffers per stream
 MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum. offset)
 MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
 
-ACK_EVERY = 4  # ack-eliciting packets received before an ACK goes out at once
+ACK_EVERY = 10  # ack-eliciting packets received before an ACK goes out at once (fewer acks:
+# less CPU at both ends in bulk; loss is still reported at once, as a gap)
 ACK_DELAY_SECS = 0.010  # otherwise an ACK leaves at most this late
 KEEPALIVE_SECS = 3.0  # the client pings after this long without sending anything ack-eliciting
 # Outage probing: once a packet the client sent has gone unanswered for longer than an RTO,
@@ -1515,21 +1517,67 @@ def udp_socket(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
+# Linux UDP segmentation offloads (values from linux/udp.h; Python names them from 3.12 on
+# at best): UDP_SEGMENT sends a run of equal-sized datagrams (the last may be shorter) in one
+# sendmsg, UDP_GRO receives several back in one buffer with their size in a cmsg.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+GSO_MAX_BYTES = 65000  # a UDP payload, however many segments it is cut into
+GRO_BUFFER = 65536
+SEGMENT_SIZE = struct.Struct("=H")  # the UDP_SEGMENT cmsg (a C u16)
+GRO_SIZE = struct.Struct("=i")  # the UDP_GRO cmsg (a C int)
+GRO_CMSG_SPACE = socket.CMSG_SPACE(GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
+# What a kernel without the offload says; the link then sends one datagram per call.
+GSO_UNSUPPORTED = frozenset(getattr(errno, name) for name in (
+    "EIO", "EINVAL", "ENOPROTOOPT", "EOPNOTSUPP", "ENOTSUP") if hasattr(errno, name))
+
+
+def gso_runs(datagrams: list) -> list:
+    """``(addr, segment size, [datagrams])`` runs that one UDP_SEGMENT send can carry: in
+    order, same address, all of the first one's size but the last (which may be shorter),
+    at most GSO_MAX_BYTES."""
+    runs: list = []
+    last = None
+    for datagram, addr in datagrams:
+        size = len(datagram)
+        if (last is not None and addr == last[0] and size <= last[1]
+                and last[3] + size <= GSO_MAX_BYTES and len(last[2][-1]) == last[1]):
+            last[2].append(datagram)
+            last[3] += size
+        else:
+            last = [addr, size, [datagram], size]
+            runs.append(last)
+    return [(addr, size, group) for addr, size, group, _total in runs]
+
+
 class UdpLink:
     """A non-blocking UDP socket driving one Connection, for the caller's select loop.
 
     ``select([link, ...], [], [], link.timeout(now))``, then ``handle_readable(now)`` if it
     was readable, then ``flush(now)``.  Socket errors never escape: a vanished network
-    looks like packet loss, which the Connection handles.
+    looks like packet loss, which the Connection handles.  Where Linux offers them, runs of
+    datagrams leave in one system call (UDP GSO) and arrive in one (UDP GRO): a bulk
+    transfer makes a few dozen calls where it made a thousand; elsewhere, or if the kernel
+    refuses, one datagram per call.
     """
 
     SOCKET_BUFFER = 4 * 1024 * 1024
     RECV_BATCH = 256  # datagrams per handle_readable(), so a flood cannot starve the loop
 
     def __init__(self, conn: Connection, sock: socket.socket) -> None:
-        sock.setblocking(False)
         self.conn = conn
+        self._use(sock)
+
+    def _use(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self.sock = sock
+        self.gso = sys.platform.startswith("linux")
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        except OSError:
+            self.gro = False
 
     @classmethod
     def bind(cls, conn: Connection, host: str = "0.0.0.0", port: int = 0) -> UdpLink:
@@ -1543,11 +1591,12 @@ class UdpLink:
         return self.sock.fileno()
 
     def handle_readable(self, now: float) -> None:
-        """Feed every waiting datagram (up to RECV_BATCH) to the Connection."""
-        recvfrom, receive = self.sock.recvfrom, self.conn.receive_datagram
+        """Feed every waiting datagram (up to RECV_BATCH reads) to the Connection."""
+        receive = self.conn.receive_datagram
+        read = self._read_coalesced if self.gro else self._read_one
         for _ in range(self.RECV_BATCH):
             try:
-                data, addr = recvfrom(2048)  # larger than any valid datagram: those fail open
+                data, segment, addr = read()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
@@ -1555,12 +1604,50 @@ class UdpLink:
                     log.debug("udp receive failed: %s", err)
                     return
                 continue  # e.g. ICMP "port unreachable" reported on this socket
-            receive(data, addr, now)
+            if segment >= len(data):
+                receive(data, addr, now)
+                continue
+            view = memoryview(data)
+            for start in range(0, len(data), segment):
+                receive(bytes(view[start:start + segment]), addr, now)
+
+    def _read_one(self) -> tuple:
+        data, addr = self.sock.recvfrom(2048)  # larger than any valid datagram: those fail open
+        return data, len(data), addr
+
+    def _read_coalesced(self) -> tuple:
+        """(bytes, size of each datagram in them, sender): GRO joins a sender's datagrams."""
+        data, ancillary, _flags, addr = self.sock.recvmsg(GRO_BUFFER, GRO_CMSG_SPACE)
+        segment = len(data)
+        for level, kind, value in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO and len(value) >= GRO_SIZE.size:
+                segment = max(1, GRO_SIZE.unpack_from(value)[0])
+        return data, segment, addr
 
     def flush(self, now: float) -> None:
-        """Send whatever the Connection has due."""
+        """Send whatever the Connection has due: runs in one call each where GSO works."""
+        datagrams = self.conn.datagrams_to_send(now)
+        if not self.gso or len(datagrams) < 2:
+            self._send_each(datagrams)
+            return
+        for addr, size, group in gso_runs(datagrams):
+            if len(group) == 1:
+                self._send_each([(group[0], addr)])
+                continue
+            try:
+                self.sock.sendmsg([b"".join(group)],
+                                  [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(size))], 0, addr)
+            except OSError as err:
+                if err.errno in GSO_UNSUPPORTED:
+                    log.debug("udp segmentation offload refused (%s): one datagram per call", err)
+                    self.gso = False
+                    self._send_each([(datagram, addr) for datagram in group])
+                elif err.errno not in TRANSIENT_ERRNOS:
+                    log.debug("udp send to %s failed: %s", addr, err)
+
+    def _send_each(self, datagrams: list) -> None:
         sendto = self.sock.sendto
-        for datagram, addr in self.conn.datagrams_to_send(now):
+        for datagram, addr in datagrams:
             try:
                 sendto(datagram, addr)
             except OSError as err:
@@ -1584,7 +1671,7 @@ class UdpLink:
             log.debug("cannot open a new UDP socket on %s: %s", host, err)
             return self.local_addr
         self.sock.close()
-        self.sock = new
+        self._use(new)
         return self.local_addr
 
     def close(self) -> None:
