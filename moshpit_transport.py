@@ -390,7 +390,6 @@ class CongestionControl:
         self._full_bw, self._full_bw_rounds = 0.0, 0
         self._cycle, self._cycle_start = 0, now
         self._low_queue_round = 0  # the last round with an RTT sample near min_rtt
-        self._queued_loss_round = -COMPETE_ROUNDS - 1  # the last loss while a queue showed
         self._recovery_start = float("-inf")  # losses of packets sent before it are old news
         self._timed_out = False
         self._delivered_at = now  # when ``delivered`` last grew (or the flight restarted)
@@ -440,8 +439,9 @@ class CongestionControl:
 
     def _on_rate_sample(self, pn: int, now: float, loss_rate: float) -> None:
         """Bytes delivered between the delivery that preceded ``pn``'s send and its ack,
-        over that time or over the time they took to send, whichever is longer (acks
-        arriving in a clump, or sends in a burst, must not inflate the rate)."""
+        over that time or over the time they took to send, whichever is longer, and never
+        over less than a round trip (acks arriving in a clump, or sends in a burst, must
+        not inflate the rate)."""
         slot = pn % self.RING
         sent_delivered, app_limited = self._sent_delivered[slot], self._sent_app_limited[slot]
         interval = max(now - self._sent_delivered_at[slot],
@@ -453,7 +453,7 @@ class CongestionControl:
             self.round += 1
         if not self._queue_seen:
             self._low_queue_round = self.round
-        if interval > 0:
+        if interval >= self.min_rtt:  # shorter: acks compressed on the way, no rate
             rate = (self.delivered - sent_delivered) / interval
             if not self._queue_seen:  # random loss, not a queue overflowing: the path
                 rate /= 1.0 - min(loss_rate, MAX_LOSS_CREDIT)  # carried the lost bytes too
@@ -464,8 +464,6 @@ class CongestionControl:
 
     def on_loss(self, sent_at: float, now: float) -> None:
         """Data sent at ``sent_at`` was lost: congestion only while competing (see class)."""
-        if self._queue_seen:
-            self._queued_loss_round = self.round
         if self.competing and sent_at > self._recovery_start:
             self._recovery_start = now
             self._bw.reset(self.round, self.bw * LOSS_BETA)
@@ -489,11 +487,8 @@ class CongestionControl:
 
     def _update_mode(self, now: float, inflight: int) -> None:
         if self.mode != self.STARTUP:
-            # A queue that outlives our draining is someone else's, if it overflows too (a
-            # loss-based flow fills it until it does; a slow, busy host only adds delay).
-            queue_stays = self._queue_outlived_draining()
-            self.competing = queue_stays and (
-                self.competing or self.round - self._queued_loss_round <= COMPETE_ROUNDS)
+            # A queue that outlives our draining is someone else's.
+            self.competing = self._queue_outlived_draining()
         drained = inflight <= self.bw * self.min_rtt or self._queue_outlived_draining()
         if self.mode == self.DRAIN and (self.competing or drained):
             self.mode, self._cycle, self._cycle_start = self.PROBE_BW, CRUISE_PHASE, now
