@@ -252,7 +252,9 @@ CRUISE_PHASE = 2  # where PROBE_BW starts: after DRAIN there is nothing to drain
 DRAIN_GAIN = 0.75  # a cruise phase's gain while the RTT still shows a queue
 CWND_GAIN = 2.0  # in flight: this many path round trips' worth (acks come in lumps)
 BW_WINDOW_ROUNDS = 10  # the rate estimate is the largest sample of this many round trips
-MIN_RTT_WINDOW_SECS = 10.0  # the path's RTT is the smallest sample of this long
+MIN_RTT_WINDOW_SECS = 3.0  # the path's RTT is the smallest sample of this long (a path
+# that got slower, or a queue that never empties, becomes the new normal after that)
+PATH_CHANGE_FACTOR = 2.0  # a new min_rtt this many times the old: the path changed
 QUEUE_TOLERANCE, QUEUE_SLACK_SECS = 0.25, 0.002  # RTT above min x 1.25 + 2 ms = a queue
 COMPETE_ROUNDS = 6  # a queue that outlives this many rounds of draining is not ours
 LOSS_BETA = 0.7  # rate kept after a loss round, while competing
@@ -432,7 +434,12 @@ class CongestionControl:
         self._srtt = srtt
         if pn is not None:
             self._timed_out = False
+            old_min = self.min_rtt
             self._rtt.update(now, rtt)
+            if self.min_rtt > PATH_CHANGE_FACTOR * old_min and self.mode != self.STARTUP:
+                # The path itself got slower (a new route; the old minimum expired): what
+                # we know of its rate is a guess now, so probe for it quickly again.
+                self.mode, self._full_bw, self._full_bw_rounds = self.STARTUP, 0.0, 0
             self._queue_seen = rtt > self.min_rtt * (1 + QUEUE_TOLERANCE) + QUEUE_SLACK_SECS
             self._on_rate_sample(pn, now, loss_rate)
         self._update_mode(now, inflight)

@@ -237,3 +237,20 @@ def test_random_loss_is_not_taken_for_congestion(loss):
     old_floor = 16 * mt.MSS * 8 / sim.rtt / 1e6  # before: a 16-packet window per RTT
     assert goodput > (0.8 if loss < 0.5 else 0.5) * link_after_loss
     assert goodput > old_floor
+
+
+def test_a_path_that_gets_slower_is_learnt_again():
+    """The round trip grows tenfold under an idle session (a new route; the benchmark's
+    relay does this after connecting): once the old minimum expires the sender probes the
+    path afresh, so within seconds the link is full and a Ctrl-C answers within 1.5 RTT."""
+    sim = PathSim(rtt=0.01)
+    server = sim.pairs[0][1]
+    server.flooding = False
+    for _ in range(10):  # a prompt now and then: round trips of the fast path are measured
+        server.conn.send(b"$ ")
+        sim.run_for(0.1)
+    sim.rtt, sim.up.delay, sim.down.delay = 0.1, 0.05, 0.05
+    server.flooding = True
+    sim.run_for(mt.MIN_RTT_WINDOW_SECS + 1.0)
+    assert rates(sim, 2.0)["udp0"] > 0.9 * RATE_BPS / 1e6
+    assert sim.ctrl_c() < 1.5 * sim.rtt
