@@ -440,6 +440,7 @@ class CongestionControl:
                 # The path itself got slower (a new route; the old minimum expired): what
                 # we know of its rate is a guess now, so probe for it quickly again.
                 self.mode, self._full_bw, self._full_bw_rounds = self.STARTUP, 0.0, 0
+                self.competing, self._low_queue_round = False, self.round
             self._queue_seen = rtt > self.min_rtt * (1 + QUEUE_TOLERANCE) + QUEUE_SLACK_SECS
             self._on_rate_sample(pn, now, loss_rate)
         self._update_mode(now, inflight)
