@@ -257,6 +257,7 @@ MIN_RTT_WINDOW_SECS = 3.0  # the path's RTT is the smallest sample of this long 
 PATH_CHANGE_FACTOR = 2.0  # a new min_rtt this many times the old: the path changed
 QUEUE_TOLERANCE, QUEUE_SLACK_SECS = 0.25, 0.002  # RTT above min x 1.25 + 2 ms = a queue
 COMPETE_ROUNDS = 6  # a queue that outlives this many rounds of draining is not ours
+COMPETE_DRAIN_GAIN = 0.5  # while competing, the drain phase: empties a queue of our own
 LOSS_BETA = 0.7  # rate kept after a loss round, while competing
 MAX_LOSS_CREDIT = 0.5  # random loss the rate estimate makes up for (50%: twice the rate)
 # Bytes a stream may hold queued (unsent) before writable() is False: this long at the pacing
@@ -520,6 +521,8 @@ class CongestionControl:
             gain, cwnd_gain = 1 / STARTUP_GAIN, STARTUP_GAIN
         else:
             gain, cwnd_gain = PROBE_GAINS[self._cycle], CWND_GAIN
+            if gain < 1.0 and self.competing:
+                gain = COMPETE_DRAIN_GAIN  # a queue of our own would empty: then we stop
             if gain == 1.0 and self._queue_seen and not self._queue_outlived_draining():
                 gain = DRAIN_GAIN  # a queue of ours outlived its probe: drain it (a queue
                 # that outlives this too is not ours: draining on would only starve us)
