@@ -58,6 +58,7 @@ import errno
 import fnmatch
 import logging
 import os
+import selectors
 import socket
 import stat
 import struct
@@ -66,6 +67,7 @@ import threading
 from collections import deque
 from typing import Dict, NamedTuple, Optional
 
+from moshpit import parse_permit_open
 from moshpit_session import MAX_RECORD_BODY
 
 __all__ = [
@@ -658,26 +660,6 @@ class ForwardPolicy:
         return None
 
 
-def parse_permit_open(text: str) -> Optional[list]:
-    """permit_open's entries as (host pattern, port or "*"); None for ``any``, [] for
-    ``none``.  Raises ValueError naming a bad entry."""
-    words = text.split()
-    if not words or words == ["any"]:
-        return None
-    if words == ["none"]:
-        return []
-    permits = []
-    for word in words:
-        host, sep, port = word.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not sep or not host or not (port == "*" or port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError(f"has a bad entry {word!r} (use host:port, * for any host or port,"
-                             f" or any, or none)")
-        permits.append((host.lower(), port if port == "*" else str(int(port))))
-    return permits
-
-
 # ---------------------------------------------------------------------------
 # Forwarding specifications (-L, -R, -D) and SOCKS (sans-IO)
 # ---------------------------------------------------------------------------
@@ -904,7 +886,8 @@ class ChannelSockets:
     """
 
     def __init__(self, mux: ChannelMux, notify=None, agent_path: Optional[str] = None,
-                 privileged_ports: bool = True) -> None:
+                 privileged_ports: bool = True, agent_dir: Optional[AgentSocketDir] = None
+                 ) -> None:
         self.mux = mux
         self.notify = notify or (lambda text: log.info("%s", text))
         self.agent_path = agent_path  # client: the local agent (-A)
@@ -918,8 +901,13 @@ class ChannelSockets:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._blocked: set = set()  # channels whose socket said EAGAIN: wait for writable
         self._registered: Dict[int, tuple] = {}  # fd -> (socket, events) in a selector
         self._lock = threading.Lock()
+        self.agent_dir = agent_dir  # server: -A's socket, removed at close
+        if agent_dir is not None:
+            agent_dir.sock.setblocking(False)
+            self._listeners[agent_dir.sock] = ("agent", None)
 
     # -- listeners -----------------------------------------------------------------------
 
@@ -933,11 +921,6 @@ class ChannelSockets:
         self.remote_targets[listener] = spec
         self.mux.listen(listener, spec.bind_host, spec.bind_port)
 
-    def listen_agent(self, sock: socket.socket) -> None:
-        """Server: a listening Unix socket whose connections go to the client's agent."""
-        sock.setblocking(False)
-        self._listeners[sock] = ("agent", None)
-
     def close(self) -> None:
         for sock in list(self._listeners) + list(self._chan_socks.values()) + list(
                 self._negotiating) + [self._wake_r, self._wake_w]:
@@ -945,6 +928,8 @@ class ChannelSockets:
         self._listeners.clear()
         self._chan_socks.clear()
         self._negotiating.clear()
+        if self.agent_dir is not None:
+            self.agent_dir.close()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -954,12 +939,11 @@ class ChannelSockets:
                 + [sock for chan, sock in self._chan_socks.items() if mux.read_allowance(chan)])
 
     def writers(self) -> list:
-        return [sock for chan, sock in self._chan_socks.items() if self.mux.output(chan)]
+        return [sock for chan, sock in self._chan_socks.items() if chan in self._blocked]
 
     def sync_selector(self, sel) -> None:
         """Register our sockets' descriptors with a ``selectors`` selector (data
         SELECTOR_TAG; ``handle`` takes the ready descriptors)."""
-        import selectors
         wanted: Dict[int, list] = {}
         for sock in self.readers():
             wanted[sock.fileno()] = [sock, selectors.EVENT_READ]
@@ -981,6 +965,12 @@ class ChannelSockets:
         deadline = self.mux.next_timeout()
         return None if deadline is None else max(0.0, deadline - now)
 
+    def handle_selected(self, ready: list, now: float) -> None:
+        """``handle`` with a ``selectors`` result (only our keys count)."""
+        ours = [(key.fd, events) for key, events in ready if key.data == SELECTOR_TAG]
+        self.handle([fd for fd, events in ours if events & selectors.EVENT_READ],
+                    [fd for fd, events in ours if events & selectors.EVENT_WRITE], now)
+
     def handle(self, readable, writable, now: float) -> None:
         """React to ready sockets and to the mux's events; move what can move."""
         readable = {s if isinstance(s, int) else s.fileno() for s in readable}
@@ -998,8 +988,11 @@ class ChannelSockets:
                 self._read(chan, sock, now)
         self.mux.check_timeouts(now)
         self.events(now)
+        self._drop_old_listeners()
+        writable = {s if isinstance(s, int) else s.fileno() for s in writable}
         for chan, sock in list(self._chan_socks.items()):
-            self._write(chan, sock, now)
+            if chan not in self._blocked or sock.fileno() in writable:
+                self._write(chan, sock, now)
         self.events(now)
         self.mux.pump(now)
 
@@ -1027,6 +1020,7 @@ class ChannelSockets:
                 self.notify(f"channel {event.chan}: open failed: "
                             f"{CODE_NAMES.get(event.code, event.code)}: {event.reason}")
             elif isinstance(event, ChannelFinished):
+                self._blocked.discard(event.chan)
                 sock = self._chan_socks.pop(event.chan, None)
                 if sock is not None:
                     sock.close()
@@ -1167,10 +1161,10 @@ class ChannelSockets:
         return [sock.getsockname()[1] for sock, (what, _) in self._listeners.items()
                 if what == "-R"]
 
-    def drop_remote_listeners(self) -> None:
-        """Server: a takeover ended the old client's -R listeners."""
-        for sock, (what, _) in list(self._listeners.items()):
-            if what == "-R":
+    def _drop_old_listeners(self) -> None:
+        """Server: -R listeners the mux no longer has (a takeover ended the old client's)."""
+        for sock, (what, listener) in list(self._listeners.items()):
+            if what == "-R" and listener not in self.mux.listeners:
                 del self._listeners[sock]
                 sock.close()
 
@@ -1195,10 +1189,12 @@ class ChannelSockets:
     def _write(self, chan: int, sock: socket.socket, now: float) -> None:
         mux = self.mux
         data = mux.output(chan)
+        self._blocked.discard(chan)
         while data:
             try:
                 sent = sock.send(data)
             except (BlockingIOError, InterruptedError):
+                self._blocked.add(chan)
                 return
             except OSError:
                 mux.local_closed(chan, now)
