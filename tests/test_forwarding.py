@@ -17,7 +17,10 @@ import hashlib
 import http.server
 import os
 import re
+import shutil
 import socket
+import stat
+import struct
 import subprocess
 import threading
 import time
@@ -25,8 +28,11 @@ import time
 import pytest
 from proc_util import ManagedProcess, PtyProcess, kill_pid, wait_for
 from relay import Relay, free_port, random_front_alias
-from server_util import MpsServer
+from server_util import MpsServer, TestClient
 from test_client_session import client_env, client_log, mp_args, wait_shell
+from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
+
+import moshpit_channels
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -449,3 +455,92 @@ def test_a_stalled_reader_does_not_stall_the_terminal(server, tmp_path, echo):
         term.read_to_eof(20)
     assert "Traceback" not in client_log(tmp_path)
 
+
+
+# ---------------------------------------------------------------------------
+# A hostile client (the real session core, no mp.py in the way)
+# ---------------------------------------------------------------------------
+
+def test_hostile_channel_records_are_refused_and_the_session_goes_on(tmp_path, echo):
+    """Against a real mps: an open for a target permit_open forbids, an open of a kind a
+    client may not open, malformed records, data for a channel never opened, and an
+    oversized record on the channel stream.  None reaches a socket; the session works."""
+    allowed = free_port()
+    with MpsServer(tmp_path, settings={"mps.permit_open": f"127.0.0.1:{allowed}"}) as server:
+        with TestClient.for_server(server).connect() as client:
+            mux = moshpit_channels.ChannelMux(client.core, "client")
+            events = []
+
+            def pump_until(done, timeout=15.0):
+                deadline = time.monotonic() + timeout
+                while not done():
+                    assert time.monotonic() < deadline, events
+                    client.pump(0.1)
+                    event = mux.next_event()
+                    while event is not None:
+                        events.append(event)
+                        event = mux.next_event()
+
+            forbidden = mux.open(moshpit_channels.KIND_TCP, "127.0.0.1", echo.port,
+                                 time.monotonic())
+            client.link.flush(time.monotonic())
+            pump_until(lambda: events)
+            assert events == [moshpit_channels.ChannelRefused(
+                forbidden, moshpit_channels.PROHIBITED,
+                f"127.0.0.1:{echo.port} is not in the server's permit_open")]
+            records = client.core.records
+            records.send(moshpit_channels.RECORD_OPEN, moshpit_channels.OPEN_BODY.pack(
+                5, moshpit_channels.KIND_AGENT, 1000, 0, 0) + b"\x00")
+            records.send(moshpit_channels.RECORD_OPEN, b"\xff" * 3)
+            records.send(moshpit_channels.RECORD_OPEN, moshpit_channels.OPEN_BODY.pack(
+                7, moshpit_channels.KIND_TCP, 1000, 0, echo.port) + b"\xc8" + b"a" * 10)
+            records.send(moshpit_channels.RECORD_WINDOW, b"\x00")
+            mux.lane.send(moshpit_channels.RECORD_DATA,
+                          moshpit_channels.DATA_HEADER.pack(99, 0) + b"never opened")
+            client.core.conn.send(struct.pack("!BI", moshpit_channels.RECORD_DATA,
+                                              1 << 30) + b"z" * 5000, moshpit_channels.STREAM_ID)
+            client.link.flush(time.monotonic())
+            client.pump_for(1.0)
+            assert client.run("echo $((6*7))") == "42"
+        log = server.log()
+        assert "channel 5 (agent to :0) refused: a client cannot open agent channels" in log
+        assert log.count("channel record of type") >= 3, log
+        assert "skipped" in log  # the oversized record, unread
+        assert "Traceback" not in log
+    assert echo.connections == 0
+
+
+# ---------------------------------------------------------------------------
+# A root server serving another user
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
+                    reason="needs root and useradd to create a throwaway user")
+@pytest.mark.xdist_group("users")
+def test_a_root_server_forwards_only_within_the_users_rights(tmp_path, users):
+    """-R cannot bind a privileged port for a user who could not; the agent directory and
+    socket belong to the user, private (0700 and 0600)."""
+    alice = users.user()
+    with MpsServer(tmp_path, authorized_keys_file=False) as server:
+        authorize(alice, server.client_key)
+        with TestClient.for_server(server, user=alice.pw_name,
+                                   forward_agent=True).connect() as client:
+            mux = moshpit_channels.ChannelMux(client.core, "client", agent=True)
+            mux.listen(1, "localhost", 80)
+            mux.listen(2, "localhost", 0)
+            answers = {}
+            deadline = time.monotonic() + 15
+            while len(answers) < 2 and time.monotonic() < deadline:
+                client.pump(0.1)
+                event = mux.next_event()
+                while event is not None:
+                    answers[event.listener] = event
+                    event = mux.next_event()
+            assert answers[1] == moshpit_channels.ListenAnswered(
+                1, moshpit_channels.PROHIBITED, 80, "port 80 is privileged")
+            assert answers[2].code == moshpit_channels.OPENED and answers[2].port >= 1024
+            sock = client.run('echo "$SSH_AUTH_SOCK"')
+            assert client.run(f'stat -c "%U %a" "{sock}" "$(dirname "{sock}")"').split("\n") \
+                == [f"{alice.pw_name} 600", f"{alice.pw_name} 700"]
+            info = os.lstat(os.path.dirname(sock))
+            assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (alice.pw_uid, 0o700)
