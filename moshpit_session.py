@@ -18,8 +18,10 @@ Both sit on one transport ``Connection`` with two streams:
 * stream 0 (``STREAM_TERMINAL``): the terminal's bytes, input one way and output the
   other, addressed by offset so a resume continues exactly where the peer left off;
 * stream 1 (``STREAM_RECORDS``): typed records, an urgent stream (served before any
-  output, acked at once).  Later issues add more streams (forwarded ports, the agent), each
-  with its own window, and a second carrier under the same Connection.
+  output, acked at once);
+* stream 2 and up: a layer above attached with ``attach`` (moshpit_channels: forwarded
+  ports and the agent) gets a stream of its own, carrying records too, served after the
+  terminal and resent across re-keys as stream 1 is, and the record types it names.
 
 Records (the one encoding for everything a session says that is not terminal bytes)::
 
@@ -40,6 +42,8 @@ Records (the one encoding for everything a session says that is not terminal byt
     STDERR   (8) server->client  offset:u64 data   a command's stderr (no PTY) from byte
                                  offset on: after a re-key a record may come again, and
                                  the client keeps only the bytes past what it has
+    9-15         channels (moshpit_channels, protocol 4): open, result, data, window, EOF,
+                 close, listen; handled by the attached channel layer
 
 Version rule: a type number is never reused or redefined.  A receiver skips a record of a
 type it does not know by its length, and reads a known record's fields from the start of
@@ -48,8 +52,9 @@ body, never change the ones there.  A sender sends a type only if the peer's pro
 version (exchanged in the handshake, moshpit.PROTOCOL_VERSION) defines it.  A record longer
 than MAX_RECORD_BODY is skipped too, without being buffered.
 
-Records travel again after a resume: stream 1 starts over on both sides with each re-key,
-and records not yet acknowledged are written again whole, so a record may arrive twice.
+Records travel again after a resume: stream 1 (and an attached layer's stream) starts over
+on both sides with each re-key, and records not yet acknowledged are written again whole,
+so a record may arrive twice.
 Each is idempotent or reported once (EXIT, SHUTDOWN); a repeated RESIZE is harmless.
 
 Takeover (``mp --attach``): another client of the session's user takes the session over.
