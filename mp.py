@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "connections the server makes")
     p.add_argument("-A", dest="forward_agent", action="store_const", const=True,
                    help="forward the ssh-agent at SSH_AUTH_SOCK to the session")
+    p.add_argument("-N", dest="no_command", action="store_true",
+                   help="forwarding only: no shell or command (an idle cat waits on the "
+                   "server), stdin not read; Ctrl-C ends it")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -964,7 +967,7 @@ class Session:
         self.screen = ScreenMirror(*target.winsize())
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
-        self.stdin_open = True
+        self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
         self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
@@ -1334,6 +1337,11 @@ def forwarding_sockets(core, forwards, forward_agent: bool, notify):
     return sockets
 
 
+# -N's remote command: something that waits without reading a terminal or writing (the
+# session needs a process; stdin stays open as long as mp runs).
+NO_COMMAND = "exec cat > /dev/null"
+
+
 def parse_forwards(given) -> list:
     """-L/-R/-D arguments as (option, ForwardSpec), in order; a bad one is an error."""
     try:
@@ -1392,6 +1400,7 @@ class Target:
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
         self.command = command
+        self.no_command = command == NO_COMMAND  # -N
         # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
         # ssh -t would), and a login shell always does (as before commands existed).
         self.pty = pty if pty is not None else (self.is_tty or command is None)
@@ -1639,6 +1648,10 @@ def main(argv=None) -> int:
         managing = args.list_sessions or args.kill is not None or args.attach is not None
         if managing and command is not None:
             raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
+        if args.no_command:
+            if command is not None or args.pty:
+                raise moshpit.MoshpitError("-N takes no remote command and no --tty")
+            command, args.pty = NO_COMMAND, False
         if args.list_sessions or args.kill is not None:
             return manage_sessions(config, prompter, args.login_name, args.login_first,
                                    args.kill)

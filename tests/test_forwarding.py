@@ -18,6 +18,7 @@ import http.server
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -544,3 +545,18 @@ def test_a_root_server_forwards_only_within_the_users_rights(tmp_path, users):
                 == [f"{alice.pw_name} 600", f"{alice.pw_name} 700"]
             info = os.lstat(os.path.dirname(sock))
             assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (alice.pw_uid, 0o700)
+
+
+def test_dash_n_forwards_without_a_command_until_interrupted(server, tmp_path, echo):
+    """-N: stdin is not read (here at EOF already: nothing ends because of it), the forward
+    works, Ctrl-C (SIGINT) ends mp and the session."""
+    port = free_port()
+    argv = mp_args(server, tmp_path, "-N", "-L", f"{port}:127.0.0.1:{echo.port}")
+    with ManagedProcess(argv, env=client_env(tmp_path), log=tmp_path / "mp-n.out") as mp:
+        wait_for(lambda: echo_works(port), 30, "the -L forward")
+        time.sleep(0.5)
+        assert mp.poll() is None and echo_works(port)
+        mp.signal(signal.SIGINT)
+        assert mp.wait(20) == 255
+        assert "Traceback" not in mp.read_log()
+    wait_for(lambda: "ended (client" in server.log(), 20, "the session to end")
