@@ -109,6 +109,7 @@ CHANNEL_QUANTUM = MAX_CHUNK  # bytes a channel puts on the stream per turn
 STREAM_WINDOW = 512 * 1024  # stream 2's unacknowledged bytes before channels wait
 MAX_HOST_BYTES = 255
 MAX_REASON_BYTES = 255
+LOGGED_VIOLATIONS = 10  # rejected records logged one by one; after that one per 1000
 OPEN_TIMEOUT_SECS = 60.0  # an open with no answer (peer away the whole time) fails
 
 assert MAX_CHUNK + DATA_HEADER.size <= MAX_RECORD_BODY
@@ -255,6 +256,7 @@ class ChannelMux:
         self._events: deque = deque()
         self.listeners: Dict[int, tuple] = {}  # server: id -> (host, port); client: requested
         self.violations = 0  # records rejected as malformed or out of bounds (for tests, logs)
+        self._closed_for = ""  # what the latest rejected record broke, for the log
         self.lane = session.attach(self)
 
     # -- the program's calls -------------------------------------------------------------
@@ -439,7 +441,11 @@ class ChannelMux:
                    RECORD_LISTEN: self._on_listen}[record_type]
         if not handler(body, now):
             self.violations += 1
-            log.warning("channel record of type %d (%d bytes) rejected", record_type, len(body))
+            if self.violations <= LOGGED_VIOLATIONS or not self.violations % 1000:
+                # (a hostile peer cannot flood the log: the first few, then one per 1000)
+                log.warning("channel record of type %d (%d bytes) rejected%s (%d so far)",
+                            record_type, len(body), self._closed_for, self.violations)
+        self._closed_for = ""
 
     def _on_open(self, body: bytes, now: float) -> bool:
         if len(body) < OPEN_BODY.size:
@@ -451,6 +457,10 @@ class ChannelMux:
         if chan <= self._peer_highest:
             return True  # a copy resent after a re-key
         self._peer_highest = chan
+        if not self.session.records.writable():
+            # A peer that opens channels without acknowledging our answers: no answer
+            # (the records would pile up here); its open times out.
+            return False
         refusal = self._open_refusal(kind, host, port, ref)
         if refusal is not None:
             code, reason = refusal
@@ -592,7 +602,7 @@ class ChannelMux:
 
     def _violation(self, channel: _Channel, what: str) -> bool:
         """The peer broke this channel's rules: close it (not the session)."""
-        log.warning("channel %d: %s: closed", channel.chan, what)
+        self._closed_for = f": {what}: channel {channel.chan} closed"
         self.local_closed(channel.chan, 0.0)
         return False
 

@@ -445,3 +445,15 @@ def test_permit_open_as_sshd():
     remote_only = mc.ForwardPolicy(allow_tcp="remote")
     assert remote_only.refusal("127.0.0.1", 80)[0] == mc.PROHIBITED
     assert remote_only.allow_remote
+
+
+def test_a_flood_of_opens_whose_answers_are_never_acknowledged_stays_bounded():
+    """The peer opens channel after channel and never acknowledges our answers: they stop
+    at the record stream's window instead of piling up."""
+    sim = ChanSim(SimNet(19), policy=mc.ForwardPolicy(permit_open="none"))
+    for chan in range(1, 40_001, 2):  # fed straight in: no acknowledgement ever comes
+        sim.smux.on_record(mc.RECORD_OPEN, mc.OPEN_BODY.pack(chan, mc.KIND_TCP, 1000, 0, 80)
+                           + b"\x01a", sim.now)
+    unacked = sim.server.conn.unacked_bytes(ms.STREAM_RECORDS)
+    assert unacked < ms.RECORD_WINDOW + 1000
+    assert sim.smux.violations > 10_000 and sim.smux.channels() == []
