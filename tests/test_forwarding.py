@@ -422,6 +422,34 @@ def test_a_forwarded_transfer_survives_an_outage_and_a_resume(tmp_path, echo):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+def test_a_forwarded_transfer_follows_the_client_roaming(tmp_path, echo):
+    """The client's address changes twice mid-transfer (a NAT rebinding): the server
+    validates the new address and the channel carries on, every byte once."""
+    with MpsServer(tmp_path) as server:
+        front = random_front_alias()
+        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
+                   udp_ports=[server.udp_port]) as relay:
+            port = free_port()
+            with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
+                            host=front) as mp:
+                wait_for(lambda: echo_works(port), 30, "the -L forward")
+                relay.set_bottleneck(4e6, queue_bytes=64_000)
+                data = os.urandom(2 << 20)
+                result = {}
+                transfer = threading.Thread(
+                    target=lambda: result.setdefault("back", through(port, data, 120)))
+                transfer.start()
+                for _ in range(2):
+                    time.sleep(1.0)
+                    relay.rebind()
+                transfer.join(120)
+                assert sha(result["back"]) == sha(data)
+                assert mp.close() == 0
+        assert "client now at" in server.log()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_a_stalled_reader_does_not_stall_the_terminal(server, tmp_path, echo):
     """A -L connection whose local reader never reads, with the echo server sending bulk
     back: its window fills and stops its sender; keystrokes still echo at once."""
