@@ -12,10 +12,11 @@ Two layers, as in moshpit_transport:
 2. I/O glue (``ChannelSockets``): the local sockets of one side's channels (listeners,
    connects, the agent socket) for the programs' select loops.
 
-Wire (records as moshpit_session encodes them; protocol version 4).  Control records ride
-the session's urgent record stream 1; channel data rides stream 2 (``STREAM_ID``), which
-the transport serves after the terminal's stream 0, so forwarded bulk never delays a
-keystroke.  Channels take turns on stream 2 (round-robin, CHANNEL_QUANTUM bytes each)::
+Wire (records as moshpit_session encodes them; protocol version 4).  OPEN, RESULT, WINDOW
+and LISTEN ride the session's urgent record stream 1; DATA, and EOF and CLOSE behind a
+channel's last DATA, ride stream 2 (``STREAM_ID``), which the transport serves after the
+terminal's stream 0, so forwarded bulk never delays a keystroke.  Channels take turns on
+stream 2 (round-robin, CHANNEL_QUANTUM bytes each)::
 
     OPEN    (9)  chan:u32 kind:u8 window:u32 ref:u32 port:u16 host:u8-length string
                  kind TCP (client->server: connect to host:port, for -L and -D),
@@ -203,7 +204,7 @@ class _Channel:
     def __init__(self, chan: int, kind: int, opener: bool, now: float) -> None:
         self.chan, self.kind = chan, kind
         self.opened = False  # the open was accepted (both sides)
-        self.opened_at = now
+        self.started_at = now
         self.opener = opener
         # Outgoing: read from the socket -> pending -> DATA records.
         self.pending = bytearray()
@@ -406,14 +407,14 @@ class ChannelMux:
             self._send_eof(channel)
 
     def next_timeout(self) -> Optional[float]:
-        starts = [c.opened_at for c in self._channels.values() if c.opener and not c.opened]
+        starts = [c.started_at for c in self._channels.values() if c.opener and not c.opened]
         return min(starts) + OPEN_TIMEOUT_SECS if starts else None
 
     def check_timeouts(self, now: float) -> None:
         """Opens unanswered for OPEN_TIMEOUT_SECS fail (ChannelRefused)."""
         for channel in list(self._channels.values()):
             if (channel.opener and not channel.opened
-                    and now >= channel.opened_at + OPEN_TIMEOUT_SECS):
+                    and now >= channel.started_at + OPEN_TIMEOUT_SECS):
                 del self._channels[channel.chan]
                 self._events.append(ChannelRefused(channel.chan, TIMED_OUT,
                                                    "no answer from the peer"))
@@ -1260,7 +1261,9 @@ class AgentSocketDir:
     temp directory: mkdir fails on anything already there, the name is unguessable, and
     the sticky /tmp keeps others from replacing it), then hands them over: the socket
     first (the directory is still root's, so nobody can swap it), then the directory,
-    through a descriptor opened with O_NOFOLLOW and checked with fstat.
+    through a descriptor opened with O_NOFOLLOW and checked with fstat.  Once the user
+    owns the directory they may rename it and leave a symlink in its place, so ``close``
+    removes both through descriptors taken at creation, never by path.
     """
 
     SOCKET_NAME = "agent.sock"
@@ -1269,33 +1272,45 @@ class AgentSocketDir:
         self.dir = tempfile.mkdtemp(prefix="moshpit-agent-")
         self.path = os.path.join(self.dir, self.SOCKET_NAME)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._parent_fd = self._dir_fd = -1
         try:
-            dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            self._parent_fd = os.open(os.path.dirname(self.dir), os.O_RDONLY | os.O_DIRECTORY)
+            self._dir_fd = os.open(os.path.basename(self.dir),
+                                   os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                   dir_fd=self._parent_fd)
+            info = os.fstat(self._dir_fd)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                raise OSError(errno.EPERM, f"{self.dir} is not the directory we made")
+            old_umask = os.umask(0o177)
             try:
-                info = os.fstat(dir_fd)
-                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-                    raise OSError(errno.EPERM, f"{self.dir} is not the directory we made")
-                old_umask = os.umask(0o177)
-                try:
-                    self.sock.bind(self.path)
-                finally:
-                    os.umask(old_umask)
-                self.sock.listen(8)
-                if os.geteuid() != uid:
-                    os.chown(self.SOCKET_NAME, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-                    os.fchown(dir_fd, uid, gid)
-                os.fchmod(dir_fd, 0o700)
+                self.sock.bind(self.path)
             finally:
-                os.close(dir_fd)
+                os.umask(old_umask)
+            self.sock.listen(8)
+            if os.geteuid() != uid:
+                os.chown(self.SOCKET_NAME, uid, gid, dir_fd=self._dir_fd,
+                         follow_symlinks=False)
+                os.fchown(self._dir_fd, uid, gid)
+            os.fchmod(self._dir_fd, 0o700)
         except OSError:
             self.close()
             raise
 
     def close(self) -> None:
-        """Stop listening and remove the socket and its directory."""
+        """Stop listening and remove the socket and its directory (through the
+        descriptors: whatever the user put at those paths meanwhile is left alone)."""
         self.sock.close()
-        for remove in (lambda: os.unlink(self.path), lambda: os.rmdir(self.dir)):
+        if self._dir_fd >= 0:
             try:
-                remove()
+                os.unlink(self.SOCKET_NAME, dir_fd=self._dir_fd)
             except OSError:
-                pass  # already gone (or replaced by the user: theirs to clean)
+                pass  # already gone, or replaced by the user: theirs to clean
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+        if self._parent_fd >= 0:
+            try:
+                os.rmdir(os.path.basename(self.dir), dir_fd=self._parent_fd)
+            except OSError:
+                pass  # renamed (a symlink is not removed by rmdir), or not empty: left
+            os.close(self._parent_fd)
+            self._parent_fd = -1

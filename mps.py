@@ -59,11 +59,11 @@ from collections import Counter, deque
 from typing import Dict, List, Optional
 
 import moshpit
+import moshpit_channels
 import moshpit_handshake as handshake
 import moshpit_keys as keys
 import moshpit_login
 import moshpit_session as session_core
-import moshpit_channels
 import moshpit_term
 import moshpit_transport as transport
 import moshpit_trust as trust

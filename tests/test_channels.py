@@ -8,7 +8,9 @@ parsers: SOCKS4/4a/5, -L/-R/-D specs, permit_open.
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 import struct
 
 import pytest
@@ -457,3 +459,36 @@ def test_a_flood_of_opens_whose_answers_are_never_acknowledged_stays_bounded():
     unacked = sim.server.conn.unacked_bytes(ms.STREAM_RECORDS)
     assert unacked < ms.RECORD_WINDOW + 1000
     assert sim.smux.violations > 10_000 and sim.smux.channels() == []
+
+
+# ---------------------------------------------------------------------------
+# The agent socket directory
+# ---------------------------------------------------------------------------
+
+def test_the_agent_directory_is_private_and_removed(tmp_path):
+    agent_dir = mc.AgentSocketDir(os.getuid(), os.getgid())
+    info = os.lstat(agent_dir.dir)
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+    assert stat.S_IMODE(os.lstat(agent_dir.path).st_mode) == 0o600
+    assert stat.S_ISSOCK(os.lstat(agent_dir.path).st_mode)
+    agent_dir.close()
+    assert not os.path.exists(agent_dir.dir)
+
+
+def test_a_directory_swapped_for_a_symlink_does_not_redirect_the_cleanup(tmp_path):
+    """The user owns the directory, so they can rename it and leave a symlink to somewhere
+    else holding an ``agent.sock``: the server's cleanup must not follow it."""
+    agent_dir = mc.AgentSocketDir(os.getuid(), os.getgid())
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "agent.sock").write_text("not yours")
+    moved = str(tmp_path / "moved")
+    os.rename(agent_dir.dir, moved)
+    os.symlink(decoy, agent_dir.dir)
+    try:
+        agent_dir.close()
+        assert (decoy / "agent.sock").read_text() == "not yours"
+        assert os.path.islink(agent_dir.dir)  # not removed either
+        assert os.listdir(moved) == []  # the real socket went, through the descriptor
+    finally:
+        os.unlink(agent_dir.dir)
