@@ -1081,14 +1081,6 @@ class ServerHandshake(_Handshake):
     def _on_client_auth(self, body: bytes) -> AuthRequested:
         fields, signature, proof = self._open_sealed(body, _CLIENT_AUTH, 3)
         request, client_key = _decode_fields(fields)
-        if self._offer is not None and (client_key != self._accepted
-                                        or request.user != self._offer.user):
-            self._handler = None
-            self._finish(_refusal_outcome(PERMISSION_DENIED))
-            raise AuthRefused(PERMISSION_DENIED,
-                              f"user {request.user}: ClientAuth names key"
-                              f" {client_key.fingerprint()}, not the accepted offer of"
-                              f" {self._accepted.fingerprint()} for {self._offer.user}")
         self._transcript.add(fields)
         signed = self._transcript.digest()
         self._transcript.add(signature, proof)
@@ -1099,6 +1091,13 @@ class ServerHandshake(_Handshake):
                   client_key.fingerprint(), _purpose(request), request.term, request.cols,
                   request.rows)
         self._handler = None
+        if self._offer is not None and (client_key != self._accepted
+                                        or request.user != self._offer.user):
+            self._finish(_refusal_outcome(PERMISSION_DENIED))
+            raise AuthRefused(PERMISSION_DENIED,
+                              f"user {request.user}: ClientAuth names key"
+                              f" {client_key.fingerprint()}, not the accepted offer of"
+                              f" {self._accepted.fingerprint()} for {self._offer.user}")
         if not sshsig_verify(client_key, SSHSIG_NAMESPACE, signed, signature):
             self._finish(_refusal_outcome(PERMISSION_DENIED))
             raise AuthRefused(PERMISSION_DENIED,
