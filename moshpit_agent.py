@@ -422,10 +422,12 @@ class KeyRing:
         """What was offered, for "permission denied": labels and fingerprints, and why the
         agent added nothing if it did not."""
         candidates = self._candidates or []
-        text = ", ".join(f"{found.label} ({found.public.fingerprint()})" for found in candidates)
-        if self._agent_problem:
-            text = f"{text}; {self._agent_problem}" if text else self._agent_problem
-        return text
+        notes = [", ".join(f"{found.label} ({found.public.fingerprint()})"
+                           for found in candidates)]
+        if candidates and all(found.label != self.path for found in candidates) \
+                and not self.path.endswith(".pub"):
+            notes.append(f"no key file {self.path}")
+        return "; ".join(note for note in notes + [self._agent_problem] if note)
 
     def _gather(self) -> List[_Candidate]:
         if self._candidates is not None:

@@ -368,9 +368,9 @@ def askpass_script(directory: str, answer: str) -> str:
     approves or denies."""
     path = os.path.join(directory, f"askpass-{answer}")
     asked = os.path.join(directory, "asked")
+    reply = {"yes": "echo yes\n", "slowly": "sleep 2\necho yes\n", "no": "exit 1\n"}[answer]
     with open(path, "w") as f:
-        f.write(f"#!/bin/sh\necho \"$1\" >> {asked}\n"
-                + ("echo yes\n" if answer == "yes" else "exit 1\n"))
+        f.write(f"#!/bin/sh\necho \"$1\" >> {asked}\n{reply}")
     os.chmod(path, 0o755)
     return path
 
@@ -385,7 +385,7 @@ def times_asked(directory: str) -> int:
 
 @needs_agent
 @pytest.mark.slow
-@pytest.mark.parametrize("answer", ["yes", "no"])
+@pytest.mark.parametrize("answer", ["yes", "slowly", "no"])
 def test_a_confirm_each_use_key_asks_once(server, tmp_path, workdir, answer):
     confirming = Agent(workdir, askpass=askpass_script(workdir, answer))
     try:
@@ -399,7 +399,11 @@ def test_a_confirm_each_use_key_asks_once(server, tmp_path, workdir, answer):
     finally:
         confirming.close()
     assert times_asked(workdir) == 1
-    if answer == "yes":
+    waiting = (f"mp: waiting for ssh-agent to sign with"
+               f" {public_of(os.path.join(workdir, 'confirm1')).fingerprint()} (confirm it, or"
+               " touch the key)")
+    assert (waiting in error_lines(result)) == (answer == "slowly")  # after 1 s
+    if answer != "no":
         assert logged_in(result), result.stderr
     else:
         assert result.returncode == 255
