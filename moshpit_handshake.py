@@ -804,8 +804,9 @@ def _plaintext_refusal(body: bytes) -> HandshakeError:
 
 class ClientHandshake(_Handshake):
     """The client side. ClientHello is queued at once. Events: HostKeyReceived (the caller
-    checks the key, then calls accept_host_key()), then HandshakeComplete. A refusal raises
-    AuthRefused (final) or HandshakeError with ``code`` from next_event."""
+    checks the key, then calls accept_host_key(), or offer(keys) and, at KeyAccepted,
+    authenticate(signer)), then HandshakeComplete. A refusal raises AuthRefused (final) or
+    HandshakeError with ``code`` from next_event."""
 
     _is_client = True
 
@@ -969,9 +970,11 @@ class ClientHandshake(_Handshake):
 
 
 class ServerHandshake(_Handshake):
-    """The server side. Answers ClientHello with ServerHello + ServerAuth; after a valid
-    ClientAuth emits AuthRequested, and the caller answers with accept(grant) or refuse(code).
-    A client whose signature does not verify is refused here (AuthRefused)."""
+    """The server side. Answers ClientHello with ServerHello + ServerAuth; a ClientOffer
+    emits KeysOffered (answer_offer(index or None)); after a valid ClientAuth emits
+    AuthRequested, and the caller answers with accept(grant) or refuse(code). A client whose
+    signature does not verify, or that signs with another key or user than it offered and
+    the server accepted, is refused here (AuthRefused)."""
 
     def __init__(self, host_key: PrivateKey, peer: tuple = (), local: tuple = ()) -> None:
         super().__init__()

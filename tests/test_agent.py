@@ -451,3 +451,49 @@ def test_a_dead_agent_does_not_stop_the_key_file(server, tmp_path, workdir):
     listener.close()  # the socket file stays, nobody listens: ECONNREFUSED
     result = mp_run(server, tmp_path, stale, "-i", server.client_key_path)
     assert logged_in(result), result.stderr
+
+
+def test_a_public_key_file_needs_the_agent(workdir):
+    """-i KEY.pub without an agent: one line saying where the private half must be."""
+    make_key(os.path.join(workdir, "k"), "k")
+    ring = agent.KeyRing(os.path.join(workdir, "k.pub"), os.path.join(workdir, "k.pub.pub"),
+                         lambda: pytest.fail("no key file to load"), None)
+    with pytest.raises(agent.AgentError, match=r"k.pub must be in ssh-agent, but SSH_AUTH_SOCK"
+                                               " is not set"):
+        ring.offers()
+
+
+def test_a_hung_agent_costs_a_bounded_wait(workdir, monkeypatch):
+    """An agent that accepts the connection and never answers: an error, not a hang."""
+    path = os.path.join(workdir, "hung.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    monkeypatch.setattr(agent, "LIST_TIMEOUT_SECS", 0.3)
+    try:
+        with pytest.raises(agent.AgentError, match="did not answer within 0.3 s"):
+            agent.AgentClient(path).identities()
+    finally:
+        listener.close()
+
+
+def test_an_agent_sending_garbage_is_rejected_cleanly(workdir):
+    path = os.path.join(workdir, "garbage.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def answer():
+        peer, _ = listener.accept()
+        peer.recv(100)
+        peer.sendall(b"\xff\xff\xff\xffHTTP/1.1 400")
+        peer.close()
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        with pytest.raises(agent.AgentProtocolError, match="outside"):
+            agent.AgentClient(path).identities()
+    finally:
+        thread.join(5)
+        listener.close()
