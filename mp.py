@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     moshpit.add_common_flags(p, "client")
     p.add_argument("-i", metavar="FILE", dest="identity_file",
-                   help="private key file, as ssh -i (same as -p)")
+                   help="private key file, as ssh -i (same as -p); a .pub file names a key"
+                   " held by ssh-agent")
     p.add_argument("-l", "--login-name", metavar="USER", action=FirstLoginName,
                    help="remote user, as ssh -l (as in ssh, the first of -l USER and "
                    "USER@ on the command line wins)")

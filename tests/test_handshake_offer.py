@@ -12,6 +12,8 @@ import time
 
 import pytest
 from handshake_util import UNLIMITED, Flow, LoopbackServer, grant
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import moshpit_handshake as hs
 from moshpit_keys import PrivateKey, ssh_string
@@ -213,6 +215,54 @@ def test_an_index_beyond_the_offer_is_refused(keys):
     flow.server.answer_offer(1)
     with pytest.raises(hs.HandshakeError, match="not offered"):
         flow.to_client()
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+VALID_OFFER = hs._encode_offer([PrivateKey.generate().public for _ in range(3)])
+
+
+@FUZZ
+@given(position=st.integers(0, 10 ** 6), xor=st.integers(0, 255),
+       cut=st.integers(0, len(VALID_OFFER)), junk=st.binary(max_size=200))
+def test_the_offer_parser_only_raises_value_error(position, xor, cut, junk):
+    data = bytearray(VALID_OFFER)
+    data[position % len(data)] ^= xor
+    for candidate in (bytes(data[:cut]), junk):
+        try:
+            hs._decode_offer(candidate)
+        except ValueError:
+            pass
+
+
+@FUZZ
+@given(step=st.integers(0, 5), position=st.integers(0, 10 ** 6), xor=st.integers(1, 255))
+def test_no_single_byte_change_in_an_offer_flow_completes(step, position, xor):
+    """With the offer step too, every byte is covered by the transcript or an AEAD tag."""
+    first, second = PrivateKey.generate(), PrivateKey.generate()
+    flow = Flow(None, PrivateKey.generate())
+    parties = [(flow.client, flow.server), (flow.server, flow.client)]
+    for index in range(6):
+        sender, receiver = parties[index % 2]
+        data = bytearray(sender.data_to_send())
+        if index == step:
+            data[position % len(data)] ^= xor
+        receiver.receive_data(bytes(data))
+        try:
+            event = receiver.next_event()
+        except hs.HandshakeError:
+            return
+        if isinstance(event, hs.HostKeyReceived):
+            receiver.offer([first.public, second.public])
+        elif isinstance(event, hs.KeysOffered):
+            receiver.answer_offer(1)
+        elif isinstance(event, hs.KeyAccepted):
+            receiver.authenticate(second)
+        elif isinstance(event, hs.AuthRequested):
+            receiver.accept(grant())
+        elif event is None and index:
+            return
+        assert not isinstance(event, hs.HandshakeComplete), "tampered handshake completed"
+    pytest.fail("the handshake took more steps than expected")
 
 
 # ---------------------------------------------------------------------------
