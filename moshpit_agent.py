@@ -273,7 +273,7 @@ class AgentClient:
         if listed is not None and all(found.public != key for found in listed):
             return f"ssh-agent no longer holds {name} (ssh-add it again)"
         return (f"ssh-agent refused to sign with {name}: the confirmation was denied (or it"
-                " could not ask: SSH_ASKPASS)")
+                " could not ask: SSH_ASKPASS; or the key is limited to some hosts: ssh-add -h)")
 
     def _request(self, message: bytes, timeout: float,
                  on_wait: Optional[Callable[[], None]] = None) -> Tuple[int, bytes]:

@@ -410,7 +410,8 @@ def test_a_confirm_each_use_key_asks_once(server, tmp_path, workdir, answer):
         lines = error_lines(result)
         assert lines == [f"mp: ssh-agent refused to sign with key 'confirm1'"
                          f" ({public_of(os.path.join(workdir, 'confirm1')).fingerprint()}):"
-                         " the confirmation was denied (or it could not ask: SSH_ASKPASS)"]
+                         " the confirmation was denied (or it could not ask: SSH_ASKPASS; or"
+                         " the key is limited to some hosts: ssh-add -h)"]
 
 
 @needs_agent
