@@ -173,7 +173,7 @@ def offer_bytes(count: int) -> bytes:
     (offer_bytes(2)[:-3], "truncated"),
     (offer_bytes(1) + b"x", "trailing"),
     (b"\x00\x01" + ssh_string(ssh_string(b"ssh-rsa") + ssh_string(b"x" * 32)), "ssh-rsa"),
-])
+], ids=["too many", "none", "truncated", "trailing bytes", "not ed25519"])
 def test_malformed_offers_are_protocol_errors(keys, blobs, match):
     host = keys[3]
     flow = Flow(None, host)
