@@ -434,15 +434,17 @@ class KeyRing:
             return self._candidates
         file_candidate, need_agent = self._file_candidate()
         agent_keys = self._agent_keys(need_agent)
-        candidates = []
         if file_candidate is not None:
-            candidates.append(file_candidate)
             in_agent = any(found.public == file_candidate.public for found in agent_keys)
-            if need_agent and not in_agent:
+            public_only = file_candidate.key is None and file_candidate.load is None
+            if public_only and not in_agent and need_agent:
                 raise AgentError(f"the private key of {file_candidate.label} is not in"
                                  f" ssh-agent ({self.agent.where()}): ssh-add it")
-            if in_agent and file_candidate.key is None:
+            if public_only and not in_agent:  # a .pub left without its private key:
+                file_candidate = None  # the agent's keys may do (as ssh)
+            elif in_agent and file_candidate.key is None:
                 file_candidate.load = None  # the agent signs it: no passphrase to ask
+        candidates = [file_candidate] if file_candidate is not None else []
         for identity in agent_keys:
             if file_candidate is not None and identity.public == file_candidate.public:
                 continue
@@ -451,20 +453,25 @@ class KeyRing:
                 break
             candidates.append(_Candidate(identity.public,
                                          f"agent key '{printable(identity.comment, 60)}'"))
-        if not candidates:  # nothing at all: the front end's flow (offer to generate a key)
+        if not candidates:
+            # Nothing at all: the front end says what to do (a key to generate, or a stray
+            # .pub that it never pairs with a new key).
             key = self._load()
             candidates = [_Candidate(key.public, self.path, key=key)]
         self._candidates = candidates
         return candidates
 
     def _file_candidate(self) -> Tuple[Optional[_Candidate], bool]:
-        """The key file's candidate (None: no file), and whether only the agent can sign it."""
+        """The key file's candidate (None: no file), and whether the agent must hold it (``-i``
+        naming a .pub); a private key file that is gone while its .pub stays gives a
+        candidate only the agent can sign, if it holds it."""
         path = self.path
         public_only = path if path.endswith(".pub") else (
             path + ".pub" if not os.path.lexists(path) and os.path.lexists(path + ".pub")
             else None)
-        if public_only is not None:
-            return _Candidate(moshpit_keys.load_public_key(public_only), public_only), True
+        if public_only is not None:  # only the agent can sign it; a named .pub must be there
+            return (_Candidate(moshpit_keys.load_public_key(public_only), public_only),
+                    public_only == path)
         if not os.path.lexists(path):
             return None, False
         if not moshpit_keys.private_key_is_encrypted(path):

@@ -326,6 +326,9 @@ def test_a_key_only_in_the_agent_logs_in(server, tmp_path, ssh_agent, workdir):
     # -i naming the .pub of a key only the agent holds, as ssh
     result = mp_run(server, tmp_path, ssh_agent.sock, "-i", os.path.join(workdir, "laptop.pub"))
     assert logged_in(result), result.stderr
+    # -i naming the private key file, gone while its .pub stays: the agent's copy signs
+    result = mp_run(server, tmp_path, ssh_agent.sock, "-i", os.path.join(workdir, "laptop"))
+    assert logged_in(result), result.stderr
 
 
 @needs_agent
