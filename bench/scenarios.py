@@ -568,6 +568,58 @@ class Forwarded(Scenario):
                 "echo_ratio": [statistics.median(busy) / statistics.median(idle)]}
 
 
+class ForwardedOutage(Scenario):
+    """A download through ``-L`` with a blackout of ``seconds`` both ways in the middle of
+    it: the transfer must complete with the sha256 of what was sent; wall time, and how
+    long after the network came back the last byte arrived."""
+
+    needs = "forward_outage"
+    samples_full = samples_quick = 1
+
+    def __init__(self, seconds: float, megabytes: float, in_quick: bool = False) -> None:
+        self.seconds, self.megabytes, self.in_quick = seconds, megabytes, in_quick
+        self.name = f"forward_outage_{seconds:g}s"
+        self.title = f"{megabytes:g} MB through -L across a {seconds:g} s outage"
+        self.rate_bps, self.queue_bytes = 8e6, 100_000  # so the transfer takes a while
+        self.timeout = 120.0 + seconds
+        self.budget = 120.0 + self.timeout
+        self.metrics = (Metric("seconds", self.title, "s", scale=1.0),
+                        Metric("after", "  last byte after the network returned", "s",
+                               scale=1.0))
+
+    def run(self, ctx: Context) -> dict:
+        data = os.urandom(int(self.megabytes * 1e6))
+        source = DataSource(data)
+        try:
+            local = free_port(BACK, "tcp")
+            ctx.session = ctx.open_session(("-L", f"{local}:{BACK}:{source.port}"))
+            self.condition(ctx.net)
+            result: dict = {}
+
+            def fetch() -> None:
+                try:
+                    result["digest"], result["seconds"] = download(local, self.timeout)
+                except OSError as err:
+                    result["error"] = err
+            transfer = threading.Thread(target=fetch, daemon=True)
+            started = time.monotonic()
+            transfer.start()
+            time.sleep(1.0)
+            if not transfer.is_alive():
+                raise ScenarioError("the transfer ended before the outage")
+            ctx.relay.blackout(self.seconds)
+            back = time.monotonic() + self.seconds
+            transfer.join(self.timeout)
+            if "error" in result or transfer.is_alive():
+                raise ScenarioError(f"the download failed: {result.get('error', 'timed out')}")
+            if result["digest"] != hashlib.sha256(data).digest():
+                raise ScenarioError("the forwarded bytes differ from the source (sha256)")
+        finally:
+            source.close()
+        return {"seconds": [result["seconds"]],
+                "after": [started + result["seconds"] - back]}
+
+
 class Outage(Scenario):
     """Blackout both ways; a command typed during it; time from the network's return
     until the command's output shows."""
@@ -753,6 +805,7 @@ SCENARIOS = (
               loss=0.10),
     Forwarded("forward_100mb", "100 MB through -L, 10% loss 40 ms RTT", 100.0, rtt=0.04,
               loss=0.10, in_quick=False),
+    ForwardedOutage(20.0, 4.0),
     Outage(5.0, samples=3, in_quick=True),
     Outage(20.0, samples=2, in_quick=False),
     Roam(),

@@ -258,6 +258,7 @@ class OpenSSH(Tool):
     uses_tcp = True
     lacks = {"loss": "TCP through a userspace relay cannot model packet loss",
              "outage": "a relay can only freeze TCP, not model a real outage",
+             "forward_outage": "a relay can only freeze TCP, not model a real outage",
              "roam": "ssh cannot follow an address change",
              "preauth": PREAUTH_NA,
              "fairness": FAIRNESS_NA}
@@ -331,7 +332,8 @@ class Mosh(Tool):
              "every_byte": "mosh sends screen states: it skips output, so bytes cannot be "
                            "checked",
              "fairness": FAIRNESS_NA,
-             "forward": "mosh has no port forwarding"}
+             "forward": "mosh has no port forwarding",
+             "forward_outage": "mosh has no port forwarding"}
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
     DETACHED = re.compile(rb"detached, pid = (\d+)")
 
