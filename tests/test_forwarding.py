@@ -422,6 +422,28 @@ def test_a_forwarded_transfer_survives_an_outage_and_a_resume(tmp_path, echo):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+def test_remote_listeners_stay_across_a_resume(tmp_path, echo):
+    """-R belongs to the session: through a 12 s outage and the resume handshake after it
+    the listener stays bound on the server, and connections through it work again."""
+    with MpsServer(tmp_path) as server:
+        front = random_front_alias()
+        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
+                   udp_ports=[server.udp_port]) as relay:
+            port = free_port()
+            with Forwarding(server, tmp_path, "-R", f"{port}:127.0.0.1:{echo.port}",
+                            host=front) as mp:
+                wait_for(lambda: echo_works(port), 30, "the -R forward")
+                relay.blackout(12.0)
+                time.sleep(6.0)
+                assert _listening(port)  # still bound while the client is away
+                wait_for(lambda: re.search(r"session \S+ resumed", server.log()), 40,
+                         "the resume")
+                wait_for(lambda: echo_works(port), 30, "the -R forward after the resume")
+                assert mp.close() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_a_forwarded_transfer_follows_the_client_roaming(tmp_path, echo):
     """The client's address changes twice mid-transfer (a NAT rebinding): the server
     validates the new address and the channel carries on, every byte once."""
