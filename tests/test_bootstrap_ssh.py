@@ -1,0 +1,199 @@
+"""``mp.py --ssh host``: a session with nothing installed on the server, through a real sshd on
+loopback logging in a throwaway user who has no moshpit files, no moshpit keys and no
+known_hosts entry. The server's Python comes from sshd's ``SetEnv PATH=...``: a directory
+whose ``python3`` has cryptography (a copy of ours, readable by the user), lacks it, or is
+missing. Checks what the user sees, the exit status, that ssh is gone once the session runs,
+and that nothing was written on the server's disk."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import cryptography
+import pytest
+from proc_util import PtyProcess, wait_for
+from server_util import REPO
+from sshd_util import SshdHost, sshd_binary_fixture  # noqa: F401  (the `sshd_binary` fixture)
+from users_util import _pids_of, users_fixture  # noqa: F401  (the `users` fixture)
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for sshd and throwaway users"),
+    pytest.mark.xdist_group("users"),
+]
+
+MP = os.path.join(REPO, "mp.py")
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="module", name="pythons")
+def pythons_fixture():
+    """Directories for the server's PATH, readable by any user: ``good`` (python3 = the
+    system Python with a copy of our cryptography), ``bare`` (python3 without
+    site-packages: no cryptography) and ``empty`` (no Python at all)."""
+    if not os.path.exists(SYSTEM_PYTHON):
+        pytest.skip(f"no {SYSTEM_PYTHON} for the throwaway user to run")
+    base = tempfile.mkdtemp(prefix="mp-ssh-pythons-")
+    try:
+        os.chmod(base, 0o755)
+        shutil.copytree(os.path.dirname(cryptography.__file__),
+                        os.path.join(base, "site", "cryptography"))
+        for name, line in (
+                ("good", f"PYTHONPATH={base}/site exec {SYSTEM_PYTHON} \"$@\""),
+                ("bare", f"exec {SYSTEM_PYTHON} -S \"$@\""),
+                ("empty", None)):
+            os.mkdir(os.path.join(base, name))
+            if line:
+                path = os.path.join(base, name, "python3")
+                with open(path, "w") as f:
+                    f.write(f"#!/bin/sh\n{line}\n")
+                os.chmod(path, 0o755)
+        for root, dirs, files in os.walk(base):
+            for name in dirs + files:
+                os.chmod(os.path.join(root, name), 0o755)
+        probe = subprocess.run(
+            [os.path.join(base, "good", "python3"), "-c",
+             "import sys; from cryptography.hazmat.primitives.asymmetric import ed25519;"
+             " sys.exit(sys.version_info < (3, 9))"],
+            user="nobody", capture_output=True, cwd="/", timeout=30)
+        if probe.returncode != 0:
+            pytest.skip(f"{SYSTEM_PYTHON} cannot use a copy of our cryptography: "
+                        f"{probe.stderr.decode(errors='replace').strip()[-200:]}")
+        yield {name: os.path.join(base, name) for name in ("good", "bare", "empty")}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(name="make_host")
+def make_host_fixture(sshd_binary, users, tmp_path):
+    """``make_host(path)``: a throwaway user on a fresh sshd whose sessions get PATH=path."""
+    made = []
+
+    def make(path: str) -> SshdHost:
+        host = SshdHost(os.fspath(tmp_path), users.user(), sshd_binary,
+                        extra_config=f"SetEnv PATH={path}\n")
+        made.append(host)
+        return host
+    try:
+        yield make
+    finally:
+        for host in made:
+            host.close()
+
+
+def written_by(uid: int, home: str) -> set:
+    """Every file under ``home`` (with its mtime), and whatever ``uid`` owns in the
+    temporary directories: what a bootstrap could have left on the server's disk."""
+    found = set()
+    for root, dirs, files in os.walk(home):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            found.add((path, os.lstat(path).st_mtime_ns))
+    for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                try:
+                    if os.lstat(path).st_uid == uid:
+                        found.add((path, 0))
+                except FileNotFoundError:
+                    pass
+    return found
+
+
+def children(pid: int, name: str) -> list:
+    """PIDs of ``pid``'s children running ``name``."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        if comm == name and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def process_names(uid: int) -> list:
+    names = []
+    for pid in _pids_of(uid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                names.append(f.read().split(b"\0")[0].decode(errors="replace"))
+        except FileNotFoundError:
+            pass
+    return names
+
+
+def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pythons):
+    host = make_host(pythons["good"])
+    uid = host.user.pw_uid
+    before = written_by(uid, host.user.pw_dir)
+    with PtyProcess([sys.executable, MP, "--ssh", "host"], env=host.env()) as term:
+        term.read_until("$ ", 30)  # the throwaway user's bash prompt
+        term.send("unset HISTFILE; echo $((6*7)) $USER\r")
+        term.read_until(f"42 {host.user.pw_name}", 15)
+        # The session goes on without ssh: mp's ssh has exited, and so has sshd's session
+        # process for the user (the server detached); the user runs only the session.
+        assert children(term.pid, "ssh") == []
+        wait_for(lambda: not any(name.startswith("sshd") for name in process_names(uid)),
+                 10, "sshd's session for the user to end")
+        term.send("exit 3\r")
+        assert term.wait(15) == 3
+    # The one-session server ends with its session.
+    wait_for(lambda: not _pids_of(uid), 15, "the user's processes to end")
+    assert written_by(uid, host.user.pw_dir) == before
+
+
+@pytest.mark.parametrize("python, expected", [
+    ("bare", r"mp: host: Python 3\.\d+\.\d+ \(/usr/bin/python3\): ModuleNotFoundError: No "
+             r"module named 'cryptography' cannot use the cryptography package: install it on"
+             r" the server: `apt install python3-cryptography`, `dnf install "
+             r"python3-cryptography`, `apk add py3-cryptography` or `pip install --user "
+             r"cryptography`"),
+    ("empty", r"mp: host has no Python 3\.9 or newer: install Python 3\.9 or newer on the "
+              r"server \(`apt install python3`, `dnf install python3`, `apk add python3`\)"),
+])
+def test_a_server_without_what_moshpit_needs_is_one_clear_line(make_host, pythons, python,
+                                                               expected):
+    host = make_host(pythons[python])
+    result = host.run(f"{sys.executable} {MP} --ssh host")
+    assert result.returncode == 255
+    assert re.fullmatch(expected + "\n", result.stderr), result.stderr
+    assert result.stdout == ""
+
+
+def ssh_cmd(host: SshdHost, key: str) -> str:
+    """An ssh with every option on its command line (no config file, no alias)."""
+    return (f"ssh -F /dev/null -p {host.port} -i {key} -o IdentitiesOnly=yes "
+            f"-o UserKnownHostsFile={host.dir}/known_hosts -o StrictHostKeyChecking=accept-new"
+            f" -o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=10")
+
+
+def test_ssh_cmd_with_options_and_a_command(make_host, pythons):
+    host = make_host(pythons["good"])
+    destination = f"{host.user.pw_name}@127.0.0.1"
+    result = host.run(f"{sys.executable} {MP} --ssh --ssh-cmd '{ssh_cmd(host, host.client_key)}'"
+                      f" {destination} -- 'echo $((6*7)); exit 5'")
+    assert (result.returncode, result.stdout, result.stderr) == (5, "42\n", "")
+
+
+def test_an_ssh_failure_is_summarized(make_host, pythons):
+    host = make_host(pythons["good"])
+    stranger = os.path.join(host.dir, "stranger")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stranger], check=True,
+                   capture_output=True, timeout=30)
+    destination = f"{host.user.pw_name}@127.0.0.1"
+    result = host.run(f"{sys.executable} {MP} --ssh --ssh-cmd '{ssh_cmd(host, stranger)}'"
+                      f" {destination}")
+    assert result.returncode == 255
+    assert result.stderr == (f"mp: ssh to {destination} failed: {destination}: Permission "
+                             "denied (publickey).\n")
