@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import glob
+import hashlib
 import io
 import ipaddress
 import json
@@ -66,6 +67,8 @@ REMOTE_ERROR_STATUS = 3  # the stub reported a MOSHPIT ERROR
 
 CONNECT_PREFIX = "MOSHPIT CONNECT "
 ERROR_PREFIX = "MOSHPIT ERROR "
+SEND_LINE = "MOSHPIT SEND"  # --ssh-cache: the server has no copy of the bundle
+CACHED_LINE = "MOSHPIT CACHED"  # --ssh-cache: it has (same SHA-256)
 MAX_LINE_BYTES = 1024  # a protocol line; longer output lines are passed on in pieces
 MAX_NOISE_BYTES = 64 * 1024  # login banners and rc-file output shown before the CONNECT line
 MAX_DETAIL_CHARS = 300  # an error line's detail
@@ -117,7 +120,7 @@ def remote_command() -> str:
 # The stub: exec'd by STAGE1 with Python >= 3.9 on the server. It must not need moshpit
 # (it checks what moshpit needs first) and writes nothing on the server.
 REMOTE_STUB = r'''
-import importlib.util, io, json, re, sys, zipfile
+import hashlib, importlib.util, io, json, os, re, sys, zipfile
 
 def fail(code, detail):
     sys.stdout.write("MOSHPIT ERROR %s %s\n" % (code, " ".join(str(detail).split())[:300]))
@@ -161,14 +164,59 @@ class BundleImporter:
         code = compile(self.get_source(module.__name__), module.__spec__.origin, "exec")
         exec(code, module.__dict__)
 
+def say(line):
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+def cache_path(digest):
+    """mp --ssh-cache: where the bundle is kept, named by its SHA-256."""
+    top = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(top, "moshpit", "moshpit-%s.pyz" % digest)
+
+def from_cache(path, digest):
+    """The cached bundle if it is there and its hash is the one the client sent."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BUNDLE_BYTES + 1)
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == digest else None
+
+def to_cache(path, data):
+    """Keep the bundle (0600 in a 0700 directory, written aside then renamed) in place of
+    any other version; best effort: a session does not need its cache."""
+    directory = os.path.dirname(path)
+    aside = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        os.makedirs(directory, 0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(aside, path)
+        for name in os.listdir(directory):
+            other = os.path.join(directory, name)
+            if name.startswith("moshpit-") and name.endswith(".pyz") and other != path:
+                os.unlink(other)
+    except OSError:
+        pass
+
 stdin = sys.stdin.buffer
 params = json.loads(stdin.readline(MAX_HEADER_BYTES))
-size = params["bundle_bytes"]
-if not 0 < size <= MAX_BUNDLE_BYTES:
-    fail("server", "bad bundle size %r" % (size,))
-bundle = stdin.read(size)
-if len(bundle) != size:
-    fail("server", "the bundle was cut short (%d of %d bytes)" % (len(bundle), size))
+size, digest, cache = params["bundle_bytes"], params["bundle_sha256"], params.get("cache")
+if not (0 < size <= MAX_BUNDLE_BYTES and re.fullmatch("[0-9a-f]{64}", digest)):
+    fail("server", "bad bundle size or hash")
+bundle = from_cache(cache_path(digest), digest) if cache else None
+if bundle is not None:
+    say("MOSHPIT CACHED")
+else:
+    if cache:
+        say("MOSHPIT SEND")
+    bundle = stdin.read(size)
+    if len(bundle) != size or hashlib.sha256(bundle).hexdigest() != digest:
+        fail("server", "the bundle was cut short or damaged (%d of %d bytes)" % (len(bundle), size))
+    if cache:
+        to_cache(cache_path(digest), bundle)
 sys.dont_write_bytecode = True
 sys.meta_path.insert(0, BundleImporter(zipfile.ZipFile(io.BytesIO(bundle))))
 try:
@@ -205,14 +253,17 @@ def bundle_bytes() -> bytes:
     return out.getvalue()
 
 
-def payload(bundle: bytes, client_key: keys.PublicKey,
-            unused_exit_secs: float = UNUSED_EXIT_SECS) -> bytes:
-    """Everything the client writes to ssh's stdin (the module docstring's layout)."""
+def preamble(bundle: bytes, client_key: keys.PublicKey, cache: bool = False,
+             unused_exit_secs: float = UNUSED_EXIT_SECS) -> bytes:
+    """What the client writes to ssh's stdin before the bundle: the stub and its header
+    (the module docstring's layout). The bundle follows at once, or with ``cache`` only if
+    the server answers MOSHPIT SEND (it had no copy with the bundle's SHA-256)."""
     stub = REMOTE_STUB.encode()
     header = json.dumps({"bundle_bytes": len(bundle),
+                         "bundle_sha256": hashlib.sha256(bundle).hexdigest(), "cache": cache,
                          "client_key": base64.b64encode(client_key.blob).decode("ascii"),
                          "unused_exit_secs": unused_exit_secs}).encode()
-    return b"%d\n" % len(stub) + stub + header + b"\n" + bundle
+    return b"%d\n" % len(stub) + stub + header + b"\n"
 
 
 # ---------------------------------------------------------------------------
@@ -262,13 +313,16 @@ class RemoteError(NamedTuple):
 class OutputReader:
     """Reads ssh's stdout: lines before ours (motd, rc files) are noise to show the user,
     up to MAX_NOISE_BYTES; the first CONNECT or ERROR line is the answer. Feed bytes; after
-    each feed, ``result`` is None (more needed), a Connect or a RemoteError."""
+    each feed, ``result`` is None (more needed), a Connect or a RemoteError, and
+    ``send_bundle`` / ``cached`` tell what the server said about its cache."""
 
     def __init__(self):
         self._buf = bytearray()
         self.noise: List[str] = []
         self._noise_bytes = 0
         self.result = None
+        self.send_bundle = False
+        self.cached = False
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -288,6 +342,10 @@ class OutputReader:
         text = line.decode("ascii", "replace")
         if text.startswith(CONNECT_PREFIX):
             self.result = parse_connect_line(text)
+        elif text == SEND_LINE:
+            self.send_bundle = True
+        elif text == CACHED_LINE:
+            self.cached = True
         elif text.startswith(ERROR_PREFIX):
             code, _, detail = text[len(ERROR_PREFIX):].partition(" ")
             self.result = RemoteError(moshpit.printable(code, 40),
@@ -309,8 +367,8 @@ def explain_remote_error(error: RemoteError, host: str) -> str:
         found = f" (found:{error.detail})" if error.detail.strip() != "none found" else ""
         return f"{host} has no Python 3.9 or newer{found}: {INSTALL_PYTHON}"
     if error.code == "no-cryptography":
-        return f"{host}: {error.detail} cannot use the cryptography package: " \
-               f"{INSTALL_CRYPTOGRAPHY}"
+        where, _, why = error.detail.partition(": ")
+        return f"{host}: {where} cannot use cryptography ({why}): {INSTALL_CRYPTOGRAPHY}"
     if error.code == "old-cryptography":
         need = ".".join(map(str, MIN_CRYPTOGRAPHY))
         return (f"{host}: {error.detail}, moshpit needs {need} or newer: "
@@ -341,6 +399,7 @@ class Started(NamedTuple):
     client_key: keys.PrivateKey
     noise: List[str]
     stderr: str
+    cached: bool  # --ssh-cache: the server had the bundle, it was not sent
 
 
 def ssh_argv(ssh_command: str, destination: str, login: Optional[str] = None) -> List[str]:
@@ -353,12 +412,14 @@ def ssh_argv(ssh_command: str, destination: str, login: Optional[str] = None) ->
 
 
 def start_over_ssh(ssh_command: str, destination: str, login: Optional[str] = None,
-                   wait_secs: float = CONNECT_WAIT_SECS) -> Started:
+                   cache: bool = False, wait_secs: float = CONNECT_WAIT_SECS) -> Started:
     """Run ssh, stream the stub and the bundle into the server's Python, and return its
-    CONNECT line once ssh has ended (the server detached). Raises MoshpitError with one line
-    for every failure: ssh's, the server's (explain_remote_error), or silence."""
+    CONNECT line once ssh has ended (the server detached). With ``cache`` the server keeps
+    the bundle (~/.cache/moshpit) and the client sends it only when asked. Raises
+    MoshpitError with one line for every failure: ssh's, the server's
+    (explain_remote_error), or silence."""
     client_key = keys.PrivateKey.generate("mp --ssh")
-    data = payload(bundle_bytes(), client_key.public)
+    bundle = bundle_bytes()
     argv = ssh_argv(ssh_command, destination, login)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -367,15 +428,17 @@ def start_over_ssh(ssh_command: str, destination: str, login: Optional[str] = No
         raise MoshpitError(f"cannot run {argv[0]}: {err.strerror or err} (install the "
                            "OpenSSH client or pass --ssh-command)")
     stderr = _Collector(proc.stderr)
-    threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True,
-                     name="ssh-stdin").start()
+    feeder = _Feeder(proc.stdin)
+    first = preamble(bundle, client_key.public, cache)
+    feeder.write(first if cache else first + bundle, close=not cache)
     try:
-        reader = _read_answer(proc, wait_secs, destination)
+        reader = _read_answer(proc, wait_secs, destination,
+                              lambda: feeder.write(bundle, close=True))
         status = _wait(proc, SSH_EXIT_WAIT_SECS if reader.result is not None else wait_secs)
         stderr.done.wait(1.0)
         said = stderr.text()
         if isinstance(reader.result, Connect):
-            return Started(reader.result, client_key, reader.noise, said)
+            return Started(reader.result, client_key, reader.noise, said, reader.cached)
         if isinstance(reader.result, RemoteError):
             raise MoshpitError(explain_remote_error(reader.result, destination))
         raise MoshpitError(explain_ssh_failure(destination, status, said))
@@ -385,8 +448,11 @@ def start_over_ssh(ssh_command: str, destination: str, login: Optional[str] = No
             proc.wait()
 
 
-def _read_answer(proc: subprocess.Popen, wait_secs: float, host: str) -> OutputReader:
+def _read_answer(proc: subprocess.Popen, wait_secs: float, host: str,
+                 send_bundle) -> OutputReader:
+    """ssh's stdout up to the answer; ``send_bundle()`` once if the server asks for it."""
     reader = OutputReader()
+    asked = False
     fd = proc.stdout.fileno()
     deadline = time.monotonic() + wait_secs
     while reader.result is None:
@@ -400,6 +466,9 @@ def _read_answer(proc: subprocess.Popen, wait_secs: float, host: str) -> OutputR
         if not data:
             break
         reader.feed(data)
+        if reader.send_bundle and not asked:
+            asked = True
+            send_bundle()
     return reader
 
 
@@ -411,14 +480,38 @@ def _wait(proc: subprocess.Popen, secs: float) -> int:
         return -1
 
 
-def _feed(pipe, data: bytes) -> None:
-    """(Thread.) Write ``data`` to ssh's stdin and close it; a server that exits early (an
-    error line) closes its end, which is not our error to report."""
-    try:
-        pipe.write(data)
-        pipe.close()
-    except (BrokenPipeError, OSError, ValueError):
-        pass
+class _Feeder:
+    """Writes to ssh's stdin from a thread (so reading its output never waits on a full
+    pipe), one write after the other. A server that exits early (an error line) closes its
+    end: not our error to report."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._thread: Optional[threading.Thread] = None
+
+    def write(self, data: bytes, close: bool) -> None:
+        previous = self._thread
+
+        def run() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                self.pipe.write(data)
+                self.pipe.flush()
+            except (OSError, ValueError):
+                return
+            if close:
+                self.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="ssh-stdin")
+        self._thread.start()
+
+    def close(self) -> None:
+        """(The writing thread.) No more input: the server reads nothing after the bundle."""
+        try:
+            self.pipe.close()
+        except (OSError, ValueError):
+            pass
 
 
 class _Collector:

@@ -80,8 +80,8 @@ def test_error_lines_become_one_line_naming_what_to_install():
                 b"ModuleNotFoundError: No module named 'cryptography'\n")
     message = boot.explain_remote_error(reader.result, "host")
     assert message == (
-        "host: Python 3.11.2 (/usr/bin/python3): ModuleNotFoundError: No module named "
-        "'cryptography' cannot use the cryptography package: install it on the server: "
+        "host: Python 3.11.2 (/usr/bin/python3) cannot use cryptography (ModuleNotFoundError:"
+        " No module named 'cryptography'): install it on the server: "
         "`apt install python3-cryptography`, `dnf install python3-cryptography`, "
         "`apk add py3-cryptography` or `pip install --user cryptography`")
     old = boot.explain_remote_error(boot.RemoteError(
@@ -170,7 +170,8 @@ def run_remote(tmp_path, path: str, client_key: keys.PublicKey, unused_exit_secs
     """The remote command with stdin as the client sends it, SSH_CONNECTION on loopback."""
     env = {"PATH": path, "HOME": home or str(tmp_path), "LANG": "C.UTF-8",
            "SSH_CONNECTION": "127.0.0.1 40000 127.0.0.1 22"}
-    data = boot.payload(boot.bundle_bytes(), client_key, unused_exit_secs)
+    bundle = boot.bundle_bytes()
+    data = boot.preamble(bundle, client_key, unused_exit_secs=unused_exit_secs) + bundle
     return subprocess.run(["/bin/sh", "-c", boot.remote_command()], input=data, env=env,
                           capture_output=True, timeout=30, cwd=str(tmp_path))
 

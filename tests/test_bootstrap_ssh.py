@@ -7,9 +7,11 @@ and that nothing was written on the server's disk."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -154,8 +156,8 @@ def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pyt
 
 
 @pytest.mark.parametrize("python, expected", [
-    ("bare", r"mp: host: Python 3\.\d+\.\d+ \(/usr/bin/python3\): ModuleNotFoundError: No "
-             r"module named 'cryptography' cannot use the cryptography package: install it on"
+    ("bare", r"mp: host: Python 3\.\d+\.\d+ \(/usr/bin/python3\) cannot use cryptography "
+             r"\(ModuleNotFoundError: No module named 'cryptography'\): install it on"
              r" the server: `apt install python3-cryptography`, `dnf install "
              r"python3-cryptography`, `apk add py3-cryptography` or `pip install --user "
              r"cryptography`"),
@@ -197,3 +199,36 @@ def test_an_ssh_failure_is_summarized(make_host, pythons):
     assert result.returncode == 255
     assert result.stderr == (f"mp: ssh to {destination} failed: {destination}: Permission "
                              "denied (publickey).\n")
+
+
+def test_ssh_cache_keeps_the_modules_checked_by_their_hash(make_host, pythons):
+    host = make_host(pythons["good"])
+    cache = os.path.join(host.user.pw_dir, ".cache", "moshpit")
+    log_path = os.path.join(host.home, ".config", "moshpit", "logs", "moshpit.log")
+
+    def run_and_say() -> str:
+        result = host.run(f"{sys.executable} {MP} --ssh --ssh-cache host -- echo ok")
+        assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
+        with open(log_path) as f:
+            said = re.findall(r"bootstrapped over ssh \(modules ([a-z ]+)\)", f.read())
+        return said[-1]
+
+    def cached_file() -> tuple:
+        [name] = os.listdir(cache)
+        path = os.path.join(cache, name)
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        info, top = os.stat(path), os.stat(cache)
+        assert name == f"moshpit-{digest}.pyz"
+        assert (stat.S_IMODE(top.st_mode), stat.S_IMODE(info.st_mode)) == (0o700, 0o600)
+        assert top.st_uid == info.st_uid == host.user.pw_uid
+        return path, info.st_mtime_ns
+
+    assert run_and_say() == "sent"
+    path, mtime = cached_file()
+    assert run_and_say() == "cached on the server"
+    assert cached_file() == (path, mtime)  # read, not rewritten
+    with open(path, "r+b") as f:  # a damaged (or planted) copy is never run
+        f.write(b"PK\x03\x04 not the bundle")
+    assert run_and_say() == "sent"
+    assert cached_file()[0] == path
