@@ -232,3 +232,20 @@ def test_ssh_cache_keeps_the_modules_checked_by_their_hash(make_host, pythons):
         f.write(b"PK\x03\x04 not the bundle")
     assert run_and_say() == "sent"
     assert cached_file()[0] == path
+
+
+def test_from_moshpit_pyz_the_server_gets_that_very_file(make_host, pythons, tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    build = tmp_path / "dist"
+    made = subprocess.run(["make", "-s", "dist", f"DIST={build}", f"PYTHON={sys.executable}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stdout + made.stderr
+    pyz = os.path.join(build, "moshpit.pyz")
+    host = make_host(pythons["good"])
+    result = host.run(f"{sys.executable} {pyz} mp --ssh --ssh-cache host -- echo ok")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
+    cache = os.path.join(host.user.pw_dir, ".cache", "moshpit")
+    [name] = os.listdir(cache)
+    with open(os.path.join(cache, name), "rb") as sent, open(pyz, "rb") as built:
+        assert sent.read() == built.read()
