@@ -400,6 +400,7 @@ class Started(NamedTuple):
     noise: List[str]
     stderr: str
     cached: bool  # --ssh-cache: the server had the bundle, it was not sent
+    ssh_status: int  # 0: ssh ended by itself once the server detached; -1: it was killed
 
 
 def ssh_argv(ssh_command: str, destination: str, login: Optional[str] = None) -> List[str]:
@@ -438,7 +439,8 @@ def start_over_ssh(ssh_command: str, destination: str, login: Optional[str] = No
         stderr.done.wait(1.0)
         said = stderr.text()
         if isinstance(reader.result, Connect):
-            return Started(reader.result, client_key, reader.noise, said, reader.cached)
+            return Started(reader.result, client_key, reader.noise, said, reader.cached,
+                           status)
         if isinstance(reader.result, RemoteError):
             raise MoshpitError(explain_remote_error(reader.result, destination))
         raise MoshpitError(explain_ssh_failure(destination, status, said))

@@ -1443,9 +1443,10 @@ class SshConnector(Connector):
         connect = started.connect
         host = moshpit_bootstrap.pick_address(
             moshpit_bootstrap.ssh_hostname(ssh_command, destination, login), connect.address)
-        log.info("bootstrapped over ssh (modules %s): %s@%s port %d, host key %s",
-                 "cached on the server" if started.cached else "sent", connect.user, host,
-                 connect.port, connect.host_key.fingerprint())
+        log.info("bootstrapped over ssh (modules %s, ssh exit status %d): %s@%s port %d, "
+                 "host key %s", "cached on the server" if started.cached else "sent",
+                 started.ssh_status, connect.user, host, connect.port,
+                 connect.host_key.fingerprint())
         self.target = Target(connect.user, host, connect.port, command=command, pty=pty)
         self.identity = moshpit_handshake.LazyIdentity(lambda: started.client_key)
         self.hostcheck = moshpit_bootstrap.PinnedHostKey(connect.host_key, host)
@@ -1497,13 +1498,13 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
     (a PTY when stdin is a terminal). ``attach``: take over that session (mp --attach;
     "": the latest detached one). ``ssh_command``: mp --ssh, through that ssh (and
     ``ssh_cache``: --ssh-cache)."""
+    moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     if ssh_command is not None:
         connector = SshConnector(config, prompter, ssh_command, ssh_cache, login, command,
                                  pty)
     else:
         connector = Connector(config, prompter, login, login_first, command, pty)
     target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
-    moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
     waker = Waker()
     router = SignalRouter(waker)
     guard = TerminalGuard(0, 1, raw=target.pty)

@@ -246,3 +246,37 @@ def test_the_one_session_server_admits_only_its_key_and_user_then_leaves(tmp_pat
              interval=0.5)
     assert time.monotonic() - started >= 3.0
     assert set(os.listdir(tmp_path)) == before  # nothing written in HOME or the cwd
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ssh-cache", "h"], "mp: --ssh-cache goes with --ssh\n"),
+    (["--ssh", "--list", "h"], "mp: --ssh starts a server for one new session: --list, "
+                               "--attach and --kill need a running mps\n"),
+    (["--ssh"], "mp: --ssh needs a destination: mp --ssh [user@]host\n"),
+    (["--ssh", "--ssh-cmd", "/nonexistent/ssh", "h"],
+     "mp: cannot run /nonexistent/ssh: No such file or directory (install the OpenSSH client"
+     " or pass --ssh-command)\n"),
+])
+def test_mp_ssh_usage_errors(tmp_path, args, message):
+    mp = os.path.join(os.path.dirname(os.path.abspath(boot.__file__)), "mp.py")
+    result = subprocess.run([sys.executable, mp, *args], capture_output=True, text=True,
+                            env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]},
+                            stdin=subprocess.DEVNULL, timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (255, "", message)
+
+
+def test_no_connect_line_names_the_exit_status_and_the_last_error():
+    # --ssh-cmd is any program: here one that says something on stderr and exits 3 (ssh's
+    # arguments after it are $0, $1... of the script, ignored).
+    with pytest.raises(moshpit.MoshpitError) as err:
+        boot.start_over_ssh("sh -c 'echo hello; echo Killed >&2; exit 3'", "h")
+    assert str(err.value) == ("the moshpit server on h did not start (no MOSHPIT CONNECT line;"
+                              " the remote command exited with status 3): Killed")
+
+
+def test_silence_ends_with_a_clear_line_and_kills_ssh():
+    started = time.monotonic()
+    with pytest.raises(moshpit.MoshpitError, match=r"no answer from the moshpit bootstrap on h "
+                                                   r"in 1 s \(ssh still running"):
+        boot.start_over_ssh("sh -c 'exec sleep 30'", "h", wait_secs=1.0)
+    assert time.monotonic() - started < 5

@@ -143,9 +143,11 @@ def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pyt
         term.read_until("$ ", 30)  # the throwaway user's bash prompt
         term.send("unset HISTFILE; echo $((6*7)) $USER\r")
         term.read_until(f"42 {host.user.pw_name}", 15)
-        # The session goes on without ssh: mp's ssh has exited, and so has sshd's session
-        # process for the user (the server detached); the user runs only the session.
+        # The session goes on without ssh: mp's ssh has exited by itself (the server
+        # detached), and so has sshd's session process for the user.
         assert children(term.pid, "ssh") == []
+        with open(os.path.join(host.home, ".config", "moshpit", "logs", "moshpit.log")) as f:
+            assert "(modules sent, ssh exit status 0)" in f.read()
         wait_for(lambda: not any(name.startswith("sshd") for name in process_names(uid)),
                  10, "sshd's session for the user to end")
         term.send("exit 3\r")
@@ -210,7 +212,7 @@ def test_ssh_cache_keeps_the_modules_checked_by_their_hash(make_host, pythons):
         result = host.run(f"{sys.executable} {MP} --ssh --ssh-cache host -- echo ok")
         assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
         with open(log_path) as f:
-            said = re.findall(r"bootstrapped over ssh \(modules ([a-z ]+)\)", f.read())
+            said = re.findall(r"bootstrapped over ssh \(modules ([a-z ]+),", f.read())
         return said[-1]
 
     def cached_file() -> tuple:
