@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -135,6 +136,28 @@ def process_names(uid: int) -> list:
     return names
 
 
+def client_log(host: SshdHost) -> str:
+    """mp's log file on the laptop side."""
+    return os.path.join(host.home, ".config", "moshpit", "logs", "moshpit.log")
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def bootstrapped_server(uid: int) -> int:
+    """The pid of the one-session server ssh started for ``uid`` (the stub's python)."""
+    for pid in _pids_of(uid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"sys.stdin.buffer" in f.read():
+                    return pid
+        except FileNotFoundError:
+            pass
+    return 0
+
+
 def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pythons):
     host = make_host(pythons["good"])
     uid = host.user.pw_uid
@@ -146,8 +169,7 @@ def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pyt
         # The session goes on without ssh: mp's ssh has exited by itself (the server
         # detached), and so has sshd's session process for the user.
         assert children(term.pid, "ssh") == []
-        with open(os.path.join(host.home, ".config", "moshpit", "logs", "moshpit.log")) as f:
-            assert "(modules sent, ssh exit status 0)" in f.read()
+        assert "(modules sent, ssh exit status 0)" in read(client_log(host))
         wait_for(lambda: not any(name.startswith("sshd") for name in process_names(uid)),
                  10, "sshd's session for the user to end")
         term.send("exit 3\r")
@@ -155,6 +177,28 @@ def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pyt
     # The one-session server ends with its session.
     wait_for(lambda: not _pids_of(uid), 15, "the user's processes to end")
     assert written_by(uid, host.user.pw_dir) == before
+
+
+def test_a_bootstrapped_session_resumes_after_an_outage(make_host, pythons):
+    """The server stops answering (SIGSTOP) past the client's resume time: the client hops
+    and resumes with a handshake to the same one-session server (pinned host key, this
+    session's key), and nothing typed meanwhile is lost."""
+    host = make_host(pythons["good"])
+    log_path = client_log(host)
+    with PtyProcess([sys.executable, MP, "--ssh", "host"], env=host.env()) as term:
+        term.read_until("$ ", 30)
+        server = wait_for(lambda: bootstrapped_server(host.user.pw_uid), 10, "the server")
+        os.kill(server, signal.SIGSTOP)
+        try:
+            term.send("unset HISTFILE; echo $((7*8))\r")
+            wait_for(lambda: "resume handshake #1" in read(log_path), 20,
+                     "the client to try a resume")
+        finally:
+            os.kill(server, signal.SIGCONT)
+        term.read_until("56", 20)
+        wait_for(lambda: "session resumed" in read(log_path), 20, "the resume")
+        term.send("exit 4\r")
+        assert term.wait(15) == 4
 
 
 @pytest.mark.parametrize("python, expected", [
@@ -206,13 +250,11 @@ def test_an_ssh_failure_is_summarized(make_host, pythons):
 def test_ssh_cache_keeps_the_modules_checked_by_their_hash(make_host, pythons):
     host = make_host(pythons["good"])
     cache = os.path.join(host.user.pw_dir, ".cache", "moshpit")
-    log_path = os.path.join(host.home, ".config", "moshpit", "logs", "moshpit.log")
 
     def run_and_say() -> str:
         result = host.run(f"{sys.executable} {MP} --ssh --ssh-cache host -- echo ok")
         assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
-        with open(log_path) as f:
-            said = re.findall(r"bootstrapped over ssh \(modules ([a-z ]+),", f.read())
+        said = re.findall(r"bootstrapped over ssh \(modules ([a-z ]+),", read(client_log(host)))
         return said[-1]
 
     def cached_file() -> tuple:
