@@ -152,7 +152,9 @@ class BundleImporter:
     def find_spec(self, name, path=None, target=None):
         if "." in name or name + ".py" not in self.names:
             return None
-        return importlib.util.spec_from_loader(name, self, origin="moshpit-bundle/" + name)
+        spec = importlib.util.spec_from_loader(name, self, origin="mp-ssh-bundle/%s.py" % name)
+        spec.has_location = True  # a __file__ (a name only: moshpit.bundle_path() reads it)
+        return spec
 
     def create_module(self, spec):
         return None
