@@ -6,8 +6,11 @@ newer on the server (``python3``, ``python3.13`` ... ``python3.9``, platform-pyt
 binary safe) the client then streams, in this order:
 
     <len>\\n <stub>           the remote stub (REMOTE_STUB), exec'd by STAGE1
-    <json header>\\n          bundle size, this session's client public key, wait time
-    <bundle>                 moshpit's modules: the zip ``make dist`` builds (moshpit.pyz)
+    <json header>\\n          bundle size and SHA-256, cache wanted, this session's client
+                             public key, how long to wait for the client
+    <bundle>                 moshpit's modules: the zip ``make dist`` builds (moshpit.pyz);
+                             with --ssh-cache only after the server says MOSHPIT SEND (no
+                             copy with that hash in ~/.cache/moshpit; else MOSHPIT CACHED)
 
 The stub checks ``cryptography`` (imports, version, and that Ed25519/X25519/ChaCha20 work),
 imports the modules from the bundle *in memory* (BundleImporter: nothing is written on the
@@ -101,7 +104,8 @@ STAGE1 = "import sys;b=sys.stdin.buffer;exec(b.read(int(b.readline(20))))"
 STAGE0 = (
     "F=; M=; for P in " + " ".join(PYTHON_CANDIDATES) + "; do "
     "command -v $P >/dev/null 2>&1 || continue; "
-    "if $P -c \"import sys; sys.exit(sys.version_info < (3, 9))\" 2>/dev/null; then "
+    "if $P -c \"import sys; sys.exit(sys.version_info < " + repr(MIN_PYTHON) + ")\" "
+    "2>/dev/null; then "
     "$P -c \"import cryptography\" 2>/dev/null && exec $P -c \"" + STAGE1 + "\"; "
     "M=${M:-$P}; "
     "else F=\"$F $P=$($P -V 2>&1)\"; fi; "

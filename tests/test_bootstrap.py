@@ -217,6 +217,15 @@ def test_a_python_without_cryptography(tmp_path):
     assert "No module named 'cryptography'" in reader.result.detail
 
 
+def test_a_python_with_cryptography_is_preferred(tmp_path):
+    both = python_dir(tmp_path, "both", f"{sys.executable} -S")  # python3: no cryptography
+    with open(os.path.join(both, "python3.12"), "w") as f:  # python3.12: ours, with it
+        f.write(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    os.chmod(os.path.join(both, "python3.12"), 0o755)
+    result = run_remote(tmp_path, both, HOST_KEY, unused_exit_secs=0.5)
+    assert result.returncode == 0 and result.stdout.startswith(b"MOSHPIT CONNECT "), result
+
+
 def test_the_one_session_server_admits_only_its_key_and_user_then_leaves(tmp_path):
     """The stub answers CONNECT and detaches (the remote command has exited); the server
     refuses another key and another user (the attack: someone on the server's network
