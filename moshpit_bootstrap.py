@@ -599,12 +599,14 @@ class PinnedHostKey:
 
 
 def server_address(environ) -> str:
-    """The address the ssh client connected to (SSH_CONNECTION's third field)."""
+    """The address the ssh client connected to (SSH_CONNECTION's third field); an
+    IPv4-mapped IPv6 address (sshd on a dual-stack socket) as the IPv4 address it is."""
     fields = environ.get("SSH_CONNECTION", "").split()
     if len(fields) != 4:
         raise MoshpitError("SSH_CONNECTION is not set: mp --ssh must run through sshd")
     try:
-        return str(ipaddress.ip_address(fields[2].split("%")[0]))
+        address = ipaddress.ip_address(fields[2].split("%")[0])
+        return str(getattr(address, "ipv4_mapped", None) or address)
     except ValueError:
         raise MoshpitError(f"SSH_CONNECTION has no server address: "
                            f"{moshpit.printable(fields[2], 60)!r}") from None

@@ -148,6 +148,8 @@ def test_the_pinned_host_key_refuses_any_other():
 
 def test_server_address_from_ssh_connection():
     assert boot.server_address({"SSH_CONNECTION": "10.1.1.1 5000 10.0.0.5 22"}) == "10.0.0.5"
+    assert boot.server_address({"SSH_CONNECTION": "::1 5000 ::ffff:10.0.0.5 22"}) == "10.0.0.5"
+    assert boot.server_address({"SSH_CONNECTION": "::1 5000 2001:db8::1 22"}) == "2001:db8::1"
     for bad in ({}, {"SSH_CONNECTION": "1 2 3"}, {"SSH_CONNECTION": "a b host 22"}):
         with pytest.raises(moshpit.MoshpitError, match="SSH_CONNECTION"):
             boot.server_address(bad)
