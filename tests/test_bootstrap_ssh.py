@@ -75,11 +75,12 @@ def pythons_fixture():
 
 @pytest.fixture(name="make_host")
 def make_host_fixture(sshd_binary, users, tmp_path):
-    """``make_host(path)``: a throwaway user on a fresh sshd whose sessions get PATH=path."""
+    """``make_host(path, shell)``: a throwaway user (login shell ``shell``) on a fresh sshd
+    whose sessions get PATH=path."""
     made = []
 
-    def make(path: str) -> SshdHost:
-        host = SshdHost(os.fspath(tmp_path), users.user(), sshd_binary,
+    def make(path: str, shell: str = "/bin/bash") -> SshdHost:
+        host = SshdHost(os.fspath(tmp_path), users.user(shell=shell), sshd_binary,
                         extra_config=f"SetEnv PATH={path}\n")
         made.append(host)
         return host
@@ -226,11 +227,16 @@ def ssh_cmd(host: SshdHost, key: str) -> str:
             f" -o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=10")
 
 
-def test_ssh_cmd_with_options_and_a_command(make_host, pythons):
-    host = make_host(pythons["good"])
+@pytest.mark.parametrize("shell", ["/bin/bash", "/usr/bin/zsh", "/usr/bin/fish"])
+def test_ssh_cmd_with_options_and_a_command(make_host, pythons, shell):
+    """Any login shell runs the bootstrap command (it only execs /bin/sh); the remote
+    command then runs in that shell, as with ssh."""
+    if not os.path.exists(shell):
+        pytest.skip(f"{shell} is not installed")
+    host = make_host(pythons["good"], shell)
     destination = f"{host.user.pw_name}@127.0.0.1"
     result = host.run(f"{sys.executable} {MP} --ssh --ssh-cmd '{ssh_cmd(host, host.client_key)}'"
-                      f" {destination} -- 'echo $((6*7)); exit 5'")
+                      f" {destination} -- 'expr 6 + 36; exit 5'")
     assert (result.returncode, result.stdout, result.stderr) == (5, "42\n", "")
 
 
