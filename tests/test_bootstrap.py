@@ -200,6 +200,22 @@ def listening(port: int) -> bool:
     return True
 
 
+class Offering:
+    """An identity that offers its keys before signing, as mp's KeyRing does."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def offers(self):
+        return [key.public for key in self.keys]
+
+    def signer(self, public):
+        return next(key for key in self.keys if key.public == public)
+
+    def tried(self):
+        return ""
+
+
 def test_no_python_on_the_path(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -253,6 +269,8 @@ def test_the_one_session_server_admits_only_its_key_and_user_then_leaves(tmp_pat
         attempt(keys.PrivateKey.generate("intruder"), connect.user)
     with pytest.raises(handshake.AuthRefused):
         attempt(client, "nobody")
+    with pytest.raises(handshake.AuthRefused):  # offered first (as ssh-agent keys are)
+        attempt(Offering([keys.PrivateKey.generate("agent key")]), connect.user)
     wait_for(lambda: not listening(connect.port), 10, "the unused server to exit",
              interval=0.5)
     assert time.monotonic() - started >= 3.0
