@@ -60,6 +60,7 @@ import tty
 
 import moshpit
 import moshpit_agent
+import moshpit_bootstrap
 import moshpit_channels
 import moshpit_handshake
 import moshpit_keys
@@ -130,9 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of connecting, authorize your public key (-k) for "
                    "SERVER_DESTINATION through the system ssh, like ssh-copy-id: appends it "
                    "once to ~/.mp/authorized_keys there (made 0600, ~/.mp 0700)")
-    p.add_argument("--ssh-command", metavar="COMMAND", default="ssh",
-                   help="the ssh that --copy-id runs, with its options "
-                   "(default: ssh; e.g. \"ssh -p 2222\")")
+    p.add_argument("--ssh-command", "--ssh-cmd", metavar="COMMAND", default="ssh",
+                   help="the ssh that --copy-id and --ssh run, with its options "
+                   "(default: ssh; e.g. \"ssh -p 2222 -J jump\")")
+    p.add_argument("--ssh", action="store_true",
+                   help="nothing installed on the server: start a server for this one "
+                   "session through the system ssh (needs python3 >= 3.9 with cryptography "
+                   "there; no moshpit key or known_hosts entry needed)")
+    p.add_argument("--ssh-cache", action="store_true",
+                   help="with --ssh: keep moshpit's modules on the server in ~/.cache/moshpit"
+                   " (checked by SHA-256), so later runs need not send them (without it, "
+                   "--ssh writes nothing on the server)")
     sessions = p.add_mutually_exclusive_group()
     sessions.add_argument("--list", action="store_true", dest="list_sessions",
                           help="list your sessions on the server (id, attached or detached,"
@@ -1495,6 +1504,32 @@ class Connector:
         return found[0]
 
 
+class SshConnector(Connector):
+    """mp --ssh: the server of this one session is started through the system ssh
+    (moshpit_bootstrap), which also carries the keys: the client logs in with a key made for
+    this session and pins the host key the bootstrap announced."""
+
+    def __init__(self, config, prompter: Prompter, ssh_command: str, cache: bool = False,
+                 login=None, command=None, pty=None):
+        destination = config["server_destination"]
+        if not destination:
+            raise moshpit.MoshpitError("--ssh needs a destination: mp --ssh [user@]host")
+        self.destination = destination
+        started = moshpit_bootstrap.start_over_ssh(ssh_command, destination, login, cache)
+        for line in started.noise + started.stderr.splitlines():
+            prompter.say(moshpit.printable(line))  # motd, ssh's warnings: as ssh shows them
+        connect = started.connect
+        host = moshpit_bootstrap.pick_address(
+            moshpit_bootstrap.ssh_hostname(ssh_command, destination, login), connect.address)
+        log.info("bootstrapped over ssh (modules %s, ssh exit status %d): %s@%s port %d, "
+                 "host key %s", "cached on the server" if started.cached else "sent",
+                 started.ssh_status, connect.user, host, connect.port,
+                 connect.host_key.fingerprint())
+        self.target = Target(connect.user, host, connect.port, command=command, pty=pty)
+        self.identity = moshpit_handshake.LazyIdentity(lambda: started.client_key)
+        self.hostcheck = moshpit_bootstrap.PinnedHostKey(connect.host_key, host)
+
+
 LIST_HEADER = ("ID", "STATE", "STARTED", "LAST ACTIVITY", "SIZE", "TITLE")
 LIST_ROW = "{:<8}  {:<8}  {:<16}  {:<16}  {:<9}  {}"
 
@@ -1531,17 +1566,23 @@ def manage_sessions(config, prompter: Prompter, login=None, login_first: bool = 
 
 
 def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
-               command=None, pty=None, attach=None, forwards=()) -> int:
+               command=None, pty=None, attach=None, ssh_command=None,
+               ssh_cache: bool = False, forwards=()) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
     ``login``/``login_first``: ``-l USER`` and whether it came before the destination.
     ``command``: run it instead of a login shell; ``pty``: --tty (True), -T (False) or None
     (a PTY when stdin is a terminal). ``attach``: take over that session (mp --attach;
-    "": the latest detached one)."""
-    connector = Connector(config, prompter, login, login_first, command, pty)
-    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
+    "": the latest detached one). ``ssh_command``: mp --ssh, through that ssh (and
+    ``ssh_cache``: --ssh-cache)."""
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
+    if ssh_command is not None:
+        connector = SshConnector(config, prompter, ssh_command, ssh_cache, login, command,
+                                 pty)
+    else:
+        connector = Connector(config, prompter, login, login_first, command, pty)
+    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
     waker = Waker()
     router = SignalRouter(waker)
     guard = TerminalGuard(0, 1, raw=target.pty)
@@ -1667,11 +1708,17 @@ def main(argv=None) -> int:
             if command is not None or args.pty:
                 raise moshpit.MoshpitError("-N takes no remote command and no --tty")
             command, args.pty = NO_COMMAND, False
+        if args.ssh_cache and not args.ssh:
+            raise moshpit.MoshpitError("--ssh-cache goes with --ssh")
+        if args.ssh and managing:
+            raise moshpit.MoshpitError("--ssh starts a server for one new session: --list, "
+                                       "--attach and --kill need a running mps")
         if args.list_sessions or args.kill is not None:
             return manage_sessions(config, prompter, args.login_name, args.login_first,
                                    args.kill)
         return run_client(config, prompter, args.login_name, args.login_first, command,
-                          args.pty, args.attach, parse_forwards(args.forwards))
+                          args.pty, args.attach, args.ssh_command if args.ssh else None,
+                          args.ssh_cache, parse_forwards(args.forwards))
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")
