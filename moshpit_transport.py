@@ -263,9 +263,10 @@ MAX_LOSS_CREDIT = 0.5  # random loss the rate estimate makes up for (50%: twice 
 # Bytes a stream may hold queued (unsent) before writable() is False: this long at the pacing
 # rate, at least SEND_QUEUE_MIN. Output waiting here would delay the prompt after a Ctrl-C
 # as much as a network queue would.
-SEND_QUEUE_SECS, SEND_QUEUE_MIN = 0.01, 16 * 1024
+SEND_QUEUE_SECS, SEND_QUEUE_MIN = 0.02, 16 * 1024
 PACING_BURST = 10 * MAX_DATAGRAM  # what may leave back to back ...
-PACING_QUANTUM_SECS = 0.001  # ... or this much time's worth at the pacing rate, if more
+PACING_QUANTUM_SECS = 0.005  # ... or this much time's worth at the pacing rate, if more (a
+# busy host wakes the sender late: a smaller bucket would cap the rate below the pacing rate)
 MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to read too
 SENT_RING = 4096  # send times remembered, by packet number, for RTT samples
 # Packet numbers are nonces: one must never repeat under a key. A Connection never seals one
