@@ -55,7 +55,9 @@ __version__ = "0.1.0"
 # detached-session count in a grant, the REPAINT record.
 # 4: keys in ssh-agent: the optional ClientOffer/KeyAccepted handshake step (ssh's publickey
 # query: the server says which offered key it accepts before the agent is asked to sign);
-# channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag.
+# channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag;
+# the request's no-command flag (mp -N: a session with no process, for forwarding only),
+# both in the request's session flags byte.
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
