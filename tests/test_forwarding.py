@@ -76,8 +76,8 @@ class EchoServer:
         self.sock.close()
 
 
-@pytest.fixture
-def echo():
+@pytest.fixture(name="echo")
+def echo_fixture():
     server = EchoServer()
     yield server
     server.close()
