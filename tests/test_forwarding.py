@@ -654,7 +654,7 @@ def test_dash_n_forwards_without_a_command_until_interrupted(server, tmp_path, e
         wait_for(lambda: echo_works(port), 30, "the -L forward")
         time.sleep(0.5)
         assert mp.poll() is None and echo_works(port)
-        assert proc_children(server.serving_pid()) == []  # nothing runs for the session
+        assert proc_children(server.serving_pid) == []  # nothing runs for the session
         titles = [info.title for info in TestClient.for_server(server).sessions()]
         assert titles == ["(no command: forwarding only)"]
         mp.signal(signal.SIGINT)
