@@ -511,14 +511,18 @@ def test_a_stalled_reader_does_not_stall_the_terminal(server, tmp_path, echo):
 @pytest.mark.slow
 def test_a_transfer_outlives_the_shell_then_mp_exits_with_its_status(server, tmp_path, echo):
     """As ssh: `exit 5` typed while a transfer through -L is under way gives the terminal
-    back with one line saying what mp waits for; the -L port takes no new connection;
-    the transfer completes intact; then mp exits 5 and the session ends."""
+    back with one line saying what mp waits for; neither the -L port here nor the -R port
+    there takes a new connection; the transfer completes intact; then mp exits 5 and the
+    session ends."""
     port = free_port()
     data = os.urandom(3 << 20)
-    with PtyProcess(mp_args(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}"),
+    with PtyProcess(mp_args(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
+                            "-R", f"0:127.0.0.1:{echo.port}"),
                     env=client_env(tmp_path)) as term:
+        term.read_until(re.compile(rb"Allocated port (\d+) for remote forward"), 30)
+        remote_port = int(term.last_match.group(1))
         wait_shell(term)
-        wait_for(lambda: echo_works(port), 30, "the -L forward")
+        wait_for(lambda: echo_works(port) and echo_works(remote_port), 30, "the forwards")
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
 
         def send():
@@ -531,7 +535,10 @@ def test_a_transfer_outlives_the_shell_then_mp_exits_with_its_status(server, tmp
         term.send("exit 5\r")
         term.read_until(b"waiting for 1 forwarded connection(s) to close", 20)
         assert term.poll() is None
-        assert closed_or_refused(port)  # the -L listener is closed: no new connections
+        # The listeners are closed: no new connections (the -R one as soon as the server
+        # has sent the exit status; its client may get the status first).
+        assert closed_or_refused(port)
+        wait_for(lambda: closed_or_refused(remote_port), 10, "the -R listener to close")
         while True:
             chunk = sock.recv(65536)
             if not chunk:
