@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
+    "DEFAULT_RESUME_AFTER_SECS", "MIN_RESUME_AFTER_SECS",
     "HOST_KEY_POLICIES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
     "AUTHORIZED_KEYS_FILE", "TERM_NAME_RE", "LOCALE_NAME_RE", "LOCALE_VALUE_RE",
     "is_locale_setting", "format_addr", "make_private_dirs",
@@ -55,6 +56,11 @@ __version__ = "0.1.0"
 PROTOCOL_VERSION = 3
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
+# The client's resume_after_secs (UDP silence before a port hop and a resume handshake): an
+# idle client hears from the server only once per keepalive (moshpit_transport.KEEPALIVE_SECS,
+# 3 s), so anything shorter than MIN_RESUME_AFTER_SECS would resume a healthy idle session.
+DEFAULT_RESUME_AFTER_SECS = 10
+MIN_RESUME_AFTER_SECS = 4
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
 
 # strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only
@@ -389,6 +395,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "server_port": _Key(int, DEFAULT_TCP_PORT, _PORT),
         "server_destination": _Key(str, ""),
         "max_reconnect_backoff_secs": _Key(int, 3600, _clamp(2, 86400)),
+        # Resume timing (README "Resume timing"): UDP silence before the client resumes.
+        "resume_after_secs": _Key(int, DEFAULT_RESUME_AFTER_SECS,
+                                  _clamp(MIN_RESUME_AFTER_SECS, 86400)),
         "private_key_path": _Key(PATH, CLIENT_KEY_FILE),
         "public_key_path": _Key(PATH, CLIENT_KEY_FILE + ".pub"),
         "known_hosts_file": _Key(PATH, KNOWN_HOSTS_FILE),

@@ -101,6 +101,7 @@ import struct
 from collections import deque
 from typing import NamedTuple, Optional
 
+import moshpit
 from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddressChanged
 
 __all__ = [
@@ -134,7 +135,8 @@ EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
 MAX_REASON_BYTES = 255
 
-RESUME_AFTER_SECS = 10.0  # client: UDP silence before a port hop + resume handshake
+# client: UDP silence before a port hop + resume handshake (the resume_after_secs setting)
+RESUME_AFTER_SECS = float(moshpit.DEFAULT_RESUME_AFTER_SECS)
 FIRST_BACKOFF_SECS = 2.0  # then between attempts, doubling up to the configured maximum
 PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
 SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
@@ -705,19 +707,22 @@ class ClientSession(_Core):
 
 class ResumeSchedule:
     """When the client tries a resume handshake: the first attempt once the server has been
-    silent (no UDP) for RESUME_AFTER_SECS, then FIRST_BACKOFF_SECS after each failed or
-    fruitless attempt, doubling up to ``max_backoff_secs``; one attempt at a time; contact
-    coming back starts the schedule over. mp runs the attempts (a thread each)."""
+    silent (no UDP) for ``resume_after_secs`` (the setting of that name, RESUME_AFTER_SECS by
+    default), then FIRST_BACKOFF_SECS after each failed or fruitless attempt, doubling up to
+    ``max_backoff_secs``; one attempt at a time; contact coming back starts the schedule
+    over. mp runs the attempts (a thread each)."""
 
-    def __init__(self, max_backoff_secs: float) -> None:
+    def __init__(self, max_backoff_secs: float,
+                 resume_after_secs: float = RESUME_AFTER_SECS) -> None:
         self.max_backoff = max_backoff_secs
+        self.resume_after = resume_after_secs
         self.backoff = FIRST_BACKOFF_SECS
         self.not_before = 0.0
         self.running = False
         self.attempts = 0
 
     def next_attempt(self, last_contact: float) -> float:
-        return max(last_contact + RESUME_AFTER_SECS, self.not_before)
+        return max(last_contact + self.resume_after, self.not_before)
 
     def due(self, now: float, last_contact: float) -> bool:
         return not self.running and now >= self.next_attempt(last_contact)

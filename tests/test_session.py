@@ -403,6 +403,17 @@ def test_resume_schedule_waits_for_silence_backs_off_and_resets():
     assert schedule.next_attempt(200.0) == 200.0 + ms.RESUME_AFTER_SECS
 
 
+def test_resume_schedule_follows_the_resume_after_setting():
+    schedule = ms.ResumeSchedule(max_backoff_secs=5.0, resume_after_secs=4.0)
+    assert not schedule.due(103.9, last_contact=100.0)
+    assert schedule.due(104.0, last_contact=100.0)
+    schedule.started()
+    schedule.finished(104.5)
+    assert schedule.next_attempt(100.0) == 104.5 + ms.FIRST_BACKOFF_SECS
+    schedule.contact()
+    assert schedule.next_attempt(300.0) == 304.0
+
+
 # ---------------------------------------------------------------------------
 # Takeover (mp --attach)
 # ---------------------------------------------------------------------------
