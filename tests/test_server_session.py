@@ -209,11 +209,16 @@ def test_zero_timeout_keeps_detached_sessions(tmp_path):
 # -- resume --------------------------------------------------------------------------------
 
 
-def test_resume_continues_the_stream_exactly(client):
+def test_resume_continues_the_stream_exactly(client, tmp_path):
+    """mps's wiring of the resume (the offsets rule itself: test_session.py): output the
+    shell printed while the client was away arrives after the resume, once, in order."""
     pid = shell_pid(client)
-    client.send("for i in $(seq 1 200); do echo line$i; sleep 0.01; done; echo EN''D\n")
+    done = tmp_path / "printed"
+    client.send(f"for i in $(seq 1 200); do echo line$i; sleep 0.001; done; echo EN''D; "
+                f"touch {done}\n")
     client.read_until("line20\r\n")
-    time.sleep(3)  # "outage": nothing read or acked; the shell keeps printing
+    # "Outage": nothing read or acked while the shell prints the rest.
+    wait_for(done.exists, 30, "the shell to print every line")
     client.resume()
     out = client.read_until("END", timeout=30).decode()
     assert re.findall(r"^line(\d+)\r$", out, re.M) == [str(i) for i in range(21, 201)]
