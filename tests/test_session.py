@@ -359,6 +359,10 @@ def test_oversized_records_are_skipped_without_being_buffered():
     rest = 10 * ms.MAX_RECORD_BODY - 1000 - 65536 * chunks
     assert decoder.feed(b"z" * rest + ms.encode_record(ms.RECORD_SHUTDOWN, b"ok")) == [
         (ms.RECORD_SHUTDOWN, b"ok")]
+    # An oversized record that arrived whole is stepped over in place.
+    whole = ms.RECORD_HEADER.pack(200, ms.MAX_RECORD_BODY + 1) + bytes(ms.MAX_RECORD_BODY + 1)
+    assert ms.RecordDecoder().feed(whole + ms.encode_record(ms.RECORD_SHUTDOWN, b"ok")) == [
+        (ms.RECORD_SHUTDOWN, b"ok")]
     with pytest.raises(ValueError):
         ms.encode_record(ms.RECORD_SHUTDOWN, bytes(ms.MAX_RECORD_BODY + 1))
 
@@ -453,6 +457,29 @@ def test_takeover_repaints_first_then_continues_the_output_exactly():
                   and sim.shell_in == b"before\rafter\r"
                   and sim.client.all_acked() and sim.server.all_acked(), limit=sim.now + 120)
     assert sim.server.client_addr == CLIENT_ADDR2 and not sim.server.finished(sim.now)
+
+
+def test_output_that_overtakes_the_repaint_is_held_until_the_repaint():
+    """Datagrams reordered on the way: the attaching client gets output read after the
+    take-over before the REPAINT; it writes nothing until the repaint, then the output."""
+    sim = CoreSim(SimNet(35), detached=3600)
+    sim.run_for(0.5)
+    keys = make_keys(36)
+    sim.server.take_over(keys, b"REPAINT", "taken over", sim.now)
+    client = ms.ClientSession(keys, sim.now, SERVER_ADDR, SESSION_ID, b"n" * 32, (24, 80),
+                              attaching=True)
+    for datagram, _ in client.datagrams_to_send(sim.now):  # the server learns its address
+        sim.server.receive_datagram(datagram, CLIENT_ADDR2, sim.now)
+    with_repaint = sim.server.datagrams_to_send(sim.now)
+    sim.server.pty_output(b"after", sim.now)
+    with_output = sim.server.datagrams_to_send(sim.now)
+
+    def deliver(datagrams) -> list:
+        for datagram, _ in datagrams:
+            client.receive_datagram(datagram, SERVER_ADDR, sim.now)
+        return list(iter(client.next_event, None))
+    assert deliver(with_output) == []
+    assert deliver(with_repaint) == [ms.RepaintReceived(b"REPAINT"), ms.OutputReceived(b"after")]
 
 
 def test_takeover_of_a_detached_session_sends_no_goodbye_and_exit_follows_the_repaint():
