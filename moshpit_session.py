@@ -70,7 +70,7 @@ Ending rules (ServerSession): the session ends
 * when the client quits (a SHUTDOWN record over UDP, or ``end_requested`` after a quit
   request over TCP): at once;
 * when the server stops (``shutdown``): SHUTDOWN is sent, and the session ends once acked
-  or after SHUTDOWN_FLUSH_SECS;
+  or after ``shutdown_flush_secs`` (SHUTDOWN_FLUSH_SECS by default);
 * when the client has been silent for ``detached_timeout_secs`` (0: never) -- or, if it
   never sent a single UDP packet since the handshake, for the shorter
   ``unattached_timeout_secs`` (UDP blocked: the session would hold its slot for nothing).
@@ -139,7 +139,8 @@ MAX_REASON_BYTES = 255
 RESUME_AFTER_SECS = float(moshpit.DEFAULT_RESUME_AFTER_SECS)
 FIRST_BACKOFF_SECS = 2.0  # then between attempts, doubling up to the configured maximum
 PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
-SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
+# server stopping: time to tell the client before hanging up (the shutdown_flush_secs setting)
+SHUTDOWN_FLUSH_SECS = float(moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS)
 
 
 # ---------------------------------------------------------------------------
@@ -377,10 +378,12 @@ class ServerSession(_Core):
     """
 
     def __init__(self, keys: object, now: float, detached_timeout_secs: float = 0,
-                 unattached_timeout_secs: float = 0) -> None:
+                 unattached_timeout_secs: float = 0,
+                 shutdown_flush_secs: float = SHUTDOWN_FLUSH_SECS) -> None:
         super().__init__("server", keys, now)
         self.detached_timeout_secs = detached_timeout_secs or None
         self.unattached_timeout_secs = unattached_timeout_secs or None
+        self.shutdown_flush_secs = shutdown_flush_secs
         self.client_addr: Optional[tuple] = None  # None: no UDP packet from the client yet
         self.ending: Optional[str] = None  # why the session is ending, once it is
         self._end_by: Optional[float] = None  # None: live on as a detached session would
@@ -465,7 +468,7 @@ class ServerSession(_Core):
     def shutdown(self, reason: str, now: float) -> None:
         """The server stops: tell the client, end once it acknowledged or soon after."""
         self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
-        self._end(reason, now, SHUTDOWN_FLUSH_SECS)
+        self._end(reason, now, self.shutdown_flush_secs)
 
     # -- the program's questions ---------------------------------------------------------
 

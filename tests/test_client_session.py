@@ -302,8 +302,10 @@ def test_restarted_server_means_session_gone(server, tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_server_shutdown_ends_session_with_message(server, tmp_path):
-    with start_client(server, tmp_path, wrapped=True) as term:
+def test_server_shutdown_ends_session_with_message(tmp_path):
+    settings = {"mps.shutdown_flush_secs": moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS}
+    with MpsServer(tmp_path, settings=settings) as server, \
+            start_client(server, tmp_path, wrapped=True) as term:
         wait_shell(term)
         server.signal(signal.SIGTERM)
         rc, attrs, out = wrapper_result(term)

@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+import moshpit
 import moshpit_transport
 from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, SESSION_LIMIT,
                                USER_SESSION_LIMIT, AuthRefused, HandshakeError)
@@ -169,7 +170,8 @@ def test_quit_request_from_someone_else_is_refused(server, client):
 
 
 def test_server_sigterm_tells_every_client(tmp_path):
-    with MpsServer(tmp_path, udp_ports=2) as server:
+    settings = {"mps.shutdown_flush_secs": moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS}
+    with MpsServer(tmp_path, udp_ports=2, settings=settings) as server:
         clients = [TestClient.for_server(server).connect() for _ in range(2)]
         pids = [shell_pid(c) for c in clients]
         server.signal(signal.SIGTERM)

@@ -193,14 +193,20 @@ def test_server_shutdown_tells_the_client_then_ends():
     sim.finished_by(sim.now + 1)
 
 
-def test_server_shutdown_with_the_client_away_ends_after_the_flush_time():
+@pytest.mark.parametrize("flush", [None, 5.0, 0.0])
+def test_server_shutdown_with_the_client_away_ends_after_the_flush_time(flush):
+    """shutdown_flush_secs (default SHUTDOWN_FLUSH_SECS); 0: the notice leaves once, the
+    session ends at once."""
     sim = CoreSim(SimNet(9), detached=3600)
+    if flush is not None:
+        sim.server = ms.ServerSession(make_keys(), 0.0, 3600, 0, shutdown_flush_secs=flush)
     sim.run_for(0.1)
     sim.client_gone = True
     sim.server.shutdown("server shutting down", sim.now)
     start = sim.now
     sim.finished_by(start + 10)
-    assert sim.now == pytest.approx(start + ms.SHUTDOWN_FLUSH_SECS, abs=0.01)
+    expected = ms.SHUTDOWN_FLUSH_SECS if flush is None else flush
+    assert sim.now == pytest.approx(start + expected, abs=0.01)
 
 
 # ---------------------------------------------------------------------------
