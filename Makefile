@@ -21,8 +21,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
+# The tests start mps.py and mp.py hundreds of times and pytest rewrites every test module:
+# Python keeps their compiled bytecode (__pycache__, git-ignored) even where the environment
+# sets PYTHONDONTWRITEBYTECODE, which would recompile them all at every start.
 test: lint test-tools
-	$(VPY) $(PYTEST) $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= $(VPY) $(PYTEST) $(PYTEST_ARGS)
 
 # tmux is the terminal the screen model is checked against (tests/test_term_tmux.py): install
 # it when missing and we may (root with apt-get); otherwise those tests skip, saying why.
