@@ -763,13 +763,19 @@ def _udp_host(local: tuple) -> str:
 
 def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
     """A UDP socket bound on ``local``'s address to a free port in [lo, hi] (the bind is the
-    allocation, so concurrent handshakes cannot collide), or None if every port is taken.
-    Starts at a random port so a busy range is not scanned from its start every time."""
+    allocation, so concurrent handshakes cannot collide), or None if every port is taken."""
     host = _udp_host(local)
+    return bind_in_range(lambda port: transport.udp_socket(host, port), lo, hi)
+
+
+def bind_in_range(bind, lo: int, hi: int) -> Optional[socket.socket]:
+    """``bind(port)``'s socket for the first port in [lo, hi] not in use, or None if every
+    port is taken. Starts at a random port so a busy range is not scanned from its start
+    every time."""
     first = random.randint(lo, hi)
     for i in range(hi - lo + 1):
         try:
-            return transport.udp_socket(host, lo + (first - lo + i) % (hi - lo + 1))
+            return bind(lo + (first - lo + i) % (hi - lo + 1))
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
                 raise
@@ -807,6 +813,7 @@ class Server:
         self.shutdown_flush = config["mps.shutdown_flush_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
         self.hello_timeout = float(config["mps.hello_timeout_secs"])
+        self.confirm_timeout = float(config["mps.confirm_timeout_secs"])
         self.authorized_keys_file = config["mps.authorized_keys_file"] or None
         # --- account policy (moshpit_login): sshd's allowed_user, nologin, PAM account ---
         self.account_policy = moshpit_login.AccountPolicy(
@@ -940,7 +947,9 @@ class Server:
         try:
             auth = handshake.server_handshake(sock, self.host_key, decide,
                                               timeout=self.handshake_timeout,
-                                              hello_timeout=self.hello_timeout, report=report)
+                                              hello_timeout=self.hello_timeout, report=report,
+                                              acceptable=self.acceptable_key,
+                                              confirm_timeout=self.confirm_timeout)
         finally:
             for session in created:
                 self._setup_done(session, auth)
@@ -1017,6 +1026,18 @@ class Server:
                 handshake.PERMISSION_DENIED,
                 f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
         return pw
+
+    def acceptable_key(self, user: str, keys) -> Optional[int]:
+        """A ClientOffer (handshake thread): the index of the first key that decide() would
+        not refuse for its key alone (a non-root server checks its own account, as
+        _authorized_user does), or None. Nothing is proven yet: decide() checks again."""
+        try:
+            pw = pwd.getpwnam(user) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+            authorized = trust.authorized_keys_for(pw, self.authorized_keys_file)
+        except (KeyError, ValueError, trust.TrustError) as e:
+            log.info("key offer for %r: %s", user, e)
+            return None
+        return next((index for index, key in enumerate(keys) if key in authorized), None)
 
     def _key_authorized(self, key, pw: pwd.struct_passwd) -> bool:
         """Whether ``key`` is in ``pw``'s authorized_keys; a file that cannot be trusted is
@@ -1165,6 +1186,88 @@ def _grant(session: Session, recv_offset: int, detached: int = 0):
                                   resume_secret=session.resume_secret,
                                   udp_port=session.udp_port, recv_offset=recv_offset,
                                   detached=detached)
+
+
+# ---------------------------------------------------------------------------
+# One session for mp --ssh (started on the server by moshpit_bootstrap's stub)
+# ---------------------------------------------------------------------------
+
+
+class OneSessionServer(Server):
+    """The server of one session bootstrapped over ssh (mp --ssh): it runs as the user ssh
+    logged in, serves only that user and only the client key the bootstrap brought, with a
+    host key made for it (the client pins it), listens on the address ssh came to, and
+    stops when its session ends or when no session started in time. Writes nothing: no
+    log file, no pid file, no keys on disk."""
+
+    LISTEN_BACKLOG = 8
+
+    def __init__(self, config: moshpit.Config, client_key, address: str):
+        super().__init__(config, keys.PrivateKey.generate("mps --ssh"))
+        self.client_key = client_key
+        self.address = address
+        self.user = pwd.getpwuid(os.geteuid()).pw_name
+        self.port = 0
+
+    @classmethod
+    def start(cls, client_key, address: str) -> OneSessionServer:
+        """Configured (the user's server config, if any: e.g. mps.udp_port_range) and
+        listening; logs go nowhere."""
+        logging.getLogger(moshpit.ROOT_LOGGER).addHandler(logging.NullHandler())
+        server = cls(moshpit.load_config("server"), client_key, address)
+        server.listen()
+        return server
+
+    def listen(self) -> None:
+        """TCP on the address ssh came to, on a port of the session port range (the one
+        range a firewall has to open)."""
+        host = self.address
+
+        def listener(port: int) -> socket.socket:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+                sock.listen(self.LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        sock = bind_in_range(listener, *self.port_range)
+        if sock is None:
+            raise MoshpitError("every port in {}-{} is in use".format(*self.port_range))
+        self.listeners.append(sock)
+        self.port = sock.getsockname()[1]
+
+    def serve(self, unused_exit_secs: float) -> int:
+        """Serve the session; stop after ``unused_exit_secs`` if none has started."""
+        timer = threading.Timer(unused_exit_secs, self._stop_if_unused)
+        timer.daemon = True
+        timer.start()
+        return self.serve_forever()
+
+    def _stop_if_unused(self) -> None:
+        with self._lock:
+            unused = not self._sessions and not self._setting_up
+        if unused:
+            self._on_signal(signal.SIGTERM, None)
+
+    def acceptable_key(self, user: str, keys) -> Optional[int]:
+        if user != self.user:
+            return None
+        return next((index for index, key in enumerate(keys) if key == self.client_key), None)
+
+    def _authorized_user(self, auth) -> pwd.struct_passwd:
+        me = pwd.getpwuid(os.geteuid())
+        if auth.user != me.pw_name or auth.client_key != self.client_key:
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
+                                        "not the user or key of this ssh-bootstrapped session")
+        return me
+
+    def unregister(self, session: Session) -> None:
+        super().unregister(session)
+        self._on_signal(signal.SIGTERM, None)  # its one session has ended: so does the server
 
 
 # ---------------------------------------------------------------------------
