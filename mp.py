@@ -61,6 +61,7 @@ import tty
 import moshpit
 import moshpit_agent
 import moshpit_bootstrap
+import moshpit_channels
 import moshpit_handshake
 import moshpit_keys
 import moshpit_session
@@ -157,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--no-tty", dest="pty", action="store_const", const=False,
                    help="no PTY: the command's bytes pass untouched (the default when stdin "
                    "is not a terminal), as ssh -T")
+    # --- forwarding (README "Forwarding"): ssh's spellings ---
+    p.add_argument("-L", dest="forwards", action="append", type=lambda v: ("-L", v),
+                   metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="forward local PORT to HOST:HOSTPORT as seen from the server")
+    p.add_argument("-R", dest="forwards", action="append", type=lambda v: ("-R", v),
+                   metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="forward the server's PORT (on its loopback; 0: any free port) to "
+                   "HOST:HOSTPORT as seen from here")
+    p.add_argument("-D", dest="forwards", action="append", type=lambda v: ("-D", v),
+                   metavar="[BIND:]PORT", help="SOCKS4a/SOCKS5 proxy on local PORT whose "
+                   "connections the server makes")
+    p.add_argument("-A", dest="forward_agent", action="store_const", const=True,
+                   help="forward the ssh-agent at SSH_AUTH_SOCK to the session")
+    p.add_argument("-N", dest="no_command", action="store_true",
+                   help="forwarding only: no shell or command (an idle cat waits on the "
+                   "server), stdin not read; Ctrl-C ends it")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -199,7 +216,8 @@ class FirstLoginName(argparse.Action):
 
 
 # The client's own flags that are config settings (argparse dest == config key).
-CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination")
+CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination",
+                "forward_agent")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -939,7 +957,7 @@ class Session:
 
     def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
                  router: SignalRouter, waker: Waker, guard: TerminalGuard, in_fd: int = 0,
-                 out_fd: int = 1, attaching: bool = False):
+                 out_fd: int = 1, attaching: bool = False, forwards=()):
         self.target = target
         self.guard = guard  # entered: the suspend key leaves and re-enters raw mode
         self.hostcheck = hostcheck
@@ -961,7 +979,7 @@ class Session:
         self.screen = ScreenMirror(*target.winsize())
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
-        self.stdin_open = True
+        self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
         self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
@@ -973,6 +991,8 @@ class Session:
         self.resumer = Resumer(self._resume_handshake, waker,
                                float(config["max_reconnect_backoff_secs"]),
                                float(config["resume_after_secs"]))
+        self.channels = forwarding_sockets(self.core, forwards, config["forward_agent"],
+                                           self._notify)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -988,6 +1008,7 @@ class Session:
         finally:
             self.router.in_loop = False
             self.link.close()
+            self.channels.close()
             if not self.finished:
                 self._reset_now()
         return self.outcome
@@ -1010,9 +1031,10 @@ class Session:
             readers.append(self.link)
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
-        writers = self._pending_writers()
+        readers += self.channels.readers()
+        writers = self._pending_writers() + self.channels.writers()
         timeout = max(0.0, self._next_deadline(now) - now)
-        readable, _, _ = select.select(readers, writers, [], timeout)
+        readable, writable, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
         if stalled:
             self.core.last_contact = now  # we are not listening, so the server is not silent
@@ -1025,6 +1047,7 @@ class Session:
         self._events()
         if self.in_fd in readable:
             self._read_stdin()
+        self.channels.handle(readable, writable, now)
         self._resume_results(now)
         self._maybe_resume(now)
         self.link.flush(now)
@@ -1035,9 +1058,9 @@ class Session:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
-        link_wait = self.link.timeout(now)
-        if link_wait is not None:
-            deadlines.append(now + link_wait)
+        for wait in (self.link.timeout(now), self.channels.timeout(now)):
+            if wait is not None:
+                deadlines.append(now + wait)
         if not self.resumer.running:
             deadlines.append(self.resumer.next_attempt(self.core.last_contact))
         return min(deadlines)
@@ -1202,6 +1225,12 @@ class Session:
         """The output fds with bytes waiting for them."""
         return [fd for fd, pending in ((self.out_fd, self.out), (ERR_FD, self.err)) if pending]
 
+    def _notify(self, text: str) -> None:
+        """A forwarding message for the person (ssh prints these on stderr too)."""
+        log.info("%s", text)
+        self.err += f"mp: {text}{chr(13) if self.out_is_tty else ''}\n".encode(
+            self.encoding, "replace")
+
     def _write_err(self) -> None:
         try:
             written = os.write(ERR_FD, self.err)
@@ -1303,6 +1332,38 @@ class Session:
                 self._receive(time.monotonic())
 
 
+def forwarding_sockets(core, forwards, forward_agent: bool, notify):
+    """--- forwarding --- The session's channels: -L/-D listeners here (a port that cannot
+    be bound is a warning, as in ssh), -R requests to the server, -A's agent socket."""
+    mux = moshpit_channels.ChannelMux(core, "client", agent=forward_agent)
+    agent = os.environ.get("SSH_AUTH_SOCK") if forward_agent else None
+    sockets = moshpit_channels.ChannelSockets(mux, notify, agent_path=agent)
+    for number, (option, spec) in enumerate(forwards, 1):
+        if option == "-R":
+            sockets.request_remote(number, spec)
+            continue
+        try:
+            sockets.listen_local(option, spec)
+        except OSError as err:
+            notify(f"cannot listen on {spec.bind_host}:{spec.bind_port} for {option}: "
+                   f"{err.strerror or err}")
+    return sockets
+
+
+# -N's remote command: something that waits without reading a terminal or writing (the
+# session needs a process; stdin stays open as long as mp runs).
+NO_COMMAND = "exec cat > /dev/null"
+
+
+def parse_forwards(given) -> list:
+    """-L/-R/-D arguments as (option, ForwardSpec), in order; a bad one is an error."""
+    try:
+        return [(option, moshpit_channels.parse_forward(option, text))
+                for option, text in given or ()]
+    except ValueError as err:
+        raise moshpit.MoshpitError(f"bad forwarding: {err}") from None
+
+
 def terminal_encoding() -> str:
     """The local terminal's character encoding (for the banner text), per the locale."""
     name = locale.getpreferredencoding(False)
@@ -1346,11 +1407,13 @@ class Target:
     """Where and as whom we connect, and what we tell the server about our terminal."""
 
     def __init__(self, user: str, host: str, port: int, in_fd: int = 0, command=None,
-                 pty=None):
+                 pty=None, forward_agent: bool = False):
         self.user, self.host, self.port = user, host, port
+        self.forward_agent = forward_agent  # -A
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
         self.command = command
+        self.no_command = command == NO_COMMAND  # -N
         # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
         # ssh -t would), and a login shell always does (as before commands existed).
         self.pty = pty if pty is not None else (self.is_tty or command is None)
@@ -1373,7 +1436,7 @@ class Target:
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
             resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
-            pty=self.pty, intent=intent)
+            pty=self.pty, intent=intent, forward_agent=self.forward_agent)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(
@@ -1394,7 +1457,8 @@ class Connector:
         self.destination = destination
         user, host = remote_user_and_host(destination, login, login_first,
                                           ssh_alias_lookup(config, prompter))
-        self.target = Target(user, host, config["server_port"], command=command, pty=pty)
+        self.target = Target(user, host, config["server_port"], command=command, pty=pty,
+                             forward_agent=config["forward_agent"])
         self.identity = moshpit_agent.KeyRing(
             config["private_key_path"], config["public_key_path"],
             lambda: load_identity(config, prompter, self.target),
@@ -1505,7 +1569,7 @@ def manage_sessions(config, prompter: Prompter, login=None, login_first: bool = 
 
 def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
                command=None, pty=None, attach=None, ssh_command=None,
-               ssh_cache: bool = False) -> int:
+               ssh_cache: bool = False, forwards=()) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
@@ -1544,7 +1608,8 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
         connector.in_session = True
         with guard:
             outcome = Session(target, hostcheck, first, identity, config, router,
-                              waker, guard, attaching=attach is not None).run()
+                              waker, guard, attaching=attach is not None,
+                              forwards=forwards).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -1641,6 +1706,10 @@ def main(argv=None) -> int:
         managing = args.list_sessions or args.kill is not None or args.attach is not None
         if managing and command is not None:
             raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
+        if args.no_command:
+            if command is not None or args.pty:
+                raise moshpit.MoshpitError("-N takes no remote command and no --tty")
+            command, args.pty = NO_COMMAND, False
         if args.ssh_cache and not args.ssh:
             raise moshpit.MoshpitError("--ssh-cache goes with --ssh")
         if args.ssh and managing:
@@ -1651,7 +1720,7 @@ def main(argv=None) -> int:
                                    args.kill)
         return run_client(config, prompter, args.login_name, args.login_first, command,
                           args.pty, args.attach, args.ssh_command if args.ssh else None,
-                          args.ssh_cache)
+                          args.ssh_cache, parse_forwards(args.forwards))
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")

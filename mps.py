@@ -59,6 +59,7 @@ from collections import Counter, deque
 from typing import Dict, List, Optional
 
 import moshpit
+import moshpit_channels
 import moshpit_handshake as handshake
 import moshpit_keys as keys
 import moshpit_login
@@ -168,7 +169,7 @@ class PtyShell:
 
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
                  client_env: Dict[str, str], connection: str, command: Optional[str] = None,
-                 pty: bool = True):
+                 pty: bool = True, agent_sock: Optional[str] = None):
         self.user = pw.pw_name
         self.rows, self.cols = rows, cols
         self.is_pty = pty
@@ -190,6 +191,8 @@ class PtyShell:
         try:
             tty_path = os.ttyname(slave) if pty else ""
             env = login_environment(pw, term, client_env, connection, tty_path)
+            if agent_sock:  # --- forwarding: -A (moshpit_channels.AgentSocketDir) ---
+                env["SSH_AUTH_SOCK"] = agent_sock
             if pty:
                 moshpit.set_winsize(master, rows, cols)
             if os.geteuid() == 0:
@@ -404,7 +407,7 @@ class Session:
     """
 
     def __init__(self, server: Server, session_id: bytes, user: str, client_key,
-                 udp_sock: socket.socket, shell: PtyShell):
+                 udp_sock: socket.socket, shell: PtyShell, forwarding: Optional[tuple] = None):
         self.server = server
         self.session_id = session_id
         self.resume_secret = secrets.token_bytes(32)
@@ -433,6 +436,9 @@ class Session:
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
+        # --- forwarding: (ForwardPolicy, AgentSocketDir or None, may bind ports < 1024) ---
+        self._forwarding = forwarding
+        self.channels: Optional[moshpit_channels.ChannelSockets] = None
 
     # -- other threads -------------------------------------------------------------------
 
@@ -444,6 +450,12 @@ class Session:
                                                self.server.shutdown_flush)
         if self.shell.stderr_fd is not None:
             self.core.expect_stderr()
+        if self._forwarding is not None:  # --- forwarding: the session's channels ---
+            policy, agent_dir, privileged_ports = self._forwarding
+            mux = moshpit_channels.ChannelMux(self.core, "server", policy)
+            self.channels = moshpit_channels.ChannelSockets(
+                mux, lambda text: log.info("session %s: %s", self.name, text),
+                privileged_ports=privileged_ports, agent_dir=agent_dir)
         self.link = transport.UdpLink(self.core, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
@@ -453,6 +465,8 @@ class Session:
 
     def abandon(self) -> None:
         """The handshake failed after the session was set up: undo it (never started)."""
+        if self._forwarding is not None and self._forwarding[1] is not None:
+            self._forwarding[1].close()
         self._close_wake()
         self.shell.hangup()
         self.udp_sock.close()
@@ -541,6 +555,8 @@ class Session:
             self._close_wake()
             self.shell.hangup()
             self.udp_sock.close()
+            if self.channels is not None:
+                self.channels.close()
             log.info("session %s of %s ended (%s)", self.name, self.user,
                      self.core.ending or "error")
 
@@ -556,11 +572,15 @@ class Session:
                                          ("pty", self.shell.master_fd, self._pty_interest()),
                                          ("err", self.shell.stderr_fd, self._err_interest())):
                     _watch(sel, watched, name, fd, events)
+                if self.channels is not None:
+                    self.channels.sync_selector(sel)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
                 if self._unfed and not ready:
                     self._feed_screen()  # nothing to do (output paused): catch up
                 for key, events in ready:
+                    if key.data == moshpit_channels.SELECTOR_TAG:
+                        continue  # after the session's events, below
                     if key.data == "wake":
                         self._handle_inbox(now)
                     elif key.data == "udp":
@@ -573,6 +593,8 @@ class Session:
                         if events & selectors.EVENT_READ:
                             self._read_pty(now)
                 self._handle_events(now)
+                if self.channels is not None:
+                    self.channels.handle_selected(ready, now)
                 self._check_shell(now)
                 self.link.flush(now)
 
@@ -610,7 +632,8 @@ class Session:
         """Seconds until the core's next deadline, or the next poll of a running shell."""
         wait = self.link.timeout(now)
         for limit in (CHILD_POLL_SECS if self._shell_status is None else None,
-                      SCREEN_FEED_SECS if self._unfed else None):
+                      SCREEN_FEED_SECS if self._unfed else None,
+                      self.channels.timeout(now) if self.channels is not None else None):
             if limit is not None:
                 wait = limit if wait is None else min(wait, limit)
         return wait
@@ -1163,20 +1186,43 @@ class Server:
             request = auth.request
             connection = " ".join(str(part) for part in (auth.peer[0], auth.peer[1],
                                                          auth.local[0], auth.local[1]))
+            forwarding = _forwarding_setup(self.config, request, pw)
+            agent_dir = forwarding[1]
             try:
                 shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
-                                 connection, request.command, request.pty)
+                                 connection, request.command, request.pty,
+                                 agent_dir.path if agent_dir is not None else None)
             except ShellError as e:
                 udp.close()
+                if agent_dir is not None:
+                    agent_dir.close()
                 raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))
         except BaseException:
             with self._lock:
                 self._release_slot(pw.pw_name)
             raise
         session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
-                          shell)
+                          shell, forwarding)
         detached = sum(not info.attached for info in self._list_sessions(auth).sessions)
         return _grant(session, 0, detached), session
+
+
+def _forwarding_setup(config: moshpit.Config, request, pw: pwd.struct_passwd) -> tuple:
+    """--- forwarding --- (ForwardPolicy, the -A socket directory or None, whether -R may
+    bind ports below 1024) for a new session: a root server binds for a user only what
+    the user could bind."""
+    policy = moshpit_channels.ForwardPolicy(config["mps.allow_tcp_forwarding"],
+                                            config["mps.permit_open"],
+                                            config["mps.allow_agent_forwarding"])
+    agent_dir = None
+    if request.forward_agent and policy.allow_agent:
+        try:
+            agent_dir = moshpit_channels.AgentSocketDir(pw.pw_uid, pw.pw_gid)
+        except OSError as e:  # the session works without it, as with sshd
+            log.warning("no agent forwarding for %s: %s", pw.pw_name, e)
+    elif request.forward_agent:
+        log.info("agent forwarding for %s refused: allow_agent_forwarding is off", pw.pw_name)
+    return policy, agent_dir, os.geteuid() != 0 or pw.pw_uid == 0
 
 
 def _grant(session: Session, recv_offset: int, detached: int = 0):
