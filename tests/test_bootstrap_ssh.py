@@ -23,6 +23,7 @@ from proc_util import ManagedProcess, PtyProcess, wait_for
 from relay import free_port
 from server_util import REPO
 from sshd_util import SshdHost, sshd_binary_fixture  # noqa: F401  (the `sshd_binary` fixture)
+from test_client_session import QUICK_RESUME
 from test_forwarding import echo_fixture, echo_works  # noqa: F401  (the `echo` fixture)
 from users_util import _pids_of, users_fixture  # noqa: F401  (the `users` fixture)
 
@@ -188,7 +189,8 @@ def test_a_bootstrapped_session_resumes_after_an_outage(make_host, pythons):
     session's key), and nothing typed meanwhile is lost."""
     host = make_host(pythons["good"])
     log_path = client_log(host)
-    with PtyProcess([sys.executable, MP, "--ssh", "host"], env=host.env()) as term:
+    with PtyProcess([sys.executable, MP, "--ssh", "host"],
+                    env={**host.env(), **QUICK_RESUME}) as term:
         term.read_until("$ ", 30)
         server = wait_for(lambda: bootstrapped_server(host.user.pw_uid), 10, "the server")
         os.kill(server, signal.SIGSTOP)
