@@ -29,7 +29,7 @@ import termios
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
-    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
+    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM", "TRANSPORTS",
     "HOST_KEY_POLICIES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
     "AUTHORIZED_KEYS_FILE", "TERM_NAME_RE", "LOCALE_NAME_RE", "LOCALE_VALUE_RE",
     "is_locale_setting", "format_addr", "make_private_dirs",
@@ -52,10 +52,13 @@ __version__ = "0.1.0"
 # frames (moshpit_session); a version-1 peer is refused with a message saying to upgrade.
 # 3: reattach from any client: the TAKE_OVER/LIST/KILL intents, the LISTING answer, the
 # detached-session count in a grant, the REPAINT record.
-PROTOCOL_VERSION = 3
+# 4: the handshake's connection stays open after the grant as the TCP carrier of the
+# session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier).
+PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
+TRANSPORTS = ("auto", "udp", "tcp")  # the client's `transport`: see moshpit_carrier
 
 # strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only
 HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
@@ -396,6 +399,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
         # HostName and User of `mp alias` from this ssh_config file; false: aliases off.
         "ssh_config": _Key(PATH_OR_OFF, "~/.ssh/config"),
+        # Automatic TCP fallback (moshpit_carrier): UDP, falling back to TCP where UDP is
+        # blocked (auto), or only one of them.
+        "transport": _Key(str, "auto", _one_of(*TRANSPORTS)),
         **_common_keys(),
     },
 }

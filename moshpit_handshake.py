@@ -328,6 +328,11 @@ class ClientResult:
     keys: SessionKeys
     server_addr: tuple
     host_key: PublicKey
+    rtt: float = 0.0  # seconds from ClientHello to ServerAuth: a round trip (plus a signature)
+    # With keep_connection: the handshake's connection, open (the TCP carrier,
+    # moshpit_carrier), and any bytes already read past ServerFinish.
+    connection: Optional[socket.socket] = None
+    unread: bytes = b""
 
 
 @dataclass
@@ -605,6 +610,11 @@ class _Handshake:
             self._overflow = True
         elif self._error is None:
             self._inbox += data
+
+    def unread(self) -> bytes:
+        """Bytes received after the last message: once the handshake is over, the start
+        of what follows on the connection (the TCP carrier's datagrams)."""
+        return bytes(self._inbox)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer now (possibly empty)."""
@@ -1631,7 +1641,7 @@ class LazyIdentity:
 
 def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity],
                      request: ClientRequest, verify_host_key: Callable[[PublicKey], None],
-                     timeout: float = 10.0) -> ClientResult:
+                     timeout: float = 10.0, keep_connection: bool = False) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
 
     ``verify_host_key(key)`` returns to trust the key or raises moshpit_trust.HostKeyError
@@ -1642,7 +1652,8 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     a new connection (the same host key is then trusted and the key reused, without asking
     again). Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
     ``code``), each with a one-line message; whatever loading the identity raises passes
-    through.
+    through. ``keep_connection``: the result's ``connection`` is the connection, left open
+    (the caller closes it); the server keeps its end for the session it granted.
     """
     if not isinstance(identity, LazyIdentity):
         identity = LazyIdentity(lambda key=identity: key)
@@ -1650,8 +1661,12 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     for _attempt in range(2):
         deadline = time.monotonic() + timeout
         sock = _connect(host, port, deadline)
+        kept = None
         try:
-            return _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+            result = _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+            if keep_connection:
+                kept = result.connection = sock
+            return result
         except _ClosedDuringPrompt as closed:
             log.info("%s port %d closed the connection while the user was answering a"
                      " prompt; reconnecting", host, port)
@@ -1672,7 +1687,8 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
             raise HandshakeError(f"connection to {host} port {port} failed during the"
                                  f" handshake: {_os_reason(err)}") from None
         finally:
-            sock.close()
+            if kept is None:
+                sock.close()
     raise HandshakeError(f"{host} port {port} closed the connection twice before the"
                          " handshake finished")
 
@@ -1681,9 +1697,11 @@ def _client_attempt(sock: socket.socket, identity: LazyIdentity, request: Client
                     verify_host_key: Callable[[PublicKey], None],
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
     machine = ClientHandshake(None, request)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     try:
         host_key = _exchange(sock, machine, deadline).host_key
+        rtt = time.monotonic() - started
     except socket.timeout:
         if machine.heard_nothing():
             raise _NoAnswer() from None
@@ -1696,4 +1714,5 @@ def _client_attempt(sock: socket.socket, identity: LazyIdentity, request: Client
     deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
     machine.accept_host_key(key)
     done = _exchange(sock, machine, deadline)
-    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)
+    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key, rtt,
+                        unread=machine.unread())

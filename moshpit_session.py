@@ -705,19 +705,22 @@ class ClientSession(_Core):
 
 class ResumeSchedule:
     """When the client tries a resume handshake: the first attempt once the server has been
-    silent (no UDP) for RESUME_AFTER_SECS, then FIRST_BACKOFF_SECS after each failed or
+    silent for ``first_after_secs`` (default RESUME_AFTER_SECS; sooner where the resume
+    may move the session to the TCP carrier), then FIRST_BACKOFF_SECS after each failed or
     fruitless attempt, doubling up to ``max_backoff_secs``; one attempt at a time; contact
     coming back starts the schedule over. mp runs the attempts (a thread each)."""
 
-    def __init__(self, max_backoff_secs: float) -> None:
+    def __init__(self, max_backoff_secs: float,
+                 first_after_secs: float = RESUME_AFTER_SECS) -> None:
         self.max_backoff = max_backoff_secs
+        self.first_after = first_after_secs
         self.backoff = FIRST_BACKOFF_SECS
         self.not_before = 0.0
         self.running = False
         self.attempts = 0
 
     def next_attempt(self, last_contact: float) -> float:
-        return max(last_contact + RESUME_AFTER_SECS, self.not_before)
+        return max(last_contact + self.first_after, self.not_before)
 
     def due(self, now: float, last_contact: float) -> bool:
         return not self.running and now >= self.next_attempt(last_contact)

@@ -59,11 +59,11 @@ import time
 import tty
 
 import moshpit
+import moshpit_carrier
 import moshpit_handshake
 import moshpit_keys
 import moshpit_session
 import moshpit_term
-import moshpit_transport
 import moshpit_trust
 
 log = logging.getLogger("moshpit.client")
@@ -71,6 +71,7 @@ log = logging.getLogger("moshpit.client")
 EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) exit 255
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
 UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, like mosh)
+NOTICE_SECS = 4.0  # a status line (such as "UDP blocked, using TCP") stays this long
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-host-key-checking", choices=moshpit.HOST_KEY_POLICIES,
                    help="unknown host keys: ask (default), accept-new (trust on first use), "
                    "yes (refuse unless already in known_hosts)")
+    p.add_argument("--transport", choices=moshpit.TRANSPORTS,
+                   help="how the session's packets travel: auto (default: UDP, or TCP where"
+                   " UDP is blocked), udp (never TCP) or tcp (always TCP)")
     p.add_argument("--print-config", action="store_true",
                    help="print every effective setting and where it came from, then exit")
     p.add_argument("--copy-id", action="store_true",
@@ -188,7 +192,7 @@ class FirstLoginName(argparse.Action):
 
 
 # The client's own flags that are config settings (argparse dest == config key).
-CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination")
+CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination", "transport")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -638,6 +642,10 @@ class StatusBanner:
         self.ellipsis = ellipsis
         self.quit_hint = quit_hint  # " - Ctrl-^ . quits", or "" without an escape key
         self.udp_wait = None  # (host, port) until the first UDP packet arrives
+        # A status line shown until notice_until (monotonic) whatever the silence, e.g.
+        # "moshpit: UDP blocked, using TCP"; a silence's banner takes precedence.
+        self.notice = None
+        self.notice_until = None
         self.shown = False
         self.drawn_text = None
 
@@ -670,9 +678,12 @@ class StatusBanner:
         """Bytes to write now (possibly b""): draw when silence passes the threshold,
         redraw when the text changes (the whole-second count) or ``force`` (resize).
         ``repaint``: what hide() writes to take the banner away (default: erase the row)."""
-        if silence < self.threshold():
+        if silence >= self.threshold():
+            text = self.text(silence, note, cols)
+        elif self.notice is not None:
+            text = self.notice
+        else:
             return self.hide(repaint)
-        text = self.text(silence, note, cols)
         if self.shown and text == self.drawn_text and not force:
             return b""
         self.shown, self.drawn_text = True, text
@@ -853,8 +864,9 @@ class Resumer(moshpit_session.ResumeSchedule):
     is never touched from two threads.
     """
 
-    def __init__(self, handshake, waker: Waker, max_backoff: float):
-        super().__init__(max_backoff)
+    def __init__(self, handshake, waker: Waker, max_backoff: float,
+                 first_after: float = moshpit_session.RESUME_AFTER_SECS):
+        super().__init__(max_backoff, first_after)
         self.handshake = handshake  # request -> ClientResult, raises MoshpitError
         self.waker = waker
         self.results = queue.Queue()
@@ -957,9 +969,15 @@ class Session:
             first.keys, time.monotonic(), udp_peer(first), first.grant.session_id,
             first.grant.resume_secret, target.winsize(), attaching=attaching)
         wildcard = "::" if ":" in first.server_addr[0] else "0.0.0.0"
-        self.link = moshpit_transport.UdpLink.bind(self.core, wildcard)
+        self.link = moshpit_carrier.CarrierLink.bind(self.core, wildcard)
+        self.paths = moshpit_carrier.PathSelector(config["transport"])
+        self.udp_addr = udp_peer(first)
+        self._new_paths(first, time.monotonic())
+        # auto: a silence may be blocked UDP, which the resume's TCP carrier gets around
+        first_resume = (moshpit_carrier.CARRIER_RESUME_AFTER_SECS if self.paths.mode == "auto"
+                        else moshpit_session.RESUME_AFTER_SECS)
         self.resumer = Resumer(self._resume_handshake, waker,
-                               float(config["max_reconnect_backoff_secs"]))
+                               float(config["max_reconnect_backoff_secs"]), first_resume)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -994,26 +1012,31 @@ class Session:
         readers = [self.waker]
         stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
         if not stalled:
-            readers.append(self.link)
+            readers += self._network()
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
         writers = self._pending_writers()
+        tcp = self.link.carrier
+        if tcp is not None and tcp.wants_write():
+            writers.append(tcp)
         timeout = max(0.0, self._next_deadline(now) - now)
-        readable, _, _ = select.select(readers, writers, [], timeout)
+        readable, writable, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
         if stalled:
             self.core.last_contact = now  # we are not listening, so the server is not silent
         if self.waker in readable:
             self.waker.drain()
         self._signals()
-        if self.link in readable:
-            self._receive(now)
+        if tcp is not None and tcp in writable:
+            self.link.carrier_writable()
+        self._receive(now, readable)
         self._contact(now)
         self._events()
         if self.in_fd in readable:
             self._read_stdin()
         self._resume_results(now)
         self._maybe_resume(now)
+        self._steer(now)
         self.link.flush(now)
         if self.out:
             self._write_out()
@@ -1027,12 +1050,60 @@ class Session:
             deadlines.append(now + link_wait)
         if not self.resumer.running:
             deadlines.append(self.resumer.next_attempt(self.core.last_contact))
+        for deadline in (self.paths.next_deadline(), self.banner.notice_until):
+            if deadline is not None:
+                deadlines.append(deadline)
         return min(deadlines)
 
-    def _receive(self, now: float) -> None:
-        self.link.handle_readable(now)
+    def _network(self) -> list:
+        """What to read from the network: the UDP socket and the TCP carrier, if any."""
+        tcp = self.link.carrier
+        return [self.link] if tcp is None else [self.link, tcp]
+
+    def _receive(self, now: float, readable: list) -> None:
+        if self.link in readable:
+            before = self.core.last_contact
+            self.link.handle_readable(now)
+            if self.core.last_contact != before:
+                self.paths.udp_heard(now)
+        tcp = self.link.carrier
+        if tcp is not None and tcp in readable:
+            self.link.carrier_readable(now)
         if self.core.udp_heard:
-            self.banner.udp_wait = None  # UDP works: from now on silence is "last contact"
+            self.banner.udp_wait = None  # packets arrive: from now on silence is "last contact"
+
+    def _new_paths(self, result, now: float) -> None:
+        """After a handshake: the server's UDP address, and its connection kept as the TCP
+        carrier (replacing the last one), both trusted (we dialled them)."""
+        self.udp_addr = udp_peer(result)
+        self.core.conn.trust_path(self.udp_addr)
+        if result.connection is not None:
+            self.link.attach(moshpit_carrier.TcpCarrier(result.connection, result.unread))
+        else:
+            self.link.detach()
+        self.paths.started(now, result.rtt, result.connection is not None)
+
+    def _steer(self, now: float) -> None:
+        """Carriers (moshpit_carrier.PathSelector): its timers, the path the Connection
+        sends on, UDP probes while on TCP, closing a connection no longer needed, and the
+        status line when the path changes."""
+        paths, link, conn = self.paths, self.link, self.core.conn
+        if paths.carrier and link.carrier is None:
+            paths.carrier_lost(now)  # closed by the server, or broken
+        paths.tick(now)
+        if paths.close_carrier_due(now):
+            link.detach()
+        tcp = link.carrier
+        conn.use_path(tcp.path if paths.active == "tcp" and tcp is not None else self.udp_addr,
+                      now)
+        if paths.probe_due(now):
+            link.send_to(conn.probe_datagram(now), self.udp_addr)
+        note = paths.take_note()
+        if note is not None:
+            log.warning("%s", note)
+            self.banner.notice = f"moshpit: {note}"
+            self.banner.notice_until = now + NOTICE_SECS
+            self._redraw_banner(now, force=True)
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -1122,7 +1193,13 @@ class Session:
         """Banner on/off/update from the silence. Packets flowing again is immediate
         recovery: banner gone, resume back-off reset, no handshake needed."""
         silence = self.core.silence(now)
-        if silence < self.banner.threshold():
+        banner = self.banner
+        if banner.notice_until is not None and now >= banner.notice_until:
+            banner.notice = banner.notice_until = None
+        if silence < self.banner.threshold() and banner.notice is not None:
+            self.resumer.contact()
+            self._redraw_banner(now)
+        elif silence < self.banner.threshold():
             if self.banner.shown and self.screen.at_safe_point():
                 log.info("contact with %s is back", self.target.host)
                 self.out += self.banner.hide(self.screen.repaint_top_row())
@@ -1148,8 +1225,10 @@ class Session:
         self.resumer.start(request)
 
     def _resume_handshake(self, request):
-        """Runs in the Resumer's thread: only immutable inputs, no Connection access."""
-        return self.target.connect(self.identity, request, self.hostcheck.resume)
+        """Runs in the Resumer's thread: only immutable inputs, no Connection access. A
+        resume's connection stays open as the next TCP carrier (a quit request's not)."""
+        keep = self.paths.keeps_carrier and not request.end_session
+        return self.target.connect(self.identity, request, self.hostcheck.resume, keep)
 
     def _resume_results(self, now: float) -> None:
         outcome = self.resumer.take(now)
@@ -1169,6 +1248,7 @@ class Session:
                  outcome.grant.recv_offset, self.core.recv_offset)
         self.core.resumed(outcome.keys, outcome.grant.recv_offset, outcome.grant.resume_secret,
                           udp_peer(outcome), now)
+        self._new_paths(outcome, now)
         self.banner_note = "server answered, waiting for UDP"
         if self.banner.udp_wait is not None:
             self.banner.udp_wait = (self.target.host, outcome.grant.udp_port)
@@ -1286,8 +1366,12 @@ class Session:
                 return
             wait = self.link.timeout(now)
             wait = deadline - now if wait is None else min(wait, deadline - now)
-            if select.select([self.link], [], [], max(0.0, wait))[0]:
-                self._receive(time.monotonic())
+            tcp = self.link.carrier
+            writers = [tcp] if tcp is not None and tcp.wants_write() else []
+            readable, writable, _ = select.select(self._network(), writers, [], max(0.0, wait))
+            if writable:
+                self.link.carrier_writable()
+            self._receive(time.monotonic(), readable)
 
 
 def terminal_encoding() -> str:
@@ -1362,9 +1446,10 @@ class Target:
             resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
             pty=self.pty, intent=intent)
 
-    def connect(self, identity, request, verify_host_key):
+    def connect(self, identity, request, verify_host_key, keep_connection: bool = False):
         return moshpit_handshake.client_handshake(
-            self.host, self.port, identity, request, verify_host_key)
+            self.host, self.port, identity, request, verify_host_key,
+            keep_connection=keep_connection)
 
 
 class Connector:
@@ -1387,12 +1472,13 @@ class Connector:
         self.hostcheck = HostKeyCheck(config["known_hosts_file"], host, self.target.port,
                                       config["strict_host_key_checking"], prompter)
 
-    def connect(self, intent: int = 0, session_id=None):
-        """One handshake (the host key checked as on first contact)."""
+    def connect(self, intent: int = 0, session_id=None, keep_connection: bool = False):
+        """One handshake (the host key checked as on first contact); ``keep_connection``:
+        the result's connection is left open, for the TCP carrier."""
         target = self.target
         return target.connect(self.identity, target.request(*target.winsize(), intent=intent,
                                                             session_id=session_id),
-                              self.hostcheck.first)
+                              self.hostcheck.first, keep_connection)
 
     def sessions(self) -> list:
         """The user's sessions on the server (mp --list), most recently active first."""
@@ -1469,14 +1555,15 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
     guard = TerminalGuard(0, 1, raw=target.pty)
     router.install()
     try:
+        keep = config["transport"] != "udp"  # the handshake's connection: the TCP carrier
         if attach is None:
-            first = connector.connect()
+            first = connector.connect(keep_connection=keep)
             if first.grant.detached:
                 prompter.say(f"mp: {first.grant.detached} detached session(s):"
                              f" mp --attach {connector.destination}")
         else:
             first = connector.connect(moshpit_handshake.TAKE_OVER,
-                                      connector.pick(attach).session_id)
+                                      connector.pick(attach).session_id, keep)
         log.info("connected to %s@%s port %d, UDP %s", target.user, target.host, target.port,
                  udp_peer(first))
         if os.isatty(1) and target.pty:  # once connected (a failure prints one line only)
