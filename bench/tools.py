@@ -329,7 +329,8 @@ class Mosh(Tool):
     lacks = {"preauth": PREAUTH_NA,
              "every_byte": "mosh sends screen states: it skips output, so bytes cannot be "
                            "checked",
-             "fairness": FAIRNESS_NA}
+             "fairness": FAIRNESS_NA,
+             "tcp_fallback": "mosh has no TCP mode (mosh#13): nothing gets through"}
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
     DETACHED = re.compile(rb"detached, pid = (\d+)")
 
