@@ -60,6 +60,7 @@ log = logging.getLogger("moshpit.carrier")
 
 LENGTH = struct.Struct("!H")
 UDP_TRIAL_MARGIN_SECS = 0.3  # beyond 2 handshake RTTs: how long UDP gets to answer first
+UDP_TRIAL_PROBE_SECS = 0.1  # during that time: UDP probes 0.1 s, then 0.3 s after it starts
 UDP_PROBE_FIRST_SECS = 1.0  # on TCP: the first UDP probe, then doubling ...
 UDP_PROBE_MAX_SECS = 15.0  # ... up to this interval
 CARRIER_LINGER_SECS = 3.0  # back on UDP: the TCP connection stays open this long
@@ -160,6 +161,9 @@ class PathSelector:
         else:  # auto: UDP first, TCP if UDP says nothing in time
             self.active = "udp"
             self._trial_until = now + 2 * rtt + UDP_TRIAL_MARGIN_SECS
+            # Extra pings during the trial, so that one lost datagram is not a fallback.
+            self._probe_interval = UDP_TRIAL_PROBE_SECS
+            self._next_probe = now + UDP_TRIAL_PROBE_SECS
 
     def udp_heard(self, now: float) -> None:
         """An authentic packet arrived over UDP: it works both ways."""

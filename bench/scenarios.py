@@ -389,6 +389,7 @@ class _UdpBlocked:
     needs = "tcp_fallback"
 
     def run(self, ctx: Context) -> dict:
+        ctx.relay.tcp_loss = False  # the loss setting drops UDP only: TCP passes untouched
         ctx.relay.set(loss=1.0)
         ctx.session = ctx.open_session()
         return self.measure(ctx)

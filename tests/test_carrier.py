@@ -63,7 +63,8 @@ def test_auto_falls_back_after_two_rtts_and_a_margin_and_says_so_once():
     paths = mc.PathSelector("auto")
     paths.started(100.0, rtt=0.05, carrier=True)
     assert paths.active == "udp"
-    assert paths.next_deadline() == pytest.approx(100.0 + 0.1 + mc.UDP_TRIAL_MARGIN_SECS)
+    assert paths.next_deadline() == pytest.approx(100.0 + mc.UDP_TRIAL_PROBE_SECS)
+    assert paths.probe_due(100.1) and not paths.probe_due(100.2)  # extra UDP pings meanwhile
     paths.tick(100.39)
     assert paths.active == "udp" and paths.take_note() is None
     paths.tick(100.41)
