@@ -28,7 +28,8 @@ How the client chooses (``transport = "auto"``):
   ResumeSchedule, sooner in auto mode): that handshake's connection is the new carrier,
   and the same trial decides again. A broken TCP carrier is the same silence.
 
-``"udp"`` never keeps the connection; ``"tcp"`` uses it at once and never probes UDP.
+``"udp"`` never keeps the connection; ``"tcp"`` uses it at once and never sends over UDP
+(between a broken connection and the resume that replaces it, nothing goes out).
 
 The server follows the client: the newest authentic packet arriving on an attached carrier
 moves its replies there at once (the carrier is trusted, see Connection.trust_path); a UDP
@@ -154,10 +155,10 @@ class PathSelector:
         open for us. The paths start over: on a resume, the old connection is gone."""
         self.carrier = carrier
         self._close_at = self._next_probe = self._trial_until = None
-        if not carrier:
+        if self.mode == "tcp":
+            self._use("tcp", now)  # with no carrier, nothing goes out until the next one
+        elif not carrier:
             self.active = "udp"
-        elif self.mode == "tcp":
-            self._use("tcp", now)
         else:  # auto: UDP first, TCP if UDP says nothing in time
             self.active = "udp"
             self._trial_until = now + 2 * rtt + UDP_TRIAL_MARGIN_SECS
@@ -180,7 +181,7 @@ class PathSelector:
             log.info("the TCP carrier closed")
         self.carrier = False
         self._close_at = self._next_probe = self._trial_until = None
-        if self.active == "tcp":
+        if self.mode == "auto" and self.active == "tcp":
             self.active = "udp"  # silently: silence now starts a resume, which says more
 
     def tick(self, now: float) -> None:

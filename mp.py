@@ -646,6 +646,7 @@ class StatusBanner:
         # "moshpit: UDP blocked, using TCP"; a silence's banner takes precedence.
         self.notice = None
         self.notice_until = None
+        self.notice_drawn = False  # what is shown is that status line
         self.shown = False
         self.drawn_text = None
 
@@ -684,6 +685,7 @@ class StatusBanner:
             text = self.notice
         else:
             return self.hide(repaint)
+        self.notice_drawn = text == self.notice
         if self.shown and text == self.drawn_text and not force:
             return b""
         self.shown, self.drawn_text = True, text
@@ -972,9 +974,11 @@ class Session:
         self.link = moshpit_carrier.CarrierLink.bind(self.core, wildcard)
         self.paths = moshpit_carrier.PathSelector(config["transport"])
         self.udp_addr = udp_peer(first)
+        self.tcp_path = moshpit_carrier.new_tcp_path()  # the carrier's, once there is one
         self._new_paths(first, time.monotonic())
-        # auto: a silence may be blocked UDP, which the resume's TCP carrier gets around
-        first_resume = (moshpit_carrier.CARRIER_RESUME_AFTER_SECS if self.paths.mode == "auto"
+        # A silence may be blocked UDP or a broken TCP connection, which the resume's new
+        # TCP carrier gets around: resume sooner than over UDP alone.
+        first_resume = (moshpit_carrier.CARRIER_RESUME_AFTER_SECS if self.paths.keeps_carrier
                         else moshpit_session.RESUME_AFTER_SECS)
         self.resumer = Resumer(self._resume_handshake, waker,
                                float(config["max_reconnect_backoff_secs"]), first_resume)
@@ -1079,6 +1083,7 @@ class Session:
         self.core.conn.trust_path(self.udp_addr)
         if result.connection is not None:
             self.link.attach(moshpit_carrier.TcpCarrier(result.connection, result.unread))
+            self.tcp_path = self.link.carrier.path
         else:
             self.link.detach()
         self.paths.started(now, result.rtt, result.connection is not None)
@@ -1093,9 +1098,8 @@ class Session:
         paths.tick(now)
         if paths.close_carrier_due(now):
             link.detach()
-        tcp = link.carrier
-        conn.use_path(tcp.path if paths.active == "tcp" and tcp is not None else self.udp_addr,
-                      now)
+        # On TCP with the carrier gone (forced tcp), datagrams go to its dead path: dropped.
+        conn.use_path(self.tcp_path if paths.active == "tcp" else self.udp_addr, now)
         if paths.probe_due(now):
             link.send_to(conn.probe_datagram(now), self.udp_addr)
         note = paths.take_note()
@@ -1191,22 +1195,22 @@ class Session:
 
     def _contact(self, now: float) -> None:
         """Banner on/off/update from the silence. Packets flowing again is immediate
-        recovery: banner gone, resume back-off reset, no handshake needed."""
+        recovery: banner gone, resume back-off reset, no handshake needed. A status line
+        (``banner.notice``) stays its few seconds while packets flow."""
         silence = self.core.silence(now)
         banner = self.banner
+        if silence < self.resumer.first_after:  # not yet a silence a resume is for
+            self.resumer.contact()
         if banner.notice_until is not None and now >= banner.notice_until:
             banner.notice = banner.notice_until = None
-        if silence < self.banner.threshold() and banner.notice is not None:
-            self.resumer.contact()
+        if silence >= banner.threshold() or banner.notice is not None:
             self._redraw_banner(now)
-        elif silence < self.banner.threshold():
-            if self.banner.shown and self.screen.at_safe_point():
+            return
+        if banner.shown and self.screen.at_safe_point():
+            if not banner.notice_drawn:
                 log.info("contact with %s is back", self.target.host)
-                self.out += self.banner.hide(self.screen.repaint_top_row())
-            self.banner_note = ""
-            self.resumer.contact()
-        else:
-            self._redraw_banner(now)
+            self.out += banner.hide(self.screen.repaint_top_row())
+        self.banner_note = ""
 
     def _redraw_banner(self, now: float, force: bool = False) -> None:
         if not self.out_is_tty or not self.screen.at_safe_point():

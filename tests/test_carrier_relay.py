@@ -24,12 +24,13 @@ UDP_NOTE = b"UDP works again, back on UDP"
 
 
 @pytest.fixture
-def relayed(tmp_path):
-    """(server, relay, front address) with the relay started."""
+def relayed(tmp_path, request):
+    """(server, relay, front address) with the relay started; indirect parameters are
+    Relay options (``{"impair_tcp": True}``: a blackout freezes TCP too)."""
     with MpsServer(tmp_path) as server:
         front = random_front_alias()
         with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port]) as relay:
+                   udp_ports=[server.udp_port], **getattr(request, "param", {})) as relay:
             yield server, relay, front
 
 
@@ -139,3 +140,54 @@ def test_forced_udp_from_the_environment_does_not_fall_back(relayed, tmp_path):
         assert term.wait(20) == QUIT_STATUS
     assert "TCP carrier attached" in server.log()  # offered by the server, closed by us
     assert "client now at" not in server.log()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("relayed", [{"impair_tcp": True}], indirect=True)
+def test_an_outage_on_the_tcp_carrier_loses_nothing(relayed, tmp_path):
+    """On TCP (UDP blocked), the whole network goes away for 8 s while the user types:
+    the banner shows the silence, and once the network is back what was typed arrives
+    once, in order (through the old connection, which TCP kept, or a resume's)."""
+    server, relay, front = relayed
+    block_udp(relay, True)
+    with start_client(server, tmp_path, host=front) as term:
+        term.read_until(TCP_NOTE, 15)
+        wait_shell(term)
+        relay.set_blackout(True)
+        start = time.monotonic()
+        for at, piece in ((1, "echo O"), (3, "U$((6"), (5, "*7))"), (6, "T\r")):
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            term.send(piece)
+        seen = term.read_until(b"last contact", 15)
+        time.sleep(max(0.0, start + 8 - time.monotonic()))
+        relay.set_blackout(False)
+        seen += term.read_until(re.compile(rb"[\r\n]OU42T\r\n"), 60)
+        seen += term.drain(quiet=1.0, limit=5)
+        assert seen.count(b"OU42T") == 1
+        term.send(QUIT)
+        assert term.wait(20) == QUIT_STATUS
+
+
+@pytest.mark.timeout(120)
+def test_a_broken_tcp_carrier_is_replaced_by_a_resume(relayed, tmp_path):
+    """On TCP (UDP blocked), the connection is reset (a NAT lost it, the laptop moved):
+    the client resumes on a new connection, which becomes the carrier; input typed
+    meanwhile arrives once."""
+    server, relay, front = relayed
+    block_udp(relay, True)
+    with start_client(server, tmp_path, host=front) as term:
+        term.read_until(TCP_NOTE, 15)
+        wait_shell(term)
+        assert relay.reset_tcp() == 1
+        for piece in ("echo R", "S$((6", "*7))", "T\r"):
+            term.send(piece)
+            time.sleep(0.3)
+        out = term.read_until(re.compile(rb"[\r\n]RS42T\r\n"), 40)
+        out += term.drain(quiet=1.0, limit=5)
+        assert out.count(b"RS42T") == 1
+        server.wait_log("resumed", 10)
+        assert server.log().count("TCP carrier attached") == 2
+        assert "the TCP carrier closed" in client_log(tmp_path)
+        term.send(QUIT)
+        assert term.wait(20) == QUIT_STATUS
