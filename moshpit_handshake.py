@@ -29,6 +29,11 @@ instead of a grant (ServerFinish outcome LISTING: count:u16, then per session id
 started:u64, last activity:u64 (Unix seconds), rows:u16, cols:u16, title; at most
 MAX_LISTED sessions, titles at most MAX_TITLE_BYTES).
 
+After a grant that continues a session (a new one, a resume, a takeover) the connection
+stays open: it becomes the session's TCP carrier (protocol version 4, moshpit_carrier), or
+the client closes it. Only this connection, authenticated by the handshake it carried, can
+ever carry the session's datagrams over TCP.
+
 Transcript hash TH: SHA-256 over a label and every message's fields in order (each as an SSH
 string, so boundaries are unambiguous). TH_1 after ServerHello, TH_s after the host key blob,
 TH_c after the client's fields (the client signs its user, its own key and every request field),

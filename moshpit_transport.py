@@ -55,6 +55,14 @@ of what goes to the old address, so a genuine roam gets its output within a roun
 validation or not).  The server's first address (no earlier one to keep using) is adopted
 at once under the same 3x limit; the client pads its first packets to a full datagram so
 that the limit covers a screenful.
+
+Carriers (moshpit_carrier): an "address" may also be a TCP carrier's path, which the peer
+was authenticated on by other means (the handshake's own connection).  ``trust_path``
+marks such paths: the server moves its replies to a trusted path as soon as the newest
+packet arrives there, without a challenge; the client moves only when told (``use_path``,
+which resends what was in flight on the new path).  A trusted path may carry a floor for
+the retransmission timer (TCP retransmits on its own).  Packet numbers, acks, the replay
+window and offsets are shared by all paths, so a switch loses and doubles nothing.
 """
 
 from __future__ import annotations
