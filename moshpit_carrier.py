@@ -242,11 +242,11 @@ class TcpCarrier:
     KEEPALIVE_IDLE_SECS, KEEPALIVE_INTERVAL_SECS, KEEPALIVE_COUNT = 10, 5, 3
     USER_TIMEOUT_MS = 15000  # unacknowledged data this long: the path is dead (Linux)
 
-    def __init__(self, sock: socket.socket, leftover: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket, unread: bytes = b"") -> None:
         self.sock = sock
         self.path = new_tcp_path()
         self._decoder = FrameDecoder()
-        self._leftover = leftover  # bytes read past the handshake's last message
+        self._leftover = unread  # bytes the handshake read past its last message
         self._out = bytearray()
         self.dropped = 0  # datagrams dropped for lack of room (they count as lost)
         sock.setblocking(False)

@@ -54,6 +54,67 @@ def test_frame_datagram_refuses_what_the_peer_would_refuse():
             mc.frame_datagram(bad)
 
 
+def tcp_pair() -> tuple:
+    """(client, server) ends of one loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+def test_the_carrier_keeps_no_big_queue_and_drops_whole_datagrams_only():
+    """A peer that stops reading: beyond what the connection holds in flight (the peer's
+    receive window) the kernel keeps at most NOTSENT_LOWAT unsent, this side at most
+    MAX_QUEUED, the rest is dropped datagram by datagram (the transport resends); what
+    does arrive is every datagram not dropped, whole and in order."""
+    client, server = tcp_pair()
+    carrier = mc.TcpCarrier(client)
+    try:
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == \
+                mc.TcpCarrier.NOTSENT_LOWAT
+        sent = []
+        for n in range(20000):  # 24 MB offered to a peer that reads nothing
+            datagram = n.to_bytes(4, "big") * (MAX_DATAGRAM // 4)
+            if carrier.send(datagram):
+                sent.append(datagram)
+            carrier.write()
+        assert carrier.dropped > 0 and len(carrier._out) <= mc.TcpCarrier.MAX_QUEUED
+        server.setblocking(False)
+        decoder, got = mc.FrameDecoder(), []
+        while len(got) < len(sent):
+            carrier.write()
+            try:
+                data = server.recv(65536)
+            except BlockingIOError:
+                continue
+            got += decoder.feed(data)
+        assert got == sent
+    finally:
+        carrier.close()
+        server.close()
+
+
+def test_a_peer_closing_or_sending_garbage_ends_the_carrier():
+    client, server = tcp_pair()
+    carrier = mc.TcpCarrier(client, unread=mc.frame_datagram(b"early"))
+    try:
+        assert carrier.read() == [b"early"]  # bytes the handshake read past its end
+        server.sendall(b"\x00\x00")
+        with pytest.raises(mc.CarrierClosed, match="outside"):
+            wait_for(carrier.read, 5, "the bad frame")
+    finally:
+        carrier.close()
+        server.close()
+    client, server = tcp_pair()
+    carrier = mc.TcpCarrier(client)
+    server.close()
+    with pytest.raises(mc.CarrierClosed, match="closed by the peer"):
+        wait_for(carrier.read, 5, "the end of the connection")
+    carrier.close()
+
+
 # ---------------------------------------------------------------------------
 # PathSelector (the client's choice), fake clock
 # ---------------------------------------------------------------------------
