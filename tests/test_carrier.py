@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -14,7 +16,7 @@ import moshpit_carrier as mc
 from moshpit import MAX_DATAGRAM
 from relay import free_port
 from server_util import MpsServer
-from test_client_session import QUIT, QUIT_STATUS, client_env, mp_args, wait_shell
+from test_client_session import MP, QUIT, QUIT_STATUS, client_env, mp_args, wait_shell
 from test_transport import (CLIENT_ADDR, MB, SERVER_ADDR, Sim, SimNet, finish, make_keys,
                             random_bytes)
 from test_transport_paths import moves
@@ -358,3 +360,24 @@ def test_replayed_carrier_bytes_attach_nothing(tmp_path):
         # The answer is a ServerHello and ServerAuth for a new key exchange, nothing more
         # (a session grant would need the replayed ClientAuth to sign the new transcript).
         assert len(answer) < 2000
+
+
+def test_the_transport_setting_from_flag_environment_and_file(tmp_path):
+    """--transport, MOSHPIT_TRANSPORT and `transport` in the config file, each checked."""
+    env = client_env(tmp_path)
+    config = tmp_path / "moshpit.toml"
+    config.write_text('transport = "udp"\n')
+
+    def effective(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, MP, "-c", str(config), *args, "--print-config",
+                               "host"], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=30)
+
+    assert 'transport = "udp"  (file ' in effective().stdout
+    assert 'transport = "tcp"  (command line)' in effective("--transport", "tcp").stdout
+    assert 'transport = "auto"  (environment MOSHPIT_TRANSPORT)' in effective(
+        "--transport", "tcp", MOSHPIT_TRANSPORT="auto").stdout
+    bad = effective(MOSHPIT_TRANSPORT="quic")
+    assert bad.returncode == 255
+    assert bad.stderr.strip() == ("mp: environment MOSHPIT_TRANSPORT: transport must be one of"
+                                  " auto, udp, tcp, got 'quic'")
