@@ -37,7 +37,7 @@ def _have_nft() -> str:
     for argv in (("apt-get", "install", "-y", "-q", "nftables"), ("apt-get", "update", "-q"),
                  ("apt-get", "install", "-y", "-q", "nftables")):
         try:
-            _run(*argv, timeout=180)
+            _run(*argv, timeout=150)
         except subprocess.TimeoutExpired:
             return "installing nftables timed out"
         if shutil.which("nft"):
@@ -83,7 +83,7 @@ def block_udp(ns: str, ports: tuple, blocked: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)  # apt-get may have to install nftables first (make test-tools does)
 def test_nftables_udp_drop_from_the_start_and_mid_session(netns, tmp_path):
     in_ns = ["ip", "netns", "exec", netns]
     with MpsServer(tmp_path, python=in_ns[0], program=[*in_ns[1:], sys.executable, MPS]) \
