@@ -59,7 +59,10 @@ import time
 import tty
 
 import moshpit
+import moshpit_agent
+import moshpit_bootstrap
 import moshpit_carrier
+import moshpit_channels
 import moshpit_handshake
 import moshpit_keys
 import moshpit_session
@@ -112,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     moshpit.add_common_flags(p, "client")
     p.add_argument("-i", metavar="FILE", dest="identity_file",
-                   help="private key file, as ssh -i (same as -p)")
+                   help="private key file, as ssh -i (same as -p); a .pub file names a key"
+                   " held by ssh-agent")
     p.add_argument("-l", "--login-name", metavar="USER", action=FirstLoginName,
                    help="remote user, as ssh -l (as in ssh, the first of -l USER and "
                    "USER@ on the command line wins)")
@@ -131,9 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of connecting, authorize your public key (-k) for "
                    "SERVER_DESTINATION through the system ssh, like ssh-copy-id: appends it "
                    "once to ~/.mp/authorized_keys there (made 0600, ~/.mp 0700)")
-    p.add_argument("--ssh-command", metavar="COMMAND", default="ssh",
-                   help="the ssh that --copy-id runs, with its options "
-                   "(default: ssh; e.g. \"ssh -p 2222\")")
+    p.add_argument("--ssh-command", "--ssh-cmd", metavar="COMMAND", default="ssh",
+                   help="the ssh that --copy-id and --ssh run, with its options "
+                   "(default: ssh; e.g. \"ssh -p 2222 -J jump\")")
+    p.add_argument("--ssh", action="store_true",
+                   help="nothing installed on the server: start a server for this one "
+                   "session through the system ssh (needs python3 >= 3.9 with cryptography "
+                   "there; no moshpit key or known_hosts entry needed)")
+    p.add_argument("--ssh-cache", action="store_true",
+                   help="with --ssh: keep moshpit's modules on the server in ~/.cache/moshpit"
+                   " (checked by SHA-256), so later runs need not send them (without it, "
+                   "--ssh writes nothing on the server)")
     sessions = p.add_mutually_exclusive_group()
     sessions.add_argument("--list", action="store_true", dest="list_sessions",
                           help="list your sessions on the server (id, attached or detached,"
@@ -150,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--no-tty", dest="pty", action="store_const", const=False,
                    help="no PTY: the command's bytes pass untouched (the default when stdin "
                    "is not a terminal), as ssh -T")
+    # --- forwarding (README "Forwarding"): ssh's spellings ---
+    p.add_argument("-L", dest="forwards", action="append", type=lambda v: ("-L", v),
+                   metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="forward local PORT to HOST:HOSTPORT as seen from the server")
+    p.add_argument("-R", dest="forwards", action="append", type=lambda v: ("-R", v),
+                   metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="forward the server's PORT (on its loopback; 0: any free port) to "
+                   "HOST:HOSTPORT as seen from here")
+    p.add_argument("-D", dest="forwards", action="append", type=lambda v: ("-D", v),
+                   metavar="[BIND:]PORT", help="SOCKS4a/SOCKS5 proxy on local PORT whose "
+                   "connections the server makes")
+    p.add_argument("-A", dest="forward_agent", action="store_const", const=True,
+                   help="forward the ssh-agent at SSH_AUTH_SOCK to the session")
+    p.add_argument("-N", dest="no_command", action="store_true",
+                   help="forwarding only: no shell or command (an idle cat waits on the "
+                   "server), stdin not read; Ctrl-C ends it")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -192,7 +220,8 @@ class FirstLoginName(argparse.Action):
 
 
 # The client's own flags that are config settings (argparse dest == config key).
-CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination", "transport")
+CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination",
+                "forward_agent", "transport")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -941,7 +970,7 @@ class Session:
 
     def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
                  router: SignalRouter, waker: Waker, guard: TerminalGuard, in_fd: int = 0,
-                 out_fd: int = 1, attaching: bool = False):
+                 out_fd: int = 1, attaching: bool = False, forwards=()):
         self.target = target
         self.guard = guard  # entered: the suspend key leaves and re-enters raw mode
         self.hostcheck = hostcheck
@@ -963,7 +992,7 @@ class Session:
         self.screen = ScreenMirror(*target.winsize())
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
-        self.stdin_open = True
+        self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
         self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
@@ -982,6 +1011,8 @@ class Session:
                         else moshpit_session.RESUME_AFTER_SECS)
         self.resumer = Resumer(self._resume_handshake, waker,
                                float(config["max_reconnect_backoff_secs"]), first_resume)
+        self.channels = forwarding_sockets(self.core, forwards, config["forward_agent"],
+                                           self._notify)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -997,6 +1028,7 @@ class Session:
         finally:
             self.router.in_loop = False
             self.link.close()
+            self.channels.close()
             if not self.finished:
                 self._reset_now()
         return self.outcome
@@ -1019,7 +1051,8 @@ class Session:
             readers += self._network()
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
-        writers = self._pending_writers()
+        readers += self.channels.readers()
+        writers = self._pending_writers() + self.channels.writers()
         tcp = self.link.carrier
         if tcp is not None and tcp.wants_write():
             writers.append(tcp)
@@ -1038,6 +1071,7 @@ class Session:
         self._events()
         if self.in_fd in readable:
             self._read_stdin()
+        self.channels.handle(readable, writable, now)
         self._resume_results(now)
         self._maybe_resume(now)
         self._steer(now)
@@ -1049,9 +1083,9 @@ class Session:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
-        link_wait = self.link.timeout(now)
-        if link_wait is not None:
-            deadlines.append(now + link_wait)
+        for wait in (self.link.timeout(now), self.channels.timeout(now)):
+            if wait is not None:
+                deadlines.append(now + wait)
         if not self.resumer.running:
             deadlines.append(self.resumer.next_attempt(self.core.last_contact))
         for deadline in (self.paths.next_deadline(), self.banner.notice_until):
@@ -1273,6 +1307,12 @@ class Session:
         """The output fds with bytes waiting for them."""
         return [fd for fd, pending in ((self.out_fd, self.out), (ERR_FD, self.err)) if pending]
 
+    def _notify(self, text: str) -> None:
+        """A forwarding message for the person (ssh prints these on stderr too)."""
+        log.info("%s", text)
+        self.err += f"mp: {text}{chr(13) if self.out_is_tty else ''}\n".encode(
+            self.encoding, "replace")
+
     def _write_err(self) -> None:
         try:
             written = os.write(ERR_FD, self.err)
@@ -1378,6 +1418,38 @@ class Session:
             self._receive(time.monotonic(), readable)
 
 
+def forwarding_sockets(core, forwards, forward_agent: bool, notify):
+    """--- forwarding --- The session's channels: -L/-D listeners here (a port that cannot
+    be bound is a warning, as in ssh), -R requests to the server, -A's agent socket."""
+    mux = moshpit_channels.ChannelMux(core, "client", agent=forward_agent)
+    agent = os.environ.get("SSH_AUTH_SOCK") if forward_agent else None
+    sockets = moshpit_channels.ChannelSockets(mux, notify, agent_path=agent)
+    for number, (option, spec) in enumerate(forwards, 1):
+        if option == "-R":
+            sockets.request_remote(number, spec)
+            continue
+        try:
+            sockets.listen_local(option, spec)
+        except OSError as err:
+            notify(f"cannot listen on {spec.bind_host}:{spec.bind_port} for {option}: "
+                   f"{err.strerror or err}")
+    return sockets
+
+
+# -N's remote command: something that waits without reading a terminal or writing (the
+# session needs a process; stdin stays open as long as mp runs).
+NO_COMMAND = "exec cat > /dev/null"
+
+
+def parse_forwards(given) -> list:
+    """-L/-R/-D arguments as (option, ForwardSpec), in order; a bad one is an error."""
+    try:
+        return [(option, moshpit_channels.parse_forward(option, text))
+                for option, text in given or ()]
+    except ValueError as err:
+        raise moshpit.MoshpitError(f"bad forwarding: {err}") from None
+
+
 def terminal_encoding() -> str:
     """The local terminal's character encoding (for the banner text), per the locale."""
     name = locale.getpreferredencoding(False)
@@ -1421,11 +1493,13 @@ class Target:
     """Where and as whom we connect, and what we tell the server about our terminal."""
 
     def __init__(self, user: str, host: str, port: int, in_fd: int = 0, command=None,
-                 pty=None):
+                 pty=None, forward_agent: bool = False):
         self.user, self.host, self.port = user, host, port
+        self.forward_agent = forward_agent  # -A
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
         self.command = command
+        self.no_command = command == NO_COMMAND  # -N
         # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
         # ssh -t would), and a login shell always does (as before commands existed).
         self.pty = pty if pty is not None else (self.is_tty or command is None)
@@ -1448,7 +1522,7 @@ class Target:
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
             resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
-            pty=self.pty, intent=intent)
+            pty=self.pty, intent=intent, forward_agent=self.forward_agent)
 
     def connect(self, identity, request, verify_host_key, keep_connection: bool = False):
         return moshpit_handshake.client_handshake(
@@ -1470,11 +1544,24 @@ class Connector:
         self.destination = destination
         user, host = remote_user_and_host(destination, login, login_first,
                                           ssh_alias_lookup(config, prompter))
-        self.target = Target(user, host, config["server_port"], command=command, pty=pty)
-        self.identity = moshpit_handshake.LazyIdentity(
-            lambda: load_identity(config, prompter, self.target))
+        self.target = Target(user, host, config["server_port"], command=command, pty=pty,
+                             forward_agent=config["forward_agent"])
+        self.identity = moshpit_agent.KeyRing(
+            config["private_key_path"], config["public_key_path"],
+            lambda: load_identity(config, prompter, self.target),
+            moshpit_agent.AgentClient.from_environ(), self._agent_waits,
+            moshpit_handshake.MAX_OFFERED_KEYS)
+        self.prompter, self.in_session = prompter, False
         self.hostcheck = HostKeyCheck(config["known_hosts_file"], host, self.target.port,
                                       config["strict_host_key_checking"], prompter)
+
+    def _agent_waits(self, key) -> None:
+        """ssh-agent waits for the user to confirm a signature: say so, except in the session
+        (the terminal is raw then; the agent's own prompt shows)."""
+        log.info("waiting for ssh-agent to sign with %s", key.fingerprint())
+        if not self.in_session:
+            self.prompter.say(f"mp: waiting for ssh-agent to sign with {key.fingerprint()}"
+                              " (confirm it, or touch the key)")
 
     def connect(self, intent: int = 0, session_id=None, keep_connection: bool = False):
         """One handshake (the host key checked as on first contact); ``keep_connection``:
@@ -1505,6 +1592,32 @@ class Connector:
                 f"{what} with id {moshpit.printable(wanted, 40)} on {host}:"
                 f" mp --list {self.destination} shows yours")
         return found[0]
+
+
+class SshConnector(Connector):
+    """mp --ssh: the server of this one session is started through the system ssh
+    (moshpit_bootstrap), which also carries the keys: the client logs in with a key made for
+    this session and pins the host key the bootstrap announced."""
+
+    def __init__(self, config, prompter: Prompter, ssh_command: str, cache: bool = False,
+                 login=None, command=None, pty=None):
+        destination = config["server_destination"]
+        if not destination:
+            raise moshpit.MoshpitError("--ssh needs a destination: mp --ssh [user@]host")
+        self.destination = destination
+        started = moshpit_bootstrap.start_over_ssh(ssh_command, destination, login, cache)
+        for line in started.noise + started.stderr.splitlines():
+            prompter.say(moshpit.printable(line))  # motd, ssh's warnings: as ssh shows them
+        connect = started.connect
+        host = moshpit_bootstrap.pick_address(
+            moshpit_bootstrap.ssh_hostname(ssh_command, destination, login), connect.address)
+        log.info("bootstrapped over ssh (modules %s, ssh exit status %d): %s@%s port %d, "
+                 "host key %s", "cached on the server" if started.cached else "sent",
+                 started.ssh_status, connect.user, host, connect.port,
+                 connect.host_key.fingerprint())
+        self.target = Target(connect.user, host, connect.port, command=command, pty=pty)
+        self.identity = moshpit_handshake.LazyIdentity(lambda: started.client_key)
+        self.hostcheck = moshpit_bootstrap.PinnedHostKey(connect.host_key, host)
 
 
 LIST_HEADER = ("ID", "STATE", "STARTED", "LAST ACTIVITY", "SIZE", "TITLE")
@@ -1543,17 +1656,23 @@ def manage_sessions(config, prompter: Prompter, login=None, login_first: bool = 
 
 
 def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
-               command=None, pty=None, attach=None) -> int:
+               command=None, pty=None, attach=None, ssh_command=None,
+               ssh_cache: bool = False, forwards=()) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
     ``login``/``login_first``: ``-l USER`` and whether it came before the destination.
     ``command``: run it instead of a login shell; ``pty``: --tty (True), -T (False) or None
     (a PTY when stdin is a terminal). ``attach``: take over that session (mp --attach;
-    "": the latest detached one)."""
-    connector = Connector(config, prompter, login, login_first, command, pty)
-    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
+    "": the latest detached one). ``ssh_command``: mp --ssh, through that ssh (and
+    ``ssh_cache``: --ssh-cache)."""
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
+    if ssh_command is not None:
+        connector = SshConnector(config, prompter, ssh_command, ssh_cache, login, command,
+                                 pty)
+    else:
+        connector = Connector(config, prompter, login, login_first, command, pty)
+    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
     waker = Waker()
     router = SignalRouter(waker)
     guard = TerminalGuard(0, 1, raw=target.pty)
@@ -1575,9 +1694,11 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
                 os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes
             except OSError:
                 pass  # a terminal already gone: the session will say so
+        connector.in_session = True
         with guard:
-            outcome = Session(target, hostcheck, first, identity.get(), config, router,
-                              waker, guard, attaching=attach is not None).run()
+            outcome = Session(target, hostcheck, first, identity, config, router,
+                              waker, guard, attaching=attach is not None,
+                              forwards=forwards).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -1674,11 +1795,21 @@ def main(argv=None) -> int:
         managing = args.list_sessions or args.kill is not None or args.attach is not None
         if managing and command is not None:
             raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
+        if args.no_command:
+            if command is not None or args.pty:
+                raise moshpit.MoshpitError("-N takes no remote command and no --tty")
+            command, args.pty = NO_COMMAND, False
+        if args.ssh_cache and not args.ssh:
+            raise moshpit.MoshpitError("--ssh-cache goes with --ssh")
+        if args.ssh and managing:
+            raise moshpit.MoshpitError("--ssh starts a server for one new session: --list, "
+                                       "--attach and --kill need a running mps")
         if args.list_sessions or args.kill is not None:
             return manage_sessions(config, prompter, args.login_name, args.login_first,
                                    args.kill)
         return run_client(config, prompter, args.login_name, args.login_first, command,
-                          args.pty, args.attach)
+                          args.pty, args.attach, args.ssh_command if args.ssh else None,
+                          args.ssh_cache, parse_forwards(args.forwards))
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")
