@@ -29,7 +29,7 @@ import termios
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
-    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
+    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM", "TRANSPORTS",
     "DEFAULT_RESUME_AFTER_SECS", "MIN_RESUME_AFTER_SECS", "DEFAULT_SHUTDOWN_FLUSH_SECS",
     "HOST_KEY_POLICIES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
     "AUTHORIZED_KEYS_FILE", "TERM_NAME_RE", "LOCALE_NAME_RE", "LOCALE_VALUE_RE",
@@ -57,6 +57,8 @@ __version__ = "0.1.0"
 # 4: keys in ssh-agent: the optional ClientOffer/KeyAccepted handshake step (ssh's publickey
 # query: the server says which offered key it accepts before the agent is asked to sign);
 # channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag.
+# 4: the handshake's connection stays open after the grant as the TCP carrier of the
+# session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier).
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
@@ -69,6 +71,7 @@ MIN_RESUME_AFTER_SECS = 4
 # acknowledge the shutdown notice before the shell is hung up.
 DEFAULT_SHUTDOWN_FLUSH_SECS = 2
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
+TRANSPORTS = ("auto", "udp", "tcp")  # the client's `transport`: see moshpit_carrier
 
 # strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only
 HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
@@ -444,6 +447,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
         # HostName and User of `mp alias` from this ssh_config file; false: aliases off.
         "ssh_config": _Key(PATH_OR_OFF, "~/.ssh/config"),
+        # Automatic TCP fallback (moshpit_carrier): UDP, falling back to TCP where UDP is
+        # blocked (auto), or only one of them.
+        "transport": _Key(str, "auto", _one_of(*TRANSPORTS)),
         # Forwarding (README "Forwarding"): relay the session's SSH_AUTH_SOCK to ours (-A).
         "forward_agent": _Key(bool, False),
         **_common_keys(),

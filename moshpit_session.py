@@ -769,7 +769,8 @@ class ClientSession(_Core):
 class ResumeSchedule:
     """When the client tries a resume handshake: the first attempt once the server has been
     silent (no UDP) for ``resume_after_secs`` (the setting of that name, RESUME_AFTER_SECS by
-    default), then FIRST_BACKOFF_SECS after each failed or fruitless attempt, doubling up to
+    default; mp passes less where the resume may move the session to the TCP carrier), then
+    FIRST_BACKOFF_SECS after each failed or fruitless attempt, doubling up to
     ``max_backoff_secs``; one attempt at a time; contact coming back starts the schedule
     over. mp runs the attempts (a thread each)."""
 

@@ -386,6 +386,27 @@ class BulkTransfer(Scenario):
         return samples
 
 
+class _UdpBlocked:
+    """Mixin: the relay drops every UDP datagram from before the client connects, so
+    moshpit runs over its TCP carrier (ssh is TCP anyway; mosh has no TCP mode)."""
+
+    needs = "tcp_fallback"
+
+    def run(self, ctx: Context) -> dict:
+        ctx.relay.tcp_loss = False  # the loss setting drops UDP only: TCP passes untouched
+        ctx.relay.set(loss=1.0)
+        ctx.session = ctx.open_session()
+        return self.measure(ctx)
+
+
+class CtrlCUdpBlocked(_UdpBlocked, CtrlC):
+    """CtrlC with UDP blocked: the carrier must not queue a flood in front of the prompt."""
+
+
+class BulkUdpBlocked(_UdpBlocked, BulkTransfer):
+    """BulkTransfer with UDP blocked: every byte, checked, over the TCP carrier."""
+
+
 def jain_index(rates: list[float]) -> float:
     """Jain's fairness index: 1 when every flow gets the same, 1/n when one gets all."""
     squares = sum(r * r for r in rates)
@@ -800,6 +821,10 @@ SCENARIOS = (
     BulkTransfer("bulk_loss_20mb", "20 MB base64, 10% loss 40 ms RTT", 20.0, rtt=0.04,
                  loss=0.10, needs="every_byte", in_quick=False, samples=2,
                  caveats={"ssh": TCP_MODEL_CAVEAT}),
+    # issue 17: UDP blocked, moshpit on its TCP carrier
+    CtrlCUdpBlocked("ctrl_c_tcp", "Ctrl-C during yes flood, UDP blocked (TCP carrier)"),
+    BulkUdpBlocked("bulk_tcp_2mb", "2 MB base64, UDP blocked (TCP carrier)", 2.0,
+                   needs="tcp_fallback"),
     Fairness(),
     Forwarded("forward_10mb", "10 MB through -L, 10% loss 40 ms RTT", 10.0, rtt=0.04,
               loss=0.10),

@@ -332,6 +332,7 @@ class Mosh(Tool):
              "every_byte": "mosh sends screen states: it skips output, so bytes cannot be "
                            "checked",
              "fairness": FAIRNESS_NA,
+             "tcp_fallback": "mosh has no TCP mode (mosh#13): nothing gets through",
              "forward": "mosh has no port forwarding",
              "forward_outage": "mosh has no port forwarding"}
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
