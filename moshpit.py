@@ -52,7 +52,8 @@ __version__ = "0.1.0"
 # frames (moshpit_session); a version-1 peer is refused with a message saying to upgrade.
 # 3: reattach from any client: the TAKE_OVER/LIST/KILL intents, the LISTING answer, the
 # detached-session count in a grant, the REPAINT record.
-PROTOCOL_VERSION = 3
+# 4: local echo prediction: the ECHO_ACK and TTY_MODE records.
+PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
