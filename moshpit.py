@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
-    "HOST_KEY_POLICIES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
+    "HOST_KEY_POLICIES", "PREDICT_MODES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
     "AUTHORIZED_KEYS_FILE", "TERM_NAME_RE", "LOCALE_NAME_RE", "LOCALE_VALUE_RE",
     "is_locale_setting", "format_addr", "make_private_dirs",
     "MoshpitError", "ConfigError", "ENV_PREFIX", "mp_dir", "default_config_path",
@@ -60,6 +60,8 @@ MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
 
 # strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only
 HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
+# predict (local echo, moshpit_predict): as mosh's --predict
+PREDICT_MODES = ("adaptive", "always", "never", "experimental")
 
 # File names under ~/.mp (the paths in the config default to these).
 CLIENT_KEY_FILE = "id_ed25519"
@@ -397,6 +399,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
         # HostName and User of `mp alias` from this ssh_config file; false: aliases off.
         "ssh_config": _Key(PATH_OR_OFF, "~/.ssh/config"),
+        # Local echo prediction (README "Prediction"): mosh's modes; adaptive shows
+        # predictions only on a slow link or when the echo is overdue.
+        "predict": _Key(str, "adaptive", _one_of(*PREDICT_MODES)),
         **_common_keys(),
     },
 }

@@ -55,11 +55,11 @@ import math
 import unicodedata
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from moshpit import PREDICT_MODES
 from moshpit_term import Terminal, char_width
 
 __all__ = ["PREDICT_MODES", "Predictor", "KeyParser", "send_interval_ms"]
 
-PREDICT_MODES = ("adaptive", "always", "never", "experimental")
 PASTE_BYTES = 100  # a read longer than this is a paste: never predicted (mosh's rule)
 # Mosh's adaptive thresholds, against the send interval (not the SRTT).
 SEND_INTERVAL_MIN_MS, SEND_INTERVAL_MAX_MS = 20, 250

@@ -61,6 +61,7 @@ import tty
 import moshpit
 import moshpit_handshake
 import moshpit_keys
+import moshpit_predict
 import moshpit_session
 import moshpit_term
 import moshpit_transport
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-host-key-checking", choices=moshpit.HOST_KEY_POLICIES,
                    help="unknown host keys: ask (default), accept-new (trust on first use), "
                    "yes (refuse unless already in known_hosts)")
+    p.add_argument("--predict", choices=moshpit.PREDICT_MODES,
+                   help="local echo: adaptive (default: shown on a slow link), always, never, "
+                   "or experimental (also in full-screen programs), as mosh's --predict")
     p.add_argument("--print-config", action="store_true",
                    help="print every effective setting and where it came from, then exit")
     p.add_argument("--copy-id", action="store_true",
@@ -188,7 +192,7 @@ class FirstLoginName(argparse.Action):
 
 
 # The client's own flags that are config settings (argparse dest == config key).
-CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination")
+CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination", "predict")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -947,6 +951,9 @@ class Session:
         self.banner.udp_wait = (target.host, first.grant.udp_port)
         self.banner_note = ""
         self.screen = ScreenMirror(*target.winsize())
+        # Local echo prediction: only on a terminal, over a remote PTY.
+        self.predictor = (moshpit_predict.Predictor(self.screen.term, config["predict"])
+                          if self.out_is_tty and os.isatty(in_fd) else None)
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = True
@@ -1014,6 +1021,9 @@ class Session:
             self._read_stdin()
         self._resume_results(now)
         self._maybe_resume(now)
+        if self.predictor is not None:
+            self.predictor.set_srtt(self.core.conn.srtt)
+            self.out += self.predictor.tick(now)
         self.link.flush(now)
         if self.out:
             self._write_out()
@@ -1027,6 +1037,8 @@ class Session:
             deadlines.append(now + link_wait)
         if not self.resumer.running:
             deadlines.append(self.resumer.next_attempt(self.core.last_contact))
+        if self.predictor is not None:
+            deadlines.append(self.predictor.next_deadline(now) or deadlines[0])
         return min(deadlines)
 
     def _receive(self, now: float) -> None:
@@ -1046,6 +1058,7 @@ class Session:
             size = self.target.winsize()
             if size != self.core.winsize:
                 self.core.resize(*size)
+                self._forget_predictions()  # erased from the model of the old size
                 self.screen.resize(*size)
                 if self.banner.shown:
                     self._redraw_banner(time.monotonic(), force=True)
@@ -1068,6 +1081,9 @@ class Session:
         data, quit_requested = self.escape.feed(data)
         if data:
             self.core.send_input(data)
+            if self.predictor is not None:
+                self.predictor.set_srtt(self.core.conn.srtt)
+                self.out += self.predictor.keys(data, self.core.input_offset, time.monotonic())
         if self.escape.suspend_requested and not quit_requested:
             self.escape.suspend_requested = False
             self._suspend()
@@ -1080,6 +1096,7 @@ class Session:
         (the output so far written, the banner erased) so the local shell works; after
         ``fg`` raw mode again, and the size sent if it changed meanwhile. The session
         carries on: a long stop is an outage like any other, resumed the usual way."""
+        self._forget_predictions()
         if self.banner.shown:
             self.out += self.banner.hide(self.screen.repaint_top_row())
         self._drain_out(FINAL_OUTPUT_SECS)
@@ -1092,15 +1109,24 @@ class Session:
         self.waker.wake()
 
     def _events(self) -> None:
-        start = len(self.out)
+        output = []
+        repaint = judge = False
         while True:
             event = self.core.next_event()
             if event is None:
                 break
             if isinstance(event, moshpit_session.RepaintReceived):
+                repaint = True
                 event = moshpit_session.OutputReceived(REPAINT_PREAMBLE + event.screen)
             if isinstance(event, moshpit_session.OutputReceived):
-                self.out += event.data
+                output.append(event.data)
+            elif isinstance(event, moshpit_session.EchoAcked):
+                judge = self.predictor is not None
+                if judge:
+                    self.predictor.echo_acked(event.input_offset)
+            elif isinstance(event, moshpit_session.TtyModeChanged):
+                if self.predictor is not None:
+                    self.predictor.tty_mode(event.mode)
             elif isinstance(event, moshpit_session.ErrorOutputReceived):
                 self.err += event.data
             elif isinstance(event, moshpit_session.SessionExited):
@@ -1111,10 +1137,29 @@ class Session:
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
+        if output:
+            self._write_output(b"".join(output), repaint)
+        elif judge:
+            self.out += self.predictor.after_output(time.monotonic())
+
+    def _write_output(self, data: bytes, repaint: bool) -> None:
+        """The server's bytes of this tick: predictions taken off the terminal first (it then
+        equals the model), and judged against the model once it has them."""
+        if self.predictor is not None:
+            self.out += self.predictor.reset() if repaint else self.predictor.before_output()
+        self.out += data
         # The model in one call a tick (large chunks are cheaper), and only for a terminal:
         # a pipe or file (a command's bytes) is never drawn on.
-        if len(self.out) > start and self.out_is_tty:
-            self.screen.feed(bytes(self.out[start:]))
+        if self.out_is_tty:
+            self.screen.feed(data)
+        if self.predictor is not None:
+            self.out += self.predictor.after_output(time.monotonic())
+
+    def _forget_predictions(self) -> None:
+        """Take every prediction away (resize, suspend, the end): the terminal equals the
+        model again."""
+        if self.predictor is not None:
+            self.out += self.predictor.reset()
 
     # -- connection health ------------------------------------------------------------
 
@@ -1252,6 +1297,7 @@ class Session:
         lands on the main screen, in default colours, with a visible cursor), and start a
         fresh line for our message, so it never lands on the remote prompt's line."""
         self._linger(FINAL_ACKS_SECS, self._nothing_due)
+        self._forget_predictions()
         if self.out_is_tty:
             self.out += self.screen.end_open_sequence()
             self.out += self.banner.hide(self.screen.repaint_top_row())
