@@ -310,11 +310,13 @@ class Predictor:
         return True
 
     def _row_is_safe(self, row: int, col: int) -> bool:
-        """Every glyph left of ``col`` is one column wide by any terminal's measure (else
+        """Every glyph up to ``col`` is one column wide by any terminal's measure (else
         our column numbers may not be the terminal's)."""
+        text = self.term.line_text(row)[:col + 1]
+        if text.isascii() and len(text) == min(col + 1, len(text)):
+            return True  # the common case, at the cost of one join
         cell = self.term.cell
-        return all(cell(row, c).char == " " or safe_glyph(cell(row, c).char)
-                   for c in range(col + 1))
+        return all(safe_glyph(cell(row, c).char) for c in range(col + 1))
 
     def _predict(self, key: Key, offset: int, now: float) -> None:
         row, col = self._cursor

@@ -1084,6 +1084,8 @@ class Session:
             if self.predictor is not None:
                 self.predictor.set_srtt(self.core.conn.srtt)
                 self.out += self.predictor.keys(data, self.core.input_offset, time.monotonic())
+                if self.out:
+                    self._write_out()  # shown before the packet is built: the point of it
         if self.escape.suspend_requested and not quit_requested:
             self.escape.suspend_requested = False
             self._suspend()

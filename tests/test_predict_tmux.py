@@ -200,7 +200,7 @@ def test_zsh_rprompt_and_fish_autosuggestions(tmux, link, shell):
         command = "env PS1='$ ' RPROMPT='[right]' zsh -f -i"
     else:
         # fish suggests from its history: "echo hello" is typed once, then suggested
-        command = ("env HOME=/tmp/fish-predict-home fish --no-config -i -C "
+        command = ("env HOME=$(mktemp -d) fish --no-config -i -C "
                    + shlex.quote("function fish_prompt; echo -n '$ '; end; "
                                  "function fish_greeting; end"))
     pair = Pair(tmux, link, command)
