@@ -40,7 +40,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
     pytest.mark.timeout(120),
     pytest.mark.slow,
-    pytest.mark.xdist_group("tmux"),
 ]
 
 
@@ -81,8 +80,8 @@ class Pair:
                                f"sh -c {shlex.quote(remote)}")
 
     def ready(self, text: str = "$") -> None:
-        for pane in (self.a, self.b):
-            self.tmux.wait_quiet(pane, quiet_secs=0.6, timeout=30, contains=text)
+        self.tmux.wait_quiet(self.a, quiet_secs=0.5, timeout=30, contains=text)
+        self.tmux.wait_quiet(self.b, quiet_secs=0.1, timeout=30, contains=text)
 
     def keys(self, *keys: str, literal: bool = False, gap: float = KEY_GAP_SECS) -> None:
         """Each key to both panes at once, ``gap`` apart (text: one key per character)."""
@@ -103,8 +102,9 @@ class Pair:
 
     def settle(self) -> list:
         """Wait for both panes to be quiet; the differences between them."""
-        views = [self.tmux.wait_quiet(pane, quiet_secs=1.0, timeout=30)
-                 for pane in (self.a, self.b)]
+        # A waits on the slow link (and the echo acks); B, run directly, is quiet by then
+        views = [self.tmux.wait_quiet(self.a, quiet_secs=1.0, timeout=30),
+                 self.tmux.wait_quiet(self.b, quiet_secs=0.1, timeout=30)]
         diffs = [d for d in compare_views(*views, ROWS, COLS)
                  if not d.startswith("pane_title")]
         if diffs:  # the two screens, to read in the failure
