@@ -142,6 +142,7 @@ ECHO_ACK_BODY = struct.Struct("!QQ")
 TTY_MODE_BODY = struct.Struct("!BB")
 TTY_ICANON, TTY_ECHO = 1, 2
 MAX_PENDING_ACKS = 64  # echo acks waiting for their output (older ones are dropped)
+MAX_UNACKED_WRITES = 256  # server: input writes awaiting their echo ack (later ones merge)
 EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
 MAX_REASON_BYTES = 255
@@ -430,6 +431,8 @@ class _EchoClock:
     def written(self, count: int, now: float) -> None:
         if count > 0:
             self._written += count
+            if len(self._writes) >= MAX_UNACKED_WRITES:  # the PTY is not being read:
+                self._writes.pop()  # merged into this write (a later time only delays)
             self._writes.append((self._written, now))
             self._last_input = now
             if self._watching:

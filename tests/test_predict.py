@@ -10,6 +10,8 @@ cursor), so no server byte can ever act on a predicted glyph.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import moshpit_predict as mpr
@@ -291,3 +293,22 @@ def test_key_parser():
     assert parser.feed(b"\x1bO") == [] and parser.feed(b"D") == [mpr.Key("left")]
     parser.erase = "\x08"
     assert parser.feed(b"\x08") == [mpr.Key("erase")]
+
+
+def test_a_password_typed_before_the_prompt_is_known_is_never_drawn():
+    """sudo's prompt and its echo-off mode arrive after the keys: the epoch begun by Enter
+    keeps every key hidden, and its wrong guesses are dropped unseen."""
+    rig = prompt(Rig())
+    rig.confirm_epoch(b"s")
+    rig.type(b"udo ls")
+    rig.type(b"\r")
+    for key in b"hunter2":
+        rig.type(bytes([key]), dt=0.01)
+    rig.output(b"udo ls\r\n[sudo] password for you: ", acked=rig.sent - 7)
+    rig.ack()  # every key written: the password's guesses are judged wrong, unseen
+    rig.engine.tty_mode(HIDDEN)
+    rig.type(b"x")
+    after_prompt = rig.written.split(b"password for you: ")[-1]
+    glyphs = re.sub(rb"\x1b\[[0-?]*[ -/]*[@-~]", b"", after_prompt)
+    assert glyphs == b"", f"drawn after the prompt: {glyphs!r}"
+    assert rig.settled()

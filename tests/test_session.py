@@ -641,3 +641,20 @@ def test_tty_mode_is_sent_when_it_changes_and_polled_only_while_input_is_recent(
     polls = sim.polls
     sim.run_for(5)
     assert sim.polls == polls
+
+
+def test_echo_records_are_bounded_and_malformed_ones_ignored():
+    """A hostile server cannot grow the client's pending acks; short bodies are dropped;
+    a server whose PTY is not read keeps a bounded list of writes."""
+    client = ms.ClientSession(make_keys(), 0.0, SERVER_ADDR, SESSION_ID, SECRET, (24, 80))
+    for n in range(1, 10_000):
+        client._on_record(ms.RECORD_ECHO_ACK, ms.ECHO_ACK_BODY.pack(n, 10**12 + n), 0.0)
+    assert len(client._acks) == ms.MAX_PENDING_ACKS
+    client._on_record(ms.RECORD_ECHO_ACK, b"\x00" * 15, 0.0)
+    client._on_record(ms.RECORD_TTY_MODE, b"\x01", 0.0)
+    assert client.next_event() is None
+    server = ms.ServerSession(make_keys(), 0.0)
+    for n in range(10_000):
+        server.input_written(1, n * 1e-6)
+    assert len(server._echo._writes) == ms.MAX_UNACKED_WRITES
+    assert server._echo.ack_due(1.0) == 10_000  # the merged writes are acked all the same
