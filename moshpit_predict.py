@@ -22,8 +22,10 @@ Escape, up/down arrows or any key not understood, predictions are tentative: not
 shown until one key of the new epoch has been confirmed by its echo; a wrong tentative
 guess drops its epoch, a wrong shown one drops everything), the adaptive triggers (shown
 when the send interval, ceil(SRTT/2) clamped to [20, 250] ms, exceeds 30 ms or a
-prediction is overdue by 250 ms; underlined when it exceeds 80 ms or a prediction is 5 s
-overdue) and the paste rule (a read of more than 100 bytes is never predicted).
+prediction is overdue by 250 ms -- here by max(2 SRTT, SRTT + 50 ms) if that is less, so
+that the retransmissions of a lossy fast link count as the glitches they are; underlined
+when it exceeds 80 ms or a prediction is 5 s overdue) and the paste rule (a read of more
+than 100 bytes is never predicted).
 
 Added here, because a byte stream is less forgiving than a framebuffer: nothing is
 predicted while the PTY hides input (TTY_MODE with icanon on and echo off: ``read -s``,
@@ -65,7 +67,10 @@ PASTE_BYTES = 100  # a read longer than this is a paste: never predicted (mosh's
 SEND_INTERVAL_MIN_MS, SEND_INTERVAL_MAX_MS = 20, 250
 SRTT_TRIGGER_HIGH_MS, SRTT_TRIGGER_LOW_MS = 30, 20
 FLAG_TRIGGER_HIGH_MS, FLAG_TRIGGER_LOW_MS = 80, 50
-GLITCH_THRESHOLD_SECS = 0.25  # a prediction pending this long shows predictions
+GLITCH_THRESHOLD_SECS = 0.25  # a prediction pending this long shows predictions...
+# ...or, on a fast link, this much longer than the round trip (at least twice it): a lost
+# packet's echo then counts as a glitch as a 250 ms wait does on mosh's slower transport.
+GLITCH_MARGIN_SECS = 0.05
 GLITCH_FLAG_THRESHOLD_SECS = 5.0  # ... this long underlines them too
 GLITCH_REPAIR_COUNT = 10  # quick confirmations that take the glitch trigger away
 GLITCH_REPAIR_MININTERVAL_SECS = 0.15
@@ -199,7 +204,8 @@ class Predictor:
         self._acked = 0  # input offset whose echo the model holds
         self._hidden = False  # the PTY hides input (icanon, -echo)
         self._in_paste = False
-        self._send_interval = send_interval_ms(1.0)  # mosh starts from a 1 s SRTT
+        self._srtt = 1.0  # seconds; mosh starts from a 1 s SRTT
+        self._send_interval = send_interval_ms(self._srtt)
         self._srtt_trigger = self._flagging = False
         self._glitch = 0
         self._last_quick = float("-inf")
@@ -244,7 +250,14 @@ class Predictor:
             self._lose_track()
 
     def set_srtt(self, srtt_secs: float) -> None:
+        self._srtt = srtt_secs
         self._send_interval = send_interval_ms(srtt_secs)
+
+    def _glitch_threshold(self) -> float:
+        """How long a prediction may be pending before it counts as a glitch: mosh's 250
+        ms, or less on a fast link (max(2 SRTT, SRTT + 50 ms)), where a lost packet's
+        retransmission is the glitch the user feels."""
+        return min(GLITCH_THRESHOLD_SECS, max(2 * self._srtt, self._srtt + GLITCH_MARGIN_SECS))
 
     # -- output ------------------------------------------------------------------------
 
@@ -379,7 +392,8 @@ class Predictor:
                 overdue = now - cell.time
                 if overdue >= GLITCH_FLAG_THRESHOLD_SECS:
                     self._glitch = GLITCH_REPAIR_COUNT * 2
-                elif overdue >= GLITCH_THRESHOLD_SECS and self._glitch < GLITCH_REPAIR_COUNT:
+                elif (overdue >= self._glitch_threshold()
+                      and self._glitch < GLITCH_REPAIR_COUNT):
                     self._glitch = GLITCH_REPAIR_COUNT
                 continue
             del self._cells[pos]
@@ -398,7 +412,7 @@ class Predictor:
 
     def _confirm(self, cell: _Cell, now: float) -> None:
         self._confirmed = max(self._confirmed, cell.epoch)
-        if (now - cell.time < GLITCH_THRESHOLD_SECS and self._glitch > 0
+        if (now - cell.time < self._glitch_threshold() and self._glitch > 0
                 and now - self._last_quick >= GLITCH_REPAIR_MININTERVAL_SECS):
             self._glitch -= 1
             self._last_quick = now

@@ -312,3 +312,25 @@ def test_a_password_typed_before_the_prompt_is_known_is_never_drawn():
     glyphs = re.sub(rb"\x1b\[[0-?]*[ -/]*[@-~]", b"", after_prompt)
     assert glyphs == b"", f"drawn after the prompt: {glyphs!r}"
     assert rig.settled()
+
+
+def test_on_a_fast_lossy_link_a_late_echo_turns_predictions_on():
+    """SRTT 40 ms: mosh's send-interval trigger stays off, but an echo later than
+    max(2 SRTT, SRTT + 50 ms) (a lost packet) is a glitch: predictions show, and ten quick
+    confirmations, 150 ms apart, take them away again."""
+    rig = prompt(Rig(srtt=0.04))
+    rig.confirm_epoch()
+    rig.type(b"a")
+    rig.now += 0.08
+    rig.write(rig.engine.tick(rig.now))
+    assert rig.settled(), "not late yet"
+    rig.now += 0.02
+    rig.write(rig.engine.tick(rig.now))
+    assert rig.screen.line_text(0) == "$ ea"
+    rig.output(b"a", acked=rig.sent)
+    for _ in range(mpr.GLITCH_REPAIR_COUNT):
+        rig.type(b"b", dt=0.16)
+        assert rig.screen.line_text(0).endswith("b")
+        rig.output(b"b", acked=rig.sent)
+    rig.type(b"c")
+    assert rig.settled(), "quick echoes again: adaptive hides predictions"
