@@ -59,6 +59,7 @@ import time
 import tty
 
 import moshpit
+import moshpit_agent
 import moshpit_handshake
 import moshpit_keys
 import moshpit_predict
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     moshpit.add_common_flags(p, "client")
     p.add_argument("-i", metavar="FILE", dest="identity_file",
-                   help="private key file, as ssh -i (same as -p)")
+                   help="private key file, as ssh -i (same as -p); a .pub file names a key"
+                   " held by ssh-agent")
     p.add_argument("-l", "--login-name", metavar="USER", action=FirstLoginName,
                    help="remote user, as ssh -l (as in ssh, the first of -l USER and "
                    "USER@ on the command line wins)")
@@ -1430,10 +1432,22 @@ class Connector:
         user, host = remote_user_and_host(destination, login, login_first,
                                           ssh_alias_lookup(config, prompter))
         self.target = Target(user, host, config["server_port"], command=command, pty=pty)
-        self.identity = moshpit_handshake.LazyIdentity(
-            lambda: load_identity(config, prompter, self.target))
+        self.identity = moshpit_agent.KeyRing(
+            config["private_key_path"], config["public_key_path"],
+            lambda: load_identity(config, prompter, self.target),
+            moshpit_agent.AgentClient.from_environ(), self._agent_waits,
+            moshpit_handshake.MAX_OFFERED_KEYS)
+        self.prompter, self.in_session = prompter, False
         self.hostcheck = HostKeyCheck(config["known_hosts_file"], host, self.target.port,
                                       config["strict_host_key_checking"], prompter)
+
+    def _agent_waits(self, key) -> None:
+        """ssh-agent waits for the user to confirm a signature: say so, except in the session
+        (the terminal is raw then; the agent's own prompt shows)."""
+        log.info("waiting for ssh-agent to sign with %s", key.fingerprint())
+        if not self.in_session:
+            self.prompter.say(f"mp: waiting for ssh-agent to sign with {key.fingerprint()}"
+                              " (confirm it, or touch the key)")
 
     def connect(self, intent: int = 0, session_id=None):
         """One handshake (the host key checked as on first contact)."""
@@ -1532,8 +1546,9 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
                 os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes
             except OSError:
                 pass  # a terminal already gone: the session will say so
+        connector.in_session = True
         with guard:
-            outcome = Session(target, hostcheck, first, identity.get(), config, router,
+            outcome = Session(target, hostcheck, first, identity, config, router,
                               waker, guard, attaching=attach is not None).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))

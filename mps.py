@@ -830,6 +830,7 @@ class Server:
         self.unattached_timeout = config["mps.unattached_session_timeout_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
         self.hello_timeout = float(config["mps.hello_timeout_secs"])
+        self.confirm_timeout = float(config["mps.confirm_timeout_secs"])
         self.authorized_keys_file = config["mps.authorized_keys_file"] or None
         # --- account policy (moshpit_login): sshd's allowed_user, nologin, PAM account ---
         self.account_policy = moshpit_login.AccountPolicy(
@@ -963,7 +964,9 @@ class Server:
         try:
             auth = handshake.server_handshake(sock, self.host_key, decide,
                                               timeout=self.handshake_timeout,
-                                              hello_timeout=self.hello_timeout, report=report)
+                                              hello_timeout=self.hello_timeout, report=report,
+                                              acceptable=self.acceptable_key,
+                                              confirm_timeout=self.confirm_timeout)
         finally:
             for session in created:
                 self._setup_done(session, auth)
@@ -1040,6 +1043,18 @@ class Server:
                 handshake.PERMISSION_DENIED,
                 f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
         return pw
+
+    def acceptable_key(self, user: str, keys) -> Optional[int]:
+        """A ClientOffer (handshake thread): the index of the first key that decide() would
+        not refuse for its key alone (a non-root server checks its own account, as
+        _authorized_user does), or None. Nothing is proven yet: decide() checks again."""
+        try:
+            pw = pwd.getpwnam(user) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+            authorized = trust.authorized_keys_for(pw, self.authorized_keys_file)
+        except (KeyError, ValueError, trust.TrustError) as e:
+            log.info("key offer for %r: %s", user, e)
+            return None
+        return next((index for index, key in enumerate(keys) if key in authorized), None)
 
     def _key_authorized(self, key, pw: pwd.struct_passwd) -> bool:
         """Whether ``key`` is in ``pw``'s authorized_keys; a file that cannot be trusted is
