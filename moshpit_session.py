@@ -35,7 +35,8 @@ Records (the one encoding for everything a session says that is not terminal byt
                  the client applies it once it has received output_offset bytes (records
                  overtake terminal bytes).  Local echo prediction judges its guesses then.
     TTY_MODE (5) server->client  flags:u8 (1 icanon, 2 echo) erase:u8   the PTY's termios,
-                 sent when it changes (polled while input is recent): with echo off and
+                 sent when it changes (polled at input, while input is recent, and with
+                 output at most every TTY_POLL_SECS): with echo off and
                  icanon on (passwords: read -s, sudo, ssh) nothing typed is predicted
     REPAINT  (6) server->client  screen: bytes that rebuild the session's screen on a fresh
                  terminal (moshpit_term's serialize), sent first after a takeover; it comes
@@ -153,8 +154,9 @@ PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of 
 SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
 # Echo ack (mosh's ECHO_TIMEOUT): input written this long ago has had its echo read.
 ECHO_ACK_SECS = 0.05
-# The PTY's termios is polled while input is this recent (a mode changes in answer to a
-# key: Enter starts sudo), and every TTY_POLL_SECS meanwhile.
+# The PTY's termios is polled at each input write, every TTY_POLL_SECS while input is this
+# recent (a mode changes in answer to a key: Enter starts sudo), and with output at most
+# every TTY_POLL_SECS (a password prompt printed long after the last key).
 TTY_POLL_WINDOW_SECS = 3.0
 TTY_POLL_SECS = 0.1
 
@@ -426,6 +428,7 @@ class _EchoClock:
         self._sent_mode: Optional[TtyMode] = None  # None: not polling (no PTY) / resend
         self._watching = False
         self._last_input: Optional[float] = None
+        self._last_poll = float("-inf")
         self.poll_time: Optional[float] = None
 
     def written(self, count: int, now: float) -> None:
@@ -437,6 +440,12 @@ class _EchoClock:
             self._last_input = now
             if self._watching:
                 self.poll_time = now  # the key may have changed the mode: look at once
+
+    def output(self, now: float) -> None:
+        """The PTY wrote something (a prompt?): look at its mode, at most every
+        TTY_POLL_SECS."""
+        if self._watching and self.poll_time is None:
+            self.poll_time = max(now, self._last_poll + TTY_POLL_SECS)
 
     def ack_time(self) -> Optional[float]:
         return self._writes[0][1] + ECHO_ACK_SECS if self._writes else None
@@ -454,6 +463,7 @@ class _EchoClock:
     def polled(self, mode: Optional[TtyMode], now: float) -> bool:
         """Note a poll's result; True if it changed (to be sent)."""
         self._watching = mode is not None
+        self._last_poll = now
         if mode is None:
             self.poll_time = None
             return False
@@ -504,6 +514,7 @@ class ServerSession(_Core):
         if data:
             self.conn.send(data, STREAM_TERMINAL)
             self._drain_until = now + PTY_DRAIN_SECS
+            self._echo.output(now)
 
     def input_written(self, count: int, now: float) -> None:
         """The PTY took ``count`` more bytes of the client's input (for the echo ack and

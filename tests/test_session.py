@@ -641,6 +641,14 @@ def test_tty_mode_is_sent_when_it_changes_and_polled_only_while_input_is_recent(
     polls = sim.polls
     sim.run_for(5)
     assert sim.polls == polls
+    # a prompt printed long after the last key (sudo after a slow command) is looked at,
+    # and a flood of output costs at most one poll per TTY_POLL_SECS
+    sim.tty = cooked
+    for _ in range(50):
+        sim.server.pty_output(b"x" * 100, sim.now)
+        sim.run_for(0.01)
+    assert [e.mode for e in sim.client_events if isinstance(e, ms.TtyModeChanged)][-1] == cooked
+    assert 3 <= sim.polls - polls <= 0.5 / ms.TTY_POLL_SECS + 1
 
 
 def test_echo_records_are_bounded_and_malformed_ones_ignored():
