@@ -234,6 +234,8 @@ class Predictor:
                 self._lose_track()
             else:
                 self._predict(key, input_offset, now)
+            if self._cursor is None:  # the rest of this read waits for this key's echo
+                before = input_offset
         return self._sync()
 
     def echo_acked(self, input_offset: int) -> None:

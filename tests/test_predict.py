@@ -334,3 +334,12 @@ def test_on_a_fast_lossy_link_a_late_echo_turns_predictions_on():
         rig.output(b"b", acked=rig.sent)
     rig.type(b"c")
     assert rig.settled(), "quick echoes again: adaptive hides predictions"
+
+
+def test_keys_after_enter_in_the_same_read_wait_for_its_echo():
+    rig = prompt(Rig("experimental"))  # never tentative: a misplaced guess would show
+    rig.confirm_epoch()
+    rig.type(b"\rab")  # the model's cursor is still on the old line: never seeded from it
+    assert rig.settled()
+    rig.output(b"\r\n$ ab", acked=rig.sent)
+    assert rig.settled()
