@@ -35,7 +35,8 @@ __all__ = [
     "is_locale_setting", "format_addr", "make_private_dirs",
     "MoshpitError", "ConfigError", "ENV_PREFIX", "mp_dir", "default_config_path",
     "default_log_path", "default_pid_path", "parse_port_range", "parse_max_startups",
-    "parse_netblock", "PENALTY_DEFAULTS", "parse_penalties", "parse_escape_key", "TRACE",
+    "parse_netblock", "parse_permit_open", "PENALTY_DEFAULTS", "parse_penalties",
+    "parse_escape_key", "TRACE",
     "parse_directives", "PATH", "SCHEMAS", "env_names", "Config", "config_report", "load_config",
     "add_common_flags", "common_flag_settings", "ROOT_LOGGER", "verbosity_level", "reset_logging",
     "setup_logging", "PRINTABLE_LIMIT", "ELLIPSIS", "printable", "printable_lines", "get_winsize",
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 # detached-session count in a grant, the REPAINT record.
 # 4: keys in ssh-agent: the optional ClientOffer/KeyAccepted handshake step (ssh's publickey
 # query: the server says which offered key it accepts before the agent is asked to sign);
+# channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag;
 # local echo prediction: the ECHO_ACK and TTY_MODE records.
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
@@ -227,6 +229,26 @@ def parse_netblock(text: str) -> Tuple[int, int]:
 PENALTY_DEFAULTS = {"authfail": 5, "noauth": 1, "grace-exceeded": 10, "max": 600, "min": 15}
 
 
+def parse_permit_open(text: str) -> Optional[list]:
+    """permit_open's entries as (host pattern, port or "*"); None for ``any``, [] for
+    ``none``.  Raises ValueError naming a bad entry."""
+    words = text.split()
+    if not words or words == ["any"]:
+        return None
+    if words == ["none"]:
+        return []
+    permits = []
+    for word in words:
+        host, sep, port = word.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not (port == "*" or port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"has a bad entry {word!r} (use host:port, * for any host or port,"
+                             f" or any, or none)")
+        permits.append((host.lower(), port if port == "*" else str(int(port))))
+    return permits
+
+
 def parse_penalties(text: str) -> Dict[str, int]:
     """sshd's PerSourcePenalties syntax -> seconds per name, e.g. ``"authfail:5 noauth:1
     grace-exceeded:10 max:600 min:15"``; a name left out keeps its default, ``"no"`` turns
@@ -391,6 +413,12 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.allow_users": _Key(str, ""),
         "mps.deny_groups": _Key(str, ""),
         "mps.allow_groups": _Key(str, ""),
+        # Forwarding (README "Forwarding"): sshd's AllowTcpForwarding (yes, all, no, local,
+        # remote), PermitOpen (any, none, or host:port entries) and AllowAgentForwarding.
+        "mps.allow_tcp_forwarding": _Key(str, "yes", _one_of("yes", "all", "no", "local",
+                                                             "remote")),
+        "mps.permit_open": _Key(str, "any", _parsed_by(parse_permit_open)),
+        "mps.allow_agent_forwarding": _Key(bool, True),
         **_common_keys(),
     },
     "client": {
@@ -407,6 +435,8 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         # Local echo prediction (README "Prediction"): mosh's modes; adaptive shows
         # predictions only on a slow link or when the echo is overdue.
         "predict": _Key(str, "adaptive", _one_of(*PREDICT_MODES)),
+        # Forwarding (README "Forwarding"): relay the session's SSH_AUTH_SOCK to ours (-A).
+        "forward_agent": _Key(bool, False),
         **_common_keys(),
     },
 }

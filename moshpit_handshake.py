@@ -264,6 +264,7 @@ class ClientRequest:
     command: Optional[str] = None  # run by the user's shell with -c instead of a login shell
     pty: bool = True  # False: the command (or shell) runs on a socket, bytes untouched
     intent: int = NO_INTENT
+    forward_agent: bool = False  # -A: the session gets an SSH_AUTH_SOCK relayed to ours
 
     @property
     def needs_proof(self) -> bool:
@@ -443,10 +444,11 @@ def _encode_tail(request: ClientRequest) -> list:
     """The optional fields after the offset: the intent byte, then the command and pty
     flag (sent only when they differ from a plain login shell on a PTY)."""
     intent = bytes([END_SESSION if request.end_session else request.intent])
-    if request.command is None and request.pty:
+    agent = [bytes([1])] if request.forward_agent else []  # (protocol 4) after the flags
+    if request.command is None and request.pty and not agent:
         return [intent] if intent != bytes([NO_INTENT]) else []
     return [intent, ssh_string((request.command or "").encode()),
-            bytes([request.command is not None, request.pty])]
+            bytes([request.command is not None, request.pty]), *agent]
 
 
 def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
@@ -480,6 +482,11 @@ def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
             raise ValueError("bad command flags")
         request.command = command.decode("utf-8") if has_command else None
         request.pty = bool(pty)
+    if reader.remaining():
+        forward_agent = reader.uint8()
+        if forward_agent > 1:
+            raise ValueError("bad agent forwarding flag")
+        request.forward_agent = bool(forward_agent)
     reader.expect_end()
     _check_request(request)
     return request, client_key

@@ -18,8 +18,10 @@ Both sit on one transport ``Connection`` with two streams:
 * stream 0 (``STREAM_TERMINAL``): the terminal's bytes, input one way and output the
   other, addressed by offset so a resume continues exactly where the peer left off;
 * stream 1 (``STREAM_RECORDS``): typed records, an urgent stream (served before any
-  output, acked at once).  Later issues add more streams (forwarded ports, the agent), each
-  with its own window, and a second carrier under the same Connection.
+  output, acked at once);
+* stream 2 and up: a layer above attached with ``attach`` (moshpit_channels: forwarded
+  ports and the agent) gets a stream of its own, carrying records too, served after the
+  terminal and resent across re-keys as stream 1 is, and the record types it names.
 
 Records (the one encoding for everything a session says that is not terminal bytes)::
 
@@ -47,6 +49,8 @@ Records (the one encoding for everything a session says that is not terminal byt
     STDERR   (8) server->client  offset:u64 data   a command's stderr (no PTY) from byte
                                  offset on: after a re-key a record may come again, and
                                  the client keeps only the bytes past what it has
+    9-15         channels (moshpit_channels, protocol 4): open, result, data, window, EOF,
+                 close, listen; handled by the attached channel layer
 
 Version rule: a type number is never reused or redefined.  A receiver skips a record of a
 type it does not know by its length, and reads a known record's fields from the start of
@@ -55,8 +59,9 @@ body, never change the ones there.  A sender sends a type only if the peer's pro
 version (exchanged in the handshake, moshpit.PROTOCOL_VERSION) defines it.  A record longer
 than MAX_RECORD_BODY is skipped too, without being buffered.
 
-Records travel again after a resume: stream 1 starts over on both sides with each re-key,
-and records not yet acknowledged are written again whole, so a record may arrive twice.
+Records travel again after a resume: stream 1 (and an attached layer's stream) starts over
+on both sides with each re-key, and records not yet acknowledged are written again whole,
+so a record may arrive twice.
 Each is idempotent or reported once (EXIT, SHUTDOWN); a repeated RESIZE is harmless.
 
 Takeover (``mp --attach``): another client of the session's user takes the session over.
@@ -221,41 +226,54 @@ class RecordDecoder:
 
 
 class RecordLane:
-    """Typed records on the urgent stream 1 of a Connection, resent whole after a re-key.
+    """Typed records on one stream of a Connection (the urgent stream 1 by default),
+    resent whole after a re-key.
 
     Sending: ``send(type, body)``.  Receiving: ``feed(data)`` with the stream's bytes.
-    ``rekey(...)`` replaces ``Connection.rekey``: stream 1 starts over on both sides, and
-    the records the peer had not acknowledged are written again.
+    Around ``Connection.rekey`` (the stream starts over on both sides), ``unacked()`` taken
+    before it and ``restart(...)`` after it write again the records the peer had not
+    acknowledged.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, stream_id: int = STREAM_RECORDS,
+                 window: int = RECORD_WINDOW, urgent: bool = True) -> None:
         self.conn = conn
-        conn.open_stream(STREAM_RECORDS, RECORD_WINDOW, urgent=True)
+        self.stream_id = stream_id
+        conn.open_stream(stream_id, window, urgent=urgent)
         self._unacked: deque = deque()  # (end offset, record) not known to have arrived
         self._decoder = RecordDecoder()
 
     def send(self, record_type: int, body: bytes) -> None:
         record = encode_record(record_type, body)
-        self.conn.send(record, STREAM_RECORDS)
-        self._unacked.append((self.conn.send_offset(STREAM_RECORDS), record))
+        self.conn.send(record, self.stream_id)
+        self._unacked.append((self.conn.send_offset(self.stream_id), record))
+        acked = self.conn.acked_offset(self.stream_id)
+        while self._unacked and self._unacked[0][0] <= acked:  # bounded by the window
+            self._unacked.popleft()
 
     def feed(self, data: bytes) -> list:
         return self._decoder.feed(data)
 
     def idle(self) -> bool:
         """Every record sent has been acknowledged."""
-        return self.conn.unacked_bytes(STREAM_RECORDS) == 0
+        return self.conn.unacked_bytes(self.stream_id) == 0
 
-    def rekey(self, keys: object, peer_recv_offset: int, now: float,
-              peer_addr: object = None) -> None:
-        acked = self.conn.acked_offset(STREAM_RECORDS)
-        pending = [record for end, record in self._unacked if end > acked]
-        self.conn.rekey(keys, peer_recv_offset, now, peer_addr)
+    def writable(self) -> bool:
+        """Room in the stream's window (records sent beyond it are queued, never refused)."""
+        return self.conn.writable(self.stream_id)
+
+    def unacked(self) -> list:
+        """The records the peer has not acknowledged (take them before a re-key)."""
+        acked = self.conn.acked_offset(self.stream_id)
+        return [record for end, record in self._unacked if end > acked]
+
+    def restart(self, pending: list) -> None:
+        """The stream started over (a re-key): write ``pending`` (from ``unacked``) again."""
         self._unacked.clear()
         self._decoder.reset()
         for record in pending:
-            self.conn.send(record, STREAM_RECORDS)
-            self._unacked.append((self.conn.send_offset(STREAM_RECORDS), record))
+            self.conn.send(record, self.stream_id)
+            self._unacked.append((self.conn.send_offset(self.stream_id), record))
 
 
 # ---------------------------------------------------------------------------
@@ -357,6 +375,43 @@ class _Core:
         self.records = RecordLane(self.conn)
         self._events: deque = deque()
         self._shutdown_reported = False
+        self._extensions: list = []  # layers above with records and a stream of their own
+        self._lanes: dict = {STREAM_RECORDS: self.records}  # stream id -> RecordLane
+        self._routes: dict = {}  # record type -> the extension that handles it
+
+    def attach(self, extension: object) -> RecordLane:
+        """Let a layer above (moshpit_channels) speak through this session: records of the
+        types in ``extension.RECORD_TYPES`` on stream 1 go to ``extension.on_record(type,
+        body, now)``, as do the records of its own stream ``extension.STREAM_ID`` (window
+        ``extension.STREAM_WINDOW``, served after the terminal), which is resent across
+        re-keys like the record lane.  Returns that stream's lane; after a takeover (a
+        fresh Connection) ``extension.on_new_connection(lane, now)`` gets the new one."""
+        self._extensions.append(extension)
+        for record_type in extension.RECORD_TYPES:
+            self._routes[record_type] = extension
+        return self._open_lane(extension)
+
+    def _open_lane(self, extension: object) -> RecordLane:
+        lane = RecordLane(self.conn, extension.STREAM_ID, extension.STREAM_WINDOW, urgent=False)
+        self._lanes[extension.STREAM_ID] = lane
+        return lane
+
+    def _rekey(self, keys: object, peer_recv_offset: int, now: float,
+               peer_addr: object = None) -> None:
+        """Continue under new keys: stream 0 from ``peer_recv_offset``, every lane with the
+        records its peer had not acknowledged."""
+        pending = [(lane, lane.unacked()) for lane in self._lanes.values()]
+        self.conn.rekey(keys, peer_recv_offset, now, peer_addr)
+        for lane, records in pending:
+            lane.restart(records)
+
+    def _new_connection(self, keys: object, now: float) -> None:
+        """Start over on a fresh Connection (a takeover): new lanes, extensions told."""
+        self.conn = Connection(self.conn.role, keys, now)
+        self.records = RecordLane(self.conn)
+        self._lanes = {STREAM_RECORDS: self.records}
+        for extension in self._extensions:
+            extension.on_new_connection(self._open_lane(extension), now)
 
     # The three calls a carrier (UdpLink) makes, as on a bare Connection.
 
@@ -392,8 +447,12 @@ class _Core:
                 if event.stream_id == STREAM_TERMINAL:
                     self._on_terminal(event.data, now)
                 else:
-                    for record_type, body in self.records.feed(event.data):
-                        self._on_record(record_type, body, now)
+                    for record_type, body in self._lanes[event.stream_id].feed(event.data):
+                        extension = self._routes.get(record_type)
+                        if extension is not None:
+                            extension.on_record(record_type, body, now)
+                        else:
+                            self._on_record(record_type, body, now)
             elif isinstance(event, PeerAddressChanged):
                 self._on_address(event.addr)
 
@@ -569,7 +628,7 @@ class ServerSession(_Core):
     def resume(self, keys: object, peer_recv_offset: int, now: float) -> int:
         """A resume handshake re-attached the client: continue under ``keys`` from
         ``peer_recv_offset``. Returns the terminal bytes we have received (for the reply)."""
-        self.records.rekey(keys, peer_recv_offset, now)
+        self._rekey(keys, peer_recv_offset, now)
         return self.recv_offset
 
     def take_over(self, keys: object, screen: bytes, reason: str, now: float) -> list:
@@ -581,8 +640,7 @@ class ServerSession(_Core):
         if self.client_addr is not None:
             self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
             goodbye = self.conn.datagrams_to_send(now)
-        self.conn = Connection("server", keys, now)
-        self.records = RecordLane(self.conn)
+        self._new_connection(keys, now)
         self.client_addr = None
         self._shutdown_reported = False
         self.records.send(RECORD_REPAINT, screen)
@@ -789,7 +847,7 @@ class ClientSession(_Core):
         """A resume handshake succeeded: continue under ``keys``, resending our input from
         ``peer_recv_offset``; the size goes again (it may have changed meanwhile)."""
         self.resume_secret = resume_secret
-        self.records.rekey(keys, peer_recv_offset, now, server_addr)
+        self._rekey(keys, peer_recv_offset, now, server_addr)
         self._resize_due = True
         self._send_resize()
 

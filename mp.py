@@ -60,6 +60,8 @@ import tty
 
 import moshpit
 import moshpit_agent
+import moshpit_bootstrap
+import moshpit_channels
 import moshpit_handshake
 import moshpit_keys
 import moshpit_predict
@@ -133,9 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of connecting, authorize your public key (-k) for "
                    "SERVER_DESTINATION through the system ssh, like ssh-copy-id: appends it "
                    "once to ~/.mp/authorized_keys there (made 0600, ~/.mp 0700)")
-    p.add_argument("--ssh-command", metavar="COMMAND", default="ssh",
-                   help="the ssh that --copy-id runs, with its options "
-                   "(default: ssh; e.g. \"ssh -p 2222\")")
+    p.add_argument("--ssh-command", "--ssh-cmd", metavar="COMMAND", default="ssh",
+                   help="the ssh that --copy-id and --ssh run, with its options "
+                   "(default: ssh; e.g. \"ssh -p 2222 -J jump\")")
+    p.add_argument("--ssh", action="store_true",
+                   help="nothing installed on the server: start a server for this one "
+                   "session through the system ssh (needs python3 >= 3.9 with cryptography "
+                   "there; no moshpit key or known_hosts entry needed)")
+    p.add_argument("--ssh-cache", action="store_true",
+                   help="with --ssh: keep moshpit's modules on the server in ~/.cache/moshpit"
+                   " (checked by SHA-256), so later runs need not send them (without it, "
+                   "--ssh writes nothing on the server)")
     sessions = p.add_mutually_exclusive_group()
     sessions.add_argument("--list", action="store_true", dest="list_sessions",
                           help="list your sessions on the server (id, attached or detached,"
@@ -152,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--no-tty", dest="pty", action="store_const", const=False,
                    help="no PTY: the command's bytes pass untouched (the default when stdin "
                    "is not a terminal), as ssh -T")
+    # --- forwarding (README "Forwarding"): ssh's spellings ---
+    p.add_argument("-L", dest="forwards", action="append", type=lambda v: ("-L", v),
+                   metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="forward local PORT to HOST:HOSTPORT as seen from the server")
+    p.add_argument("-R", dest="forwards", action="append", type=lambda v: ("-R", v),
+                   metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="forward the server's PORT (on its loopback; 0: any free port) to "
+                   "HOST:HOSTPORT as seen from here")
+    p.add_argument("-D", dest="forwards", action="append", type=lambda v: ("-D", v),
+                   metavar="[BIND:]PORT", help="SOCKS4a/SOCKS5 proxy on local PORT whose "
+                   "connections the server makes")
+    p.add_argument("-A", dest="forward_agent", action="store_const", const=True,
+                   help="forward the ssh-agent at SSH_AUTH_SOCK to the session")
+    p.add_argument("-N", dest="no_command", action="store_true",
+                   help="forwarding only: no shell or command (an idle cat waits on the "
+                   "server), stdin not read; Ctrl-C ends it")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -194,7 +220,8 @@ class FirstLoginName(argparse.Action):
 
 
 # The client's own flags that are config settings (argparse dest == config key).
-CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination", "predict")
+CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination",
+                "forward_agent", "predict")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -933,7 +960,7 @@ class Session:
 
     def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
                  router: SignalRouter, waker: Waker, guard: TerminalGuard, in_fd: int = 0,
-                 out_fd: int = 1, attaching: bool = False):
+                 out_fd: int = 1, attaching: bool = False, forwards=()):
         self.target = target
         self.guard = guard  # entered: the suspend key leaves and re-enters raw mode
         self.hostcheck = hostcheck
@@ -958,7 +985,7 @@ class Session:
                           if self.out_is_tty and os.isatty(in_fd) else None)
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
-        self.stdin_open = True
+        self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
         self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
@@ -969,6 +996,8 @@ class Session:
         self.link = moshpit_transport.UdpLink.bind(self.core, wildcard)
         self.resumer = Resumer(self._resume_handshake, waker,
                                float(config["max_reconnect_backoff_secs"]))
+        self.channels = forwarding_sockets(self.core, forwards, config["forward_agent"],
+                                           self._notify)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -984,6 +1013,7 @@ class Session:
         finally:
             self.router.in_loop = False
             self.link.close()
+            self.channels.close()
             if not self.finished:
                 self._reset_now()
         return self.outcome
@@ -1006,9 +1036,10 @@ class Session:
             readers.append(self.link)
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
-        writers = self._pending_writers()
+        readers += self.channels.readers()
+        writers = self._pending_writers() + self.channels.writers()
         timeout = max(0.0, self._next_deadline(now) - now)
-        readable, _, _ = select.select(readers, writers, [], timeout)
+        readable, writable, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
         if stalled:
             self.core.last_contact = now  # we are not listening, so the server is not silent
@@ -1021,6 +1052,7 @@ class Session:
         self._events()
         if self.in_fd in readable:
             self._read_stdin()
+        self.channels.handle(readable, writable, now)
         self._resume_results(now)
         self._maybe_resume(now)
         if self.predictor is not None:
@@ -1034,9 +1066,9 @@ class Session:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
-        link_wait = self.link.timeout(now)
-        if link_wait is not None:
-            deadlines.append(now + link_wait)
+        for wait in (self.link.timeout(now), self.channels.timeout(now)):
+            if wait is not None:
+                deadlines.append(now + wait)
         if not self.resumer.running:
             deadlines.append(self.resumer.next_attempt(self.core.last_contact))
         if self.predictor is not None:
@@ -1238,6 +1270,12 @@ class Session:
         """The output fds with bytes waiting for them."""
         return [fd for fd, pending in ((self.out_fd, self.out), (ERR_FD, self.err)) if pending]
 
+    def _notify(self, text: str) -> None:
+        """A forwarding message for the person (ssh prints these on stderr too)."""
+        log.info("%s", text)
+        self.err += f"mp: {text}{chr(13) if self.out_is_tty else ''}\n".encode(
+            self.encoding, "replace")
+
     def _write_err(self) -> None:
         try:
             written = os.write(ERR_FD, self.err)
@@ -1340,6 +1378,38 @@ class Session:
                 self._receive(time.monotonic())
 
 
+def forwarding_sockets(core, forwards, forward_agent: bool, notify):
+    """--- forwarding --- The session's channels: -L/-D listeners here (a port that cannot
+    be bound is a warning, as in ssh), -R requests to the server, -A's agent socket."""
+    mux = moshpit_channels.ChannelMux(core, "client", agent=forward_agent)
+    agent = os.environ.get("SSH_AUTH_SOCK") if forward_agent else None
+    sockets = moshpit_channels.ChannelSockets(mux, notify, agent_path=agent)
+    for number, (option, spec) in enumerate(forwards, 1):
+        if option == "-R":
+            sockets.request_remote(number, spec)
+            continue
+        try:
+            sockets.listen_local(option, spec)
+        except OSError as err:
+            notify(f"cannot listen on {spec.bind_host}:{spec.bind_port} for {option}: "
+                   f"{err.strerror or err}")
+    return sockets
+
+
+# -N's remote command: something that waits without reading a terminal or writing (the
+# session needs a process; stdin stays open as long as mp runs).
+NO_COMMAND = "exec cat > /dev/null"
+
+
+def parse_forwards(given) -> list:
+    """-L/-R/-D arguments as (option, ForwardSpec), in order; a bad one is an error."""
+    try:
+        return [(option, moshpit_channels.parse_forward(option, text))
+                for option, text in given or ()]
+    except ValueError as err:
+        raise moshpit.MoshpitError(f"bad forwarding: {err}") from None
+
+
 def terminal_encoding() -> str:
     """The local terminal's character encoding (for the banner text), per the locale."""
     name = locale.getpreferredencoding(False)
@@ -1383,11 +1453,13 @@ class Target:
     """Where and as whom we connect, and what we tell the server about our terminal."""
 
     def __init__(self, user: str, host: str, port: int, in_fd: int = 0, command=None,
-                 pty=None):
+                 pty=None, forward_agent: bool = False):
         self.user, self.host, self.port = user, host, port
+        self.forward_agent = forward_agent  # -A
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
         self.command = command
+        self.no_command = command == NO_COMMAND  # -N
         # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
         # ssh -t would), and a login shell always does (as before commands existed).
         self.pty = pty if pty is not None else (self.is_tty or command is None)
@@ -1410,7 +1482,7 @@ class Target:
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
             resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
-            pty=self.pty, intent=intent)
+            pty=self.pty, intent=intent, forward_agent=self.forward_agent)
 
     def connect(self, identity, request, verify_host_key):
         return moshpit_handshake.client_handshake(
@@ -1431,7 +1503,8 @@ class Connector:
         self.destination = destination
         user, host = remote_user_and_host(destination, login, login_first,
                                           ssh_alias_lookup(config, prompter))
-        self.target = Target(user, host, config["server_port"], command=command, pty=pty)
+        self.target = Target(user, host, config["server_port"], command=command, pty=pty,
+                             forward_agent=config["forward_agent"])
         self.identity = moshpit_agent.KeyRing(
             config["private_key_path"], config["public_key_path"],
             lambda: load_identity(config, prompter, self.target),
@@ -1479,6 +1552,32 @@ class Connector:
         return found[0]
 
 
+class SshConnector(Connector):
+    """mp --ssh: the server of this one session is started through the system ssh
+    (moshpit_bootstrap), which also carries the keys: the client logs in with a key made for
+    this session and pins the host key the bootstrap announced."""
+
+    def __init__(self, config, prompter: Prompter, ssh_command: str, cache: bool = False,
+                 login=None, command=None, pty=None):
+        destination = config["server_destination"]
+        if not destination:
+            raise moshpit.MoshpitError("--ssh needs a destination: mp --ssh [user@]host")
+        self.destination = destination
+        started = moshpit_bootstrap.start_over_ssh(ssh_command, destination, login, cache)
+        for line in started.noise + started.stderr.splitlines():
+            prompter.say(moshpit.printable(line))  # motd, ssh's warnings: as ssh shows them
+        connect = started.connect
+        host = moshpit_bootstrap.pick_address(
+            moshpit_bootstrap.ssh_hostname(ssh_command, destination, login), connect.address)
+        log.info("bootstrapped over ssh (modules %s, ssh exit status %d): %s@%s port %d, "
+                 "host key %s", "cached on the server" if started.cached else "sent",
+                 started.ssh_status, connect.user, host, connect.port,
+                 connect.host_key.fingerprint())
+        self.target = Target(connect.user, host, connect.port, command=command, pty=pty)
+        self.identity = moshpit_handshake.LazyIdentity(lambda: started.client_key)
+        self.hostcheck = moshpit_bootstrap.PinnedHostKey(connect.host_key, host)
+
+
 LIST_HEADER = ("ID", "STATE", "STARTED", "LAST ACTIVITY", "SIZE", "TITLE")
 LIST_ROW = "{:<8}  {:<8}  {:<16}  {:<16}  {:<9}  {}"
 
@@ -1515,17 +1614,23 @@ def manage_sessions(config, prompter: Prompter, login=None, login_first: bool = 
 
 
 def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
-               command=None, pty=None, attach=None) -> int:
+               command=None, pty=None, attach=None, ssh_command=None,
+               ssh_cache: bool = False, forwards=()) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
     ``login``/``login_first``: ``-l USER`` and whether it came before the destination.
     ``command``: run it instead of a login shell; ``pty``: --tty (True), -T (False) or None
     (a PTY when stdin is a terminal). ``attach``: take over that session (mp --attach;
-    "": the latest detached one)."""
-    connector = Connector(config, prompter, login, login_first, command, pty)
-    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
+    "": the latest detached one). ``ssh_command``: mp --ssh, through that ssh (and
+    ``ssh_cache``: --ssh-cache)."""
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
+    if ssh_command is not None:
+        connector = SshConnector(config, prompter, ssh_command, ssh_cache, login, command,
+                                 pty)
+    else:
+        connector = Connector(config, prompter, login, login_first, command, pty)
+    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
     waker = Waker()
     router = SignalRouter(waker)
     guard = TerminalGuard(0, 1, raw=target.pty)
@@ -1549,7 +1654,8 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
         connector.in_session = True
         with guard:
             outcome = Session(target, hostcheck, first, identity, config, router,
-                              waker, guard, attaching=attach is not None).run()
+                              waker, guard, attaching=attach is not None,
+                              forwards=forwards).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -1646,11 +1752,21 @@ def main(argv=None) -> int:
         managing = args.list_sessions or args.kill is not None or args.attach is not None
         if managing and command is not None:
             raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
+        if args.no_command:
+            if command is not None or args.pty:
+                raise moshpit.MoshpitError("-N takes no remote command and no --tty")
+            command, args.pty = NO_COMMAND, False
+        if args.ssh_cache and not args.ssh:
+            raise moshpit.MoshpitError("--ssh-cache goes with --ssh")
+        if args.ssh and managing:
+            raise moshpit.MoshpitError("--ssh starts a server for one new session: --list, "
+                                       "--attach and --kill need a running mps")
         if args.list_sessions or args.kill is not None:
             return manage_sessions(config, prompter, args.login_name, args.login_first,
                                    args.kill)
         return run_client(config, prompter, args.login_name, args.login_first, command,
-                          args.pty, args.attach)
+                          args.pty, args.attach, args.ssh_command if args.ssh else None,
+                          args.ssh_cache, parse_forwards(args.forwards))
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")

@@ -59,6 +59,7 @@ from collections import Counter, deque
 from typing import Dict, List, Optional
 
 import moshpit
+import moshpit_channels
 import moshpit_handshake as handshake
 import moshpit_keys as keys
 import moshpit_login
@@ -169,7 +170,7 @@ class PtyShell:
 
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
                  client_env: Dict[str, str], connection: str, command: Optional[str] = None,
-                 pty: bool = True):
+                 pty: bool = True, agent_sock: Optional[str] = None):
         self.user = pw.pw_name
         self.rows, self.cols = rows, cols
         self.is_pty = pty
@@ -191,6 +192,8 @@ class PtyShell:
         try:
             tty_path = os.ttyname(slave) if pty else ""
             env = login_environment(pw, term, client_env, connection, tty_path)
+            if agent_sock:  # --- forwarding: -A (moshpit_channels.AgentSocketDir) ---
+                env["SSH_AUTH_SOCK"] = agent_sock
             if pty:
                 moshpit.set_winsize(master, rows, cols)
             if os.geteuid() == 0:
@@ -419,7 +422,7 @@ class Session:
     """
 
     def __init__(self, server: Server, session_id: bytes, user: str, client_key,
-                 udp_sock: socket.socket, shell: PtyShell):
+                 udp_sock: socket.socket, shell: PtyShell, forwarding: Optional[tuple] = None):
         self.server = server
         self.session_id = session_id
         self.resume_secret = secrets.token_bytes(32)
@@ -448,6 +451,9 @@ class Session:
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
+        # --- forwarding: (ForwardPolicy, AgentSocketDir or None, may bind ports < 1024) ---
+        self._forwarding = forwarding
+        self.channels: Optional[moshpit_channels.ChannelSockets] = None
 
     # -- other threads -------------------------------------------------------------------
 
@@ -459,6 +465,12 @@ class Session:
         if self.shell.stderr_fd is not None:
             self.core.expect_stderr()
         self.core.tty_mode(self.shell.tty_mode(), time.monotonic())  # starts the polling
+        if self._forwarding is not None:  # --- forwarding: the session's channels ---
+            policy, agent_dir, privileged_ports = self._forwarding
+            mux = moshpit_channels.ChannelMux(self.core, "server", policy)
+            self.channels = moshpit_channels.ChannelSockets(
+                mux, lambda text: log.info("session %s: %s", self.name, text),
+                privileged_ports=privileged_ports, agent_dir=agent_dir)
         self.link = transport.UdpLink(self.core, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
@@ -468,6 +480,8 @@ class Session:
 
     def abandon(self) -> None:
         """The handshake failed after the session was set up: undo it (never started)."""
+        if self._forwarding is not None and self._forwarding[1] is not None:
+            self._forwarding[1].close()
         self._close_wake()
         self.shell.hangup()
         self.udp_sock.close()
@@ -556,6 +570,8 @@ class Session:
             self._close_wake()
             self.shell.hangup()
             self.udp_sock.close()
+            if self.channels is not None:
+                self.channels.close()
             log.info("session %s of %s ended (%s)", self.name, self.user,
                      self.core.ending or "error")
 
@@ -571,11 +587,15 @@ class Session:
                                          ("pty", self.shell.master_fd, self._pty_interest()),
                                          ("err", self.shell.stderr_fd, self._err_interest())):
                     _watch(sel, watched, name, fd, events)
+                if self.channels is not None:
+                    self.channels.sync_selector(sel)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
                 if self._unfed and not ready:
                     self._feed_screen()  # nothing to do (output paused): catch up
                 for key, events in ready:
+                    if key.data == moshpit_channels.SELECTOR_TAG:
+                        continue  # after the session's events, below
                     if key.data == "wake":
                         self._handle_inbox(now)
                     elif key.data == "udp":
@@ -588,6 +608,8 @@ class Session:
                         if events & selectors.EVENT_READ:
                             self._read_pty(now)
                 self._handle_events(now)
+                if self.channels is not None:
+                    self.channels.handle_selected(ready, now)
                 self._check_shell(now)
                 self._poll_tty(now)
                 self.link.flush(now)
@@ -626,7 +648,8 @@ class Session:
         """Seconds until the core's next deadline, or the next poll of a running shell."""
         wait = self.link.timeout(now)
         for limit in (CHILD_POLL_SECS if self._shell_status is None else None,
-                      SCREEN_FEED_SECS if self._unfed else None):
+                      SCREEN_FEED_SECS if self._unfed else None,
+                      self.channels.timeout(now) if self.channels is not None else None):
             if limit is not None:
                 wait = limit if wait is None else min(wait, limit)
         return wait
@@ -787,13 +810,19 @@ def _udp_host(local: tuple) -> str:
 
 def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
     """A UDP socket bound on ``local``'s address to a free port in [lo, hi] (the bind is the
-    allocation, so concurrent handshakes cannot collide), or None if every port is taken.
-    Starts at a random port so a busy range is not scanned from its start every time."""
+    allocation, so concurrent handshakes cannot collide), or None if every port is taken."""
     host = _udp_host(local)
+    return bind_in_range(lambda port: transport.udp_socket(host, port), lo, hi)
+
+
+def bind_in_range(bind, lo: int, hi: int) -> Optional[socket.socket]:
+    """``bind(port)``'s socket for the first port in [lo, hi] not in use, or None if every
+    port is taken. Starts at a random port so a busy range is not scanned from its start
+    every time."""
     first = random.randint(lo, hi)
     for i in range(hi - lo + 1):
         try:
-            return transport.udp_socket(host, lo + (first - lo + i) % (hi - lo + 1))
+            return bind(lo + (first - lo + i) % (hi - lo + 1))
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
                 raise
@@ -1180,20 +1209,43 @@ class Server:
             request = auth.request
             connection = " ".join(str(part) for part in (auth.peer[0], auth.peer[1],
                                                          auth.local[0], auth.local[1]))
+            forwarding = _forwarding_setup(self.config, request, pw)
+            agent_dir = forwarding[1]
             try:
                 shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
-                                 connection, request.command, request.pty)
+                                 connection, request.command, request.pty,
+                                 agent_dir.path if agent_dir is not None else None)
             except ShellError as e:
                 udp.close()
+                if agent_dir is not None:
+                    agent_dir.close()
                 raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))
         except BaseException:
             with self._lock:
                 self._release_slot(pw.pw_name)
             raise
         session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
-                          shell)
+                          shell, forwarding)
         detached = sum(not info.attached for info in self._list_sessions(auth).sessions)
         return _grant(session, 0, detached), session
+
+
+def _forwarding_setup(config: moshpit.Config, request, pw: pwd.struct_passwd) -> tuple:
+    """--- forwarding --- (ForwardPolicy, the -A socket directory or None, whether -R may
+    bind ports below 1024) for a new session: a root server binds for a user only what
+    the user could bind."""
+    policy = moshpit_channels.ForwardPolicy(config["mps.allow_tcp_forwarding"],
+                                            config["mps.permit_open"],
+                                            config["mps.allow_agent_forwarding"])
+    agent_dir = None
+    if request.forward_agent and policy.allow_agent:
+        try:
+            agent_dir = moshpit_channels.AgentSocketDir(pw.pw_uid, pw.pw_gid)
+        except OSError as e:  # the session works without it, as with sshd
+            log.warning("no agent forwarding for %s: %s", pw.pw_name, e)
+    elif request.forward_agent:
+        log.info("agent forwarding for %s refused: allow_agent_forwarding is off", pw.pw_name)
+    return policy, agent_dir, os.geteuid() != 0 or pw.pw_uid == 0
 
 
 def _grant(session: Session, recv_offset: int, detached: int = 0):
@@ -1203,6 +1255,88 @@ def _grant(session: Session, recv_offset: int, detached: int = 0):
                                   resume_secret=session.resume_secret,
                                   udp_port=session.udp_port, recv_offset=recv_offset,
                                   detached=detached)
+
+
+# ---------------------------------------------------------------------------
+# One session for mp --ssh (started on the server by moshpit_bootstrap's stub)
+# ---------------------------------------------------------------------------
+
+
+class OneSessionServer(Server):
+    """The server of one session bootstrapped over ssh (mp --ssh): it runs as the user ssh
+    logged in, serves only that user and only the client key the bootstrap brought, with a
+    host key made for it (the client pins it), listens on the address ssh came to, and
+    stops when its session ends or when no session started in time. Writes nothing: no
+    log file, no pid file, no keys on disk."""
+
+    LISTEN_BACKLOG = 8
+
+    def __init__(self, config: moshpit.Config, client_key, address: str):
+        super().__init__(config, keys.PrivateKey.generate("mps --ssh"))
+        self.client_key = client_key
+        self.address = address
+        self.user = pwd.getpwuid(os.geteuid()).pw_name
+        self.port = 0
+
+    @classmethod
+    def start(cls, client_key, address: str) -> OneSessionServer:
+        """Configured (the user's server config, if any: e.g. mps.udp_port_range) and
+        listening; logs go nowhere."""
+        logging.getLogger(moshpit.ROOT_LOGGER).addHandler(logging.NullHandler())
+        server = cls(moshpit.load_config("server"), client_key, address)
+        server.listen()
+        return server
+
+    def listen(self) -> None:
+        """TCP on the address ssh came to, on a port of the session port range (the one
+        range a firewall has to open)."""
+        host = self.address
+
+        def listener(port: int) -> socket.socket:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+                sock.listen(self.LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        sock = bind_in_range(listener, *self.port_range)
+        if sock is None:
+            raise MoshpitError("every port in {}-{} is in use".format(*self.port_range))
+        self.listeners.append(sock)
+        self.port = sock.getsockname()[1]
+
+    def serve(self, unused_exit_secs: float) -> int:
+        """Serve the session; stop after ``unused_exit_secs`` if none has started."""
+        timer = threading.Timer(unused_exit_secs, self._stop_if_unused)
+        timer.daemon = True
+        timer.start()
+        return self.serve_forever()
+
+    def _stop_if_unused(self) -> None:
+        with self._lock:
+            unused = not self._sessions and not self._setting_up
+        if unused:
+            self._on_signal(signal.SIGTERM, None)
+
+    def acceptable_key(self, user: str, keys) -> Optional[int]:
+        if user != self.user:
+            return None
+        return next((index for index, key in enumerate(keys) if key == self.client_key), None)
+
+    def _authorized_user(self, auth) -> pwd.struct_passwd:
+        me = pwd.getpwuid(os.geteuid())
+        if auth.user != me.pw_name or auth.client_key != self.client_key:
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
+                                        "not the user or key of this ssh-bootstrapped session")
+        return me
+
+    def unregister(self, session: Session) -> None:
+        super().unregister(session)
+        self._on_signal(signal.SIGTERM, None)  # its one session has ended: so does the server
 
 
 # ---------------------------------------------------------------------------

@@ -267,8 +267,9 @@ class TestClient:
     def __init__(self, host: str, port: int, identity: moshpit_keys.PrivateKey,
                  host_key: moshpit_keys.PublicKey, user: Optional[str] = None,
                  term: str = "xterm", rows: int = 24, cols: int = 80,
-                 env: Optional[Dict[str, str]] = None):
+                 env: Optional[Dict[str, str]] = None, forward_agent: bool = False):
         self.host, self.port = host, port
+        self.forward_agent = forward_agent  # mp -A
         self.identity = identity
         self.host_key = host_key
         self.user = user or pwd.getpwuid(os.geteuid()).pw_name
@@ -301,7 +302,8 @@ class TestClient:
                    session_id: Optional[bytes] = None):
         request = moshpit_handshake.ClientRequest(
             user=self.user, term=self.term, rows=self.rows, cols=self.cols, env=self.env,
-            end_session=end_session, intent=intent, resume_session_id=session_id)
+            end_session=end_session, intent=intent, resume_session_id=session_id,
+            forward_agent=self.forward_agent)
         if resume:
             session_id, secret, recv_offset = self.core.resume_request()
             request.resume_session_id = session_id
