@@ -178,7 +178,7 @@ def test_echo_off_never_shows_a_typed_character(tmux, link):
 def test_vim_insert_and_normal_mode(tmux, link):
     if shutil.which("vim") is None:
         pytest.skip("vim is not installed")
-    pair = Pair(tmux, link, "vim -u NONE -N -i NONE", predict="experimental")
+    pair = Pair(tmux, link, "vim -u NONE -N -i NONE -n", predict="experimental")
     pair.ready("~")
     pair.keys("i")
     pair.type("hello wrold")
