@@ -9,6 +9,10 @@ MATRIX_VERSIONS = 3.9 3.10 3.11 3.12 3.13
 # on two cores; tests that add system users share one worker (xdist_group "users").
 PYTEST_WORKERS ?= 4
 PYTEST = -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+# The tests start mps.py and mp.py hundreds of times and pytest rewrites every test module:
+# Python keeps their compiled bytecode (__pycache__, git-ignored) even where the environment
+# sets PYTHONDONTWRITEBYTECODE, which would recompile them all at every start.
+KEEP_BYTECODE = PYTHONDONTWRITEBYTECODE=
 
 .PHONY: demo test lint test-matrix bench dist clean test-tools
 
@@ -22,7 +26,7 @@ lint: $(STAMP)
 	$(VPY) -m ruff check .
 
 test: lint test-tools
-	$(VPY) $(PYTEST) $(PYTEST_ARGS)
+	$(KEEP_BYTECODE) $(VPY) $(PYTEST) $(PYTEST_ARGS)
 
 # tmux is the terminal the screen model is checked against (tests/test_term_tmux.py), and the
 # prediction harness (tests/test_predict_tmux.py) also types into zsh and fish: install the
@@ -53,7 +57,7 @@ matrix-one:
 	@[ -x $(VENV)/bin/python ] || $(PY) -m venv $(VENV)
 	@$(VENV)/bin/python -m pip install -q --upgrade pip
 	@$(VENV)/bin/python -m pip install -q -r requirements-dev.txt $(CRYPTO)
-	$(VENV)/bin/python $(PYTEST) -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+	$(KEEP_BYTECODE) $(VENV)/bin/python $(PYTEST) -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VPY) tests/demo.py

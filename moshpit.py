@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
+    "DEFAULT_RESUME_AFTER_SECS", "MIN_RESUME_AFTER_SECS", "DEFAULT_SHUTDOWN_FLUSH_SECS",
     "HOST_KEY_POLICIES", "PREDICT_MODES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
     "AUTHORIZED_KEYS_FILE", "TERM_NAME_RE", "LOCALE_NAME_RE", "LOCALE_VALUE_RE",
     "is_locale_setting", "format_addr", "make_private_dirs",
@@ -60,6 +61,14 @@ __version__ = "0.1.0"
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
+# The client's resume_after_secs (UDP silence before a port hop and a resume handshake): an
+# idle client hears from the server only once per keepalive (moshpit_transport.KEEPALIVE_SECS,
+# 3 s), so anything shorter than MIN_RESUME_AFTER_SECS would resume a healthy idle session.
+DEFAULT_RESUME_AFTER_SECS = 10
+MIN_RESUME_AFTER_SECS = 4
+# The server's shutdown_flush_secs: stopping, how long a session waits for its client to
+# acknowledge the shutdown notice before the shell is hung up.
+DEFAULT_SHUTDOWN_FLUSH_SECS = 2
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
 
 # strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only
@@ -404,6 +413,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
         # A session whose client never reached it over UDP (mosh-server waits 60 s too).
         "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never
+        # Stopping (README "Stopping mps"): the wait for each client's acknowledgement of
+        # the shutdown notice; 0 = the notice goes out once and the shells are hung up.
+        "mps.shutdown_flush_secs": _Key(int, DEFAULT_SHUTDOWN_FLUSH_SECS, _clamp(0, 60)),
         # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
         "mps.pid_file": _Key(str, ""),
         # Account policy (README "Accounts and login records"): sshd's UsePAM, DenyUsers,
@@ -425,6 +437,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "server_port": _Key(int, DEFAULT_TCP_PORT, _PORT),
         "server_destination": _Key(str, ""),
         "max_reconnect_backoff_secs": _Key(int, 3600, _clamp(2, 86400)),
+        # Resume timing (README "Resume timing"): UDP silence before the client resumes.
+        "resume_after_secs": _Key(int, DEFAULT_RESUME_AFTER_SECS,
+                                  _clamp(MIN_RESUME_AFTER_SECS, 86400)),
         "private_key_path": _Key(PATH, CLIENT_KEY_FILE),
         "public_key_path": _Key(PATH, CLIENT_KEY_FILE + ".pub"),
         "known_hosts_file": _Key(PATH, KNOWN_HOSTS_FILE),

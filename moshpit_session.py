@@ -82,7 +82,7 @@ Ending rules (ServerSession): the session ends
 * when the client quits (a SHUTDOWN record over UDP, or ``end_requested`` after a quit
   request over TCP): at once;
 * when the server stops (``shutdown``): SHUTDOWN is sent, and the session ends once acked
-  or after SHUTDOWN_FLUSH_SECS;
+  or after ``shutdown_flush_secs`` (SHUTDOWN_FLUSH_SECS by default);
 * when the client has been silent for ``detached_timeout_secs`` (0: never) -- or, if it
   never sent a single UDP packet since the handshake, for the shorter
   ``unattached_timeout_secs`` (UDP blocked: the session would hold its slot for nothing).
@@ -113,6 +113,7 @@ import struct
 from collections import deque
 from typing import NamedTuple, Optional
 
+import moshpit
 from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddressChanged
 
 __all__ = [
@@ -153,10 +154,12 @@ EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
 MAX_REASON_BYTES = 255
 
-RESUME_AFTER_SECS = 10.0  # client: UDP silence before a port hop + resume handshake
+# client: UDP silence before a port hop + resume handshake (the resume_after_secs setting)
+RESUME_AFTER_SECS = float(moshpit.DEFAULT_RESUME_AFTER_SECS)
 FIRST_BACKOFF_SECS = 2.0  # then between attempts, doubling up to the configured maximum
 PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
-SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
+# server stopping: time to tell the client before hanging up (the shutdown_flush_secs setting)
+SHUTDOWN_FLUSH_SECS = float(moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS)
 # Echo ack (mosh's ECHO_TIMEOUT): input written this long ago has had its echo read.
 ECHO_ACK_SECS = 0.05
 # The PTY's termios is polled at each input write, every TTY_POLL_SECS while input is this
@@ -550,10 +553,12 @@ class ServerSession(_Core):
     """
 
     def __init__(self, keys: object, now: float, detached_timeout_secs: float = 0,
-                 unattached_timeout_secs: float = 0) -> None:
+                 unattached_timeout_secs: float = 0,
+                 shutdown_flush_secs: float = SHUTDOWN_FLUSH_SECS) -> None:
         super().__init__("server", keys, now)
         self.detached_timeout_secs = detached_timeout_secs or None
         self.unattached_timeout_secs = unattached_timeout_secs or None
+        self.shutdown_flush_secs = shutdown_flush_secs
         self.client_addr: Optional[tuple] = None  # None: no UDP packet from the client yet
         self.ending: Optional[str] = None  # why the session is ending, once it is
         self._end_by: Optional[float] = None  # None: live on as a detached session would
@@ -655,7 +660,7 @@ class ServerSession(_Core):
     def shutdown(self, reason: str, now: float) -> None:
         """The server stops: tell the client, end once it acknowledged or soon after."""
         self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
-        self._end(reason, now, SHUTDOWN_FLUSH_SECS)
+        self._end(reason, now, self.shutdown_flush_secs)
 
     # -- the program's questions ---------------------------------------------------------
 
@@ -938,19 +943,22 @@ class ClientSession(_Core):
 
 class ResumeSchedule:
     """When the client tries a resume handshake: the first attempt once the server has been
-    silent (no UDP) for RESUME_AFTER_SECS, then FIRST_BACKOFF_SECS after each failed or
-    fruitless attempt, doubling up to ``max_backoff_secs``; one attempt at a time; contact
-    coming back starts the schedule over. mp runs the attempts (a thread each)."""
+    silent (no UDP) for ``resume_after_secs`` (the setting of that name, RESUME_AFTER_SECS by
+    default), then FIRST_BACKOFF_SECS after each failed or fruitless attempt, doubling up to
+    ``max_backoff_secs``; one attempt at a time; contact coming back starts the schedule
+    over. mp runs the attempts (a thread each)."""
 
-    def __init__(self, max_backoff_secs: float) -> None:
+    def __init__(self, max_backoff_secs: float,
+                 resume_after_secs: float = RESUME_AFTER_SECS) -> None:
         self.max_backoff = max_backoff_secs
+        self.resume_after = resume_after_secs
         self.backoff = FIRST_BACKOFF_SECS
         self.not_before = 0.0
         self.running = False
         self.attempts = 0
 
     def next_attempt(self, last_contact: float) -> float:
-        return max(last_contact + RESUME_AFTER_SECS, self.not_before)
+        return max(last_contact + self.resume_after, self.not_before)
 
     def due(self, now: float, last_contact: float) -> bool:
         return not self.running and now >= self.next_attempt(last_contact)

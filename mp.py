@@ -22,7 +22,7 @@ moshpit_session's docstring):
 2. Session.run (main thread, the only one touching the ClientSession): each turn of the
    loop reads stdin while ``may_read_input()``, feeds datagrams, turns core events into
    stdout bytes, and flushes ``datagrams_to_send``.
-3. Silence past moshpit_session.RESUME_AFTER_SECS: Session._maybe_resume hops the UDP port
+3. Silence past the resume_after_secs setting: Session._maybe_resume hops the UDP port
    and starts Resumer (one thread per attempt) with ``ClientSession.resume_request()``; it runs
    only the blocking handshake (HostKeyCheck.resume: the key must not change) and wakes the
    loop through the Waker.
@@ -886,8 +886,9 @@ class Resumer(moshpit_session.ResumeSchedule):
     is never touched from two threads.
     """
 
-    def __init__(self, handshake, waker: Waker, max_backoff: float):
-        super().__init__(max_backoff)
+    def __init__(self, handshake, waker: Waker, max_backoff: float,
+                 resume_after: float = moshpit_session.RESUME_AFTER_SECS):
+        super().__init__(max_backoff, resume_after)
         self.handshake = handshake  # request -> ClientResult, raises MoshpitError
         self.waker = waker
         self.results = queue.Queue()
@@ -995,7 +996,8 @@ class Session:
         wildcard = "::" if ":" in first.server_addr[0] else "0.0.0.0"
         self.link = moshpit_transport.UdpLink.bind(self.core, wildcard)
         self.resumer = Resumer(self._resume_handshake, waker,
-                               float(config["max_reconnect_backoff_secs"]))
+                               float(config["max_reconnect_backoff_secs"]),
+                               float(config["resume_after_secs"]))
         self.channels = forwarding_sockets(self.core, forwards, config["forward_agent"],
                                            self._notify)
 

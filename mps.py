@@ -68,7 +68,6 @@ import moshpit_term
 import moshpit_transport as transport
 import moshpit_trust as trust
 from moshpit import MoshpitError
-from moshpit_session import SHUTDOWN_FLUSH_SECS
 
 log = logging.getLogger("moshpit.server")
 
@@ -461,7 +460,8 @@ class Session:
         """The handshake completed: create the session core and run the session thread."""
         self.core = session_core.ServerSession(keys, time.monotonic(),
                                                self.server.detached_timeout,
-                                               self.server.unattached_timeout)
+                                               self.server.unattached_timeout,
+                                               self.server.shutdown_flush)
         if self.shell.stderr_fd is not None:
             self.core.expect_stderr()
         self.core.tty_mode(self.shell.tty_mode(), time.monotonic())  # starts the polling
@@ -857,6 +857,7 @@ class Server:
         self.max_sessions_per_user = config["mps.max_sessions_per_user"]
         self.detached_timeout = config["mps.detached_session_timeout_secs"]
         self.unattached_timeout = config["mps.unattached_session_timeout_secs"]
+        self.shutdown_flush = config["mps.shutdown_flush_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
         self.hello_timeout = float(config["mps.hello_timeout_secs"])
         self.confirm_timeout = float(config["mps.confirm_timeout_secs"])
@@ -952,7 +953,7 @@ class Server:
             sessions = list(self._sessions.values())
         for session in sessions:
             session.shutdown()
-        deadline = time.monotonic() + SHUTDOWN_FLUSH_SECS + HANGUP_GRACE_SECS + 1.0
+        deadline = time.monotonic() + self.shutdown_flush + HANGUP_GRACE_SECS + 1.0
         for session in sessions:
             session.thread.join(max(0.0, deadline - time.monotonic()))
         log.info("mps stopped")
@@ -1567,7 +1568,9 @@ def _is_mps(pid: int) -> bool:
     return any(os.path.basename(arg) in (b"mps.py", b"mps") for arg in argv)
 
 
-STOP_WAIT_SECS = SHUTDOWN_FLUSH_SECS + HANGUP_GRACE_SECS + 2.0  # mps's own shutdown, and some
+# mps --stop waits for mps's own shutdown (its shutdown_flush_secs + HANGUP_GRACE_SECS), and
+# this much more
+STOP_MARGIN_SECS = 2.0
 
 
 def pid_file_path(config: moshpit.Config) -> str:
@@ -1595,10 +1598,11 @@ def stop_server(config: moshpit.Config) -> int:
         return 1
     except ProcessLookupError:
         pass  # exited meanwhile: the loop below reports it
-    deadline = time.monotonic() + STOP_WAIT_SECS
+    wait_secs = config["mps.shutdown_flush_secs"] + HANGUP_GRACE_SECS + STOP_MARGIN_SECS
+    deadline = time.monotonic() + wait_secs
     while _is_mps(pid):  # a zombie counts as gone: the parent may be slow to reap it
         if time.monotonic() >= deadline:
-            print(f"mps: mps (pid {pid}) has not exited {STOP_WAIT_SECS:g} s after SIGTERM; "
+            print(f"mps: mps (pid {pid}) has not exited {wait_secs:g} s after SIGTERM; "
                   f"`kill -KILL {pid}` ends it at once", file=sys.stderr)
             return 1
         time.sleep(0.05)

@@ -135,6 +135,9 @@ class MpsServer:
             "mps.udp_port_range": "{}-{}".format(*self.udp_range),
             "mps.private_key_path": self.host_key_path,
             "mps.public_key_path": self.host_key_path + ".pub",
+            # Stopping does not wait for clients that are gone (most tests leave their
+            # sessions open); the tests of the shutdown notice set the real default.
+            "mps.shutdown_flush_secs": 0,
             "verbose": 1,
         }
         if authorized_keys_file:

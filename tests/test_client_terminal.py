@@ -15,13 +15,14 @@ import re
 import shlex
 import signal
 import time
+from typing import Optional
 
 import pytest
 
 from proc_util import wait_for
 from relay import Relay, random_front_alias
 from server_util import MpsServer
-from test_client_session import kill_server, mp_args, restart_server
+from test_client_session import QUICK_RESUME, kill_server, mp_args, restart_server
 from tmux_util import TmuxOracle
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/tmux"), reason="needs tmux")
@@ -43,16 +44,18 @@ def flags(tmux: TmuxOracle, pane: str) -> dict:
 
 
 def client_pane(tmux: TmuxOracle, server: MpsServer, tmp_path, name: str, runs: int = 1,
-                host: str = "127.0.0.1") -> str:
+                host: str = "127.0.0.1", env: Optional[dict] = None) -> str:
     """A tmux pane running mp ``runs`` times, then ``cat -v``: it shows what the terminal
     sends for a paste (bracket marks if bracketed paste is still on). ``stty sane`` after
     each run does what bash and zsh do when a job dies of a signal (the pane's ``sh``
-    does not): termios back to cooked, so a killed mp's raw mode does not outlive it."""
+    does not): termios back to cooked, so a killed mp's raw mode does not outlive it.
+    ``env``: more environment variables for mp."""
     home = tmp_path / "client-home"
     home.mkdir(exist_ok=True)
     client = " ".join(map(shlex.quote, mp_args(server, tmp_path, host=host)))
     line = "; ".join([f"{client}; echo mp-status-$?; stty sane"] * runs + ["exec cat -v"])
-    return tmux.new_pane(name, f"env HOME={shlex.quote(str(home))} TERM=xterm-256color "
+    extra = "".join(f"{var}={shlex.quote(value)} " for var, value in (env or {}).items())
+    return tmux.new_pane(name, f"env HOME={shlex.quote(str(home))} TERM=xterm-256color {extra}"
                                f"sh -c {shlex.quote(line)}", record=False)
 
 
@@ -108,7 +111,7 @@ def server(tmp_path):
 @pytest.mark.timeout(180)
 def test_modes_reset_when_the_server_vanishes(server, tmp_path):
     with TmuxOracle(tmp_path) as tmux:
-        pane = client_pane(tmux, server, tmp_path, "gone")
+        pane = client_pane(tmux, server, tmp_path, "gone", env=QUICK_RESUME)
         turn_modes_on(tmux, pane)
         kill_server(server)
         restart_server(server)  # same port and keys, the session is gone

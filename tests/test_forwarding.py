@@ -30,7 +30,7 @@ import pytest
 from proc_util import ManagedProcess, PtyProcess, kill_pid, wait_for
 from relay import Relay, free_port, random_front_alias
 from server_util import MpsServer, TestClient
-from test_client_session import client_env, client_log, mp_args, wait_shell
+from test_client_session import QUICK_RESUME, client_env, client_log, mp_args, wait_shell
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 
 import moshpit_channels
@@ -393,16 +393,16 @@ def test_agent_forwarding_off_on_the_server(tmp_path, agent):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_forwarded_transfer_survives_an_outage_and_a_resume(tmp_path, echo):
-    """12 s without a packet in the middle of a transfer: the client resumes (a new
-    handshake, new keys, stream 2 resent from what was acknowledged) and every byte
-    arrives once."""
+    """6 s without a packet in the middle of a transfer (the client's resume_after_secs set
+    to its 4 s minimum): the client resumes (a new handshake, new keys, stream 2 resent
+    from what was acknowledged) and every byte arrives once."""
     with MpsServer(tmp_path) as server:
         front = random_front_alias()
         with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
                    udp_ports=[server.udp_port]) as relay:
             port = free_port()
             with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
-                            host=front) as mp:
+                            host=front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
                 wait_for(lambda: echo_works(port), 30, "the -L forward")
                 relay.set_bottleneck(4e6, queue_bytes=64_000)  # ~2 s of transfer each way
                 data = os.urandom(2 << 20)
@@ -412,7 +412,7 @@ def test_a_forwarded_transfer_survives_an_outage_and_a_resume(tmp_path, echo):
                 transfer.start()
                 time.sleep(0.7)
                 assert transfer.is_alive()
-                relay.blackout(12.0)  # in the middle of it, past RESUME_AFTER_SECS
+                relay.blackout(6.0)  # in the middle of it, past resume_after_secs
                 transfer.join(150)
                 assert sha(result["back"]) == sha(data)
                 assert relay.stats["down"]["blackout_dropped"] > 0
@@ -423,18 +423,19 @@ def test_a_forwarded_transfer_survives_an_outage_and_a_resume(tmp_path, echo):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_remote_listeners_stay_across_a_resume(tmp_path, echo):
-    """-R belongs to the session: through a 12 s outage and the resume handshake after it
-    the listener stays bound on the server, and connections through it work again."""
+    """-R belongs to the session: through a 6 s outage and the resume handshake after it
+    (the client's resume_after_secs at its 4 s minimum) the listener stays bound on the
+    server, and connections through it work again."""
     with MpsServer(tmp_path) as server:
         front = random_front_alias()
         with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
                    udp_ports=[server.udp_port]) as relay:
             port = free_port()
             with Forwarding(server, tmp_path, "-R", f"{port}:127.0.0.1:{echo.port}",
-                            host=front) as mp:
+                            host=front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
                 wait_for(lambda: echo_works(port), 30, "the -R forward")
-                relay.blackout(12.0)
-                time.sleep(6.0)
+                relay.blackout(6.0)
+                time.sleep(3.0)
                 assert _listening(port)  # still bound while the client is away
                 wait_for(lambda: re.search(r"session \S+ resumed", server.log()), 40,
                          "the resume")
