@@ -41,6 +41,11 @@ instead of a grant (ServerFinish outcome LISTING: count:u16, then per session id
 started:u64, last activity:u64 (Unix seconds), rows:u16, cols:u16, title; at most
 MAX_LISTED sessions, titles at most MAX_TITLE_BYTES).
 
+After a grant that continues a session (a new one, a resume, a takeover) the connection
+stays open: it becomes the session's TCP carrier (protocol version 4, moshpit_carrier), or
+the client closes it. Only this connection, authenticated by the handshake it carried, can
+ever carry the session's datagrams over TCP.
+
 Transcript hash TH: SHA-256 over a label and every message's fields in order (each as an SSH
 string, so boundaries are unambiguous). TH_1 after ServerHello, TH_s after the host key blob,
 TH_c after the client's fields (the client signs its user, its own key and every request field),
@@ -354,6 +359,11 @@ class ClientResult:
     keys: SessionKeys
     server_addr: tuple
     host_key: PublicKey
+    rtt: float = 0.0  # seconds from ClientHello to ServerAuth: a round trip (plus a signature)
+    # With keep_connection: the handshake's connection, open (the TCP carrier,
+    # moshpit_carrier), and any bytes already read past ServerFinish.
+    connection: Optional[socket.socket] = None
+    unread: bytes = b""
 
 
 @dataclass
@@ -684,6 +694,11 @@ class _Handshake:
             self._overflow = True
         elif self._error is None:
             self._inbox += data
+
+    def unread(self) -> bytes:
+        """Bytes received after the last message: once the handshake is over, the start
+        of what follows on the connection (the TCP carrier's datagrams)."""
+        return bytes(self._inbox)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer now (possibly empty)."""
@@ -1879,7 +1894,7 @@ class LazyIdentity:
 
 def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity, object],
                      request: ClientRequest, verify_host_key: Callable[[PublicKey], None],
-                     timeout: float = 10.0) -> ClientResult:
+                     timeout: float = 10.0, keep_connection: bool = False) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
 
     ``verify_host_key(key)`` returns to trust the key or raises moshpit_trust.HostKeyError
@@ -1893,7 +1908,9 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     confirming in ssh-agent) does not count against ``timeout`` either.
     Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
     ``code``), each with a one-line message; whatever loading the identity or signing
-    raises passes through.
+    raises passes through. ``keep_connection``: the result's ``connection`` is the
+    connection, left open (the caller closes it); the server keeps its end for the session
+    it granted.
     """
     if not hasattr(identity, "offers"):  # a key (or a signer) itself
         identity = LazyIdentity(lambda key=identity: key)
@@ -1901,8 +1918,12 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     for _attempt in range(2):
         deadline = time.monotonic() + timeout
         sock = _connect(host, port, deadline)
+        kept = None
         try:
-            return _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+            result = _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+            if keep_connection:
+                kept = result.connection = sock
+            return result
         except _ClosedDuringPrompt as closed:
             log.info("%s port %d closed the connection while the user was answering a"
                      " prompt; reconnecting", host, port)
@@ -1923,7 +1944,8 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
             raise HandshakeError(f"connection to {host} port {port} failed during the"
                                  f" handshake: {_os_reason(err)}") from None
         finally:
-            sock.close()
+            if kept is None:
+                sock.close()
     raise HandshakeError(f"{host} port {port} closed the connection twice before the"
                          " handshake finished")
 
@@ -1932,9 +1954,11 @@ def _client_attempt(sock: socket.socket, identity, request: ClientRequest,
                     verify_host_key: Callable[[PublicKey], None],
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
     machine = ClientHandshake(None, request)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     try:
         host_key = _exchange(sock, machine, deadline).host_key
+        rtt = time.monotonic() - started
     except socket.timeout:
         if machine.heard_nothing():
             raise _NoAnswer() from None
@@ -1953,4 +1977,5 @@ def _client_attempt(sock: socket.socket, identity, request: ClientRequest,
         raise _ClosedDuringPrompt(host_key)
     deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
     done = _exchange(sock, machine, deadline)
-    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)
+    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key, rtt,
+                        unread=machine.unread())
