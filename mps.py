@@ -358,6 +358,9 @@ class NoCommand:
     def poll(self) -> None:
         return None  # nothing runs, so nothing exits
 
+    def tty_mode(self) -> None:
+        return None  # no terminal: nothing to predict
+
     def close_input(self) -> None:
         """Nothing reads the client's input."""
 
