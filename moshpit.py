@@ -57,8 +57,8 @@ __version__ = "0.1.0"
 # 4: keys in ssh-agent: the optional ClientOffer/KeyAccepted handshake step (ssh's publickey
 # query: the server says which offered key it accepts before the agent is asked to sign);
 # channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag;
-# local echo prediction: the ECHO_ACK and TTY_MODE records.
-# 4: the handshake's connection stays open after the grant as the TCP carrier of the
+# local echo prediction: the ECHO_ACK and TTY_MODE records;
+# the TCP carrier: the handshake's connection stays open after the grant as the TCP carrier of the
 # session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier).
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
