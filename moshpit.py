@@ -59,8 +59,8 @@ __version__ = "0.1.0"
 # channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag;
 # the request's no-command flag (mp -N: a session with no process, for forwarding only),
 # both in the request's session flags byte;
-# local echo prediction: the ECHO_ACK and TTY_MODE records.
-# 4: the handshake's connection stays open after the grant as the TCP carrier of the
+# local echo prediction: the ECHO_ACK and TTY_MODE records;
+# the TCP carrier: the handshake's connection stays open after the grant as the TCP carrier of the
 # session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier).
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
