@@ -57,6 +57,8 @@ __version__ = "0.1.0"
 # 4: keys in ssh-agent: the optional ClientOffer/KeyAccepted handshake step (ssh's publickey
 # query: the server says which offered key it accepts before the agent is asked to sign);
 # channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag;
+# the request's no-command flag (mp -N: a session with no process, for forwarding only),
+# both in the request's session flags byte;
 # local echo prediction: the ECHO_ACK and TTY_MODE records;
 # the TCP carrier: the handshake's connection stays open after the grant as the TCP carrier of the
 # session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier).

@@ -13,7 +13,8 @@ associated data = type byte || transcript hash before the message)::
               <-  KeyAccepted   {index of the first offered key authorized for user}
                   (or ServerFinish with a refusal: none is) ]
     ClientAuth    {user, client key blob, TERM, rows, cols, LANG/LC_*, resume id + offset
-                   [+ intent]; SSHSIG("moshpit-client", sha512, TH_c); resume proof}    ->
+                   [+ intent [+ command, has-command/pty flags [+ session flags]]];
+                   SSHSIG("moshpit-client", sha512, TH_c); resume proof}              ->
               <-  ServerFinish  {grant: session id, resume secret, UDP port, offset,
                                  detached sessions | listing | refusal}
     Refuse        plaintext reason code: "server busy" before anything is read, or a protocol
@@ -119,7 +120,7 @@ __all__ = [
     "SERVER_BUSY", "NO_SUCH_SESSION", "PROTOCOL_ERROR", "SHUTTING_DOWN", "USER_NOT_SERVED",
     "SESSION_LIMIT", "USER_SESSION_LIMIT", "REFUSAL_CODES", "FINAL_CODES", "NOT_MOSHPIT",
     "HandshakeError", "AuthRefused", "MAX_LOCALE_VARS", "END_SESSION", "ClientRequest",
-    "MAX_COMMAND",
+    "MAX_COMMAND", "FLAG_AGENT", "FLAG_NO_COMMAND",
     "SessionKeys", "SessionGrant", "AuthInfo", "ClientResult", "HostKeyReceived", "AuthRequested",
     "HandshakeComplete", "locale_env", "ClientHandshake", "ServerHandshake", "AUTHENTICATED",
     "AUTHFAIL", "NOAUTH", "GRACE_EXCEEDED", "NEUTRAL", "HELLO_RECEIVED", "server_handshake",
@@ -242,6 +243,7 @@ _NAMED_INTENTS = (TAKE_OVER, KILL)  # need a session id
 MAX_LISTED = 100  # sessions in a LIST answer
 MAX_TITLE_BYTES = 200  # a listed session's title or command, UTF-8
 MAX_COMMAND = 32 * 1024  # bytes of a remote command (ssh's is bounded by its packet size too)
+FLAG_AGENT, FLAG_NO_COMMAND = 1, 2  # the request's session flags byte (protocol 4)
 
 
 @dataclass
@@ -255,6 +257,10 @@ class ClientRequest:
     ``command`` (one string, as ssh sends it) and ``pty`` (False: no terminal, the bytes
     go through exactly) travel after the intent byte, which is then always present; a
     server that predates them refuses the request instead of starting a login shell.
+    The session flags byte (protocol 4) follows them when any flag is set: FLAG_AGENT
+    (``forward_agent``, -A) and FLAG_NO_COMMAND (``no_command``, -N: the server starts no
+    process at all, the session carries channels until the client quits; sent with an
+    empty command and no PTY, and never with a command).
     """
 
     user: str
@@ -270,6 +276,7 @@ class ClientRequest:
     pty: bool = True  # False: the command (or shell) runs on a socket, bytes untouched
     intent: int = NO_INTENT
     forward_agent: bool = False  # -A: the session gets an SSH_AUTH_SOCK relayed to ours
+    no_command: bool = False  # -N: no shell, no command, no PTY; the session only forwards
 
     @property
     def needs_proof(self) -> bool:
@@ -434,6 +441,8 @@ def _check_request(request: ClientRequest) -> None:
         raise ValueError("this request intent needs a session id (and only it)")
     if request.command is not None and len(request.command.encode()) > MAX_COMMAND:
         raise ValueError(f"the command is longer than {MAX_COMMAND} bytes")
+    if request.no_command and (request.command is not None or request.pty):
+        raise ValueError("a session without a command (-N) has no command and no PTY")
 
 
 def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
@@ -454,11 +463,13 @@ def _encode_tail(request: ClientRequest) -> list:
     """The optional fields after the offset: the intent byte, then the command and pty
     flag (sent only when they differ from a plain login shell on a PTY)."""
     intent = bytes([END_SESSION if request.end_session else request.intent])
-    agent = [bytes([1])] if request.forward_agent else []  # (protocol 4) after the flags
-    if request.command is None and request.pty and not agent:
+    flags = (FLAG_AGENT if request.forward_agent else 0) | (
+        FLAG_NO_COMMAND if request.no_command else 0)
+    session_flags = [bytes([flags])] if flags else []  # (protocol 4) after the pty flag
+    if request.command is None and request.pty and not session_flags:
         return [intent] if intent != bytes([NO_INTENT]) else []
     return [intent, ssh_string((request.command or "").encode()),
-            bytes([request.command is not None, request.pty]), *agent]
+            bytes([request.command is not None, request.pty]), *session_flags]
 
 
 def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
@@ -493,10 +504,11 @@ def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
         request.command = command.decode("utf-8") if has_command else None
         request.pty = bool(pty)
     if reader.remaining():
-        forward_agent = reader.uint8()
-        if forward_agent > 1:
-            raise ValueError("bad agent forwarding flag")
-        request.forward_agent = bool(forward_agent)
+        flags = reader.uint8()
+        if flags & ~(FLAG_AGENT | FLAG_NO_COMMAND):
+            raise ValueError("bad session flags")
+        request.forward_agent = bool(flags & FLAG_AGENT)
+        request.no_command = bool(flags & FLAG_NO_COMMAND)
     reader.expect_end()
     _check_request(request)
     return request, client_key

@@ -77,8 +77,10 @@ Ending rules (ServerSession): the session ends
 
 * when the shell has exited and its output is read (PTY at EOF, or no output for
   PTY_DRAIN_SECS while the send window has room): EXIT is sent and the session ends once
-  the client has acknowledged everything; a client that is away gets the last output and
-  the status when it resumes, as long as a detached session would be kept;
+  the client has acknowledged everything and the attached layer is no longer busy (its
+  open forwarded connections drain and close first, as with ssh; it takes no new ones);
+  a client that is away gets the last output and the status when it resumes, as long as a
+  detached session would be kept;
 * when the client quits (a SHUTDOWN record over UDP, or ``end_requested`` after a quit
   request over TCP): at once;
 * when the server stops (``shutdown``): SHUTDOWN is sent, and the session ends once acked
@@ -388,7 +390,10 @@ class _Core:
         body, now)``, as do the records of its own stream ``extension.STREAM_ID`` (window
         ``extension.STREAM_WINDOW``, served after the terminal), which is resent across
         re-keys like the record lane.  Returns that stream's lane; after a takeover (a
-        fresh Connection) ``extension.on_new_connection(lane, now)`` gets the new one."""
+        fresh Connection) ``extension.on_new_connection(lane, now)`` gets the new one.
+        ``extension.on_session_exit(now)`` is called once the shell's exit is sent (server)
+        or reported (client): no new work from then on; while ``extension.busy()`` the
+        server keeps the exited session (ssh waits for forwarded connections to close)."""
         self._extensions.append(extension)
         for record_type in extension.RECORD_TYPES:
             self._routes[record_type] = extension
@@ -569,6 +574,7 @@ class ServerSession(_Core):
         self._stderr_sent = 0
         self._input_end_reported = False
         self._drain_until = now
+        self._awaiting_extensions = False  # exited: wait for the attached layers to finish
         self._echo = _EchoClock()
 
     # -- the program's inputs ------------------------------------------------------------
@@ -698,7 +704,10 @@ class ServerSession(_Core):
                 self.ending = self._silence_limit()[1]
                 return True
             return False
-        return self.conn.all_acked() or (deadline is not None and now >= deadline)
+        if deadline is not None and now >= deadline:
+            return True
+        return self.conn.all_acked() and not (
+            self._awaiting_extensions and any(ext.busy() for ext in self._extensions))
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -716,12 +725,16 @@ class ServerSession(_Core):
             # the last output and the exit status when it resumes, as long as a detached
             # session would have been kept for it.
             self._end(f"shell exited with status {self._exit_status}", now, None)
+            self._awaiting_extensions = True
+            for extension in self._extensions:
+                extension.on_session_exit(now)
 
     def _end(self, why: str, now: float, linger: Optional[float]) -> None:
         """Start ending: done once everything sent is acknowledged, or after ``linger``
         seconds (None: when a detached session would expire)."""
         self.ending = why
         self._end_by = None if linger is None else now + linger
+        self._awaiting_extensions = False  # a quit or a shutdown ends the channels too
 
     def _silence_limit(self) -> tuple:
         """(seconds the client may stay unheard, None: forever; why the session then ends).
@@ -887,7 +900,7 @@ class ClientSession(_Core):
             self._held.append(data)
             return
         self._events.append(OutputReceived(data))
-        self._report_exit()
+        self._report_exit(now)
         self._release_acks()
 
     def _on_record(self, record_type: int, body: bytes, now: float) -> None:
@@ -896,7 +909,7 @@ class ClientSession(_Core):
                 self._events.append(RepaintReceived(body))
                 self._events.extend(OutputReceived(data) for data in self._held)
                 self._held = None
-                self._report_exit()
+                self._report_exit(now)
                 self._release_acks()
         elif record_type == RECORD_ECHO_ACK and len(body) >= ECHO_ACK_BODY.size:
             input_offset, output_offset = ECHO_ACK_BODY.unpack_from(body)
@@ -910,7 +923,7 @@ class ClientSession(_Core):
             self._events.append(TtyModeChanged(TtyMode.decode(body)))
         elif record_type == RECORD_EXIT and len(body) >= EXIT_BODY.size:
             self._exit = EXIT_BODY.unpack_from(body)
-            self._report_exit()
+            self._report_exit(now)
         elif record_type == RECORD_STDERR and len(body) >= STDERR_OFFSET.size:
             offset = STDERR_OFFSET.unpack_from(body)[0]
             new = body[STDERR_OFFSET.size + max(0, self._stderr_received - offset):]
@@ -932,13 +945,15 @@ class ClientSession(_Core):
             self._echo_acked = newest
             self._events.append(EchoAcked(newest))
 
-    def _report_exit(self) -> None:
+    def _report_exit(self, now: float) -> None:
         if self._exit is None or self._exit_reported or self._held is not None:
             return
         status, output_offset = self._exit
         if self.recv_offset >= output_offset:
             self._exit_reported = True
             self._events.append(SessionExited(status))
+            for extension in self._extensions:
+                extension.on_session_exit(now)
 
 
 class ResumeSchedule:

@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-A", dest="forward_agent", action="store_const", const=True,
                    help="forward the ssh-agent at SSH_AUTH_SOCK to the session")
     p.add_argument("-N", dest="no_command", action="store_true",
-                   help="forwarding only: no shell or command (an idle cat waits on the "
-                   "server), stdin not read; Ctrl-C ends it")
+                   help="forwarding only: no shell, command or PTY on the server, stdin "
+                   "not read; Ctrl-C ends it")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -1001,6 +1001,7 @@ class Session:
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
+        self.exited = None  # the shell's exit Outcome while forwarded connections drain
         self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
         self.core = moshpit_session.ClientSession(
@@ -1080,6 +1081,8 @@ class Session:
         if self.in_fd in readable:
             self._read_stdin()
         self.channels.handle(readable, writable, now)
+        if self.exited is not None and self.outcome is None and not self.channels.mux.busy():
+            self.outcome = self.exited  # the shell has exited, its connections have closed
         self._resume_results(now)
         self._maybe_resume(now)
         self._steer(now)
@@ -1203,6 +1206,25 @@ class Session:
             self._quit("client quit")
             self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
 
+    def _await_channels(self) -> None:
+        """The shell exited while forwarded connections are open: as ssh, hand the terminal
+        back now (the remote screen is over, stdin is no longer read, Ctrl-C quits) and
+        end once they have closed. The session carries them on meanwhile, across outages."""
+        self.stdin_open = False
+        self._end_screen()
+        if self.out_is_tty and not self.screen.at_line_start():
+            self.out += b"\r\n"
+        self._drain_out(FINAL_OUTPUT_SECS)
+        self.guard.restore()
+        self.out_is_tty = False  # the terminal is the user's again: no banner, no model
+        count = len(self.channels.mux.channels())
+        text = (f"the remote shell has exited; waiting for {count} forwarded connection(s)"
+                " to close (Ctrl-C ends them)")
+        if self.target.pty:
+            self._notify(text)
+        else:
+            log.info("%s", text)
+
     def _suspend(self) -> None:
         """Ctrl-^ Ctrl-Z: stop mp's job as ssh's ~^Z does, the terminal handed back cooked
         (the output so far written, the banner erased) so the local shell works; after
@@ -1245,7 +1267,9 @@ class Session:
                 status = event.exit_status
                 # ssh says this only with a PTY: a piped command's stderr stays its own
                 closed = f"Connection to {self.target.host} closed." if self.target.pty else None
-                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE, closed)
+                self.exited = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE, closed)
+                if self.channels.mux.busy():
+                    self._await_channels()
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
@@ -1424,15 +1448,20 @@ class Session:
         lands on the main screen, in default colours, with a visible cursor), and start a
         fresh line for our message, so it never lands on the remote prompt's line."""
         self._linger(FINAL_ACKS_SECS, self._nothing_due)
+        self._end_screen()
+        self.finished = True
+        if self.out_is_tty and self.outcome.message and not self.screen.at_line_start():
+            self.out += b"\r\n"
+        self._drain_out(FINAL_OUTPUT_SECS)
+
+    def _end_screen(self) -> None:
+        """Queue what hands the terminal back clean: predictions taken away, the open
+        sequence ended, the banner gone, every mode the session turned on turned off."""
         self._forget_predictions()
         if self.out_is_tty:
             self.out += self.screen.end_open_sequence()
             self.out += self.banner.hide(self.screen.repaint_top_row())
             self.out += self.screen.reset_sequence()
-        self.finished = True
-        if self.out_is_tty and self.outcome.message and not self.screen.at_line_start():
-            self.out += b"\r\n"
-        self._drain_out(FINAL_OUTPUT_SECS)
 
     def _drain_out(self, seconds: float) -> None:
         """Write the pending output, waiting up to ``seconds`` for the terminal to take it."""
@@ -1485,9 +1514,10 @@ def forwarding_sockets(core, forwards, forward_agent: bool, notify):
     return sockets
 
 
-# -N's remote command: something that waits without reading a terminal or writing (the
-# session needs a process; stdin stays open as long as mp runs).
-NO_COMMAND = "exec cat > /dev/null"
+class NoCommand:
+    """-N's "remote command": none at all, not even a shell (the request's no_command flag:
+    the server starts no process). A class, never a string someone could type as a
+    command."""
 
 
 def parse_forwards(given) -> list:
@@ -1547,8 +1577,8 @@ class Target:
         self.forward_agent = forward_agent  # -A
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
-        self.command = command
-        self.no_command = command == NO_COMMAND  # -N
+        self.no_command = command is NoCommand  # -N
+        self.command = None if self.no_command else command
         # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
         # ssh -t would), and a login shell always does (as before commands existed).
         self.pty = pty if pty is not None else (self.is_tty or command is None)
@@ -1571,7 +1601,8 @@ class Target:
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
             resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
-            pty=self.pty, intent=intent, forward_agent=self.forward_agent)
+            pty=self.pty, intent=intent, forward_agent=self.forward_agent,
+            no_command=self.no_command)
 
     def connect(self, identity, request, verify_host_key, keep_connection: bool = False):
         return moshpit_handshake.client_handshake(
@@ -1664,7 +1695,8 @@ class SshConnector(Connector):
                  "host key %s", "cached on the server" if started.cached else "sent",
                  started.ssh_status, connect.user, host, connect.port,
                  connect.host_key.fingerprint())
-        self.target = Target(connect.user, host, connect.port, command=command, pty=pty)
+        self.target = Target(connect.user, host, connect.port, command=command, pty=pty,
+                             forward_agent=config["forward_agent"])
         self.identity = moshpit_handshake.LazyIdentity(lambda: started.client_key)
         self.hostcheck = moshpit_bootstrap.PinnedHostKey(connect.host_key, host)
 
@@ -1845,9 +1877,10 @@ def main(argv=None) -> int:
         if managing and command is not None:
             raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
         if args.no_command:
-            if command is not None or args.pty:
-                raise moshpit.MoshpitError("-N takes no remote command and no --tty")
-            command, args.pty = NO_COMMAND, False
+            if command is not None or args.pty or managing:
+                raise moshpit.MoshpitError("-N (forwarding only) takes no remote command, "
+                                           "no --tty, and no --list, --attach or --kill")
+            command, args.pty = NoCommand, False
         if args.ssh_cache and not args.ssh:
             raise moshpit.MoshpitError("--ssh-cache goes with --ssh")
         if args.ssh and managing:

@@ -337,6 +337,37 @@ class PtyShell:
         self.record.close()  # --- login records: the logout ---
 
 
+class NoCommand:
+    """mp -N's session (the request's no_command flag): no process at all, not even a shell,
+    so no PTY and no login record (as sshd for ssh -N). It stands where a PtyShell would and
+    never exits: the session carries forwarded channels until the client quits, the server
+    stops or the detached timeout ends it."""
+
+    is_pty = False
+    master_fd = stderr_fd = pid = None
+
+    def __init__(self, rows: int, cols: int):
+        self.rows, self.cols = rows, cols
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.rows, self.cols = rows, cols
+
+    def command_name(self) -> str:
+        return "(no command: forwarding only)"
+
+    def poll(self) -> None:
+        return None  # nothing runs, so nothing exits
+
+    def tty_mode(self) -> None:
+        return None  # no terminal: nothing to predict
+
+    def close_input(self) -> None:
+        """Nothing reads the client's input."""
+
+    def hangup(self) -> None:
+        """Nothing to hang up."""
+
+
 # ---------------------------------------------------------------------------
 # Sessions
 # ---------------------------------------------------------------------------
@@ -485,7 +516,7 @@ class Session:
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
         self.thread.start()
-        log.info("session %s started for %s from %s (udp port %d, shell pid %d)",
+        log.info("session %s started for %s from %s (udp port %d, shell pid %s)",
                  self.name, self.user, moshpit.format_addr(peer), self.udp_port, self.shell.pid)
 
     def abandon(self) -> None:
@@ -1283,9 +1314,12 @@ class Server:
             forwarding = _forwarding_setup(self.config, request, pw)
             agent_dir = forwarding[1]
             try:
-                shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
-                                 connection, request.command, request.pty,
-                                 agent_dir.path if agent_dir is not None else None)
+                if request.no_command:  # mp -N
+                    shell = NoCommand(request.rows, request.cols)
+                else:
+                    shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
+                                     connection, request.command, request.pty,
+                                     agent_dir.path if agent_dir is not None else None)
             except ShellError as e:
                 udp.close()
                 if agent_dir is not None:
