@@ -383,6 +383,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.allow_users": _Key(str, ""),
         "mps.deny_groups": _Key(str, ""),
         "mps.allow_groups": _Key(str, ""),
+        # Session processes (README "Process model"): where the running sessions' sockets
+        # live; "" = /run/moshpit for root, ~/.config/moshpits/run for a plain user.
+        "mps.runtime_dir": _Key(str, ""),
         **_common_keys(),
     },
     "client": {
