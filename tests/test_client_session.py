@@ -18,7 +18,7 @@ import time
 import pytest
 
 from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, pid_alive, proc_children, wait_for
-from server_util import READY_LINE, MpsServer, make_key
+from server_util import READY_LINE, MpsServer, make_key, run_mps
 
 import moshpit_keys
 
@@ -300,7 +300,7 @@ def test_restarted_server_means_session_gone(server, tmp_path):
 def test_server_shutdown_ends_session_with_message(server, tmp_path):
     with start_client(server, tmp_path, wrapped=True) as term:
         wait_shell(term)
-        server.signal(signal.SIGTERM)
+        assert run_mps(["--stop-sessions", "-c", server.config_path], server.env).returncode == 0
         rc, attrs, out = wrapper_result(term)
         assert (rc, attrs) == (255, "same")
         assert b"moshpit: server 127.0.0.1 is shutting down; session ended." in out
