@@ -804,6 +804,7 @@ RUNTIME_DIR = "/run/moshpit"  # root's; a plain user's is under ~/.config/moshpi
 START_WAIT_SECS = 30.0  # a session process waits this long for its start and its go
 SPAWN_WAIT_SECS = 10.0  # the listener waits this long for the spawner to fork
 CLAIM_WAIT_SECS = 2.0  # a listener at start waits this long for each running session
+SESSION_SOCKET_BACKLOG = 4  # listeners and mps --stop-sessions connecting at once
 MAX_SOCKET_PATH = 107  # sockaddr_un's sun_path, without its terminating NUL
 MPS_PATH = os.path.abspath(__file__)
 
@@ -1024,6 +1025,7 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         session.abandon()
         return 0
     channel.sock.settimeout(RESUME_WAIT_SECS)
+    listen_sock.listen(SESSION_SOCKET_BACKLOG)  # as the user: whom a listener's claim sees
     control = SessionControl(session, host, listen_sock, channel, start["listener_uid"],
                              start["client_address"])
     shell.logout = control.logged_out_now
@@ -1191,6 +1193,10 @@ class Spawner:
 
     def close(self) -> None:
         """The listener stops: the spawner exits (the sessions it started go on)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # EOF for it, and wakes our reader
+        except OSError:
+            pass
         self.sock.close()
         try:
             self.proc.wait(SPAWN_WAIT_SECS)
@@ -1842,8 +1848,7 @@ class Server:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listen_sock.bind(path)
-            listen_sock.listen(4)
+            listen_sock.bind(path)  # listen() is the session process's: SO_PEERCRED's uid
             pid = self.spawner.spawn([theirs.fileno(), udp.fileno(), listen_sock.fileno()])
             with self._lock:
                 self._processes[pid] = f"session {session_id[:4].hex()} of {pw.pw_name}"

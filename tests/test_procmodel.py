@@ -1,0 +1,160 @@
+"""The process model (README "Process model"): each session in a process of its own that is
+the target user and never held the host key; a crash ends one session only; sessions outlive
+the listener, and a new listener hands resumes, listings and takeovers to them.
+
+Root only (throwaway users, utmp); the sessions are ended by PID at the end of each test (they
+outlive the server on purpose, so MpsServer.stop's process-group kill may miss them)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+
+import pytest
+from proc_util import kill_pid, pid_alive, wait_for
+from server_util import MpsServer, TestClient, run_mps
+from test_server_login import NO_PAM, parent_pid, utmp, who  # noqa: F401  (the fixture)
+from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
+                       reason="needs root and useradd to create throwaway users"),
+    pytest.mark.xdist_group("users"),
+]
+
+
+def status_fields(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def memory_contains(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the readable memory of ``pid`` (/proc/PID/mem)."""
+    found = False
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if "r" not in perms or line.rstrip().endswith("[vvar]"):
+                continue
+            start, end = (int(part, 16) for part in span.split("-"))
+            try:
+                mem.seek(start)
+                found = found or needle in mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue  # a region the kernel will not hand out (guard pages, vsyscall)
+    return found
+
+
+def session_pid_of(client: TestClient) -> int:
+    return parent_pid(int(client.run("echo $$")))
+
+
+def test_session_process_is_the_user_and_holds_no_host_key(tmp_path, users):
+    extra = users.group()
+    alice = users.user(groups=[extra])
+    with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM) as server:
+        authorize(alice, server.client_key)
+        with TestClient.for_server(server, user=alice.pw_name).connect() as client:
+            pid = session_pid_of(client)
+            assert pid != server.serving_pid
+            status = status_fields(pid)
+            assert status["Uid"].split() == [str(alice.pw_uid)] * 4  # real, eff, saved, fs
+            assert status["Gid"].split() == [str(alice.pw_gid)] * 4
+            assert set(status["Groups"].split()) == {
+                str(g) for g in os.getgrouplist(alice.pw_name, alice.pw_gid)}
+            for capabilities in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                assert int(status[capabilities], 16) == 0, capabilities
+            host_key_file = os.path.realpath(server.host_key_path)
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            assert host_key_file not in fds
+            with open(f"/proc/{pid}/maps") as maps:
+                assert host_key_file not in maps.read()
+            seed = server.host_key.seed
+            assert not memory_contains(pid, seed)
+            assert memory_contains(server.serving_pid, seed)  # the scan does find it there
+            assert client.run("id -un") == alice.pw_name
+
+
+def test_a_crashed_session_ends_alone(tmp_path, users, utmp):  # noqa: F811
+    alice = users.user()
+    with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM,
+                   udp_ports=3) as server:
+        authorize(alice, server.client_key)
+        doomed = TestClient.for_server(server, user=alice.pw_name).connect()
+        other = TestClient.for_server(server, user=alice.pw_name).connect()
+        doomed_shell = int(doomed.run("echo $$"))
+        crashed = parent_pid(doomed_shell)
+        assert len(who(alice.pw_name)) == 2
+        os.kill(crashed, signal.SIGSEGV)
+        name = doomed.grant.session_id[:4].hex()
+        server.wait_log(f"session {name} of {alice.pw_name}: its process {crashed} was "
+                        "killed by SIGSEGV")
+        wait_for(lambda: not pid_alive(doomed_shell), 10, "the crashed session's shell to end")
+        wait_for(lambda: len(who(alice.pw_name)) == 1, 10, "its utmp record to be closed")
+        assert other.run("echo still fine") == "still fine"
+        with TestClient.for_server(server, user=alice.pw_name).connect() as new:
+            assert new.run("id -un") == alice.pw_name
+        doomed.close()
+        other.close()
+
+
+def test_sessions_outlive_a_listener_restart_with_nothing_lost(tmp_path, users):
+    alice = users.user()
+    server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, udp_ports=3)
+    sessions = []
+    try:
+        authorize(alice, server.client_key)
+        client = TestClient.for_server(server, user=alice.pw_name).connect()
+        idle = TestClient.for_server(server, user=alice.pw_name).connect()
+        sessions = [session_pid_of(client), session_pid_of(idle)]
+        client.send("stty -echo; cat > ~/typed\n")
+        typed = []
+        for i in range(60):
+            if i == 20:
+                server.signal(signal.SIGTERM)  # restart while typing
+                assert server.proc.wait(15) == 0
+            if i == 30:
+                server.start()
+                server.wait_log("claimed running session")
+            if i == 40:
+                client.resume()  # through the new listener, to the same session process
+            line = f"line {i}\n"
+            typed.append(line)
+            client.send(line)
+            client.pump(0.05)
+        client.send("\x04")
+        assert client.run("cat ~/typed") .replace("\n", "") == "".join(typed).replace("\n", "")
+        assert session_pid_of(client) == sessions[0]  # the same process, never restarted
+        listed = {info.session_id for info in client.sessions()}
+        assert listed == {client.grant.session_id, idle.grant.session_id}
+        with TestClient.for_server(server, user=alice.pw_name).attach(
+                idle.grant.session_id) as taken:
+            assert taken.run("echo taken") == "taken"
+            wait_for(lambda: idle.pump(0.1) or idle.shutdown_reason, 10, "the takeover notice")
+        client.kill(client.grant.session_id)
+        wait_for(lambda: not pid_alive(sessions[0]), 10, "the killed session to end")
+        assert re.search(r"its process \d+ has ended", server.log())
+    finally:
+        server.stop()
+        for pid in sessions:
+            kill_pid(pid, 2.0)
+
+
+def test_stop_sessions_with_no_listener_running(tmp_path, users):
+    alice = users.user()
+    server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, udp_ports=2)
+    try:
+        authorize(alice, server.client_key)
+        client = TestClient.for_server(server, user=alice.pw_name).connect()
+        pid = session_pid_of(client)
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+        result = run_mps(["--stop-sessions", "-c", server.config_path], server.env)
+        assert (result.returncode, result.stdout) == (0, "mps: ended 1 session(s)\n")
+        wait_for(lambda: client.pump(0.1) or client.shutdown_reason, 10, "the shutdown notice")
+        wait_for(lambda: not pid_alive(pid), 10, "the session process to exit")
+    finally:
+        server.stop()
