@@ -475,6 +475,7 @@ class Session:
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
+        self.reap_on_signal = False  # SIGCHLD wakes the loop: no CHILD_POLL_SECS polling
 
     # -- other threads -------------------------------------------------------------------
 
@@ -538,6 +539,12 @@ class Session:
     def shutdown(self) -> None:
         """The server is stopping: tell the client, hang up the shell (main thread)."""
         self._post("shutdown")
+
+    def shell_may_have_exited(self) -> None:
+        """SIGCHLD arrived (a session process has one shell): reap it now. Once this is
+        called, the shell is no longer polled: an idle session has no timer at all."""
+        self.reap_on_signal = True
+        self._post("reap")
 
     def _post(self, message) -> None:
         with self._wake_lock:
@@ -650,7 +657,8 @@ class Session:
     def _timeout(self, now: float) -> Optional[float]:
         """Seconds until the core's next deadline, or the next poll of a running shell."""
         wait = self.link.timeout(now)
-        for limit in (CHILD_POLL_SECS if self._shell_status is None else None,
+        polled = self._shell_status is None and not self.reap_on_signal
+        for limit in (CHILD_POLL_SECS if polled else None,
                       SCREEN_FEED_SECS if self._unfed else None):
             if limit is not None:
                 wait = limit if wait is None else min(wait, limit)
@@ -877,8 +885,10 @@ class SessionControl:
     told)."""
 
     def __init__(self, session: Session, host: _SessionHost, listen_sock: socket.socket,
-                 channel: moshpit_ipc.Channel, listener_uid: int, client_address: str):
+                 channel: moshpit_ipc.Channel, listener_uid: int, client_address: str,
+                 signal_fd: int):
         self.session = session
+        self.signal_fd = signal_fd
         self.host = host
         self.listen_sock = listen_sock
         self.owner: Optional[moshpit_ipc.Channel] = channel
@@ -897,27 +907,29 @@ class SessionControl:
                 pass  # the listener is gone: its successor reads ``logged_out`` at its claim
 
     def run(self) -> None:
-        signal_r, signal_w = os.pipe()
-        os.set_blocking(signal_w, False)
-        signal.set_wakeup_fd(signal_w)
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the wake-up fd tells
+        self.session.shell_may_have_exited()  # a SIGCHLD may have come before this loop
         with selectors.DefaultSelector() as sel:
             sel.register(self.listen_sock, selectors.EVENT_READ, "accept")
             sel.register(self.host.ended_r, selectors.EVENT_READ, "ended")
-            sel.register(signal_r, selectors.EVENT_READ, "signal")
+            sel.register(self.signal_fd, selectors.EVENT_READ, "signal")
             sel.register(self.owner.sock, selectors.EVENT_READ, self.owner)
             while True:
                 for key, _ in sel.select():
                     if key.data == "ended":
                         return
                     if key.data == "signal":
-                        os.read(signal_r, WAKE_READ_SIZE)
-                        log.info("session %s: SIGTERM received: ending it", self.session.name)
-                        self.session.shutdown()
+                        self._on_signals(os.read(self.signal_fd, WAKE_READ_SIZE))
                     elif key.data == "accept":
                         self._accept(sel)
                     else:
                         self._serve(sel, key.data)
+
+    def _on_signals(self, signals: bytes) -> None:
+        if signal.SIGCHLD in signals:
+            self.session.shell_may_have_exited()
+        if signal.SIGTERM in signals:
+            log.info("session %s: SIGTERM received: ending it", self.session.name)
+            self.session.shutdown()
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         try:
@@ -986,6 +998,10 @@ class SessionControl:
                 "client_address": self.client_address, "logged_out": self.logged_out}
 
 
+def _note_signal(signum, frame) -> None:
+    """A signal handler that does nothing: the wake-up fd (signal.set_wakeup_fd) tells."""
+
+
 def run_session_process(fds: List[int], settings: dict) -> int:
     """(A fresh fork of the spawner.) Receive the login from the listener, become the user,
     start the shell, answer with its pid and terminal, then (once the handshake completed)
@@ -999,6 +1015,13 @@ def run_session_process(fds: List[int], settings: dict) -> int:
     if start is None:
         return 1
     pw = pwd.getpwnam(start["user"])
+    # Signals come to the control loop through a pipe (set before the shell starts, so
+    # its SIGCHLD cannot be missed): SIGCHLD reaps the shell, SIGTERM ends the session.
+    signal_r, signal_w = os.pipe()
+    os.set_blocking(signal_w, False)
+    signal.set_wakeup_fd(signal_w)
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, _note_signal)
     pam = None
     pam_env: Dict[str, str] = {}
     try:
@@ -1027,7 +1050,7 @@ def run_session_process(fds: List[int], settings: dict) -> int:
     channel.sock.settimeout(RESUME_WAIT_SECS)
     listen_sock.listen(SESSION_SOCKET_BACKLOG)  # as the user: whom a listener's claim sees
     control = SessionControl(session, host, listen_sock, channel, start["listener_uid"],
-                             start["client_address"])
+                             start["client_address"], signal_r)
     shell.logout = control.logged_out_now
     session.start(_keys_from(go), tuple(go["peer"]))
     try:
@@ -1063,7 +1086,7 @@ def run_spawner(sock_fd: int) -> int:
     os.set_blocking(child_r, False)
     os.set_blocking(child_w, False)
     signal.set_wakeup_fd(child_w)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wake-up fd tells
+    signal.signal(signal.SIGCHLD, _note_signal)
     gc.freeze()  # what is loaded now stays shared with the session processes (no gc writes)
     with selectors.DefaultSelector() as sel:
         sel.register(sock, selectors.EVENT_READ, "listener")

@@ -83,8 +83,9 @@ def wrapper_result(term: PtyProcess, timeout: float = 30.0) -> tuple:
 
 
 def kill_server(server: MpsServer) -> None:
-    """SIGKILL: the server vanishes without a word to anyone."""
-    os.kill(server.proc.pid, signal.SIGKILL)
+    """SIGKILL to the server's process group: the listener and its session processes (which
+    outlive a listener stopped alone) vanish without a word to anyone, as in a host crash."""
+    os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
 
 
