@@ -33,20 +33,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from proc_util import proc_children  # noqa: E402
 from server_util import MpsServer, TestClient  # noqa: E402
+from tools import pss_bytes  # noqa: E402
 
 TYPE_INTERVAL_SECS = 1.0  # each typing session: about one keystroke a second
 ECHO_TIMEOUT_SECS = 5.0  # a keystroke not echoed by then is an error
 FLOOD_COMMAND = "yes moshpit-crowd-flood-line-0123456789abcdefghijklmnopqrstuvwxyz\n"
 LETTERS = b"zxwvjk"
-
-
-def pss_bytes(pid: int) -> int:
-    """Proportional set size of ``pid`` (shared pages divided among their users)."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def rss_bytes(pid: int) -> int:
