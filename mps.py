@@ -1033,6 +1033,8 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         shell = PtyShell(pw, start["term"], start["rows"], start["cols"], start["env"],
                          start["connection"], start["command"], start["pty"], pam_env)
     except (MoshpitError, OSError) as e:
+        if pam is not None:
+            pam.close()
         channel.send({"op": "reply", "error": str(e)})
         return 1
     host = _SessionHost(settings["detached_timeout"], settings["unattached_timeout"])
@@ -1249,6 +1251,7 @@ class SessionProcess:
         self.pid = int(state["pid"])
         self.record = record
         self.socket_path = socket_path
+        self.adopted = False  # claimed from a previous listener: not our spawner's child
         self.thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -1543,9 +1546,9 @@ class Server:
             record.opened = bool(state["tty"]) and not state["logged_out"] and (
                 os.geteuid() == 0)  # --- login records: the previous mps opened it ---
             session = SessionProcess(self, channel, state, record, path)
+            session.adopted = True
             with self._lock:
                 self._sessions[session.session_id] = session
-                self._processes[session.pid] = f"session {session.name} of {session.user}"
             session.start()
             log.info("claimed running session %s of %s (pid %d)", session.name, session.user,
                      session.pid)
@@ -1657,8 +1660,9 @@ class Server:
             self._sessions.pop(session.session_id, None)
         session.record.close()  # --- login records: even after a crash ---
         _unlink(session.socket_path)
-        log.info("session %s of %s: its process %d has ended", session.name, session.user,
-                 session.pid)
+        log.info("session %s of %s: its process %d has ended%s", session.name, session.user,
+                 session.pid, " (claimed after a restart: exit status unknown)" if session.adopted
+                 else "")
 
     def _process_exited(self, pid: int, status: int) -> None:
         """(Spawner's reader thread.) A session process has exited: a crash is logged."""

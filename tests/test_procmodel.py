@@ -12,10 +12,12 @@ import re
 import shutil
 import signal
 
+import moshpit_login
 import pytest
 from proc_util import kill_pid, pid_alive, wait_for
 from server_util import MpsServer, TestClient, run_mps
-from test_server_login import NO_PAM, parent_pid, utmp, who  # noqa: F401  (the fixture)
+from test_server_login import (NO_PAM, parent_pid, private_etc, utmp,  # noqa: F401
+                               who)  # (utmp, private_etc: fixtures)
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 
 pytestmark = [
@@ -158,3 +160,21 @@ def test_stop_sessions_with_no_listener_running(tmp_path, users):
         wait_for(lambda: not pid_alive(pid), 10, "the session process to exit")
     finally:
         server.stop()
+
+
+def test_pam_session_runs_in_the_session_process(tmp_path, users, private_etc):  # noqa: F811
+    """pam_open_session runs for each login (as root, in its session process, before the
+    uid change): the variables pam_env sets reach the shell, which stays the user."""
+    if moshpit_login.libpam() is None:
+        pytest.skip("no libpam on this machine (apt-get install libpam0g)")
+    alice = users.user()
+    env_conf = tmp_path / "pam_env.conf"
+    env_conf.write_text("MOSHPIT_PAM_SESSION DEFAULT=opened\n")
+    python = private_etc({"pam.d/moshpit": "account required pam_permit.so\n"
+                                           f"session required pam_env.so readenv=0"
+                                           f" conffile={env_conf}\n"})
+    with MpsServer(tmp_path, authorized_keys_file=False, python=python) as server:
+        authorize(alice, server.client_key)
+        with TestClient.for_server(server, user=alice.pw_name).connect() as client:
+            assert client.run("echo $MOSHPIT_PAM_SESSION $(id -un)") == f"opened {alice.pw_name}"
+            assert client.run("echo $TERM") == "xterm"  # PAM adds, never replaces
