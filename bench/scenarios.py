@@ -520,6 +520,7 @@ class Idle(Scenario):
 
     name = "idle"
     title = "idle session"
+    udp_ports = 2  # the second session, for what one more costs
     metrics = (Metric("server_cpu", "server idle CPU", "%", scale=1.0),
                Metric("server_wakeups", "server wake-ups idle", "/s", scale=1.0),
                Metric("server_rss", "server RSS per session", "MB", scale=1.0),
@@ -529,6 +530,7 @@ class Idle(Scenario):
                Metric("client_cpu", "client idle CPU", "%", scale=1.0))
 
     def run(self, ctx: Context) -> dict:
+        time.sleep(1.0)  # the server's processes are done starting (moshpit's spawner)
         _, rss_before = server_usage(ctx.tool, None)
         pss_before = server_pss(ctx.tool, None)
         ctx.session = ctx.open_session()

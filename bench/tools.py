@@ -349,7 +349,8 @@ class Mosh(Tool):
 
     def connect(self, net: Network) -> Client:
         env = dict(os.environ, **CLIENT_ENV)
-        out = subprocess.run(["mosh-server", "new", "-i", BACK, "-p", str(net.udp_port),
+        ports = f"{net.udp_ports[0]}:{net.udp_ports[-1]}"  # a second session: the next one
+        out = subprocess.run(["mosh-server", "new", "-i", BACK, "-p", ports,
                               "-l", "LANG=C.UTF-8"], capture_output=True, env=env, timeout=15)
         found, pid = self.CONNECT.search(out.stdout), self.DETACHED.search(out.stderr)
         if pid and not found:
