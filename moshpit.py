@@ -52,7 +52,9 @@ __version__ = "0.1.0"
 # frames (moshpit_session); a version-1 peer is refused with a message saying to upgrade.
 # 3: reattach from any client: the TAKE_OVER/LIST/KILL intents, the LISTING answer, the
 # detached-session count in a grant, the REPAINT record.
-PROTOCOL_VERSION = 3
+# 4: keys in ssh-agent: the optional ClientOffer/KeyAccepted handshake step (ssh's publickey
+# query: the server says which offered key it accepts before the agent is asked to sign).
+PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
@@ -371,6 +373,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
                                      _parsed_by(parse_penalties)),
         "mps.trusted_source_secs": _Key(int, 604800, _at_least(0)),
         "mps.max_startups_per_sec": _Key(int, 100, _at_least(0)),  # 0 = no limit
+        # Keys in ssh-agent (README "Keys in ssh-agent"): once a key offer is accepted, the
+        # time allowed for its signature (a person confirming ssh-add -c, a hardware key).
+        "mps.confirm_timeout_secs": _Key(int, 60, _at_least(1)),
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
         # A session whose client never reached it over UDP (mosh-server waits 60 s too).
         "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never

@@ -9,6 +9,9 @@ associated data = type byte || transcript hash before the message)::
               <-  ServerHello   version, server random(32), server X25519 key, cipher
               <-  ServerAuth    {host key blob, Ed25519 sig("moshpit-server" || TH_s)}
           the client checks the signature, then the host key (known_hosts; may ask the user)
+  [ ClientOffer   {user, key blobs (1..MAX_OFFERED_KEYS)}                            ->
+              <-  KeyAccepted   {index of the first offered key authorized for user}
+                  (or ServerFinish with a refusal: none is) ]
     ClientAuth    {user, client key blob, TERM, rows, cols, LANG/LC_*, resume id + offset
                    [+ intent]; SSHSIG("moshpit-client", sha512, TH_c); resume proof}    ->
               <-  ServerFinish  {grant: session id, resume secret, UDP port, offset,
@@ -24,7 +27,15 @@ session from a fresh stream, any key authorized for its user, no resume proof), 
 authorized for its user). It is written only when present, so plain requests stay
 byte-identical to what older peers send and accept; an older server, whose ClientAuth ends at
 the offset, answers any intent with a protocol error instead of doing something else.
-Only a resume or END_SESSION carries a resume proof. A LIST is answered with a listing
+Only a resume or END_SESSION carries a resume proof.
+
+The optional ClientOffer is ssh's publickey query: a client whose keys need a person to sign
+(ssh-agent with ``ssh-add -c``, hardware keys) or that has several asks first which one the
+server would accept, and signs only with that one; ClientAuth must then name exactly the
+accepted key and user (else "permission denied"). At most one offer per handshake. A client
+with one key file sends ClientAuth at once (no extra round trip). Once a key is accepted the
+server may allow ``confirm_timeout`` for the signature (a person confirming), within the
+pre-authentication limits (AdmissionPolicy.confirming). A LIST is answered with a listing
 instead of a grant (ServerFinish outcome LISTING: count:u16, then per session id, attached:u8,
 started:u64, last activity:u64 (Unix seconds), rows:u16, cols:u16, title; at most
 MAX_LISTED sessions, titles at most MAX_TITLE_BYTES).
@@ -32,7 +43,8 @@ MAX_LISTED sessions, titles at most MAX_TITLE_BYTES).
 Transcript hash TH: SHA-256 over a label and every message's fields in order (each as an SSH
 string, so boundaries are unambiguous). TH_1 after ServerHello, TH_s after the host key blob,
 TH_c after the client's fields (the client signs its user, its own key and every request field),
-TH_f after ClientAuth. Every one covers both randoms, both ephemeral keys, version and cipher.
+TH_f after ClientAuth. An offer and its answer come before TH_c, so the signature covers them.
+Every one covers both randoms, both ephemeral keys, version and cipher.
 
 Key schedule, HKDF-SHA256 with ikm = X25519 shared secret (an all-zero secret, i.e. a low-order
 peer key, is refused)::
@@ -108,6 +120,8 @@ __all__ = [
     "AUTHFAIL", "NOAUTH", "GRACE_EXCEEDED", "NEUTRAL", "HELLO_RECEIVED", "server_handshake",
     "send_refusal", "MAX_TRACKED_SOURCES", "IDLE_EVICT_SECS", "source_of", "AdmissionLimits",
     "Admission", "AdmissionPolicy", "HandshakeLimiter", "LazyIdentity", "client_handshake",
+    "MAX_OFFERED_KEYS", "KeysOffered", "KeyAccepted", "OFFER_ACCEPTED", "CONFIRM_TIMEOUT_SECS",
+    "MAX_CONFIRMING_PER_SOURCE",
 ]
 
 log = logging.getLogger("moshpit.handshake")
@@ -123,6 +137,7 @@ _SESSION_INFO = b"moshpit session keys"
 _RECV_SIZE = 65536
 
 _CLIENT_HELLO, _SERVER_HELLO, _SERVER_AUTH, _CLIENT_AUTH, _SERVER_FINISH, _REFUSE = range(1, 7)
+_CLIENT_OFFER, _KEY_ACCEPTED = 7, 8
 _MESSAGE_NAMES = {
     _CLIENT_HELLO: "ClientHello",
     _SERVER_HELLO: "ServerHello",
@@ -130,7 +145,10 @@ _MESSAGE_NAMES = {
     _CLIENT_AUTH: "ClientAuth",
     _SERVER_FINISH: "ServerFinish",
     _REFUSE: "Refuse",
+    _CLIENT_OFFER: "ClientOffer",
+    _KEY_ACCEPTED: "KeyAccepted",
 }
+MAX_OFFERED_KEYS = 16  # public keys in one ClientOffer
 _ACCEPTED, _REFUSED, _LISTING = 0, 1, 2  # ServerFinish outcome byte
 
 # Reason codes: all a client ever learns about a refusal (no oracle beyond "not authorized").
@@ -338,6 +356,23 @@ class HostKeyReceived:
 
 
 @dataclass
+class KeysOffered:
+    """Server event: the client asks which of ``keys`` may log in as ``user`` (nothing is
+    proven yet); answer with answer_offer(index of the first authorized one, or None)."""
+
+    user: str
+    keys: List[PublicKey]
+
+
+@dataclass
+class KeyAccepted:
+    """Client event: the server would accept ``key`` (of those offered); sign with it:
+    authenticate(signer)."""
+
+    key: PublicKey
+
+
+@dataclass
 class AuthRequested:
     """Server event: a verified client request; answer with accept(grant) or refuse(code)."""
 
@@ -504,6 +539,24 @@ def _resume_proof(resume_secret: bytes, transcript_hash: bytes) -> bytes:
     return hmac.new(resume_secret, _RESUME_LABEL + transcript_hash, hashlib.sha256).digest()
 
 
+def _encode_offer(keys: List[PublicKey]) -> bytes:
+    if not 1 <= len(keys) <= MAX_OFFERED_KEYS or len(set(keys)) != len(keys):
+        raise ValueError(f"an offer holds 1 to {MAX_OFFERED_KEYS} different keys")
+    return struct.pack(">H", len(keys)) + b"".join(ssh_string(key.blob) for key in keys)
+
+
+def _decode_offer(data: bytes) -> List[PublicKey]:
+    reader = _Reader(data, "ClientOffer")
+    count = reader.uint16()
+    if not 1 <= count <= MAX_OFFERED_KEYS:
+        raise ValueError(f"an offer holds 1 to {MAX_OFFERED_KEYS} keys, not {count}")
+    keys = [PublicKey.from_blob(reader.string()) for _ in range(count)]
+    reader.expect_end()
+    if len(set(keys)) != count:
+        raise ValueError("a key is offered twice")
+    return keys
+
+
 # ---------------------------------------------------------------------------
 # Handshake cryptography
 # ---------------------------------------------------------------------------
@@ -521,6 +574,13 @@ class _Transcript:
 
     def digest(self) -> bytes:
         return self._hash.copy().digest()
+
+    def digest_with(self, *fields: bytes) -> bytes:
+        """The digest once ``fields`` are added, without adding them."""
+        probe = self._hash.copy()
+        for data in fields:
+            probe.update(ssh_string(data))
+        return probe.digest()
 
 
 class _Ephemeral:
@@ -744,8 +804,9 @@ def _plaintext_refusal(body: bytes) -> HandshakeError:
 
 class ClientHandshake(_Handshake):
     """The client side. ClientHello is queued at once. Events: HostKeyReceived (the caller
-    checks the key, then calls accept_host_key()), then HandshakeComplete. A refusal raises
-    AuthRefused (final) or HandshakeError with ``code`` from next_event."""
+    checks the key, then calls accept_host_key(), or offer(keys) and, at KeyAccepted,
+    authenticate(signer)), then HandshakeComplete. A refusal raises AuthRefused (final) or
+    HandshakeError with ``code`` from next_event."""
 
     _is_client = True
 
@@ -765,6 +826,8 @@ class ClientHandshake(_Handshake):
         if request.needs_proof and len(request.resume_secret or b"") != 32:
             raise HandshakeError("cannot resume a session without its 32-byte resume secret")
         self._identity, self._request = identity, request
+        self._offered: List[PublicKey] = []  # the ClientOffer's keys, if one was sent
+        self._accepted: Optional[PublicKey] = None  # the key the server said it accepts
         self._ephemeral = _Ephemeral()
         self._host_key: Optional[PublicKey] = None
         self._keys: Optional[SessionKeys] = None
@@ -777,16 +840,44 @@ class ClientHandshake(_Handshake):
     def accept_host_key(self, identity: Optional[PrivateKey] = None) -> None:
         """Send ClientAuth signed by ``identity`` (default: the constructor's): call once,
         after HostKeyReceived, when the host key is trusted."""
-        if self._host_key is None or self._keys is not None or self._error is not None:
+        if self._host_key is None or self._offered or self._keys is not None:
             raise RuntimeError("accept_host_key() is only valid right after HostKeyReceived")
-        self._identity = identity or self._identity
-        if self._identity is None:
+        self.authenticate(identity)
+
+    def offer(self, keys: List[PublicKey]) -> None:
+        """Ask which of ``keys`` the server accepts (ClientOffer), instead of signing at once:
+        call once, after HostKeyReceived. Next event: KeyAccepted, or a refusal raised."""
+        if self._host_key is None or self._offered or self._keys is not None \
+                or self._error is not None:
+            raise RuntimeError("offer() is only valid right after HostKeyReceived")
+        self._offered = list(keys)
+        associated = self._associated(_CLIENT_OFFER)
+        fields = [self._request.user.encode(), _encode_offer(self._offered)]
+        self._transcript.add(*fields)
+        self._send_sealed(_CLIENT_OFFER, associated, fields)
+        self._handler = self._on_offer_answer
+
+    def authenticate(self, signer=None) -> None:
+        """Send ClientAuth signed by ``signer`` (a PrivateKey, or anything with ``public`` and
+        ``sign(data)``, such as an ssh-agent key; default: the constructor's identity): after
+        HostKeyReceived, or after KeyAccepted with the accepted key. Signing may take long (a
+        person confirming); if it raises, the machine is unchanged."""
+        accepted = self._accepted
+        if self._host_key is None or self._keys is not None or self._error is not None \
+                or (self._offered and accepted is None):
+            raise RuntimeError("authenticate() is only valid after HostKeyReceived or"
+                               " KeyAccepted")
+        signer = signer or self._identity
+        if signer is None:
             raise RuntimeError("accept_host_key() needs the client's identity")
+        if accepted is not None and signer.public != accepted:
+            raise RuntimeError("authenticate() must sign with the key the server accepted")
         associated = self._associated(_CLIENT_AUTH)
-        fields = _encode_fields(self._request, self._identity.public.blob)
+        fields = _encode_fields(self._request, signer.public.blob)
+        signed = self._transcript.digest_with(fields)
+        signature = sshsig_sign(signer, SSHSIG_NAMESPACE, signed)
+        self._identity = signer
         self._transcript.add(fields)
-        signed = self._transcript.digest()
-        signature = sshsig_sign(self._identity, SSHSIG_NAMESPACE, signed)
         proof = b""
         if self._request.needs_proof:
             proof = _resume_proof(self._request.resume_secret, signed)
@@ -836,10 +927,27 @@ class ClientHandshake(_Handshake):
         self._handler = None
         return HostKeyReceived(host_key)
 
-    def _on_server_finish(self, body: bytes) -> HandshakeComplete:
+    def _on_offer_answer(self, body: bytes) -> KeyAccepted:
+        if body[:1] == bytes([_SERVER_FINISH]):  # none of the keys: only a refusal is valid
+            return self._on_server_finish(body, refusal_only=True)
+        (answer,) = self._open_sealed(body, _KEY_ACCEPTED, 1)
+        reader = _Reader(answer, "KeyAccepted")
+        index = reader.uint16()
+        reader.expect_end()
+        if index >= len(self._offered):
+            raise ValueError("the server accepted a key that was not offered")
+        self._transcript.add(answer)
+        self._accepted = self._offered[index]
+        log.debug("KeyAccepted: key %s", self._accepted.fingerprint())
+        self._handler = None
+        return KeyAccepted(self._accepted)
+
+    def _on_server_finish(self, body: bytes, refusal_only: bool = False) -> HandshakeComplete:
         (outcome,) = self._open_sealed(body, _SERVER_FINISH, 1)
         reader = _Reader(outcome, "ServerFinish")
         status = reader.uint8()
+        if refusal_only and status != _REFUSED:
+            raise ValueError("ServerFinish grants a session nobody authenticated for")
         if status == _ACCEPTED:
             grant = _decode_grant(reader)
             log.debug("ServerFinish: session granted, UDP port %d", grant.udp_port)
@@ -862,14 +970,18 @@ class ClientHandshake(_Handshake):
 
 
 class ServerHandshake(_Handshake):
-    """The server side. Answers ClientHello with ServerHello + ServerAuth; after a valid
-    ClientAuth emits AuthRequested, and the caller answers with accept(grant) or refuse(code).
-    A client whose signature does not verify is refused here (AuthRefused)."""
+    """The server side. Answers ClientHello with ServerHello + ServerAuth; a ClientOffer
+    emits KeysOffered (answer_offer(index or None)); after a valid ClientAuth emits
+    AuthRequested, and the caller answers with accept(grant) or refuse(code). A client whose
+    signature does not verify, or that signs with another key or user than it offered and
+    the server accepted, is refused here (AuthRefused)."""
 
     def __init__(self, host_key: PrivateKey, peer: tuple = (), local: tuple = ()) -> None:
         super().__init__()
         self._host_key, self._peer, self._local = host_key, peer, local
         self._auth: Optional[AuthInfo] = None
+        self._offer: Optional[KeysOffered] = None  # the ClientOffer, if one came
+        self._accepted: Optional[PublicKey] = None  # the key answer_offer() accepted
         self._finished = False
         self.hello_received = False  # the driver's cue to switch from the ClientHello deadline
         self._handler = self._on_client_hello
@@ -890,6 +1002,28 @@ class ServerHandshake(_Handshake):
         and ``message`` for the user if not empty (cut to MAX_REFUSAL_MESSAGE bytes)."""
         self._require_decision()
         self._finish(_refusal_outcome(code, message))
+
+    def answer_offer(self, index: Optional[int]) -> None:
+        """Answer the last KeysOffered: ``index`` of the offered key that may log in (it
+        must then sign with exactly that key), or None: no key is authorized, the client is
+        refused (the next next_event raises AuthRefused)."""
+        offer = self._offer
+        if offer is None or self._accepted is not None or self._handler is not None \
+                or self._error is not None:
+            raise RuntimeError("answer_offer() is only valid right after KeysOffered")
+        if index is None:
+            self._finish(_refusal_outcome(PERMISSION_DENIED))
+            self._error = AuthRefused(
+                PERMISSION_DENIED, f"user {offer.user}: none of the {len(offer.keys)} offered"
+                " keys is authorized (" + ", ".join(key.fingerprint() for key in offer.keys)
+                + ")")
+            return
+        self._accepted = offer.keys[index]
+        answer = struct.pack(">H", index)
+        associated = self._associated(_KEY_ACCEPTED)
+        self._transcript.add(answer)
+        self._send_sealed(_KEY_ACCEPTED, associated, [answer])
+        self._handler = self._on_client_auth
 
     def _require_decision(self) -> None:
         if self._auth is None or self._finished:
@@ -932,7 +1066,20 @@ class ServerHandshake(_Handshake):
         self._send_sealed(_SERVER_AUTH, associated, [host_blob, signature])
         log.debug("ClientHello: protocol version %d, cipher %s", version, cipher)
         self.hello_received = True
-        self._handler = self._on_client_auth
+        self._handler = self._on_offer_or_auth
+
+    def _on_offer_or_auth(self, body: bytes) -> Union[KeysOffered, AuthRequested]:
+        if body[:1] != bytes([_CLIENT_OFFER]):
+            return self._on_client_auth(body)
+        user, blobs = self._open_sealed(body, _CLIENT_OFFER, 2)
+        self._transcript.add(user, blobs)
+        name = user.decode("utf-8", "replace")
+        if not _USER_RE.fullmatch(name):
+            raise ValueError(f"user name {name[:80]!r} is not valid")
+        self._offer = KeysOffered(name, _decode_offer(blobs))
+        log.debug("ClientOffer: user %s, %d keys", name, len(self._offer.keys))
+        self._handler = None
+        return self._offer
 
     def _on_client_auth(self, body: bytes) -> AuthRequested:
         fields, signature, proof = self._open_sealed(body, _CLIENT_AUTH, 3)
@@ -947,6 +1094,13 @@ class ServerHandshake(_Handshake):
                   client_key.fingerprint(), _purpose(request), request.term, request.cols,
                   request.rows)
         self._handler = None
+        if self._offer is not None and (client_key != self._accepted
+                                        or request.user != self._offer.user):
+            self._finish(_refusal_outcome(PERMISSION_DENIED))
+            raise AuthRefused(PERMISSION_DENIED,
+                              f"user {request.user}: ClientAuth names key"
+                              f" {client_key.fingerprint()}, not the accepted offer of"
+                              f" {self._accepted.fingerprint()} for {self._offer.user}")
         if not sshsig_verify(client_key, SSHSIG_NAMESPACE, signed, signature):
             self._finish(_refusal_outcome(PERMISSION_DENIED))
             raise AuthRefused(PERMISSION_DENIED,
@@ -1034,6 +1188,10 @@ NOAUTH = "noauth"  # it left, or broke the protocol, before authenticating
 GRACE_EXCEEDED = "grace-exceeded"  # it missed the ClientHello or the handshake deadline
 NEUTRAL = "neutral"  # refused for the server's reasons (busy, stopping): says nothing of it
 HELLO_RECEIVED = "hello received"  # progress, not an outcome: the peer is no longer idle
+# Progress: the client offered a key authorized for its user and is about to sign; report()
+# answers whether it may take confirm_timeout for that (AdmissionPolicy.confirming).
+OFFER_ACCEPTED = "offer accepted"
+CONFIRM_TIMEOUT_SECS = 60.0  # a person confirming a signature (OpenSSH's LoginGraceTime: 120)
 # decide() checks the key first: every refusal but PERMISSION_DENIED comes after a valid key
 # (USER_NOT_SERVED: a key of the server's own account).
 _OUTCOME_OF_REFUSAL = {PERMISSION_DENIED: AUTHFAIL, USER_NOT_SERVED: AUTHENTICATED,
@@ -1044,11 +1202,19 @@ _OUTCOME_OF_REFUSAL = {PERMISSION_DENIED: AUTHFAIL, USER_NOT_SERVED: AUTHENTICAT
 def server_handshake(sock: socket.socket, host_key: PrivateKey,
                      decide: Callable[[AuthInfo], SessionGrant],
                      timeout: float = 10.0, hello_timeout: Optional[float] = None,
-                     report: Callable[[str], object] = lambda outcome: None
-                     ) -> Optional[AuthInfo]:
+                     report: Callable[[str], object] = lambda outcome: None,
+                     acceptable: Callable[[str, List[PublicKey]], Optional[int]]
+                     = lambda user, keys: None,
+                     confirm_timeout: float = CONFIRM_TIMEOUT_SECS) -> Optional[AuthInfo]:
     """Run one handshake on an accepted socket, within ``timeout`` seconds in all and
     ``hello_timeout`` (default: the same) for the whole ClientHello, so a silent peer or one
     trickling a byte a second frees its slot early.
+
+    A ClientOffer is answered by ``acceptable(user, keys)``: the index of the first key
+    authorized for ``user``, or None (refused: "permission denied"). Once a key is accepted,
+    if ``report(OFFER_ACCEPTED)`` returns true, the client has ``confirm_timeout`` seconds
+    from then (if that is later than the deadline) to send its signature: a person may have
+    to confirm it. Nobody gets that time before showing a key authorized for the user.
 
     ``decide(auth)`` returns a SessionGrant or raises AuthRefused(code, log_reason). Returns
     the AuthInfo once the grant has been sent, else None: bad or slow peers, tampering and
@@ -1071,7 +1237,15 @@ def server_handshake(sock: socket.socket, host_key: PrivateKey,
     try:
         _exchange(sock, machine, hello_deadline, until=lambda: machine.hello_received)
         report(HELLO_RECEIVED)
-        auth = _exchange(sock, machine, deadline).auth
+        event = _exchange(sock, machine, deadline)
+        if isinstance(event, KeysOffered):
+            index = acceptable(event.user, event.keys)
+            machine.answer_offer(index)
+            if index is not None and report(OFFER_ACCEPTED):
+                deadline = max(deadline, time.monotonic() + confirm_timeout)
+                timeout = deadline - started
+            event = _exchange(sock, machine, deadline)
+        auth = event.auth
         try:
             grant = decide(auth)
         except AuthRefused as refusal:
@@ -1141,6 +1315,8 @@ def send_refusal(sock: socket.socket, code: str) -> None:
 # ---------------------------------------------------------------------------
 
 MAX_TRACKED_SOURCES = 65536  # per book (penalties, trust); as sshd's max-sources4/6
+# Handshakes of one source allowed the confirmation time at once (AdmissionPolicy.confirming)
+MAX_CONFIRMING_PER_SOURCE = 2
 # A handshake open this long without a complete ClientHello may lose its slot to a newcomer
 # when the server is full: a client sends its ClientHello as soon as it is connected.
 IDLE_EVICT_SECS = 0.5
@@ -1188,7 +1364,8 @@ class Admission:
     refusal the ``reason`` (for the log only: the peer just hears "server busy") and
     whether it is ``penalised``, and the idle handshake it ``evicts`` to make room (the
     caller aborts that one's connection).
-    ``opened`` and ``hello`` (its ClientHello is in) are the policy's own bookkeeping."""
+    ``opened``, ``hello`` (its ClientHello is in) and ``confirming`` are the policy's own
+    bookkeeping."""
 
     source: str
     admitted: bool
@@ -1198,6 +1375,7 @@ class Admission:
     evicts: Optional[Admission] = None
     opened: float = 0.0
     hello: bool = False
+    confirming: bool = False  # allowed the confirmation time (AdmissionPolicy.confirming)
 
 
 class _Book:
@@ -1287,6 +1465,8 @@ class AdmissionPolicy:
         self._trusted = _Book(max_tracked)
         self._tokens = self._burst = max(1.0, limits.startups_per_sec)
         self._refilled: Optional[float] = None
+        self._confirming: Dict[str, int] = {}  # per source: handshakes given the longer time
+        self._confirming_untrusted = 0
 
     def source(self, address: str) -> str:
         return source_of(address, *self.limits.netblock)
@@ -1325,6 +1505,27 @@ class AdmissionPolicy:
         """A client from ``source`` proved an authorized key: trust the source from now."""
         self._trusted.set(source, self.limits.trusted_secs, now)
         self._penalties.set(source, 0, now)  # a mistyped key before does not count
+
+    def confirming(self, admission: Admission) -> bool:
+        """``admission``'s client offered a key authorized for its user and is about to sign:
+        may it take the confirmation time (a person confirming in ssh-agent, a hardware key)
+        instead of the handshake deadline? A public key is no secret, so this is bounded
+        like any pre-authentication resource: at most MAX_CONFIRMING_PER_SOURCE per source
+        and, from untrusted sources, a quarter of ``max_handshakes`` in all (the rest stay
+        for everyone else); a handshake that then times out is penalised as grace-exceeded.
+        True: it may (and holds that allowance until ``finished``)."""
+        source = admission.source
+        if admission.confirming or not admission.hello:
+            return admission.confirming
+        if self._confirming.get(source, 0) >= MAX_CONFIRMING_PER_SOURCE:
+            return False
+        if not admission.trusted:
+            if self._confirming_untrusted >= max(1, self.limits.max_handshakes // 4):
+                return False
+            self._confirming_untrusted += 1
+        self._confirming[source] = self._confirming.get(source, 0) + 1
+        admission.confirming = True
+        return True
 
     def hello(self, admission: Admission) -> None:
         """``admission``'s ClientHello is complete: it is no longer idle."""
@@ -1387,6 +1588,13 @@ class AdmissionPolicy:
         source = admission.source
         if self._waiting.pop(id(admission), None) is not None or admission.hello:
             self._release(source)  # (an evicted one's slot went to its successor)
+        if admission.confirming:
+            admission.confirming = False
+            left = self._confirming.pop(source) - 1
+            if left:
+                self._confirming[source] = left
+            if not admission.trusted:
+                self._confirming_untrusted -= 1
         if outcome == AUTHENTICATED:
             self.authenticated(source, now)
             return ""
@@ -1442,7 +1650,8 @@ class HandshakeLimiter:
               handler: Callable[[socket.socket, Callable[[str], object]], object]) -> bool:
         """Run ``handler(sock, report)`` in a new thread, or answer "server busy" when the
         policy refuses. The handler calls ``report(HELLO_RECEIVED)`` once the ClientHello is
-        in, then ``report(outcome)`` (as server_handshake does). The socket is closed and
+        in, maybe ``report(OFFER_ACCEPTED)`` (answered: may it take the confirmation time),
+        then ``report(outcome)`` (as server_handshake does). The socket is closed and
         the slot released when the handler returns. True if started."""
         try:
             address = sock.getpeername()[0]
@@ -1494,11 +1703,13 @@ class HandshakeLimiter:
              handler: Callable[[socket.socket, Callable[[str], object]], object]) -> None:
         outcomes: List[str] = []
 
-        def report(event: str) -> None:
+        def report(event: str) -> Optional[bool]:
             with self._lock:
                 if event == HELLO_RECEIVED:
                     self.policy.hello(admission)
-                    return
+                    return None
+                if event == OFFER_ACCEPTED:
+                    return self.policy.confirming(admission)
                 if event == AUTHENTICATED:  # at once: the grant has not been sent yet
                     self.policy.authenticated(admission.source, self._clock())
                 outcomes.append(event)
@@ -1580,15 +1791,18 @@ class _ClosedDuringPrompt(Exception):
         self.host_key = host_key
 
 
-def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeError:
-    """The one-line error a user sees for a failed client handshake."""
+def _explain(err: HandshakeError, host: str, port: int, user: str,
+             tried: str = "") -> HandshakeError:
+    """The one-line error a user sees for a failed client handshake (``tried``: the keys
+    offered, for a plain "permission denied")."""
     message = getattr(err, "client_message", "")
     if err.code == PERMISSION_DENIED and message:  # the key was good; the server says why not
         return AuthRefused(err.code, f"permission denied for {user}@{host}; the server says:\n"
                            + printable_lines(message.strip("\n"), PRINTABLE_LIMIT),
                            message)
     if err.code == PERMISSION_DENIED:
-        return AuthRefused(err.code, f"permission denied (publickey) for {user}@{host}")
+        return AuthRefused(err.code, f"permission denied (publickey) for {user}@{host}"
+                           + (f"; tried {tried}" if tried else ""))
     if err.code == NO_SUCH_SESSION:
         return AuthRefused(err.code, f"the session on {host} no longer exists"
                                      " (server restarted or session expired)")
@@ -1617,7 +1831,13 @@ def _explain(err: HandshakeError, host: str, port: int, user: str) -> HandshakeE
 class LazyIdentity:
     """The client's key, obtained on first use and at most once: ``load()`` may ask for a
     passphrase, so client_handshake calls get() only once the server is reached and its
-    host key trusted, and a repeated or resumed handshake reuses the key."""
+    host key trusted, and a repeated or resumed handshake reuses the key.
+
+    What client_handshake asks of an identity (moshpit_agent.KeyRing answers the same, for
+    a key file plus the keys of ssh-agent): ``offers()``, the public keys to offer first
+    ([]: none, sign at once); ``signer(key)``, what signs for the accepted key (None: the
+    only one), a PrivateKey or anything with ``public`` and ``sign(data)``; ``tried()``,
+    what was offered, for the "permission denied" line."""
 
     def __init__(self, load: Callable[[], PrivateKey]) -> None:
         self._load = load
@@ -1628,8 +1848,17 @@ class LazyIdentity:
             self._key = self._load()
         return self._key
 
+    def offers(self) -> List[PublicKey]:
+        return []
 
-def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity],
+    def signer(self, key: Optional[PublicKey]) -> PrivateKey:
+        return self.get()
+
+    def tried(self) -> str:
+        return ""
+
+
+def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity, object],
                      request: ClientRequest, verify_host_key: Callable[[PublicKey], None],
                      timeout: float = 10.0) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
@@ -1640,11 +1869,14 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     or an impostor, never costs the user a passphrase. Time spent in either does not count
     against ``timeout``; if the server gave up meanwhile, the handshake is repeated once on
     a new connection (the same host key is then trusted and the key reused, without asking
-    again). Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
-    ``code``), each with a one-line message; whatever loading the identity raises passes
-    through.
+    again). ``identity`` may also be a moshpit_agent.KeyRing (see LazyIdentity): its keys
+    are offered first and only the accepted one signs; the time the signer takes (a person
+    confirming in ssh-agent) does not count against ``timeout`` either.
+    Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
+    ``code``), each with a one-line message; whatever loading the identity or signing
+    raises passes through.
     """
-    if not isinstance(identity, LazyIdentity):
+    if not hasattr(identity, "offers"):  # a key (or a signer) itself
         identity = LazyIdentity(lambda key=identity: key)
     trusted: Optional[PublicKey] = None
     for _attempt in range(2):
@@ -1657,7 +1889,7 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
                      " prompt; reconnecting", host, port)
             trusted = closed.host_key
         except HandshakeError as err:
-            raise _explain(err, host, port, request.user) from None
+            raise _explain(err, host, port, request.user, identity.tried()) from None
         except _NoAnswer:
             raise HandshakeError(f"{format_addr((host, port))} did not answer in {timeout:g} s"
                                  " (an overloaded moshpit server, or not one at all: is the"
@@ -1677,7 +1909,7 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
                          " handshake finished")
 
 
-def _client_attempt(sock: socket.socket, identity: LazyIdentity, request: ClientRequest,
+def _client_attempt(sock: socket.socket, identity, request: ClientRequest,
                     verify_host_key: Callable[[PublicKey], None],
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
     machine = ClientHandshake(None, request)
@@ -1690,10 +1922,16 @@ def _client_attempt(sock: socket.socket, identity: LazyIdentity, request: Client
         raise
     if host_key != trusted:
         verify_host_key(host_key)
-    key = identity.get()  # only now: the server is real and its host key trusted
+    offers = identity.offers()  # only now: the server is real and its host key trusted
+    accepted = None
+    if offers:
+        if _peer_closed(sock):
+            raise _ClosedDuringPrompt(host_key)
+        machine.offer(offers[:MAX_OFFERED_KEYS])
+        accepted = _exchange(sock, machine, time.monotonic() + timeout).key
+    machine.authenticate(identity.signer(accepted))  # may prompt, or wait for the agent
     if _peer_closed(sock):
         raise _ClosedDuringPrompt(host_key)
     deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
-    machine.accept_host_key(key)
     done = _exchange(sock, machine, deadline)
     return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)

@@ -59,6 +59,8 @@ import time
 import tty
 
 import moshpit
+import moshpit_agent
+import moshpit_bootstrap
 import moshpit_handshake
 import moshpit_keys
 import moshpit_session
@@ -111,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     moshpit.add_common_flags(p, "client")
     p.add_argument("-i", metavar="FILE", dest="identity_file",
-                   help="private key file, as ssh -i (same as -p)")
+                   help="private key file, as ssh -i (same as -p); a .pub file names a key"
+                   " held by ssh-agent")
     p.add_argument("-l", "--login-name", metavar="USER", action=FirstLoginName,
                    help="remote user, as ssh -l (as in ssh, the first of -l USER and "
                    "USER@ on the command line wins)")
@@ -127,9 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of connecting, authorize your public key (-k) for "
                    "SERVER_DESTINATION through the system ssh, like ssh-copy-id: appends it "
                    "once to ~/.mp/authorized_keys there (made 0600, ~/.mp 0700)")
-    p.add_argument("--ssh-command", metavar="COMMAND", default="ssh",
-                   help="the ssh that --copy-id runs, with its options "
-                   "(default: ssh; e.g. \"ssh -p 2222\")")
+    p.add_argument("--ssh-command", "--ssh-cmd", metavar="COMMAND", default="ssh",
+                   help="the ssh that --copy-id and --ssh run, with its options "
+                   "(default: ssh; e.g. \"ssh -p 2222 -J jump\")")
+    p.add_argument("--ssh", action="store_true",
+                   help="nothing installed on the server: start a server for this one "
+                   "session through the system ssh (needs python3 >= 3.9 with cryptography "
+                   "there; no moshpit key or known_hosts entry needed)")
+    p.add_argument("--ssh-cache", action="store_true",
+                   help="with --ssh: keep moshpit's modules on the server in ~/.cache/moshpit"
+                   " (checked by SHA-256), so later runs need not send them (without it, "
+                   "--ssh writes nothing on the server)")
     sessions = p.add_mutually_exclusive_group()
     sessions.add_argument("--list", action="store_true", dest="list_sessions",
                           help="list your sessions on the server (id, attached or detached,"
@@ -1382,10 +1393,22 @@ class Connector:
         user, host = remote_user_and_host(destination, login, login_first,
                                           ssh_alias_lookup(config, prompter))
         self.target = Target(user, host, config["server_port"], command=command, pty=pty)
-        self.identity = moshpit_handshake.LazyIdentity(
-            lambda: load_identity(config, prompter, self.target))
+        self.identity = moshpit_agent.KeyRing(
+            config["private_key_path"], config["public_key_path"],
+            lambda: load_identity(config, prompter, self.target),
+            moshpit_agent.AgentClient.from_environ(), self._agent_waits,
+            moshpit_handshake.MAX_OFFERED_KEYS)
+        self.prompter, self.in_session = prompter, False
         self.hostcheck = HostKeyCheck(config["known_hosts_file"], host, self.target.port,
                                       config["strict_host_key_checking"], prompter)
+
+    def _agent_waits(self, key) -> None:
+        """ssh-agent waits for the user to confirm a signature: say so, except in the session
+        (the terminal is raw then; the agent's own prompt shows)."""
+        log.info("waiting for ssh-agent to sign with %s", key.fingerprint())
+        if not self.in_session:
+            self.prompter.say(f"mp: waiting for ssh-agent to sign with {key.fingerprint()}"
+                              " (confirm it, or touch the key)")
 
     def connect(self, intent: int = 0, session_id=None):
         """One handshake (the host key checked as on first contact)."""
@@ -1415,6 +1438,32 @@ class Connector:
                 f"{what} with id {moshpit.printable(wanted, 40)} on {host}:"
                 f" mp --list {self.destination} shows yours")
         return found[0]
+
+
+class SshConnector(Connector):
+    """mp --ssh: the server of this one session is started through the system ssh
+    (moshpit_bootstrap), which also carries the keys: the client logs in with a key made for
+    this session and pins the host key the bootstrap announced."""
+
+    def __init__(self, config, prompter: Prompter, ssh_command: str, cache: bool = False,
+                 login=None, command=None, pty=None):
+        destination = config["server_destination"]
+        if not destination:
+            raise moshpit.MoshpitError("--ssh needs a destination: mp --ssh [user@]host")
+        self.destination = destination
+        started = moshpit_bootstrap.start_over_ssh(ssh_command, destination, login, cache)
+        for line in started.noise + started.stderr.splitlines():
+            prompter.say(moshpit.printable(line))  # motd, ssh's warnings: as ssh shows them
+        connect = started.connect
+        host = moshpit_bootstrap.pick_address(
+            moshpit_bootstrap.ssh_hostname(ssh_command, destination, login), connect.address)
+        log.info("bootstrapped over ssh (modules %s, ssh exit status %d): %s@%s port %d, "
+                 "host key %s", "cached on the server" if started.cached else "sent",
+                 started.ssh_status, connect.user, host, connect.port,
+                 connect.host_key.fingerprint())
+        self.target = Target(connect.user, host, connect.port, command=command, pty=pty)
+        self.identity = moshpit_handshake.LazyIdentity(lambda: started.client_key)
+        self.hostcheck = moshpit_bootstrap.PinnedHostKey(connect.host_key, host)
 
 
 LIST_HEADER = ("ID", "STATE", "STARTED", "LAST ACTIVITY", "SIZE", "TITLE")
@@ -1453,17 +1502,23 @@ def manage_sessions(config, prompter: Prompter, login=None, login_first: bool = 
 
 
 def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
-               command=None, pty=None, attach=None) -> int:
+               command=None, pty=None, attach=None, ssh_command=None,
+               ssh_cache: bool = False) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
     ``login``/``login_first``: ``-l USER`` and whether it came before the destination.
     ``command``: run it instead of a login shell; ``pty``: --tty (True), -T (False) or None
     (a PTY when stdin is a terminal). ``attach``: take over that session (mp --attach;
-    "": the latest detached one)."""
-    connector = Connector(config, prompter, login, login_first, command, pty)
-    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
+    "": the latest detached one). ``ssh_command``: mp --ssh, through that ssh (and
+    ``ssh_cache``: --ssh-cache)."""
     moshpit.parse_escape_key(config["escape_key"])  # fail now, not after connecting
+    if ssh_command is not None:
+        connector = SshConnector(config, prompter, ssh_command, ssh_cache, login, command,
+                                 pty)
+    else:
+        connector = Connector(config, prompter, login, login_first, command, pty)
+    target, hostcheck, identity = connector.target, connector.hostcheck, connector.identity
     waker = Waker()
     router = SignalRouter(waker)
     guard = TerminalGuard(0, 1, raw=target.pty)
@@ -1484,8 +1539,9 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
                 os.write(1, STARTUP_RESET)  # blocking stdout, a few dozen bytes
             except OSError:
                 pass  # a terminal already gone: the session will say so
+        connector.in_session = True
         with guard:
-            outcome = Session(target, hostcheck, first, identity.get(), config, router,
+            outcome = Session(target, hostcheck, first, identity, config, router,
                               waker, guard, attaching=attach is not None).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
@@ -1583,11 +1639,17 @@ def main(argv=None) -> int:
         managing = args.list_sessions or args.kill is not None or args.attach is not None
         if managing and command is not None:
             raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
+        if args.ssh_cache and not args.ssh:
+            raise moshpit.MoshpitError("--ssh-cache goes with --ssh")
+        if args.ssh and managing:
+            raise moshpit.MoshpitError("--ssh starts a server for one new session: --list, "
+                                       "--attach and --kill need a running mps")
         if args.list_sessions or args.kill is not None:
             return manage_sessions(config, prompter, args.login_name, args.login_first,
                                    args.kill)
         return run_client(config, prompter, args.login_name, args.login_first, command,
-                          args.pty, args.attach)
+                          args.pty, args.attach, args.ssh_command if args.ssh else None,
+                          args.ssh_cache)
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")

@@ -12,25 +12,33 @@ run as a plain user it serves only that user.
 
 Layout of this file (protocol logic lives in the moshpit* modules; the session rules in
 moshpit_session.ServerSession):
-    PTY shells  -> sessions (one thread + select loop each) -> server (listener, handshake
-    threads, registry, signals) -> CLI.
+    PTY shells -> sessions (one thread + select loop each) -> session processes (spawner,
+    session control, the listener's handles) -> server (listener, handshake threads,
+    registry, signals) -> one-session server (mp --ssh) -> CLI.
 
-Who calls what (socketserver-style; the whole resume sequence: moshpit_session's docstring):
+Processes (README "Process model"): the listener runs handshakes and decides; a spawner
+(exec'd at start: it never holds the host key) forks one session process per login, which
+becomes the user before it touches the network or the PTY and runs a Session below.
+
+Who calls what (the whole resume sequence: moshpit_session's docstring):
 
 1. Server.serve_forever (main thread) accepts TCP connections and hands each to a handshake
    thread (Server._handshake), after the pre-auth admission policy.
 2. The handshake thread runs moshpit_handshake.server_handshake, whose ``decide`` hook is
-   Server.decide: a new login (Server._new_session: account, slot, PTY shell, UDP port),
-   a resume (Server._resume -> Session.resume) or a quit request (Server._quit_session ->
-   Session.end_by_client). Those Session methods only post to the session's inbox and wait
-   for its answer (the received-input offset for the grant).
+   Server.decide: a new login (Server._new_session: account, slot, UDP port, then
+   Server._spawn_session: a session process that starts the shell), a resume
+   (Server._resume -> SessionProcess.resume) or a quit request (Server._quit_session ->
+   SessionProcess.end_by_client). Those are requests over the session's Unix socket,
+   answered by SessionControl (the session process's main thread), which calls the same
+   methods of its Session: they post to the session's inbox and wait for its answer.
 3. Session._run (the session's own thread, the only one touching its ServerSession and
    PTY): one select loop over the wake-up pipe, the UDP socket and the PTY master; it
    applies inbox messages (ServerSession.resume / end_requested / shutdown), feeds PTY
    output and shell exits to the core, writes InputReceived to the PTY, and ends when
-   ``ServerSession.finished(now)`` (the ending rules).
-4. Server.unregister (session thread, at the end) frees the slot; SIGTERM makes the main
-   thread call Session.shutdown on every session and wait for them.
+   ``ServerSession.finished(now)`` (the ending rules); the process then exits.
+4. The listener's reader thread of that session sees its socket close
+   (Server.session_ended: slot, login record); the spawner reports how the process ended
+   (Server._process_exited logs a crash). SIGTERM stops the listener alone.
 """
 
 from __future__ import annotations
@@ -832,6 +840,19 @@ def sessions_dir(config: moshpit.Config) -> str:
     return os.path.join(base, f"port-{config['mps.port']}")
 
 
+def pam_wanted(config: moshpit.Config) -> bool:
+    """PAM is used: mps.use_pam and the system has libpam and /etc/pam.d/moshpit."""
+    return config["mps.use_pam"] and moshpit_login.pam_available(
+        asked=config.source("mps.use_pam") != "default")
+
+
+def spawner_settings(config: moshpit.Config) -> dict:
+    """What each session process needs from the config."""
+    return {"detached_timeout": config["mps.detached_session_timeout_secs"],
+            "unattached_timeout": config["mps.unattached_session_timeout_secs"],
+            "use_pam": pam_wanted(config)}
+
+
 def _session_socket_path(directory: str, session_id: bytes) -> str:
     return os.path.join(directory, session_id[:8].hex() + ".sock")
 
@@ -1079,9 +1100,12 @@ def run_spawner(sock_fd: int) -> int:
         return 1
     config = moshpit.load_config("server", cli=init["cli"], path=init["config_path"])
     moshpit.setup_logging("server", config, log_path=init["log_path"], stderr=init["stderr"])
-    settings = {"detached_timeout": config["mps.detached_session_timeout_secs"],
-                "unattached_timeout": config["mps.unattached_session_timeout_secs"],
-                "use_pam": init["use_pam"]}
+    return _spawner_loop(sock, init["settings"])
+
+
+def _spawner_loop(sock: socket.socket, settings: dict) -> int:
+    """The spawner's work (single-threaded): fork a session process per ``spawn`` message,
+    report exits, return at the end of ``sock``."""
     for sig in (signal.SIGINT, signal.SIGHUP):  # a ^C at mps -e must not end sessions
         signal.signal(sig, signal.SIG_IGN)
     child_r, child_w = os.pipe()
@@ -1160,9 +1184,11 @@ class Spawner:
     three descriptors; exits are passed to ``on_exit(pid, status)`` (reader thread). Started
     again if it died."""
 
-    def __init__(self, init: dict, on_exit: Optional[Callable[[int, int], None]] = None):
+    def __init__(self, init: dict, on_exit: Optional[Callable[[int, int], None]] = None,
+                 fork: bool = False):
         self.init = init
         self.on_exit = on_exit
+        self.fork = fork
         self._lock = threading.Lock()
         self.proc: Optional[subprocess.Popen] = None
         self.sock: Optional[socket.socket] = None
@@ -1171,6 +1197,9 @@ class Spawner:
 
     def _start(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if self.fork:
+            self._fork(mine, theirs)
+            return
         try:
             self.proc = subprocess.Popen(own_command("--session-spawner", str(theirs.fileno())),
                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
@@ -1182,6 +1211,30 @@ class Spawner:
             theirs.close()
         self.sock = mine
         moshpit_ipc.send_packet(mine, self.init)
+        threading.Thread(target=self._read, args=(mine,), name="spawner", daemon=True).start()
+
+    def _fork(self, mine: socket.socket, theirs: socket.socket) -> None:
+        """``fork`` mode (mp --ssh's one-session server: its modules may exist only in its
+        memory, so there is nothing to exec): the spawner is a fork of this process, which
+        must be single-threaded here. It runs as the same user; it has a copy of that
+        session's own host key (made for it, dropped with it)."""
+        if threading.active_count() != 1:
+            raise MoshpitError("internal error: the spawner can only be forked before any "
+                               "thread starts")
+        try:
+            pid = os.fork()
+        except OSError as e:
+            raise MoshpitError(f"cannot start the session spawner: {e.strerror or e}")
+        if pid == 0:  # pragma: no cover (the forked spawner exits here)
+            status = 1
+            try:
+                mine.close()
+                status = _spawner_loop(theirs, self.init["settings"])
+            finally:
+                os._exit(status)
+        theirs.close()
+        self.proc = ShellProcess(pid)
+        self.sock = mine
         threading.Thread(target=self._read, args=(mine,), name="spawner", daemon=True).start()
 
     def _read(self, sock: socket.socket) -> None:
@@ -1224,7 +1277,7 @@ class Spawner:
             pass
         self.sock.close()
         try:
-            self.proc.wait(SPAWN_WAIT_SECS)
+            self.proc.wait(timeout=SPAWN_WAIT_SECS)
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
@@ -1340,6 +1393,8 @@ class SessionProcess:
 
 
 def _unlink(path: str) -> None:
+    if not path:
+        return
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -1414,13 +1469,19 @@ def _udp_host(local: tuple) -> str:
 
 def bind_udp_port(local: tuple, lo: int, hi: int) -> Optional[socket.socket]:
     """A UDP socket bound on ``local``'s address to a free port in [lo, hi] (the bind is the
-    allocation, so concurrent handshakes cannot collide), or None if every port is taken.
-    Starts at a random port so a busy range is not scanned from its start every time."""
+    allocation, so concurrent handshakes cannot collide), or None if every port is taken."""
     host = _udp_host(local)
+    return bind_in_range(lambda port: transport.udp_socket(host, port), lo, hi)
+
+
+def bind_in_range(bind, lo: int, hi: int) -> Optional[socket.socket]:
+    """``bind(port)``'s socket for the first port in [lo, hi] not in use, or None if every
+    port is taken. Starts at a random port so a busy range is not scanned from its start
+    every time."""
     first = random.randint(lo, hi)
     for i in range(hi - lo + 1):
         try:
-            return transport.udp_socket(host, lo + (first - lo + i) % (hi - lo + 1))
+            return bind(lo + (first - lo + i) % (hi - lo + 1))
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
                 raise
@@ -1448,10 +1509,15 @@ class Server:
     resumes and takeovers; new sessions are forked by ``spawner``. Create it in the main
     thread: it installs the SIGTERM/SIGINT/SIGHUP handlers."""
 
-    def __init__(self, config: moshpit.Config, host_key, spawner: Spawner):
+    # Each session process listens on a socket in sessions_dir (a later listener finds it
+    # there); False: on an unnamed one (a server whose sessions end with it).
+    session_sockets = True
+
+    def __init__(self, config: moshpit.Config, host_key, spawner: Optional[Spawner]):
         self.config = config
         self.spawner = spawner
-        spawner.on_exit = self._process_exited
+        if spawner is not None:
+            spawner.on_exit = self._process_exited
         self.sessions_dir = sessions_dir(config)
         self._processes: Dict[int, str] = {}  # session process pid -> "session S of U"
         self.host_key = host_key
@@ -1462,11 +1528,12 @@ class Server:
         self.unattached_timeout = config["mps.unattached_session_timeout_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
         self.hello_timeout = float(config["mps.hello_timeout_secs"])
+        self.confirm_timeout = float(config["mps.confirm_timeout_secs"])
         self.authorized_keys_file = config["mps.authorized_keys_file"] or None
         # --- account policy (moshpit_login): sshd's allowed_user, nologin, PAM account ---
         self.account_policy = moshpit_login.AccountPolicy(
             {name: config["mps." + name] for name in moshpit_login.AccountPolicy.LISTS},
-            use_pam=spawner.init["use_pam"])
+            use_pam=pam_wanted(config))
         moshpit_login.close_stale_records()  # sessions that ended while no mps was running
         self.limiter = handshake.HandshakeLimiter(
             handshake.AdmissionPolicy(admission_limits(config)))
@@ -1631,7 +1698,9 @@ class Server:
         try:
             auth = handshake.server_handshake(sock, self.host_key, decide,
                                               timeout=self.handshake_timeout,
-                                              hello_timeout=self.hello_timeout, report=report)
+                                              hello_timeout=self.hello_timeout, report=report,
+                                              acceptable=self.acceptable_key,
+                                              confirm_timeout=self.confirm_timeout)
         finally:
             for session in created:
                 self._setup_done(session, auth)
@@ -1727,6 +1796,18 @@ class Server:
                 handshake.PERMISSION_DENIED,
                 f"key {auth.client_key.fingerprint()} is not authorized for {pw.pw_name}")
         return pw
+
+    def acceptable_key(self, user: str, keys) -> Optional[int]:
+        """A ClientOffer (handshake thread): the index of the first key that decide() would
+        not refuse for its key alone (a non-root server checks its own account, as
+        _authorized_user does), or None. Nothing is proven yet: decide() checks again."""
+        try:
+            pw = pwd.getpwnam(user) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+            authorized = trust.authorized_keys_for(pw, self.authorized_keys_file)
+        except (KeyError, ValueError, trust.TrustError) as e:
+            log.info("key offer for %r: %s", user, e)
+            return None
+        return next((index for index, key in enumerate(keys) if key in authorized), None)
 
     def _key_authorized(self, key, pw: pwd.struct_passwd) -> bool:
         """Whether ``key`` is in ``pw``'s authorized_keys; a file that cannot be trusted is
@@ -1866,7 +1947,7 @@ class Server:
         (the channel's other end, the UDP socket, its own listening socket), told the
         login, started its shell as the user; AuthRefused if it could not."""
         session_id = secrets.token_bytes(16)
-        path = _session_socket_path(self.sessions_dir, session_id)
+        path = _session_socket_path(self.sessions_dir, session_id) if self.session_sockets else ""
         request = auth.request
         connection = " ".join(str(part) for part in (auth.peer[0], auth.peer[1],
                                                      auth.local[0], auth.local[1]))
@@ -1875,7 +1956,8 @@ class Server:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listen_sock.bind(path)  # listen() is the session process's: SO_PEERCRED's uid
+            if path:
+                listen_sock.bind(path)  # listen() is the session process's: SO_PEERCRED's uid
             pid = self.spawner.spawn([theirs.fileno(), udp.fileno(), listen_sock.fileno()])
             with self._lock:
                 self._processes[pid] = f"session {session_id[:4].hex()} of {pw.pw_name}"
@@ -1917,6 +1999,101 @@ def _grant(session: SessionProcess, recv_offset: int, detached: int = 0):
                                   resume_secret=session.resume_secret,
                                   udp_port=session.udp_port, recv_offset=recv_offset,
                                   detached=detached)
+
+
+# ---------------------------------------------------------------------------
+# One session for mp --ssh (started on the server by moshpit_bootstrap's stub)
+# ---------------------------------------------------------------------------
+
+
+class OneSessionServer(Server):
+    """The server of one session bootstrapped over ssh (mp --ssh): it runs as the user ssh
+    logged in, serves only that user and only the client key the bootstrap brought, with a
+    host key made for it (the client pins it), listens on the address ssh came to, and
+    stops when its session ends or when no session started in time. Writes nothing: no
+    log file, no pid file, no keys on disk."""
+
+    LISTEN_BACKLOG = 8
+
+    session_sockets = False  # its session ends with it: nobody needs to find it again
+
+    def __init__(self, config: moshpit.Config, client_key, address: str):
+        super().__init__(config, keys.PrivateKey.generate("mps --ssh"), None)
+        self.client_key = client_key
+        self.address = address
+        self.user = pwd.getpwuid(os.geteuid()).pw_name
+        self.port = 0
+
+    @classmethod
+    def start(cls, client_key, address: str) -> OneSessionServer:
+        """Configured (the user's server config, if any: e.g. mps.udp_port_range) and
+        listening; logs go nowhere."""
+        logging.getLogger(moshpit.ROOT_LOGGER).addHandler(logging.NullHandler())
+        server = cls(moshpit.load_config("server"), client_key, address)
+        server.listen()
+        return server
+
+    def listen(self) -> None:
+        """TCP on the address ssh came to, on a port of the session port range (the one
+        range a firewall has to open)."""
+        host = self.address
+
+        def listener(port: int) -> socket.socket:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+                sock.listen(self.LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        sock = bind_in_range(listener, *self.port_range)
+        if sock is None:
+            raise MoshpitError("every port in {}-{} is in use".format(*self.port_range))
+        self.listeners.append(sock)
+        self.port = sock.getsockname()[1]
+
+    def serve(self, unused_exit_secs: float) -> int:
+        """Serve the session; stop after ``unused_exit_secs`` if none has started. (After
+        the bootstrap detached: the spawner is forked here, before any thread.)"""
+        self.spawner = Spawner({"settings": spawner_settings(self.config)},
+                               self._process_exited, fork=True)
+        timer = threading.Timer(unused_exit_secs, self._stop_if_unused)
+        timer.daemon = True
+        timer.start()
+        return self.serve_forever()
+
+    def _stop_if_unused(self) -> None:
+        with self._lock:
+            unused = not self._sessions and not self._setting_up
+        if unused:
+            self._on_signal(signal.SIGTERM, None)
+
+    def acceptable_key(self, user: str, keys) -> Optional[int]:
+        if user != self.user:
+            return None
+        return next((index for index, key in enumerate(keys) if key == self.client_key), None)
+
+    def _authorized_user(self, auth) -> pwd.struct_passwd:
+        me = pwd.getpwuid(os.geteuid())
+        if auth.user != me.pw_name or auth.client_key != self.client_key:
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED,
+                                        "not the user or key of this ssh-bootstrapped session")
+        return me
+
+    def session_ended(self, session: SessionProcess) -> None:
+        super().session_ended(session)
+        self._on_signal(signal.SIGTERM, None)  # its one session has ended: so does the server
+
+    def _stop(self, why: str) -> int:
+        """Its session ends with it (no later listener could find it)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.shutdown()
+        return super()._stop(why)
 
 
 # ---------------------------------------------------------------------------
@@ -2244,8 +2421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # host key is read: it is exec'd, so the key could not reach it anyway.
         spawner = Spawner({"config_path": args.config, "cli": cli_overrides(args),
                            "log_path": log_path, "stderr": args.enable_std_output,
-                           "use_pam": config["mps.use_pam"] and moshpit_login.pam_available(
-                               asked=config.source("mps.use_pam") != "default")})
+                           "settings": spawner_settings(config)})
         host_key = load_host_key(config, args.generate_host_key)
         _raise_fd_limit()
         server = Server(config, host_key, spawner)

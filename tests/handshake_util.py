@@ -147,9 +147,13 @@ class LoopbackServer:
 
     def __init__(self, host_key: PrivateKey, decide: Callable[[hs.AuthInfo], hs.SessionGrant],
                  timeout: float = 5.0, limiter: Optional[hs.HandshakeLimiter] = None,
-                 host: str = LOOPBACK, hello_timeout: Optional[float] = None) -> None:
+                 host: str = LOOPBACK, hello_timeout: Optional[float] = None,
+                 acceptable: Callable[[str, List[PublicKey]], Optional[int]]
+                 = lambda user, keys: None,
+                 confirm_timeout: float = hs.CONFIRM_TIMEOUT_SECS) -> None:
         self.host_key, self.decide, self.timeout = host_key, decide, timeout
         self.hello_timeout = hello_timeout
+        self.acceptable, self.confirm_timeout = acceptable, confirm_timeout
         self.limiter = limiter or hs.HandshakeLimiter(hs.AdmissionPolicy(UNLIMITED))
         self.results: queue.Queue[Optional[hs.AuthInfo]] = queue.Queue()
         # (peer address, event) for everything each handshake reports to the limiter
@@ -184,12 +188,13 @@ class LoopbackServer:
         except OSError:
             peer = "?"
 
-        def record(event: str) -> None:
+        def record(event: str) -> object:
             self.events.put((peer, event))
-            report(event)
+            return report(event)
 
         self.results.put(hs.server_handshake(sock, self.host_key, self.decide, self.timeout,
-                                             self.hello_timeout, record))
+                                             self.hello_timeout, record, self.acceptable,
+                                             self.confirm_timeout))
 
     def result(self, timeout: float = 10.0) -> Optional[hs.AuthInfo]:
         return self.results.get(timeout=timeout)

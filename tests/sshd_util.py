@@ -88,9 +88,11 @@ def sshd_binary_fixture() -> str:
 
 class SshdHost:
     """sshd on 127.0.0.1:``port`` letting ``user`` log in with ``client_key`` (nothing else),
-    and a laptop side in ``dir`` whose ``ssh``/``scp`` know that server as ``host``."""
+    and a laptop side in ``dir`` whose ``ssh``/``scp`` know that server as ``host``.
+    ``extra_config``: more sshd_config lines (e.g. ``SetEnv PATH=...``)."""
 
-    def __init__(self, base_dir: str, user: pwd.struct_passwd, sshd: str = SSHD):
+    def __init__(self, base_dir: str, user: pwd.struct_passwd, sshd: str = SSHD,
+                 extra_config: str = ""):
         self.dir = os.path.join(base_dir, "ssh")
         self.user = user
         self.home = os.path.join(self.dir, "laptop-home")  # the laptop user's HOME
@@ -125,7 +127,7 @@ AllowTcpForwarding no
 PrintMotd no
 PrintLastLog no
 Subsystem sftp internal-sftp
-""")
+{extra_config}""")
         self.ssh_config = os.path.join(self.dir, "ssh_config")
         with open(self.ssh_config, "w") as f:
             f.write(f"""\

@@ -420,7 +420,9 @@ def test_unauthorized_key_exits_255(server, tmp_path):
     res = run_mp(args, client_env(tmp_path))
     assert res.returncode == 255
     last = res.stderr.strip().splitlines()[-1]
-    assert last == f"mp: permission denied (publickey) for {USER}@127.0.0.1"
+    key = moshpit_keys.load_public_key(other + ".pub")
+    assert last == (f"mp: permission denied (publickey) for {USER}@127.0.0.1; tried {other}"
+                    f" ({key.fingerprint()})")
 
 
 @pytest.mark.timeout(90)

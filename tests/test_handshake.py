@@ -260,7 +260,7 @@ MALFORMED = [
     (struct.pack(">I", hs.MAX_MESSAGE + 1), "outside 1..65536"),
     (b"\xff\xff\xff\xff", "outside"),
     (b"\x00\x00\x00\x00", "outside"),
-    (frame(b"\x07abc"), "expected ClientHello, got message type 7"),
+    (frame(b"\x09abc"), "expected ClientHello, got message type 9"),
     (frame(b"\x04" + bytes(40)), "expected ClientHello, got ClientAuth"),
     (frame(b"\x06" + ssh_string(b"server busy")), "server refused"),
     (frame(b"\x01\x00"), "truncated"),
