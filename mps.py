@@ -1053,6 +1053,7 @@ def run_session_process(fds: List[int], settings: dict) -> int:
             become_user(pw)
         shell = PtyShell(pw, start["term"], start["rows"], start["cols"], start["env"],
                          start["connection"], start["command"], start["pty"], pam_env)
+        listen_sock.listen(SESSION_SOCKET_BACKLOG)  # as the user: whom a claim's SO_PEERCRED sees
     except (MoshpitError, OSError) as e:
         if pam is not None:
             pam.close()
@@ -1071,7 +1072,6 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         session.abandon()
         return 0
     channel.sock.settimeout(RESUME_WAIT_SECS)
-    listen_sock.listen(SESSION_SOCKET_BACKLOG)  # as the user: whom a listener's claim sees
     control = SessionControl(session, host, listen_sock, channel, start["listener_uid"],
                              start["client_address"], signal_r)
     shell.logout = control.logged_out_now
@@ -1956,8 +1956,9 @@ class Server:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if path:
-                listen_sock.bind(path)  # listen() is the session process's: SO_PEERCRED's uid
+            # listen() is the session process's: SO_PEERCRED's uid. No path: an abstract
+            # name the kernel picks (Linux autobind), known to nobody else.
+            listen_sock.bind(path)
             pid = self.spawner.spawn([theirs.fileno(), udp.fileno(), listen_sock.fileno()])
             with self._lock:
                 self._processes[pid] = f"session {session_id[:4].hex()} of {pw.pw_name}"
