@@ -1535,6 +1535,8 @@ class Server:
             {name: config["mps." + name] for name in moshpit_login.AccountPolicy.LISTS},
             use_pam=pam_wanted(config))
         moshpit_login.close_stale_records()  # sessions that ended while no mps was running
+        if os.geteuid() == 0:
+            moshpit_login.loginuid_supported()  # says once in the log if it is not
         self.limiter = handshake.HandshakeLimiter(
             handshake.AdmissionPolicy(admission_limits(config)))
         self.listeners: List[socket.socket] = []

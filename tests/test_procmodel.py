@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 
 import moshpit_login
 import pytest
@@ -178,3 +179,17 @@ def test_pam_session_runs_in_the_session_process(tmp_path, users, private_etc): 
         with TestClient.for_server(server, user=alice.pw_name).connect() as client:
             assert client.run("echo $MOSHPIT_PAM_SESSION $(id -un)") == f"opened {alice.pw_name}"
             assert client.run("echo $TERM") == "xterm"  # PAM adds, never replaces
+
+
+def test_sessions_get_the_limits_mps_started_with(tmp_path):
+    """mps raises its own descriptor limit; its spawner starts before that, so a session
+    (and its shell) has the soft limit mps was started with."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nulimit -S -n 512\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    with MpsServer(tmp_path, python=str(wrapper)) as server, \
+            TestClient.for_server(server).connect() as client:
+        assert client.run("ulimit -S -n") == "512"
+        with open(f"/proc/{server.serving_pid}/limits") as f:
+            listener = next(line for line in f if line.startswith("Max open files"))
+        assert int(listener.split()[3]) > 512  # the listener raised its own
