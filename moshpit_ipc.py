@@ -22,6 +22,9 @@ from typing import List, Optional
 
 from moshpit import MoshpitError
 
+# Bumped when a message changes meaning: a listener claims only sessions that speak its
+# version (a session keeps the code it started with across an upgrade of the files).
+IPC_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # a start message carries the client's env and command: bounded
 _LENGTH = struct.Struct(">I")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid

@@ -1010,7 +1010,8 @@ class SessionControl:
     def state(self) -> dict:
         """What a listener needs to serve the session (its claim's answer)."""
         session = self.session
-        return {"session_id": session.session_id, "user": session.user,
+        return {"ipc_version": moshpit_ipc.IPC_VERSION,
+                "session_id": session.session_id, "user": session.user,
                 "client_key": session.client_key.to_line(),
                 "resume_secret": session.resume_secret,
                 "replaced_secrets": list(session.replaced_secrets),
@@ -1415,6 +1416,9 @@ def claim_session(path: str, expected_uid: Optional[int] = None) -> tuple:
         state = channel.receive()
         if state is None:
             raise ConnectionResetError(errno.ECONNRESET, "closed at once")
+        if state.get("ipc_version") != moshpit_ipc.IPC_VERSION:
+            raise MoshpitError(f"session socket {path} speaks another version of mps's "
+                               "messages: end that session (kill its process)")
         if expected_uid is not None:
             want = pwd.getpwnam(state["user"]).pw_uid if expected_uid == 0 else expected_uid
             if uid != want:
