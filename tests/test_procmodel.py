@@ -7,12 +7,16 @@ outlive the server on purpose, so MpsServer.stop's process-group kill may miss t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 
+import moshpit_ipc
 import moshpit_login
 import pytest
 from proc_util import kill_pid, pid_alive, wait_for
@@ -193,3 +197,50 @@ def test_sessions_get_the_limits_mps_started_with(tmp_path):
         with open(f"/proc/{server.serving_pid}/limits") as f:
             listener = next(line for line in f if line.startswith("Max open files"))
         assert int(listener.split()[3]) > 512  # the listener raised its own
+
+
+FAKE_SESSION = """
+import json, socket, struct, sys
+listener = socket.socket(fileno=int(sys.argv[2]))
+listener.listen(1)  # SO_PEERCRED of a connection to it: this process, this uid
+print("listening", flush=True)
+conn, _ = listener.accept()
+conn.recv(65536)  # the claim
+body = sys.argv[1].encode()
+conn.sendall(struct.pack(">I", len(body)) + body)
+conn.recv(1)
+"""
+
+
+def test_a_session_process_cannot_claim_another_users_session(tmp_path, users):
+    """The attack: a process running as alice answers on a session socket (as a hijacked
+    session process of hers would) claiming to serve bob's session; the listener checks
+    SO_PEERCRED (alice's uid) against bob's and does not take it."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs /usr/bin/python3 for the fake session process")
+    alice, bob = users.user(), users.user()
+    server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, start=False)
+    directory = f"/run/moshpit/port-{server.port}"
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    session_id = os.urandom(16)
+    state = {"ipc_version": moshpit_ipc.IPC_VERSION, "session_id": {"hex": session_id.hex()},
+             "user": bob.pw_name, "client_key": server.client_key.public.to_line(),
+             "resume_secret": {"hex": "00" * 32}, "replaced_secrets": [], "udp_port": 1,
+             "pid": 1, "shell_pid": 1, "tty": "", "client_address": "192.0.2.1",
+             "logged_out": False}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(os.path.join(directory, session_id[:8].hex() + ".sock"))
+    fake = subprocess.Popen(["/usr/bin/python3", "-c", FAKE_SESSION, json.dumps(state),
+                             str(sock.fileno())],
+                            pass_fds=(sock.fileno(),), user=alice.pw_uid, group=alice.pw_gid,
+                            extra_groups=[], cwd="/", stdout=subprocess.PIPE)
+    sock.close()
+    try:
+        assert fake.stdout.readline() == b"listening\n"
+        authorize(bob, server.client_key)
+        with server.start():
+            server.wait_log(f"is served by uid {alice.pw_uid}, not by {bob.pw_name}'s: "
+                            "not claimed")
+            assert TestClient.for_server(server, user=bob.pw_name).sessions() == []
+    finally:
+        kill_pid(fake.pid, 2.0)
