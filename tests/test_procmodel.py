@@ -244,3 +244,42 @@ def test_a_session_process_cannot_claim_another_users_session(tmp_path, users):
             assert TestClient.for_server(server, user=bob.pw_name).sessions() == []
     finally:
         kill_pid(fake.pid, 2.0)
+
+
+PROBE = """
+import socket, struct, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+body = b'{"op":"claim","id":0}'
+sock.sendall(struct.pack(">I", len(body)) + body)
+try:
+    print(repr(sock.recv(65536)))
+except ConnectionResetError:  # closed before reading the claim: also "nothing said"
+    print(repr(b""))
+"""
+
+
+def test_a_session_answers_no_other_uid(tmp_path, users):
+    """Even with its socket made reachable (the directory and the socket opened up), a
+    session process answers only root and the listener's uid: another user's claim gets
+    the connection closed, and the session goes on."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs /usr/bin/python3 for the probe")
+    alice, bob = users.user(), users.user()
+    with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM) as server:
+        authorize(alice, server.client_key)
+        with TestClient.for_server(server, user=alice.pw_name).connect() as client:
+            directory = f"/run/moshpit/port-{server.port}"
+            path = os.path.join(directory, client.grant.session_id[:8].hex() + ".sock")
+            for opened in ("/run/moshpit", directory):
+                os.chmod(opened, 0o711)
+            os.chmod(path, 0o777)
+            try:
+                probe = subprocess.run(["/usr/bin/python3", "-c", PROBE, path],
+                                       user=bob.pw_uid, group=bob.pw_gid, extra_groups=[],
+                                       cwd="/", capture_output=True, text=True, timeout=30)
+            finally:
+                os.chmod("/run/moshpit", 0o700)
+            assert probe.stdout.strip() == "b''", probe.stderr  # closed, nothing said
+            server.wait_log(f"refused a control connection from uid {bob.pw_uid}")
+            assert client.run("echo fine") == "fine"
