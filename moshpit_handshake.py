@@ -40,6 +40,11 @@ instead of a grant (ServerFinish outcome LISTING: count:u16, then per session id
 started:u64, last activity:u64 (Unix seconds), rows:u16, cols:u16, title; at most
 MAX_LISTED sessions, titles at most MAX_TITLE_BYTES).
 
+After a grant that continues a session (a new one, a resume, a takeover) the connection
+stays open: it becomes the session's TCP carrier (protocol version 4, moshpit_carrier), or
+the client closes it. Only this connection, authenticated by the handshake it carried, can
+ever carry the session's datagrams over TCP.
+
 Transcript hash TH: SHA-256 over a label and every message's fields in order (each as an SSH
 string, so boundaries are unambiguous). TH_1 after ServerHello, TH_s after the host key blob,
 TH_c after the client's fields (the client signs its user, its own key and every request field),
@@ -264,6 +269,7 @@ class ClientRequest:
     command: Optional[str] = None  # run by the user's shell with -c instead of a login shell
     pty: bool = True  # False: the command (or shell) runs on a socket, bytes untouched
     intent: int = NO_INTENT
+    forward_agent: bool = False  # -A: the session gets an SSH_AUTH_SOCK relayed to ours
 
     @property
     def needs_proof(self) -> bool:
@@ -346,6 +352,11 @@ class ClientResult:
     keys: SessionKeys
     server_addr: tuple
     host_key: PublicKey
+    rtt: float = 0.0  # seconds from ClientHello to ServerAuth: a round trip (plus a signature)
+    # With keep_connection: the handshake's connection, open (the TCP carrier,
+    # moshpit_carrier), and any bytes already read past ServerFinish.
+    connection: Optional[socket.socket] = None
+    unread: bytes = b""
 
 
 @dataclass
@@ -443,10 +454,11 @@ def _encode_tail(request: ClientRequest) -> list:
     """The optional fields after the offset: the intent byte, then the command and pty
     flag (sent only when they differ from a plain login shell on a PTY)."""
     intent = bytes([END_SESSION if request.end_session else request.intent])
-    if request.command is None and request.pty:
+    agent = [bytes([1])] if request.forward_agent else []  # (protocol 4) after the flags
+    if request.command is None and request.pty and not agent:
         return [intent] if intent != bytes([NO_INTENT]) else []
     return [intent, ssh_string((request.command or "").encode()),
-            bytes([request.command is not None, request.pty])]
+            bytes([request.command is not None, request.pty]), *agent]
 
 
 def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
@@ -480,6 +492,11 @@ def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
             raise ValueError("bad command flags")
         request.command = command.decode("utf-8") if has_command else None
         request.pty = bool(pty)
+    if reader.remaining():
+        forward_agent = reader.uint8()
+        if forward_agent > 1:
+            raise ValueError("bad agent forwarding flag")
+        request.forward_agent = bool(forward_agent)
     reader.expect_end()
     _check_request(request)
     return request, client_key
@@ -665,6 +682,11 @@ class _Handshake:
             self._overflow = True
         elif self._error is None:
             self._inbox += data
+
+    def unread(self) -> bytes:
+        """Bytes received after the last message: once the handshake is over, the start
+        of what follows on the connection (the TCP carrier's datagrams)."""
+        return bytes(self._inbox)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer now (possibly empty)."""
@@ -1860,7 +1882,7 @@ class LazyIdentity:
 
 def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity, object],
                      request: ClientRequest, verify_host_key: Callable[[PublicKey], None],
-                     timeout: float = 10.0) -> ClientResult:
+                     timeout: float = 10.0, keep_connection: bool = False) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
 
     ``verify_host_key(key)`` returns to trust the key or raises moshpit_trust.HostKeyError
@@ -1874,7 +1896,9 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     confirming in ssh-agent) does not count against ``timeout`` either.
     Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
     ``code``), each with a one-line message; whatever loading the identity or signing
-    raises passes through.
+    raises passes through. ``keep_connection``: the result's ``connection`` is the
+    connection, left open (the caller closes it); the server keeps its end for the session
+    it granted.
     """
     if not hasattr(identity, "offers"):  # a key (or a signer) itself
         identity = LazyIdentity(lambda key=identity: key)
@@ -1882,8 +1906,12 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     for _attempt in range(2):
         deadline = time.monotonic() + timeout
         sock = _connect(host, port, deadline)
+        kept = None
         try:
-            return _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+            result = _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+            if keep_connection:
+                kept = result.connection = sock
+            return result
         except _ClosedDuringPrompt as closed:
             log.info("%s port %d closed the connection while the user was answering a"
                      " prompt; reconnecting", host, port)
@@ -1904,7 +1932,8 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
             raise HandshakeError(f"connection to {host} port {port} failed during the"
                                  f" handshake: {_os_reason(err)}") from None
         finally:
-            sock.close()
+            if kept is None:
+                sock.close()
     raise HandshakeError(f"{host} port {port} closed the connection twice before the"
                          " handshake finished")
 
@@ -1913,9 +1942,11 @@ def _client_attempt(sock: socket.socket, identity, request: ClientRequest,
                     verify_host_key: Callable[[PublicKey], None],
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
     machine = ClientHandshake(None, request)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     try:
         host_key = _exchange(sock, machine, deadline).host_key
+        rtt = time.monotonic() - started
     except socket.timeout:
         if machine.heard_nothing():
             raise _NoAnswer() from None
@@ -1934,4 +1965,5 @@ def _client_attempt(sock: socket.socket, identity, request: ClientRequest,
         raise _ClosedDuringPrompt(host_key)
     deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
     done = _exchange(sock, machine, deadline)
-    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)
+    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key, rtt,
+                        unread=machine.unread())

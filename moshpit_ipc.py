@@ -107,30 +107,53 @@ def peer_credentials(sock: socket.socket) -> tuple:
                                             _PEERCRED.size))
 
 
+MAX_FDS_PER_READ = 4
+
+
 class Channel:
     """A blocking message channel over a connected Unix stream socket. ``send`` is safe from
-    several threads; ``receive`` is for one reader."""
+    several threads; ``receive`` is for one reader.
 
-    def __init__(self, sock: socket.socket):
+    A message may carry descriptors (SCM_RIGHTS: the listener hands a session its TCP
+    carrier). With ``accept_fds`` they queue for ``take_fd`` (in message order: a
+    descriptor arrives with the first byte of the message it was sent with); without it
+    (the listener's side: a session process is not trusted) they are closed on arrival, so
+    a peer cannot fill our descriptor table."""
+
+    def __init__(self, sock: socket.socket, accept_fds: bool = False):
         self.sock = sock
+        self.accept_fds = accept_fds
         self._reader = MessageReader()
         self._ready: List[dict] = []
+        self._fds: List[int] = []
         self._send_lock = threading.Lock()
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, message: dict) -> None:
+    def send(self, message: dict, fds=()) -> None:
         """OSError if the peer is gone."""
         data = encode_message(message)
         with self._send_lock:
+            if fds:
+                sent = socket.send_fds(self.sock, [data], list(fds))
+                data = data[sent:]
             self.sock.sendall(data)
+
+    def take_fd(self) -> Optional[int]:
+        """The oldest descriptor received and not taken yet (ours to close), or None."""
+        return self._fds.pop(0) if self._fds else None
 
     def receive(self) -> Optional[dict]:
         """The next message (blocking; the socket's timeout applies), None at a clean end of
         stream; IpcError for garbage or a stream cut mid-message."""
         while not self._ready:
-            data = self.sock.recv(RECV_SIZE)
+            data, fds, _, _ = socket.recv_fds(self.sock, RECV_SIZE, MAX_FDS_PER_READ)
+            for fd in fds:
+                if self.accept_fds:
+                    self._fds.append(fd)
+                else:
+                    os.close(fd)
             if not data:
                 if self._reader.partial:
                     raise IpcError("the peer closed the channel mid-message")
@@ -144,6 +167,8 @@ class Channel:
         except OSError:
             pass
         self.sock.close()
+        while self._fds:
+            os.close(self._fds.pop())
 
 
 def send_packet(sock: socket.socket, message: dict, fds=()) -> None:

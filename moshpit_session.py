@@ -18,8 +18,10 @@ Both sit on one transport ``Connection`` with two streams:
 * stream 0 (``STREAM_TERMINAL``): the terminal's bytes, input one way and output the
   other, addressed by offset so a resume continues exactly where the peer left off;
 * stream 1 (``STREAM_RECORDS``): typed records, an urgent stream (served before any
-  output, acked at once).  Later issues add more streams (forwarded ports, the agent), each
-  with its own window, and a second carrier under the same Connection.
+  output, acked at once);
+* stream 2 and up: a layer above attached with ``attach`` (moshpit_channels: forwarded
+  ports and the agent) gets a stream of its own, carrying records too, served after the
+  terminal and resent across re-keys as stream 1 is, and the record types it names.
 
 Records (the one encoding for everything a session says that is not terminal bytes)::
 
@@ -40,6 +42,8 @@ Records (the one encoding for everything a session says that is not terminal byt
     STDERR   (8) server->client  offset:u64 data   a command's stderr (no PTY) from byte
                                  offset on: after a re-key a record may come again, and
                                  the client keeps only the bytes past what it has
+    9-15         channels (moshpit_channels, protocol 4): open, result, data, window, EOF,
+                 close, listen; handled by the attached channel layer
 
 Version rule: a type number is never reused or redefined.  A receiver skips a record of a
 type it does not know by its length, and reads a known record's fields from the start of
@@ -48,8 +52,9 @@ body, never change the ones there.  A sender sends a type only if the peer's pro
 version (exchanged in the handshake, moshpit.PROTOCOL_VERSION) defines it.  A record longer
 than MAX_RECORD_BODY is skipped too, without being buffered.
 
-Records travel again after a resume: stream 1 starts over on both sides with each re-key,
-and records not yet acknowledged are written again whole, so a record may arrive twice.
+Records travel again after a resume: stream 1 (and an attached layer's stream) starts over
+on both sides with each re-key, and records not yet acknowledged are written again whole,
+so a record may arrive twice.
 Each is idempotent or reported once (EXIT, SHUTDOWN); a repeated RESIZE is harmless.
 
 Takeover (``mp --attach``): another client of the session's user takes the session over.
@@ -70,7 +75,7 @@ Ending rules (ServerSession): the session ends
 * when the client quits (a SHUTDOWN record over UDP, or ``end_requested`` after a quit
   request over TCP): at once;
 * when the server stops (``shutdown``): SHUTDOWN is sent, and the session ends once acked
-  or after SHUTDOWN_FLUSH_SECS;
+  or after ``shutdown_flush_secs`` (SHUTDOWN_FLUSH_SECS by default);
 * when the client has been silent for ``detached_timeout_secs`` (0: never) -- or, if it
   never sent a single UDP packet since the handshake, for the shorter
   ``unattached_timeout_secs`` (UDP blocked: the session would hold its slot for nothing).
@@ -101,6 +106,7 @@ import struct
 from collections import deque
 from typing import NamedTuple, Optional
 
+import moshpit
 from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddressChanged
 
 __all__ = [
@@ -134,10 +140,12 @@ EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
 MAX_REASON_BYTES = 255
 
-RESUME_AFTER_SECS = 10.0  # client: UDP silence before a port hop + resume handshake
+# client: UDP silence before a port hop + resume handshake (the resume_after_secs setting)
+RESUME_AFTER_SECS = float(moshpit.DEFAULT_RESUME_AFTER_SECS)
 FIRST_BACKOFF_SECS = 2.0  # then between attempts, doubling up to the configured maximum
 PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
-SHUTDOWN_FLUSH_SECS = 1.5  # server stopping: time to tell the client before hanging up
+# server stopping: time to tell the client before hanging up (the shutdown_flush_secs setting)
+SHUTDOWN_FLUSH_SECS = float(moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS)
 
 
 # ---------------------------------------------------------------------------
@@ -200,41 +208,54 @@ class RecordDecoder:
 
 
 class RecordLane:
-    """Typed records on the urgent stream 1 of a Connection, resent whole after a re-key.
+    """Typed records on one stream of a Connection (the urgent stream 1 by default),
+    resent whole after a re-key.
 
     Sending: ``send(type, body)``.  Receiving: ``feed(data)`` with the stream's bytes.
-    ``rekey(...)`` replaces ``Connection.rekey``: stream 1 starts over on both sides, and
-    the records the peer had not acknowledged are written again.
+    Around ``Connection.rekey`` (the stream starts over on both sides), ``unacked()`` taken
+    before it and ``restart(...)`` after it write again the records the peer had not
+    acknowledged.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, stream_id: int = STREAM_RECORDS,
+                 window: int = RECORD_WINDOW, urgent: bool = True) -> None:
         self.conn = conn
-        conn.open_stream(STREAM_RECORDS, RECORD_WINDOW, urgent=True)
+        self.stream_id = stream_id
+        conn.open_stream(stream_id, window, urgent=urgent)
         self._unacked: deque = deque()  # (end offset, record) not known to have arrived
         self._decoder = RecordDecoder()
 
     def send(self, record_type: int, body: bytes) -> None:
         record = encode_record(record_type, body)
-        self.conn.send(record, STREAM_RECORDS)
-        self._unacked.append((self.conn.send_offset(STREAM_RECORDS), record))
+        self.conn.send(record, self.stream_id)
+        self._unacked.append((self.conn.send_offset(self.stream_id), record))
+        acked = self.conn.acked_offset(self.stream_id)
+        while self._unacked and self._unacked[0][0] <= acked:  # bounded by the window
+            self._unacked.popleft()
 
     def feed(self, data: bytes) -> list:
         return self._decoder.feed(data)
 
     def idle(self) -> bool:
         """Every record sent has been acknowledged."""
-        return self.conn.unacked_bytes(STREAM_RECORDS) == 0
+        return self.conn.unacked_bytes(self.stream_id) == 0
 
-    def rekey(self, keys: object, peer_recv_offset: int, now: float,
-              peer_addr: object = None) -> None:
-        acked = self.conn.acked_offset(STREAM_RECORDS)
-        pending = [record for end, record in self._unacked if end > acked]
-        self.conn.rekey(keys, peer_recv_offset, now, peer_addr)
+    def writable(self) -> bool:
+        """Room in the stream's window (records sent beyond it are queued, never refused)."""
+        return self.conn.writable(self.stream_id)
+
+    def unacked(self) -> list:
+        """The records the peer has not acknowledged (take them before a re-key)."""
+        acked = self.conn.acked_offset(self.stream_id)
+        return [record for end, record in self._unacked if end > acked]
+
+    def restart(self, pending: list) -> None:
+        """The stream started over (a re-key): write ``pending`` (from ``unacked``) again."""
         self._unacked.clear()
         self._decoder.reset()
         for record in pending:
-            self.conn.send(record, STREAM_RECORDS)
-            self._unacked.append((self.conn.send_offset(STREAM_RECORDS), record))
+            self.conn.send(record, self.stream_id)
+            self._unacked.append((self.conn.send_offset(self.stream_id), record))
 
 
 # ---------------------------------------------------------------------------
@@ -305,6 +326,43 @@ class _Core:
         self.records = RecordLane(self.conn)
         self._events: deque = deque()
         self._shutdown_reported = False
+        self._extensions: list = []  # layers above with records and a stream of their own
+        self._lanes: dict = {STREAM_RECORDS: self.records}  # stream id -> RecordLane
+        self._routes: dict = {}  # record type -> the extension that handles it
+
+    def attach(self, extension: object) -> RecordLane:
+        """Let a layer above (moshpit_channels) speak through this session: records of the
+        types in ``extension.RECORD_TYPES`` on stream 1 go to ``extension.on_record(type,
+        body, now)``, as do the records of its own stream ``extension.STREAM_ID`` (window
+        ``extension.STREAM_WINDOW``, served after the terminal), which is resent across
+        re-keys like the record lane.  Returns that stream's lane; after a takeover (a
+        fresh Connection) ``extension.on_new_connection(lane, now)`` gets the new one."""
+        self._extensions.append(extension)
+        for record_type in extension.RECORD_TYPES:
+            self._routes[record_type] = extension
+        return self._open_lane(extension)
+
+    def _open_lane(self, extension: object) -> RecordLane:
+        lane = RecordLane(self.conn, extension.STREAM_ID, extension.STREAM_WINDOW, urgent=False)
+        self._lanes[extension.STREAM_ID] = lane
+        return lane
+
+    def _rekey(self, keys: object, peer_recv_offset: int, now: float,
+               peer_addr: object = None) -> None:
+        """Continue under new keys: stream 0 from ``peer_recv_offset``, every lane with the
+        records its peer had not acknowledged."""
+        pending = [(lane, lane.unacked()) for lane in self._lanes.values()]
+        self.conn.rekey(keys, peer_recv_offset, now, peer_addr)
+        for lane, records in pending:
+            lane.restart(records)
+
+    def _new_connection(self, keys: object, now: float) -> None:
+        """Start over on a fresh Connection (a takeover): new lanes, extensions told."""
+        self.conn = Connection(self.conn.role, keys, now)
+        self.records = RecordLane(self.conn)
+        self._lanes = {STREAM_RECORDS: self.records}
+        for extension in self._extensions:
+            extension.on_new_connection(self._open_lane(extension), now)
 
     # The three calls a carrier (UdpLink) makes, as on a bare Connection.
 
@@ -340,8 +398,12 @@ class _Core:
                 if event.stream_id == STREAM_TERMINAL:
                     self._on_terminal(event.data, now)
                 else:
-                    for record_type, body in self.records.feed(event.data):
-                        self._on_record(record_type, body, now)
+                    for record_type, body in self._lanes[event.stream_id].feed(event.data):
+                        extension = self._routes.get(record_type)
+                        if extension is not None:
+                            extension.on_record(record_type, body, now)
+                        else:
+                            self._on_record(record_type, body, now)
             elif isinstance(event, PeerAddressChanged):
                 self._on_address(event.addr)
 
@@ -375,10 +437,12 @@ class ServerSession(_Core):
     """
 
     def __init__(self, keys: object, now: float, detached_timeout_secs: float = 0,
-                 unattached_timeout_secs: float = 0) -> None:
+                 unattached_timeout_secs: float = 0,
+                 shutdown_flush_secs: float = SHUTDOWN_FLUSH_SECS) -> None:
         super().__init__("server", keys, now)
         self.detached_timeout_secs = detached_timeout_secs or None
         self.unattached_timeout_secs = unattached_timeout_secs or None
+        self.shutdown_flush_secs = shutdown_flush_secs
         self.client_addr: Optional[tuple] = None  # None: no UDP packet from the client yet
         self.ending: Optional[str] = None  # why the session is ending, once it is
         self._end_by: Optional[float] = None  # None: live on as a detached session would
@@ -436,7 +500,7 @@ class ServerSession(_Core):
     def resume(self, keys: object, peer_recv_offset: int, now: float) -> int:
         """A resume handshake re-attached the client: continue under ``keys`` from
         ``peer_recv_offset``. Returns the terminal bytes we have received (for the reply)."""
-        self.records.rekey(keys, peer_recv_offset, now)
+        self._rekey(keys, peer_recv_offset, now)
         return self.recv_offset
 
     def take_over(self, keys: object, screen: bytes, reason: str, now: float) -> list:
@@ -448,8 +512,7 @@ class ServerSession(_Core):
         if self.client_addr is not None:
             self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
             goodbye = self.conn.datagrams_to_send(now)
-        self.conn = Connection("server", keys, now)
-        self.records = RecordLane(self.conn)
+        self._new_connection(keys, now)
         self.client_addr = None
         self._shutdown_reported = False
         self.records.send(RECORD_REPAINT, screen)
@@ -463,7 +526,7 @@ class ServerSession(_Core):
     def shutdown(self, reason: str, now: float) -> None:
         """The server stops: tell the client, end once it acknowledged or soon after."""
         self.records.send(RECORD_SHUTDOWN, _reason_body(reason))
-        self._end(reason, now, SHUTDOWN_FLUSH_SECS)
+        self._end(reason, now, self.shutdown_flush_secs)
 
     # -- the program's questions ---------------------------------------------------------
 
@@ -638,7 +701,7 @@ class ClientSession(_Core):
         """A resume handshake succeeded: continue under ``keys``, resending our input from
         ``peer_recv_offset``; the size goes again (it may have changed meanwhile)."""
         self.resume_secret = resume_secret
-        self.records.rekey(keys, peer_recv_offset, now, server_addr)
+        self._rekey(keys, peer_recv_offset, now, server_addr)
         self._resize_due = True
         self._send_resize()
 
@@ -705,19 +768,23 @@ class ClientSession(_Core):
 
 class ResumeSchedule:
     """When the client tries a resume handshake: the first attempt once the server has been
-    silent (no UDP) for RESUME_AFTER_SECS, then FIRST_BACKOFF_SECS after each failed or
-    fruitless attempt, doubling up to ``max_backoff_secs``; one attempt at a time; contact
-    coming back starts the schedule over. mp runs the attempts (a thread each)."""
+    silent (no UDP) for ``resume_after_secs`` (the setting of that name, RESUME_AFTER_SECS by
+    default; mp passes less where the resume may move the session to the TCP carrier), then
+    FIRST_BACKOFF_SECS after each failed or fruitless attempt, doubling up to
+    ``max_backoff_secs``; one attempt at a time; contact coming back starts the schedule
+    over. mp runs the attempts (a thread each)."""
 
-    def __init__(self, max_backoff_secs: float) -> None:
+    def __init__(self, max_backoff_secs: float,
+                 resume_after_secs: float = RESUME_AFTER_SECS) -> None:
         self.max_backoff = max_backoff_secs
+        self.resume_after = resume_after_secs
         self.backoff = FIRST_BACKOFF_SECS
         self.not_before = 0.0
         self.running = False
         self.attempts = 0
 
     def next_attempt(self, last_contact: float) -> float:
-        return max(last_contact + RESUME_AFTER_SECS, self.not_before)
+        return max(last_contact + self.resume_after, self.not_before)
 
     def due(self, now: float, last_contact: float) -> bool:
         return not self.running and now >= self.next_attempt(last_contact)

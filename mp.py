@@ -22,7 +22,7 @@ moshpit_session's docstring):
 2. Session.run (main thread, the only one touching the ClientSession): each turn of the
    loop reads stdin while ``may_read_input()``, feeds datagrams, turns core events into
    stdout bytes, and flushes ``datagrams_to_send``.
-3. Silence past moshpit_session.RESUME_AFTER_SECS: Session._maybe_resume hops the UDP port
+3. Silence past the resume_after_secs setting: Session._maybe_resume hops the UDP port
    and starts Resumer (one thread per attempt) with ``ClientSession.resume_request()``; it runs
    only the blocking handshake (HostKeyCheck.resume: the key must not change) and wakes the
    loop through the Waker.
@@ -61,11 +61,12 @@ import tty
 import moshpit
 import moshpit_agent
 import moshpit_bootstrap
+import moshpit_carrier
+import moshpit_channels
 import moshpit_handshake
 import moshpit_keys
 import moshpit_session
 import moshpit_term
-import moshpit_transport
 import moshpit_trust
 
 log = logging.getLogger("moshpit.client")
@@ -73,6 +74,7 @@ log = logging.getLogger("moshpit.client")
 EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) exit 255
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
 UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, like mosh)
+NOTICE_SECS = 4.0  # a status line (such as "UDP blocked, using TCP") stays this long
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-host-key-checking", choices=moshpit.HOST_KEY_POLICIES,
                    help="unknown host keys: ask (default), accept-new (trust on first use), "
                    "yes (refuse unless already in known_hosts)")
+    p.add_argument("--transport", choices=moshpit.TRANSPORTS,
+                   help="how the session's packets travel: auto (default: UDP, or TCP where"
+                   " UDP is blocked), udp (never TCP) or tcp (always TCP)")
     p.add_argument("--print-config", action="store_true",
                    help="print every effective setting and where it came from, then exit")
     p.add_argument("--copy-id", action="store_true",
@@ -157,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--no-tty", dest="pty", action="store_const", const=False,
                    help="no PTY: the command's bytes pass untouched (the default when stdin "
                    "is not a terminal), as ssh -T")
+    # --- forwarding (README "Forwarding"): ssh's spellings ---
+    p.add_argument("-L", dest="forwards", action="append", type=lambda v: ("-L", v),
+                   metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="forward local PORT to HOST:HOSTPORT as seen from the server")
+    p.add_argument("-R", dest="forwards", action="append", type=lambda v: ("-R", v),
+                   metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="forward the server's PORT (on its loopback; 0: any free port) to "
+                   "HOST:HOSTPORT as seen from here")
+    p.add_argument("-D", dest="forwards", action="append", type=lambda v: ("-D", v),
+                   metavar="[BIND:]PORT", help="SOCKS4a/SOCKS5 proxy on local PORT whose "
+                   "connections the server makes")
+    p.add_argument("-A", dest="forward_agent", action="store_const", const=True,
+                   help="forward the ssh-agent at SSH_AUTH_SOCK to the session")
+    p.add_argument("-N", dest="no_command", action="store_true",
+                   help="forwarding only: no shell or command (an idle cat waits on the "
+                   "server), stdin not read; Ctrl-C ends it")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -199,7 +220,8 @@ class FirstLoginName(argparse.Action):
 
 
 # The client's own flags that are config settings (argparse dest == config key).
-CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination")
+CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination",
+                "forward_agent", "transport")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -649,6 +671,11 @@ class StatusBanner:
         self.ellipsis = ellipsis
         self.quit_hint = quit_hint  # " - Ctrl-^ . quits", or "" without an escape key
         self.udp_wait = None  # (host, port) until the first UDP packet arrives
+        # A status line shown until notice_until (monotonic) whatever the silence, e.g.
+        # "moshpit: UDP blocked, using TCP"; a silence's banner takes precedence.
+        self.notice = None
+        self.notice_until = None
+        self.notice_drawn = False  # what is shown is that status line
         self.shown = False
         self.drawn_text = None
 
@@ -681,9 +708,13 @@ class StatusBanner:
         """Bytes to write now (possibly b""): draw when silence passes the threshold,
         redraw when the text changes (the whole-second count) or ``force`` (resize).
         ``repaint``: what hide() writes to take the banner away (default: erase the row)."""
-        if silence < self.threshold():
+        if silence >= self.threshold():
+            text = self.text(silence, note, cols)
+        elif self.notice is not None:
+            text = self.notice
+        else:
             return self.hide(repaint)
-        text = self.text(silence, note, cols)
+        self.notice_drawn = text == self.notice
         if self.shown and text == self.drawn_text and not force:
             return b""
         self.shown, self.drawn_text = True, text
@@ -864,8 +895,9 @@ class Resumer(moshpit_session.ResumeSchedule):
     is never touched from two threads.
     """
 
-    def __init__(self, handshake, waker: Waker, max_backoff: float):
-        super().__init__(max_backoff)
+    def __init__(self, handshake, waker: Waker, max_backoff: float,
+                 resume_after: float = moshpit_session.RESUME_AFTER_SECS):
+        super().__init__(max_backoff, resume_after)
         self.handshake = handshake  # request -> ClientResult, raises MoshpitError
         self.waker = waker
         self.results = queue.Queue()
@@ -938,7 +970,7 @@ class Session:
 
     def __init__(self, target, hostcheck: HostKeyCheck, first, identity, config,
                  router: SignalRouter, waker: Waker, guard: TerminalGuard, in_fd: int = 0,
-                 out_fd: int = 1, attaching: bool = False):
+                 out_fd: int = 1, attaching: bool = False, forwards=()):
         self.target = target
         self.guard = guard  # entered: the suspend key leaves and re-enters raw mode
         self.hostcheck = hostcheck
@@ -960,7 +992,7 @@ class Session:
         self.screen = ScreenMirror(*target.winsize())
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
-        self.stdin_open = True
+        self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
         self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
@@ -968,9 +1000,20 @@ class Session:
             first.keys, time.monotonic(), udp_peer(first), first.grant.session_id,
             first.grant.resume_secret, target.winsize(), attaching=attaching)
         wildcard = "::" if ":" in first.server_addr[0] else "0.0.0.0"
-        self.link = moshpit_transport.UdpLink.bind(self.core, wildcard)
+        self.link = moshpit_carrier.CarrierLink.bind(self.core, wildcard)
+        self.paths = moshpit_carrier.PathSelector(config["transport"])
+        self.udp_addr = udp_peer(first)
+        self.tcp_path = moshpit_carrier.new_tcp_path()  # the carrier's, once there is one
+        self._new_paths(first, time.monotonic())
+        # A silence may be blocked UDP or a broken TCP connection, which the resume's new
+        # TCP carrier gets around: resume sooner than over UDP alone.
+        first_resume = float(config["resume_after_secs"])
+        if self.paths.keeps_carrier:
+            first_resume = min(first_resume, moshpit_carrier.CARRIER_RESUME_AFTER_SECS)
         self.resumer = Resumer(self._resume_handshake, waker,
-                               float(config["max_reconnect_backoff_secs"]))
+                               float(config["max_reconnect_backoff_secs"]), first_resume)
+        self.channels = forwarding_sockets(self.core, forwards, config["forward_agent"],
+                                           self._notify)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -986,6 +1029,7 @@ class Session:
         finally:
             self.router.in_loop = False
             self.link.close()
+            self.channels.close()
             if not self.finished:
                 self._reset_now()
         return self.outcome
@@ -1005,26 +1049,33 @@ class Session:
         readers = [self.waker]
         stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
         if not stalled:
-            readers.append(self.link)
+            readers += self._network()
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
-        writers = self._pending_writers()
+        readers += self.channels.readers()
+        writers = self._pending_writers() + self.channels.writers()
+        tcp = self.link.carrier
+        if tcp is not None and tcp.wants_write():
+            writers.append(tcp)
         timeout = max(0.0, self._next_deadline(now) - now)
-        readable, _, _ = select.select(readers, writers, [], timeout)
+        readable, writable, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
         if stalled:
             self.core.last_contact = now  # we are not listening, so the server is not silent
         if self.waker in readable:
             self.waker.drain()
         self._signals()
-        if self.link in readable:
-            self._receive(now)
+        if tcp is not None and tcp in writable:
+            self.link.carrier_writable()
+        self._receive(now, readable)
         self._contact(now)
         self._events()
         if self.in_fd in readable:
             self._read_stdin()
+        self.channels.handle(readable, writable, now)
         self._resume_results(now)
         self._maybe_resume(now)
+        self._steer(now)
         self.link.flush(now)
         if self.out:
             self._write_out()
@@ -1033,17 +1084,65 @@ class Session:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + IDLE_WAKE_SECS, self.banner.next_deadline(self.core.last_contact, now)]
-        link_wait = self.link.timeout(now)
-        if link_wait is not None:
-            deadlines.append(now + link_wait)
+        for wait in (self.link.timeout(now), self.channels.timeout(now)):
+            if wait is not None:
+                deadlines.append(now + wait)
         if not self.resumer.running:
             deadlines.append(self.resumer.next_attempt(self.core.last_contact))
+        for deadline in (self.paths.next_deadline(), self.banner.notice_until):
+            if deadline is not None:
+                deadlines.append(deadline)
         return min(deadlines)
 
-    def _receive(self, now: float) -> None:
-        self.link.handle_readable(now)
+    def _network(self) -> list:
+        """What to read from the network: the UDP socket and the TCP carrier, if any."""
+        tcp = self.link.carrier
+        return [self.link] if tcp is None else [self.link, tcp]
+
+    def _receive(self, now: float, readable: list) -> None:
+        if self.link in readable:
+            before = self.core.last_contact
+            self.link.handle_readable(now)
+            if self.core.last_contact != before:
+                self.paths.udp_heard(now)
+        tcp = self.link.carrier
+        if tcp is not None and tcp in readable:
+            self.link.carrier_readable(now)
         if self.core.udp_heard:
-            self.banner.udp_wait = None  # UDP works: from now on silence is "last contact"
+            self.banner.udp_wait = None  # packets arrive: from now on silence is "last contact"
+
+    def _new_paths(self, result, now: float) -> None:
+        """After a handshake: the server's UDP address, and its connection kept as the TCP
+        carrier (replacing the last one), both trusted (we dialled them)."""
+        self.udp_addr = udp_peer(result)
+        self.core.conn.trust_path(self.udp_addr)
+        if result.connection is not None:
+            self.link.attach(moshpit_carrier.TcpCarrier(result.connection, result.unread))
+            self.tcp_path = self.link.carrier.path
+        else:
+            self.link.detach()
+        self.paths.started(now, result.rtt, result.connection is not None)
+
+    def _steer(self, now: float) -> None:
+        """Carriers (moshpit_carrier.PathSelector): its timers, the path the Connection
+        sends on, UDP probes while on TCP, closing a connection no longer needed, and the
+        status line when the path changes."""
+        paths, link, conn = self.paths, self.link, self.core.conn
+        if paths.carrier and link.carrier is None:
+            paths.carrier_lost(now)  # closed by the server, or broken
+        paths.tick(now)
+        if paths.close_carrier_due(now):
+            link.detach()
+        # On TCP with the carrier gone (forced tcp), datagrams go to its dead path: dropped.
+        conn.use_path(self.tcp_path if paths.active == "tcp" else self.udp_addr, now)
+        if paths.probe_due(now):
+            link.send_to(conn.probe_datagram(now), self.udp_addr)
+        note = paths.take_note()
+        if note is not None:
+            log.warning("%s", note)
+            self.banner.notice = f"moshpit: {note}"
+            self.banner.notice_until = now + NOTICE_SECS
+            self._redraw_banner(now, force=True)
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -1131,16 +1230,22 @@ class Session:
 
     def _contact(self, now: float) -> None:
         """Banner on/off/update from the silence. Packets flowing again is immediate
-        recovery: banner gone, resume back-off reset, no handshake needed."""
+        recovery: banner gone, resume back-off reset, no handshake needed. A status line
+        (``banner.notice``) stays its few seconds while packets flow."""
         silence = self.core.silence(now)
-        if silence < self.banner.threshold():
-            if self.banner.shown and self.screen.at_safe_point():
-                log.info("contact with %s is back", self.target.host)
-                self.out += self.banner.hide(self.screen.repaint_top_row())
-            self.banner_note = ""
+        banner = self.banner
+        if silence < self.resumer.resume_after:  # not yet a silence a resume is for
             self.resumer.contact()
-        else:
+        if banner.notice_until is not None and now >= banner.notice_until:
+            banner.notice = banner.notice_until = None
+        if silence >= banner.threshold() or banner.notice is not None:
             self._redraw_banner(now)
+            return
+        if banner.shown and self.screen.at_safe_point():
+            if not banner.notice_drawn:
+                log.info("contact with %s is back", self.target.host)
+            self.out += banner.hide(self.screen.repaint_top_row())
+        self.banner_note = ""
 
     def _redraw_banner(self, now: float, force: bool = False) -> None:
         if not self.out_is_tty or not self.screen.at_safe_point():
@@ -1159,8 +1264,10 @@ class Session:
         self.resumer.start(request)
 
     def _resume_handshake(self, request):
-        """Runs in the Resumer's thread: only immutable inputs, no Connection access."""
-        return self.target.connect(self.identity, request, self.hostcheck.resume)
+        """Runs in the Resumer's thread: only immutable inputs, no Connection access. A
+        resume's connection stays open as the next TCP carrier (a quit request's not)."""
+        keep = self.paths.keeps_carrier and not request.end_session
+        return self.target.connect(self.identity, request, self.hostcheck.resume, keep)
 
     def _resume_results(self, now: float) -> None:
         outcome = self.resumer.take(now)
@@ -1180,6 +1287,7 @@ class Session:
                  outcome.grant.recv_offset, self.core.recv_offset)
         self.core.resumed(outcome.keys, outcome.grant.recv_offset, outcome.grant.resume_secret,
                           udp_peer(outcome), now)
+        self._new_paths(outcome, now)
         self.banner_note = "server answered, waiting for UDP"
         if self.banner.udp_wait is not None:
             self.banner.udp_wait = (self.target.host, outcome.grant.udp_port)
@@ -1199,6 +1307,12 @@ class Session:
     def _pending_writers(self) -> list:
         """The output fds with bytes waiting for them."""
         return [fd for fd, pending in ((self.out_fd, self.out), (ERR_FD, self.err)) if pending]
+
+    def _notify(self, text: str) -> None:
+        """A forwarding message for the person (ssh prints these on stderr too)."""
+        log.info("%s", text)
+        self.err += f"mp: {text}{chr(13) if self.out_is_tty else ''}\n".encode(
+            self.encoding, "replace")
 
     def _write_err(self) -> None:
         try:
@@ -1297,8 +1411,44 @@ class Session:
                 return
             wait = self.link.timeout(now)
             wait = deadline - now if wait is None else min(wait, deadline - now)
-            if select.select([self.link], [], [], max(0.0, wait))[0]:
-                self._receive(time.monotonic())
+            tcp = self.link.carrier
+            writers = [tcp] if tcp is not None and tcp.wants_write() else []
+            readable, writable, _ = select.select(self._network(), writers, [], max(0.0, wait))
+            if writable:
+                self.link.carrier_writable()
+            self._receive(time.monotonic(), readable)
+
+
+def forwarding_sockets(core, forwards, forward_agent: bool, notify):
+    """--- forwarding --- The session's channels: -L/-D listeners here (a port that cannot
+    be bound is a warning, as in ssh), -R requests to the server, -A's agent socket."""
+    mux = moshpit_channels.ChannelMux(core, "client", agent=forward_agent)
+    agent = os.environ.get("SSH_AUTH_SOCK") if forward_agent else None
+    sockets = moshpit_channels.ChannelSockets(mux, notify, agent_path=agent)
+    for number, (option, spec) in enumerate(forwards, 1):
+        if option == "-R":
+            sockets.request_remote(number, spec)
+            continue
+        try:
+            sockets.listen_local(option, spec)
+        except OSError as err:
+            notify(f"cannot listen on {spec.bind_host}:{spec.bind_port} for {option}: "
+                   f"{err.strerror or err}")
+    return sockets
+
+
+# -N's remote command: something that waits without reading a terminal or writing (the
+# session needs a process; stdin stays open as long as mp runs).
+NO_COMMAND = "exec cat > /dev/null"
+
+
+def parse_forwards(given) -> list:
+    """-L/-R/-D arguments as (option, ForwardSpec), in order; a bad one is an error."""
+    try:
+        return [(option, moshpit_channels.parse_forward(option, text))
+                for option, text in given or ()]
+    except ValueError as err:
+        raise moshpit.MoshpitError(f"bad forwarding: {err}") from None
 
 
 def terminal_encoding() -> str:
@@ -1344,11 +1494,13 @@ class Target:
     """Where and as whom we connect, and what we tell the server about our terminal."""
 
     def __init__(self, user: str, host: str, port: int, in_fd: int = 0, command=None,
-                 pty=None):
+                 pty=None, forward_agent: bool = False):
         self.user, self.host, self.port = user, host, port
+        self.forward_agent = forward_agent  # -A
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
         self.command = command
+        self.no_command = command == NO_COMMAND  # -N
         # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
         # ssh -t would), and a login shell always does (as before commands existed).
         self.pty = pty if pty is not None else (self.is_tty or command is None)
@@ -1371,11 +1523,12 @@ class Target:
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
             resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
-            pty=self.pty, intent=intent)
+            pty=self.pty, intent=intent, forward_agent=self.forward_agent)
 
-    def connect(self, identity, request, verify_host_key):
+    def connect(self, identity, request, verify_host_key, keep_connection: bool = False):
         return moshpit_handshake.client_handshake(
-            self.host, self.port, identity, request, verify_host_key)
+            self.host, self.port, identity, request, verify_host_key,
+            keep_connection=keep_connection)
 
 
 class Connector:
@@ -1392,7 +1545,8 @@ class Connector:
         self.destination = destination
         user, host = remote_user_and_host(destination, login, login_first,
                                           ssh_alias_lookup(config, prompter))
-        self.target = Target(user, host, config["server_port"], command=command, pty=pty)
+        self.target = Target(user, host, config["server_port"], command=command, pty=pty,
+                             forward_agent=config["forward_agent"])
         self.identity = moshpit_agent.KeyRing(
             config["private_key_path"], config["public_key_path"],
             lambda: load_identity(config, prompter, self.target),
@@ -1410,12 +1564,13 @@ class Connector:
             self.prompter.say(f"mp: waiting for ssh-agent to sign with {key.fingerprint()}"
                               " (confirm it, or touch the key)")
 
-    def connect(self, intent: int = 0, session_id=None):
-        """One handshake (the host key checked as on first contact)."""
+    def connect(self, intent: int = 0, session_id=None, keep_connection: bool = False):
+        """One handshake (the host key checked as on first contact); ``keep_connection``:
+        the result's connection is left open, for the TCP carrier."""
         target = self.target
         return target.connect(self.identity, target.request(*target.winsize(), intent=intent,
                                                             session_id=session_id),
-                              self.hostcheck.first)
+                              self.hostcheck.first, keep_connection)
 
     def sessions(self) -> list:
         """The user's sessions on the server (mp --list), most recently active first."""
@@ -1503,7 +1658,7 @@ def manage_sessions(config, prompter: Prompter, login=None, login_first: bool = 
 
 def run_client(config, prompter: Prompter, login=None, login_first: bool = False,
                command=None, pty=None, attach=None, ssh_command=None,
-               ssh_cache: bool = False) -> int:
+               ssh_cache: bool = False, forwards=()) -> int:
     """Connect (prompts in cooked mode), run the session in raw mode, and return the exit
     status. The terminal is restored before the final message is printed, whatever
     happened; SIGTERM/SIGHUP/SIGINT during prompts or the handshake end here too.
@@ -1524,14 +1679,15 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
     guard = TerminalGuard(0, 1, raw=target.pty)
     router.install()
     try:
+        keep = config["transport"] != "udp"  # the handshake's connection: the TCP carrier
         if attach is None:
-            first = connector.connect()
+            first = connector.connect(keep_connection=keep)
             if first.grant.detached:
                 prompter.say(f"mp: {first.grant.detached} detached session(s):"
                              f" mp --attach {connector.destination}")
         else:
             first = connector.connect(moshpit_handshake.TAKE_OVER,
-                                      connector.pick(attach).session_id)
+                                      connector.pick(attach).session_id, keep)
         log.info("connected to %s@%s port %d, UDP %s", target.user, target.host, target.port,
                  udp_peer(first))
         if os.isatty(1) and target.pty:  # once connected (a failure prints one line only)
@@ -1542,7 +1698,8 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
         connector.in_session = True
         with guard:
             outcome = Session(target, hostcheck, first, identity, config, router,
-                              waker, guard, attaching=attach is not None).run()
+                              waker, guard, attaching=attach is not None,
+                              forwards=forwards).run()
     except Terminated as err:
         outcome = Outcome(EXIT_FAILURE, killed_message(err.signum))
     finally:
@@ -1639,6 +1796,10 @@ def main(argv=None) -> int:
         managing = args.list_sessions or args.kill is not None or args.attach is not None
         if managing and command is not None:
             raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
+        if args.no_command:
+            if command is not None or args.pty:
+                raise moshpit.MoshpitError("-N takes no remote command and no --tty")
+            command, args.pty = NO_COMMAND, False
         if args.ssh_cache and not args.ssh:
             raise moshpit.MoshpitError("--ssh-cache goes with --ssh")
         if args.ssh and managing:
@@ -1649,7 +1810,7 @@ def main(argv=None) -> int:
                                    args.kill)
         return run_client(config, prompter, args.login_name, args.login_first, command,
                           args.pty, args.attach, args.ssh_command if args.ssh else None,
-                          args.ssh_cache)
+                          args.ssh_cache, parse_forwards(args.forwards))
     except moshpit.MoshpitError as err:
         log.info("exiting: %s", err)
         prompter.say(f"mp: {err}")

@@ -68,6 +68,8 @@ from collections import Counter, deque
 from typing import Callable, Dict, List, Optional
 
 import moshpit
+import moshpit_carrier as carrier
+import moshpit_channels
 import moshpit_handshake as handshake
 import moshpit_ipc
 import moshpit_keys as keys
@@ -77,7 +79,6 @@ import moshpit_term
 import moshpit_transport as transport
 import moshpit_trust as trust
 from moshpit import MoshpitError
-from moshpit_session import SHUTDOWN_FLUSH_SECS
 
 log = logging.getLogger("moshpit.server")
 
@@ -225,7 +226,8 @@ class PtyShell:
 
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
                  client_env: Dict[str, str], connection: str, command: Optional[str] = None,
-                 pty: bool = True, pam_env: Optional[Dict[str, str]] = None):
+                 pty: bool = True, agent_sock: Optional[str] = None,
+                 pam_env: Optional[Dict[str, str]] = None):
         self.user = pw.pw_name
         self.rows, self.cols = rows, cols
         self.is_pty = pty
@@ -246,6 +248,8 @@ class PtyShell:
         try:
             tty_path = os.ttyname(slave) if pty else ""
             env = login_environment(pw, term, client_env, connection, tty_path)
+            if agent_sock:  # --- forwarding: -A (moshpit_channels.AgentSocketDir) ---
+                env["SSH_AUTH_SOCK"] = agent_sock
             for name, value in (pam_env or {}).items():  # XDG_RUNTIME_DIR, pam_env's
                 env.setdefault(name, value)
             if pty:
@@ -414,6 +418,14 @@ class _Resume(_Request):
         self.peer_recv_offset = peer_recv_offset
 
 
+class _Carrier:
+    """The handshake that resumed or started the session leaves its connection as the TCP
+    carrier (moshpit_carrier)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+
 class _EndRequest(_Request):
     """The session's owner quit and said so over TCP (UDP could not carry it): end it. With
     a ``reason`` (mp --kill), the client holding the session is told it."""
@@ -454,7 +466,7 @@ class Session:
     """
 
     def __init__(self, server: Server, session_id: bytes, user: str, client_key,
-                 udp_sock: socket.socket, shell: PtyShell):
+                 udp_sock: socket.socket, shell: PtyShell, forwarding: Optional[tuple] = None):
         self.server = server
         self.session_id = session_id
         self.resume_secret = secrets.token_bytes(32)
@@ -484,6 +496,10 @@ class Session:
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
         self.reap_on_signal = False  # SIGCHLD wakes the loop: no CHILD_POLL_SECS polling
+        self._carrier_fd = -1  # the TCP carrier's fd as registered with the selector
+        # --- forwarding: (ForwardPolicy, AgentSocketDir or None, may bind ports < 1024) ---
+        self._forwarding = forwarding
+        self.channels: Optional[moshpit_channels.ChannelSockets] = None
 
     # -- other threads -------------------------------------------------------------------
 
@@ -491,10 +507,17 @@ class Session:
         """The handshake completed: create the session core and run the session thread."""
         self.core = session_core.ServerSession(keys, time.monotonic(),
                                                self.server.detached_timeout,
-                                               self.server.unattached_timeout)
+                                               self.server.unattached_timeout,
+                                               self.server.shutdown_flush)
         if self.shell.stderr_fd is not None:
             self.core.expect_stderr()
-        self.link = transport.UdpLink(self.core, self.udp_sock)
+        if self._forwarding is not None:  # --- forwarding: the session's channels ---
+            policy, agent_dir, privileged_ports = self._forwarding
+            mux = moshpit_channels.ChannelMux(self.core, "server", policy)
+            self.channels = moshpit_channels.ChannelSockets(
+                mux, lambda text: log.info("session %s: %s", self.name, text),
+                privileged_ports=privileged_ports, agent_dir=agent_dir)
+        self.link = carrier.CarrierLink(self.core, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
         self.thread.start()
@@ -503,9 +526,17 @@ class Session:
 
     def abandon(self) -> None:
         """The handshake failed after the session was set up: undo it (never started)."""
+        if self._forwarding is not None and self._forwarding[1] is not None:
+            self._forwarding[1].close()
         self._close_wake()
         self.shell.hangup()
         self.udp_sock.close()
+
+    def attach_carrier(self, sock: socket.socket) -> None:
+        """Carry the session over ``sock`` too (handshake thread): the connection whose
+        handshake just granted this session; ours to close."""
+        if not self._post(_Carrier(sock)):
+            sock.close()
 
     def resume(self, keys, peer_recv_offset: int) -> Optional[int]:
         """Re-attach a client (handshake thread): the session thread rekeys its Connection and
@@ -554,17 +585,19 @@ class Session:
         self.reap_on_signal = True
         self._post("reap")
 
-    def _post(self, message) -> None:
+    def _post(self, message) -> bool:
+        """Queue ``message`` for the session thread; False if the session is over."""
         with self._wake_lock:
             if self._wake_closed:  # the session is over
                 if isinstance(message, _Request):
                     message.done.set()
-                return
+                return False
             self._inbox.put(message)
             try:
                 os.write(self._wake_w, b"\0")
             except BlockingIOError:  # pipe full: already woken
                 pass
+            return True
 
     def _close_wake(self) -> None:
         """No more messages: close the wake-up pipe (under the lock: a closed fd number may be
@@ -576,6 +609,8 @@ class Session:
         for message in self._posted():
             if isinstance(message, _Request):
                 message.done.set()
+            elif isinstance(message, _Carrier):
+                message.sock.close()
 
     def _posted(self):
         """Take the messages posted so far, oldest first."""
@@ -596,7 +631,9 @@ class Session:
             self.server.unregister(self)
             self._close_wake()
             self.shell.hangup()
-            self.udp_sock.close()
+            self.link.close()
+            if self.channels is not None:
+                self.channels.close()
             log.info("session %s of %s ended (%s)", self.name, self.user,
                      self.core.ending or "error")
 
@@ -610,17 +647,24 @@ class Session:
                     return
                 for name, fd, events in (("udp", self.link.fileno(), self._udp_interest()),
                                          ("pty", self.shell.master_fd, self._pty_interest()),
-                                         ("err", self.shell.stderr_fd, self._err_interest())):
+                                         ("err", self.shell.stderr_fd, self._err_interest()),
+                                         self._carrier_watch()):
                     _watch(sel, watched, name, fd, events)
+                if self.channels is not None:
+                    self.channels.sync_selector(sel)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
                 if self._unfed and not ready:
                     self._feed_screen()  # nothing to do (output paused): catch up
                 for key, events in ready:
+                    if key.data == moshpit_channels.SELECTOR_TAG:
+                        continue  # after the session's events, below
                     if key.data == "wake":
-                        self._handle_inbox(now)
+                        self._handle_inbox(now, sel, watched)
                     elif key.data == "udp":
                         self.link.handle_readable(now)
+                    elif key.data == "tcp":
+                        self._carrier_ready(events, now)
                     elif key.data == "err":
                         self._read_stderr(now, sel, watched)
                     else:
@@ -629,6 +673,8 @@ class Session:
                         if events & selectors.EVENT_READ:
                             self._read_pty(now)
                 self._handle_events(now)
+                if self.channels is not None:
+                    self.channels.handle_selected(ready, now)
                 self._check_shell(now)
                 self.link.flush(now)
 
@@ -636,6 +682,32 @@ class Session:
         # Input the shell is not reading stays unacknowledged in the network instead of
         # piling up here: the client's send window then stops it.
         return selectors.EVENT_READ if len(self._to_pty) < MAX_PENDING_INPUT else 0
+
+    def _carrier_watch(self) -> tuple:
+        """("tcp", fd, events) for the selector: read as UDP is read, write when queued;
+        nothing once the carrier has closed (the fd it had is then unregistered)."""
+        tcp = self.link.carrier
+        if tcp is None:
+            return ("tcp", self._carrier_fd, 0)
+        events = self._udp_interest()
+        if tcp.wants_write():
+            events |= selectors.EVENT_WRITE
+        return ("tcp", self._carrier_fd, events)
+
+    def _carrier_ready(self, events: int, now: float) -> None:
+        alive = True
+        if events & selectors.EVENT_WRITE:
+            alive = self.link.carrier_writable()
+        if alive and events & selectors.EVENT_READ:
+            self.link.carrier_readable(now)
+
+    def _attach_carrier(self, sock: socket.socket, sel: selectors.BaseSelector,
+                        watched: Dict[str, int]) -> None:
+        """A new carrier replaces the old one (the client's newest handshake wins)."""
+        _watch(sel, watched, "tcp", self._carrier_fd, 0)
+        self.link.attach(carrier.TcpCarrier(sock))
+        self._carrier_fd = sock.fileno()
+        log.info("session %s: TCP carrier attached", self.name)
 
     def _pty_interest(self) -> int:
         if self.shell.master_fd is None or self.core.ending:
@@ -667,12 +739,14 @@ class Session:
         wait = self.link.timeout(now)
         polled = self._shell_status is None and not self.reap_on_signal
         for limit in (CHILD_POLL_SECS if polled else None,
-                      SCREEN_FEED_SECS if self._unfed else None):
+                      SCREEN_FEED_SECS if self._unfed else None,
+                      self.channels.timeout(now) if self.channels is not None else None):
             if limit is not None:
                 wait = limit if wait is None else min(wait, limit)
         return wait
 
-    def _handle_inbox(self, now: float) -> None:
+    def _handle_inbox(self, now: float, sel: selectors.BaseSelector,
+                      watched: Dict[str, int]) -> None:
         try:
             while os.read(self._wake_r, WAKE_READ_SIZE):
                 pass
@@ -698,6 +772,8 @@ class Session:
                 else:
                     message.recv_offset = self.core.end_requested(now)
                 message.done.set()
+            elif isinstance(message, _Carrier):
+                self._attach_carrier(message.sock, sel, watched)
             elif message == "shutdown":
                 self.core.shutdown(handshake.SHUTTING_DOWN, now)
 
@@ -712,10 +788,9 @@ class Session:
         screen = self._repaint()
         reason = f"session taken over from {moshpit.format_addr(message.peer)}"
         for datagram, addr in self.core.take_over(message.keys, screen, reason, now):
-            try:
-                self.udp_sock.sendto(datagram, addr)
-            except OSError:
-                pass  # the old client is gone anyway
+            self.link.send_to(datagram, addr)  # the old client is maybe gone anyway
+        if self.link.carrier is not None:
+            self.link.carrier_writable()
         message.recv_offset = self.core.recv_offset
         message.done.set()
         log.info("session %s taken over from %s (repaint of %d bytes)", self.name,
@@ -840,6 +915,9 @@ def sessions_dir(config: moshpit.Config) -> str:
     return os.path.join(base, f"port-{config['mps.port']}")
 
 
+FORWARDING_KEYS = ("mps.allow_tcp_forwarding", "mps.permit_open", "mps.allow_agent_forwarding")
+
+
 def pam_wanted(config: moshpit.Config) -> bool:
     """PAM is used: mps.use_pam and the system has libpam and /etc/pam.d/moshpit."""
     return config["mps.use_pam"] and moshpit_login.pam_available(
@@ -850,7 +928,9 @@ def spawner_settings(config: moshpit.Config) -> dict:
     """What each session process needs from the config."""
     return {"detached_timeout": config["mps.detached_session_timeout_secs"],
             "unattached_timeout": config["mps.unattached_session_timeout_secs"],
-            "use_pam": pam_wanted(config)}
+            "shutdown_flush": config["mps.shutdown_flush_secs"],
+            "use_pam": pam_wanted(config),
+            "forwarding": {name: config[name] for name in FORWARDING_KEYS}}
 
 
 def _session_socket_path(directory: str, session_id: bytes) -> str:
@@ -887,9 +967,10 @@ class _SessionHost:
     """What a Session asks of its server, inside a session process: the timeouts, and
     ``unregister`` at its end, which wakes the control loop so that the process exits."""
 
-    def __init__(self, detached_timeout: float, unattached_timeout: float):
-        self.detached_timeout = detached_timeout
-        self.unattached_timeout = unattached_timeout
+    def __init__(self, settings: dict):
+        self.detached_timeout = settings["detached_timeout"]
+        self.unattached_timeout = settings["unattached_timeout"]
+        self.shutdown_flush = settings["shutdown_flush"]
         self.ended_r, self.ended_w = os.pipe()
 
     def unregister(self, session: Session) -> None:
@@ -964,7 +1045,7 @@ class SessionControl:
             sock.close()
             return
         sock.settimeout(RESUME_WAIT_SECS)
-        channel = moshpit_ipc.Channel(sock)
+        channel = moshpit_ipc.Channel(sock, accept_fds=True)
         sel.register(sock, selectors.EVENT_READ, channel)
 
     def _serve(self, sel: selectors.BaseSelector, channel: moshpit_ipc.Channel) -> None:
@@ -1005,6 +1086,11 @@ class SessionControl:
         if op == "shutdown":
             session.shutdown()
             return {}
+        if op == "carrier":  # no answer: the listener does not wait for it
+            fd = channel.take_fd()
+            if fd is not None:
+                session.attach_carrier(socket.socket(fileno=fd))
+            return None
         raise ValueError(f"unknown request {op!r}")
 
     def state(self) -> dict:
@@ -1029,7 +1115,7 @@ def run_session_process(fds: List[int], settings: dict) -> int:
     start the shell, answer with its pid and terminal, then (once the handshake completed)
     run the session; the exit status of the process."""
     ctl_fd, udp_fd, listen_fd = fds
-    channel = moshpit_ipc.Channel(socket.socket(fileno=ctl_fd))
+    channel = moshpit_ipc.Channel(socket.socket(fileno=ctl_fd), accept_fds=True)
     udp_sock = socket.socket(fileno=udp_fd)
     listen_sock = socket.socket(fileno=listen_fd)
     channel.sock.settimeout(START_WAIT_SECS)
@@ -1046,23 +1132,30 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         signal.signal(sig, _note_signal)
     pam = None
     pam_env: Dict[str, str] = {}
+    forwarding = None
     try:
         if os.geteuid() == 0:
             if settings["use_pam"]:  # --- PAM session: as root, before the uid change ---
                 pam = moshpit_login.PamLogin(pw.pw_name, start["client_address"])
                 pam_env = pam.open_session()
             become_user(pw)
+        # --- forwarding: set up by the user's own process (it binds what the user may) ---
+        forwarding = _forwarding_setup(settings["forwarding"], start["forward_agent"], pw)
+        agent_dir = forwarding[1]
         shell = PtyShell(pw, start["term"], start["rows"], start["cols"], start["env"],
-                         start["connection"], start["command"], start["pty"], pam_env)
+                         start["connection"], start["command"], start["pty"],
+                         agent_dir.path if agent_dir is not None else None, pam_env)
         listen_sock.listen(SESSION_SOCKET_BACKLOG)  # as the user: whom a claim's SO_PEERCRED sees
     except (MoshpitError, OSError) as e:
         if pam is not None:
             pam.close()
+        if forwarding is not None and forwarding[1] is not None:
+            forwarding[1].close()
         channel.send({"op": "reply", "error": str(e)})
         return 1
-    host = _SessionHost(settings["detached_timeout"], settings["unattached_timeout"])
+    host = _SessionHost(settings)
     session = Session(host, start["session_id"], pw.pw_name,
-                      keys.PublicKey.from_line(start["client_key"]), udp_sock, shell)
+                      keys.PublicKey.from_line(start["client_key"]), udp_sock, shell, forwarding)
     session.resume_secret = start["resume_secret"]
     channel.send({"op": "reply", "shell_pid": shell.pid, "tty": shell.tty_path})
     try:
@@ -1335,6 +1428,15 @@ class SessionProcess:
         """The listener stops: leave the session running (its successor claims it)."""
         self.channel.close()
 
+    def attach_carrier(self, sock: socket.socket) -> None:
+        """Hand the session process the TCP connection that granted it (its carrier)."""
+        try:
+            self.channel.send({"op": "carrier"}, [sock.fileno()])
+        except OSError:
+            pass  # the session is gone
+        finally:
+            sock.close()
+
     def resume(self, keys, peer_recv_offset: int) -> Optional[int]:
         return self._ask({"op": "resume", "keys": _keys_message(keys),
                           "peer_recv_offset": peer_recv_offset}, "recv_offset")
@@ -1533,6 +1635,7 @@ class Server:
         self.max_sessions_per_user = config["mps.max_sessions_per_user"]
         self.detached_timeout = config["mps.detached_session_timeout_secs"]
         self.unattached_timeout = config["mps.unattached_session_timeout_secs"]
+        self.shutdown_flush = config["mps.shutdown_flush_secs"]
         self.handshake_timeout = float(config["mps.handshake_timeout_secs"])
         self.hello_timeout = float(config["mps.hello_timeout_secs"])
         self.confirm_timeout = float(config["mps.confirm_timeout_secs"])
@@ -1696,11 +1799,17 @@ class Server:
         ``report``). A new session set up by ``decide`` starts only if the handshake
         completes; otherwise it is undone."""
         created: List[Session] = []
+        continued: List[Session] = []  # the session the connection goes on to carry
 
         def decide(auth):
             grant, session = self.decide(auth)
             if session is not None:
                 created.append(session)
+            request = auth.request
+            if isinstance(grant, handshake.SessionGrant) and not request.end_session \
+                    and request.intent != handshake.KILL:
+                with self._lock:
+                    continued.append(session or self._sessions.get(grant.session_id))
             return grant
 
         auth = None
@@ -1713,6 +1822,19 @@ class Server:
         finally:
             for session in created:
                 self._setup_done(session, auth)
+        if auth is not None and continued and continued[0] is not None:
+            self._keep_as_carrier(sock, continued[0])
+
+    def _keep_as_carrier(self, sock: socket.socket, session: Session) -> None:
+        """The connection that authenticated a client for ``session`` stays open as its TCP
+        carrier (the limiter closes ``sock``: the session gets a duplicate). A client that
+        does not want it closes it; the session then drops it."""
+        try:
+            kept = sock.dup()
+        except OSError as e:
+            log.warning("session %s: cannot keep the TCP connection: %s", session.name, e)
+            return
+        session.attach_carrier(kept)
 
     def _setup_done(self, session: Session, auth) -> None:
         why = "the handshake did not complete" if auth is None else "the server is stopping"
@@ -1979,7 +2101,8 @@ class Server:
                           "pty": request.pty, "session_id": session_id,
                           "resume_secret": resume_secret,
                           "client_key": auth.client_key.to_line(),
-                          "client_address": address, "listener_uid": os.geteuid()})
+                          "client_address": address, "listener_uid": os.geteuid(),
+                          "forward_agent": request.forward_agent})
             started = channel.receive()
             if started is None or started.get("error"):
                 raise ShellError(started.get("error") if started else
@@ -2000,6 +2123,25 @@ class Server:
                  "client_key": auth.client_key.to_line(), "resume_secret": resume_secret,
                  "udp_port": udp.getsockname()[1], "pid": pid}
         return SessionProcess(self, channel, state, record, path)
+
+
+def _forwarding_setup(config, forward_agent: bool, pw: pwd.struct_passwd) -> tuple:
+    """--- forwarding --- (ForwardPolicy, the -A socket directory or None, whether -R may
+    bind ports below 1024) for a new session, in its process (``config``: the
+    mps.allow_tcp_forwarding, permit_open and allow_agent_forwarding settings): the
+    process is the user already, so it binds only what the user could bind."""
+    policy = moshpit_channels.ForwardPolicy(config["mps.allow_tcp_forwarding"],
+                                            config["mps.permit_open"],
+                                            config["mps.allow_agent_forwarding"])
+    agent_dir = None
+    if forward_agent and policy.allow_agent:
+        try:
+            agent_dir = moshpit_channels.AgentSocketDir(pw.pw_uid, pw.pw_gid)
+        except OSError as e:  # the session works without it, as with sshd
+            log.warning("no agent forwarding for %s: %s", pw.pw_name, e)
+    elif forward_agent:
+        log.info("agent forwarding for %s refused: allow_agent_forwarding is off", pw.pw_name)
+    return policy, agent_dir, os.geteuid() != 0 or pw.pw_uid == 0
 
 
 def _grant(session: SessionProcess, recv_offset: int, detached: int = 0):
@@ -2339,7 +2481,9 @@ def _is_mps(pid: int) -> bool:
     return any(os.path.basename(arg) in (b"mps.py", b"mps") for arg in argv)
 
 
-STOP_WAIT_SECS = SHUTDOWN_FLUSH_SECS + HANGUP_GRACE_SECS + 2.0  # mps's own shutdown, and some
+# mps --stop waits for mps's own shutdown (its shutdown_flush_secs + HANGUP_GRACE_SECS), and
+# this much more
+STOP_MARGIN_SECS = 2.0
 
 
 def pid_file_path(config: moshpit.Config) -> str:
@@ -2367,10 +2511,11 @@ def stop_server(config: moshpit.Config) -> int:
         return 1
     except ProcessLookupError:
         pass  # exited meanwhile: the loop below reports it
-    deadline = time.monotonic() + STOP_WAIT_SECS
+    wait_secs = config["mps.shutdown_flush_secs"] + HANGUP_GRACE_SECS + STOP_MARGIN_SECS
+    deadline = time.monotonic() + wait_secs
     while _is_mps(pid):  # a zombie counts as gone: the parent may be slow to reap it
         if time.monotonic() >= deadline:
-            print(f"mps: mps (pid {pid}) has not exited {STOP_WAIT_SECS:g} s after SIGTERM; "
+            print(f"mps: mps (pid {pid}) has not exited {wait_secs:g} s after SIGTERM; "
                   f"`kill -KILL {pid}` ends it at once", file=sys.stderr)
             return 1
         time.sleep(0.05)

@@ -16,8 +16,10 @@ import os
 import pwd
 import random
 import re
+import socket
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from attack_util import ATTACK_SOURCES, IdleConnectionAttack, legitimate_logins
 from crowd import run_crowd
 from display import Display
 from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline, wait_for
+from relay import free_port
 from server_util import TestClient
 from tools import (BACK, CLIENT_ENV, Client, Network, Tool, client_usage, pss_total,
                    server_pss, server_usage, server_wakeups, tcp_listening)
@@ -171,10 +174,11 @@ class Context:
         self.connect_time = 0.0
         self._clients: list[Client] = []
 
-    def open_session(self) -> Session:
-        """Connect a client and wait for its shell; remembers the connect time."""
+    def open_session(self, extra: tuple = ()) -> Session:
+        """Connect a client (with ``extra`` flags) and wait for its shell; remembers the
+        connect time."""
         started = time.monotonic()
-        client = self.tool.connect(self.net)
+        client = self.tool.connect(self.net, extra)
         self._clients.append(client)
         session = Session(client, self.tool.redraws_screen)
         self.connect_time = session.wait_ready(started)
@@ -385,6 +389,27 @@ class BulkTransfer(Scenario):
         return samples
 
 
+class _UdpBlocked:
+    """Mixin: the relay drops every UDP datagram from before the client connects, so
+    moshpit runs over its TCP carrier (ssh is TCP anyway; mosh has no TCP mode)."""
+
+    needs = "tcp_fallback"
+
+    def run(self, ctx: Context) -> dict:
+        ctx.relay.tcp_loss = False  # the loss setting drops UDP only: TCP passes untouched
+        ctx.relay.set(loss=1.0)
+        ctx.session = ctx.open_session()
+        return self.measure(ctx)
+
+
+class CtrlCUdpBlocked(_UdpBlocked, CtrlC):
+    """CtrlC with UDP blocked: the carrier must not queue a flood in front of the prompt."""
+
+
+class BulkUdpBlocked(_UdpBlocked, BulkTransfer):
+    """BulkTransfer with UDP blocked: every byte, checked, over the TCP carrier."""
+
+
 def jain_index(rates: list[float]) -> float:
     """Jain's fairness index: 1 when every flow gets the same, 1/n when one gets all."""
     squares = sum(r * r for r in rates)
@@ -461,6 +486,162 @@ class Fairness(Scenario):
         """(bytes that left the down bottleneck per flow, bytes each terminal showed)."""
         flows = ctx.relay.stats["down"]["bottleneck"]["flows"]
         return flows, [session.client.term.bytes_read for session in sessions]
+
+
+class DataSource:
+    """A TCP server on 127.0.0.1 (the server's side) sending ``data`` to every connection,
+    then closing: the far end of a forwarded download."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.sock = socket.create_server((BACK, 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+
+    def _send(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.sendall(self.data)
+            except OSError:
+                pass  # the reader gave up: the measurement says so
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def download(port: int, timeout: float) -> tuple[bytes, float]:
+    """(sha256 of everything read from 127.0.0.1:``port`` until EOF, seconds it took)."""
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    with socket.create_connection((BACK, port), timeout=timeout) as sock:
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.digest(), time.monotonic() - started
+
+
+class Forwarded(Scenario):
+    """A download through ``-L`` (the tool's port forwarding: mp -L, ssh -L) from a server
+    on the server's side, at a given RTT and loss: wall time, MB/s, the sha256 compared
+    with what was sent (a difference is an error), and keystroke echo while the transfer
+    runs against echo on the idle link just before (the ratio: forwarded bulk must not
+    delay keystrokes)."""
+
+    needs = "forward"
+    samples_full = samples_quick = 1
+    caveats = {"ssh": TCP_MODEL_CAVEAT}
+
+    def __init__(self, name: str, title: str, megabytes: float, rtt: float, loss: float,
+                 in_quick: bool = True) -> None:
+        self.name, self.title, self.rtt, self.loss = name, title, rtt, loss
+        self.megabytes, self.in_quick = megabytes, in_quick
+        self.timeout = 60.0 + 5.0 * megabytes  # slower than 0.2 MB/s: give up
+        self.budget = 120.0 + self.timeout
+        self.metrics = (Metric("seconds", title, "s", scale=1.0),
+                        Metric("rate", "  throughput", "MB/s", scale=1.0, better="higher"),
+                        Metric("echo_idle", "  echo before, idle (median)", "ms"),
+                        Metric("echo_busy", "  echo during the transfer (median)", "ms"),
+                        Metric("echo_busy_p95", "  echo during the transfer (p95)", "ms",
+                               summary="p95"),
+                        Metric("echo_ratio", "  echo during / idle (medians)", "x",
+                               scale=1.0))
+
+    def run(self, ctx: Context) -> dict:
+        data = os.urandom(int(self.megabytes * 1e6))
+        source = DataSource(data)
+        try:
+            local = free_port(BACK, "tcp")
+            ctx.session = ctx.open_session(("-L", f"{local}:{BACK}:{source.port}"))
+            self.condition(ctx.net)
+            idle = ctx.session.echo_latencies(20, timeout=20.0)
+            result: dict = {}
+
+            def fetch() -> None:
+                try:
+                    result["digest"], result["seconds"] = download(local, self.timeout)
+                except OSError as err:
+                    result["error"] = err
+            transfer = threading.Thread(target=fetch, daemon=True)
+            transfer.start()
+            time.sleep(1.0)  # the transfer under way before the first keystroke
+            busy = []
+            while transfer.is_alive() and len(busy) < 200:
+                busy += ctx.session.echo_latencies(5, timeout=30.0)
+            transfer.join(self.timeout)
+            if "error" in result or transfer.is_alive():
+                raise ScenarioError(f"the download failed: {result.get('error', 'timed out')}")
+            if result["digest"] != hashlib.sha256(data).digest():
+                raise ScenarioError("the forwarded bytes differ from the source (sha256)")
+            if len(busy) < 5:
+                raise ScenarioError("the transfer ended before echo could be measured")
+        finally:
+            source.close()
+        return {"seconds": [result["seconds"]],
+                "rate": [len(data) / 1e6 / result["seconds"]],
+                "echo_idle": idle, "echo_busy": busy, "echo_busy_p95": busy,
+                "echo_ratio": [statistics.median(busy) / statistics.median(idle)]}
+
+
+class ForwardedOutage(Scenario):
+    """A download through ``-L`` with a blackout of ``seconds`` both ways in the middle of
+    it: the transfer must complete with the sha256 of what was sent; wall time, and how
+    long after the network came back the last byte arrived."""
+
+    needs = "forward_outage"
+    samples_full = samples_quick = 1
+
+    def __init__(self, seconds: float, megabytes: float, in_quick: bool = False) -> None:
+        self.seconds, self.megabytes, self.in_quick = seconds, megabytes, in_quick
+        self.name = f"forward_outage_{seconds:g}s"
+        self.title = f"{megabytes:g} MB through -L across a {seconds:g} s outage"
+        self.rate_bps, self.queue_bytes = 8e6, 100_000  # so the transfer takes a while
+        self.timeout = 120.0 + seconds
+        self.budget = 120.0 + self.timeout
+        self.metrics = (Metric("seconds", self.title, "s", scale=1.0),
+                        Metric("after", "  last byte after the network returned", "s",
+                               scale=1.0))
+
+    def run(self, ctx: Context) -> dict:
+        data = os.urandom(int(self.megabytes * 1e6))
+        source = DataSource(data)
+        try:
+            local = free_port(BACK, "tcp")
+            ctx.session = ctx.open_session(("-L", f"{local}:{BACK}:{source.port}"))
+            self.condition(ctx.net)
+            result: dict = {}
+
+            def fetch() -> None:
+                try:
+                    result["digest"], result["seconds"] = download(local, self.timeout)
+                except OSError as err:
+                    result["error"] = err
+            transfer = threading.Thread(target=fetch, daemon=True)
+            started = time.monotonic()
+            transfer.start()
+            time.sleep(1.0)
+            if not transfer.is_alive():
+                raise ScenarioError("the transfer ended before the outage")
+            ctx.relay.blackout(self.seconds)
+            back = time.monotonic() + self.seconds
+            transfer.join(self.timeout)
+            if "error" in result or transfer.is_alive():
+                raise ScenarioError(f"the download failed: {result.get('error', 'timed out')}")
+            if result["digest"] != hashlib.sha256(data).digest():
+                raise ScenarioError("the forwarded bytes differ from the source (sha256)")
+        finally:
+            source.close()
+        return {"seconds": [result["seconds"]],
+                "after": [started + result["seconds"] - back]}
 
 
 class Outage(Scenario):
@@ -693,7 +874,16 @@ SCENARIOS = (
     BulkTransfer("bulk_loss_20mb", "20 MB base64, 10% loss 40 ms RTT", 20.0, rtt=0.04,
                  loss=0.10, needs="every_byte", in_quick=False, samples=2,
                  caveats={"ssh": TCP_MODEL_CAVEAT}),
+    # issue 17: UDP blocked, moshpit on its TCP carrier
+    CtrlCUdpBlocked("ctrl_c_tcp", "Ctrl-C during yes flood, UDP blocked (TCP carrier)"),
+    BulkUdpBlocked("bulk_tcp_2mb", "2 MB base64, UDP blocked (TCP carrier)", 2.0,
+                   needs="tcp_fallback"),
     Fairness(),
+    Forwarded("forward_10mb", "10 MB through -L, 10% loss 40 ms RTT", 10.0, rtt=0.04,
+              loss=0.10),
+    Forwarded("forward_100mb", "100 MB through -L, 10% loss 40 ms RTT", 100.0, rtt=0.04,
+              loss=0.10, in_quick=False),
+    ForwardedOutage(20.0, 4.0),
     Outage(5.0, samples=3, in_quick=True),
     Outage(20.0, samples=2, in_quick=False),
     Roam(),

@@ -125,8 +125,9 @@ class Tool:
     def start_server(self, net: Network) -> None:
         """Start the server side for ``net`` (no-op for tools whose server is per session)."""
 
-    def connect(self, net: Network) -> Client:
-        """Launch a client in a PTY toward ``net.front``; returns at once (not yet ready)."""
+    def connect(self, net: Network, extra: tuple = ()) -> Client:
+        """Launch a client in a PTY toward ``net.front`` with ``extra`` flags (e.g. ``-L``);
+        returns at once (not yet ready)."""
         raise NotImplementedError
 
     def server_pids(self, client: Client | None) -> list[int]:
@@ -230,10 +231,10 @@ class Moshpit(Tool):
         return (load_private_key(self._path("id_ed25519")),
                 load_public_key(self._path("host_key.pub")))
 
-    def connect(self, net: Network) -> Client:
+    def connect(self, net: Network, extra: tuple = ()) -> Client:
         argv = [sys.executable, os.path.join(REPO, "mp.py"), "-s", str(net.tcp_port),
                 "-p", self._path("id_ed25519"), "--strict-host-key-checking", "accept-new",
-                f"root@{net.front}"]
+                *extra, f"root@{net.front}"]
         env = self._env(self._path("client_home"))
         return Client(PtyProcess(argv, env=env, cwd=REPO, rows=ROWS, cols=COLS))
 
@@ -261,6 +262,7 @@ class OpenSSH(Tool):
     uses_tcp = True
     lacks = {"loss": "TCP through a userspace relay cannot model packet loss",
              "outage": "a relay can only freeze TCP, not model a real outage",
+             "forward_outage": "a relay can only freeze TCP, not model a real outage",
              "roam": "ssh cannot follow an address change",
              "preauth": PREAUTH_NA,
              "fairness": FAIRNESS_NA,
@@ -300,11 +302,11 @@ class OpenSSH(Tool):
         if self.server.poll() is not None:
             raise RuntimeError(f"sshd exited: {self.server.read_log(800)}")
 
-    def connect(self, net: Network) -> Client:
+    def connect(self, net: Network, extra: tuple = ()) -> Client:
         argv = ["ssh", "-F", "/dev/null", "-i", self._path("id"), "-o", "IdentitiesOnly=yes",
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-p", str(net.tcp_port),
-                f"root@{net.front}"]
+                *extra, f"root@{net.front}"]
         return Client(self._pty(argv))
 
     def server_pids(self, client: Client | None) -> list[int]:
@@ -335,6 +337,9 @@ class Mosh(Tool):
              "every_byte": "mosh sends screen states: it skips output, so bytes cannot be "
                            "checked",
              "fairness": FAIRNESS_NA,
+             "tcp_fallback": "mosh has no TCP mode (mosh#13): nothing gets through",
+             "forward": "mosh has no port forwarding",
+             "forward_outage": "mosh has no port forwarding",
              "crowd": CROWD_NA}
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
     DETACHED = re.compile(rb"detached, pid = (\d+)")
@@ -347,7 +352,7 @@ class Mosh(Tool):
     def version(self) -> str:
         return _run_version(["mosh-client", "--version"])
 
-    def connect(self, net: Network) -> Client:
+    def connect(self, net: Network, extra: tuple = ()) -> Client:
         env = dict(os.environ, **CLIENT_ENV)
         ports = f"{net.udp_ports[0]}:{net.udp_ports[-1]}"  # a second session: the next one
         out = subprocess.run(["mosh-server", "new", "-i", BACK, "-p", ports,

@@ -135,6 +135,9 @@ class MpsServer:
             "mps.udp_port_range": "{}-{}".format(*self.udp_range),
             "mps.private_key_path": self.host_key_path,
             "mps.public_key_path": self.host_key_path + ".pub",
+            # Stopping does not wait for clients that are gone (most tests leave their
+            # sessions open); the tests of the shutdown notice set the real default.
+            "mps.shutdown_flush_secs": 0,
             "verbose": 1,
         }
         if authorized_keys_file:
@@ -267,8 +270,9 @@ class TestClient:
     def __init__(self, host: str, port: int, identity: moshpit_keys.PrivateKey,
                  host_key: moshpit_keys.PublicKey, user: Optional[str] = None,
                  term: str = "xterm", rows: int = 24, cols: int = 80,
-                 env: Optional[Dict[str, str]] = None):
+                 env: Optional[Dict[str, str]] = None, forward_agent: bool = False):
         self.host, self.port = host, port
+        self.forward_agent = forward_agent  # mp -A
         self.identity = identity
         self.host_key = host_key
         self.user = user or pwd.getpwuid(os.geteuid()).pw_name
@@ -300,7 +304,8 @@ class TestClient:
                    session_id: Optional[bytes] = None):
         request = moshpit_handshake.ClientRequest(
             user=self.user, term=self.term, rows=self.rows, cols=self.cols, env=self.env,
-            end_session=end_session, intent=intent, resume_session_id=session_id)
+            end_session=end_session, intent=intent, resume_session_id=session_id,
+            forward_agent=self.forward_agent)
         if resume:
             session_id, secret, recv_offset = self.core.resume_request()
             request.resume_session_id = session_id

@@ -22,6 +22,7 @@ import pytest
 from proc_util import PtyProcess, wait_for
 from server_util import REPO
 from sshd_util import SshdHost, sshd_binary_fixture  # noqa: F401  (the `sshd_binary` fixture)
+from test_client_session import QUICK_RESUME
 from users_util import _pids_of, users_fixture  # noqa: F401  (the `users` fixture)
 
 pytestmark = [
@@ -187,7 +188,8 @@ def test_a_bootstrapped_session_resumes_after_an_outage(make_host, pythons):
     meanwhile is lost."""
     host = make_host(pythons["good"])
     log_path = client_log(host)
-    with PtyProcess([sys.executable, MP, "--ssh", "host"], env=host.env()) as term:
+    with PtyProcess([sys.executable, MP, "--ssh", "host"],
+                    env={**host.env(), **QUICK_RESUME}) as term:
         term.read_until("$ ", 30)
         server = wait_for(lambda: bootstrapped_server(host.user.pw_uid), 10, "the server")
         group = os.getpgid(server)

@@ -513,6 +513,17 @@ def test_a_server_without_commands_refuses_a_command_instead_of_starting_a_shell
                              key_blob) == plain
 
 
+def test_agent_forwarding_travels_in_the_request(keys):
+    key_blob = keys[0].public.blob
+    for request in (hs.ClientRequest("alice", forward_agent=True),
+                    hs.ClientRequest("alice", command="ssh-add -l", pty=False,
+                                     forward_agent=True)):
+        decoded = hs._decode_fields(hs._encode_fields(request, key_blob))[0]
+        assert decoded.forward_agent and decoded.command == request.command
+    assert not hs._decode_fields(hs._encode_fields(hs.ClientRequest("alice"), key_blob)
+                                 )[0].forward_agent
+
+
 def test_commands_and_flags_out_of_bounds_are_refused(keys):
     identity = keys[0]
     too_long = "x" * (hs.MAX_COMMAND + 1)
@@ -524,7 +535,9 @@ def test_commands_and_flags_out_of_bounds_are_refused(keys):
         hs._decode_fields(forged)
     good = plain + bytes([hs.NO_INTENT]) + ssh_string(b"ls") + b"\x01\x00"
     assert hs._decode_fields(good)[0].command == "ls"
-    for bad in (good[:-1] + b"\x02", good[:-2] + b"\x02\x00", good + b"\x00", good[:-1],
+    assert hs._decode_fields(good + b"\x01")[0].forward_agent  # -A (protocol 4)
+    for bad in (good[:-1] + b"\x02", good[:-2] + b"\x02\x00", good + b"\x02",
+                good + b"\x01\x00", good[:-1],
                 plain + bytes([hs.NO_INTENT]) + ssh_string(b"\xff") + b"\x01\x00"):
         with pytest.raises(ValueError):
             hs._decode_fields(bad)

@@ -193,14 +193,20 @@ def test_server_shutdown_tells_the_client_then_ends():
     sim.finished_by(sim.now + 1)
 
 
-def test_server_shutdown_with_the_client_away_ends_after_the_flush_time():
+@pytest.mark.parametrize("flush", [None, 5.0, 0.0])
+def test_server_shutdown_with_the_client_away_ends_after_the_flush_time(flush):
+    """shutdown_flush_secs (default SHUTDOWN_FLUSH_SECS); 0: the notice leaves once, the
+    session ends at once."""
     sim = CoreSim(SimNet(9), detached=3600)
+    if flush is not None:
+        sim.server = ms.ServerSession(make_keys(), 0.0, 3600, 0, shutdown_flush_secs=flush)
     sim.run_for(0.1)
     sim.client_gone = True
     sim.server.shutdown("server shutting down", sim.now)
     start = sim.now
     sim.finished_by(start + 10)
-    assert sim.now == pytest.approx(start + ms.SHUTDOWN_FLUSH_SECS, abs=0.01)
+    expected = ms.SHUTDOWN_FLUSH_SECS if flush is None else flush
+    assert sim.now == pytest.approx(start + expected, abs=0.01)
 
 
 # ---------------------------------------------------------------------------
@@ -359,6 +365,10 @@ def test_oversized_records_are_skipped_without_being_buffered():
     rest = 10 * ms.MAX_RECORD_BODY - 1000 - 65536 * chunks
     assert decoder.feed(b"z" * rest + ms.encode_record(ms.RECORD_SHUTDOWN, b"ok")) == [
         (ms.RECORD_SHUTDOWN, b"ok")]
+    # An oversized record that arrived whole is stepped over in place.
+    whole = ms.RECORD_HEADER.pack(200, ms.MAX_RECORD_BODY + 1) + bytes(ms.MAX_RECORD_BODY + 1)
+    assert ms.RecordDecoder().feed(whole + ms.encode_record(ms.RECORD_SHUTDOWN, b"ok")) == [
+        (ms.RECORD_SHUTDOWN, b"ok")]
     with pytest.raises(ValueError):
         ms.encode_record(ms.RECORD_SHUTDOWN, bytes(ms.MAX_RECORD_BODY + 1))
 
@@ -403,6 +413,17 @@ def test_resume_schedule_waits_for_silence_backs_off_and_resets():
     assert schedule.next_attempt(200.0) == 200.0 + ms.RESUME_AFTER_SECS
 
 
+def test_resume_schedule_follows_the_resume_after_setting():
+    schedule = ms.ResumeSchedule(max_backoff_secs=5.0, resume_after_secs=4.0)
+    assert not schedule.due(103.9, last_contact=100.0)
+    assert schedule.due(104.0, last_contact=100.0)
+    schedule.started()
+    schedule.finished(104.5)
+    assert schedule.next_attempt(100.0) == 104.5 + ms.FIRST_BACKOFF_SECS
+    schedule.contact()
+    assert schedule.next_attempt(300.0) == 304.0
+
+
 # ---------------------------------------------------------------------------
 # Takeover (mp --attach)
 # ---------------------------------------------------------------------------
@@ -442,6 +463,29 @@ def test_takeover_repaints_first_then_continues_the_output_exactly():
                   and sim.shell_in == b"before\rafter\r"
                   and sim.client.all_acked() and sim.server.all_acked(), limit=sim.now + 120)
     assert sim.server.client_addr == CLIENT_ADDR2 and not sim.server.finished(sim.now)
+
+
+def test_output_that_overtakes_the_repaint_is_held_until_the_repaint():
+    """Datagrams reordered on the way: the attaching client gets output read after the
+    take-over before the REPAINT; it writes nothing until the repaint, then the output."""
+    sim = CoreSim(SimNet(35), detached=3600)
+    sim.run_for(0.5)
+    keys = make_keys(36)
+    sim.server.take_over(keys, b"REPAINT", "taken over", sim.now)
+    client = ms.ClientSession(keys, sim.now, SERVER_ADDR, SESSION_ID, b"n" * 32, (24, 80),
+                              attaching=True)
+    for datagram, _ in client.datagrams_to_send(sim.now):  # the server learns its address
+        sim.server.receive_datagram(datagram, CLIENT_ADDR2, sim.now)
+    with_repaint = sim.server.datagrams_to_send(sim.now)
+    sim.server.pty_output(b"after", sim.now)
+    with_output = sim.server.datagrams_to_send(sim.now)
+
+    def deliver(datagrams) -> list:
+        for datagram, _ in datagrams:
+            client.receive_datagram(datagram, SERVER_ADDR, sim.now)
+        return list(iter(client.next_event, None))
+    assert deliver(with_output) == []
+    assert deliver(with_repaint) == [ms.RepaintReceived(b"REPAINT"), ms.OutputReceived(b"after")]
 
 
 def test_takeover_of_a_detached_session_sends_no_goodbye_and_exit_follows_the_repaint():
