@@ -48,6 +48,7 @@ import dataclasses
 import errno
 import fcntl
 import gc
+import importlib
 import logging
 import os
 import pwd
@@ -1140,7 +1141,8 @@ def run_session_process(fds: List[int], settings: dict) -> int:
                 pam_env = pam.open_session()
             become_user(pw)
         # --- forwarding: set up by the user's own process (it binds what the user may) ---
-        forwarding = _forwarding_setup(settings["forwarding"], start["forward_agent"], pw)
+        forwarding = _forwarding_setup(settings["forwarding"], start["forward_agent"], pw,
+                                       start["listener_uid"] == 0)
         agent_dir = forwarding[1]
         shell = PtyShell(pw, start["term"], start["rows"], start["cols"], start["env"],
                          start["connection"], start["command"], start["pty"],
@@ -1197,9 +1199,17 @@ def run_spawner(sock_fd: int) -> int:
     return _spawner_loop(sock, init["settings"])
 
 
+# Standard modules Python imports on first use. A session process is the user by then,
+# and may not be able to read the interpreter's files (one under /root, a pyenv): the
+# spawner imports them first (getaddrinfo of a name needs the idna codec, for -R/-L).
+PRELOADED_MODULES = ("encodings.idna", "unicodedata", "stringprep")
+
+
 def _spawner_loop(sock: socket.socket, settings: dict) -> int:
     """The spawner's work (single-threaded): fork a session process per ``spawn`` message,
     report exits, return at the end of ``sock``."""
+    for name in PRELOADED_MODULES:
+        importlib.import_module(name)
     for sig in (signal.SIGINT, signal.SIGHUP):  # a ^C at mps -e must not end sessions
         signal.signal(sig, signal.SIG_IGN)
     child_r, child_w = os.pipe()
@@ -2125,11 +2135,13 @@ class Server:
         return SessionProcess(self, channel, state, record, path)
 
 
-def _forwarding_setup(config, forward_agent: bool, pw: pwd.struct_passwd) -> tuple:
+def _forwarding_setup(config, forward_agent: bool, pw: pwd.struct_passwd,
+                      root_server: bool) -> tuple:
     """--- forwarding --- (ForwardPolicy, the -A socket directory or None, whether -R may
     bind ports below 1024) for a new session, in its process (``config``: the
-    mps.allow_tcp_forwarding, permit_open and allow_agent_forwarding settings): the
-    process is the user already, so it binds only what the user could bind."""
+    mps.allow_tcp_forwarding, permit_open and allow_agent_forwarding settings), which is
+    the user already. A root server forwards for a user only what the user could bind
+    (where the kernel lets everyone bind low ports, the rule still holds)."""
     policy = moshpit_channels.ForwardPolicy(config["mps.allow_tcp_forwarding"],
                                             config["mps.permit_open"],
                                             config["mps.allow_agent_forwarding"])
@@ -2141,7 +2153,7 @@ def _forwarding_setup(config, forward_agent: bool, pw: pwd.struct_passwd) -> tup
             log.warning("no agent forwarding for %s: %s", pw.pw_name, e)
     elif forward_agent:
         log.info("agent forwarding for %s refused: allow_agent_forwarding is off", pw.pw_name)
-    return policy, agent_dir, os.geteuid() != 0 or pw.pw_uid == 0
+    return policy, agent_dir, not root_server or pw.pw_uid == 0
 
 
 def _grant(session: SessionProcess, recv_offset: int, detached: int = 0):
