@@ -833,6 +833,11 @@ class Connection:
         """Bytes of the stream queued or in flight, not yet acknowledged."""
         return self._out[stream_id].unacked()
 
+    @property
+    def srtt(self) -> float:
+        """The smoothed round-trip time in seconds (local echo prediction's trigger)."""
+        return self._rtt.srtt
+
     def all_acked(self) -> bool:
         """Everything sent on every stream is acknowledged (safe to close)."""
         return not any(stream.unacked() for stream in self._send_order)

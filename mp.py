@@ -65,6 +65,7 @@ import moshpit_carrier
 import moshpit_channels
 import moshpit_handshake
 import moshpit_keys
+import moshpit_predict
 import moshpit_session
 import moshpit_term
 import moshpit_trust
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=moshpit.TRANSPORTS,
                    help="how the session's packets travel: auto (default: UDP, or TCP where"
                    " UDP is blocked), udp (never TCP) or tcp (always TCP)")
+    p.add_argument("--predict", choices=moshpit.PREDICT_MODES,
+                   help="local echo: adaptive (default: shown on a slow link), always, never, "
+                   "or experimental (also in full-screen programs), as mosh's --predict")
     p.add_argument("--print-config", action="store_true",
                    help="print every effective setting and where it came from, then exit")
     p.add_argument("--copy-id", action="store_true",
@@ -221,7 +225,7 @@ class FirstLoginName(argparse.Action):
 
 # The client's own flags that are config settings (argparse dest == config key).
 CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination",
-                "forward_agent", "transport")
+                "forward_agent", "transport", "predict")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -990,6 +994,9 @@ class Session:
         self.banner.udp_wait = (target.host, first.grant.udp_port)
         self.banner_note = ""
         self.screen = ScreenMirror(*target.winsize())
+        # Local echo prediction: only on a terminal, over a remote PTY.
+        self.predictor = (moshpit_predict.Predictor(self.screen.term, config["predict"])
+                          if self.out_is_tty and os.isatty(in_fd) else None)
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = not target.no_command  # -N: nothing to type into
@@ -1076,6 +1083,9 @@ class Session:
         self._resume_results(now)
         self._maybe_resume(now)
         self._steer(now)
+        if self.predictor is not None:
+            self.predictor.set_srtt(self.core.conn.srtt)
+            self.out += self.predictor.tick(now)
         self.link.flush(now)
         if self.out:
             self._write_out()
@@ -1092,6 +1102,8 @@ class Session:
         for deadline in (self.paths.next_deadline(), self.banner.notice_until):
             if deadline is not None:
                 deadlines.append(deadline)
+        if self.predictor is not None:
+            deadlines.append(self.predictor.next_deadline(now) or deadlines[0])
         return min(deadlines)
 
     def _network(self) -> list:
@@ -1156,6 +1168,7 @@ class Session:
             size = self.target.winsize()
             if size != self.core.winsize:
                 self.core.resize(*size)
+                self._forget_predictions()  # erased from the model of the old size
                 self.screen.resize(*size)
                 if self.banner.shown:
                     self._redraw_banner(time.monotonic(), force=True)
@@ -1178,6 +1191,11 @@ class Session:
         data, quit_requested = self.escape.feed(data)
         if data:
             self.core.send_input(data)
+            if self.predictor is not None:
+                self.predictor.set_srtt(self.core.conn.srtt)
+                self.out += self.predictor.keys(data, self.core.input_offset, time.monotonic())
+                if self.out:
+                    self._write_out()  # shown before the packet is built: the point of it
         if self.escape.suspend_requested and not quit_requested:
             self.escape.suspend_requested = False
             self._suspend()
@@ -1190,6 +1208,7 @@ class Session:
         (the output so far written, the banner erased) so the local shell works; after
         ``fg`` raw mode again, and the size sent if it changed meanwhile. The session
         carries on: a long stop is an outage like any other, resumed the usual way."""
+        self._forget_predictions()
         if self.banner.shown:
             self.out += self.banner.hide(self.screen.repaint_top_row())
         self._drain_out(FINAL_OUTPUT_SECS)
@@ -1202,15 +1221,24 @@ class Session:
         self.waker.wake()
 
     def _events(self) -> None:
-        start = len(self.out)
+        output = []
+        repaint = judge = False
         while True:
             event = self.core.next_event()
             if event is None:
                 break
             if isinstance(event, moshpit_session.RepaintReceived):
+                repaint = True
                 event = moshpit_session.OutputReceived(REPAINT_PREAMBLE + event.screen)
             if isinstance(event, moshpit_session.OutputReceived):
-                self.out += event.data
+                output.append(event.data)
+            elif isinstance(event, moshpit_session.EchoAcked):
+                judge = self.predictor is not None
+                if judge:
+                    self.predictor.echo_acked(event.input_offset)
+            elif isinstance(event, moshpit_session.TtyModeChanged):
+                if self.predictor is not None:
+                    self.predictor.tty_mode(event.mode)
             elif isinstance(event, moshpit_session.ErrorOutputReceived):
                 self.err += event.data
             elif isinstance(event, moshpit_session.SessionExited):
@@ -1221,10 +1249,29 @@ class Session:
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
+        if output:
+            self._write_output(b"".join(output), repaint)
+        elif judge:
+            self.out += self.predictor.after_output(time.monotonic())
+
+    def _write_output(self, data: bytes, repaint: bool) -> None:
+        """The server's bytes of this tick: predictions taken off the terminal first (it then
+        equals the model), and judged against the model once it has them."""
+        if self.predictor is not None:
+            self.out += self.predictor.reset() if repaint else self.predictor.before_output()
+        self.out += data
         # The model in one call a tick (large chunks are cheaper), and only for a terminal:
         # a pipe or file (a command's bytes) is never drawn on.
-        if len(self.out) > start and self.out_is_tty:
-            self.screen.feed(bytes(self.out[start:]))
+        if self.out_is_tty:
+            self.screen.feed(data)
+        if self.predictor is not None:
+            self.out += self.predictor.after_output(time.monotonic())
+
+    def _forget_predictions(self) -> None:
+        """Take every prediction away (resize, suspend, the end): the terminal equals the
+        model again."""
+        if self.predictor is not None:
+            self.out += self.predictor.reset()
 
     # -- connection health ------------------------------------------------------------
 
@@ -1377,6 +1424,7 @@ class Session:
         lands on the main screen, in default colours, with a visible cursor), and start a
         fresh line for our message, so it never lands on the remote prompt's line."""
         self._linger(FINAL_ACKS_SECS, self._nothing_due)
+        self._forget_predictions()
         if self.out_is_tty:
             self.out += self.screen.end_open_sequence()
             self.out += self.banner.hide(self.screen.repaint_top_row())

@@ -340,6 +340,20 @@ class PtyShell:
                 return len(data)
             raise
 
+    def tty_mode(self) -> Optional[session_core.TtyMode]:
+        """The PTY's input modes (on Linux the master reports the slave's termios), None
+        when unknown (no PTY, closed)."""
+        if not self.is_pty or self.master_fd is None:
+            return None
+        try:
+            attrs = termios.tcgetattr(self.master_fd)
+        except termios.error:
+            return None
+        erase = attrs[6][termios.VERASE]
+        return session_core.TtyMode(bool(attrs[3] & termios.ICANON),
+                                    bool(attrs[3] & termios.ECHO),
+                                    erase[0] if isinstance(erase, bytes) else erase)
+
     def poll(self) -> Optional[int]:
         """The shell's exit status once it has exited (reaped), 128+N if killed by signal N."""
         status = self.proc.poll()
@@ -512,6 +526,7 @@ class Session:
                                                self.server.shutdown_flush)
         if self.shell.stderr_fd is not None:
             self.core.expect_stderr()
+        self.core.tty_mode(self.shell.tty_mode(), time.monotonic())  # starts the polling
         if self._forwarding is not None:  # --- forwarding: the session's channels ---
             policy, agent_dir, privileged_ports = self._forwarding
             mux = moshpit_channels.ChannelMux(self.core, "server", policy)
@@ -677,6 +692,7 @@ class Session:
                 if self.channels is not None:
                     self.channels.handle_selected(ready, now)
                 self._check_shell(now)
+                self._poll_tty(now)
                 self.link.flush(now)
 
     def _udp_interest(self) -> int:
@@ -836,9 +852,17 @@ class Session:
             elif isinstance(event, session_core.ClientAddressChanged) and not event.first:
                 log.info("session %s: client now at %s", self.name, moshpit.format_addr(event.addr))
 
+    def _poll_tty(self, now: float) -> None:
+        """The PTY's termios for local echo prediction, when the core asks (while input
+        is recent)."""
+        if self.core.tty_poll_due(now):
+            self.core.tty_mode(self.shell.tty_mode(), now)
+
     def _write_pty(self) -> None:
         if self._to_pty and self.shell.master_fd is not None:
-            del self._to_pty[:self.shell.write(bytes(self._to_pty[:PTY_WRITE_SIZE]))]
+            taken = self.shell.write(bytes(self._to_pty[:PTY_WRITE_SIZE]))
+            del self._to_pty[:taken]
+            self.core.input_written(taken, time.monotonic())
         if self._eof_pending and not self._to_pty:
             self._eof_pending = False
             self.shell.close_input()

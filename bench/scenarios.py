@@ -71,6 +71,8 @@ class Metric:
     def summarize(self, samples: list[float]) -> float:
         if self.summary == "p95":
             return percentile(samples, 95) * self.scale
+        if self.summary == "value":
+            return samples[0] * self.scale
         return statistics.median(samples) * self.scale
 
 
@@ -210,6 +212,7 @@ class Scenario:
     server_config: dict = {}  # more [mps] keys for moshpit's server (TOML values)
     extra_tcp_ports = 0  # more relayed TCP ports, for other traffic across the same relay
     caveats: dict = {}  # tool name -> how the path differs for it (printed with the table)
+    predict = "never"  # local echo prediction of the clients that have it (mosh's modes)
     samples_full = 1
     samples_quick = 1
     in_quick = True
@@ -269,6 +272,25 @@ class Echo(Scenario):
     def measure(self, ctx: Context) -> dict:
         lat = ctx.session.echo_latencies(self.samples(ctx.quick), timeout=20.0)
         return {"median": lat, "p95": lat}
+
+
+class Predict(Echo):
+    """Keystrokes as typed into a shell command (25 letters, then Ctrl-U: a new line, whose
+    first key no predictor may show before its echo), with local echo prediction set to
+    ``predict`` for the clients that have it: median time until a key is displayed, and
+    the share displayed before one round trip."""
+
+    def __init__(self, name: str, title: str, rtt: float, loss: float = 0.0,
+                 predict: str = "adaptive") -> None:
+        super().__init__(name, title, rtt, loss, needs="loss" if loss else "")
+        self.predict = predict
+        self.metrics = (Metric("median", f"{title} median", "ms"),
+                        Metric("before_rtt", f"{title} shown before the RTT", "%",
+                               scale=100.0, summary="value", better="higher"))
+
+    def measure(self, ctx: Context) -> dict:
+        lat = ctx.session.echo_latencies(self.samples(ctx.quick), timeout=20.0)
+        return {"median": lat, "before_rtt": [sum(t < self.rtt for t in lat) / len(lat)]}
 
 
 class CtrlC(Scenario):
@@ -889,6 +911,13 @@ SCENARIOS = (
     Roam(),
     Echo("loss_10", "echo 10% loss 50 ms RTT", rtt=0.05, loss=0.10, needs="loss"),
     Echo("loss_30", "echo 30% loss 50 ms RTT", rtt=0.05, loss=0.30, needs="loss"),
+    # issue 16: local echo prediction on (mosh's default, adaptive) and off, same paths
+    Predict("predict_100ms", "predicted echo 100 ms RTT", rtt=0.1),
+    Predict("predict_100ms_off", "echo, prediction off, 100 ms RTT", rtt=0.1,
+            predict="never"),
+    Predict("predict_loss30", "predicted echo 30% loss 40 ms RTT", rtt=0.04, loss=0.30),
+    Predict("predict_loss30_off", "echo, prediction off, 30% loss 40 ms RTT", rtt=0.04,
+            loss=0.30, predict="never"),
     Idle(),
     Crowd(),
     Preauth(),

@@ -109,6 +109,7 @@ class Tool:
     uses_udp = False
     redraws_screen = False  # sends screen states, not the byte stream (see display.py)
     lacks: dict = {}
+    predict = "never"  # local echo prediction, for clients that have it (set per scenario)
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
@@ -234,7 +235,7 @@ class Moshpit(Tool):
     def connect(self, net: Network, extra: tuple = ()) -> Client:
         argv = [sys.executable, os.path.join(REPO, "mp.py"), "-s", str(net.tcp_port),
                 "-p", self._path("id_ed25519"), "--strict-host-key-checking", "accept-new",
-                *extra, f"root@{net.front}"]
+                "--predict", self.predict, *extra, f"root@{net.front}"]
         env = self._env(self._path("client_home"))
         return Client(PtyProcess(argv, env=env, cwd=REPO, rows=ROWS, cols=COLS))
 
@@ -328,7 +329,7 @@ class Mosh(Tool):
     """mosh-server new -i 127.0.0.1 -p PORT per session (no ssh), mosh-client with MOSH_KEY.
 
     Prediction is off (MOSH_PREDICTION_DISPLAY=never) so echo times measure the network
-    path, as the loss comparison requires."""
+    path, as the loss comparison requires, except in the prediction scenarios."""
 
     name = "mosh"
     uses_udp = True
@@ -364,7 +365,7 @@ class Mosh(Tool):
             raise RuntimeError(f"mosh-server did not start: {out.stderr[-400:]!r}")
         term = self._pty(["mosh-client", net.front, found.group(1).decode()],
                          {"MOSH_KEY": found.group(2).decode(),
-                          "MOSH_PREDICTION_DISPLAY": "never"})
+                          "MOSH_PREDICTION_DISPLAY": self.predict})
         return Client(term, extra_pids=(int(pid.group(1)),))
 
     def server_pids(self, client: Client | None) -> list[int]:
