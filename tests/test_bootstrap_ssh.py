@@ -184,22 +184,24 @@ def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pyt
 
 
 def test_a_bootstrapped_session_resumes_after_an_outage(make_host, pythons):
-    """The server stops answering (SIGSTOP) past the client's resume time: the client hops
-    and resumes with a handshake to the same one-session server (pinned host key, this
-    session's key), and nothing typed meanwhile is lost."""
+    """The server (its listener and session process: one process group) stops answering
+    (SIGSTOP) past the client's resume time: the client hops and resumes with a handshake
+    to the same one-session server (pinned host key, this session's key), and nothing typed
+    meanwhile is lost."""
     host = make_host(pythons["good"])
     log_path = client_log(host)
     with PtyProcess([sys.executable, MP, "--ssh", "host"],
                     env={**host.env(), **QUICK_RESUME}) as term:
         term.read_until("$ ", 30)
         server = wait_for(lambda: bootstrapped_server(host.user.pw_uid), 10, "the server")
-        os.kill(server, signal.SIGSTOP)
+        group = os.getpgid(server)
+        os.killpg(group, signal.SIGSTOP)
         try:
             term.send("unset HISTFILE; echo $((7*8))\r")
             wait_for(lambda: "resume handshake #1" in read(log_path), 20,
                      "the client to try a resume")
         finally:
-            os.kill(server, signal.SIGCONT)
+            os.killpg(group, signal.SIGCONT)
         term.read_until("56", 20)
         wait_for(lambda: "session resumed" in read(log_path), 20, "the resume")
         term.send("exit 4\r")
