@@ -664,8 +664,8 @@ def test_dash_n_forwards_without_a_command_until_interrupted(server, tmp_path, e
         assert mp.poll() is None and echo_works(port)
         # the listener's child is the spawner, whose child is the session process: it
         # runs nothing for the session (no shell)
-        sessions = [pid for spawner in proc_children(server.serving_pid)
-                    for pid in proc_children(spawner)]
+        sessions = [pid for spawner in proc_children(server.serving_pid, recursive=False)
+                    for pid in proc_children(spawner, recursive=False)]
         assert sessions and all(proc_children(pid) == [] for pid in sessions)
         titles = [info.title for info in TestClient.for_server(server).sessions()]
         assert titles == ["(no command: forwarding only)"]
