@@ -29,8 +29,9 @@ import termios
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
-    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
-    "HOST_KEY_POLICIES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
+    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM", "TRANSPORTS",
+    "DEFAULT_RESUME_AFTER_SECS", "MIN_RESUME_AFTER_SECS", "DEFAULT_SHUTDOWN_FLUSH_SECS",
+    "HOST_KEY_POLICIES", "PREDICT_MODES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
     "AUTHORIZED_KEYS_FILE", "TERM_NAME_RE", "LOCALE_NAME_RE", "LOCALE_VALUE_RE",
     "is_locale_setting", "format_addr", "make_private_dirs",
     "MoshpitError", "ConfigError", "ENV_PREFIX", "mp_dir", "default_config_path",
@@ -55,14 +56,30 @@ __version__ = "0.1.0"
 # detached-session count in a grant, the REPAINT record.
 # 4: keys in ssh-agent: the optional ClientOffer/KeyAccepted handshake step (ssh's publickey
 # query: the server says which offered key it accepts before the agent is asked to sign);
-# channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag.
+# channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag;
+# the request's no-command flag (mp -N: a session with no process, for forwarding only),
+# both in the request's session flags byte;
+# local echo prediction: the ECHO_ACK and TTY_MODE records;
+# the TCP carrier: the handshake's connection stays open after the grant as the TCP carrier of the
+# session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier).
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
+# The client's resume_after_secs (UDP silence before a port hop and a resume handshake): an
+# idle client hears from the server only once per keepalive (moshpit_transport.KEEPALIVE_SECS,
+# 3 s), so anything shorter than MIN_RESUME_AFTER_SECS would resume a healthy idle session.
+DEFAULT_RESUME_AFTER_SECS = 10
+MIN_RESUME_AFTER_SECS = 4
+# The server's shutdown_flush_secs: stopping, how long a session waits for its client to
+# acknowledge the shutdown notice before the shell is hung up.
+DEFAULT_SHUTDOWN_FLUSH_SECS = 2
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
+TRANSPORTS = ("auto", "udp", "tcp")  # the client's `transport`: see moshpit_carrier
 
 # strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only
 HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
+# predict (local echo, moshpit_predict): as mosh's --predict
+PREDICT_MODES = ("adaptive", "always", "never", "experimental")
 
 # File names under ~/.mp (the paths in the config default to these).
 CLIENT_KEY_FILE = "id_ed25519"
@@ -401,6 +418,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "mps.detached_session_timeout_secs": _Key(int, 604800, _at_least(0)),  # 0 = never
         # A session whose client never reached it over UDP (mosh-server waits 60 s too).
         "mps.unattached_session_timeout_secs": _Key(int, 60, _at_least(0)),  # 0 = never
+        # Stopping (README "Stopping mps"): the wait for each client's acknowledgement of
+        # the shutdown notice; 0 = the notice goes out once and the shells are hung up.
+        "mps.shutdown_flush_secs": _Key(int, DEFAULT_SHUTDOWN_FLUSH_SECS, _clamp(0, 60)),
         # "" = ~/.config/moshpits/mps.pid of the user running mps (default_pid_path).
         "mps.pid_file": _Key(str, ""),
         # Account policy (README "Accounts and login records"): sshd's UsePAM, DenyUsers,
@@ -416,12 +436,18 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
                                                              "remote")),
         "mps.permit_open": _Key(str, "any", _parsed_by(parse_permit_open)),
         "mps.allow_agent_forwarding": _Key(bool, True),
+        # Session processes (README "Process model"): where the running sessions' sockets
+        # live; "" = /run/moshpit for root, ~/.config/moshpits/run for a plain user.
+        "mps.runtime_dir": _Key(str, ""),
         **_common_keys(),
     },
     "client": {
         "server_port": _Key(int, DEFAULT_TCP_PORT, _PORT),
         "server_destination": _Key(str, ""),
         "max_reconnect_backoff_secs": _Key(int, 3600, _clamp(2, 86400)),
+        # Resume timing (README "Resume timing"): UDP silence before the client resumes.
+        "resume_after_secs": _Key(int, DEFAULT_RESUME_AFTER_SECS,
+                                  _clamp(MIN_RESUME_AFTER_SECS, 86400)),
         "private_key_path": _Key(PATH, CLIENT_KEY_FILE),
         "public_key_path": _Key(PATH, CLIENT_KEY_FILE + ".pub"),
         "known_hosts_file": _Key(PATH, KNOWN_HOSTS_FILE),
@@ -429,6 +455,12 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
         # HostName and User of `mp alias` from this ssh_config file; false: aliases off.
         "ssh_config": _Key(PATH_OR_OFF, "~/.ssh/config"),
+        # Automatic TCP fallback (moshpit_carrier): UDP, falling back to TCP where UDP is
+        # blocked (auto), or only one of them.
+        "transport": _Key(str, "auto", _one_of(*TRANSPORTS)),
+        # Local echo prediction (README "Prediction"): mosh's modes; adaptive shows
+        # predictions only on a slow link or when the echo is overdue.
+        "predict": _Key(str, "adaptive", _one_of(*PREDICT_MODES)),
         # Forwarding (README "Forwarding"): relay the session's SSH_AUTH_SOCK to ours (-A).
         "forward_agent": _Key(bool, False),
         **_common_keys(),

@@ -5,6 +5,12 @@ user's shell start-up runs `pyenv init` (as on the CI machines), every shell tak
 rehash lock for a moment; a test that kills a shell at that moment leaves the lock behind,
 and every later login shell then waits up to a minute for it, so unrelated tests fail with
 "no output". The lock is removed only when it is clearly stale: old, and no rehash running.
+
+Order: the suite runs 4-wide (`make test`: pytest-xdist, --dist loadgroup), and xdist hands
+tests out in collection order. A minute-long scenario collected late would start when the
+other workers are nearly done and stretch the run by its whole length, so the long scenarios
+(marked ``slow``) are collected first, longest budget (timeout mark) first; the quick tests
+then fill the workers around them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,21 @@ def _clear_stale_pyenv_lock(path: str) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _expected_length(item: pytest.Item) -> float:
+    """0 for a quick test, else the slow test's time budget (its timeout mark): a rough rank
+    of how long it runs, so the longest start first."""
+    if item.get_closest_marker("slow") is None:
+        return 0.0
+    timeout = item.get_closest_marker("timeout")
+    return float(timeout.args[0]) if timeout and timeout.args else 1.0
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    # Stable: quick tests keep their collection order (every xdist worker must collect the
+    # same order, and does: this depends only on the items).
+    items.sort(key=lambda item: -_expected_length(item))
 
 
 @pytest.fixture(autouse=True)

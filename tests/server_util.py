@@ -135,6 +135,9 @@ class MpsServer:
             "mps.udp_port_range": "{}-{}".format(*self.udp_range),
             "mps.private_key_path": self.host_key_path,
             "mps.public_key_path": self.host_key_path + ".pub",
+            # Stopping does not wait for clients that are gone (most tests leave their
+            # sessions open); the tests of the shutdown notice set the real default.
+            "mps.shutdown_flush_secs": 0,
             "verbose": 1,
         }
         if authorized_keys_file:
@@ -282,6 +285,7 @@ class TestClient:
         self.grant = None
         self.keys = None
         self.repaints: list = []  # REPAINT bodies (also written to ``output``)
+        self.events: list = []  # the core's other events (echo acks, tty modes), in order
         self.core: Optional[moshpit_session.ClientSession] = None
         self.link: Optional[moshpit_transport.UdpLink] = None
 
@@ -401,6 +405,8 @@ class TestClient:
                 self.exit_status = event.exit_status
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.shutdown_reason = event.reason
+            else:
+                self.events.append(event)
         self.link.flush(now)
 
     def pump_for(self, seconds: float) -> None:

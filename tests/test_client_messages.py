@@ -23,7 +23,8 @@ import pytest
 from proc_util import ManagedProcess, PtyProcess, wait_for
 from relay import Relay, random_front_alias
 from server_util import MpsServer, make_key
-from test_client_session import MP, QUIT, USER, client_env, start_client, wait_shell
+from test_client_session import (MP, QUICK_RESUME, QUIT, USER, client_env, start_client,
+                                 wait_shell)
 
 import moshpit
 import moshpit_handshake as hs
@@ -260,12 +261,15 @@ def test_udp_blocked_from_the_start_says_so(tmp_path):
                    udp_ports=[server.udp_port]) as relay:
             relay.set_blackout(True)
             start = time.monotonic()
-            with start_client(server, tmp_path, host=front, cols=120) as term:
+            # --transport udp: the default (auto) would carry the session over TCP
+            with start_client(server, tmp_path, "--transport", "udp", host=front, cols=120,
+                              env=client_env(tmp_path, **QUICK_RESUME)) as term:
                 text = (f"nothing received from {front} on UDP port {server.udp_port} "
                         f"(firewall?) {EM_DASH} Ctrl-^ . quits")
                 seen = term.read_until(mp.StatusBanner.render(text, 120), 15)
                 assert 3.0 <= term.match_time - start < 8.0
-                # The resume handshake after ~10 s gets through on TCP, UDP still does not.
+                # The resume handshake (after 4 s here) gets through on TCP, UDP still does
+                # not.
                 seen += term.read_until(b"(server answered, waiting for UDP)", 30)
                 assert b"last contact" not in seen
                 relay.set_blackout(False)

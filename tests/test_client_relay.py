@@ -14,8 +14,9 @@ import pytest
 from proc_util import pid_alive, wait_for
 from relay import Relay, random_front_alias
 from server_util import MpsServer, make_key, write_authorized_keys
-from test_client_session import (ERASE_BANNER, QUIT, QUIT_STATUS, USER, client_log,
-                                 remote_shell_pid, start_client, wait_shell, wrapper_result)
+from test_client_session import (ERASE_BANNER, QUICK_RESUME, QUIT, QUIT_STATUS, USER,
+                                 client_env, client_log, remote_shell_pid, start_client,
+                                 wait_shell, wrapper_result)
 
 
 @pytest.fixture
@@ -39,19 +40,22 @@ def type_slowly(term, text: str, gap: float = 0.05) -> None:
 @pytest.mark.timeout(180)
 def test_blackout_banner_then_typed_input_arrives_once(relayed, tmp_path):
     server, relay, front = relayed
-    with start_client(server, tmp_path, host=front) as term:
+    # UDP only: the relay's blackout leaves TCP up, which `auto` would fall back to.
+    with start_client(server, tmp_path, "--transport", "udp", host=front,
+                      env=client_env(tmp_path, **QUICK_RESUME)) as term:
         wait_shell(term)
         seen = bytearray()
         relay.set_blackout(True)
         start = time.monotonic()
-        # Typed in pieces while nothing gets through; the result only exists if every
+        # Typed in pieces while nothing gets through (before the resume handshake at 4 s,
+        # between it and the banner at 6 s, after both); the result only exists if every
         # piece arrived once and in order.
-        for at, piece in ((1, "echo X"), (4, "Y$((6"), (9, "*7))"), (13, "Z\r")):
+        for at, piece in ((1, "echo X"), (3, "Y$((6"), (5, "*7))"), (7, "Z\r")):
             time.sleep(max(0.0, start + at - time.monotonic()))
             term.send(piece)
         seen += term.read_until(b"last contact", 15)
         assert b"reconnecting" in term.read_until(b"reconnecting", 5)
-        time.sleep(max(0.0, start + 20 - time.monotonic()))
+        time.sleep(max(0.0, start + 10 - time.monotonic()))
         relay.set_blackout(False)
         seen += term.read_until(re.compile(rb"[\r\n]XY42Z\r\n"), 60)
         seen += term.drain(quiet=2.0, limit=10)
@@ -71,7 +75,8 @@ def test_escape_quit_during_udp_outage_ends_the_session(relayed, tmp_path):
     few seconds), and the server ends the session (the shell is hung up) instead of keeping
     it detached for a week: the quit went over TCP as a quit request."""
     server, relay, front = relayed
-    with start_client(server, tmp_path, host=front, wrapped=True) as term:
+    with start_client(server, tmp_path, "--transport", "udp", host=front,
+                      wrapped=True) as term:  # UDP only: TCP stays up, auto would use it
         wait_shell(term)
         pid = remote_shell_pid(term, tmp_path)
         relay.set_blackout(True)
@@ -131,7 +136,7 @@ def test_rebind_mid_session_keeps_session(relayed, tmp_path):
 def test_typing_through_30_percent_loss(relayed, tmp_path):
     server, relay, front = relayed
     relay.set(loss=0.3)
-    with start_client(server, tmp_path, host=front) as term:
+    with start_client(server, tmp_path, "--transport", "udp", host=front) as term:
         wait_shell(term, timeout=60)
         for a, b in ((7, 191), (12, 34), (99, 99)):
             type_slowly(term, f"echo $(({a}*{b}))\r")
@@ -147,7 +152,8 @@ def test_typing_through_30_percent_loss(relayed, tmp_path):
 @pytest.mark.timeout(120)
 def test_refused_key_on_resume_is_final(relayed, tmp_path):
     server, relay, front = relayed
-    with start_client(server, tmp_path, host=front, wrapped=True) as term:
+    with start_client(server, tmp_path, host=front, wrapped=True,
+                      env=client_env(tmp_path, **QUICK_RESUME)) as term:
         wait_shell(term)
         stranger = make_key(str(tmp_path / "stranger"), "stranger")
         write_authorized_keys(server.authorized_keys_path, stranger.public)  # access revoked

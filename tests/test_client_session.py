@@ -18,8 +18,9 @@ import time
 import pytest
 
 from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, pid_alive, proc_children, wait_for
-from server_util import READY_LINE, MpsServer, make_key
+from server_util import READY_LINE, MpsServer, make_key, run_mps
 
+import moshpit
 import moshpit_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,9 @@ USER = getpass.getuser()
 QUIT = b"\x1e."  # Ctrl-^ .
 QUIT_STATUS = 255  # what mp.py exits with after Ctrl-^ . (like ssh after ~.)
 ERASE_BANNER = b"\x1b7\x1b[1;1H\x1b[2K\x1b8"
+# The shortest UDP silence before a resume the client accepts (its resume_after_secs setting,
+# README "Resume timing"): outage scenarios reach their resume handshake after 4 s, not 10.
+QUICK_RESUME = {"MOSHPIT_RESUME_AFTER_SECS": str(moshpit.MIN_RESUME_AFTER_SECS)}
 
 
 
@@ -83,8 +87,9 @@ def wrapper_result(term: PtyProcess, timeout: float = 30.0) -> tuple:
 
 
 def kill_server(server: MpsServer) -> None:
-    """SIGKILL: the server vanishes without a word to anyone."""
-    os.kill(server.proc.pid, signal.SIGKILL)
+    """SIGKILL to the server's process group: the listener and its session processes (which
+    outlive a listener stopped alone) vanish without a word to anyone, as in a host crash."""
+    os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
 
 
@@ -286,7 +291,8 @@ def test_killed_server_then_quit_restores_terminal(server, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_restarted_server_means_session_gone(server, tmp_path):
-    with start_client(server, tmp_path, wrapped=True) as term:
+    with start_client(server, tmp_path, wrapped=True,
+                      env=client_env(tmp_path, **QUICK_RESUME)) as term:
         wait_shell(term)
         kill_server(server)
         restart_server(server)  # same port and keys, but the session is gone
@@ -297,10 +303,12 @@ def test_restarted_server_means_session_gone(server, tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_server_shutdown_ends_session_with_message(server, tmp_path):
-    with start_client(server, tmp_path, wrapped=True) as term:
+def test_server_shutdown_ends_session_with_message(tmp_path):
+    settings = {"mps.shutdown_flush_secs": moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS}
+    with MpsServer(tmp_path, settings=settings) as server, \
+            start_client(server, tmp_path, wrapped=True) as term:
         wait_shell(term)
-        server.signal(signal.SIGTERM)
+        assert run_mps(["--stop-sessions", "-c", server.config_path], server.env).returncode == 0
         rc, attrs, out = wrapper_result(term)
         assert (rc, attrs) == (255, "same")
         assert b"moshpit: server 127.0.0.1 is shutting down; session ended." in out
@@ -309,12 +317,13 @@ def test_server_shutdown_ends_session_with_message(server, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_changed_host_key_on_resume_is_final(server, tmp_path):
-    with start_client(server, tmp_path, wrapped=True) as term:
+    with start_client(server, tmp_path, wrapped=True,
+                      env=client_env(tmp_path, **QUICK_RESUME)) as term:
         wait_shell(term)
         kill_server(server)
         os.unlink(server.host_key_path)
         make_key(server.host_key_path, "impostor", replace=True)
-        restart_server(server)  # the resume after ~10 s of silence meets another host key
+        restart_server(server)  # the resume after 4 s of silence meets another host key
         rc, attrs, out = wrapper_result(term, 60)
         assert (rc, attrs) == (255, "same")
         assert b"mp: the host key of 127.0.0.1 changed during the session" in out

@@ -10,6 +10,8 @@ import sys
 import pytest
 
 import moshpit
+import moshpit_session
+import moshpit_transport
 from moshpit import ConfigError, load_config
 
 pytestmark = pytest.mark.timeout(30)
@@ -71,6 +73,7 @@ def test_defaults(tmp_path):
     assert server["mps.detached_session_timeout_secs"] == 604800
     assert server["mps.max_sessions_per_user"] == 16
     assert server["mps.unattached_session_timeout_secs"] == 60
+    assert server["mps.shutdown_flush_secs"] == 2 == moshpit_session.SHUTDOWN_FLUSH_SECS
     assert client["server_port"] == 40404
     assert client["server_destination"] == ""
     assert client["max_reconnect_backoff_secs"] == 3600
@@ -300,17 +303,33 @@ def test_udp_port_range_accepted(tmp_path, value):
     assert 1 <= lo <= hi <= 65535
 
 
-@pytest.mark.parametrize("value,clamped,warned", [
-    (1, 2, True), (-5, 2, True), (2, 2, False), (3600, 3600, False), (86400, 86400, False),
-    (86401, 86400, True), (10**9, 86400, True),
+@pytest.mark.parametrize("kind,key,value,clamped,warned", [
+    ("client", "max_reconnect_backoff_secs", *case) for case in [
+        (1, 2, True), (-5, 2, True), (2, 2, False), (3600, 3600, False), (86400, 86400, False),
+        (86401, 86400, True), (10**9, 86400, True)]
+] + [
+    # below the minimum an idle session (one keepalive every 3 s) would resume for nothing
+    ("client", "resume_after_secs", *case) for case in [
+        (0, 4, True), (3, 4, True), (4, 4, False), (10, 10, False), (86401, 86400, True)]
+] + [
+    ("server", "mps.shutdown_flush_secs", *case) for case in [
+        (-1, 0, True), (0, 0, False), (2, 2, False), (60, 60, False), (61, 60, True)]
 ])
-def test_max_reconnect_backoff_clamped(tmp_path, value, clamped, warned):
-    c = load_config("client", {}, environ={"MOSHPIT_MAX_RECONNECT_BACKOFF_SECS": str(value)},
-                    home=str(tmp_path))
-    assert c["max_reconnect_backoff_secs"] == clamped
+def test_timers_clamped(tmp_path, kind, key, value, clamped, warned):
+    env = {name: str(value) for name, dotted in moshpit.env_names(kind).items() if dotted == key}
+    c = load_config(kind, {}, environ=env, home=str(tmp_path))
+    assert c[key] == clamped
     assert bool(c.warnings) is warned
     if warned:
-        assert "max_reconnect_backoff_secs" in c.warnings[0] and str(clamped) in c.warnings[0]
+        assert key in c.warnings[0] and str(clamped) in c.warnings[0]
+
+
+def test_resume_after_default_and_minimum_outlast_a_keepalive(tmp_path):
+    """The resume wait must exceed the keepalive period (plus a round trip): an idle client
+    hears from the server only that often."""
+    assert load_config("client", {}, environ={}, home=str(tmp_path))["resume_after_secs"] == 10
+    assert moshpit.MIN_RESUME_AFTER_SECS > moshpit_transport.KEEPALIVE_SECS + 0.5
+    assert moshpit_session.RESUME_AFTER_SECS == moshpit.DEFAULT_RESUME_AFTER_SECS
 
 
 @pytest.mark.parametrize("text,byte", [

@@ -240,11 +240,12 @@ def test_server_that_stops_mid_handshake_times_out(setup):
         listener.bind((LOOPBACK, 0))
         listener.listen(1)
         port = listener.getsockname()[1]
+        client_gave_up = threading.Event()
 
         def half_hello():
             peer, _ = listener.accept()
             peer.sendall(b"\x00\x00\x00\x50\x02")  # an 80-byte message that never ends
-            time.sleep(3)
+            client_gave_up.wait(10)  # the connection stays open, silent, until then
             peer.close()
 
         thread = threading.Thread(target=half_hello, daemon=True)
@@ -252,6 +253,7 @@ def test_server_that_stops_mid_handshake_times_out(setup):
         with pytest.raises(hs.HandshakeError) as raised:
             hs.client_handshake(LOOPBACK, port, setup.alice, hs.ClientRequest("alice"),
                                 setup.verify, timeout=1.0)
+        client_gave_up.set()
         thread.join(10)
     assert str(raised.value) == f"handshake with 127.0.0.1 port {port} timed out after 1 s"
 

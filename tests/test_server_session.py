@@ -12,11 +12,13 @@ import socket
 import time
 
 import pytest
+import moshpit
+import moshpit_session as ms
 import moshpit_transport
 from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, SESSION_LIMIT,
                                USER_SESSION_LIMIT, AuthRefused, HandshakeError)
 from proc_util import pid_alive, proc_usage, wait_for
-from server_util import MpsServer, TestClient, make_key, write_authorized_keys
+from server_util import MpsServer, TestClient, make_key, run_mps, write_authorized_keys
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -71,6 +73,29 @@ def test_commands_and_exit_status(client):
     assert client.run("printf 'a\\tb\\n' | od -c | head -1").split()[1:4] == ["a", "\\t", "b"]
     client.send("exit 7\n")
     assert client.wait_closed() == 7
+
+
+def test_echo_acks_and_the_ptys_echo_mode_reach_the_client(client):
+    """For local echo prediction: the PTY's termios as it changes (readline's raw mode, a
+    password prompt's echo off) and echo acks naming input whose echo came before them."""
+    def mode_seen(icanon: bool, echo: bool) -> bool:
+        client.pump(0.05)
+        return any(isinstance(e, ms.TtyModeChanged) and e.mode[:2] == (icanon, echo)
+                   for e in client.events)
+
+    client.run("true")
+    wait_for(lambda: mode_seen(False, False), 10, "readline's mode (it echoes itself)")
+    client.send("read -s pw; echo read-done\n")
+    wait_for(lambda: mode_seen(True, False), 10, "read -s: echo off, canonical")
+    client.send("hunter2\n")
+    client.read_until("read-done")
+    sent = client.core.input_offset
+    wait_for(lambda: (client.pump(0.05) or ms.EchoAcked(sent) in client.events), 10,
+             "the echo ack of every key")
+    assert b"hunter2" not in client.output
+    readline = ms.TtyMode(icanon=False, echo=False, erase=0x7F)
+    wait_for(lambda: (client.pump(0.05) or [e for e in client.events if isinstance(
+        e, ms.TtyModeChanged)][-1].mode == readline), 10, "readline's mode again")
 
 
 def test_exit_by_signal_is_128_plus_n(client):
@@ -168,16 +193,24 @@ def test_quit_request_from_someone_else_is_refused(server, client):
     assert "by the client's quit request" not in server.log()
 
 
-def test_server_sigterm_tells_every_client(tmp_path):
-    with MpsServer(tmp_path, udp_ports=2) as server:
+def test_server_sigterm_leaves_sessions_and_stop_sessions_ends_them(tmp_path):
+    """Stopping the listener leaves every session running (a restart or an upgrade ends no
+    login); mps --stop-sessions ends them all on purpose, each client told."""
+    settings = {"mps.shutdown_flush_secs": moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS}
+    with MpsServer(tmp_path, udp_ports=2, settings=settings) as server:
         clients = [TestClient.for_server(server).connect() for _ in range(2)]
         pids = [shell_pid(c) for c in clients]
         server.signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+        assert "2 session(s) keep running" in server.log()
+        for client in clients:
+            assert client.run("echo still here") == "still here"
+        result = run_mps(["--stop-sessions", "-c", server.config_path], server.env)
+        assert (result.returncode, result.stdout) == (0, "mps: ended 2 session(s)\n")
         for client in clients:
             wait_for(lambda c=client: c.pump(0.1) or c.shutdown_reason, 10, "shutdown notice")
             assert client.shutdown_reason == "server shutting down"
             client.close()
-        assert server.stop() == 0
         for pid in pids:
             wait_for(lambda p=pid: not pid_alive(p), 10, "the shells to get SIGHUP")
 
@@ -209,11 +242,16 @@ def test_zero_timeout_keeps_detached_sessions(tmp_path):
 # -- resume --------------------------------------------------------------------------------
 
 
-def test_resume_continues_the_stream_exactly(client):
+def test_resume_continues_the_stream_exactly(client, tmp_path):
+    """mps's wiring of the resume (the offsets rule itself: test_session.py): output the
+    shell printed while the client was away arrives after the resume, once, in order."""
     pid = shell_pid(client)
-    client.send("for i in $(seq 1 200); do echo line$i; sleep 0.01; done; echo EN''D\n")
+    done = tmp_path / "printed"
+    client.send(f"for i in $(seq 1 200); do echo line$i; sleep 0.001; done; echo EN''D; "
+                f"touch {done}\n")
     client.read_until("line20\r\n")
-    time.sleep(3)  # "outage": nothing read or acked; the shell keeps printing
+    # "Outage": nothing read or acked while the shell prints the rest.
+    wait_for(done.exists, 30, "the shell to print every line")
     client.resume()
     out = client.read_until("END", timeout=30).decode()
     assert re.findall(r"^line(\d+)\r$", out, re.M) == [str(i) for i in range(21, 201)]

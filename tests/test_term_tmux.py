@@ -27,7 +27,6 @@ ROWS, COLS = 24, 80
 pytestmark = [
     pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
     pytest.mark.timeout(180),
-    pytest.mark.xdist_group("tmux"),
 ]
 
 PACKAGES = {"vim": "vim", "less": "less", "man": "man-db", "top": "procps"}
@@ -41,7 +40,8 @@ def installed():
     reason = {}
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         try:
-            subprocess.run(["apt-get", "install", "-y", "-q",
+            # Each xdist worker may get here at once: apt waits for the other's dpkg lock.
+            subprocess.run(["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=240",
                             *sorted({PACKAGES[m] for m in missing})],
                            capture_output=True, timeout=300, check=False)
         except subprocess.TimeoutExpired:
