@@ -262,6 +262,7 @@ CWND_GAIN = 2.0  # in flight: this many path round trips' worth (acks come in lu
 BW_WINDOW_ROUNDS = 10  # the rate estimate is the largest sample of this many round trips
 MIN_RTT_WINDOW_SECS = 3.0  # the path's RTT is the smallest sample of this long (a path
 # that got slower, or a queue that never empties, becomes the new normal after that)
+RTT_FLOOR_SECS = 1e-4  # no path is faster (a zero-delay fake clock would divide by zero)
 PATH_CHANGE_FACTOR = 2.0  # a new min_rtt this many times the old: the path changed
 QUEUE_TOLERANCE, QUEUE_SLACK_SECS = 0.25, 0.002  # RTT above min x 1.25 + 2 ms = a queue
 COMPETE_ROUNDS = 6  # a queue that outlives this many rounds of draining is not ours
@@ -471,7 +472,7 @@ class CongestionControl:
             self.round += 1
         if not self._queue_seen:
             self._low_queue_round = self.round
-        if interval >= self.min_rtt:  # shorter: acks compressed on the way, no rate
+        if interval > 0 and interval >= self.min_rtt:  # shorter: acks compressed, no rate
             rate = (self.delivered - sent_delivered) / interval
             if not self._queue_seen:  # random loss, not a queue overflowing: the path
                 rate /= 1.0 - min(loss_rate, MAX_LOSS_CREDIT)  # carried the lost bytes too
@@ -535,7 +536,7 @@ class CongestionControl:
             if gain == 1.0 and self._queue_seen and not self._queue_outlived_draining():
                 gain = DRAIN_GAIN  # a queue of ours outlived its probe: drain it (a queue
                 # that outlives this too is not ours: draining on would only starve us)
-        rtt, bw = self._base_rtt(), self.bw
+        rtt, bw = max(self._base_rtt(), RTT_FLOOR_SECS), self.bw
         # Floors: STARTUP never goes below its first guess (its early samples are a prompt's
         # few bytes), and no rate is so low that a keystroke's echo waits for the pacer.
         floor = INITIAL_CWND if self.mode == self.STARTUP else MIN_CWND
