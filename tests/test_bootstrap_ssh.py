@@ -152,14 +152,16 @@ def read(path: str) -> str:
 
 def bootstrapped_server(uid: int) -> int:
     """The pid of the one-session server ssh started for ``uid`` (the stub's python)."""
-    for pid in _pids_of(uid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"sys.stdin.buffer" in f.read():
-                    return pid
-        except FileNotFoundError:
-            pass
-    return 0
+    return next((pid for pid in _pids_of(uid) if _is_stub_python(pid)), 0)
+
+
+def _is_stub_python(pid: int) -> bool:
+    """Whether ``pid`` is the stub's python (the one-session server or a fork of it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"sys.stdin.buffer" in f.read()
+    except FileNotFoundError:
+        return False
 
 
 def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pythons):
@@ -220,8 +222,12 @@ def test_forwarding_only_through_ssh(make_host, pythons, echo, tmp_path):
         wait_for(lambda: echo_works(port), 30, "the -L forward")
         server = bootstrapped_server(uid)
         assert server
-        # Once sshd's session for the bootstrap is gone, the server alone: no shell at all.
-        wait_for(lambda: _pids_of(uid) == [server], 10, "the server alone to run as the user")
+        # Once sshd's session for the bootstrap is gone, only the server and the processes it
+        # forked (its spawner, the session process) run as the user: no shell at all.
+        def server_alone():
+            pids = _pids_of(uid)
+            return server in pids and all(_is_stub_python(pid) for pid in pids)
+        wait_for(server_alone, 10, "the server alone to run as the user")
         assert echo_works(port)
         mp.signal(signal.SIGINT)
         assert mp.wait(20) == 255, mp.read_log()
