@@ -28,13 +28,17 @@ lint: $(STAMP)
 test: lint test-tools
 	$(KEEP_BYTECODE) $(VPY) $(PYTEST) $(PYTEST_ARGS)
 
-# tmux is the terminal the screen model is checked against (tests/test_term_tmux.py): install
-# it when missing and we may (root with apt-get); otherwise those tests skip, saying why.
+# tmux is the terminal the screen model is checked against (tests/test_term_tmux.py); the
+# prediction harness (tests/test_predict_tmux.py) also types into zsh and fish; nft is the
+# firewall that blocks UDP in tests/test_carrier_netns.py. Install the missing ones when we
+# may (root with apt-get); otherwise those tests skip, saying why. Each is command:package.
+TEST_TOOLS = tmux:tmux zsh:zsh fish:fish nft:nftables
 test-tools:
-	@command -v tmux >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && { apt-get install -y -q tmux >/dev/null 2>&1 \
-	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tmux >/dev/null 2>&1; }; }; } \
-	  || echo "test-tools: tmux is missing and could not be installed: its tests will skip"
+	@missing=$$(for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || echo $${t#*:}; done); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get install -y -q $$missing >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null 2>&1; }; }; } \
+	  || echo "test-tools: $$missing missing and could not be installed: their tests will skip"
 
 # Every interpreter found under pyenv with the newest cryptography, plus 3.9 with the
 # oldest cryptography we support (3.4.8). Long scenarios run once, in `make test`.

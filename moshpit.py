@@ -29,9 +29,9 @@ import termios
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = [
-    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM",
+    "PROTOCOL_VERSION", "DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT_RANGE", "MAX_DATAGRAM", "TRANSPORTS",
     "DEFAULT_RESUME_AFTER_SECS", "MIN_RESUME_AFTER_SECS", "DEFAULT_SHUTDOWN_FLUSH_SECS",
-    "HOST_KEY_POLICIES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
+    "HOST_KEY_POLICIES", "PREDICT_MODES", "CLIENT_KEY_FILE", "HOST_KEY_FILE", "KNOWN_HOSTS_FILE",
     "AUTHORIZED_KEYS_FILE", "TERM_NAME_RE", "LOCALE_NAME_RE", "LOCALE_VALUE_RE",
     "is_locale_setting", "format_addr", "make_private_dirs",
     "MoshpitError", "ConfigError", "ENV_PREFIX", "mp_dir", "default_config_path",
@@ -56,7 +56,12 @@ __version__ = "0.1.0"
 # detached-session count in a grant, the REPAINT record.
 # 4: keys in ssh-agent: the optional ClientOffer/KeyAccepted handshake step (ssh's publickey
 # query: the server says which offered key it accepts before the agent is asked to sign);
-# channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag.
+# channels (moshpit_channels): records 9-15, stream 2, the request's agent forwarding flag;
+# the request's no-command flag (mp -N: a session with no process, for forwarding only),
+# both in the request's session flags byte;
+# local echo prediction: the ECHO_ACK and TTY_MODE records;
+# the TCP carrier: the handshake's connection stays open after the grant as the TCP carrier of the
+# session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier).
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
@@ -69,9 +74,12 @@ MIN_RESUME_AFTER_SECS = 4
 # acknowledge the shutdown notice before the shell is hung up.
 DEFAULT_SHUTDOWN_FLUSH_SECS = 2
 MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
+TRANSPORTS = ("auto", "udp", "tcp")  # the client's `transport`: see moshpit_carrier
 
 # strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only
 HOST_KEY_POLICIES = ("ask", "accept-new", "yes")
+# predict (local echo, moshpit_predict): as mosh's --predict
+PREDICT_MODES = ("adaptive", "always", "never", "experimental")
 
 # File names under ~/.mp (the paths in the config default to these).
 CLIENT_KEY_FILE = "id_ed25519"
@@ -444,6 +452,12 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
         "escape_key": _Key(str, "^^", _parsed_by(parse_escape_key)),
         # HostName and User of `mp alias` from this ssh_config file; false: aliases off.
         "ssh_config": _Key(PATH_OR_OFF, "~/.ssh/config"),
+        # Automatic TCP fallback (moshpit_carrier): UDP, falling back to TCP where UDP is
+        # blocked (auto), or only one of them.
+        "transport": _Key(str, "auto", _one_of(*TRANSPORTS)),
+        # Local echo prediction (README "Prediction"): mosh's modes; adaptive shows
+        # predictions only on a slow link or when the echo is overdue.
+        "predict": _Key(str, "adaptive", _one_of(*PREDICT_MODES)),
         # Forwarding (README "Forwarding"): relay the session's SSH_AUTH_SOCK to ours (-A).
         "forward_agent": _Key(bool, False),
         **_common_keys(),

@@ -51,6 +51,13 @@ records are written again after the re-key and duplicates are dropped by offset.
 open request that gets no answer within OPEN_TIMEOUT_SECS fails.  -R listeners belong to
 the server's session and stay bound across resumes; a takeover (another client) closes
 the old client's channels and listeners.
+
+When the session's shell exits (``on_session_exit``, called by the session core), both
+sides stop listening (-R and the agent socket on the server, -L and -D on the client) and
+the open channels carry on until they close: the server keeps the exited session while
+``busy()``, the client has the exit status and has given the terminal back meanwhile, and
+either side quitting (Ctrl-C) or the detached timeout ends them, as ssh waits for forwarded
+connections after the shell's exit.
 """
 
 from __future__ import annotations
@@ -257,6 +264,9 @@ class ChannelMux:
         self._events: deque = deque()
         self.listeners: Dict[int, tuple] = {}  # server: id -> (host, port); client: requested
         self.violations = 0  # records rejected as malformed or out of bounds (for tests, logs)
+        # False once the session's shell has exited: the listeners close (no new
+        # connections), the open channels drain (ssh's "waiting for forwarded connections").
+        self.accepting = True
         self._closed_for = ""  # what the latest rejected record broke, for the log
         self.lane = session.attach(self)
 
@@ -311,6 +321,10 @@ class ChannelMux:
 
     def channels(self) -> list:
         return list(self._channels)
+
+    def busy(self) -> bool:
+        """Channels are open (an exited session waits for them: moshpit_session)."""
+        return bool(self._channels)
 
     def read_allowance(self, chan: int) -> int:
         """How many bytes to read from ``chan``'s socket now (0: leave it unread)."""
@@ -424,6 +438,13 @@ class ChannelMux:
         return sum(len(c.output) + len(c.pending) for c in self._channels.values())
 
     # -- records -------------------------------------------------------------------------
+
+    def on_session_exit(self, now: float) -> None:
+        """The shell exited: stop listening (-R on the server, -L/-D on the client, the
+        agent socket), let the open channels finish."""
+        self.accepting = False
+        if self.role == "server":
+            self.listeners.clear()
 
     def on_new_connection(self, lane: object, now: float) -> None:
         """A takeover: the old client's channels and listeners end with its connection."""
@@ -581,7 +602,9 @@ class ChannelMux:
                 return False
             if listener in self.listeners:
                 return True  # a copy resent after a re-key
-            if self.policy is None or not self.policy.allow_remote:
+            if not self.accepting:
+                self.answer_listen(listener, PROHIBITED, port, "the session's shell has exited")
+            elif self.policy is None or not self.policy.allow_remote:
                 self.answer_listen(listener, PROHIBITED, port,
                                    "remote port forwarding is disabled on this server")
             elif len(self.listeners) >= MAX_LISTENERS:
@@ -1173,9 +1196,10 @@ class ChannelSockets:
                 if what == "-R"]
 
     def _drop_old_listeners(self) -> None:
-        """Server: -R listeners the mux no longer has (a takeover ended the old client's)."""
+        """-R listeners the mux no longer has (a takeover ended the old client's), and
+        every listener once the session's shell has exited (its channels only drain)."""
         for sock, (what, listener) in list(self._listeners.items()):
-            if what == "-R" and listener not in self.mux.listeners:
+            if not self.mux.accepting or (what == "-R" and listener not in self.mux.listeners):
                 del self._listeners[sock]
                 sock.close()
 

@@ -13,7 +13,8 @@ associated data = type byte || transcript hash before the message)::
               <-  KeyAccepted   {index of the first offered key authorized for user}
                   (or ServerFinish with a refusal: none is) ]
     ClientAuth    {user, client key blob, TERM, rows, cols, LANG/LC_*, resume id + offset
-                   [+ intent]; SSHSIG("moshpit-client", sha512, TH_c); resume proof}    ->
+                   [+ intent [+ command, has-command/pty flags [+ session flags]]];
+                   SSHSIG("moshpit-client", sha512, TH_c); resume proof}              ->
               <-  ServerFinish  {grant: session id, resume secret, UDP port, offset,
                                  detached sessions | listing | refusal}
     Refuse        plaintext reason code: "server busy" before anything is read, or a protocol
@@ -39,6 +40,11 @@ pre-authentication limits (AdmissionPolicy.confirming). A LIST is answered with 
 instead of a grant (ServerFinish outcome LISTING: count:u16, then per session id, attached:u8,
 started:u64, last activity:u64 (Unix seconds), rows:u16, cols:u16, title; at most
 MAX_LISTED sessions, titles at most MAX_TITLE_BYTES).
+
+After a grant that continues a session (a new one, a resume, a takeover) the connection
+stays open: it becomes the session's TCP carrier (protocol version 4, moshpit_carrier), or
+the client closes it. Only this connection, authenticated by the handshake it carried, can
+ever carry the session's datagrams over TCP.
 
 Transcript hash TH: SHA-256 over a label and every message's fields in order (each as an SSH
 string, so boundaries are unambiguous). TH_1 after ServerHello, TH_s after the host key blob,
@@ -114,7 +120,7 @@ __all__ = [
     "SERVER_BUSY", "NO_SUCH_SESSION", "PROTOCOL_ERROR", "SHUTTING_DOWN", "USER_NOT_SERVED",
     "SESSION_LIMIT", "USER_SESSION_LIMIT", "REFUSAL_CODES", "FINAL_CODES", "NOT_MOSHPIT",
     "HandshakeError", "AuthRefused", "MAX_LOCALE_VARS", "END_SESSION", "ClientRequest",
-    "MAX_COMMAND",
+    "MAX_COMMAND", "FLAG_AGENT", "FLAG_NO_COMMAND",
     "SessionKeys", "SessionGrant", "AuthInfo", "ClientResult", "HostKeyReceived", "AuthRequested",
     "HandshakeComplete", "locale_env", "ClientHandshake", "ServerHandshake", "AUTHENTICATED",
     "AUTHFAIL", "NOAUTH", "GRACE_EXCEEDED", "NEUTRAL", "HELLO_RECEIVED", "server_handshake",
@@ -237,6 +243,7 @@ _NAMED_INTENTS = (TAKE_OVER, KILL)  # need a session id
 MAX_LISTED = 100  # sessions in a LIST answer
 MAX_TITLE_BYTES = 200  # a listed session's title or command, UTF-8
 MAX_COMMAND = 32 * 1024  # bytes of a remote command (ssh's is bounded by its packet size too)
+FLAG_AGENT, FLAG_NO_COMMAND = 1, 2  # the request's session flags byte (protocol 4)
 
 
 @dataclass
@@ -250,6 +257,10 @@ class ClientRequest:
     ``command`` (one string, as ssh sends it) and ``pty`` (False: no terminal, the bytes
     go through exactly) travel after the intent byte, which is then always present; a
     server that predates them refuses the request instead of starting a login shell.
+    The session flags byte (protocol 4) follows them when any flag is set: FLAG_AGENT
+    (``forward_agent``, -A) and FLAG_NO_COMMAND (``no_command``, -N: the server starts no
+    process at all, the session carries channels until the client quits; sent with an
+    empty command and no PTY, and never with a command).
     """
 
     user: str
@@ -265,6 +276,7 @@ class ClientRequest:
     pty: bool = True  # False: the command (or shell) runs on a socket, bytes untouched
     intent: int = NO_INTENT
     forward_agent: bool = False  # -A: the session gets an SSH_AUTH_SOCK relayed to ours
+    no_command: bool = False  # -N: no shell, no command, no PTY; the session only forwards
 
     @property
     def needs_proof(self) -> bool:
@@ -347,6 +359,11 @@ class ClientResult:
     keys: SessionKeys
     server_addr: tuple
     host_key: PublicKey
+    rtt: float = 0.0  # seconds from ClientHello to ServerAuth: a round trip (plus a signature)
+    # With keep_connection: the handshake's connection, open (the TCP carrier,
+    # moshpit_carrier), and any bytes already read past ServerFinish.
+    connection: Optional[socket.socket] = None
+    unread: bytes = b""
 
 
 @dataclass
@@ -424,6 +441,8 @@ def _check_request(request: ClientRequest) -> None:
         raise ValueError("this request intent needs a session id (and only it)")
     if request.command is not None and len(request.command.encode()) > MAX_COMMAND:
         raise ValueError(f"the command is longer than {MAX_COMMAND} bytes")
+    if request.no_command and (request.command is not None or request.pty):
+        raise ValueError("a session without a command (-N) has no command and no PTY")
 
 
 def _encode_fields(request: ClientRequest, key_blob: bytes) -> bytes:
@@ -444,11 +463,13 @@ def _encode_tail(request: ClientRequest) -> list:
     """The optional fields after the offset: the intent byte, then the command and pty
     flag (sent only when they differ from a plain login shell on a PTY)."""
     intent = bytes([END_SESSION if request.end_session else request.intent])
-    agent = [bytes([1])] if request.forward_agent else []  # (protocol 4) after the flags
-    if request.command is None and request.pty and not agent:
+    flags = (FLAG_AGENT if request.forward_agent else 0) | (
+        FLAG_NO_COMMAND if request.no_command else 0)
+    session_flags = [bytes([flags])] if flags else []  # (protocol 4) after the pty flag
+    if request.command is None and request.pty and not session_flags:
         return [intent] if intent != bytes([NO_INTENT]) else []
     return [intent, ssh_string((request.command or "").encode()),
-            bytes([request.command is not None, request.pty]), *agent]
+            bytes([request.command is not None, request.pty]), *session_flags]
 
 
 def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
@@ -483,10 +504,11 @@ def _decode_fields(data: bytes) -> Tuple[ClientRequest, PublicKey]:
         request.command = command.decode("utf-8") if has_command else None
         request.pty = bool(pty)
     if reader.remaining():
-        forward_agent = reader.uint8()
-        if forward_agent > 1:
-            raise ValueError("bad agent forwarding flag")
-        request.forward_agent = bool(forward_agent)
+        flags = reader.uint8()
+        if flags & ~(FLAG_AGENT | FLAG_NO_COMMAND):
+            raise ValueError("bad session flags")
+        request.forward_agent = bool(flags & FLAG_AGENT)
+        request.no_command = bool(flags & FLAG_NO_COMMAND)
     reader.expect_end()
     _check_request(request)
     return request, client_key
@@ -672,6 +694,11 @@ class _Handshake:
             self._overflow = True
         elif self._error is None:
             self._inbox += data
+
+    def unread(self) -> bytes:
+        """Bytes received after the last message: once the handshake is over, the start
+        of what follows on the connection (the TCP carrier's datagrams)."""
+        return bytes(self._inbox)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer now (possibly empty)."""
@@ -1867,7 +1894,7 @@ class LazyIdentity:
 
 def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdentity, object],
                      request: ClientRequest, verify_host_key: Callable[[PublicKey], None],
-                     timeout: float = 10.0) -> ClientResult:
+                     timeout: float = 10.0, keep_connection: bool = False) -> ClientResult:
     """Connect to ``host`` ``port`` and run the client handshake.
 
     ``verify_host_key(key)`` returns to trust the key or raises moshpit_trust.HostKeyError
@@ -1881,7 +1908,9 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     confirming in ssh-agent) does not count against ``timeout`` either.
     Raises AuthRefused (final), HostKeyError (final) or HandshakeError (with
     ``code``), each with a one-line message; whatever loading the identity or signing
-    raises passes through.
+    raises passes through. ``keep_connection``: the result's ``connection`` is the
+    connection, left open (the caller closes it); the server keeps its end for the session
+    it granted.
     """
     if not hasattr(identity, "offers"):  # a key (or a signer) itself
         identity = LazyIdentity(lambda key=identity: key)
@@ -1889,8 +1918,12 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
     for _attempt in range(2):
         deadline = time.monotonic() + timeout
         sock = _connect(host, port, deadline)
+        kept = None
         try:
-            return _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+            result = _client_attempt(sock, identity, request, verify_host_key, trusted, timeout)
+            if keep_connection:
+                kept = result.connection = sock
+            return result
         except _ClosedDuringPrompt as closed:
             log.info("%s port %d closed the connection while the user was answering a"
                      " prompt; reconnecting", host, port)
@@ -1911,7 +1944,8 @@ def client_handshake(host: str, port: int, identity: Union[PrivateKey, LazyIdent
             raise HandshakeError(f"connection to {host} port {port} failed during the"
                                  f" handshake: {_os_reason(err)}") from None
         finally:
-            sock.close()
+            if kept is None:
+                sock.close()
     raise HandshakeError(f"{host} port {port} closed the connection twice before the"
                          " handshake finished")
 
@@ -1920,9 +1954,11 @@ def _client_attempt(sock: socket.socket, identity, request: ClientRequest,
                     verify_host_key: Callable[[PublicKey], None],
                     trusted: Optional[PublicKey], timeout: float) -> ClientResult:
     machine = ClientHandshake(None, request)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     try:
         host_key = _exchange(sock, machine, deadline).host_key
+        rtt = time.monotonic() - started
     except socket.timeout:
         if machine.heard_nothing():
             raise _NoAnswer() from None
@@ -1941,4 +1977,5 @@ def _client_attempt(sock: socket.socket, identity, request: ClientRequest,
         raise _ClosedDuringPrompt(host_key)
     deadline = time.monotonic() + timeout  # the user's think time is not the server's fault
     done = _exchange(sock, machine, deadline)
-    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key)
+    return ClientResult(done.grant, done.keys, sock.getpeername(), done.host_key, rtt,
+                        unread=machine.unread())

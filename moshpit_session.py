@@ -31,8 +31,15 @@ Records (the one encoding for everything a session says that is not terminal byt
     EXIT     (2) server->client  status:i32 output_offset:u64   reported once all output
                                  up to output_offset has been delivered
     SHUTDOWN (3) either way      reason: UTF-8, at most MAX_REASON_BYTES
-    4, 5         reserved for ECHO_ACK (input offset whose echo has been read from the PTY)
-                 and TTY_MODE (icanon, echo, erase), built with local echo prediction
+    ECHO_ACK (4) server->client  input_offset:u64 output_offset:u64   every input byte up to
+                 input_offset was written to the PTY at least ECHO_ACK_SECS before the
+                 output up to output_offset was read, so that output holds their echo;
+                 the client applies it once it has received output_offset bytes (records
+                 overtake terminal bytes).  Local echo prediction judges its guesses then.
+    TTY_MODE (5) server->client  flags:u8 (1 icanon, 2 echo) erase:u8   the PTY's termios,
+                 sent when it changes (polled at input, while input is recent, and with
+                 output at most every TTY_POLL_SECS): with echo off and
+                 icanon on (passwords: read -s, sudo, ssh) nothing typed is predicted
     REPAINT  (6) server->client  screen: bytes that rebuild the session's screen on a fresh
                  terminal (moshpit_term's serialize), sent first after a takeover; it comes
                  before terminal byte 0 of the new connection
@@ -70,8 +77,10 @@ Ending rules (ServerSession): the session ends
 
 * when the shell has exited and its output is read (PTY at EOF, or no output for
   PTY_DRAIN_SECS while the send window has room): EXIT is sent and the session ends once
-  the client has acknowledged everything; a client that is away gets the last output and
-  the status when it resumes, as long as a detached session would be kept;
+  the client has acknowledged everything and the attached layer is no longer busy (its
+  open forwarded connections drain and close first, as with ssh; it takes no new ones);
+  a client that is away gets the last output and the status when it resumes, as long as a
+  detached session would be kept;
 * when the client quits (a SHUTDOWN record over UDP, or ``end_requested`` after a quit
   request over TCP): at once;
 * when the server stops (``shutdown``): SHUTDOWN is sent, and the session ends once acked
@@ -111,7 +120,8 @@ from moshpit_transport import FIRST_STREAM, Connection, DataReceived, PeerAddres
 
 __all__ = [
     "STREAM_TERMINAL", "STREAM_RECORDS", "RECORD_RESIZE", "RECORD_EXIT", "RECORD_SHUTDOWN",
-    "RECORD_REPAINT",
+    "RECORD_REPAINT", "RECORD_ECHO_ACK", "RECORD_TTY_MODE", "ECHO_ACK_SECS", "TtyMode",
+    "EchoAcked", "TtyModeChanged",
     "RECORD_INPUT_EOF", "InputEnded", "RECORD_STDERR", "ErrorOutputReceived",
     "MAX_STDERR_CHUNK",
     "MAX_RECORD_BODY", "MAX_REASON_BYTES", "PTY_DRAIN_SECS", "SHUTDOWN_FLUSH_SECS",
@@ -130,12 +140,18 @@ RECORD_WINDOW = 64 * 1024  # records unacked before the lane counts as full (nev
 
 RECORD_HEADER = struct.Struct("!BI")
 RECORD_RESIZE, RECORD_EXIT, RECORD_SHUTDOWN = 1, 2, 3
-RECORD_REPAINT = 6  # 4, 5 are reserved (see above)
+RECORD_ECHO_ACK, RECORD_TTY_MODE = 4, 5
+RECORD_REPAINT = 6
 RECORD_INPUT_EOF = 7
 RECORD_STDERR = 8
 INPUT_EOF_BODY = STDERR_OFFSET = struct.Struct("!Q")
 MAX_STDERR_CHUNK = 16 * 1024  # stderr bytes per record (the record lane's window is 64 KiB)
 RESIZE_BODY = struct.Struct("!HH")
+ECHO_ACK_BODY = struct.Struct("!QQ")
+TTY_MODE_BODY = struct.Struct("!BB")
+TTY_ICANON, TTY_ECHO = 1, 2
+MAX_PENDING_ACKS = 64  # echo acks waiting for their output (older ones are dropped)
+MAX_UNACKED_WRITES = 256  # server: input writes awaiting their echo ack (later ones merge)
 EXIT_BODY = struct.Struct("!iQ")
 MAX_RECORD_BODY = 256 * 1024  # larger records are skipped unread (a repaint fits easily)
 MAX_REASON_BYTES = 255
@@ -146,6 +162,13 @@ FIRST_BACKOFF_SECS = 2.0  # then between attempts, doubling up to the configured
 PTY_DRAIN_SECS = 1.0  # after the shell exits: how long to wait for the rest of its output
 # server stopping: time to tell the client before hanging up (the shutdown_flush_secs setting)
 SHUTDOWN_FLUSH_SECS = float(moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS)
+# Echo ack (mosh's ECHO_TIMEOUT): input written this long ago has had its echo read.
+ECHO_ACK_SECS = 0.05
+# The PTY's termios is polled at each input write, every TTY_POLL_SECS while input is this
+# recent (a mode changes in answer to a key: Enter starts sudo), and with output at most
+# every TTY_POLL_SECS (a password prompt printed long after the last key).
+TTY_POLL_WINDOW_SECS = 3.0
+TTY_POLL_SECS = 0.1
 
 
 # ---------------------------------------------------------------------------
@@ -318,6 +341,37 @@ class RepaintReceived(NamedTuple):
     screen: bytes
 
 
+class TtyMode(NamedTuple):
+    """The PTY's input modes that decide local echo: canonical mode, echo, erase character
+    (VERASE, 0: none)."""
+
+    icanon: bool
+    echo: bool
+    erase: int
+
+    def encode(self) -> bytes:
+        return TTY_MODE_BODY.pack(TTY_ICANON * self.icanon | TTY_ECHO * self.echo, self.erase)
+
+    @classmethod
+    def decode(cls, body: bytes) -> TtyMode:
+        flags, erase = TTY_MODE_BODY.unpack_from(body)
+        return cls(bool(flags & TTY_ICANON), bool(flags & TTY_ECHO), erase)
+
+
+class EchoAcked(NamedTuple):
+    """Client: the output received so far holds the echo of every input byte up to
+    ``input_offset`` (the server wrote them to the PTY ECHO_ACK_SECS before reading it)."""
+
+    input_offset: int
+
+
+class TtyModeChanged(NamedTuple):
+    """Client: the PTY's input modes changed (applied at once: hiding input early is the
+    safe side)."""
+
+    mode: TtyMode
+
+
 class _Core:
     """What both cores share: the Connection, the record lane, the event queue."""
 
@@ -336,7 +390,10 @@ class _Core:
         body, now)``, as do the records of its own stream ``extension.STREAM_ID`` (window
         ``extension.STREAM_WINDOW``, served after the terminal), which is resent across
         re-keys like the record lane.  Returns that stream's lane; after a takeover (a
-        fresh Connection) ``extension.on_new_connection(lane, now)`` gets the new one."""
+        fresh Connection) ``extension.on_new_connection(lane, now)`` gets the new one.
+        ``extension.on_session_exit(now)`` is called once the shell's exit is sent (server)
+        or reported (client): no new work from then on; while ``extension.busy()`` the
+        server keeps the exited session (ssh waits for forwarded connections to close)."""
         self._extensions.append(extension)
         for record_type in extension.RECORD_TYPES:
             self._routes[record_type] = extension
@@ -427,6 +484,70 @@ class _Core:
 # ---------------------------------------------------------------------------
 
 
+class _EchoClock:
+    """The server's bookkeeping for local echo prediction: when each input write reached
+    the PTY (for ECHO_ACK, mosh's echo_ack) and when to poll the PTY's termios next (for
+    TTY_MODE; only while input is recent, so an idle session costs nothing)."""
+
+    def __init__(self) -> None:
+        self._written = 0  # input bytes taken by the PTY on this connection
+        self._writes: deque = deque()  # (input offset, time) of writes not acked yet
+        self._sent_mode: Optional[TtyMode] = None  # None: not polling (no PTY) / resend
+        self._watching = False
+        self._last_input: Optional[float] = None
+        self._last_poll = float("-inf")
+        self.poll_time: Optional[float] = None
+
+    def written(self, count: int, now: float) -> None:
+        if count > 0:
+            self._written += count
+            if len(self._writes) >= MAX_UNACKED_WRITES:  # the PTY is not being read:
+                self._writes.pop()  # merged into this write (a later time only delays)
+            self._writes.append((self._written, now))
+            self._last_input = now
+            if self._watching:
+                self.poll_time = now  # the key may have changed the mode: look at once
+
+    def output(self, now: float) -> None:
+        """The PTY wrote something (a prompt?): look at its mode, at most every
+        TTY_POLL_SECS."""
+        if self._watching and self.poll_time is None:
+            self.poll_time = max(now, self._last_poll + TTY_POLL_SECS)
+
+    def ack_time(self) -> Optional[float]:
+        return self._writes[0][1] + ECHO_ACK_SECS if self._writes else None
+
+    def ack_due(self, now: float) -> Optional[int]:
+        """The newest input offset written at least ECHO_ACK_SECS ago, if not acked yet."""
+        acked = None
+        while self._writes and self._writes[0][1] + ECHO_ACK_SECS <= now:
+            acked = self._writes.popleft()[0]
+        return acked
+
+    def poll_due(self, now: float) -> bool:
+        return self.poll_time is not None and now >= self.poll_time
+
+    def polled(self, mode: Optional[TtyMode], now: float) -> bool:
+        """Note a poll's result; True if it changed (to be sent)."""
+        self._watching = mode is not None
+        self._last_poll = now
+        if mode is None:
+            self.poll_time = None
+            return False
+        recent = self._last_input is not None and now - self._last_input < TTY_POLL_WINDOW_SECS
+        self.poll_time = now + TTY_POLL_SECS if recent else None
+        changed, self._sent_mode = mode != self._sent_mode, mode
+        return changed
+
+    def restart(self, now: float) -> None:
+        """A new connection (takeover): offsets from 0, the mode sent again."""
+        self._written = 0
+        self._writes.clear()
+        self._sent_mode = None
+        if self._watching:
+            self.poll_time = now
+
+
 class ServerSession(_Core):
     """The server's session core: one shell's terminal, its client, and when it all ends.
 
@@ -453,6 +574,8 @@ class ServerSession(_Core):
         self._stderr_sent = 0
         self._input_end_reported = False
         self._drain_until = now
+        self._awaiting_extensions = False  # exited: wait for the attached layers to finish
+        self._echo = _EchoClock()
 
     # -- the program's inputs ------------------------------------------------------------
 
@@ -461,6 +584,22 @@ class ServerSession(_Core):
         if data:
             self.conn.send(data, STREAM_TERMINAL)
             self._drain_until = now + PTY_DRAIN_SECS
+            self._echo.output(now)
+
+    def input_written(self, count: int, now: float) -> None:
+        """The PTY took ``count`` more bytes of the client's input (for the echo ack and
+        the tty mode poll)."""
+        self._echo.written(count, now)
+
+    def tty_poll_due(self, now: float) -> bool:
+        """Poll the PTY's termios now (and pass it to ``tty_mode``)?"""
+        return self._echo.poll_due(now)
+
+    def tty_mode(self, mode: Optional[TtyMode], now: float) -> None:
+        """The PTY's termios as just polled (the first call starts the polling; None: no
+        PTY or it is gone, which stops it): sent to the client when it changed."""
+        if self._echo.polled(mode, now):
+            self.records.send(RECORD_TTY_MODE, mode.encode())
 
     def pty_closed(self, now: float) -> None:
         """The PTY master reads EOF: no more output will come."""
@@ -516,6 +655,7 @@ class ServerSession(_Core):
         self.client_addr = None
         self._shutdown_reported = False
         self.records.send(RECORD_REPAINT, screen)
+        self._echo.restart(now)  # input offsets start over; the mode goes again
         return goodbye
 
     def end_requested(self, now: float) -> int:
@@ -532,6 +672,13 @@ class ServerSession(_Core):
 
     def datagrams_to_send(self, now: float) -> list:
         self._check_exit(now)  # the drain deadline is one of the timers next_timeout names
+        # The program calls this after reading the PTY: what it read holds the echo of
+        # input written ECHO_ACK_SECS ago -- unless back-pressure stopped the reading.
+        if self.may_read_pty():
+            acked = self._echo.ack_due(now)
+            if acked is not None:
+                self.records.send(RECORD_ECHO_ACK, ECHO_ACK_BODY.pack(
+                    acked, self.conn.send_offset(STREAM_TERMINAL)))
         return self.conn.datagrams_to_send(now)
 
     def may_read_pty(self) -> bool:
@@ -540,9 +687,11 @@ class ServerSession(_Core):
         return not self._pty_eof and not self.ending and self.conn.writable(STREAM_TERMINAL)
 
     def next_timeout(self) -> Optional[float]:
-        times = [self.conn.next_timeout(), self._deadline()]
+        times = [self.conn.next_timeout(), self._deadline(), self._echo.poll_time]
         if self._exit_status is not None and not self.ending:
             times.append(self._drain_until)
+        if self.may_read_pty():
+            times.append(self._echo.ack_time())
         times = [t for t in times if t is not None]
         return min(times) if times else None
 
@@ -555,7 +704,10 @@ class ServerSession(_Core):
                 self.ending = self._silence_limit()[1]
                 return True
             return False
-        return self.conn.all_acked() or (deadline is not None and now >= deadline)
+        if deadline is not None and now >= deadline:
+            return True
+        return self.conn.all_acked() and not (
+            self._awaiting_extensions and any(ext.busy() for ext in self._extensions))
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -573,12 +725,16 @@ class ServerSession(_Core):
             # the last output and the exit status when it resumes, as long as a detached
             # session would have been kept for it.
             self._end(f"shell exited with status {self._exit_status}", now, None)
+            self._awaiting_extensions = True
+            for extension in self._extensions:
+                extension.on_session_exit(now)
 
     def _end(self, why: str, now: float, linger: Optional[float]) -> None:
         """Start ending: done once everything sent is acknowledged, or after ``linger``
         seconds (None: when a detached session would expire)."""
         self.ending = why
         self._end_by = None if linger is None else now + linger
+        self._awaiting_extensions = False  # a quit or a shutdown ends the channels too
 
     def _silence_limit(self) -> tuple:
         """(seconds the client may stay unheard, None: forever; why the session then ends).
@@ -660,6 +816,8 @@ class ClientSession(_Core):
         self._exit: Optional[tuple] = None  # (status, output offset) awaiting the output
         self._stderr_received = 0  # bytes of the command's stderr reported
         self._exit_reported = False
+        self._acks: deque = deque()  # (input offset, output offset): echo acks to apply
+        self._echo_acked = 0
 
     # -- the program's inputs ------------------------------------------------------------
 
@@ -674,6 +832,12 @@ class ClientSession(_Core):
     def send_input(self, data: bytes) -> None:
         """Keystrokes (after the escape filter): to the shell, exactly once."""
         self.conn.send(data, STREAM_TERMINAL)
+
+    @property
+    def input_offset(self) -> int:
+        """Terminal bytes sent so far: the offset an echo ack names once the last key's
+        echo is in the output."""
+        return self.conn.send_offset(STREAM_TERMINAL)
 
     def resize(self, rows: int, cols: int) -> None:
         """The terminal's size: sent unless unchanged; sizes set while a record is in flight
@@ -736,7 +900,8 @@ class ClientSession(_Core):
             self._held.append(data)
             return
         self._events.append(OutputReceived(data))
-        self._report_exit()
+        self._report_exit(now)
+        self._release_acks()
 
     def _on_record(self, record_type: int, body: bytes, now: float) -> None:
         if record_type == RECORD_REPAINT:
@@ -744,10 +909,21 @@ class ClientSession(_Core):
                 self._events.append(RepaintReceived(body))
                 self._events.extend(OutputReceived(data) for data in self._held)
                 self._held = None
-                self._report_exit()
+                self._report_exit(now)
+                self._release_acks()
+        elif record_type == RECORD_ECHO_ACK and len(body) >= ECHO_ACK_BODY.size:
+            input_offset, output_offset = ECHO_ACK_BODY.unpack_from(body)
+            newest = self._acks[-1][0] if self._acks else self._echo_acked
+            if input_offset > newest:  # else: a copy resent after a resume
+                if len(self._acks) >= MAX_PENDING_ACKS:
+                    self._acks.popleft()
+                self._acks.append((input_offset, output_offset))
+                self._release_acks()
+        elif record_type == RECORD_TTY_MODE and len(body) >= TTY_MODE_BODY.size:
+            self._events.append(TtyModeChanged(TtyMode.decode(body)))
         elif record_type == RECORD_EXIT and len(body) >= EXIT_BODY.size:
             self._exit = EXIT_BODY.unpack_from(body)
-            self._report_exit()
+            self._report_exit(now)
         elif record_type == RECORD_STDERR and len(body) >= STDERR_OFFSET.size:
             offset = STDERR_OFFSET.unpack_from(body)[0]
             new = body[STDERR_OFFSET.size + max(0, self._stderr_received - offset):]
@@ -757,19 +933,34 @@ class ClientSession(_Core):
         elif record_type == RECORD_SHUTDOWN:
             self._on_shutdown_record(body)
 
-    def _report_exit(self) -> None:
+    def _release_acks(self) -> None:
+        """EchoAcked for the newest ack whose output has all been received (and reported:
+        bytes held for a repaint do not count yet)."""
+        if self._held is not None:
+            return
+        newest = None
+        while self._acks and self._acks[0][1] <= self.recv_offset:
+            newest = self._acks.popleft()[0]
+        if newest is not None:
+            self._echo_acked = newest
+            self._events.append(EchoAcked(newest))
+
+    def _report_exit(self, now: float) -> None:
         if self._exit is None or self._exit_reported or self._held is not None:
             return
         status, output_offset = self._exit
         if self.recv_offset >= output_offset:
             self._exit_reported = True
             self._events.append(SessionExited(status))
+            for extension in self._extensions:
+                extension.on_session_exit(now)
 
 
 class ResumeSchedule:
     """When the client tries a resume handshake: the first attempt once the server has been
     silent (no UDP) for ``resume_after_secs`` (the setting of that name, RESUME_AFTER_SECS by
-    default), then FIRST_BACKOFF_SECS after each failed or fruitless attempt, doubling up to
+    default; mp passes less where the resume may move the session to the TCP carrier), then
+    FIRST_BACKOFF_SECS after each failed or fruitless attempt, doubling up to
     ``max_backoff_secs``; one attempt at a time; contact coming back starts the schedule
     over. mp runs the attempts (a thread each)."""
 

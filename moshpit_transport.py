@@ -55,6 +55,14 @@ of what goes to the old address, so a genuine roam gets its output within a roun
 validation or not).  The server's first address (no earlier one to keep using) is adopted
 at once under the same 3x limit; the client pads its first packets to a full datagram so
 that the limit covers a screenful.
+
+Carriers (moshpit_carrier): an "address" may also be a TCP carrier's path, which the peer
+was authenticated on by other means (the handshake's own connection).  ``trust_path``
+marks such paths: the server moves its replies to a trusted path as soon as the newest
+packet arrives there, without a challenge; the client moves only when told (``use_path``,
+which resends what was in flight on the new path).  A trusted path may carry a floor for
+the retransmission timer (TCP retransmits on its own).  Packet numbers, acks, the replay
+window and offsets are shared by all paths, so a switch loses and doubles nothing.
 """
 
 from __future__ import annotations
@@ -782,6 +790,9 @@ class Connection:
         self.open_stream(FIRST_STREAM)
         self._loss = LossEstimate()
         self._probe: Optional[PathProbe] = None  # the address being validated, if any
+        # Paths authenticated by other means (a TCP carrier born of a handshake, the server
+        # address the client dialled): never validated; path -> its RTO floor (seconds).
+        self._trusted: dict = {}
         self._responses: deque = deque(maxlen=PENDING_RESPONSES)  # (data, addr) to answer
         self._install_keys(keys, now)
 
@@ -821,6 +832,11 @@ class Connection:
     def unacked_bytes(self, stream_id: int = FIRST_STREAM) -> int:
         """Bytes of the stream queued or in flight, not yet acknowledged."""
         return self._out[stream_id].unacked()
+
+    @property
+    def srtt(self) -> float:
+        """The smoothed round-trip time in seconds (local echo prediction's trigger)."""
+        return self._rtt.srtt
 
     def all_acked(self) -> bool:
         """Everything sent on every stream is acknowledged (safe to close)."""
@@ -875,6 +891,51 @@ class Connection:
         # under the new keys moves it only through a challenge, like any roam.
         self.last_heard = now
 
+    # -- carrier paths (moshpit_carrier) -------------------------------------------------
+
+    def trust_path(self, addr: object, min_rto: float = 0.0) -> None:
+        """``addr`` is a path the peer was authenticated on by other means (a TCP carrier that
+        was the handshake's own connection; for the client, its server's UDP address too).
+        The server moves its replies to a trusted path as soon as the newest packet arrives
+        on it, without a challenge; the client never moves by itself (``use_path``).
+        ``min_rto``: the retransmission timer's floor there (TCP retransmits on its own,
+        so a datagram is only "lost" there when the carrier dropped it)."""
+        self._trusted[addr] = min_rto
+
+    def forget_path(self, addr: object) -> None:
+        """A trusted path is gone (its carrier closed)."""
+        self._trusted.pop(addr, None)
+
+    def use_path(self, addr: object, now: float) -> None:
+        """Send to ``addr`` from now on (the client switching carriers): what is in flight
+        is resent there at once, since it may have died with the old path."""
+        if addr != self.peer_addr:
+            self._move_to(addr, now, None)
+
+    def probe_datagram(self, now: float) -> bytes:
+        """A sealed PING for the caller to send on a path not in use (is UDP back?): any
+        answer on that path shows it works both ways."""
+        self._now = now
+        return self._seal(encode_frame(FRAME_PING, b""), now)
+
+    def _move_to(self, addr: object, now: float, rtt_sample: Optional[float]) -> None:
+        """Replies go to ``addr`` now (validated or trusted): new path, new estimates."""
+        old, self.peer_addr = self.peer_addr, addr
+        self._events.append(PeerAddressChanged(addr))
+        if old is None or addr[0] != old[0]:
+            # Another host, another path: its round trip (a challenge's, if any) and unknown
+            # capacity replace the old path's. A new port only (NAT rebinding) keeps them.
+            self._rtt = RttEstimator()
+            if rtt_sample is not None:
+                self._rtt.sample(rtt_sample, 0.0)
+            self._cc = CongestionWindow()
+        # What went to the old address meanwhile is lost if the peer left it (the usual
+        # reason to move): resend it all now instead of waiting out the RTO. It is not
+        # congestion; a copy that did arrive is only a duplicate to the receiver.
+        self._backoff = 0
+        for stream in self._send_order:
+            stream.on_timeout(now, float("-inf"))
+
     def _install_keys(self, keys: object, now: float) -> None:
         if self._is_client:
             send_key, recv_key, direction = (keys.client_to_server, keys.server_to_client,
@@ -926,6 +987,12 @@ class Connection:
     def _note_address(self, addr: object, nbytes: int, newest: bool, now: float) -> None:
         """An authentic packet of ``nbytes`` came from ``addr``: start validating it if it is
         new (only for the newest packet: an older one from a left address is no news)."""
+        if addr in self._trusted:
+            if newest and not self._is_client and addr != self.peer_addr:
+                log.debug("server: newest packet on trusted path %s: moving to it", addr)
+                self._probe = None
+                self._move_to(addr, now, None)
+            return
         probe = self._probe
         if probe is not None and addr == probe.addr:
             probe.on_received(nbytes, now, self._rto())
@@ -952,20 +1019,7 @@ class Connection:
         if addr == self.peer_addr:
             return  # the first address, now validated: nothing moves
         log.debug("%s: address %s validated: moving to it", self.role, addr)
-        old, self.peer_addr = self.peer_addr, addr
-        self._events.append(PeerAddressChanged(addr))
-        if addr[0] != old[0]:
-            # Another host, another path: its round trip (the challenge's) and unknown
-            # capacity replace the old path's. A new port only (NAT rebinding) keeps them.
-            self._rtt = RttEstimator()
-            self._rtt.sample(now - sent_at, 0.0)
-            self._cc = CongestionWindow()
-        # What went to the old address during the validation is lost if the peer left it
-        # (the usual reason to move): resend it all now instead of waiting out the RTO. It
-        # is not congestion; a copy that did arrive is only a duplicate to the receiver.
-        self._backoff = 0
-        for stream in self._send_order:
-            stream.on_timeout(now, float("-inf"))
+        self._move_to(addr, now, now - sent_at)
 
     def _parse_frames(self, plaintext: bytes, addr: object, now: float) -> bool:
         """Handle every frame; returns whether the packet asks for an ACK."""
@@ -1033,7 +1087,7 @@ class Connection:
     # -- timers and output -------------------------------------------------------------
 
     def _rto(self) -> float:
-        rto = self._rtt.rto()
+        rto = max(self._rtt.rto(), self._trusted.get(self.peer_addr, 0.0))
         return min(rto * (1 << self._backoff), max(rto, MAX_BACKOFF_RTO_SECS))
 
     def _rto_deadline(self) -> Optional[float]:

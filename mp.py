@@ -61,12 +61,13 @@ import tty
 import moshpit
 import moshpit_agent
 import moshpit_bootstrap
+import moshpit_carrier
 import moshpit_channels
 import moshpit_handshake
 import moshpit_keys
+import moshpit_predict
 import moshpit_session
 import moshpit_term
-import moshpit_transport
 import moshpit_trust
 
 log = logging.getLogger("moshpit.client")
@@ -74,6 +75,7 @@ log = logging.getLogger("moshpit.client")
 EXIT_FAILURE = 255  # like ssh: our own failures (auth, host key, unreachable) exit 255
 BANNER_AFTER_SECS = 6.0  # silence before the "last contact" banner appears
 UDP_SILENT_SECS = 3.0  # no UDP packet ever: this soon, say so (UDP blocked, like mosh)
+NOTICE_SECS = 4.0  # a status line (such as "UDP blocked, using TCP") stays this long
 QUIT_FLUSH_SECS = 1.0  # best-effort wait for the server to ack our goodbye over UDP
 QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at most this long
 STDIN_CHUNK = 16384
@@ -125,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-host-key-checking", choices=moshpit.HOST_KEY_POLICIES,
                    help="unknown host keys: ask (default), accept-new (trust on first use), "
                    "yes (refuse unless already in known_hosts)")
+    p.add_argument("--transport", choices=moshpit.TRANSPORTS,
+                   help="how the session's packets travel: auto (default: UDP, or TCP where"
+                   " UDP is blocked), udp (never TCP) or tcp (always TCP)")
+    p.add_argument("--predict", choices=moshpit.PREDICT_MODES,
+                   help="local echo: adaptive (default: shown on a slow link), always, never, "
+                   "or experimental (also in full-screen programs), as mosh's --predict")
     p.add_argument("--print-config", action="store_true",
                    help="print every effective setting and where it came from, then exit")
     p.add_argument("--copy-id", action="store_true",
@@ -172,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-A", dest="forward_agent", action="store_const", const=True,
                    help="forward the ssh-agent at SSH_AUTH_SOCK to the session")
     p.add_argument("-N", dest="no_command", action="store_true",
-                   help="forwarding only: no shell or command (an idle cat waits on the "
-                   "server), stdin not read; Ctrl-C ends it")
+                   help="forwarding only: no shell, command or PTY on the server, stdin "
+                   "not read; Ctrl-C ends it")
     p.add_argument("server_destination", nargs="?", metavar="SERVER_DESTINATION",
                    help="host, user@host, IPv6 as ::1 or user@[::1]")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -217,7 +225,7 @@ class FirstLoginName(argparse.Action):
 
 # The client's own flags that are config settings (argparse dest == config key).
 CONFIG_FLAGS = ("server_port", "strict_host_key_checking", "server_destination",
-                "forward_agent")
+                "forward_agent", "transport", "predict")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -667,6 +675,11 @@ class StatusBanner:
         self.ellipsis = ellipsis
         self.quit_hint = quit_hint  # " - Ctrl-^ . quits", or "" without an escape key
         self.udp_wait = None  # (host, port) until the first UDP packet arrives
+        # A status line shown until notice_until (monotonic) whatever the silence, e.g.
+        # "moshpit: UDP blocked, using TCP"; a silence's banner takes precedence.
+        self.notice = None
+        self.notice_until = None
+        self.notice_drawn = False  # what is shown is that status line
         self.shown = False
         self.drawn_text = None
 
@@ -699,9 +712,13 @@ class StatusBanner:
         """Bytes to write now (possibly b""): draw when silence passes the threshold,
         redraw when the text changes (the whole-second count) or ``force`` (resize).
         ``repaint``: what hide() writes to take the banner away (default: erase the row)."""
-        if silence < self.threshold():
+        if silence >= self.threshold():
+            text = self.text(silence, note, cols)
+        elif self.notice is not None:
+            text = self.notice
+        else:
             return self.hide(repaint)
-        text = self.text(silence, note, cols)
+        self.notice_drawn = text == self.notice
         if self.shown and text == self.drawn_text and not force:
             return b""
         self.shown, self.drawn_text = True, text
@@ -977,20 +994,32 @@ class Session:
         self.banner.udp_wait = (target.host, first.grant.udp_port)
         self.banner_note = ""
         self.screen = ScreenMirror(*target.winsize())
+        # Local echo prediction: only on a terminal, over a remote PTY.
+        self.predictor = (moshpit_predict.Predictor(self.screen.term, config["predict"])
+                          if self.out_is_tty and os.isatty(in_fd) else None)
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
+        self.exited = None  # the shell's exit Outcome while forwarded connections drain
         self.finished = False  # _finish handed the terminal back
         self.quit_failure = None  # why the server could not be told that we quit
         self.core = moshpit_session.ClientSession(
             first.keys, time.monotonic(), udp_peer(first), first.grant.session_id,
             first.grant.resume_secret, target.winsize(), attaching=attaching)
         wildcard = "::" if ":" in first.server_addr[0] else "0.0.0.0"
-        self.link = moshpit_transport.UdpLink.bind(self.core, wildcard)
+        self.link = moshpit_carrier.CarrierLink.bind(self.core, wildcard)
+        self.paths = moshpit_carrier.PathSelector(config["transport"])
+        self.udp_addr = udp_peer(first)
+        self.tcp_path = moshpit_carrier.new_tcp_path()  # the carrier's, once there is one
+        self._new_paths(first, time.monotonic())
+        # A silence may be blocked UDP or a broken TCP connection, which the resume's new
+        # TCP carrier gets around: resume sooner than over UDP alone.
+        first_resume = float(config["resume_after_secs"])
+        if self.paths.keeps_carrier:
+            first_resume = min(first_resume, moshpit_carrier.CARRIER_RESUME_AFTER_SECS)
         self.resumer = Resumer(self._resume_handshake, waker,
-                               float(config["max_reconnect_backoff_secs"]),
-                               float(config["resume_after_secs"]))
+                               float(config["max_reconnect_backoff_secs"]), first_resume)
         self.channels = forwarding_sockets(self.core, forwards, config["forward_agent"],
                                            self._notify)
 
@@ -1028,11 +1057,14 @@ class Session:
         readers = [self.waker]
         stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
         if not stalled:
-            readers.append(self.link)
+            readers += self._network()
         if self.stdin_open and self.core.may_read_input():
             readers.append(self.in_fd)
         readers += self.channels.readers()
         writers = self._pending_writers() + self.channels.writers()
+        tcp = self.link.carrier
+        if tcp is not None and tcp.wants_write():
+            writers.append(tcp)
         timeout = max(0.0, self._next_deadline(now) - now)
         readable, writable, _ = select.select(readers, writers, [], timeout)
         now = time.monotonic()
@@ -1041,15 +1073,22 @@ class Session:
         if self.waker in readable:
             self.waker.drain()
         self._signals()
-        if self.link in readable:
-            self._receive(now)
+        if tcp is not None and tcp in writable:
+            self.link.carrier_writable()
+        self._receive(now, readable)
         self._contact(now)
         self._events()
         if self.in_fd in readable:
             self._read_stdin()
         self.channels.handle(readable, writable, now)
+        if self.exited is not None and self.outcome is None and not self.channels.mux.busy():
+            self.outcome = self.exited  # the shell has exited, its connections have closed
         self._resume_results(now)
         self._maybe_resume(now)
+        self._steer(now)
+        if self.predictor is not None:
+            self.predictor.set_srtt(self.core.conn.srtt)
+            self.out += self.predictor.tick(now)
         self.link.flush(now)
         if self.out:
             self._write_out()
@@ -1063,12 +1102,62 @@ class Session:
                 deadlines.append(now + wait)
         if not self.resumer.running:
             deadlines.append(self.resumer.next_attempt(self.core.last_contact))
+        for deadline in (self.paths.next_deadline(), self.banner.notice_until):
+            if deadline is not None:
+                deadlines.append(deadline)
+        if self.predictor is not None:
+            deadlines.append(self.predictor.next_deadline(now) or deadlines[0])
         return min(deadlines)
 
-    def _receive(self, now: float) -> None:
-        self.link.handle_readable(now)
+    def _network(self) -> list:
+        """What to read from the network: the UDP socket and the TCP carrier, if any."""
+        tcp = self.link.carrier
+        return [self.link] if tcp is None else [self.link, tcp]
+
+    def _receive(self, now: float, readable: list) -> None:
+        if self.link in readable:
+            before = self.core.last_contact
+            self.link.handle_readable(now)
+            if self.core.last_contact != before:
+                self.paths.udp_heard(now)
+        tcp = self.link.carrier
+        if tcp is not None and tcp in readable:
+            self.link.carrier_readable(now)
         if self.core.udp_heard:
-            self.banner.udp_wait = None  # UDP works: from now on silence is "last contact"
+            self.banner.udp_wait = None  # packets arrive: from now on silence is "last contact"
+
+    def _new_paths(self, result, now: float) -> None:
+        """After a handshake: the server's UDP address, and its connection kept as the TCP
+        carrier (replacing the last one), both trusted (we dialled them)."""
+        self.udp_addr = udp_peer(result)
+        self.core.conn.trust_path(self.udp_addr)
+        if result.connection is not None:
+            self.link.attach(moshpit_carrier.TcpCarrier(result.connection, result.unread))
+            self.tcp_path = self.link.carrier.path
+        else:
+            self.link.detach()
+        self.paths.started(now, result.rtt, result.connection is not None)
+
+    def _steer(self, now: float) -> None:
+        """Carriers (moshpit_carrier.PathSelector): its timers, the path the Connection
+        sends on, UDP probes while on TCP, closing a connection no longer needed, and the
+        status line when the path changes."""
+        paths, link, conn = self.paths, self.link, self.core.conn
+        if paths.carrier and link.carrier is None:
+            paths.carrier_lost(now)  # closed by the server, or broken
+        paths.tick(now)
+        if paths.close_carrier_due(now):
+            link.detach()
+        # On TCP with the carrier gone (forced tcp), datagrams go to its dead path: dropped.
+        conn.use_path(self.tcp_path if paths.active == "tcp" else self.udp_addr, now)
+        if paths.probe_due(now):
+            link.send_to(conn.probe_datagram(now), self.udp_addr)
+        note = paths.take_note()
+        if note is not None:
+            log.warning("%s", note)
+            self.banner.notice = f"moshpit: {note}"
+            self.banner.notice_until = now + NOTICE_SECS
+            self._redraw_banner(now, force=True)
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -1082,6 +1171,7 @@ class Session:
             size = self.target.winsize()
             if size != self.core.winsize:
                 self.core.resize(*size)
+                self._forget_predictions()  # erased from the model of the old size
                 self.screen.resize(*size)
                 if self.banner.shown:
                     self._redraw_banner(time.monotonic(), force=True)
@@ -1104,6 +1194,11 @@ class Session:
         data, quit_requested = self.escape.feed(data)
         if data:
             self.core.send_input(data)
+            if self.predictor is not None:
+                self.predictor.set_srtt(self.core.conn.srtt)
+                self.out += self.predictor.keys(data, self.core.input_offset, time.monotonic())
+                if self.out:
+                    self._write_out()  # shown before the packet is built: the point of it
         if self.escape.suspend_requested and not quit_requested:
             self.escape.suspend_requested = False
             self._suspend()
@@ -1111,11 +1206,31 @@ class Session:
             self._quit("client quit")
             self.outcome = Outcome(EXIT_FAILURE, f"Connection to {self.target.host} closed.")
 
+    def _await_channels(self) -> None:
+        """The shell exited while forwarded connections are open: as ssh, hand the terminal
+        back now (the remote screen is over, stdin is no longer read, Ctrl-C quits) and
+        end once they have closed. The session carries them on meanwhile, across outages."""
+        self.stdin_open = False
+        self._end_screen()
+        if self.out_is_tty and not self.screen.at_line_start():
+            self.out += b"\r\n"
+        self._drain_out(FINAL_OUTPUT_SECS)
+        self.guard.restore()
+        self.out_is_tty = False  # the terminal is the user's again: no banner, no model
+        count = len(self.channels.mux.channels())
+        text = (f"the remote shell has exited; waiting for {count} forwarded connection(s)"
+                " to close (Ctrl-C ends them)")
+        if self.target.pty:
+            self._notify(text)
+        else:
+            log.info("%s", text)
+
     def _suspend(self) -> None:
         """Ctrl-^ Ctrl-Z: stop mp's job as ssh's ~^Z does, the terminal handed back cooked
         (the output so far written, the banner erased) so the local shell works; after
         ``fg`` raw mode again, and the size sent if it changed meanwhile. The session
         carries on: a long stop is an outage like any other, resumed the usual way."""
+        self._forget_predictions()
         if self.banner.shown:
             self.out += self.banner.hide(self.screen.repaint_top_row())
         self._drain_out(FINAL_OUTPUT_SECS)
@@ -1128,44 +1243,80 @@ class Session:
         self.waker.wake()
 
     def _events(self) -> None:
-        start = len(self.out)
+        output = []
+        repaint = judge = False
         while True:
             event = self.core.next_event()
             if event is None:
                 break
             if isinstance(event, moshpit_session.RepaintReceived):
+                repaint = True
                 event = moshpit_session.OutputReceived(REPAINT_PREAMBLE + event.screen)
             if isinstance(event, moshpit_session.OutputReceived):
-                self.out += event.data
+                output.append(event.data)
+            elif isinstance(event, moshpit_session.EchoAcked):
+                judge = self.predictor is not None
+                if judge:
+                    self.predictor.echo_acked(event.input_offset)
+            elif isinstance(event, moshpit_session.TtyModeChanged):
+                if self.predictor is not None:
+                    self.predictor.tty_mode(event.mode)
             elif isinstance(event, moshpit_session.ErrorOutputReceived):
                 self.err += event.data
             elif isinstance(event, moshpit_session.SessionExited):
                 status = event.exit_status
                 # ssh says this only with a PTY: a piped command's stderr stays its own
                 closed = f"Connection to {self.target.host} closed." if self.target.pty else None
-                self.outcome = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE, closed)
+                self.exited = Outcome(status if 0 <= status <= 255 else EXIT_FAILURE, closed)
+                if self.channels.mux.busy():
+                    self._await_channels()
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
+        if output:
+            self._write_output(b"".join(output), repaint)
+        elif judge:
+            self.out += self.predictor.after_output(time.monotonic())
+
+    def _write_output(self, data: bytes, repaint: bool) -> None:
+        """The server's bytes of this tick: predictions taken off the terminal first (it then
+        equals the model), and judged against the model once it has them."""
+        if self.predictor is not None:
+            self.out += self.predictor.reset() if repaint else self.predictor.before_output()
+        self.out += data
         # The model in one call a tick (large chunks are cheaper), and only for a terminal:
         # a pipe or file (a command's bytes) is never drawn on.
-        if len(self.out) > start and self.out_is_tty:
-            self.screen.feed(bytes(self.out[start:]))
+        if self.out_is_tty:
+            self.screen.feed(data)
+        if self.predictor is not None:
+            self.out += self.predictor.after_output(time.monotonic())
+
+    def _forget_predictions(self) -> None:
+        """Take every prediction away (resize, suspend, the end): the terminal equals the
+        model again."""
+        if self.predictor is not None:
+            self.out += self.predictor.reset()
 
     # -- connection health ------------------------------------------------------------
 
     def _contact(self, now: float) -> None:
         """Banner on/off/update from the silence. Packets flowing again is immediate
-        recovery: banner gone, resume back-off reset, no handshake needed."""
+        recovery: banner gone, resume back-off reset, no handshake needed. A status line
+        (``banner.notice``) stays its few seconds while packets flow."""
         silence = self.core.silence(now)
-        if silence < self.banner.threshold():
-            if self.banner.shown and self.screen.at_safe_point():
-                log.info("contact with %s is back", self.target.host)
-                self.out += self.banner.hide(self.screen.repaint_top_row())
-            self.banner_note = ""
+        banner = self.banner
+        if silence < self.resumer.resume_after:  # not yet a silence a resume is for
             self.resumer.contact()
-        else:
+        if banner.notice_until is not None and now >= banner.notice_until:
+            banner.notice = banner.notice_until = None
+        if silence >= banner.threshold() or banner.notice is not None:
             self._redraw_banner(now)
+            return
+        if banner.shown and self.screen.at_safe_point():
+            if not banner.notice_drawn:
+                log.info("contact with %s is back", self.target.host)
+            self.out += banner.hide(self.screen.repaint_top_row())
+        self.banner_note = ""
 
     def _redraw_banner(self, now: float, force: bool = False) -> None:
         if not self.out_is_tty or not self.screen.at_safe_point():
@@ -1184,8 +1335,10 @@ class Session:
         self.resumer.start(request)
 
     def _resume_handshake(self, request):
-        """Runs in the Resumer's thread: only immutable inputs, no Connection access."""
-        return self.target.connect(self.identity, request, self.hostcheck.resume)
+        """Runs in the Resumer's thread: only immutable inputs, no Connection access. A
+        resume's connection stays open as the next TCP carrier (a quit request's not)."""
+        keep = self.paths.keeps_carrier and not request.end_session
+        return self.target.connect(self.identity, request, self.hostcheck.resume, keep)
 
     def _resume_results(self, now: float) -> None:
         outcome = self.resumer.take(now)
@@ -1205,6 +1358,7 @@ class Session:
                  outcome.grant.recv_offset, self.core.recv_offset)
         self.core.resumed(outcome.keys, outcome.grant.recv_offset, outcome.grant.resume_secret,
                           udp_peer(outcome), now)
+        self._new_paths(outcome, now)
         self.banner_note = "server answered, waiting for UDP"
         if self.banner.udp_wait is not None:
             self.banner.udp_wait = (self.target.host, outcome.grant.udp_port)
@@ -1294,14 +1448,20 @@ class Session:
         lands on the main screen, in default colours, with a visible cursor), and start a
         fresh line for our message, so it never lands on the remote prompt's line."""
         self._linger(FINAL_ACKS_SECS, self._nothing_due)
-        if self.out_is_tty:
-            self.out += self.screen.end_open_sequence()
-            self.out += self.banner.hide(self.screen.repaint_top_row())
-            self.out += self.screen.reset_sequence()
+        self._end_screen()
         self.finished = True
         if self.out_is_tty and self.outcome.message and not self.screen.at_line_start():
             self.out += b"\r\n"
         self._drain_out(FINAL_OUTPUT_SECS)
+
+    def _end_screen(self) -> None:
+        """Queue what hands the terminal back clean: predictions taken away, the open
+        sequence ended, the banner gone, every mode the session turned on turned off."""
+        self._forget_predictions()
+        if self.out_is_tty:
+            self.out += self.screen.end_open_sequence()
+            self.out += self.banner.hide(self.screen.repaint_top_row())
+            self.out += self.screen.reset_sequence()
 
     def _drain_out(self, seconds: float) -> None:
         """Write the pending output, waiting up to ``seconds`` for the terminal to take it."""
@@ -1328,8 +1488,12 @@ class Session:
                 return
             wait = self.link.timeout(now)
             wait = deadline - now if wait is None else min(wait, deadline - now)
-            if select.select([self.link], [], [], max(0.0, wait))[0]:
-                self._receive(time.monotonic())
+            tcp = self.link.carrier
+            writers = [tcp] if tcp is not None and tcp.wants_write() else []
+            readable, writable, _ = select.select(self._network(), writers, [], max(0.0, wait))
+            if writable:
+                self.link.carrier_writable()
+            self._receive(time.monotonic(), readable)
 
 
 def forwarding_sockets(core, forwards, forward_agent: bool, notify):
@@ -1350,9 +1514,10 @@ def forwarding_sockets(core, forwards, forward_agent: bool, notify):
     return sockets
 
 
-# -N's remote command: something that waits without reading a terminal or writing (the
-# session needs a process; stdin stays open as long as mp runs).
-NO_COMMAND = "exec cat > /dev/null"
+class NoCommand:
+    """-N's "remote command": none at all, not even a shell (the request's no_command flag:
+    the server starts no process). A class, never a string someone could type as a
+    command."""
 
 
 def parse_forwards(given) -> list:
@@ -1412,8 +1577,8 @@ class Target:
         self.forward_agent = forward_agent  # -A
         self.in_fd = in_fd
         self.is_tty = os.isatty(in_fd)
-        self.command = command
-        self.no_command = command == NO_COMMAND  # -N
+        self.no_command = command is NoCommand  # -N
+        self.command = None if self.no_command else command
         # --tty / -T force it; by default a command gets a PTY when stdin is a terminal (as
         # ssh -t would), and a login shell always does (as before commands existed).
         self.pty = pty if pty is not None else (self.is_tty or command is None)
@@ -1436,11 +1601,13 @@ class Target:
             env=moshpit_handshake.locale_env(os.environ), resume_session_id=session_id,
             resume_secret=resume_secret,
             resume_recv_offset=recv_offset, end_session=end_session, command=self.command,
-            pty=self.pty, intent=intent, forward_agent=self.forward_agent)
+            pty=self.pty, intent=intent, forward_agent=self.forward_agent,
+            no_command=self.no_command)
 
-    def connect(self, identity, request, verify_host_key):
+    def connect(self, identity, request, verify_host_key, keep_connection: bool = False):
         return moshpit_handshake.client_handshake(
-            self.host, self.port, identity, request, verify_host_key)
+            self.host, self.port, identity, request, verify_host_key,
+            keep_connection=keep_connection)
 
 
 class Connector:
@@ -1476,12 +1643,13 @@ class Connector:
             self.prompter.say(f"mp: waiting for ssh-agent to sign with {key.fingerprint()}"
                               " (confirm it, or touch the key)")
 
-    def connect(self, intent: int = 0, session_id=None):
-        """One handshake (the host key checked as on first contact)."""
+    def connect(self, intent: int = 0, session_id=None, keep_connection: bool = False):
+        """One handshake (the host key checked as on first contact); ``keep_connection``:
+        the result's connection is left open, for the TCP carrier."""
         target = self.target
         return target.connect(self.identity, target.request(*target.winsize(), intent=intent,
                                                             session_id=session_id),
-                              self.hostcheck.first)
+                              self.hostcheck.first, keep_connection)
 
     def sessions(self) -> list:
         """The user's sessions on the server (mp --list), most recently active first."""
@@ -1527,7 +1695,8 @@ class SshConnector(Connector):
                  "host key %s", "cached on the server" if started.cached else "sent",
                  started.ssh_status, connect.user, host, connect.port,
                  connect.host_key.fingerprint())
-        self.target = Target(connect.user, host, connect.port, command=command, pty=pty)
+        self.target = Target(connect.user, host, connect.port, command=command, pty=pty,
+                             forward_agent=config["forward_agent"])
         self.identity = moshpit_handshake.LazyIdentity(lambda: started.client_key)
         self.hostcheck = moshpit_bootstrap.PinnedHostKey(connect.host_key, host)
 
@@ -1590,14 +1759,15 @@ def run_client(config, prompter: Prompter, login=None, login_first: bool = False
     guard = TerminalGuard(0, 1, raw=target.pty)
     router.install()
     try:
+        keep = config["transport"] != "udp"  # the handshake's connection: the TCP carrier
         if attach is None:
-            first = connector.connect()
+            first = connector.connect(keep_connection=keep)
             if first.grant.detached:
                 prompter.say(f"mp: {first.grant.detached} detached session(s):"
                              f" mp --attach {connector.destination}")
         else:
             first = connector.connect(moshpit_handshake.TAKE_OVER,
-                                      connector.pick(attach).session_id)
+                                      connector.pick(attach).session_id, keep)
         log.info("connected to %s@%s port %d, UDP %s", target.user, target.host, target.port,
                  udp_peer(first))
         if os.isatty(1) and target.pty:  # once connected (a failure prints one line only)
@@ -1707,9 +1877,10 @@ def main(argv=None) -> int:
         if managing and command is not None:
             raise moshpit.MoshpitError("--list, --attach and --kill take no remote command")
         if args.no_command:
-            if command is not None or args.pty:
-                raise moshpit.MoshpitError("-N takes no remote command and no --tty")
-            command, args.pty = NO_COMMAND, False
+            if command is not None or args.pty or managing:
+                raise moshpit.MoshpitError("-N (forwarding only) takes no remote command, "
+                                           "no --tty, and no --list, --attach or --kill")
+            command, args.pty = NoCommand, False
         if args.ssh_cache and not args.ssh:
             raise moshpit.MoshpitError("--ssh-cache goes with --ssh")
         if args.ssh and managing:

@@ -59,6 +59,7 @@ from collections import Counter, deque
 from typing import Dict, List, Optional
 
 import moshpit
+import moshpit_carrier as carrier
 import moshpit_channels
 import moshpit_handshake as handshake
 import moshpit_keys as keys
@@ -292,6 +293,20 @@ class PtyShell:
                 return len(data)
             raise
 
+    def tty_mode(self) -> Optional[session_core.TtyMode]:
+        """The PTY's input modes (on Linux the master reports the slave's termios), None
+        when unknown (no PTY, closed)."""
+        if not self.is_pty or self.master_fd is None:
+            return None
+        try:
+            attrs = termios.tcgetattr(self.master_fd)
+        except termios.error:
+            return None
+        erase = attrs[6][termios.VERASE]
+        return session_core.TtyMode(bool(attrs[3] & termios.ICANON),
+                                    bool(attrs[3] & termios.ECHO),
+                                    erase[0] if isinstance(erase, bytes) else erase)
+
     def poll(self) -> Optional[int]:
         """The shell's exit status once it has exited (reaped), 128+N if killed by signal N."""
         status = self.proc.poll()
@@ -320,6 +335,37 @@ class PtyShell:
             self.proc.kill()
             self.proc.wait()
         self.record.close()  # --- login records: the logout ---
+
+
+class NoCommand:
+    """mp -N's session (the request's no_command flag): no process at all, not even a shell,
+    so no PTY and no login record (as sshd for ssh -N). It stands where a PtyShell would and
+    never exits: the session carries forwarded channels until the client quits, the server
+    stops or the detached timeout ends it."""
+
+    is_pty = False
+    master_fd = stderr_fd = pid = None
+
+    def __init__(self, rows: int, cols: int):
+        self.rows, self.cols = rows, cols
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.rows, self.cols = rows, cols
+
+    def command_name(self) -> str:
+        return "(no command: forwarding only)"
+
+    def poll(self) -> None:
+        return None  # nothing runs, so nothing exits
+
+    def tty_mode(self) -> None:
+        return None  # no terminal: nothing to predict
+
+    def close_input(self) -> None:
+        """Nothing reads the client's input."""
+
+    def hangup(self) -> None:
+        """Nothing to hang up."""
 
 
 # ---------------------------------------------------------------------------
@@ -365,6 +411,14 @@ class _Resume(_Request):
         super().__init__()
         self.keys = keys
         self.peer_recv_offset = peer_recv_offset
+
+
+class _Carrier:
+    """The handshake that resumed or started the session leaves its connection as the TCP
+    carrier (moshpit_carrier)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
 
 
 class _EndRequest(_Request):
@@ -436,6 +490,7 @@ class Session:
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
+        self._carrier_fd = -1  # the TCP carrier's fd as registered with the selector
         # --- forwarding: (ForwardPolicy, AgentSocketDir or None, may bind ports < 1024) ---
         self._forwarding = forwarding
         self.channels: Optional[moshpit_channels.ChannelSockets] = None
@@ -450,17 +505,18 @@ class Session:
                                                self.server.shutdown_flush)
         if self.shell.stderr_fd is not None:
             self.core.expect_stderr()
+        self.core.tty_mode(self.shell.tty_mode(), time.monotonic())  # starts the polling
         if self._forwarding is not None:  # --- forwarding: the session's channels ---
             policy, agent_dir, privileged_ports = self._forwarding
             mux = moshpit_channels.ChannelMux(self.core, "server", policy)
             self.channels = moshpit_channels.ChannelSockets(
                 mux, lambda text: log.info("session %s: %s", self.name, text),
                 privileged_ports=privileged_ports, agent_dir=agent_dir)
-        self.link = transport.UdpLink(self.core, self.udp_sock)
+        self.link = carrier.CarrierLink(self.core, self.udp_sock)
         self.thread = threading.Thread(target=self._run, name=f"session-{self.name}",
                                        daemon=True)
         self.thread.start()
-        log.info("session %s started for %s from %s (udp port %d, shell pid %d)",
+        log.info("session %s started for %s from %s (udp port %d, shell pid %s)",
                  self.name, self.user, moshpit.format_addr(peer), self.udp_port, self.shell.pid)
 
     def abandon(self) -> None:
@@ -470,6 +526,12 @@ class Session:
         self._close_wake()
         self.shell.hangup()
         self.udp_sock.close()
+
+    def attach_carrier(self, sock: socket.socket) -> None:
+        """Carry the session over ``sock`` too (handshake thread): the connection whose
+        handshake just granted this session; ours to close."""
+        if not self._post(_Carrier(sock)):
+            sock.close()
 
     def resume(self, keys, peer_recv_offset: int) -> Optional[int]:
         """Re-attach a client (handshake thread): the session thread rekeys its Connection and
@@ -512,17 +574,19 @@ class Session:
         """The server is stopping: tell the client, hang up the shell (main thread)."""
         self._post("shutdown")
 
-    def _post(self, message) -> None:
+    def _post(self, message) -> bool:
+        """Queue ``message`` for the session thread; False if the session is over."""
         with self._wake_lock:
             if self._wake_closed:  # the session is over
                 if isinstance(message, _Request):
                     message.done.set()
-                return
+                return False
             self._inbox.put(message)
             try:
                 os.write(self._wake_w, b"\0")
             except BlockingIOError:  # pipe full: already woken
                 pass
+            return True
 
     def _close_wake(self) -> None:
         """No more messages: close the wake-up pipe (under the lock: a closed fd number may be
@@ -534,6 +598,8 @@ class Session:
         for message in self._posted():
             if isinstance(message, _Request):
                 message.done.set()
+            elif isinstance(message, _Carrier):
+                message.sock.close()
 
     def _posted(self):
         """Take the messages posted so far, oldest first."""
@@ -554,7 +620,7 @@ class Session:
             self.server.unregister(self)
             self._close_wake()
             self.shell.hangup()
-            self.udp_sock.close()
+            self.link.close()
             if self.channels is not None:
                 self.channels.close()
             log.info("session %s of %s ended (%s)", self.name, self.user,
@@ -570,7 +636,8 @@ class Session:
                     return
                 for name, fd, events in (("udp", self.link.fileno(), self._udp_interest()),
                                          ("pty", self.shell.master_fd, self._pty_interest()),
-                                         ("err", self.shell.stderr_fd, self._err_interest())):
+                                         ("err", self.shell.stderr_fd, self._err_interest()),
+                                         self._carrier_watch()):
                     _watch(sel, watched, name, fd, events)
                 if self.channels is not None:
                     self.channels.sync_selector(sel)
@@ -582,9 +649,11 @@ class Session:
                     if key.data == moshpit_channels.SELECTOR_TAG:
                         continue  # after the session's events, below
                     if key.data == "wake":
-                        self._handle_inbox(now)
+                        self._handle_inbox(now, sel, watched)
                     elif key.data == "udp":
                         self.link.handle_readable(now)
+                    elif key.data == "tcp":
+                        self._carrier_ready(events, now)
                     elif key.data == "err":
                         self._read_stderr(now, sel, watched)
                     else:
@@ -596,12 +665,39 @@ class Session:
                 if self.channels is not None:
                     self.channels.handle_selected(ready, now)
                 self._check_shell(now)
+                self._poll_tty(now)
                 self.link.flush(now)
 
     def _udp_interest(self) -> int:
         # Input the shell is not reading stays unacknowledged in the network instead of
         # piling up here: the client's send window then stops it.
         return selectors.EVENT_READ if len(self._to_pty) < MAX_PENDING_INPUT else 0
+
+    def _carrier_watch(self) -> tuple:
+        """("tcp", fd, events) for the selector: read as UDP is read, write when queued;
+        nothing once the carrier has closed (the fd it had is then unregistered)."""
+        tcp = self.link.carrier
+        if tcp is None:
+            return ("tcp", self._carrier_fd, 0)
+        events = self._udp_interest()
+        if tcp.wants_write():
+            events |= selectors.EVENT_WRITE
+        return ("tcp", self._carrier_fd, events)
+
+    def _carrier_ready(self, events: int, now: float) -> None:
+        alive = True
+        if events & selectors.EVENT_WRITE:
+            alive = self.link.carrier_writable()
+        if alive and events & selectors.EVENT_READ:
+            self.link.carrier_readable(now)
+
+    def _attach_carrier(self, sock: socket.socket, sel: selectors.BaseSelector,
+                        watched: Dict[str, int]) -> None:
+        """A new carrier replaces the old one (the client's newest handshake wins)."""
+        _watch(sel, watched, "tcp", self._carrier_fd, 0)
+        self.link.attach(carrier.TcpCarrier(sock))
+        self._carrier_fd = sock.fileno()
+        log.info("session %s: TCP carrier attached", self.name)
 
     def _pty_interest(self) -> int:
         if self.shell.master_fd is None or self.core.ending:
@@ -638,7 +734,8 @@ class Session:
                 wait = limit if wait is None else min(wait, limit)
         return wait
 
-    def _handle_inbox(self, now: float) -> None:
+    def _handle_inbox(self, now: float, sel: selectors.BaseSelector,
+                      watched: Dict[str, int]) -> None:
         try:
             while os.read(self._wake_r, WAKE_READ_SIZE):
                 pass
@@ -664,6 +761,8 @@ class Session:
                 else:
                     message.recv_offset = self.core.end_requested(now)
                 message.done.set()
+            elif isinstance(message, _Carrier):
+                self._attach_carrier(message.sock, sel, watched)
             elif message == "shutdown":
                 self.core.shutdown(handshake.SHUTTING_DOWN, now)
 
@@ -678,10 +777,9 @@ class Session:
         screen = self._repaint()
         reason = f"session taken over from {moshpit.format_addr(message.peer)}"
         for datagram, addr in self.core.take_over(message.keys, screen, reason, now):
-            try:
-                self.udp_sock.sendto(datagram, addr)
-            except OSError:
-                pass  # the old client is gone anyway
+            self.link.send_to(datagram, addr)  # the old client is maybe gone anyway
+        if self.link.carrier is not None:
+            self.link.carrier_writable()
         message.recv_offset = self.core.recv_offset
         message.done.set()
         log.info("session %s taken over from %s (repaint of %d bytes)", self.name,
@@ -726,9 +824,17 @@ class Session:
             elif isinstance(event, session_core.ClientAddressChanged) and not event.first:
                 log.info("session %s: client now at %s", self.name, moshpit.format_addr(event.addr))
 
+    def _poll_tty(self, now: float) -> None:
+        """The PTY's termios for local echo prediction, when the core asks (while input
+        is recent)."""
+        if self.core.tty_poll_due(now):
+            self.core.tty_mode(self.shell.tty_mode(), now)
+
     def _write_pty(self) -> None:
         if self._to_pty and self.shell.master_fd is not None:
-            del self._to_pty[:self.shell.write(bytes(self._to_pty[:PTY_WRITE_SIZE]))]
+            taken = self.shell.write(bytes(self._to_pty[:PTY_WRITE_SIZE]))
+            del self._to_pty[:taken]
+            self.core.input_written(taken, time.monotonic())
         if self._eof_pending and not self._to_pty:
             self._eof_pending = False
             self.shell.close_input()
@@ -959,11 +1065,17 @@ class Server:
         ``report``). A new session set up by ``decide`` starts only if the handshake
         completes; otherwise it is undone."""
         created: List[Session] = []
+        continued: List[Session] = []  # the session the connection goes on to carry
 
         def decide(auth):
             grant, session = self.decide(auth)
             if session is not None:
                 created.append(session)
+            request = auth.request
+            if isinstance(grant, handshake.SessionGrant) and not request.end_session \
+                    and request.intent != handshake.KILL:
+                with self._lock:
+                    continued.append(session or self._sessions.get(grant.session_id))
             return grant
 
         auth = None
@@ -976,6 +1088,19 @@ class Server:
         finally:
             for session in created:
                 self._setup_done(session, auth)
+        if auth is not None and continued and continued[0] is not None:
+            self._keep_as_carrier(sock, continued[0])
+
+    def _keep_as_carrier(self, sock: socket.socket, session: Session) -> None:
+        """The connection that authenticated a client for ``session`` stays open as its TCP
+        carrier (the limiter closes ``sock``: the session gets a duplicate). A client that
+        does not want it closes it; the session then drops it."""
+        try:
+            kept = sock.dup()
+        except OSError as e:
+            log.warning("session %s: cannot keep the TCP connection: %s", session.name, e)
+            return
+        session.attach_carrier(kept)
 
     def _setup_done(self, session: Session, auth) -> None:
         why = "the handshake did not complete" if auth is None else "the server is stopping"
@@ -1189,9 +1314,12 @@ class Server:
             forwarding = _forwarding_setup(self.config, request, pw)
             agent_dir = forwarding[1]
             try:
-                shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
-                                 connection, request.command, request.pty,
-                                 agent_dir.path if agent_dir is not None else None)
+                if request.no_command:  # mp -N
+                    shell = NoCommand(request.rows, request.cols)
+                else:
+                    shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
+                                     connection, request.command, request.pty,
+                                     agent_dir.path if agent_dir is not None else None)
             except ShellError as e:
                 udp.close()
                 if agent_dir is not None:

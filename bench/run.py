@@ -82,6 +82,7 @@ class Runner:
             return result
         workdir = make_workdir(cls.name)
         tool = cls(workdir)
+        tool.predict = scenario.predict
         started = time.monotonic()
         net = ctx = None
         try:

@@ -69,6 +69,8 @@ class Metric:
     def summarize(self, samples: list[float]) -> float:
         if self.summary == "p95":
             return percentile(samples, 95) * self.scale
+        if self.summary == "value":
+            return samples[0] * self.scale
         return statistics.median(samples) * self.scale
 
 
@@ -207,6 +209,7 @@ class Scenario:
     udp_ports = 1  # session UDP ports the server gets (several sessions at once)
     extra_tcp_ports = 0  # more relayed TCP ports, for other traffic across the same relay
     caveats: dict = {}  # tool name -> how the path differs for it (printed with the table)
+    predict = "never"  # local echo prediction of the clients that have it (mosh's modes)
     samples_full = 1
     samples_quick = 1
     in_quick = True
@@ -266,6 +269,25 @@ class Echo(Scenario):
     def measure(self, ctx: Context) -> dict:
         lat = ctx.session.echo_latencies(self.samples(ctx.quick), timeout=20.0)
         return {"median": lat, "p95": lat}
+
+
+class Predict(Echo):
+    """Keystrokes as typed into a shell command (25 letters, then Ctrl-U: a new line, whose
+    first key no predictor may show before its echo), with local echo prediction set to
+    ``predict`` for the clients that have it: median time until a key is displayed, and
+    the share displayed before one round trip."""
+
+    def __init__(self, name: str, title: str, rtt: float, loss: float = 0.0,
+                 predict: str = "adaptive") -> None:
+        super().__init__(name, title, rtt, loss, needs="loss" if loss else "")
+        self.predict = predict
+        self.metrics = (Metric("median", f"{title} median", "ms"),
+                        Metric("before_rtt", f"{title} shown before the RTT", "%",
+                               scale=100.0, summary="value", better="higher"))
+
+    def measure(self, ctx: Context) -> dict:
+        lat = ctx.session.echo_latencies(self.samples(ctx.quick), timeout=20.0)
+        return {"median": lat, "before_rtt": [sum(t < self.rtt for t in lat) / len(lat)]}
 
 
 class CtrlC(Scenario):
@@ -384,6 +406,27 @@ class BulkTransfer(Scenario):
             samples["client_cpu"].append((client1 - client0) / self.megabytes)
             samples["server_cpu"].append((server1 - server0) / self.megabytes)
         return samples
+
+
+class _UdpBlocked:
+    """Mixin: the relay drops every UDP datagram from before the client connects, so
+    moshpit runs over its TCP carrier (ssh is TCP anyway; mosh has no TCP mode)."""
+
+    needs = "tcp_fallback"
+
+    def run(self, ctx: Context) -> dict:
+        ctx.relay.tcp_loss = False  # the loss setting drops UDP only: TCP passes untouched
+        ctx.relay.set(loss=1.0)
+        ctx.session = ctx.open_session()
+        return self.measure(ctx)
+
+
+class CtrlCUdpBlocked(_UdpBlocked, CtrlC):
+    """CtrlC with UDP blocked: the carrier must not queue a flood in front of the prompt."""
+
+
+class BulkUdpBlocked(_UdpBlocked, BulkTransfer):
+    """BulkTransfer with UDP blocked: every byte, checked, over the TCP carrier."""
 
 
 def jain_index(rates: list[float]) -> float:
@@ -800,6 +843,10 @@ SCENARIOS = (
     BulkTransfer("bulk_loss_20mb", "20 MB base64, 10% loss 40 ms RTT", 20.0, rtt=0.04,
                  loss=0.10, needs="every_byte", in_quick=False, samples=2,
                  caveats={"ssh": TCP_MODEL_CAVEAT}),
+    # issue 17: UDP blocked, moshpit on its TCP carrier
+    CtrlCUdpBlocked("ctrl_c_tcp", "Ctrl-C during yes flood, UDP blocked (TCP carrier)"),
+    BulkUdpBlocked("bulk_tcp_2mb", "2 MB base64, UDP blocked (TCP carrier)", 2.0,
+                   needs="tcp_fallback"),
     Fairness(),
     Forwarded("forward_10mb", "10 MB through -L, 10% loss 40 ms RTT", 10.0, rtt=0.04,
               loss=0.10),
@@ -811,6 +858,13 @@ SCENARIOS = (
     Roam(),
     Echo("loss_10", "echo 10% loss 50 ms RTT", rtt=0.05, loss=0.10, needs="loss"),
     Echo("loss_30", "echo 30% loss 50 ms RTT", rtt=0.05, loss=0.30, needs="loss"),
+    # issue 16: local echo prediction on (mosh's default, adaptive) and off, same paths
+    Predict("predict_100ms", "predicted echo 100 ms RTT", rtt=0.1),
+    Predict("predict_100ms_off", "echo, prediction off, 100 ms RTT", rtt=0.1,
+            predict="never"),
+    Predict("predict_loss30", "predicted echo 30% loss 40 ms RTT", rtt=0.04, loss=0.30),
+    Predict("predict_loss30_off", "echo, prediction off, 30% loss 40 ms RTT", rtt=0.04,
+            loss=0.30, predict="never"),
     Idle(),
     Preauth(),
 )

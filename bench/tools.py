@@ -108,6 +108,7 @@ class Tool:
     uses_udp = False
     redraws_screen = False  # sends screen states, not the byte stream (see display.py)
     lacks: dict = {}
+    predict = "never"  # local echo prediction, for clients that have it (set per scenario)
 
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
@@ -231,7 +232,7 @@ class Moshpit(Tool):
     def connect(self, net: Network, extra: tuple = ()) -> Client:
         argv = [sys.executable, os.path.join(REPO, "mp.py"), "-s", str(net.tcp_port),
                 "-p", self._path("id_ed25519"), "--strict-host-key-checking", "accept-new",
-                *extra, f"root@{net.front}"]
+                "--predict", self.predict, *extra, f"root@{net.front}"]
         env = self._env(self._path("client_home"))
         return Client(PtyProcess(argv, env=env, cwd=REPO, rows=ROWS, cols=COLS))
 
@@ -323,7 +324,7 @@ class Mosh(Tool):
     """mosh-server new -i 127.0.0.1 -p PORT per session (no ssh), mosh-client with MOSH_KEY.
 
     Prediction is off (MOSH_PREDICTION_DISPLAY=never) so echo times measure the network
-    path, as the loss comparison requires."""
+    path, as the loss comparison requires, except in the prediction scenarios."""
 
     name = "mosh"
     uses_udp = True
@@ -332,6 +333,7 @@ class Mosh(Tool):
              "every_byte": "mosh sends screen states: it skips output, so bytes cannot be "
                            "checked",
              "fairness": FAIRNESS_NA,
+             "tcp_fallback": "mosh has no TCP mode (mosh#13): nothing gets through",
              "forward": "mosh has no port forwarding",
              "forward_outage": "mosh has no port forwarding"}
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
@@ -356,7 +358,7 @@ class Mosh(Tool):
             raise RuntimeError(f"mosh-server did not start: {out.stderr[-400:]!r}")
         term = self._pty(["mosh-client", net.front, found.group(1).decode()],
                          {"MOSH_KEY": found.group(2).decode(),
-                          "MOSH_PREDICTION_DISPLAY": "never"})
+                          "MOSH_PREDICTION_DISPLAY": self.predict})
         return Client(term, extra_pids=(int(pid.group(1)),))
 
     def server_pids(self, client: Client | None) -> list[int]:

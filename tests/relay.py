@@ -49,6 +49,7 @@ import itertools
 import random
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -666,6 +667,11 @@ class Relay:
         """
         return self._call(self._do_rebind)
 
+    def reset_tcp(self) -> int:
+        """Reset every relayed TCP connection, both ends (as a NAT that lost its state, or
+        a client that moved, leaves them): returns how many there were."""
+        return self._call(self._do_reset_tcp)
+
     def client_addresses(self) -> list[tuple]:
         """Client source addresses seen so far on the relayed UDP ports (most recent last)."""
         return self._call(self._do_client_addresses)
@@ -896,6 +902,17 @@ class Relay:
                 self._register_back(entry, flow)
                 new_addrs.append(new_sock.getsockname())
         return new_addrs
+
+    def _do_reset_tcp(self) -> int:
+        pipes = list(self._pipes)
+        for pipe in pipes:
+            for sock in (pipe.up.src, pipe.down.src):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            self._close_pipe(pipe)
+        return len(pipes)
 
     def _do_client_addresses(self) -> list[tuple]:
         flows = [f for entry in self._udp for f in entry.flows.values()]

@@ -347,6 +347,7 @@ class TestClient:
         self.grant = None
         self.keys = None
         self.repaints: list = []  # REPAINT bodies (also written to ``output``)
+        self.events: list = []  # the core's other events (echo acks, tty modes), in order
         self.core: Optional[moshpit_session.ClientSession] = None
         self.link: Optional[moshpit_transport.UdpLink] = None
 
@@ -466,6 +467,8 @@ class TestClient:
                 self.exit_status = event.exit_status
             elif isinstance(event, moshpit_session.ShutdownReceived):
                 self.shutdown_reason = event.reason
+            else:
+                self.events.append(event)
         self.link.flush(now)
 
     def pump_for(self, seconds: float) -> None:

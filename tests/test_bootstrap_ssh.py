@@ -19,10 +19,12 @@ import tempfile
 
 import cryptography
 import pytest
-from proc_util import PtyProcess, wait_for
+from proc_util import ManagedProcess, PtyProcess, wait_for
+from relay import free_port
 from server_util import REPO
 from sshd_util import SshdHost, sshd_binary_fixture  # noqa: F401  (the `sshd_binary` fixture)
 from test_client_session import QUICK_RESUME
+from test_forwarding import echo_fixture, echo_works  # noqa: F401  (the `echo` fixture)
 from users_util import _pids_of, users_fixture  # noqa: F401  (the `users` fixture)
 
 pytestmark = [
@@ -202,6 +204,27 @@ def test_a_bootstrapped_session_resumes_after_an_outage(make_host, pythons):
         wait_for(lambda: "session resumed" in read(log_path), 20, "the resume")
         term.send("exit 4\r")
         assert term.wait(15) == 4
+
+
+def test_forwarding_only_through_ssh(make_host, pythons, echo, tmp_path):
+    """mp --ssh -N -L: the one-session server forwards as mps does (the user can forward
+    with ssh already) and, -N, runs nothing for the session: no shell, no PTY. Ctrl-C
+    ends mp, the session and the server."""
+    host = make_host(pythons["good"])
+    uid = host.user.pw_uid
+    port = free_port()
+    argv = [sys.executable, MP, "--ssh", "-N", "-L", f"{port}:127.0.0.1:{echo.port}", "host"]
+    with ManagedProcess(argv, env=host.env(), log=tmp_path / "mp.out") as mp:
+        wait_for(lambda: echo_works(port), 30, "the -L forward")
+        server = bootstrapped_server(uid)
+        assert server
+        # Once sshd's session for the bootstrap is gone, the server alone: no shell at all.
+        wait_for(lambda: _pids_of(uid) == [server], 10, "the server alone to run as the user")
+        assert echo_works(port)
+        mp.signal(signal.SIGINT)
+        assert mp.wait(20) == 255, mp.read_log()
+        assert "Traceback" not in mp.read_log()
+    wait_for(lambda: not _pids_of(uid), 15, "the one-session server to end")
 
 
 @pytest.mark.parametrize("python, expected", [

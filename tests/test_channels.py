@@ -274,6 +274,49 @@ def test_takeover_ends_the_old_clients_channels_and_listeners():
     assert sim.smux.channels() == [] and sim.smux.listeners == {}
 
 
+def test_an_exited_shell_keeps_the_session_until_its_channels_close():
+    """As ssh: the shell's exit status reaches the client at once, but the session stays
+    while a forwarded connection is open, its bytes all arrive, no new -R listener is
+    taken, and it ends once the connection closes."""
+    rng = random.Random(14)
+    payload = random_bytes(rng, 600_000)
+    sim = ChanSim(SimNet(14, loss=0.05))
+    sim.answer["server"] = lambda: Endpoint(payload, eof=False)
+    chan = sim.open(b"", eof=False)
+    sim.cmux.listen(1, "localhost", 0)
+    sim.run_until(lambda: has(sim.events["client"], mc.ChannelOpened(chan)), limit=5)
+    sim.server.pty_closed(sim.now)
+    sim.server.shell_exited(3, sim.now)
+    sim.run_until(lambda: sim.client_events, limit=10)
+    assert typed(sim.client_events) == typed([ms.SessionExited(3)])
+    assert not sim.smux.accepting and not sim.cmux.accepting and sim.smux.listeners == {}
+    sim.run_until(lambda: sim.server.all_acked(), limit=30)
+    assert not sim.server.finished(sim.now)  # acked, but the channel is still open
+    sim.cmux.listen(2, "localhost", 0)  # a late -R request is refused, not bound
+    sim.run_until(lambda: len(sim.events["client"]) > 1, limit=40)
+    assert typed(sim.events["client"][-1:]) == typed([mc.ListenAnswered(
+        2, mc.PROHIBITED, 0, "the session's shell has exited")])
+    for end in (sim.ends["server"][chan], sim.ends["client"][chan]):
+        end.eof = True  # both sides close their sockets
+    sim.run_until(lambda: sim.server.finished(sim.now), limit=60)
+    assert sim.ends["client"][chan].got == payload
+    assert "shell exited with status 3" in sim.server.ending
+
+
+def test_a_quit_ends_an_exited_session_with_open_channels_at_once():
+    sim = ChanSim(SimNet(15))
+    sim.answer["server"] = lambda: Endpoint(b"", eof=False)
+    sim.open(b"", eof=False)
+    sim.run_until(lambda: sim.events["client"], limit=5)
+    sim.server.pty_closed(sim.now)
+    sim.server.shell_exited(0, sim.now)
+    sim.run_until(lambda: sim.client_events and sim.server.all_acked(), limit=10)
+    assert not sim.server.finished(sim.now)
+    sim.client.quit("client quit")  # Ctrl-C while waiting for the connections
+    sim.run_until(lambda: sim.server.finished(sim.now), limit=12)
+    assert sim.server.ending == "client: client quit"
+
+
 # ---------------------------------------------------------------------------
 # Hostile peers: every malformed record is a clean rejection
 # ---------------------------------------------------------------------------

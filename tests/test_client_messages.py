@@ -261,7 +261,8 @@ def test_udp_blocked_from_the_start_says_so(tmp_path):
                    udp_ports=[server.udp_port]) as relay:
             relay.set_blackout(True)
             start = time.monotonic()
-            with start_client(server, tmp_path, host=front, cols=120,
+            # --transport udp: the default (auto) would carry the session over TCP
+            with start_client(server, tmp_path, "--transport", "udp", host=front, cols=120,
                               env=client_env(tmp_path, **QUICK_RESUME)) as term:
                 text = (f"nothing received from {front} on UDP port {server.udp_port} "
                         f"(firewall?) {EM_DASH} Ctrl-^ . quits")

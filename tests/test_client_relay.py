@@ -40,7 +40,8 @@ def type_slowly(term, text: str, gap: float = 0.05) -> None:
 @pytest.mark.timeout(180)
 def test_blackout_banner_then_typed_input_arrives_once(relayed, tmp_path):
     server, relay, front = relayed
-    with start_client(server, tmp_path, host=front,
+    # UDP only: the relay's blackout leaves TCP up, which `auto` would fall back to.
+    with start_client(server, tmp_path, "--transport", "udp", host=front,
                       env=client_env(tmp_path, **QUICK_RESUME)) as term:
         wait_shell(term)
         seen = bytearray()
@@ -74,7 +75,8 @@ def test_escape_quit_during_udp_outage_ends_the_session(relayed, tmp_path):
     few seconds), and the server ends the session (the shell is hung up) instead of keeping
     it detached for a week: the quit went over TCP as a quit request."""
     server, relay, front = relayed
-    with start_client(server, tmp_path, host=front, wrapped=True) as term:
+    with start_client(server, tmp_path, "--transport", "udp", host=front,
+                      wrapped=True) as term:  # UDP only: TCP stays up, auto would use it
         wait_shell(term)
         pid = remote_shell_pid(term, tmp_path)
         relay.set_blackout(True)
@@ -134,7 +136,7 @@ def test_rebind_mid_session_keeps_session(relayed, tmp_path):
 def test_typing_through_30_percent_loss(relayed, tmp_path):
     server, relay, front = relayed
     relay.set(loss=0.3)
-    with start_client(server, tmp_path, host=front) as term:
+    with start_client(server, tmp_path, "--transport", "udp", host=front) as term:
         wait_shell(term, timeout=60)
         for a, b in ((7, 191), (12, 34), (99, 99)):
             type_slowly(term, f"echo $(({a}*{b}))\r")

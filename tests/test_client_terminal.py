@@ -44,18 +44,19 @@ def flags(tmux: TmuxOracle, pane: str) -> dict:
 
 
 def client_pane(tmux: TmuxOracle, server: MpsServer, tmp_path, name: str, runs: int = 1,
-                host: str = "127.0.0.1", env: Optional[dict] = None) -> str:
+                host: str = "127.0.0.1", env: Optional[dict] = None,
+                extra: tuple = ()) -> str:
     """A tmux pane running mp ``runs`` times, then ``cat -v``: it shows what the terminal
     sends for a paste (bracket marks if bracketed paste is still on). ``stty sane`` after
     each run does what bash and zsh do when a job dies of a signal (the pane's ``sh``
     does not): termios back to cooked, so a killed mp's raw mode does not outlive it.
-    ``env``: more environment variables for mp."""
+    ``env``: more environment variables for mp; ``extra``: more arguments."""
     home = tmp_path / "client-home"
     home.mkdir(exist_ok=True)
-    client = " ".join(map(shlex.quote, mp_args(server, tmp_path, host=host)))
+    client = " ".join(map(shlex.quote, mp_args(server, tmp_path, *extra, host=host)))
     line = "; ".join([f"{client}; echo mp-status-$?; stty sane"] * runs + ["exec cat -v"])
-    extra = "".join(f"{var}={shlex.quote(value)} " for var, value in (env or {}).items())
-    return tmux.new_pane(name, f"env HOME={shlex.quote(str(home))} TERM=xterm-256color {extra}"
+    env_vars = "".join(f"{var}={shlex.quote(value)} " for var, value in (env or {}).items())
+    return tmux.new_pane(name, f"env HOME={shlex.quote(str(home))} TERM=xterm-256color {env_vars}"
                                f"sh -c {shlex.quote(line)}", record=False)
 
 
@@ -167,7 +168,9 @@ def test_banner_row_repainted_after_outage(tmp_path, screen):
         front = random_front_alias()
         with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
                    udp_ports=[server.udp_port]) as relay, TmuxOracle(tmp_path) as tmux:
-            pane = client_pane(tmux, server, tmp_path, "banner", host=front)
+            # UDP only: the relay's blackout leaves TCP up, which `auto` would fall back to.
+            pane = client_pane(tmux, server, tmp_path, "banner", host=front,
+                               extra=("--transport", "udp"))
             wait_screen(tmux, pane, r"[$#] ?$")
             if screen == "alternate":
                 tmux.type(pane, r"printf '\e[?1049h\e[H\e[2J\e[1;33mTOP\e[m row\e[5;1H';"

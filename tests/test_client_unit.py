@@ -384,6 +384,16 @@ def test_no_destination_is_an_error(tmp_path):
     assert "no server destination" in res.stderr
 
 
+@pytest.mark.parametrize("args", [["-N", "h", "--", "ls"], ["-N", "--tty", "h"],
+                                  ["-N", "--list", "h"], ["-N", "--attach", "h"],
+                                  ["-N", "--kill", "ab12", "h"]])
+def test_dash_n_with_a_command_or_session_management_is_a_usage_error(tmp_path, args):
+    res = run_mp(["-s", "1", *args], tmp_path)
+    assert res.returncode == 255
+    assert res.stderr == ("mp: -N (forwarding only) takes no remote command, no --tty, "
+                          "and no --list, --attach or --kill\n")
+
+
 def test_unreachable_server_is_reported_before_the_missing_key(tmp_path):
     """The key is looked at only once the server is reached (test_keys_safety has the
     reachable case: how to make one)."""

@@ -27,7 +27,7 @@ import threading
 import time
 
 import pytest
-from proc_util import ManagedProcess, PtyProcess, kill_pid, wait_for
+from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, wait_for
 from relay import Relay, free_port, random_front_alias
 from server_util import MpsServer, TestClient
 from test_client_session import QUICK_RESUME, client_env, client_log, mp_args, wait_shell
@@ -76,8 +76,8 @@ class EchoServer:
         self.sock.close()
 
 
-@pytest.fixture
-def echo():
+@pytest.fixture(name="echo")
+def echo_fixture():
     server = EchoServer()
     yield server
     server.close()
@@ -509,6 +509,60 @@ def test_a_stalled_reader_does_not_stall_the_terminal(server, tmp_path, echo):
 
 
 
+@pytest.mark.slow
+def test_a_transfer_outlives_the_shell_then_mp_exits_with_its_status(server, tmp_path, echo):
+    """As ssh: `exit 5` typed while a transfer through -L is under way gives the terminal
+    back with one line saying what mp waits for; neither the -L port here nor the -R port
+    there takes a new connection; the transfer completes intact; then mp exits 5 and the
+    session ends."""
+    port = free_port()
+    data = os.urandom(3 << 20)
+    with PtyProcess(mp_args(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
+                            "-R", f"0:127.0.0.1:{echo.port}"),
+                    env=client_env(tmp_path)) as term:
+        term.read_until(re.compile(rb"Allocated port (\d+) for remote forward"), 30)
+        remote_port = int(term.last_match.group(1))
+        wait_shell(term)
+        wait_for(lambda: echo_works(port) and echo_works(remote_port), 30, "the forwards")
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+
+        def send():
+            sock.sendall(data)  # may block while we do not read the echo: windows full
+            sock.shutdown(socket.SHUT_WR)
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        got = bytearray(sock.recv(65536))
+        assert 0 < len(got) < len(data)  # under way, held up by us (the rest is in flight)
+        term.send("exit 5\r")
+        term.read_until(b"waiting for 1 forwarded connection(s) to close", 20)
+        assert term.poll() is None
+        # The listeners are closed: no new connections (the -R one as soon as the server
+        # has sent the exit status; its client may get the status first).
+        assert closed_or_refused(port)
+        wait_for(lambda: closed_or_refused(remote_port), 10, "the -R listener to close")
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        sender.join(20)
+        sock.close()
+        assert sha(bytes(got)) == sha(data)
+        assert term.wait(20) == 5
+        out = term.read_to_eof(10)
+        assert b"Connection to 127.0.0.1 closed." in out
+    wait_for(lambda: "ended (shell exited with status 5)" in server.log(), 20, "session end")
+    assert "Traceback" not in client_log(tmp_path)
+
+
+def closed_or_refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 # ---------------------------------------------------------------------------
 # A hostile client (the real session core, no mp.py in the way)
 # ---------------------------------------------------------------------------
@@ -599,14 +653,18 @@ def test_a_root_server_forwards_only_within_the_users_rights(tmp_path, users):
 
 
 def test_dash_n_forwards_without_a_command_until_interrupted(server, tmp_path, echo):
-    """-N: stdin is not read (here at EOF already: nothing ends because of it), the forward
-    works, Ctrl-C (SIGINT) ends mp and the session."""
+    """-N: the server starts no process at all (no shell, no PTY), stdin is not read (here
+    at EOF already: nothing ends because of it), the forward works, Ctrl-C (SIGINT) ends
+    mp and the session."""
     port = free_port()
     argv = mp_args(server, tmp_path, "-N", "-L", f"{port}:127.0.0.1:{echo.port}")
     with ManagedProcess(argv, env=client_env(tmp_path), log=tmp_path / "mp-n.out") as mp:
         wait_for(lambda: echo_works(port), 30, "the -L forward")
         time.sleep(0.5)
         assert mp.poll() is None and echo_works(port)
+        assert proc_children(server.serving_pid) == []  # nothing runs for the session
+        titles = [info.title for info in TestClient.for_server(server).sessions()]
+        assert titles == ["(no command: forwarding only)"]
         mp.signal(signal.SIGINT)
         assert mp.wait(20) == 255
         assert "Traceback" not in mp.read_log()

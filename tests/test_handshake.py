@@ -524,6 +524,29 @@ def test_agent_forwarding_travels_in_the_request(keys):
                                  )[0].forward_agent
 
 
+def test_no_command_session_travels_in_the_request(keys):
+    """mp -N is a flag of its own (not a remote command someone could also type): it
+    comes back as no_command, with or without -A, and never with a command or a PTY."""
+    key_blob = keys[0].public.blob
+    for agent in (False, True):
+        request = hs.ClientRequest("alice", pty=False, no_command=True, forward_agent=agent)
+        decoded = hs._decode_fields(hs._encode_fields(request, key_blob))[0]
+        assert decoded.no_command and decoded.forward_agent == agent
+        assert decoded.command is None and not decoded.pty
+    typed = hs.ClientRequest("alice", command="exec cat > /dev/null", pty=False)
+    assert not hs._decode_fields(hs._encode_fields(typed, key_blob))[0].no_command
+    plain = hs._encode_fields(hs.ClientRequest("alice"), key_blob)
+    empty = plain + bytes([hs.NO_INTENT]) + ssh_string(b"")
+    for bad in (empty + b"\x01\x00" + bytes([hs.FLAG_NO_COMMAND]),  # with a command
+                empty + b"\x00\x01" + bytes([hs.FLAG_NO_COMMAND]),  # with a PTY
+                empty + b"\x00\x00\x04"):  # an unknown flag
+        with pytest.raises(ValueError):
+            hs._decode_fields(bad)
+    with pytest.raises(hs.HandshakeError):
+        hs.ClientHandshake(keys[0], hs.ClientRequest("alice", command="ls", pty=False,
+                                                     no_command=True))
+
+
 def test_commands_and_flags_out_of_bounds_are_refused(keys):
     identity = keys[0]
     too_long = "x" * (hs.MAX_COMMAND + 1)

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import moshpit
+import moshpit_session as ms
 import moshpit_transport
 from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, SESSION_LIMIT,
                                USER_SESSION_LIMIT, AuthRefused, HandshakeError)
@@ -98,6 +99,29 @@ def test_commands_and_exit_status(client):
     assert client.run("printf 'a\\tb\\n' | od -c | head -1").split()[1:4] == ["a", "\\t", "b"]
     client.send("exit 7\n")
     assert client.wait_closed() == 7
+
+
+def test_echo_acks_and_the_ptys_echo_mode_reach_the_client(client):
+    """For local echo prediction: the PTY's termios as it changes (readline's raw mode, a
+    password prompt's echo off) and echo acks naming input whose echo came before them."""
+    def mode_seen(icanon: bool, echo: bool) -> bool:
+        client.pump(0.05)
+        return any(isinstance(e, ms.TtyModeChanged) and e.mode[:2] == (icanon, echo)
+                   for e in client.events)
+
+    client.run("true")
+    wait_for(lambda: mode_seen(False, False), 10, "readline's mode (it echoes itself)")
+    client.send("read -s pw; echo read-done\n")
+    wait_for(lambda: mode_seen(True, False), 10, "read -s: echo off, canonical")
+    client.send("hunter2\n")
+    client.read_until("read-done")
+    sent = client.core.input_offset
+    wait_for(lambda: (client.pump(0.05) or ms.EchoAcked(sent) in client.events), 10,
+             "the echo ack of every key")
+    assert b"hunter2" not in client.output
+    readline = ms.TtyMode(icanon=False, echo=False, erase=0x7F)
+    wait_for(lambda: (client.pump(0.05) or [e for e in client.events if isinstance(
+        e, ms.TtyModeChanged)][-1].mode == readline), 10, "readline's mode again")
 
 
 def test_exit_by_signal_is_128_plus_n(client):

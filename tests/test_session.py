@@ -596,3 +596,117 @@ def test_stderr_arrives_exactly_once_in_order_across_a_resume_and_before_exit():
     sim.run_until(lambda: exited(sim.client_events), limit=sim.now + 30)
     app_stderr()
     assert bytes(got) == err
+
+
+# ---------------------------------------------------------------------------
+# Local echo prediction: echo acks and the tty mode
+# ---------------------------------------------------------------------------
+
+class EchoShell(CoreSim):
+    """A CoreSim whose shell echoes each input byte, 10 ms after the PTY took it."""
+
+    def __init__(self, net: SimNet) -> None:
+        super().__init__(net)
+        self.echo_due: list = []  # (time, byte)
+
+    def _app(self) -> None:
+        taken = len(self.shell_in)
+        super()._app()
+        if len(self.shell_in) > taken:
+            self.server.input_written(len(self.shell_in) - taken, self.now)
+            self.echo_due += [(self.now + 0.01, bytes([b])) for b in self.shell_in[taken:]]
+        due = [data for t, data in self.echo_due if t <= self.now]
+        self.echo_due = [(t, data) for t, data in self.echo_due if t > self.now]
+        if due:
+            self.server.pty_output(b"".join(due), self.now)
+
+
+def test_echo_acks_arrive_after_the_output_holding_the_echo():
+    sim = EchoShell(SimNet(31, delay=0.05))
+    acks = []
+    for key in b"hello":
+        sim.client.send_input(bytes([key]))
+        sent = sim.client.input_offset
+        sim.run_until(lambda sent=sent: ms.EchoAcked(sent) in sim.client_events,
+                      limit=sim.now + 2)
+        ack = [e for e in sim.client_events if isinstance(e, ms.EchoAcked)][-1]
+        acks.append(ack.input_offset)
+        # the echo was in the output reported before the ack
+        assert bytes(sim.screen).endswith(b"hello"[:sent])
+    assert acks == [1, 2, 3, 4, 5]
+
+
+def test_an_echo_ack_waits_for_the_echo_timeout_and_for_its_output():
+    sim = EchoShell(SimNet(32, delay=0.05))
+    sim.client.send_input(b"x")
+    sim.run_until(lambda: sim.shell_in == b"x", limit=1)
+    written = sim.now
+    sim.run_until(lambda: ms.EchoAcked(1) in sim.client_events, limit=2)
+    assert sim.now >= written + ms.ECHO_ACK_SECS + 0.05
+    # an ack whose output has not arrived is held back (records overtake terminal bytes)
+    client = ms.ClientSession(make_keys(), 0.0, SERVER_ADDR, SESSION_ID, SECRET, (24, 80))
+    client._on_record(ms.RECORD_ECHO_ACK, ms.ECHO_ACK_BODY.pack(7, 3), 0.0)
+    assert client.next_event() is None
+
+
+class TtyShell(CoreSim):
+    """A CoreSim whose PTY has the termios ``tty`` (polled as mps does: when asked)."""
+
+    def __init__(self, net: SimNet, tty: ms.TtyMode) -> None:
+        super().__init__(net)
+        self.tty, self.polls = tty, 0
+        self.server.tty_mode(tty, 0.0)
+
+    def _app(self) -> None:
+        taken = len(self.shell_in)
+        super()._app()
+        self.server.input_written(len(self.shell_in) - taken, self.now)
+        if self.server.tty_poll_due(self.now):
+            self.polls += 1
+            self.server.tty_mode(self.tty, self.now)
+
+
+def test_tty_mode_is_sent_when_it_changes_and_polled_only_while_input_is_recent():
+    cooked, hidden = ms.TtyMode(True, True, 0x7F), ms.TtyMode(True, False, 0x7F)
+    sim = TtyShell(SimNet(33, delay=0.02), cooked)
+    sim.run_for(10)
+    assert sim.polls == 0  # no input: no polling
+    sim.client.send_input(b"sudo\r")
+    sim.run_until(lambda: sim.shell_in, limit=sim.now + 1)
+    sim.run_for(0.5)
+    sim.tty = hidden  # sudo asks for the password
+    sim.run_for(0.5)
+    changes = [e.mode for e in sim.client_events if isinstance(e, ms.TtyModeChanged)]
+    assert changes == [cooked, hidden]
+    polls = sim.polls
+    assert 5 <= polls <= 12
+    sim.run_for(ms.TTY_POLL_WINDOW_SECS + 5)
+    assert sim.polls <= polls + ms.TTY_POLL_WINDOW_SECS / ms.TTY_POLL_SECS + 1  # then stops
+    polls = sim.polls
+    sim.run_for(5)
+    assert sim.polls == polls
+    # a prompt printed long after the last key (sudo after a slow command) is looked at,
+    # and a flood of output costs at most one poll per TTY_POLL_SECS
+    sim.tty = cooked
+    for _ in range(50):
+        sim.server.pty_output(b"x" * 100, sim.now)
+        sim.run_for(0.01)
+    assert [e.mode for e in sim.client_events if isinstance(e, ms.TtyModeChanged)][-1] == cooked
+    assert 3 <= sim.polls - polls <= 0.5 / ms.TTY_POLL_SECS + 1
+
+
+def test_echo_records_are_bounded_and_malformed_ones_ignored():
+    """A hostile server cannot grow the client's pending acks; short bodies are dropped;
+    a server whose PTY is not read keeps a bounded list of writes."""
+    client = ms.ClientSession(make_keys(), 0.0, SERVER_ADDR, SESSION_ID, SECRET, (24, 80))
+    for n in range(1, 10_000):
+        client._on_record(ms.RECORD_ECHO_ACK, ms.ECHO_ACK_BODY.pack(n, 10**12 + n), 0.0)
+    assert len(client._acks) == ms.MAX_PENDING_ACKS
+    client._on_record(ms.RECORD_ECHO_ACK, b"\x00" * 15, 0.0)
+    client._on_record(ms.RECORD_TTY_MODE, b"\x01", 0.0)
+    assert client.next_event() is None
+    server = ms.ServerSession(make_keys(), 0.0)
+    for n in range(10_000):
+        server.input_written(1, n * 1e-6)
+    assert len(server._echo._writes) == ms.MAX_UNACKED_WRITES
+    assert server._echo.ack_due(1.0) == 10_000  # the merged writes are acked all the same
