@@ -38,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 from proc_util import kill_pid, proc_children, wait_for
 
@@ -55,21 +55,24 @@ MPS = os.path.join(REPO, "mps.py")
 READY_LINE = "listening on"
 # The per-user shell start-up files a test server's sessions see replaced by a quiet one.
 SHELL_STARTUP_FILES = (".profile", ".bash_profile", ".bash_login", ".bashrc", ".bash_logout")
-UNSHARE_MOUNT = ("unshare", "--mount", "--propagation", "private")
+PRIVATE_MOUNT_NAMESPACE = ("--mount", "--propagation", "private")  # unshare(1)'s flags
 
 
 @functools.cache
-def private_mounts_available() -> bool:
-    """Whether this process may start programs in a mount namespace of their own (root,
-    unshare(1) and mount(8) installed, a kernel or container that allows it): tried once."""
-    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("mount")):
-        return False
+def private_mount_tools() -> Optional[Tuple[str, str]]:
+    """The paths of unshare(1) and mount(8) if this process may start programs in a mount
+    namespace of their own (root, both installed, a kernel or container that allows it),
+    else None: tried once."""
+    unshare, mount = shutil.which("unshare"), shutil.which("mount")
+    if os.geteuid() != 0 or not (unshare and mount):
+        return None
     try:
-        return subprocess.run([*UNSHARE_MOUNT, "mount", "--bind", "/", "/"],
+        done = subprocess.run([unshare, *PRIVATE_MOUNT_NAMESPACE, mount, "--bind", "/", "/"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+                              stderr=subprocess.DEVNULL, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return False
+        return None
+    return (unshare, mount) if done.returncode == 0 else None
 
 
 def quiet_shell_startup(command: Sequence[str], directory: str) -> list:
@@ -79,7 +82,7 @@ def quiet_shell_startup(command: Sequence[str], directory: str) -> list:
 
     Why: those files are the developer's own configuration, not moshpit's, and can be costly:
     on our machines root's ~/.bashrc runs ``pyenv init`` and ``pyenv virtualenv-init`` (a
-    hook at every prompt), so each login shell took about 0.12 s of CPU against 0.004 s, over
+    hook at every prompt), so each login shell took about 0.12 s of CPU against a few ms, over
     the hundreds of sessions of a test run; and the sessions' history landed in the
     developer's ~/.bash_history. The shells stay real login shells of the real user, with
     the real HOME, /etc/profile and utmp records: only what the user's own dotfiles would
@@ -91,16 +94,19 @@ def quiet_shell_startup(command: Sequence[str], directory: str) -> list:
     home = pwd.getpwuid(os.geteuid()).pw_dir
     targets = [os.path.join(home, name) for name in SHELL_STARTUP_FILES
                if os.path.isfile(os.path.join(home, name))]
-    if not targets or not private_mounts_available():
+    tools = private_mount_tools()
+    if not targets or tools is None:
         return list(command)
+    unshare, mount = tools
     quiet = os.path.join(directory, "quiet_shell_startup")
     with open(quiet, "w") as f:
         f.write(f"# Read by this test server's sessions instead of {home}'s own start-up "
                 f"files (tests/server_util.py: quiet_shell_startup).\n"
                 f"HISTFILE={shlex.quote(os.path.join(directory, 'shell_history'))}\n")
-    mounts = "".join(f"mount --bind {shlex.quote(quiet)} {shlex.quote(target)} && "
+    mounts = "".join(f"{shlex.quote(mount)} --bind {shlex.quote(quiet)} {shlex.quote(target)} && "
                      for target in targets)
-    return [*UNSHARE_MOUNT, "sh", "-c", mounts + 'exec "$@"', "sh", *command]
+    return [unshare, *PRIVATE_MOUNT_NAMESPACE, "/bin/sh", "-c", mounts + 'exec "$@"', "sh",
+            *command]
 
 
 def make_key(path: str, comment: str, replace: bool = False) -> moshpit_keys.PrivateKey:

@@ -20,7 +20,7 @@ from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, 
                                USER_SESSION_LIMIT, AuthRefused, HandshakeError)
 from proc_util import pid_alive, proc_usage, wait_for
 from server_util import (SHELL_STARTUP_FILES, MpsServer, TestClient, make_key,
-                         private_mounts_available, write_authorized_keys)
+                         private_mount_tools, write_authorized_keys)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -79,7 +79,7 @@ def test_sessions_read_a_quiet_rc_and_nothing_else_changes(server):
     home = pwd.getpwuid(os.geteuid()).pw_dir
     startup = [os.path.join(home, name) for name in SHELL_STARTUP_FILES
                if os.path.isfile(os.path.join(home, name))]
-    if not startup or not private_mounts_available():
+    if not startup or private_mount_tools() is None:
         pytest.skip("no start-up files to hide, or no private mounts here (not root, no "
                     "unshare): the sessions read the real files")
     before = {path: pathlib.Path(path).read_bytes() for path in startup}
