@@ -436,6 +436,9 @@ SCHEMAS: Dict[str, Dict[str, _Key]] = {
                                                              "remote")),
         "mps.permit_open": _Key(str, "any", _parsed_by(parse_permit_open)),
         "mps.allow_agent_forwarding": _Key(bool, True),
+        # Session processes (README "Process model"): where the running sessions' sockets
+        # live; "" = /run/moshpit for root, ~/.config/moshpits/run for a plain user.
+        "mps.runtime_dir": _Key(str, ""),
         **_common_keys(),
     },
     "client": {

@@ -17,15 +17,15 @@ read neither /etc/shadow nor write the records: it skips those, saying so once i
 - Login records (``LoginRecord``): utmp (``who``), wtmp (``last``) and lastlog entries,
   closed at logout; ``close_stale_records`` closes those of sessions that ended while the
   listener was down.
-- In the shell's child process, before the uid changes: ``write_loginuid`` (the audit login
-  uid) and ``restore_rlimits`` (the limits mps had before it raised its own).
+- In the session's process, before the uid changes: ``write_loginuid`` (the audit login
+  uid, which the shell inherits). Resource limits need nothing here: mps starts its session
+  spawner before it raises its own descriptor limit, so sessions have the start-up limits.
 
 Who calls what, and when (mps.py):
-    main(), before raising its descriptor limit      capture_rlimits()
-    Server start, before listening                   close_stale_records()
+    Server start, before listening                   close_stale_records(); loginuid_supported()
     Server.decide, after the key is verified         AccountPolicy.refusal(pw, ...)
-    PtyShell child (preexec), before setuid          write_loginuid(uid); restore_rlimits()
-    PtyShell started / session ended                 LoginRecord.open() / .close()
+    session process, root, before becoming the user  PamLogin.open_session(); write_loginuid(uid)
+    listener: shell started / logged out, crashed    LoginRecord.open() / .close()
 
 Library rules: imports only ``moshpit`` and the standard library; logs through ``logging``,
 never prints.
@@ -43,7 +43,6 @@ import logging
 import os
 import pwd
 import re
-import resource
 import stat
 import struct
 import threading
@@ -872,7 +871,6 @@ def close_stale_records(utmp_path: str = UTMP_PATH, wtmp_path: str = WTMP_PATH) 
 # ---------------------------------------------------------------------------
 
 LOGINUID_PATH = "/proc/self/loginuid"
-_daemon_rlimits: Dict[int, Tuple[int, int]] = {}
 
 
 def loginuid_supported() -> bool:
@@ -898,29 +896,6 @@ def write_loginuid(uid: int) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def capture_rlimits() -> None:
-    """Remember the resource limits mps was started with (call before raising any): the
-    shells get these back, not what mps set for itself."""
-    for name in dir(resource):
-        if name.startswith("RLIMIT_"):
-            which = getattr(resource, name)
-            try:
-                _daemon_rlimits[which] = resource.getrlimit(which)
-            except (ValueError, OSError):
-                pass
-
-
-def restore_rlimits() -> None:
-    """(Child, before exec.) Back to the limits captured at start: a shell must not inherit
-    the descriptor limit mps raised for itself (the service manager's soft limit keeps
-    select()-based programs safe). No logging here either."""
-    for which, limits in _daemon_rlimits.items():
-        try:
-            resource.setrlimit(which, limits)
-        except (ValueError, OSError):
-            pass
 
 
 def client_address(peer: tuple) -> str:

@@ -12,33 +12,43 @@ run as a plain user it serves only that user.
 
 Layout of this file (protocol logic lives in the moshpit* modules; the session rules in
 moshpit_session.ServerSession):
-    PTY shells  -> sessions (one thread + select loop each) -> server (listener, handshake
-    threads, registry, signals) -> CLI.
+    PTY shells -> sessions (one thread + select loop each) -> session processes (spawner,
+    session control, the listener's handles) -> server (listener, handshake threads,
+    registry, signals) -> one-session server (mp --ssh) -> CLI.
 
-Who calls what (socketserver-style; the whole resume sequence: moshpit_session's docstring):
+Processes (README "Process model"): the listener runs handshakes and decides; a spawner
+(exec'd at start: it never holds the host key) forks one session process per login, which
+becomes the user before it touches the network or the PTY and runs a Session below.
+
+Who calls what (the whole resume sequence: moshpit_session's docstring):
 
 1. Server.serve_forever (main thread) accepts TCP connections and hands each to a handshake
    thread (Server._handshake), after the pre-auth admission policy.
 2. The handshake thread runs moshpit_handshake.server_handshake, whose ``decide`` hook is
-   Server.decide: a new login (Server._new_session: account, slot, PTY shell, UDP port),
-   a resume (Server._resume -> Session.resume) or a quit request (Server._quit_session ->
-   Session.end_by_client). Those Session methods only post to the session's inbox and wait
-   for its answer (the received-input offset for the grant).
+   Server.decide: a new login (Server._new_session: account, slot, UDP port, then
+   Server._spawn_session: a session process that starts the shell), a resume
+   (Server._resume -> SessionProcess.resume) or a quit request (Server._quit_session ->
+   SessionProcess.end_by_client). Those are requests over the session's Unix socket,
+   answered by SessionControl (the session process's main thread), which calls the same
+   methods of its Session: they post to the session's inbox and wait for its answer.
 3. Session._run (the session's own thread, the only one touching its ServerSession and
    PTY): one select loop over the wake-up pipe, the UDP socket and the PTY master; it
    applies inbox messages (ServerSession.resume / end_requested / shutdown), feeds PTY
    output and shell exits to the core, writes InputReceived to the PTY, and ends when
-   ``ServerSession.finished(now)`` (the ending rules).
-4. Server.unregister (session thread, at the end) frees the slot; SIGTERM makes the main
-   thread call Session.shutdown on every session and wait for them.
+   ``ServerSession.finished(now)`` (the ending rules); the process then exits.
+4. The listener's reader thread of that session sees its socket close
+   (Server.session_ended: slot, login record); the spawner reports how the process ended
+   (Server._process_exited logs a crash). SIGTERM stops the listener alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fcntl
-import grp
+import gc
+import importlib
 import logging
 import os
 import pwd
@@ -56,12 +66,13 @@ import termios
 import threading
 import time
 from collections import Counter, deque
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import moshpit
 import moshpit_carrier as carrier
 import moshpit_channels
 import moshpit_handshake as handshake
+import moshpit_ipc
 import moshpit_keys as keys
 import moshpit_login
 import moshpit_session as session_core
@@ -114,37 +125,89 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
     return env
 
 
-class _ShellChildSetup:
-    """Runs in the shell's child between fork and exec (after setsid): the PTY on fd 0
-    becomes the session's controlling terminal (job control, Ctrl-C, SIGWINCH), the
-    resource limits go back to mps's own start-up ones, and for a root server the audit
-    login uid is written and then the identity changes (groups, gid, uid). The identity
-    change is here, not Popen's user/group arguments, only because those run before this
-    hook and the login uid can be written only before it (moshpit_login.write_loginuid).
-    An exception here (a failed setuid) reaches the parent as SubprocessError: no shell.
-    Without a PTY (``controlling_tty`` False) the new session has no terminal, as sshd's."""
+class ShellProcess:
+    """The login shell, forked and exec'd by ``spawn`` (what subprocess.Popen would be, for
+    a child it cannot start): ``poll``/``wait``/``kill`` as Popen's."""
 
-    def __init__(self, pw: Optional[pwd.struct_passwd] = None, controlling_tty: bool = True):
-        self.pw = pw
-        self.controlling_tty = controlling_tty
-        self.groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw is not None else None
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: Optional[int] = None
 
-    def __call__(self) -> None:
-        if self.controlling_tty:
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        moshpit_login.restore_rlimits()
-        if self.pw is not None:
-            moshpit_login.write_loginuid(self.pw.pw_uid)
-            os.setgroups(self.groups)
-            os.setgid(self.pw.pw_gid)
-            os.setuid(self.pw.pw_uid)
+    @classmethod
+    def spawn(cls, argv: List[str], executable: str, stdio: tuple, cwd: str,
+              env: Dict[str, str], controlling_tty: bool) -> ShellProcess:
+        """Fork and exec ``executable`` in a new session with ``stdio`` as fds 0-2 and, if
+        ``controlling_tty``, fd 0 (the PTY) as its controlling terminal.
 
+        No preexec_fn, and no Popen: Popen cannot make a terminal controlling without
+        running Python code after fork (preexec_fn), which is unsafe in a threaded process.
+        This runs only in a session process before it starts any thread (checked), so the
+        fork copies a single thread: the child's few steps (setsid, dup2, TIOCSCTTY, chdir,
+        signal reset, execve) cannot meet a lock held by another thread. A failure in them
+        comes back through a close-on-exec pipe as ShellError: no shell."""
+        if threading.active_count() != 1:
+            raise ShellError("internal error: a shell may only be forked by a single-threaded"
+                             " session process")
+        report_r, report_w = os.pipe()  # close-on-exec: EOF at the exec, data on failure
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(report_r)
+            os.close(report_w)
+            raise ShellError(f"cannot fork: {e.strerror or e}")
+        if pid == 0:  # pragma: no cover (the child execs or reports and exits)
+            try:
+                os.close(report_r)
+                os.setsid()
+                for target, fd in enumerate(stdio):
+                    os.dup2(fd, target)
+                if controlling_tty:
+                    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
+                            signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, ())
+                os.chdir(cwd)
+                os.execve(executable, argv, env)
+            except BaseException as e:
+                try:
+                    os.write(report_w, f"{getattr(e, 'strerror', None) or e}".encode())
+                finally:
+                    os._exit(127)
+        os.close(report_w)
+        with open(report_r, "rb") as report:
+            failure = report.read(1024)
+        if failure:
+            os.waitpid(pid, 0)
+            raise ShellError(failure.decode("utf-8", "replace"))
+        return cls(pid)
 
-def _tty_group(default_gid: int) -> int:
-    try:
-        return grp.getgrnam("tty").gr_gid
-    except KeyError:
-        return default_gid
+    def poll(self) -> Optional[int]:
+        """The exit status once reaped (-N: killed by signal N, as Popen), else None."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        """Reap the shell; subprocess.TimeoutExpired if it is still running at ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.pid, timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 class PtyShell:
@@ -156,21 +219,16 @@ class PtyShell:
     untouched (no CR/LF translation, no echo) and ``close_input`` gives the command EOF;
     its stderr is a pipe of its own (``stderr_fd``), carried apart from stdout.
 
-    Spawned with subprocess.Popen instead of a hand-written fork/exec: in this multi-threaded
-    server, _posixsubprocess does setsid, chdir and execve in C in the child, and reports a
-    failure of any step, _ShellChildSetup's included, to the parent as an exception: a failed
-    privilege drop can never go on to exec a shell as root. The Python code in the child
-    (_ShellChildSetup: an ioctl, setrlimit, one write, setgroups/setgid/setuid) takes no
-    locks and allocates next to nothing, so the usual fork-with-threads hazards don't apply.
-
-    A root server records a PTY login in utmp/wtmp/lastlog once the shell runs
-    (``self.record``), and closes the record once the shell is reaped (none without a PTY,
-    like sshd).
+    Started by a session process that is already the user (no chown of the terminal: the
+    user opened it, so owns it) with ShellProcess.spawn (no preexec_fn). The login record
+    (utmp/wtmp/lastlog) is the listener's: it is root; ``logout`` is called once the shell
+    is gone, so the listener closes the record while the session may still linger.
     """
 
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
                  client_env: Dict[str, str], connection: str, command: Optional[str] = None,
-                 pty: bool = True, agent_sock: Optional[str] = None):
+                 pty: bool = True, agent_sock: Optional[str] = None,
+                 pam_env: Optional[Dict[str, str]] = None):
         self.user = pw.pw_name
         self.rows, self.cols = rows, cols
         self.is_pty = pty
@@ -179,7 +237,6 @@ class PtyShell:
         cwd = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
         name = os.path.basename(shell)
         argv = ["-" + name] if command is None else [name, "-c", command]
-        setup = _ShellChildSetup(controlling_tty=pty)
         self.stderr_fd: Optional[int] = None
         err_w = None
         if pty:
@@ -194,20 +251,13 @@ class PtyShell:
             env = login_environment(pw, term, client_env, connection, tty_path)
             if agent_sock:  # --- forwarding: -A (moshpit_channels.AgentSocketDir) ---
                 env["SSH_AUTH_SOCK"] = agent_sock
+            for name, value in (pam_env or {}).items():  # XDG_RUNTIME_DIR, pam_env's
+                env.setdefault(name, value)
             if pty:
                 moshpit.set_winsize(master, rows, cols)
-            if os.geteuid() == 0:
-                if pty:
-                    # The user owns their terminal (mesg, write), like sshd does.
-                    os.fchown(slave, pw.pw_uid, _tty_group(pw.pw_gid))
-                    os.fchmod(slave, 0o620)
-                setup = _ShellChildSetup(pw, controlling_tty=pty)
-                moshpit_login.loginuid_supported()  # says once in the log if it is not
-            self.proc = subprocess.Popen(
-                argv, executable=shell,
-                stdin=slave, stdout=slave, stderr=slave if pty else err_w, cwd=cwd, env=env,
-                start_new_session=True, preexec_fn=setup)
-        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            self.proc = ShellProcess.spawn(
+                argv, shell, (slave, slave, slave if pty else err_w), cwd, env, pty)
+        except (OSError, ShellError) as e:
             self._close_master(master)
             self.close_stderr()
             raise ShellError(f"cannot start login shell {shell} for {pw.pw_name}: {e}")
@@ -220,11 +270,8 @@ class PtyShell:
             os.set_blocking(self.stderr_fd, False)
         self.master_fd: Optional[int] = master
         self.pid = self.proc.pid
-        # --- login records (moshpit_login): who/last/lastlog ---
-        self.record = moshpit_login.LoginRecord(pw.pw_name, pw.pw_uid, tty_path, self.pid,
-                                                connection.split()[0])
-        if pty:
-            self.record.open()
+        self.tty_path = tty_path
+        self.logout: Callable[[], None] = lambda: None  # --- login records: the listener's
 
     def _close_master(self, master: int) -> None:
         if self._socket is not None:
@@ -312,7 +359,7 @@ class PtyShell:
         status = self.proc.poll()
         if status is None:
             return None
-        self.record.close()  # --- login records: the logout (the session may linger) ---
+        self._logged_out()  # --- login records: the logout (the session may linger) ---
         return 128 - status if status < 0 else status
 
     def hangup(self) -> None:
@@ -333,8 +380,12 @@ class PtyShell:
         except subprocess.TimeoutExpired:
             log.warning("shell %d of %s ignored SIGHUP: killing it", self.pid, self.user)
             self.proc.kill()
-            self.proc.wait()
-        self.record.close()  # --- login records: the logout ---
+            self.proc.wait(HANGUP_GRACE_SECS)
+        self._logged_out()  # --- login records: the logout ---
+
+    def _logged_out(self) -> None:
+        logout, self.logout = self.logout, lambda: None
+        logout()
 
 
 class NoCommand:
@@ -345,6 +396,7 @@ class NoCommand:
 
     is_pty = False
     master_fd = stderr_fd = pid = None
+    tty_path = ""  # no terminal: no login record
 
     def __init__(self, rows: int, cols: int):
         self.rows, self.cols = rows, cols
@@ -490,6 +542,7 @@ class Session:
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
+        self.reap_on_signal = False  # SIGCHLD wakes the loop: no CHILD_POLL_SECS polling
         self._carrier_fd = -1  # the TCP carrier's fd as registered with the selector
         # --- forwarding: (ForwardPolicy, AgentSocketDir or None, may bind ports < 1024) ---
         self._forwarding = forwarding
@@ -573,6 +626,12 @@ class Session:
     def shutdown(self) -> None:
         """The server is stopping: tell the client, hang up the shell (main thread)."""
         self._post("shutdown")
+
+    def shell_may_have_exited(self) -> None:
+        """SIGCHLD arrived (a session process has one shell): reap it now. Once this is
+        called, the shell is no longer polled: an idle session has no timer at all."""
+        self.reap_on_signal = True
+        self._post("reap")
 
     def _post(self, message) -> bool:
         """Queue ``message`` for the session thread; False if the session is over."""
@@ -727,7 +786,8 @@ class Session:
     def _timeout(self, now: float) -> Optional[float]:
         """Seconds until the core's next deadline, or the next poll of a running shell."""
         wait = self.link.timeout(now)
-        for limit in (CHILD_POLL_SECS if self._shell_status is None else None,
+        polled = self._shell_status is None and not self.reap_on_signal
+        for limit in (CHILD_POLL_SECS if polled else None,
                       SCREEN_FEED_SECS if self._unfed else None,
                       self.channels.timeout(now) if self.channels is not None else None):
             if limit is not None:
@@ -877,6 +937,701 @@ def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: 
 
 
 # ---------------------------------------------------------------------------
+# Session processes: each session in a process of its own, as its user
+# ---------------------------------------------------------------------------
+#
+# The listener (which holds the host key) never runs a session. At start it execs a fresh
+# interpreter, the spawner (``mps.py --session-spawner``: it never sees the host key), which
+# forks one session process per login; that process becomes the user before it reads a
+# packet, opens the PTY, starts the shell and runs the Session above. The listener talks to
+# it over a Unix socket (moshpit_ipc messages); a listener started later finds the running
+# sessions by their sockets in the sessions directory and claims them. DESIGN terms: README
+# "Process model".
+
+RUNTIME_DIR = "/run/moshpit"  # root's; a plain user's is under ~/.config/moshpits
+START_WAIT_SECS = 30.0  # a session process waits this long for its start and its go
+SPAWN_WAIT_SECS = 10.0  # the listener waits this long for the spawner to fork
+CLAIM_WAIT_SECS = 2.0  # a listener at start waits this long for each running session
+SESSION_SOCKET_BACKLOG = 4  # listeners and mps --stop-sessions connecting at once
+MAX_SOCKET_PATH = 107  # sockaddr_un's sun_path, without its terminating NUL
+MPS_PATH = os.path.abspath(__file__)
+
+
+def own_command(*args: str) -> List[str]:
+    """The command that runs this mps again (this file, or the bundle's mps)."""
+    bundle = moshpit.bundle_path()
+    return [sys.executable, *([bundle, "mps"] if bundle else [MPS_PATH]), *args]
+
+
+def sessions_dir(config: moshpit.Config) -> str:
+    """Where the running sessions of the mps on this port have their sockets: under
+    mps.runtime_dir (/run/moshpit for root, ~/.config/moshpits/run otherwise)."""
+    base = os.path.expanduser(config["mps.runtime_dir"]) or (
+        RUNTIME_DIR if os.geteuid() == 0
+        else os.path.join(os.path.dirname(moshpit.default_pid_path(config.home)), "run"))
+    return os.path.join(base, f"port-{config['mps.port']}")
+
+
+FORWARDING_KEYS = ("mps.allow_tcp_forwarding", "mps.permit_open", "mps.allow_agent_forwarding")
+
+
+def pam_wanted(config: moshpit.Config) -> bool:
+    """PAM is used: mps.use_pam and the system has libpam and /etc/pam.d/moshpit."""
+    return config["mps.use_pam"] and moshpit_login.pam_available(
+        asked=config.source("mps.use_pam") != "default")
+
+
+def spawner_settings(config: moshpit.Config) -> dict:
+    """What each session process needs from the config."""
+    return {"detached_timeout": config["mps.detached_session_timeout_secs"],
+            "unattached_timeout": config["mps.unattached_session_timeout_secs"],
+            "shutdown_flush": config["mps.shutdown_flush_secs"],
+            "use_pam": pam_wanted(config),
+            "forwarding": {name: config[name] for name in FORWARDING_KEYS}}
+
+
+def _session_socket_path(directory: str, session_id: bytes) -> str:
+    return os.path.join(directory, session_id[:8].hex() + ".sock")
+
+
+def become_user(pw: pwd.struct_passwd) -> None:
+    """(Session process, root.) Irrevocably become ``pw``: the audit login uid first (it can
+    be written only before), then the groups, and gid and uid each as real, effective and
+    saved id, so nothing can switch back; at that uid change the kernel drops every
+    capability. Checked: MoshpitError if root could still be regained."""
+    moshpit_login.write_loginuid(pw.pw_uid)
+    os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+    os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+    if pw.pw_uid == 0:
+        return
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise MoshpitError(f"privilege drop to {pw.pw_name} failed: root could be regained")
+
+
+def _keys_message(session_keys) -> dict:
+    return dataclasses.asdict(session_keys)
+
+
+def _keys_from(message: dict):
+    return handshake.SessionKeys(**message["keys"])
+
+
+class _SessionHost:
+    """What a Session asks of its server, inside a session process: the timeouts, and
+    ``unregister`` at its end, which wakes the control loop so that the process exits."""
+
+    def __init__(self, settings: dict):
+        self.detached_timeout = settings["detached_timeout"]
+        self.unattached_timeout = settings["unattached_timeout"]
+        self.shutdown_flush = settings["shutdown_flush"]
+        self.ended_r, self.ended_w = os.pipe()
+
+    def unregister(self, session: Session) -> None:
+        os.write(self.ended_w, b"\0")
+
+
+class SessionControl:
+    """(Session process, main thread, once the session thread runs.) Answers the listeners'
+    requests by calling the Session's methods (which post to its inbox and wait for the
+    session thread), and tells the listener that claimed the session last when the shell
+    has logged out. Connections come on the session's own socket (a listener started after
+    a restart, mps --stop-sessions) and are served only from root or the listener's uid
+    (SO_PEERCRED). SIGTERM ends the session as a server shutdown would (the client is
+    told)."""
+
+    def __init__(self, session: Session, host: _SessionHost, listen_sock: socket.socket,
+                 channel: moshpit_ipc.Channel, listener_uid: int, client_address: str,
+                 signal_fd: int):
+        self.session = session
+        self.signal_fd = signal_fd
+        self.host = host
+        self.listen_sock = listen_sock
+        self.owner: Optional[moshpit_ipc.Channel] = channel
+        self.allowed_uids = {0, listener_uid}
+        self.client_address = client_address
+        self.logged_out = False
+
+    def logged_out_now(self) -> None:
+        """(Session thread.) The shell is gone: the listener closes the login record."""
+        self.logged_out = True
+        owner = self.owner
+        if owner is not None:
+            try:
+                owner.send({"op": "logout"})
+            except OSError:
+                pass  # the listener is gone: its successor reads ``logged_out`` at its claim
+
+    def run(self) -> None:
+        self.session.shell_may_have_exited()  # a SIGCHLD may have come before this loop
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.listen_sock, selectors.EVENT_READ, "accept")
+            sel.register(self.host.ended_r, selectors.EVENT_READ, "ended")
+            sel.register(self.signal_fd, selectors.EVENT_READ, "signal")
+            sel.register(self.owner.sock, selectors.EVENT_READ, self.owner)
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "ended":
+                        return
+                    if key.data == "signal":
+                        self._on_signals(os.read(self.signal_fd, WAKE_READ_SIZE))
+                    elif key.data == "accept":
+                        self._accept(sel)
+                    else:
+                        self._serve(sel, key.data)
+
+    def _on_signals(self, signals: bytes) -> None:
+        if signal.SIGCHLD in signals:
+            self.session.shell_may_have_exited()
+        if signal.SIGTERM in signals:
+            log.info("session %s: SIGTERM received: ending it", self.session.name)
+            self.session.shutdown()
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        try:
+            sock, _ = self.listen_sock.accept()
+        except OSError:
+            return
+        _, uid, _ = moshpit_ipc.peer_credentials(sock)
+        if uid not in self.allowed_uids:
+            log.warning("session %s: refused a control connection from uid %d",
+                        self.session.name, uid)
+            sock.close()
+            return
+        sock.settimeout(RESUME_WAIT_SECS)
+        channel = moshpit_ipc.Channel(sock, accept_fds=True)
+        sel.register(sock, selectors.EVENT_READ, channel)
+
+    def _serve(self, sel: selectors.BaseSelector, channel: moshpit_ipc.Channel) -> None:
+        try:
+            message = channel.receive()
+            if message is not None:
+                reply = self._answer(channel, message)
+                if reply is not None:
+                    channel.send(dict(reply, op="reply", id=message.get("id")))
+                return
+        except (OSError, moshpit_ipc.IpcError, KeyError, TypeError, ValueError) as e:
+            log.warning("session %s: control connection dropped: %s", self.session.name, e)
+        sel.unregister(channel.sock)
+        channel.close()
+        if channel is self.owner:
+            self.owner = None
+
+    def _answer(self, channel: moshpit_ipc.Channel, message: dict) -> Optional[dict]:
+        session, op = self.session, message.get("op")
+        if op == "claim":
+            self.owner = channel
+            return self.state()
+        if op == "resume":
+            return {"recv_offset": session.resume(_keys_from(message),
+                                                  int(message["peer_recv_offset"]))}
+        if op == "take_over":
+            session.replaced_secrets.append(session.resume_secret)
+            session.resume_secret = message["resume_secret"]
+            session.client_key = keys.PublicKey.from_line(message["client_key"])
+            return {"recv_offset": session.take_over(
+                _keys_from(message), int(message["rows"]), int(message["cols"]),
+                tuple(message["peer"]))}
+        if op == "describe":
+            info = session.describe()
+            return {"info": None if info is None else dataclasses.asdict(info)}
+        if op == "end":
+            return {"recv_offset": session.end_by_client(message.get("reason"))}
+        if op == "shutdown":
+            session.shutdown()
+            return {}
+        if op == "carrier":  # no answer: the listener does not wait for it
+            fd = channel.take_fd()
+            if fd is not None:
+                session.attach_carrier(socket.socket(fileno=fd))
+            return None
+        raise ValueError(f"unknown request {op!r}")
+
+    def state(self) -> dict:
+        """What a listener needs to serve the session (its claim's answer)."""
+        session = self.session
+        return {"ipc_version": moshpit_ipc.IPC_VERSION,
+                "session_id": session.session_id, "user": session.user,
+                "client_key": session.client_key.to_line(),
+                "resume_secret": session.resume_secret,
+                "replaced_secrets": list(session.replaced_secrets),
+                "udp_port": session.udp_port, "pid": os.getpid(),
+                "shell_pid": session.shell.pid, "tty": session.shell.tty_path,
+                "client_address": self.client_address, "logged_out": self.logged_out}
+
+
+def _note_signal(signum, frame) -> None:
+    """A signal handler that does nothing: the wake-up fd (signal.set_wakeup_fd) tells."""
+
+
+def run_session_process(fds: List[int], settings: dict) -> int:
+    """(A fresh fork of the spawner.) Receive the login from the listener, become the user,
+    start the shell, answer with its pid and terminal, then (once the handshake completed)
+    run the session; the exit status of the process."""
+    ctl_fd, udp_fd, listen_fd = fds
+    channel = moshpit_ipc.Channel(socket.socket(fileno=ctl_fd), accept_fds=True)
+    udp_sock = socket.socket(fileno=udp_fd)
+    listen_sock = socket.socket(fileno=listen_fd)
+    channel.sock.settimeout(START_WAIT_SECS)
+    start = channel.receive()
+    if start is None:
+        return 1
+    pw = pwd.getpwnam(start["user"])
+    # Signals come to the control loop through a pipe (set before the shell starts, so
+    # its SIGCHLD cannot be missed): SIGCHLD reaps the shell, SIGTERM ends the session.
+    signal_r, signal_w = os.pipe()
+    os.set_blocking(signal_w, False)
+    signal.set_wakeup_fd(signal_w)
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, _note_signal)
+    pam = None
+    pam_env: Dict[str, str] = {}
+    forwarding = None
+    try:
+        if os.geteuid() == 0:
+            if settings["use_pam"]:  # --- PAM session: as root, before the uid change ---
+                pam = moshpit_login.PamLogin(pw.pw_name, start["client_address"])
+                pam_env = pam.open_session()
+            become_user(pw)
+        # --- forwarding: set up by the user's own process (it binds what the user may) ---
+        forwarding = _forwarding_setup(settings["forwarding"], start["forward_agent"], pw,
+                                       start["listener_uid"] == 0)
+        agent_dir = forwarding[1]
+        if start["no_command"]:  # mp -N
+            shell = NoCommand(start["rows"], start["cols"])
+        else:
+            shell = PtyShell(pw, start["term"], start["rows"], start["cols"], start["env"],
+                             start["connection"], start["command"], start["pty"],
+                             agent_dir.path if agent_dir is not None else None, pam_env)
+        listen_sock.listen(SESSION_SOCKET_BACKLOG)  # as the user: whom a claim's SO_PEERCRED sees
+    except (MoshpitError, OSError) as e:
+        if pam is not None:
+            pam.close()
+        if forwarding is not None and forwarding[1] is not None:
+            forwarding[1].close()
+        channel.send({"op": "reply", "error": str(e)})
+        return 1
+    host = _SessionHost(settings)
+    session = Session(host, start["session_id"], pw.pw_name,
+                      keys.PublicKey.from_line(start["client_key"]), udp_sock, shell, forwarding)
+    session.resume_secret = start["resume_secret"]
+    channel.send({"op": "reply", "shell_pid": shell.pid, "tty": shell.tty_path})
+    try:
+        go = channel.receive()
+    except (OSError, moshpit_ipc.IpcError):
+        go = None
+    if go is None or go.get("op") != "go":
+        session.abandon()
+        return 0
+    channel.sock.settimeout(RESUME_WAIT_SECS)
+    control = SessionControl(session, host, listen_sock, channel, start["listener_uid"],
+                             start["client_address"], signal_r)
+    shell.logout = control.logged_out_now
+    session.start(_keys_from(go), tuple(go["peer"]))
+    try:
+        control.run()
+    finally:
+        session.thread.join()
+        if pam is not None:
+            pam.close()  # as the user now: what a module can undo without root, it does
+    return 0
+
+
+def run_spawner(sock_fd: int) -> int:
+    """``mps.py --session-spawner FD``: the process that forks session processes.
+
+    Exec'd by the listener (a fresh interpreter: the host key never was in its memory) and
+    single-threaded, so a fork copies no lock another thread holds. It loads the config and
+    the log like the listener, then for each ``spawn`` message (three descriptors: the
+    control socket, the UDP socket, the session's listening socket) forks a session process
+    and answers its pid; it reports each one's exit (a crash's signal) to the listener. It
+    exits when the listener closes its socket; the sessions go on without it."""
+    sock = socket.socket(fileno=sock_fd)
+    init, _ = moshpit_ipc.receive_packet(sock)
+    if init is None:
+        return 1
+    config = moshpit.load_config("server", cli=init["cli"], path=init["config_path"])
+    moshpit.setup_logging("server", config, log_path=init["log_path"], stderr=init["stderr"])
+    return _spawner_loop(sock, init["settings"])
+
+
+# Standard modules Python imports on first use. A session process is the user by then,
+# and may not be able to read the interpreter's files (one under /root, a pyenv): the
+# spawner imports them first (getaddrinfo of a name needs the idna codec, for -R/-L).
+PRELOADED_MODULES = ("encodings.idna", "unicodedata", "stringprep")
+
+
+def _spawner_loop(sock: socket.socket, settings: dict) -> int:
+    """The spawner's work (single-threaded): fork a session process per ``spawn`` message,
+    report exits, return at the end of ``sock``."""
+    for name in PRELOADED_MODULES:
+        importlib.import_module(name)
+    for sig in (signal.SIGINT, signal.SIGHUP):  # a ^C at mps -e must not end sessions
+        signal.signal(sig, signal.SIG_IGN)
+    child_r, child_w = os.pipe()
+    os.set_blocking(child_r, False)
+    os.set_blocking(child_w, False)
+    signal.set_wakeup_fd(child_w)
+    signal.signal(signal.SIGCHLD, _note_signal)
+    gc.freeze()  # what is loaded now stays shared with the session processes (no gc writes)
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ, "listener")
+        sel.register(child_r, selectors.EVENT_READ, "child")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "child":
+                    os.read(child_r, WAKE_READ_SIZE)
+                    _report_exits(sock)
+                    continue
+                message, fds = moshpit_ipc.receive_packet(sock, max_fds=3)
+                if message is None:
+                    return 0
+                if message.get("op") != "spawn" or len(fds) != 3:
+                    for fd in fds:
+                        os.close(fd)
+                    moshpit_ipc.send_packet(sock, {"op": "spawned", "error": "bad request"})
+                    continue
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    pid, error = 0, f"cannot fork: {e.strerror or e}"
+                else:
+                    error = ""
+                    if pid == 0:
+                        _session_process_main(fds, settings, (sel, sock, child_r, child_w))
+                for fd in fds:
+                    os.close(fd)
+                moshpit_ipc.send_packet(sock, {"op": "spawned", "pid": pid, "error": error})
+
+
+def _session_process_main(fds: List[int], settings: dict, spawner_fds: tuple) -> None:
+    """(Forked child of the spawner.) Drop what is the spawner's, run the session, exit."""
+    status = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sel, sock, child_r, child_w = spawner_fds
+        sel.close()
+        sock.close()
+        os.close(child_r)
+        os.close(child_w)
+        status = run_session_process(fds, settings)
+    except BaseException:
+        log.exception("session process %d failed", os.getpid())
+    finally:
+        logging.shutdown()
+        os._exit(status)
+
+
+def _report_exits(sock: socket.socket) -> None:
+    """Reap ended session processes and tell the listener (the status: -N for signal N)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        try:
+            moshpit_ipc.send_packet(sock, {"op": "exited", "pid": pid,
+                                           "status": os.waitstatus_to_exitcode(status)})
+        except OSError:
+            pass  # the listener is gone
+
+
+class Spawner:
+    """(Listener.) Its handle on the spawner process: ``spawn`` a session process with its
+    three descriptors; exits are passed to ``on_exit(pid, status)`` (reader thread). Started
+    again if it died."""
+
+    def __init__(self, init: dict, on_exit: Optional[Callable[[int, int], None]] = None,
+                 fork: bool = False):
+        self.init = init
+        self.on_exit = on_exit
+        self.fork = fork
+        self._lock = threading.Lock()
+        self.proc: Optional[subprocess.Popen] = None
+        self.sock: Optional[socket.socket] = None
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._start()
+
+    def _start(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if self.fork:
+            self._fork(mine, theirs)
+            return
+        try:
+            self.proc = subprocess.Popen(own_command("--session-spawner", str(theirs.fileno())),
+                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         cwd="/")
+        except OSError as e:
+            mine.close()
+            raise MoshpitError(f"cannot start the session spawner: {e.strerror or e}")
+        finally:
+            theirs.close()
+        self.sock = mine
+        moshpit_ipc.send_packet(mine, self.init)
+        threading.Thread(target=self._read, args=(mine,), name="spawner", daemon=True).start()
+
+    def _fork(self, mine: socket.socket, theirs: socket.socket) -> None:
+        """``fork`` mode (mp --ssh's one-session server: its modules may exist only in its
+        memory, so there is nothing to exec): the spawner is a fork of this process, which
+        must be single-threaded here. It runs as the same user; it has a copy of that
+        session's own host key (made for it, dropped with it)."""
+        if threading.active_count() != 1:
+            raise MoshpitError("internal error: the spawner can only be forked before any "
+                               "thread starts")
+        try:
+            pid = os.fork()
+        except OSError as e:
+            raise MoshpitError(f"cannot start the session spawner: {e.strerror or e}")
+        if pid == 0:  # pragma: no cover (the forked spawner exits here)
+            status = 1
+            try:
+                mine.close()
+                status = _spawner_loop(theirs, self.init["settings"])
+            finally:
+                os._exit(status)
+        theirs.close()
+        self.proc = ShellProcess(pid)
+        self.sock = mine
+        threading.Thread(target=self._read, args=(mine,), name="spawner", daemon=True).start()
+
+    def _read(self, sock: socket.socket) -> None:
+        try:
+            while True:
+                message, _ = moshpit_ipc.receive_packet(sock, max_fds=0)
+                if message is None:
+                    break
+                if message.get("op") == "exited" and self.on_exit is not None:
+                    self.on_exit(int(message["pid"]), int(message["status"]))
+                else:
+                    self._replies.put(message)
+        except (OSError, moshpit_ipc.IpcError):
+            pass
+        self._replies.put(None)
+
+    def spawn(self, fds: List[int]) -> int:
+        """The pid of a new session process holding ``fds``; ShellError if none started."""
+        with self._lock:
+            if self.proc.poll() is not None:
+                log.error("the session spawner (pid %d) exited with status %d: restarting it",
+                          self.proc.pid, self.proc.returncode)
+                self.sock.close()
+                self._start()
+            try:
+                moshpit_ipc.send_packet(self.sock, {"op": "spawn"}, fds)
+                reply = self._replies.get(timeout=SPAWN_WAIT_SECS)
+            except (OSError, queue.Empty):
+                reply = None
+        if reply is None or reply.get("error") or not reply.get("pid"):
+            raise ShellError("cannot start a session process: "
+                             + (reply.get("error") if reply else "the spawner did not answer"))
+        return int(reply["pid"])
+
+    def close(self) -> None:
+        """The listener stops: the spawner exits (the sessions it started go on)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # EOF for it, and wakes our reader
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=SPAWN_WAIT_SECS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class SessionProcess:
+    """(Listener.) A session running in a session process: what the listener knows of it
+    (owner, key, resume secrets, UDP port, login record) and its channel to it. The same
+    methods as Session (start/abandon, resume, take_over, describe, end_by_client,
+    shutdown), each a request the session process answers: Server's code is the same for
+    both."""
+
+    def __init__(self, server: Server, channel: moshpit_ipc.Channel, state: dict,
+                 record: moshpit_login.LoginRecord, socket_path: str):
+        self.server = server
+        self.channel = channel
+        self.session_id = state["session_id"]
+        self.name = self.session_id[:4].hex()
+        self.user = state["user"]
+        self.client_key = keys.PublicKey.from_line(state["client_key"])
+        self.resume_secret = state["resume_secret"]
+        self.replaced_secrets: deque = deque(state.get("replaced_secrets", ()),
+                                             maxlen=REPLACED_SECRETS_KEPT)
+        self.udp_port = int(state["udp_port"])
+        self.pid = int(state["pid"])
+        self.record = record
+        self.socket_path = socket_path
+        self.adopted = False  # claimed from a previous listener: not our spawner's child
+        self.thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._next_id = 0
+
+    def start(self, keys=None, peer=None) -> None:
+        """Serve the session's messages; with ``keys`` (a new session whose handshake
+        completed) first tell the session process to go."""
+        if keys is not None:
+            self.channel.send({"op": "go", "keys": _keys_message(keys), "peer": list(peer)})
+        self.channel.sock.settimeout(None)
+        self.thread = threading.Thread(target=self._read, name=f"session-{self.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def abandon(self) -> None:
+        """The handshake failed: the session process hangs up the shell and exits."""
+        try:
+            self.channel.send({"op": "abandon"})
+        except OSError:
+            pass
+        self.channel.close()
+        self.record.close()
+        _unlink(self.socket_path)
+
+    def detach(self) -> None:
+        """The listener stops: leave the session running (its successor claims it)."""
+        self.channel.close()
+
+    def attach_carrier(self, sock: socket.socket) -> None:
+        """Hand the session process the TCP connection that granted it (its carrier)."""
+        try:
+            self.channel.send({"op": "carrier"}, [sock.fileno()])
+        except OSError:
+            pass  # the session is gone
+        finally:
+            sock.close()
+
+    def resume(self, keys, peer_recv_offset: int) -> Optional[int]:
+        return self._ask({"op": "resume", "keys": _keys_message(keys),
+                          "peer_recv_offset": peer_recv_offset}, "recv_offset")
+
+    def take_over(self, keys, rows: int, cols: int, peer: tuple) -> Optional[int]:
+        """(After the caller set the new resume secret and client key.)"""
+        return self._ask({"op": "take_over", "keys": _keys_message(keys), "rows": rows,
+                          "cols": cols, "peer": list(peer), "resume_secret": self.resume_secret,
+                          "client_key": self.client_key.to_line()}, "recv_offset")
+
+    def describe(self) -> Optional[handshake.SessionInfo]:
+        info = self._ask({"op": "describe"}, "info")
+        return None if info is None else handshake.SessionInfo(**info)
+
+    def end_by_client(self, reason: Optional[str] = None) -> Optional[int]:
+        return self._ask({"op": "end", "reason": reason}, "recv_offset")
+
+    def shutdown(self) -> None:
+        self._ask({"op": "shutdown"}, "op")
+
+    def _ask(self, message: dict, answer: str):
+        """Send a request; the named field of its reply, None if the session is gone."""
+        with self._lock:
+            self._next_id += 1
+            message["id"] = self._next_id
+            try:
+                self.channel.send(message)
+            except OSError:
+                return None
+            deadline = time.monotonic() + RESUME_WAIT_SECS + 1.0
+            while True:
+                try:
+                    reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return None
+                if reply is None:
+                    self._replies.put(None)  # the channel is closed: so for later requests
+                    return None
+                if reply.get("id") == message["id"]:
+                    return reply.get(answer)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self.channel.receive()
+                if message is None:
+                    break
+                if message.get("op") == "reply":
+                    self._replies.put(message)
+                elif message.get("op") == "logout":
+                    self.record.close()  # --- login records: the shell has gone ---
+        except (OSError, moshpit_ipc.IpcError) as e:
+            if not self.server.stopping:
+                log.warning("session %s: its control channel failed: %s", self.name, e)
+        self._replies.put(None)
+        self.server.session_ended(self)
+
+
+def _unlink(path: str) -> None:
+    if not path:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def claim_session(path: str, expected_uid: Optional[int] = None) -> tuple:
+    """Connect to a running session's socket and claim it: (channel, state). ``expected_uid``
+    (a listener's claim): the session process must run as the user it says it serves
+    (SO_PEERCRED), else MoshpitError. OSError if nothing answers there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CLAIM_WAIT_SECS)
+    try:
+        sock.connect(path)
+        channel = moshpit_ipc.Channel(sock)
+        _, uid, _ = moshpit_ipc.peer_credentials(sock)
+        channel.send({"op": "claim", "id": 0})
+        state = channel.receive()
+        if state is None:
+            raise ConnectionResetError(errno.ECONNRESET, "closed at once")
+        if state.get("ipc_version") != moshpit_ipc.IPC_VERSION:
+            raise MoshpitError(f"session socket {path} speaks another version of mps's "
+                               "messages: end that session (kill its process)")
+        if expected_uid is not None:
+            want = pwd.getpwnam(state["user"]).pw_uid if expected_uid == 0 else expected_uid
+            if uid != want:
+                raise MoshpitError(f"session socket {path} is served by uid {uid}, "
+                                   f"not by {state['user']}'s")
+    except BaseException:
+        sock.close()
+        raise
+    return channel, state
+
+
+def stop_sessions(config: moshpit.Config) -> int:
+    """``mps --stop-sessions``: end every running session of this mps (its clients are told
+    the server shut down), whether or not a listener runs."""
+    directory = sessions_dir(config)
+    try:
+        names = sorted(name for name in os.listdir(directory) if name.endswith(".sock"))
+    except FileNotFoundError:
+        names = []
+    ended = 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            channel, _ = claim_session(path)
+        except OSError:
+            continue  # gone already
+        except MoshpitError as e:  # garbage, another version
+            print(f"mps: warning: {e}", file=sys.stderr)
+            continue
+        try:
+            channel.send({"op": "shutdown", "id": 1})
+            channel.receive()
+            ended += 1
+        except (OSError, moshpit_ipc.IpcError):
+            pass
+        finally:
+            channel.close()
+    print(f"mps: ended {ended} session(s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Server: listener, handshake threads, session registry, signals
 # ---------------------------------------------------------------------------
 
@@ -928,11 +1683,21 @@ def admission_limits(config: moshpit.Config) -> handshake.AdmissionLimits:
 
 class Server:
     """Accepts TCP connections, runs each handshake in its own thread (bounded in number and
-    time), and keeps the registry of sessions for new logins, resumes and shutdown. Create it
-    in the main thread: it installs the SIGTERM/SIGINT/SIGHUP handlers."""
+    time), and keeps the registry of sessions (SessionProcess handles) for new logins,
+    resumes and takeovers; new sessions are forked by ``spawner``. Create it in the main
+    thread: it installs the SIGTERM/SIGINT/SIGHUP handlers."""
 
-    def __init__(self, config: moshpit.Config, host_key):
+    # Each session process listens on a socket in sessions_dir (a later listener finds it
+    # there); False: on an unnamed one (a server whose sessions end with it).
+    session_sockets = True
+
+    def __init__(self, config: moshpit.Config, host_key, spawner: Optional[Spawner]):
         self.config = config
+        self.spawner = spawner
+        if spawner is not None:
+            spawner.on_exit = self._process_exited
+        self.sessions_dir = sessions_dir(config)
+        self._processes: Dict[int, str] = {}  # session process pid -> "session S of U"
         self.host_key = host_key
         self.port_range = moshpit.parse_port_range(config["mps.udp_port_range"])
         self.max_sessions = config["mps.max_sessions"]
@@ -947,18 +1712,19 @@ class Server:
         # --- account policy (moshpit_login): sshd's allowed_user, nologin, PAM account ---
         self.account_policy = moshpit_login.AccountPolicy(
             {name: config["mps." + name] for name in moshpit_login.AccountPolicy.LISTS},
-            use_pam=config["mps.use_pam"] and moshpit_login.pam_available(
-                asked=config.source("mps.use_pam") != "default"))
+            use_pam=pam_wanted(config))
         moshpit_login.close_stale_records()  # sessions that ended while no mps was running
+        if os.geteuid() == 0:
+            moshpit_login.loginuid_supported()  # says once in the log if it is not
         self.limiter = handshake.HandshakeLimiter(
             handshake.AdmissionPolicy(admission_limits(config)))
         self.listeners: List[socket.socket] = []
         self._lock = threading.Lock()
-        self._sessions: Dict[bytes, Session] = {}
+        self._sessions: Dict[bytes, SessionProcess] = {}
         # New sessions inside a handshake, by user: counted against the limits already.
         self._setting_up: Counter = Counter()
         self._signals: List[int] = []
-        self._stopping = False
+        self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         # Before anything can announce that we listen, so a signal never hits the defaults.
@@ -997,6 +1763,43 @@ class Server:
                                "(another mps running? choose another mps.port / -c config)")
         for error in errors:
             log.warning("not listening on %s", error)
+        self.adopt_sessions()
+
+    def adopt_sessions(self) -> None:
+        """Claim the sessions a previous mps on this port left running (their sockets in the
+        sessions directory); a socket nobody answers on is a session that ended meanwhile."""
+        try:
+            moshpit.make_private_dirs(self.sessions_dir)
+            names = sorted(os.listdir(self.sessions_dir))
+        except OSError as e:
+            raise MoshpitError(f"cannot use the sessions directory {self.sessions_dir}: "
+                               f"{e.strerror or e} (set mps.runtime_dir)")
+        if len(_session_socket_path(self.sessions_dir, bytes(8))) > MAX_SOCKET_PATH:
+            raise MoshpitError(f"the sessions directory {self.sessions_dir} is too long a path "
+                               "for Unix sockets: set mps.runtime_dir to a shorter one")
+        for name in names:
+            path = os.path.join(self.sessions_dir, name)
+            try:
+                channel, state = claim_session(path, os.geteuid())
+            except (OSError, moshpit_ipc.IpcError, KeyError) as e:
+                log.debug("session socket %s: %s: removed", path, e)
+                _unlink(path)
+                continue
+            except MoshpitError as e:
+                log.warning("%s: not claimed", e)
+                continue
+            record = moshpit_login.LoginRecord(
+                state["user"], pwd.getpwnam(state["user"]).pw_uid, state["tty"],
+                state["shell_pid"], state["client_address"])
+            record.opened = bool(state["tty"]) and not state["logged_out"] and (
+                os.geteuid() == 0)  # --- login records: the previous mps opened it ---
+            session = SessionProcess(self, channel, state, record, path)
+            session.adopted = True
+            with self._lock:
+                self._sessions[session.session_id] = session
+            session.start()
+            log.info("claimed running session %s of %s (pid %d)", session.name, session.user,
+                     session.pid)
 
     def serve_forever(self) -> int:
         """Accept connections until SIGTERM/SIGINT, then end every session; returns 0."""
@@ -1027,17 +1830,17 @@ class Server:
             pass
 
     def _stop(self, why: str) -> int:
-        log.info("%s received: ending %d session(s) and stopping", why, len(self._sessions))
-        self._stopping = True
-        for sock in self.listeners:
-            sock.close()
+        """Stop listening and leave: the sessions run on in their processes, and the next
+        mps on this port claims them (``mps --stop-sessions`` ends them)."""
+        self.stopping = True
         with self._lock:
             sessions = list(self._sessions.values())
+        log.info("%s received: stopping; %d session(s) keep running", why, len(sessions))
+        for sock in self.listeners:
+            sock.close()
         for session in sessions:
-            session.shutdown()
-        deadline = time.monotonic() + self.shutdown_flush + HANGUP_GRACE_SECS + 1.0
-        for session in sessions:
-            session.thread.join(max(0.0, deadline - time.monotonic()))
+            session.detach()
+        self.spawner.close()
         log.info("mps stopped")
         return 0
 
@@ -1106,26 +1909,45 @@ class Server:
         why = "the handshake did not complete" if auth is None else "the server is stopping"
         with self._lock:
             self._release_slot(session.user)
-            if auth is not None and not self._stopping:
+            if auth is not None and not self.stopping:
                 # Started and registered together: shutdown sees only running sessions.
                 try:
                     session.start(auth.keys, auth.peer)
                     self._sessions[session.session_id] = session
                     return
-                except RuntimeError as e:  # "can't start new thread"
-                    why = f"cannot start its thread: {e}"
+                except (RuntimeError, OSError) as e:  # "can't start new thread", gone
+                    why = f"cannot start it: {e}"
         log.warning("session %s for %s abandoned: %s", session.name, session.user, why)
         session.abandon()
 
-    def unregister(self, session: Session) -> None:
+    def session_ended(self, session: SessionProcess) -> None:
+        """(The session's reader thread.) Its process closed the channel: it has ended
+        (or the listener is stopping, and leaves it running)."""
+        if self.stopping:
+            return
         with self._lock:
             self._sessions.pop(session.session_id, None)
+        session.record.close()  # --- login records: even after a crash ---
+        _unlink(session.socket_path)
+        log.info("session %s of %s: its process %d has ended%s", session.name, session.user,
+                 session.pid, " (claimed after a restart: exit status unknown)" if session.adopted
+                 else "")
+
+    def _process_exited(self, pid: int, status: int) -> None:
+        """(Spawner's reader thread.) A session process has exited: a crash is logged."""
+        with self._lock:
+            what = self._processes.pop(pid, f"session process {pid}")
+        if status < 0:
+            log.error("%s: its process %d was killed by %s", what, pid,
+                      signal.Signals(-status).name)
+        elif status:
+            log.warning("%s: its process %d exited with status %d", what, pid, status)
 
     def decide(self, auth):
         """Authorize one handshake (handshake thread): the target user, their authorized_keys,
         then a new session or a resume. Returns (SessionGrant, new Session or None); raises
         AuthRefused with a reason code for the client and a reason for the log."""
-        if self._stopping:
+        if self.stopping:
             raise handshake.AuthRefused(handshake.SHUTTING_DOWN, "the server is stopping")
         pw = self._authorized_user(auth)
         request = auth.request
@@ -1195,7 +2017,7 @@ class Server:
         except trust.TrustError as e:
             raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e)) from None
 
-    def _owned_session(self, auth, what: str) -> Session:
+    def _owned_session(self, auth, what: str) -> SessionProcess:
         """The session a resume or quit request names, if this client owns it: same user,
         same key, and proof (in this handshake) of the session's resume secret."""
         with self._lock:
@@ -1211,7 +2033,7 @@ class Server:
                                         f"{what} of session {session.name}: bad resume proof")
         return session
 
-    def _users_session(self, auth, what: str) -> Session:
+    def _users_session(self, auth, what: str) -> SessionProcess:
         """The session a takeover or kill names, if it belongs to the requesting user (any
         key authorized for the user may take over or end the user's sessions, as any of
         them may start one)."""
@@ -1308,52 +2130,93 @@ class Server:
                 lo, hi = self.port_range
                 raise handshake.AuthRefused(handshake.SERVER_BUSY,
                                             f"every UDP port in {lo}-{hi} is in use")
-            request = auth.request
-            connection = " ".join(str(part) for part in (auth.peer[0], auth.peer[1],
-                                                         auth.local[0], auth.local[1]))
-            forwarding = _forwarding_setup(self.config, request, pw)
-            agent_dir = forwarding[1]
             try:
-                if request.no_command:  # mp -N
-                    shell = NoCommand(request.rows, request.cols)
-                else:
-                    shell = PtyShell(pw, request.term, request.rows, request.cols, request.env,
-                                     connection, request.command, request.pty,
-                                     agent_dir.path if agent_dir is not None else None)
-            except ShellError as e:
-                udp.close()
-                if agent_dir is not None:
-                    agent_dir.close()
-                raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))
+                session = self._spawn_session(auth, pw, udp)
+            finally:
+                udp.close()  # the session process has its own copy
         except BaseException:
             with self._lock:
                 self._release_slot(pw.pw_name)
             raise
-        session = Session(self, secrets.token_bytes(16), pw.pw_name, auth.client_key, udp,
-                          shell, forwarding)
         detached = sum(not info.attached for info in self._list_sessions(auth).sessions)
         return _grant(session, 0, detached), session
 
+    def _spawn_session(self, auth, pw: pwd.struct_passwd,
+                       udp: socket.socket) -> SessionProcess:
+        """A session process for this login: forked by the spawner with its descriptors
+        (the channel's other end, the UDP socket, its own listening socket), told the
+        login, started its shell as the user; AuthRefused if it could not."""
+        session_id = secrets.token_bytes(16)
+        path = _session_socket_path(self.sessions_dir, session_id) if self.session_sockets else ""
+        request = auth.request
+        connection = " ".join(str(part) for part in (auth.peer[0], auth.peer[1],
+                                                     auth.local[0], auth.local[1]))
+        address = moshpit_login.client_address(auth.peer)
+        resume_secret = secrets.token_bytes(32)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # listen() is the session process's: SO_PEERCRED's uid. No path: an abstract
+            # name the kernel picks (Linux autobind), known to nobody else.
+            listen_sock.bind(path)
+            pid = self.spawner.spawn([theirs.fileno(), udp.fileno(), listen_sock.fileno()])
+            with self._lock:
+                self._processes[pid] = f"session {session_id[:4].hex()} of {pw.pw_name}"
+            channel = moshpit_ipc.Channel(mine)
+            mine.settimeout(START_WAIT_SECS)
+            channel.send({"op": "start", "user": pw.pw_name, "term": request.term,
+                          "rows": request.rows, "cols": request.cols, "env": request.env,
+                          "connection": connection, "command": request.command,
+                          "pty": request.pty, "session_id": session_id,
+                          "resume_secret": resume_secret,
+                          "client_key": auth.client_key.to_line(),
+                          "client_address": address, "listener_uid": os.geteuid(),
+                          "forward_agent": request.forward_agent,
+                          "no_command": request.no_command})
+            started = channel.receive()
+            if started is None or started.get("error"):
+                raise ShellError(started.get("error") if started else
+                                 "the session process ended before starting the shell")
+        except (ShellError, OSError, moshpit_ipc.IpcError) as e:
+            mine.close()
+            _unlink(path)
+            raise handshake.AuthRefused(handshake.PERMISSION_DENIED, str(e))
+        finally:
+            theirs.close()
+            listen_sock.close()
+        # --- login records (moshpit_login): who/last/lastlog, written by the root listener ---
+        record = moshpit_login.LoginRecord(pw.pw_name, pw.pw_uid, started["tty"],
+                                           started["shell_pid"], address)
+        if started["tty"]:
+            record.open()
+        state = {"session_id": session_id, "user": pw.pw_name,
+                 "client_key": auth.client_key.to_line(), "resume_secret": resume_secret,
+                 "udp_port": udp.getsockname()[1], "pid": pid}
+        return SessionProcess(self, channel, state, record, path)
 
-def _forwarding_setup(config: moshpit.Config, request, pw: pwd.struct_passwd) -> tuple:
+
+def _forwarding_setup(config, forward_agent: bool, pw: pwd.struct_passwd,
+                      root_server: bool) -> tuple:
     """--- forwarding --- (ForwardPolicy, the -A socket directory or None, whether -R may
-    bind ports below 1024) for a new session: a root server binds for a user only what
-    the user could bind."""
+    bind ports below 1024) for a new session, in its process (``config``: the
+    mps.allow_tcp_forwarding, permit_open and allow_agent_forwarding settings), which is
+    the user already. A root server forwards for a user only what the user could bind
+    (where the kernel lets everyone bind low ports, the rule still holds)."""
     policy = moshpit_channels.ForwardPolicy(config["mps.allow_tcp_forwarding"],
                                             config["mps.permit_open"],
                                             config["mps.allow_agent_forwarding"])
     agent_dir = None
-    if request.forward_agent and policy.allow_agent:
+    if forward_agent and policy.allow_agent:
         try:
             agent_dir = moshpit_channels.AgentSocketDir(pw.pw_uid, pw.pw_gid)
         except OSError as e:  # the session works without it, as with sshd
             log.warning("no agent forwarding for %s: %s", pw.pw_name, e)
-    elif request.forward_agent:
+    elif forward_agent:
         log.info("agent forwarding for %s refused: allow_agent_forwarding is off", pw.pw_name)
-    return policy, agent_dir, os.geteuid() != 0 or pw.pw_uid == 0
+    return policy, agent_dir, not root_server or pw.pw_uid == 0
 
 
-def _grant(session: Session, recv_offset: int, detached: int = 0):
+def _grant(session: SessionProcess, recv_offset: int, detached: int = 0):
     """What the client is told about its session: where it is and how to resume it (and,
     for a new one, how many of the user's sessions are detached)."""
     return handshake.SessionGrant(session_id=session.session_id,
@@ -1376,8 +2239,10 @@ class OneSessionServer(Server):
 
     LISTEN_BACKLOG = 8
 
+    session_sockets = False  # its session ends with it: nobody needs to find it again
+
     def __init__(self, config: moshpit.Config, client_key, address: str):
-        super().__init__(config, keys.PrivateKey.generate("mps --ssh"))
+        super().__init__(config, keys.PrivateKey.generate("mps --ssh"), None)
         self.client_key = client_key
         self.address = address
         self.user = pwd.getpwuid(os.geteuid()).pw_name
@@ -1415,7 +2280,10 @@ class OneSessionServer(Server):
         self.port = sock.getsockname()[1]
 
     def serve(self, unused_exit_secs: float) -> int:
-        """Serve the session; stop after ``unused_exit_secs`` if none has started."""
+        """Serve the session; stop after ``unused_exit_secs`` if none has started. (After
+        the bootstrap detached: the spawner is forked here, before any thread.)"""
+        self.spawner = Spawner({"settings": spawner_settings(self.config)},
+                               self._process_exited, fork=True)
         timer = threading.Timer(unused_exit_secs, self._stop_if_unused)
         timer.daemon = True
         timer.start()
@@ -1439,9 +2307,17 @@ class OneSessionServer(Server):
                                         "not the user or key of this ssh-bootstrapped session")
         return me
 
-    def unregister(self, session: Session) -> None:
-        super().unregister(session)
+    def session_ended(self, session: SessionProcess) -> None:
+        super().session_ended(session)
         self._on_signal(signal.SIGTERM, None)  # its one session has ended: so does the server
+
+    def _stop(self, why: str) -> int:
+        """Its session ends with it (no later listener could find it)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.shutdown()
+        return super()._stop(why)
 
 
 # ---------------------------------------------------------------------------
@@ -1466,7 +2342,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     action.add_argument("--print-config", action="store_true",
                         help="print every effective setting and where it came from, then exit")
     action.add_argument("--stop", action="store_true",
-                        help="stop the mps running with this configuration (its mps.pid_file)")
+                        help="stop the mps running with this configuration (its mps.pid_file);"
+                             " its sessions keep running")
+    action.add_argument("--stop-sessions", action="store_true",
+                        help="end every session of the mps with this configuration (their "
+                             "clients are told the server shut down)")
+    action.add_argument("--session-spawner", metavar="FD", type=int, help=argparse.SUPPRESS)
     parser.add_argument("-V", "--version", action="version",
                         version=f"mps {moshpit.__version__}")
     return parser.parse_args(argv)
@@ -1734,6 +2615,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pid_file = None
     started = False
     root_logger = logging.getLogger(moshpit.ROOT_LOGGER)
+    if args.session_spawner is not None:
+        return run_spawner(args.session_spawner)
     try:
         status = leave_session_leadership()
         if status is not None:
@@ -1744,10 +2627,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(moshpit.config_report(config, {"log file": log_path,
                                                  "pid file": pid_file_path(config)}))
             return 0
-        if args.stop:
+        if args.stop or args.stop_sessions:
             for warning in config.warnings:
                 print(f"mps: warning: {warning}", file=sys.stderr)
-            return stop_server(config)
+            return stop_server(config) if args.stop else stop_sessions(config)
         moshpit.setup_logging("server", config, log_path=log_path,
                               stderr=args.enable_std_output)
         logging_ready = True
@@ -1760,10 +2643,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.warning("%s", warning)
         pid_file = PidFile(pid_file_path(config))
         pid_file.create()
+        # The spawner (and every session process it forks) is started before the listener
+        # raises its descriptor limit (the shells get mps's start-up limits) and before the
+        # host key is read: it is exec'd, so the key could not reach it anyway.
+        spawner = Spawner({"config_path": args.config, "cli": cli_overrides(args),
+                           "log_path": log_path, "stderr": args.enable_std_output,
+                           "settings": spawner_settings(config)})
         host_key = load_host_key(config, args.generate_host_key)
-        moshpit_login.capture_rlimits()  # the shells get these back (not the raised one)
         _raise_fd_limit()
-        server = Server(config, host_key)
+        server = Server(config, host_key, spawner)
         server.listen()
         started = True
     except MoshpitError as e:

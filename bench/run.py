@@ -90,6 +90,7 @@ class Runner:
                           scenario.extra_tcp_ports).start()
             ctx = Context(tool, net, self.quick)
             with time_budget(scenario.budget):  # cleanup below runs outside the budget
+                tool.server_config = scenario.server_config
                 tool.start_server(net)
                 samples = scenario.run(ctx)
             result.samples = samples

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 from acceptance_util import BANNER_RE
 from attack_util import ATTACK_SOURCES, IdleConnectionAttack, legitimate_logins
+from crowd import run_crowd
 from display import Display
 from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline, wait_for
 from relay import free_port
-from tools import (BACK, CLIENT_ENV, Client, Network, Tool, client_usage, server_usage,
-                   tcp_listening)
+from server_util import TestClient
+from tools import (BACK, CLIENT_ENV, Client, Network, Tool, client_usage, pss_total,
+                   server_pss, server_usage, server_wakeups, tcp_listening)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ATTACK_UTIL = os.path.join(os.path.dirname(HERE), "tests", "attack_util.py")
@@ -207,6 +209,7 @@ class Scenario:
     rate_bps: float | None = None  # a bottleneck each way (relay.Bottleneck), or none
     queue_bytes = 0  # its drop-tail queue
     udp_ports = 1  # session UDP ports the server gets (several sessions at once)
+    server_config: dict = {}  # more [mps] keys for moshpit's server (TOML values)
     extra_tcp_ports = 0  # more relayed TCP ports, for other traffic across the same relay
     caveats: dict = {}  # tool name -> how the path differs for it (printed with the table)
     predict = "never"  # local echo prediction of the clients that have it (mosh's modes)
@@ -711,34 +714,84 @@ class Roam(Scenario):
 
 
 class Idle(Scenario):
-    """Server CPU and memory of one idle session (and the client's CPU).  Memory per session
-    is the server side's RSS with the session minus before it, so a shared listener
-    (sshd's, or moshpit's one server process) is not counted against the session."""
+    """Server CPU, wake-ups and memory of one idle session (and the client's CPU).  Memory
+    per session is the server side's RSS (and PSS: shared pages divided among the processes
+    sharing them) with the session minus before it, so a shared listener (sshd's, moshpit's)
+    is not counted against the session; a second session's figures show what each more
+    session costs.  Wake-ups are the server threads' context switches while idle (the
+    client's keepalives included, which wake every tool's server)."""
 
     name = "idle"
     title = "idle session"
+    udp_ports = 2  # the second session, for what one more costs
     metrics = (Metric("server_cpu", "server idle CPU", "%", scale=1.0),
+               Metric("server_wakeups", "server wake-ups idle", "/s", scale=1.0),
                Metric("server_rss", "server RSS per session", "MB", scale=1.0),
+               Metric("server_pss", "server PSS first session", "MB", scale=1.0),
+               Metric("server_pss_next", "server PSS next session", "MB", scale=1.0),
                Metric("server_rss_total", "server RSS total", "MB", scale=1.0),
                Metric("client_cpu", "client idle CPU", "%", scale=1.0))
 
     def run(self, ctx: Context) -> dict:
+        time.sleep(1.0)  # the server's processes are done starting (moshpit's spawner)
         _, rss_before = server_usage(ctx.tool, None)
+        pss_before = server_pss(ctx.tool, None)
         ctx.session = ctx.open_session()
         seconds = 4.0 if ctx.quick else 10.0
         client = ctx.session.client
         time.sleep(1.0)
         server0, _ = server_usage(ctx.tool, client)
+        wakeups0 = server_wakeups(ctx.tool, client)
         client0, _ = client_usage(client)
         time.sleep(seconds)
         server1, rss = server_usage(ctx.tool, client)
+        wakeups1 = server_wakeups(ctx.tool, client)
         client1, _ = client_usage(client)
         if rss == 0:
             raise ScenarioError("no server process found for the session")
+        pss_one = server_pss(ctx.tool, client)
+        second = ctx.open_session()
+        time.sleep(1.0)
+        pss_two = pss_total(set(ctx.tool.server_pids(client))  # mosh: a server per session
+                            | set(ctx.tool.server_pids(second.client)))
+        ctx.close_session(second)
         return {"server_cpu": [(server1 - server0) / seconds * 100],
+                "server_wakeups": [(wakeups1 - wakeups0) / seconds],
                 "server_rss": [(rss - rss_before) / 1e6],
+                "server_pss": [(pss_one - pss_before) / 1e6],
+                "server_pss_next": [(pss_two - pss_one) / 1e6],
                 "server_rss_total": [rss / 1e6],
                 "client_cpu": [(client1 - client0) / seconds * 100]}
+
+
+class Crowd(Scenario):
+    """100 sessions on one server (moshpit only: bench/crowd.py drives them with moshpit's
+    client core): 5 flood output, 95 type a key about every second; echo median/p95 of the
+    typing ones, errors, and the server's memory in all (listener, spawner, sessions)."""
+
+    name = "crowd"
+    title = "100 sessions, 5 flooding"
+    needs = "crowd"
+    sessions, flooders = 100, 5
+    udp_ports = sessions + 5
+    server_config = {"max_sessions": sessions + 10, "max_sessions_per_user": sessions + 10}
+    budget = 600.0
+    metrics = (Metric("echo_median", "echo median, 95 typing", "ms"),
+               Metric("echo_p95", "echo p95, 95 typing", "ms", summary="p95"),
+               Metric("errors", "errors (logins, echoes)", "", scale=1.0),
+               Metric("rss", "server RSS total", "MB", scale=1e-6),
+               Metric("pss", "server PSS total", "MB", scale=1e-6),
+               Metric("connect", "login, each (one after another)", "ms"))
+
+    def run(self, ctx: Context) -> dict:
+        identity, host_key = ctx.tool.keys()
+        samples = run_crowd(
+            lambda: TestClient(BACK, ctx.net.tcp_port, identity, host_key).connect(timeout=60),
+            lambda: ctx.tool.server_pids(None), self.sessions, self.flooders,
+            10.0 if ctx.quick else 20.0)
+        return {"echo_median": samples["echo"], "echo_p95": samples["echo"],
+                "errors": samples["errors"], "rss": samples["rss"], "pss": samples["pss"],
+                "connect": samples["connect"]}
 
 
 class Preauth(Scenario):
@@ -866,6 +919,7 @@ SCENARIOS = (
     Predict("predict_loss30_off", "echo, prediction off, 30% loss 40 ms RTT", rtt=0.04,
             loss=0.30, predict="never"),
     Idle(),
+    Crowd(),
     Preauth(),
 )
 

@@ -27,6 +27,7 @@ BACK = "127.0.0.1"
 CLIENT_ENV = {"LANG": "C.UTF-8", "TERM": "xterm-256color"}
 PREAUTH_NA = "the pre-auth scenario drives moshpit's own handshake (tests/attack_util.py)"
 FAIRNESS_NA = "the fairness run is two moshpit sessions against a TCP transfer"
+CROWD_NA = "the crowd run drives 100 sessions with moshpit's own client core (bench/crowd.py)"
 
 
 def tcp_listening(host: str, port: int) -> bool:
@@ -113,6 +114,7 @@ class Tool:
     def __init__(self, workdir: str) -> None:
         self.workdir = workdir
         self.server: ManagedProcess | None = None
+        self.server_config: dict = {}  # moshpit: more [mps] keys (TOML values) a scenario sets
 
     def missing(self) -> str | None:
         """Why this tool cannot run here (None when it can)."""
@@ -216,6 +218,7 @@ class Moshpit(Tool):
                     f'authorized_keys_file = "{self._path("authorized_keys")}"\n'
                     f'private_key_path = "{self._path("host_key")}"\n'
                     f'public_key_path = "{self._path("host_key.pub")}"\n')
+            f.writelines(f"{key} = {value}\n" for key, value in self.server_config.items())
         self.server = ManagedProcess(
             [sys.executable, os.path.join(REPO, "mps.py"), "-e", "-c", config],
             env=self._env(self._path("server_home")), cwd=REPO, log=self._path("mps.log"))
@@ -237,12 +240,13 @@ class Moshpit(Tool):
         return Client(PtyProcess(argv, env=env, cwd=REPO, rows=ROWS, cols=COLS))
 
     def server_pids(self, client: Client | None) -> list[int]:
-        """mps.py and, when it forked to shed session leadership (it does under
-        ManagedProcess), the serving child: its direct children running mps.py."""
+        """mps.py and its descendants running mps.py: the serving child (when it forked to
+        shed session leadership, as under ManagedProcess), the session spawner and every
+        session process; not the shells."""
         if not self.server:
             return []
         pids = [self.server.pid]
-        for pid in proc_children(self.server.pid, recursive=False):
+        for pid in proc_children(self.server.pid):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if b"mps.py" in f.read():
@@ -262,7 +266,8 @@ class OpenSSH(Tool):
              "forward_outage": "a relay can only freeze TCP, not model a real outage",
              "roam": "ssh cannot follow an address change",
              "preauth": PREAUTH_NA,
-             "fairness": FAIRNESS_NA}
+             "fairness": FAIRNESS_NA,
+             "crowd": CROWD_NA}
     SSHD = "/usr/sbin/sshd"
 
     def missing(self) -> str | None:
@@ -335,7 +340,8 @@ class Mosh(Tool):
              "fairness": FAIRNESS_NA,
              "tcp_fallback": "mosh has no TCP mode (mosh#13): nothing gets through",
              "forward": "mosh has no port forwarding",
-             "forward_outage": "mosh has no port forwarding"}
+             "forward_outage": "mosh has no port forwarding",
+             "crowd": CROWD_NA}
     CONNECT = re.compile(rb"MOSH CONNECT (\d+) (\S+)")
     DETACHED = re.compile(rb"detached, pid = (\d+)")
 
@@ -349,7 +355,8 @@ class Mosh(Tool):
 
     def connect(self, net: Network, extra: tuple = ()) -> Client:
         env = dict(os.environ, **CLIENT_ENV)
-        out = subprocess.run(["mosh-server", "new", "-i", BACK, "-p", str(net.udp_port),
+        ports = f"{net.udp_ports[0]}:{net.udp_ports[-1]}"  # a second session: the next one
+        out = subprocess.run(["mosh-server", "new", "-i", BACK, "-p", ports,
                               "-l", "LANG=C.UTF-8"], capture_output=True, env=env, timeout=15)
         found, pid = self.CONNECT.search(out.stdout), self.DETACHED.search(out.stderr)
         if pid and not found:
@@ -371,6 +378,50 @@ TOOLS = (Moshpit, OpenSSH, Mosh)
 def server_usage(tool: Tool, client: Client | None) -> tuple[float, int]:
     """(CPU seconds, RSS bytes) summed over ``tool.server_pids(client)``."""
     return _sum_usage(tool.server_pids(client))
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of ``pid`` (its shared pages divided among their users)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pss_total(pids) -> int:
+    """Proportional set size (bytes) summed over ``pids``: pages shared between processes
+    (a forked session's, the libraries') count once in all, unlike RSS."""
+    total = 0
+    for pid in pids:
+        try:
+            total += pss_bytes(pid)
+        except OSError:
+            continue
+    return total
+
+
+def server_pss(tool: Tool, client: Client | None) -> int:
+    return pss_total(tool.server_pids(client))
+
+
+def server_wakeups(tool: Tool, client: Client | None) -> int:
+    """Context switches so far, summed over every thread of ``tool.server_pids(client)``:
+    each time one of them woke up (a timer, a packet) and slept again."""
+    total = 0
+    for pid in tool.server_pids(client):
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/status") as f:
+                    total += sum(int(line.split()[1]) for line in f
+                                 if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
+            except OSError:
+                continue
+    return total
 
 
 def client_usage(client: Client) -> tuple[float, int]:

@@ -40,7 +40,7 @@ def test_connect_line_round_trip():
             50001, "alice", address, HOST_KEY)
 
 
-@pytest.mark.parametrize("line", [
+MALFORMED_CONNECT_LINES = [
     line_for(port=0), line_for(port=65536), line_for(port=123456),
     line_for(user="a:b"), line_for(user="a/b"), line_for(user="x" * 65),
     line_for(address="example.com"), line_for(address="999.1.1.1"),
@@ -48,7 +48,13 @@ def test_connect_line_round_trip():
     "MOSHPIT CONNECT 50001 alice 127.0.0.1 " + base64.b64encode(b"\0" * 51).decode(),
     "MOSHPIT CONNECT 50001 alice 127.0.0.1 " + "A" * 200,  # a blob far too long
     "MOSHPIT CONNECT", "MOSHPIT CONNECT 50001 alice 127.0.0.1",
-])
+]
+
+
+# ids by position: the lines hold a key generated at import, which differs between xdist
+# workers, and they must all collect the same test names
+@pytest.mark.parametrize("line", MALFORMED_CONNECT_LINES,
+                         ids=[f"line{i}" for i in range(len(MALFORMED_CONNECT_LINES))])
 def test_a_malformed_connect_line_is_a_clean_refusal(line):
     with pytest.raises(moshpit.MoshpitError, match="the server's bootstrap sent a"):
         boot.parse_connect_line(line)

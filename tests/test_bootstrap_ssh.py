@@ -152,14 +152,16 @@ def read(path: str) -> str:
 
 def bootstrapped_server(uid: int) -> int:
     """The pid of the one-session server ssh started for ``uid`` (the stub's python)."""
-    for pid in _pids_of(uid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"sys.stdin.buffer" in f.read():
-                    return pid
-        except FileNotFoundError:
-            pass
-    return 0
+    return next((pid for pid in _pids_of(uid) if _is_stub_python(pid)), 0)
+
+
+def _is_stub_python(pid: int) -> bool:
+    """Whether ``pid`` is the stub's python (the one-session server or a fork of it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"sys.stdin.buffer" in f.read()
+    except FileNotFoundError:
+        return False
 
 
 def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pythons):
@@ -184,22 +186,24 @@ def test_a_session_through_ssh_runs_leaves_ssh_and_writes_nothing(make_host, pyt
 
 
 def test_a_bootstrapped_session_resumes_after_an_outage(make_host, pythons):
-    """The server stops answering (SIGSTOP) past the client's resume time: the client hops
-    and resumes with a handshake to the same one-session server (pinned host key, this
-    session's key), and nothing typed meanwhile is lost."""
+    """The server (its listener and session process: one process group) stops answering
+    (SIGSTOP) past the client's resume time: the client hops and resumes with a handshake
+    to the same one-session server (pinned host key, this session's key), and nothing typed
+    meanwhile is lost."""
     host = make_host(pythons["good"])
     log_path = client_log(host)
     with PtyProcess([sys.executable, MP, "--ssh", "host"],
                     env={**host.env(), **QUICK_RESUME}) as term:
         term.read_until("$ ", 30)
         server = wait_for(lambda: bootstrapped_server(host.user.pw_uid), 10, "the server")
-        os.kill(server, signal.SIGSTOP)
+        group = os.getpgid(server)
+        os.killpg(group, signal.SIGSTOP)
         try:
             term.send("unset HISTFILE; echo $((7*8))\r")
             wait_for(lambda: "resume handshake #1" in read(log_path), 20,
                      "the client to try a resume")
         finally:
-            os.kill(server, signal.SIGCONT)
+            os.killpg(group, signal.SIGCONT)
         term.read_until("56", 20)
         wait_for(lambda: "session resumed" in read(log_path), 20, "the resume")
         term.send("exit 4\r")
@@ -218,8 +222,12 @@ def test_forwarding_only_through_ssh(make_host, pythons, echo, tmp_path):
         wait_for(lambda: echo_works(port), 30, "the -L forward")
         server = bootstrapped_server(uid)
         assert server
-        # Once sshd's session for the bootstrap is gone, the server alone: no shell at all.
-        wait_for(lambda: _pids_of(uid) == [server], 10, "the server alone to run as the user")
+        # Once sshd's session for the bootstrap is gone, only the server and the processes it
+        # forked (its spawner, the session process) run as the user: no shell at all.
+        def server_alone():
+            pids = _pids_of(uid)
+            return server in pids and all(_is_stub_python(pid) for pid in pids)
+        wait_for(server_alone, 10, "the server alone to run as the user")
         assert echo_works(port)
         mp.signal(signal.SIGINT)
         assert mp.wait(20) == 255, mp.read_log()

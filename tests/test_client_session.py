@@ -18,7 +18,7 @@ import time
 import pytest
 
 from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, pid_alive, proc_children, wait_for
-from server_util import READY_LINE, MpsServer, make_key
+from server_util import READY_LINE, MpsServer, make_key, run_mps
 
 import moshpit
 import moshpit_keys
@@ -87,8 +87,9 @@ def wrapper_result(term: PtyProcess, timeout: float = 30.0) -> tuple:
 
 
 def kill_server(server: MpsServer) -> None:
-    """SIGKILL: the server vanishes without a word to anyone."""
-    os.kill(server.proc.pid, signal.SIGKILL)
+    """SIGKILL to the server's process group: the listener and its session processes (which
+    outlive a listener stopped alone) vanish without a word to anyone, as in a host crash."""
+    os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
 
 
@@ -307,7 +308,7 @@ def test_server_shutdown_ends_session_with_message(tmp_path):
     with MpsServer(tmp_path, settings=settings) as server, \
             start_client(server, tmp_path, wrapped=True) as term:
         wait_shell(term)
-        server.signal(signal.SIGTERM)
+        assert run_mps(["--stop-sessions", "-c", server.config_path], server.env).returncode == 0
         rc, attrs, out = wrapper_result(term)
         assert (rc, attrs) == (255, "same")
         assert b"moshpit: server 127.0.0.1 is shutting down; session ended." in out

@@ -653,7 +653,7 @@ def test_a_root_server_forwards_only_within_the_users_rights(tmp_path, users):
 
 
 def test_dash_n_forwards_without_a_command_until_interrupted(server, tmp_path, echo):
-    """-N: the server starts no process at all (no shell, no PTY), stdin is not read (here
+    """-N: the session process starts no process at all (no shell, no PTY), stdin is not read (here
     at EOF already: nothing ends because of it), the forward works, Ctrl-C (SIGINT) ends
     mp and the session."""
     port = free_port()
@@ -662,7 +662,11 @@ def test_dash_n_forwards_without_a_command_until_interrupted(server, tmp_path, e
         wait_for(lambda: echo_works(port), 30, "the -L forward")
         time.sleep(0.5)
         assert mp.poll() is None and echo_works(port)
-        assert proc_children(server.serving_pid) == []  # nothing runs for the session
+        # the listener's child is the spawner, whose child is the session process: it
+        # runs nothing for the session (no shell)
+        sessions = [pid for spawner in proc_children(server.serving_pid, recursive=False)
+                    for pid in proc_children(spawner, recursive=False)]
+        assert sessions and all(proc_children(pid) == [] for pid in sessions)
         titles = [info.title for info in TestClient.for_server(server).sessions()]
         assert titles == ["(no command: forwarding only)"]
         mp.signal(signal.SIGINT)

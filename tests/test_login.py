@@ -12,7 +12,6 @@ import secrets
 import shutil
 import struct
 import subprocess
-import sys
 import time
 
 import pytest
@@ -336,22 +335,3 @@ def test_pam_conversation_answers_no_prompt(pam_service):
         assert call(login.PAM_PROMPT_ECHO_ON, b"login: ") == login.PAM_CONV_ERR
         assert call(login.PAM_TEXT_INFO, b"\x1b[2Jnote") == login.PAM_SUCCESS
         assert pam.messages == ["\x1b[2Jnote"]  # kept raw; printed only through printable
-
-
-# -- the shell's process ----------------------------------------------------------------------
-
-
-def test_restore_rlimits_undoes_what_the_daemon_raised():
-    """A process started with a low soft descriptor limit raises it (as mps does); its
-    children get the start-up limit back."""
-    script = ("import resource, moshpit_login as l\n"
-              "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
-              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
-              "l.capture_rlimits()\n"
-              "resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n"
-              "l.restore_rlimits()\n"
-              "print(resource.getrlimit(resource.RLIMIT_NOFILE) == (256, hard))\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         timeout=30)
-    assert out.stdout.strip() == "True", out.stderr

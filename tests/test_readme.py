@@ -104,7 +104,8 @@ def test_readme_install_keys_connect_and_stop_as_written(sshd_host):
     assert sorted(name for name in copied if name.endswith(".py")) == sorted(
         ["moshpit.py", "moshpit_keys.py", "moshpit_trust.py", "moshpit_handshake.py",
          "moshpit_session.py", "moshpit_channels.py", "moshpit_term.py", "moshpit_login.py",
-         "moshpit_transport.py", "moshpit_carrier.py", "mps.py", "mp_keygen.py"])
+         "moshpit_ipc.py", "moshpit_transport.py", "moshpit_carrier.py", "mps.py",
+         "mp_keygen.py"])
     log_path = os.path.join(host.user.pw_dir, ".config", "moshpits", "logs", "moshpits.log")
     wait_for(lambda: "started (pid" in _read(log_path), 20, "mps started by the README")
     with open(os.path.join(host.user.pw_dir, ".config", "moshpits", "mps.pid")) as f:

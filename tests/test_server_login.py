@@ -195,6 +195,11 @@ def shell_pid(server, user: str) -> int:
     return int(match.group(1))
 
 
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
 def test_who_last_lastlog_and_loginuid(tmp_path, users, utmp):
     alice = users.user()
     with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM,
@@ -234,6 +239,8 @@ def test_records_of_sessions_that_ended_while_mps_was_down_are_closed(tmp_path, 
         os.kill(server.proc.pid, signal.SIGKILL)  # its serving child follows at once
         server.proc.wait(10)
         client.close()
+        # The session outlives the listener; it ends (its process killed) while none runs.
+        os.kill(parent_pid(pid), signal.SIGKILL)
         wait_for(lambda: not pid_alive(pid), 10, "the shell to end with its terminal")
         # (Not checked that the record is still open here: in a parallel run any other mps
         # that starts closes it, as it should.)

@@ -20,7 +20,7 @@ from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, 
                                USER_SESSION_LIMIT, AuthRefused, HandshakeError)
 from proc_util import pid_alive, proc_usage, wait_for
 from server_util import (SHELL_STARTUP_FILES, MpsServer, TestClient, make_key,
-                         private_mount_tools, write_authorized_keys)
+                         private_mount_tools, run_mps, write_authorized_keys)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -219,17 +219,24 @@ def test_quit_request_from_someone_else_is_refused(server, client):
     assert "by the client's quit request" not in server.log()
 
 
-def test_server_sigterm_tells_every_client(tmp_path):
+def test_server_sigterm_leaves_sessions_and_stop_sessions_ends_them(tmp_path):
+    """Stopping the listener leaves every session running (a restart or an upgrade ends no
+    login); mps --stop-sessions ends them all on purpose, each client told."""
     settings = {"mps.shutdown_flush_secs": moshpit.DEFAULT_SHUTDOWN_FLUSH_SECS}
     with MpsServer(tmp_path, udp_ports=2, settings=settings) as server:
         clients = [TestClient.for_server(server).connect() for _ in range(2)]
         pids = [shell_pid(c) for c in clients]
         server.signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+        assert "2 session(s) keep running" in server.log()
+        for client in clients:
+            assert client.run("echo still here") == "still here"
+        result = run_mps(["--stop-sessions", "-c", server.config_path], server.env)
+        assert (result.returncode, result.stdout) == (0, "mps: ended 2 session(s)\n")
         for client in clients:
             wait_for(lambda c=client: c.pump(0.1) or c.shutdown_reason, 10, "shutdown notice")
             assert client.shutdown_reason == "server shutting down"
             client.close()
-        assert server.stop() == 0
         for pid in pids:
             wait_for(lambda p=pid: not pid_alive(p), 10, "the shells to get SIGHUP")
 

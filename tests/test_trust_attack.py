@@ -199,7 +199,7 @@ def test_session_leader_start_serves_from_a_child(tmp_path):
         assert os.getsid(started) == started  # the test started it as a session leader
         assert serving != started
         assert os.getsid(serving) == started and os.getpgid(serving) == started
-        assert f"started (pid {serving}," in server.log()
+        server.wait_log(f"started (pid {serving},")  # logged just after "listening on"
         with TestClient.for_server(server).connect() as client:
             assert client.run("echo hello") == "hello"
         server.signal(signal.SIGHUP)
