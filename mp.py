@@ -60,7 +60,6 @@ import tty
 
 import moshpit
 import moshpit_agent
-import moshpit_bootstrap
 import moshpit_carrier
 import moshpit_channels
 import moshpit_handshake
@@ -1685,6 +1684,9 @@ class SshConnector(Connector):
         if not destination:
             raise moshpit.MoshpitError("--ssh needs a destination: mp --ssh [user@]host")
         self.destination = destination
+        # Imported here, not at the top: only --ssh needs it, and its zipfile and json would
+        # cost every other start of mp some 7 ms of CPU.
+        import moshpit_bootstrap
         started = moshpit_bootstrap.start_over_ssh(ssh_command, destination, login, cache)
         for line in started.noise + started.stderr.splitlines():
             prompter.say(moshpit.printable(line))  # motd, ssh's warnings: as ssh shows them

@@ -17,21 +17,28 @@ core, moshpit_session.ClientSession (no terminal):
 The server runs with ``HOME`` set to a fresh directory and its log at ``server.log_path``
 (``server.log()`` reads it, failures show it). ``run_as`` runs it as another user (for the
 non-root server tests; the directory must then be one that user can reach).
+
+Sessions are real login shells of the real user (root here): HOME, /etc/profile, utmp and
+the rest as for anyone. Only that user's own start-up files (~/.profile, ~/.bashrc, ...) are
+kept out, where we may: see ``quiet_shell_startup``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import random
 import re
 import select
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 from proc_util import kill_pid, proc_children, wait_for
 
@@ -46,6 +53,60 @@ import moshpit_trust  # noqa: E402
 
 MPS = os.path.join(REPO, "mps.py")
 READY_LINE = "listening on"
+# The per-user shell start-up files a test server's sessions see replaced by a quiet one.
+SHELL_STARTUP_FILES = (".profile", ".bash_profile", ".bash_login", ".bashrc", ".bash_logout")
+PRIVATE_MOUNT_NAMESPACE = ("--mount", "--propagation", "private")  # unshare(1)'s flags
+
+
+@functools.cache
+def private_mount_tools() -> Optional[Tuple[str, str]]:
+    """The paths of unshare(1) and mount(8) if this process may start programs in a mount
+    namespace of their own (root, both installed, a kernel or container that allows it),
+    else None: tried once."""
+    unshare, mount = shutil.which("unshare"), shutil.which("mount")
+    if os.geteuid() != 0 or not (unshare and mount):
+        return None
+    try:
+        done = subprocess.run([unshare, *PRIVATE_MOUNT_NAMESPACE, mount, "--bind", "/", "/"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (unshare, mount) if done.returncode == 0 else None
+
+
+def quiet_shell_startup(command: Sequence[str], directory: str) -> list:
+    """``command`` wrapped so that it, and every shell it starts, sees the start-up files
+    (SHELL_STARTUP_FILES) of the user running the tests replaced by a quiet one in
+    ``directory``, which also sends that shell history to ``directory``.
+
+    Why: those files are the developer's own configuration, not moshpit's, and can be costly:
+    on our machines root's ~/.bashrc runs ``pyenv init`` and ``pyenv virtualenv-init`` (a
+    hook at every prompt), so each login shell took about 0.12 s of CPU against a few ms, over
+    the hundreds of sessions of a test run; and the sessions' history landed in the
+    developer's ~/.bash_history. The shells stay real login shells of the real user, with
+    the real HOME, /etc/profile and utmp records: only what the user's own dotfiles would
+    add is gone, and only in a private mount namespace (unshare(1), bind mounts) that ends
+    with the server; nothing on the machine changes. Where that is not allowed (not root, no
+    unshare, a container without the right), ``command`` is returned as it is and the
+    sessions read the real files, as a login over ssh would.
+    """
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    targets = [os.path.join(home, name) for name in SHELL_STARTUP_FILES
+               if os.path.isfile(os.path.join(home, name))]
+    tools = private_mount_tools()
+    if not targets or tools is None:
+        return list(command)
+    unshare, mount = tools
+    quiet = os.path.join(directory, "quiet_shell_startup")
+    with open(quiet, "w") as f:
+        f.write(f"# Read by this test server's sessions instead of {home}'s own start-up "
+                f"files (tests/server_util.py: quiet_shell_startup).\n"
+                f"HISTFILE={shlex.quote(os.path.join(directory, 'shell_history'))}\n")
+    mounts = "".join(f"{shlex.quote(mount)} --bind {shlex.quote(quiet)} {shlex.quote(target)} && "
+                     for target in targets)
+    return [unshare, *PRIVATE_MOUNT_NAMESPACE, "/bin/sh", "-c", mounts + 'exec "$@"', "sh",
+            *command]
 
 
 def make_key(path: str, comment: str, replace: bool = False) -> moshpit_keys.PrivateKey:
@@ -179,6 +240,13 @@ class MpsServer:
         return [self.python, *self.program, "-c", self.config_path, "-t", self.log_path,
                 *self.args]
 
+    def _launch_command(self) -> list:
+        """``command()`` as started: for a server running as the user running the tests,
+        with that user's shell start-up files kept out of its sessions where we may."""
+        if self.run_as is not None:
+            return self.command()
+        return quiet_shell_startup(self.command(), self.dir)
+
     def start(self, wait: bool = True) -> MpsServer:
         identity = {}
         if self.run_as is not None:
@@ -186,7 +254,7 @@ class MpsServer:
                         "extra_groups": []}
         self._log_start = len(self.log())  # a restart must not count the last run's lines
         with open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen(self.command(), env=self.env, cwd=self.dir,
+            self.proc = subprocess.Popen(self._launch_command(), env=self.env, cwd=self.dir,
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          start_new_session=True, **identity)
         if wait:

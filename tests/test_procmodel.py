@@ -251,10 +251,10 @@ import socket, struct, sys
 sock = socket.socket(socket.AF_UNIX)
 sock.connect(sys.argv[1])
 body = b'{"op":"claim","id":0}'
-sock.sendall(struct.pack(">I", len(body)) + body)
 try:
+    sock.sendall(struct.pack(">I", len(body)) + body)
     print(repr(sock.recv(65536)))
-except ConnectionResetError:  # closed before reading the claim: also "nothing said"
+except (BrokenPipeError, ConnectionResetError):  # closed before the claim: "nothing said"
     print(repr(b""))
 """
 

@@ -4,6 +4,7 @@ driven by server_util.TestClient (the real handshake and transport, no terminal)
 from __future__ import annotations
 
 import os
+import pathlib
 import pwd
 import random
 import re
@@ -18,7 +19,8 @@ import moshpit_transport
 from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, SESSION_LIMIT,
                                USER_SESSION_LIMIT, AuthRefused, HandshakeError)
 from proc_util import pid_alive, proc_usage, wait_for
-from server_util import MpsServer, TestClient, make_key, run_mps, write_authorized_keys
+from server_util import (SHELL_STARTUP_FILES, MpsServer, TestClient, make_key,
+                         private_mount_tools, run_mps, write_authorized_keys)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -66,6 +68,30 @@ def test_login_shell_and_environment(server):
         pid = shell_pid(client)
         assert client.run("ps -o sid= -p $$").strip() == str(pid)
         assert client.run("ps -o tty= -p $$").strip().startswith("pts/")
+
+
+
+def test_sessions_read_a_quiet_rc_and_nothing_else_changes(server):
+    """The test servers keep the developer's own dotfiles out of their sessions
+    (server_util.quiet_shell_startup): the session sees the quiet file at the real paths,
+    its history goes to the server's directory, and outside the server the files are what
+    they were."""
+    home = pwd.getpwuid(os.geteuid()).pw_dir
+    startup = [os.path.join(home, name) for name in SHELL_STARTUP_FILES
+               if os.path.isfile(os.path.join(home, name))]
+    if not startup or private_mount_tools() is None:
+        pytest.skip("no start-up files to hide, or no private mounts here (not root, no "
+                    "unshare): the sessions read the real files")
+    before = {path: pathlib.Path(path).read_bytes() for path in startup}
+    with open(os.path.join(server.dir, "quiet_shell_startup")) as f:
+        quiet = f.read()
+    with TestClient.for_server(server).connect() as client:
+        shell = os.path.basename(pwd.getpwuid(os.geteuid()).pw_shell)
+        assert client.run("echo $0 $HOME") == f"-{shell} {home}"  # the real login shell
+        for path in startup:
+            assert client.run(f"cat {path}") == quiet.strip()
+        assert client.run("echo $HISTFILE") == os.path.join(server.dir, "shell_history")
+    assert {path: pathlib.Path(path).read_bytes() for path in startup} == before
 
 
 def test_commands_and_exit_status(client):
