@@ -368,8 +368,13 @@ class CarrierLink(UdpLink):
         return True
 
     def flush(self, now: float) -> None:
+        udp = []
         for datagram, addr in self.conn.datagrams_to_send(now):
-            self.send_to(datagram, addr)
+            if isinstance(addr, TcpPath):
+                self.send_to(datagram, addr)
+            else:
+                udp.append((datagram, addr))
+        self.send_datagrams(udp)  # in runs (UDP GSO) where Linux offers it
         if self.carrier is not None and self.carrier.wants_write():
             self.carrier_writable()
 

@@ -32,7 +32,7 @@ Wire format (all integers big-endian)::
     PATH_RESPONSE  (5) = data:8   ... to the address the challenge came from, echoing data
     PADDING (6) = zeros   fills the client's first pings under new keys to a full datagram
 
-Timers, acks and losses, in short: the receiver acks every 4th ack-eliciting packet or within
+Timers, acks and losses, in short: the receiver acks every 10th ack-eliciting packet or within
 10 ms, and at once when data arrives out of order, twice, or on an urgent stream, or for a
 ping.  Every ACK names the largest packet number received and how long the ack was held, so
 each ack yields a clean RTT sample (Jacobson/Karels; no retransmission ambiguity).  A sender
@@ -40,11 +40,18 @@ declares a packet's data lost when a packet sent 3 later, or 9/8 RTT later, was 
 that data is still in a reported gap, and resends it at once.  Data unacked past the RTO
 (clamped to 50 ms..1 s, doubled per repeated timeout up to 2 s) is resent too: on a first
 timeout only what expired, on a repeat (an outage) everything, two packets at a time.
-A congestion window (slow start, x0.7 per loss round, >= 16 packets) sets a pacing rate,
-so bursts leave spread out; on a lossy path, small packets (keystrokes, echoes) are sent
-twice so that a round trip usually needs no retransmission.  While the server is silent,
-the client probes with pings every 20 ms (every 250 ms after 10 s), so a session recovers
-within one probe interval of an outage ending, whatever the backed-off timers say.
+Congestion control (CongestionControl, one per Connection, shared by every stream) models
+the path as BBR does: the bottleneck rate from delivery-rate samples and the round trip from
+the smallest RTT; it paces at that rate and keeps about two round trips' worth in flight, so
+the bottleneck queue stays a fraction of an RTT (a Ctrl-C's prompt does not wait behind it).
+Random loss is not congestion; a queue that stays while we drain is another flow's (TCP),
+and then losses count and the window follows the RTT, to take a fair share.  Urgent streams
+go first and skip the window and the pacer, then stream 0, then the others.  On a lossy
+path, small packets (keystrokes, echoes) are sent twice so that a round trip usually needs
+no retransmission.  Packet numbers stop at PACKET_NUMBER_LIMIT (silence until a re-key).
+While the server is silent, the client probes with pings every 20 ms (every 250 ms after
+10 s), so a session recovers within one probe interval of an outage ending, whatever the
+backed-off timers say.
 
 Roaming and path validation (as QUIC does): replies go to the peer's validated address.  An
 authentic, fresh packet from another address does not move them at once (anyone on the path
@@ -73,6 +80,7 @@ import logging
 import secrets
 import socket
 import struct
+import sys
 from collections import deque
 from typing import NamedTuple, Optional, Tuple
 
@@ -222,12 +230,13 @@ def decode_frames(plaintext: bytes):
 FIRST_STREAM = 0  # exists on every Connection; others come from open_stream()
 MAX_STREAM_ID = 255  # a DATA frame names its stream in one byte
 
-SEND_WINDOW = 256 * 1024  # per stream (default): unacked + queued bytes before writable() is False
+SEND_WINDOW = 1024 * 1024  # per stream (default): unacked + queued bytes before writable() is False
 MAX_REORDER_SEGMENTS = 1024  # out-of-order pieces a receiver buffers per stream
 MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum. offset)
 MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
 
-ACK_EVERY = 4  # ack-eliciting packets received before an ACK goes out at once
+ACK_EVERY = 10  # ack-eliciting packets received before an ACK goes out at once (fewer acks:
+# less CPU at both ends in bulk; loss is still reported at once, as a gap)
 ACK_DELAY_SECS = 0.010  # otherwise an ACK leaves at most this late
 KEEPALIVE_SECS = 3.0  # the client pings after this long without sending anything ack-eliciting
 # Outage probing: once a packet the client sent has gone unanswered for longer than an RTO,
@@ -241,13 +250,39 @@ TIME_THRESHOLD = 9 / 8  # ... or one sent this many RTTs later
 INITIAL_RTT_SECS = 0.1
 MIN_RTO_SECS, MAX_RTO_SECS, MAX_BACKOFF_RTO_SECS = 0.05, 1.0, 2.0
 MSS = MAX_STREAM_CHUNK
-INITIAL_CWND, MIN_CWND, MAX_CWND = 32 * MSS, 16 * MSS, 1024 * 1024
-TIMEOUT_CWND = 2 * MSS  # after repeated timeouts (an outage): probe gently, then slow start
-LOSS_BETA = 0.7
+INITIAL_CWND, MIN_CWND, MAX_CWND = 32 * MSS, 4 * MSS, 4 * 1024 * 1024
+TIMEOUT_CWND = 2 * MSS  # after repeated timeouts (an outage): probe gently
+# Congestion control (CongestionControl, BBR-style: see its docstring for the why)
+STARTUP_GAIN = 2.885  # 2/ln 2: doubles the delivery rate each round trip in STARTUP
+FULL_BW_GROWTH, FULL_BW_ROUNDS = 1.25, 3  # STARTUP ends after 3 rounds without 25% more
+PROBE_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # pacing gain per phase of PROBE_BW
+CRUISE_PHASE = 2  # where PROBE_BW starts: after DRAIN there is nothing to drain
+DRAIN_GAIN = 0.75  # a cruise phase's gain while the RTT still shows a queue
+CWND_GAIN = 2.0  # in flight: this many path round trips' worth (acks come in lumps)
+BW_WINDOW_ROUNDS = 10  # the rate estimate is the largest sample of this many round trips
+MIN_RTT_WINDOW_SECS = 3.0  # the path's RTT is the smallest sample of this long (a path
+# that got slower, or a queue that never empties, becomes the new normal after that)
+RTT_FLOOR_SECS = 1e-4  # no path is faster (a zero-delay fake clock would divide by zero)
+PATH_CHANGE_FACTOR = 2.0  # a new min_rtt this many times the old: the path changed
+QUEUE_TOLERANCE, QUEUE_SLACK_SECS = 0.25, 0.002  # RTT above min x 1.25 + 2 ms = a queue
+COMPETE_ROUNDS = 6  # a queue that outlives this many rounds of draining is not ours
+COMPETE_DRAIN_GAIN = 0.5  # while competing, the drain phase: empties a queue of our own
+LOSS_BETA = 0.7  # rate kept after a loss round, while competing
+MAX_LOSS_CREDIT = 0.5  # random loss the rate estimate makes up for (50%: twice the rate)
+# Bytes a stream may hold queued (unsent) before writable() is False: this long at the pacing
+# rate, at least SEND_QUEUE_MIN. Output waiting here would delay the prompt after a Ctrl-C
+# as much as a network queue would.
+SEND_QUEUE_SECS, SEND_QUEUE_MIN = 0.02, 16 * 1024
 PACING_BURST = 10 * MAX_DATAGRAM  # what may leave back to back ...
-PACING_QUANTUM_SECS = 0.001  # ... or this much time's worth at the pacing rate, if more
+PACING_QUANTUM_SECS = 0.005  # ... or this much time's worth at the pacing rate, if more (a
+# busy host wakes the sender late: a smaller bucket would cap the rate below the pacing rate)
 MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to read too
 SENT_RING = 4096  # send times remembered, by packet number, for RTT samples
+# Packet numbers are nonces: one must never repeat under a key. A Connection never seals one
+# at or past PACKET_NUMBER_LIMIT (2^62, a quarter of the u64 space: years at any rate): it
+# falls silent and stops counting what it hears as contact, so the session's silence rule
+# starts a resume handshake, whose fresh keys restart the numbers at 0.
+PACKET_NUMBER_LIMIT = 1 << 62
 SMALL_PACKET = 256  # stream data this small is sent twice when the path is lossy ...
 LOSSY = 0.05  # ... i.e. when this fraction of our packets were found lost recently
 AMPLIFICATION_FACTOR = 3  # bytes sent to an unvalidated address per byte received from it
@@ -299,41 +334,215 @@ class RttEstimator:
         return min(max(rto, MIN_RTO_SECS), MAX_RTO_SECS)
 
 
-class CongestionWindow:
-    """How many bytes may be in flight, and the pacing rate that spreads them over an RTT.
+class WindowedMax:
+    """The largest value seen over the last ``span`` units of a clock (rounds, seconds), in
+    O(1) per update (a deque of candidates, each larger than every later one).  Old entries
+    leave only when a new value arrives: a filter nobody feeds keeps its answer."""
 
-    Slow start doubles the window per RTT; a loss round multiplies it by LOSS_BETA (once
-    per round: only losses of packets sent after the last cut count), but not below 16
-    packets: random loss on Wi-Fi or LTE is not congestion.  Repeated retransmission
-    timeouts (an outage) drop it to two packets, to probe gently, then slow start again.
+    def __init__(self, span: float, sign: float = 1.0) -> None:
+        self._span = span
+        self._sign = sign  # -1: the smallest value instead
+        self._items: deque = deque()  # (clock, signed value), signed values decreasing
+
+    def update(self, clock: float, value: float) -> None:
+        signed, items = self._sign * value, self._items
+        while items and items[-1][1] <= signed:
+            items.pop()
+        items.append((clock, signed))
+        while items[0][0] < clock - self._span:
+            items.popleft()
+
+    def get(self, default: float) -> float:
+        return self._sign * self._items[0][1] if self._items else default
+
+    def reset(self, clock: float, value: float) -> None:
+        self._items.clear()
+        self.update(clock, value)
+
+
+class CongestionControl:
+    """How much may be in flight and how fast to send it: a model of the path, BBR-style.
+
+    Two numbers describe a path: its bottleneck rate (``bw``, the largest delivery rate seen
+    over the last BW_WINDOW_ROUNDS round trips) and its round trip with empty queues
+    (``min_rtt``, the smallest over MIN_RTT_WINDOW_SECS).  Their product is what the path
+    holds without queueing.  We pace at ``bw`` times a gain that cycles through 1.25 (probe
+    for more), 0.75 (drain what the probe queued) and 1 (cruise; 0.75 while the RTT still
+    shows a queue), and cap what is in flight at CWND_GAIN times the product plus what the
+    peer's delayed acks hold back, so the bottleneck queue stays a fraction of a round trip
+    and a Ctrl-C's prompt does not wait behind it.  STARTUP grows the rate 2.89x per round
+    until it stops growing, DRAIN empties what that queued, then PROBE_BW cycles.
+
+    Loss alone is not congestion (Wi-Fi, LTE): a loss while the RTT shows no queue changes
+    nothing, and the delivery rate is scaled up by the path's loss rate (up to
+    MAX_LOSS_CREDIT), so 50% random loss still fills the link.  But a loss-based flow (TCP)
+    on the same bottleneck keeps any queue full, and a delay-based sender alone would yield
+    to it until it starved.  So when the queue has stayed for COMPETE_ROUNDS round trips
+    while we drained (a queue of ours would have emptied), it is someone else's:
+    ``competing`` then sizes the window and the gain cycle by the current RTT (queue
+    included) and treats a loss round as congestion (rate x LOSS_BETA), as TCP does, until
+    an RTT near ``min_rtt`` shows the queue empty again.  Sans-IO: the Connection reports
+    sends, acks and losses with the time.
     """
 
-    def __init__(self) -> None:
-        self.cwnd = float(INITIAL_CWND)
-        self.ssthresh = float("inf")
-        self._recovery_start = float("-inf")
+    STARTUP, DRAIN, PROBE_BW = "startup", "drain", "probe_bw"
+    RING = 4096  # sent packets remembered, by packet number (like Connection._sent_at)
 
-    def on_acked(self, nbytes: int) -> None:
-        if self.cwnd < self.ssthresh:
-            self.cwnd += nbytes
-        else:
-            self.cwnd += MSS * nbytes / self.cwnd
-        self.cwnd = min(self.cwnd, MAX_CWND)
+    def __init__(self, now: float) -> None:
+        self.mode = self.STARTUP
+        self.competing = False
+        self.delivered = 0  # bytes the peer has, by its acks: drives rate samples and rounds
+        self.round = 0
+        self.cwnd = float(INITIAL_CWND)
+        self.pacing_rate = STARTUP_GAIN * INITIAL_CWND / INITIAL_RTT_SECS
+        self._next_round_delivered = 0
+        self._bw = WindowedMax(BW_WINDOW_ROUNDS)
+        self._rtt = WindowedMax(MIN_RTT_WINDOW_SECS, sign=-1.0)
+        self._srtt = INITIAL_RTT_SECS
+        self._queue_seen = False  # the latest RTT sample showed a queue
+        self._full_bw, self._full_bw_rounds = 0.0, 0
+        self._cycle, self._cycle_start = 0, now
+        self._low_queue_round = 0  # the last round with an RTT sample near min_rtt
+        self._recovery_start = float("-inf")  # losses of packets sent before it are old news
+        self._timed_out = False
+        self._delivered_at = now  # when ``delivered`` last grew (or the flight restarted)
+        self._acked_sent_at = now  # when the newest acknowledged packet was sent
+        self._sent_delivered = [0] * self.RING
+        self._sent_delivered_at = [now] * self.RING
+        self._sent_at = [now] * self.RING
+        self._sent_after = [now] * self.RING  # _acked_sent_at as it was at the send
+        self._sent_app_limited = [False] * self.RING
+
+    @property
+    def bw(self) -> float:
+        """Bottleneck rate estimate, bytes per second (0: no sample yet)."""
+        return self._bw.get(0.0)
+
+    @property
+    def min_rtt(self) -> float:
+        return self._rtt.get(INITIAL_RTT_SECS)
+
+    def on_send(self, pn: int, now: float, inflight: int, app_limited: bool) -> None:
+        """Packet ``pn`` leaves with ``inflight`` bytes already out; ``app_limited``: the
+        sender has nothing more to send (a rate measured over it says what the application
+        offered, not what the path can do)."""
+        if not inflight:  # a new flight: its rate is measured from here
+            self._delivered_at = self._acked_sent_at = now
+        slot = pn % self.RING
+        self._sent_at[slot], self._sent_after[slot] = now, self._acked_sent_at
+        self._sent_delivered[slot] = self.delivered
+        self._sent_delivered_at[slot] = self._delivered_at
+        self._sent_app_limited[slot] = app_limited
+
+    def on_ack(self, now: float, delivered: int, pn: Optional[int], rtt: float, srtt: float,
+               inflight: int, loss_rate: float) -> None:
+        """An ACK: ``delivered`` more bytes reached the peer; ``pn`` is the newest packet
+        acknowledged if that is news (``rtt``: its round trip without the peer's ack
+        delay), else None.  ``inflight``: bytes still unacknowledged."""
+        if delivered:
+            self.delivered += delivered
+            self._delivered_at = now
+        self._srtt = srtt
+        if pn is not None:
+            self._timed_out = False
+            old_min = self.min_rtt
+            self._rtt.update(now, rtt)
+            if self.min_rtt > PATH_CHANGE_FACTOR * old_min and self.mode != self.STARTUP:
+                # The path itself got slower (a new route; the old minimum expired): what
+                # we know of its rate is a guess now, so probe for it quickly again.
+                self.mode, self._full_bw, self._full_bw_rounds = self.STARTUP, 0.0, 0
+                self.competing, self._low_queue_round = False, self.round
+            self._queue_seen = rtt > self.min_rtt * (1 + QUEUE_TOLERANCE) + QUEUE_SLACK_SECS
+            self._on_rate_sample(pn, now, loss_rate)
+        self._update_mode(now, inflight)
+
+    def _on_rate_sample(self, pn: int, now: float, loss_rate: float) -> None:
+        """Bytes delivered between the delivery that preceded ``pn``'s send and its ack,
+        over that time or over the time they took to send, whichever is longer, and never
+        over less than a round trip (acks arriving in a clump, or sends in a burst, must
+        not inflate the rate)."""
+        slot = pn % self.RING
+        sent_delivered, app_limited = self._sent_delivered[slot], self._sent_app_limited[slot]
+        interval = max(now - self._sent_delivered_at[slot],
+                       self._sent_at[slot] - self._sent_after[slot])
+        self._acked_sent_at = self._sent_at[slot]
+        new_round = sent_delivered >= self._next_round_delivered
+        if new_round:  # everything delivered when pn left has been acked: a round trip
+            self._next_round_delivered = self.delivered
+            self.round += 1
+        if not self._queue_seen:
+            self._low_queue_round = self.round
+        if interval > 0 and interval >= self.min_rtt:  # shorter: acks compressed, no rate
+            rate = (self.delivered - sent_delivered) / interval
+            if not self._queue_seen:  # random loss, not a queue overflowing: the path
+                rate /= 1.0 - min(loss_rate, MAX_LOSS_CREDIT)  # carried the lost bytes too
+            if not app_limited or rate > self.bw:
+                self._bw.update(self.round, rate)
+        if new_round and not app_limited and self.mode == self.STARTUP:
+            self._check_full_bw()
 
     def on_loss(self, sent_at: float, now: float) -> None:
-        if sent_at > self._recovery_start:
+        """Data sent at ``sent_at`` was lost: congestion only while competing (see class)."""
+        if self.competing and sent_at > self._recovery_start:
             self._recovery_start = now
-            self.cwnd = self.ssthresh = max(MIN_CWND, self.cwnd * LOSS_BETA)
+            self._bw.reset(self.round, self.bw * LOSS_BETA)
+            self._set_rates()
 
     def on_timeout(self, now: float) -> None:
+        """Repeated retransmission timeouts (an outage): probe with TIMEOUT_CWND until an
+        ack shows the path is back; the model of the path is kept for then."""
         self._recovery_start = now
-        self.ssthresh = max(MIN_CWND, self.cwnd * LOSS_BETA)
-        self.cwnd = TIMEOUT_CWND
+        self._timed_out = True
+        self.cwnd = float(TIMEOUT_CWND)
 
-    def pacing_rate(self, srtt: float) -> float:
-        """Bytes per second: twice the window per RTT in slow start, 1.25 times after."""
-        gain = 2.0 if self.cwnd < self.ssthresh else 1.25
-        return gain * self.cwnd / max(srtt, 1e-4)
+    def _check_full_bw(self) -> None:
+        """STARTUP ends after FULL_BW_ROUNDS rounds without FULL_BW_GROWTH more rate."""
+        if self.bw >= self._full_bw * FULL_BW_GROWTH:
+            self._full_bw, self._full_bw_rounds = self.bw, 0
+            return
+        self._full_bw_rounds += 1
+        if self._full_bw_rounds >= FULL_BW_ROUNDS:
+            self.mode = self.DRAIN
+
+    def _update_mode(self, now: float, inflight: int) -> None:
+        if self.mode != self.STARTUP:
+            # A queue that outlives our draining is someone else's.
+            self.competing = self._queue_outlived_draining()
+        drained = inflight <= self.bw * self.min_rtt or self._queue_outlived_draining()
+        if self.mode == self.DRAIN and (self.competing or drained):
+            self.mode, self._cycle, self._cycle_start = self.PROBE_BW, CRUISE_PHASE, now
+        if self.mode == self.PROBE_BW and now - self._cycle_start >= self._base_rtt():
+            self._cycle = (self._cycle + 1) % len(PROBE_GAINS)
+            self._cycle_start = now
+        self._set_rates()
+
+    def _queue_outlived_draining(self) -> bool:
+        """No RTT near min_rtt for COMPETE_ROUNDS rounds (we drain while a queue shows)."""
+        return self.round - self._low_queue_round >= COMPETE_ROUNDS
+
+    def _base_rtt(self) -> float:
+        """The round trip the window and the gain cycle are sized by."""
+        return max(self._srtt, self.min_rtt) if self.competing else self.min_rtt
+
+    def _set_rates(self) -> None:
+        if self.mode == self.STARTUP:
+            gain = cwnd_gain = STARTUP_GAIN
+        elif self.mode == self.DRAIN:
+            gain, cwnd_gain = 1 / STARTUP_GAIN, STARTUP_GAIN
+        else:
+            gain, cwnd_gain = PROBE_GAINS[self._cycle], CWND_GAIN
+            if gain < 1.0 and self.competing:
+                gain = COMPETE_DRAIN_GAIN  # a queue of our own would empty: then we stop
+            if gain == 1.0 and self._queue_seen and not self._queue_outlived_draining():
+                gain = DRAIN_GAIN  # a queue of ours outlived its probe: drain it (a queue
+                # that outlives this too is not ours: draining on would only starve us)
+        rtt, bw = max(self._base_rtt(), RTT_FLOOR_SECS), self.bw
+        # Floors: STARTUP never goes below its first guess (its early samples are a prompt's
+        # few bytes), and no rate is so low that a keystroke's echo waits for the pacer.
+        floor = INITIAL_CWND if self.mode == self.STARTUP else MIN_CWND
+        self.pacing_rate = max(gain * bw, gain * floor / rtt)
+        cwnd = max(cwnd_gain * bw * rtt + bw * ACK_DELAY_SECS, floor)
+        self.cwnd = float(TIMEOUT_CWND) if self._timed_out else min(cwnd, MAX_CWND)
 
 
 class Pacer:
@@ -395,6 +604,7 @@ class SendStream:
         self._retx: list = []
         self._flight: deque = deque()
         self._received: list = []  # flat [s0, e0, s1, e1, ...] received above base (last ACK)
+        self.peer_has = 0  # bytes the peer reported received, gaps excluded (rate samples)
 
     @property
     def end(self) -> int:
@@ -406,13 +616,20 @@ class SendStream:
     def unacked(self) -> int:
         return len(self._buf)
 
-    def has_room(self, cwnd: float) -> bool:
-        """Whether the congestion window (bytes, and records) allows another packet."""
-        return self.in_flight < cwnd and len(self._flight) < MAX_FLIGHT_RECORDS
+    def has_room(self) -> bool:
+        """Whether another flight record may be made (the Connection checks the bytes)."""
+        return len(self._flight) < MAX_FLIGHT_RECORDS
+
+    def unsent(self) -> int:
+        """Bytes written but never sent (retransmissions not counted: they are few)."""
+        return self.end - self.next_new
 
     def has_pending(self) -> bool:
         """Anything to retransmit, or new data within the window."""
-        return bool(self._retx) or self.next_new < min(self.end, self.base + self.window)
+        if self._retx:
+            return True
+        next_new, base = self.next_new, self.base
+        return next_new < base + len(self._buf) and next_new < base + self.window
 
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
@@ -445,8 +662,9 @@ class SendStream:
         return start, bytes(self._buf[start - self.base:stop - self.base])
 
     def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float
-               ) -> Optional[Tuple[int, int, int, float]]:
-        """Apply an ACK: (bytes newly acked, records resolved, of which lost, newest lost's time).
+               ) -> Optional[Tuple[int, int, int, float, int]]:
+        """Apply an ACK: (bytes newly acked, records resolved, of which lost, newest lost's
+        time, bytes newly reported received).
 
         ``gaps`` are the [start, end) ranges below ``high`` the peer still misses.  Records
         sent PACKET_THRESHOLD packets before ``largest_acked``, or before ``lost_before``,
@@ -462,13 +680,17 @@ class SendStream:
             self.base = cum
             self.next_new = max(self.next_new, cum)
         received = self._received = []
-        cur = cum
+        cur, missing = cum, 0
         for start, stop in gaps:
             if start > cur:
                 received += (cur, start)
             cur = stop
+            missing += stop - start
         if high > cur:
             received += (cur, high)
+        has = high - missing
+        delivered = max(0, has - self.peer_has)
+        self.peer_has = max(has, self.peer_has)
         resolved, lost, lost_sent = 0, 0, 0.0
         pn_cutoff = largest_acked - PACKET_THRESHOLD
         flight = self._flight
@@ -483,7 +705,7 @@ class SendStream:
             flight.popleft()
             self.in_flight -= stop - start
             resolved += 1
-        return acked, resolved, lost, lost_sent
+        return acked, resolved, lost, lost_sent, delivered
 
     def on_timeout(self, now: float, rto: float) -> Tuple[int, float]:
         """The retransmission timer fired: records sent ``rto`` or more before ``now`` are lost
@@ -530,7 +752,7 @@ class SendStream:
         """After a re-key: forget the flight and resend everything from ``offset``."""
         offset = min(max(offset, self.base), self.end)
         del self._buf[:offset - self.base]
-        self.base = self.next_new = offset
+        self.base = self.next_new = self.peer_has = offset
         self._retx, self._received, self.in_flight = [], [], 0
         self._flight.clear()
 
@@ -843,10 +1065,13 @@ class Connection:
         return not any(stream.unacked() for stream in self._send_order)
 
     def writable(self, stream_id: int = FIRST_STREAM) -> bool:
-        """Room in the stream's send window: its writer reads its source only while True
-        (the server's PTY for stream 0: back-pressure)."""
+        """Room in the stream's send window, and little waiting to be sent (what the pacing
+        rate sends in SEND_QUEUE_SECS): its writer reads its source only while True (the
+        server's PTY for stream 0: back-pressure). What waits here would delay the answer
+        to a Ctrl-C as a network queue does."""
         stream = self._out[stream_id]
-        return stream.unacked() < stream.window
+        return (stream.unacked() < stream.window
+                and stream.unsent() < max(SEND_QUEUE_MIN, self._cc.pacing_rate * SEND_QUEUE_SECS))
 
     def next_event(self) -> object:
         """The oldest pending event (DataReceived, PeerAddressChanged), or None."""
@@ -928,7 +1153,7 @@ class Connection:
             self._rtt = RttEstimator()
             if rtt_sample is not None:
                 self._rtt.sample(rtt_sample, 0.0)
-            self._cc = CongestionWindow()
+            self._cc = CongestionControl(now)
         # What went to the old address meanwhile is lost if the peer left it (the usual
         # reason to move): resend it all now instead of waiting out the RTO. It is not
         # congestion; a copy that did arrive is only a duplicate to the receiver.
@@ -946,11 +1171,12 @@ class Connection:
         self._tx = PacketCipher(send_key, keys.cipher, direction, keys.conn_id)
         self._rx = PacketCipher(recv_key, keys.cipher, 1 - direction, keys.conn_id)
         self._next_pn = 0
+        self._exhaustion_logged = False
         self._sent_at = [0.0] * SENT_RING
         self._largest_acked = -1
         self._acks = AckClock(now)
         self._rtt = RttEstimator()
-        self._cc = CongestionWindow()
+        self._cc = CongestionControl(now)
         self._pacer = Pacer(now)
         self._backoff = 0
         self._last_eliciting_sent = float("-inf")
@@ -968,7 +1194,9 @@ class Connection:
         pn, plaintext = opened
         if now - self.last_heard > self._rto():
             self._backoff = 0  # the peer is back after a silence: no more backed-off waiting
-        self._now = self.last_heard = now
+        self._now = now
+        if not self.keys_exhausted():
+            self.last_heard = now
         self._heard = True
         self._unanswered_since = None
         skipped = self._acks.received(pn, now)
@@ -1067,22 +1295,24 @@ class Connection:
                 return  # not sorted, empty or outside the reported region: malformed
             floor = gap_start + gap_len
             gaps.append((cum + gap_start, cum + floor))
+        newest = None
         if self._largest_acked < largest_pn < self._next_pn:
             self._largest_acked = largest_pn
             self._backoff = 0
             if largest_pn >= self._next_pn - SENT_RING:
+                newest = largest_pn
                 self._rtt.sample(now - self._sent_at[largest_pn % SENT_RING], delay_us / 1e6)
         rtt = self._rtt
         lost_before = now - TIME_THRESHOLD * max(rtt.srtt, rtt.latest)
         result = stream.on_ack(cum, cum + span, gaps, self._largest_acked, lost_before)
         if result is None:
             return
-        acked, resolved, lost, lost_sent = result
-        if acked:
-            self._cc.on_acked(acked)
+        _acked, resolved, lost, lost_sent, delivered = result
+        self._loss.on_tx(resolved, lost)
         if lost:
             self._cc.on_loss(lost_sent, now)
-        self._loss.on_tx(resolved, lost)
+        self._cc.on_ack(now, delivered, newest, rtt.latest, rtt.srtt, self._inflight(),
+                        self._loss.rate)
 
     # -- timers and output -------------------------------------------------------------
 
@@ -1115,11 +1345,35 @@ class Connection:
         if self._rto() < MAX_BACKOFF_RTO_SECS:
             self._backoff += 1
 
+    # These run for every packet: plain loops over the few streams, no generators.
+
+    def _inflight(self) -> int:
+        """Bytes in flight on all streams: one congestion window serves them all."""
+        total = 0
+        for stream in self._send_order:
+            total += stream.in_flight
+        return total
+
     def _data_pending(self) -> bool:
-        cwnd = self._cc.cwnd
-        return any(stream.has_pending() and (stream.stream_id in self._urgent
-                                             or stream.has_room(cwnd))
-                   for stream in self._send_order)
+        room = self._inflight() < self._cc.cwnd
+        urgent = self._urgent
+        for stream in self._send_order:
+            if stream.has_pending() and (room and stream.has_room() or stream.stream_id in urgent):
+                return True
+        return False
+
+    def _urgent_pending(self) -> bool:
+        """An urgent stream has data: it goes now, ahead of the pacer (small and rare; one
+        that carries more, e.g. a command's stderr, is paced beyond PACING_BURST in flight)."""
+        for stream_id in self._urgent:
+            stream = self._out[stream_id]
+            if stream.in_flight < PACING_BURST and stream.has_pending():
+                return True
+        return False
+
+    def _app_limited(self) -> bool:
+        """Nothing more to send on any stream (the window is not what holds us back)."""
+        return not any(map(SendStream.has_pending, self._send_order))
 
     def _next_ping(self) -> float:
         """When the client pings next: every RTO until it first hears the server under these
@@ -1135,21 +1389,28 @@ class Connection:
         probe = OUTAGE_PROBE_SECS if fast else OUTAGE_PROBE_SLOW_SECS
         return max(silent_since + rto, last + probe)
 
+    def keys_exhausted(self) -> bool:
+        """The send key's packet numbers are used up (see PACKET_NUMBER_LIMIT): nothing more
+        is sent until ``rekey``. The limit keeps room for one more flush's path datagrams."""
+        return self._next_pn >= PACKET_NUMBER_LIMIT - PENDING_RESPONSES - 1
+
     def next_timeout(self) -> Optional[float]:
         """Absolute time at which ``datagrams_to_send`` has something to do (None: never)."""
+        if self.keys_exhausted():
+            return None
         if self._responses:
             return self._now
         probe = self._probe
         times = [probe.next_challenge] if probe is not None and self._may_challenge() else []
         if self.peer_addr is None or self._budget_exhausted():
             return max(min(times), self._now) if times else None
-        if self._more or self._acks.urgent:
+        if self._more or self._acks.urgent or self._urgent_pending():
             return self._now
         times += [self._acks.deadline, self._rto_deadline()]
         if self._is_client:
             times.append(self._next_ping())
         if self._data_pending():
-            times.append(self._pacer.next_send_time(self._cc.pacing_rate(self._rtt.srtt)))
+            times.append(self._pacer.next_send_time(self._cc.pacing_rate))
         times = [t for t in times if t is not None]
         return max(min(times), self._now) if times else None
 
@@ -1209,21 +1470,29 @@ class Connection:
         pings, paced stream data."""
         self._now = now
         self._more = False
+        if self.keys_exhausted():
+            if not self._exhaustion_logged:
+                self._exhaustion_logged = True
+                log.warning("%s: packet numbers used up under these keys: silent until a "
+                            "resume handshake re-keys", self.role)
+            return []
         out = self._path_datagrams(now)
         addr = self.peer_addr
         if addr is None:
             return out
         self._check_rto(now)
-        rate = self._cc.pacing_rate(self._rtt.srtt)
+        rate = self._cc.pacing_rate
         pacer = self._pacer
         pacer.refill(now, rate)
         while True:
             if len(out) >= MAX_BATCH:
                 self._more = True
                 break
+            if self.keys_exhausted():
+                break
             if self._budget_exhausted():
                 break
-            with_data = pacer.ready() and self._data_pending()
+            with_data = self._urgent_pending() or (pacer.ready() and self._data_pending())
             ping = self._is_client and now >= self._next_ping()
             if not (with_data or ping or self._acks.due(now)):
                 break
@@ -1237,6 +1506,11 @@ class Connection:
                 pacer.spend(len(datagram))
                 out += [(datagram, dest)
                         for dest in self._destinations(len(datagram), data_bytes > 0)]
+            if data_bytes:
+                first_pn, app_limited = self._next_pn - copies, self._app_limited()
+                inflight = self._inflight() - data_bytes
+                for pn in range(first_pn, self._next_pn):
+                    self._cc.on_send(pn, now, inflight, app_limited)
             if data_bytes or ping:
                 self._last_eliciting_sent = now
                 if self._unanswered_since is None:
@@ -1253,10 +1527,10 @@ class Connection:
         space = MAX_PAYLOAD - sum(len(p) for p in parts)
         data_bytes = 0
         if with_data:
-            pn = self._next_pn
+            pn, cwnd, inflight = self._next_pn, self._cc.cwnd, self._inflight()
             for stream in self._send_order:
                 urgent = stream.stream_id in self._urgent  # small: exempt from the window
-                while space > DATA_OVERHEAD and (urgent or stream.has_room(self._cc.cwnd)):
+                while space > DATA_OVERHEAD and stream.has_room() and (urgent or inflight < cwnd):
                     chunk = stream.take(pn, now, space - DATA_OVERHEAD)
                     if chunk is None:
                         break
@@ -1265,6 +1539,7 @@ class Connection:
                     parts.append(data)
                     space -= DATA_OVERHEAD + len(data)
                     data_bytes += len(data)
+                    inflight += len(data)
         if ping and not self._heard and space >= FRAME.size:
             # A full datagram lets the server send 3 back to an address it has not validated.
             parts.append(encode_frame(FRAME_PADDING, bytes(space - FRAME.size)))
@@ -1304,21 +1579,67 @@ def udp_socket(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
+# Linux UDP segmentation offloads (values from linux/udp.h; Python names them from 3.12 on
+# at best): UDP_SEGMENT sends a run of equal-sized datagrams (the last may be shorter) in one
+# sendmsg, UDP_GRO receives several back in one buffer with their size in a cmsg.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+UDP_GRO = getattr(socket, "UDP_GRO", 104)
+GSO_MAX_BYTES = 65000  # a UDP payload, however many segments it is cut into
+GRO_BUFFER = 65536
+SEGMENT_SIZE = struct.Struct("=H")  # the UDP_SEGMENT cmsg (a C u16)
+GRO_SIZE = struct.Struct("=i")  # the UDP_GRO cmsg (a C int)
+GRO_CMSG_SPACE = socket.CMSG_SPACE(GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 0
+# What a kernel without the offload says; the link then sends one datagram per call.
+GSO_UNSUPPORTED = frozenset(getattr(errno, name) for name in (
+    "EIO", "EINVAL", "ENOPROTOOPT", "EOPNOTSUPP", "ENOTSUP") if hasattr(errno, name))
+
+
+def gso_runs(datagrams: list) -> list:
+    """``(addr, segment size, [datagrams])`` runs that one UDP_SEGMENT send can carry: in
+    order, same address, all of the first one's size but the last (which may be shorter),
+    at most GSO_MAX_BYTES."""
+    runs: list = []
+    last = None
+    for datagram, addr in datagrams:
+        size = len(datagram)
+        if (last is not None and addr == last[0] and size <= last[1]
+                and last[3] + size <= GSO_MAX_BYTES and len(last[2][-1]) == last[1]):
+            last[2].append(datagram)
+            last[3] += size
+        else:
+            last = [addr, size, [datagram], size]
+            runs.append(last)
+    return [(addr, size, group) for addr, size, group, _total in runs]
+
+
 class UdpLink:
     """A non-blocking UDP socket driving one Connection, for the caller's select loop.
 
     ``select([link, ...], [], [], link.timeout(now))``, then ``handle_readable(now)`` if it
     was readable, then ``flush(now)``.  Socket errors never escape: a vanished network
-    looks like packet loss, which the Connection handles.
+    looks like packet loss, which the Connection handles.  Where Linux offers them, runs of
+    datagrams leave in one system call (UDP GSO) and arrive in one (UDP GRO): a bulk
+    transfer makes a few dozen calls where it made a thousand; elsewhere, or if the kernel
+    refuses, one datagram per call.
     """
 
     SOCKET_BUFFER = 4 * 1024 * 1024
     RECV_BATCH = 256  # datagrams per handle_readable(), so a flood cannot starve the loop
 
     def __init__(self, conn: Connection, sock: socket.socket) -> None:
-        sock.setblocking(False)
         self.conn = conn
+        self._use(sock)
+
+    def _use(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self.sock = sock
+        self.gso = sys.platform.startswith("linux")
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        except OSError:
+            self.gro = False
 
     @classmethod
     def bind(cls, conn: Connection, host: str = "0.0.0.0", port: int = 0) -> UdpLink:
@@ -1332,11 +1653,12 @@ class UdpLink:
         return self.sock.fileno()
 
     def handle_readable(self, now: float) -> None:
-        """Feed every waiting datagram (up to RECV_BATCH) to the Connection."""
-        recvfrom, receive = self.sock.recvfrom, self.conn.receive_datagram
+        """Feed every waiting datagram (up to RECV_BATCH reads) to the Connection."""
+        receive = self.conn.receive_datagram
+        read = self._read_coalesced if self.gro else self._read_one
         for _ in range(self.RECV_BATCH):
             try:
-                data, addr = recvfrom(2048)  # larger than any valid datagram: those fail open
+                data, segment, addr = read()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
@@ -1344,12 +1666,53 @@ class UdpLink:
                     log.debug("udp receive failed: %s", err)
                     return
                 continue  # e.g. ICMP "port unreachable" reported on this socket
-            receive(data, addr, now)
+            if segment >= len(data):
+                receive(data, addr, now)
+                continue
+            view = memoryview(data)
+            for start in range(0, len(data), segment):
+                receive(bytes(view[start:start + segment]), addr, now)
+
+    def _read_one(self) -> tuple:
+        data, addr = self.sock.recvfrom(2048)  # larger than any valid datagram: those fail open
+        return data, len(data), addr
+
+    def _read_coalesced(self) -> tuple:
+        """(bytes, size of each datagram in them, sender): GRO joins a sender's datagrams."""
+        data, ancillary, _flags, addr = self.sock.recvmsg(GRO_BUFFER, GRO_CMSG_SPACE)
+        segment = len(data)
+        for level, kind, value in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO and len(value) >= GRO_SIZE.size:
+                segment = max(1, GRO_SIZE.unpack_from(value)[0])
+        return data, segment, addr
 
     def flush(self, now: float) -> None:
         """Send whatever the Connection has due."""
+        self.send_datagrams(self.conn.datagrams_to_send(now))
+
+    def send_datagrams(self, datagrams: list) -> None:
+        """Send ``(datagram, addr)`` pairs over UDP: runs in one call each where GSO works."""
+        if not self.gso or len(datagrams) < 2:
+            self._send_each(datagrams)
+            return
+        for addr, size, group in gso_runs(datagrams):
+            if len(group) == 1:
+                self._send_each([(group[0], addr)])
+                continue
+            try:
+                self.sock.sendmsg([b"".join(group)],
+                                  [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(size))], 0, addr)
+            except OSError as err:
+                if err.errno in GSO_UNSUPPORTED:
+                    log.debug("udp segmentation offload refused (%s): one datagram per call", err)
+                    self.gso = False
+                    self._send_each([(datagram, addr) for datagram in group])
+                elif err.errno not in TRANSIENT_ERRNOS:
+                    log.debug("udp send to %s failed: %s", addr, err)
+
+    def _send_each(self, datagrams: list) -> None:
         sendto = self.sock.sendto
-        for datagram, addr in self.conn.datagrams_to_send(now):
+        for datagram, addr in datagrams:
             try:
                 sendto(datagram, addr)
             except OSError as err:
@@ -1373,7 +1736,7 @@ class UdpLink:
             log.debug("cannot open a new UDP socket on %s: %s", host, err)
             return self.local_addr
         self.sock.close()
-        self.sock = new
+        self._use(new)
         return self.local_addr
 
     def close(self) -> None:

@@ -425,6 +425,7 @@ class NoCommand:
 # ---------------------------------------------------------------------------
 
 PTY_READ_SIZE = 16384
+PTY_READS_PER_PASS = 4  # reads of the PTY per loop pass: see _read_pty
 PTY_WRITE_SIZE = 65536  # client input handed to the PTY per write (it takes what fits)
 WAKE_READ_SIZE = 4096  # wake-up pipe bytes drained per read
 ACCEPT_ERROR_PAUSE_SECS = 0.1  # accept() failing (EMFILE): let the backlog wait this long
@@ -900,6 +901,15 @@ class Session:
             self.shell.close_input()
 
     def _read_pty(self, now: float) -> None:
+        """Read what the shell wrote, a few reads per loop pass while the core still wants
+        output: Linux hands a PTY's output over 4 KiB at a time, and one read per pass made
+        the pass (select, timers, flush) the cost of every 4 KiB of a flood."""
+        for _ in range(PTY_READS_PER_PASS):
+            if not self._read_pty_once(now) or not self.core.may_read_pty():
+                return
+
+    def _read_pty_once(self, now: float) -> bool:
+        """One read of the PTY: True if it gave output."""
         data = self.shell.read(PTY_READ_SIZE)
         if data:
             self.core.pty_output(data, now)
@@ -908,8 +918,10 @@ class Session:
                 if len(self._unfed) >= SCREEN_FEED_BYTES:
                     self._feed_screen()
             self.last_activity = time.time()
-        elif data == b"":
+            return True
+        if data == b"":
             self.core.pty_closed(now)
+        return False
 
     def _check_shell(self, now: float) -> None:
         """Reap the shell; the core sends its status after the rest of its output."""

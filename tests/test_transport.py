@@ -156,8 +156,12 @@ class Sim:
             self.step(until=end)
 
     def transferred(self) -> bool:
-        return (len(self.server.received) >= len(self.client.source)
-                and len(self.client.received) >= len(self.server.source))
+        """Every source (stream 0's and the bulk streams') arrived whole."""
+        return all(len(receiver.received) >= len(sender.source)
+                   and all(len(receiver.streams.get(stream_id, b"")) >= len(source)
+                           for stream_id, (source, _done) in sender.bulk.items())
+                   for sender, receiver in ((self.client, self.server),
+                                            (self.server, self.client)))
 
     def assert_intact(self) -> None:
         for sender, receiver in ((self.client, self.server), (self.server, self.client)):
@@ -453,14 +457,24 @@ def test_bursts_are_paced():
     assert max(times) - min(times) > 0.01, "spread out over time"
 
 
-def test_writable_reflects_the_send_window():
+def test_writable_reflects_the_send_queue_and_window():
+    """Little may wait unsent (a Ctrl-C's prompt would queue behind it), and what is unsent
+    plus in flight stays within the stream's window."""
     conn = mt.Connection("server", make_keys(), 0.0)
+    queue = int(max(mt.SEND_QUEUE_MIN, conn._cc.pacing_rate * mt.SEND_QUEUE_SECS)) + 1
     assert conn.writable()
-    conn.send(b"y" * (mt.SEND_WINDOW - 1))
+    conn.send(b"y" * (queue - 1))
     assert conn.writable()
     conn.send(b"y")
-    assert not conn.writable() and conn.unacked_bytes() == mt.SEND_WINDOW
+    assert not conn.writable() and conn.unacked_bytes() == queue
     assert conn.datagrams_to_send(0.0) == [] and conn.next_timeout() is None, "no peer yet"
+    sim = bulk_sim(seed=5, size=4 * MB, delay=0.05)
+    peak = 0
+    while not sim.transferred():
+        sim.step()
+        assert sim.server.conn.unacked_bytes() <= mt.SEND_WINDOW + 16384
+        peak = max(peak, sim.server.conn.unacked_bytes())
+    assert peak > mt.SEND_WINDOW // 2
 
 
 def test_tail_loss_is_recovered_by_the_retransmission_timer():
@@ -658,3 +672,35 @@ def test_keystroke_round_trip_stays_near_one_rtt(loss):
         assert median < 0.06
     else:
         assert median == pytest.approx(0.05) and per_keystroke <= 3.5, "no redundancy needed"
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_used_up_packet_numbers_mean_silence_until_a_rekey(side):
+    """A side whose packet numbers reach the limit never seals one at or past it: it falls
+    silent and stops counting what it hears as contact (so the session's silence rule starts
+    a resume handshake); the re-key restarts the numbers and every byte still arrives."""
+    sim = bulk_sim(seed=61, size=300_000, delay=0.02)
+    sim.run_until(lambda: len(sim.client.received) > 50_000, limit=10)
+    peer = getattr(sim, side)
+    peer.conn._next_pn = mt.PACKET_NUMBER_LIMIT - 40
+    numbers = []
+    send = sim.net.send
+
+    def tap(now, datagram, src, dst):
+        if src == peer.addr:
+            numbers.append(mt.HEADER.unpack_from(datagram)[2])
+        send(now, datagram, src, dst)
+
+    sim.net.send = tap
+    sim.run_for(1.0)
+    assert peer.conn.keys_exhausted() and peer.conn.next_timeout() is None
+    assert mt.PACKET_NUMBER_LIMIT - 40 <= max(numbers) < mt.PACKET_NUMBER_LIMIT
+    heard, sent = peer.conn.last_heard, len(numbers)
+    sim.run_for(2.0)
+    assert len(numbers) == sent, "silent"
+    assert peer.conn.last_heard == heard < sim.now - 2, "what it hears is not contact"
+    assert not sim.transferred()
+    resume(sim, CLIENT_ADDR, make_keys(62))
+    assert not peer.conn.keys_exhausted()
+    finish(sim, limit=sim.now + 30)
+    assert max(numbers[sent:]) < 10_000, "numbering restarted under the new keys"
