@@ -140,6 +140,12 @@ class Channel:
                 data = data[sent:]
             self.sock.sendall(data)
 
+    @property
+    def pending(self) -> bool:
+        """Messages already read from the socket wait here: a select loop must take them
+        with ``receive`` too, for the socket will not signal them again."""
+        return bool(self._ready)
+
     def take_fd(self) -> Optional[int]:
         """The oldest descriptor received and not taken yet (ours to close), or None."""
         return self._fds.pop(0) if self._fds else None

@@ -1084,6 +1084,8 @@ class SessionControl:
             sel.register(self.host.ended_r, selectors.EVENT_READ, "ended")
             sel.register(self.signal_fd, selectors.EVENT_READ, "signal")
             sel.register(self.owner.sock, selectors.EVENT_READ, self.owner)
+            if self.owner.pending:  # read along with "go" (the carrier, say)
+                self._serve(sel, self.owner)
             while True:
                 for key, _ in sel.select():
                     if key.data == "ended":
@@ -1118,13 +1120,19 @@ class SessionControl:
         sel.register(sock, selectors.EVENT_READ, channel)
 
     def _serve(self, sel: selectors.BaseSelector, channel: moshpit_ipc.Channel) -> None:
+        """Answer what ``channel`` says: one read from its socket, then every message that
+        read brought along (the listener sends "go" and "carrier" back to back: one read
+        may hold both, and select signals the socket only once)."""
         try:
-            message = channel.receive()
-            if message is not None:
+            while True:
+                message = channel.receive()
+                if message is None:
+                    break
                 reply = self._answer(channel, message)
                 if reply is not None:
                     channel.send(dict(reply, op="reply", id=message.get("id")))
-                return
+                if not channel.pending:
+                    return
         except (OSError, moshpit_ipc.IpcError, KeyError, TypeError, ValueError) as e:
             log.warning("session %s: control connection dropped: %s", self.session.name, e)
         sel.unregister(channel.sock)

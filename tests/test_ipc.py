@@ -4,6 +4,7 @@ compromised user's, so each malformed or oversized message must be a clean IpcEr
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 
@@ -52,6 +53,37 @@ def test_channel_end_of_stream_and_a_cut_message():
     theirs.close()
     assert ipc.Channel(mine).receive() is None
     mine.close()
+
+
+def test_messages_one_read_brought_along_are_pending_with_their_descriptor():
+    """The listener sends "go" and then "carrier" (with the TCP connection's fd) back to
+    back: one read may take both, and the socket is then not readable again, so a select
+    loop must see ``pending`` and take the second one without waiting."""
+    mine, theirs = socket.socketpair()
+    channel = ipc.Channel(mine, accept_fds=True)
+    sender = ipc.Channel(theirs)
+    carried_r, carried_w = os.pipe()
+    try:
+        sender.send({"op": "go"})
+        sender.send({"op": "carrier"}, [carried_r])
+        os.close(carried_r)
+        assert channel.receive() == {"op": "go"}
+        if channel.pending:  # both came in one read (the usual case on a socketpair)
+            assert not _readable(mine)
+        assert channel.receive() == {"op": "carrier"}
+        assert not channel.pending
+        fd = channel.take_fd()
+        os.write(carried_w, b"k")
+        assert os.read(fd, 1) == b"k"  # the very pipe that was sent
+        os.close(fd)
+    finally:
+        os.close(carried_w)
+        channel.close()
+        sender.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def test_peer_credentials_are_the_kernels():
