@@ -143,7 +143,9 @@ def test_sessions_outlive_a_listener_restart_with_nothing_lost(tmp_path, users):
             wait_for(lambda: idle.pump(0.1) or idle.shutdown_reason, 10, "the takeover notice")
         client.kill(client.grant.session_id)
         wait_for(lambda: not pid_alive(sessions[0]), 10, "the killed session to end")
-        assert re.search(r"its process \d+ has ended", server.log())
+        # logged by the listener's reader thread once it sees the channel close: a moment later
+        wait_for(lambda: re.search(r"its process \d+ has ended", server.log()), 10,
+                 "the listener to log the end")
     finally:
         server.stop()
         for pid in sessions:
