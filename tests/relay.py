@@ -46,10 +46,12 @@ import errno
 import heapq
 import ipaddress
 import itertools
+import os
 import random
 import selectors
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections import deque
@@ -139,9 +141,42 @@ def free_port(host: Union[str, Iterable[str]] = "127.0.0.1", kind: str = "tcp",
     for _ in range(500):
         port = rng.randrange(20000, 32769 - count)
         if all(_port_is_free(h, p, k) for p in range(port, port + count)
-               for h in hosts for k in kinds):
+               for h in hosts for k in kinds) and _reserve_ports(port, count):
             return port
     raise RelayError(f"no free {kind} port found on {hosts}")
+
+
+PORT_RESERVATIONS_DIR = os.path.join(tempfile.gettempdir(), "moshpit-test-ports")
+PORT_RESERVATION_SECS = 120.0
+
+
+def _reserve_ports(first: int, count: int) -> bool:
+    """Claim ``first``..``first+count-1`` for this caller for PORT_RESERVATION_SECS.
+
+    A port found free is only free until its user binds it, a program start later; without a
+    claim two parallel tests (xdist workers, or two engineers' runs) that drew the same
+    number both start a server on it and one dies with "Address already in use". Claims are
+    files created with O_EXCL, so they hold across processes; an old one has long been bound
+    or abandoned and is taken over.
+    """
+    os.makedirs(PORT_RESERVATIONS_DIR, mode=0o1777, exist_ok=True)
+    now = time.time()
+    claimed = []
+    for port in range(first, first + count):
+        path = os.path.join(PORT_RESERVATIONS_DIR, str(port))
+        try:
+            if now - os.stat(path).st_mtime > PORT_RESERVATION_SECS:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            for done in claimed:
+                os.unlink(done)
+            return False
+        claimed.append(path)
+    return True
 
 
 def random_front_alias(exclude: Iterable[str] = ("127.0.0.1",)) -> str:

@@ -41,6 +41,7 @@ import time
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 from proc_util import kill_pid, proc_children, wait_for
+from relay import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -130,24 +131,12 @@ def write_authorized_keys(path: str, *keys: moshpit_keys.PublicKey,
         os.chown(path, owner.pw_uid, owner.pw_gid)
 
 
-def _port_free(port: int, kind: int) -> bool:
-    with socket.socket(socket.AF_INET, kind) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port_range(count: int, kind: int = socket.SOCK_DGRAM) -> tuple:
-    """``count`` consecutive ports free now on 127.0.0.1, below the ephemeral range and at a
-    random place (several test runs share the machine)."""
-    rng = random.SystemRandom()
-    for _ in range(500):
-        lo = rng.randrange(20000, 32768 - count)
-        if all(_port_free(p, kind) for p in range(lo, lo + count)):
-            return lo, lo + count - 1
-    raise RuntimeError(f"no {count} consecutive free ports found")
+    """``count`` consecutive ports on 127.0.0.1, free now and claimed for this test
+    (relay.free_port): (first, last)."""
+    first = free_port("127.0.0.1", "tcp" if kind == socket.SOCK_STREAM else "udp",
+                      count=count)
+    return first, first + count - 1
 
 
 def toml_value(value) -> str:
