@@ -15,9 +15,11 @@ then fill the workers around them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import time
+from typing import Callable, ContextManager, Dict
 
 import pytest
 from proc_util import pids_with_cmdline
@@ -62,3 +64,23 @@ def pytest_collection_modifyitems(items: list) -> None:
 def _no_stale_pyenv_lock():
     _clear_stale_pyenv_lock(_pyenv_shim_lock())
     yield
+
+
+class ModuleShared:
+    """What the tests of one module share on one worker (server_util.shared_server): each
+    made at its first use, and closed after the module's last test there."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self._stack = stack
+        self._made: Dict[str, object] = {}
+
+    def get(self, name: str, make: Callable[[], ContextManager]):
+        if name not in self._made:
+            self._made[name] = self._stack.enter_context(make())
+        return self._made[name]
+
+
+@pytest.fixture(scope="module")
+def module_shared():
+    with contextlib.ExitStack() as stack:
+        yield ModuleShared(stack)

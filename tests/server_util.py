@@ -25,6 +25,7 @@ kept out, where we may: see ``quiet_shell_startup``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pwd
@@ -38,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from proc_util import kill_pid, proc_children, wait_for
 from relay import free_port
@@ -204,6 +205,7 @@ class MpsServer:
         self.ready_timeout = ready_timeout
         self.proc: Optional[subprocess.Popen] = None
         self._log_start = 0
+        self._log_from = 0  # log() starts here: where the current test began (one_test)
         if run_as is not None:
             for root, dirs, files in os.walk(self.dir):
                 for name in [root] + [os.path.join(root, n) for n in dirs + files]:
@@ -259,7 +261,8 @@ class MpsServer:
         wait_for(ready, self.ready_timeout, "mps.py to listen")
 
     def log(self) -> str:
-        return _read(self.log_path)
+        """The log: of the current test only, on a server shared by several (one_test)."""
+        return _read(self.log_path)[self._log_from:]
 
     def stderr(self) -> str:
         return _read(self.stderr_path)
@@ -289,11 +292,70 @@ class MpsServer:
             pass
         return self.proc.wait(5)
 
+    @contextlib.contextmanager
+    def one_test(self) -> Iterator[MpsServer]:
+        """One test's turn on a server that several tests share (``shared_server``): it
+        starts on a running server with no sessions, only the client key authorized and
+        ``log()`` showing its own lines; after it, the sessions it left are ended."""
+        if self.proc.poll() is not None:  # stopped or crashed during an earlier test
+            self.start()
+        write_authorized_keys(self.authorized_keys_path, self.client_key.public)
+        self._log_from = len(_read(self.log_path))
+        yield self
+        try:
+            self.end_sessions()
+        except Exception:
+            self.stop()  # the next test gets a fresh one
+            raise
+
+    def end_sessions(self, timeout: float = 15.0) -> None:
+        """End every session of the client key's user (as ``mp --kill`` does) and wait until
+        the listener has logged each one's end: no line of theirs comes after."""
+        if self.proc.poll() is not None:
+            return
+        lister = TestClient.for_server(self)
+        for info in lister.sessions():
+            try:
+                lister.kill(info.session_id)
+            except moshpit_handshake.AuthRefused:
+                pass  # it was ending anyway
+        wait_for(lambda: not self._sessions_not_ended(), timeout,
+                 "the sessions left by the test to end")
+
+    def _sessions_not_ended(self) -> set:
+        """Names of the sessions the log shows started and not yet ended (the listener's
+        last line about a session is that its process has ended)."""
+        log = _read(self.log_path)
+        return (set(re.findall(r"session (\S+) started for ", log))
+                - set(re.findall(r"session (\S+) of \S+: its process \d+ has ended", log)))
+
     def __enter__(self) -> MpsServer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def shared_server(name: str = "server", **server_kwargs):
+    """A fixture ``name``: an MpsServer(**server_kwargs) shared by the tests of a module (on
+    each test worker), each test having it to itself as ``MpsServer.one_test`` says.
+
+    Why: a server start costs about 0.35 s of CPU (two Python programs, mps.py and its
+    spawner), and most tests only need a working server. A test that stops the server,
+    changes its files or counts its sessions makes its own. Assign the result to ``name``
+    in the test module (pytest finds fixtures by module attribute)::
+
+        server = shared_server(udp_ports=4)
+    """
+    import pytest  # here: the bench and the demo use this module without pytest
+
+    @pytest.fixture(name=name)
+    def fixture(module_shared, tmp_path_factory):
+        server = module_shared.get(name, lambda: MpsServer(
+            tmp_path_factory.mktemp("shared-" + name), **server_kwargs))
+        with server.one_test():
+            yield server
+    return fixture
 
 
 def _read(path: str) -> str:
