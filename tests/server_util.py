@@ -341,16 +341,21 @@ def shared_server(name: str = "server", **server_kwargs):
     each test worker), each test having it to itself as ``MpsServer.one_test`` says.
 
     Why: a server start costs about 0.35 s of CPU (two Python programs, mps.py and its
-    spawner), and most tests only need a working server. A test that stops the server,
-    changes its files or counts its sessions makes its own. Assign the result to ``name``
-    in the test module (pytest finds fixtures by module attribute)::
+    spawner), and most tests only need a working server. A test that stops, restarts or
+    reconfigures the server is marked ``own_server`` and gets a fresh one of its own, as
+    before. Assign the result to ``name`` in the test module (pytest finds fixtures by
+    module attribute)::
 
         server = shared_server(udp_ports=4)
     """
     import pytest  # here: the bench and the demo use this module without pytest
 
     @pytest.fixture(name=name)
-    def fixture(module_shared, tmp_path_factory):
+    def fixture(request, module_shared, tmp_path_factory):
+        if request.node.get_closest_marker("own_server") is not None:
+            with MpsServer(request.getfixturevalue("tmp_path"), **server_kwargs) as server:
+                yield server
+            return
         server = module_shared.get(name, lambda: MpsServer(
             tmp_path_factory.mktemp("shared-" + name), **server_kwargs))
         with server.one_test():
