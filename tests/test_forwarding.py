@@ -29,7 +29,7 @@ import time
 import pytest
 from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, wait_for
 from relay import Relay, free_port, random_front_alias
-from server_util import MpsServer, TestClient
+from server_util import MpsServer, TestClient, shared_server
 from test_client_session import QUICK_RESUME, client_env, client_log, mp_args, wait_shell
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 
@@ -171,10 +171,7 @@ class Forwarding:
         self.proc.stdin.close()
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
+server = shared_server()
 
 
 def sha(data: bytes) -> str:
