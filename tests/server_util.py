@@ -313,6 +313,7 @@ class MpsServer:
         the listener has logged each one's end: no line of theirs comes after."""
         if self.proc.poll() is not None:
             return
+        write_authorized_keys(self.authorized_keys_path, self.client_key.public)  # ours again
         lister = TestClient.for_server(self)
         for info in lister.sessions():
             try:

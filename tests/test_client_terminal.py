@@ -21,7 +21,7 @@ import pytest
 
 from proc_util import wait_for
 from relay import Relay, random_front_alias
-from server_util import MpsServer
+from server_util import MpsServer, shared_server
 from test_client_session import QUICK_RESUME, kill_server, mp_args, restart_server
 from tmux_util import TmuxOracle
 
@@ -102,14 +102,12 @@ def assert_terminal_back_to_normal(tmux: TmuxOracle, pane: str, message: str) ->
     assert not any("[200~" in row for row in rows)
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
+server = shared_server()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+@pytest.mark.own_server
 def test_modes_reset_when_the_server_vanishes(server, tmp_path):
     with TmuxOracle(tmp_path) as tmux:
         pane = client_pane(tmux, server, tmp_path, "gone", env=QUICK_RESUME)
