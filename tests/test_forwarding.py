@@ -619,7 +619,6 @@ def test_hostile_channel_records_are_refused_and_the_session_goes_on(tmp_path, e
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                     reason="needs root and useradd to create a throwaway user")
-@pytest.mark.xdist_group("users")
 def test_a_root_server_forwards_only_within_the_users_rights(tmp_path, users):
     """-R cannot bind a privileged port for a user who could not; the agent directory and
     socket belong to the user, private (0700 and 0600)."""
