@@ -66,9 +66,9 @@ def _no_stale_pyenv_lock():
     yield
 
 
-class ModuleShared:
-    """What the tests of one module share on one worker (server_util.shared_server): each
-    made at its first use, and closed after the module's last test there."""
+class WorkerShared:
+    """What the tests on one worker share (server_util.shared_server): each thing made at
+    its first use, and closed when the worker is done."""
 
     def __init__(self, stack: contextlib.ExitStack):
         self._stack = stack
@@ -80,7 +80,7 @@ class ModuleShared:
         return self._made[name]
 
 
-@pytest.fixture(scope="module")
-def module_shared():
+@pytest.fixture(scope="session")
+def worker_shared():
     with contextlib.ExitStack() as stack:
-        yield ModuleShared(stack)
+        yield WorkerShared(stack)

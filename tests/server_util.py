@@ -205,7 +205,7 @@ class MpsServer:
         self.ready_timeout = ready_timeout
         self.proc: Optional[subprocess.Popen] = None
         self._log_start = 0
-        self._log_from = 0  # log() starts here: where the current test began (one_test)
+        self._log_from = 0  # log() starts at this byte: where the current test began (one_test)
         if run_as is not None:
             for root, dirs, files in os.walk(self.dir):
                 for name in [root] + [os.path.join(root, n) for n in dirs + files]:
@@ -262,7 +262,7 @@ class MpsServer:
 
     def log(self) -> str:
         """The log: of the current test only, on a server shared by several (one_test)."""
-        return _read(self.log_path)[self._log_from:]
+        return _read(self.log_path, self._log_from)
 
     def stderr(self) -> str:
         return _read(self.stderr_path)
@@ -300,7 +300,7 @@ class MpsServer:
         if self.proc.poll() is not None:  # stopped or crashed during an earlier test
             self.start()
         write_authorized_keys(self.authorized_keys_path, self.client_key.public)
-        self._log_from = len(_read(self.log_path))
+        self._log_from = _size(self.log_path)
         yield self
         try:
             self.end_sessions()
@@ -324,9 +324,10 @@ class MpsServer:
                  "the sessions left by the test to end")
 
     def _sessions_not_ended(self) -> set:
-        """Names of the sessions the log shows started and not yet ended (the listener's
-        last line about a session is that its process has ended)."""
-        log = _read(self.log_path)
+        """Names of the sessions this test's log shows started and not yet ended (the
+        listener's last line about a session is that its process has ended; the sessions
+        of the tests before had all ended when this one began)."""
+        log = self.log()
         return (set(re.findall(r"session (\S+) started for ", log))
                 - set(re.findall(r"session (\S+) of \S+: its process \d+ has ended", log)))
 
@@ -338,8 +339,9 @@ class MpsServer:
 
 
 def shared_server(name: str = "server", **server_kwargs):
-    """A fixture ``name``: an MpsServer(**server_kwargs) shared by the tests of a module (on
-    each test worker), each test having it to itself as ``MpsServer.one_test`` says.
+    """A fixture ``name``: an MpsServer(**server_kwargs) shared, on each test worker, by
+    every test that asks for a server made with the same arguments (in any module), each
+    test having it to itself as ``MpsServer.one_test`` says.
 
     Why: a server start costs about 0.35 s of CPU (two Python programs, mps.py and its
     spawner), and most tests only need a working server. A test that stops, restarts or
@@ -352,24 +354,34 @@ def shared_server(name: str = "server", **server_kwargs):
     import pytest  # here: the bench and the demo use this module without pytest
 
     @pytest.fixture(name=name)
-    def fixture(request, module_shared, tmp_path_factory):
+    def fixture(request, worker_shared, tmp_path_factory):
         if request.node.get_closest_marker("own_server") is not None:
             with MpsServer(request.getfixturevalue("tmp_path"), **server_kwargs) as server:
                 yield server
             return
-        server = module_shared.get(name, lambda: MpsServer(
-            tmp_path_factory.mktemp("shared-" + name), **server_kwargs))
+        server = worker_shared.get(f"MpsServer {sorted(server_kwargs.items())!r}",
+                                   lambda: MpsServer(tmp_path_factory.mktemp("shared-server"),
+                                                     **server_kwargs))
         with server.one_test():
             yield server
     return fixture
 
 
-def _read(path: str) -> str:
+def _read(path: str, offset: int = 0) -> str:
+    """The file's text from byte ``offset`` on ("" if there is no file)."""
     try:
         with open(path, "rb") as f:
+            f.seek(offset)
             return f.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
 
 
 def run_mps(args: Sequence[str], env: Dict[str, str], timeout: float = 20.0,
