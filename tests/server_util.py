@@ -42,7 +42,7 @@ import time
 from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from proc_util import kill_pid, proc_children, wait_for
-from relay import free_port
+from relay import Relay, free_port, random_front_alias
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -382,6 +382,13 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     except FileNotFoundError:
         return 0
+
+
+def relay_in_front(server: MpsServer, **options) -> Relay:
+    """A relay.Relay (start it with ``with``) on a random loopback alias (``relay.front``)
+    in front of ``server``'s TCP port and its first UDP port; ``options`` as Relay's."""
+    return Relay(front=random_front_alias(), back="127.0.0.1", tcp_ports=[server.port],
+                 udp_ports=[server.udp_port], **options)
 
 
 def run_mps(args: Sequence[str], env: Dict[str, str], timeout: float = 20.0,

@@ -21,8 +21,7 @@ import time
 import pytest
 
 from proc_util import ManagedProcess, PtyProcess, wait_for
-from relay import Relay, random_front_alias
-from server_util import make_key, shared_server
+from server_util import make_key, relay_in_front, shared_server
 from test_client_session import (MP, QUICK_RESUME, QUIT, USER, client_env, start_client,
                                  wait_shell)
 
@@ -258,9 +257,8 @@ def test_udp_blocked_from_the_start_says_so(server, tmp_path):
     """TCP gets through, UDP never does (a firewall): after about 3 s the client says which
     UDP port it hears nothing from and how to quit; it never claims a "last contact" there
     never was, and the session starts normally once UDP flows."""
-    front = random_front_alias()
-    with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-               udp_ports=[server.udp_port]) as relay:
+    with relay_in_front(server) as relay:
+        front = relay.front
         relay.set_blackout(True)
         start = time.monotonic()
         # --transport udp: the default (auto) would carry the session over TCP

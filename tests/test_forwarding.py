@@ -28,8 +28,8 @@ import time
 
 import pytest
 from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, wait_for
-from relay import Relay, free_port, random_front_alias
-from server_util import MpsServer, TestClient, shared_server
+from relay import free_port
+from server_util import MpsServer, TestClient, relay_in_front, shared_server
 from test_client_session import QUICK_RESUME, client_env, client_log, mp_args, wait_shell
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 
@@ -195,14 +195,12 @@ def test_local_forward_carries_bytes_both_ways_and_half_close(server, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_local_forward_under_ten_percent_loss_is_exact(server, tmp_path, echo):
-    front = random_front_alias()
-    with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-               udp_ports=[server.udp_port], seed=18) as relay:
+    with relay_in_front(server, seed=18) as relay:
         relay.up.loss = relay.down.loss = 0.10
         relay.up.delay = relay.down.delay = 0.005
         port = free_port()
         with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
-                        host=front) as mp:
+                        host=relay.front) as mp:
             wait_for(lambda: echo_works(port), 60, "the -L forward")
             data = os.urandom(4 << 20)
             started = time.monotonic()
@@ -392,12 +390,10 @@ def test_a_forwarded_transfer_survives_an_outage_and_a_resume(server, tmp_path, 
     """6 s without a packet in the middle of a transfer (the client's resume_after_secs set
     to its 4 s minimum): the client resumes (a new handshake, new keys, stream 2 resent
     from what was acknowledged) and every byte arrives once."""
-    front = random_front_alias()
-    with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-               udp_ports=[server.udp_port]) as relay:
+    with relay_in_front(server) as relay:
         port = free_port()
         with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
-                        host=front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
+                        host=relay.front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
             wait_for(lambda: echo_works(port), 30, "the -L forward")
             relay.set_bottleneck(4e6, queue_bytes=64_000)  # ~2 s of transfer each way
             data = os.urandom(2 << 20)
@@ -421,12 +417,10 @@ def test_remote_listeners_stay_across_a_resume(server, tmp_path, echo):
     """-R belongs to the session: through a 6 s outage and the resume handshake after it
     (the client's resume_after_secs at its 4 s minimum) the listener stays bound on the
     server, and connections through it work again."""
-    front = random_front_alias()
-    with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-               udp_ports=[server.udp_port]) as relay:
+    with relay_in_front(server) as relay:
         port = free_port()
         with Forwarding(server, tmp_path, "-R", f"{port}:127.0.0.1:{echo.port}",
-                        host=front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
+                        host=relay.front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
             wait_for(lambda: echo_works(port), 30, "the -R forward")
             relay.blackout(6.0)
             time.sleep(3.0)
@@ -442,12 +436,10 @@ def test_remote_listeners_stay_across_a_resume(server, tmp_path, echo):
 def test_a_forwarded_transfer_follows_the_client_roaming(server, tmp_path, echo):
     """The client's address changes twice mid-transfer (a NAT rebinding): the server
     validates the new address and the channel carries on, every byte once."""
-    front = random_front_alias()
-    with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-               udp_ports=[server.udp_port]) as relay:
+    with relay_in_front(server) as relay:
         port = free_port()
         with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
-                        host=front) as mp:
+                        host=relay.front) as mp:
             wait_for(lambda: echo_works(port), 30, "the -L forward")
             relay.set_bottleneck(4e6, queue_bytes=64_000)
             data = os.urandom(2 << 20)
