@@ -31,9 +31,10 @@ import moshpit_term as mterm
 
 TMUX = shutil.which("tmux") or "/usr/bin/tmux"
 COMMAND_TIMEOUT_SECS = 10
-# How often wait_quiet looks at a pane (each look starts a tmux client): a quiet time is
-# counted from the first look that saw the last change, so it is never shorter than asked.
-QUIET_POLL_SECS = 0.1
+# How often a test waiting on a pane looks at it (each look starts a tmux client). In
+# wait_quiet a quiet time counts from the first look that saw the last change, so it is
+# never shorter than asked.
+PANE_POLL_SECS = 0.1
 # Format variables compared between tmux and the model (or two tmux panes).
 FLAG_NAMES = ("cursor_x", "cursor_y", "alternate_on", "keypad_cursor_flag", "keypad_flag",
               "mouse_standard_flag", "mouse_button_flag", "mouse_all_flag", "mouse_sgr_flag",
@@ -145,7 +146,7 @@ class TmuxOracle:
             if now > deadline:
                 raise TimeoutError(f"pane {target} did not settle (waiting for {contains!r}); "
                                    f"screen:\n" + "\n".join(view.plain))
-            time.sleep(QUIET_POLL_SECS)
+            time.sleep(PANE_POLL_SECS)
 
     def close(self) -> None:
         for socket in self.extra_sockets:
