@@ -44,6 +44,7 @@ Who calls what (the whole resume sequence: moshpit_session's docstring):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import errno
 import fcntl
@@ -964,6 +965,7 @@ RUNTIME_DIR = "/run/moshpit"  # root's; a plain user's is under ~/.config/moshpi
 START_WAIT_SECS = 30.0  # a session process waits this long for its start and its go
 SPAWN_WAIT_SECS = 10.0  # the listener waits this long for the spawner to fork
 CLAIM_WAIT_SECS = 2.0  # a listener at start waits this long for each running session
+DESCRIBE_WORKERS = 8  # session processes a listing (or a login's count) asks at once
 SESSION_SOCKET_BACKLOG = 4  # listeners and mps --stop-sessions connecting at once
 MAX_SOCKET_PATH = 107  # sockaddr_un's sun_path, without its terminating NUL
 MPS_PATH = os.path.abspath(__file__)
@@ -1234,11 +1236,12 @@ def run_session_process(fds: List[int], settings: dict) -> int:
             forwarding[1].close()
         channel.send({"op": "reply", "error": str(e)})
         return 1
+    # Answered first: the listener grants the login while this process builds the session.
+    channel.send({"op": "reply", "shell_pid": shell.pid, "tty": shell.tty_path})
     host = _SessionHost(settings)
     session = Session(host, start["session_id"], pw.pw_name,
                       keys.PublicKey.from_line(start["client_key"]), udp_sock, shell, forwarding)
     session.resume_secret = start["resume_secret"]
-    channel.send({"op": "reply", "shell_pid": shell.pid, "tty": shell.tty_path})
     try:
         go = channel.receive()
     except (OSError, moshpit_ipc.IpcError):
@@ -1285,8 +1288,8 @@ PRELOADED_MODULES = ("encodings.idna", "unicodedata", "stringprep")
 
 
 def _spawner_loop(sock: socket.socket, settings: dict) -> int:
-    """The spawner's work (single-threaded): fork a session process per ``spawn`` message,
-    report exits, return at the end of ``sock``."""
+    """The spawner's work (single-threaded): hand each ``spawn`` message's descriptors to
+    a session process, report exits, return at the end of ``sock``."""
     for name in PRELOADED_MODULES:
         importlib.import_module(name)
     for sig in (signal.SIGINT, signal.SIGHUP):  # a ^C at mps -e must not end sessions
@@ -1300,6 +1303,7 @@ def _spawner_loop(sock: socket.socket, settings: dict) -> int:
     with selectors.DefaultSelector() as sel:
         sel.register(sock, selectors.EVENT_READ, "listener")
         sel.register(child_r, selectors.EVENT_READ, "child")
+        warm = _WarmProcess(settings, (sel, sock, child_r, child_w))
         while True:
             for key, _ in sel.select():
                 if key.data == "child":
@@ -1308,27 +1312,81 @@ def _spawner_loop(sock: socket.socket, settings: dict) -> int:
                     continue
                 message, fds = moshpit_ipc.receive_packet(sock, max_fds=3)
                 if message is None:
+                    warm.discard()
                     return 0
                 if message.get("op") != "spawn" or len(fds) != 3:
                     for fd in fds:
                         os.close(fd)
                     moshpit_ipc.send_packet(sock, {"op": "spawned", "error": "bad request"})
                     continue
-                try:
-                    pid = os.fork()
-                except OSError as e:
-                    pid, error = 0, f"cannot fork: {e.strerror or e}"
-                else:
-                    error = ""
-                    if pid == 0:
-                        _session_process_main(fds, settings, (sel, sock, child_r, child_w))
+                pid, error = warm.take(fds)
                 for fd in fds:
                     os.close(fd)
                 moshpit_ipc.send_packet(sock, {"op": "spawned", "pid": pid, "error": error})
+                warm.prepare()  # the next login's process, forked while nobody waits
 
 
-def _session_process_main(fds: List[int], settings: dict, spawner_fds: tuple) -> None:
-    """(Forked child of the spawner.) Drop what is the spawner's, run the session, exit."""
+class _WarmProcess:
+    """(Spawner.) A session process forked ahead of need: it waits on a socket pair for the
+    descriptors of the next login, so a login does not wait for a fork (the biggest single
+    step of a session process's start). Forked before any user is known, it holds nothing
+    the spawner does not: the settings and the shared modules. It exits when the spawner
+    closes its end (the listener stopped)."""
+
+    def __init__(self, settings: dict, spawner_fds: tuple):
+        self.settings = settings
+        self.spawner_fds = spawner_fds
+        self.pid = 0
+        self.sock: Optional[socket.socket] = None
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Fork the waiting process (if none waits); without one, ``take`` forks."""
+        if self.sock is not None:
+            return
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.warning("cannot fork a session process in advance: %s", e.strerror or e)
+            mine.close()
+            theirs.close()
+            return
+        if pid == 0:
+            mine.close()
+            _session_process_main(theirs, self.settings, self.spawner_fds)
+        theirs.close()
+        self.pid, self.sock = pid, mine
+
+    def take(self, fds: List[int]) -> tuple:
+        """(pid, error) of the session process that now holds (copies of) ``fds``."""
+        if self.sock is not None:
+            sock, self.sock = self.sock, None
+            try:
+                moshpit_ipc.send_packet(sock, {"op": "spawn"}, fds)
+                return self.pid, ""
+            except OSError:  # it died meanwhile (its exit is reported): fork one now
+                pass
+            finally:
+                sock.close()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            return 0, f"cannot fork: {e.strerror or e}"
+        if pid == 0:
+            _session_process_main(fds, self.settings, self.spawner_fds)
+        return pid, ""
+
+    def discard(self) -> None:
+        """The spawner ends: the waiting process reads EOF and exits."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _session_process_main(source, settings: dict, spawner_fds: tuple) -> None:
+    """(Forked child of the spawner.) Drop what is the spawner's, run the session, exit.
+    ``source``: the session's descriptors, or the socket a warm process receives them on."""
     status = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -1338,6 +1396,15 @@ def _session_process_main(fds: List[int], settings: dict, spawner_fds: tuple) ->
         sock.close()
         os.close(child_r)
         os.close(child_w)
+        if isinstance(source, socket.socket):  # warm: wait for a login
+            _message, fds = moshpit_ipc.receive_packet(source, max_fds=3)
+            source.close()
+            if len(fds) != 3:  # the spawner ended first
+                for fd in fds:
+                    os.close(fd)
+                os._exit(0)
+        else:
+            fds = source
         status = run_session_process(fds, settings)
     except BaseException:
         log.exception("session process %d failed", os.getpid())
@@ -1745,6 +1812,9 @@ class Server:
         self._setting_up: Counter = Counter()
         self._signals: List[int] = []
         self.stopping = False
+        # Listings ask the user's session processes in parallel (threads made on demand).
+        self._describers = concurrent.futures.ThreadPoolExecutor(DESCRIBE_WORKERS,
+                                                                 "describe")
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         # Before anything can announce that we listen, so a signal never hits the defaults.
@@ -1860,6 +1930,7 @@ class Server:
             sock.close()
         for session in sessions:
             session.detach()
+        self._describers.shutdown(wait=False)
         self.spawner.close()
         log.info("mps stopped")
         return 0
@@ -2064,12 +2135,21 @@ class Server:
                                         f"{what} of an unknown session (or another user's)")
         return session
 
+    def _describe_sessions(self, user: str) -> list:
+        """Ask each of ``user``'s session processes for its description, in parallel:
+        futures for ``_described``."""
+        with self._lock:
+            own = [session for session in self._sessions.values() if session.user == user]
+        return [self._describers.submit(session.describe) for session in own]
+
+    @staticmethod
+    def _described(futures: list) -> List[handshake.SessionInfo]:
+        """The answers to ``_describe_sessions`` (sessions that ended meanwhile left out)."""
+        return [info for info in (future.result() for future in futures) if info is not None]
+
     def _list_sessions(self, auth) -> handshake.SessionListing:
         """mp --list: the user's running sessions, most recently active first."""
-        with self._lock:
-            own = [session for session in self._sessions.values() if session.user == auth.user]
-        described = (session.describe() for session in own)
-        listed = sorted((info for info in described if info is not None),
+        listed = sorted(self._described(self._describe_sessions(auth.user)),
                         key=lambda info: info.last_activity, reverse=True)
         return handshake.SessionListing(listed[:handshake.MAX_LISTED])
 
@@ -2150,6 +2230,8 @@ class Server:
                 lo, hi = self.port_range
                 raise handshake.AuthRefused(handshake.SERVER_BUSY,
                                             f"every UDP port in {lo}-{hi} is in use")
+            # The grant counts the user's detached sessions: asked while the process starts.
+            others = self._describe_sessions(pw.pw_name)
             try:
                 session = self._spawn_session(auth, pw, udp)
             finally:
@@ -2158,7 +2240,7 @@ class Server:
             with self._lock:
                 self._release_slot(pw.pw_name)
             raise
-        detached = sum(not info.attached for info in self._list_sessions(auth).sessions)
+        detached = sum(not info.attached for info in self._described(others))
         return _grant(session, 0, detached), session
 
     def _spawn_session(self, auth, pw: pwd.struct_passwd,
@@ -2175,24 +2257,31 @@ class Server:
         resume_secret = secrets.token_bytes(32)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        start = moshpit_ipc.encode_message({
+            "op": "start", "user": pw.pw_name, "term": request.term, "rows": request.rows,
+            "cols": request.cols, "env": request.env, "connection": connection,
+            "command": request.command, "pty": request.pty, "session_id": session_id,
+            "resume_secret": resume_secret, "client_key": auth.client_key.to_line(),
+            "client_address": address, "listener_uid": os.geteuid(),
+            "forward_agent": request.forward_agent, "no_command": request.no_command})
         try:
             # listen() is the session process's: SO_PEERCRED's uid. No path: an abstract
             # name the kernel picks (Linux autobind), known to nobody else.
             listen_sock.bind(path)
+            # The start goes into the socket before the process exists (what fits in its
+            # buffer: all of it but for a huge command), so it reads it the moment it has
+            # its descriptors: no round trip between the spawner's answer and the start.
+            mine.setblocking(False)
+            try:
+                sent = mine.send(start)
+            except BlockingIOError:
+                sent = 0
+            mine.settimeout(START_WAIT_SECS)
             pid = self.spawner.spawn([theirs.fileno(), udp.fileno(), listen_sock.fileno()])
             with self._lock:
                 self._processes[pid] = f"session {session_id[:4].hex()} of {pw.pw_name}"
+            mine.sendall(start[sent:])
             channel = moshpit_ipc.Channel(mine)
-            mine.settimeout(START_WAIT_SECS)
-            channel.send({"op": "start", "user": pw.pw_name, "term": request.term,
-                          "rows": request.rows, "cols": request.cols, "env": request.env,
-                          "connection": connection, "command": request.command,
-                          "pty": request.pty, "session_id": session_id,
-                          "resume_secret": resume_secret,
-                          "client_key": auth.client_key.to_line(),
-                          "client_address": address, "listener_uid": os.geteuid(),
-                          "forward_agent": request.forward_agent,
-                          "no_command": request.no_command})
             started = channel.receive()
             if started is None or started.get("error"):
                 raise ShellError(started.get("error") if started else
