@@ -24,7 +24,9 @@ read neither /etc/shadow nor write the records: it skips those, saying so once i
 Who calls what, and when (mps.py):
     Server start, before listening                   close_stale_records(); loginuid_supported()
     Server.decide, after the key is verified         AccountPolicy.refusal(pw, ...)
-    session process, root, before becoming the user  PamLogin.open_session(); write_loginuid(uid)
+    session process, root, before becoming the user  open_user_terminal(pw) (with PAM);
+                                                     PamLogin.open_session(); write_loginuid(uid)
+    its root monitor, once the session has ended     PamLogin.close()
     listener: shell started / logged out, crashed    LoginRecord.open() / .close()
 
 Library rules: imports only ``moshpit`` and the standard library; logs through ``logging``,
@@ -907,3 +909,26 @@ def client_address(peer: tuple) -> str:
         return host
     return str(ip.ipv4_mapped) if ip.version == 6 and ip.ipv4_mapped else str(ip)
 
+
+
+TTY_GROUP = "tty"
+
+
+def open_user_terminal(pw: pwd.struct_passwd) -> Tuple[int, int]:
+    """(Session process, root, before the uid change.) A new PTY (master, slave) whose slave
+    is the user's as sshd leaves it: owner the user, group ``tty`` with mode 0620 (so that
+    write(1) and wall, setgid tty, reach it), or the user's own group with 0600 where there
+    is no tty group. Opened while root so that the PAM session can name it (PAM_TTY)."""
+    try:
+        gid, mode = grp.getgrnam(TTY_GROUP).gr_gid, 0o620
+    except KeyError:
+        gid, mode = pw.pw_gid, 0o600
+    master, slave = os.openpty()
+    try:
+        os.fchown(slave, pw.pw_uid, gid)
+        os.fchmod(slave, mode)
+    except OSError:
+        os.close(master)
+        os.close(slave)
+        raise
+    return master, slave

@@ -220,8 +220,10 @@ class PtyShell:
     untouched (no CR/LF translation, no echo) and ``close_input`` gives the command EOF;
     its stderr is a pipe of its own (``stderr_fd``), carried apart from stdout.
 
-    Started by a session process that is already the user (no chown of the terminal: the
-    user opened it, so owns it) with ShellProcess.spawn (no preexec_fn). The login record
+    Started by a session process that is already the user with ShellProcess.spawn (no
+    preexec_fn), on a PTY it opens (so the user owns it), or on ``terminal`` (master,
+    slave): one opened while root for PAM_TTY and given to the user
+    (moshpit_login.open_user_terminal). The login record
     (utmp/wtmp/lastlog) is the listener's: it is root; ``logout`` is called once the shell
     is gone, so the listener closes the record while the session may still linger.
     """
@@ -229,7 +231,8 @@ class PtyShell:
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
                  client_env: Dict[str, str], connection: str, command: Optional[str] = None,
                  pty: bool = True, agent_sock: Optional[str] = None,
-                 pam_env: Optional[Dict[str, str]] = None):
+                 pam_env: Optional[Dict[str, str]] = None,
+                 terminal: Optional[tuple] = None):
         self.user = pw.pw_name
         self.rows, self.cols = rows, cols
         self.is_pty = pty
@@ -241,7 +244,7 @@ class PtyShell:
         self.stderr_fd: Optional[int] = None
         err_w = None
         if pty:
-            master, slave = os.openpty()
+            master, slave = terminal or os.openpty()
             self._socket = None
         else:
             self._socket, child_end = socket.socketpair()
@@ -1211,12 +1214,20 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         signal.signal(sig, _note_signal)
     pam = None
     pam_env: Dict[str, str] = {}
-    forwarding = None
+    forwarding = terminal = None
     try:
         if os.geteuid() == 0:
             if settings["use_pam"]:  # --- PAM session: as root, before the uid change ---
-                pam = moshpit_login.PamLogin(pw.pw_name, start["client_address"])
+                if start["pty"] and not start["no_command"]:
+                    terminal = moshpit_login.open_user_terminal(pw)  # for PAM_TTY
+                pam = moshpit_login.PamLogin(pw.pw_name, start["client_address"],
+                                             tty=os.ttyname(terminal[1]) if terminal else "")
                 pam_env = pam.open_session()
+                monitor = PamMonitor(pam)
+                if monitor.fork():  # the root parent: only waits, then closes the session
+                    return monitor.run((channel.sock, udp_sock, listen_sock),
+                                       (signal_r, signal_w, *(terminal or ())))
+                pam = None  # the monitor's, closed there as root
             become_user(pw)
         # --- forwarding: set up by the user's own process (it binds what the user may) ---
         forwarding = _forwarding_setup(settings["forwarding"], start["forward_agent"], pw,
@@ -1227,7 +1238,8 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         else:
             shell = PtyShell(pw, start["term"], start["rows"], start["cols"], start["env"],
                              start["connection"], start["command"], start["pty"],
-                             agent_dir.path if agent_dir is not None else None, pam_env)
+                             agent_dir.path if agent_dir is not None else None, pam_env,
+                             terminal)
         listen_sock.listen(SESSION_SOCKET_BACKLOG)  # as the user: whom a claim's SO_PEERCRED sees
     except (MoshpitError, OSError) as e:
         if pam is not None:
@@ -1237,7 +1249,8 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         channel.send({"op": "reply", "error": str(e)})
         return 1
     # Answered first: the listener grants the login while this process builds the session.
-    channel.send({"op": "reply", "shell_pid": shell.pid, "tty": shell.tty_path})
+    channel.send({"op": "reply", "shell_pid": shell.pid, "tty": shell.tty_path,
+                  "pid": os.getpid()})
     host = _SessionHost(settings)
     session = Session(host, start["session_id"], pw.pw_name,
                       keys.PublicKey.from_line(start["client_key"]), udp_sock, shell, forwarding)
@@ -1261,6 +1274,57 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         if pam is not None:
             pam.close()  # as the user now: what a module can undo without root, it does
     return 0
+
+
+class PamMonitor:
+    """(Session process, root, with PAM.) sshd's privileged monitor, reduced to what PAM
+    needs. Once its PAM session is open (PAM_TTY set), the session process forks: the child
+    becomes the user for good and runs the session; this root parent keeps the PAM handle
+    and nothing else (no socket, no terminal, no key), waits for the child, then closes
+    the PAM session and deletes the credentials as root (what pam_systemd, pam_mount or
+    pam_exec scripts undo may need it) and exits as the child did: with its status, or
+    killed by the same signal, so that the spawner reports a crash as the child's.
+    SIGTERM sent to it is passed on to the child. It execs nothing: a fork shares the
+    pages it never writes, so it costs little memory."""
+
+    def __init__(self, pam: moshpit_login.PamLogin):
+        self.pam = pam
+        self.child = 0
+
+    def fork(self) -> bool:
+        """Fork: True in the parent (the monitor), False in the child (the session)."""
+        self.child = os.fork()
+        return self.child != 0
+
+    def _forward(self, signum, frame) -> None:
+        try:
+            os.kill(self.child, signum)
+        except ProcessLookupError:
+            pass
+
+    def run(self, sockets: tuple, fds: tuple) -> int:
+        """(The parent.) Close ``sockets`` and ``fds`` (the child's now: the listener must
+        see the channel end when the child does, the shell the terminal's hangup), wait,
+        close the PAM session; the child's exit status."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, self._forward)
+        for sock in sockets:
+            sock.close()  # no shutdown: that would end the child's copy too
+        for fd in fds:
+            os.close(fd)
+        _, status = os.waitpid(self.child, 0)
+        code = os.waitstatus_to_exitcode(status)
+        self.pam.close()
+        log.debug("PAM session of %s closed (session process %d ended: %d)", self.pam.user,
+                  self.child, code)
+        if code < 0:  # killed: die the same way, without a second core dump
+            logging.shutdown()
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+            code = 128 - code  # a signal whose default is not to end a process
+        return code
 
 
 def run_spawner(sock_fd: int) -> int:
@@ -1292,6 +1356,8 @@ def _spawner_loop(sock: socket.socket, settings: dict) -> int:
     a session process, report exits, return at the end of ``sock``."""
     for name in PRELOADED_MODULES:
         importlib.import_module(name)
+    if settings["use_pam"]:  # loaded once, shared: not in each session's own memory
+        moshpit_login.libpam()
     for sig in (signal.SIGINT, signal.SIGHUP):  # a ^C at mps -e must not end sessions
         signal.signal(sig, signal.SIG_IGN)
     child_r, child_w = os.pipe()
@@ -1784,7 +1850,9 @@ class Server:
         if spawner is not None:
             spawner.on_exit = self._process_exited
         self.sessions_dir = sessions_dir(config)
-        self._processes: Dict[int, str] = {}  # session process pid -> "session S of U"
+        # Spawned process pid -> ("session S of U", pid of its session process: the same,
+        # or the child of its PAM monitor).
+        self._processes: Dict[int, tuple] = {}
         self.host_key = host_key
         self.port_range = moshpit.parse_port_range(config["mps.udp_port_range"])
         self.max_sessions = config["mps.max_sessions"]
@@ -2027,12 +2095,12 @@ class Server:
     def _process_exited(self, pid: int, status: int) -> None:
         """(Spawner's reader thread.) A session process has exited: a crash is logged."""
         with self._lock:
-            what = self._processes.pop(pid, f"session process {pid}")
+            what, worker = self._processes.pop(pid, (f"session process {pid}", pid))
         if status < 0:
-            log.error("%s: its process %d was killed by %s", what, pid,
+            log.error("%s: its process %d was killed by %s", what, worker,
                       signal.Signals(-status).name)
         elif status:
-            log.warning("%s: its process %d exited with status %d", what, pid, status)
+            log.warning("%s: its process %d exited with status %d", what, worker, status)
 
     def decide(self, auth):
         """Authorize one handshake (handshake thread): the target user, their authorized_keys,
@@ -2277,15 +2345,21 @@ class Server:
             except BlockingIOError:
                 sent = 0
             mine.settimeout(START_WAIT_SECS)
-            pid = self.spawner.spawn([theirs.fileno(), udp.fileno(), listen_sock.fileno()])
+            pid = spawned = self.spawner.spawn(
+                [theirs.fileno(), udp.fileno(), listen_sock.fileno()])
+            what = f"session {session_id[:4].hex()} of {pw.pw_name}"
             with self._lock:
-                self._processes[pid] = f"session {session_id[:4].hex()} of {pw.pw_name}"
+                self._processes[pid] = (what, pid)
             mine.sendall(start[sent:])
             channel = moshpit_ipc.Channel(mine)
             started = channel.receive()
             if started is None or started.get("error"):
                 raise ShellError(started.get("error") if started else
                                  "the session process ended before starting the shell")
+            pid = int(started["pid"])
+            with self._lock:
+                if spawned in self._processes:  # (not reaped yet)
+                    self._processes[spawned] = (what, pid)
         except (ShellError, OSError, moshpit_ipc.IpcError) as e:
             mine.close()
             _unlink(path)
