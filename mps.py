@@ -1351,9 +1351,10 @@ def run_spawner(sock_fd: int) -> int:
 PRELOADED_MODULES = ("encodings.idna", "unicodedata", "stringprep")
 
 
-def _spawner_loop(sock: socket.socket, settings: dict) -> int:
+def _spawner_loop(sock: socket.socket, settings: dict, ahead: bool = True) -> int:
     """The spawner's work (single-threaded): hand each ``spawn`` message's descriptors to
-    a session process, report exits, return at the end of ``sock``."""
+    a session process (with ``ahead``, one forked in advance), report exits, return at the
+    end of ``sock``."""
     for name in PRELOADED_MODULES:
         importlib.import_module(name)
     if settings["use_pam"]:  # loaded once, shared: not in each session's own memory
@@ -1369,7 +1370,7 @@ def _spawner_loop(sock: socket.socket, settings: dict) -> int:
     with selectors.DefaultSelector() as sel:
         sel.register(sock, selectors.EVENT_READ, "listener")
         sel.register(child_r, selectors.EVENT_READ, "child")
-        warm = _WarmProcess(settings, (sel, sock, child_r, child_w))
+        warm = _WarmProcess(settings, (sel, sock, child_r, child_w), ahead)
         while True:
             for key, _ in sel.select():
                 if key.data == "child":
@@ -1399,16 +1400,17 @@ class _WarmProcess:
     the spawner does not: the settings and the shared modules. It exits when the spawner
     closes its end (the listener stopped)."""
 
-    def __init__(self, settings: dict, spawner_fds: tuple):
+    def __init__(self, settings: dict, spawner_fds: tuple, ahead: bool):
         self.settings = settings
         self.spawner_fds = spawner_fds
+        self.ahead = ahead  # False: fork at each login (mp --ssh's single session)
         self.pid = 0
         self.sock: Optional[socket.socket] = None
         self.prepare()
 
     def prepare(self) -> None:
         """Fork the waiting process (if none waits); without one, ``take`` forks."""
-        if self.sock is not None:
+        if self.sock is not None or not self.ahead:
             return
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -1533,7 +1535,8 @@ class Spawner:
         """``fork`` mode (mp --ssh's one-session server: its modules may exist only in its
         memory, so there is nothing to exec): the spawner is a fork of this process, which
         must be single-threaded here. It runs as the same user; it has a copy of that
-        session's own host key (made for it, dropped with it)."""
+        session's own host key (made for it, dropped with it). It forks no session process
+        ahead: there is only one session."""
         if threading.active_count() != 1:
             raise MoshpitError("internal error: the spawner can only be forked before any "
                                "thread starts")
@@ -1545,7 +1548,7 @@ class Spawner:
             status = 1
             try:
                 mine.close()
-                status = _spawner_loop(theirs, self.init["settings"])
+                status = _spawner_loop(theirs, self.init["settings"], ahead=False)
             finally:
                 os._exit(status)
         theirs.close()
