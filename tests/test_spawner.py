@@ -69,3 +69,30 @@ def test_a_session_process_waits_ready_and_holds_nothing(tmp_path, users):
         server.stop()
         if session:
             kill_pid(session, 2.0)
+
+
+# glibc's posix_spawn leaves its two internal signals (32, 33) ignored in the child: no
+# glibc program can use or even change them, and a program that uses them installs its own.
+GLIBC_INTERNAL_SIGNALS = (1 << 31) | (1 << 32)
+
+
+def test_the_shell_starts_as_sshd_starts_it(tmp_path, users):
+    """posix_spawn: the shell leads a session of its own with the PTY as its controlling
+    terminal, and what it runs has no signal ignored or blocked that mps ignores (SIGPIPE,
+    SIGXFSZ, SIGINT, SIGHUP)."""
+    alice = users.user()
+    with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM) as server:
+        authorize(alice, server.client_key)
+        with TestClient.for_server(server, user=alice.pw_name).connect() as client:
+            shell = int(client.run("echo $$"))
+            assert os.getsid(shell) == shell
+            assert client.run("ps -o tty= -p $$") == client.run("tty").replace("/dev/", "")
+            status = dict(line.split(":\t", 1) for line in client.run(
+                "grep -E '^Sig(Ign|Blk)' /proc/self/status").splitlines())
+            assert int(status["SigIgn"], 16) & ~GLIBC_INTERNAL_SIGNALS == 0
+            assert int(status["SigBlk"], 16) == 0
+            client.send("sleep 30; echo un''interrupted\n")  # its echo differs
+            wait_for(lambda: proc_children(shell, recursive=False), 10, "the sleep to start")
+            client.send("\x03")  # the terminal's ^C reaches its foreground group
+            assert client.run("echo after") == "after"
+            assert b"uninterrupted" not in client.output
