@@ -955,6 +955,7 @@ def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: 
 RUNTIME_DIR = "/run/moshpit"  # root's; a plain user's is under ~/.config/moshpits
 START_WAIT_SECS = 30.0  # a session process waits this long for its start and its go
 SPAWN_WAIT_SECS = 10.0  # the listener waits this long for the spawner to fork
+SPAWN_AHEAD_DELAY_SECS = 0.05  # after a login, the spawner forks the next process this late
 CLAIM_WAIT_SECS = 2.0  # a listener at start waits this long for each running session
 DESCRIBE_WORKERS = 8  # session processes a listing (or a login's count) asks at once
 SESSION_SOCKET_BACKLOG = 4  # listeners and mps --stop-sessions connecting at once
@@ -1360,7 +1361,10 @@ def _spawner_loop(sock: socket.socket, settings: dict, ahead: bool = True) -> in
         sel.register(child_r, selectors.EVENT_READ, "child")
         warm = _WarmProcess(settings, (sel, sock, child_r, child_w), ahead)
         while True:
-            for key, _ in sel.select():
+            events = sel.select(warm.wait_secs(time.monotonic()))
+            if not events:
+                warm.prepare()
+            for key, _ in events:
                 if key.data == "child":
                     os.read(child_r, WAKE_READ_SIZE)
                     _report_exits(sock)
@@ -1378,7 +1382,7 @@ def _spawner_loop(sock: socket.socket, settings: dict, ahead: bool = True) -> in
                 for fd in fds:
                     os.close(fd)
                 moshpit_ipc.send_packet(sock, {"op": "spawned", "pid": pid, "error": error})
-                warm.prepare()  # the next login's process, forked while nobody waits
+                warm.taken(time.monotonic())
 
 
 class _WarmProcess:
@@ -1394,10 +1398,21 @@ class _WarmProcess:
         self.ahead = ahead  # False: fork at each login (mp --ssh's single session)
         self.pid = 0
         self.sock: Optional[socket.socket] = None
+        self._prepare_at: Optional[float] = None
         self.prepare()
+
+    def taken(self, now: float) -> None:
+        """A login took the waiting process: fork the next one once that login's start is
+        over (a fork now would compete for the CPU with the start it waits for)."""
+        self._prepare_at = now + SPAWN_AHEAD_DELAY_SECS
+
+    def wait_secs(self, now: float) -> Optional[float]:
+        """How long the spawner may sleep before it forks the next waiting process."""
+        return None if self._prepare_at is None else max(0.0, self._prepare_at - now)
 
     def prepare(self) -> None:
         """Fork the waiting process (if none waits); without one, ``take`` forks."""
+        self._prepare_at = None
         if self.sock is not None or not self.ahead:
             return
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
