@@ -63,6 +63,7 @@ WTMP_PATH = "/var/log/wtmp"
 LASTLOG_PATH = "/var/log/lastlog"
 PAM_SERVICE = "moshpit"
 PAM_SERVICE_DIRS = ("/etc/pam.d", "/usr/lib/pam.d", "/lib/pam.d")
+PAM_CONF = "/etc/pam.conf"  # read by Linux-PAM only where /etc/pam.d does not exist
 MAX_SHADOW_BYTES = 16 << 20  # a larger /etc/shadow is not one we should parse
 MAX_NOLOGIN_BYTES = 1024  # text shown to the client (sshd reads it in 1 KiB lines too)
 DAY_SECS = 86400
@@ -465,12 +466,23 @@ def libpam() -> Optional[_Libpam]:
     return _libpam
 
 
-def pam_service_configured(service: str = PAM_SERVICE) -> bool:
-    """Whether PAM has a service file for ``service`` (or /etc/pam.conf, which may list it).
-    Without one PAM would use "other", which denies everything on some systems (Fedora) and
-    runs a whole login stack on others: mps then keeps to its built-in checks."""
-    return os.path.exists("/etc/pam.conf") or any(
-        os.path.exists(os.path.join(d, service)) for d in PAM_SERVICE_DIRS)
+def pam_service_configured(service: str = PAM_SERVICE,
+                           dirs: Sequence[str] = PAM_SERVICE_DIRS,
+                           conf: str = PAM_CONF) -> bool:
+    """Whether PAM has a service file for ``service`` in ``dirs``, or, where the first of
+    them (/etc/pam.d) does not exist, a line for it in ``conf`` (/etc/pam.conf: Linux-PAM
+    reads it only then; Debian ships one of comments alone). Without one PAM would use
+    "other", which denies everything on some systems (Fedora) and runs a whole login stack
+    on others: mps then keeps to its built-in checks."""
+    if any(os.path.exists(os.path.join(d, service)) for d in dirs):
+        return True
+    if os.path.isdir(dirs[0]):
+        return False
+    try:
+        with open(conf, encoding="utf-8", errors="replace") as lines:
+            return any(line.split()[:1] == [service] for line in lines)
+    except OSError:
+        return False
 
 
 def pam_available(service: str = PAM_SERVICE, asked: bool = False) -> bool:
