@@ -129,6 +129,22 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
     return env
 
 
+def _close_on_exec_above_stdio() -> None:
+    """Mark every descriptor above 2 close-on-exec, so that none reaches the shell (sshd
+    closes them all): those that came over SCM_RIGHTS (the session's control, UDP and
+    listening sockets) are inheritable, and so may be what PAM modules or NSS opened."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: Python's own descriptors are close-on-exec already
+        return
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the directory listdir read, closed since
+
+
 class ShellProcess:
     """The login shell, started by ``spawn`` (what subprocess.Popen would be, for a child
     it cannot start): ``poll``/``wait``/``kill`` as Popen's."""
@@ -160,6 +176,7 @@ class ShellProcess:
                        (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
         else:
             actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+        _close_on_exec_above_stdio()
         try:
             os.chdir(cwd)
             try:

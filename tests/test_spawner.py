@@ -78,8 +78,9 @@ GLIBC_INTERNAL_SIGNALS = (1 << 31) | (1 << 32)
 
 def test_the_shell_starts_as_sshd_starts_it(tmp_path, users):
     """posix_spawn: the shell leads a session of its own with the PTY as its controlling
-    terminal, and what it runs has no signal ignored or blocked that mps ignores (SIGPIPE,
-    SIGXFSZ, SIGINT, SIGHUP)."""
+    terminal, holds no descriptor but the terminal (bash keeps a copy as 255), and what it
+    runs has no signal ignored or blocked that mps ignores (SIGPIPE, SIGXFSZ, SIGINT,
+    SIGHUP)."""
     alice = users.user()
     with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM) as server:
         authorize(alice, server.client_key)
@@ -91,6 +92,8 @@ def test_the_shell_starts_as_sshd_starts_it(tmp_path, users):
                 "grep -E '^Sig(Ign|Blk)' /proc/self/status").splitlines())
             assert int(status["SigIgn"], 16) & ~GLIBC_INTERNAL_SIGNALS == 0
             assert int(status["SigBlk"], 16) == 0
+            # no descriptor of the session process (its sockets came over SCM_RIGHTS)
+            assert sorted(client.run("command ls /proc/$$/fd").split()) == ["0", "1", "2", "255"]
             client.send("sleep 30; echo un''interrupted\n")  # its echo differs
             wait_for(lambda: proc_children(shell, recursive=False), 10, "the sleep to start")
             client.send("\x03")  # the terminal's ^C reaches its foreground group
