@@ -2082,28 +2082,19 @@ class Server:
         session.client_key = auth.client_key
         request = auth.request
         recv_offset = session.take_over(auth.keys, request.rows, request.cols, auth.peer)
-        if recv_offset is None:
-            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        f"session {session.name} ended before the takeover")
-        return _grant(session, recv_offset)
+        return _grant(session, recv_offset, gone="ended before the takeover")
 
     def _kill_session(self, auth):
         """mp --kill: end a session of the user's, whoever holds it."""
         session = self._users_session(auth, "kill")
         recv_offset = session.end_by_client(
             f"session killed by mp --kill from {moshpit.format_addr(auth.peer)}")
-        if recv_offset is None:
-            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        f"session {session.name} had ended before the kill")
-        return _grant(session, recv_offset)
+        return _grant(session, recv_offset, gone="had ended before the kill")
 
     def _resume(self, auth):
         session = self._owned_session(auth, "resume")
         recv_offset = session.resume(auth.keys, auth.request.resume_recv_offset)
-        if recv_offset is None:
-            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        f"session {session.name} ended during the resume")
-        return _grant(session, recv_offset)
+        return _grant(session, recv_offset, gone="ended during the resume")
 
     def _quit_session(self, auth):
         """The client quit while UDP was down: end its session now rather than keep it
@@ -2111,10 +2102,7 @@ class Server:
         the shell); "no such session" if the session had ended anyway."""
         session = self._owned_session(auth, "quit request")
         recv_offset = session.end_by_client()
-        if recv_offset is None:
-            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        f"session {session.name} had ended before the quit request")
-        return _grant(session, recv_offset)
+        return _grant(session, recv_offset, gone="had ended before the quit request")
 
     def _claim_slot(self, user: str) -> None:
         """Count a new session of ``user`` against max_sessions and max_sessions_per_user
@@ -2236,9 +2224,14 @@ def _forwarding_setup(config, forward_agent: bool, pw: pwd.struct_passwd,
     return policy, agent_dir, not root_server or pw.pw_uid == 0
 
 
-def _grant(session: SessionProcess, recv_offset: int, detached: int = 0):
+def _grant(session: SessionProcess, recv_offset: Optional[int], detached: int = 0,
+           gone: str = "has ended"):
     """What the client is told about its session: where it is and how to resume it (and,
-    for a new one, how many of the user's sessions are detached)."""
+    for a new one, how many of the user's sessions are detached). ``recv_offset`` None: the
+    session answered that it had ended first; the client hears "no such session" and the
+    log says when (``gone``)."""
+    if recv_offset is None:
+        raise handshake.AuthRefused(handshake.NO_SUCH_SESSION, f"session {session.name} {gone}")
     return handshake.SessionGrant(session_id=session.session_id,
                                   resume_secret=session.resume_secret,
                                   udp_port=session.udp_port, recv_offset=recv_offset,
