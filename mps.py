@@ -1537,17 +1537,30 @@ class SessionProcess:
                           "client_key": self.client_key.to_line()}, "recv_offset")
 
     def describe(self) -> Optional[handshake.SessionInfo]:
-        info = self._ask({"op": "describe"}, "info")
+        """None if the session is gone, or too slow to answer (one busy session leaves
+        the others' listing alone)."""
+        try:
+            info = self._ask({"op": "describe"}, "info")
+        except handshake.AuthRefused as slow:
+            log.warning("%s", slow)
+            return None
         return None if info is None else handshake.SessionInfo(**info)
 
     def end_by_client(self, reason: Optional[str] = None) -> Optional[int]:
         return self._ask({"op": "end", "reason": reason}, "recv_offset")
 
     def shutdown(self) -> None:
-        self._ask({"op": "shutdown"}, "op")
+        try:
+            self._ask({"op": "shutdown"}, "op")
+        except handshake.AuthRefused as slow:
+            log.warning("%s", slow)  # it ends when it gets to the request
 
     def _ask(self, message: dict, answer: str):
-        """Send a request; the named field of its reply, None if the session is gone."""
+        """Send a request; the named field of its reply, None if the session is gone.
+
+        A session process that is alive but slow to answer (a flood on a loaded machine)
+        has not ended: the client is told the server is busy, which it retries, rather
+        than that its session no longer exists, which would end it."""
         with self._lock:
             self._next_id += 1
             message["id"] = self._next_id
@@ -1560,7 +1573,9 @@ class SessionProcess:
                 try:
                     reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    return None
+                    raise handshake.AuthRefused(
+                        handshake.SERVER_BUSY, f"session {self.name} did not answer a "
+                        f"{message['op']} request within {RESUME_WAIT_SECS + 1.0:g} s") from None
                 if reply is None:
                     self._replies.put(None)  # the channel is closed: so for later requests
                     return None
