@@ -448,6 +448,11 @@ REPLACED_SECRETS_KEPT = 4
 REPAINT_TOO_LARGE = b"\x1b[0m\x1b[r\x1b[H\x1b[2J"  # a cleared screen in place of the repaint
 
 
+class SessionBusy(moshpit.MoshpitError):
+    """The session thread did not take a request in time: the session lives, but the
+    client is told the server is busy (it retries) rather than that its session is gone."""
+
+
 class _Request:
     """A request handed from a handshake thread to the session thread; answered with the
     session's received-input offset (None: the session ended meanwhile)."""
@@ -620,8 +625,11 @@ class Session:
         return self._ask(_EndRequest(reason))
 
     def _ask(self, request: _Request) -> Optional[int]:
-        self._post(request)
-        request.done.wait(RESUME_WAIT_SECS)
+        """Hand ``request`` to the session thread and wait for its answer. Not taken in
+        time (a flood on a loaded machine) is not "ended": SessionBusy."""
+        if self._post(request) and not request.done.wait(RESUME_WAIT_SECS):
+            raise SessionBusy(f"session {self.name} did not take a request within "
+                              f"{RESUME_WAIT_SECS:g} s")
         return request.recv_offset
 
     def shutdown(self) -> None:
@@ -1128,7 +1136,11 @@ class SessionControl:
                 message = channel.receive()
                 if message is None:
                     break
-                reply = self._answer(channel, message)
+                try:
+                    reply = self._answer(channel, message)
+                except SessionBusy as busy:
+                    log.warning("%s", busy)
+                    reply = {"busy": True}
                 if reply is not None:
                     channel.send(dict(reply, op="reply", id=message.get("id")))
                 if not channel.pending:
@@ -1573,13 +1585,15 @@ class SessionProcess:
                 try:
                     reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    raise handshake.AuthRefused(
-                        handshake.SERVER_BUSY, f"session {self.name} did not answer a "
-                        f"{message['op']} request within {RESUME_WAIT_SECS + 1.0:g} s") from None
+                    reply = {"id": message["id"], "busy": True}
                 if reply is None:
                     self._replies.put(None)  # the channel is closed: so for later requests
                     return None
                 if reply.get("id") == message["id"]:
+                    if reply.get("busy"):
+                        raise handshake.AuthRefused(
+                            handshake.SERVER_BUSY, f"session {self.name} was too busy to "
+                            f"answer a {message['op']} request in time")
                     return reply.get(answer)
 
     def _read(self) -> None:
