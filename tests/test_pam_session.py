@@ -19,10 +19,10 @@ import stat
 
 import moshpit_login
 import pytest
-from proc_util import pid_alive, wait_for
+from proc_util import parent_pid, pid_alive, wait_for
 from server_util import MpsServer, TestClient
 from test_procmodel import status_fields
-from test_server_login import parent_pid, private_etc  # noqa: F401  (fixture)
+from test_server_login import private_etc  # noqa: F401  (fixture)
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 
 pytestmark = [
