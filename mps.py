@@ -1302,8 +1302,9 @@ class PamMonitor:
     the PAM session and deletes the credentials as root (what pam_systemd, pam_mount or
     pam_exec scripts undo may need it) and exits as the child did: with its status, or
     killed by the same signal, so that the spawner reports a crash as the child's.
-    SIGTERM sent to it is passed on to the child. It execs nothing: a fork shares the
-    pages it never writes, so it costs little memory."""
+    SIGTERM sent to it is passed on to the child. It execs nothing: its memory of its own
+    is the pages its child rewrote since the fork (about 2 MB, README "Accounts and login
+    records")."""
 
     def __init__(self, pam: moshpit_login.PamLogin):
         self.pam = pam
