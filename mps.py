@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
 import dataclasses
 import errno
 import gc
@@ -980,6 +981,7 @@ def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: 
 RUNTIME_DIR = "/run/moshpit"  # root's; a plain user's is under ~/.config/moshpits
 START_WAIT_SECS = 30.0  # a session process waits this long for its start and its go
 SPAWN_WAIT_SECS = 10.0  # the listener waits this long for the spawner to fork
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent dies
 SPAWN_AHEAD_DELAY_SECS = 0.05  # after a login, the spawner forks the next process this late
 CLAIM_WAIT_SECS = 2.0  # a listener at start waits this long for each running session
 DESCRIBE_WORKERS = 8  # session processes a listing (or a login's count) asks at once
@@ -1232,7 +1234,7 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         signal.signal(sig, _note_signal)
     pam = None
     pam_env: Dict[str, str] = {}
-    forwarding = terminal = None
+    forwarding = terminal = monitor = None
     try:
         if os.geteuid() == 0:
             if settings["use_pam"]:  # --- PAM session: as root, before the uid change ---
@@ -1247,6 +1249,8 @@ def run_session_process(fds: List[int], settings: dict) -> int:
                                        (signal_r, signal_w, *(terminal or ())))
                 pam = None  # the monitor's, closed there as root
             become_user(pw)
+            if monitor is not None:
+                monitor.end_with_it()
         # --- forwarding: set up by the user's own process (it binds what the user may) ---
         forwarding = _forwarding_setup(settings["forwarding"], start["forward_agent"], pw,
                                        start["listener_uid"] == 0)
@@ -1309,11 +1313,23 @@ class PamMonitor:
     def __init__(self, pam: moshpit_login.PamLogin):
         self.pam = pam
         self.child = 0
+        self.monitor = os.getpid()
 
     def fork(self) -> bool:
         """Fork: True in the parent (the monitor), False in the child (the session)."""
         self.child = os.fork()
         return self.child != 0
+
+    def end_with_it(self) -> None:
+        """(The child, once the user: the kernel clears the setting at a uid change.) A
+        monitor killed (SIGKILL) could not close the PAM session: the child gets SIGTERM
+        then and ends the session as ``kill`` of it would, the client told."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("the session will not end with its PAM monitor: prctl: %s",
+                        os.strerror(ctypes.get_errno()))
+        elif os.getppid() != self.monitor:  # it died before the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _forward(self, signum, frame) -> None:
         try:

@@ -133,3 +133,18 @@ def test_a_crashed_session_process_still_closes_its_pam_session(tmp_path, users,
         assert closes(log)[1]["tty"] == other_tty
         doomed.close()
         other.close()
+
+
+def test_a_killed_monitor_ends_its_session(tmp_path, users, pam_recording):
+    """SIGKILL to a monitor (it cannot pass that on): its child gets SIGTERM from the kernel
+    (the parent-death signal) and ends the session as a kill of it would, the client told."""
+    python, _log = pam_recording
+    alice = users.user()
+    with MpsServer(tmp_path, authorized_keys_file=False, python=python) as server:
+        authorize(alice, server.client_key)
+        client = TestClient.for_server(server, user=alice.pw_name).connect()
+        worker = parent_pid(int(client.run("echo $$")))
+        os.kill(parent_pid(worker), signal.SIGKILL)
+        wait_for(lambda: client.pump(0.1) or client.shutdown_reason, 10, "the shutdown notice")
+        wait_for(lambda: not pid_alive(worker), 10, "the session process to exit")
+        client.close()
