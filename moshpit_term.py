@@ -826,12 +826,14 @@ class Terminal:
     @staticmethod
     def _plain_lines_to_end(text: str, pos: int) -> Optional[Tuple[List[str], int]]:
         """The lines from ``pos`` to the last CR LF of ``text`` and where they end, if all of
-        them are plain (printable ASCII, each ending in CR LF), else None. What a flood's chunk (base64,
-        logs, ``yes``) looks like; checked with a few whole-string C operations rather than
-        the regex, which costs more than everything else a plain line needs."""
-        stop = text.rfind("\r\n", pos) + 2
-        if stop <= pos:
+        them are plain (printable ASCII, each ending in CR LF), else None. What a flood's
+        chunk (base64, logs, ``yes``) looks like; checked with a few whole-string C
+        operations rather than the regex, which costs more than everything else a plain
+        line needs."""
+        last = text.rfind("\r\n", pos)
+        if last < 0:
             return None
+        stop = last + 2
         taken = text[pos:stop]
         if not taken.isascii():
             return None
