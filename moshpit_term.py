@@ -39,6 +39,7 @@ Client API (never leave the local terminal broken; local echo prediction)::
     term.uncertain                 # set by unknown/malformed sequences; clear by assigning
     term.alt_screen, term.insert_mode, term.origin_mode, term.autowrap, term.g0_charset
     term.scroll_count              # lines moved by scrolling, IL/DL (changes = a scroll)
+    term.main_scroll_count         # ... of them on the main screen
     term.render_cell(row, col)     # bytes: CUP + SGR + glyph repainting that cell
     term.cursor_sequence()         # bytes: back to the model's cursor and pen
 
@@ -299,6 +300,7 @@ class Terminal:
         self.last_unknown = ""
         self.uncertain = False
         self.scroll_count = 0
+        self.main_scroll_count = 0  # of those, on the main screen
         self.bell_count = 0
         self.title: Optional[str] = None  # None: never set by the stream
         self.icon_name: Optional[str] = None
@@ -927,7 +929,7 @@ class Terminal:
             line.attrs = [pen] * used + [erase] * (cols - used)
             line.wrapped = wrapped_rows is not None and i < last and wrapped_rows[i]
             screen.append(line)
-        self.scroll_count += count
+        self._scrolled(count)
 
     def _scroll_in_coloured(self, lines: List[str]) -> None:
         """``_scroll_in`` for lines with SGRs in them (coloured listings, compiler output):
@@ -970,7 +972,7 @@ class Terminal:
             line.attrs = cells
             line.wrapped = wrapped
             screen.append(line)
-        self.scroll_count += count
+        self._scrolled(count)
 
     def _linefeed(self) -> None:
         if self.y != self.bottom:
@@ -987,9 +989,14 @@ class Terminal:
             lines.append(fresh)
             if self.buf is self.main and self.history.maxlen:
                 self.history.append(self._store(gone))
-            self.scroll_count += 1
+            self._scrolled(1)
         else:
             self._scroll_up(1)
+
+    def _scrolled(self, count: int) -> None:
+        self.scroll_count += count
+        if self.buf is self.main:
+            self.main_scroll_count += count
 
     def _reverse_index(self) -> None:
         if self.y == self.top:
@@ -1031,7 +1038,7 @@ class Terminal:
         lines[self.bottom + 1 - count:self.bottom + 1 - count] = self._blank_lines(count)
         if top == 0 and self.buf is self.main and self.history.maxlen:
             self.history.extend(map(self._store, gone))
-        self.scroll_count += count
+        self._scrolled(count)
 
     def _scroll_down(self, count: int, top: Optional[int] = None) -> None:
         top = self.top if top is None else top
@@ -1041,7 +1048,7 @@ class Terminal:
         lines = self.buf.lines
         del lines[self.bottom + 1 - count:self.bottom + 1]
         lines[top:top] = self._blank_lines(count)
-        self.scroll_count += count
+        self._scrolled(count)
 
     def _erase(self, line: _Line, start: int, stop: int) -> None:
         """Blank columns start..stop-1, splitting wide glyphs cut at either edge."""

@@ -252,6 +252,7 @@ def test_scroll_counter_and_history():
     assert len(term.history) == 3 and term.scroll_count == 5
     term.feed(b"\x1b[r\x1b[?1049h" + b"\n" * 9 + b"\x1b[?1049l")
     assert [text for text, _ in term.history_painted()][-1] == "line 3"  # alt screen: no history
+    assert term.scroll_count == 10 and term.main_scroll_count == 5  # the alt screen's apart
     term.feed(b"\x1b[3J")
     assert not term.history
 
@@ -358,7 +359,8 @@ def full_state(term: mterm.Terminal) -> dict:
     state = visible_state(term)
     state.update(alt=screen_state(term, term.alt), history=term.history_painted(),
                  queries=list(term.queries), counters=(term.queries_total, term.unknown_count,
-                                                       term.scroll_count, term.bell_count),
+                                                       term.scroll_count, term.bell_count,
+                                                       term.main_scroll_count),
                  uncertain=term.uncertain, ground=term.in_ground_state,
                  wrapped=[line.wrapped for line in term.main.lines], alt_mode=term.alt_mode,
                  title_stack=list(term._title_stack), saved=(term.main.saved, term.alt.saved))
