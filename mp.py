@@ -632,9 +632,8 @@ class ScreenMirror:
 
     def catch_up(self) -> None:
         if self._unfed:
-            data = bytes(self._unfed)
+            self.term.feed(self._unfed)  # decoded into text of its own: no copy kept
             self._unfed.clear()
-            self.term.feed(data)
 
     @property
     def main_aligned(self) -> bool:
