@@ -614,7 +614,8 @@ class ScreenMirror:
 
     def __init__(self, rows: int, cols: int):
         self.term = moshpit_term.Terminal(rows, cols, history_limit=0)
-        self._unfed = bytearray()
+        self._unfed: list = []  # chunks (joined once: no regrowing buffer)
+        self._unfed_bytes = 0
 
     def feed(self, data: bytes) -> None:
         self.catch_up()
@@ -622,8 +623,9 @@ class ScreenMirror:
 
     def defer(self, data: bytes) -> None:
         """Feed ``data`` later: at the next question, or once SCREEN_DEFER_BYTES wait."""
-        self._unfed += data
-        if len(self._unfed) >= SCREEN_DEFER_BYTES:
+        self._unfed.append(data)
+        self._unfed_bytes += len(data)
+        if self._unfed_bytes >= SCREEN_DEFER_BYTES:
             self.catch_up()
 
     def behind(self) -> bool:
@@ -632,8 +634,10 @@ class ScreenMirror:
 
     def catch_up(self) -> None:
         if self._unfed:
-            self.term.feed(self._unfed)  # decoded into text of its own: no copy kept
+            data = b"".join(self._unfed)
             self._unfed.clear()
+            self._unfed_bytes = 0
+            self.term.feed(data)
 
     @property
     def main_aligned(self) -> bool:

@@ -203,7 +203,7 @@ def test_mirror_defers_at_most_a_bound():
     line = b"y" * 98 + b"\r\n"
     for _ in range(mp.SCREEN_DEFER_BYTES // len(line) + 1):
         late.defer(line)
-    assert len(late._unfed) < mp.SCREEN_DEFER_BYTES
+    assert late._unfed_bytes < mp.SCREEN_DEFER_BYTES
     assert late.term.scroll_count > 0, "the model caught up once the bound was reached"
 
 
