@@ -1066,14 +1066,20 @@ class SessionControl:
         self.allowed_uids = {0, listener_uid}
         self.client_address = client_address
         self.logged_out = False
+        self.shell_exit: dict = {}  # how the shell ended, once it has: shell_exit_report
+        # The relay of this process's log records (None where logging is the process's own).
+        self.log_sender = moshpit_ipc.LogSender.installed()
 
     def logged_out_now(self) -> None:
-        """(Session thread.) The shell is gone: the listener closes the login record."""
+        """(Session thread.) The shell is gone: the listener closes the login record and
+        notes how the shell ended (a listener that claimed the session after a restart is
+        not its parent: it learns the status only so)."""
+        self.shell_exit = shell_exit_report(getattr(self.session.shell, "proc", None))
         self.logged_out = True
         owner = self.owner
         if owner is not None:
             try:
-                owner.send({"op": "logout"})
+                owner.send(dict(self.shell_exit, op="logout"))
             except OSError:
                 pass  # the listener is gone: its successor reads ``logged_out`` at its claim
 
@@ -1084,6 +1090,8 @@ class SessionControl:
             sel.register(self.host.ended_r, selectors.EVENT_READ, "ended")
             sel.register(self.signal_fd, selectors.EVENT_READ, "signal")
             sel.register(self.owner.sock, selectors.EVENT_READ, self.owner)
+            if self.log_sender is not None:
+                self.log_sender.attach(self.owner)  # the listener that started the session
             if self.owner.pending:  # read along with "go" (the carrier, say)
                 self._serve(sel, self.owner)
             while True:
@@ -1131,11 +1139,16 @@ class SessionControl:
                 reply = self._answer(channel, message)
                 if reply is not None:
                     channel.send(dict(reply, op="reply", id=message.get("id")))
+                if (message.get("op") == "claim" and message.get("logs") is True
+                        and self.log_sender is not None):
+                    self.log_sender.attach(channel)  # after the claim's answer, as it expects
                 if not channel.pending:
                     return
         except (OSError, moshpit_ipc.IpcError, KeyError, TypeError, ValueError) as e:
             log.warning("session %s: control connection dropped: %s", self.session.name, e)
         sel.unregister(channel.sock)
+        if self.log_sender is not None:
+            self.log_sender.detach(channel)
         channel.close()
         if channel is self.owner:
             self.owner = None
@@ -1180,7 +1193,31 @@ class SessionControl:
                 "replaced_secrets": list(session.replaced_secrets),
                 "udp_port": session.udp_port, "pid": os.getpid(),
                 "shell_pid": session.shell.pid, "tty": session.shell.tty_path,
-                "client_address": self.client_address, "logged_out": self.logged_out}
+                "client_address": self.client_address, "logged_out": self.logged_out,
+                "shell_exit": self.shell_exit}
+
+
+def shell_exit_report(proc) -> dict:
+    """How a reaped shell ended, for the listener: {"status": N} or {"signal": N}; {} if it
+    is unknown (mp -N has no shell; not reaped)."""
+    code = getattr(proc, "returncode", None)
+    if code is None:
+        return {}
+    return {"signal": -code} if code < 0 else {"status": code}
+
+
+def describe_shell_exit(report: dict) -> str:
+    """The log's words for a shell_exit_report from a session process (not trusted: a
+    malformed one is "unknown")."""
+    status, sig = report.get("status"), report.get("signal")
+    if isinstance(status, int) and not isinstance(status, bool):
+        return f"its shell exited with status {status}"
+    if isinstance(sig, int) and not isinstance(sig, bool):
+        try:
+            return f"its shell was killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"its shell was killed by signal {sig}"
+    return "its shell's exit status is unknown"
 
 
 def _note_signal(signum, frame) -> None:
@@ -1338,12 +1375,23 @@ def _session_process_main(fds: List[int], settings: dict, spawner_fds: tuple) ->
         sock.close()
         os.close(child_r)
         os.close(child_w)
+        _log_through_listener()
         status = run_session_process(fds, settings)
     except BaseException:
         log.exception("session process %d failed", os.getpid())
     finally:
         logging.shutdown()
         os._exit(status)
+
+
+def _log_through_listener() -> None:
+    """(Session process, first thing.) Give up the spawner's log file and stderr (root's,
+    the listener's): the session's records go to its listener (moshpit_ipc "Log relay")."""
+    moshpit.relay_logging(moshpit_ipc.LogSender())
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _report_exits(sock: socket.socket) -> None:
@@ -1487,7 +1535,13 @@ class SessionProcess:
         self.pid = int(state["pid"])
         self.record = record
         self.socket_path = socket_path
-        self.adopted = False  # claimed from a previous listener: not our spawner's child
+        # How its shell ended, as the session process reports it (state: a shell that
+        # ended before our claim): the status is ours to log even when the process is not
+        # our spawner's child.
+        self.shell_exit = state.get("shell_exit") if isinstance(state.get("shell_exit"),
+                                                                dict) else {}
+        self.log_receiver = moshpit_ipc.LogReceiver(f"{self.name} {self.user}")
+        channel.on_log = self.log_receiver
         self.thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -1576,10 +1630,12 @@ class SessionProcess:
                 if message.get("op") == "reply":
                     self._replies.put(message)
                 elif message.get("op") == "logout":
+                    self.shell_exit = message
                     self.record.close()  # --- login records: the shell has gone ---
         except (OSError, moshpit_ipc.IpcError) as e:
             if not self.server.stopping:
                 log.warning("session %s: its control channel failed: %s", self.name, e)
+        self.log_receiver.close()
         self._replies.put(None)
         self.server.session_ended(self)
 
@@ -1596,14 +1652,15 @@ def _unlink(path: str) -> None:
 def claim_session(path: str, expected_uid: Optional[int] = None) -> tuple:
     """Connect to a running session's socket and claim it: (channel, state). ``expected_uid``
     (a listener's claim): the session process must run as the user it says it serves
-    (SO_PEERCRED), else MoshpitError. OSError if nothing answers there."""
+    (SO_PEERCRED), else MoshpitError; it also relays its log records to us from then on.
+    OSError if nothing answers there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(CLAIM_WAIT_SECS)
     try:
         sock.connect(path)
         channel = moshpit_ipc.Channel(sock)
         _, uid, _ = moshpit_ipc.peer_credentials(sock)
-        channel.send({"op": "claim", "id": 0})
+        channel.send({"op": "claim", "id": 0, "logs": expected_uid is not None})
         state = channel.receive()
         if state is None:
             raise ConnectionResetError(errno.ECONNRESET, "closed at once")
@@ -1814,7 +1871,6 @@ class Server:
             record.opened = bool(state["tty"]) and not state["logged_out"] and (
                 os.geteuid() == 0)  # --- login records: the previous mps opened it ---
             session = SessionProcess(self, channel, state, record, path)
-            session.adopted = True
             with self._lock:
                 self._sessions[session.session_id] = session
             session.start()
@@ -1949,9 +2005,8 @@ class Server:
             self._sessions.pop(session.session_id, None)
         session.record.close()  # --- login records: even after a crash ---
         _unlink(session.socket_path)
-        log.info("session %s of %s: its process %d has ended%s", session.name, session.user,
-                 session.pid, " (claimed after a restart: exit status unknown)" if session.adopted
-                 else "")
+        log.info("session %s of %s: its process %d has ended; %s", session.name, session.user,
+                 session.pid, describe_shell_exit(session.shell_exit))
 
     def _process_exited(self, pid: int, status: int) -> None:
         """(Spawner's reader thread.) A session process has exited: a crash is logged."""
