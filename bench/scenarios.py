@@ -31,7 +31,7 @@ from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline,
 from relay import free_port
 from server_util import TestClient
 from tools import (BACK, CLIENT_ENV, Client, Network, Tool, client_usage, pss_total,
-                   server_pss, server_usage, server_wakeups, tcp_listening)
+                   server_pss, server_usage, server_wakeups, tcp_listening, wakeups)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ATTACK_UTIL = os.path.join(os.path.dirname(HERE), "tests", "attack_util.py")
@@ -713,13 +713,18 @@ class Roam(Scenario):
         return {"roam": times}
 
 
+IDLE_AFTER_INPUT_SECS = 4.0
+
+
 class Idle(Scenario):
     """Server CPU, wake-ups and memory of one idle session (and the client's CPU).  Memory
     per session is the server side's RSS (and PSS: shared pages divided among the processes
     sharing them) with the session minus before it, so a shared listener (sshd's, moshpit's)
     is not counted against the session; a second session's figures show what each more
     session costs.  Wake-ups are the server threads' context switches while idle (the
-    client's keepalives included, which wake every tool's server)."""
+    client's keepalives included, which wake every tool's server), and the client's.  Idle
+    starts IDLE_AFTER_INPUT_SECS after the last key typed (the shell's readiness check):
+    moshpit's server polls the PTY's mode (echo off for a password?) for 3 s after input."""
 
     name = "idle"
     title = "idle session"
@@ -730,7 +735,8 @@ class Idle(Scenario):
                Metric("server_pss", "server PSS first session", "MB", scale=1.0),
                Metric("server_pss_next", "server PSS next session", "MB", scale=1.0),
                Metric("server_rss_total", "server RSS total", "MB", scale=1.0),
-               Metric("client_cpu", "client idle CPU", "%", scale=1.0))
+               Metric("client_cpu", "client idle CPU", "%", scale=1.0),
+               Metric("client_wakeups", "client wake-ups idle", "/s", scale=1.0))
 
     def run(self, ctx: Context) -> dict:
         time.sleep(1.0)  # the server's processes are done starting (moshpit's spawner)
@@ -739,14 +745,16 @@ class Idle(Scenario):
         ctx.session = ctx.open_session()
         seconds = 4.0 if ctx.quick else 10.0
         client = ctx.session.client
-        time.sleep(1.0)
+        time.sleep(IDLE_AFTER_INPUT_SECS)
         server0, _ = server_usage(ctx.tool, client)
         wakeups0 = server_wakeups(ctx.tool, client)
         client0, _ = client_usage(client)
+        client_wakeups0 = wakeups([client.term.pid])
         time.sleep(seconds)
         server1, rss = server_usage(ctx.tool, client)
         wakeups1 = server_wakeups(ctx.tool, client)
         client1, _ = client_usage(client)
+        client_wakeups1 = wakeups([client.term.pid])
         if rss == 0:
             raise ScenarioError("no server process found for the session")
         pss_one = server_pss(ctx.tool, client)
@@ -761,7 +769,8 @@ class Idle(Scenario):
                 "server_pss": [(pss_one - pss_before) / 1e6],
                 "server_pss_next": [(pss_two - pss_one) / 1e6],
                 "server_rss_total": [rss / 1e6],
-                "client_cpu": [(client1 - client0) / seconds * 100]}
+                "client_cpu": [(client1 - client0) / seconds * 100],
+                "client_wakeups": [(client_wakeups1 - client_wakeups0) / seconds]}
 
 
 class Crowd(Scenario):
