@@ -1090,8 +1090,6 @@ class SessionControl:
             sel.register(self.host.ended_r, selectors.EVENT_READ, "ended")
             sel.register(self.signal_fd, selectors.EVENT_READ, "signal")
             sel.register(self.owner.sock, selectors.EVENT_READ, self.owner)
-            if self.log_sender is not None:
-                self.log_sender.attach(self.owner)  # the listener that started the session
             if self.owner.pending:  # read along with "go" (the carrier, say)
                 self._serve(sel, self.owner)
             while True:
@@ -1139,9 +1137,8 @@ class SessionControl:
                 reply = self._answer(channel, message)
                 if reply is not None:
                     channel.send(dict(reply, op="reply", id=message.get("id")))
-                if (message.get("op") == "claim" and message.get("logs") is True
-                        and self.log_sender is not None):
-                    self.log_sender.attach(channel)  # after the claim's answer, as it expects
+                if message.get("op") == "claim" and message.get("logs") is True:
+                    _relay_log_to(channel)  # after the claim's answer, as it expects
                 if not channel.pending:
                     return
         except (OSError, moshpit_ipc.IpcError, KeyError, TypeError, ValueError) as e:
@@ -1230,6 +1227,7 @@ def run_session_process(fds: List[int], settings: dict) -> int:
     run the session; the exit status of the process."""
     ctl_fd, udp_fd, listen_fd = fds
     channel = moshpit_ipc.Channel(socket.socket(fileno=ctl_fd), accept_fds=True)
+    _relay_log_to(channel)  # the listener that asks for this session
     udp_sock = socket.socket(fileno=udp_fd)
     listen_sock = socket.socket(fileno=listen_fd)
     channel.sock.settimeout(START_WAIT_SECS)
@@ -1394,6 +1392,13 @@ def _log_through_listener() -> None:
     os.close(devnull)
 
 
+def _relay_log_to(channel: moshpit_ipc.Channel) -> None:
+    """(Session process.) Send our log records to the listener at the end of ``channel``."""
+    sender = moshpit_ipc.LogSender.installed()
+    if sender is not None:
+        sender.attach(channel)
+
+
 def _report_exits(sock: socket.socket) -> None:
     """Reap ended session processes and tell the listener (the status: -N for signal N)."""
     while True:
@@ -1540,8 +1545,9 @@ class SessionProcess:
         # our spawner's child.
         self.shell_exit = state.get("shell_exit") if isinstance(state.get("shell_exit"),
                                                                 dict) else {}
-        self.log_receiver = moshpit_ipc.LogReceiver(f"{self.name} {self.user}")
-        channel.on_log = self.log_receiver
+        if channel.on_log is None:  # claimed (a new session's has relayed since its start)
+            channel.on_log = moshpit_ipc.LogReceiver(f"{self.name} {self.user}")
+        self.log_receiver = channel.on_log
         self.thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -2238,6 +2244,7 @@ class Server:
             with self._lock:
                 self._processes[pid] = f"session {session_id[:4].hex()} of {pw.pw_name}"
             channel = moshpit_ipc.Channel(mine)
+            channel.on_log = moshpit_ipc.LogReceiver(f"{session_id[:4].hex()} {pw.pw_name}")
             mine.settimeout(START_WAIT_SECS)
             channel.send({"op": "start", "user": pw.pw_name, "term": request.term,
                           "rows": request.rows, "cols": request.cols, "env": request.env,
