@@ -448,6 +448,11 @@ REPLACED_SECRETS_KEPT = 4
 REPAINT_TOO_LARGE = b"\x1b[0m\x1b[r\x1b[H\x1b[2J"  # a cleared screen in place of the repaint
 
 
+class SessionBusy(moshpit.MoshpitError):
+    """The session thread did not take a request in time: the session lives, but the
+    client is told the server is busy (it retries) rather than that its session is gone."""
+
+
 class _Request:
     """A request handed from a handshake thread to the session thread; answered with the
     session's received-input offset (None: the session ended meanwhile)."""
@@ -620,8 +625,11 @@ class Session:
         return self._ask(_EndRequest(reason))
 
     def _ask(self, request: _Request) -> Optional[int]:
-        self._post(request)
-        request.done.wait(RESUME_WAIT_SECS)
+        """Hand ``request`` to the session thread and wait for its answer. Not taken in
+        time (a flood on a loaded machine) is not "ended": SessionBusy."""
+        if self._post(request) and not request.done.wait(RESUME_WAIT_SECS):
+            raise SessionBusy(f"session {self.name} did not take a request within "
+                              f"{RESUME_WAIT_SECS:g} s")
         return request.recv_offset
 
     def shutdown(self) -> None:
@@ -1134,7 +1142,11 @@ class SessionControl:
                 message = channel.receive()
                 if message is None:
                     break
-                reply = self._answer(channel, message)
+                try:
+                    reply = self._answer(channel, message)
+                except SessionBusy as busy:
+                    log.warning("%s", busy)
+                    reply = {"busy": True}
                 if reply is not None:
                     channel.send(dict(reply, op="reply", id=message.get("id")))
                 if message.get("op") == "claim" and message.get("logs") is True:
@@ -1597,17 +1609,30 @@ class SessionProcess:
                           "client_key": self.client_key.to_line()}, "recv_offset")
 
     def describe(self) -> Optional[handshake.SessionInfo]:
-        info = self._ask({"op": "describe"}, "info")
+        """None if the session is gone, or too slow to answer (one busy session leaves
+        the others' listing alone)."""
+        try:
+            info = self._ask({"op": "describe"}, "info")
+        except handshake.AuthRefused as slow:
+            log.warning("%s", slow)
+            return None
         return None if info is None else handshake.SessionInfo(**info)
 
     def end_by_client(self, reason: Optional[str] = None) -> Optional[int]:
         return self._ask({"op": "end", "reason": reason}, "recv_offset")
 
     def shutdown(self) -> None:
-        self._ask({"op": "shutdown"}, "op")
+        try:
+            self._ask({"op": "shutdown"}, "op")
+        except handshake.AuthRefused as slow:
+            log.warning("%s", slow)  # it ends when it gets to the request
 
     def _ask(self, message: dict, answer: str):
-        """Send a request; the named field of its reply, None if the session is gone."""
+        """Send a request; the named field of its reply, None if the session is gone.
+
+        A session process that is alive but slow to answer (a flood on a loaded machine)
+        has not ended: the client is told the server is busy, which it retries, rather
+        than that its session no longer exists, which would end it."""
         with self._lock:
             self._next_id += 1
             message["id"] = self._next_id
@@ -1620,11 +1645,15 @@ class SessionProcess:
                 try:
                     reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    return None
+                    reply = {"id": message["id"], "busy": True}
                 if reply is None:
                     self._replies.put(None)  # the channel is closed: so for later requests
                     return None
                 if reply.get("id") == message["id"]:
+                    if reply.get("busy"):
+                        raise handshake.AuthRefused(
+                            handshake.SERVER_BUSY, f"session {self.name} was too busy to "
+                            f"answer a {message['op']} request in time")
                     return reply.get(answer)
 
     def _read(self) -> None:
@@ -2143,28 +2172,19 @@ class Server:
         session.client_key = auth.client_key
         request = auth.request
         recv_offset = session.take_over(auth.keys, request.rows, request.cols, auth.peer)
-        if recv_offset is None:
-            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        f"session {session.name} ended before the takeover")
-        return _grant(session, recv_offset)
+        return _grant(session, recv_offset, gone="ended before the takeover")
 
     def _kill_session(self, auth):
         """mp --kill: end a session of the user's, whoever holds it."""
         session = self._users_session(auth, "kill")
         recv_offset = session.end_by_client(
             f"session killed by mp --kill from {moshpit.format_addr(auth.peer)}")
-        if recv_offset is None:
-            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        f"session {session.name} had ended before the kill")
-        return _grant(session, recv_offset)
+        return _grant(session, recv_offset, gone="had ended before the kill")
 
     def _resume(self, auth):
         session = self._owned_session(auth, "resume")
         recv_offset = session.resume(auth.keys, auth.request.resume_recv_offset)
-        if recv_offset is None:
-            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        f"session {session.name} ended during the resume")
-        return _grant(session, recv_offset)
+        return _grant(session, recv_offset, gone="ended during the resume")
 
     def _quit_session(self, auth):
         """The client quit while UDP was down: end its session now rather than keep it
@@ -2172,10 +2192,7 @@ class Server:
         the shell); "no such session" if the session had ended anyway."""
         session = self._owned_session(auth, "quit request")
         recv_offset = session.end_by_client()
-        if recv_offset is None:
-            raise handshake.AuthRefused(handshake.NO_SUCH_SESSION,
-                                        f"session {session.name} had ended before the quit request")
-        return _grant(session, recv_offset)
+        return _grant(session, recv_offset, gone="had ended before the quit request")
 
     def _claim_slot(self, user: str) -> None:
         """Count a new session of ``user`` against max_sessions and max_sessions_per_user
@@ -2298,9 +2315,14 @@ def _forwarding_setup(config, forward_agent: bool, pw: pwd.struct_passwd,
     return policy, agent_dir, not root_server or pw.pw_uid == 0
 
 
-def _grant(session: SessionProcess, recv_offset: int, detached: int = 0):
+def _grant(session: SessionProcess, recv_offset: Optional[int], detached: int = 0,
+           gone: str = "has ended"):
     """What the client is told about its session: where it is and how to resume it (and,
-    for a new one, how many of the user's sessions are detached)."""
+    for a new one, how many of the user's sessions are detached). ``recv_offset`` None: the
+    session answered that it had ended first; the client hears "no such session" and the
+    log says when (``gone``)."""
+    if recv_offset is None:
+        raise handshake.AuthRefused(handshake.NO_SUCH_SESSION, f"session {session.name} {gone}")
     return handshake.SessionGrant(session_id=session.session_id,
                                   resume_secret=session.resume_secret,
                                   udp_port=session.udp_port, recv_offset=recv_offset,

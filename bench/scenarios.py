@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from acceptance_util import BANNER_RE
 from attack_util import ATTACK_SOURCES, IdleConnectionAttack, legitimate_logins
@@ -552,6 +553,42 @@ def download(port: int, timeout: float) -> tuple[bytes, float]:
     return digest.digest(), time.monotonic() - started
 
 
+def forwarded_download(ctx: Context, scenario: Scenario, megabytes: float, timeout: float,
+                       before: Callable[[], object] = lambda: None,
+                       during: Callable[[threading.Thread], object] = lambda t: None) -> dict:
+    """The forwarding scenarios' download: open a session forwarding a local port (-L) to a
+    source of ``megabytes`` random bytes on the server's side, set the network up as
+    ``scenario`` says, call ``before()``, download in a thread while ``during(thread)``
+    runs, and check the sha256 (a difference is an error). Returns the byte count, the
+    download's start (monotonic) and seconds, and what ``before`` and ``during`` returned."""
+    data = os.urandom(int(megabytes * 1e6))
+    source = DataSource(data)
+    try:
+        local = free_port(BACK, "tcp")
+        ctx.session = ctx.open_session(("-L", f"{local}:{BACK}:{source.port}"))
+        scenario.condition(ctx.net)
+        result: dict = {"bytes": len(data), "before": before()}
+
+        def fetch() -> None:
+            try:
+                result["digest"], result["seconds"] = download(local, timeout)
+            except OSError as err:
+                result["error"] = err
+        transfer = threading.Thread(target=fetch, daemon=True)
+        result["started"] = time.monotonic()
+        transfer.start()
+        time.sleep(1.0)  # the transfer under way before anything else happens
+        result["during"] = during(transfer)
+        transfer.join(timeout)
+        if "error" in result or transfer.is_alive():
+            raise ScenarioError(f"the download failed: {result.get('error', 'timed out')}")
+        if result.pop("digest") != hashlib.sha256(data).digest():
+            raise ScenarioError("the forwarded bytes differ from the source (sha256)")
+    finally:
+        source.close()
+    return result
+
+
 class Forwarded(Scenario):
     """A download through ``-L`` (the tool's port forwarding: mp -L, ssh -L) from a server
     on the server's side, at a given RTT and loss: wall time, MB/s, the sha256 compared
@@ -579,37 +616,20 @@ class Forwarded(Scenario):
                                scale=1.0))
 
     def run(self, ctx: Context) -> dict:
-        data = os.urandom(int(self.megabytes * 1e6))
-        source = DataSource(data)
-        try:
-            local = free_port(BACK, "tcp")
-            ctx.session = ctx.open_session(("-L", f"{local}:{BACK}:{source.port}"))
-            self.condition(ctx.net)
-            idle = ctx.session.echo_latencies(20, timeout=20.0)
-            result: dict = {}
-
-            def fetch() -> None:
-                try:
-                    result["digest"], result["seconds"] = download(local, self.timeout)
-                except OSError as err:
-                    result["error"] = err
-            transfer = threading.Thread(target=fetch, daemon=True)
-            transfer.start()
-            time.sleep(1.0)  # the transfer under way before the first keystroke
+        def echo_while(transfer: threading.Thread) -> list:
             busy = []
             while transfer.is_alive() and len(busy) < 200:
                 busy += ctx.session.echo_latencies(5, timeout=30.0)
-            transfer.join(self.timeout)
-            if "error" in result or transfer.is_alive():
-                raise ScenarioError(f"the download failed: {result.get('error', 'timed out')}")
-            if result["digest"] != hashlib.sha256(data).digest():
-                raise ScenarioError("the forwarded bytes differ from the source (sha256)")
             if len(busy) < 5:
                 raise ScenarioError("the transfer ended before echo could be measured")
-        finally:
-            source.close()
+            return busy
+
+        result = forwarded_download(
+            ctx, self, self.megabytes, self.timeout,
+            before=lambda: ctx.session.echo_latencies(20, timeout=20.0), during=echo_while)
+        idle, busy = result["before"], result["during"]
         return {"seconds": [result["seconds"]],
-                "rate": [len(data) / 1e6 / result["seconds"]],
+                "rate": [result["bytes"] / 1e6 / result["seconds"]],
                 "echo_idle": idle, "echo_busy": busy, "echo_busy_p95": busy,
                 "echo_ratio": [statistics.median(busy) / statistics.median(idle)]}
 
@@ -634,36 +654,15 @@ class ForwardedOutage(Scenario):
                                scale=1.0))
 
     def run(self, ctx: Context) -> dict:
-        data = os.urandom(int(self.megabytes * 1e6))
-        source = DataSource(data)
-        try:
-            local = free_port(BACK, "tcp")
-            ctx.session = ctx.open_session(("-L", f"{local}:{BACK}:{source.port}"))
-            self.condition(ctx.net)
-            result: dict = {}
-
-            def fetch() -> None:
-                try:
-                    result["digest"], result["seconds"] = download(local, self.timeout)
-                except OSError as err:
-                    result["error"] = err
-            transfer = threading.Thread(target=fetch, daemon=True)
-            started = time.monotonic()
-            transfer.start()
-            time.sleep(1.0)
+        def outage(transfer: threading.Thread) -> float:
             if not transfer.is_alive():
                 raise ScenarioError("the transfer ended before the outage")
             ctx.relay.blackout(self.seconds)
-            back = time.monotonic() + self.seconds
-            transfer.join(self.timeout)
-            if "error" in result or transfer.is_alive():
-                raise ScenarioError(f"the download failed: {result.get('error', 'timed out')}")
-            if result["digest"] != hashlib.sha256(data).digest():
-                raise ScenarioError("the forwarded bytes differ from the source (sha256)")
-        finally:
-            source.close()
+            return time.monotonic() + self.seconds  # when the network is back
+
+        result = forwarded_download(ctx, self, self.megabytes, self.timeout, during=outage)
         return {"seconds": [result["seconds"]],
-                "after": [started + result["seconds"] - back]}
+                "after": [result["started"] + result["seconds"] - result["during"]]}
 
 
 class Outage(Scenario):

@@ -171,6 +171,12 @@ def pids_with_cmdline(fragment: bytes) -> list[int]:
     return found
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of ``pid`` (from /proc/PID/stat, past the command name in parentheses)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
 def proc_children(pid: int, recursive: bool = True) -> list[int]:
     """PIDs of the children (and, if ``recursive``, all descendants) of ``pid``."""
     parents: dict[int, list[int]] = {}

@@ -110,8 +110,11 @@ def through(port: int, data: bytes, timeout: float = 60.0) -> bytes:
     got = bytearray()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         def send():
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # a refused forward closes (or resets) before we are done: recv sees it
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         while True:

@@ -19,9 +19,9 @@ import sys
 import moshpit_ipc
 import moshpit_login
 import pytest
-from proc_util import kill_pid, pid_alive, wait_for
+from proc_util import kill_pid, parent_pid, pid_alive, wait_for
 from server_util import MpsServer, TestClient, run_mps
-from test_server_login import (NO_PAM, parent_pid, private_etc, utmp,  # noqa: F401
+from test_server_login import (NO_PAM, private_etc, utmp,  # noqa: F401
                                who)  # (utmp, private_etc: fixtures)
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 import moshpit_login
 from moshpit_handshake import PERMISSION_DENIED, AuthRefused
-from proc_util import pid_alive, wait_for
+from proc_util import parent_pid, pid_alive, wait_for
 from server_util import MpsServer, TestClient
 from test_client_messages import run_in_pty
 from test_client_session import MP
@@ -193,11 +193,6 @@ def shell_pid(server, user: str) -> int:
     match = re.search(rf"started for {user} from \S+ \(udp port \d+, shell pid (\d+)\)",
                       server.wait_log(f"started for {user} from"))
     return int(match.group(1))
-
-
-def parent_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[1])
 
 
 def test_who_last_lastlog_and_loginuid(tmp_path, users, utmp):

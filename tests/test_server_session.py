@@ -18,7 +18,7 @@ import moshpit_session as ms
 import moshpit_transport
 from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, SESSION_LIMIT,
                                USER_SESSION_LIMIT, AuthRefused, HandshakeError)
-from proc_util import pid_alive, proc_usage, wait_for
+from proc_util import parent_pid, pid_alive, proc_usage, wait_for
 from server_util import (SHELL_STARTUP_FILES, MpsServer, TestClient, make_key,
                          private_mount_tools, run_mps, write_authorized_keys)
 
@@ -313,6 +313,25 @@ def test_resume_refused_for_another_key_and_unknown_session(server, client):
     with pytest.raises(AuthRefused) as refused:
         client.resume()
     assert refused.value.code == NO_SUCH_SESSION
+
+
+@pytest.mark.slow
+def test_a_session_too_slow_to_answer_a_resume_is_busy_not_gone(client, server):
+    """A session process that is alive but does not answer in time (stopped here; a flood
+    on a loaded machine in CI) makes the resume 'server busy', which mp.py retries; 'no such
+    session' would end the client while its session lives on."""
+    session_pid = parent_pid(shell_pid(client))
+    os.kill(session_pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(HandshakeError) as busy:
+            client.resume(timeout=30)
+        assert busy.value.code == SERVER_BUSY and not isinstance(busy.value, AuthRefused)
+    finally:
+        os.kill(session_pid, signal.SIGCONT)
+    server.wait_log(f"session {client.grant.session_id[:4].hex()} was too busy to answer a "
+                    "resume request in time")
+    client.resume()
+    assert client.run("echo back") == "back"
 
 
 # -- limits ----------------------------------------------------------------------------------
