@@ -239,6 +239,9 @@ class LogSender(logging.Handler):
         if not self._deliver(message):
             if len(self._held) == self._held.maxlen:
                 self._lost += 1
+            # Written when delivered, maybe much later: the line says when it happened.
+            when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+            message["text"] = f"(held, logged at {when}) {message['text']}"
             self._held.append(message)
 
     def attach(self, channel: Channel) -> None:

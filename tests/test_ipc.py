@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import socket
 import struct
@@ -198,8 +199,10 @@ def test_a_session_holds_its_lines_while_no_listener_does_and_says_what_it_dropp
         sender.attach(second)  # the next listener claims the session
         texts = [m["text"] for m in second.sent]
         assert texts[0] == f"{extra + 1} earlier log line(s) dropped: no listener held the session"
-        assert texts[1] == f"while away {extra + 1}" and len(texts) == ipc.MAX_HELD_LOG_LINES + 1
-        assert texts[-1].startswith("failed\nTraceback") and "ValueError: boom" in texts[-1]
+        assert re.fullmatch(rf"\(held, logged at \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\) while away"
+                            rf" {extra + 1}", texts[1])
+        assert len(texts) == ipc.MAX_HELD_LOG_LINES + 1
+        assert "failed\nTraceback" in texts[-1] and "ValueError: boom" in texts[-1]
         sender.detach(first)  # an older channel closing changes nothing
         logger.info("after")
         assert second.sent[-1]["text"] == "after"

@@ -326,8 +326,9 @@ def test_a_restarted_listener_gets_held_log_lines_and_the_shell_exit_status(tmp_
             sock.sendall(moshpit_ipc.encode_message({"op": "bogus", "id": 1}))
             assert sock.recv(1) == b""
         server.start()
-        server.wait_log(f"{prefix} session {name}: control connection dropped: unknown request"
-                        " 'bogus'")
+        held = re.compile(rf"{re.escape(prefix)} \(held, logged at [-\d:T]+\) session {name}:"
+                          r" control connection dropped: unknown request 'bogus'")
+        wait_for(lambda: held.search(server.log()), 10, "the line held while no listener ran")
         client.send("exit 7\n")
         assert client.wait_closed() == 7
         client.close()
