@@ -1219,6 +1219,8 @@ def describe_shell_exit(report: dict) -> str:
     """The log's words for a shell_exit_report from a session process (not trusted: a
     malformed one is "unknown")."""
     status, sig = report.get("status"), report.get("signal")
+    if report.get("no_command"):
+        return "it ran no command (mp -N)"
     if isinstance(status, int) and not isinstance(status, bool):
         return f"its shell exited with status {status}"
     if isinstance(sig, int) and not isinstance(sig, bool):
@@ -1557,6 +1559,8 @@ class SessionProcess:
         # our spawner's child.
         self.shell_exit = state.get("shell_exit") if isinstance(state.get("shell_exit"),
                                                                 dict) else {}
+        if state.get("shell_pid") is None:
+            self.shell_exit = {"no_command": True}  # mp -N: nothing ran
         if channel.on_log is None:  # claimed (a new session's has relayed since its start)
             channel.on_log = moshpit_ipc.LogReceiver(f"{self.name} {self.user}")
         self.log_receiver = channel.on_log
@@ -2290,7 +2294,8 @@ class Server:
             record.open()
         state = {"session_id": session_id, "user": pw.pw_name,
                  "client_key": auth.client_key.to_line(), "resume_secret": resume_secret,
-                 "udp_port": udp.getsockname()[1], "pid": pid}
+                 "udp_port": udp.getsockname()[1], "pid": pid,
+                 "shell_pid": started["shell_pid"]}
         return SessionProcess(self, channel, state, record, path)
 
 
