@@ -1215,20 +1215,31 @@ def shell_exit_report(proc) -> dict:
     return {"signal": -code} if code < 0 else {"status": code}
 
 
-def describe_shell_exit(report: dict) -> str:
-    """The log's words for a shell_exit_report from a session process (not trusted: a
-    malformed one is "unknown")."""
+def reported_exit(report: dict) -> Optional[tuple]:
+    """(signal, status) from a session process's shell_exit_report, one of them 0; None if
+    it is unknown or malformed (the report is not trusted)."""
     status, sig = report.get("status"), report.get("signal")
+    if type(status) is int and 0 <= status <= 255:
+        return 0, status
+    if type(sig) is int and 0 < sig < 128:
+        return sig, 0
+    return None
+
+
+def describe_shell_exit(report: dict) -> str:
+    """The log's words for a session process's shell_exit_report."""
     if report.get("no_command"):
         return "it ran no command (mp -N)"
-    if isinstance(status, int) and not isinstance(status, bool):
+    ended = reported_exit(report)
+    if ended is None:
+        return "its shell's exit status is unknown"
+    sig, status = ended
+    if not sig:
         return f"its shell exited with status {status}"
-    if isinstance(sig, int) and not isinstance(sig, bool):
-        try:
-            return f"its shell was killed by {signal.Signals(sig).name}"
-        except ValueError:
-            return f"its shell was killed by signal {sig}"
-    return "its shell's exit status is unknown"
+    try:
+        return f"its shell was killed by {signal.Signals(sig).name}"
+    except ValueError:
+        return f"its shell was killed by signal {sig}"
 
 
 def _note_signal(signum, frame) -> None:
@@ -1670,7 +1681,8 @@ class SessionProcess:
                     self._replies.put(message)
                 elif message.get("op") == "logout":
                     self.shell_exit = message
-                    self.record.close()  # --- login records: the shell has gone ---
+                    # --- login records: the shell has gone (how: ut_exit) ---
+                    self.record.close(*(reported_exit(message) or (0, 0)))
         except (OSError, moshpit_ipc.IpcError) as e:
             if not self.server.stopping:
                 log.warning("session %s: its control channel failed: %s", self.name, e)

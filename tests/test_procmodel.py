@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import moshpit_ipc
 import moshpit_login
@@ -308,8 +309,10 @@ def test_a_restarted_listener_gets_held_log_lines_and_the_shell_exit_status(tmp_
     pid = None
     try:
         authorize(alice, server.client_key)
+        started = time.time()
         client = TestClient.for_server(server, user=alice.pw_name).connect()
-        pid = session_pid_of(client)
+        shell = int(client.run("echo $$"))
+        pid = parent_pid(shell)
         name = client.grant.session_id[:4].hex()
         prefix = f"[{name} {alice.pw_name}]"
         server.wait_log(f"{prefix} session {name} started for {alice.pw_name}")
@@ -334,6 +337,12 @@ def test_a_restarted_listener_gets_held_log_lines_and_the_shell_exit_status(tmp_
         client.close()
         server.wait_log(f"session {name} of {alice.pw_name}: its process {pid} has ended; its"
                         " shell exited with status 7")
+        if os.path.exists(moshpit_login.WTMP_PATH):  # the logout record says so too (ut_exit)
+            ends = [(e.exit_signal, e.exit_status)
+                    for e in moshpit_login.read_utmp(moshpit_login.WTMP_PATH)
+                    if e.type == moshpit_login.DEAD_PROCESS and e.pid == shell
+                    and e.time >= started - 1]
+            assert ends == [(0, 7)]
     finally:
         server.stop()
         if pid is not None:
