@@ -16,6 +16,7 @@ import os
 import pwd
 import random
 import re
+import signal
 import socket
 import statistics
 import sys
@@ -772,6 +773,29 @@ class Idle(Scenario):
                 "client_wakeups": [(client_wakeups1 - client_wakeups0) / seconds]}
 
 
+class IdleDetached(Scenario):
+    """Server wake-ups of a detached session: its client killed (no keepalives any more)
+    just after the shell was told to write a line, so output is in flight to nobody."""
+
+    name = "idle_detached"
+    title = "detached session"
+    needs = "detach"
+    metrics = (Metric("server_wakeups", "server wake-ups detached", "/s", scale=1.0),)
+
+    def run(self, ctx: Context) -> dict:
+        ctx.session = ctx.open_session()
+        client = ctx.session.client
+        pids = ctx.tool.server_pids(client)  # while the client can still name them
+        ctx.session.display.send(b"sleep 1; echo written after the client left\r")
+        time.sleep(0.3)
+        os.kill(client.term.pid, signal.SIGKILL)
+        time.sleep(IDLE_AFTER_INPUT_SECS)
+        seconds = 4.0 if ctx.quick else 10.0
+        wakeups0 = wakeups(pids)
+        time.sleep(seconds)
+        return {"server_wakeups": [(wakeups(pids) - wakeups0) / seconds]}
+
+
 class Crowd(Scenario):
     """100 sessions on one server (moshpit only: bench/crowd.py drives them with moshpit's
     client core): 5 flood output, 95 type a key about every second; echo median/p95 of the
@@ -927,6 +951,7 @@ SCENARIOS = (
     Predict("predict_loss30_off", "echo, prediction off, 30% loss 40 ms RTT", rtt=0.04,
             loss=0.30, predict="never"),
     Idle(),
+    IdleDetached(),
     Crowd(),
     Preauth(),
 )

@@ -265,6 +265,7 @@ class OpenSSH(Tool):
              "outage": "a relay can only freeze TCP, not model a real outage",
              "forward_outage": "a relay can only freeze TCP, not model a real outage",
              "roam": "ssh cannot follow an address change",
+             "detach": "an ssh session ends with its client",
              "preauth": PREAUTH_NA,
              "fairness": FAIRNESS_NA,
              "crowd": CROWD_NA}
