@@ -24,7 +24,9 @@ read neither /etc/shadow nor write the records: it skips those, saying so once i
 Who calls what, and when (mps.py):
     Server start, before listening                   close_stale_records(); loginuid_supported()
     Server.decide, after the key is verified         AccountPolicy.refusal(pw, ...)
-    session process, root, before becoming the user  PamLogin.open_session(); write_loginuid(uid)
+    session process, root, before becoming the user  open_user_terminal(pw) (with PAM);
+                                                     PamLogin.open_session(); write_loginuid(uid)
+    its root monitor, once the session has ended     PamLogin.close()
     listener: shell started / logged out, crashed    LoginRecord.open() / .close()
 
 Library rules: imports only ``moshpit`` and the standard library; logs through ``logging``,
@@ -61,6 +63,7 @@ WTMP_PATH = "/var/log/wtmp"
 LASTLOG_PATH = "/var/log/lastlog"
 PAM_SERVICE = "moshpit"
 PAM_SERVICE_DIRS = ("/etc/pam.d", "/usr/lib/pam.d", "/lib/pam.d")
+PAM_CONF = "/etc/pam.conf"  # read by Linux-PAM only where /etc/pam.d does not exist
 MAX_SHADOW_BYTES = 16 << 20  # a larger /etc/shadow is not one we should parse
 MAX_NOLOGIN_BYTES = 1024  # text shown to the client (sshd reads it in 1 KiB lines too)
 DAY_SECS = 86400
@@ -463,12 +466,23 @@ def libpam() -> Optional[_Libpam]:
     return _libpam
 
 
-def pam_service_configured(service: str = PAM_SERVICE) -> bool:
-    """Whether PAM has a service file for ``service`` (or /etc/pam.conf, which may list it).
-    Without one PAM would use "other", which denies everything on some systems (Fedora) and
-    runs a whole login stack on others: mps then keeps to its built-in checks."""
-    return os.path.exists("/etc/pam.conf") or any(
-        os.path.exists(os.path.join(d, service)) for d in PAM_SERVICE_DIRS)
+def pam_service_configured(service: str = PAM_SERVICE,
+                           dirs: Sequence[str] = PAM_SERVICE_DIRS,
+                           conf: str = PAM_CONF) -> bool:
+    """Whether PAM has a service file for ``service`` in ``dirs``, or, where the first of
+    them (/etc/pam.d) does not exist, a line for it in ``conf`` (/etc/pam.conf: Linux-PAM
+    reads it only then; Debian ships one of comments alone). Without one PAM would use
+    "other", which denies everything on some systems (Fedora) and runs a whole login stack
+    on others: mps then keeps to its built-in checks."""
+    if any(os.path.exists(os.path.join(d, service)) for d in dirs):
+        return True
+    if os.path.isdir(dirs[0]):
+        return False
+    try:
+        with open(conf, encoding="utf-8", errors="replace") as lines:
+            return any(line.split()[:1] == [service] for line in lines)
+    except OSError:
+        return False
 
 
 def pam_available(service: str = PAM_SERVICE, asked: bool = False) -> bool:
@@ -912,3 +926,26 @@ def client_address(peer: tuple) -> str:
         return host
     return str(ip.ipv4_mapped) if ip.version == 6 and ip.ipv4_mapped else str(ip)
 
+
+
+TTY_GROUP = "tty"
+
+
+def open_user_terminal(pw: pwd.struct_passwd) -> Tuple[int, int]:
+    """(Session process, root, before the uid change.) A new PTY (master, slave) whose slave
+    is the user's as sshd leaves it: owner the user, group ``tty`` with mode 0620 (so that
+    write(1) and wall, setgid tty, reach it), or the user's own group with 0600 where there
+    is no tty group. Opened while root so that the PAM session can name it (PAM_TTY)."""
+    try:
+        gid, mode = grp.getgrnam(TTY_GROUP).gr_gid, 0o620
+    except KeyError:
+        gid, mode = pw.pw_gid, 0o600
+    master, slave = os.openpty()
+    try:
+        os.fchown(slave, pw.pw_uid, gid)
+        os.fchmod(slave, mode)
+    except OSError:
+        os.close(master)
+        os.close(slave)
+        raise
+    return master, slave

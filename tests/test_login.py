@@ -340,3 +340,21 @@ def test_pam_conversation_answers_no_prompt(pam_service):
         assert call(login.PAM_PROMPT_ECHO_ON, b"login: ") == login.PAM_CONV_ERR
         assert call(login.PAM_TEXT_INFO, b"\x1b[2Jnote") == login.PAM_SUCCESS
         assert pam.messages == ["\x1b[2Jnote"]  # kept raw; printed only through printable
+
+
+def test_pam_service_configured_needs_a_file_or_a_pam_conf_line_for_it(tmp_path):
+    """Debian's /etc/pam.conf is comments alone: it configures no service (and Linux-PAM
+    ignores it where /etc/pam.d exists), so it must not turn PAM on through "other"."""
+    pam_d, conf = tmp_path / "pam.d", tmp_path / "pam.conf"
+    dirs = (str(pam_d), str(tmp_path / "vendor"))
+    conf.write_text("# ----------------------------------------------------------------#\n"
+                    "# /etc/pam.conf                                                    #\n"
+                    "# service  type  control  module-path  module-arguments\n")
+    assert not login.pam_service_configured("moshpit", dirs, str(conf))  # no pam.d, comments
+    conf.write_text(conf.read_text() + "moshpit account required pam_permit.so\n")
+    assert login.pam_service_configured("moshpit", dirs, str(conf))
+    assert not login.pam_service_configured("other-service", dirs, str(conf))
+    pam_d.mkdir()  # with /etc/pam.d, PAM reads only its files
+    assert not login.pam_service_configured("moshpit", dirs, str(conf))
+    (pam_d / "moshpit").write_text("account required pam_permit.so\n")
+    assert login.pam_service_configured("moshpit", dirs, str(conf))
