@@ -1898,6 +1898,13 @@ def claim_session(path: str, expected_uid: Optional[int] = None) -> tuple:
             if uid != want:
                 raise MoshpitError(f"session socket {path} is served by uid {uid}, "
                                    f"not by {state['user']}'s")
+            # The socket's name was given by root for the session's id; the answer is the
+            # (maybe hijacked) session process's word, so a session could take the resumes
+            # of another of its user's sessions.
+            named = _session_socket_path(os.path.dirname(path), state["session_id"])
+            if named != path:
+                raise MoshpitError(f"session socket {path} answers for another session "
+                                   f"({state['session_id'][:4].hex()})")
     except BaseException:
         sock.close()
         raise

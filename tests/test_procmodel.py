@@ -218,14 +218,16 @@ conn.recv(1)
 """
 
 
-def fake_session(server: MpsServer, user, state: dict, after=()) -> subprocess.Popen:
+def fake_session(server: MpsServer, user, state: dict, after=(),
+                 socket_id: str = "") -> subprocess.Popen:
     """A process of ``user``'s answering on a session socket of ``server`` (before it
     starts) as a session process would: ``state`` to the claim, then each batch of
-    messages in ``after``, half a second apart. It prints "listening" when ready."""
+    messages in ``after``, half a second apart. It prints "listening" when ready. The
+    socket is named for ``state``'s session, or for ``socket_id`` (hex)."""
     directory = f"/run/moshpit/port-{server.port}"
     os.makedirs(directory, mode=0o700, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(os.path.join(directory, state["session_id"]["hex"][:16] + ".sock"))
+    sock.bind(os.path.join(directory, (socket_id or state["session_id"]["hex"])[:16] + ".sock"))
     try:
         return subprocess.Popen(["/usr/bin/python3", "-c", FAKE_SESSION, json.dumps(state),
                                  str(sock.fileno()), json.dumps(list(after))],
@@ -262,6 +264,27 @@ def test_a_session_process_cannot_claim_another_users_session(tmp_path, users):
             server.wait_log(f"is served by uid {alice.pw_uid}, not by {bob.pw_name}'s: "
                             "not claimed")
             assert TestClient.for_server(server, user=bob.pw_name).sessions() == []
+    finally:
+        kill_pid(fake.pid, 2.0)
+
+
+def test_a_session_process_cannot_claim_another_session_of_its_user(tmp_path, users):
+    """The attack: a hijacked session process of alice's answers the claim with the id of
+    another of her sessions, to take its resumes; the listener holds it to the id its
+    socket was named for by root, and does not take it."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs /usr/bin/python3 for the fake session process")
+    alice = users.user()
+    server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, start=False)
+    state = fake_state(server, alice)
+    fake = fake_session(server, alice, state, socket_id=os.urandom(16).hex())
+    try:
+        assert fake.stdout.readline() == b"listening\n"
+        authorize(alice, server.client_key)
+        with server.start():
+            server.wait_log(f"answers for another session ({state['session_id']['hex'][:8]})"
+                            ": not claimed")
+            assert TestClient.for_server(server, user=alice.pw_name).sessions() == []
     finally:
         kill_pid(fake.pid, 2.0)
 
