@@ -24,7 +24,9 @@ read neither /etc/shadow nor write the records: it skips those, saying so once i
 Who calls what, and when (mps.py):
     Server start, before listening                   close_stale_records(); loginuid_supported()
     Server.decide, after the key is verified         AccountPolicy.refusal(pw, ...)
-    session process, root, before becoming the user  PamLogin.open_session(); write_loginuid(uid)
+    session process, root, before becoming the user  open_user_terminal(pw) (with PAM);
+                                                     PamLogin.open_session(); write_loginuid(uid)
+    its root monitor, once the session has ended     PamLogin.close()
     listener: shell started / logged out, crashed    LoginRecord.open() / .close()
 
 Library rules: imports only ``moshpit`` and the standard library; logs through ``logging``,
@@ -61,6 +63,7 @@ WTMP_PATH = "/var/log/wtmp"
 LASTLOG_PATH = "/var/log/lastlog"
 PAM_SERVICE = "moshpit"
 PAM_SERVICE_DIRS = ("/etc/pam.d", "/usr/lib/pam.d", "/lib/pam.d")
+PAM_CONF = "/etc/pam.conf"  # read by Linux-PAM only where /etc/pam.d does not exist
 MAX_SHADOW_BYTES = 16 << 20  # a larger /etc/shadow is not one we should parse
 MAX_NOLOGIN_BYTES = 1024  # text shown to the client (sshd reads it in 1 KiB lines too)
 DAY_SECS = 86400
@@ -463,12 +466,23 @@ def libpam() -> Optional[_Libpam]:
     return _libpam
 
 
-def pam_service_configured(service: str = PAM_SERVICE) -> bool:
-    """Whether PAM has a service file for ``service`` (or /etc/pam.conf, which may list it).
-    Without one PAM would use "other", which denies everything on some systems (Fedora) and
-    runs a whole login stack on others: mps then keeps to its built-in checks."""
-    return os.path.exists("/etc/pam.conf") or any(
-        os.path.exists(os.path.join(d, service)) for d in PAM_SERVICE_DIRS)
+def pam_service_configured(service: str = PAM_SERVICE,
+                           dirs: Sequence[str] = PAM_SERVICE_DIRS,
+                           conf: str = PAM_CONF) -> bool:
+    """Whether PAM has a service file for ``service`` in ``dirs``, or, where the first of
+    them (/etc/pam.d) does not exist, a line for it in ``conf`` (/etc/pam.conf: Linux-PAM
+    reads it only then; Debian ships one of comments alone). Without one PAM would use
+    "other", which denies everything on some systems (Fedora) and runs a whole login stack
+    on others: mps then keeps to its built-in checks."""
+    if any(os.path.exists(os.path.join(d, service)) for d in dirs):
+        return True
+    if os.path.isdir(dirs[0]):
+        return False
+    try:
+        with open(conf, encoding="utf-8", errors="replace") as lines:
+            return any(line.split()[:1] == [service] for line in lines)
+    except OSError:
+        return False
 
 
 def pam_available(service: str = PAM_SERVICE, asked: bool = False) -> bool:
@@ -659,23 +673,27 @@ class UtmpEntry:
     time: float
     addr: bytes = b""
     session: int = 0
+    # ut_exit of a DEAD_PROCESS record: how the process ended (the killing signal, the exit
+    # status), as init records it.
+    exit_signal: int = 0
+    exit_status: int = 0
 
     def pack(self) -> bytes:
         secs = int(self.time)
         return _UTMP.pack(self.type, self.pid, self.line.encode()[:32], self.id[:4],
-                          self.user.encode()[:32], self.host.encode()[:256], 0, 0,
-                          self.session, secs, int((self.time - secs) * 1e6),
+                          self.user.encode()[:32], self.host.encode()[:256], self.exit_signal,
+                          self.exit_status, self.session, secs, int((self.time - secs) * 1e6),
                           self.addr.ljust(16, b"\0")[:16])
 
     @classmethod
     def unpack(cls, data: bytes) -> UtmpEntry:
-        (kind, pid, line, id_, user, host, _term, _exit, session, secs, usecs,
+        (kind, pid, line, id_, user, host, exit_signal, exit_status, session, secs, usecs,
          addr) = _UTMP.unpack(data)
 
         def text(raw: bytes) -> str:
             return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         return cls(kind, pid, text(line), id_.rstrip(b"\0"), text(user), text(host),
-                   secs + usecs / 1e6, addr, session)
+                   secs + usecs / 1e6, addr, session, exit_signal, exit_status)
 
 
 def _utmp_id(line: str) -> bytes:
@@ -821,11 +839,12 @@ class LoginRecord:
         write_lastlog(self.uid, self.line, self.host, entry.time, self.lastlog_path)
         self.opened = True
 
-    def close(self) -> None:
-        """The logout records (idempotent)."""
+    def close(self, exit_signal: int = 0, exit_status: int = 0) -> None:
+        """The logout records (idempotent), with how the shell ended if known (ut_exit)."""
         if self.opened:
             self.opened = False
             dead = self._entry(DEAD_PROCESS, "", "")
+            dead.exit_signal, dead.exit_status = exit_signal, exit_status
             write_utmp(dead, self.utmp_path)
             append_wtmp(dead, self.wtmp_path)
 
@@ -907,3 +926,26 @@ def client_address(peer: tuple) -> str:
         return host
     return str(ip.ipv4_mapped) if ip.version == 6 and ip.ipv4_mapped else str(ip)
 
+
+
+TTY_GROUP = "tty"
+
+
+def open_user_terminal(pw: pwd.struct_passwd) -> Tuple[int, int]:
+    """(Session process, root, before the uid change.) A new PTY (master, slave) whose slave
+    is the user's as sshd leaves it: owner the user, group ``tty`` with mode 0620 (so that
+    write(1) and wall, setgid tty, reach it), or the user's own group with 0600 where there
+    is no tty group. Opened while root so that the PAM session can name it (PAM_TTY)."""
+    try:
+        gid, mode = grp.getgrnam(TTY_GROUP).gr_gid, 0o620
+    except KeyError:
+        gid, mode = pw.pw_gid, 0o600
+    master, slave = os.openpty()
+    try:
+        os.fchown(slave, pw.pw_uid, gid)
+        os.fchmod(slave, mode)
+    except OSError:
+        os.close(master)
+        os.close(slave)
+        raise
+    return master, slave

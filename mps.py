@@ -44,9 +44,10 @@ Who calls what (the whole resume sequence: moshpit_session's docstring):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import ctypes
 import dataclasses
 import errno
-import fcntl
 import gc
 import importlib
 import logging
@@ -90,6 +91,10 @@ log = logging.getLogger("moshpit.server")
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HANGUP_GRACE_SECS = 2.0  # how long a shell may take to exit after SIGHUP before SIGKILL
+# Handled or ignored by mps (Python ignores SIGPIPE and SIGXFSZ; the spawner SIGINT and
+# SIGHUP): the shell starts with each at its default, as with sshd.
+SHELL_DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
+                         signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class ShellError(MoshpitError):
@@ -125,9 +130,25 @@ def login_environment(pw: pwd.struct_passwd, term: str, client_env: Dict[str, st
     return env
 
 
+def _close_on_exec_above_stdio() -> None:
+    """Mark every descriptor above 2 close-on-exec, so that none reaches the shell (sshd
+    closes them all): those that came over SCM_RIGHTS (the session's control, UDP and
+    listening sockets) are inheritable, and so may be what PAM modules or NSS opened."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: Python's own descriptors are close-on-exec already
+        return
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the directory listdir read, closed since
+
+
 class ShellProcess:
-    """The login shell, forked and exec'd by ``spawn`` (what subprocess.Popen would be, for
-    a child it cannot start): ``poll``/``wait``/``kill`` as Popen's."""
+    """The login shell, started by ``spawn`` (what subprocess.Popen would be, for a child
+    it cannot start): ``poll``/``wait``/``kill`` as Popen's."""
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -135,51 +156,37 @@ class ShellProcess:
 
     @classmethod
     def spawn(cls, argv: List[str], executable: str, stdio: tuple, cwd: str,
-              env: Dict[str, str], controlling_tty: bool) -> ShellProcess:
-        """Fork and exec ``executable`` in a new session with ``stdio`` as fds 0-2 and, if
-        ``controlling_tty``, fd 0 (the PTY) as its controlling terminal.
+              env: Dict[str, str], tty_path: str) -> ShellProcess:
+        """Start ``executable`` in a new session (setsid) with ``stdio`` as fds 0-2, in
+        ``cwd``; with ``tty_path`` fd 0 is that terminal opened anew in the child, which
+        makes it the session's controlling terminal (a session leader without one acquires
+        the first terminal it opens), and 1 and 2 are copies of it.
 
-        No preexec_fn, and no Popen: Popen cannot make a terminal controlling without
-        running Python code after fork (preexec_fn), which is unsafe in a threaded process.
-        This runs only in a session process before it starts any thread (checked), so the
-        fork copies a single thread: the child's few steps (setsid, dup2, TIOCSCTTY, chdir,
-        signal reset, execve) cannot meet a lock held by another thread. A failure in them
-        comes back through a close-on-exec pipe as ShellError: no shell."""
+        By posix_spawn (vfork and exec in the C library): no Python code runs in the child
+        (no preexec_fn), and nothing of this process's memory is copied, which makes the
+        shell start in a fraction of a millisecond where a fork of this interpreter takes
+        several. The signals the session process handles or ignores are back to their
+        defaults in the child, its mask empty. posix_spawn has no chdir action: this
+        process moves to ``cwd`` for the call (it must be single-threaded: checked) and
+        back. A failure (exec, terminal) is ShellError: no shell."""
         if threading.active_count() != 1:
-            raise ShellError("internal error: a shell may only be forked by a single-threaded"
+            raise ShellError("internal error: a shell may only be started by a single-threaded"
                              " session process")
-        report_r, report_w = os.pipe()  # close-on-exec: EOF at the exec, data on failure
+        if tty_path:
+            actions = [(os.POSIX_SPAWN_OPEN, 0, tty_path, os.O_RDWR, 0),
+                       (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
+        else:
+            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+        _close_on_exec_above_stdio()
         try:
-            pid = os.fork()
-        except OSError as e:
-            os.close(report_r)
-            os.close(report_w)
-            raise ShellError(f"cannot fork: {e.strerror or e}")
-        if pid == 0:  # pragma: no cover (the child execs or reports and exits)
+            os.chdir(cwd)
             try:
-                os.close(report_r)
-                os.setsid()
-                for target, fd in enumerate(stdio):
-                    os.dup2(fd, target)
-                if controlling_tty:
-                    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
-                            signal.SIGPIPE):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_SETMASK, ())
-                os.chdir(cwd)
-                os.execve(executable, argv, env)
-            except BaseException as e:
-                try:
-                    os.write(report_w, f"{getattr(e, 'strerror', None) or e}".encode())
-                finally:
-                    os._exit(127)
-        os.close(report_w)
-        with open(report_r, "rb") as report:
-            failure = report.read(1024)
-        if failure:
-            os.waitpid(pid, 0)
-            raise ShellError(failure.decode("utf-8", "replace"))
+                pid = os.posix_spawn(executable, argv, env, file_actions=actions, setsid=True,
+                                     setsigmask=(), setsigdef=SHELL_DEFAULT_SIGNALS)
+            finally:
+                os.chdir("/")
+        except OSError as e:
+            raise ShellError(e.strerror or str(e))
         return cls(pid)
 
     def poll(self) -> Optional[int]:
@@ -219,8 +226,10 @@ class PtyShell:
     untouched (no CR/LF translation, no echo) and ``close_input`` gives the command EOF;
     its stderr is a pipe of its own (``stderr_fd``), carried apart from stdout.
 
-    Started by a session process that is already the user (no chown of the terminal: the
-    user opened it, so owns it) with ShellProcess.spawn (no preexec_fn). The login record
+    Started by a session process that is already the user with ShellProcess.spawn (no
+    preexec_fn), on a PTY it opens (so the user owns it), or on ``terminal`` (master,
+    slave): one opened while root for PAM_TTY and given to the user
+    (moshpit_login.open_user_terminal). The login record
     (utmp/wtmp/lastlog) is the listener's: it is root; ``logout`` is called once the shell
     is gone, so the listener closes the record while the session may still linger.
     """
@@ -228,7 +237,8 @@ class PtyShell:
     def __init__(self, pw: pwd.struct_passwd, term: str, rows: int, cols: int,
                  client_env: Dict[str, str], connection: str, command: Optional[str] = None,
                  pty: bool = True, agent_sock: Optional[str] = None,
-                 pam_env: Optional[Dict[str, str]] = None):
+                 pam_env: Optional[Dict[str, str]] = None,
+                 terminal: Optional[tuple] = None):
         self.user = pw.pw_name
         self.rows, self.cols = rows, cols
         self.is_pty = pty
@@ -240,7 +250,7 @@ class PtyShell:
         self.stderr_fd: Optional[int] = None
         err_w = None
         if pty:
-            master, slave = os.openpty()
+            master, slave = terminal or os.openpty()
             self._socket = None
         else:
             self._socket, child_end = socket.socketpair()
@@ -256,7 +266,7 @@ class PtyShell:
             if pty:
                 moshpit.set_winsize(master, rows, cols)
             self.proc = ShellProcess.spawn(
-                argv, shell, (slave, slave, slave if pty else err_w), cwd, env, pty)
+                argv, shell, (slave, slave, slave if pty else err_w), cwd, env, tty_path)
         except (OSError, ShellError) as e:
             self._close_master(master)
             self.close_stderr()
@@ -973,7 +983,10 @@ def _watch(sel: selectors.BaseSelector, watched: Dict[str, int], name: str, fd: 
 RUNTIME_DIR = "/run/moshpit"  # root's; a plain user's is under ~/.config/moshpits
 START_WAIT_SECS = 30.0  # a session process waits this long for its start and its go
 SPAWN_WAIT_SECS = 10.0  # the listener waits this long for the spawner to fork
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent dies
+SPAWN_AHEAD_DELAY_SECS = 0.05  # after a login, the spawner forks the next process this late
 CLAIM_WAIT_SECS = 2.0  # a listener at start waits this long for each running session
+DESCRIBE_WORKERS = 8  # session processes a listing (or a login's count) asks at once
 SESSION_SOCKET_BACKLOG = 4  # listeners and mps --stop-sessions connecting at once
 MAX_SOCKET_PATH = 107  # sockaddr_un's sun_path, without its terminating NUL
 MPS_PATH = os.path.abspath(__file__)
@@ -1076,14 +1089,20 @@ class SessionControl:
         self.allowed_uids = {0, listener_uid}
         self.client_address = client_address
         self.logged_out = False
+        self.shell_exit: dict = {}  # how the shell ended, once it has: shell_exit_report
+        # The relay of this process's log records (None where logging is the process's own).
+        self.log_sender = moshpit_ipc.LogSender.installed()
 
     def logged_out_now(self) -> None:
-        """(Session thread.) The shell is gone: the listener closes the login record."""
+        """(Session thread.) The shell is gone: the listener closes the login record and
+        notes how the shell ended (a listener that claimed the session after a restart is
+        not its parent: it learns the status only so)."""
+        self.shell_exit = shell_exit_report(getattr(self.session.shell, "proc", None))
         self.logged_out = True
         owner = self.owner
         if owner is not None:
             try:
-                owner.send({"op": "logout"})
+                owner.send(dict(self.shell_exit, op="logout"))
             except OSError:
                 pass  # the listener is gone: its successor reads ``logged_out`` at its claim
 
@@ -1145,11 +1164,15 @@ class SessionControl:
                     reply = {"busy": True}
                 if reply is not None:
                     channel.send(dict(reply, op="reply", id=message.get("id")))
+                if message.get("op") == "claim" and message.get("logs") is True:
+                    _relay_log_to(channel)  # after the claim's answer, as it expects
                 if not channel.pending:
                     return
         except (OSError, moshpit_ipc.IpcError, KeyError, TypeError, ValueError) as e:
             log.warning("session %s: control connection dropped: %s", self.session.name, e)
         sel.unregister(channel.sock)
+        if self.log_sender is not None:
+            self.log_sender.detach(channel)
         channel.close()
         if channel is self.owner:
             self.owner = None
@@ -1194,7 +1217,44 @@ class SessionControl:
                 "replaced_secrets": list(session.replaced_secrets),
                 "udp_port": session.udp_port, "pid": os.getpid(),
                 "shell_pid": session.shell.pid, "tty": session.shell.tty_path,
-                "client_address": self.client_address, "logged_out": self.logged_out}
+                "client_address": self.client_address, "logged_out": self.logged_out,
+                "shell_exit": self.shell_exit}
+
+
+def shell_exit_report(proc) -> dict:
+    """How a reaped shell ended, for the listener: {"status": N} or {"signal": N}; {} if it
+    is unknown (mp -N has no shell; not reaped)."""
+    code = getattr(proc, "returncode", None)
+    if code is None:
+        return {}
+    return {"signal": -code} if code < 0 else {"status": code}
+
+
+def reported_exit(report: dict) -> Optional[tuple]:
+    """(signal, status) from a session process's shell_exit_report, one of them 0; None if
+    it is unknown or malformed (the report is not trusted)."""
+    status, sig = report.get("status"), report.get("signal")
+    if type(status) is int and 0 <= status <= 255:
+        return 0, status
+    if type(sig) is int and 0 < sig < 128:
+        return sig, 0
+    return None
+
+
+def describe_shell_exit(report: dict) -> str:
+    """The log's words for a session process's shell_exit_report."""
+    if report.get("no_command"):
+        return "it ran no command (mp -N)"
+    ended = reported_exit(report)
+    if ended is None:
+        return "its shell's exit status is unknown"
+    sig, status = ended
+    if not sig:
+        return f"its shell exited with status {status}"
+    try:
+        return f"its shell was killed by {signal.Signals(sig).name}"
+    except ValueError:
+        return f"its shell was killed by signal {sig}"
 
 
 def _note_signal(signum, frame) -> None:
@@ -1223,13 +1283,25 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         signal.signal(sig, _note_signal)
     pam = None
     pam_env: Dict[str, str] = {}
-    forwarding = None
+    forwarding = terminal = monitor = None
     try:
         if os.geteuid() == 0:
             if settings["use_pam"]:  # --- PAM session: as root, before the uid change ---
-                pam = moshpit_login.PamLogin(pw.pw_name, start["client_address"])
+                if start["pty"] and not start["no_command"]:
+                    terminal = moshpit_login.open_user_terminal(pw)  # for PAM_TTY
+                pam = moshpit_login.PamLogin(pw.pw_name, start["client_address"],
+                                             tty=os.ttyname(terminal[1]) if terminal else "")
                 pam_env = pam.open_session()
+                monitor = PamMonitor(pam)
+                if monitor.fork():  # the root parent: only waits, then closes the session
+                    return monitor.run((channel.sock, udp_sock, listen_sock),
+                                       (signal_r, signal_w, *(terminal or ())))
+                pam = None  # the monitor's, closed there as root
             become_user(pw)
+            if monitor is not None:
+                monitor.end_with_it()
+        # Before a packet or the PTY: root's log file (the PAM monitor keeps it) and stderr.
+        _log_through_listener(channel)
         # --- forwarding: set up by the user's own process (it binds what the user may) ---
         forwarding = _forwarding_setup(settings["forwarding"], start["forward_agent"], pw,
                                        start["listener_uid"] == 0)
@@ -1239,7 +1311,8 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         else:
             shell = PtyShell(pw, start["term"], start["rows"], start["cols"], start["env"],
                              start["connection"], start["command"], start["pty"],
-                             agent_dir.path if agent_dir is not None else None, pam_env)
+                             agent_dir.path if agent_dir is not None else None, pam_env,
+                             terminal)
         listen_sock.listen(SESSION_SOCKET_BACKLOG)  # as the user: whom a claim's SO_PEERCRED sees
     except (MoshpitError, OSError) as e:
         if pam is not None:
@@ -1248,11 +1321,13 @@ def run_session_process(fds: List[int], settings: dict) -> int:
             forwarding[1].close()
         channel.send({"op": "reply", "error": str(e)})
         return 1
+    # Answered first: the listener grants the login while this process builds the session.
+    channel.send({"op": "reply", "shell_pid": shell.pid, "tty": shell.tty_path,
+                  "pid": os.getpid()})
     host = _SessionHost(settings)
     session = Session(host, start["session_id"], pw.pw_name,
                       keys.PublicKey.from_line(start["client_key"]), udp_sock, shell, forwarding)
     session.resume_secret = start["resume_secret"]
-    channel.send({"op": "reply", "shell_pid": shell.pid, "tty": shell.tty_path})
     try:
         go = channel.receive()
     except (OSError, moshpit_ipc.IpcError):
@@ -1272,6 +1347,70 @@ def run_session_process(fds: List[int], settings: dict) -> int:
         if pam is not None:
             pam.close()  # as the user now: what a module can undo without root, it does
     return 0
+
+
+class PamMonitor:
+    """(Session process, root, with PAM.) sshd's privileged monitor, reduced to what PAM
+    needs. Once its PAM session is open (PAM_TTY set), the session process forks: the child
+    becomes the user for good and runs the session; this root parent keeps the PAM handle
+    and nothing else (no socket, no terminal, no key), waits for the child, then closes
+    the PAM session and deletes the credentials as root (what pam_systemd, pam_mount or
+    pam_exec scripts undo may need it) and exits as the child did: with its status, or
+    killed by the same signal, so that the spawner reports a crash as the child's.
+    SIGTERM sent to it is passed on to the child. It execs nothing: its memory of its own
+    is the pages its child rewrote since the fork (about 2 MB, README "Accounts and login
+    records")."""
+
+    def __init__(self, pam: moshpit_login.PamLogin):
+        self.pam = pam
+        self.child = 0
+        self.monitor = os.getpid()
+
+    def fork(self) -> bool:
+        """Fork: True in the parent (the monitor), False in the child (the session)."""
+        self.child = os.fork()
+        return self.child != 0
+
+    def end_with_it(self) -> None:
+        """(The child, once the user: the kernel clears the setting at a uid change.) A
+        monitor killed (SIGKILL) could not close the PAM session: the child gets SIGTERM
+        then and ends the session as ``kill`` of it would, the client told."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("the session will not end with its PAM monitor: prctl: %s",
+                        os.strerror(ctypes.get_errno()))
+        elif os.getppid() != self.monitor:  # it died before the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _forward(self, signum, frame) -> None:
+        try:
+            os.kill(self.child, signum)
+        except ProcessLookupError:
+            pass
+
+    def run(self, sockets: tuple, fds: tuple) -> int:
+        """(The parent.) Close ``sockets`` and ``fds`` (the child's now: the listener must
+        see the channel end when the child does, the shell the terminal's hangup), wait,
+        close the PAM session; the child's exit status."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, self._forward)
+        for sock in sockets:
+            sock.close()  # no shutdown: that would end the child's copy too
+        for fd in fds:
+            os.close(fd)
+        _, status = os.waitpid(self.child, 0)
+        code = os.waitstatus_to_exitcode(status)
+        self.pam.close()
+        log.debug("PAM session of %s closed (session process %d ended: %d)", self.pam.user,
+                  self.child, code)
+        if code < 0:  # killed: die the same way, without a second core dump
+            logging.shutdown()
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+            code = 128 - code  # a signal whose default is not to end a process
+        return code
 
 
 def run_spawner(sock_fd: int) -> int:
@@ -1298,11 +1437,14 @@ def run_spawner(sock_fd: int) -> int:
 PRELOADED_MODULES = ("encodings.idna", "unicodedata", "stringprep")
 
 
-def _spawner_loop(sock: socket.socket, settings: dict) -> int:
-    """The spawner's work (single-threaded): fork a session process per ``spawn`` message,
-    report exits, return at the end of ``sock``."""
+def _spawner_loop(sock: socket.socket, settings: dict, ahead: bool = True) -> int:
+    """The spawner's work (single-threaded): hand each ``spawn`` message's descriptors to
+    a session process (with ``ahead``, one forked in advance), report exits, return at the
+    end of ``sock``."""
     for name in PRELOADED_MODULES:
         importlib.import_module(name)
+    if settings["use_pam"]:  # loaded once, shared: not in each session's own memory
+        moshpit_login.libpam()
     for sig in (signal.SIGINT, signal.SIGHUP):  # a ^C at mps -e must not end sessions
         signal.signal(sig, signal.SIG_IGN)
     child_r, child_w = os.pipe()
@@ -1314,35 +1456,105 @@ def _spawner_loop(sock: socket.socket, settings: dict) -> int:
     with selectors.DefaultSelector() as sel:
         sel.register(sock, selectors.EVENT_READ, "listener")
         sel.register(child_r, selectors.EVENT_READ, "child")
+        warm = _WarmProcess(settings, (sel, sock, child_r, child_w), ahead)
         while True:
-            for key, _ in sel.select():
+            events = sel.select(warm.wait_secs(time.monotonic()))
+            if not events:
+                warm.prepare()
+            for key, _ in events:
                 if key.data == "child":
                     os.read(child_r, WAKE_READ_SIZE)
                     _report_exits(sock)
                     continue
                 message, fds = moshpit_ipc.receive_packet(sock, max_fds=3)
                 if message is None:
+                    warm.discard()
                     return 0
                 if message.get("op") != "spawn" or len(fds) != 3:
                     for fd in fds:
                         os.close(fd)
                     moshpit_ipc.send_packet(sock, {"op": "spawned", "error": "bad request"})
                     continue
-                try:
-                    pid = os.fork()
-                except OSError as e:
-                    pid, error = 0, f"cannot fork: {e.strerror or e}"
-                else:
-                    error = ""
-                    if pid == 0:
-                        _session_process_main(fds, settings, (sel, sock, child_r, child_w))
+                pid, error = warm.take(fds)
                 for fd in fds:
                     os.close(fd)
                 moshpit_ipc.send_packet(sock, {"op": "spawned", "pid": pid, "error": error})
+                warm.taken(time.monotonic())
 
 
-def _session_process_main(fds: List[int], settings: dict, spawner_fds: tuple) -> None:
-    """(Forked child of the spawner.) Drop what is the spawner's, run the session, exit."""
+class _WarmProcess:
+    """(Spawner.) A session process forked ahead of need: it waits on a socket pair for the
+    descriptors of the next login, so a login does not wait for a fork (the biggest single
+    step of a session process's start). Forked before any user is known, it holds nothing
+    the spawner does not: the settings and the shared modules. It exits when the spawner
+    closes its end (the listener stopped)."""
+
+    def __init__(self, settings: dict, spawner_fds: tuple, ahead: bool):
+        self.settings = settings
+        self.spawner_fds = spawner_fds
+        self.ahead = ahead  # False: fork at each login (mp --ssh's single session)
+        self.pid = 0
+        self.sock: Optional[socket.socket] = None
+        self._prepare_at: Optional[float] = None
+        self.prepare()
+
+    def taken(self, now: float) -> None:
+        """A login took the waiting process: fork the next one once that login's start is
+        over (a fork now would compete for the CPU with the start it waits for)."""
+        self._prepare_at = now + SPAWN_AHEAD_DELAY_SECS
+
+    def wait_secs(self, now: float) -> Optional[float]:
+        """How long the spawner may sleep before it forks the next waiting process."""
+        return None if self._prepare_at is None else max(0.0, self._prepare_at - now)
+
+    def prepare(self) -> None:
+        """Fork the waiting process (if none waits); without one, ``take`` forks."""
+        self._prepare_at = None
+        if self.sock is not None or not self.ahead:
+            return
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.warning("cannot fork a session process in advance: %s", e.strerror or e)
+            mine.close()
+            theirs.close()
+            return
+        if pid == 0:
+            mine.close()
+            _session_process_main(theirs, self.settings, self.spawner_fds)
+        theirs.close()
+        self.pid, self.sock = pid, mine
+
+    def take(self, fds: List[int]) -> tuple:
+        """(pid, error) of the session process that now holds (copies of) ``fds``."""
+        if self.sock is not None:
+            sock, self.sock = self.sock, None
+            try:
+                moshpit_ipc.send_packet(sock, {"op": "spawn"}, fds)
+                return self.pid, ""
+            except OSError:  # it died meanwhile (its exit is reported): fork one now
+                pass
+            finally:
+                sock.close()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            return 0, f"cannot fork: {e.strerror or e}"
+        if pid == 0:
+            _session_process_main(fds, self.settings, self.spawner_fds)
+        return pid, ""
+
+    def discard(self) -> None:
+        """The spawner ends: the waiting process reads EOF and exits."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _session_process_main(source, settings: dict, spawner_fds: tuple) -> None:
+    """(Forked child of the spawner.) Drop what is the spawner's, run the session, exit.
+    ``source``: the session's descriptors, or the socket a warm process receives them on."""
     status = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -1352,12 +1564,40 @@ def _session_process_main(fds: List[int], settings: dict, spawner_fds: tuple) ->
         sock.close()
         os.close(child_r)
         os.close(child_w)
+        if isinstance(source, socket.socket):  # warm: wait for a login
+            _message, fds = moshpit_ipc.receive_packet(source, max_fds=3)
+            source.close()
+            if len(fds) != 3:  # the spawner ended first
+                for fd in fds:
+                    os.close(fd)
+                os._exit(0)
+        else:
+            fds = source
         status = run_session_process(fds, settings)
     except BaseException:
         log.exception("session process %d failed", os.getpid())
     finally:
         logging.shutdown()
         os._exit(status)
+
+
+def _log_through_listener(channel: moshpit_ipc.Channel) -> None:
+    """(Session process, as the user now.) Give up the spawner's log file and stderr
+    (root's, the listener's): the session's records go to the listener at the end of
+    ``channel`` (moshpit_ipc "Log relay")."""
+    moshpit.relay_logging(moshpit_ipc.LogSender())
+    _relay_log_to(channel)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _relay_log_to(channel: moshpit_ipc.Channel) -> None:
+    """(Session process.) Send our log records to the listener at the end of ``channel``."""
+    sender = moshpit_ipc.LogSender.installed()
+    if sender is not None:
+        sender.attach(channel)
 
 
 def _report_exits(sock: socket.socket) -> None:
@@ -1414,7 +1654,8 @@ class Spawner:
         """``fork`` mode (mp --ssh's one-session server: its modules may exist only in its
         memory, so there is nothing to exec): the spawner is a fork of this process, which
         must be single-threaded here. It runs as the same user; it has a copy of that
-        session's own host key (made for it, dropped with it)."""
+        session's own host key (made for it, dropped with it). It forks no session process
+        ahead: there is only one session."""
         if threading.active_count() != 1:
             raise MoshpitError("internal error: the spawner can only be forked before any "
                                "thread starts")
@@ -1426,7 +1667,7 @@ class Spawner:
             status = 1
             try:
                 mine.close()
-                status = _spawner_loop(theirs, self.init["settings"])
+                status = _spawner_loop(theirs, self.init["settings"], ahead=False)
             finally:
                 os._exit(status)
         theirs.close()
@@ -1501,7 +1742,16 @@ class SessionProcess:
         self.pid = int(state["pid"])
         self.record = record
         self.socket_path = socket_path
-        self.adopted = False  # claimed from a previous listener: not our spawner's child
+        # How its shell ended, as the session process reports it (state: a shell that
+        # ended before our claim): the status is ours to log even when the process is not
+        # our spawner's child.
+        self.shell_exit = state.get("shell_exit") if isinstance(state.get("shell_exit"),
+                                                                dict) else {}
+        if state.get("shell_pid") is None:
+            self.shell_exit = {"no_command": True}  # mp -N: nothing ran
+        if channel.on_log is None:  # claimed (a new session's has relayed since its start)
+            channel.on_log = moshpit_ipc.LogReceiver(f"{self.name} {self.user}")
+        self.log_receiver = channel.on_log
         self.thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -1607,10 +1857,13 @@ class SessionProcess:
                 if message.get("op") == "reply":
                     self._replies.put(message)
                 elif message.get("op") == "logout":
-                    self.record.close()  # --- login records: the shell has gone ---
+                    self.shell_exit = message
+                    # --- login records: the shell has gone (how: ut_exit) ---
+                    self.record.close(*(reported_exit(message) or (0, 0)))
         except (OSError, moshpit_ipc.IpcError) as e:
             if not self.server.stopping:
                 log.warning("session %s: its control channel failed: %s", self.name, e)
+        self.log_receiver.close()
         self._replies.put(None)
         self.server.session_ended(self)
 
@@ -1627,14 +1880,15 @@ def _unlink(path: str) -> None:
 def claim_session(path: str, expected_uid: Optional[int] = None) -> tuple:
     """Connect to a running session's socket and claim it: (channel, state). ``expected_uid``
     (a listener's claim): the session process must run as the user it says it serves
-    (SO_PEERCRED), else MoshpitError. OSError if nothing answers there."""
+    (SO_PEERCRED), else MoshpitError; it also relays its log records to us from then on.
+    OSError if nothing answers there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(CLAIM_WAIT_SECS)
     try:
         sock.connect(path)
         channel = moshpit_ipc.Channel(sock)
         _, uid, _ = moshpit_ipc.peer_credentials(sock)
-        channel.send({"op": "claim", "id": 0})
+        channel.send({"op": "claim", "id": 0, "logs": expected_uid is not None})
         state = channel.receive()
         if state is None:
             raise ConnectionResetError(errno.ECONNRESET, "closed at once")
@@ -1646,6 +1900,13 @@ def claim_session(path: str, expected_uid: Optional[int] = None) -> tuple:
             if uid != want:
                 raise MoshpitError(f"session socket {path} is served by uid {uid}, "
                                    f"not by {state['user']}'s")
+            # The socket's name was given by root for the session's id; the answer is the
+            # (maybe hijacked) session process's word, so a session could take the resumes
+            # of another of its user's sessions.
+            named = _session_socket_path(os.path.dirname(path), state["session_id"])
+            if named != path:
+                raise MoshpitError(f"session socket {path} answers for another session "
+                                   f"({state['session_id'][:4].hex()})")
     except BaseException:
         sock.close()
         raise
@@ -1748,7 +2009,9 @@ class Server:
         if spawner is not None:
             spawner.on_exit = self._process_exited
         self.sessions_dir = sessions_dir(config)
-        self._processes: Dict[int, str] = {}  # session process pid -> "session S of U"
+        # Spawned process pid -> ("session S of U", pid of its session process: the same,
+        # or the child of its PAM monitor).
+        self._processes: Dict[int, tuple] = {}
         self.host_key = host_key
         self.port_range = moshpit.parse_port_range(config["mps.udp_port_range"])
         self.max_sessions = config["mps.max_sessions"]
@@ -1776,6 +2039,9 @@ class Server:
         self._setting_up: Counter = Counter()
         self._signals: List[int] = []
         self.stopping = False
+        # Listings ask the user's session processes in parallel (threads made on demand).
+        self._describers = concurrent.futures.ThreadPoolExecutor(DESCRIBE_WORKERS,
+                                                                 "describe")
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         # Before anything can announce that we listen, so a signal never hits the defaults.
@@ -1845,7 +2111,6 @@ class Server:
             record.opened = bool(state["tty"]) and not state["logged_out"] and (
                 os.geteuid() == 0)  # --- login records: the previous mps opened it ---
             session = SessionProcess(self, channel, state, record, path)
-            session.adopted = True
             with self._lock:
                 self._sessions[session.session_id] = session
             session.start()
@@ -1891,6 +2156,7 @@ class Server:
             sock.close()
         for session in sessions:
             session.detach()
+        self._describers.shutdown(wait=False)
         self.spawner.close()
         log.info("mps stopped")
         return 0
@@ -1980,19 +2246,18 @@ class Server:
             self._sessions.pop(session.session_id, None)
         session.record.close()  # --- login records: even after a crash ---
         _unlink(session.socket_path)
-        log.info("session %s of %s: its process %d has ended%s", session.name, session.user,
-                 session.pid, " (claimed after a restart: exit status unknown)" if session.adopted
-                 else "")
+        log.info("session %s of %s: its process %d has ended; %s", session.name, session.user,
+                 session.pid, describe_shell_exit(session.shell_exit))
 
     def _process_exited(self, pid: int, status: int) -> None:
         """(Spawner's reader thread.) A session process has exited: a crash is logged."""
         with self._lock:
-            what = self._processes.pop(pid, f"session process {pid}")
+            what, worker = self._processes.pop(pid, (f"session process {pid}", pid))
         if status < 0:
-            log.error("%s: its process %d was killed by %s", what, pid,
+            log.error("%s: its process %d was killed by %s", what, worker,
                       signal.Signals(-status).name)
         elif status:
-            log.warning("%s: its process %d exited with status %d", what, pid, status)
+            log.warning("%s: its process %d exited with status %d", what, worker, status)
 
     def decide(self, auth):
         """Authorize one handshake (handshake thread): the target user, their authorized_keys,
@@ -2095,12 +2360,21 @@ class Server:
                                         f"{what} of an unknown session (or another user's)")
         return session
 
+    def _describe_sessions(self, user: str) -> list:
+        """Ask each of ``user``'s session processes for its description, in parallel:
+        futures for ``_described``."""
+        with self._lock:
+            own = [session for session in self._sessions.values() if session.user == user]
+        return [self._describers.submit(session.describe) for session in own]
+
+    @staticmethod
+    def _described(futures: list) -> List[handshake.SessionInfo]:
+        """The answers to ``_describe_sessions`` (sessions that ended meanwhile left out)."""
+        return [info for info in (future.result() for future in futures) if info is not None]
+
     def _list_sessions(self, auth) -> handshake.SessionListing:
         """mp --list: the user's running sessions, most recently active first."""
-        with self._lock:
-            own = [session for session in self._sessions.values() if session.user == auth.user]
-        described = (session.describe() for session in own)
-        listed = sorted((info for info in described if info is not None),
+        listed = sorted(self._described(self._describe_sessions(auth.user)),
                         key=lambda info: info.last_activity, reverse=True)
         return handshake.SessionListing(listed[:handshake.MAX_LISTED])
 
@@ -2169,6 +2443,8 @@ class Server:
                 lo, hi = self.port_range
                 raise handshake.AuthRefused(handshake.SERVER_BUSY,
                                             f"every UDP port in {lo}-{hi} is in use")
+            # The grant counts the user's detached sessions: asked while the process starts.
+            others = self._describe_sessions(pw.pw_name)
             try:
                 session = self._spawn_session(auth, pw, udp)
             finally:
@@ -2177,7 +2453,7 @@ class Server:
             with self._lock:
                 self._release_slot(pw.pw_name)
             raise
-        detached = sum(not info.attached for info in self._list_sessions(auth).sessions)
+        detached = sum(not info.attached for info in self._described(others))
         return _grant(session, 0, detached), session
 
     def _spawn_session(self, auth, pw: pwd.struct_passwd,
@@ -2194,28 +2470,42 @@ class Server:
         resume_secret = secrets.token_bytes(32)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         listen_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        start = moshpit_ipc.encode_message({
+            "op": "start", "user": pw.pw_name, "term": request.term, "rows": request.rows,
+            "cols": request.cols, "env": request.env, "connection": connection,
+            "command": request.command, "pty": request.pty, "session_id": session_id,
+            "resume_secret": resume_secret, "client_key": auth.client_key.to_line(),
+            "client_address": address, "listener_uid": os.geteuid(),
+            "forward_agent": request.forward_agent, "no_command": request.no_command})
         try:
             # listen() is the session process's: SO_PEERCRED's uid. No path: an abstract
             # name the kernel picks (Linux autobind), known to nobody else.
             listen_sock.bind(path)
-            pid = self.spawner.spawn([theirs.fileno(), udp.fileno(), listen_sock.fileno()])
-            with self._lock:
-                self._processes[pid] = f"session {session_id[:4].hex()} of {pw.pw_name}"
-            channel = moshpit_ipc.Channel(mine)
+            # The start goes into the socket before the process exists (what fits in its
+            # buffer: all of it but for a huge command), so it reads it the moment it has
+            # its descriptors: no round trip between the spawner's answer and the start.
+            mine.setblocking(False)
+            try:
+                sent = mine.send(start)
+            except BlockingIOError:
+                sent = 0
             mine.settimeout(START_WAIT_SECS)
-            channel.send({"op": "start", "user": pw.pw_name, "term": request.term,
-                          "rows": request.rows, "cols": request.cols, "env": request.env,
-                          "connection": connection, "command": request.command,
-                          "pty": request.pty, "session_id": session_id,
-                          "resume_secret": resume_secret,
-                          "client_key": auth.client_key.to_line(),
-                          "client_address": address, "listener_uid": os.geteuid(),
-                          "forward_agent": request.forward_agent,
-                          "no_command": request.no_command})
+            pid = spawned = self.spawner.spawn(
+                [theirs.fileno(), udp.fileno(), listen_sock.fileno()])
+            what = f"session {session_id[:4].hex()} of {pw.pw_name}"
+            with self._lock:
+                self._processes[pid] = (what, pid)
+            mine.sendall(start[sent:])
+            channel = moshpit_ipc.Channel(mine)
+            channel.on_log = moshpit_ipc.LogReceiver(f"{session_id[:4].hex()} {pw.pw_name}")
             started = channel.receive()
             if started is None or started.get("error"):
                 raise ShellError(started.get("error") if started else
                                  "the session process ended before starting the shell")
+            pid = int(started["pid"])
+            with self._lock:
+                if spawned in self._processes:  # (not reaped yet)
+                    self._processes[spawned] = (what, pid)
         except (ShellError, OSError, moshpit_ipc.IpcError) as e:
             mine.close()
             _unlink(path)
@@ -2230,7 +2520,8 @@ class Server:
             record.open()
         state = {"session_id": session_id, "user": pw.pw_name,
                  "client_key": auth.client_key.to_line(), "resume_secret": resume_secret,
-                 "udp_port": udp.getsockname()[1], "pid": pid}
+                 "udp_port": udp.getsockname()[1], "pid": pid,
+                 "shell_pid": started["shell_pid"]}
         return SessionProcess(self, channel, state, record, path)
 
 

@@ -171,6 +171,10 @@ def test_utmp_layout_round_trip():
     back = login.UtmpEntry.unpack(packed)
     assert (back.type, back.pid, back.line, back.id, back.user, back.host, back.time) == \
         (7, 4242, "pts/17", b"mh", "alice", "192.0.2.7", 1_700_000_000.25)
+    dead = login.UtmpEntry(login.DEAD_PROCESS, 4242, "pts/17", b"mh", "", "", 0.0,
+                           exit_signal=9, exit_status=0)
+    assert struct.unpack_from("<hh", dead.pack(), 332) == (9, 0)  # struct exit_status
+    assert login.UtmpEntry.unpack(dead.pack()).exit_signal == 9
     assert login._utmp_id("pts/17") == b"mh" and login._utmp_id("pts/1295") == b"mzz"
     assert login._utmp_id("tty1") == b"tty1"
 
@@ -252,11 +256,12 @@ def test_login_record_writes_utmp_wtmp_lastlog(tmp_path):
     when, line, host = struct.unpack("<i32s256s", data[3 * 292:])
     assert abs(when - time.time()) < 5 and line.rstrip(b"\0") == b"pts/9"
     assert host.rstrip(b"\0") == b"127.0.0.1"
-    record.close()
+    record.close(exit_status=7)
     record.close()  # once only
     assert [e.type for e in login.read_utmp(paths[0])] == [login.DEAD_PROCESS]
-    assert [(e.type, e.user) for e in login.read_utmp(paths[1])] == [
-        (login.USER_PROCESS, "alice"), (login.DEAD_PROCESS, "")]
+    assert [(e.type, e.user, e.exit_signal, e.exit_status)
+            for e in login.read_utmp(paths[1])] == [
+        (login.USER_PROCESS, "alice", 0, 0), (login.DEAD_PROCESS, "", 0, 7)]  # ut_exit
 
 
 # -- PAM ------------------------------------------------------------------------------------
@@ -335,3 +340,21 @@ def test_pam_conversation_answers_no_prompt(pam_service):
         assert call(login.PAM_PROMPT_ECHO_ON, b"login: ") == login.PAM_CONV_ERR
         assert call(login.PAM_TEXT_INFO, b"\x1b[2Jnote") == login.PAM_SUCCESS
         assert pam.messages == ["\x1b[2Jnote"]  # kept raw; printed only through printable
+
+
+def test_pam_service_configured_needs_a_file_or_a_pam_conf_line_for_it(tmp_path):
+    """Debian's /etc/pam.conf is comments alone: it configures no service (and Linux-PAM
+    ignores it where /etc/pam.d exists), so it must not turn PAM on through "other"."""
+    pam_d, conf = tmp_path / "pam.d", tmp_path / "pam.conf"
+    dirs = (str(pam_d), str(tmp_path / "vendor"))
+    conf.write_text("# ----------------------------------------------------------------#\n"
+                    "# /etc/pam.conf                                                    #\n"
+                    "# service  type  control  module-path  module-arguments\n")
+    assert not login.pam_service_configured("moshpit", dirs, str(conf))  # no pam.d, comments
+    conf.write_text(conf.read_text() + "moshpit account required pam_permit.so\n")
+    assert login.pam_service_configured("moshpit", dirs, str(conf))
+    assert not login.pam_service_configured("other-service", dirs, str(conf))
+    pam_d.mkdir()  # with /etc/pam.d, PAM reads only its files
+    assert not login.pam_service_configured("moshpit", dirs, str(conf))
+    (pam_d / "moshpit").write_text("account required pam_permit.so\n")
+    assert login.pam_service_configured("moshpit", dirs, str(conf))
