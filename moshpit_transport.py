@@ -1201,7 +1201,9 @@ class Connection:
         if opened is None:
             return
         pn, plaintext = opened
-        if now - self.last_heard > self._rto():
+        silence = now - self.last_heard
+        # (no RTO is below MIN_RTO_SECS: a flood's packets skip computing it)
+        if silence > MIN_RTO_SECS and silence > self._rto():
             self._backoff = 0  # the peer is back after a silence: no more backed-off waiting
         self._now = now
         if not self.keys_exhausted():

@@ -555,6 +555,7 @@ class Session:
         self._shell_status: Optional[int] = None  # set once the shell is reaped
         self.screen = moshpit_term.Terminal(shell.rows, shell.cols, REPAINT_HISTORY_LINES)
         self._unfed = bytearray()  # PTY output sent to the client, not yet fed to the screen
+        self._output_at = 0.0  # monotonic time of the latest PTY output
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
@@ -721,8 +722,8 @@ class Session:
                     self.channels.sync_selector(sel)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
-                if self._unfed and not ready:
-                    self._feed_screen()  # nothing to do (output paused): catch up
+                if self._unfed and not ready and now - self._output_at >= SCREEN_FEED_SECS:
+                    self._feed_screen()  # output paused: catch up (a flood: in large chunks)
                 for key, events in ready:
                     if key.data == moshpit_channels.SELECTOR_TAG:
                         continue  # after the session's events, below
@@ -933,6 +934,7 @@ class Session:
             self.core.pty_output(data, now)
             if self.shell.is_pty:  # a command's piped bytes are not a screen
                 self._unfed += data
+                self._output_at = now
                 if len(self._unfed) >= SCREEN_FEED_BYTES:
                     self._feed_screen()
             self.last_activity = time.time()
