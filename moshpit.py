@@ -1301,6 +1301,21 @@ def reset_logging() -> None:
     logger.setLevel(logging.NOTSET)
 
 
+def relay_logging(handler: logging.Handler) -> None:
+    """Replace the log file and stderr handlers by ``handler`` (a session process, which
+    must hold no descriptor of root's log file nor the listener's stderr): it receives the
+    records any of them would have written, and the file is closed here."""
+    logger = logging.getLogger(ROOT_LOGGER)
+    replaced = [h for h in logger.handlers if getattr(h, "_moshpit_layer", False)]
+    filters = [f for h in replaced for f in h.filters]
+    level = logger.level
+    reset_logging()
+    handler.addFilter(lambda record: any(f.filter(record) for f in filters))
+    handler._moshpit_layer = True
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 class _NoCttyFileHandler(logging.FileHandler):
     """A FileHandler that opens its file with O_NOCTTY: whatever lies at the log path, the
     server never acquires a controlling terminal by logging."""

@@ -9,17 +9,25 @@ error that ends that one connection.
 A message is a JSON object; bytes values travel as ``{"hex": "..."}`` (``encode_message``
 and ``MessageReader`` convert both ways). ``Channel`` is the blocking socket shell; the rest
 is sans-IO.
+
+A session process writes no log of its own: ``LogSender`` relays its records to the
+listener holding the session, whose ``LogReceiver`` writes them, marked as that session's
+(see "Log relay" below).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import struct
 import threading
-from typing import List, Optional
+import time
+from collections import deque
+from typing import Callable, List, Optional
 
+import moshpit
 from moshpit import MoshpitError
 
 # Bumped when a message changes meaning: a listener claims only sessions that speak its
@@ -123,6 +131,9 @@ class Channel:
     def __init__(self, sock: socket.socket, accept_fds: bool = False):
         self.sock = sock
         self.accept_fds = accept_fds
+        # "log" messages go here instead of to ``receive``'s caller (the listener's side: a
+        # session's relayed log lines may come between any two of its other messages).
+        self.on_log: Optional[Callable[[dict], None]] = None
         self._reader = MessageReader()
         self._ready: List[dict] = []
         self._fds: List[int] = []
@@ -153,19 +164,23 @@ class Channel:
     def receive(self) -> Optional[dict]:
         """The next message (blocking; the socket's timeout applies), None at a clean end of
         stream; IpcError for garbage or a stream cut mid-message."""
-        while not self._ready:
-            data, fds, _, _ = socket.recv_fds(self.sock, RECV_SIZE, MAX_FDS_PER_READ)
-            for fd in fds:
-                if self.accept_fds:
-                    self._fds.append(fd)
-                else:
-                    os.close(fd)
-            if not data:
-                if self._reader.partial:
-                    raise IpcError("the peer closed the channel mid-message")
-                return None
-            self._ready.extend(self._reader.feed(data))
-        return self._ready.pop(0)
+        while True:
+            while not self._ready:
+                data, fds, _, _ = socket.recv_fds(self.sock, RECV_SIZE, MAX_FDS_PER_READ)
+                for fd in fds:
+                    if self.accept_fds:
+                        self._fds.append(fd)
+                    else:
+                        os.close(fd)
+                if not data:
+                    if self._reader.partial:
+                        raise IpcError("the peer closed the channel mid-message")
+                    return None
+                self._ready.extend(self._reader.feed(data))
+            message = self._ready.pop(0)
+            if self.on_log is None or message.get("op") != "log":
+                return message
+            self.on_log(message)
 
     def close(self) -> None:
         try:
@@ -175,6 +190,141 @@ class Channel:
         self.sock.close()
         while self._fds:
             os.close(self._fds.pop())
+
+
+# ---------------------------------------------------------------------------
+# Log relay
+# ---------------------------------------------------------------------------
+#
+# A session process has become its user: were it to hold the log file (root's) or the
+# listener's stderr, a compromised one could write anything there, lines that look like the
+# listener's or another session's included. So it holds neither: its records travel as
+# ``{"op": "log", "name": logger, "level": N, "text": ...}`` on its control channel to the
+# listener holding it, which writes each as one line of its own, prefixed with the session
+# and its user, bounded in length and rate (the limits are the listener's: a compromised
+# session need not keep its own).
+
+MAX_LOG_TEXT = 2000  # characters of one relayed record (a traceback fits, as one line)
+LOG_BURST, LOG_LINES_PER_SEC = 200, 20.0  # per session: lines at once, then per second
+MAX_HELD_LOG_LINES = 200  # records a session process keeps while no listener holds it
+_LEVELS = frozenset((logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR,
+                     logging.CRITICAL))
+
+
+class LogSender(logging.Handler):
+    """(Session process.) Its only log handler (``moshpit.relay_logging`` installs it):
+    each record goes to the listener holding the session, as a "log" message on the
+    channel given to ``attach``; while there is none (the listener stopped, the next one
+    has not claimed the session yet), the newest MAX_HELD_LOG_LINES wait for it and the
+    older ones are counted, and said, on delivery."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))  # the listener adds the rest
+        self._channel: Optional[Channel] = None
+        self._held: deque = deque(maxlen=MAX_HELD_LOG_LINES)
+        self._lost = 0
+
+    @classmethod
+    def installed(cls) -> Optional[LogSender]:
+        """The one ``relay_logging`` installed in this process, if any."""
+        for handler in logging.getLogger(moshpit.ROOT_LOGGER).handlers:
+            if isinstance(handler, cls):
+                return handler
+        return None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = {"op": "log", "name": record.name, "level": record.levelno,
+                   "text": self.format(record)[:MAX_LOG_TEXT]}
+        if not self._deliver(message):
+            if len(self._held) == self._held.maxlen:
+                self._lost += 1
+            # Written when delivered, maybe much later: the line says when it happened.
+            when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+            message["text"] = f"(held, logged at {when}) {message['text']}"
+            self._held.append(message)
+
+    def attach(self, channel: Channel) -> None:
+        """Relay to ``channel`` from now on (a listener has just claimed the session, or
+        started it): what was held goes first."""
+        with self.lock:
+            self._channel = channel
+            if self._lost and self._deliver({
+                    "op": "log", "name": "moshpit.server", "level": logging.WARNING,
+                    "text": f"{self._lost} earlier log line(s) dropped: no listener held the "
+                            "session"}):
+                self._lost = 0
+            while self._held and self._deliver(self._held[0]):
+                self._held.popleft()
+
+    def detach(self, channel: Channel) -> None:
+        """``channel`` is closed: hold records until the next ``attach``."""
+        with self.lock:
+            if self._channel is channel:
+                self._channel = None
+
+    def _deliver(self, message: dict) -> bool:
+        channel = self._channel
+        if channel is None:
+            return False
+        try:
+            channel.send(message)
+        except OSError:
+            self._channel = None  # that listener is gone
+            return False
+        return True
+
+
+class LogReceiver:
+    """(Listener.) Writes the records one session process relays ("log" messages) to the
+    listener's log, each as a line of its own: prefixed with ``prefix`` (the session and its
+    user), so that no session passes its lines off as another's or the listener's; controls
+    and newlines shown as visible escapes (``moshpit.printable``: one record, one line); at
+    most MAX_LOG_TEXT characters; at most LOG_BURST lines at once, then LOG_LINES_PER_SEC,
+    the rest counted and said. ``receive`` takes the time (fake clocks in tests)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.dropped = 0
+        self._tokens = float(LOG_BURST)
+        self._refilled: Optional[float] = None
+
+    def __call__(self, message: dict) -> None:
+        self.receive(message, time.monotonic())
+
+    def receive(self, message: dict, now: float) -> None:
+        if self._refilled is not None:
+            self._tokens = min(float(LOG_BURST),
+                               self._tokens + (now - self._refilled) * LOG_LINES_PER_SEC)
+        self._refilled = now
+        if self._tokens < 1:
+            self.dropped += 1
+            return
+        self._tokens -= 1
+        self.close()
+        level = message.get("level")
+        if isinstance(level, bool) or not isinstance(level, int) or level not in _LEVELS:
+            level = logging.INFO
+        text = moshpit.printable(str(message.get("text", "")), MAX_LOG_TEXT)
+        _relayed_logger(message.get("name")).log(level, "[%s] %s", self.prefix, text)
+
+    def close(self) -> None:
+        """Say how many lines were dropped, if any (also at the session's end)."""
+        if self.dropped:
+            logging.getLogger("moshpit.server").warning(
+                "[%s] %d log line(s) dropped: more than %d at once or %g per second",
+                self.prefix, self.dropped, LOG_BURST, LOG_LINES_PER_SEC)
+            self.dropped = 0
+
+
+def _relayed_logger(name: object) -> logging.Logger:
+    """The logger a relayed record names, if it is one of ours that exists (so the
+    listener's per-target directives apply); else moshpit.server. Never a new one: a
+    session cannot make the listener create loggers."""
+    known = logging.Logger.manager.loggerDict
+    if isinstance(name, str) and name.startswith(moshpit.ROOT_LOGGER + ".") and name in known:
+        return logging.getLogger(name)
+    return logging.getLogger("moshpit.server")
 
 
 def send_packet(sock: socket.socket, message: dict, fds=()) -> None:

@@ -673,23 +673,27 @@ class UtmpEntry:
     time: float
     addr: bytes = b""
     session: int = 0
+    # ut_exit of a DEAD_PROCESS record: how the process ended (the killing signal, the exit
+    # status), as init records it.
+    exit_signal: int = 0
+    exit_status: int = 0
 
     def pack(self) -> bytes:
         secs = int(self.time)
         return _UTMP.pack(self.type, self.pid, self.line.encode()[:32], self.id[:4],
-                          self.user.encode()[:32], self.host.encode()[:256], 0, 0,
-                          self.session, secs, int((self.time - secs) * 1e6),
+                          self.user.encode()[:32], self.host.encode()[:256], self.exit_signal,
+                          self.exit_status, self.session, secs, int((self.time - secs) * 1e6),
                           self.addr.ljust(16, b"\0")[:16])
 
     @classmethod
     def unpack(cls, data: bytes) -> UtmpEntry:
-        (kind, pid, line, id_, user, host, _term, _exit, session, secs, usecs,
+        (kind, pid, line, id_, user, host, exit_signal, exit_status, session, secs, usecs,
          addr) = _UTMP.unpack(data)
 
         def text(raw: bytes) -> str:
             return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         return cls(kind, pid, text(line), id_.rstrip(b"\0"), text(user), text(host),
-                   secs + usecs / 1e6, addr, session)
+                   secs + usecs / 1e6, addr, session, exit_signal, exit_status)
 
 
 def _utmp_id(line: str) -> bytes:
@@ -835,11 +839,12 @@ class LoginRecord:
         write_lastlog(self.uid, self.line, self.host, entry.time, self.lastlog_path)
         self.opened = True
 
-    def close(self) -> None:
-        """The logout records (idempotent)."""
+    def close(self, exit_signal: int = 0, exit_status: int = 0) -> None:
+        """The logout records (idempotent), with how the shell ended if known (ut_exit)."""
         if self.opened:
             self.opened = False
             dead = self._entry(DEAD_PROCESS, "", "")
+            dead.exit_signal, dead.exit_status = exit_signal, exit_status
             write_utmp(dead, self.utmp_path)
             append_wtmp(dead, self.wtmp_path)
 

@@ -283,6 +283,13 @@ class Predictor:
             self._judge(now)
         return self._sync()
 
+    def idle(self) -> bool:
+        """Nothing predicted, tracked or drawn: until the next ``keys``, the model's state
+        changes nothing here but the epoch (a screen that moved starts a new one), so the
+        caller may feed it late, and then calls ``after_output`` once."""
+        return (not self._cells and not self._cursors and self._cursor is None
+                and not self._shown and self._shown_cursor is None)
+
     def tick(self, now: float) -> bytes:
         """The timer (next_deadline): overdue predictions raise the glitch trigger."""
         self._judge(now)

@@ -688,7 +688,11 @@ class ServerSession(_Core):
 
     def next_timeout(self) -> Optional[float]:
         times = [self.conn.next_timeout(), self._deadline(), self._echo.poll_time]
-        if self._exit_status is not None and not self.ending:
+        # The drain deadline counts only while the window has room (as in _check_exit):
+        # with it full (a client away) it would be a deadline in the past, a busy loop;
+        # the ack that opens the window is the event that brings the EXIT.
+        if (self._exit_status is not None and not self.ending
+                and self.conn.writable(STREAM_TERMINAL)):
             times.append(self._drain_until)
         if self.may_read_pty():
             times.append(self._echo.ack_time())

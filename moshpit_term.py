@@ -39,6 +39,7 @@ Client API (never leave the local terminal broken; local echo prediction)::
     term.uncertain                 # set by unknown/malformed sequences; clear by assigning
     term.alt_screen, term.insert_mode, term.origin_mode, term.autowrap, term.g0_charset
     term.scroll_count              # lines moved by scrolling, IL/DL (changes = a scroll)
+    term.main_scroll_count         # ... of them on the main screen
     term.render_cell(row, col)     # bytes: CUP + SGR + glyph repainting that cell
     term.cursor_sequence()         # bytes: back to the model's cursor and pen
 
@@ -72,7 +73,7 @@ from __future__ import annotations
 import codecs
 import re
 import unicodedata
-from collections import deque
+from collections import Counter, deque
 from itertools import repeat
 from typing import Deque, Dict, List, NamedTuple, Optional, Tuple
 
@@ -237,6 +238,7 @@ _TOKEN = re.compile(
 # Lines bulk output is made of: printable ASCII and short SGRs, each line ending in CR LF.
 # (Unrolled, "normal* (special normal*)*": no nested quantifier can backtrack badly.)
 _PLAIN_LINES = re.compile(r"(?:[\x20-\x7e]*(?:\x1b\[[0-9;]{0,64}m[\x20-\x7e]*)*\r\n)+")
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7f))
 _SGR_IN_LINE = re.compile(r"\x1b\[([0-9;]*)m")
 _CSI_BODY = re.compile(r"([\x30-\x3f]*)([\x20-\x2f]*)")
 _STRING_END = re.compile(r"[\x07\x18\x1a\x1b\x9c]")
@@ -298,6 +300,7 @@ class Terminal:
         self.last_unknown = ""
         self.uncertain = False
         self.scroll_count = 0
+        self.main_scroll_count = 0  # of those, on the main screen
         self.bell_count = 0
         self.title: Optional[str] = None  # None: never set by the stream
         self.icon_name: Optional[str] = None
@@ -804,6 +807,10 @@ class Terminal:
         if (self.y == self.rows - 1 == self.bottom and not self.top and self.autowrap
                 and not self.insert_mode and self._single_shift is None
                 and _CHARSETS[self.charsets[self.gl]] is None):
+            plain = self._plain_lines_to_end(text, pos)
+            if plain is not None:
+                self._scroll_in(plain[0])
+                return plain[1]
             block = _PLAIN_LINES.match(text, pos)
             if block is not None:
                 taken = block.group()
@@ -817,6 +824,28 @@ class Terminal:
                     return block.end()
         self._linefeed()
         return pos
+
+    @staticmethod
+    def _plain_lines_to_end(text: str, pos: int) -> Optional[Tuple[List[str], int]]:
+        """The lines from ``pos`` to the last CR LF of ``text`` and where they end, if all of
+        them are plain (printable ASCII, each ending in CR LF), else None. What a flood's
+        chunk (base64, logs, ``yes``) looks like; checked with a few whole-string C
+        operations rather than the regex, which costs more than everything else a plain
+        line needs."""
+        last = text.rfind("\r\n", pos)
+        if last < 0:
+            return None
+        stop = last + 2
+        taken = text[pos:stop]
+        if not taken.isascii():
+            return None
+        # What is not printable ASCII must be exactly the CR LF pairs ending the lines.
+        others = taken.encode("ascii").translate(None, _PRINTABLE_ASCII)
+        if others != b"\r\n" * (len(others) // 2):
+            return None
+        lines = taken.split("\r\n")
+        lines.pop()  # the empty text after the last CR LF
+        return (lines, stop) if 2 * len(lines) == len(others) else None
 
     def _scroll_out(self, count: int) -> Tuple[Optional[Deque], int]:
         """Make room for ``count`` rows scrolling in at the bottom of a whole-screen region:
@@ -834,16 +863,33 @@ class Terminal:
     def _scroll_in(self, lines: List[str]) -> None:
         """What LF, then each of ``lines`` and CR LF, do with the cursor on the bottom row of
         a whole-screen region: every row the screen scrolls past goes straight to history.
+        Only the rows that can still be seen (the screen, and history as far as it reaches
+        back) are built; the lines before them only count (how many rows they wrapped into).
         Built from C-level list and iterator operations where it can: bulk output's speed
         is decided here."""
-        cols = self.cols
+        cols, rows = self.cols, self.rows
         pen, erase = self.pen, self._erase_attr()
+        keeps_history = self.buf is self.main and self.history.maxlen
+        kept = rows + (self.history.maxlen if keeps_history else 0)  # rows that can show
+        for line in reversed(lines):
+            if line:
+                self._last_glyph = line[-1]
+                break
+        # +1 everywhere: the row the last CR LF leaves blank
         if max(map(len, lines)) <= cols:  # no line wraps: one row each
-            glyph_rows = lines
+            count = len(lines) + 1
+            glyph_rows = lines[-kept:] if kept < count else lines[:]
             wrapped_rows = None
         else:
+            count = 1 + sum(number * (-(-length // cols) or 1)
+                            for length, number in Counter(map(len, lines)).items())
             glyph_rows, wrapped_rows = [], []
-            for line in lines:
+            start = len(lines)
+            taken = 1
+            while start and taken < kept:  # the lines whose rows can show, from the end
+                start -= 1
+                taken += -(-len(lines[start]) // cols) or 1
+            for line in lines[start:]:
                 if len(line) <= cols:
                     glyph_rows.append(line)
                     wrapped_rows.append(False)
@@ -852,16 +898,15 @@ class Terminal:
                     glyph_rows.extend(parts)
                     wrapped_rows.extend([True] * (len(parts) - 1))
                     wrapped_rows.append(False)
-        glyph_rows.append("")  # the row the last CR LF leaves blank
-        for line in reversed(lines):
-            if line:
-                self._last_glyph = line[-1]
-                break
-        count = len(glyph_rows)
+        glyph_rows.append("")
+        # glyph_rows holds the last rows scrolling in: row i of all ``count`` is
+        # glyph_rows[i - skipped]
+        skipped = count - len(glyph_rows)
         screen = self.buf.lines
         history, passing = self._scroll_out(count)
         if history is not None and passing:
-            first = max(0, passing - history.maxlen)
+            first = max(0, passing - history.maxlen) - skipped
+            passing -= skipped
             flags = repeat(False) if wrapped_rows is None else wrapped_rows[first:passing]
             pen_attr, erase_attr = self._attrs[pen], self._attrs[erase]
             if pen_attr == erase_attr:  # the usual case: one attribute per row
@@ -873,15 +918,18 @@ class Terminal:
                     history.append((glyphs.ljust(cols), (pen_attr,) if used == cols else (
                         erase_attr,) if not used else
                         (pen_attr,) * used + (erase_attr,) * (cols - used), wrapped))
-        for i in range(passing, count):
+        else:
+            passing -= skipped
+        last = len(glyph_rows) - 1
+        for i in range(passing, last + 1):
             line = _Line.__new__(_Line)
             glyphs = glyph_rows[i]
             used = len(glyphs)
             line.chars = list(glyphs.ljust(cols))
             line.attrs = [pen] * used + [erase] * (cols - used)
-            line.wrapped = wrapped_rows is not None and i < count - 1 and wrapped_rows[i]
+            line.wrapped = wrapped_rows is not None and i < last and wrapped_rows[i]
             screen.append(line)
-        self.scroll_count += count
+        self._scrolled(count)
 
     def _scroll_in_coloured(self, lines: List[str]) -> None:
         """``_scroll_in`` for lines with SGRs in them (coloured listings, compiler output):
@@ -924,7 +972,7 @@ class Terminal:
             line.attrs = cells
             line.wrapped = wrapped
             screen.append(line)
-        self.scroll_count += count
+        self._scrolled(count)
 
     def _linefeed(self) -> None:
         if self.y != self.bottom:
@@ -941,9 +989,14 @@ class Terminal:
             lines.append(fresh)
             if self.buf is self.main and self.history.maxlen:
                 self.history.append(self._store(gone))
-            self.scroll_count += 1
+            self._scrolled(1)
         else:
             self._scroll_up(1)
+
+    def _scrolled(self, count: int) -> None:
+        self.scroll_count += count
+        if self.buf is self.main:
+            self.main_scroll_count += count
 
     def _reverse_index(self) -> None:
         if self.y == self.top:
@@ -985,7 +1038,7 @@ class Terminal:
         lines[self.bottom + 1 - count:self.bottom + 1 - count] = self._blank_lines(count)
         if top == 0 and self.buf is self.main and self.history.maxlen:
             self.history.extend(map(self._store, gone))
-        self.scroll_count += count
+        self._scrolled(count)
 
     def _scroll_down(self, count: int, top: Optional[int] = None) -> None:
         top = self.top if top is None else top
@@ -995,7 +1048,7 @@ class Terminal:
         lines = self.buf.lines
         del lines[self.bottom + 1 - count:self.bottom + 1]
         lines[top:top] = self._blank_lines(count)
-        self.scroll_count += count
+        self._scrolled(count)
 
     def _erase(self, line: _Line, start: int, stop: int) -> None:
         """Blank columns start..stop-1, splitting wide glyphs cut at either edge."""

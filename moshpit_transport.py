@@ -245,6 +245,12 @@ KEEPALIVE_SECS = 3.0  # the client pings after this long without sending anythin
 # the path coming back, instead of waiting out backed-off retransmission timers; mosh probes
 # about as often. Each probe is one ~50-byte datagram.
 OUTAGE_PROBE_SECS, OUTAGE_FAST_SECS, OUTAGE_PROBE_SLOW_SECS = 0.02, 10.0, 0.25
+# A client reachable at all is heard at least every KEEPALIVE_SECS (and every outage probe
+# while it misses us), so one unheard for two keepalives is away (gone, asleep, cut off):
+# the server then stops its retransmission timer instead of resending to nobody every
+# MAX_BACKOFF_RTO_SECS for as long as a detached session lives. The client's next packet
+# (a probe when the path returns, a resume's re-key) restarts it, due at once.
+PEER_AWAY_SECS = 2 * KEEPALIVE_SECS
 PACKET_THRESHOLD = 3  # a packet is lost once one sent this many later was acked ...
 TIME_THRESHOLD = 9 / 8  # ... or one sent this many RTTs later
 INITIAL_RTT_SECS = 0.1
@@ -990,6 +996,9 @@ class Connection:
     keys (the server learns the client's address from that ping), and every OUTAGE_PROBE_SECS
     while what it sent goes unanswered (so it notices the path is back at once).  The server
     answers every ping with an immediate ACK, so both sides hear each other that often.
+    The server has no timer of its own while nothing is unacknowledged, and none while the
+    client is away (PEER_AWAY_SECS): an idle or detached session's server sleeps until a
+    packet or its own program's event.
 
     ``peer_addr`` given to the constructor or ``rekey`` is trusted (the client names the
     server it dialled); any other address the peer appears from is validated first (see
@@ -1192,7 +1201,9 @@ class Connection:
         if opened is None:
             return
         pn, plaintext = opened
-        if now - self.last_heard > self._rto():
+        silence = now - self.last_heard
+        # (no RTO is below MIN_RTO_SECS: a flood's packets skip computing it)
+        if silence > MIN_RTO_SECS and silence > self._rto():
             self._backoff = 0  # the peer is back after a silence: no more backed-off waiting
         self._now = now
         if not self.keys_exhausted():
@@ -1321,9 +1332,16 @@ class Connection:
         return min(rto * (1 << self._backoff), max(rto, MAX_BACKOFF_RTO_SECS))
 
     def _rto_deadline(self) -> Optional[float]:
+        """When the oldest packet in flight counts as lost (None: nothing in flight, or,
+        for the server, a client away since before then: see PEER_AWAY_SECS)."""
         sent = [t for t in (stream.oldest_sent() for stream in self._send_order)
                 if t is not None]
-        return min(sent) + self._rto() if sent else None
+        if not sent:
+            return None
+        deadline = min(sent) + self._rto()
+        if not self._is_client and deadline > self.last_heard + PEER_AWAY_SECS:
+            return None
+        return deadline
 
     def _check_rto(self, now: float) -> None:
         """Resend what the timer says is lost; back off, and after repeats shrink the window."""

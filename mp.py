@@ -80,6 +80,8 @@ QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at
 STDIN_CHUNK = 16384
 ERR_FD = 2  # a command's stderr (no PTY) goes to ours
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
+# Server bytes the screen model may be behind while nobody reads it (see ScreenMirror.defer)
+SCREEN_DEFER_BYTES = 1 << 20
 IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
 FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
 FINAL_OUTPUT_SECS = 3.0  # ... and for the local terminal to take the rest of the output
@@ -603,26 +605,58 @@ class ScreenMirror:
     cursors then sit on the bottom row; IL/DL also count, a rare miss) or while the
     alternate screen (cleared on entry) is shown. Until then the banner row is only
     erased, as the model would repaint the wrong line there.
+
+    Bytes may be fed late (``defer``): a flood costs the model much less in a few large
+    chunks than in one small chunk per loop pass (only the rows that still show are
+    built). Every question below first feeds what waits, so the answers are exact;
+    whoever reads ``term`` directly (prediction) calls ``catch_up`` first.
     """
 
     def __init__(self, rows: int, cols: int):
         self.term = moshpit_term.Terminal(rows, cols, history_limit=0)
-        self.main_aligned = False
+        self._unfed: list = []  # chunks (joined once: no regrowing buffer)
+        self._unfed_bytes = 0
 
     def feed(self, data: bytes) -> None:
+        self.catch_up()
         self.term.feed(data)
-        if not self.term.alt_screen and self.term.scroll_count:
-            self.main_aligned = True
+
+    def defer(self, data: bytes) -> None:
+        """Feed ``data`` later: at the next question, or once SCREEN_DEFER_BYTES wait."""
+        self._unfed.append(data)
+        self._unfed_bytes += len(data)
+        if self._unfed_bytes >= SCREEN_DEFER_BYTES:
+            self.catch_up()
+
+    def behind(self) -> bool:
+        """Deferred bytes wait to be fed."""
+        return bool(self._unfed)
+
+    def catch_up(self) -> None:
+        if self._unfed:
+            data = b"".join(self._unfed)
+            self._unfed.clear()
+            self._unfed_bytes = 0
+            self.term.feed(data)
+
+    @property
+    def main_aligned(self) -> bool:
+        """The main screen has scrolled: the model's rows are the terminal's there."""
+        self.catch_up()
+        return self.term.main_scroll_count > 0
 
     def resize(self, rows: int, cols: int) -> None:
+        self.catch_up()  # written for the old size
         self.term.resize(rows, cols)
 
     def at_safe_point(self) -> bool:
+        self.catch_up()
         return self.term.in_ground_state
 
     def at_line_start(self) -> bool:
         """The cursor is at column 0 of a row the server left blank: a message written
         there starts a line of its own."""
+        self.catch_up()
         row, col, pending_wrap = self.term.cursor
         return col == 0 and not pending_wrap and not self.term.line_text(row).strip()
 
@@ -630,6 +664,7 @@ class ScreenMirror:
         """Bytes repainting row 1 as the server drew it, or None where the model's rows are
         not known to be the terminal's. Between ESC 7 and ESC 8 like the banner itself:
         the terminal's cursor is where the real one is, even before the model knows it."""
+        self.catch_up()
         term = self.term
         if not (term.alt_screen or self.main_aligned):
             return None
@@ -641,6 +676,7 @@ class ScreenMirror:
         """Bytes ending an escape sequence, string or character the server left open (an
         unterminated title would swallow our message and whatever the local shell prints
         next); b"" at a safe point."""
+        self.catch_up()
         if self.term.in_ground_state:
             return b""
         self.term.feed(b"\x1b\\")  # ST: ends a string, and an ESC aborts any sequence
@@ -649,6 +685,7 @@ class ScreenMirror:
     def reset_sequence(self) -> bytes:
         """Bytes turning off what the stream turned on (alternate screen, mouse, bracketed
         paste, cursor keys and keypad, hidden cursor, colours...), at a safe point."""
+        self.catch_up()
         return self.term.reset_sequence()
 
 
@@ -1194,6 +1231,7 @@ class Session:
         if data:
             self.core.send_input(data)
             if self.predictor is not None:
+                self._catch_up_screen()
                 self.predictor.set_srtt(self.core.conn.srtt)
                 self.out += self.predictor.keys(data, self.core.input_offset, time.monotonic())
                 if self.out:
@@ -1279,16 +1317,30 @@ class Session:
 
     def _write_output(self, data: bytes, repaint: bool) -> None:
         """The server's bytes of this tick: predictions taken off the terminal first (it then
-        equals the model), and judged against the model once it has them."""
-        if self.predictor is not None:
-            self.out += self.predictor.reset() if repaint else self.predictor.before_output()
+        equals the model), and judged against the model once it has them. While nothing
+        is predicted the model is fed late, in larger chunks (ScreenMirror.defer): a flood
+        costs it several times less. Only for a terminal: a pipe or file (a command's
+        bytes) is never drawn on."""
+        predictor = self.predictor
+        if predictor is None or (predictor.idle() and not repaint):
+            self.out += data
+            if self.out_is_tty:
+                self.screen.defer(data)
+            return
+        self.screen.catch_up()  # (nothing waits unless a repaint ends an idle spell)
+        self.out += predictor.reset() if repaint else predictor.before_output()
         self.out += data
-        # The model in one call a tick (large chunks are cheaper), and only for a terminal:
-        # a pipe or file (a command's bytes) is never drawn on.
         if self.out_is_tty:
             self.screen.feed(data)
-        if self.predictor is not None:
-            self.out += self.predictor.after_output(time.monotonic())
+        self.out += predictor.after_output(time.monotonic())
+
+    def _catch_up_screen(self) -> None:
+        """Feed the model what waits, and let prediction see it (as it would have seen it
+        tick by tick: an idle predictor only notes that the screen moved)."""
+        if self.screen.behind():
+            self.screen.catch_up()
+            if self.predictor is not None:
+                self.out += self.predictor.after_output(time.monotonic())
 
     def _forget_predictions(self) -> None:
         """Take every prediction away (resize, suspend, the end): the terminal equals the

@@ -555,6 +555,7 @@ class Session:
         self._shell_status: Optional[int] = None  # set once the shell is reaped
         self.screen = moshpit_term.Terminal(shell.rows, shell.cols, REPAINT_HISTORY_LINES)
         self._unfed = bytearray()  # PTY output sent to the client, not yet fed to the screen
+        self._output_at = 0.0  # monotonic time of the latest PTY output
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
@@ -721,8 +722,8 @@ class Session:
                     self.channels.sync_selector(sel)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
-                if self._unfed and not ready:
-                    self._feed_screen()  # nothing to do (output paused): catch up
+                if self._unfed and not ready and now - self._output_at >= SCREEN_FEED_SECS:
+                    self._feed_screen()  # output paused: catch up (a flood: in large chunks)
                 for key, events in ready:
                     if key.data == moshpit_channels.SELECTOR_TAG:
                         continue  # after the session's events, below
@@ -933,6 +934,7 @@ class Session:
             self.core.pty_output(data, now)
             if self.shell.is_pty:  # a command's piped bytes are not a screen
                 self._unfed += data
+                self._output_at = now
                 if len(self._unfed) >= SCREEN_FEED_BYTES:
                     self._feed_screen()
             self.last_activity = time.time()
@@ -1087,14 +1089,20 @@ class SessionControl:
         self.allowed_uids = {0, listener_uid}
         self.client_address = client_address
         self.logged_out = False
+        self.shell_exit: dict = {}  # how the shell ended, once it has: shell_exit_report
+        # The relay of this process's log records (None where logging is the process's own).
+        self.log_sender = moshpit_ipc.LogSender.installed()
 
     def logged_out_now(self) -> None:
-        """(Session thread.) The shell is gone: the listener closes the login record."""
+        """(Session thread.) The shell is gone: the listener closes the login record and
+        notes how the shell ended (a listener that claimed the session after a restart is
+        not its parent: it learns the status only so)."""
+        self.shell_exit = shell_exit_report(getattr(self.session.shell, "proc", None))
         self.logged_out = True
         owner = self.owner
         if owner is not None:
             try:
-                owner.send({"op": "logout"})
+                owner.send(dict(self.shell_exit, op="logout"))
             except OSError:
                 pass  # the listener is gone: its successor reads ``logged_out`` at its claim
 
@@ -1156,11 +1164,15 @@ class SessionControl:
                     reply = {"busy": True}
                 if reply is not None:
                     channel.send(dict(reply, op="reply", id=message.get("id")))
+                if message.get("op") == "claim" and message.get("logs") is True:
+                    _relay_log_to(channel)  # after the claim's answer, as it expects
                 if not channel.pending:
                     return
         except (OSError, moshpit_ipc.IpcError, KeyError, TypeError, ValueError) as e:
             log.warning("session %s: control connection dropped: %s", self.session.name, e)
         sel.unregister(channel.sock)
+        if self.log_sender is not None:
+            self.log_sender.detach(channel)
         channel.close()
         if channel is self.owner:
             self.owner = None
@@ -1205,7 +1217,44 @@ class SessionControl:
                 "replaced_secrets": list(session.replaced_secrets),
                 "udp_port": session.udp_port, "pid": os.getpid(),
                 "shell_pid": session.shell.pid, "tty": session.shell.tty_path,
-                "client_address": self.client_address, "logged_out": self.logged_out}
+                "client_address": self.client_address, "logged_out": self.logged_out,
+                "shell_exit": self.shell_exit}
+
+
+def shell_exit_report(proc) -> dict:
+    """How a reaped shell ended, for the listener: {"status": N} or {"signal": N}; {} if it
+    is unknown (mp -N has no shell; not reaped)."""
+    code = getattr(proc, "returncode", None)
+    if code is None:
+        return {}
+    return {"signal": -code} if code < 0 else {"status": code}
+
+
+def reported_exit(report: dict) -> Optional[tuple]:
+    """(signal, status) from a session process's shell_exit_report, one of them 0; None if
+    it is unknown or malformed (the report is not trusted)."""
+    status, sig = report.get("status"), report.get("signal")
+    if type(status) is int and 0 <= status <= 255:
+        return 0, status
+    if type(sig) is int and 0 < sig < 128:
+        return sig, 0
+    return None
+
+
+def describe_shell_exit(report: dict) -> str:
+    """The log's words for a session process's shell_exit_report."""
+    if report.get("no_command"):
+        return "it ran no command (mp -N)"
+    ended = reported_exit(report)
+    if ended is None:
+        return "its shell's exit status is unknown"
+    sig, status = ended
+    if not sig:
+        return f"its shell exited with status {status}"
+    try:
+        return f"its shell was killed by {signal.Signals(sig).name}"
+    except ValueError:
+        return f"its shell was killed by signal {sig}"
 
 
 def _note_signal(signum, frame) -> None:
@@ -1251,6 +1300,8 @@ def run_session_process(fds: List[int], settings: dict) -> int:
             become_user(pw)
             if monitor is not None:
                 monitor.end_with_it()
+        # Before a packet or the PTY: root's log file (the PAM monitor keeps it) and stderr.
+        _log_through_listener(channel)
         # --- forwarding: set up by the user's own process (it binds what the user may) ---
         forwarding = _forwarding_setup(settings["forwarding"], start["forward_agent"], pw,
                                        start["listener_uid"] == 0)
@@ -1530,6 +1581,25 @@ def _session_process_main(source, settings: dict, spawner_fds: tuple) -> None:
         os._exit(status)
 
 
+def _log_through_listener(channel: moshpit_ipc.Channel) -> None:
+    """(Session process, as the user now.) Give up the spawner's log file and stderr
+    (root's, the listener's): the session's records go to the listener at the end of
+    ``channel`` (moshpit_ipc "Log relay")."""
+    moshpit.relay_logging(moshpit_ipc.LogSender())
+    _relay_log_to(channel)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _relay_log_to(channel: moshpit_ipc.Channel) -> None:
+    """(Session process.) Send our log records to the listener at the end of ``channel``."""
+    sender = moshpit_ipc.LogSender.installed()
+    if sender is not None:
+        sender.attach(channel)
+
+
 def _report_exits(sock: socket.socket) -> None:
     """Reap ended session processes and tell the listener (the status: -N for signal N)."""
     while True:
@@ -1672,7 +1742,16 @@ class SessionProcess:
         self.pid = int(state["pid"])
         self.record = record
         self.socket_path = socket_path
-        self.adopted = False  # claimed from a previous listener: not our spawner's child
+        # How its shell ended, as the session process reports it (state: a shell that
+        # ended before our claim): the status is ours to log even when the process is not
+        # our spawner's child.
+        self.shell_exit = state.get("shell_exit") if isinstance(state.get("shell_exit"),
+                                                                dict) else {}
+        if state.get("shell_pid") is None:
+            self.shell_exit = {"no_command": True}  # mp -N: nothing ran
+        if channel.on_log is None:  # claimed (a new session's has relayed since its start)
+            channel.on_log = moshpit_ipc.LogReceiver(f"{self.name} {self.user}")
+        self.log_receiver = channel.on_log
         self.thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
@@ -1778,10 +1857,13 @@ class SessionProcess:
                 if message.get("op") == "reply":
                     self._replies.put(message)
                 elif message.get("op") == "logout":
-                    self.record.close()  # --- login records: the shell has gone ---
+                    self.shell_exit = message
+                    # --- login records: the shell has gone (how: ut_exit) ---
+                    self.record.close(*(reported_exit(message) or (0, 0)))
         except (OSError, moshpit_ipc.IpcError) as e:
             if not self.server.stopping:
                 log.warning("session %s: its control channel failed: %s", self.name, e)
+        self.log_receiver.close()
         self._replies.put(None)
         self.server.session_ended(self)
 
@@ -1798,14 +1880,15 @@ def _unlink(path: str) -> None:
 def claim_session(path: str, expected_uid: Optional[int] = None) -> tuple:
     """Connect to a running session's socket and claim it: (channel, state). ``expected_uid``
     (a listener's claim): the session process must run as the user it says it serves
-    (SO_PEERCRED), else MoshpitError. OSError if nothing answers there."""
+    (SO_PEERCRED), else MoshpitError; it also relays its log records to us from then on.
+    OSError if nothing answers there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(CLAIM_WAIT_SECS)
     try:
         sock.connect(path)
         channel = moshpit_ipc.Channel(sock)
         _, uid, _ = moshpit_ipc.peer_credentials(sock)
-        channel.send({"op": "claim", "id": 0})
+        channel.send({"op": "claim", "id": 0, "logs": expected_uid is not None})
         state = channel.receive()
         if state is None:
             raise ConnectionResetError(errno.ECONNRESET, "closed at once")
@@ -1817,6 +1900,13 @@ def claim_session(path: str, expected_uid: Optional[int] = None) -> tuple:
             if uid != want:
                 raise MoshpitError(f"session socket {path} is served by uid {uid}, "
                                    f"not by {state['user']}'s")
+            # The socket's name was given by root for the session's id; the answer is the
+            # (maybe hijacked) session process's word, so a session could take the resumes
+            # of another of its user's sessions.
+            named = _session_socket_path(os.path.dirname(path), state["session_id"])
+            if named != path:
+                raise MoshpitError(f"session socket {path} answers for another session "
+                                   f"({state['session_id'][:4].hex()})")
     except BaseException:
         sock.close()
         raise
@@ -2021,7 +2111,6 @@ class Server:
             record.opened = bool(state["tty"]) and not state["logged_out"] and (
                 os.geteuid() == 0)  # --- login records: the previous mps opened it ---
             session = SessionProcess(self, channel, state, record, path)
-            session.adopted = True
             with self._lock:
                 self._sessions[session.session_id] = session
             session.start()
@@ -2157,9 +2246,8 @@ class Server:
             self._sessions.pop(session.session_id, None)
         session.record.close()  # --- login records: even after a crash ---
         _unlink(session.socket_path)
-        log.info("session %s of %s: its process %d has ended%s", session.name, session.user,
-                 session.pid, " (claimed after a restart: exit status unknown)" if session.adopted
-                 else "")
+        log.info("session %s of %s: its process %d has ended; %s", session.name, session.user,
+                 session.pid, describe_shell_exit(session.shell_exit))
 
     def _process_exited(self, pid: int, status: int) -> None:
         """(Spawner's reader thread.) A session process has exited: a crash is logged."""
@@ -2409,6 +2497,7 @@ class Server:
                 self._processes[pid] = (what, pid)
             mine.sendall(start[sent:])
             channel = moshpit_ipc.Channel(mine)
+            channel.on_log = moshpit_ipc.LogReceiver(f"{session_id[:4].hex()} {pw.pw_name}")
             started = channel.receive()
             if started is None or started.get("error"):
                 raise ShellError(started.get("error") if started else
@@ -2431,7 +2520,8 @@ class Server:
             record.open()
         state = {"session_id": session_id, "user": pw.pw_name,
                  "client_key": auth.client_key.to_line(), "resume_secret": resume_secret,
-                 "udp_port": udp.getsockname()[1], "pid": pid}
+                 "udp_port": udp.getsockname()[1], "pid": pid,
+                 "shell_pid": started["shell_pid"]}
         return SessionProcess(self, channel, state, record, path)
 
 

@@ -16,6 +16,7 @@ import os
 import pwd
 import random
 import re
+import signal
 import socket
 import statistics
 import sys
@@ -32,7 +33,7 @@ from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline,
 from relay import free_port
 from server_util import TestClient
 from tools import (BACK, CLIENT_ENV, Client, Network, Tool, client_usage, pss_total,
-                   server_pss, server_usage, server_wakeups, tcp_listening)
+                   server_pss, server_usage, server_wakeups, tcp_listening, wakeups)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ATTACK_UTIL = os.path.join(os.path.dirname(HERE), "tests", "attack_util.py")
@@ -712,13 +713,18 @@ class Roam(Scenario):
         return {"roam": times}
 
 
+IDLE_AFTER_INPUT_SECS = 4.0
+
+
 class Idle(Scenario):
     """Server CPU, wake-ups and memory of one idle session (and the client's CPU).  Memory
     per session is the server side's RSS (and PSS: shared pages divided among the processes
     sharing them) with the session minus before it, so a shared listener (sshd's, moshpit's)
     is not counted against the session; a second session's figures show what each more
     session costs.  Wake-ups are the server threads' context switches while idle (the
-    client's keepalives included, which wake every tool's server)."""
+    client's keepalives included, which wake every tool's server), and the client's.  Idle
+    starts IDLE_AFTER_INPUT_SECS after the last key typed (the shell's readiness check):
+    moshpit's server polls the PTY's mode (echo off for a password?) for 3 s after input."""
 
     name = "idle"
     title = "idle session"
@@ -729,7 +735,8 @@ class Idle(Scenario):
                Metric("server_pss", "server PSS first session", "MB", scale=1.0),
                Metric("server_pss_next", "server PSS next session", "MB", scale=1.0),
                Metric("server_rss_total", "server RSS total", "MB", scale=1.0),
-               Metric("client_cpu", "client idle CPU", "%", scale=1.0))
+               Metric("client_cpu", "client idle CPU", "%", scale=1.0),
+               Metric("client_wakeups", "client wake-ups idle", "/s", scale=1.0))
 
     def run(self, ctx: Context) -> dict:
         time.sleep(1.0)  # the server's processes are done starting (moshpit's spawner)
@@ -738,14 +745,16 @@ class Idle(Scenario):
         ctx.session = ctx.open_session()
         seconds = 4.0 if ctx.quick else 10.0
         client = ctx.session.client
-        time.sleep(1.0)
+        time.sleep(IDLE_AFTER_INPUT_SECS)
         server0, _ = server_usage(ctx.tool, client)
         wakeups0 = server_wakeups(ctx.tool, client)
         client0, _ = client_usage(client)
+        client_wakeups0 = wakeups([client.term.pid])
         time.sleep(seconds)
         server1, rss = server_usage(ctx.tool, client)
         wakeups1 = server_wakeups(ctx.tool, client)
         client1, _ = client_usage(client)
+        client_wakeups1 = wakeups([client.term.pid])
         if rss == 0:
             raise ScenarioError("no server process found for the session")
         pss_one = server_pss(ctx.tool, client)
@@ -760,7 +769,31 @@ class Idle(Scenario):
                 "server_pss": [(pss_one - pss_before) / 1e6],
                 "server_pss_next": [(pss_two - pss_one) / 1e6],
                 "server_rss_total": [rss / 1e6],
-                "client_cpu": [(client1 - client0) / seconds * 100]}
+                "client_cpu": [(client1 - client0) / seconds * 100],
+                "client_wakeups": [(client_wakeups1 - client_wakeups0) / seconds]}
+
+
+class IdleDetached(Scenario):
+    """Server wake-ups of a detached session: its client killed (no keepalives any more)
+    just after the shell was told to write a line, so output is in flight to nobody."""
+
+    name = "idle_detached"
+    title = "detached session"
+    needs = "detach"
+    metrics = (Metric("server_wakeups", "server wake-ups detached", "/s", scale=1.0),)
+
+    def run(self, ctx: Context) -> dict:
+        ctx.session = ctx.open_session()
+        client = ctx.session.client
+        pids = ctx.tool.server_pids(client)  # while the client can still name them
+        ctx.session.display.send(b"sleep 1; echo written after the client left\r")
+        time.sleep(0.3)
+        os.kill(client.term.pid, signal.SIGKILL)
+        time.sleep(IDLE_AFTER_INPUT_SECS)
+        seconds = 4.0 if ctx.quick else 10.0
+        wakeups0 = wakeups(pids)
+        time.sleep(seconds)
+        return {"server_wakeups": [(wakeups(pids) - wakeups0) / seconds]}
 
 
 class Crowd(Scenario):
@@ -918,6 +951,7 @@ SCENARIOS = (
     Predict("predict_loss30_off", "echo, prediction off, 30% loss 40 ms RTT", rtt=0.04,
             loss=0.30, predict="never"),
     Idle(),
+    IdleDetached(),
     Crowd(),
     Preauth(),
 )

@@ -265,6 +265,7 @@ class OpenSSH(Tool):
              "outage": "a relay can only freeze TCP, not model a real outage",
              "forward_outage": "a relay can only freeze TCP, not model a real outage",
              "roam": "ssh cannot follow an address change",
+             "detach": "an ssh session ends with its client",
              "preauth": PREAUTH_NA,
              "fairness": FAIRNESS_NA,
              "crowd": CROWD_NA}
@@ -406,10 +407,14 @@ def server_pss(tool: Tool, client: Client | None) -> int:
 
 
 def server_wakeups(tool: Tool, client: Client | None) -> int:
-    """Context switches so far, summed over every thread of ``tool.server_pids(client)``:
-    each time one of them woke up (a timer, a packet) and slept again."""
+    return wakeups(tool.server_pids(client))
+
+
+def wakeups(pids) -> int:
+    """Context switches so far, summed over every thread of ``pids``: each time one of
+    them woke up (a timer, a packet) and slept again."""
     total = 0
-    for pid in tool.server_pids(client):
+    for pid in pids:
         try:
             tasks = os.listdir(f"/proc/{pid}/task")
         except OSError:

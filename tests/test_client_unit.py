@@ -172,6 +172,51 @@ def test_mirror_top_row_repaint_only_once_rows_line_up():
     assert b"\x1b[0;7mT" in alt.repaint_top_row()  # the alternate screen is cleared on entry
 
 
+@pytest.mark.parametrize("tail", [
+    b"",  # the flood ends at a blank line start
+    b"\x1b]0;open title",  # ... inside a string
+    b"\x1b[?1049h\x1b[?2004h\x1b[7mapp",  # ... in an application on the alternate screen
+    b"half a line",
+])
+def test_mirror_fed_late_answers_as_if_fed_at_once(tail):
+    """Deferred bytes (a flood, fed in one go later) are fed before any question: every
+    answer equals the one of a mirror fed chunk by chunk."""
+    chunks = [b"\x1b[1;33mfirst\x1b[m\r\n"] + [b"%05d " % i + b"x" * 90 + b"\r\n"
+                                                for i in range(200)] + [tail]
+    questions = (lambda m: m.at_safe_point(), lambda m: m.at_line_start(),
+                 lambda m: m.repaint_top_row(), lambda m: m.end_open_sequence(),
+                 lambda m: m.reset_sequence(),
+                 lambda m: (m.catch_up(), m.term.display()))  # term: read after catch_up
+    for ask in range(len(questions)):
+        now, late = mp.ScreenMirror(24, 80), mp.ScreenMirror(24, 80)
+        for chunk in chunks:
+            now.feed(chunk)
+            late.defer(chunk)
+        assert late.behind()
+        answers = [question(now) for question in questions[ask:]]
+        assert [question(late) for question in questions[ask:]] == answers
+        assert not late.behind() and late.main_aligned == now.main_aligned
+
+
+def test_mirror_defers_at_most_a_bound():
+    late = mp.ScreenMirror(24, 80)
+    line = b"y" * 98 + b"\r\n"
+    for _ in range(mp.SCREEN_DEFER_BYTES // len(line) + 1):
+        late.defer(line)
+    assert late._unfed_bytes < mp.SCREEN_DEFER_BYTES
+    assert late.term.scroll_count > 0, "the model caught up once the bound was reached"
+
+
+def test_mirror_resize_feeds_what_waits_for_the_old_size_first():
+    now, late = mp.ScreenMirror(5, 10), mp.ScreenMirror(5, 10)
+    data = b"0123456789abc\r\nwrapped at ten\r\n"
+    now.feed(data)
+    late.defer(data)
+    now.resize(5, 20)
+    late.resize(5, 20)
+    assert late.term.display() == now.term.display()
+
+
 # --- StatusBanner -----------------------------------------------------------------------
 
 

@@ -660,3 +660,4 @@ def test_dash_n_forwards_without_a_command_until_interrupted(server, tmp_path, e
         assert mp.wait(20) == 255
         assert "Traceback" not in mp.read_log()
     wait_for(lambda: "ended (client" in server.log(), 20, "the session to end")
+    server.wait_log("has ended; it ran no command (mp -N)")  # no shell, so no exit status

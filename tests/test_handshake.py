@@ -73,7 +73,7 @@ def test_both_sides_agree_on_keys_and_grant(keys):
     assert auth.peer == ("192.0.2.1", 1234) and auth.local == ("192.0.2.2", 40404)
     assert done.grant == offered and done.host_key == host.public
     assert done.keys == auth.keys
-    assert done.keys.cipher == "chacha20-poly1305"
+    assert done.keys.cipher == hs.server_cipher_order()[0]  # the client offers both
     assert len(done.keys.client_to_server) == len(done.keys.server_to_client) == 32
     assert done.keys.client_to_server != done.keys.server_to_client
     assert len(done.keys.conn_id) == 8
@@ -285,6 +285,21 @@ def test_malformed_input_is_rejected(keys, data, match):
         bytes([6]) + ssh_string(b"protocol error"))
     with pytest.raises(hs.HandshakeError, match=match):  # failed for good
         server.next_event()
+
+
+def test_server_picks_its_fastest_cipher_among_those_offered(keys):
+    """The server's order is CIPHERS ranked by their measured cost here; a client offering
+    one cipher gets that one, a client offering both gets the server's first."""
+    order = hs.server_cipher_order()
+    assert sorted(order) == sorted(hs.CIPHERS)
+    for offered, expected in ((b"chacha20-poly1305", "chacha20-poly1305"),
+                              (b"aes-256-gcm", "aes-256-gcm"),
+                              (b"aes-256-gcm,chacha20-poly1305", order[0]),
+                              (b"chacha20-poly1305,aes-256-gcm", order[0])):
+        server = server_after(client_hello(ciphers=offered), keys[1])
+        assert server.next_event() is None
+        server_hello = split_frames(server.data_to_send())[0]
+        assert server_hello.endswith(ssh_string(expected.encode())), offered
 
 
 def test_incomplete_message_waits(keys):

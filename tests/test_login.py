@@ -171,6 +171,10 @@ def test_utmp_layout_round_trip():
     back = login.UtmpEntry.unpack(packed)
     assert (back.type, back.pid, back.line, back.id, back.user, back.host, back.time) == \
         (7, 4242, "pts/17", b"mh", "alice", "192.0.2.7", 1_700_000_000.25)
+    dead = login.UtmpEntry(login.DEAD_PROCESS, 4242, "pts/17", b"mh", "", "", 0.0,
+                           exit_signal=9, exit_status=0)
+    assert struct.unpack_from("<hh", dead.pack(), 332) == (9, 0)  # struct exit_status
+    assert login.UtmpEntry.unpack(dead.pack()).exit_signal == 9
     assert login._utmp_id("pts/17") == b"mh" and login._utmp_id("pts/1295") == b"mzz"
     assert login._utmp_id("tty1") == b"tty1"
 
@@ -252,11 +256,12 @@ def test_login_record_writes_utmp_wtmp_lastlog(tmp_path):
     when, line, host = struct.unpack("<i32s256s", data[3 * 292:])
     assert abs(when - time.time()) < 5 and line.rstrip(b"\0") == b"pts/9"
     assert host.rstrip(b"\0") == b"127.0.0.1"
-    record.close()
+    record.close(exit_status=7)
     record.close()  # once only
     assert [e.type for e in login.read_utmp(paths[0])] == [login.DEAD_PROCESS]
-    assert [(e.type, e.user) for e in login.read_utmp(paths[1])] == [
-        (login.USER_PROCESS, "alice"), (login.DEAD_PROCESS, "")]
+    assert [(e.type, e.user, e.exit_signal, e.exit_status)
+            for e in login.read_utmp(paths[1])] == [
+        (login.USER_PROCESS, "alice", 0, 0), (login.DEAD_PROCESS, "", 0, 7)]  # ut_exit
 
 
 # -- PAM ------------------------------------------------------------------------------------

@@ -343,3 +343,30 @@ def test_keys_after_enter_in_the_same_read_wait_for_its_echo():
     assert rig.settled()
     rig.output(b"\r\n$ ab", acked=rig.sent)
     assert rig.settled()
+
+
+def test_idle_while_nothing_is_predicted_and_a_late_fed_model_predicts_the_same():
+    """``idle()``: nothing predicted, tracked or drawn, so the client may feed its model
+    late (mp.ScreenMirror.defer) and call after_output once. A flood fed that way, then a
+    keystroke, must draw exactly what feeding every chunk at once draws."""
+    flood = [b"line %d of the flood\r\n" % i for i in range(30)] + [PROMPT]
+    now_fed, late_fed = prompt(Rig()), prompt(Rig())
+    for rig in (now_fed, late_fed):
+        rig.confirm_epoch()
+        assert not rig.engine.idle(), "a confirmed key leaves a tracked cursor"
+        rig.type(b"\r")
+        rig.output(b"\r\n", acked=rig.sent)
+    for chunk in flood:
+        now_fed.output(chunk)
+        assert now_fed.engine.idle(), "scrolling output drops what was tracked"
+        late_fed.write(chunk)  # to the terminal now, to the model later
+    assert late_fed.engine.idle()
+    late_fed.model.feed(b"".join(flood))
+    late_fed.write(late_fed.engine.after_output(late_fed.now))
+    for rig in (now_fed, late_fed):
+        rig.confirm_epoch(b"x")
+        rig.type(b"yz")
+        assert not rig.engine.idle()
+    assert late_fed.written == now_fed.written
+    assert cells(late_fed.screen) == cells(now_fed.screen)
+    assert late_fed.screen.cursor == now_fed.screen.cursor

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import moshpit_ipc
 import moshpit_login
@@ -201,16 +202,49 @@ def test_sessions_get_the_limits_mps_started_with(tmp_path):
 
 
 FAKE_SESSION = """
-import json, socket, struct, sys
+import json, socket, struct, sys, time
 listener = socket.socket(fileno=int(sys.argv[2]))
 listener.listen(1)  # SO_PEERCRED of a connection to it: this process, this uid
 print("listening", flush=True)
 conn, _ = listener.accept()
 conn.recv(65536)  # the claim
-body = sys.argv[1].encode()
-conn.sendall(struct.pack(">I", len(body)) + body)
+for batch in [[json.loads(sys.argv[1])]] + json.loads(sys.argv[3]):  # the answer, then more
+    for message in batch:
+        body = json.dumps(message).encode()
+        conn.sendall(struct.pack(">I", len(body)) + body)
+    time.sleep(0.5)
 conn.recv(1)
 """
+
+
+def fake_session(server: MpsServer, user, state: dict, after=(),
+                 socket_id: str = "") -> subprocess.Popen:
+    """A process of ``user``'s answering on a session socket of ``server`` (before it
+    starts) as a session process would: ``state`` to the claim, then each batch of
+    messages in ``after``, half a second apart. It prints "listening" when ready. The
+    socket is named for ``state``'s session, or for ``socket_id`` (hex)."""
+    directory = f"/run/moshpit/port-{server.port}"
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(os.path.join(directory, (socket_id or state["session_id"]["hex"])[:16] + ".sock"))
+    try:
+        return subprocess.Popen(["/usr/bin/python3", "-c", FAKE_SESSION, json.dumps(state),
+                                 str(sock.fileno()), json.dumps(list(after))],
+                                pass_fds=(sock.fileno(),), user=user.pw_uid,
+                                group=user.pw_gid, extra_groups=[], cwd="/",
+                                stdout=subprocess.PIPE)
+    finally:
+        sock.close()
+
+
+def fake_state(server: MpsServer, user) -> dict:
+    """A claim's answer for a session of ``user`` (a made-up one)."""
+    return {"ipc_version": moshpit_ipc.IPC_VERSION,
+            "session_id": {"hex": os.urandom(16).hex()}, "user": user.pw_name,
+            "client_key": server.client_key.public.to_line(),
+            "resume_secret": {"hex": "00" * 32}, "replaced_secrets": [], "udp_port": 1,
+            "pid": 1, "shell_pid": 1, "tty": "", "client_address": "192.0.2.1",
+            "logged_out": False}
 
 
 def test_a_session_process_cannot_claim_another_users_session(tmp_path, users):
@@ -221,21 +255,7 @@ def test_a_session_process_cannot_claim_another_users_session(tmp_path, users):
         pytest.skip("needs /usr/bin/python3 for the fake session process")
     alice, bob = users.user(), users.user()
     server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, start=False)
-    directory = f"/run/moshpit/port-{server.port}"
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    session_id = os.urandom(16)
-    state = {"ipc_version": moshpit_ipc.IPC_VERSION, "session_id": {"hex": session_id.hex()},
-             "user": bob.pw_name, "client_key": server.client_key.public.to_line(),
-             "resume_secret": {"hex": "00" * 32}, "replaced_secrets": [], "udp_port": 1,
-             "pid": 1, "shell_pid": 1, "tty": "", "client_address": "192.0.2.1",
-             "logged_out": False}
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(os.path.join(directory, session_id[:8].hex() + ".sock"))
-    fake = subprocess.Popen(["/usr/bin/python3", "-c", FAKE_SESSION, json.dumps(state),
-                             str(sock.fileno())],
-                            pass_fds=(sock.fileno(),), user=alice.pw_uid, group=alice.pw_gid,
-                            extra_groups=[], cwd="/", stdout=subprocess.PIPE)
-    sock.close()
+    fake = fake_session(server, alice, fake_state(server, bob))  # alice's, claiming bob's
     try:
         assert fake.stdout.readline() == b"listening\n"
         authorize(bob, server.client_key)
@@ -245,6 +265,110 @@ def test_a_session_process_cannot_claim_another_users_session(tmp_path, users):
             assert TestClient.for_server(server, user=bob.pw_name).sessions() == []
     finally:
         kill_pid(fake.pid, 2.0)
+
+
+def test_a_session_process_cannot_claim_another_session_of_its_user(tmp_path, users):
+    """The attack: a hijacked session process of alice's answers the claim with the id of
+    another of her sessions, to take its resumes; the listener holds it to the id its
+    socket was named for by root, and does not take it."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs /usr/bin/python3 for the fake session process")
+    alice = users.user()
+    server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, start=False)
+    state = fake_state(server, alice)
+    fake = fake_session(server, alice, state, socket_id=os.urandom(16).hex())
+    try:
+        assert fake.stdout.readline() == b"listening\n"
+        authorize(alice, server.client_key)
+        with server.start():
+            server.wait_log(f"answers for another session ({state['session_id']['hex'][:8]})"
+                            ": not claimed")
+            assert TestClient.for_server(server, user=alice.pw_name).sessions() == []
+    finally:
+        kill_pid(fake.pid, 2.0)
+
+
+def relayed(text: str) -> dict:
+    return {"op": "log", "name": "moshpit.server", "level": 20, "text": text}
+
+
+def test_a_session_process_cannot_forge_log_lines(tmp_path, users):
+    """The attack: a session process of alice's (a stand-in answering the listener's claim
+    as a hijacked one would) relays a record holding a newline and then a line made to
+    look like the listener's, then a flood. The log shows the record on one line, marked
+    as alice's session, and the flood cut at the rate limit, the drops said."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs /usr/bin/python3 for the fake session process")
+    alice = users.user()
+    server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, start=False)
+    state = fake_state(server, alice)
+    prefix = f"[{state['session_id']['hex'][:8]} {alice.pw_name}]"
+    forged = "hello\n2026-11-30T22:00:00.000 INFO  mps stopped"
+    flood = [relayed(f"flood {i}") for i in range(1000)]
+    fake = fake_session(server, alice, state, [[relayed(forged)] + flood,
+                                               [relayed("after the flood")]])
+    try:
+        assert fake.stdout.readline() == b"listening\n"
+        with server.start():
+            lines = server.wait_log(f"{prefix} after the flood").splitlines()
+            assert any(line.endswith(f"INFO  {prefix} hello^J2026-11-30T22:00:00.000 INFO  mps"
+                                     " stopped") for line in lines)
+            assert not any(line.startswith("2026-11-30T22:00:00.000") for line in lines)
+            flooded = sum(f"{prefix} flood " in line for line in lines)
+            assert moshpit_ipc.LOG_BURST - 1 <= flooded < moshpit_ipc.LOG_BURST + 20
+            assert any(re.search(rf"WARNING {re.escape(prefix)} \d+ log line\(s\) dropped: ",
+                                 line) for line in lines)
+    finally:
+        kill_pid(fake.pid, 2.0)
+
+
+def test_a_restarted_listener_gets_held_log_lines_and_the_shell_exit_status(tmp_path, users):
+    """A session process holds no descriptor of the log (nor the listener's stderr); what
+    it logs while no listener runs reaches the next one; and that listener, which claimed
+    the session and is not its parent, logs the status of its shell's ``exit 7``."""
+    alice = users.user()
+    server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, udp_ports=2)
+    pid = None
+    try:
+        authorize(alice, server.client_key)
+        started = time.time()
+        client = TestClient.for_server(server, user=alice.pw_name).connect()
+        shell = int(client.run("echo $$"))
+        pid = parent_pid(shell)
+        name = client.grant.session_id[:4].hex()
+        prefix = f"[{name} {alice.pw_name}]"
+        server.wait_log(f"{prefix} session {name} started for {alice.pw_name}")
+        fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        for private in (server.log_path, server.stderr_path):
+            assert os.path.realpath(private) not in fds.values()
+        assert fds["1"] == fds["2"] == "/dev/null"
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+        path = f"/run/moshpit/port-{server.port}/{client.grant.session_id[:8].hex()}.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(path)  # root may: a request the session does not know, so it logs
+            sock.sendall(moshpit_ipc.encode_message({"op": "bogus", "id": 1}))
+            assert sock.recv(1) == b""
+        server.start()
+        held = re.compile(rf"{re.escape(prefix)} \(held, logged at [-\d:T]+\) session {name}:"
+                          r" control connection dropped: unknown request 'bogus'")
+        wait_for(lambda: held.search(server.log()), 10, "the line held while no listener ran")
+        client.send("exit 7\n")
+        assert client.wait_closed() == 7
+        client.close()
+        server.wait_log(f"session {name} of {alice.pw_name}: its process {pid} has ended; its"
+                        " shell exited with status 7")
+        if os.path.exists(moshpit_login.WTMP_PATH):  # the logout record says so too (ut_exit)
+            ends = [(e.exit_signal, e.exit_status)
+                    for e in moshpit_login.read_utmp(moshpit_login.WTMP_PATH)
+                    if e.type == moshpit_login.DEAD_PROCESS and e.pid == shell
+                    and e.time >= started - 1]
+            assert ends == [(0, 7)]
+    finally:
+        server.stop()
+        if pid is not None:
+            kill_pid(pid, 2.0)
 
 
 PROBE = """

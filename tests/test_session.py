@@ -15,6 +15,7 @@ import pytest
 from test_transport import CLIENT_ADDR, CLIENT_ADDR2, SERVER_ADDR, SimNet, make_keys, random_bytes
 
 import moshpit_session as ms
+import moshpit_transport as mt
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,6 +151,70 @@ def test_exit_while_the_client_is_away_arrives_on_resume():
     sim.resume(make_keys(4))
     sim.run_until(lambda: sim.client_events, limit=sim.now + 5)
     assert exited(sim.client_events) == [5] and sim.screen == b"the last words"
+    sim.finished_by(sim.now + 5)
+
+
+def server_timer(sim: CoreSim) -> float:
+    """The server core's next deadline once it has sent what is due now (an answer)."""
+    for datagram, dst in sim.server.datagrams_to_send(sim.now):
+        sim.net.send(sim.now, datagram, SERVER_ADDR, dst)
+    return sim.server.next_timeout()
+
+
+def count_sends(sim: CoreSim, src: tuple) -> list:
+    """The times of the datagrams ``src`` sends from now on (a growing list)."""
+    times, send = [], sim.net.send
+
+    def tap(now, datagram, source, dst):
+        if source == src:
+            times.append(now)
+        send(now, datagram, source, dst)
+
+    sim.net.send = tap
+    return times
+
+
+def test_an_idle_server_core_sleeps_until_its_expiry_attached_or_away():
+    """Zero wake-ups: once the handshake has settled and the client is quiet, the server's
+    only deadline is the detached expiry (the client's keepalives are events, not timers);
+    output sent to a client that then went away is resent only for PEER_AWAY_SECS, and the
+    client's first packet on its return brings it."""
+    sim = CoreSim(SimNet(6, delay=0.02), detached=3600)
+    sim.client.send_input(b"ls\r")
+    sim.pty_source = b"file\r\n"
+    sim.run_for(5)
+    for _ in range(100):
+        sim.step(until=sim.now + 10)
+        assert server_timer(sim) == sim.server.conn.last_heard + 3600
+    sent = count_sends(sim, SERVER_ADDR)
+    gone = sim.now
+    sim.client_gone = True  # laptop lid closed
+    sim.pty_source += b"a line written while the client sleeps"
+    sim.run_for(600)
+    assert sent and max(sent) <= gone + mt.PEER_AWAY_SECS + mt.MAX_BACKOFF_RTO_SECS
+    assert server_timer(sim) == sim.server.conn.last_heard + 3600 > sim.now
+    sim.client_gone = False  # lid opened: same address, the client's timers are overdue
+    sim.run_until(lambda: sim.screen.endswith(b"sleeps"), limit=sim.now + 1)
+
+
+def test_exit_while_away_with_the_window_full_sleeps_instead_of_spinning():
+    """The shell exits while a client that is away holds the output window full: the drain
+    deadline passes, but EXIT can only follow the output: no deadline in the past (a busy
+    loop in mps) until the client's return opens the window."""
+    rng = random.Random(7)
+    sim = CoreSim(SimNet(7), detached=3600)
+    sim.run_for(0.5)
+    sim.client_gone = True
+    sim.pty_source = random_bytes(rng, 400_000)
+    sim.run_for(3)
+    assert not sim.server.may_read_pty(), "the window is full"
+    sim.server.shell_exited(2, sim.now)
+    sim.run_for(ms.PTY_DRAIN_SECS + 30)
+    assert server_timer(sim) == sim.server.conn.last_heard + 3600
+    sim.client_gone = False
+    sim.run_until(lambda: sim.client_events, limit=sim.now + 10)
+    assert exited(sim.client_events) == [2]
+    assert sim.screen == sim.pty_source[:sim.pty_read]
     sim.finished_by(sim.now + 5)
 
 

@@ -252,6 +252,7 @@ def test_scroll_counter_and_history():
     assert len(term.history) == 3 and term.scroll_count == 5
     term.feed(b"\x1b[r\x1b[?1049h" + b"\n" * 9 + b"\x1b[?1049l")
     assert [text for text, _ in term.history_painted()][-1] == "line 3"  # alt screen: no history
+    assert term.scroll_count == 10 and term.main_scroll_count == 5  # the alt screen's apart
     term.feed(b"\x1b[3J")
     assert not term.history
 
@@ -358,7 +359,8 @@ def full_state(term: mterm.Terminal) -> dict:
     state = visible_state(term)
     state.update(alt=screen_state(term, term.alt), history=term.history_painted(),
                  queries=list(term.queries), counters=(term.queries_total, term.unknown_count,
-                                                       term.scroll_count, term.bell_count),
+                                                       term.scroll_count, term.bell_count,
+                                                       term.main_scroll_count),
                  uncertain=term.uncertain, ground=term.in_ground_state,
                  wrapped=[line.wrapped for line in term.main.lines], alt_mode=term.alt_mode,
                  title_stack=list(term._title_stack), saved=(term.main.saved, term.alt.saved))
@@ -444,6 +446,47 @@ def test_plain_lines_in_bulk_match_line_by_line(lines, history_limit, alt):
     for i in range(len(data)):
         bytewise.feed(data[i:i + 1])
     assert full_state(whole) == full_state(bytewise)
+
+
+_FLOOD_LINE = st.sampled_from([0, 1, 9, 10, 11, 20, 21, 35]).map(lambda n: "x" * n) | _ASCII
+# What may break a run of plain lines: stray or swapped CR/LF, an SGR, a C0 control, UTF-8.
+_FLOOD_BREAK = st.sampled_from(["\r", "\n", "\n\r", "\r\r\n", "\x1b[1m", "\x1b[m", "\t",
+                                "\x07", "\x7f", "é", "\x1b"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_FLOOD_LINE | _FLOOD_BREAK, min_size=1, max_size=150),
+       st.sampled_from([0, 3, 50]), st.randoms(use_true_random=False))
+def test_floods_fed_in_chunks_match_byte_by_byte(items, history_limit, rnd):
+    """A flood (many more lines than the screen and history hold, some wrapping, some of
+    exactly the width; now and then a stray control, SGR or non-ASCII character) fed in
+    chunks of any size, the way bulk output arrives: only the rows that can still show are
+    built, and the result must be exactly what one byte at a time gives."""
+    data = b"\x1b[5;1H" + "\r\n".join(items).encode() + b"\r\n"
+    bytewise = mterm.Terminal(5, 10, history_limit=history_limit)
+    for i in range(len(data)):
+        bytewise.feed(data[i:i + 1])
+    chunked = mterm.Terminal(5, 10, history_limit=history_limit)
+    pos = 0
+    while pos < len(data):
+        step = rnd.choice([1, 7, 64, 300, len(data)])
+        chunked.feed(data[pos:pos + step])
+        pos += step
+    assert full_state(chunked) == full_state(bytewise)
+    assert full_state(fed(data, history_limit=history_limit)) == full_state(bytewise)
+
+
+def test_plain_lines_to_end_takes_only_whole_plain_lines():
+    """The whole-string check behind the bulk path: every CR LF-ended line from ``pos`` on,
+    or nothing when anything but printable ASCII and CR LF pairs is in them."""
+    plain = mterm.Terminal._plain_lines_to_end
+    assert plain("ab\r\ncd\r\nef", 0) == (["ab", "cd"], 8)
+    assert plain("ab\r\n\r\n", 0) == (["ab", ""], 6)
+    assert plain("xxab\r\n", 2) == (["ab"], 6)
+    assert plain("no line end", 0) is None
+    for broken in ("a\rb\r\n", "a\nb\r\n", "a\n\rb\r\n", "a\r\r\n", "\x1b[m\r\n", "é\r\n",
+                   "a\tb\r\n", "a\x7f\r\n"):
+        assert plain(broken, 0) is None, broken
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -422,6 +422,29 @@ def test_keepalive_only_client_pings_and_rtt_converges():
     assert sim.client.conn._rtt.srtt == pytest.approx(0.1, abs=0.005)
 
 
+def test_an_idle_server_has_no_timer_and_none_for_a_client_that_is_away():
+    """The server only answers: idle, it has no deadline at all; with output in flight to a
+    client that went away it resends for PEER_AWAY_SECS, then sleeps until the client
+    speaks again, and the client's first probe brings the output at once."""
+    sim = Sim(SimNet(72, delay=0.02))
+    server = sim.server.conn
+    sim.run_for(5)
+    for _ in range(200):  # every instant of idle pings and their answers
+        sim.step(until=sim.now + 10)
+        for datagram, dst in server.datagrams_to_send(sim.now):  # the answer, if one is due
+            sim.net.send(sim.now, datagram, SERVER_ADDR, dst)
+        assert server.next_timeout() is None
+    gone = sim.now
+    sim.net.blackout_until = gone + 120  # the client's host is asleep or cut off
+    sim.server.source = b"output nobody reads"
+    sim.run_for(60)
+    last_send = max(t for t, src, _d in sim.log if src == SERVER_ADDR)
+    assert last_send <= gone + mt.PEER_AWAY_SECS + mt.MAX_BACKOFF_RTO_SECS
+    assert server.next_timeout() is None and not server.all_acked()
+    sim.run_until(lambda: sim.client.received == b"output nobody reads", limit=gone + 122)
+    assert sim.now - (gone + 120) <= mt.OUTAGE_PROBE_SLOW_SECS + 4 * 0.02 + 1e-6
+
+
 def test_client_pings_until_the_server_hears_it():
     sim = Sim(SimNet(73, delay=0.05), down=b"$ ")
     sim.net.loss = 1.0
