@@ -6,7 +6,8 @@ STAMP   = $(VENV)/.installed
 PYENV_ROOT ?= /root/.pyenv
 MATRIX_VERSIONS = 3.9 3.10 3.11 3.12 3.13
 # Tests mostly wait on real processes, sockets and timers, so they run several at a time even
-# on two cores; tests that add system users share one worker (xdist_group "users").
+# on two cores; tests that add system users run their account tools one at a time
+# (tests/users_util.py account_tool) instead of all on one worker.
 PYTEST_WORKERS ?= 4
 PYTEST = -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 # The tests start mps.py and mp.py hundreds of times and pytest rewrites every test module:

@@ -15,9 +15,11 @@ then fill the workers around them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import time
+from typing import Callable, ContextManager, Dict
 
 import pytest
 from proc_util import pids_with_cmdline
@@ -62,3 +64,23 @@ def pytest_collection_modifyitems(items: list) -> None:
 def _no_stale_pyenv_lock():
     _clear_stale_pyenv_lock(_pyenv_shim_lock())
     yield
+
+
+class WorkerShared:
+    """What the tests on one worker share (server_util.shared_server): each thing made at
+    its first use, and closed when the worker is done."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self._stack = stack
+        self._made: Dict[str, object] = {}
+
+    def get(self, name: str, make: Callable[[], ContextManager]):
+        if name not in self._made:
+            self._made[name] = self._stack.enter_context(make())
+        return self._made[name]
+
+
+@pytest.fixture(scope="session")
+def worker_shared():
+    with contextlib.ExitStack() as stack:
+        yield WorkerShared(stack)

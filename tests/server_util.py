@@ -25,6 +25,7 @@ kept out, where we may: see ``quiet_shell_startup``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pwd
@@ -38,10 +39,10 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from proc_util import kill_pid, proc_children, wait_for
-from relay import free_port
+from relay import Relay, free_port, random_front_alias
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -204,6 +205,7 @@ class MpsServer:
         self.ready_timeout = ready_timeout
         self.proc: Optional[subprocess.Popen] = None
         self._log_start = 0
+        self._log_from = 0  # log() starts at this byte: where the current test began (one_test)
         if run_as is not None:
             for root, dirs, files in os.walk(self.dir):
                 for name in [root] + [os.path.join(root, n) for n in dirs + files]:
@@ -259,7 +261,8 @@ class MpsServer:
         wait_for(ready, self.ready_timeout, "mps.py to listen")
 
     def log(self) -> str:
-        return _read(self.log_path)
+        """The log: of the current test only, on a server shared by several (one_test)."""
+        return _read(self.log_path, self._log_from)
 
     def stderr(self) -> str:
         return _read(self.stderr_path)
@@ -289,6 +292,45 @@ class MpsServer:
             pass
         return self.proc.wait(5)
 
+    @contextlib.contextmanager
+    def one_test(self) -> Iterator[MpsServer]:
+        """One test's turn on a server that several tests share (``shared_server``): it
+        starts on a running server with no sessions, only the client key authorized and
+        ``log()`` showing its own lines; after it, the sessions it left are ended."""
+        if self.proc.poll() is not None:  # stopped or crashed during an earlier test
+            self.start()
+        write_authorized_keys(self.authorized_keys_path, self.client_key.public)
+        self._log_from = _size(self.log_path)
+        yield self
+        try:
+            self.end_sessions()
+        except Exception:
+            self.stop()  # the next test gets a fresh one
+            raise
+
+    def end_sessions(self, timeout: float = 15.0) -> None:
+        """End every session of the client key's user (as ``mp --kill`` does) and wait until
+        the listener has logged each one's end: no line of theirs comes after."""
+        if self.proc.poll() is not None:
+            return
+        write_authorized_keys(self.authorized_keys_path, self.client_key.public)  # ours again
+        lister = TestClient.for_server(self)
+        for info in lister.sessions():
+            try:
+                lister.kill(info.session_id)
+            except moshpit_handshake.AuthRefused:
+                pass  # it was ending anyway
+        wait_for(lambda: not self._sessions_not_ended(), timeout,
+                 "the sessions left by the test to end")
+
+    def _sessions_not_ended(self) -> set:
+        """Names of the sessions this test's log shows started and not yet ended (the
+        listener's last line about a session is that its process has ended; the sessions
+        of the tests before had all ended when this one began)."""
+        log = self.log()
+        return (set(re.findall(r"session (\S+) started for ", log))
+                - set(re.findall(r"session (\S+) of \S+: its process \d+ has ended", log)))
+
     def __enter__(self) -> MpsServer:
         return self
 
@@ -296,12 +338,57 @@ class MpsServer:
         self.stop()
 
 
-def _read(path: str) -> str:
+def shared_server(name: str = "server", **server_kwargs):
+    """A fixture ``name``: an MpsServer(**server_kwargs) shared, on each test worker, by
+    every test that asks for a server made with the same arguments (in any module), each
+    test having it to itself as ``MpsServer.one_test`` says.
+
+    Why: a server start costs about 0.35 s of CPU (two Python programs, mps.py and its
+    spawner), and most tests only need a working server. A test that stops, restarts or
+    reconfigures the server is marked ``own_server`` and gets a fresh one of its own, as
+    before. Assign the result to ``name`` in the test module (pytest finds fixtures by
+    module attribute)::
+
+        server = shared_server(udp_ports=4)
+    """
+    import pytest  # here: the bench and the demo use this module without pytest
+
+    @pytest.fixture(name=name)
+    def fixture(request, worker_shared, tmp_path_factory):
+        if request.node.get_closest_marker("own_server") is not None:
+            with MpsServer(request.getfixturevalue("tmp_path"), **server_kwargs) as server:
+                yield server
+            return
+        server = worker_shared.get(f"MpsServer {sorted(server_kwargs.items())!r}",
+                                   lambda: MpsServer(tmp_path_factory.mktemp("shared-server"),
+                                                     **server_kwargs))
+        with server.one_test():
+            yield server
+    return fixture
+
+
+def _read(path: str, offset: int = 0) -> str:
+    """The file's text from byte ``offset`` on ("" if there is no file)."""
     try:
         with open(path, "rb") as f:
+            f.seek(offset)
             return f.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def relay_in_front(server: MpsServer, **options) -> Relay:
+    """A relay.Relay (start it with ``with``) on a random loopback alias (``relay.front``)
+    in front of ``server``'s TCP port and its first UDP port; ``options`` as Relay's."""
+    return Relay(front=random_front_alias(), back="127.0.0.1", tcp_ports=[server.port],
+                 udp_ports=[server.udp_port], **options)
 
 
 def run_mps(args: Sequence[str], env: Dict[str, str], timeout: float = 20.0,

@@ -30,6 +30,7 @@ from typing import Dict, Optional
 import pytest
 from proc_util import ManagedProcess, wait_for
 from server_util import free_port_range
+from users_util import account_tool
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
@@ -108,7 +109,7 @@ class SshdHost:
         self._authorize_ssh_key()
         # sshd refuses accounts whose password field starts with "!" (useradd's default,
         # "locked") unless PAM decides: "*" is "no password", and logins by key still work.
-        subprocess.run(["usermod", "-p", "*", user.pw_name], check=True, capture_output=True)
+        account_tool(["usermod", "-p", "*", user.pw_name])
         self.sshd_config = os.path.join(self.dir, "sshd_config")
         with open(self.sshd_config, "w") as f:
             f.write(f"""\

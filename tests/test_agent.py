@@ -17,7 +17,7 @@ import threading
 
 import pytest
 from proc_util import ManagedProcess, wait_for
-from server_util import MpsServer, make_key, write_authorized_keys
+from server_util import make_key, shared_server, write_authorized_keys
 from test_client_session import MP, USER, client_env
 
 import moshpit_agent as agent
@@ -277,10 +277,7 @@ def test_the_key_ring_offers_the_file_first_then_the_agent(ssh_agent, workdir):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
+server = shared_server()
 
 
 def mp_run(server, tmp_path, auth_sock, *flags: str, timeout: float = 60.0):

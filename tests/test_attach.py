@@ -16,7 +16,7 @@ from moshpit_handshake import NO_SUCH_SESSION, PERMISSION_DENIED, AuthRefused
 from proc_util import pid_alive, proc_children, wait_for
 from test_client_session import client_env, mp_args
 from tmux_util import TMUX, TmuxOracle, compare_views
-from server_util import MpsServer, TestClient, make_key, write_authorized_keys
+from server_util import MpsServer, TestClient, make_key, shared_server, write_authorized_keys
 
 from moshpit_transport import KEEPALIVE_SECS
 
@@ -25,27 +25,24 @@ ATTACHED_SECS = 2 * KEEPALIVE_SECS  # mps: a client silent this long is listed a
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path, udp_ports=3, settings={"mps.max_sessions_per_user": 1}) as server:
-        yield server
+server = shared_server(udp_ports=3, settings={"mps.max_sessions_per_user": 1})
 
 
-def other_key(server: MpsServer):
-    """A second key authorized for the same user (another laptop)."""
-    key = make_key(os.path.join(server.dir, "other_id"), "other")
+def other_key(server: MpsServer, directory):
+    """A second key authorized for the same user (another laptop), made in ``directory``."""
+    key = make_key(os.path.join(directory, "other_id"), "other")
     write_authorized_keys(server.authorized_keys_path, server.client_key.public, key.public)
     return key
 
 
-def test_attach_repaints_the_screen_tells_the_old_client_and_takes_the_new_size(server):
+def test_attach_repaints_the_screen_tells_the_old_client_and_takes_the_new_size(server, tmp_path):
     """Another key of the same user takes the session over: it gets the screen first (the
     text written before, the title), the old client is told who took it, the shell goes on
     (same PID) at the new client's size; the old client cannot resume any more."""
     with TestClient.for_server(server).connect() as first:
         pid = int(first.run("echo $$"))
         first.run(r"printf '\033]2;my title\007'; echo painted-$((6*7))")
-        with TestClient.for_server(server, identity=other_key(server), rows=30,
+        with TestClient.for_server(server, identity=other_key(server, tmp_path), rows=30,
                                    cols=100) as second:
             (listed,) = second.sessions()  # a list is not a new session (limit 1)
             assert listed.session_id == first.grant.session_id and listed.attached

@@ -31,7 +31,6 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for sshd and throwaway users"),
-    pytest.mark.xdist_group("users"),
 ]
 
 MP = os.path.join(REPO, "mp.py")

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from proc_util import wait_for
-from relay import Relay, random_front_alias
-from server_util import MpsServer
+from relay import Relay
+from server_util import relay_in_front, shared_server
 from test_client_session import QUIT, QUIT_STATUS, client_env, client_log, start_client, \
     wait_shell
 
@@ -23,15 +23,15 @@ TCP_NOTE = b"UDP blocked, using TCP"
 UDP_NOTE = b"UDP works again, back on UDP"
 
 
+server = shared_server()
+
+
 @pytest.fixture
-def relayed(tmp_path, request):
+def relayed(server, request):
     """(server, relay, front address) with the relay started; indirect parameters are
     Relay options (``{"impair_tcp": True}``: a blackout freezes TCP too)."""
-    with MpsServer(tmp_path) as server:
-        front = random_front_alias()
-        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port], **getattr(request, "param", {})) as relay:
-            yield server, relay, front
+    with relay_in_front(server, **getattr(request, "param", {})) as relay:
+        yield server, relay, relay.front
 
 
 def block_udp(relay: Relay, blocked: bool) -> None:

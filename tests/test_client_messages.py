@@ -21,8 +21,7 @@ import time
 import pytest
 
 from proc_util import ManagedProcess, PtyProcess, wait_for
-from relay import Relay, random_front_alias
-from server_util import MpsServer, make_key
+from server_util import make_key, relay_in_front, shared_server
 from test_client_session import (MP, QUICK_RESUME, QUIT, USER, client_env, start_client,
                                  wait_shell)
 
@@ -33,6 +32,9 @@ import moshpit_transport
 import mp
 
 EM_DASH = "\u2014"  # the client's locale in these tests is C.UTF-8
+
+
+server = shared_server()
 
 
 def mp_to(port: int, tmp_path, dest: str = f"{USER}@127.0.0.1") -> list:
@@ -251,32 +253,30 @@ def test_nothing_listening_says_so(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_udp_blocked_from_the_start_says_so(tmp_path):
+def test_udp_blocked_from_the_start_says_so(server, tmp_path):
     """TCP gets through, UDP never does (a firewall): after about 3 s the client says which
     UDP port it hears nothing from and how to quit; it never claims a "last contact" there
     never was, and the session starts normally once UDP flows."""
-    with MpsServer(tmp_path) as server:
-        front = random_front_alias()
-        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port]) as relay:
-            relay.set_blackout(True)
-            start = time.monotonic()
-            # --transport udp: the default (auto) would carry the session over TCP
-            with start_client(server, tmp_path, "--transport", "udp", host=front, cols=120,
-                              env=client_env(tmp_path, **QUICK_RESUME)) as term:
-                text = (f"nothing received from {front} on UDP port {server.udp_port} "
-                        f"(firewall?) {EM_DASH} Ctrl-^ . quits")
-                seen = term.read_until(mp.StatusBanner.render(text, 120), 15)
-                assert 3.0 <= term.match_time - start < 8.0
-                # The resume handshake (after 4 s here) gets through on TCP, UDP still does
-                # not.
-                seen += term.read_until(b"(server answered, waiting for UDP)", 30)
-                assert b"last contact" not in seen
-                relay.set_blackout(False)
-                wait_shell(term, timeout=60)
-                term.send(QUIT)
-                out = term.read_to_eof(30)
-                assert term.wait(10) == 255
+    with relay_in_front(server) as relay:
+        front = relay.front
+        relay.set_blackout(True)
+        start = time.monotonic()
+        # --transport udp: the default (auto) would carry the session over TCP
+        with start_client(server, tmp_path, "--transport", "udp", host=front, cols=120,
+                          env=client_env(tmp_path, **QUICK_RESUME)) as term:
+            text = (f"nothing received from {front} on UDP port {server.udp_port} "
+                    f"(firewall?) {EM_DASH} Ctrl-^ . quits")
+            seen = term.read_until(mp.StatusBanner.render(text, 120), 15)
+            assert 3.0 <= term.match_time - start < 8.0
+            # The resume handshake (after 4 s here) gets through on TCP, UDP still does
+            # not.
+            seen += term.read_until(b"(server answered, waiting for UDP)", 30)
+            assert b"last contact" not in seen
+            relay.set_blackout(False)
+            wait_shell(term, timeout=60)
+            term.send(QUIT)
+            out = term.read_to_eof(30)
+            assert term.wait(10) == 255
     assert out.endswith(f"Connection to {front} closed.\r\n".encode())
 
 
@@ -284,10 +284,10 @@ def test_udp_blocked_from_the_start_says_so(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_escape_quit_message_on_a_fresh_line_and_exit_255(tmp_path):
+def test_escape_quit_message_on_a_fresh_line_and_exit_255(server, tmp_path):
     """Quitting at the prompt: the message starts on the next line, not after the remote
     prompt, and the status is 255 like ssh's ~. (a script can tell it from "exit 0")."""
-    with MpsServer(tmp_path) as server, start_client(server, tmp_path) as term:
+    with start_client(server, tmp_path) as term:
         wait_shell(term)
         term.send("PS1='remote-''prompt> '\r")  # the echo of this line does not match
         out = term.read_until(b"remote-prompt> ", 30)
@@ -299,8 +299,8 @@ def test_escape_quit_message_on_a_fresh_line_and_exit_255(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_shell_exit_message_adds_no_blank_line(tmp_path):
-    with MpsServer(tmp_path) as server, start_client(server, tmp_path) as term:
+def test_shell_exit_message_adds_no_blank_line(server, tmp_path):
+    with start_client(server, tmp_path) as term:
         wait_shell(term)
         term.send("exit 0\r")
         out = term.read_to_eof(30)

@@ -12,22 +12,21 @@ import time
 import pytest
 
 from proc_util import pid_alive, wait_for
-from relay import Relay, random_front_alias
-from server_util import MpsServer, make_key, write_authorized_keys
+from server_util import make_key, relay_in_front, shared_server, write_authorized_keys
 from test_client_session import (ERASE_BANNER, QUICK_RESUME, QUIT, QUIT_STATUS, USER,
                                  client_env, client_log, remote_shell_pid, start_client,
                                  wait_shell, wrapper_result)
 
 
+server = shared_server()
+
+
 @pytest.fixture
-def relayed(tmp_path, request):
+def relayed(server, request):
     """(server, relay, front address) with the relay started; indirect parameters are
     Relay options (``{"impair_tcp": True}``: a blackout freezes TCP too)."""
-    with MpsServer(tmp_path) as server:
-        front = random_front_alias()
-        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port], **getattr(request, "param", {})) as relay:
-            yield server, relay, front
+    with relay_in_front(server, **getattr(request, "param", {})) as relay:
+        yield server, relay, relay.front
 
 
 def type_slowly(term, text: str, gap: float = 0.05) -> None:

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from proc_util import WRAPPER, WRAPPER_RE, PtyProcess, pid_alive, proc_children, wait_for
-from server_util import READY_LINE, MpsServer, make_key, run_mps
+from server_util import READY_LINE, MpsServer, make_key, run_mps, shared_server
 
 import moshpit
 import moshpit_keys
@@ -106,10 +106,7 @@ def client_log(tmp_path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
+server = shared_server()  # own_server-marked tests kill, restart or stop theirs
 
 
 # --- the basics ---------------------------------------------------------------------------
@@ -278,6 +275,7 @@ def test_attrs_restored_after_sighup(server, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.own_server
 def test_killed_server_then_quit_restores_terminal(server, tmp_path):
     with start_client(server, tmp_path, wrapped=True) as term:
         wait_shell(term)
@@ -290,6 +288,7 @@ def test_killed_server_then_quit_restores_terminal(server, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
+@pytest.mark.own_server
 def test_restarted_server_means_session_gone(server, tmp_path):
     with start_client(server, tmp_path, wrapped=True,
                       env=client_env(tmp_path, **QUICK_RESUME)) as term:
@@ -316,6 +315,7 @@ def test_server_shutdown_ends_session_with_message(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.own_server
 def test_changed_host_key_on_resume_is_final(server, tmp_path):
     with start_client(server, tmp_path, wrapped=True,
                       env=client_env(tmp_path, **QUICK_RESUME)) as term:
@@ -363,6 +363,7 @@ def run_mp(args, env, input_text=None, timeout=60):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.own_server
 def test_host_key_accept_new_then_changed_key_refused(server, tmp_path):
     env = client_env(tmp_path)
     known_hosts = tmp_path / "client-home" / ".mp" / "known_hosts"
@@ -409,8 +410,8 @@ def test_unknown_host_prompt_on_tty(server, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_unreachable_server_exits_255(server, tmp_path):
-    server.stop()
+def test_unreachable_server_exits_255(tmp_path):
+    server = MpsServer(tmp_path, start=False)  # its port claimed, nothing listening
     res = run_mp(mp_args(server, tmp_path), client_env(tmp_path))
     assert res.returncode == 255
     lines = res.stderr.strip().splitlines()

@@ -21,9 +21,9 @@ import pytest
 
 from proc_util import wait_for
 from relay import Relay, random_front_alias
-from server_util import MpsServer
+from server_util import MpsServer, shared_server
 from test_client_session import QUICK_RESUME, kill_server, mp_args, restart_server
-from tmux_util import TmuxOracle
+from tmux_util import PANE_POLL_SECS, TmuxOracle
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/tmux"), reason="needs tmux")
 
@@ -67,7 +67,7 @@ def wait_screen(tmux: TmuxOracle, pane: str, pattern: str, timeout: float = 30.0
         rows[:] = tmux.tmux("capture-pane", "-p", "-t", pane).split("\n")
         return rows if any(re.search(pattern, row) for row in rows) else None
     try:
-        return wait_for(shown, timeout, f"{pattern!r} on the screen")
+        return wait_for(shown, timeout, f"{pattern!r} on the screen", PANE_POLL_SECS)
     except TimeoutError as err:
         raise TimeoutError(f"{err}; screen:\n" + "\n".join(rows)) from None
 
@@ -102,14 +102,12 @@ def assert_terminal_back_to_normal(tmux: TmuxOracle, pane: str, message: str) ->
     assert not any("[200~" in row for row in rows)
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
+server = shared_server()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+@pytest.mark.own_server
 def test_modes_reset_when_the_server_vanishes(server, tmp_path):
     with TmuxOracle(tmp_path) as tmux:
         pane = client_pane(tmux, server, tmp_path, "gone", env=QUICK_RESUME)
@@ -152,7 +150,7 @@ def test_next_client_resets_modes_a_killed_client_left(tmp_path):
         wait_screen(tmux, pane, "mp-status-137")
         # The second mp resets them before it even connects; then the new remote shell.
         wait_for(lambda: flags(tmux, pane) == {name: off for name, _, off in MODE_FLAGS},
-                 30, "the modes reset by the next mp")
+                 30, "the modes reset by the next mp", PANE_POLL_SECS)
         wait_screen(tmux, pane, r"[$#] ?$")
         tmux.tmux("send-keys", "-t", pane, "-H", "1e", "2e")
         assert_terminal_back_to_normal(tmux, pane, "Connection to 127.0.0.1 closed.")
@@ -186,7 +184,7 @@ def test_banner_row_repainted_after_outage(tmp_path, screen):
             wait_screen(tmux, pane, "last contact")
             relay.set_blackout(False)
             wait_for(lambda: "last contact" not in tmux.tmux("capture-pane", "-p", "-t", pane),
-                     60, "the banner to go")
+                     60, "the banner to go", PANE_POLL_SECS)
             after = tmux.tmux("capture-pane", "-p", "-e", "-t", pane).split("\n")
             assert after[0] == before[0] and before[0].strip()
             assert after == before

@@ -17,16 +17,13 @@ import termios
 
 import pytest
 from proc_util import PtyProcess, wait_for
-from server_util import MpsServer
+from server_util import shared_server
 from test_client_session import client_env, client_log, mp_args
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
+server = shared_server()
 
 
 def mp_command(server, tmp_path, *command, flags=()) -> list:

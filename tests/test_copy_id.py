@@ -17,7 +17,6 @@ from users_util import users_fixture  # noqa: F401  (the `users` fixture)
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for sshd and throwaway users"),
-    pytest.mark.xdist_group("users"),
 ]
 
 MP = os.path.join(REPO, "mp.py")

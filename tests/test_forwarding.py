@@ -28,8 +28,8 @@ import time
 
 import pytest
 from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, wait_for
-from relay import Relay, free_port, random_front_alias
-from server_util import MpsServer, TestClient
+from relay import free_port
+from server_util import MpsServer, TestClient, relay_in_front, shared_server
 from test_client_session import QUICK_RESUME, client_env, client_log, mp_args, wait_shell
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 
@@ -174,10 +174,7 @@ class Forwarding:
         self.proc.stdin.close()
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
+server = shared_server()
 
 
 def sha(data: bytes) -> str:
@@ -200,24 +197,21 @@ def test_local_forward_carries_bytes_both_ways_and_half_close(server, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_local_forward_under_ten_percent_loss_is_exact(tmp_path, echo):
-    with MpsServer(tmp_path) as server:
-        front = random_front_alias()
-        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port], seed=18) as relay:
-            relay.up.loss = relay.down.loss = 0.10
-            relay.up.delay = relay.down.delay = 0.005
-            port = free_port()
-            with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
-                            host=front) as mp:
-                wait_for(lambda: echo_works(port), 60, "the -L forward")
-                data = os.urandom(4 << 20)
-                started = time.monotonic()
-                back = through(port, data, timeout=150)
-                elapsed = time.monotonic() - started
-                assert sha(back) == sha(data), f"{len(back)} of {len(data)} bytes came back"
-                print(f"4 MiB each way through -L at 10% loss: {elapsed:.1f} s")
-                assert mp.close() == 0
+def test_local_forward_under_ten_percent_loss_is_exact(server, tmp_path, echo):
+    with relay_in_front(server, seed=18) as relay:
+        relay.up.loss = relay.down.loss = 0.10
+        relay.up.delay = relay.down.delay = 0.005
+        port = free_port()
+        with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
+                        host=relay.front) as mp:
+            wait_for(lambda: echo_works(port), 60, "the -L forward")
+            data = os.urandom(4 << 20)
+            started = time.monotonic()
+            back = through(port, data, timeout=150)
+            elapsed = time.monotonic() - started
+            assert sha(back) == sha(data), f"{len(back)} of {len(data)} bytes came back"
+            print(f"4 MiB each way through -L at 10% loss: {elapsed:.1f} s")
+            assert mp.close() == 0
 
 
 def test_remote_forward_reaches_a_server_on_the_client_side(server, tmp_path, echo):
@@ -395,83 +389,74 @@ def test_agent_forwarding_off_on_the_server(tmp_path, agent):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_forwarded_transfer_survives_an_outage_and_a_resume(tmp_path, echo):
+def test_a_forwarded_transfer_survives_an_outage_and_a_resume(server, tmp_path, echo):
     """6 s without a packet in the middle of a transfer (the client's resume_after_secs set
     to its 4 s minimum): the client resumes (a new handshake, new keys, stream 2 resent
     from what was acknowledged) and every byte arrives once."""
-    with MpsServer(tmp_path) as server:
-        front = random_front_alias()
-        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port]) as relay:
-            port = free_port()
-            with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
-                            host=front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
-                wait_for(lambda: echo_works(port), 30, "the -L forward")
-                relay.set_bottleneck(4e6, queue_bytes=64_000)  # ~2 s of transfer each way
-                data = os.urandom(2 << 20)
-                result = {}
-                transfer = threading.Thread(
-                    target=lambda: result.setdefault("back", through(port, data, 150)))
-                transfer.start()
-                time.sleep(0.7)
-                assert transfer.is_alive()
-                relay.blackout(6.0)  # in the middle of it, past resume_after_secs
-                transfer.join(150)
-                assert sha(result["back"]) == sha(data)
-                assert relay.stats["down"]["blackout_dropped"] > 0
-                assert mp.close() == 0
-        assert re.search(r"session \S+ resumed", server.log())
+    with relay_in_front(server) as relay:
+        port = free_port()
+        with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
+                        host=relay.front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
+            wait_for(lambda: echo_works(port), 30, "the -L forward")
+            relay.set_bottleneck(4e6, queue_bytes=64_000)  # ~2 s of transfer each way
+            data = os.urandom(2 << 20)
+            result = {}
+            transfer = threading.Thread(
+                target=lambda: result.setdefault("back", through(port, data, 150)))
+            transfer.start()
+            time.sleep(0.7)
+            assert transfer.is_alive()
+            relay.blackout(6.0)  # in the middle of it, past resume_after_secs
+            transfer.join(150)
+            assert sha(result["back"]) == sha(data)
+            assert relay.stats["down"]["blackout_dropped"] > 0
+            assert mp.close() == 0
+    assert re.search(r"session \S+ resumed", server.log())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_remote_listeners_stay_across_a_resume(tmp_path, echo):
+def test_remote_listeners_stay_across_a_resume(server, tmp_path, echo):
     """-R belongs to the session: through a 6 s outage and the resume handshake after it
     (the client's resume_after_secs at its 4 s minimum) the listener stays bound on the
     server, and connections through it work again."""
-    with MpsServer(tmp_path) as server:
-        front = random_front_alias()
-        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port]) as relay:
-            port = free_port()
-            with Forwarding(server, tmp_path, "-R", f"{port}:127.0.0.1:{echo.port}",
-                            host=front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
-                wait_for(lambda: echo_works(port), 30, "the -R forward")
-                relay.blackout(6.0)
-                time.sleep(3.0)
-                assert _listening(port)  # still bound while the client is away
-                wait_for(lambda: re.search(r"session \S+ resumed", server.log()), 40,
-                         "the resume")
-                wait_for(lambda: echo_works(port), 30, "the -R forward after the resume")
-                assert mp.close() == 0
+    with relay_in_front(server) as relay:
+        port = free_port()
+        with Forwarding(server, tmp_path, "-R", f"{port}:127.0.0.1:{echo.port}",
+                        host=relay.front, env=client_env(tmp_path, **QUICK_RESUME)) as mp:
+            wait_for(lambda: echo_works(port), 30, "the -R forward")
+            relay.blackout(6.0)
+            time.sleep(3.0)
+            assert _listening(port)  # still bound while the client is away
+            wait_for(lambda: re.search(r"session \S+ resumed", server.log()), 40,
+                     "the resume")
+            wait_for(lambda: echo_works(port), 30, "the -R forward after the resume")
+            assert mp.close() == 0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_forwarded_transfer_follows_the_client_roaming(tmp_path, echo):
+def test_a_forwarded_transfer_follows_the_client_roaming(server, tmp_path, echo):
     """The client's address changes twice mid-transfer (a NAT rebinding): the server
     validates the new address and the channel carries on, every byte once."""
-    with MpsServer(tmp_path) as server:
-        front = random_front_alias()
-        with Relay(front=front, back="127.0.0.1", tcp_ports=[server.port],
-                   udp_ports=[server.udp_port]) as relay:
-            port = free_port()
-            with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
-                            host=front) as mp:
-                wait_for(lambda: echo_works(port), 30, "the -L forward")
-                relay.set_bottleneck(4e6, queue_bytes=64_000)
-                data = os.urandom(2 << 20)
-                result = {}
-                transfer = threading.Thread(
-                    target=lambda: result.setdefault("back", through(port, data, 120)))
-                transfer.start()
-                for _ in range(2):
-                    time.sleep(1.0)
-                    relay.rebind()
-                transfer.join(120)
-                assert sha(result["back"]) == sha(data)
-                assert mp.close() == 0
-        assert "client now at" in server.log()
+    with relay_in_front(server) as relay:
+        port = free_port()
+        with Forwarding(server, tmp_path, "-L", f"{port}:127.0.0.1:{echo.port}",
+                        host=relay.front) as mp:
+            wait_for(lambda: echo_works(port), 30, "the -L forward")
+            relay.set_bottleneck(4e6, queue_bytes=64_000)
+            data = os.urandom(2 << 20)
+            result = {}
+            transfer = threading.Thread(
+                target=lambda: result.setdefault("back", through(port, data, 120)))
+            transfer.start()
+            for _ in range(2):
+                time.sleep(1.0)
+                relay.rebind()
+            transfer.join(120)
+            assert sha(result["back"]) == sha(data)
+            assert mp.close() == 0
+    assert "client now at" in server.log()
 
 
 @pytest.mark.slow
@@ -625,7 +610,6 @@ def test_hostile_channel_records_are_refused_and_the_session_goes_on(tmp_path, e
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                     reason="needs root and useradd to create a throwaway user")
-@pytest.mark.xdist_group("users")
 def test_a_root_server_forwards_only_within_the_users_rights(tmp_path, users):
     """-R cannot bind a privileged port for a user who could not; the agent directory and
     socket belong to the user, private (0700 and 0600)."""

@@ -41,11 +41,12 @@ def assert_clean_error(result, *fragments: str, code: int = 1) -> None:
 
 @pytest.fixture
 def keypair(tmp_path):
-    """An unencrypted key pair made by mp_keygen.py itself: (private path, PublicKey)."""
+    """An unencrypted key pair written as ``mp_keygen.py generate -N ''`` writes it, by the
+    same call (test_generate_scripted runs the program itself): (private path, PublicKey)."""
     path = tmp_path / "keys" / "id"
-    result = run(tmp_path, "generate", "-f", str(path), "-N", "", "-C", "fixture@test")
-    assert result.returncode == 0, result.stderr
-    return str(path), mk.load_public_key(str(path) + ".pub")
+    path.parent.mkdir()
+    key = mk.create_key_pair(str(path), str(path) + ".pub", "fixture@test", b"")
+    return str(path), key.public
 
 
 # --- generate, non-interactive -----------------------------------------------------------

@@ -20,7 +20,7 @@ import moshpit
 import moshpit_keys as mk
 import mp
 from proc_util import PtyProcess
-from server_util import MPS, MpsServer, make_key, run_mps
+from server_util import MPS, MpsServer, make_key, run_mps, shared_server
 from test_client_session import (QUIT, QUIT_STATUS, USER, client_env, mp_args, run_mp,
                                  wait_shell)
 
@@ -58,10 +58,7 @@ def home(tmp_path):
     return home
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path) as srv:
-        yield srv
+server = shared_server()
 
 
 def mp_run(tmp_path, *args, cwd=None) -> subprocess.CompletedProcess:

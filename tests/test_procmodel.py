@@ -30,7 +30,6 @@ pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                        reason="needs root and useradd to create throwaway users"),
-    pytest.mark.xdist_group("users"),
 ]
 
 

@@ -32,7 +32,6 @@ import moshpit_keys
 pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for sshd and throwaway users"),
-    pytest.mark.xdist_group("users"),
     pytest.mark.slow,
 ]
 

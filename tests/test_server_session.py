@@ -20,15 +20,12 @@ from moshpit_handshake import (NO_SUCH_SESSION, PERMISSION_DENIED, SERVER_BUSY, 
                                USER_SESSION_LIMIT, AuthRefused, HandshakeError)
 from proc_util import parent_pid, pid_alive, proc_usage, wait_for
 from server_util import (SHELL_STARTUP_FILES, MpsServer, TestClient, make_key,
-                         private_mount_tools, run_mps, write_authorized_keys)
+                         private_mount_tools, run_mps, shared_server, write_authorized_keys)
 
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def server(tmp_path):
-    with MpsServer(tmp_path, env={"LEAKY_SERVER_VAR": "leak"}) as server:
-        yield server
+server = shared_server(env={"LEAKY_SERVER_VAR": "leak"})
 
 
 @pytest.fixture
@@ -200,11 +197,11 @@ def test_quit_request_over_tcp_hangs_up_the_shell(server, client):
     assert refused.value.code == NO_SUCH_SESSION
 
 
-def test_quit_request_from_someone_else_is_refused(server, client):
+def test_quit_request_from_someone_else_is_refused(server, client, tmp_path):
     """Only the owner can end a session: the same key AND proof of the resume secret. A
     wrong secret, or the right secret with another authorized key, is refused and the
     session carries on."""
-    other = make_key(os.path.join(server.dir, "other_id"), "other")
+    other = make_key(os.fspath(tmp_path / "other_id"), "other")
     write_authorized_keys(server.authorized_keys_path, server.client_key.public, other.public)
     pid = shell_pid(client)
     with pytest.raises(AuthRefused) as refused:
@@ -299,8 +296,8 @@ def test_shell_exit_while_client_away_is_reported_on_resume(server, client):
     assert client.wait_closed() == 5
 
 
-def test_resume_refused_for_another_key_and_unknown_session(server, client):
-    other_path = os.path.join(server.dir, "other_id")
+def test_resume_refused_for_another_key_and_unknown_session(server, client, tmp_path):
+    other_path = os.fspath(tmp_path / "other_id")
     other = make_key(other_path, "other")
     write_authorized_keys(server.authorized_keys_path, server.client_key.public, other.public)
     shell_pid(client)

@@ -17,7 +17,6 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                        reason="needs root and useradd to create throwaway users"),
-    pytest.mark.xdist_group("users"),  # useradd/userdel lock /etc/passwd: one at a time
 ]
 
 

@@ -334,7 +334,6 @@ def test_the_hostname_from_the_file_is_checked_like_a_typed_one():
 # -- end to end -------------------------------------------------------------------------
 
 
-@pytest.mark.xdist_group("users")
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a throwaway user")
 @pytest.mark.timeout(90)
 def test_mp_connects_through_an_alias_as_its_user(tmp_path, users):

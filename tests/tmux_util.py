@@ -31,6 +31,10 @@ import moshpit_term as mterm
 
 TMUX = shutil.which("tmux") or "/usr/bin/tmux"
 COMMAND_TIMEOUT_SECS = 10
+# How often a test waiting on a pane looks at it (each look starts a tmux client). In
+# wait_quiet a quiet time counts from the first look that saw the last change, so it is
+# never shorter than asked.
+PANE_POLL_SECS = 0.1
 # Format variables compared between tmux and the model (or two tmux panes).
 FLAG_NAMES = ("cursor_x", "cursor_y", "alternate_on", "keypad_cursor_flag", "keypad_flag",
               "mouse_standard_flag", "mouse_button_flag", "mouse_all_flag", "mouse_sgr_flag",
@@ -108,11 +112,19 @@ class TmuxOracle:
             return f.read()
 
     def view(self, target: str) -> View:
-        plain = self.tmux("capture-pane", "-p", "-t", target).split("\n")[:self.rows]
-        escaped = self.tmux("capture-pane", "-p", "-e", "-t", target).split("\n")[:self.rows]
-        values = self.tmux("display", "-p", "-t", target,
-                           "\t".join("#{" + name + "}" for name in FLAG_NAMES)).rstrip("\n")
-        return View(plain, escaped, dict(zip(FLAG_NAMES, values.split("\t"))))
+        # One tmux client for the three queries (wait_quiet asks many times a second, and
+        # each tmux start costs a few ms of CPU): their outputs are told apart by a line no
+        # pane can have printed.
+        separator = "view-separator-" + secrets.token_hex(8)
+        out = self.tmux("capture-pane", "-p", "-t", target, ";",
+                        "display", "-p", separator, ";",
+                        "capture-pane", "-p", "-e", "-t", target, ";",
+                        "display", "-p", separator, ";",
+                        "display", "-p", "-t", target,
+                        "\t".join("#{" + name + "}" for name in FLAG_NAMES))
+        plain, escaped, values = out.split(separator + "\n")
+        return View(plain.split("\n")[:self.rows], escaped.split("\n")[:self.rows],
+                    dict(zip(FLAG_NAMES, values.rstrip("\n").split("\t"))))
 
     def wait_quiet(self, target: str, quiet_secs: float = 0.5, timeout: float = 20.0,
                    contains: Optional[str] = None) -> View:
@@ -134,7 +146,7 @@ class TmuxOracle:
             if now > deadline:
                 raise TimeoutError(f"pane {target} did not settle (waiting for {contains!r}); "
                                    f"screen:\n" + "\n".join(view.plain))
-            time.sleep(0.05)
+            time.sleep(PANE_POLL_SECS)
 
     def close(self) -> None:
         for socket in self.extra_sockets:

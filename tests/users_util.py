@@ -1,11 +1,15 @@
 """Throwaway user accounts for tests that log in as someone else (useradd/userdel; root only).
 
-Tests using them carry ``pytest.mark.xdist_group("users")``: useradd/userdel lock
-/etc/passwd, so only one such test runs at a time.
+The account tools (useradd, userdel, usermod, groupadd, groupdel) lock /etc/passwd and
+/etc/group while they change them; ``account_tool`` runs them one at a time across every
+test worker (a lock file), so the tests using accounts can run side by side. They used to be
+kept in one xdist group instead, which ran all of them -- about 150 s of mostly waiting on
+sshd, shells and outages -- one after the other on one worker, the longest path of the run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import secrets
@@ -15,6 +19,16 @@ import sys
 import pytest
 from proc_util import kill_pid
 from server_util import write_authorized_keys
+
+
+ACCOUNTS_LOCK_PATH = "/tmp/moshpit-tests-accounts.lock"
+
+
+def account_tool(argv: list, check: bool = True) -> subprocess.CompletedProcess:
+    """Run an account tool (useradd, usermod, ...) while no other test worker runs one."""
+    with open(ACCOUNTS_LOCK_PATH, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return subprocess.run(argv, check=check, capture_output=True)
 
 
 def _pids_of(uid: int) -> list:
@@ -38,7 +52,7 @@ class Users:
 
     def group(self) -> str:
         name = "mpg" + secrets.token_hex(3)
-        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        account_tool(["groupadd", name])
         self.groups.append(name)
         return name
 
@@ -49,7 +63,7 @@ class Users:
         argv = ["useradd", "-m", "-s", shell, "-p", "*"]
         if groups:
             argv += ["-G", ",".join(groups)]
-        subprocess.run(argv + [name], check=True, capture_output=True)
+        account_tool(argv + [name])
         self.users.append(name)
         return pwd.getpwnam(name)
 
@@ -57,9 +71,9 @@ class Users:
         for name in self.users:
             for pid in _pids_of(pwd.getpwnam(name).pw_uid):
                 kill_pid(pid, 2.0)
-            subprocess.run(["userdel", "-r", name], capture_output=True)
+            account_tool(["userdel", "-r", name], check=False)
         for name in self.groups:
-            subprocess.run(["groupdel", name], capture_output=True)
+            account_tool(["groupdel", name], check=False)
 
 
 @pytest.fixture(name="users")
