@@ -1581,6 +1581,8 @@ class Connection:
         if with_data:
             pn, cwnd, inflight = self._next_pn, self._cc.cwnd, self._inflight()
             for stream in self._send_order:
+                if space <= DATA_OVERHEAD:
+                    break  # full (a bulk packet, after its first stream)
                 urgent = stream.stream_id in self._urgent  # small: exempt from the window
                 while space > DATA_OVERHEAD and stream.has_room() and (urgent or inflight < cwnd):
                     chunk = stream.take(pn, now, space - DATA_OVERHEAD)
