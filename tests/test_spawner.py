@@ -50,8 +50,14 @@ def test_a_session_process_waits_ready_and_holds_nothing(tmp_path, users):
         authorize(alice, server.client_key)
         spawner = spawner_of(server)
         waiting = waiting_process(spawner)
-        fds = [os.readlink(f"/proc/{waiting}/fd/{fd}") for fd in os.listdir(f"/proc/{waiting}/fd")]
-        assert sum(target.startswith("socket:") for target in fds) == 1  # the one it waits on
+
+        def sockets_held() -> list:
+            fds = [os.readlink(f"/proc/{waiting}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{waiting}/fd")]
+            return fds if sum(target.startswith("socket:") for target in fds) == 1 else []
+        # Just forked, it still holds the spawner's sockets; it closes them at once and
+        # then holds only the one it waits on.
+        fds = wait_for(sockets_held, 10, "the waiting process to close the spawner's sockets")
         assert os.path.realpath(server.host_key_path) not in fds
         assert not memory_contains(waiting, server.host_key.seed)
         client = TestClient.for_server(server, user=alice.pw_name).connect()
