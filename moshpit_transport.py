@@ -198,6 +198,7 @@ FRAME_DATA, FRAME_ACK, FRAME_PING = 1, 2, 3
 FRAME_PATH_CHALLENGE, FRAME_PATH_RESPONSE, FRAME_PADDING = 4, 5, 6
 PATH_DATA_SIZE = 8  # random bytes a challenge carries and its response echoes
 DATA_OVERHEAD = FRAME.size + DATA_HEADER.size
+DATA_FRAME_TYPE = bytes((FRAME_DATA,))  # a packet starting with it may be one DATA frame
 MAX_STREAM_CHUNK = MAX_PAYLOAD - DATA_OVERHEAD
 
 
@@ -206,10 +207,13 @@ def encode_frame(ftype: int, body: bytes) -> bytes:
     return FRAME.pack(ftype, len(body)) + body
 
 
+DATA_FRAME_HEADER = struct.Struct("!BHBQ")  # FRAME then DATA_HEADER, packed in one go
+
+
 def data_frame_header(stream_id: int, offset: int, length: int) -> bytes:
     """The bytes before ``length`` bytes of stream data in a DATA frame (the data follows
     as it is, so a full packet's worth is not copied once more)."""
-    return FRAME.pack(FRAME_DATA, DATA_HEADER.size + length) + DATA_HEADER.pack(stream_id, offset)
+    return DATA_FRAME_HEADER.pack(FRAME_DATA, DATA_HEADER.size + length, stream_id, offset)
 
 
 def decode_frames(plaintext: bytes):
@@ -234,6 +238,9 @@ SEND_WINDOW = 1024 * 1024  # per stream (default): unacked + queued bytes before
 MAX_REORDER_SEGMENTS = 1024  # out-of-order pieces a receiver buffers per stream
 MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum. offset)
 MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
+# Acked bytes a send buffer drops at once, at least (and at least as many as it still holds):
+# dropping the front of a bytearray at every ACK made the next write copy the whole buffer.
+SEND_BUFFER_TRIM = 64 * 1024
 
 ACK_EVERY = 10  # ack-eliciting packets received before an ACK goes out at once (fewer acks:
 # less CPU at both ends in bulk; loss is still reported at once, as a gap)
@@ -606,7 +613,10 @@ class SendStream:
         self.base = 0
         self.next_new = 0
         self.in_flight = 0
+        # Written bytes from stream offset ``_origin`` (<= base) on: the acked ones at its
+        # front are dropped in large steps (see SEND_BUFFER_TRIM), not on every ACK.
         self._buf = bytearray()
+        self._origin = 0
         self._retx: list = []
         self._flight: deque = deque()
         self._received: list = []  # flat [s0, e0, s1, e1, ...] received above base (last ACK)
@@ -614,13 +624,13 @@ class SendStream:
 
     @property
     def end(self) -> int:
-        return self.base + len(self._buf)
+        return self._origin + len(self._buf)
 
     def write(self, data: bytes) -> None:
         self._buf += data
 
     def unacked(self) -> int:
-        return len(self._buf)
+        return self._origin + len(self._buf) - self.base
 
     def has_room(self) -> bool:
         """Whether another flight record may be made (the Connection checks the bytes)."""
@@ -635,7 +645,7 @@ class SendStream:
         if self._retx:
             return True
         next_new, base = self.next_new, self.base
-        return next_new < base + len(self._buf) and next_new < base + self.window
+        return next_new < self._origin + len(self._buf) and next_new < base + self.window
 
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
@@ -665,7 +675,8 @@ class SendStream:
     def _record(self, pn: int, now: float, start: int, stop: int) -> Tuple[int, bytes]:
         self._flight.append((pn, start, stop, now))
         self.in_flight += stop - start
-        return start, bytes(self._buf[start - self.base:stop - self.base])
+        origin = self._origin
+        return start, bytes(self._buf[start - origin:stop - origin])
 
     def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float
                ) -> Optional[Tuple[int, int, int, float, int]]:
@@ -682,8 +693,11 @@ class SendStream:
         acked = 0
         if cum > self.base:
             acked = cum - self.base
-            del self._buf[:acked]
             self.base = cum
+            dead = cum - self._origin
+            if dead >= SEND_BUFFER_TRIM and 2 * dead >= len(self._buf):
+                del self._buf[:dead]
+                self._origin = cum
             self.next_new = max(self.next_new, cum)
         received = self._received = []
         cur, missing = cum, 0
@@ -757,8 +771,8 @@ class SendStream:
     def restart(self, offset: int) -> None:
         """After a re-key: forget the flight and resend everything from ``offset``."""
         offset = min(max(offset, self.base), self.end)
-        del self._buf[:offset - self.base]
-        self.base = self.next_new = self.peer_has = offset
+        del self._buf[:offset - self._origin]
+        self._origin = self.base = self.next_new = self.peer_has = offset
         self._retx, self._received, self.in_flight = [], [], 0
         self._flight.clear()
 
@@ -784,6 +798,9 @@ class RecvStream:
     def receive(self, start: int, data: bytes) -> Tuple[bytes, int]:
         """Take a segment; returns (bytes now deliverable in order, how it arrived)."""
         offset = self.offset
+        if start == offset and not self._starts and 0 < len(data) <= self.window:
+            self.offset = offset + len(data)  # in order, nothing buffered: the common case
+            return data, self.IN_ORDER
         stop = min(start + len(data), offset + self.window)
         if stop <= offset:
             return b"", self.DUPLICATE
@@ -1262,6 +1279,14 @@ class Connection:
 
     def _parse_frames(self, plaintext: bytes, addr: object, now: float) -> bool:
         """Handle every frame; returns whether the packet asks for an ACK."""
+        # Fast path: a packet that is one DATA frame (every packet of a bulk transfer but
+        # the few carrying an ACK too) skips the generic frame walk.
+        if plaintext[:1] == DATA_FRAME_TYPE:
+            length = len(plaintext) - FRAME.size
+            if length >= DATA_HEADER.size and plaintext[1] << 8 | plaintext[2] == length:
+                stream_id, offset = DATA_HEADER.unpack_from(plaintext, FRAME.size)
+                self._on_data(stream_id, offset, plaintext[DATA_OVERHEAD:])
+                return True
         eliciting = False
         for ftype, pos, end in decode_frames(plaintext):
             length = end - pos
@@ -1502,15 +1527,21 @@ class Connection:
         rate = self._cc.pacing_rate
         pacer = self._pacer
         pacer.refill(now, rate)
+        # This loop runs for every datagram of a bulk transfer: the checks that are false in
+        # one (an exhausted key, an address on trial, an urgent stream) are inlined or
+        # skipped on their cheap pre-condition.
+        pn_limit = PACKET_NUMBER_LIMIT - PENDING_RESPONSES - 1  # see keys_exhausted
+        urgent_streams = self._urgent
         while True:
             if len(out) >= MAX_BATCH:
                 self._more = True
                 break
-            if self.keys_exhausted():
+            if self._next_pn >= pn_limit:
                 break
-            if self._budget_exhausted():
+            if self._probe is not None and self._budget_exhausted():
                 break
-            with_data = self._urgent_pending() or (pacer.ready() and self._data_pending())
+            with_data = ((urgent_streams and self._urgent_pending())
+                         or (pacer.ready() and self._data_pending()))
             ping = self._is_client and now >= self._next_ping()
             if not (with_data or ping or self._acks.due(now)):
                 break
@@ -1522,8 +1553,11 @@ class Connection:
             for _ in range(copies):
                 datagram = self._seal(payload, now)
                 pacer.spend(len(datagram))
-                out += [(datagram, dest)
-                        for dest in self._destinations(len(datagram), data_bytes > 0)]
+                if self._probe is None:
+                    out.append((datagram, addr))
+                else:
+                    out += [(datagram, dest)
+                            for dest in self._destinations(len(datagram), data_bytes > 0)]
             if data_bytes:
                 first_pn, app_limited = self._next_pn - copies, self._app_limited()
                 inflight = self._inflight() - data_bytes
@@ -1542,11 +1576,13 @@ class Connection:
             parts += self._acks.frames(now, self._in)
         if ping:
             parts.append(encode_frame(FRAME_PING, b""))
-        space = MAX_PAYLOAD - sum(len(p) for p in parts)
+        space = MAX_PAYLOAD - sum(map(len, parts)) if parts else MAX_PAYLOAD
         data_bytes = 0
         if with_data:
             pn, cwnd, inflight = self._next_pn, self._cc.cwnd, self._inflight()
             for stream in self._send_order:
+                if space <= DATA_OVERHEAD:
+                    break  # full (a bulk packet, after its first stream)
                 urgent = stream.stream_id in self._urgent  # small: exempt from the window
                 while space > DATA_OVERHEAD and stream.has_room() and (urgent or inflight < cwnd):
                     chunk = stream.take(pn, now, space - DATA_OVERHEAD)

@@ -435,7 +435,7 @@ class NoCommand:
 # ---------------------------------------------------------------------------
 
 PTY_READ_SIZE = 16384
-PTY_READS_PER_PASS = 4  # reads of the PTY per loop pass: see _read_pty
+PTY_READS_PER_PASS = 16  # reads of the PTY per loop pass (each gives 4 KiB at most): see _read_pty
 PTY_WRITE_SIZE = 65536  # client input handed to the PTY per write (it takes what fits)
 WAKE_READ_SIZE = 4096  # wake-up pipe bytes drained per read
 ACCEPT_ERROR_PAUSE_SECS = 0.1  # accept() failing (EMFILE): let the backlog wait this long
@@ -922,7 +922,9 @@ class Session:
     def _read_pty(self, now: float) -> None:
         """Read what the shell wrote, a few reads per loop pass while the core still wants
         output: Linux hands a PTY's output over 4 KiB at a time, and one read per pass made
-        the pass (select, timers, flush) the cost of every 4 KiB of a flood."""
+        the pass (select, timers, flush) the cost of every 4 KiB of a flood. 16 reads (64
+        KiB, or less once the core's send queue is full) made a 20 MB flood ~15% cheaper
+        at both ends than 4 did: fuller GSO batches, fewer passes here and at the client."""
         for _ in range(PTY_READS_PER_PASS):
             if not self._read_pty_once(now) or not self.core.may_read_pty():
                 return
