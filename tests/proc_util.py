@@ -171,6 +171,18 @@ def pids_with_cmdline(fragment: bytes) -> list[int]:
     return found
 
 
+def open_fds(pid: int) -> dict:
+    """What ``pid``'s descriptors point at ({"1": "/dev/null", ...}), from /proc/PID/fd; one
+    closed while we look (a pipe of the moment) is left out."""
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass
+    return fds
+
+
 def parent_pid(pid: int) -> int:
     """The parent of ``pid`` (from /proc/PID/stat, past the command name in parentheses)."""
     with open(f"/proc/{pid}/stat", "rb") as f:

@@ -19,7 +19,7 @@ import stat
 
 import moshpit_login
 import pytest
-from proc_util import parent_pid, pid_alive, wait_for
+from proc_util import open_fds, parent_pid, pid_alive, wait_for
 from server_util import MpsServer, TestClient
 from test_procmodel import status_fields
 from test_server_login import private_etc  # noqa: F401  (fixture)
@@ -88,8 +88,7 @@ def test_pam_sees_the_terminal_and_closes_the_session_as_root(tmp_path, users, p
         assert monitor == int(opened["caller"])  # the process that opened PAM stays root
         assert status_fields(monitor)["Uid"].split() == ["0"] * 4
         assert status_fields(worker)["Uid"].split() == [str(alice.pw_uid)] * 4
-        monitor_fds = [os.readlink(f"/proc/{monitor}/fd/{fd}")
-                       for fd in os.listdir(f"/proc/{monitor}/fd")]
+        monitor_fds = list(open_fds(monitor).values())
         assert tty not in monitor_fds and "/dev/ptmx" not in monitor_fds
         assert not any(target.startswith("socket:") for target in monitor_fds)
         assert closes(log) == []

@@ -20,7 +20,7 @@ import time
 import moshpit_ipc
 import moshpit_login
 import pytest
-from proc_util import kill_pid, parent_pid, pid_alive, wait_for
+from proc_util import kill_pid, open_fds, parent_pid, pid_alive, wait_for
 from server_util import MpsServer, TestClient, run_mps
 from test_server_login import (NO_PAM, private_etc, utmp,  # noqa: F401
                                who)  # (utmp, private_etc: fixtures)
@@ -75,7 +75,7 @@ def test_session_process_is_the_user_and_holds_no_host_key(tmp_path, users):
             for capabilities in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
                 assert int(status[capabilities], 16) == 0, capabilities
             host_key_file = os.path.realpath(server.host_key_path)
-            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            fds = list(open_fds(pid).values())
             assert host_key_file not in fds
             with open(f"/proc/{pid}/maps") as maps:
                 assert host_key_file not in maps.read()
@@ -338,7 +338,7 @@ def test_a_restarted_listener_gets_held_log_lines_and_the_shell_exit_status(tmp_
         name = client.grant.session_id[:4].hex()
         prefix = f"[{name} {alice.pw_name}]"
         server.wait_log(f"{prefix} session {name} started for {alice.pw_name}")
-        fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        fds = open_fds(pid)
         for private in (server.log_path, server.stderr_path):
             assert os.path.realpath(private) not in fds.values()
         assert fds["1"] == fds["2"] == "/dev/null"

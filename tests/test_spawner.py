@@ -10,7 +10,7 @@ import shutil
 import signal
 
 import pytest
-from proc_util import kill_pid, pid_alive, proc_children, wait_for
+from proc_util import kill_pid, open_fds, pid_alive, proc_children, wait_for
 from server_util import MpsServer, TestClient
 from test_procmodel import memory_contains, session_pid_of
 from test_server_login import NO_PAM
@@ -52,8 +52,7 @@ def test_a_session_process_waits_ready_and_holds_nothing(tmp_path, users):
         waiting = waiting_process(spawner)
 
         def sockets_held() -> list:
-            fds = [os.readlink(f"/proc/{waiting}/fd/{fd}")
-                   for fd in os.listdir(f"/proc/{waiting}/fd")]
+            fds = list(open_fds(waiting).values())
             return fds if sum(target.startswith("socket:") for target in fds) == 1 else []
         # Just forked, it still holds the spawner's sockets; it closes them at once and
         # then holds only the one it waits on.
