@@ -212,7 +212,8 @@ def main() -> None:
     else:
         streams = synthetic()
         source = "synthetic (no tmux)"
-    interactive = b"".join(streams[name] for name in ("vim", "less", "top", "ls"))
+    # (The synthetic stand-ins have no less or top: their mix is of what there is.)
+    interactive = b"".join(streams.get(name, b"") for name in ("vim", "less", "top", "ls"))
     streams["mix"] = b"".join(streams.values())
     streams["interactive mix"] = interactive
     streams.update(generated())
