@@ -256,13 +256,19 @@ def test_a_session_process_cannot_claim_another_users_session(tmp_path, users):
     alice, bob = users.user(), users.user()
     server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, start=False)
     fake = fake_session(server, alice, fake_state(server, bob))  # alice's, claiming bob's
+    assert_not_claimed(server, fake, bob,
+                       f"is served by uid {alice.pw_uid}, not by {bob.pw_name}'s: not claimed")
+
+
+def assert_not_claimed(server: MpsServer, fake: subprocess.Popen, user, refusal: str) -> None:
+    """Start ``server`` beside ``fake`` (fake_session): its log says ``refusal`` and
+    ``user`` is shown no session; the fake is ended."""
     try:
         assert fake.stdout.readline() == b"listening\n"
-        authorize(bob, server.client_key)
+        authorize(user, server.client_key)
         with server.start():
-            server.wait_log(f"is served by uid {alice.pw_uid}, not by {bob.pw_name}'s: "
-                            "not claimed")
-            assert TestClient.for_server(server, user=bob.pw_name).sessions() == []
+            server.wait_log(refusal)
+            assert TestClient.for_server(server, user=user.pw_name).sessions() == []
     finally:
         kill_pid(fake.pid, 2.0)
 
@@ -277,15 +283,8 @@ def test_a_session_process_cannot_claim_another_session_of_its_user(tmp_path, us
     server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM, start=False)
     state = fake_state(server, alice)
     fake = fake_session(server, alice, state, socket_id=os.urandom(16).hex())
-    try:
-        assert fake.stdout.readline() == b"listening\n"
-        authorize(alice, server.client_key)
-        with server.start():
-            server.wait_log(f"answers for another session ({state['session_id']['hex'][:8]})"
-                            ": not claimed")
-            assert TestClient.for_server(server, user=alice.pw_name).sessions() == []
-    finally:
-        kill_pid(fake.pid, 2.0)
+    assert_not_claimed(server, fake, alice, "answers for another session "
+                                            f"({state['session_id']['hex'][:8]}): not claimed")
 
 
 def relayed(text: str) -> dict:
