@@ -301,6 +301,9 @@ LOSSY = 0.05  # ... i.e. when this fraction of our packets were found lost recen
 AMPLIFICATION_FACTOR = 3  # bytes sent to an unvalidated address per byte received from it
 CHALLENGES_KEPT = 4  # recent challenges to an address that a response may answer
 PENDING_RESPONSES = 4  # challenges answered per flush; more in between are dropped
+# The first packet number not sealed under a key: room is kept for one more flush's path
+# datagrams (PENDING_RESPONSES and a challenge) below PACKET_NUMBER_LIMIT.
+SEND_PN_LIMIT = PACKET_NUMBER_LIMIT - PENDING_RESPONSES - 1
 CHALLENGE_DATAGRAM = OVERHEAD + FRAME.size + PATH_DATA_SIZE  # and a response's size
 
 
@@ -1435,7 +1438,7 @@ class Connection:
     def keys_exhausted(self) -> bool:
         """The send key's packet numbers are used up (see PACKET_NUMBER_LIMIT): nothing more
         is sent until ``rekey``. The limit keeps room for one more flush's path datagrams."""
-        return self._next_pn >= PACKET_NUMBER_LIMIT - PENDING_RESPONSES - 1
+        return self._next_pn >= SEND_PN_LIMIT
 
     def next_timeout(self) -> Optional[float]:
         """Absolute time at which ``datagrams_to_send`` has something to do (None: never)."""
@@ -1530,13 +1533,12 @@ class Connection:
         # This loop runs for every datagram of a bulk transfer: the checks that are false in
         # one (an exhausted key, an address on trial, an urgent stream) are inlined or
         # skipped on their cheap pre-condition.
-        pn_limit = PACKET_NUMBER_LIMIT - PENDING_RESPONSES - 1  # see keys_exhausted
         urgent_streams = self._urgent
         while True:
             if len(out) >= MAX_BATCH:
                 self._more = True
                 break
-            if self._next_pn >= pn_limit:
+            if self._next_pn >= SEND_PN_LIMIT:  # keys_exhausted, inlined
                 break
             if self._probe is not None and self._budget_exhausted():
                 break
