@@ -99,7 +99,20 @@ def test_the_shell_starts_as_sshd_starts_it(tmp_path, users):
             # no descriptor of the session process (its sockets came over SCM_RIGHTS)
             assert sorted(client.run("command ls /proc/$$/fd").split()) == ["0", "1", "2", "255"]
             client.send("sleep 30; echo un''interrupted\n")  # its echo differs
-            wait_for(lambda: proc_children(shell, recursive=False), 10, "the sleep to start")
+
+            def sleep_in_foreground() -> bool:
+                # The child exists before bash made its group the terminal's foreground:
+                # a ^C in between reaches bash, not the sleep. /proc stat: pgrp, tpgid.
+                for child in proc_children(shell, recursive=False):
+                    try:
+                        with open(f"/proc/{child}/stat", "rb") as f:
+                            fields = f.read().rsplit(b")", 1)[1].split()
+                    except FileNotFoundError:
+                        continue
+                    if fields[2] == fields[5]:
+                        return True
+                return False
+            wait_for(sleep_in_foreground, 10, "the sleep to run in the foreground")
             client.send("\x03")  # the terminal's ^C reaches its foreground group
             assert client.run("echo after") == "after"
             assert b"uninterrupted" not in client.output
