@@ -16,7 +16,6 @@ moshpit is split by layer into flat sibling modules (copying stays trivial: ever
 from __future__ import annotations
 
 import argparse
-import difflib
 import fcntl
 import glob
 import logging
@@ -161,13 +160,21 @@ def program_command(program: str) -> str:
 # same thing wherever it comes from. Precedence, highest first: environment, command line,
 # file, defaults (the seed's order).
 
-try:  # Python 3.11+
-    import tomllib as _toml
-except ImportError:  # 3.9/3.10: the tomli backport if installed, else parse_toml_subset
+
+def _toml_reader():
+    """tomllib (Python 3.11+), else the tomli backport if installed, else None (then
+    parse_toml_subset reads the file). Imported when a config file is read: a start without
+    one (most clients) does not pay for it."""
     try:
-        import tomli as _toml
-    except ImportError:
-        _toml = None
+        import tomllib
+        return tomllib
+    except ImportError:  # 3.9/3.10
+        try:
+            import tomli
+            return tomli
+        except ImportError:
+            return None
+
 
 # Directory under ~/.config and stem of the config/log file names; env variable prefix.
 _APP_NAME = {"server": "moshpits", "client": "moshpit"}
@@ -840,14 +847,15 @@ def _read_file(path: str, explicit: bool) -> Optional[Dict[str, Any]]:
         raise ConfigError(f"{where} not found (check the -c path)")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {where}: {getattr(e, 'strerror', None) or e}")
-    if _toml is None:
+    toml = _toml_reader()
+    if toml is None:
         try:
             return parse_toml_subset(text)
         except TomlSubsetError as e:
             raise ConfigError(f"{where}: {e}" if e.unsupported else f"{where}: invalid TOML: {e}")
     try:
-        return _toml.loads(text)
-    except _toml.TOMLDecodeError as e:
+        return toml.loads(text)
+    except toml.TOMLDecodeError as e:
         raise ConfigError(f"{where}: invalid TOML: {e}")
 
 
@@ -1008,6 +1016,8 @@ def common_flag_settings(args: argparse.Namespace, kind: str) -> Dict[str, Any]:
 
 
 def _with_hint(key: str, schema: Dict[str, _Key]) -> str:
+    import difflib  # only for an unknown key: not at every start
+
     close = difflib.get_close_matches(key, schema, n=1)
     return f"{key} (did you mean {close[0]}?)" if close else key
 

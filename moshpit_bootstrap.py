@@ -242,20 +242,27 @@ PROGRAMS = ("mps.py", "mp.py", "mp_keygen.py")
 
 
 def bundle_bytes() -> bytes:
-    """moshpit's modules as the zip ``make dist`` builds: the running moshpit.pyz itself, or
-    from a checkout, the same files (moshpit*.py, the three programs, moshpit_pyz.py as
-    __main__.py) zipped in memory."""
+    """moshpit's modules as the zip ``make dist`` builds, sources only: the running
+    moshpit.pyz's .py entries, or from a checkout the same files (moshpit*.py, the three
+    programs, moshpit_pyz.py as __main__.py), zipped in memory. The bundle's .pyc are left
+    out: the stub compiles the sources (it writes no bytecode), and they would triple what
+    ssh carries. Each entry keeps its date, so the same files give the same bytes (the
+    --ssh-cache hash)."""
     archive = getattr(globals().get("__loader__"), "archive", None)  # zipimport: the .pyz
-    if archive:
-        with open(archive, "rb") as f:
-            return f.read()
-    here = os.path.dirname(os.path.abspath(__file__))
-    names = sorted(os.path.basename(path) for path in glob.glob(os.path.join(here, "moshpit*.py")))
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        for name in [n for n in names if n != "moshpit_pyz.py"] + list(PROGRAMS):
-            z.write(os.path.join(here, name), name)
-        z.write(os.path.join(here, "moshpit_pyz.py"), "__main__.py")
+        if archive:
+            with zipfile.ZipFile(archive) as bundle:
+                for info in bundle.infolist():
+                    if info.filename.endswith(".py"):
+                        z.writestr(info, bundle.read(info))
+        else:
+            here = os.path.dirname(os.path.abspath(__file__))
+            names = sorted(os.path.basename(path)
+                           for path in glob.glob(os.path.join(here, "moshpit*.py")))
+            for name in [n for n in names if n != "moshpit_pyz.py"] + list(PROGRAMS):
+                z.write(os.path.join(here, name), name)
+            z.write(os.path.join(here, "moshpit_pyz.py"), "__main__.py")
     return out.getvalue()
 
 

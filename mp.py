@@ -64,7 +64,6 @@ import moshpit_carrier
 import moshpit_channels
 import moshpit_handshake
 import moshpit_keys
-import moshpit_predict
 import moshpit_session
 import moshpit_term
 import moshpit_trust
@@ -1030,9 +1029,12 @@ class Session:
         self.banner.udp_wait = (target.host, first.grant.udp_port)
         self.banner_note = ""
         self.screen = ScreenMirror(*target.winsize())
-        # Local echo prediction: only on a terminal, over a remote PTY.
-        self.predictor = (moshpit_predict.Predictor(self.screen.term, config["predict"])
-                          if self.out_is_tty and os.isatty(in_fd) else None)
+        # Local echo prediction: only on a terminal, over a remote PTY (its module is
+        # imported only then: a piped command or -N does not load it).
+        self.predictor = None
+        if self.out_is_tty and os.isatty(in_fd):
+            import moshpit_predict
+            self.predictor = moshpit_predict.Predictor(self.screen.term, config["predict"])
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self.stdin_open = not target.no_command  # -N: nothing to type into

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 import cryptography
 import pytest
@@ -316,7 +317,7 @@ def test_ssh_cache_keeps_the_modules_checked_by_their_hash(make_host, pythons):
     assert cached_file()[0] == path
 
 
-def test_from_moshpit_pyz_the_server_gets_that_very_file(make_host, pythons, tmp_path):
+def test_from_moshpit_pyz_the_server_gets_that_files_sources(make_host, pythons, tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     build = tmp_path / "dist"
@@ -329,5 +330,10 @@ def test_from_moshpit_pyz_the_server_gets_that_very_file(make_host, pythons, tmp
     assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
     cache = os.path.join(host.user.pw_dir, ".cache", "moshpit")
     [name] = os.listdir(cache)
-    with open(os.path.join(cache, name), "rb") as sent, open(pyz, "rb") as built:
-        assert sent.read() == built.read()
+    # That file's sources, byte for byte (its .pyc stay home: the server compiles them)
+    with zipfile.ZipFile(os.path.join(cache, name)) as sent, zipfile.ZipFile(pyz) as built:
+        sources = [info for info in built.infolist() if info.filename.endswith(".py")]
+        assert len(sources) * 2 == len(built.infolist())
+        assert [(info.filename, info.date_time) for info in sent.infolist()] == [
+            (info.filename, info.date_time) for info in sources]
+        assert all(sent.read(info.filename) == built.read(info) for info in sources)

@@ -25,7 +25,7 @@ def write_config(home, kind, text):
     return path
 
 
-needs_toml = pytest.mark.skipif(moshpit._toml is None, reason="no tomllib/tomli here")
+needs_toml = pytest.mark.skipif(moshpit._toml_reader() is None, reason="no tomllib/tomli here")
 
 
 # -- schema and env names ---------------------------------------------------------------
@@ -408,7 +408,7 @@ def test_import_falls_back_when_no_toml_parser_is_importable(tmp_path):
     code = ("import sys; sys.modules['tomllib'] = sys.modules['tomli'] = None\n"
             "import moshpit\n"
             "c = moshpit.load_config('client', {}, environ={}, home=sys.argv[1])\n"
-            "print(moshpit._toml, c['server_port'], len(c.warnings))\n")
+            "print(moshpit._toml_reader(), c['server_port'], len(c.warnings))\n")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=here, timeout=20,
                          capture_output=True, check=True, text=True).stdout
@@ -416,13 +416,13 @@ def test_import_falls_back_when_no_toml_parser_is_importable(tmp_path):
 
 
 def test_without_toml_parser_no_default_file_no_warning(tmp_path, monkeypatch):
-    monkeypatch.setattr(moshpit, "_toml", None)
+    monkeypatch.setattr(moshpit, "_toml_reader", lambda: None)
     c = load_config("client", {}, environ={}, home=str(tmp_path))
     assert c.warnings == []
 
 
 def test_without_toml_parser_explicit_file_is_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(moshpit, "_toml", None)
+    monkeypatch.setattr(moshpit, "_toml_reader", lambda: None)
     path = tmp_path / "x.toml"
     path.write_text("server_port = 1\n")
     c = load_config("client", {}, path=str(path), environ={}, home=str(tmp_path))

@@ -9,6 +9,7 @@ terminal connecting to it.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -58,9 +59,43 @@ def test_the_bundle_holds_the_modules_the_programs_and_an_entry_point(bundle):
     modules = sorted(name for name in os.listdir(REPO)
                      if name.endswith(".py") and name.startswith(("moshpit", "mp"))
                      and name != "moshpit_pyz.py")
-    assert names == sorted(modules + ["__main__.py"])
+    sources = sorted(modules + ["__main__.py"])
+    assert names == sorted(sources + [name + "c" for name in sources])  # each with its .pyc
     assert {"moshpit.py", "mps.py", "mp.py", "mp_keygen.py"} <= set(names)
     assert os.access(os.path.join(bundle, "moshpit.pyz"), os.X_OK)  # ./moshpit.pyz works too
+
+
+def loaded_from(bundle_dir: str, python: str) -> list:
+    """The files ``python`` imports two of the bundle's modules from (its sys.path: the
+    bundle alone) and the bundle's version line, run by that Python."""
+    code = ("import sys; sys.path[:0] = ['moshpit.pyz']; import moshpit, moshpit_term; "
+            "print(moshpit.__file__, moshpit_term.__file__)")
+    env = {"HOME": os.path.join(bundle_dir, "home"), "PATH": os.environ["PATH"]}
+    ran = [subprocess.run([python, *args], cwd=bundle_dir, env=env, capture_output=True,
+                          text=True, timeout=30) for args in (["-c", code], ["moshpit.pyz",
+                                                                             "--version"])]
+    assert [r.returncode for r in ran] == [0, 0], [r.stderr for r in ran]
+    return ran[0].stdout.split() + [ran[1].stdout]
+
+
+def other_python() -> str:
+    """A Python of another minor version than this one, 3.9 or newer (pyenv's), or skip."""
+    root = os.environ.get("PYENV_ROOT", "/root/.pyenv")
+    for path in sorted(glob.glob(os.path.join(root, "versions", "3.*", "bin", "python3"))):
+        version = tuple(int(n) for n in path.split(os.sep)[-3].split(".")[:2])
+        if version >= (3, 9) and version != sys.version_info[:2]:
+            return path
+    pytest.skip("no Python of another version to run the bundle with")
+
+
+def test_the_building_python_runs_the_bytecode_another_compiles_the_sources(bundle):
+    # zipimport takes NAME.pyc when its magic number is this Python's and its hash is the
+    # source's: no compile at each start. Another version must fall back to NAME.py.
+    version_line = f"moshpit {VERSION}\n"
+    assert loaded_from(bundle, sys.executable) == [
+        "moshpit.pyz/moshpit.pyc", "moshpit.pyz/moshpit_term.pyc", version_line]
+    assert loaded_from(bundle, other_python()) == [
+        "moshpit.pyz/moshpit.py", "moshpit.pyz/moshpit_term.py", version_line]
 
 
 def test_usage_and_versions(bundle):

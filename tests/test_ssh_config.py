@@ -266,7 +266,7 @@ def test_the_ssh_config_setting(environ, expected):
     assert load_config("client", {}, environ=environ, home="/h")["ssh_config"] == expected
 
 
-@pytest.mark.skipif(moshpit._toml is None, reason="no tomllib/tomli here")
+@pytest.mark.skipif(moshpit._toml_reader() is None, reason="no tomllib/tomli here")
 @pytest.mark.parametrize("toml,expected", [
     ("ssh_config = false\n", False),
     ('ssh_config = "/etc/my_ssh_config"\n', "/etc/my_ssh_config"),

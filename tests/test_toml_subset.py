@@ -25,7 +25,7 @@ from moshpit import ConfigError, TomlSubsetError, load_config, parse_toml_subset
 
 pytestmark = pytest.mark.timeout(60)
 
-oracle = moshpit._toml  # tomllib on 3.11+, else tomli if installed
+oracle = moshpit._toml_reader()  # tomllib on 3.11+, else tomli if installed
 needs_oracle = pytest.mark.skipif(oracle is None, reason="neither tomllib nor tomli here")
 
 
@@ -252,7 +252,7 @@ def write_config(home, kind, text):
 
 
 def test_without_tomllib_the_config_file_is_read_by_the_built_in_reader(tmp_path, monkeypatch):
-    monkeypatch.setattr(moshpit, "_toml", None)
+    monkeypatch.setattr(moshpit, "_toml_reader", lambda: None)
     path = write_config(tmp_path, "server", "[mps] # the server\nport = 0x1_f40\n"
                         "[tracing.file.layer]\nwith_target = true\n")
     c = load_config("server", {}, environ={}, home=str(tmp_path))
@@ -262,7 +262,7 @@ def test_without_tomllib_the_config_file_is_read_by_the_built_in_reader(tmp_path
 
 
 def test_without_tomllib_errors_name_the_file_and_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(moshpit, "_toml", None)
+    monkeypatch.setattr(moshpit, "_toml_reader", lambda: None)
     path = write_config(tmp_path, "client", "server_port = 1\nserver_port = 2\n")
     with pytest.raises(ConfigError) as err:
         load_config("client", {}, environ={}, home=str(tmp_path))
@@ -295,7 +295,7 @@ def test_mps_and_mp_apply_their_config_files_without_tomllib(tmp_path):
     its default one (destination, port, key, host key policy): a session runs, so both files
     were applied by the built-in reader, and neither program warns about them."""
     site = no_toml_site(tmp_path)
-    probe = subprocess.run([sys.executable, "-c", "import moshpit; print(moshpit._toml)"],
+    probe = subprocess.run([sys.executable, "-c", "import moshpit; print(moshpit._toml_reader())"],
                            env={"PYTHONPATH": site}, cwd=REPO, capture_output=True, text=True,
                            timeout=20)
     assert probe.stdout == "None\n", probe.stderr
