@@ -659,10 +659,11 @@ class SendStream:
         self._flight: deque = deque()
         self._received: list = []  # flat [s0, e0, s1, e1, ...] received above base (last ACK)
         self.peer_has = 0  # bytes the peer reported received, gaps excluded (rate samples)
-        # Records above the base size lost in a row, of those sent at or after ``big_since``
-        # (the Connection's black-hole detection: see DatagramSizer).
+        # The Connection's black-hole detection (see DatagramSizer): records above the base
+        # size lost in a row, of those sent at or after ``big_since``, and when the newest
+        # such record that did arrive was sent.
         self.big_losses = 0
-        self.big_since = float("-inf")
+        self.big_since = self.big_delivered_sent = float("-inf")
 
     @property
     def end(self) -> int:
@@ -794,6 +795,7 @@ class SendStream:
         """A record larger than a base-size datagram holds was acked or lost."""
         if not lost:
             self.big_losses = 0
+            self.big_delivered_sent = max(self.big_delivered_sent, sent_at)
         elif sent_at >= self.big_since:
             self.big_losses += 1
 
@@ -1411,6 +1413,7 @@ class Connection:
         self._pacer.burst = PACING_BURST_PACKETS * size
         for stream in self._out.values():
             stream.big_losses, stream.big_since = 0, now
+            stream.big_delivered_sent = now
 
     def _sizing(self, now: float) -> bool:
         """Whether size probes may go out now: the peer answers under these keys, is not
@@ -1432,13 +1435,17 @@ class Connection:
         return [(datagram, addr)]
 
     def _check_black_hole(self, now: float) -> None:
-        """BLACK_HOLE_LOSSES datagrams above the base size lost in a row on a stream: the
-        path no longer carries them (its MTU shrank, a tunnel came up): back to the base
-        size, which every path carries, and search again."""
+        """BLACK_HOLE_LOSSES datagrams above the base size lost in a row on a stream, and
+        none sent later than a round trip and an RTO ago arrived: the path no longer carries
+        them (its MTU shrank, a tunnel came up): back to the base size, which every path
+        carries, and search again.  (The time rule keeps a burst of losses that one ACK
+        reports, among arrivals it also reports, from looking like a black hole.)"""
         if self._sizer.size == MAX_DATAGRAM:
             return
+        silent_since = now - self._rtt.rto() - self._rtt.srtt
         for stream in self._send_order:
-            if stream.big_losses >= BLACK_HOLE_LOSSES:
+            if (stream.big_losses >= BLACK_HOLE_LOSSES
+                    and stream.big_delivered_sent < silent_since):
                 log.info("%s: %d datagrams of %d bytes lost in a row: back to %d", self.role,
                          stream.big_losses, self._sizer.size, MAX_DATAGRAM)
                 self._sizer.black_hole(now)
@@ -1896,6 +1903,35 @@ GSO_UNSUPPORTED = frozenset(getattr(errno, name) for name in (
     "EIO", "EINVAL", "ENOPROTOOPT", "EOPNOTSUPP", "ENOTSUP") if hasattr(errno, name))
 
 
+# Linux path MTU discovery modes (linux/in.h, linux/in6.h; Python names them on some builds
+# only): PROBE sets "don't fragment" and ignores what ICMP says of the path, so a datagram
+# larger than the path carries is dropped on the way, never fragmented, and the transport's
+# own probes (DatagramSizer) find the size. Too large for the interface: EMSGSIZE at send.
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_PROBE = getattr(socket, "IPV6_PMTUDISC_PROBE", 3)
+
+
+def never_fragment(sock: socket.socket) -> bool:
+    """Ask the kernel never to fragment ``sock``'s datagrams (PROBE mode); False where that
+    cannot be asked (not Linux, an option refused), and datagrams must stay at MAX_DATAGRAM.
+    An IPv6 socket needs the IPv4 option too: it may talk to IPv4-mapped peers."""
+    if not sys.platform.startswith("linux"):
+        return False  # the numbers above are Linux's
+    options = [(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)]
+    if sock.family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE))
+    try:
+        for level, option, value in options:
+            sock.setsockopt(level, option, value)
+    except OSError as err:
+        log.debug("cannot forbid fragmentation (%s): datagrams stay at %d bytes", err,
+                  MAX_DATAGRAM)
+        return False
+    return True
+
+
 def gso_runs(datagrams: list) -> list:
     """``(addr, segment size, [datagrams])`` runs that one UDP_SEGMENT send can carry: in
     order, same address, all of the first one's size but the last (which may be shorter),
@@ -1932,6 +1968,10 @@ class UdpLink:
         self.conn = conn
         self._use(sock)
 
+    @property
+    def _transport(self) -> Connection:
+        return getattr(self.conn, "conn", self.conn)  # a session core wraps its Connection
+
     def _use(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -1941,6 +1981,8 @@ class UdpLink:
             self.gro = True
         except OSError:
             self.gro = False
+        if never_fragment(sock):
+            self._transport.allow_larger_datagrams()
 
     @classmethod
     def bind(cls, conn: Connection, host: str = "0.0.0.0", port: int = 0) -> UdpLink:
@@ -1975,7 +2017,8 @@ class UdpLink:
                 receive(bytes(view[start:start + segment]), addr, now)
 
     def _read_one(self) -> tuple:
-        data, addr = self.sock.recvfrom(2048)  # larger than any valid datagram: those fail open
+        # One byte more than any valid datagram: a larger one arrives too long and is refused.
+        data, addr = self.sock.recvfrom(LARGEST_DATAGRAM + 1)
         return data, len(data), addr
 
     def _read_coalesced(self) -> tuple:
@@ -2004,7 +2047,9 @@ class UdpLink:
                 self.sock.sendmsg([b"".join(group)],
                                   [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(size))], 0, addr)
             except OSError as err:
-                if err.errno in GSO_UNSUPPORTED:
+                if err.errno == errno.EMSGSIZE:
+                    self._transport.datagram_too_big(size, addr)
+                elif err.errno in GSO_UNSUPPORTED:
                     log.debug("udp segmentation offload refused (%s): one datagram per call", err)
                     self.gso = False
                     self._send_each([(datagram, addr) for datagram in group])
@@ -2017,7 +2062,9 @@ class UdpLink:
             try:
                 sendto(datagram, addr)
             except OSError as err:
-                if err.errno not in TRANSIENT_ERRNOS:
+                if err.errno == errno.EMSGSIZE:
+                    self._transport.datagram_too_big(len(datagram), addr)
+                elif err.errno not in TRANSIENT_ERRNOS:
                     log.debug("udp send to %s failed: %s", addr, err)
 
     def timeout(self, now: float) -> Optional[float]:

@@ -199,6 +199,9 @@ class Context:
         self._clients.clear()
 
 
+IMPAIRED_PATH_MTU = 1500  # bytes: an Ethernet path (see Scenario.path_mtu)
+
+
 class Scenario:
     """Base: ``name`` (for --only), ``title``, the capability it ``needs`` (tools that lack
     it are reported n/a), relay conditions, sample counts, a time budget and the metrics."""
@@ -223,6 +226,13 @@ class Scenario:
 
     def samples(self, quick: bool) -> int:
         return self.samples_quick if quick else self.samples_full
+
+    @property
+    def path_mtu(self) -> int | None:
+        """The relay's MTU: an impaired path (delay, loss, a bottleneck) stands for a real
+        network, so it carries 1500-byte packets as Ethernet does; the unimpaired one is
+        loopback, with loopback's (64 KiB)."""
+        return IMPAIRED_PATH_MTU if (self.rtt or self.loss or self.rate_bps) else None
 
     def condition(self, net: Network) -> None:
         """Impair the relay for the measurement (after the session is up)."""

@@ -51,7 +51,7 @@ class SimNet:
         self._seq = 0
 
     def send(self, now: float, datagram: bytes, src: tuple, dst: tuple) -> None:
-        assert len(datagram) <= MAX_DATAGRAM
+        assert len(datagram) <= mt.LARGEST_DATAGRAM
         self.sent += 1
         if now < self.blackout_until or self.rng.random() < self.loss:
             return
