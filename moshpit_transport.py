@@ -433,10 +433,10 @@ class CongestionControl:
     STARTUP, DRAIN, PROBE_BW = "startup", "drain", "probe_bw"
     RING = 4096  # sent packets remembered, by packet number (like Connection._sent_at)
 
-    def __init__(self, now: float, mss: int = MSS) -> None:
+    def __init__(self, now: float) -> None:
         self.mode = self.STARTUP
         self.competing = False
-        self.mss = mss  # stream bytes per datagram on the path: the window's floors count them
+        self.mss = MSS  # stream bytes per datagram on the path (the Connection sets the path's)
         self.delivered = 0  # bytes the peer has, by its acks: drives rate samples and rounds
         self.round = 0
         self.cwnd = float(INITIAL_CWND)
@@ -598,8 +598,8 @@ class Pacer:
     """Token bucket that lets a burst of PACING_BURST_PACKETS datagrams out (``burst``
     bytes: the path's datagram size sets it), then paces at the rate."""
 
-    def __init__(self, now: float, datagram_size: int = MAX_DATAGRAM) -> None:
-        self.burst = PACING_BURST_PACKETS * datagram_size
+    def __init__(self, now: float) -> None:
+        self.burst = PACING_BURST_PACKETS * MAX_DATAGRAM  # the Connection sets the path's
         self._tokens = float(self.burst)
         self._stamp = now
 
