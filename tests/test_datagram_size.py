@@ -6,8 +6,10 @@ of the congestion window or of retransmission, and a path change starts over sma
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
+from test_session import CoreSim, take_over
 from test_transport import (
     CLIENT_ADDR, CLIENT_ADDR2, MB, Sim, SimNet, authentic, bulk_sim, finish,
     frame, make_keys, random_bytes, resume, snapshot)
@@ -213,3 +215,30 @@ def test_window_floors_and_pacing_burst_follow_the_size():
     assert server._pacer.burst == mt.PACING_BURST_PACKETS * 8952
     server._cc.on_timeout(sim.now)
     assert server._cc.cwnd == mt.TIMEOUT_CWND_PACKETS * server._cc.mss
+
+
+def test_a_takeover_keeps_what_the_socket_allows():
+    """``mp --attach`` puts the session on a fresh Connection: the link's socket still
+    forbids fragmentation, so the new one may grow its datagrams too (from the base size)."""
+    sim = CoreSim(SimNet(12), detached=3600)
+    sim.server.conn.allow_larger_datagrams()
+    sim.client.conn.allow_larger_datagrams()
+    sim.run_for(0.5)
+    assert sim.server.conn.datagram_size == mt.LARGEST_DATAGRAM
+    take_over(sim, make_keys(13))
+    assert sim.server.conn.size_ceiling == mt.LARGEST_DATAGRAM
+    assert sim.server.conn.datagram_size == MAX_DATAGRAM
+
+
+def test_sockets_that_cannot_forbid_fragmentation_stay_at_the_base_size(monkeypatch):
+    """Where the kernel cannot be told never to fragment (another OS; a socket that is not
+    IP), datagrams never grow: a fragmented one is lost whole if any fragment is."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unix:
+        assert not mt.never_fragment(unix)
+    monkeypatch.setattr(mt.sys, "platform", "darwin")
+    conn = mt.Connection("client", make_keys(14), 0.0, ("127.0.0.1", 9))
+    link = mt.UdpLink.bind(conn, "127.0.0.1")
+    try:
+        assert conn.size_ceiling == MAX_DATAGRAM and not conn._sizer.next_probe
+    finally:
+        link.close()
