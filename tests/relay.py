@@ -63,6 +63,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Union
 
 __all__ = [
+    "ETHERNET_MTU",
     "Bottleneck",
     "Impairment",
     "Relay",
@@ -81,6 +82,7 @@ TCP_CHUNK = 65536
 COMMAND_TIMEOUT = 5.0
 # What a packet occupies on a link besides its payload: a bottleneck counts these too.
 UDP_HEADER_BYTES = 28  # IPv4 + UDP
+ETHERNET_MTU = 1500  # bytes: what the benchmarks' impaired paths carry (Relay's ``mtu``)
 TCP_HEADER_BYTES = 52  # IPv4 + TCP with timestamps
 TCP_SEGMENT_BYTES = 1448  # MSS on a 1500-byte MTU: TCP crosses a bottleneck in segments
 # A relay socket reading into a bottleneck gets a small receive buffer: bytes parked there
