@@ -242,3 +242,20 @@ def test_sockets_that_cannot_forbid_fragmentation_stay_at_the_base_size(monkeypa
         assert conn.size_ceiling == MAX_DATAGRAM and not conn._sizer.next_probe
     finally:
         link.close()
+
+
+def test_probes_never_use_the_packet_numbers_kept_for_path_datagrams():
+    """Packet numbers stop below PACKET_NUMBER_LIMIT, and the last ones under a key are kept
+    for one flush's path datagrams: the answers to challenges, and our own challenge or (never
+    both: no probing while an address is on trial) a size probe."""
+    sim = sizing_sim(1500, seed=15, size=10_000)
+    finish(sim, limit=10)
+    server = sim.server.conn
+    server._sizer.next_probe = sim.now  # a probe is due (the raise timer, say) ...
+    server._sizer._target = 8952
+    server._next_pn = mt.SEND_PN_LIMIT - 1  # ... as the last number before the reserve goes
+    server._responses.extend((bytes(8), CLIENT_ADDR) for _ in range(mt.PENDING_RESPONSES))
+    numbers = [mt.HEADER.unpack_from(datagram)[2]
+               for datagram, _addr in server.datagrams_to_send(sim.now)]
+    assert len(numbers) == mt.PENDING_RESPONSES + 1, "the answers, then the probe"
+    assert max(numbers) < mt.PACKET_NUMBER_LIMIT
