@@ -30,6 +30,7 @@ import pytest
 from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, wait_for
 from relay import free_port
 from server_util import MpsServer, TestClient, relay_in_front, shared_server
+from sshd_util import sshd_binary_fixture, sshd_host_fixture  # noqa: F401  (`sshd_host`)
 from test_client_session import QUICK_RESUME, client_env, client_log, mp_args, wait_shell
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 
@@ -363,6 +364,36 @@ def test_agent_forwarding_lists_the_laptops_keys_remotely(server, tmp_path, agen
     # The directory is gone with the session.
     wait_for(lambda: not os.path.exists(os.path.dirname(remote_sock)), 10,
              "the agent directory to be removed")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
+                    reason="needs root and useradd to create a throwaway user")
+def test_agent_forwarding_lets_the_remote_shell_ssh_to_a_third_host(server, tmp_path,
+                                                                   sshd_host):
+    """What -A is for: from the remote shell, ``ssh`` to another host logs in with a key
+    that only the laptop's agent holds (the third host, a real sshd, authorizes nothing
+    else), and without -A the same command is refused."""
+    sock = str(tmp_path / "laptop-agent.sock")
+    with ManagedProcess(["ssh-agent", "-a", sock, "-D"], log=tmp_path / "laptop-agent.log"):
+        wait_for(lambda: os.path.exists(sock), 10, "ssh-agent's socket")
+        subprocess.run(["ssh-add", sshd_host.client_key], env={"SSH_AUTH_SOCK": sock},
+                       check=True, capture_output=True, timeout=30)
+        third_host = ("ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no"
+                      " -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+                      f" -p {sshd_host.port} {sshd_host.user.pw_name}@127.0.0.1"
+                      " 'echo third host: $((6 * 7)) as $(id -un)'")
+
+        def run(*options: str) -> subprocess.CompletedProcess:
+            return subprocess.run(mp_args(server, tmp_path, *options) + ["--", third_host],
+                                  env=client_env(tmp_path, SSH_AUTH_SOCK=sock),
+                                  capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+        forwarded = run("-A")
+        assert forwarded.returncode == 0, forwarded.stderr
+        assert forwarded.stdout.decode() == f"third host: 42 as {sshd_host.user.pw_name}\n"
+        refused = run()
+        assert refused.returncode != 0 and b"third host" not in refused.stdout
+        assert b"Permission denied" in refused.stderr
 
 
 def test_without_a_the_session_has_no_agent(server, tmp_path, agent):
