@@ -60,7 +60,9 @@ __version__ = "0.1.0"
 # both in the request's session flags byte;
 # local echo prediction: the ECHO_ACK and TTY_MODE records;
 # the TCP carrier: the handshake's connection stays open after the grant as the TCP carrier of the
-# session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier).
+# session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier);
+# datagram size discovery: UDP datagrams up to moshpit_transport.LARGEST_DATAGRAM once a padded
+# PATH_CHALLENGE of that size was answered on the path (MAX_DATAGRAM stays the base size).
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)
@@ -72,7 +74,8 @@ MIN_RESUME_AFTER_SECS = 4
 # The server's shutdown_flush_secs: stopping, how long a session waits for its client to
 # acknowledge the shutdown notice before the shell is hung up.
 DEFAULT_SHUTDOWN_FLUSH_SECS = 2
-MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare
+MAX_DATAGRAM = 1200  # fits a 1280-byte IPv6 path with IP/UDP headers to spare: the size every
+# path carries (the handshake, the TCP carrier); UDP grows past it only where a probe proves it
 TRANSPORTS = ("auto", "udp", "tcp")  # the client's `transport`: see moshpit_carrier
 
 # strict_host_key_checking: prompt on a TTY | trust on first use | recorded keys only

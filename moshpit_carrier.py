@@ -50,7 +50,7 @@ import struct
 from typing import List, NamedTuple, Optional
 
 from moshpit import MAX_DATAGRAM, TRANSPORTS, MoshpitError
-from moshpit_transport import TRANSIENT_ERRNOS, UdpLink
+from moshpit_transport import UdpLink
 
 __all__ = [
     "TRANSPORTS", "CarrierClosed", "frame_datagram", "FrameDecoder", "TcpPath", "PathSelector",
@@ -328,15 +328,11 @@ class CarrierLink(UdpLink):
         super().__init__(conn, sock)
         self.carrier: Optional[TcpCarrier] = None
 
-    @property
-    def _transport(self):
-        return getattr(self.conn, "conn", self.conn)  # a session core wraps its Connection
-
     def attach(self, carrier: TcpCarrier) -> None:
         """Use ``carrier`` (replacing any other): the peer is trusted on it."""
         self.detach()
         self.carrier = carrier
-        self._transport.trust_path(carrier.path, CARRIER_MIN_RTO_SECS)
+        self._transport.trust_path(carrier.path, CARRIER_MIN_RTO_SECS, fixed_size=True)
 
     def detach(self) -> None:
         carrier, self.carrier = self.carrier, None
@@ -385,11 +381,7 @@ class CarrierLink(UdpLink):
             if carrier is not None and addr == carrier.path:
                 carrier.send(datagram)
             return  # else a carrier that has closed: as good as lost
-        try:
-            self.sock.sendto(datagram, addr)
-        except OSError as err:
-            if err.errno not in TRANSIENT_ERRNOS:
-                log.debug("udp send to %s failed: %s", addr, err)
+        self._send_each([(datagram, addr)])
 
     def close(self) -> None:
         self.detach()

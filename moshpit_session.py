@@ -415,7 +415,9 @@ class _Core:
 
     def _new_connection(self, keys: object, now: float) -> None:
         """Start over on a fresh Connection (a takeover): new lanes, extensions told."""
+        ceiling = self.conn.size_ceiling  # what the link's socket allows stays true
         self.conn = Connection(self.conn.role, keys, now)
+        self.conn.allow_larger_datagrams(ceiling)
         self.records = RecordLane(self.conn)
         self._lanes = {STREAM_RECORDS: self.records}
         for extension in self._extensions:

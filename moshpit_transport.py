@@ -30,7 +30,8 @@ Wire format (all integers big-endian)::
     PING  (3) = (empty)   the client pings when idle; the server answers with an ACK at once
     PATH_CHALLENGE (4) = data:8   "prove you receive at this address": answered at once ...
     PATH_RESPONSE  (5) = data:8   ... to the address the challenge came from, echoing data
-    PADDING (6) = zeros   fills the client's first pings under new keys to a full datagram
+    PADDING (6) = zeros   fills the client's first pings under new keys to a full datagram,
+                          and a size probe (a PATH_CHALLENGE) to the size it tries
 
 Timers, acks and losses, in short: the receiver acks every 10th ack-eliciting packet or within
 10 ms, and at once when data arrives out of order, twice, or on an urgent stream, or for a
@@ -63,6 +64,18 @@ validation or not).  The server's first address (no earlier one to keep using) i
 at once under the same 3x limit; the client pads its first packets to a full datagram so
 that the limit covers a screenful.
 
+Datagram size (DPLPMTUD, RFC 8899, as QUIC does it): every path carries MAX_DATAGRAM (1200)
+bytes, the base size, and a datagram grows past it only where a probe proved the path
+carries it.  Once the peer answers on a path, the sender tries PROBE_SIZES in turn with a
+PATH_CHALLENGE padded to the size; the answer raises the path's size, MAX_PROBES unanswered
+ones (while the peer is heard otherwise) end the search until PROBE_RAISE_SECS later.  A probe
+carries no stream data: its loss is neither congestion nor a retransmission.  The sockets
+ask the kernel never to fragment (IP_PMTUDISC_PROBE); where that cannot be asked, or on a
+TCP carrier, the size stays at the base.  A new path (another peer address, a resume's
+re-key, a carrier) starts over at the base size; BLACK_HOLE_LOSSES lost datagrams above it
+in a row (the path's MTU shrank) fall back to it and search again.  Receivers refuse
+anything above LARGEST_DATAGRAM.
+
 Carriers (moshpit_carrier): an "address" may also be a TCP carrier's path, which the peer
 was authenticated on by other means (the handshake's own connection).  ``trust_path``
 marks such paths: the server moves its replies to a trusted path as soon as the newest
@@ -93,7 +106,7 @@ __all__ = [  # the API; the tuning constants and building blocks stay importable
     "CIPHERS", "CLIENT_TO_SERVER", "SERVER_TO_CLIENT", "MAX_PAYLOAD", "ReplayWindow",
     "PacketCipher", "encode_frame", "data_frame_header", "decode_frames", "FIRST_STREAM",
     "MAX_STREAM_ID", "SEND_WINDOW", "DataReceived", "PeerAddressChanged", "Connection",
-    "TRANSIENT_ERRNOS", "udp_socket", "UdpLink",
+    "TRANSIENT_ERRNOS", "udp_socket", "UdpLink", "LARGEST_DATAGRAM",
 ]
 
 log = logging.getLogger("moshpit.transport")
@@ -107,7 +120,12 @@ HEADER = struct.Struct("!B8sQ")
 NONCE = struct.Struct("!IQ")
 TAG_SIZE = 16
 OVERHEAD = HEADER.size + TAG_SIZE
-MAX_PAYLOAD = MAX_DATAGRAM - OVERHEAD  # plaintext frames per datagram
+MAX_PAYLOAD = MAX_DATAGRAM - OVERHEAD  # plaintext frames per datagram of the base size
+# The largest datagram sent (once a probe proved the path carries it) or received: larger
+# ones are refused. 16 KiB: per MB of bulk data it takes 64 datagrams (the base size: 870),
+# and each costs a decryption, a frame walk and an ACK's bookkeeping in Python; beyond it the
+# per-datagram saving is small against what one loss costs (see README, Datagram size).
+LARGEST_DATAGRAM = 16384
 CLIENT_TO_SERVER, SERVER_TO_CLIENT = 0, 1
 CIPHERS = {"chacha20-poly1305": ChaCha20Poly1305, "aes-256-gcm": AESGCM}
 
@@ -172,7 +190,7 @@ class PacketCipher:
 
     def open(self, datagram: bytes) -> Optional[Tuple[int, bytes]]:
         """``(pn, plaintext)`` for an authentic, fresh datagram; None for anything else."""
-        if not OVERHEAD <= len(datagram) <= MAX_DATAGRAM or datagram[0] != PACKET_FLAGS:
+        if not OVERHEAD <= len(datagram) <= LARGEST_DATAGRAM or datagram[0] != PACKET_FLAGS:
             return None
         flags, conn_id, pn = HEADER.unpack_from(datagram)
         if conn_id != self.conn_id or not self.replay.fresh(pn):
@@ -262,9 +280,10 @@ PACKET_THRESHOLD = 3  # a packet is lost once one sent this many later was acked
 TIME_THRESHOLD = 9 / 8  # ... or one sent this many RTTs later
 INITIAL_RTT_SECS = 0.1
 MIN_RTO_SECS, MAX_RTO_SECS, MAX_BACKOFF_RTO_SECS = 0.05, 1.0, 2.0
-MSS = MAX_STREAM_CHUNK
-INITIAL_CWND, MIN_CWND, MAX_CWND = 32 * MSS, 4 * MSS, 4 * 1024 * 1024
-TIMEOUT_CWND = 2 * MSS  # after repeated timeouts (an outage): probe gently
+MSS = MAX_STREAM_CHUNK  # stream bytes in a datagram of the base size (a path's own may be more)
+INITIAL_CWND, MAX_CWND = 32 * MSS, 4 * 1024 * 1024  # bytes, whatever the datagram size
+MIN_CWND_PACKETS = 4  # the window's floor, in datagrams of the path's size
+TIMEOUT_CWND_PACKETS = 2  # after repeated timeouts (an outage): probe gently
 # Congestion control (CongestionControl, BBR-style: see its docstring for the why)
 STARTUP_GAIN = 2.885  # 2/ln 2: doubles the delivery rate each round trip in STARTUP
 FULL_BW_GROWTH, FULL_BW_ROUNDS = 1.25, 3  # STARTUP ends after 3 rounds without 25% more
@@ -286,9 +305,11 @@ MAX_LOSS_CREDIT = 0.5  # random loss the rate estimate makes up for (50%: twice 
 # rate, at least SEND_QUEUE_MIN. Output waiting here would delay the prompt after a Ctrl-C
 # as much as a network queue would.
 SEND_QUEUE_SECS, SEND_QUEUE_MIN = 0.02, 16 * 1024
-PACING_BURST = 10 * MAX_DATAGRAM  # what may leave back to back ...
+PACING_BURST_PACKETS = 10  # datagrams of the path's size that may leave back to back ...
 PACING_QUANTUM_SECS = 0.005  # ... or this much time's worth at the pacing rate, if more (a
 # busy host wakes the sender late: a smaller bucket would cap the rate below the pacing rate)
+URGENT_UNPACED = PACING_BURST_PACKETS * MAX_DATAGRAM  # an urgent stream's bytes in flight
+# that skip the pacer (its records are small: the path's datagram size does not matter)
 MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to read too
 SENT_RING = 4096  # send times remembered, by packet number, for RTT samples
 # Packet numbers are nonces: one must never repeat under a key. A Connection never seals one
@@ -305,6 +326,14 @@ PENDING_RESPONSES = 4  # challenges answered per flush; more in between are drop
 # datagrams (PENDING_RESPONSES and a challenge) below PACKET_NUMBER_LIMIT.
 SEND_PN_LIMIT = PACKET_NUMBER_LIMIT - PENDING_RESPONSES - 1
 CHALLENGE_DATAGRAM = OVERHEAD + FRAME.size + PATH_DATA_SIZE  # and a response's size
+# Datagram size discovery (DatagramSizer): the sizes tried above MAX_DATAGRAM, in order:
+# 1500-byte Ethernet less IPv6 and UDP headers (IPv4's are smaller), a 9000-byte jumbo frame
+# less the same, and the largest (loopback and other 64 KiB-MTU paths).
+PROBE_SIZES = (1452, 8952, LARGEST_DATAGRAM)
+MAX_PROBES = 3  # unanswered probes of a size (the peer heard meanwhile) before it fails
+PROBE_RAISE_SECS = 600.0  # a size that failed is tried again after this long (RFC 8899)
+PROBES_KEPT = 4  # outstanding probes an answer may match (a late answer still counts)
+BLACK_HOLE_LOSSES = 6  # datagrams above the base size lost in a row: the path shrank
 
 
 class DataReceived(NamedTuple):
@@ -407,6 +436,7 @@ class CongestionControl:
     def __init__(self, now: float) -> None:
         self.mode = self.STARTUP
         self.competing = False
+        self.mss = MSS  # stream bytes per datagram on the path (the Connection sets the path's)
         self.delivered = 0  # bytes the peer has, by its acks: drives rate samples and rounds
         self.round = 0
         self.cwnd = float(INITIAL_CWND)
@@ -505,11 +535,11 @@ class CongestionControl:
             self._set_rates()
 
     def on_timeout(self, now: float) -> None:
-        """Repeated retransmission timeouts (an outage): probe with TIMEOUT_CWND until an
-        ack shows the path is back; the model of the path is kept for then."""
+        """Repeated retransmission timeouts (an outage): probe with TIMEOUT_CWND_PACKETS
+        until an ack shows the path is back; the model of the path is kept for then."""
         self._recovery_start = now
         self._timed_out = True
-        self.cwnd = float(TIMEOUT_CWND)
+        self.cwnd = float(TIMEOUT_CWND_PACKETS * self.mss)
 
     def _check_full_bw(self) -> None:
         """STARTUP ends after FULL_BW_ROUNDS rounds without FULL_BW_GROWTH more rate."""
@@ -555,22 +585,27 @@ class CongestionControl:
         rtt, bw = max(self._base_rtt(), RTT_FLOOR_SECS), self.bw
         # Floors: STARTUP never goes below its first guess (its early samples are a prompt's
         # few bytes), and no rate is so low that a keystroke's echo waits for the pacer.
-        floor = INITIAL_CWND if self.mode == self.STARTUP else MIN_CWND
+        floor = MIN_CWND_PACKETS * self.mss
+        if self.mode == self.STARTUP:
+            floor = max(floor, INITIAL_CWND)
         self.pacing_rate = max(gain * bw, gain * floor / rtt)
         cwnd = max(cwnd_gain * bw * rtt + bw * ACK_DELAY_SECS, floor)
-        self.cwnd = float(TIMEOUT_CWND) if self._timed_out else min(cwnd, MAX_CWND)
+        self.cwnd = (float(TIMEOUT_CWND_PACKETS * self.mss) if self._timed_out
+                     else min(cwnd, MAX_CWND))
 
 
 class Pacer:
-    """Token bucket that lets a burst of PACING_BURST bytes out, then paces at the rate."""
+    """Token bucket that lets a burst of PACING_BURST_PACKETS datagrams out (``burst``
+    bytes: the path's datagram size sets it), then paces at the rate."""
 
     def __init__(self, now: float) -> None:
-        self._tokens = float(PACING_BURST)
+        self.burst = PACING_BURST_PACKETS * MAX_DATAGRAM  # the Connection sets the path's
+        self._tokens = float(self.burst)
         self._stamp = now
 
     def refill(self, now: float, rate: float) -> None:
         if now > self._stamp:
-            cap = max(PACING_BURST, rate * PACING_QUANTUM_SECS)
+            cap = max(self.burst, rate * PACING_QUANTUM_SECS)
             self._tokens = min(cap, self._tokens + (now - self._stamp) * rate)
             self._stamp = now
 
@@ -624,6 +659,11 @@ class SendStream:
         self._flight: deque = deque()
         self._received: list = []  # flat [s0, e0, s1, e1, ...] received above base (last ACK)
         self.peer_has = 0  # bytes the peer reported received, gaps excluded (rate samples)
+        # The Connection's black-hole detection (see DatagramSizer): records above the base
+        # size lost in a row, of those sent at or after ``big_since``, and when the newest
+        # such record that did arrive was sent.
+        self.big_losses = 0
+        self.big_since = self.big_delivered_sent = float("-inf")
 
     @property
     def end(self) -> int:
@@ -719,12 +759,16 @@ class SendStream:
         flight = self._flight
         while flight:
             pn, start, stop, sent_at = flight[0]
+            missing = False
             if stop > cum:
                 if pn <= pn_cutoff or (pn < largest_acked and sent_at <= lost_before):
-                    if self._queue_missing(start, stop):
+                    missing = self._queue_missing(start, stop)
+                    if missing:
                         lost, lost_sent = lost + 1, sent_at
                 elif not self._is_received(start, stop):
                     break
+            if stop - start > MAX_STREAM_CHUNK:
+                self._big_resolved(missing, sent_at)
             flight.popleft()
             self.in_flight -= stop - start
             resolved += 1
@@ -742,8 +786,18 @@ class SendStream:
             _pn, start, stop, lost_sent = flight.popleft()
             self.in_flight -= stop - start
             self._queue_missing(start, stop)
+            if stop - start > MAX_STREAM_CHUNK:
+                self._big_resolved(True, lost_sent)
             lost += 1
         return lost, lost_sent
+
+    def _big_resolved(self, lost: bool, sent_at: float) -> None:
+        """A record larger than a base-size datagram holds was acked or lost."""
+        if not lost:
+            self.big_losses = 0
+            self.big_delivered_sent = max(self.big_delivered_sent, sent_at)
+        elif sent_at >= self.big_since:
+            self.big_losses += 1
 
     def _is_received(self, start: int, stop: int) -> bool:
         """Whether the last ACK showed [start, stop) (above ``base``) as received."""
@@ -1005,6 +1059,102 @@ class PathProbe:
         return None
 
 
+class DatagramSizer:
+    """The largest datagram one path is known to carry, and the search for a larger one
+    (DPLPMTUD, RFC 8899, simplified; sans-IO, the Connection drives it with its clock).
+
+    ``size`` starts at MAX_DATAGRAM, which every path carries.  While searching, the next of
+    PROBE_SIZES (up to ``ceiling``) is probed: the Connection sends a PATH_CHALLENGE padded to
+    it, and its answer (``answered``) makes it the path's size and moves on to the next.  An
+    unanswered probe counts as a failure only if the peer was heard after it left (a silent
+    peer is an outage, not a verdict on the size: the probe is retried, backing off);
+    MAX_PROBES failures, or the kernel refusing the size (``too_big``), end the search until
+    PROBE_RAISE_SECS later.  ``black_hole`` (datagrams of the current size vanishing while
+    smaller ones arrive) falls back to MAX_DATAGRAM and searches again at once.
+    """
+
+    def __init__(self, now: float, ceiling: int) -> None:
+        self.size = MAX_DATAGRAM
+        self._ceiling = ceiling
+        self._limit = ceiling  # sizes above it are not tried (until the raise timer)
+        self._target = 0  # the size being probed (0: not searching)
+        self.next_probe: Optional[float] = None  # when a probe (or its verdict) is due
+        self._failures = 0
+        self._backoff = 0  # doublings of the retry wait while the peer is silent
+        self._sent_at: Optional[float] = None  # the last probe's, while unanswered
+        self._outstanding: deque = deque(maxlen=PROBES_KEPT)  # (challenge data, size)
+        self._search(now)
+
+    def _search(self, now: float) -> None:
+        """Probe the next size above ``size`` allowed, at once; or stop if there is none."""
+        larger = [size for size in PROBE_SIZES if self.size < size <= self._limit]
+        self._target = larger[0] if larger else 0
+        self._failures, self._backoff, self._sent_at = 0, 0, None
+        if self._target:
+            self.next_probe = now
+        elif self._limit < self._ceiling:  # a size failed: try it again much later
+            self.next_probe = now + PROBE_RAISE_SECS
+        else:
+            self.next_probe = None
+
+    def due(self, now: float, last_heard: float) -> int:
+        """The size to probe now (0: none). Settles the previous probe's fate first."""
+        if self.next_probe is None or now < self.next_probe:
+            return 0
+        if not self._target:  # the raise timer: the failed size may work now
+            self._limit = self._ceiling
+            self._search(now)
+            return self.due(now, last_heard)
+        if self._sent_at is not None:  # the last probe went unanswered
+            if last_heard > self._sent_at:
+                self._failures += 1
+                self._backoff = 0
+            else:
+                self._backoff = min(self._backoff + 1, 6)
+            if self._failures >= MAX_PROBES:
+                log.debug("datagram size %d not carried: staying at %d", self._target, self.size)
+                self._limit = self._target - 1
+                self._search(now)
+                return 0
+        return self._target
+
+    def sent(self, data: bytes, size: int, now: float, timeout: float) -> None:
+        """A probe of ``size`` with challenge ``data`` left; its verdict is due after
+        ``timeout`` (doubled per retry the silent peer left unanswered)."""
+        self._outstanding.append((data, size))
+        self._sent_at = now
+        self.next_probe = now + min(timeout * (1 << self._backoff), MAX_BACKOFF_RTO_SECS)
+
+    def answered(self, data: bytes, now: float) -> Optional[bool]:
+        """A PATH_RESPONSE: None if it answers none of our probes, else whether ``size`` grew."""
+        size = next((size for challenge, size in self._outstanding
+                     if secrets.compare_digest(challenge, data)), 0)
+        if not size:
+            return None
+        if size <= self.size:
+            return False  # a late answer to a smaller probe
+        self.size = size
+        self._search(now)
+        return True
+
+    def too_big(self, size: int, now: float) -> bool:
+        """The kernel refused to send ``size`` bytes (EMSGSIZE: the interface's MTU is
+        smaller). Returns whether ``size`` (the path's own) falls back to MAX_DATAGRAM."""
+        if size <= MAX_DATAGRAM or size > self._limit:
+            return False  # the base size (it is sent regardless), or known too big already
+        self._limit = size - 1
+        fallback = size <= self.size
+        if fallback:
+            self.size = MAX_DATAGRAM
+        self._search(now)
+        return fallback
+
+    def black_hole(self, now: float) -> None:
+        """Datagrams of ``size`` stopped arriving: back to MAX_DATAGRAM, search again."""
+        self.size = MAX_DATAGRAM
+        self._search(now)
+
+
 class Connection:
     """Sans-IO reliable session between one client and one server over datagrams.
 
@@ -1044,6 +1194,8 @@ class Connection:
         # Paths authenticated by other means (a TCP carrier born of a handshake, the server
         # address the client dialled): never validated; path -> its RTO floor (seconds).
         self._trusted: dict = {}
+        self._fixed_size: set = set()  # paths that carry MAX_DATAGRAM at most (TCP carriers)
+        self._size_ceiling = MAX_DATAGRAM  # see allow_larger_datagrams
         self._responses: deque = deque(maxlen=PENDING_RESPONSES)  # (data, addr) to answer
         self._install_keys(keys, now)
 
@@ -1147,18 +1299,49 @@ class Connection:
 
     # -- carrier paths (moshpit_carrier) -------------------------------------------------
 
-    def trust_path(self, addr: object, min_rto: float = 0.0) -> None:
+    def allow_larger_datagrams(self, ceiling: int = LARGEST_DATAGRAM) -> None:
+        """The caller's socket never lets the kernel fragment (IP_PMTUDISC_PROBE): datagrams
+        may grow to ``ceiling`` bytes on a path that a probe showed carries them (see
+        DatagramSizer). Without this call every datagram stays at MAX_DATAGRAM."""
+        ceiling = max(MAX_DATAGRAM, min(ceiling, LARGEST_DATAGRAM))
+        if ceiling != self._size_ceiling:
+            self._size_ceiling = ceiling
+            self._restart_sizing(self._now)
+
+    @property
+    def size_ceiling(self) -> int:
+        """What ``allow_larger_datagrams`` allowed (MAX_DATAGRAM: nothing more)."""
+        return self._size_ceiling
+
+    @property
+    def datagram_size(self) -> int:
+        """The largest datagram sent on the path in use now."""
+        return self._sizer.size
+
+    def datagram_too_big(self, size: int, addr: object) -> None:
+        """The kernel refused to send ``size`` bytes to ``addr`` (EMSGSIZE): the path's size
+        falls back if it was that large (what was in it is lost, and resent as such)."""
+        if addr == self.peer_addr and self._sizer.too_big(size, self._now):
+            log.info("%s: the kernel refuses %d-byte datagrams: back to %d", self.role, size,
+                     MAX_DATAGRAM)
+            self._apply_size(self._now)
+
+    def trust_path(self, addr: object, min_rto: float = 0.0, fixed_size: bool = False) -> None:
         """``addr`` is a path the peer was authenticated on by other means (a TCP carrier that
         was the handshake's own connection; for the client, its server's UDP address too).
         The server moves its replies to a trusted path as soon as the newest packet arrives
         on it, without a challenge; the client never moves by itself (``use_path``).
         ``min_rto``: the retransmission timer's floor there (TCP retransmits on its own,
-        so a datagram is only "lost" there when the carrier dropped it)."""
+        so a datagram is only "lost" there when the carrier dropped it).  ``fixed_size``:
+        the path carries MAX_DATAGRAM at most (a TCP carrier's frames): no size probes."""
         self._trusted[addr] = min_rto
+        if fixed_size:
+            self._fixed_size.add(addr)
 
     def forget_path(self, addr: object) -> None:
         """A trusted path is gone (its carrier closed)."""
         self._trusted.pop(addr, None)
+        self._fixed_size.discard(addr)
 
     def use_path(self, addr: object, now: float) -> None:
         """Send to ``addr`` from now on (the client switching carriers): what is in flight
@@ -1187,6 +1370,7 @@ class Connection:
         # reason to move): resend it all now instead of waiting out the RTO. It is not
         # congestion; a copy that did arrive is only a duplicate to the receiver.
         self._backoff = 0
+        self._restart_sizing(now)  # the new path's datagram size is unknown: the base size
         for stream in self._send_order:
             stream.on_timeout(now, float("-inf"))
 
@@ -1207,11 +1391,66 @@ class Connection:
         self._rtt = RttEstimator()
         self._cc = CongestionControl(now)
         self._pacer = Pacer(now)
+        self._restart_sizing(now)  # a resume may come over another path: start small
         self._backoff = 0
         self._last_eliciting_sent = float("-inf")
         self._unanswered_since: Optional[float] = None  # first ack-eliciting send since heard
         self._heard = False  # any authentic packet under these keys yet
         self._more = False
+
+    # -- datagram size (DatagramSizer) ---------------------------------------------------
+
+    def _restart_sizing(self, now: float) -> None:
+        self._sizer = DatagramSizer(now, self._size_ceiling)
+        self._apply_size(now)
+
+    def _apply_size(self, now: float) -> None:
+        """The path's datagram size changed: chunks, window floors and pacing burst follow;
+        losses of larger datagrams sent before now say nothing about this size."""
+        size = self._sizer.size
+        self._max_payload = size - OVERHEAD
+        self._cc.mss = size - OVERHEAD - DATA_OVERHEAD
+        self._pacer.burst = PACING_BURST_PACKETS * size
+        for stream in self._out.values():
+            stream.big_losses, stream.big_since = 0, now
+            stream.big_delivered_sent = now
+
+    def _sizing(self, now: float) -> bool:
+        """Whether size probes may go out now: the peer answers under these keys, is not
+        away, on a validated path that is not a TCP carrier."""
+        return (self._sizer.next_probe is not None and self._heard and self._probe is None
+                and self.peer_addr not in self._fixed_size
+                and now - self.last_heard <= PEER_AWAY_SECS)
+
+    def _size_probe(self, now: float, addr: object) -> list:
+        """A PATH_CHALLENGE padded to the size being probed, if one is due."""
+        size = self._sizer.due(now, self.last_heard)
+        if not size:
+            return []
+        data = secrets.token_bytes(PATH_DATA_SIZE)
+        challenge = encode_frame(FRAME_PATH_CHALLENGE, data)
+        padding = bytes(size - OVERHEAD - len(challenge) - FRAME.size)
+        datagram = self._seal(challenge + encode_frame(FRAME_PADDING, padding), now)
+        self._sizer.sent(data, size, now, self._rto())
+        return [(datagram, addr)]
+
+    def _check_black_hole(self, now: float) -> None:
+        """BLACK_HOLE_LOSSES datagrams above the base size lost in a row on a stream, and
+        none sent later than a round trip and an RTO ago arrived: the path no longer carries
+        them (its MTU shrank, a tunnel came up): back to the base size, which every path
+        carries, and search again.  (The time rule keeps a burst of losses that one ACK
+        reports, among arrivals it also reports, from looking like a black hole.)"""
+        if self._sizer.size == MAX_DATAGRAM:
+            return
+        silent_since = now - self._rtt.rto() - self._rtt.srtt
+        for stream in self._send_order:
+            if (stream.big_losses >= BLACK_HOLE_LOSSES
+                    and stream.big_delivered_sent < silent_since):
+                log.info("%s: %d datagrams of %d bytes lost in a row: back to %d", self.role,
+                         stream.big_losses, self._sizer.size, MAX_DATAGRAM)
+                self._sizer.black_hole(now)
+                self._apply_size(now)
+                return
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -1268,6 +1507,13 @@ class Connection:
             self._events.append(PeerAddressChanged(addr))
 
     def _on_path_response(self, data: bytes, addr: object, now: float) -> None:
+        if addr == self.peer_addr:
+            grew = self._sizer.answered(data, now)
+            if grew is not None:  # one of our size probes
+                if grew:
+                    log.debug("%s: path carries %d-byte datagrams", self.role, self._sizer.size)
+                    self._apply_size(now)
+                return
         probe = self._probe
         if probe is None or addr != probe.addr:
             return  # answered from elsewhere: proves nothing about the address on trial
@@ -1350,6 +1596,7 @@ class Connection:
         self._loss.on_tx(resolved, lost)
         if lost:
             self._cc.on_loss(lost_sent, now)
+            self._check_black_hole(now)
         self._cc.on_ack(now, delivered, newest, rtt.latest, rtt.srtt, self._inflight(),
                         self._loss.rate)
 
@@ -1388,6 +1635,7 @@ class Connection:
             self._cc.on_timeout(now)
         else:
             self._cc.on_loss(lost_sent, now)
+        self._check_black_hole(now)
         if self._rto() < MAX_BACKOFF_RTO_SECS:
             self._backoff += 1
 
@@ -1410,10 +1658,10 @@ class Connection:
 
     def _urgent_pending(self) -> bool:
         """An urgent stream has data: it goes now, ahead of the pacer (small and rare; one
-        that carries more, e.g. a command's stderr, is paced beyond PACING_BURST in flight)."""
+        that carries more, e.g. a command's stderr, is paced beyond a burst in flight)."""
         for stream_id in self._urgent:
             stream = self._out[stream_id]
-            if stream.in_flight < PACING_BURST and stream.has_pending():
+            if stream.in_flight < URGENT_UNPACED and stream.has_pending():
                 return True
         return False
 
@@ -1453,6 +1701,8 @@ class Connection:
         if self._more or self._acks.urgent or self._urgent_pending():
             return self._now
         times += [self._acks.deadline, self._rto_deadline()]
+        if self._sizing(self._now):
+            times.append(self._sizer.next_probe)
         if self._is_client:
             times.append(self._next_ping())
         if self._data_pending():
@@ -1526,6 +1776,8 @@ class Connection:
         addr = self.peer_addr
         if addr is None:
             return out
+        if self._sizing(now):
+            out += self._size_probe(now, addr)
         self._check_rto(now)
         rate = self._cc.pacing_rate
         pacer = self._pacer
@@ -1578,7 +1830,7 @@ class Connection:
             parts += self._acks.frames(now, self._in)
         if ping:
             parts.append(encode_frame(FRAME_PING, b""))
-        space = MAX_PAYLOAD - sum(map(len, parts)) if parts else MAX_PAYLOAD
+        space = self._max_payload - sum(map(len, parts)) if parts else self._max_payload
         data_bytes = 0
         if with_data:
             pn, cwnd, inflight = self._next_pn, self._cc.cwnd, self._inflight()
@@ -1651,6 +1903,35 @@ GSO_UNSUPPORTED = frozenset(getattr(errno, name) for name in (
     "EIO", "EINVAL", "ENOPROTOOPT", "EOPNOTSUPP", "ENOTSUP") if hasattr(errno, name))
 
 
+# Linux path MTU discovery modes (linux/in.h, linux/in6.h; Python names them on some builds
+# only): PROBE sets "don't fragment" and ignores what ICMP says of the path, so a datagram
+# larger than the path carries is dropped on the way, never fragmented, and the transport's
+# own probes (DatagramSizer) find the size. Too large for the interface: EMSGSIZE at send.
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_PROBE = getattr(socket, "IPV6_PMTUDISC_PROBE", 3)
+
+
+def never_fragment(sock: socket.socket) -> bool:
+    """Ask the kernel never to fragment ``sock``'s datagrams (PROBE mode); False where that
+    cannot be asked (not Linux, an option refused), and datagrams must stay at MAX_DATAGRAM.
+    An IPv6 socket needs the IPv4 option too: it may talk to IPv4-mapped peers."""
+    if not sys.platform.startswith("linux"):
+        return False  # the numbers above are Linux's
+    options = [(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)]
+    if sock.family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE))
+    try:
+        for level, option, value in options:
+            sock.setsockopt(level, option, value)
+    except OSError as err:
+        log.debug("cannot forbid fragmentation (%s): datagrams stay at %d bytes", err,
+                  MAX_DATAGRAM)
+        return False
+    return True
+
+
 def gso_runs(datagrams: list) -> list:
     """``(addr, segment size, [datagrams])`` runs that one UDP_SEGMENT send can carry: in
     order, same address, all of the first one's size but the last (which may be shorter),
@@ -1687,6 +1968,10 @@ class UdpLink:
         self.conn = conn
         self._use(sock)
 
+    @property
+    def _transport(self) -> Connection:
+        return getattr(self.conn, "conn", self.conn)  # a session core wraps its Connection
+
     def _use(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -1696,6 +1981,8 @@ class UdpLink:
             self.gro = True
         except OSError:
             self.gro = False
+        if never_fragment(sock):
+            self._transport.allow_larger_datagrams()
 
     @classmethod
     def bind(cls, conn: Connection, host: str = "0.0.0.0", port: int = 0) -> UdpLink:
@@ -1730,7 +2017,8 @@ class UdpLink:
                 receive(bytes(view[start:start + segment]), addr, now)
 
     def _read_one(self) -> tuple:
-        data, addr = self.sock.recvfrom(2048)  # larger than any valid datagram: those fail open
+        # One byte more than any valid datagram: a larger one arrives too long and is refused.
+        data, addr = self.sock.recvfrom(LARGEST_DATAGRAM + 1)
         return data, len(data), addr
 
     def _read_coalesced(self) -> tuple:
@@ -1759,7 +2047,9 @@ class UdpLink:
                 self.sock.sendmsg([b"".join(group)],
                                   [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(size))], 0, addr)
             except OSError as err:
-                if err.errno in GSO_UNSUPPORTED:
+                if err.errno == errno.EMSGSIZE:
+                    self._transport.datagram_too_big(size, addr)
+                elif err.errno in GSO_UNSUPPORTED:
                     log.debug("udp segmentation offload refused (%s): one datagram per call", err)
                     self.gso = False
                     self._send_each([(datagram, addr) for datagram in group])
@@ -1772,7 +2062,9 @@ class UdpLink:
             try:
                 sendto(datagram, addr)
             except OSError as err:
-                if err.errno not in TRANSIENT_ERRNOS:
+                if err.errno == errno.EMSGSIZE:
+                    self._transport.datagram_too_big(len(datagram), addr)
+                elif err.errno not in TRANSIENT_ERRNOS:
                     log.debug("udp send to %s failed: %s", addr, err)
 
     def timeout(self, now: float) -> Optional[float]:

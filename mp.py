@@ -1103,11 +1103,17 @@ class Session:
         tcp = self.link.carrier
         if tcp is not None and tcp.wants_write():
             writers.append(tcp)
-        timeout = max(0.0, self._next_deadline(now) - now)
-        readable, writable, _ = select.select(readers, writers, [], timeout)
+        deadline = self._next_deadline(now)
+        readable, writable, _ = select.select(readers, writers, [], max(0.0, deadline - now))
         now = time.monotonic()
         if stalled:
             self.core.last_contact = now  # we are not listening, so the server is not silent
+        if not readable and now < deadline and all(fd in (self.out_fd, ERR_FD)
+                                                   for fd in writable):
+            # Only the terminal took more output (a flood wakes us mostly for that), and no
+            # timer is due: the rest of a pass would find nothing to do.
+            self._write_pending()
+            return
         if self.waker in readable:
             self.waker.drain()
         self._signals()
@@ -1128,6 +1134,9 @@ class Session:
             self.predictor.set_srtt(self.core.conn.srtt)
             self.out += self.predictor.tick(now)
         self.link.flush(now)
+        self._write_pending()
+
+    def _write_pending(self) -> None:
         if self.out:
             self._write_out()
         if self.err:

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import moshpit_transport as mt  # noqa: E402
-from relay import Relay, free_port, random_front_alias  # noqa: E402
+from relay import ETHERNET_MTU, Relay, free_port, random_front_alias  # noqa: E402
 
 KEYS = types.SimpleNamespace(client_to_server=b"c" * 32, server_to_client=b"s" * 32,
                              conn_id=b"benchmrk", cipher="chacha20-poly1305")
@@ -212,7 +212,8 @@ def bench_lossy_keystroke(samples: int, loss: float, rtt: float) -> dict:
     front = random_front_alias()
     port = free_port(("127.0.0.1", front), "udp")
     server = Server("echo", port=port)
-    relay = Relay(front=front, back="127.0.0.1", udp_ports=[port], seed=1)
+    relay = Relay(front=front, back="127.0.0.1", udp_ports=[port], seed=1,
+                  mtu=ETHERNET_MTU)  # an impaired path stands for Ethernet, as in run.py
     relay.set(loss=loss, delay=rtt / 2)
     relay.start()
     conn, link = client((front, port))

@@ -87,7 +87,9 @@ class Runner:
         net = ctx = None
         try:
             net = Network(tool.uses_tcp, tool.uses_udp, self.seed, scenario.udp_ports,
-                          scenario.extra_tcp_ports).start()
+                          scenario.extra_tcp_ports)
+            net.relay.mtu = scenario.path_mtu
+            net.start()
             ctx = Context(tool, net, self.quick)
             with time_budget(scenario.budget):  # cleanup below runs outside the budget
                 tool.server_config = scenario.server_config

@@ -30,7 +30,7 @@ from attack_util import ATTACK_SOURCES, IdleConnectionAttack, legitimate_logins
 from crowd import run_crowd
 from display import Display
 from proc_util import ManagedProcess, PtyProcess, PtyTimeout, pids_with_cmdline, wait_for
-from relay import free_port
+from relay import ETHERNET_MTU, free_port
 from server_util import TestClient
 from tools import (BACK, CLIENT_ENV, Client, Network, Tool, client_usage, pss_total,
                    server_pss, server_usage, server_wakeups, tcp_listening, wakeups)
@@ -223,6 +223,13 @@ class Scenario:
 
     def samples(self, quick: bool) -> int:
         return self.samples_quick if quick else self.samples_full
+
+    @property
+    def path_mtu(self) -> int | None:
+        """The relay's MTU: an impaired path (delay, loss, a bottleneck) stands for a real
+        network, so it carries 1500-byte packets as Ethernet does; the unimpaired one is
+        loopback, with loopback's (64 KiB)."""
+        return ETHERNET_MTU if (self.rtt or self.loss or self.rate_bps) else None
 
     def condition(self, net: Network) -> None:
         """Impair the relay for the measurement (after the session is up)."""

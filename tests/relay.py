@@ -16,6 +16,10 @@ then sends UDP to ``front:U`` -- through the relay, which impairs it.
   drop everything; ``rebind()`` gives every flow a new source port toward the server, so
   the server sees the client roam (a NAT rebinding).  Each client source address gets its
   own back socket, like a NAT mapping.
+- ``mtu`` (a constructor argument, or set any time): UDP datagrams whose IP packet (the
+  datagram plus IPv4 and UDP headers) would exceed it are dropped, as a router with a
+  1500-byte link drops a "don't fragment" packet (without the ICMP answer a real one might
+  send: many paths lose it).  None: loopback's own limit only.
 - ``set_bottleneck(rate_bps, queue_bytes)`` puts a slow link in a direction: a token-bucket
   rate limit behind a drop-tail queue (``Bottleneck``), shared by every flow through the
   relay in that direction -- all relayed UDP ports, and TCP pipes too with ``impair_tcp``
@@ -59,6 +63,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Union
 
 __all__ = [
+    "ETHERNET_MTU",
     "Bottleneck",
     "Impairment",
     "Relay",
@@ -77,6 +82,7 @@ TCP_CHUNK = 65536
 COMMAND_TIMEOUT = 5.0
 # What a packet occupies on a link besides its payload: a bottleneck counts these too.
 UDP_HEADER_BYTES = 28  # IPv4 + UDP
+ETHERNET_MTU = 1500  # bytes: what the benchmarks' impaired paths carry (Relay's ``mtu``)
 TCP_HEADER_BYTES = 52  # IPv4 + TCP with timestamps
 TCP_SEGMENT_BYTES = 1448  # MSS on a 1500-byte MTU: TCP crosses a bottleneck in segments
 # A relay socket reading into a bottleneck gets a small receive buffer: bytes parked there
@@ -365,8 +371,8 @@ class _Direction:
     (None: no rate limit) every flow in this direction shares."""
 
     COUNTERS = ("received", "delivered", "lost", "burst_lost", "blackout_dropped",
-                "overflow_dropped", "queue_dropped", "duplicated", "reordered",
-                "bytes_delivered")
+                "too_big_dropped", "overflow_dropped", "queue_dropped", "duplicated",
+                "reordered", "bytes_delivered")
 
     def __init__(self, name: str, settings: Impairment, seed: int) -> None:
         self.name = name
@@ -544,7 +550,7 @@ class Relay:
                  up: Impairment | None = None, down: Impairment | None = None,
                  seed: int | None = None, impair_tcp: bool = False,
                  tap: Callable[[str, bytes], None] | None = None,
-                 tcp_loss: bool = False) -> None:
+                 tcp_loss: bool = False, mtu: int | None = None) -> None:
         self.front = require_loopback(front)
         self.back = require_loopback(back)
         if ipaddress.ip_address(front) == ipaddress.ip_address(back):
@@ -554,6 +560,7 @@ class Relay:
         self.impair_tcp = impair_tcp
         self.tcp_loss = tcp_loss
         self.tap = tap  # called (in the relay thread) with ("up"|"down", datagram) on arrival
+        self.mtu = mtu  # largest IP packet a UDP datagram may make (None: no limit but 64 KiB)
         self.seed = random.SystemRandom().randrange(2**32) if seed is None else seed
         self.up = up or Impairment()
         self.down = down or Impairment()
@@ -887,10 +894,15 @@ class Relay:
         if self.tap is not None:
             self.tap(direction.name, data)
         now = time.monotonic()
+        mtu = self.mtu
         with self._lock:
             if now < self._blackout_until:
                 direction.counters["received"] += 1
                 direction.counters["blackout_dropped"] += 1
+                return
+            if mtu is not None and len(data) + UDP_HEADER_BYTES > mtu:
+                direction.counters["received"] += 1
+                direction.counters["too_big_dropped"] += 1
                 return
             times = direction.plan(now)
             if times and direction.bottleneck is not None:

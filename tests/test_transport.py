@@ -51,7 +51,7 @@ class SimNet:
         self._seq = 0
 
     def send(self, now: float, datagram: bytes, src: tuple, dst: tuple) -> None:
-        assert len(datagram) <= MAX_DATAGRAM
+        assert len(datagram) <= mt.LARGEST_DATAGRAM
         self.sent += 1
         if now < self.blackout_until or self.rng.random() < self.loss:
             return
@@ -476,7 +476,7 @@ def test_bursts_are_paced():
     sim.run_until(lambda: len(sim.client.received) == 60_000, limit=5)
     times = [t for t, src, _d in sim.log if src == SERVER_ADDR and t >= 1]
     same_instant = max(times.count(t) for t in set(times))
-    assert len(times) >= 50 and same_instant <= mt.PACING_BURST // MAX_DATAGRAM + 1
+    assert len(times) >= 50 and same_instant <= mt.PACING_BURST_PACKETS + 1
     assert max(times) - min(times) > 0.01, "spread out over time"
 
 

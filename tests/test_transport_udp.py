@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import select
 import socket
+import sys
 import time
 
 import pytest
@@ -124,15 +125,33 @@ def test_transfer_with_and_without_segmentation_offload(offload):
         assert any(coalesced), "several datagrams per read"
 
 
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not LINUX, reason="datagrams grow only where fragmentation can be forbidden")
+def test_datagrams_grow_on_loopback_and_the_stream_arrives_exact():
+    pair = Pair("127.0.0.1", ("127.0.0.1", 0), 4 * MB, seed=11)
+    try:
+        for link in (pair.client_link, pair.server_link):
+            assert (link.sock.getsockopt(socket.IPPROTO_IP, mt.IP_MTU_DISCOVER)
+                    == mt.IP_PMTUDISC_PROBE), "the kernel never fragments"
+        pair.finish(timeout=40)  # every byte, in order, both ways
+    finally:
+        pair.close()
+    assert pair.client.conn.datagram_size == pair.server.conn.datagram_size \
+        == mt.LARGEST_DATAGRAM
+
+
 @pytest.fixture
 def relayed():
     """Factory: a Pair whose UDP runs through a relay on a random loopback alias."""
     made = []
 
-    def make(size: int, seed: int, **impairment) -> tuple:
+    def make(size: int, seed: int, mtu: int | None = None, **impairment) -> tuple:
         front = random_front_alias()
         port = free_port(("127.0.0.1", front), "udp")
-        relay = Relay(front=front, back="127.0.0.1", udp_ports=[port], seed=seed)
+        relay = Relay(front=front, back="127.0.0.1", udp_ports=[port], seed=seed, mtu=mtu)
         relay.set(**impairment)
         relay.start()
         made.append(relay)
@@ -152,6 +171,17 @@ def test_transfer_through_lossy_relay(relayed, loss):
     pair.finish(timeout=70)
     stats = relay.stats
     assert stats["up"]["lost"] > 0 and stats["down"]["lost"] > 0
+    assert relay.errors == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not LINUX, reason="datagrams grow only where fragmentation can be forbidden")
+def test_datagrams_settle_at_what_a_1500_byte_relay_carries(relayed):
+    relay, pair = relayed(2 * MB, seed=12, mtu=1500, delay=0.005)
+    pair.finish(timeout=40)
+    assert pair.client.conn.datagram_size == pair.server.conn.datagram_size == 1452
+    stats = relay.stats
+    assert stats["up"]["too_big_dropped"] > 0 and stats["down"]["too_big_dropped"] > 0
     assert relay.errors == []
 
 
@@ -190,7 +220,7 @@ def test_network_errors_never_escape():
         conn.peer_addr = ("127.0.0.1", 0)  # port 0: the kernel refuses to send there
         link.flush(time.monotonic() + 10)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
-            junk.sendto(b"\x01" * 5000, link.local_addr)  # oversized junk is dropped
+            junk.sendto(b"\x01" * (mt.LARGEST_DATAGRAM + 100), link.local_addr)  # too long
             junk.sendto(b"", link.local_addr)
         time.sleep(0.05)
         link.handle_readable(time.monotonic())
