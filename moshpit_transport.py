@@ -26,7 +26,9 @@ Wire format (all integers big-endian)::
     frame     = type:u8 | length:u16 | body         (unknown types are skipped by length)
     DATA  (1) = stream:u8 | offset:u64 | bytes
     ACK   (2) = stream:u8 | largest_pn:u64 | ack_delay_us:u32 | cum:u64 | high-cum:u32
-                | n:u8 | n x (gap_start-cum:u32, gap_length:u32)
+                | n:u16 | n x (gap_start-cum:u32, gap_length:u32)
+                the first n gaps above cum, as many as fit in the packet; [cum, high) is the
+                region they describe: the sender infers nothing about bytes above high
     PING  (3) = (empty)   the client pings when idle; the server answers with an ACK at once
     PATH_CHALLENGE (4) = data:8   "prove you receive at this address": answered at once ...
     PATH_RESPONSE  (5) = data:8   ... to the address the challenge came from, echoing data
@@ -210,7 +212,7 @@ class PacketCipher:
 
 FRAME = struct.Struct("!BH")
 DATA_HEADER = struct.Struct("!BQ")
-ACK_HEADER = struct.Struct("!BQIQIB")
+ACK_HEADER = struct.Struct("!BQIQIH")
 GAP = struct.Struct("!II")
 FRAME_DATA, FRAME_ACK, FRAME_PING = 1, 2, 3
 FRAME_PATH_CHALLENGE, FRAME_PATH_RESPONSE, FRAME_PADDING = 4, 5, 6
@@ -254,7 +256,10 @@ MAX_STREAM_ID = 255  # a DATA frame names its stream in one byte
 
 SEND_WINDOW = 1024 * 1024  # per stream (default): unacked + queued bytes before writable() is False
 MAX_REORDER_SEGMENTS = 1024  # out-of-order pieces a receiver buffers per stream
-MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum. offset)
+# Gaps an ACK frame may report: every gap a receiver can have (each lies below a buffered
+# piece).  An ACK reports as many of the lowest as fit in its packet: 170 or so in a
+# 1500-byte-MTU datagram, all of them in a 16 KiB one.
+MAX_ACK_RANGES = MAX_REORDER_SEGMENTS
 MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
 # Acked bytes a send buffer drops at once, at least (and at least as many as it still holds):
 # dropping the front of a bytearray at every ACK made the next write copy the whole buffer.
@@ -728,8 +733,11 @@ class SendStream:
 
         ``gaps`` are the [start, end) ranges below ``high`` the peer still misses.  Records
         sent PACKET_THRESHOLD packets before ``largest_acked``, or before ``lost_before``,
-        whose data is still missing, are lost.  None if the ACK is impossible (acks bytes
-        never written): it is ignored.
+        whose data is still missing, are lost.  The ACK says nothing about bytes at or above
+        ``high`` (the peer may hold them: it reports only as many gaps as fit in a packet),
+        so a record reaching there stays in flight, and the ones sent after it with it,
+        until an ACK covers it: inferring its loss would resend data the peer has.  None if
+        the ACK is impossible (acks bytes never written): it is ignored.
         """
         if not cum <= high <= self.end:
             return None
@@ -761,6 +769,8 @@ class SendStream:
             pn, start, stop, sent_at = flight[0]
             missing = False
             if stop > cum:
+                if stop > high:
+                    break
                 if pn <= pn_cutoff or (pn < largest_acked and sent_at <= lost_before):
                     missing = self._queue_missing(start, stop)
                     if missing:
@@ -902,13 +912,14 @@ class RecvStream:
             start = piece_end
             i += 1
 
-    def ack_ranges(self) -> Tuple[int, int, list]:
-        """(cumulative offset, end of the reported region, first MAX_ACK_RANGES gaps)."""
+    def ack_ranges(self, max_gaps: int = MAX_ACK_RANGES) -> Tuple[int, int, list]:
+        """(cumulative offset, end of the reported region, its gaps): the first ``max_gaps``
+        gaps, the region ending where the next would start."""
         gaps = []
         cur = self.offset
         for start in self._starts:
             if start > cur:
-                if len(gaps) == MAX_ACK_RANGES:
+                if len(gaps) == max_gaps:
                     break
                 gaps.append((cur, start))
             cur = max(cur, start + len(self._pieces[start]))
@@ -999,12 +1010,15 @@ class AckClock:
     def due(self, now: float) -> bool:
         return self.urgent or (self.deadline is not None and now >= self.deadline)
 
-    def frames(self, now: float, streams: dict) -> list:
-        """ACK frames for every stream owed one (``streams``: id -> RecvStream); resets."""
+    def frames(self, now: float, streams: dict, space: int) -> list:
+        """ACK frames for every stream owed one (``streams``: id -> RecvStream), their gaps
+        within ``space`` bytes (a packet's payload) in all; resets."""
         delay_us = min(int((now - self._largest_time) * 1e6), 0xFFFFFFFF)
         frames = []
         for stream_id in sorted(self._streams) or (FIRST_STREAM,):
-            cum, high, gaps = streams[stream_id].ack_ranges()
+            space -= FRAME.size + ACK_HEADER.size
+            cum, high, gaps = streams[stream_id].ack_ranges(max(0, space // GAP.size))
+            space -= len(gaps) * GAP.size
             body = [ACK_HEADER.pack(stream_id, max(self.largest_pn, 0), delay_us, cum,
                                     high - cum, len(gaps))]
             body += [GAP.pack(start - cum, stop - start) for start, stop in gaps]
@@ -1827,7 +1841,10 @@ class Connection:
         """Frames for the next packet: ACKs, a PING, then stream data, urgent streams first."""
         parts = []
         if self._acks.owed() or self._acks.due(now):  # due, or riding along for free
-            parts += self._acks.frames(now, self._in)
+            # Gaps fill what the packet holds, less a PING's room (the datagram's size is
+            # the path's: a larger one might not arrive).
+            room = self._max_payload - (FRAME.size if ping else 0)
+            parts += self._acks.frames(now, self._in, room)
         if ping:
             parts.append(encode_frame(FRAME_PING, b""))
         space = self._max_payload - sum(map(len, parts)) if parts else self._max_payload

@@ -642,14 +642,49 @@ def test_acks_with_many_gaps_keep_retransmit_state_bounded():
     server = sim.server.conn
     sent = server._out[mt.FIRST_STREAM].next_new
     assert sent > 100_000
-    gaps = b"".join(mt.GAP.pack(g * 2000 + 1, 1000) for g in range(mt.MAX_ACK_RANGES))
+    gaps = b"".join(mt.GAP.pack(g * 90 + 1, 50) for g in range(mt.MAX_ACK_RANGES))
     for pn in range(10 ** 6, 10 ** 6 + 300):
-        ack = mt.ACK_HEADER.pack(0, server._next_pn - 1, 0, 0, 80_000, mt.MAX_ACK_RANGES)
+        ack = mt.ACK_HEADER.pack(0, server._next_pn - 1, 0, 0, 90 * mt.MAX_ACK_RANGES,
+                                 mt.MAX_ACK_RANGES)
         server.receive_datagram(authentic(keys, pn, frame(mt.FRAME_ACK, ack + gaps)),
                                 CLIENT_ADDR, sim.now)
         server.datagrams_to_send(sim.now)
     assert len(server._out[mt.FIRST_STREAM]._retx) <= 2 * mt.MAX_ACK_RANGES + 2
     assert len(server._out[mt.FIRST_STREAM]._flight) <= mt.SEND_WINDOW // 500
+
+
+def test_an_ack_reports_the_lowest_gaps_that_fit_in_its_packet():
+    stream = mt.RecvStream(window=mt.SEND_WINDOW)
+    for piece in range(600):  # 600 gaps: more than a 1200-byte packet can report
+        stream.receive(piece * 200 + 100, b"x" * 100)
+    clock = mt.AckClock(0.0)
+    clock.owe(mt.FIRST_STREAM)
+    (small,) = clock.frames(0.0, {mt.FIRST_STREAM: stream}, mt.MAX_PAYLOAD)
+    assert len(small) <= mt.MAX_PAYLOAD
+    fields = mt.ACK_HEADER.unpack_from(small, mt.FRAME.size)
+    cum, span, count = fields[3:]
+    assert count == (mt.MAX_PAYLOAD - mt.FRAME.size - mt.ACK_HEADER.size) // mt.GAP.size
+    assert (cum, span) == (0, count * 200), "the region ends where the first unreported gap starts"
+    clock.owe(mt.FIRST_STREAM)
+    (large,) = clock.frames(0.0, {mt.FIRST_STREAM: stream}, mt.LARGEST_DATAGRAM)
+    assert mt.ACK_HEADER.unpack_from(large, mt.FRAME.size)[5] == 600, "all of them fit"
+
+
+def test_no_loss_is_inferred_above_the_region_an_ack_reports():
+    """Records old enough to be declared lost, but above the ACK's region, stay in flight:
+    the peer may hold them (it reported only the gaps that fit)."""
+    stream = mt.SendStream(mt.FIRST_STREAM, mt.SEND_WINDOW)
+    stream.write(b"d" * 10_000)
+    for pn in range(10):
+        stream.take(pn, 0.0, 1000)
+    # The peer lacks [1000, 2000) and reports the region [0, 3000) only; it has packet 9.
+    result = stream.on_ack(0, 3000, [(1000, 2000)], 9, lost_before=1.0)
+    _acked, resolved, lost, _lost_sent, _delivered = result
+    assert (resolved, lost) == (3, 1)
+    assert stream._retx == [[1000, 2000]], "only the reported gap is resent"
+    assert stream.in_flight == 7000, "the rest waits for an ACK that covers it"
+    result = stream.on_ack(0, 10_000, [(1000, 2000)], 9, lost_before=1.0)
+    assert result[1:3] == (7, 0) and stream.in_flight == 0
 
 
 def test_rekey_with_an_impossible_offset_is_clamped(caplog):
