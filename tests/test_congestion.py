@@ -279,14 +279,16 @@ def count_duplicates(peer: Peer) -> dict:
 
 
 @pytest.mark.parametrize("loss, most_duplicated, least_mbits", [
-    (0.1, 0.001, 44.0), (0.3, 0.02, 31.0), (0.5, 0.05, 16.0)])
+    (0.1, 0.001, 40.0), (0.3, 0.02, 28.0), (0.5, 0.05, 16.0)])
 def test_losses_are_inferred_only_where_the_ack_reports(loss, most_duplicated, least_mbits):
     """A fast path (the loss is the only limit) with random loss each way: the receiver
     holds more gaps than an ACK frame reports, yet bytes above the reported region are not
-    taken for lost, so hardly any byte arrives twice (0%, 0.4%, 3.3%: the rest are
+    taken for lost, so hardly any byte arrives twice (0%, 0.3%, 3.2%: the rest are
     retransmission timeouts).  Before the fix (32 gaps per ACK, everything above them
     presumed lost) 31%, 72% and 77% of the bytes came twice at 10%, 30% and 50% loss, and
-    goodput was 45, 31 and 6 Mbit/s (now 50, 35 and 18)."""
+    goodput was 45, 31 and 6 Mbit/s (now 49, 32 and 22; the floors are 90% of before, or
+    of other seeds' typical 18 Mbit/s at 50%, where a retransmission timeout's backoff can
+    stall any version for seconds)."""
     sim = PathSim(rtt=0.04, rate_bps=1e9, queue_bytes=100_000, seed=7)
     sim.run_for(0.5)  # the server validates the client's address before it floods
     sim.up.loss = sim.down.loss = loss
