@@ -274,6 +274,32 @@ def _int_params(params: str) -> List[int]:
     return [min(v, MAX_PARAM_VALUE) for v in values]
 
 
+class _Unseen(NamedTuple):
+    """Plain lines of one length at the start of a flood's chunk, enough of them before the
+    rest that they scroll past without ever showing (see Terminal._plain_lines_to_end)."""
+    count: int
+    width: int  # characters in each line
+    end: int  # where they end in the chunk (after the last one's CR LF)
+    glyph: Optional[str]  # the last one's last character (None when they are empty)
+
+    @classmethod
+    def of(cls, text: str, count: int) -> Optional["_Unseen"]:
+        """The first ``count`` lines of ``text`` (plain text, every CR and LF in CR LF
+        pairs, as checked before) as an _Unseen, if they all have the first one's length:
+        a CR at every (width + 2)th character from the first one's, an LF after each."""
+        width = text.find("\r\n")
+        step = width + 2
+        end = count * step
+        if (end <= len(text) and text[width:end:step] == "\r" * count
+                and text[width + 1:end:step] == "\n" * count):
+            return cls(count, width, end, text[end - 3] if width else None)
+        return None
+
+    def rows(self, cols: int) -> int:
+        """The rows they take on a screen ``cols`` wide (an empty line takes one)."""
+        return self.count * (-(-self.width // cols) or 1)
+
+
 class Terminal:
     """A VT screen model: feed it output bytes, read cells, modes and cursor, serialize it."""
 
@@ -807,10 +833,11 @@ class Terminal:
         if (self.y == self.rows - 1 == self.bottom and not self.top and self.autowrap
                 and not self.insert_mode and self._single_shift is None
                 and _CHARSETS[self.charsets[self.gl]] is None):
-            plain = self._plain_lines_to_end(text, pos)
+            plain = self._plain_lines_to_end(text, pos, self._rows_that_show())
             if plain is not None:
-                self._scroll_in(plain[0])
-                return plain[1]
+                lines, stop, unseen = plain
+                self._scroll_in(lines, unseen)
+                return stop
             block = _PLAIN_LINES.match(text, pos)
             if block is not None:
                 taken = block.group()
@@ -826,12 +853,19 @@ class Terminal:
         return pos
 
     @staticmethod
-    def _plain_lines_to_end(text: str, pos: int) -> Optional[Tuple[List[str], int]]:
+    def _plain_lines_to_end(text: str, pos: int, kept: int = 0
+                            ) -> Optional[Tuple[List[str], int, Optional[_Unseen]]]:
         """The lines from ``pos`` to the last CR LF of ``text`` and where they end, if all of
         them are plain (printable ASCII, each ending in CR LF), else None. What a flood's
         chunk (base64, logs, ``yes``) looks like; checked with a few whole-string C
         operations rather than the regex, which costs more than everything else a plain
-        line needs."""
+        line needs.
+
+        When more than ``kept`` lines come and all but the last ``kept`` have one length
+        (fixed-width output: base64, hex dumps, ``yes``), those scroll past without ever
+        showing: they are described (``_Unseen``) after two stride slices, never split
+        into strings, which would cost most of a flood's time here. Else every line is
+        returned, and None."""
         last = text.rfind("\r\n", pos)
         if last < 0:
             return None
@@ -841,11 +875,21 @@ class Terminal:
             return None
         # What is not printable ASCII must be exactly the CR LF pairs ending the lines.
         others = taken.encode("ascii").translate(None, _PRINTABLE_ASCII)
-        if others != b"\r\n" * (len(others) // 2):
+        pairs = len(others) // 2
+        if others != b"\r\n" * pairs:
             return None
+        if kept and pairs > kept:
+            unseen = _Unseen.of(taken, pairs - kept)
+            if unseen is not None:
+                lines = taken[unseen.end:].split("\r\n")
+                lines.pop()  # the empty text after the last CR LF
+                # Every CR and LF is in one of the pairs counted: the unseen lines held
+                # theirs at the stride, so these lines hold the rest, and each is a pair.
+                if len(lines) == kept:
+                    return lines, stop, unseen
         lines = taken.split("\r\n")
         lines.pop()  # the empty text after the last CR LF
-        return (lines, stop) if 2 * len(lines) == len(others) else None
+        return (lines, stop, None) if 2 * len(lines) == len(others) else None
 
     def _scroll_out(self, count: int) -> Tuple[Optional[Deque], int]:
         """Make room for ``count`` rows scrolling in at the bottom of a whole-screen region:
@@ -860,29 +904,37 @@ class Terminal:
         del screen[:gone]
         return history, count - self.rows if count > self.rows else 0
 
-    def _scroll_in(self, lines: List[str]) -> None:
-        """What LF, then each of ``lines`` and CR LF, do with the cursor on the bottom row of
-        a whole-screen region: every row the screen scrolls past goes straight to history.
-        Only the rows that can still be seen (the screen, and history as far as it reaches
-        back) are built; the lines before them only count (how many rows they wrapped into).
-        Built from C-level list and iterator operations where it can: bulk output's speed
-        is decided here."""
-        cols, rows = self.cols, self.rows
-        pen, erase = self.pen, self._erase_attr()
+    def _rows_that_show(self) -> int:
+        """The rows that can still be seen: the screen's, and history's on the main one."""
         keeps_history = self.buf is self.main and self.history.maxlen
-        kept = rows + (self.history.maxlen if keeps_history else 0)  # rows that can show
+        return self.rows + (self.history.maxlen if keeps_history else 0)
+
+    def _scroll_in(self, lines: List[str], unseen: Optional[_Unseen] = None) -> None:
+        """What LF, then each of ``lines`` and CR LF, do with the cursor on the bottom row of
+        a whole-screen region (after the ``unseen`` lines, if any): every row the screen
+        scrolls past goes straight to history. Only the rows that can still be seen (the
+        screen, and history as far as it reaches back) are built; the lines before them
+        only count (how many rows they wrapped into). Built from C-level list and iterator
+        operations where it can: bulk output's speed is decided here."""
+        cols = self.cols
+        pen, erase = self.pen, self._erase_attr()
+        kept = self._rows_that_show()
         for line in reversed(lines):
             if line:
                 self._last_glyph = line[-1]
                 break
+        else:
+            if unseen is not None and unseen.glyph is not None:
+                self._last_glyph = unseen.glyph
         # +1 everywhere: the row the last CR LF leaves blank
+        before = 0 if unseen is None else unseen.rows(cols)
         if max(map(len, lines)) <= cols:  # no line wraps: one row each
-            count = len(lines) + 1
+            count = before + len(lines) + 1
             glyph_rows = lines[-kept:] if kept < count else lines[:]
             wrapped_rows = None
         else:
-            count = 1 + sum(number * (-(-length // cols) or 1)
-                            for length, number in Counter(map(len, lines)).items())
+            count = before + 1 + sum(number * (-(-length // cols) or 1)
+                                     for length, number in Counter(map(len, lines)).items())
             glyph_rows, wrapped_rows = [], []
             start = len(lines)
             taken = 1

@@ -480,9 +480,9 @@ def test_plain_lines_to_end_takes_only_whole_plain_lines():
     """The whole-string check behind the bulk path: every CR LF-ended line from ``pos`` on,
     or nothing when anything but printable ASCII and CR LF pairs is in them."""
     plain = mterm.Terminal._plain_lines_to_end
-    assert plain("ab\r\ncd\r\nef", 0) == (["ab", "cd"], 8)
-    assert plain("ab\r\n\r\n", 0) == (["ab", ""], 6)
-    assert plain("xxab\r\n", 2) == (["ab"], 6)
+    assert plain("ab\r\ncd\r\nef", 0) == (["ab", "cd"], 8, None)
+    assert plain("ab\r\n\r\n", 0) == (["ab", ""], 6, None)
+    assert plain("xxab\r\n", 2) == (["ab"], 6, None)
     assert plain("no line end", 0) is None
     for broken in ("a\rb\r\n", "a\nb\r\n", "a\n\rb\r\n", "a\r\r\n", "\x1b[m\r\n", "é\r\n",
                    "a\tb\r\n", "a\x7f\r\n"):
