@@ -283,7 +283,7 @@ class _Unseen(NamedTuple):
     glyph: Optional[str]  # the last one's last character (None when they are empty)
 
     @classmethod
-    def of(cls, text: str, count: int) -> Optional["_Unseen"]:
+    def of(cls, text: str, count: int) -> Optional[_Unseen]:
         """The first ``count`` lines of ``text`` (plain text, every CR and LF in CR LF
         pairs, as checked before) as an _Unseen, if they all have the first one's length:
         a CR at every (width + 2)th character from the first one's, an LF after each."""
