@@ -1037,6 +1037,7 @@ class Session:
             self.predictor = moshpit_predict.Predictor(self.screen.term, config["predict"])
         self.out = bytearray()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
+        self._waiting = None  # what select waits for, while only output is written (_wait_sets)
         self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
         self.exited = None  # the shell's exit Outcome while forwarded connections drain
@@ -1092,18 +1093,8 @@ class Session:
 
     def _step(self) -> None:
         now = time.monotonic()
-        readers = [self.waker]
         stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
-        if not stalled:
-            readers += self._network()
-        if self.stdin_open and self.core.may_read_input():
-            readers.append(self.in_fd)
-        readers += self.channels.readers()
-        writers = self._pending_writers() + self.channels.writers()
-        tcp = self.link.carrier
-        if tcp is not None and tcp.wants_write():
-            writers.append(tcp)
-        deadline = self._next_deadline(now)
+        readers, writers, deadline = self._wait_sets(now, stalled)
         readable, writable, _ = select.select(readers, writers, [], max(0.0, deadline - now))
         now = time.monotonic()
         if stalled:
@@ -1114,6 +1105,8 @@ class Session:
             # timer is due: the rest of a pass would find nothing to do.
             self._write_pending()
             return
+        self._waiting = None  # a full pass: sockets, channels and timers may all change
+        tcp = self.link.carrier
         if self.waker in readable:
             self.waker.drain()
         self._signals()
@@ -1135,6 +1128,27 @@ class Session:
             self.out += self.predictor.tick(now)
         self.link.flush(now)
         self._write_pending()
+
+    def _wait_sets(self, now: float, stalled: bool) -> tuple:
+        """(readers, writers, deadline) for select. Built after each full pass and kept
+        through the passes that only write to the terminal (a flood makes ~100 of them per
+        MB, and building these cost as much as the write): those change nothing here but
+        which output waits and whether it is far behind. A deadline kept from earlier only
+        wakes the loop sooner than one computed now would."""
+        pending = self._pending_writers()
+        if self._waiting is None or self._waiting[0] != (stalled, pending):
+            readers = [self.waker]
+            if not stalled:
+                readers += self._network()
+            if self.stdin_open and self.core.may_read_input():
+                readers.append(self.in_fd)
+            readers += self.channels.readers()
+            writers = pending + self.channels.writers()
+            tcp = self.link.carrier
+            if tcp is not None and tcp.wants_write():
+                writers.append(tcp)
+            self._waiting = ((stalled, pending), readers, writers, self._next_deadline(now))
+        return self._waiting[1:]
 
     def _write_pending(self) -> None:
         if self.out:
