@@ -1072,9 +1072,10 @@ class Session:
         self.banner_note = ""
         self.screen = ScreenMirror(*target.winsize())
         # Local echo prediction: only on a terminal, over a remote PTY (its module is
-        # imported only then: a piped command or -N does not load it).
+        # imported only then: a piped command or -N does not load it), and not at all with
+        # --predict never (it would draw nothing, and cost every pass of a flood a few calls).
         self.predictor = None
-        if self.out_is_tty and os.isatty(in_fd):
+        if self.out_is_tty and os.isatty(in_fd) and config["predict"] != "never":
             import moshpit_predict
             self.predictor = moshpit_predict.Predictor(self.screen.term, config["predict"])
         self.out = OutputQueue()
