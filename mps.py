@@ -91,10 +91,12 @@ log = logging.getLogger("moshpit.server")
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HANGUP_GRACE_SECS = 2.0  # how long a shell may take to exit after SIGHUP before SIGKILL
-# Handled or ignored by mps (Python ignores SIGPIPE and SIGXFSZ; the spawner SIGINT and
-# SIGHUP): the shell starts with each at its default, as with sshd.
-SHELL_DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
-                         signal.SIGPIPE, signal.SIGXFSZ)
+# The shell starts with every signal at its default, as with sshd: not only those mps
+# handles or ignores itself (Python ignores SIGPIPE and SIGXFSZ; the spawner SIGINT and
+# SIGHUP) but any mps inherited ignored: `nohup mps &` from a script starts it with SIGINT,
+# SIGQUIT and SIGHUP ignored, and a shell inheriting that could not ^C what it runs.
+SHELL_DEFAULT_SIGNALS = tuple(sorted(set(signal.valid_signals())
+                                     - {signal.SIGKILL, signal.SIGSTOP}))
 
 
 class ShellError(MoshpitError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import signal
 import time
 from typing import Callable, ContextManager, Dict
 
@@ -25,6 +26,20 @@ import pytest
 from proc_util import pids_with_cmdline
 
 STALE_LOCK_SECS = 5.0  # a rehash takes well under a second
+
+
+def _restore_terminal_signals() -> None:
+    """A suite started in the background of a script (``make test &``) inherits SIGINT and
+    SIGQUIT ignored, and so would every program a test starts: a test's ^C would then do
+    nothing. A user starting mp or mp_keygen from a terminal has them at their defaults;
+    the tests run them that way wherever the suite was started."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+_restore_terminal_signals()
 
 
 def _pyenv_shim_lock() -> str:

@@ -6,6 +6,7 @@ exits with the listener. Root only (throwaway users)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 
@@ -83,10 +84,21 @@ GLIBC_INTERNAL_SIGNALS = (1 << 31) | (1 << 32)
 def test_the_shell_starts_as_sshd_starts_it(tmp_path, users):
     """posix_spawn: the shell leads a session of its own with the PTY as its controlling
     terminal, holds no descriptor but the terminal (bash keeps a copy as 255), and what it
-    runs has no signal ignored or blocked that mps ignores (SIGPIPE, SIGXFSZ, SIGINT,
-    SIGHUP)."""
+    runs has no signal ignored or blocked: not those mps ignores (SIGPIPE, SIGXFSZ, SIGINT,
+    SIGHUP), nor those mps was started with ignored (SIGINT, SIGQUIT and SIGHUP, as
+    `nohup mps.py &` from a script starts it)."""
     alice = users.user()
-    with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM) as server:
+    inherited = {sig: signal.signal(sig, signal.SIG_IGN)
+                 for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)}
+    try:
+        server = MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM)
+    finally:
+        for sig, handler in inherited.items():
+            signal.signal(sig, handler)
+    with server:
+        with open(f"/proc/{server.serving_pid}/status") as f:
+            ignored = int(re.search(r"^SigIgn:\s*(\w+)", f.read(), re.M).group(1), 16)
+        assert ignored & (1 << (signal.SIGQUIT - 1)), "mps did not start as under nohup"
         authorize(alice, server.client_key)
         with TestClient.for_server(server, user=alice.pw_name).connect() as client:
             shell = int(client.run("echo $$"))
