@@ -98,6 +98,8 @@ MAX_ATTRS = 4096
 MAX_KITTY_STACK = 16
 MAX_OTHER_MODES = 32  # unknown DEC private modes remembered for the repaint
 MAX_REPEAT = MAX_ROWS * MAX_COLS
+# Around a chunk's plain lines, at most this much is checked apart rather than copying them.
+PLAIN_EDGE_CHARS = 1 << 16
 
 ESC = "\x1b"
 CSI = "\x1b["
@@ -274,6 +276,33 @@ def _int_params(params: str) -> List[int]:
     return [min(v, MAX_PARAM_VALUE) for v in values]
 
 
+class _Unseen(NamedTuple):
+    """Plain lines of one length at the start of a flood's chunk, enough of them before the
+    rest that they scroll past without ever showing (see Terminal._plain_lines_to_end)."""
+    count: int
+    width: int  # characters in each line
+    end: int  # where they end in the text (after the last one's CR LF)
+    glyph: Optional[str]  # the last one's last character (None when they are empty)
+
+    @classmethod
+    def of(cls, text: str, pos: int, count: int) -> Optional[_Unseen]:
+        """The first ``count`` lines of ``text`` from ``pos`` on (plain text, every CR and
+        LF in CR LF pairs, as checked before) as an _Unseen, if they all have the first
+        one's length: a CR at every (width + 2)th character from the first one's, an LF
+        after each."""
+        cr = text.find("\r\n", pos)
+        step = cr - pos + 2
+        end = pos + count * step
+        if (end <= len(text) and text[cr:end:step] == "\r" * count
+                and text[cr + 1:end:step] == "\n" * count):
+            return cls(count, step - 2, end, text[end - 3] if step > 2 else None)
+        return None
+
+    def rows(self, cols: int) -> int:
+        """The rows they take on a screen ``cols`` wide (an empty line takes one)."""
+        return self.count * (-(-self.width // cols) or 1)
+
+
 class Terminal:
     """A VT screen model: feed it output bytes, read cells, modes and cursor, serialize it."""
 
@@ -288,6 +317,7 @@ class Terminal:
         self.history: Deque[tuple] = deque(maxlen=max(0, int(history_limit)))
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""  # the start of an escape sequence cut by the end of a chunk
+        self._raw: Optional[bytes] = None  # the chunk being parsed, if plain ASCII (feed)
         self._string: Optional[str] = None  # OSC/DCS/... being read: its opener
         self._string_parts: List[str] = []
         self._string_len = 0
@@ -458,7 +488,11 @@ class Terminal:
         if self._pending:
             text, self._pending = self._pending + text, ""
         if text:
+            # ASCII bytes that decoded one to one (nothing carried over from the last chunk)
+            # are ``text`` as bytes: the bulk path checks them in place (_plain_lines_to_end)
+            self._ascii = data if len(data) == len(text) and data.isascii() else None
             self._parse(text)
+            self._ascii = None
 
     def _parse(self, text: str) -> None:
         sgr_cache = self._sgr_cache
@@ -807,10 +841,11 @@ class Terminal:
         if (self.y == self.rows - 1 == self.bottom and not self.top and self.autowrap
                 and not self.insert_mode and self._single_shift is None
                 and _CHARSETS[self.charsets[self.gl]] is None):
-            plain = self._plain_lines_to_end(text, pos)
+            plain = self._plain_lines_to_end(text, pos, self._rows_that_show(), self._ascii)
             if plain is not None:
-                self._scroll_in(plain[0])
-                return plain[1]
+                lines, stop, unseen = plain
+                self._scroll_in(lines, unseen)
+                return stop
             block = _PLAIN_LINES.match(text, pos)
             if block is not None:
                 taken = block.group()
@@ -826,26 +861,54 @@ class Terminal:
         return pos
 
     @staticmethod
-    def _plain_lines_to_end(text: str, pos: int) -> Optional[Tuple[List[str], int]]:
+    def _plain_lines_to_end(text: str, pos: int, kept: int = 0, raw: Optional[bytes] = None
+                            ) -> Optional[Tuple[List[str], int, Optional[_Unseen]]]:
         """The lines from ``pos`` to the last CR LF of ``text`` and where they end, if all of
         them are plain (printable ASCII, each ending in CR LF), else None. What a flood's
         chunk (base64, logs, ``yes``) looks like; checked with a few whole-string C
         operations rather than the regex, which costs more than everything else a plain
-        line needs."""
+        line needs.
+
+        When more than ``kept`` lines come and all but the last ``kept`` have one length
+        (fixed-width output: base64, hex dumps, ``yes``), those scroll past without ever
+        showing: they are described (``_Unseen``) after two stride slices, never split
+        into strings, which would cost most of a flood's time here. Else every line is
+        returned, and None.
+
+        ``raw`` is ``text`` as bytes when it is all ASCII: its non-printable characters
+        are then taken from the whole chunk, less those around the lines, so that a flood's
+        chunk is never copied whole (each MB-sized copy is fresh memory the allocator hands
+        back soon after: page faults that cost as much as the copy)."""
         last = text.rfind("\r\n", pos)
         if last < 0:
             return None
         stop = last + 2
-        taken = text[pos:stop]
-        if not taken.isascii():
-            return None
+        if raw is not None and pos + len(raw) - stop <= PLAIN_EDGE_CHARS:
+            others = raw.translate(None, _PRINTABLE_ASCII)
+            before = len(raw[:pos].translate(None, _PRINTABLE_ASCII))
+            after = len(raw[stop:].translate(None, _PRINTABLE_ASCII))
+            others = others[before:len(others) - after]
+        else:
+            taken = text[pos:stop]
+            if not taken.isascii():
+                return None
+            others = taken.encode("ascii").translate(None, _PRINTABLE_ASCII)
         # What is not printable ASCII must be exactly the CR LF pairs ending the lines.
-        others = taken.encode("ascii").translate(None, _PRINTABLE_ASCII)
-        if others != b"\r\n" * (len(others) // 2):
+        pairs = len(others) // 2
+        if others != b"\r\n" * pairs:
             return None
-        lines = taken.split("\r\n")
+        if kept and pairs > kept:
+            unseen = _Unseen.of(text, pos, pairs - kept)
+            if unseen is not None:
+                lines = text[unseen.end:stop].split("\r\n")
+                lines.pop()  # the empty text after the last CR LF
+                # Every CR and LF is in one of the pairs counted: the unseen lines held
+                # theirs at the stride, so these lines hold the rest, and each is a pair.
+                if len(lines) == kept:
+                    return lines, stop, unseen
+        lines = text[pos:stop].split("\r\n")
         lines.pop()  # the empty text after the last CR LF
-        return (lines, stop) if 2 * len(lines) == len(others) else None
+        return (lines, stop, None) if 2 * len(lines) == len(others) else None
 
     def _scroll_out(self, count: int) -> Tuple[Optional[Deque], int]:
         """Make room for ``count`` rows scrolling in at the bottom of a whole-screen region:
@@ -860,29 +923,37 @@ class Terminal:
         del screen[:gone]
         return history, count - self.rows if count > self.rows else 0
 
-    def _scroll_in(self, lines: List[str]) -> None:
-        """What LF, then each of ``lines`` and CR LF, do with the cursor on the bottom row of
-        a whole-screen region: every row the screen scrolls past goes straight to history.
-        Only the rows that can still be seen (the screen, and history as far as it reaches
-        back) are built; the lines before them only count (how many rows they wrapped into).
-        Built from C-level list and iterator operations where it can: bulk output's speed
-        is decided here."""
-        cols, rows = self.cols, self.rows
-        pen, erase = self.pen, self._erase_attr()
+    def _rows_that_show(self) -> int:
+        """The rows that can still be seen: the screen's, and history's on the main one."""
         keeps_history = self.buf is self.main and self.history.maxlen
-        kept = rows + (self.history.maxlen if keeps_history else 0)  # rows that can show
+        return self.rows + (self.history.maxlen if keeps_history else 0)
+
+    def _scroll_in(self, lines: List[str], unseen: Optional[_Unseen] = None) -> None:
+        """What LF, then each of ``lines`` and CR LF, do with the cursor on the bottom row of
+        a whole-screen region (after the ``unseen`` lines, if any): every row the screen
+        scrolls past goes straight to history. Only the rows that can still be seen (the
+        screen, and history as far as it reaches back) are built; the lines before them
+        only count (how many rows they wrapped into). Built from C-level list and iterator
+        operations where it can: bulk output's speed is decided here."""
+        cols = self.cols
+        pen, erase = self.pen, self._erase_attr()
+        kept = self._rows_that_show()
         for line in reversed(lines):
             if line:
                 self._last_glyph = line[-1]
                 break
+        else:
+            if unseen is not None and unseen.glyph is not None:
+                self._last_glyph = unseen.glyph
         # +1 everywhere: the row the last CR LF leaves blank
+        before = 0 if unseen is None else unseen.rows(cols)
         if max(map(len, lines)) <= cols:  # no line wraps: one row each
-            count = len(lines) + 1
+            count = before + len(lines) + 1
             glyph_rows = lines[-kept:] if kept < count else lines[:]
             wrapped_rows = None
         else:
-            count = 1 + sum(number * (-(-length // cols) or 1)
-                            for length, number in Counter(map(len, lines)).items())
+            count = before + 1 + sum(number * (-(-length // cols) or 1)
+                                     for length, number in Counter(map(len, lines)).items())
             glyph_rows, wrapped_rows = [], []
             start = len(lines)
             taken = 1

@@ -39,9 +39,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import codecs
+import collections
 import fcntl
 import getpass
 import ipaddress
+import itertools
 import locale
 import logging
 import os
@@ -81,6 +83,7 @@ ERR_FD = 2  # a command's stderr (no PTY) goes to ours
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
 # Server bytes the screen model may be behind while nobody reads it (see ScreenMirror.defer)
 SCREEN_DEFER_BYTES = 1 << 20
+WRITE_BUFFERS = 64  # chunks of output handed to one writev
 IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
 FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
 FINAL_OUTPUT_SECS = 3.0  # ... and for the local terminal to take the rest of the output
@@ -587,6 +590,45 @@ class EscapeFilter:
         return bytes(out), False
 
 
+class OutputQueue:
+    """Bytes waiting for the terminal, oldest first: the chunks as they were queued and how
+    much of the first one is written. Taking what the terminal accepted moves nothing, and
+    one writev hands it several chunks: a bytearray would copy its whole backlog (up to
+    OUTPUT_HIGH_WATER during a flood) on nearly every append after a deletion at its
+    front, a few ms per MB. Used as the bytearray was: ``+=``, ``len``, truth, ``clear``."""
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque = collections.deque()
+        self._size = 0
+        self._written = 0  # of the first chunk
+
+    def __iadd__(self, data) -> OutputQueue:
+        if data:
+            self._chunks.append(bytes(data))  # (no copy of bytes; a bytearray may change)
+            self._size += len(data)
+        return self
+
+    def __len__(self) -> int:
+        return self._size
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = self._written = 0
+
+    def write_to(self, fd: int) -> None:
+        """Write what ``fd`` takes now (OSError as os.writev raises it, BlockingIOError
+        when it takes nothing)."""
+        chunks = self._chunks
+        buffers = [memoryview(chunks[0])[self._written:]]
+        buffers += itertools.islice(chunks, 1, WRITE_BUFFERS)
+        written = os.writev(fd, buffers)
+        self._size -= written
+        written += self._written
+        while chunks and written >= len(chunks[0]):
+            written -= len(chunks.popleft())
+        self._written = written
+
+
 class ScreenMirror:
     """The client's model of what the server drew on the local terminal (moshpit_term),
     fed with exactly the server's bytes written to stdout (never our banner or messages:
@@ -1030,13 +1072,15 @@ class Session:
         self.banner_note = ""
         self.screen = ScreenMirror(*target.winsize())
         # Local echo prediction: only on a terminal, over a remote PTY (its module is
-        # imported only then: a piped command or -N does not load it).
+        # imported only then: a piped command or -N does not load it), and not at all with
+        # --predict never (it would draw nothing, and cost every pass of a flood a few calls).
         self.predictor = None
-        if self.out_is_tty and os.isatty(in_fd):
+        if self.out_is_tty and os.isatty(in_fd) and config["predict"] != "never":
             import moshpit_predict
             self.predictor = moshpit_predict.Predictor(self.screen.term, config["predict"])
-        self.out = bytearray()
+        self.out = OutputQueue()
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
+        self._waiting = None  # what select waits for, while only output is written (_wait_sets)
         self.stdin_open = not target.no_command  # -N: nothing to type into
         self.outcome = None
         self.exited = None  # the shell's exit Outcome while forwarded connections drain
@@ -1092,18 +1136,8 @@ class Session:
 
     def _step(self) -> None:
         now = time.monotonic()
-        readers = [self.waker]
         stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
-        if not stalled:
-            readers += self._network()
-        if self.stdin_open and self.core.may_read_input():
-            readers.append(self.in_fd)
-        readers += self.channels.readers()
-        writers = self._pending_writers() + self.channels.writers()
-        tcp = self.link.carrier
-        if tcp is not None and tcp.wants_write():
-            writers.append(tcp)
-        deadline = self._next_deadline(now)
+        readers, writers, deadline = self._wait_sets(now, stalled)
         readable, writable, _ = select.select(readers, writers, [], max(0.0, deadline - now))
         now = time.monotonic()
         if stalled:
@@ -1114,6 +1148,8 @@ class Session:
             # timer is due: the rest of a pass would find nothing to do.
             self._write_pending()
             return
+        self._waiting = None  # a full pass: sockets, channels and timers may all change
+        tcp = self.link.carrier
         if self.waker in readable:
             self.waker.drain()
         self._signals()
@@ -1135,6 +1171,27 @@ class Session:
             self.out += self.predictor.tick(now)
         self.link.flush(now)
         self._write_pending()
+
+    def _wait_sets(self, now: float, stalled: bool) -> tuple:
+        """(readers, writers, deadline) for select. Built after each full pass and kept
+        through the passes that only write to the terminal (a flood makes ~100 of them per
+        MB, and building these cost as much as the write): those change nothing here but
+        which output waits and whether it is far behind. A deadline kept from earlier only
+        wakes the loop sooner than one computed now would."""
+        pending = self._pending_writers()
+        if self._waiting is None or self._waiting[0] != (stalled, pending):
+            readers = [self.waker]
+            if not stalled:
+                readers += self._network()
+            if self.stdin_open and self.core.may_read_input():
+                readers.append(self.in_fd)
+            readers += self.channels.readers()
+            writers = pending + self.channels.writers()
+            tcp = self.link.carrier
+            if tcp is not None and tcp.wants_write():
+                writers.append(tcp)
+            self._waiting = ((stalled, pending), readers, writers, self._next_deadline(now))
+        return self._waiting[1:]
 
     def _write_pending(self) -> None:
         if self.out:
@@ -1429,13 +1486,11 @@ class Session:
 
     def _write_out(self) -> None:
         try:
-            written = os.write(self.out_fd, self.out)
+            self.out.write_to(self.out_fd)
         except BlockingIOError:
-            return
+            pass  # the terminal takes nothing now: select says when it does
         except OSError:  # EIO/EPIPE: nobody is reading our output any more
             self._hangup()
-            return
-        del self.out[:written]
 
     def _pending_writers(self) -> list:
         """The output fds with bytes waiting for them."""

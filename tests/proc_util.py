@@ -74,6 +74,17 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def unix_socket_open(path: str) -> bool:
+    """True if a connection to the Unix socket ``path`` succeeds (closed again). A server
+    creates the file at bind(), before listen(): the file alone says nothing."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            return True
+    except OSError:
+        return False
+
+
 def _proc_state(pid: int) -> Optional[str]:
     """The process state letter from /proc (``"Z"`` for a zombie), None if it is gone."""
     try:

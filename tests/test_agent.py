@@ -16,7 +16,7 @@ import tempfile
 import threading
 
 import pytest
-from proc_util import ManagedProcess, wait_for
+from proc_util import ManagedProcess, unix_socket_open, wait_for
 from server_util import make_key, shared_server, write_authorized_keys
 from test_client_session import MP, USER, client_env
 
@@ -121,7 +121,7 @@ class Agent:
             env.update(SSH_ASKPASS=askpass, SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
         self.proc = ManagedProcess(["ssh-agent", "-D", "-a", self.sock], env=env,
                                    log=os.path.join(directory, "agent.log"))
-        wait_for(lambda: os.path.exists(self.sock), 10, "ssh-agent's socket")
+        wait_for(lambda: unix_socket_open(self.sock), 10, "ssh-agent to listen")
 
     def ssh_add(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ssh-add", *args], env={"SSH_AUTH_SOCK": self.sock,

@@ -31,6 +31,7 @@ from proc_util import ManagedProcess, PtyProcess, kill_pid, proc_children, wait_
 from relay import free_port
 from server_util import MpsServer, TestClient, relay_in_front, shared_server
 from sshd_util import sshd_binary_fixture, sshd_host_fixture  # noqa: F401  (`sshd_host`)
+from test_agent import Agent, keygen
 from test_client_session import QUICK_RESUME, client_env, client_log, mp_args, wait_shell
 from users_util import authorize, users_fixture  # noqa: F401  (the `users` fixture)
 
@@ -335,17 +336,15 @@ def test_bad_forward_specs_are_an_error_before_connecting(server, tmp_path):
 @pytest.fixture
 def agent(tmp_path):
     """A real ssh-agent on a socket of ours holding a fresh key: (socket path, key line)."""
-    sock = str(tmp_path / "agent.sock")
-    key = str(tmp_path / "agent_key")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "laptop-key",
-                    "-f", key], check=True, timeout=30)
-    with ManagedProcess(["ssh-agent", "-a", sock, "-D"], log=tmp_path / "agent.log"):
-        wait_for(lambda: os.path.exists(sock), 10, "ssh-agent's socket")
-        subprocess.run(["ssh-add", key], env={"SSH_AUTH_SOCK": sock}, check=True,
-                       capture_output=True, timeout=30)
+    key = keygen(str(tmp_path), "laptop-key")
+    running = Agent(str(tmp_path))
+    try:
+        running.add_key(key)
         fingerprint = subprocess.run(["ssh-keygen", "-lf", key + ".pub"], check=True,
                                      capture_output=True, text=True, timeout=30).stdout.split()[1]
-        yield sock, fingerprint
+        yield running.sock, fingerprint
+    finally:
+        running.close()
 
 
 def test_agent_forwarding_lists_the_laptops_keys_remotely(server, tmp_path, agent):
@@ -373,11 +372,10 @@ def test_agent_forwarding_lets_the_remote_shell_ssh_to_a_third_host(server, tmp_
     """What -A is for: from the remote shell, ``ssh`` to another host logs in with a key
     that only the laptop's agent holds (the third host, a real sshd, authorizes nothing
     else), and without -A the same command is refused."""
-    sock = str(tmp_path / "laptop-agent.sock")
-    with ManagedProcess(["ssh-agent", "-a", sock, "-D"], log=tmp_path / "laptop-agent.log"):
-        wait_for(lambda: os.path.exists(sock), 10, "ssh-agent's socket")
-        subprocess.run(["ssh-add", sshd_host.client_key], env={"SSH_AUTH_SOCK": sock},
-                       check=True, capture_output=True, timeout=30)
+    laptop_agent = Agent(str(tmp_path))
+    try:
+        laptop_agent.add_key(sshd_host.client_key)
+        sock = laptop_agent.sock
         third_host = ("ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no"
                       " -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
                       f" -p {sshd_host.port} {sshd_host.user.pw_name}@127.0.0.1"
@@ -394,6 +392,8 @@ def test_agent_forwarding_lets_the_remote_shell_ssh_to_a_third_host(server, tmp_
         refused = run()
         assert refused.returncode != 0 and b"third host" not in refused.stdout
         assert b"Permission denied" in refused.stderr
+    finally:
+        laptop_agent.close()
 
 
 def test_without_a_the_session_has_no_agent(server, tmp_path, agent):

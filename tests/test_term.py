@@ -476,13 +476,83 @@ def test_floods_fed_in_chunks_match_byte_by_byte(items, history_limit, rnd):
     assert full_state(fed(data, history_limit=history_limit)) == full_state(bytewise)
 
 
+_FLOOD_WIDTH = st.sampled_from([0, 1, 9, 10, 11, 20, 21]) | st.integers(0, 35)
+# How a flood may end or be broken: a partial line (pending wrap at 10), a bare LF (the
+# column stays), a tab, REP (repeats the last glyph the flood printed), CR alone, SGR, UTF-8.
+_FLOOD_END = st.sampled_from(["", "abc", "x" * 10, "x" * 10 + "\n", "\n", "ab\n", "\t",
+                              "\x1b[3b", "\r", "\x1b[1m", "é", "\r\r\n", "\x1b"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_FLOOD_LINE | _FLOOD_BREAK, max_size=6), _FLOOD_WIDTH, st.integers(1, 160),
+       st.lists(_FLOOD_WIDTH | _FLOOD_END, max_size=4), st.lists(_FLOOD_END, max_size=3),
+       st.sampled_from([0, 3, 50]), st.randoms(use_true_random=False))
+def test_fixed_width_floods_fed_in_chunks_match_byte_by_byte(
+        before, width, count, inside, after, history_limit, rnd):
+    """A flood of lines of one width (base64, hex dumps, ``yes``), long enough that most of
+    it scrolls past unseen and is only counted (_Unseen), wrapping or not, interrupted now
+    and then, after and before odd states (pending wrap, a bare LF, a tab, REP of the last
+    glyph, a half-read sequence), fed in chunks of any size: the result must be exactly
+    what one byte at a time gives (rows, wrap flags, history, cursor, counters)."""
+    flood = [f"{n % 10 ** width:0{width}d}" if width else "" for n in range(count)]
+    for item in inside:  # an odd line or break somewhere in the run
+        piece = "y" * item if isinstance(item, int) else item
+        flood.insert(rnd.randint(0, len(flood)), piece)
+    text = "\r\n".join(before + flood) + "\r\n" + "".join(after)
+    data = b"\x1b[5;1H" + text.encode()
+    bytewise = mterm.Terminal(5, 10, history_limit=history_limit)
+    for i in range(len(data)):
+        bytewise.feed(data[i:i + 1])
+    chunked = mterm.Terminal(5, 10, history_limit=history_limit)
+    pos = 0
+    while pos < len(data):
+        step = rnd.choice([1, 7, 64, 300, len(data)])
+        chunked.feed(data[pos:pos + step])
+        pos += step
+    assert full_state(chunked) == full_state(bytewise)
+    assert full_state(fed(data, history_limit=history_limit)) == full_state(bytewise)
+    assert chunked._last_glyph == bytewise._last_glyph  # what REP repeats next
+
+
+def test_plain_lines_to_end_counts_unseen_fixed_width_lines():
+    """Lines of one width before the last ``kept`` are described, not returned; lines of
+    other widths, or CR LF pairs that are not where the width puts them, are returned."""
+    plain = mterm.Terminal._plain_lines_to_end
+    text = "abc\r\n" * 5 + "de\r\n\r\nf"
+    lines, stop, unseen = plain(text, 0, kept=2)
+    assert (lines, stop) == (["de", ""], len(text) - 1)
+    assert unseen == mterm._Unseen(count=5, width=3, end=25, glyph="c")
+    assert unseen.rows(cols=2) == 10 and unseen.rows(cols=3) == 5
+    blank = plain("\r\n" * 6, 0, kept=2)
+    assert blank[0] == ["", ""] and blank[2] == mterm._Unseen(4, 0, 8, None)
+    assert blank[2].rows(cols=80) == 4
+    assert plain(text, 0, kept=7)[2] is None  # no more lines than kept: all returned
+    for uneven in ("abc\r\nabcd\r\nabc\r\nx\r\n", "abcde\r\na\r\nbc\r\nx\r\n"):
+        lines, _stop, unseen = plain(uneven, 0, kept=1)
+        assert unseen is None and len(lines) == uneven.count("\r\n"), uneven
+
+
+def test_plain_lines_to_end_checks_ascii_chunks_in_place():
+    """Given the chunk as bytes (all ASCII), the controls before ``pos`` and after the last
+    CR LF are told apart from those of the lines: the same answers as from the text."""
+    plain = mterm.Terminal._plain_lines_to_end
+    cases = [("\x1b[1mab\r\n" + "cd\r\n" * 6 + "e\x07\t", 8), ("\tx\r\nab\r\n\x1b[m", 4),
+             ("ab\r\ncd", 0), ("a\r\n\x07b\r\nc", 3), ("a\r\nb\rc\r\n", 3),
+             ("a\r\nb\r\n\r\n", 3), ("no line end\x07", 0)]
+    for text, pos in cases:
+        for kept in (0, 2):
+            assert plain(text, pos, kept, text.encode()) == plain(text, pos, kept), text
+    flood = "\x1b[1mab\r\n" + "cd\r\n" * 6 + "e"
+    assert plain(flood, 8, 2, flood.encode())[2] == mterm._Unseen(4, 2, 24, "d")
+
+
 def test_plain_lines_to_end_takes_only_whole_plain_lines():
     """The whole-string check behind the bulk path: every CR LF-ended line from ``pos`` on,
     or nothing when anything but printable ASCII and CR LF pairs is in them."""
     plain = mterm.Terminal._plain_lines_to_end
-    assert plain("ab\r\ncd\r\nef", 0) == (["ab", "cd"], 8)
-    assert plain("ab\r\n\r\n", 0) == (["ab", ""], 6)
-    assert plain("xxab\r\n", 2) == (["ab"], 6)
+    assert plain("ab\r\ncd\r\nef", 0) == (["ab", "cd"], 8, None)
+    assert plain("ab\r\n\r\n", 0) == (["ab", ""], 6, None)
+    assert plain("xxab\r\n", 2) == (["ab"], 6, None)
     assert plain("no line end", 0) is None
     for broken in ("a\rb\r\n", "a\nb\r\n", "a\n\rb\r\n", "a\r\r\n", "\x1b[m\r\n", "é\r\n",
                    "a\tb\r\n", "a\x7f\r\n"):
