@@ -63,6 +63,9 @@ __version__ = "0.1.0"
 # session's datagrams (u16 length | datagram) where UDP is blocked (moshpit_carrier);
 # datagram size discovery: UDP datagrams up to moshpit_transport.LARGEST_DATAGRAM once a padded
 # PATH_CHALLENGE of that size was answered on the path (MAX_DATAGRAM stays the base size).
+# ACK frames: a u16 gap count (was u8) whose top bit says gaps were left out, as many of the
+# lowest gaps as fit in the packet (up to MAX_REORDER_SEGMENTS); the sender infers no loss
+# above the region reported when gaps were left out.
 PROTOCOL_VERSION = 4
 DEFAULT_TCP_PORT = 40404
 DEFAULT_UDP_PORT_RANGE = (50000, 59999)

@@ -765,14 +765,18 @@ class ServerSession(_Core):
     def _on_terminal(self, data: bytes, now: float) -> None:
         if not self.ending:
             self._events.append(InputReceived(data))
-            self._report_input_end()
+
+    def _take_transport_events(self, now: float) -> None:
+        super()._take_transport_events(now)
+        # Only now: the transport's offset counts every byte it has queued for us, and
+        # input queued behind the EOF record has just become InputReceived events.
+        self._report_input_end()
 
     def _on_record(self, record_type: int, body: bytes, now: float) -> None:
         if record_type == RECORD_RESIZE and len(body) >= RESIZE_BODY.size:
             self._events.append(ResizeRequested(*RESIZE_BODY.unpack_from(body)))
         elif record_type == RECORD_INPUT_EOF and len(body) >= INPUT_EOF_BODY.size:
             self._input_end = INPUT_EOF_BODY.unpack_from(body)[0]
-            self._report_input_end()
         elif record_type == RECORD_SHUTDOWN:
             if not self._shutdown_reported:
                 self._end(f"client: {body.decode('utf-8', 'replace')}", now, 0.0)

@@ -26,7 +26,10 @@ Wire format (all integers big-endian)::
     frame     = type:u8 | length:u16 | body         (unknown types are skipped by length)
     DATA  (1) = stream:u8 | offset:u64 | bytes
     ACK   (2) = stream:u8 | largest_pn:u64 | ack_delay_us:u32 | cum:u64 | high-cum:u32
-                | n:u8 | n x (gap_start-cum:u32, gap_length:u32)
+                | more:1 bit | n:15 bits | n x (gap_start-cum:u32, gap_length:u32)
+                the first n gaps above cum, as many as fit in the packet; [cum, high) is the
+                region they describe.  ``more`` set: the receiver holds data above high too
+                (gaps left out), so the sender infers nothing about bytes above high
     PING  (3) = (empty)   the client pings when idle; the server answers with an ACK at once
     PATH_CHALLENGE (4) = data:8   "prove you receive at this address": answered at once ...
     PATH_RESPONSE  (5) = data:8   ... to the address the challenge came from, echoing data
@@ -210,8 +213,9 @@ class PacketCipher:
 
 FRAME = struct.Struct("!BH")
 DATA_HEADER = struct.Struct("!BQ")
-ACK_HEADER = struct.Struct("!BQIQIB")
+ACK_HEADER = struct.Struct("!BQIQIH")
 GAP = struct.Struct("!II")
+MORE_GAPS = 0x8000  # in an ACK's gap count: gaps above the reported region were left out
 FRAME_DATA, FRAME_ACK, FRAME_PING = 1, 2, 3
 FRAME_PATH_CHALLENGE, FRAME_PATH_RESPONSE, FRAME_PADDING = 4, 5, 6
 PATH_DATA_SIZE = 8  # random bytes a challenge carries and its response echoes
@@ -254,7 +258,10 @@ MAX_STREAM_ID = 255  # a DATA frame names its stream in one byte
 
 SEND_WINDOW = 1024 * 1024  # per stream (default): unacked + queued bytes before writable() is False
 MAX_REORDER_SEGMENTS = 1024  # out-of-order pieces a receiver buffers per stream
-MAX_ACK_RANGES = 32  # gaps reported per ACK frame (the first ones above the cum. offset)
+# Gaps an ACK frame may report: every gap a receiver can have (each lies below a buffered
+# piece).  An ACK reports as many of the lowest as fit in its packet: 170 or so in a
+# 1500-byte-MTU datagram, all of them in a 16 KiB one.
+MAX_ACK_RANGES = MAX_REORDER_SEGMENTS
 MAX_FLIGHT_RECORDS = 1024  # packets in flight per stream, however small their data
 # Acked bytes a send buffer drops at once, at least (and at least as many as it still holds):
 # dropping the front of a bytearray at every ACK made the next write copy the whole buffer.
@@ -721,15 +728,19 @@ class SendStream:
         origin = self._origin
         return start, bytes(self._buf[start - origin:stop - origin])
 
-    def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float
-               ) -> Optional[Tuple[int, int, int, float, int]]:
+    def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float,
+               more: bool = False) -> Optional[Tuple[int, int, int, float, int]]:
         """Apply an ACK: (bytes newly acked, records resolved, of which lost, newest lost's
         time, bytes newly reported received).
 
         ``gaps`` are the [start, end) ranges below ``high`` the peer still misses.  Records
         sent PACKET_THRESHOLD packets before ``largest_acked``, or before ``lost_before``,
-        whose data is still missing, are lost.  None if the ACK is impossible (acks bytes
-        never written): it is ignored.
+        whose data is still missing, are lost.  With ``more``, the peer holds data above
+        ``high`` too (it reports only as many gaps as fit in a packet) and the ACK says
+        nothing about bytes there: a record reaching there stays in flight, and the ones
+        sent after it with it, until an ACK covers it (inferring its loss would resend data
+        the peer has).  Without, bytes above ``high`` are missing like a gap's.  None if
+        the ACK is impossible (acks bytes never written): it is ignored.
         """
         if not cum <= high <= self.end:
             return None
@@ -761,6 +772,8 @@ class SendStream:
             pn, start, stop, sent_at = flight[0]
             missing = False
             if stop > cum:
+                if more and stop > high:
+                    break
                 if pn <= pn_cutoff or (pn < largest_acked and sent_at <= lost_before):
                     missing = self._queue_missing(start, stop)
                     if missing:
@@ -902,17 +915,19 @@ class RecvStream:
             start = piece_end
             i += 1
 
-    def ack_ranges(self) -> Tuple[int, int, list]:
-        """(cumulative offset, end of the reported region, first MAX_ACK_RANGES gaps)."""
+    def ack_ranges(self, max_gaps: int = MAX_ACK_RANGES) -> Tuple[int, int, list, bool]:
+        """(cumulative offset, end of the reported region, its gaps, whether more data is
+        held above it): the first ``max_gaps`` gaps, the region ending where the next would
+        start (or where the held data ends)."""
         gaps = []
         cur = self.offset
         for start in self._starts:
             if start > cur:
-                if len(gaps) == MAX_ACK_RANGES:
-                    break
+                if len(gaps) == max_gaps:
+                    return self.offset, cur, gaps, True
                 gaps.append((cur, start))
             cur = max(cur, start + len(self._pieces[start]))
-        return self.offset, cur, gaps
+        return self.offset, cur, gaps, False
 
     def restart(self) -> None:
         """Forget everything (a stream that starts over after a re-key)."""
@@ -999,14 +1014,17 @@ class AckClock:
     def due(self, now: float) -> bool:
         return self.urgent or (self.deadline is not None and now >= self.deadline)
 
-    def frames(self, now: float, streams: dict) -> list:
-        """ACK frames for every stream owed one (``streams``: id -> RecvStream); resets."""
+    def frames(self, now: float, streams: dict, space: int) -> list:
+        """ACK frames for every stream owed one (``streams``: id -> RecvStream), their gaps
+        within ``space`` bytes (a packet's payload) in all; resets."""
         delay_us = min(int((now - self._largest_time) * 1e6), 0xFFFFFFFF)
         frames = []
         for stream_id in sorted(self._streams) or (FIRST_STREAM,):
-            cum, high, gaps = streams[stream_id].ack_ranges()
+            space -= FRAME.size + ACK_HEADER.size
+            cum, high, gaps, more = streams[stream_id].ack_ranges(max(0, space // GAP.size))
+            space -= len(gaps) * GAP.size
             body = [ACK_HEADER.pack(stream_id, max(self.largest_pn, 0), delay_us, cum,
-                                    high - cum, len(gaps))]
+                                    high - cum, len(gaps) | (MORE_GAPS if more else 0))]
             body += [GAP.pack(start - cum, stop - start) for start, stop in gaps]
             body = b"".join(body)
             frames.append(encode_frame(FRAME_ACK, body))
@@ -1569,6 +1587,7 @@ class Connection:
         if end - pos < ACK_HEADER.size:
             return
         stream_id, largest_pn, delay_us, cum, span, count = ACK_HEADER.unpack_from(plaintext, pos)
+        more, count = bool(count & MORE_GAPS), count & ~MORE_GAPS
         if count > MAX_ACK_RANGES or end - pos != ACK_HEADER.size + count * GAP.size:
             return
         stream = self._out.get(stream_id)
@@ -1589,7 +1608,7 @@ class Connection:
                 self._rtt.sample(now - self._sent_at[largest_pn % SENT_RING], delay_us / 1e6)
         rtt = self._rtt
         lost_before = now - TIME_THRESHOLD * max(rtt.srtt, rtt.latest)
-        result = stream.on_ack(cum, cum + span, gaps, self._largest_acked, lost_before)
+        result = stream.on_ack(cum, cum + span, gaps, self._largest_acked, lost_before, more)
         if result is None:
             return
         _acked, resolved, lost, lost_sent, delivered = result
@@ -1827,7 +1846,10 @@ class Connection:
         """Frames for the next packet: ACKs, a PING, then stream data, urgent streams first."""
         parts = []
         if self._acks.owed() or self._acks.due(now):  # due, or riding along for free
-            parts += self._acks.frames(now, self._in)
+            # Gaps fill what the packet holds, less a PING's room (the datagram's size is
+            # the path's: a larger one might not arrive).
+            room = self._max_payload - (FRAME.size if ping else 0)
+            parts += self._acks.frames(now, self._in, room)
         if ping:
             parts.append(encode_frame(FRAME_PING, b""))
         space = self._max_payload - sum(map(len, parts)) if parts else self._max_payload

@@ -51,6 +51,21 @@ def time_budget(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def unreadable(cls: type[Tool]) -> str | None:
+    """Why the bench cannot read this tool's terminal (None: it can).
+
+    A tool that sends screen states repaints only the cells that changed: a marker printed
+    where the screen showed some of its characters arrives in pieces between cursor moves
+    (``C:91`` ESC[39;6H ``05:Z``), so it can be found only on an emulated screen.  Matched on
+    the raw output instead, most Ctrl-C samples of such a tool timed out.  The rule is the
+    same for every tool: one whose screen cannot be read is not measured."""
+    if cls.redraws_screen and pyte is None:
+        return ("pyte is not installed, and this client repaints only changed cells, so its "
+                "output cannot be read without it: run .venv/bin/python bench/run.py (as "
+                "make bench does) or pip install pyte")
+    return None
+
+
 class Runner:
     """Runs each selected scenario for each available tool and collects Results."""
 
@@ -58,7 +73,7 @@ class Runner:
         self.tools = tools
         self.quick = quick
         self.seed = seed
-        self.missing = {cls.name: cls(workdir="").missing() for cls in tools}
+        self.missing = {cls.name: cls(workdir="").missing() or unreadable(cls) for cls in tools}
 
     def run_all(self, scenarios: list[Scenario]) -> list[Result]:
         results = []
@@ -151,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {err}", file=sys.stderr)
         return 2
     runner = Runner([known[t] for t in wanted], args.quick, args.seed)
-    if pyte is None and any(known[t].redraws_screen for t in wanted):
-        print("bench: pyte is not installed: mosh markers are matched on raw output, where "
-              "a partial redraw can hide them (.venv/bin/pip install pyte)", file=sys.stderr)
     for name, why in runner.missing.items():
         if why:
             print(f"bench: {name} skipped: {why}", file=sys.stderr)

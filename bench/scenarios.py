@@ -140,8 +140,8 @@ class Session:
         self.display.send(prefix + command + b"\r")
         try:
             seen = self.display.wait(expect, timeout)
-        except PtyTimeout:
-            raise ScenarioError(f"no {expect.decode()} within {timeout:.0f}s") from None
+        except PtyTimeout as err:
+            raise ScenarioError(f"no {expect.decode()} within {timeout:.0f}s ({err})") from None
         return seen - (typed if since is None else since)
 
     def echo_latencies(self, count: int, timeout: float) -> list[float]:
@@ -329,7 +329,12 @@ class CtrlC(Scenario):
                 raise ScenarioError("the yes flood did not start")
             pressed = time.monotonic()
             session.display.send(b"\x03")
-            times.append(session.timed_command("C", 60.0, since=pressed))
+            try:
+                times.append(session.timed_command("C", 60.0, since=pressed))
+            except ScenarioError as err:  # say which half failed: the Ctrl-C or the marker
+                flood = ("still runs: the Ctrl-C did not stop it"
+                         if pids_with_cmdline(b"yes\0" + word) else "ended")
+                raise ScenarioError(f"{err}; the yes flood {flood}") from None
             session.settle()
         return {"ctrl_c": times}
 

@@ -628,7 +628,7 @@ def test_reorder_buffer_keeps_only_the_window():
     stream.receive(100, b"z" * 50)
     stream.receive(120, b"w" * 100)  # overlaps what is held: only the new part is kept
     assert stream.buffered() == 500 + 50 + 70
-    assert stream.ack_ranges() == (0, 1000, [(0, 100), (220, 500)])
+    assert stream.ack_ranges() == (0, 1000, [(0, 100), (220, 500)], False)
     data, how = stream.receive(0, b"a" * 600)
     assert how == stream.IN_ORDER and data == b"a" * 600 + b"y" * 400
     assert stream.offset == 1000 and stream.buffered() == 0
@@ -642,14 +642,66 @@ def test_acks_with_many_gaps_keep_retransmit_state_bounded():
     server = sim.server.conn
     sent = server._out[mt.FIRST_STREAM].next_new
     assert sent > 100_000
-    gaps = b"".join(mt.GAP.pack(g * 2000 + 1, 1000) for g in range(mt.MAX_ACK_RANGES))
+    gaps = b"".join(mt.GAP.pack(g * 90 + 1, 50) for g in range(mt.MAX_ACK_RANGES))
     for pn in range(10 ** 6, 10 ** 6 + 300):
-        ack = mt.ACK_HEADER.pack(0, server._next_pn - 1, 0, 0, 80_000, mt.MAX_ACK_RANGES)
+        ack = mt.ACK_HEADER.pack(0, server._next_pn - 1, 0, 0, 90 * mt.MAX_ACK_RANGES,
+                                 mt.MAX_ACK_RANGES)
         server.receive_datagram(authentic(keys, pn, frame(mt.FRAME_ACK, ack + gaps)),
                                 CLIENT_ADDR, sim.now)
         server.datagrams_to_send(sim.now)
     assert len(server._out[mt.FIRST_STREAM]._retx) <= 2 * mt.MAX_ACK_RANGES + 2
     assert len(server._out[mt.FIRST_STREAM]._flight) <= mt.SEND_WINDOW // 500
+
+
+def test_an_ack_reports_the_lowest_gaps_that_fit_in_its_packet():
+    stream = mt.RecvStream(window=mt.SEND_WINDOW)
+    for piece in range(600):  # 600 gaps: more than a 1200-byte packet can report
+        stream.receive(piece * 200 + 100, b"x" * 100)
+    clock = mt.AckClock(0.0)
+    clock.owe(mt.FIRST_STREAM)
+    (small,) = clock.frames(0.0, {mt.FIRST_STREAM: stream}, mt.MAX_PAYLOAD)
+    assert len(small) <= mt.MAX_PAYLOAD
+    cum, span, count = mt.ACK_HEADER.unpack_from(small, mt.FRAME.size)[3:]
+    assert count & mt.MORE_GAPS, "it says that it left gaps out"
+    count &= ~mt.MORE_GAPS
+    assert count == (mt.MAX_PAYLOAD - mt.FRAME.size - mt.ACK_HEADER.size) // mt.GAP.size
+    assert (cum, span) == (0, count * 200), "the region ends where the first unreported gap starts"
+    clock.owe(mt.FIRST_STREAM)
+    (large,) = clock.frames(0.0, {mt.FIRST_STREAM: stream}, mt.LARGEST_DATAGRAM)
+    cum, span, count = mt.ACK_HEADER.unpack_from(large, mt.FRAME.size)[3:]
+    assert (cum, span, count) == (0, 600 * 200, 600), "all of them fit, nothing left out"
+
+
+def sent_stream(records: int) -> mt.SendStream:
+    """A stream with ``records`` records of 1000 bytes in flight, packets 0 on."""
+    stream = mt.SendStream(mt.FIRST_STREAM, mt.SEND_WINDOW)
+    stream.write(b"d" * 1000 * records)
+    for pn in range(records):
+        stream.take(pn, 0.0, 1000)
+    return stream
+
+
+def test_no_loss_is_inferred_above_the_region_an_ack_reports_when_it_left_gaps_out():
+    """Records old enough to be declared lost, but above the ACK's region, stay in flight
+    when the peer says it holds more than it reported (it reported only the gaps that fit)."""
+    stream = sent_stream(10)
+    # The peer lacks [1000, 2000) and reports the region [0, 3000) only; it has packet 9.
+    result = stream.on_ack(0, 3000, [(1000, 2000)], 9, lost_before=1.0, more=True)
+    _acked, resolved, lost, _lost_sent, _delivered = result
+    assert (resolved, lost) == (3, 1)
+    assert stream._retx == [[1000, 2000]], "only the reported gap is resent"
+    assert stream.in_flight == 7000, "the rest waits for an ACK that covers it"
+    result = stream.on_ack(0, 10_000, [(1000, 2000)], 9, lost_before=1.0)
+    assert result[1:3] == (7, 0) and stream.in_flight == 0
+
+
+def test_data_above_a_complete_acks_region_is_lost_like_a_gap():
+    """Without gaps left out, the region ends where the peer's data ends: newer packets
+    acked (retransmissions of older data, say) make the records above it lost."""
+    stream = sent_stream(10)
+    result = stream.on_ack(0, 3000, [(1000, 2000)], 9, lost_before=1.0)
+    assert result[1:3] == (9, 7), "packets 1 and 3-8 lost; 9, the newest, not yet"
+    assert stream._retx == [[1000, 2000], [3000, 9000]]
 
 
 def test_rekey_with_an_impossible_offset_is_clamped(caplog):
