@@ -206,7 +206,10 @@ class Predictor:
         self._in_paste = False
         self._srtt = 1.0  # seconds; mosh starts from a 1 s SRTT
         self._send_interval = send_interval_ms(self._srtt)
-        self._srtt_trigger = self._flagging = False
+        # Mosh's first judgement runs on that 1 s SRTT and raises the SRTT trigger; its
+        # hysteresis then keeps predictions shown on any path whose send interval stays
+        # above 20 ms (a 40 ms RTT) and takes them away on a faster one once none pends.
+        self._srtt_trigger = self._flagging = True
         self._glitch = 0
         self._last_quick = float("-inf")
         self._screen_key = self._screen_state()

@@ -314,6 +314,21 @@ def test_a_password_typed_before_the_prompt_is_known_is_never_drawn():
     assert rig.settled()
 
 
+def test_the_srtt_trigger_starts_raised_as_on_mosh_and_its_hysteresis_decides():
+    """Mosh judges first on its initial 1 s SRTT, which raises the trigger; it falls only
+    with a send interval of 20 ms or less (SRTT <= 40 ms) and nothing pending. So a 45 ms
+    path shows predictions from its first confirmed key on, with no glitch first, and a
+    40 ms path shows nothing."""
+    middling = prompt(Rig(srtt=0.045))
+    middling.confirm_epoch()
+    middling.type(b"ab")
+    assert middling.screen.line_text(0) == "$ eab"
+    fast = prompt(Rig(srtt=0.04))
+    fast.confirm_epoch()
+    fast.type(b"ab")
+    assert fast.settled()
+
+
 def test_on_a_fast_lossy_link_a_late_echo_turns_predictions_on():
     """SRTT 40 ms: mosh's send-interval trigger stays off, but an echo later than
     max(2 SRTT, SRTT + 50 ms) (a lost packet) is a glitch: predictions show, and ten quick
