@@ -388,8 +388,12 @@ def test_unattached_session_ends_and_frees_its_slot(tmp_path):
         with pytest.raises(AuthRefused) as refused:
             TestClient.for_server(server).connect()
         assert refused.value.code == USER_SESSION_LIMIT
-        server.wait_log(f"session {name} of {pwd.getpwuid(os.geteuid()).pw_name} ended (never"
-                        " attached: no UDP packet from the client within 1 s of the handshake")
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        server.wait_log(f"session {name} of {user} ended (never attached: no UDP packet from"
+                        " the client within 1 s of the handshake")
+        # The session process logs its end before it exits; the slot is free once the
+        # listener has seen it go.
+        server.wait_log(f"session {name} of {user}: its process")
         with TestClient.for_server(server).connect() as client:
             assert client.run("echo freed") == "freed"
 
