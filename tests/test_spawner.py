@@ -113,15 +113,18 @@ def test_the_shell_starts_as_sshd_starts_it(tmp_path, users):
             client.send("sleep 30; echo un''interrupted\n")  # its echo differs
 
             def sleep_in_foreground() -> bool:
-                # The child exists before bash made its group the terminal's foreground:
-                # a ^C in between reaches bash, not the sleep. /proc stat: pgrp, tpgid.
+                # The child exists before bash made its group the terminal's foreground (a
+                # ^C in between reaches bash), and before it exec'd sleep (a ^C in between
+                # meets bash's handler in the child, and sleep then runs on). /proc stat:
+                # (comm), pgrp, tpgid.
                 for child in proc_children(shell, recursive=False):
                     try:
                         with open(f"/proc/{child}/stat", "rb") as f:
-                            fields = f.read().rsplit(b")", 1)[1].split()
+                            comm, rest = f.read().rsplit(b")", 1)
                     except FileNotFoundError:
                         continue
-                    if fields[2] == fields[5]:
+                    fields = rest.split()
+                    if comm.endswith(b"(sleep") and fields[2] == fields[5]:
                         return True
                 return False
             wait_for(sleep_in_foreground, 10, "the sleep to run in the foreground")
