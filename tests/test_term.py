@@ -454,15 +454,9 @@ _FLOOD_BREAK = st.sampled_from(["\r", "\n", "\n\r", "\r\r\n", "\x1b[1m", "\x1b[m
                                 "\x07", "\x7f", "é", "\x1b"])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_FLOOD_LINE | _FLOOD_BREAK, min_size=1, max_size=150),
-       st.sampled_from([0, 3, 50]), st.randoms(use_true_random=False))
-def test_floods_fed_in_chunks_match_byte_by_byte(items, history_limit, rnd):
-    """A flood (many more lines than the screen and history hold, some wrapping, some of
-    exactly the width; now and then a stray control, SGR or non-ASCII character) fed in
-    chunks of any size, the way bulk output arrives: only the rows that can still show are
-    built, and the result must be exactly what one byte at a time gives."""
-    data = b"\x1b[5;1H" + "\r\n".join(items).encode() + b"\r\n"
+def assert_chunks_equal_bytes(data: bytes, history_limit: int, rnd) -> tuple:
+    """Feed ``data`` to a 5x10 model one byte at a time, in random chunks and all at once:
+    the three states must be equal. Returns (chunked, bytewise) for further checks."""
     bytewise = mterm.Terminal(5, 10, history_limit=history_limit)
     for i in range(len(data)):
         bytewise.feed(data[i:i + 1])
@@ -474,6 +468,19 @@ def test_floods_fed_in_chunks_match_byte_by_byte(items, history_limit, rnd):
         pos += step
     assert full_state(chunked) == full_state(bytewise)
     assert full_state(fed(data, history_limit=history_limit)) == full_state(bytewise)
+    return chunked, bytewise
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_FLOOD_LINE | _FLOOD_BREAK, min_size=1, max_size=150),
+       st.sampled_from([0, 3, 50]), st.randoms(use_true_random=False))
+def test_floods_fed_in_chunks_match_byte_by_byte(items, history_limit, rnd):
+    """A flood (many more lines than the screen and history hold, some wrapping, some of
+    exactly the width; now and then a stray control, SGR or non-ASCII character) fed in
+    chunks of any size, the way bulk output arrives: only the rows that can still show are
+    built, and the result must be exactly what one byte at a time gives."""
+    data = b"\x1b[5;1H" + "\r\n".join(items).encode() + b"\r\n"
+    assert_chunks_equal_bytes(data, history_limit, rnd)
 
 
 _FLOOD_WIDTH = st.sampled_from([0, 1, 9, 10, 11, 20, 21]) | st.integers(0, 35)
@@ -500,17 +507,7 @@ def test_fixed_width_floods_fed_in_chunks_match_byte_by_byte(
         flood.insert(rnd.randint(0, len(flood)), piece)
     text = "\r\n".join(before + flood) + "\r\n" + "".join(after)
     data = b"\x1b[5;1H" + text.encode()
-    bytewise = mterm.Terminal(5, 10, history_limit=history_limit)
-    for i in range(len(data)):
-        bytewise.feed(data[i:i + 1])
-    chunked = mterm.Terminal(5, 10, history_limit=history_limit)
-    pos = 0
-    while pos < len(data):
-        step = rnd.choice([1, 7, 64, 300, len(data)])
-        chunked.feed(data[pos:pos + step])
-        pos += step
-    assert full_state(chunked) == full_state(bytewise)
-    assert full_state(fed(data, history_limit=history_limit)) == full_state(bytewise)
+    chunked, bytewise = assert_chunks_equal_bytes(data, history_limit, rnd)
     assert chunked._last_glyph == bytewise._last_glyph  # what REP repeats next
 
 
