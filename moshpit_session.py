@@ -686,7 +686,14 @@ class ServerSession(_Core):
     def may_read_pty(self) -> bool:
         """Read the PTY now? Only while the output window has room (a flood cannot build a
         backlog, DESIGN 6) and the session is not ending."""
-        return not self._pty_eof and not self.ending and self.conn.writable(STREAM_TERMINAL)
+        return self.pty_room() > 0
+
+    def pty_room(self) -> float:
+        """Bytes of PTY output to read before ``may_read_pty`` turns False (<= 0: none yet):
+        the program may read until it has that much, then hand it over in one call."""
+        if self._pty_eof or self.ending:
+            return 0
+        return self.conn.send_room(STREAM_TERMINAL)
 
     def next_timeout(self) -> Optional[float]:
         times = [self.conn.next_timeout(), self._deadline(), self._echo.poll_time]

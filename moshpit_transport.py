@@ -1268,9 +1268,14 @@ class Connection:
         rate sends in SEND_QUEUE_SECS): its writer reads its source only while True (the
         server's PTY for stream 0: back-pressure). What waits here would delay the answer
         to a Ctrl-C as a network queue does."""
+        return self.send_room(stream_id) > 0
+
+    def send_room(self, stream_id: int = FIRST_STREAM) -> float:
+        """Bytes the stream takes before ``writable`` turns False (<= 0: none), so that a
+        writer with several reads to hand over asks once, not after each."""
         stream = self._out[stream_id]
-        return (stream.unacked() < stream.window
-                and stream.unsent() < max(SEND_QUEUE_MIN, self._cc.pacing_rate * SEND_QUEUE_SECS))
+        queue_limit = max(SEND_QUEUE_MIN, self._cc.pacing_rate * SEND_QUEUE_SECS)
+        return min(stream.window - stream.unacked(), queue_limit - stream.unsent())
 
     def next_event(self) -> object:
         """The oldest pending event (DataReceived, PeerAddressChanged), or None."""

@@ -926,26 +926,35 @@ class Session:
         output: Linux hands a PTY's output over 4 KiB at a time, and one read per pass made
         the pass (select, timers, flush) the cost of every 4 KiB of a flood. 16 reads (64
         KiB, or less once the core's send queue is full) made a 20 MB flood ~15% cheaper
-        at both ends than 4 did: fuller GSO batches, fewer passes here and at the client."""
+        at both ends than 4 did: fuller GSO batches, fewer passes here and at the client.
+        The core is asked once how much it takes and gets the pass's reads in one piece:
+        handing over each 4 KiB read (and asking again after it) cost a 20 MB flood ~15%
+        more server CPU (user 9.5 ms/MB instead of 7.6)."""
+        room = self.core.pty_room()
+        chunks = []
+        data = None
         for _ in range(PTY_READS_PER_PASS):
-            if not self._read_pty_once(now) or not self.core.may_read_pty():
-                return
-
-    def _read_pty_once(self, now: float) -> bool:
-        """One read of the PTY: True if it gave output."""
-        data = self.shell.read(PTY_READ_SIZE)
-        if data:
-            self.core.pty_output(data, now)
-            if self.shell.is_pty:  # a command's piped bytes are not a screen
-                self._unfed += data
-                self._output_at = now
-                if len(self._unfed) >= SCREEN_FEED_BYTES:
-                    self._feed_screen()
-            self.last_activity = time.time()
-            return True
+            data = self.shell.read(PTY_READ_SIZE)
+            if not data:
+                break
+            chunks.append(data)
+            room -= len(data)
+            if room <= 0:
+                break
+        if chunks:
+            self._pty_output(b"".join(chunks), now)
         if data == b"":
             self.core.pty_closed(now)
-        return False
+
+    def _pty_output(self, data: bytes, now: float) -> None:
+        """Output the shell wrote: to the client, and to the screen model (in large chunks)."""
+        self.core.pty_output(data, now)
+        if self.shell.is_pty:  # a command's piped bytes are not a screen
+            self._unfed += data
+            self._output_at = now
+            if len(self._unfed) >= SCREEN_FEED_BYTES:
+                self._feed_screen()
+        self.last_activity = time.time()
 
     def _check_shell(self, now: float) -> None:
         """Reap the shell; the core sends its status after the rest of its output."""
