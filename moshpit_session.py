@@ -714,7 +714,7 @@ class ServerSession(_Core):
         deadline = self._deadline()
         if self.ending is None:
             if deadline is not None and now >= deadline:
-                self.ending = self._silence_limit()[1]
+                self.ending = self._silence_reason()
                 return True
             return False
         if deadline is not None and now >= deadline:
@@ -749,21 +749,32 @@ class ServerSession(_Core):
         self._end_by = None if linger is None else now + linger
         self._awaiting_extensions = False  # a quit or a shutdown ends the channels too
 
-    def _silence_limit(self) -> tuple:
-        """(seconds the client may stay unheard, None: forever; why the session then ends).
-        Until its first UDP packet arrives, the shorter unattached timeout applies."""
+    def _unattached_limit(self) -> bool:
+        """Whether the shorter unattached timeout applies (no UDP packet from the client
+        yet) rather than the detached one."""
         detached, unattached = self.detached_timeout_secs, self.unattached_timeout_secs
-        if self.client_addr is None and unattached and (detached is None
-                                                        or unattached < detached):
-            return unattached, (f"never attached: no UDP packet from the client within"
-                                f" {unattached} s of the handshake (UDP blocked?)")
-        return detached, f"detached for more than {detached} s"
+        return bool(self.client_addr is None and unattached
+                    and (detached is None or unattached < detached))
+
+    def _silence_limit(self) -> Optional[float]:
+        """Seconds the client may stay unheard (None: forever)."""
+        if self._unattached_limit():
+            return self.unattached_timeout_secs
+        return self.detached_timeout_secs
+
+    def _silence_reason(self) -> str:
+        """Why the session ends once the client was unheard for ``_silence_limit`` (only
+        then formatted: the limit is asked for at every loop pass)."""
+        if self._unattached_limit():
+            return (f"never attached: no UDP packet from the client within"
+                    f" {self.unattached_timeout_secs} s of the handshake (UDP blocked?)")
+        return f"detached for more than {self.detached_timeout_secs} s"
 
     def _deadline(self) -> Optional[float]:
         """When the session ends if nothing else happens (None: never)."""
         if self._end_by is not None:
             return self._end_by
-        limit, _why = self._silence_limit()
+        limit = self._silence_limit()
         # last_heard: the latest authentic packet, or the latest handshake (start, resume).
         return self.conn.last_heard + limit if limit else None
 

@@ -700,8 +700,10 @@ class SendStream:
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
 
-    def take(self, pn: int, now: float, max_len: int) -> Optional[Tuple[int, bytes]]:
-        """Up to ``max_len`` bytes to send in packet ``pn``: retransmissions first."""
+    def take(self, pn: int, now: float, max_len: int) -> Optional[Tuple[int, bytearray]]:
+        """Up to ``max_len`` bytes to send in packet ``pn``: retransmissions first (a copy,
+        as a bytearray: the packet's payload is joined from it, and converting it to bytes
+        first would copy every byte sent once more)."""
         retx = self._retx
         while retx:
             start, stop = retx[0]
@@ -722,11 +724,11 @@ class SendStream:
         self.next_new = stop
         return self._record(pn, now, start, stop)
 
-    def _record(self, pn: int, now: float, start: int, stop: int) -> Tuple[int, bytes]:
+    def _record(self, pn: int, now: float, start: int, stop: int) -> Tuple[int, bytearray]:
         self._flight.append((pn, start, stop, now))
         self.in_flight += stop - start
         origin = self._origin
-        return start, bytes(self._buf[start - origin:stop - origin])
+        return start, self._buf[start - origin:stop - origin]
 
     def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float,
                more: bool = False) -> Optional[Tuple[int, int, int, float, int]]:
@@ -1633,11 +1635,14 @@ class Connection:
     def _rto_deadline(self) -> Optional[float]:
         """When the oldest packet in flight counts as lost (None: nothing in flight, or,
         for the server, a client away since before then: see PEER_AWAY_SECS)."""
-        sent = [t for t in (stream.oldest_sent() for stream in self._send_order)
-                if t is not None]
-        if not sent:
+        oldest = None
+        for stream in self._send_order:  # a plain loop: this runs at every loop pass
+            sent = stream.oldest_sent()
+            if sent is not None and (oldest is None or sent < oldest):
+                oldest = sent
+        if oldest is None:
             return None
-        deadline = min(sent) + self._rto()
+        deadline = oldest + self._rto()
         if not self._is_client and deadline > self.last_heard + PEER_AWAY_SECS:
             return None
         return deadline
@@ -2070,9 +2075,9 @@ class UdpLink:
             if len(group) == 1:
                 self._send_each([(group[0], addr)])
                 continue
-            try:
-                self.sock.sendmsg([b"".join(group)],
-                                  [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(size))], 0, addr)
+            try:  # one buffer per datagram: the kernel gathers them (no joined copy here)
+                self.sock.sendmsg(group, [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(size))], 0,
+                                  addr)
             except OSError as err:
                 if err.errno == errno.EMSGSIZE:
                     self._transport.datagram_too_big(size, addr)

@@ -556,12 +556,16 @@ class Session:
         self._to_pty = bytearray()  # client input not yet taken by the PTY
         self._shell_status: Optional[int] = None  # set once the shell is reaped
         self.screen = moshpit_term.Terminal(shell.rows, shell.cols, REPAINT_HISTORY_LINES)
-        self._unfed = bytearray()  # PTY output sent to the client, not yet fed to the screen
+        # PTY output sent to the client, not yet fed to the screen: chunks, joined once when
+        # fed (a buffer grown to a MB and copied out cost a copy and fresh pages more)
+        self._unfed: list = []
+        self._unfed_bytes = 0
         self._output_at = 0.0  # monotonic time of the latest PTY output
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
         self._eof_pending = False  # the client's stdin hit EOF: close the command's input
         self.reap_on_signal = False  # SIGCHLD wakes the loop: no CHILD_POLL_SECS polling
+        self._reap_due = False  # with reap_on_signal: a SIGCHLD came, the shell is polled
         self._carrier_fd = -1  # the TCP carrier's fd as registered with the selector
         # --- forwarding: (ForwardPolicy, AgentSocketDir or None, may bind ports < 1024) ---
         self._forwarding = forwarding
@@ -847,6 +851,8 @@ class Session:
                 self._attach_carrier(message.sock, sel, watched)
             elif message == "shutdown":
                 self.core.shutdown(handshake.SHUTTING_DOWN, now)
+            elif message == "reap":
+                self._reap_due = True
 
     def _take_over(self, message: _TakeOver, now: float) -> None:
         """The new client's size first (the application redraws for it after the repaint),
@@ -886,8 +892,10 @@ class Session:
 
     def _feed_screen(self) -> None:
         if self._unfed:
-            self.screen.feed(bytes(self._unfed))
+            data = b"".join(self._unfed)
             self._unfed.clear()
+            self._unfed_bytes = 0
+            self.screen.feed(data)
 
     def _handle_events(self, now: float) -> None:
         while True:
@@ -950,16 +958,23 @@ class Session:
         """Output the shell wrote: to the client, and to the screen model (in large chunks)."""
         self.core.pty_output(data, now)
         if self.shell.is_pty:  # a command's piped bytes are not a screen
-            self._unfed += data
+            self._unfed.append(data)
+            self._unfed_bytes += len(data)
             self._output_at = now
-            if len(self._unfed) >= SCREEN_FEED_BYTES:
+            if self._unfed_bytes >= SCREEN_FEED_BYTES:
                 self._feed_screen()
         self.last_activity = time.time()
 
     def _check_shell(self, now: float) -> None:
-        """Reap the shell; the core sends its status after the rest of its output."""
+        """Reap the shell; the core sends its status after the rest of its output. Polled
+        at every loop pass, or once SIGCHLD says so (a waitpid at every pass of a flood
+        would be for nothing)."""
         if self._shell_status is not None or self.core.ending:
             return
+        if self.reap_on_signal:
+            if not self._reap_due:
+                return
+            self._reap_due = False
         self._shell_status = self.shell.poll()
         if self._shell_status is not None:
             log.info("session %s: shell exited with status %d", self.name, self._shell_status)
