@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import random
 import types
 
@@ -484,7 +485,7 @@ def test_writable_reflects_the_send_queue_and_window():
     """Little may wait unsent (a Ctrl-C's prompt would queue behind it), and what is unsent
     plus in flight stays within the stream's window."""
     conn = mt.Connection("server", make_keys(), 0.0)
-    queue = int(max(mt.SEND_QUEUE_MIN, conn._cc.pacing_rate * mt.SEND_QUEUE_SECS)) + 1
+    queue = math.ceil(max(mt.SEND_QUEUE_MIN, conn._send_rate() * mt.SEND_QUEUE_SECS))
     assert conn.writable()
     conn.send(b"y" * (queue - 1))
     assert conn.writable()
