@@ -326,6 +326,10 @@ class ChannelMux:
         """Channels are open (an exited session waits for them: moshpit_session)."""
         return bool(self._channels)
 
+    def active(self) -> bool:
+        """Channels are open or events wait for the program."""
+        return bool(self._channels or self._events)
+
     def read_allowance(self, chan: int) -> int:
         """How many bytes to read from ``chan``'s socket now (0: leave it unread)."""
         channel = self._channels.get(chan)
@@ -1007,6 +1011,8 @@ class ChannelSockets:
 
     def handle(self, readable, writable, now: float) -> None:
         """React to ready sockets and to the mux's events; move what can move."""
+        if self._idle() and self._wake_r not in readable:
+            return  # every loop turn of a session without forwarding: skip the walk below
         readable = {s if isinstance(s, int) else s.fileno() for s in readable}
         for sock in [self._wake_r, *self._listeners, *self._negotiating]:
             if sock.fileno() not in readable:
@@ -1029,6 +1035,11 @@ class ChannelSockets:
                 self._write(chan, sock, now)
         self.events(now)
         self.mux.pump(now)
+
+    def _idle(self) -> bool:
+        """No socket, no channel, no event: ``handle`` would find nothing to do."""
+        return not (self._listeners or self._negotiating or self._chan_socks
+                    or self.mux.active())
 
     def events(self, now: float) -> None:
         mux = self.mux

@@ -294,6 +294,8 @@ TIMEOUT_CWND_PACKETS = 2  # after repeated timeouts (an outage): probe gently
 # Congestion control (CongestionControl, BBR-style: see its docstring for the why)
 STARTUP_GAIN = 2.885  # 2/ln 2: doubles the delivery rate each round trip in STARTUP
 FULL_BW_GROWTH, FULL_BW_ROUNDS = 1.25, 3  # STARTUP ends after 3 rounds without 25% more
+HYSTART_SAMPLES = 8  # ... or once this many RTT samples of a round show a queue growing
+HYSTART_MIN_RISE_SECS, HYSTART_MAX_RISE_SECS = 0.004, 0.016  # over the last round's RTT
 PROBE_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # pacing gain per phase of PROBE_BW
 CRUISE_PHASE = 2  # where PROBE_BW starts: after DRAIN there is nothing to drain
 DRAIN_GAIN = 0.75  # a cruise phase's gain while the RTT still shows a queue
@@ -311,7 +313,7 @@ MAX_LOSS_CREDIT = 0.5  # random loss the rate estimate makes up for (50%: twice 
 # Bytes a stream may hold queued (unsent) before writable() is False: this long at the pacing
 # rate, at least SEND_QUEUE_MIN. Output waiting here would delay the prompt after a Ctrl-C
 # as much as a network queue would.
-SEND_QUEUE_SECS, SEND_QUEUE_MIN = 0.02, 16 * 1024
+SEND_QUEUE_SECS, SEND_QUEUE_MIN = 0.01, 8 * 1024
 PACING_BURST_PACKETS = 10  # datagrams of the path's size that may leave back to back ...
 PACING_QUANTUM_SECS = 0.005  # ... or this much time's worth at the pacing rate, if more (a
 # busy host wakes the sender late: a smaller bucket would cap the rate below the pacing rate)
@@ -453,6 +455,10 @@ class CongestionControl:
         self._rtt = WindowedMax(MIN_RTT_WINDOW_SECS, sign=-1.0)
         self._srtt = INITIAL_RTT_SECS
         self._queue_seen = False  # the latest RTT sample showed a queue
+        # HyStart++ (RFC 9406): the smallest RTT sample of the last round and of this one
+        # so far, and how many samples this one had (of packets sent with more to send).
+        self._last_round_min_rtt = self._round_min_rtt = float("inf")
+        self._round_samples = 0
         self._full_bw, self._full_bw_rounds = 0.0, 0
         self._cycle, self._cycle_start = 0, now
         self._low_queue_round = 0  # the last round with an RTT sample near min_rtt
@@ -505,11 +511,29 @@ class CongestionControl:
                 # we know of its rate is a guess now, so probe for it quickly again.
                 self.mode, self._full_bw, self._full_bw_rounds = self.STARTUP, 0.0, 0
                 self.competing, self._low_queue_round = False, self.round
-            self._queue_seen = rtt > self.min_rtt * (1 + QUEUE_TOLERANCE) + QUEUE_SLACK_SECS
-            self._on_rate_sample(pn, now, loss_rate)
+            self._queue_seen = rtt > self._queue_threshold()
+            self._on_rate_sample(pn, now, loss_rate, rtt)
         self._update_mode(now, inflight)
 
-    def _on_rate_sample(self, pn: int, now: float, loss_rate: float) -> None:
+    def _queue_filled(self) -> bool:
+        """STARTUP has filled the pipe: the first HYSTART_SAMPLES RTT samples of this round
+        all exceed the last round's smallest by HyStart++'s threshold (RFC 9406), a queue
+        that grew in one round trip. Waiting for FULL_BW_ROUNDS rounds of flat rate as
+        well would keep STARTUP's gain for rounds that each add to the queue, up to twice
+        the path's own RTT, and a Ctrl-C's prompt would wait behind it. Round against
+        round, not against min_rtt: a path that just got slower (an old min_rtt) shows
+        the same high RTT in every round, and is no reason to stop probing."""
+        last = self._last_round_min_rtt
+        if self._round_samples < HYSTART_SAMPLES or last == float("inf"):
+            return False
+        threshold = min(max(last / 8, HYSTART_MIN_RISE_SECS), HYSTART_MAX_RISE_SECS)
+        return self._round_min_rtt >= last + threshold
+
+    def _queue_threshold(self) -> float:
+        """An RTT above this shows a queue at the bottleneck."""
+        return self.min_rtt * (1 + QUEUE_TOLERANCE) + QUEUE_SLACK_SECS
+
+    def _on_rate_sample(self, pn: int, now: float, loss_rate: float, rtt: float) -> None:
         """Bytes delivered between the delivery that preceded ``pn``'s send and its ack,
         over that time or over the time they took to send, whichever is longer, and never
         over less than a round trip (acks arriving in a clump, or sends in a burst, must
@@ -523,6 +547,11 @@ class CongestionControl:
         if new_round:  # everything delivered when pn left has been acked: a round trip
             self._next_round_delivered = self.delivered
             self.round += 1
+            self._last_round_min_rtt = self._round_min_rtt
+            self._round_min_rtt, self._round_samples = float("inf"), 0
+        if not app_limited:
+            self._round_min_rtt = min(self._round_min_rtt, rtt)
+            self._round_samples += 1
         if not self._queue_seen:
             self._low_queue_round = self.round
         if interval > 0 and interval >= self.min_rtt:  # shorter: acks compressed, no rate
@@ -531,8 +560,11 @@ class CongestionControl:
                 rate /= 1.0 - min(loss_rate, MAX_LOSS_CREDIT)  # carried the lost bytes too
             if not app_limited or rate > self.bw:
                 self._bw.update(self.round, rate)
-        if new_round and not app_limited and self.mode == self.STARTUP:
-            self._check_full_bw()
+        if self.mode == self.STARTUP and not app_limited:
+            if self._queue_filled():
+                self.mode = self.DRAIN
+            elif new_round:
+                self._check_full_bw()
 
     def on_loss(self, sent_at: float, now: float) -> None:
         """Data sent at ``sent_at`` was lost: congestion only while competing (see class)."""
@@ -1276,8 +1308,15 @@ class Connection:
         """Bytes the stream takes before ``writable`` turns False (<= 0: none), so that a
         writer with several reads to hand over asks once, not after each."""
         stream = self._out[stream_id]
-        queue_limit = max(SEND_QUEUE_MIN, self._cc.pacing_rate * SEND_QUEUE_SECS)
+        queue_limit = max(SEND_QUEUE_MIN, self._send_rate() * SEND_QUEUE_SECS)
         return min(stream.window - stream.unacked(), queue_limit - stream.unsent())
+
+    def _send_rate(self) -> float:
+        """Bytes per second that leave at most: the pacing rate, or a window per round trip
+        if that is less (STARTUP's rate comes from min_rtt, which a path that just got
+        slower leaves far too small for a while: hundreds of Mbit/s on a 10 Mbit/s link)."""
+        rtt = max(self._rtt.srtt, self._rtt.latest, RTT_FLOOR_SECS)
+        return min(self._cc.pacing_rate, self._cc.cwnd / rtt)
 
     def next_event(self) -> object:
         """The oldest pending event (DataReceived, PeerAddressChanged), or None."""

@@ -595,25 +595,31 @@ class OutputQueue:
     much of the first one is written. Taking what the terminal accepted moves nothing, and
     one writev hands it several chunks: a bytearray would copy its whole backlog (up to
     OUTPUT_HIGH_WATER during a flood) on nearly every append after a deletion at its
-    front, a few ms per MB. Used as the bytearray was: ``+=``, ``len``, truth, ``clear``."""
+    front, a few ms per MB. Used as the bytearray was: ``+=``, ``len``, truth, ``clear``;
+    ``size`` is ``len`` as an attribute, for the loop's every pass."""
 
     def __init__(self) -> None:
         self._chunks: collections.deque = collections.deque()
-        self._size = 0
+        self.size = 0
         self._written = 0  # of the first chunk
 
     def __iadd__(self, data) -> OutputQueue:
         if data:
             self._chunks.append(bytes(data))  # (no copy of bytes; a bytearray may change)
-            self._size += len(data)
+            self.size += len(data)
         return self
 
+    def extend(self, chunks: list) -> None:
+        """``+=`` each of ``chunks`` (bytes), without joining them first."""
+        self._chunks.extend(chunks)
+        self.size += sum(map(len, chunks))
+
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def clear(self) -> None:
         self._chunks.clear()
-        self._size = self._written = 0
+        self.size = self._written = 0
 
     def write_to(self, fd: int) -> None:
         """Write what ``fd`` takes now (OSError as os.writev raises it, BlockingIOError
@@ -622,7 +628,7 @@ class OutputQueue:
         buffers = [memoryview(chunks[0])[self._written:]]
         buffers += itertools.islice(chunks, 1, WRITE_BUFFERS)
         written = os.writev(fd, buffers)
-        self._size -= written
+        self.size -= written
         written += self._written
         while chunks and written >= len(chunks[0]):
             written -= len(chunks.popleft())
@@ -662,10 +668,11 @@ class ScreenMirror:
         self.catch_up()
         self.term.feed(data)
 
-    def defer(self, data: bytes) -> None:
-        """Feed ``data`` later: at the next question, or once SCREEN_DEFER_BYTES wait."""
-        self._unfed.append(data)
-        self._unfed_bytes += len(data)
+    def defer(self, chunks: list) -> None:
+        """Feed ``chunks`` (bytes) later: at the next question, or once SCREEN_DEFER_BYTES
+        wait."""
+        self._unfed += chunks
+        self._unfed_bytes += sum(map(len, chunks))
         if self._unfed_bytes >= SCREEN_DEFER_BYTES:
             self.catch_up()
 
@@ -981,24 +988,24 @@ class Resumer(moshpit_session.ResumeSchedule):
         super().__init__(max_backoff, resume_after)
         self.handshake = handshake  # request -> ClientResult, raises MoshpitError
         self.waker = waker
-        self.results = queue.Queue()
+        # A deque, not a queue.Queue: take() runs on every loop pass, and an empty Queue
+        # answers with a lock and an exception (append and popleft are atomic).
+        self.results: collections.deque = collections.deque()
 
     def start(self, request) -> None:
         self.started()
         threading.Thread(target=self._run, args=(request,), name="resume", daemon=True).start()
 
     def _run(self, request) -> None:
-        self.results.put(attempt_handshake(self.handshake, request))
+        self.results.append(attempt_handshake(self.handshake, request))
         self.waker.wake()
 
     def take(self, now: float):
         """The finished attempt's ClientResult or MoshpitError, or None; schedules the next."""
-        try:
-            outcome = self.results.get_nowait()
-        except queue.Empty:
+        if not self.results:
             return None
         self.finished(now)
-        return outcome
+        return self.results.popleft()
 
 
 def attempt_handshake(handshake, request):
@@ -1058,6 +1065,7 @@ class Session:
         self.identity = identity
         self.router, self.waker = router, waker
         self.in_fd, self.out_fd = in_fd, out_fd
+        self.output_fds = frozenset((out_fd, ERR_FD))  # a pass that only writes waits on these
         # No banner in a pipe or file, nor without a remote PTY (the output is data then).
         self.out_is_tty = os.isatty(out_fd) and target.pty
         # Like ssh, the escape key works only on a PTY: without one every byte is data.
@@ -1136,14 +1144,15 @@ class Session:
 
     def _step(self) -> None:
         now = time.monotonic()
-        stalled = max(len(self.out), len(self.err)) >= OUTPUT_HIGH_WATER  # far behind
-        readers, writers, deadline = self._wait_sets(now, stalled)
+        out_size, err_size = self.out.size, len(self.err)
+        stalled = out_size >= OUTPUT_HIGH_WATER or err_size >= OUTPUT_HIGH_WATER  # far behind
+        _, readers, writers, deadline = self._wait_sets(now, (stalled, out_size > 0,
+                                                              err_size > 0))
         readable, writable, _ = select.select(readers, writers, [], max(0.0, deadline - now))
         now = time.monotonic()
         if stalled:
             self.core.last_contact = now  # we are not listening, so the server is not silent
-        if not readable and now < deadline and all(fd in (self.out_fd, ERR_FD)
-                                                   for fd in writable):
+        if not readable and now < deadline and self.output_fds.issuperset(writable):
             # Only the terminal took more output (a flood wakes us mostly for that), and no
             # timer is due: the rest of a pass would find nothing to do.
             self._write_pending()
@@ -1172,29 +1181,30 @@ class Session:
         self.link.flush(now)
         self._write_pending()
 
-    def _wait_sets(self, now: float, stalled: bool) -> tuple:
-        """(readers, writers, deadline) for select. Built after each full pass and kept
-        through the passes that only write to the terminal (a flood makes ~100 of them per
-        MB, and building these cost as much as the write): those change nothing here but
-        which output waits and whether it is far behind. A deadline kept from earlier only
-        wakes the loop sooner than one computed now would."""
-        pending = self._pending_writers()
-        if self._waiting is None or self._waiting[0] != (stalled, pending):
+    def _wait_sets(self, now: float, output: tuple) -> tuple:
+        """(output, readers, writers, deadline) for select. Built after each full pass and
+        kept through the passes that only write to the terminal (a flood makes ~100 of them
+        per MB, and building these cost as much as the write): those change nothing here
+        but ``output``, (far behind, stdout waits, stderr waits). A deadline kept from
+        earlier only wakes the loop sooner than one computed now would."""
+        waiting = self._waiting
+        if waiting is None or waiting[0] != output:
+            stalled = output[0]
             readers = [self.waker]
             if not stalled:
                 readers += self._network()
             if self.stdin_open and self.core.may_read_input():
                 readers.append(self.in_fd)
             readers += self.channels.readers()
-            writers = pending + self.channels.writers()
+            writers = self._pending_writers() + self.channels.writers()
             tcp = self.link.carrier
             if tcp is not None and tcp.wants_write():
                 writers.append(tcp)
-            self._waiting = ((stalled, pending), readers, writers, self._next_deadline(now))
-        return self._waiting[1:]
+            self._waiting = waiting = (output, readers, writers, self._next_deadline(now))
+        return waiting
 
     def _write_pending(self) -> None:
-        if self.out:
+        if self.out.size:
             self._write_out()
         if self.err:
             self._write_err()
@@ -1379,22 +1389,24 @@ class Session:
                 self.outcome = Outcome(EXIT_FAILURE,
                                        shutdown_message(self.target.host, event.reason))
         if output:
-            self._write_output(b"".join(output), repaint)
+            self._write_output(output, repaint)
         elif judge:
             self.out += self.predictor.after_output(time.monotonic())
 
-    def _write_output(self, data: bytes, repaint: bool) -> None:
-        """The server's bytes of this tick: predictions taken off the terminal first (it then
-        equals the model), and judged against the model once it has them. While nothing
-        is predicted the model is fed late, in larger chunks (ScreenMirror.defer): a flood
-        costs it several times less. Only for a terminal: a pipe or file (a command's
-        bytes) is never drawn on."""
+    def _write_output(self, chunks: list, repaint: bool) -> None:
+        """The server's bytes of this tick (``chunks``, as they came): predictions taken off
+        the terminal first (it then equals the model), and judged against the model once
+        it has them. While nothing is predicted the model is fed late, in larger chunks
+        (ScreenMirror.defer): a flood costs it several times less; nor are the chunks
+        joined then. Only for a terminal: a pipe or file (a command's bytes) is never
+        drawn on."""
         predictor = self.predictor
         if predictor is None or (predictor.idle() and not repaint):
-            self.out += data
+            self.out.extend(chunks)
             if self.out_is_tty:
-                self.screen.defer(data)
+                self.screen.defer(chunks)
             return
+        data = b"".join(chunks)
         self.screen.catch_up()  # (nothing waits unless a repaint ends an idle spell)
         self.out += predictor.reset() if repaint else predictor.before_output()
         self.out += data

@@ -16,6 +16,7 @@ Everything here is stdlib only and works on Python 3.9+.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -134,14 +135,34 @@ def kill_pid(pid: int, timeout: float = 3.0, group: bool = False) -> None:
 
 
 def proc_usage(pid: int) -> tuple[float, int]:
-    """(CPU seconds used so far, resident set size in bytes) of one process, from /proc."""
+    """(CPU seconds used so far, resident set size in bytes) of one process, from /proc;
+    the CPU time to the nanosecond where the process's CPU clock can be read (/proc counts
+    in 10 ms ticks: a 0.2 s figure would be 5% coarse)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     fields = stat[stat.rindex(b")") + 2:].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    cpu = process_cpu_clock(pid)
+    if cpu is None:
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
     return cpu, rss
+
+
+def process_cpu_clock(pid: int) -> Optional[float]:
+    """CPU seconds of process ``pid`` (all its threads, dead ones too) from its POSIX CPU
+    clock (clock_getcpuclockid, which Python does not wrap), or None where it is not
+    available."""
+    try:
+        getcpuclockid = ctypes.CDLL(None, use_errno=True).clock_getcpuclockid
+    except (OSError, AttributeError):
+        return None
+    clock = ctypes.c_int()
+    if getcpuclockid(pid, ctypes.byref(clock)) != 0:
+        return None
+    try:
+        return time.clock_gettime(clock.value)
+    except OSError:  # exited meanwhile
+        return None
 
 
 def _all_processes() -> list[tuple[int, str, int, int]]:

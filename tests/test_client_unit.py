@@ -191,7 +191,7 @@ def test_mirror_fed_late_answers_as_if_fed_at_once(tail):
         now, late = mp.ScreenMirror(24, 80), mp.ScreenMirror(24, 80)
         for chunk in chunks:
             now.feed(chunk)
-            late.defer(chunk)
+            late.defer([chunk])
         assert late.behind()
         answers = [question(now) for question in questions[ask:]]
         assert [question(late) for question in questions[ask:]] == answers
@@ -202,7 +202,7 @@ def test_mirror_defers_at_most_a_bound():
     late = mp.ScreenMirror(24, 80)
     line = b"y" * 98 + b"\r\n"
     for _ in range(mp.SCREEN_DEFER_BYTES // len(line) + 1):
-        late.defer(line)
+        late.defer([line])
     assert late._unfed_bytes < mp.SCREEN_DEFER_BYTES
     assert late.term.scroll_count > 0, "the model caught up once the bound was reached"
 
@@ -211,7 +211,7 @@ def test_mirror_resize_feeds_what_waits_for_the_old_size_first():
     now, late = mp.ScreenMirror(5, 10), mp.ScreenMirror(5, 10)
     data = b"0123456789abc\r\nwrapped at ten\r\n"
     now.feed(data)
-    late.defer(data)
+    late.defer([data])
     now.resize(5, 20)
     late.resize(5, 20)
     assert late.term.display() == now.term.display()

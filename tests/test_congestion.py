@@ -213,6 +213,33 @@ def test_queue_stays_short_the_link_full_and_ctrl_c_answers_within_one_and_a_hal
     assert max(answers) < 1.5 * sim.rtt
 
 
+def test_startup_stops_once_its_queue_grows_so_an_early_ctrl_c_answers_within_one_and_a_half_rtt():
+    """STARTUP (2.9x the rate each round) overfills the bottleneck in its last round; it
+    leaves as soon as a round's RTT samples show the queue growing (HyStart++), not after
+    three rounds of flat rate, each a round trip longer with the queue it keeps. A Ctrl-C
+    1.5 s into the first flood of a session then waits behind no leftover queue."""
+    sim = PathSim(rtt=0.1)
+    sim.run_for(1.5)
+    assert sim.ctrl_c() < 1.5 * sim.rtt
+
+
+def test_a_path_that_just_got_slower_holds_back_no_big_send_queue():
+    """The path goes from 1 ms to 100 ms under a session (a new route, or the benchmark's
+    relay after connecting), and a flood starts: min_rtt still says 1 ms for seconds, so
+    STARTUP's pacing rate is hundreds of Mbit/s. The output read ahead of the network is
+    sized by what the window sends per actual round trip, so a Ctrl-C 0.6 s into the flood
+    answers within two round trips (sized by the pacing rate, it took three)."""
+    sim = PathSim(rtt=0.001)
+    sim.run_for(0.05)  # some output at 1 ms: min_rtt learns the fast path
+    sim.pairs[0][1].flooding = False
+    sim.run_for(0.3)
+    sim.down.delay = sim.up.delay = 0.05
+    sim.rtt = 0.1
+    sim.pairs[0][1].flooding = True
+    sim.run_for(0.6)
+    assert sim.ctrl_c() < 2 * sim.rtt
+
+
 @pytest.mark.parametrize("flows", [1, 2])
 def test_tcp_on_the_same_bottleneck_gets_a_fair_share(flows):
     sim = PathSim(flows=flows, rtt=0.1, reno=True, seed=7)
