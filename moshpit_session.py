@@ -676,7 +676,9 @@ class ServerSession(_Core):
         self._check_exit(now)  # the drain deadline is one of the timers next_timeout names
         # The program calls this after reading the PTY: what it read holds the echo of
         # input written ECHO_ACK_SECS ago -- unless back-pressure stopped the reading.
-        if self.may_read_pty():
+        # (Input waiting to be acked is asked about first: a flood has none, and this runs
+        # at every loop pass.)
+        if self._echo.ack_time() is not None and self.may_read_pty():
             acked = self._echo.ack_due(now)
             if acked is not None:
                 self.records.send(RECORD_ECHO_ACK, ECHO_ACK_BODY.pack(
@@ -703,8 +705,9 @@ class ServerSession(_Core):
         if (self._exit_status is not None and not self.ending
                 and self.conn.writable(STREAM_TERMINAL)):
             times.append(self._drain_until)
-        if self.may_read_pty():
-            times.append(self._echo.ack_time())
+        ack_time = self._echo.ack_time()
+        if ack_time is not None and self.may_read_pty():
+            times.append(ack_time)
         times = [t for t in times if t is not None]
         return min(times) if times else None
 

@@ -1716,8 +1716,9 @@ class Connection:
             total += stream.in_flight
         return total
 
-    def _data_pending(self) -> bool:
-        room = self._inflight() < self._cc.cwnd
+    def _data_pending(self, inflight: int) -> bool:
+        """A stream has data that may go now (``inflight``: ``_inflight()``)."""
+        room = inflight < self._cc.cwnd
         urgent = self._urgent
         for stream in self._send_order:
             if stream.has_pending() and (room and stream.has_room() or stream.stream_id in urgent):
@@ -1773,7 +1774,7 @@ class Connection:
             times.append(self._sizer.next_probe)
         if self._is_client:
             times.append(self._next_ping())
-        if self._data_pending():
+        if self._data_pending(self._inflight()):
             times.append(self._pacer.next_send_time(self._cc.pacing_rate))
         times = [t for t in times if t is not None]
         return max(min(times), self._now) if times else None
@@ -1854,6 +1855,7 @@ class Connection:
         # one (an exhausted key, an address on trial, an urgent stream) are inlined or
         # skipped on their cheap pre-condition.
         urgent_streams = self._urgent
+        inflight = self._inflight()  # kept up to date here: only this loop sends
         while True:
             if len(out) >= MAX_BATCH:
                 self._more = True
@@ -1863,11 +1865,11 @@ class Connection:
             if self._probe is not None and self._budget_exhausted():
                 break
             with_data = ((urgent_streams and self._urgent_pending())
-                         or (pacer.ready() and self._data_pending()))
+                         or (pacer.ready() and self._data_pending(inflight)))
             ping = self._is_client and now >= self._next_ping()
             if not (with_data or ping or self._acks.due(now)):
                 break
-            payload, data_bytes = self._build_payload(now, with_data, ping)
+            payload, data_bytes = self._build_payload(now, with_data, ping, inflight)
             if not payload:
                 break
             copies = 2 if data_bytes > 0 and len(payload) <= SMALL_PACKET \
@@ -1882,17 +1884,19 @@ class Connection:
                             for dest in self._destinations(len(datagram), data_bytes > 0)]
             if data_bytes:
                 first_pn, app_limited = self._next_pn - copies, self._app_limited()
-                inflight = self._inflight() - data_bytes
                 for pn in range(first_pn, self._next_pn):
                     self._cc.on_send(pn, now, inflight, app_limited)
+                inflight += data_bytes
             if data_bytes or ping:
                 self._last_eliciting_sent = now
                 if self._unanswered_since is None:
                     self._unanswered_since = now
         return out
 
-    def _build_payload(self, now: float, with_data: bool, ping: bool) -> Tuple[bytes, int]:
-        """Frames for the next packet: ACKs, a PING, then stream data, urgent streams first."""
+    def _build_payload(self, now: float, with_data: bool, ping: bool,
+                       inflight: int) -> Tuple[bytes, int]:
+        """Frames for the next packet: ACKs, a PING, then stream data, urgent streams first
+        (``inflight``: the bytes in flight before it)."""
         parts = []
         if self._acks.owed() or self._acks.due(now):  # due, or riding along for free
             # Gaps fill what the packet holds, less a PING's room (the datagram's size is
@@ -1904,7 +1908,7 @@ class Connection:
         space = self._max_payload - sum(map(len, parts)) if parts else self._max_payload
         data_bytes = 0
         if with_data:
-            pn, cwnd, inflight = self._next_pn, self._cc.cwnd, self._inflight()
+            pn, cwnd = self._next_pn, self._cc.cwnd
             for stream in self._send_order:
                 if space <= DATA_OVERHEAD:
                     break  # full (a bulk packet, after its first stream)
