@@ -1867,6 +1867,12 @@ class Connection:
             with_data = ((urgent_streams and self._urgent_pending())
                          or (pacer.ready() and self._data_pending(inflight)))
             ping = self._is_client and now >= self._next_ping()
+            # A window of fewer than ACK_EVERY datagrams (a rate estimate that fell during a
+            # stall) would have each flight's ACK held ACK_DELAY_SECS by the receiver, and
+            # the rate measured from those ACKs would keep the window that small: a PING in
+            # the datagram that fills the window has it acknowledged at once.
+            ping = ping or (with_data and self._cc.cwnd < ACK_EVERY * self._max_payload
+                            and self._inflight() + self._max_payload >= self._cc.cwnd)
             if not (with_data or ping or self._acks.due(now)):
                 break
             payload, data_bytes = self._build_payload(now, with_data, ping, inflight)

@@ -1,6 +1,8 @@
 """mp.OutputQueue: what waits for the terminal is written in order, whatever the terminal
 takes at a time. Written through a real pipe with a one-page buffer, so writev is cut at
-chunk boundaries and inside chunks, and refused (EAGAIN) when the pipe is full."""
+chunk boundaries and inside chunks, and refused (EAGAIN) when the pipe is full. And
+mp.TerminalWriter, its thread's blocking writes to a real PTY read slowly, cleared,
+drained, and closed under it."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import array
 import fcntl
 import os
 import random
+import select
 import termios
+import tty
 
 import pytest
 
@@ -90,3 +94,89 @@ def read_available(fd: int, most: int = 1 << 20) -> bytes:
         return os.read(fd, most)
     except BlockingIOError:
         return b""
+
+
+# --- TerminalWriter ----------------------------------------------------------------------
+
+
+class Terminal:
+    """A real PTY in raw mode: the writer opens its slave by name, the test reads the
+    master as slowly as it likes."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.waker = mp.Waker()
+
+    def read(self, most: int) -> bytes:
+        ready, _, _ = select.select([self.master], [], [], 5.0)
+        assert ready, "the writer wrote nothing for 5 s"
+        return os.read(self.master, most)
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.waker.close()
+
+
+@pytest.fixture
+def terminal():
+    term = Terminal()
+    yield term
+    term.close()
+
+
+def test_terminal_writer_writes_everything_in_order_to_a_slow_terminal(terminal):
+    writer = mp.TerminalWriter.open(terminal.slave, terminal.waker)
+    rnd = random.Random(15)
+    sent = b"".join(os.urandom(rnd.choice([1, 300, 5000, 20000])) for _ in range(60))
+    pieces = [sent[i:i + 7777] for i in range(0, len(sent), 7777)]
+    writer += pieces[0]
+    writer.extend(pieces[1:])
+    writer += b""
+    got = bytearray()
+    while len(got) < len(sent):  # a few hundred bytes at a time: the writer waits on us
+        got += terminal.read(rnd.choice([1, 300, 4096]))
+    assert bytes(got) == sent
+    writer.drain(5.0)
+    assert writer.size == 0 and not writer and not writer.failed
+
+
+def test_terminal_writer_drain_waits_and_clear_drops_what_waits(terminal):
+    writer = mp.TerminalWriter.open(terminal.slave, terminal.waker)
+    writer.extend([b"a" * 1000] * 200)  # more than the PTY holds: the thread's write blocks
+    writer.drain(0.2)
+    assert writer.size > 0, "nobody read: drain gave up after its time"
+    writer.clear()  # what waits goes; the write under way ends once the terminal takes it
+    got = bytearray()
+    while writer.size or select.select([terminal.master], [], [], 0.2)[0]:
+        got += terminal.read(65536)
+    assert 0 < len(got) < 200_000 and set(got) == {ord("a")}
+    writer += b"next"
+    assert terminal.read(100) == b"next"
+
+
+def test_terminal_writer_reports_a_terminal_that_went_away(terminal):
+    writer = mp.TerminalWriter.open(terminal.slave, terminal.waker)
+    os.close(terminal.master)  # the window closed: writes fail with EIO
+    writer += b"x" * 100_000
+    ready, _, _ = select.select([terminal.waker], [], [], 5.0)
+    assert ready, "the loop was not woken"
+    assert writer.failed and writer.size == 0
+    writer.drain(5.0)  # returns at once: nothing will ever be taken
+
+
+def test_terminal_writer_is_for_terminals_only():
+    reader, writer_fd = os.pipe()
+    waker = mp.Waker()
+    try:
+        assert mp.TerminalWriter.open(writer_fd, waker) is None  # a pipe: the loop writes it
+        with pytest.raises(TypeError):
+            mp.TerminalWriter(writer_fd, waker).write_to(writer_fd)
+    finally:
+        for fd in (reader, writer_fd):
+            os.close(fd)
+        waker.close()

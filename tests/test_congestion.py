@@ -240,6 +240,30 @@ def test_a_path_that_just_got_slower_holds_back_no_big_send_queue():
     assert sim.ctrl_c() < 2 * sim.rtt
 
 
+def test_a_window_of_few_datagrams_is_acked_at_once_not_after_the_ack_delay():
+    """A stall (the client's terminal slow for a while) can leave the rate estimate low and
+    the window a few 16 KiB datagrams, fewer than the receiver's ACK_EVERY: each flight's
+    ACK would then come ACK_DELAY_SECS late, and the rate measured from it would keep the
+    window small (on loopback, 9 MB/s for most of a second). The datagram that fills such a
+    window carries a PING, so the rate measured is the path's and the link fills at once."""
+    sim = PathSim(rtt=0.0005, rate_bps=400e6)
+    client, server = sim.pairs[0]
+    for peer in (client, server):
+        peer.conn.allow_larger_datagrams()  # 16 KiB datagrams, as on loopback
+    sim.run_for(0.5)
+    server.flooding = False
+    sim.run_for(0.1)
+    cc = server.conn._cc
+    cc._bw.reset(cc.round, 1e6)  # the estimate after the stall
+    cc._set_rates()
+    assert cc.cwnd < mt.ACK_EVERY * cc.mss
+    server.flooding = True
+    start = len(client.received)
+    sim.run_for(0.05)
+    mbits = (len(client.received) - start) * 8 / 0.05 / 1e6
+    assert mbits > 0.8 * 400, f"{mbits:.0f} Mbit/s in the 50 ms after the stall"
+
+
 @pytest.mark.parametrize("flows", [1, 2])
 def test_tcp_on_the_same_bottleneck_gets_a_fair_share(flows):
     sim = PathSim(flows=flows, rtt=0.1, reno=True, seed=7)
