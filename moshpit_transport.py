@@ -1872,7 +1872,7 @@ class Connection:
             # the rate measured from those ACKs would keep the window that small: a PING in
             # the datagram that fills the window has it acknowledged at once.
             ping = ping or (with_data and self._cc.cwnd < ACK_EVERY * self._max_payload
-                            and self._inflight() + self._max_payload >= self._cc.cwnd)
+                            and inflight + self._max_payload >= self._cc.cwnd)
             if not (with_data or ping or self._acks.due(now)):
                 break
             payload, data_bytes = self._build_payload(now, with_data, ping, inflight)
