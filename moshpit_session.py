@@ -676,7 +676,9 @@ class ServerSession(_Core):
         self._check_exit(now)  # the drain deadline is one of the timers next_timeout names
         # The program calls this after reading the PTY: what it read holds the echo of
         # input written ECHO_ACK_SECS ago -- unless back-pressure stopped the reading.
-        if self.may_read_pty():
+        # (Input waiting to be acked is asked about first: a flood has none, and this runs
+        # at every loop pass.)
+        if self._echo.ack_time() is not None and self.may_read_pty():
             acked = self._echo.ack_due(now)
             if acked is not None:
                 self.records.send(RECORD_ECHO_ACK, ECHO_ACK_BODY.pack(
@@ -686,7 +688,14 @@ class ServerSession(_Core):
     def may_read_pty(self) -> bool:
         """Read the PTY now? Only while the output window has room (a flood cannot build a
         backlog, DESIGN 6) and the session is not ending."""
-        return not self._pty_eof and not self.ending and self.conn.writable(STREAM_TERMINAL)
+        return self.pty_room() > 0
+
+    def pty_room(self) -> float:
+        """Bytes of PTY output to read before ``may_read_pty`` turns False (<= 0: none yet):
+        the program may read until it has that much, then hand it over in one call."""
+        if self._pty_eof or self.ending:
+            return 0
+        return self.conn.send_room(STREAM_TERMINAL)
 
     def next_timeout(self) -> Optional[float]:
         times = [self.conn.next_timeout(), self._deadline(), self._echo.poll_time]
@@ -696,8 +705,9 @@ class ServerSession(_Core):
         if (self._exit_status is not None and not self.ending
                 and self.conn.writable(STREAM_TERMINAL)):
             times.append(self._drain_until)
-        if self.may_read_pty():
-            times.append(self._echo.ack_time())
+        ack_time = self._echo.ack_time()
+        if ack_time is not None and self.may_read_pty():
+            times.append(ack_time)
         times = [t for t in times if t is not None]
         return min(times) if times else None
 
@@ -707,7 +717,7 @@ class ServerSession(_Core):
         deadline = self._deadline()
         if self.ending is None:
             if deadline is not None and now >= deadline:
-                self.ending = self._silence_limit()[1]
+                self.ending = self._silence_reason()
                 return True
             return False
         if deadline is not None and now >= deadline:
@@ -742,21 +752,32 @@ class ServerSession(_Core):
         self._end_by = None if linger is None else now + linger
         self._awaiting_extensions = False  # a quit or a shutdown ends the channels too
 
-    def _silence_limit(self) -> tuple:
-        """(seconds the client may stay unheard, None: forever; why the session then ends).
-        Until its first UDP packet arrives, the shorter unattached timeout applies."""
+    def _unattached_limit(self) -> bool:
+        """Whether the shorter unattached timeout applies (no UDP packet from the client
+        yet) rather than the detached one."""
         detached, unattached = self.detached_timeout_secs, self.unattached_timeout_secs
-        if self.client_addr is None and unattached and (detached is None
-                                                        or unattached < detached):
-            return unattached, (f"never attached: no UDP packet from the client within"
-                                f" {unattached} s of the handshake (UDP blocked?)")
-        return detached, f"detached for more than {detached} s"
+        return bool(self.client_addr is None and unattached
+                    and (detached is None or unattached < detached))
+
+    def _silence_limit(self) -> Optional[float]:
+        """Seconds the client may stay unheard (None: forever)."""
+        if self._unattached_limit():
+            return self.unattached_timeout_secs
+        return self.detached_timeout_secs
+
+    def _silence_reason(self) -> str:
+        """Why the session ends once the client was unheard for ``_silence_limit`` (only
+        then formatted: the limit is asked for at every loop pass)."""
+        if self._unattached_limit():
+            return (f"never attached: no UDP packet from the client within"
+                    f" {self.unattached_timeout_secs} s of the handshake (UDP blocked?)")
+        return f"detached for more than {self.detached_timeout_secs} s"
 
     def _deadline(self) -> Optional[float]:
         """When the session ends if nothing else happens (None: never)."""
         if self._end_by is not None:
             return self._end_by
-        limit, _why = self._silence_limit()
+        limit = self._silence_limit()
         # last_heard: the latest authentic packet, or the latest handshake (start, resume).
         return self.conn.last_heard + limit if limit else None
 

@@ -732,8 +732,10 @@ class SendStream:
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
 
-    def take(self, pn: int, now: float, max_len: int) -> Optional[Tuple[int, bytes]]:
-        """Up to ``max_len`` bytes to send in packet ``pn``: retransmissions first."""
+    def take(self, pn: int, now: float, max_len: int) -> Optional[Tuple[int, bytearray]]:
+        """Up to ``max_len`` bytes to send in packet ``pn``: retransmissions first (a copy,
+        as a bytearray: the packet's payload is joined from it, and converting it to bytes
+        first would copy every byte sent once more)."""
         retx = self._retx
         while retx:
             start, stop = retx[0]
@@ -754,11 +756,11 @@ class SendStream:
         self.next_new = stop
         return self._record(pn, now, start, stop)
 
-    def _record(self, pn: int, now: float, start: int, stop: int) -> Tuple[int, bytes]:
+    def _record(self, pn: int, now: float, start: int, stop: int) -> Tuple[int, bytearray]:
         self._flight.append((pn, start, stop, now))
         self.in_flight += stop - start
         origin = self._origin
-        return start, bytes(self._buf[start - origin:stop - origin])
+        return start, self._buf[start - origin:stop - origin]
 
     def on_ack(self, cum: int, high: int, gaps: list, largest_acked: int, lost_before: float,
                more: bool = False) -> Optional[Tuple[int, int, int, float, int]]:
@@ -1300,9 +1302,14 @@ class Connection:
         rate sends in SEND_QUEUE_SECS): its writer reads its source only while True (the
         server's PTY for stream 0: back-pressure). What waits here would delay the answer
         to a Ctrl-C as a network queue does."""
+        return self.send_room(stream_id) > 0
+
+    def send_room(self, stream_id: int = FIRST_STREAM) -> float:
+        """Bytes the stream takes before ``writable`` turns False (<= 0: none), so that a
+        writer with several reads to hand over asks once, not after each."""
         stream = self._out[stream_id]
-        return (stream.unacked() < stream.window
-                and stream.unsent() < max(SEND_QUEUE_MIN, self._send_rate() * SEND_QUEUE_SECS))
+        queue_limit = max(SEND_QUEUE_MIN, self._send_rate() * SEND_QUEUE_SECS)
+        return min(stream.window - stream.unacked(), queue_limit - stream.unsent())
 
     def _send_rate(self) -> float:
         """Bytes per second that leave at most: the pacing rate, or a window per round trip
@@ -1667,11 +1674,14 @@ class Connection:
     def _rto_deadline(self) -> Optional[float]:
         """When the oldest packet in flight counts as lost (None: nothing in flight, or,
         for the server, a client away since before then: see PEER_AWAY_SECS)."""
-        sent = [t for t in (stream.oldest_sent() for stream in self._send_order)
-                if t is not None]
-        if not sent:
+        oldest = None
+        for stream in self._send_order:  # a plain loop: this runs at every loop pass
+            sent = stream.oldest_sent()
+            if sent is not None and (oldest is None or sent < oldest):
+                oldest = sent
+        if oldest is None:
             return None
-        deadline = min(sent) + self._rto()
+        deadline = oldest + self._rto()
         if not self._is_client and deadline > self.last_heard + PEER_AWAY_SECS:
             return None
         return deadline
@@ -1706,8 +1716,9 @@ class Connection:
             total += stream.in_flight
         return total
 
-    def _data_pending(self) -> bool:
-        room = self._inflight() < self._cc.cwnd
+    def _data_pending(self, inflight: int) -> bool:
+        """A stream has data that may go now (``inflight``: ``_inflight()``)."""
+        room = inflight < self._cc.cwnd
         urgent = self._urgent
         for stream in self._send_order:
             if stream.has_pending() and (room and stream.has_room() or stream.stream_id in urgent):
@@ -1763,7 +1774,7 @@ class Connection:
             times.append(self._sizer.next_probe)
         if self._is_client:
             times.append(self._next_ping())
-        if self._data_pending():
+        if self._data_pending(self._inflight()):
             times.append(self._pacer.next_send_time(self._cc.pacing_rate))
         times = [t for t in times if t is not None]
         return max(min(times), self._now) if times else None
@@ -1844,6 +1855,7 @@ class Connection:
         # one (an exhausted key, an address on trial, an urgent stream) are inlined or
         # skipped on their cheap pre-condition.
         urgent_streams = self._urgent
+        inflight = self._inflight()  # kept up to date here: only this loop sends
         while True:
             if len(out) >= MAX_BATCH:
                 self._more = True
@@ -1853,17 +1865,17 @@ class Connection:
             if self._probe is not None and self._budget_exhausted():
                 break
             with_data = ((urgent_streams and self._urgent_pending())
-                         or (pacer.ready() and self._data_pending()))
+                         or (pacer.ready() and self._data_pending(inflight)))
             ping = self._is_client and now >= self._next_ping()
             # A window of fewer than ACK_EVERY datagrams (a rate estimate that fell during a
             # stall) would have each flight's ACK held ACK_DELAY_SECS by the receiver, and
             # the rate measured from those ACKs would keep the window that small: a PING in
             # the datagram that fills the window has it acknowledged at once.
             ping = ping or (with_data and self._cc.cwnd < ACK_EVERY * self._max_payload
-                            and self._inflight() + self._max_payload >= self._cc.cwnd)
+                            and inflight + self._max_payload >= self._cc.cwnd)
             if not (with_data or ping or self._acks.due(now)):
                 break
-            payload, data_bytes = self._build_payload(now, with_data, ping)
+            payload, data_bytes = self._build_payload(now, with_data, ping, inflight)
             if not payload:
                 break
             copies = 2 if data_bytes > 0 and len(payload) <= SMALL_PACKET \
@@ -1878,17 +1890,19 @@ class Connection:
                             for dest in self._destinations(len(datagram), data_bytes > 0)]
             if data_bytes:
                 first_pn, app_limited = self._next_pn - copies, self._app_limited()
-                inflight = self._inflight() - data_bytes
                 for pn in range(first_pn, self._next_pn):
                     self._cc.on_send(pn, now, inflight, app_limited)
+                inflight += data_bytes
             if data_bytes or ping:
                 self._last_eliciting_sent = now
                 if self._unanswered_since is None:
                     self._unanswered_since = now
         return out
 
-    def _build_payload(self, now: float, with_data: bool, ping: bool) -> Tuple[bytes, int]:
-        """Frames for the next packet: ACKs, a PING, then stream data, urgent streams first."""
+    def _build_payload(self, now: float, with_data: bool, ping: bool,
+                       inflight: int) -> Tuple[bytes, int]:
+        """Frames for the next packet: ACKs, a PING, then stream data, urgent streams first
+        (``inflight``: the bytes in flight before it)."""
         parts = []
         if self._acks.owed() or self._acks.due(now):  # due, or riding along for free
             # Gaps fill what the packet holds, less a PING's room (the datagram's size is
@@ -1900,7 +1914,7 @@ class Connection:
         space = self._max_payload - sum(map(len, parts)) if parts else self._max_payload
         data_bytes = 0
         if with_data:
-            pn, cwnd, inflight = self._next_pn, self._cc.cwnd, self._inflight()
+            pn, cwnd = self._next_pn, self._cc.cwnd
             for stream in self._send_order:
                 if space <= DATA_OVERHEAD:
                     break  # full (a bulk packet, after its first stream)
@@ -2110,9 +2124,9 @@ class UdpLink:
             if len(group) == 1:
                 self._send_each([(group[0], addr)])
                 continue
-            try:
-                self.sock.sendmsg([b"".join(group)],
-                                  [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(size))], 0, addr)
+            try:  # one buffer per datagram: the kernel gathers them (no joined copy here)
+                self.sock.sendmsg(group, [(SOL_UDP, UDP_SEGMENT, SEGMENT_SIZE.pack(size))], 0,
+                                  addr)
             except OSError as err:
                 if err.errno == errno.EMSGSIZE:
                     self._transport.datagram_too_big(size, addr)

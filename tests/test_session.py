@@ -9,6 +9,7 @@ back-pressure, and the record encoding's bounds and version rule.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -378,6 +379,22 @@ def test_back_pressure_stops_pty_reads_until_the_client_acknowledges():
     assert sim.pty_read <= 256 * 1024 + 16384, "read only what the window holds"
     sim.run_until(lambda: len(sim.screen) == len(sim.pty_source), limit=60)
     assert sim.server.may_read_pty()
+
+
+def test_pty_room_is_what_may_be_read_before_back_pressure_stops_reading():
+    """mps reads the PTY until it has ``pty_room()`` bytes and hands them over in one call:
+    it stops where a read-at-a-time loop asking ``may_read_pty()`` would have stopped."""
+    sim = CoreSim(SimNet(25))
+    sim.run_for(0.1)
+    room = sim.server.pty_room()
+    sim.server.pty_output(b"y" * (math.ceil(room) - 1), sim.now)
+    assert sim.server.may_read_pty() and 0 < sim.server.pty_room() <= 1
+    sim.server.pty_output(b"y", sim.now)
+    assert not sim.server.may_read_pty() and sim.server.pty_room() <= 0
+    sim.run_until(lambda: len(sim.screen) == math.ceil(room), limit=5)
+    assert sim.server.pty_room() > 0, "all acknowledged: room again"
+    sim.server.pty_closed(sim.now)
+    assert sim.server.pty_room() == 0 and not sim.server.may_read_pty()
 
 
 def test_the_client_reads_stdin_only_while_the_input_window_has_room():

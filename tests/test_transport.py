@@ -485,12 +485,13 @@ def test_writable_reflects_the_send_queue_and_window():
     """Little may wait unsent (a Ctrl-C's prompt would queue behind it), and what is unsent
     plus in flight stays within the stream's window."""
     conn = mt.Connection("server", make_keys(), 0.0)
-    queue = math.ceil(max(mt.SEND_QUEUE_MIN, conn._send_rate() * mt.SEND_QUEUE_SECS))
-    assert conn.writable()
+    limit = max(mt.SEND_QUEUE_MIN, conn._send_rate() * mt.SEND_QUEUE_SECS)
+    queue = math.ceil(limit)
+    assert conn.writable() and conn.send_room() == limit, "the room writable() checks"
     conn.send(b"y" * (queue - 1))
-    assert conn.writable()
+    assert conn.writable() and 0 < conn.send_room() <= 1
     conn.send(b"y")
-    assert not conn.writable() and conn.unacked_bytes() == queue
+    assert not conn.writable() and conn.unacked_bytes() == queue and conn.send_room() <= 0
     assert conn.datagrams_to_send(0.0) == [] and conn.next_timeout() is None, "no peer yet"
     sim = bulk_sim(seed=5, size=4 * MB, delay=0.05)
     peak = 0
