@@ -1298,8 +1298,8 @@ class Connection:
         return not any(stream.unacked() for stream in self._send_order)
 
     def writable(self, stream_id: int = FIRST_STREAM) -> bool:
-        """Room in the stream's send window, and little waiting to be sent (what the pacing
-        rate sends in SEND_QUEUE_SECS): its writer reads its source only while True (the
+        """Room in the stream's send window, and little waiting to be sent (what leaves in
+        SEND_QUEUE_SECS, see _send_rate): its writer reads its source only while True (the
         server's PTY for stream 0: back-pressure). What waits here would delay the answer
         to a Ctrl-C as a network queue does."""
         return self.send_room(stream_id) > 0
