@@ -982,6 +982,8 @@ class ChannelSockets:
     def sync_selector(self, sel) -> None:
         """Register our sockets' descriptors with a ``selectors`` selector (data
         SELECTOR_TAG; ``handle`` takes the ready descriptors)."""
+        if self._idle() and list(self._registered) == [self._wake_r.fileno()]:
+            return  # every loop pass of a session without forwarding: nothing changes
         wanted: Dict[int, list] = {}
         for sock in self.readers():
             wanted[sock.fileno()] = [sock, selectors.EVENT_READ]
