@@ -320,6 +320,7 @@ PACING_QUANTUM_SECS = 0.005  # ... or this much time's worth at the pacing rate,
 URGENT_UNPACED = PACING_BURST_PACKETS * MAX_DATAGRAM  # an urgent stream's bytes in flight
 # that skip the pacer (its records are small: the path's datagram size does not matter)
 MAX_BATCH = 64  # datagrams per datagrams_to_send() call, so the caller gets to read too
+CORK_SECS = 0.001  # a stream that filled a datagram: its tail waits this long for more
 SENT_RING = 4096  # send times remembered, by packet number, for RTT samples
 # Packet numbers are nonces: one must never repeat under a key. A Connection never seals one
 # at or past PACKET_NUMBER_LIMIT (2^62, a quarter of the u64 space: years at any rate): it
@@ -703,6 +704,7 @@ class SendStream:
         # such record that did arrive was sent.
         self.big_losses = 0
         self.big_since = self.big_delivered_sent = float("-inf")
+        self.corked_until = float("-inf")  # see tail_waits
 
     @property
     def end(self) -> int:
@@ -731,6 +733,13 @@ class SendStream:
 
     def oldest_sent(self) -> Optional[float]:
         return self._flight[0][3] if self._flight else None
+
+    def tail_waits(self, now: float, datagram_bytes: int) -> bool:
+        """What is left to send would only partly fill a datagram, and until
+        ``corked_until`` it waits for more: the stream filled a datagram lately, so more
+        is likely on its way (a flood arrives a 4 KiB PTY read at a time), and sending each
+        tail alone made a third more datagrams, each costing both ends a pass of Python."""
+        return not self._retx and now < self.corked_until and self.unsent() < datagram_bytes
 
     def take(self, pn: int, now: float, max_len: int) -> Optional[Tuple[int, bytearray]]:
         """Up to ``max_len`` bytes to send in packet ``pn``: retransmissions first (a copy,
@@ -1716,14 +1725,25 @@ class Connection:
             total += stream.in_flight
         return total
 
-    def _data_pending(self, inflight: int) -> bool:
+    def _data_pending(self, inflight: int, now: float) -> bool:
         """A stream has data that may go now (``inflight``: ``_inflight()``)."""
         room = inflight < self._cc.cwnd
         urgent = self._urgent
         for stream in self._send_order:
-            if stream.has_pending() and (room and stream.has_room() or stream.stream_id in urgent):
+            if not stream.has_pending():
+                continue
+            if stream.stream_id in urgent:
+                return True
+            if (room and stream.has_room()
+                    and not stream.tail_waits(now, self._max_payload - DATA_OVERHEAD)):
                 return True
         return False
+
+    def _cork_deadline(self) -> Optional[float]:
+        """When a tail that waits for more (SendStream.tail_waits) goes anyway."""
+        times = [stream.corked_until for stream in self._send_order
+                 if stream.has_pending() and stream.corked_until > self._now]
+        return min(times) if times else None
 
     def _urgent_pending(self) -> bool:
         """An urgent stream has data: it goes now, ahead of the pacer (small and rare; one
@@ -1734,9 +1754,12 @@ class Connection:
                 return True
         return False
 
-    def _app_limited(self) -> bool:
-        """Nothing more to send on any stream (the window is not what holds us back)."""
-        return not any(map(SendStream.has_pending, self._send_order))
+    def _app_limited(self, now: float) -> bool:
+        """Nothing more to send on any stream (the window is not what holds us back), or
+        only a tail that waits for more."""
+        payload = self._max_payload - DATA_OVERHEAD
+        return not any(stream.has_pending() and not stream.tail_waits(now, payload)
+                       for stream in self._send_order)
 
     def _next_ping(self) -> float:
         """When the client pings next: every RTO until it first hears the server under these
@@ -1774,8 +1797,9 @@ class Connection:
             times.append(self._sizer.next_probe)
         if self._is_client:
             times.append(self._next_ping())
-        if self._data_pending(self._inflight()):
+        if self._data_pending(self._inflight(), self._now):
             times.append(self._pacer.next_send_time(self._cc.pacing_rate))
+        times.append(self._cork_deadline())
         times = [t for t in times if t is not None]
         return max(min(times), self._now) if times else None
 
@@ -1865,7 +1889,7 @@ class Connection:
             if self._probe is not None and self._budget_exhausted():
                 break
             with_data = ((urgent_streams and self._urgent_pending())
-                         or (pacer.ready() and self._data_pending(inflight)))
+                         or (pacer.ready() and self._data_pending(inflight, now)))
             ping = self._is_client and now >= self._next_ping()
             # A window of fewer than ACK_EVERY datagrams (a rate estimate that fell during a
             # stall) would have each flight's ACK held ACK_DELAY_SECS by the receiver, and
@@ -1889,7 +1913,7 @@ class Connection:
                     out += [(datagram, dest)
                             for dest in self._destinations(len(datagram), data_bytes > 0)]
             if data_bytes:
-                first_pn, app_limited = self._next_pn - copies, self._app_limited()
+                first_pn, app_limited = self._next_pn - copies, self._app_limited(now)
                 for pn in range(first_pn, self._next_pn):
                     self._cc.on_send(pn, now, inflight, app_limited)
                 inflight += data_bytes
@@ -1926,6 +1950,8 @@ class Connection:
                     offset, data = chunk
                     parts.append(data_frame_header(stream.stream_id, offset, len(data)))
                     parts.append(data)
+                    if len(data) == space - DATA_OVERHEAD and not urgent:
+                        stream.corked_until = now + CORK_SECS  # a full datagram: a flood
                     space -= DATA_OVERHEAD + len(data)
                     data_bytes += len(data)
                     inflight += len(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+import os
 import random
 import types
 
@@ -500,6 +501,67 @@ def test_writable_reflects_the_send_queue_and_window():
         assert sim.server.conn.unacked_bytes() <= mt.SEND_WINDOW + 16384
         peak = max(peak, sim.server.conn.unacked_bytes())
     assert peak > mt.SEND_WINDOW // 2
+
+
+class DatagramSizes:
+    """Records the size of every datagram the server sends through ``sim``'s network."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sizes: list = []
+        send = sim.net.send
+
+        def recording(now, datagram, src, dst):
+            if src == SERVER_ADDR:
+                self.sizes.append((now, len(datagram)))
+            send(now, datagram, src, dst)
+
+        sim.net.send = recording
+
+
+def flood_in_reads(sim: Sim, reads: int, size: int = 4096, every: float = 0.0002) -> bytes:
+    """The server's application writes ``reads`` pieces of ``size`` bytes, ``every`` seconds
+    apart, as a flood arrives from a PTY."""
+    sent = bytearray()
+    for _ in range(reads):
+        piece = os.urandom(size)
+        sim.server.conn.send(piece)
+        sent += piece
+        sim.run_for(every)
+    return bytes(sent)
+
+
+def test_a_flood_in_small_reads_fills_its_datagrams_and_its_tail_follows_soon():
+    """Output arriving 4 KiB at a time (a PTY read) fills whole datagrams: a stream that
+    filled one lately holds a shorter tail up to CORK_SECS for more, where sending every
+    tail alone cost a third more datagrams. The flood's last bytes leave CORK_SECS after
+    the last full datagram at most."""
+    sim = Sim(SimNet(3, delay=0.001))
+    sim.run_for(0.2)
+    sizes = DatagramSizes(sim)
+    sent = flood_in_reads(sim, 300)
+    ended = sim.now
+    sim.run_until(lambda: len(sim.client.received) >= len(sent), limit=ended + 1.0)
+    assert bytes(sim.client.received) == sent
+    full = mt.MAX_DATAGRAM
+    data = [(t, n) for t, n in sizes.sizes if n > 200]  # not the bare ACKs
+    assert sum(n == full for _, n in data) >= 0.95 * len(data)
+    assert max(t for t, _ in data) <= ended + mt.CORK_SECS + 1e-9
+
+
+def test_a_lone_write_leaves_at_once():
+    """A keystroke's echo after a quiet spell, or a prompt after a flood has ended for
+    longer than CORK_SECS, is sent the moment it is written."""
+    sim = Sim(SimNet(3, delay=0.001))
+    sim.run_for(0.2)
+    sizes = DatagramSizes(sim)
+    for _ in range(2):
+        sizes.sizes.clear()
+        written = sim.now
+        sim.server.conn.send(b"x")
+        sim.step()
+        assert [t for t, n in sizes.sizes] == [written]
+        flood_in_reads(sim, 20)
+        sim.run_for(0.1)
 
 
 def test_tail_loss_is_recovered_by_the_retransmission_timer():
