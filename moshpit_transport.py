@@ -310,9 +310,9 @@ COMPETE_ROUNDS = 6  # a queue that outlives this many rounds of draining is not 
 COMPETE_DRAIN_GAIN = 0.5  # while competing, the drain phase: empties a queue of our own
 LOSS_BETA = 0.7  # rate kept after a loss round, while competing
 MAX_LOSS_CREDIT = 0.5  # random loss the rate estimate makes up for (50%: twice the rate)
-# Bytes a stream may hold queued (unsent) before writable() is False: this long at the pacing
-# rate, at least SEND_QUEUE_MIN. Output waiting here would delay the prompt after a Ctrl-C
-# as much as a network queue would.
+# Bytes a stream may hold queued (unsent) before writable() is False: this long at the rate
+# data leaves (Connection._send_rate), at least SEND_QUEUE_MIN. Output waiting here would
+# delay the prompt after a Ctrl-C as much as a network queue would.
 SEND_QUEUE_SECS, SEND_QUEUE_MIN = 0.01, 8 * 1024
 PACING_BURST_PACKETS = 10  # datagrams of the path's size that may leave back to back ...
 PACING_QUANTUM_SECS = 0.005  # ... or this much time's worth at the pacing rate, if more (a
@@ -517,9 +517,9 @@ class CongestionControl:
         self._update_mode(now, inflight)
 
     def _queue_filled(self) -> bool:
-        """STARTUP has filled the pipe: the first HYSTART_SAMPLES RTT samples of this round
-        all exceed the last round's smallest by HyStart++'s threshold (RFC 9406), a queue
-        that grew in one round trip. Waiting for FULL_BW_ROUNDS rounds of flat rate as
+        """STARTUP has filled the pipe: this round's RTT samples so far (HYSTART_SAMPLES at
+        least) all exceed the last round's smallest by HyStart++'s threshold (RFC 9406),
+        a queue that grew in one round trip. Waiting for FULL_BW_ROUNDS rounds of flat rate as
         well would keep STARTUP's gain for rounds that each add to the queue, up to twice
         the path's own RTT, and a Ctrl-C's prompt would wait behind it. Round against
         round, not against min_rtt: a path that just got slower (an old min_rtt) shows
@@ -1734,10 +1734,13 @@ class Connection:
                 continue
             if stream.stream_id in urgent:
                 return True
-            if (room and stream.has_room()
-                    and not stream.tail_waits(now, self._max_payload - DATA_OVERHEAD)):
+            if room and stream.has_room() and not self._tail_waits(stream, now):
                 return True
         return False
+
+    def _tail_waits(self, stream: SendStream, now: float) -> bool:
+        """SendStream.tail_waits, for a datagram of the path's size carrying only data."""
+        return stream.tail_waits(now, self._max_payload - DATA_OVERHEAD)
 
     def _cork_deadline(self) -> Optional[float]:
         """When a tail that waits for more (SendStream.tail_waits) goes anyway."""
@@ -1757,8 +1760,7 @@ class Connection:
     def _app_limited(self, now: float) -> bool:
         """Nothing more to send on any stream (the window is not what holds us back), or
         only a tail that waits for more."""
-        payload = self._max_payload - DATA_OVERHEAD
-        return not any(stream.has_pending() and not stream.tail_waits(now, payload)
+        return not any(stream.has_pending() and not self._tail_waits(stream, now)
                        for stream in self._send_order)
 
     def _next_ping(self) -> float:
