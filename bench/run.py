@@ -148,8 +148,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def interruptible_children() -> None:
+    """Let the shells the servers start be interrupted, whoever started the bench.
+
+    A bench started in the background of a script (``make bench &``, ``nohup``) inherits
+    SIGINT and SIGQUIT ignored, and an ignored signal stays ignored across fork and exec:
+    mosh-server passes it on to its shell, so Ctrl-C never stopped the flood and every mosh
+    Ctrl-C sample timed out.  (moshpit's server resets every signal for its shells, as sshd
+    does, so it hid the fault.)
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    interruptible_children()
     if args.list:
         for name in SCENARIO_NAMES:
             print(name)
