@@ -82,10 +82,6 @@ QUIT_REQUEST_SECS = 2.0  # then (no ack: UDP down) the quit request over TCP, at
 STDIN_CHUNK = 16384
 ERR_FD = 2  # a command's stderr (no PTY) goes to ours
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
-# Server bytes the screen model may be behind while nobody reads it (see ScreenMirror.defer):
-# fewer feeds cost less, but past a few hundred KiB the bytes have left the CPU's cache by
-# the time they are fed (1 MiB cost ~5% more of a flood's client CPU than 256 KiB)
-SCREEN_DEFER_BYTES = 1 << 18
 WRITE_BUFFERS = 64  # chunks of output handed to one writev
 IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
 FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
@@ -747,39 +743,30 @@ class ScreenMirror:
     alternate screen (cleared on entry) is shown. Until then the banner row is only
     erased, as the model would repaint the wrong line there.
 
-    Bytes may be fed late (``defer``): a flood costs the model much less in a few large
-    chunks than in one small chunk per loop pass (only the rows that still show are
-    built). Every question below first feeds what waits, so the answers are exact;
-    whoever reads ``term`` directly (prediction) calls ``catch_up`` first.
+    Bytes may be fed late (``defer``, a moshpit_term.LateFeed): a flood costs the model
+    much less in a few large chunks than in one small chunk per loop pass. Every question
+    below first feeds what waits, so the answers are exact; whoever reads ``term`` directly
+    (prediction) calls ``catch_up`` first.
     """
 
     def __init__(self, rows: int, cols: int):
-        self.term = moshpit_term.Terminal(rows, cols, history_limit=0)
-        self._unfed: list = []  # chunks (joined once: no regrowing buffer)
-        self._unfed_bytes = 0
+        self.unfed = moshpit_term.LateFeed(moshpit_term.Terminal(rows, cols, history_limit=0))
+        self.term = self.unfed.term
 
     def feed(self, data: bytes) -> None:
         self.catch_up()
         self.term.feed(data)
 
     def defer(self, chunks: list) -> None:
-        """Feed ``chunks`` (bytes) later: at the next question, or once SCREEN_DEFER_BYTES
-        wait."""
-        self._unfed += chunks
-        self._unfed_bytes += sum(map(len, chunks))
-        if self._unfed_bytes >= SCREEN_DEFER_BYTES:
-            self.catch_up()
+        """Feed ``chunks`` (bytes) later: at the next question, or once enough wait."""
+        self.unfed.add(chunks)
 
     def behind(self) -> bool:
         """Deferred bytes wait to be fed."""
-        return bool(self._unfed)
+        return self.unfed.waiting > 0
 
     def catch_up(self) -> None:
-        if self._unfed:
-            data = b"".join(self._unfed)
-            self._unfed.clear()
-            self._unfed_bytes = 0
-            self.term.feed(data)
+        self.unfed.catch_up()
 
     @property
     def main_aligned(self) -> bool:

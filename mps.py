@@ -447,12 +447,9 @@ MAX_PENDING_INPUT = 1 << 20  # client input held for a shell that is not reading
 # Lines scrolled off the screen sent with a takeover's repaint (they land in the new
 # terminal's native scrollback); the model keeps no more (memory, and a cheaper feed).
 REPAINT_HISTORY_LINES = 200
-# The screen model is fed in chunks this large while output flows, and with whatever is left
-# once the loop is idle: a call costs about a screen of rows, so feeding each read (or at
-# each ack) would cost twice the CPU per MB; it only has to be current for a takeover or a
-# listing, which feed the rest first. Not larger: past a few hundred KiB the bytes have left
-# the CPU's cache by the time they are fed (1 MiB cost ~7% more of a flood's server CPU).
-SCREEN_FEED_BYTES = 1 << 18
+# The screen model is fed late (moshpit_term.LateFeed) while output flows, and with whatever
+# is left once the loop is idle: feeding each read (or at each ack) would cost twice the CPU
+# per MB; it only has to be current for a takeover or a listing, which feed the rest first.
 SCREEN_FEED_SECS = 0.05  # the PTY quiet this long: the rest is fed (mp --list's title)
 # A client heard within this is listed as attached: it pings every KEEPALIVE_SECS, so two
 # missed pings mean it is gone (killed, asleep, off the network).
@@ -557,10 +554,7 @@ class Session:
         self._to_pty = bytearray()  # client input not yet taken by the PTY
         self._shell_status: Optional[int] = None  # set once the shell is reaped
         self.screen = moshpit_term.Terminal(shell.rows, shell.cols, REPAINT_HISTORY_LINES)
-        # PTY output sent to the client, not yet fed to the screen: chunks, joined once when
-        # fed (a buffer grown to a MB and copied out cost a copy and fresh pages more)
-        self._unfed: list = []
-        self._unfed_bytes = 0
+        self._unfed = moshpit_term.LateFeed(self.screen)  # PTY output sent, not yet fed
         self._output_at = 0.0  # monotonic time of the latest PTY output
         self.started = time.time()
         self.last_activity = self.started  # wall clock of the latest input or output
@@ -729,8 +723,8 @@ class Session:
                     self.channels.sync_selector(sel)
                 ready = sel.select(self._timeout(now))
                 now = time.monotonic()
-                if self._unfed and not ready and now - self._output_at >= SCREEN_FEED_SECS:
-                    self._feed_screen()  # output paused: catch up (a flood: in large chunks)
+                if self._unfed.waiting and not ready and now - self._output_at >= SCREEN_FEED_SECS:
+                    self._unfed.catch_up()  # output paused: catch up (a flood: in large chunks)
                 for key, events in ready:
                     if key.data == moshpit_channels.SELECTOR_TAG:
                         continue  # after the session's events, below
@@ -815,7 +809,7 @@ class Session:
         wait = self.link.timeout(now)
         polled = self._shell_status is None and not self.reap_on_signal
         for limit in (CHILD_POLL_SECS if polled else None,
-                      SCREEN_FEED_SECS if self._unfed else None,
+                      SCREEN_FEED_SECS if self._unfed.waiting else None,
                       self.channels.timeout(now) if self.channels is not None else None):
             if limit is not None:
                 wait = limit if wait is None else min(wait, limit)
@@ -838,7 +832,7 @@ class Session:
             elif isinstance(message, _TakeOver):
                 self._take_over(message, now)
             elif isinstance(message, _Describe):
-                self._feed_screen()
+                self._unfed.catch_up()
                 message.info = self._info()
                 message.done.set()
             elif isinstance(message, _EndRequest):
@@ -861,7 +855,7 @@ class Session:
         if self.core.ending:
             message.done.set()  # recv_offset None: the session is over
             return
-        self._feed_screen()
+        self._unfed.catch_up()
         self._resize(message.rows, message.cols)
         screen = self._repaint()
         reason = f"session taken over from {moshpit.format_addr(message.peer)}"
@@ -887,16 +881,10 @@ class Session:
         return REPAINT_TOO_LARGE
 
     def _resize(self, rows: int, cols: int) -> None:
-        self._feed_screen()  # the output so far was written for the old size
+        self._unfed.catch_up()  # the output so far was written for the old size
         self.shell.resize(rows, cols)
         self.screen.resize(rows, cols)
 
-    def _feed_screen(self) -> None:
-        if self._unfed:
-            data = b"".join(self._unfed)
-            self._unfed.clear()
-            self._unfed_bytes = 0
-            self.screen.feed(data)
 
     def _handle_events(self, now: float) -> None:
         while True:
@@ -962,11 +950,8 @@ class Session:
         """Output the shell wrote: to the client, and to the screen model (in large chunks)."""
         self.core.pty_output(data, now)
         if self.shell.is_pty:  # a command's piped bytes are not a screen
-            self._unfed.append(data)
-            self._unfed_bytes += len(data)
+            self._unfed.add((data,))
             self._output_at = now
-            if self._unfed_bytes >= SCREEN_FEED_BYTES:
-                self._feed_screen()
         self.last_activity = time.time()
 
     def _check_shell(self, now: float) -> None:

@@ -201,9 +201,9 @@ def test_mirror_fed_late_answers_as_if_fed_at_once(tail):
 def test_mirror_defers_at_most_a_bound():
     late = mp.ScreenMirror(24, 80)
     line = b"y" * 98 + b"\r\n"
-    for _ in range(mp.SCREEN_DEFER_BYTES // len(line) + 1):
+    for _ in range(late.unfed.limit // len(line) + 1):
         late.defer([line])
-    assert late._unfed_bytes < mp.SCREEN_DEFER_BYTES
+    assert late.unfed.waiting < late.unfed.limit
     assert late.term.scroll_count > 0, "the model caught up once the bound was reached"
 
 
