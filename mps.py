@@ -383,6 +383,10 @@ class PtyShell:
                     os.killpg(self.pid, sig)
                 except ProcessLookupError:
                     break
+        # --- login records: the logout, before the master goes (as sshd does): once it is
+        # closed another login may get this tty, and a logout written after that login
+        # would blank its utmp entry: `who` would not show it.
+        self._logged_out()
         if self.master_fd is not None:
             self._close_master(self.master_fd)
             self.master_fd = None
@@ -393,7 +397,6 @@ class PtyShell:
             log.warning("shell %d of %s ignored SIGHUP: killing it", self.pid, self.user)
             self.proc.kill()
             self.proc.wait(HANGUP_GRACE_SECS)
-        self._logged_out()  # --- login records: the logout ---
 
     def _logged_out(self) -> None:
         logout, self.logout = self.logout, lambda: None
