@@ -717,12 +717,24 @@ class TerminalWriter(OutputQueue):
         while batch:
             written = os.writev(self.fd, batch)  # all of it, unless a signal came
             with self._cond:
+                was = self.size
                 self.size -= written
                 self._cond.notify_all()
+            if was >= OUTPUT_HIGH_WATER > was - written:
+                self._waker.wake()  # the loop stopped reading the network while this far behind
             while batch and written >= len(batch[0]):
                 written -= len(batch.pop(0))
             if written:
                 batch[0] = batch[0][written:]
+
+
+def output_queue(out_fd: int, is_terminal: bool, waker: Waker) -> OutputQueue:
+    """The queue for the session's output to ``out_fd``: a terminal is written by a
+    TerminalWriter; a pipe or file (a command's output, which a second open could not
+    append to), or a terminal that cannot be opened again, by the loop when select says
+    it takes more. (Not ``writer or OutputQueue()``: an empty queue is false.)"""
+    writer = TerminalWriter.open(out_fd, waker) if is_terminal else None
+    return writer if writer is not None else OutputQueue()
 
 
 class ScreenMirror:
@@ -1167,9 +1179,7 @@ class Session:
         if self.out_is_tty and os.isatty(in_fd) and config["predict"] != "never":
             import moshpit_predict
             self.predictor = moshpit_predict.Predictor(self.screen.term, config["predict"])
-        # The terminal is written from a thread; a pipe or file (a command's output, which a
-        # second open could not append to) by the loop, when select says it takes more.
-        self.out = (self.out_is_tty and TerminalWriter.open(out_fd, waker)) or OutputQueue()
+        self.out = output_queue(out_fd, self.out_is_tty, waker)
         self.err = bytearray()  # a command's stderr (no PTY), for our stderr
         self._waiting = None  # what select waits for, while only output is written (_wait_sets)
         self.stdin_open = not target.no_command  # -N: nothing to type into
@@ -1219,6 +1229,7 @@ class Session:
         """An error ended the loop: still turn off what the session turned on (best effort,
         what the terminal has not taken of the output is dropped)."""
         if self.out_is_tty:
+            self.out.clear()  # (the writer's thread would write it after the reset)
             try:
                 os.write(self.out_fd, self.screen.end_open_sequence() +
                          self.screen.reset_sequence())
@@ -1397,8 +1408,7 @@ class Session:
                 self._catch_up_screen()
                 self.predictor.set_srtt(self.core.conn.srtt)
                 self.out += self.predictor.keys(data, self.core.input_offset, time.monotonic())
-                if self.out:
-                    self._write_out()  # shown before the packet is built: the point of it
+                self._write_pending()  # shown before the packet is built: the point of it
         if self.escape.suspend_requested and not quit_requested:
             self.escape.suspend_requested = False
             self._suspend()

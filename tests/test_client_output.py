@@ -174,6 +174,34 @@ def test_terminal_writer_reports_a_terminal_that_went_away(terminal):
     writer.drain(5.0)  # returns at once: nothing will ever be taken
 
 
+def test_terminal_writer_wakes_the_loop_once_no_longer_far_behind(terminal, monkeypatch):
+    """The loop stops reading the network while the terminal is OUTPUT_HIGH_WATER behind,
+    and has nothing else to wake it then: the writer wakes it on the way back down."""
+    monkeypatch.setattr(mp, "OUTPUT_HIGH_WATER", 64 * 1024)
+    writer = mp.TerminalWriter.open(terminal.slave, terminal.waker)
+    writer.extend([b"b" * 1000] * 200)
+    writer.drain(0.2)  # the PTY is full and nobody reads
+    assert writer.size >= mp.OUTPUT_HIGH_WATER
+    assert not select.select([terminal.waker], [], [], 0)[0], "woken while far behind"
+    while writer.size >= mp.OUTPUT_HIGH_WATER:
+        terminal.read(65536)
+    assert select.select([terminal.waker], [], [], 5.0)[0], "the loop was not woken"
+    writer.clear()
+
+
+def test_the_session_writes_a_terminal_from_the_writer_and_a_pipe_itself(terminal):
+    writer = mp.output_queue(terminal.slave, True, terminal.waker)
+    assert isinstance(writer, mp.TerminalWriter)  # (empty, and so false, at first)
+    reader, pipe_fd = os.pipe()
+    try:
+        for is_terminal in (True, False):  # a pipe, told a terminal or not
+            queue = mp.output_queue(pipe_fd, is_terminal, terminal.waker)
+            assert type(queue) is mp.OutputQueue and queue.polled
+    finally:
+        for fd in (reader, pipe_fd):
+            os.close(fd)
+
+
 def test_terminal_writer_is_for_terminals_only():
     reader, writer_fd = os.pipe()
     waker = mp.Waker()

@@ -171,15 +171,27 @@ def test_typeahead_before_connect_is_kept(server, tmp_path):
         assert term.wait(20) == QUIT_STATUS
 
 
+def bytes_written_by_threads(pid: int) -> dict:
+    """{thread id: bytes it has written} for each thread of ``pid`` (/proc's wchar)."""
+    written = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/io") as f:
+            fields = dict(line.split(": ") for line in f.read().splitlines())
+        written[int(tid)] = int(fields["wchar"])
+    return written
+
+
 @pytest.mark.timeout(150)
 def test_bulk_output_arrives_exactly(server, tmp_path):
     """3 MB through a PTY that accepts a few KB at a time: partial writes and EAGAIN on
-    stdout lose or repeat nothing."""
+    stdout lose or repeat nothing. The terminal writer's thread wrote them, not the loop."""
     with start_client(server, tmp_path) as term:
         wait_shell(term)
         term.send("head -c 3000000 /dev/zero | tr '\\0' x; echo $((6000+6))\r")
         out = term.read_until(b"6006\r\n", 120)  # plain bytes: a regex would rescan 3 MB
         assert max(len(run) for run in re.findall(rb"x+", out)) == 3000000
+        written = bytes_written_by_threads(term.pid)
+        assert sum(n for tid, n in written.items() if tid != term.pid) >= 3000000, written
         term.send(QUIT)
         assert term.wait(20) == QUIT_STATUS
 
