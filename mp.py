@@ -83,6 +83,7 @@ STDIN_CHUNK = 16384
 ERR_FD = 2  # a command's stderr (no PTY) goes to ours
 OUTPUT_HIGH_WATER = 1 << 20  # local terminal this far behind: stop reading the network
 WRITE_BUFFERS = 64  # chunks of output handed to one writev
+DIRECT_WRITE_MAX = 4096  # output this small, with the terminal writer idle: the loop writes it
 IDLE_WAKE_SECS = 60.0  # the loop wakes at least this often, whatever its timers say
 FINAL_ACKS_SECS = 0.5  # at the end: at most this long for the last acks to go out
 FINAL_OUTPUT_SECS = 3.0  # ... and for the local terminal to take the rest of the output
@@ -648,13 +649,18 @@ class TerminalWriter(OutputQueue):
     session reads and writes share one non-blocking flag (stdin's too). The loop queues
     with ``+=`` and ``extend``, reads ``size`` (what is queued or being written), waits
     with ``drain``, and learns from ``failed`` (after a wake-up) that the terminal is gone.
-    ``clear`` drops what waits; a write in progress still ends."""
+    ``clear`` drops what waits; a write in progress still ends. While nothing is queued
+    or being written, ``+=`` and ``extend`` write a little output (DIRECT_WRITE_MAX) at
+    once themselves, through a third, non-blocking open: a keystroke's echo then waits
+    for no thread switch. A flood's output is left to the thread: written from the loop
+    whenever the queue ran dry, it cost bulk_20mb 6% more client CPU."""
 
     polled = False
 
-    def __init__(self, fd: int, waker: Waker) -> None:
+    def __init__(self, fd: int, waker: Waker, direct_fd: int) -> None:
         super().__init__()
         self.fd = fd
+        self.direct_fd = direct_fd
         self._waker = waker
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="terminal", daemon=True).start()
@@ -663,24 +669,45 @@ class TerminalWriter(OutputQueue):
     def open(cls, out_fd: int, waker: Waker) -> Optional[TerminalWriter]:
         """A writer for terminal ``out_fd``, or None if it cannot be opened again (a
         terminal owned by another user, a system without /dev/pts names)."""
+        flags = os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC
         try:
-            fd = os.open(os.ttyname(out_fd), os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+            name = os.ttyname(out_fd)
+            fd = os.open(name, flags)
         except OSError:
             return None
-        return cls(fd, waker)
+        try:
+            direct_fd = os.open(name, flags | os.O_NONBLOCK)
+        except OSError:
+            os.close(fd)
+            return None
+        return cls(fd, waker, direct_fd)
 
     def __iadd__(self, data) -> TerminalWriter:
         if data:  # (nothing to wake the thread for: the loop adds b"" on most passes)
-            with self._cond:
-                super().__iadd__(data)
-                self._cond.notify()
+            self.extend([bytes(data)])
         return self
 
     def extend(self, chunks: list) -> None:
         if chunks:
             with self._cond:
+                if not self.size and sum(map(len, chunks)) <= DIRECT_WRITE_MAX:
+                    chunks = self._write_now(chunks)
                 super().extend(chunks)
                 self._cond.notify()
+
+    def _write_now(self, chunks: list) -> list:
+        """With nothing queued or being written, write what the terminal takes at once
+        from the loop: a keystroke's echo then waits for no thread switch. Returns what
+        is left for the thread."""
+        try:
+            written = os.writev(self.direct_fd, chunks[:WRITE_BUFFERS])
+        except OSError:
+            return chunks  # full (or gone: the thread finds out and says so)
+        for index, chunk in enumerate(chunks):
+            if written < len(chunk):
+                return [chunk[written:], *chunks[index + 1:]]
+            written -= len(chunk)
+        return []
 
     def clear(self) -> None:
         with self._cond:

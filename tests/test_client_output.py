@@ -145,6 +145,22 @@ def test_terminal_writer_writes_everything_in_order_to_a_slow_terminal(terminal)
     assert writer.size == 0 and not writer and not writer.failed
 
 
+def test_an_idle_terminal_writer_writes_at_once_from_the_loop(terminal):
+    """A keystroke's echo waits for no thread switch: it is on the terminal when ``+=``
+    returns. Behind it, what waits keeps its place."""
+    writer = mp.TerminalWriter.open(terminal.slave, terminal.waker)
+    writer += b"k"
+    assert writer.size == 0 and select.select([terminal.master], [], [], 0)[0]
+    assert terminal.read(10) == b"k"
+    tail = os.urandom(300_000)  # more than the PTY holds: the thread writes the rest
+    writer.extend([b"head", tail])
+    writer += b"end"
+    got = bytearray()
+    while len(got) < 4 + len(tail) + 3:
+        got += terminal.read(65536)
+    assert bytes(got) == b"head" + tail + b"end"
+
+
 def test_terminal_writer_drain_waits_and_clear_drops_what_waits(terminal):
     writer = mp.TerminalWriter.open(terminal.slave, terminal.waker)
     writer.extend([b"a" * 1000] * 200)  # more than the PTY holds: the thread's write blocks

@@ -184,14 +184,15 @@ def bytes_written_by_threads(pid: int) -> dict:
 @pytest.mark.timeout(150)
 def test_bulk_output_arrives_exactly(server, tmp_path):
     """3 MB through a PTY that accepts a few KB at a time: partial writes and EAGAIN on
-    stdout lose or repeat nothing. The terminal writer's thread wrote them, not the loop."""
+    stdout lose or repeat nothing. The terminal writer's thread wrote most of them: the loop
+    writes only what the terminal takes at once while the writer is idle."""
     with start_client(server, tmp_path) as term:
         wait_shell(term)
         term.send("head -c 3000000 /dev/zero | tr '\\0' x; echo $((6000+6))\r")
         out = term.read_until(b"6006\r\n", 120)  # plain bytes: a regex would rescan 3 MB
         assert max(len(run) for run in re.findall(rb"x+", out)) == 3000000
         written = bytes_written_by_threads(term.pid)
-        assert sum(n for tid, n in written.items() if tid != term.pid) >= 3000000, written
+        assert sum(n for tid, n in written.items() if tid != term.pid) >= 1500000, written
         term.send(QUIT)
         assert term.wait(20) == QUIT_STATUS
 
