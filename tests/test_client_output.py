@@ -223,8 +223,8 @@ def test_terminal_writer_is_for_terminals_only():
     waker = mp.Waker()
     try:
         assert mp.TerminalWriter.open(writer_fd, waker) is None  # a pipe: the loop writes it
-        with pytest.raises(TypeError):
-            mp.TerminalWriter(writer_fd, waker).write_to(writer_fd)
+        with pytest.raises(TypeError, match="thread writes"):
+            mp.TerminalWriter(writer_fd, waker, writer_fd).write_to(writer_fd)
     finally:
         for fd in (reader, writer_fd):
             os.close(fd)
