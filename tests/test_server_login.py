@@ -220,6 +220,56 @@ def test_who_last_lastlog_and_loginuid(tmp_path, users, utmp):
             assert tty in out and "127.0.0.1" in out
 
 
+def test_a_shell_that_ignores_the_hangup_cannot_hide_the_next_login_on_its_tty(tmp_path, users,
+                                                                             utmp):
+    """The attack: alice's shell ignores SIGHUP and lets go of its terminal, so the tty is
+    free the moment mps closes the PTY master, while mps still waits HANGUP_GRACE_SECS for
+    the shell to exit. Bob's login then gets that tty. A logout record written after that
+    wait (mps did so until 61d5705) blanks bob's utmp entry, and `who` no longer shows him:
+    the logout must be written before the master closes, as sshd does."""
+    alice, bob = users.user(), users.user()
+    with MpsServer(tmp_path, authorized_keys_file=False, settings=NO_PAM,
+                   udp_ports=4) as server:
+        for user in (alice, bob):
+            authorize(user, server.client_key)
+        for _ in range(5):  # another test may take the freed tty first: try again
+            tty, pid, killed = _quit_leaving_a_shell_that_ignores_the_hangup(server, alice)
+            with TestClient.for_server(server, user=bob.pw_name).connect() as client:
+                if client.run("tty") != f"/dev/{tty}":
+                    continue
+                wait_for(lambda: server.log().count(GAVE_UP) > killed, 15,  # noqa: B023
+                         "mps to give up waiting for alice's shell")
+                wait_for(lambda: not pid_alive(pid), 10, "alice's shell to be killed")  # noqa: B023
+                assert [line.split()[1] for line in who(bob.pw_name)] == [tty], \
+                    "the late logout of the tty's last user blanked bob's login record"
+                return
+        pytest.skip("the tty alice's session freed went to another test's PTY every time")
+
+
+GAVE_UP = "ignored SIGHUP: killing it"  # mps's log, HANGUP_GRACE_SECS after the hangup
+
+
+def _quit_leaving_a_shell_that_ignores_the_hangup(server, user) -> tuple:
+    """Log ``user`` in, turn the shell (same pid: the one mps waits for) into a process that
+    ignores SIGHUP and has no descriptor on its tty, and quit. (tty, shell pid, how many
+    times the server's log said GAVE_UP before.)"""
+    with TestClient.for_server(server, user=user.pw_name).connect() as client:
+        tty = client.run("tty")[len("/dev/"):]
+        client.send("exec sh -c \"trap '' HUP; exec sleep 60 </dev/null >/dev/null 2>&1\"\n")
+        pid = int(re.findall(rf"started for {user.pw_name} .*shell pid (\d+)\)",
+                             server.log())[-1])
+        wait_for(lambda: not _tty_fds(pid), 10, "the shell to let go of its tty")
+        killed = server.log().count(GAVE_UP)
+        client.quit()
+    return tty, pid, killed
+
+
+def _tty_fds(pid: int) -> list:
+    """What process ``pid`` has open on a /dev/pts tty."""
+    paths = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    return [path for path in paths if path.startswith("/dev/pts/")]
+
+
 def test_records_of_sessions_that_ended_while_mps_was_down_are_closed(tmp_path, users,
                                                                       utmp):
     alice = users.user()
