@@ -254,11 +254,14 @@ def _quit_leaving_a_shell_that_ignores_the_hangup(server, user) -> tuple:
     """Log ``user`` in, turn the shell (same pid: the one mps waits for) into a process that
     ignores SIGHUP and has no descriptor on its tty, and quit. (tty, shell pid, how many
     times the server's log said GAVE_UP before.)"""
+    started = re.compile(rf"started for {user.pw_name} .*shell pid (\d+)\)")
+    before = len(started.findall(server.log()))
     with TestClient.for_server(server, user=user.pw_name).connect() as client:
         tty = client.run("tty")[len("/dev/"):]
         client.send("exec sh -c \"trap '' HUP; exec sleep 60 </dev/null >/dev/null 2>&1\"\n")
-        pid = int(re.findall(rf"started for {user.pw_name} .*shell pid (\d+)\)",
-                             server.log())[-1])
+        pids = wait_for(lambda: started.findall(server.log())[before:], 10,
+                        "the server's log to name the shell")  # (written a moment later)
+        pid = int(pids[0])
         wait_for(lambda: not _tty_fds(pid), 10, "the shell to let go of its tty")
         killed = server.log().count(GAVE_UP)
         client.quit()
