@@ -175,8 +175,11 @@ def bytes_written_by_threads(pid: int) -> dict:
     """{thread id: bytes it has written} for each thread of ``pid`` (/proc's wchar)."""
     written = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/io") as f:
-            fields = dict(line.split(": ") for line in f.read().splitlines())
+        try:
+            with open(f"/proc/{pid}/task/{tid}/io") as f:
+                fields = dict(line.split(": ") for line in f.read().splitlines())
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
         written[int(tid)] = int(fields["wchar"])
     return written
 
