@@ -703,11 +703,7 @@ class TerminalWriter(OutputQueue):
             written = os.writev(self.direct_fd, chunks[:WRITE_BUFFERS])
         except OSError:
             return chunks  # full (or gone: the thread finds out and says so)
-        for index, chunk in enumerate(chunks):
-            if written < len(chunk):
-                return [chunk[written:], *chunks[index + 1:]]
-            written -= len(chunk)
-        return []
+        return _unwritten(chunks, written)
 
     def clear(self) -> None:
         with self._cond:
@@ -749,10 +745,16 @@ class TerminalWriter(OutputQueue):
                 self._cond.notify_all()
             if was >= OUTPUT_HIGH_WATER > was - written:
                 self._waker.wake()  # the loop stopped reading the network while this far behind
-            while batch and written >= len(batch[0]):
-                written -= len(batch.pop(0))
-            if written:
-                batch[0] = batch[0][written:]
+            batch = _unwritten(batch, written)
+
+
+def _unwritten(buffers: list, written: int) -> list:
+    """What is left of ``buffers`` after a writev that took ``written`` bytes of them."""
+    for index, buffer in enumerate(buffers):
+        if written < len(buffer):
+            return [buffer[written:], *buffers[index + 1:]]
+        written -= len(buffer)
+    return []
 
 
 def output_queue(out_fd: int, is_terminal: bool, waker: Waker) -> OutputQueue:

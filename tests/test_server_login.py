@@ -189,10 +189,18 @@ def last(user: str) -> list:
     return [line for line in out.splitlines() if line.split()[:1] == [user]]
 
 
-def shell_pid(server, user: str) -> int:
-    match = re.search(rf"started for {user} from \S+ \(udp port \d+, shell pid (\d+)\)",
-                      server.wait_log(f"started for {user} from"))
-    return int(match.group(1))
+def shell_pid(server, user: str, earlier: int = 0) -> int:
+    """The pid of the user's shell that the server's log names after ``earlier`` others (mps
+    logs a session's start a moment after its session is running)."""
+    pids = wait_for(lambda: started_shells(server, user)[earlier:], 10,
+                    f"the server's log to name {user}'s shell")
+    return int(pids[0])
+
+
+def started_shells(server, user: str) -> list:
+    """The pids of the user's shells, as the server's log names them, in order."""
+    return re.findall(rf"started for {user} from \S+ \(udp port \d+, shell pid (\d+)\)",
+                      server.log())
 
 
 def test_who_last_lastlog_and_loginuid(tmp_path, users, utmp):
@@ -254,14 +262,11 @@ def _quit_leaving_a_shell_that_ignores_the_hangup(server, user) -> tuple:
     """Log ``user`` in, turn the shell (same pid: the one mps waits for) into a process that
     ignores SIGHUP and has no descriptor on its tty, and quit. (tty, shell pid, how many
     times the server's log said GAVE_UP before.)"""
-    started = re.compile(rf"started for {user.pw_name} .*shell pid (\d+)\)")
-    before = len(started.findall(server.log()))
+    earlier = len(started_shells(server, user.pw_name))
     with TestClient.for_server(server, user=user.pw_name).connect() as client:
         tty = client.run("tty")[len("/dev/"):]
         client.send("exec sh -c \"trap '' HUP; exec sleep 60 </dev/null >/dev/null 2>&1\"\n")
-        pids = wait_for(lambda: started.findall(server.log())[before:], 10,
-                        "the server's log to name the shell")  # (written a moment later)
-        pid = int(pids[0])
+        pid = shell_pid(server, user.pw_name, earlier)
         wait_for(lambda: not _tty_fds(pid), 10, "the shell to let go of its tty")
         killed = server.log().count(GAVE_UP)
         client.quit()
