@@ -10,6 +10,7 @@ import socket
 import stat
 
 import pytest
+from proc_util import wait_for
 from server_util import MpsServer, make_key, run_mps
 
 pytestmark = pytest.mark.timeout(60)
@@ -195,7 +196,8 @@ def test_stderr_only_with_e(tmp_path):
         assert server.stderr() == ""
     with MpsServer(tmp_path / "loud", args=["-e"]) as server:
         server.wait_log("listening on")
-        assert "listening on" in server.stderr()
+        # (each record goes to the log file first, then to stderr: wait for the second)
+        wait_for(lambda: "listening on" in server.stderr(), 10, "the ready line on stderr")
 
 
 # -- listener and signals ---------------------------------------------------------------
