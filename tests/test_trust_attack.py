@@ -124,8 +124,12 @@ def test_flipping_authorized_keys_gains_nothing(tmp_path, users):
     mallory, alice = users.user(), users.user()
     # Penalties and the start-up rate limit would refuse most of the burst at accept(); turned
     # off, every handshake reaches the authorized_keys read that the attack races against.
+    # The per-source and MaxStartups caps go up to the hard cap too: a client sees its refusal
+    # before the server's thread has released the slot, so on a loaded machine a few threads
+    # of ended handshakes could fill 8 slots and turn a reconnect away as "server busy".
     settings = {"mps.handshake_timeout_secs": SERVER_DEADLINE_SECS, "verbose": 0,
-                "mps.source_penalties": "no", "mps.max_startups_per_sec": 0}
+                "mps.source_penalties": "no", "mps.max_startups_per_sec": 0,
+                "mps.max_handshakes_per_source": 64, "mps.max_startups": "64:0:64"}
     with MpsServer(tmp_path, authorized_keys_file=False, settings=settings) as server:
         attacker_key = make_key(os.path.join(server.dir, "mallory_id"), "mallory")
         # A root-only file that would let mallory in, were root to read it for her.
