@@ -15,7 +15,7 @@ import sys
 import pytest
 import moshpit_login
 from moshpit_handshake import PERMISSION_DENIED, AuthRefused
-from proc_util import parent_pid, pid_alive, wait_for
+from proc_util import open_fds, parent_pid, pid_alive, wait_for
 from server_util import MpsServer, TestClient
 from test_client_messages import run_in_pty
 from test_client_session import MP
@@ -275,8 +275,7 @@ def _quit_leaving_a_shell_that_ignores_the_hangup(server, user) -> tuple:
 
 def _tty_fds(pid: int) -> list:
     """What process ``pid`` has open on a /dev/pts tty."""
-    paths = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-    return [path for path in paths if path.startswith("/dev/pts/")]
+    return [path for path in open_fds(pid).values() if path.startswith("/dev/pts/")]
 
 
 def test_records_of_sessions_that_ended_while_mps_was_down_are_closed(tmp_path, users,
