@@ -1830,12 +1830,31 @@ class Terminal:
         out.append(("\x0f", "\x0e", ESC + "n", ESC + "o")[gl] if gl else "")
         return "".join(out)
 
-    def _saved_text(self, saved: _Saved) -> str:
-        """Bytes that leave a terminal in the state DECSC saved (position, pen, charsets)."""
+    def _saved_text(self, buffer: _Buffer) -> str:
+        """Bytes that leave a terminal in the state DECSC saved on ``buffer`` (origin mode,
+        position, pending wrap, pen, charsets), written while that buffer is shown, its
+        scroll region the whole screen, IRM off and G0 ASCII, as the serializer leaves them."""
+        saved = buffer.saved
+        out = f"{CSI}?6h" if saved.origin else ""  # (first: it homes the cursor)
+        if saved.wrap_pending and saved.x == self.cols - 1:
+            out += self._pending_wrap_text(buffer, saved.y, saved.y)
+        else:
+            out += self._cup(saved.y, saved.x)
         pen = self.sgr(saved.pen)
-        return (self._cup(saved.y, saved.x) + f"{CSI}0{';' if pen else ''}{pen}m"
-                + self._charset_text(saved.charsets, saved.gl)
-                + (f"{CSI}?6h{self._cup(saved.y, saved.x)}" if saved.origin else ""))
+        return (out + f"{CSI}0{';' if pen else ''}{pen}m"
+                + self._charset_text(saved.charsets, saved.gl))
+
+    def _pending_wrap_text(self, buffer: _Buffer, y: int, row: int) -> str:
+        """Bytes that leave the cursor in the last column of ``buffer``'s line ``y`` with a
+        wrap pending, by printing that line's last glyph again (``row``: ``y`` as CUP
+        addresses it)."""
+        line = buffer.lines[y]
+        col = self.cols - 1
+        if line.chars[col] == "" and col:
+            col -= 1  # the right half of a wide glyph
+        char = line.chars[col] or " "
+        pen = self.sgr(line.attrs[col])
+        return f"{self._cup(row, col)}{CSI}0{';' if pen else ''}{pen}m{char}"
 
     def _kitty_text(self, buffer: _Buffer) -> str:
         return "".join(f"{CSI}>{flags}u" for flags in buffer.kitty_flags)
@@ -1859,7 +1878,7 @@ class Terminal:
         reset_charsets = f"{CSI}?6l{ESC}(B{ESC})B{ESC}*B{ESC}+B\x0f"
         if self.buf is self.alt:
             if self.main.saved is not None:
-                out.append(self._saved_text(self.main.saved))
+                out.append(self._saved_text(self.main))
             # 1049 saves the cursor the application gets back on exit; without a saved one
             # (it came in with 47/1047), 1047 switches screens saving nothing
             switch = 1049 if self.main.saved is not None else 1047
@@ -1870,9 +1889,9 @@ class Terminal:
                     out.append(self._cup(row, 0) + text)
             out.append(self._kitty_text(self.alt))
             if self.alt.saved is not None:
-                out.append(self._saved_text(self.alt.saved) + ESC + "7" + reset_charsets)
+                out.append(self._saved_text(self.alt) + ESC + "7" + reset_charsets)
         elif self.main.saved is not None:
-            out.append(self._saved_text(self.main.saved) + ESC + "7" + reset_charsets)
+            out.append(self._saved_text(self.main) + ESC + "7" + reset_charsets)
         if (self.top, self.bottom) != (0, self.rows - 1):
             out.append(f"{CSI}{self.top + 1};{self.bottom + 1}r")
         if self.tabs != set(range(8, self.cols, 8)):
@@ -1904,13 +1923,7 @@ class Terminal:
             out.append(f"{CSI}?6h")
         row = self.y - self.top if self.origin_mode else self.y
         if self.wrap_pending:
-            line = self.buf.lines[self.y]
-            col = self.cols - 1
-            if line.chars[col] == "" and col:
-                col -= 1
-            char = line.chars[col] or " "
-            pen = self.sgr(line.attrs[col])
-            out.append(f"{self._cup(row, col)}{CSI}0{';' if pen else ''}{pen}m{char}")
+            out.append(self._pending_wrap_text(self.buf, self.y, row))
         else:
             out.append(self._cup(row, self.x))
         pen = self.sgr(self.pen)

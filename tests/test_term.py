@@ -349,8 +349,11 @@ def visible_state(term: mterm.Terminal) -> dict:
     state["kitty"] = (term.main.kitty_flags, term.alt.kitty_flags if term.alt_screen else [])
     if term.alt_screen:
         state["alt"] = screen_state(term, term.alt)
+    # An alternate screen not shown is not carried, its saved cursor no more than its cells
+    # (only an application that comes back with 47/1047 and DECRC without a DECSC could
+    # tell: the copy's cursor goes home).
     for name, buffer in (("main saved", term.main), ("alt saved", term.alt)):
-        if buffer.saved is not None:
+        if buffer.saved is not None and (buffer is term.main or term.alt_screen):
             state[name] = buffer.saved._replace(pen=term.sgr(buffer.saved.pen))
     return state
 
@@ -589,6 +592,19 @@ def test_fuzz_long_random_streams_stay_fast_and_sane():
 # ---------------------------------------------------------------------------
 # Serialization details
 # ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("screen", [b"", b"\x1b[?1049h"])
+def test_serialize_keeps_the_pending_wrap_of_a_saved_cursor(screen):
+    """DECSC right after a glyph went into the last column saves the pending wrap: after
+    DECRC the next glyph starts the next line, on the copy as on the original (the copy
+    had the cursor stay on the last column and overwrote it)."""
+    term = fed(screen + b"\x1b[2;1H0123456789\x1b7\x1b[H")
+    copy = fed(term.serialize())
+    for each in (term, copy):
+        each.feed(b"\x1b8X")
+    assert term.display()[1:3] == ["0123456789", "X"]
+    assert copy.display() == term.display() and copy.cursor == term.cursor
+
 
 def test_serialize_puts_history_first_and_restores_main_under_the_app():
     term = fed(b"".join(b"%d\r\n" % i for i in range(9)) + b"\x1b[?1049hAPP")
