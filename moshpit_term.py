@@ -1836,25 +1836,27 @@ class Terminal:
         scroll region the whole screen, IRM off and G0 ASCII, as the serializer leaves them."""
         saved = buffer.saved
         out = f"{CSI}?6h" if saved.origin else ""  # (first: it homes the cursor)
-        if saved.wrap_pending and saved.x == self.cols - 1:
-            out += self._pending_wrap_text(buffer, saved.y, saved.y)
+        if saved.wrap_pending and saved.x == self.cols - 1:  # the last glyph printed again
+            out += self._glyph_text(buffer, saved.y, saved.x, saved.y)
         else:
             out += self._cup(saved.y, saved.x)
-        pen = self.sgr(saved.pen)
-        return (out + f"{CSI}0{';' if pen else ''}{pen}m"
-                + self._charset_text(saved.charsets, saved.gl))
+        return out + self._pen_reset_text(saved.pen) + self._charset_text(saved.charsets,
+                                                                           saved.gl)
 
-    def _pending_wrap_text(self, buffer: _Buffer, y: int, row: int) -> str:
-        """Bytes that leave the cursor in the last column of ``buffer``'s line ``y`` with a
-        wrap pending, by printing that line's last glyph again (``row``: ``y`` as CUP
-        addresses it)."""
+    def _pen_reset_text(self, attr: int) -> str:
+        """SGR that sets pen ``attr`` from the default."""
+        pen = self.sgr(attr)
+        return f"{CSI}0{';' if pen else ''}{pen}m"
+
+    def _glyph_text(self, buffer: _Buffer, y: int, col: int, row: int) -> str:
+        """Bytes printing the glyph at ``col`` of ``buffer``'s line ``y`` again, a wide one
+        whole, with its own pen (``row``: ``y`` as CUP addresses it). In the last column
+        this leaves a wrap pending, as printing it did."""
         line = buffer.lines[y]
-        col = self.cols - 1
         if line.chars[col] == "" and col:
             col -= 1  # the right half of a wide glyph
-        char = line.chars[col] or " "
-        pen = self.sgr(line.attrs[col])
-        return f"{self._cup(row, col)}{CSI}0{';' if pen else ''}{pen}m{char}"
+        return self._cup(row, col) + self._pen_reset_text(line.attrs[col]) + (
+            line.chars[col] or " ")
 
     def _kitty_text(self, buffer: _Buffer) -> str:
         return "".join(f"{CSI}>{flags}u" for flags in buffer.kitty_flags)
@@ -1923,11 +1925,10 @@ class Terminal:
             out.append(f"{CSI}?6h")
         row = self.y - self.top if self.origin_mode else self.y
         if self.wrap_pending:
-            out.append(self._pending_wrap_text(self.buf, self.y, row))
+            out.append(self._glyph_text(self.buf, self.y, self.cols - 1, row))
         else:
             out.append(self._cup(row, self.x))
-        pen = self.sgr(self.pen)
-        out.append(f"{CSI}0{';' if pen else ''}{pen}m")
+        out.append(self._pen_reset_text(self.pen))
         return "".join(out)
 
     def _modes_text(self) -> str:
@@ -1971,15 +1972,10 @@ class Terminal:
     def render_cell(self, row: int, col: int) -> bytes:
         """Bytes repainting the cell at (row, col) from the model (a wide glyph whole).
         Afterwards pen and cursor differ from the model's: follow with cursor_sequence()."""
-        line = self.buf.lines[row]
-        if line.chars[col] == "" and col:
-            col -= 1
-        char = line.chars[col] or " "
-        pen = self.sgr(line.attrs[col])
         pre = [f"{CSI}?6l" if self.origin_mode else "", f"{CSI}4l" if self.insert_mode else "",
                f"{ESC}(B\x0f" if self.charsets[self.gl] != "B" or self.gl else ""]
-        return ("".join(pre) + f"{self._cup(row, col)}{CSI}0{';' if pen else ''}{pen}m{char}"
-                ).encode("utf-8", "replace")
+        return ("".join(pre) + self._glyph_text(self.buf, row, col, row)).encode("utf-8",
+                                                                                 "replace")
 
     def reset_sequence(self) -> bytes:
         """Bytes that turn off what the stream turned on (alternate screen, input modes,
